@@ -1,0 +1,22 @@
+//! Types and constants shared by the XDP program (`lb-ebpf`) and userspace (`lb-control`).
+//!
+//! Everything that crosses the kernel/user boundary is defined here once, so the two sides
+//! cannot disagree on a layout. Types are `#[repr(C)]` with fixed-width fields and no implicit
+//! padding; each has a compile-time size assertion.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+pub mod stats;
+
+/// Names of the maps the XDP program defines; userspace opens and pins them by these names.
+pub mod map_names {
+    pub const PROTO_STATS: &str = "PROTO_STATS";
+}
+
+/// Names of the programs in the XDP object.
+pub mod program_names {
+    /// The load balancer's entry point.
+    pub const LB: &str = "lb_xdp";
+    /// A bare XDP_PASS program: the lab attaches it to veth peers so that `XDP_TX` and
+    /// redirects into those veths deliver in native mode, and benchmarks use it as the anchor.
+    pub const PASS: &str = "xdp_pass";
+}

@@ -1,0 +1,45 @@
+//! The XDP program. This file holds the maps and the entry points only; the pipeline steps
+//! live in their own modules.
+#![no_std]
+#![no_main]
+
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+use lb_common::stats::{Counters, ProtoSlot};
+
+/// Packets and bytes per protocol, indexed by `ProtoSlot`; per CPU, summed in userspace.
+#[map]
+static PROTO_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(ProtoSlot::COUNT, 0);
+
+/// The load balancer's entry point. For now it parses and counts every frame and passes it on;
+/// forwarding grows from here.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let packet = parse::parse_frame(&ctx);
+    stats::count_frame(packet.slot, ctx.data_end() - ctx.data());
+    xdp_action::XDP_PASS
+}
+
+/// A bare XDP_PASS. The lab attaches it to veth peers (a native-mode `XDP_TX` or redirect into a
+/// veth only delivers when the peer has an XDP program), and benchmarks use it as the anchor.
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
