@@ -1,1 +1,0 @@
-//! (sim-node: under construction)

@@ -1,0 +1,232 @@
+//! The runtime sim-node pretends to run: the real Substrate `node` runtime's version and
+//! metadata (fixtures from `@polkadot/types-support` 16.5.6, see `tests/fixtures/metadata`),
+//! and the runtime API calls that `state_call` answers from them.
+
+use std::sync::{Arc, OnceLock};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::primitives::prefixed_hex;
+use super::scale::{decode_u32, encode_bytes, encode_compact, encode_u32_vec};
+
+/// Raw `state_getMetadata` output: the `meta` magic followed by metadata V14.
+const METADATA_V14: &[u8] = include_bytes!("../../fixtures/metadata/substrate-v14.scale");
+/// `Metadata_metadata_at_version(15)` output: `Option<OpaqueMetadata>`, already wrapped.
+const METADATA_AT_V15: &[u8] = include_bytes!("../../fixtures/metadata/substrate-v15.scale");
+/// `Metadata_metadata_at_version(16)` output: `Option<OpaqueMetadata>`, already wrapped.
+const METADATA_AT_V16: &[u8] = include_bytes!("../../fixtures/metadata/substrate-v16.scale");
+/// `state_getRuntimeVersion` output of the same runtime.
+const RUNTIME_VERSION_JSON: &str =
+    include_str!("../../fixtures/metadata/substrate-runtime-version.json");
+
+/// The metadata versions the runtime can return, as `Metadata_metadata_versions` lists them.
+pub const METADATA_VERSIONS: [u32; 3] = [14, 15, 16];
+
+/// Why a runtime call failed; the RPC layer turns this into the node's error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RuntimeCallError {
+    #[error("Exported method {0} is not found")]
+    UnknownFunction(String),
+    #[error("Bad input data provided to {function}: {reason}")]
+    BadInput { function: &'static str, reason: &'static str },
+}
+
+/// The runtime version, parsed once from the fixture.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// Served verbatim, so field order and formatting are the real node's.
+    version_json: Box<RawValue>,
+    version: RuntimeVersion,
+    /// `version.apis` with the ids decoded.
+    apis: Vec<([u8; 8], u32)>,
+    /// `state_getMetadata` result, hex-encoded on first use (1.2 MB; shared, not copied).
+    metadata_v14_hex: OnceLock<Arc<str>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RuntimeVersion {
+    spec_name: String,
+    impl_name: String,
+    authoring_version: u32,
+    spec_version: u32,
+    impl_version: u32,
+    apis: Vec<(String, u32)>,
+    transaction_version: u32,
+    system_version: u8,
+}
+
+/// The fixture is compiled in, so it failing to parse is a build defect, not a run-time input.
+#[derive(Debug, thiserror::Error)]
+#[error("embedded runtime version fixture is invalid: {0}")]
+pub struct RuntimeFixtureError(String);
+
+impl Runtime {
+    pub fn load() -> Result<Self, RuntimeFixtureError> {
+        let version_json = RawValue::from_string(RUNTIME_VERSION_JSON.trim().to_owned())
+            .map_err(|err| RuntimeFixtureError(err.to_string()))?;
+        let version: RuntimeVersion = serde_json::from_str(version_json.get())
+            .map_err(|err| RuntimeFixtureError(err.to_string()))?;
+        let apis = version
+            .apis
+            .iter()
+            .map(|(api_id, api_version)| {
+                decode_api_id(api_id)
+                    .map(|id| (id, *api_version))
+                    .ok_or_else(|| RuntimeFixtureError(format!("api id {api_id} is not 8 bytes of hex")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { version_json, version, apis, metadata_v14_hex: OnceLock::new() })
+    }
+
+    /// `state_getRuntimeVersion` result, exactly as the real node printed it.
+    pub fn version_json(&self) -> &RawValue {
+        &self.version_json
+    }
+
+    /// `state_getMetadata` result as the RPC returns it: `0x`-prefixed hex.
+    pub fn metadata_v14_hex(&self) -> Arc<str> {
+        self.metadata_v14_hex.get_or_init(|| prefixed_hex(METADATA_V14).into()).clone()
+    }
+
+    /// Executes runtime API `function` with SCALE-encoded `input`, as `state_call` does.
+    pub fn call(&self, function: &str, input: &[u8]) -> Result<Vec<u8>, RuntimeCallError> {
+        match function {
+            "Core_version" => Ok(self.encode_version()),
+            "Metadata_metadata" => {
+                let mut out = Vec::with_capacity(METADATA_V14.len() + 5);
+                encode_bytes(METADATA_V14, &mut out);
+                Ok(out)
+            }
+            "Metadata_metadata_versions" => Ok(encode_u32_vec(&METADATA_VERSIONS)),
+            "Metadata_metadata_at_version" => {
+                let version = decode_u32(input).ok_or(RuntimeCallError::BadInput {
+                    function: "metadata_at_version",
+                    reason: "Could not decode `version`",
+                })?;
+                Ok(metadata_at_version(version))
+            }
+            other => Err(RuntimeCallError::UnknownFunction(other.to_owned())),
+        }
+    }
+
+    /// SCALE `RuntimeVersion` as `Core_version` returns it. The runtime's Core API is at
+    /// version 5, whose struct ends with `system_version: u8`.
+    fn encode_version(&self) -> Vec<u8> {
+        let v = &self.version;
+        let mut out = Vec::with_capacity(64 + 12 * self.apis.len());
+        encode_bytes(v.spec_name.as_bytes(), &mut out);
+        encode_bytes(v.impl_name.as_bytes(), &mut out);
+        out.extend_from_slice(&v.authoring_version.to_le_bytes());
+        out.extend_from_slice(&v.spec_version.to_le_bytes());
+        out.extend_from_slice(&v.impl_version.to_le_bytes());
+        encode_compact(self.apis.len() as u64, &mut out);
+        for (api_id, api_version) in &self.apis {
+            out.extend_from_slice(api_id);
+            out.extend_from_slice(&api_version.to_le_bytes());
+        }
+        out.extend_from_slice(&v.transaction_version.to_le_bytes());
+        out.push(v.system_version);
+        out
+    }
+}
+
+/// `Option<OpaqueMetadata>`: `0x00` for a version the runtime does not have.
+fn metadata_at_version(version: u32) -> Vec<u8> {
+    match version {
+        14 => {
+            let mut out = Vec::with_capacity(METADATA_V14.len() + 6);
+            out.push(1);
+            encode_bytes(METADATA_V14, &mut out);
+            out
+        }
+        15 => METADATA_AT_V15.to_vec(),
+        16 => METADATA_AT_V16.to_vec(),
+        _ => vec![0],
+    }
+}
+
+fn decode_api_id(hex_id: &str) -> Option<[u8; 8]> {
+    let bytes = hex::decode(hex_id.strip_prefix("0x")?).ok()?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> Runtime {
+        Runtime::load().expect("fixture parses")
+    }
+
+    #[test]
+    fn core_version_encodes_the_fixture_fields_in_struct_order() {
+        let encoded = runtime().call("Core_version", &[]).expect("known function");
+        // spec_name "node": compact length 4 (0x10) + bytes.
+        assert_eq!(&encoded[..5], b"\x10node");
+        // impl_name "substrate-node": compact length 14 (0x38) + bytes.
+        assert_eq!(&encoded[5..20], b"\x38substrate-node");
+        let numbers = &encoded[20..32];
+        assert_eq!(numbers[..4], 10u32.to_le_bytes(), "authoring_version");
+        assert_eq!(numbers[4..8], 268u32.to_le_bytes(), "spec_version");
+        assert_eq!(numbers[8..12], 0u32.to_le_bytes(), "impl_version");
+        // 26 apis: compact 26 (0x68), then 12 bytes each; Core (0xdf6acb689907609b) v5 first.
+        assert_eq!(encoded[32], 26 << 2);
+        assert_eq!(encoded[33..41], [0xdf, 0x6a, 0xcb, 0x68, 0x99, 0x07, 0x60, 0x9b]);
+        assert_eq!(encoded[41..45], 5u32.to_le_bytes());
+        let tail = &encoded[33 + 26 * 12..];
+        assert_eq!(tail, [2, 0, 0, 0, 1], "transaction_version 2, system_version 1");
+    }
+
+    #[test]
+    fn metadata_versions_lists_14_15_16() {
+        assert_eq!(
+            runtime().call("Metadata_metadata_versions", &[]).expect("known function"),
+            [0x0c, 14, 0, 0, 0, 15, 0, 0, 0, 16, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn metadata_at_version_wraps_metadata_in_some_and_answers_none_for_unknown_versions() {
+        let runtime = runtime();
+        for version in METADATA_VERSIONS {
+            let blob = runtime
+                .call("Metadata_metadata_at_version", &version.to_le_bytes())
+                .expect("known function");
+            assert_eq!(blob[0], 1, "v{version} is Some");
+            // After the Option tag and the compact length: the `meta` magic and the version.
+            let magic_at = blob.windows(4).position(|w| w == b"meta").expect("magic");
+            assert!(magic_at <= 5, "v{version}: magic right after the length prefix");
+            assert_eq!(blob[magic_at + 4], version as u8);
+        }
+        assert_eq!(
+            runtime.call("Metadata_metadata_at_version", &17u32.to_le_bytes()),
+            Ok(vec![0])
+        );
+        assert!(matches!(
+            runtime.call("Metadata_metadata_at_version", &[1]),
+            Err(RuntimeCallError::BadInput { .. })
+        ));
+    }
+
+    #[test]
+    fn metadata_call_is_state_get_metadata_with_a_length_prefix() {
+        let runtime = runtime();
+        let blob = runtime.call("Metadata_metadata", &[]).expect("known function");
+        let v14 = METADATA_V14;
+        assert_eq!(&v14[..5], b"meta\x0e");
+        assert_eq!(&blob[blob.len() - v14.len()..], v14);
+        let mut prefix = Vec::new();
+        encode_compact(v14.len() as u64, &mut prefix);
+        assert_eq!(&blob[..prefix.len()], prefix.as_slice());
+    }
+
+    #[test]
+    fn unknown_runtime_function_is_refused_by_name() {
+        assert_eq!(
+            runtime().call("Foo_bar", &[]),
+            Err(RuntimeCallError::UnknownFunction("Foo_bar".into()))
+        );
+    }
+}

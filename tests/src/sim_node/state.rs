@@ -1,0 +1,136 @@
+//! What one node knows and reports: its identity, its view of the chain under the current
+//! faults, and how many requests of each method reached it.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::chain::{BlockNumber, ChainClock, block_number_of};
+use super::primitives::Hash32;
+use super::faults::{ActiveFaults, Fault};
+use super::identity::local_peer_id;
+use super::runtime::Runtime;
+
+/// `system_health` result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub peers: u32,
+    pub is_syncing: bool,
+    pub should_have_peers: bool,
+}
+
+/// The node's best and finalized block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Heads {
+    pub best: BlockNumber,
+    pub finalized: BlockNumber,
+}
+
+pub struct NodeState {
+    pub id: String,
+    pub peer_id: String,
+    pub clock: ChainClock,
+    pub runtime: Runtime,
+    /// Blocks between best and finalized.
+    finality_lag: BlockNumber,
+    /// Peers reported while the `no_peers` fault is off.
+    peers: u32,
+    faults: watch::Sender<ActiveFaults>,
+    /// Updated by the block ticker whenever the best or finalized block moves.
+    heads: watch::Sender<Heads>,
+    requests: Mutex<BTreeMap<String, u64>>,
+}
+
+impl NodeState {
+    pub fn new(
+        id: String,
+        clock: ChainClock,
+        runtime: Runtime,
+        finality_lag: BlockNumber,
+        peers: u32,
+    ) -> Self {
+        let peer_id = local_peer_id(&id);
+        let state = Self {
+            id,
+            peer_id,
+            clock,
+            runtime,
+            finality_lag,
+            peers,
+            faults: watch::Sender::new(ActiveFaults::default()),
+            heads: watch::Sender::new(Heads::default()),
+            requests: Mutex::new(BTreeMap::new()),
+        };
+        state.refresh_heads();
+        state
+    }
+
+    pub fn faults(&self) -> ActiveFaults {
+        self.faults.borrow().clone()
+    }
+
+    pub fn subscribe_faults(&self) -> watch::Receiver<ActiveFaults> {
+        self.faults.subscribe()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        let chain_best = self.clock.best_now();
+        self.faults.send_modify(|faults| faults.apply(fault, chain_best));
+        self.refresh_heads();
+    }
+
+    /// The node's heads now, computed from the clock (not the ticker's last update).
+    pub fn heads(&self) -> Heads {
+        let best = self.faults.borrow().node_best(self.clock.best_now());
+        Heads { best, finalized: best.saturating_sub(self.finality_lag) }
+    }
+
+    /// Publishes the current heads to subscribers if they moved.
+    pub fn refresh_heads(&self) {
+        let heads = self.heads();
+        self.heads.send_if_modified(|published| {
+            let changed = *published != heads;
+            *published = heads;
+            changed
+        });
+    }
+
+    pub fn subscribe_heads(&self) -> watch::Receiver<Heads> {
+        self.heads.subscribe()
+    }
+
+    pub fn health(&self) -> Health {
+        let faults = self.faults.borrow();
+        Health {
+            peers: if faults.no_peers { 0 } else { self.peers },
+            is_syncing: faults.syncing,
+            should_have_peers: true,
+        }
+    }
+
+    /// The block a `[hash]` argument names: the best block when absent, `None` when the hash
+    /// is not a block this node has (unknown, or above its best).
+    pub fn resolve_block(&self, hash: Option<Hash32>) -> Option<BlockNumber> {
+        let best = self.heads().best;
+        match hash {
+            None => Some(best),
+            Some(hash) => block_number_of(&hash).filter(|number| *number <= best),
+        }
+    }
+
+    pub fn record_request(&self, method: &str) {
+        let mut requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *requests.entry(method.to_owned()).or_default() += 1;
+    }
+
+    pub fn request_counts(&self) -> BTreeMap<String, u64> {
+        self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    pub fn reset_request_counts(&self) {
+        self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+    }
+}
