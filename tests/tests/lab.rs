@@ -15,6 +15,8 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use lb_common::stats::ProtoSlot;
+use lb_control::dataplane::read_pinned_proto_stats;
 use lb_tests::lab::{
     self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT, command_in_netns, in_netns, run_checked,
 };
@@ -156,19 +158,63 @@ fn system_health_from(
 fn client_gets_system_health_from_every_sim_node_through_lb() -> anyhow::Result<()> {
     let lab = start_lab(3, true);
     for (index, node) in lab.nodes().iter().enumerate() {
-        let target = SocketAddr::from((node.addr_v4, SIM_NODE_RPC_PORT));
-        let (node_id, health) = system_health_from(&lab.client().netns, target)?;
-        ensure!(
-            health["isSyncing"] == false,
-            "{target}: system_health result {health}"
-        );
-        if let Some(node_id) = node_id {
+        for addr in [IpAddr::from(node.addr_v4), IpAddr::from(node.addr_v6)] {
+            let target = SocketAddr::from((addr, SIM_NODE_RPC_PORT));
+            let (node_id, health) = system_health_from(&lab.client().netns, target)?;
             ensure!(
-                node_id == format!("node{index}"),
-                "{target} answered as {node_id}"
+                health["isSyncing"] == false,
+                "{target}: system_health result {health}"
+            );
+            ensure!(
+                node_id.as_deref() == Some(&format!("node{index}")),
+                "{target} answered as {node_id:?}, expected node{index}"
             );
         }
     }
+    Ok(())
+}
+
+/// The `ip link` line of `iface` in `netns`, which names an attached XDP program.
+fn link_details(netns: &str, iface: &str) -> anyhow::Result<String> {
+    let output = run_checked(Command::new("ip").args(["-n", netns, "link", "show", "dev", iface]))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn client_and_node_veths_carry_native_xdp_pass_program() -> anyhow::Result<()> {
+    let lab = start_lab(2, false);
+    for host in std::iter::once(lab.client()).chain(lab.nodes()) {
+        let link = link_details(&host.netns, &host.iface)?;
+        ensure!(
+            link.contains("prog/xdp id"),
+            "{} in {} has no native XDP program:\n{link}",
+            host.iface,
+            host.netns
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn lb_control_attaches_to_client_iface_and_counts_client_traffic() -> anyhow::Result<()> {
+    let mut lab = start_lab(1, true);
+    lab.spawn_lb_control(&[])?;
+    let lb = lab.lb();
+    let link = link_details(&lb.netns, &lb.client_iface)?;
+    ensure!(
+        link.contains("xdp"),
+        "no XDP program on {}:\n{link}",
+        lb.client_iface
+    );
+    let before = read_pinned_proto_stats(&lab.pin_dir())?.by_slot[ProtoSlot::Ipv4Tcp.name()];
+    let target = SocketAddr::from((lab.node(0).addr_v4, SIM_NODE_RPC_PORT));
+    system_health_from(&lab.client().netns, target)?;
+    let after = read_pinned_proto_stats(&lab.pin_dir())?.by_slot[ProtoSlot::Ipv4Tcp.name()];
+    ensure!(
+        after.packets > before.packets,
+        "lb-control counted no IPv4 TCP packets for a request through {}: {before:?} then {after:?}",
+        lb.client_iface
+    );
     Ok(())
 }
 
@@ -249,6 +295,25 @@ fn dropped_lab_leaves_no_namespace_veth_pin_or_process() -> anyhow::Result<()> {
         "stray sleep ended with {status}"
     );
     Ok(())
+}
+
+#[test]
+fn dropped_lab_leaves_no_pinned_maps_or_lb_control_behind() -> anyhow::Result<()> {
+    let mut lab = start_lab(1, true);
+    lab.spawn_lb_control(&[])?;
+    ensure!(
+        lab.pin_dir().is_dir(),
+        "lb-control pinned nothing in {}",
+        lab.pin_dir().display()
+    );
+    let footprint = Footprint::of(&lab);
+    ensure!(
+        footprint.pids.len() == 2,
+        "expected sim-node and lb-control, got {:?}",
+        footprint.pids
+    );
+    drop(lab);
+    footprint.assert_gone()
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `lab`: brings the network-namespace lab up for a person to try (`cargo xtask run`), and
 //! sweeps what crashed runs left behind.
 
-use std::{ffi::OsString, process::ExitCode, time::Duration};
+use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use lb_tests::lab::{self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT};
@@ -34,7 +34,7 @@ enum Command {
         no_lb_control: bool,
         /// Extra arguments for `lb-control run` (after `--`).
         #[arg(last = true)]
-        lb_control_args: Vec<OsString>,
+        lb_control_args: Vec<String>,
     },
     /// Remove namespaces, processes, pinned maps and logs of lab runs whose process is gone.
     Sweep,
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn up(config: LabConfig, lb_control_args: Option<Vec<OsString>>) -> Result<(), LabError> {
+fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), LabError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,7 +91,8 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<OsString>>) -> Result<(), L
     })?;
     let mut lab = Lab::start(config)?;
     if let Some(args) = &lb_control_args {
-        lab.spawn_lb_control(args)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.spawn_lb_control(&args)?;
     }
     print_usage(&lab, lb_control_args.is_some());
     let outcome = runtime.block_on(async {

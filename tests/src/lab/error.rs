@@ -55,6 +55,13 @@ pub enum LabError {
         timeout: Duration,
         detail: String,
     },
+    #[error("attaching the XDP_PASS program to {iface} in {netns}: {source}")]
+    PassProgram {
+        netns: String,
+        iface: String,
+        #[source]
+        source: Box<lb_control::dataplane::DataplaneError>,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,

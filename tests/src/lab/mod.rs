@@ -1,9 +1,12 @@
 //! The network-namespace lab: throwaway hosts on one machine for tests and `cargo xtask run`.
 //!
 //! A [`Lab`] is a client namespace and N node namespaces, each joined by a veth pair to one LB
-//! namespace that routes between them (IPv4 and IPv6, addresses from 10.200.0.0/16 and
-//! fd00:200::/32 only; see [`topology`](self::topology) for the plan). It can run sim-node in
-//! every node namespace and lb-control in the LB namespace.
+//! namespace that routes between them, over IPv4 (10.200.0.0/16) and IPv6 (fd00:200::/32):
+//! client `10.200.1.2` ↔ LB `client0` `10.200.1.1`; node i `10.200.(10+i).2` ↔ LB `node<i>`
+//! `10.200.(10+i).1`. Every veth has TX checksum offload off; the client's and nodes' ends
+//! have GRO on and an XDP_PASS program attached, so native-mode XDP on the LB's ends can
+//! redirect and `XDP_TX` into them. The lab can run sim-node in every node namespace and
+//! lb-control in the LB namespace.
 //!
 //! Everything a lab makes is named with its run prefix `lbt-<pid>-<seq>` and removed when the
 //! `Lab` is dropped, on panic too: its processes, its namespaces (with their veths), the
@@ -34,7 +37,7 @@ pub use process::LabProcess;
 pub use sweep::{SweepReport, sweep_stale};
 pub use topology::{Host, LbHost, MAX_NODES};
 
-use topology::Topology;
+use topology::{PeerProgram, Topology};
 
 /// First part of every name a lab makes; the sweep recognises its runs by it.
 const PREFIX_STEM: &str = "lbt";
@@ -84,6 +87,8 @@ pub struct Lab {
     topology: Topology,
     /// Namespaces created so far, in creation order.
     namespaces: Vec<String>,
+    /// XDP_PASS programs on the client's and nodes' veths, kept attached while the lab runs.
+    peer_programs: Vec<PeerProgram>,
     processes: Vec<LabProcess>,
     log_dir: PathBuf,
     torn_down: bool,
@@ -118,11 +123,13 @@ impl Lab {
             prefix,
             topology,
             namespaces: Vec::new(),
+            peer_programs: Vec::new(),
             processes: Vec::new(),
             log_dir,
             torn_down: false,
         };
         lab.topology.build(&mut lab.namespaces)?;
+        lab.topology.attach_peer_programs(&mut lab.peer_programs)?;
         if config.start_sim_nodes {
             lab.start_sim_nodes(config.block_time)?;
         }
@@ -188,23 +195,17 @@ impl Lab {
 
     /// Starts `lb-control run --interface client0 --instance <prefix> EXTRA…` in the LB
     /// namespace and waits until it has pinned its maps (its program is attached then).
-    pub fn spawn_lb_control(
-        &mut self,
-        extra_args: &[impl AsRef<OsStr>],
-    ) -> Result<&LabProcess, LabError> {
+    pub fn spawn_lb_control(&mut self, extra_args: &[&str]) -> Result<&LabProcess, LabError> {
         let program = binary_path("lb-control")?;
         let lb = &self.topology.lb;
-        let mut args: Vec<&OsStr> = [
+        let mut args = vec![
             "run",
             "--interface",
             &lb.client_iface,
             "--instance",
             &self.prefix,
-        ]
-        .into_iter()
-        .map(OsStr::new)
-        .collect();
-        args.extend(extra_args.iter().map(AsRef::as_ref));
+        ];
+        args.extend_from_slice(extra_args);
         let log = self.log_dir.join("lb-control.log");
         let process = LabProcess::spawn("lb-control".to_owned(), &lb.netns, &program, &args, log)?;
         self.processes.push(process);
@@ -285,6 +286,11 @@ impl Lab {
             .drain(..)
             .map(|process| format!("{} (pid {})", process.name(), process.pid()))
             .collect();
+        for program in self.peer_programs.drain(..) {
+            if let Err(error) = program.detach() {
+                problems.push(error.to_string());
+            }
+        }
         for netns in self.namespaces.drain(..).rev() {
             match delete_netns_and_strays(&netns) {
                 Ok(()) => teardown.namespaces.push(netns),

@@ -105,11 +105,11 @@ fn stale_entries(dir: &Path) -> Result<Vec<PathBuf>, LabError> {
 
 /// Whether `name` belongs to a lab run whose process is no longer alive.
 fn is_stale(name: &str) -> bool {
-    owner_pid(name).is_some_and(|pid| pid != std::process::id() as i32 && !is_alive(pid))
+    owner_pid(name).is_some_and(|pid| pid != std::process::id() && !is_alive(pid))
 }
 
 /// The pid in a lab name `lbt-<pid>-<seq>` or `lbt-<pid>-<seq>-<role>`.
-fn owner_pid(name: &str) -> Option<i32> {
+fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX_STEM)?.strip_prefix('-')?;
     let mut parts = rest.splitn(3, '-');
     let pid = parts.next()?.parse().ok()?;
@@ -117,15 +117,27 @@ fn owner_pid(name: &str) -> Option<i32> {
     (!seq.is_empty() && seq.bytes().all(|byte| byte.is_ascii_digit())).then_some(pid)
 }
 
-fn is_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    let exists = unsafe { libc::kill(pid, 0) } == 0;
-    exists || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+/// Whether `pid` is a running process. A zombie counts as dead: a killed lab whose parent
+/// has not reaped it yet must not keep its leftovers alive.
+fn is_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain anything.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_unused_pid_is_not() {
+        assert!(is_alive(std::process::id()));
+        // Above the kernel's largest possible pid (4194304).
+        assert!(!is_alive(4_194_305));
+    }
 
     #[test]
     fn owner_pid_reads_lab_names_only() {

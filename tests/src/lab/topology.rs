@@ -9,7 +9,12 @@
 //! IPv6 mirrors it: `fd00:200:1::/64` and `fd00:200:<10+i>::/64`, where `<10+i>` is written
 //! with the same digits as the IPv4 octet (node 0 is `fd00:200:10::2`), so the two read alike.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::{
+    fmt,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use lb_control::dataplane::PassProgram;
 
 use super::{
     LabError,
@@ -121,6 +126,26 @@ impl Topology {
         Ok(())
     }
 
+    /// Attaches an XDP_PASS program to the client's and every node's end of its link: in
+    /// native mode, `XDP_TX` on the LB's veth and redirects into it deliver only when the peer
+    /// has an XDP program. Each is recorded in `attached` as soon as it exists.
+    pub fn attach_peer_programs(&self, attached: &mut Vec<PeerProgram>) -> Result<(), LabError> {
+        for host in std::iter::once(&self.client).chain(&self.nodes) {
+            let program = netns::in_netns(&host.netns, || PassProgram::attach(&host.iface))?
+                .map_err(|source| LabError::PassProgram {
+                    netns: host.netns.clone(),
+                    iface: host.iface.clone(),
+                    source: Box::new(source),
+                })?;
+            attached.push(PeerProgram {
+                netns: host.netns.clone(),
+                iface: host.iface.clone(),
+                program,
+            });
+        }
+        Ok(())
+    }
+
     /// Joins `host` to the LB with a veth pair, made inside the namespaces so its names never
     /// meet the root namespace's (or another run's).
     fn connect(&self, host: &Host) -> Result<(), LabError> {
@@ -144,7 +169,9 @@ impl Topology {
         add_addresses(&host.netns, &host.iface, host.addr_v4, host.addr_v6)?;
         // A partially computed TCP checksum is lost when a packet becomes an XDP frame.
         disable_tx_offload(lb, lb_iface, &[])?;
-        // With GRO on, native-mode XDP redirects from the LB into this veth are delivered.
+        // Native-mode redirects from the LB into this veth deliver with GRO on or an XDP
+        // program attached; the lab does both (the program, attached later, also makes XDP_TX
+        // deliver), so neither is a single point of failure for redirect tests.
         disable_tx_offload(&host.netns, &host.iface, &["gro", "on"])?;
         run_ip(&["-n", lb, "link", "set", lb_iface, "up"])?;
         run_ip(&["-n", &host.netns, "link", "set", &host.iface, "up"])?;
@@ -167,6 +194,27 @@ impl Topology {
             "via",
             &host.gateway_v6.to_string(),
         ])
+    }
+}
+
+/// An XDP_PASS program attached to a client or node veth for as long as the lab runs.
+pub(crate) struct PeerProgram {
+    netns: String,
+    iface: String,
+    program: PassProgram,
+}
+
+impl PeerProgram {
+    /// Detaches it from inside its namespace, where its interface index means its interface.
+    pub fn detach(self) -> Result<(), LabError> {
+        let PeerProgram { netns, program, .. } = self;
+        netns::in_netns(&netns, move || drop(program))
+    }
+}
+
+impl fmt::Debug for PeerProgram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "XDP_PASS on {} in {}", self.iface, self.netns)
     }
 }
 
