@@ -124,7 +124,9 @@ fn is_alive(pid: u32) -> bool {
         return false;
     };
     // The state follows the command name, which is in parentheses and may contain anything.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z" | "X"))
 }
 
