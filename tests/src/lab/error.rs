@@ -26,8 +26,9 @@ pub enum LabError {
         stderr: String,
     },
     #[error(
-        "{name} binary not found (looked at {searched}): build it with \
-         `cargo build --workspace --bins`, or point {env_var} at it"
+        "{name} binary not found (looked at {searched}): build it with `cargo build --bins` \
+         (the default members; `--workspace` would also build lb-ebpf for the host), or point \
+         {env_var} at it"
     )]
     BinaryNotFound {
         name: String,
