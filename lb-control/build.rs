@@ -23,5 +23,7 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
-    .context("building the XDP program; run `cargo xtask setup` if bpf-linker or rust-src is missing")
+    .context(
+        "building the XDP program; run `cargo xtask setup` if bpf-linker or rust-src is missing",
+    )
 }

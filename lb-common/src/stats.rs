@@ -7,8 +7,8 @@
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
     pub packets: u64,
-    /// Frame bytes as the XDP program sees them: from the Ethernet header to the end of the
-    /// frame, the same bytes the interface's `rx_bytes` counts.
+    /// Frame bytes as the XDP program sees them, from the Ethernet header to the end of the
+    /// frame (a veth's `rx_bytes` counts the same frames less their 14-byte Ethernet header).
     pub bytes: u64,
 }
 
@@ -88,8 +88,20 @@ mod tests {
 
     #[test]
     fn counters_add_sums_both_fields() {
-        let mut total = Counters { packets: 1, bytes: 60 };
-        total.add(&Counters { packets: 2, bytes: 1500 });
-        assert_eq!(total, Counters { packets: 3, bytes: 1560 });
+        let mut total = Counters {
+            packets: 1,
+            bytes: 60,
+        };
+        total.add(&Counters {
+            packets: 2,
+            bytes: 1500,
+        });
+        assert_eq!(
+            total,
+            Counters {
+                packets: 3,
+                bytes: 1560
+            }
+        );
     }
 }

@@ -1,1 +1,9 @@
+//! lb-control: the load balancer's daemon and CLI.
+//!
+//! - [`config`]: the TOML configuration, validated.
+//! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
+//! - [`netns`]: entering a named network namespace.
+
+pub mod config;
 pub mod dataplane;
+pub mod netns;

@@ -1,1 +1,220 @@
-fn main() {}
+//! The `lb-control` command: runs the daemon and inspects a running instance.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use lb_control::{
+    config::{Config, ConfigError, LogFormat, Problem},
+    dataplane::{self, AttachMode, Dataplane, DataplaneConfig, ProtoStats},
+    netns,
+};
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "XDP load balancer and JSON-RPC gateway for Polkadot node clusters"
+)]
+struct Cli {
+    /// Log format; overrides the config file's `log.format`. RUST_LOG sets the level.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load the XDP program, attach it, and run until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Show the per-protocol packet and byte counters of an instance.
+    Stats(StatsArgs),
+    /// Validate a config file and print every problem in it.
+    CheckConfig {
+        /// The config file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct InstanceArgs {
+    /// Config file (TOML); the flags below override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Instance name: maps are pinned under <bpffs>/<instance>/.
+    #[arg(long)]
+    instance: Option<String>,
+    /// Mount point of the BPF filesystem.
+    #[arg(long)]
+    bpffs: Option<PathBuf>,
+    /// Enter this network namespace (from `ip netns`) first.
+    #[arg(long)]
+    netns: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Interface to attach the XDP program to; repeat for several. Replaces the config's list.
+    #[arg(long = "interface", short = 'i')]
+    interfaces: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, value_enum)]
+    xdp_mode: Option<AttachMode>,
+}
+
+#[derive(Debug, Args)]
+struct StatsArgs {
+    #[command(flatten)]
+    instance: InstanceArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_command(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let config = effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+            init_logging(cli.log_format.unwrap_or(config.log.format));
+            run_daemon(config)
+        }
+        Command::Stats(args) => {
+            let config = effective_config(&args.instance, &[], None)?;
+            init_logging(cli.log_format.unwrap_or(config.log.format));
+            let pin_dir = dataplane::pin_dir(&config.dataplane.bpffs, &config.instance);
+            let stats = dataplane::read_pinned_proto_stats(&pin_dir)?;
+            print_stats(&stats, args.json);
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+    }
+}
+
+/// The config file (or the defaults) with the command-line flags applied, validated. Also enters
+/// the requested network namespace, which must happen before any thread starts.
+fn effective_config(
+    args: &InstanceArgs,
+    interfaces: &[String],
+    xdp_mode: Option<AttachMode>,
+) -> anyhow::Result<Config> {
+    let (mut config, source) = match &args.config {
+        Some(file) => (Config::load(file)?, file.clone()),
+        None => (Config::default(), PathBuf::from("command line")),
+    };
+    if let Some(instance) = &args.instance {
+        config.instance = instance.clone();
+    }
+    if let Some(bpffs) = &args.bpffs {
+        config.dataplane.bpffs = bpffs.clone();
+    }
+    if !interfaces.is_empty() {
+        config.dataplane.interfaces = interfaces.to_vec();
+    }
+    if let Some(mode) = xdp_mode {
+        config.dataplane.xdp_mode = mode;
+    }
+    let problems: Vec<Problem> = config.problems();
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            file: source,
+            problems,
+        }
+        .into());
+    }
+    if let Some(name) = &args.netns {
+        netns::enter(name)?;
+    }
+    Ok(config)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run_daemon(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let dataplane = Dataplane::start(&DataplaneConfig {
+            instance: config.instance.clone(),
+            interfaces: config.dataplane.interfaces.clone(),
+            mode: config.dataplane.xdp_mode,
+            bpffs: config.dataplane.bpffs.clone(),
+        })?;
+        info!(
+            instance = %config.instance,
+            pin_dir = %dataplane.pin_dir().display(),
+            "running; SIGINT or SIGTERM stops"
+        );
+        wait_for_shutdown_signal().await?;
+        info!("shutting down: detaching the XDP program");
+        drop(dataplane);
+        info!("detached");
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_stats(stats: &ProtoStats, json: bool) {
+    if json {
+        let by_slot: serde_json::Map<String, serde_json::Value> = stats
+            .by_slot
+            .iter()
+            .map(|(name, counters)| {
+                (
+                    (*name).to_owned(),
+                    serde_json::json!({ "packets": counters.packets, "bytes": counters.bytes }),
+                )
+            })
+            .collect();
+        let total = stats.total();
+        let document = serde_json::json!({
+            "protocols": by_slot,
+            "total": { "packets": total.packets, "bytes": total.bytes },
+        });
+        println!("{document:#}");
+        return;
+    }
+    println!("{:<12} {:>14} {:>18}", "PROTOCOL", "PACKETS", "BYTES");
+    for (name, counters) in &stats.by_slot {
+        println!("{name:<12} {:>14} {:>18}", counters.packets, counters.bytes);
+    }
+    let total = stats.total();
+    println!("{:<12} {:>14} {:>18}", "total", total.packets, total.bytes);
+}

@@ -12,18 +12,24 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::stats::{Counters, ProtoSlot};
 
 /// Packets and bytes per protocol, indexed by `ProtoSlot`; per CPU, summed in userspace.
+/// Pinned by name, so counts survive a restart of lb-control.
 #[map]
-static PROTO_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(ProtoSlot::COUNT, 0);
+static PROTO_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(ProtoSlot::COUNT, 0);
 
 /// The load balancer's entry point. For now it parses and counts every frame and passes it on;
 /// forwarding grows from here.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let len = ctx.data_end() - ctx.data();
     let packet = parse::parse_frame(&ctx);
-    stats::count_frame(packet.slot, ctx.data_end() - ctx.data());
+    if packet.slot == ProtoSlot::Malformed {
+        debug!(&ctx, "passing a malformed frame of {} bytes to the stack", len);
+    }
+    stats::count_frame(packet.slot, len);
     xdp_action::XDP_PASS
 }
 

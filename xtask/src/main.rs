@@ -1,1 +1,57 @@
-fn main() {}
+//! `cargo xtask setup | build | run | test`: the project's one-command workflows.
+
+mod build;
+mod setup;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Set up, build, run and test the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need and is missing: rust-src, bpf-linker, Debian
+    /// packages, the JavaScript test client. Idempotent.
+    Setup,
+    /// Build everything in release mode.
+    Build,
+    /// Without arguments: start the lab (3 simulated nodes and the load balancer in network
+    /// namespaces) until Ctrl-C. With --config: run lb-control on this host with that file.
+    Run {
+        /// Run lb-control on the host with this config file instead of starting the lab.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Number of simulated nodes in the lab.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Build and run every test, unit and integration (root, BPF and namespace tests included).
+    Test {
+        /// Passed to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => setup::run().and_then(|()| build::release()),
+        Command::Run { config, nodes } => setup::run().and_then(|()| build::run(config, nodes)),
+        Command::Test { cargo_args } => setup::run().and_then(|()| build::test(&cargo_args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! The kernel data plane: loads the XDP program, attaches it to interfaces, pins its maps, and
+//! reads them. This is the only module that touches aya; the rest of lb-control talks to it
+//! through [`Dataplane`].
+
+mod bpffs;
+mod error;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Map, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::{
+    map_names, program_names,
+    stats::{Counters, ProtoSlot},
+};
+use tracing::{info, warn};
+
+pub use self::{
+    bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
+    error::DataplaneError,
+};
+
+/// The compiled XDP object, embedded at build time by `build.rs`.
+pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Default mount point of the BPF filesystem.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+
+/// How to attach the XDP program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode with a warning where the driver
+    /// has no native XDP.
+    #[default]
+    Auto,
+    /// Native (driver) mode only; fail where the driver lacks it.
+    Native,
+    /// Generic (SKB) mode: works on every device, slower.
+    Generic,
+}
+
+/// The mode an interface actually got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        })
+    }
+}
+
+/// What the data plane needs to start.
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    /// Names the pin directory `<bpffs>/<instance>/`, so several load balancers can share a host.
+    pub instance: String,
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    /// Mount point of the BPF filesystem.
+    pub bpffs: PathBuf,
+}
+
+/// The loaded XDP program, attached to its interfaces. Dropping it detaches the program; the
+/// pinned maps stay, so counters survive a restart.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: Vec<(String, AttachedMode)>,
+}
+
+impl Dataplane {
+    /// Checks privileges and interfaces, mounts the BPF filesystem if needed, loads the XDP
+    /// program (reusing maps pinned by an earlier run) and attaches it to every interface.
+    pub fn start(config: &DataplaneConfig) -> Result<Self, DataplaneError> {
+        require_root()?;
+        if config.interfaces.is_empty() {
+            return Err(DataplaneError::NoInterfaces);
+        }
+        let if_indexes = config
+            .interfaces
+            .iter()
+            .map(|name| interface_index(name).map(|index| (name.as_str(), index)))
+            .collect::<Result<Vec<_>, _>>()?;
+        if bpffs::ensure_mounted(&config.bpffs)? == BpffsState::MountedNow {
+            info!(path = %config.bpffs.display(), "mounted a BPF filesystem");
+        }
+        let pin_dir = pin_dir(&config.bpffs, &config.instance);
+        std::fs::create_dir_all(&pin_dir).map_err(|source| DataplaneError::PinDir {
+            path: pin_dir.clone(),
+            source,
+        })?;
+
+        let log_level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, false)
+            .load(XDP_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
+        start_kernel_logger(&mut ebpf);
+
+        let program = xdp_program(&mut ebpf, program_names::LB)?;
+        let mut attached = Vec::with_capacity(if_indexes.len());
+        for (name, index) in if_indexes {
+            let mode = attach(program, name, index, config.mode)?;
+            info!(interface = name, %mode, "attached the XDP program");
+            attached.push((name.to_owned(), mode));
+        }
+        Ok(Dataplane {
+            ebpf,
+            pin_dir,
+            attached,
+        })
+    }
+
+    /// Interfaces the program is attached to, with the mode each got.
+    pub fn attached(&self) -> &[(String, AttachedMode)] {
+        &self.attached
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Per-protocol counters summed over all CPUs.
+    pub fn proto_stats(&self) -> Result<ProtoStats, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(map_names::PROTO_STATS)
+            .ok_or(DataplaneError::MissingMap {
+                name: map_names::PROTO_STATS,
+            })?;
+        let array =
+            PerCpuArray::<_, Counters>::try_from(map).map_err(|source| DataplaneError::Map {
+                name: map_names::PROTO_STATS,
+                source,
+            })?;
+        sum_proto_stats(&array)
+    }
+}
+
+/// The directory a load balancer instance pins its maps in.
+pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
+    bpffs.join(instance)
+}
+
+/// Reads the per-protocol counters that a running (or earlier) instance pinned, without
+/// loading anything: what `lb-control stats` shows.
+pub fn read_pinned_proto_stats(pin_dir: &Path) -> Result<ProtoStats, DataplaneError> {
+    let path = pin_dir.join(map_names::PROTO_STATS);
+    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned {
+        path: path.clone(),
+        source,
+    })?;
+    let array = PerCpuArray::<_, Counters>::try_from(Map::PerCpuArray(data)).map_err(|source| {
+        DataplaneError::Map {
+            name: map_names::PROTO_STATS,
+            source,
+        }
+    })?;
+    sum_proto_stats(&array)
+}
+
+/// Packets and bytes per protocol slot, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProtoStats {
+    pub by_slot: BTreeMap<&'static str, Counters>,
+}
+
+impl ProtoStats {
+    pub fn total(&self) -> Counters {
+        let mut total = Counters::default();
+        for counters in self.by_slot.values() {
+            total.add(counters);
+        }
+        total
+    }
+}
+
+fn sum_proto_stats<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, Counters>,
+) -> Result<ProtoStats, DataplaneError> {
+    let mut stats = ProtoStats::default();
+    for slot in ProtoSlot::ALL {
+        let per_cpu = array
+            .get(&(slot as u32), 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::PROTO_STATS,
+                source,
+            })?;
+        let mut sum = Counters::default();
+        for counters in per_cpu.iter() {
+            sum.add(counters);
+        }
+        stats.by_slot.insert(slot.name(), sum);
+    }
+    Ok(stats)
+}
+
+/// A bare XDP_PASS program attached to one interface for as long as the value lives.
+///
+/// The lab attaches it to veth peers: in native mode, `XDP_TX` on a veth and redirects into a
+/// veth only deliver when the peer has an XDP program. Create it from a thread whose network
+/// namespace holds the interface.
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+impl PassProgram {
+    pub fn attach(interface: &str) -> Result<Self, DataplaneError> {
+        require_root()?;
+        let index = interface_index(interface)?;
+        // No pin directory: these maps are private to this attachment.
+        let mut ebpf = Ebpf::load(XDP_OBJECT).map_err(|source| DataplaneError::Load { source })?;
+        let program = xdp_program(&mut ebpf, program_names::PASS)?;
+        attach(program, interface, index, AttachMode::Native)?;
+        Ok(PassProgram { _ebpf: ebpf })
+    }
+}
+
+fn require_root() -> Result<(), DataplaneError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(DataplaneError::NotRoot);
+    }
+    Ok(())
+}
+
+fn interface_index(name: &str) -> Result<u32, DataplaneError> {
+    let no_such = || DataplaneError::NoSuchInterface {
+        name: name.to_owned(),
+    };
+    let c_name = CString::new(name).map_err(|_| no_such())?;
+    // SAFETY: `c_name` is a valid C string.
+    match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+        0 => Err(no_such()),
+        index => Ok(index),
+    }
+}
+
+/// Finds and loads (verifies) one of the object's XDP programs.
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    program
+        .load()
+        .map_err(|source| DataplaneError::from_load_failure(name, source))?;
+    Ok(program)
+}
+
+fn attach(
+    program: &mut Xdp,
+    interface: &str,
+    index: u32,
+    mode: AttachMode,
+) -> Result<AttachedMode, DataplaneError> {
+    let attach_error = |mode, source| DataplaneError::Attach {
+        interface: interface.to_owned(),
+        mode,
+        source,
+    };
+    match mode {
+        AttachMode::Generic => program
+            .attach_to_if_index(index, XdpMode::Skb)
+            .map(|_| AttachedMode::Generic)
+            .map_err(|source| attach_error(AttachedMode::Generic, source)),
+        AttachMode::Native => program
+            .attach_to_if_index(index, XdpMode::Driver)
+            .map(|_| AttachedMode::Native)
+            .map_err(|source| attach_error(AttachedMode::Native, source)),
+        AttachMode::Auto => match program.attach_to_if_index(index, XdpMode::Driver) {
+            Ok(_) => Ok(AttachedMode::Native),
+            Err(native_error) => {
+                warn!(
+                    interface,
+                    error = %native_error,
+                    "the driver has no native XDP; falling back to generic (SKB) mode, which is slower"
+                );
+                program
+                    .attach_to_if_index(index, XdpMode::Skb)
+                    .map(|_| AttachedMode::Generic)
+                    .map_err(|source| attach_error(AttachedMode::Generic, source))
+            }
+        },
+    }
+}
+
+/// The kernel-side log level: kernel log statements below the userspace filter are compiled out
+/// at load time rather than filtered after the fact.
+fn kernel_log_level() -> u8 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::OFF => 0,
+        LevelFilter::ERROR => 1,
+        LevelFilter::WARN => 2,
+        LevelFilter::INFO => 3,
+        LevelFilter::DEBUG => 4,
+        _ => 5,
+    }
+}
+
+/// Forwards the XDP program's aya-log records to our log output, from a background task.
+fn start_kernel_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(error) => {
+            warn!(%error, "kernel log lines from the XDP program will not be shown");
+            return;
+        }
+    };
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        warn!("no async runtime; kernel log lines from the XDP program will not be shown");
+        return;
+    };
+    handle.spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and unchanged until
+        // the AsyncFd (which owns the logger) is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut logger = match registered {
+            Ok(logger) => logger,
+            Err(error) => {
+                warn!(%error, "kernel log lines from the XDP program will not be shown");
+                return;
+            }
+        };
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,52 @@
+//! Building, running and testing the workspace.
+
+use std::{os::unix::process::CommandExt, path::PathBuf, process::Command};
+
+use anyhow::Context;
+
+use crate::setup::{require_root, run_step, workspace_root};
+
+pub fn release() -> anyhow::Result<()> {
+    cargo(&["build", "--workspace", "--release", "--bins"])
+}
+
+/// Builds in release mode, then replaces this process with the lab or with lb-control, so that
+/// Ctrl-C reaches it directly and its cleanup runs.
+pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
+    require_root("running the load balancer")?;
+    release()?;
+    let bin_dir = workspace_root().join("target/release");
+    let mut command = match config {
+        Some(config) => {
+            let mut command = Command::new(bin_dir.join("lb-control"));
+            command.arg("run").arg("--config").arg(config);
+            command
+        }
+        None => {
+            let mut command = Command::new(bin_dir.join("lab"));
+            command.args(["up", "--nodes", &nodes.to_string()]);
+            command
+        }
+    };
+    let error = command.exec();
+    Err(error).with_context(|| format!("starting {:?}", command.get_program()))
+}
+
+/// Builds every binary first (integration tests start lb-control, sim-node and the lab as
+/// processes), then runs every test of the workspace.
+pub fn test(cargo_args: &[String]) -> anyhow::Result<()> {
+    require_root("the tests that load XDP programs and build network namespaces")?;
+    cargo(&["build", "--workspace", "--bins"])?;
+    let mut args = vec!["test".to_owned(), "--workspace".to_owned()];
+    args.extend(cargo_args.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cargo(&args)
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let root = workspace_root();
+    let mut command = Command::new(cargo);
+    command.args(args).current_dir(&root);
+    run_step(&mut command, &format!("cargo {}", args.join(" ")))
+}
