@@ -10,7 +10,7 @@ use std::{
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::Duration,
 };
 
@@ -23,7 +23,15 @@ use lb_tests::lab::{
 
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The BPF filesystem's root as it was before this process started its first lab.
+static BPFFS_ROOT_BEFORE_LABS: OnceLock<Vec<String>> = OnceLock::new();
+
 fn start_lab(nodes: usize, start_sim_nodes: bool) -> Lab {
+    BPFFS_ROOT_BEFORE_LABS.get_or_init(|| {
+        ensure_bpffs()
+            .and_then(|()| bpffs_root_entries_outside_labs())
+            .unwrap_or_else(|error| panic!("listing /sys/fs/bpf before the first lab: {error:#}"))
+    });
     let config = LabConfig {
         nodes,
         block_time: Duration::from_millis(500),
@@ -192,6 +200,39 @@ fn client_and_node_veths_carry_native_xdp_pass_program() -> anyhow::Result<()> {
             host.netns
         );
     }
+    Ok(())
+}
+
+/// Entries of the BPF filesystem's root that are not a lab run's directory.
+fn bpffs_root_entries_outside_labs() -> anyhow::Result<Vec<String>> {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir("/sys/fs/bpf")? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("lbt-") {
+            entries.push(name);
+        }
+    }
+    Ok(entries)
+}
+
+#[test]
+fn labs_pin_nothing_outside_their_pin_dirs() -> anyhow::Result<()> {
+    let lab = start_lab(1, false);
+    let before = BPFFS_ROOT_BEFORE_LABS
+        .get()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    // Compared with the state before any lab of this process, so labs of parallel tests
+    // cannot hide a leak by making it before this test looks.
+    let pinned: Vec<String> = bpffs_root_entries_outside_labs()?
+        .into_iter()
+        .filter(|entry| !before.contains(entry))
+        .collect();
+    ensure!(
+        pinned.is_empty(),
+        "labs pinned {pinned:?} in /sys/fs/bpf, outside their own directories like {}",
+        lab.pin_dir().display()
+    );
     Ok(())
 }
 
