@@ -12,11 +12,11 @@ pub mod map_names {
     pub const PROTO_STATS: &str = "PROTO_STATS";
 }
 
-/// Names of the programs in the XDP object.
+/// Names of the XDP programs.
 pub mod program_names {
-    /// The load balancer's entry point.
+    /// The load balancer's entry point, in the `lb-ebpf` object.
     pub const LB: &str = "lb_xdp";
-    /// A bare XDP_PASS program: the lab attaches it to veth peers so that `XDP_TX` and
-    /// redirects into those veths deliver in native mode, and benchmarks use it as the anchor.
+    /// A bare XDP_PASS, alone in the `xdp-pass` object: the lab attaches it to veth peers so
+    /// that `XDP_TX` and redirects into those veths deliver in native mode.
     pub const PASS: &str = "xdp_pass";
 }

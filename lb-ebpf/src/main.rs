@@ -33,13 +33,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// A bare XDP_PASS. The lab attaches it to veth peers (a native-mode `XDP_TX` or redirect into a
-/// veth only delivers when the peer has an XDP program), and benchmarks use it as the anchor.
-#[xdp]
-pub fn xdp_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -6,8 +6,10 @@ use anyhow::Context;
 
 use crate::setup::{require_root, run_step, workspace_root};
 
+/// The default members: every crate but lb-ebpf, which only builds for the BPF target (through
+/// lb-control's build script), so `--workspace` would try to build it for the host.
 pub fn release() -> anyhow::Result<()> {
-    cargo(&["build", "--workspace", "--release", "--bins"])
+    cargo(&["build", "--release", "--bins"])
 }
 
 /// Builds in release mode, then replaces this process with the lab or with lb-control, so that
@@ -36,8 +38,8 @@ pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
 /// processes), then runs every test of the workspace.
 pub fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the tests that load XDP programs and build network namespaces")?;
-    cargo(&["build", "--workspace", "--bins"])?;
-    let mut args = vec!["test".to_owned(), "--workspace".to_owned()];
+    cargo(&["build", "--bins"])?;
+    let mut args = vec!["test".to_owned()];
     args.extend(cargo_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     cargo(&args)

@@ -27,8 +27,11 @@ pub use self::{
     error::DataplaneError,
 };
 
-/// The compiled XDP object, embedded at build time by `build.rs`.
+/// The compiled load balancer object, embedded at build time by `build.rs`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+/// A bare XDP_PASS program with no maps, embedded the same way.
+pub static XDP_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
 
 /// Default mount point of the BPF filesystem.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -223,8 +226,8 @@ impl PassProgram {
     pub fn attach(interface: &str) -> Result<Self, DataplaneError> {
         require_root()?;
         let index = interface_index(interface)?;
-        // No pin directory: these maps are private to this attachment.
-        let mut ebpf = Ebpf::load(XDP_OBJECT).map_err(|source| DataplaneError::Load { source })?;
+        let mut ebpf =
+            Ebpf::load(XDP_PASS_OBJECT).map_err(|source| DataplaneError::Load { source })?;
         let program = xdp_program(&mut ebpf, program_names::PASS)?;
         attach(program, interface, index, AttachMode::Native)?;
         Ok(PassProgram { _ebpf: ebpf })
