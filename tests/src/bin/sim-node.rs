@@ -158,7 +158,9 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
     config.peers = args.peers;
     let mut node = SimNode::start(config).await?;
 
-    let control = node.control_addr().map_or_else(|| "off".to_owned(), |addr| addr.to_string());
+    let control = node
+        .control_addr()
+        .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
     let mut stdout = std::io::stdout();
     writeln!(
         stdout,
@@ -169,7 +171,8 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
     .and_then(|()| stdout.flush())
     .context("writing the listening line to stdout")?;
 
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         () = node.stopped() => return Ok(()),
         _ = terminate.recv() => tracing::info!("SIGTERM, stopping"),

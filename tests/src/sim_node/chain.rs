@@ -1,43 +1,28 @@
-//! The simulated chain: one block per `block_time` since `genesis`, read off the wall clock.
+//! The simulated chain's blocks: headers, bodies and hashes, all a pure function of the block
+//! number (and the clock's genesis and block time), so every sim-node with the same settings
+//! serves the same chain.
 //!
-//! Everything about a block (hash, header, body) is a pure function of its number, and the
-//! number is a pure function of the time. So every sim-node with the same genesis and block
-//! time serves the same chain, even across processes, as the nodes of one network do; a node
-//! that is stalled or behind simply reports a lower best block.
+//! Block hashes are real: blake2-256 of the SCALE-encoded header, as clients (polkadot.js
+//! computes `header.hash` itself) expect; and each header's `parentHash` is its parent's hash.
+//! That makes hashes a chain, so computing one means hashing every block before it. To keep
+//! that cheap, the chain is cut into segments of `SEGMENT_LEN` (2048) blocks: a segment's first block
+//! links to a stand-in parent hash derived from the number (which sim-node also resolves to the
+//! parent block), so at most one segment has to be hashed to answer any block.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::clock::{BlockNumber, ChainClock};
 use super::primitives::{Hash32, blake2_256, prefixed_hex};
 use super::scale::{encode_bytes, encode_compact};
 
-/// Substrate's block number type.
-pub type BlockNumber = u32;
-
-/// Block numbers wrap here (back to 0) instead of overflowing `u32`: with a fixed genesis and a
-/// millisecond block time the chain would reach `u32::MAX` within weeks. Wrapping keeps every
-/// node with the same settings on the same number; 2^31 blocks is 400 years at 6 s.
-const BLOCK_NUMBER_PERIOD: u64 = 1 << 31;
-
-/// Default genesis: 2026-01-01T00:00:00Z. Fixed (rather than "now") so separately started
-/// nodes agree on the chain.
-pub const DEFAULT_GENESIS_UNIX_MS: u64 = 1_767_225_600_000;
-
-/// The hash of block `number`. The last four bytes are the number (big endian), so a hash can
-/// be mapped back to its block without remembering every block; the rest is a blake2 hash.
-pub fn block_hash(number: BlockNumber) -> Hash32 {
-    let mut hash = blake2_256(b"sim-node/block-hash", &number.to_le_bytes());
-    hash[28..].copy_from_slice(&number.to_be_bytes());
-    Hash32(hash)
-}
-
-/// The number of the block with this hash, if the hash is one of this chain's.
-pub fn block_number_of(hash: &Hash32) -> Option<BlockNumber> {
-    let tail: [u8; 4] = hash.0[28..].try_into().ok()?;
-    let number = BlockNumber::from_be_bytes(tail);
-    (block_hash(number) == *hash).then_some(number)
-}
+/// Blocks per hash segment: a link break every ~3.4 hours at 6 s blocks, every ~100 s at
+/// 50 ms; hashing a whole segment takes about 2 ms (about 50 ms in a debug build).
+const SEGMENT_LEN: BlockNumber = 1 << 11;
+/// Segments whose hashes are kept (for hash → number lookups); older ones are dropped.
+const CACHED_SEGMENTS: usize = 8;
 
 /// A block header in `chain_getHeader` form; fields in the node's order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -72,79 +57,94 @@ pub struct Block {
     pub extrinsics: Vec<String>,
 }
 
-/// The wall-clock schedule of the chain.
-#[derive(Debug, Clone, Copy)]
-pub struct ChainClock {
-    genesis: SystemTime,
-    block_time: Duration,
+/// A header in SCALE form, from which both its JSON and its hash are made.
+struct EncodedHeader {
+    parent_hash: Hash32,
+    number: BlockNumber,
+    state_root: Hash32,
+    extrinsics_root: Hash32,
+    logs: Vec<Vec<u8>>,
 }
 
-impl ChainClock {
-    /// `block_time` must be at least a millisecond (checked by the node's config validation).
-    pub fn new(genesis: SystemTime, block_time: Duration) -> Self {
-        Self { genesis, block_time }
+impl EncodedHeader {
+    fn hash(&self) -> Hash32 {
+        let mut encoded = Vec::with_capacity(256);
+        encoded.extend_from_slice(&self.parent_hash.0);
+        encode_compact(u64::from(self.number), &mut encoded);
+        encoded.extend_from_slice(&self.state_root.0);
+        encoded.extend_from_slice(&self.extrinsics_root.0);
+        encode_compact(self.logs.len() as u64, &mut encoded);
+        for log in &self.logs {
+            encoded.extend_from_slice(log);
+        }
+        Hash32(blake2_256(b"", &encoded))
     }
 
-    fn block_time_ms(&self) -> u64 {
-        (self.block_time.as_millis() as u64).max(1)
+    fn to_json(&self) -> Header {
+        Header {
+            parent_hash: self.parent_hash,
+            number: format!("0x{:x}", self.number),
+            state_root: self.state_root,
+            extrinsics_root: self.extrinsics_root,
+            digest: Digest {
+                logs: self.logs.iter().map(|log| prefixed_hex(log)).collect(),
+            },
+        }
+    }
+}
+
+/// Hashes computed so far, by segment, and the reverse map.
+#[derive(Default)]
+struct HashCache {
+    segments: BTreeMap<BlockNumber, Vec<Hash32>>,
+    numbers: HashMap<Hash32, BlockNumber>,
+}
+
+pub struct Chain {
+    clock: ChainClock,
+    hashes: Mutex<HashCache>,
+}
+
+impl Chain {
+    pub fn new(clock: ChainClock) -> Self {
+        Self {
+            clock,
+            hashes: Mutex::new(HashCache::default()),
+        }
     }
 
-    fn genesis_unix_ms(&self) -> u64 {
-        self.genesis.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    pub fn clock(&self) -> &ChainClock {
+        &self.clock
     }
 
-    fn elapsed_blocks_at(&self, now: SystemTime) -> u64 {
-        let elapsed = now.duration_since(self.genesis).unwrap_or_default();
-        elapsed.as_millis() as u64 / self.block_time_ms()
+    /// The hash of block `number`.
+    pub fn block_hash(&self, number: BlockNumber) -> Hash32 {
+        let mut cache = self.lock_cache();
+        self.hash_in_cache(&mut cache, number)
     }
 
-    /// The chain's best block at `now`: what a healthy, synced node reports.
-    pub fn best_at(&self, now: SystemTime) -> BlockNumber {
-        (self.elapsed_blocks_at(now) % BLOCK_NUMBER_PERIOD) as BlockNumber
-    }
-
-    pub fn best_now(&self) -> BlockNumber {
-        self.best_at(SystemTime::now())
-    }
-
-    /// How long from `now` until the next block is due.
-    pub fn until_next_block(&self, now: SystemTime) -> Duration {
-        let next_ms = (self.elapsed_blocks_at(now) + 1) * self.block_time_ms();
-        let next = self.genesis + Duration::from_millis(next_ms);
-        next.duration_since(now).unwrap_or_default()
-    }
-
-    /// The `Timestamp.now` the block author put into block `number`, in Unix milliseconds.
-    pub fn timestamp_ms(&self, number: BlockNumber) -> u64 {
-        self.genesis_unix_ms() + u64::from(number) * self.block_time_ms()
-    }
-
-    /// The BABE slot of block `number`: one block per slot, slot duration = block time.
-    fn slot(&self, number: BlockNumber) -> u64 {
-        self.timestamp_ms(number) / self.block_time_ms()
+    /// The number of the block with `hash`, among blocks up to `best`, if this chain has it.
+    /// Blocks in the segments of `best` and the one before are always found; older ones only
+    /// while their segment is still cached.
+    pub fn block_number_of(&self, hash: &Hash32, best: BlockNumber) -> Option<BlockNumber> {
+        let mut cache = self.lock_cache();
+        if !cache.numbers.contains_key(hash) {
+            self.hash_in_cache(&mut cache, best);
+            if let Some(previous_segment_end) = segment_start(best).checked_sub(1) {
+                self.hash_in_cache(&mut cache, previous_segment_end);
+            }
+        }
+        cache
+            .numbers
+            .get(hash)
+            .copied()
+            .filter(|number| *number <= best)
     }
 
     /// `chain_getHeader` result for block `number`.
     pub fn header(&self, number: BlockNumber) -> Header {
-        let parent_hash = match number {
-            0 => Hash32([0; 32]),
-            n => block_hash(n - 1),
-        };
-        let logs: Vec<String> = if number == 0 {
-            Vec::new()
-        } else {
-            vec![
-                prefixed_hex(&self.babe_pre_digest(number)),
-                prefixed_hex(&babe_seal(number)),
-            ]
-        };
-        Header {
-            parent_hash,
-            number: format!("0x{number:x}"),
-            state_root: Hash32(blake2_256(b"sim-node/state-root", &number.to_le_bytes())),
-            extrinsics_root: Hash32(blake2_256(b"sim-node/extrinsics-root", &number.to_le_bytes())),
-            digest: Digest { logs },
-        }
+        self.encoded_header(number, self.parent_hash(number))
+            .to_json()
     }
 
     /// `chain_getBlock` result for block `number`.
@@ -155,8 +155,88 @@ impl ChainClock {
             vec![prefixed_hex(&self.timestamp_inherent(number))]
         };
         SignedBlock {
-            block: Block { header: self.header(number), extrinsics },
+            block: Block {
+                header: self.header(number),
+                extrinsics,
+            },
             justifications: None,
+        }
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashCache> {
+        // The cache is only ever extended; a panic mid-update leaves it usable.
+        self.hashes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn parent_hash(&self, number: BlockNumber) -> Hash32 {
+        match number {
+            0 => Hash32([0; 32]),
+            n if n == segment_start(n) => segment_link(n - 1),
+            n => self.block_hash(n - 1),
+        }
+    }
+
+    /// Hashes `number`'s segment up to `number` (from where the cache left off).
+    fn hash_in_cache(&self, cache: &mut HashCache, number: BlockNumber) -> Hash32 {
+        let start = segment_start(number);
+        if !cache.segments.contains_key(&start) {
+            self.evict_old_segments(cache, start);
+            if let Some(link_number) = start.checked_sub(1) {
+                cache.numbers.insert(segment_link(link_number), link_number);
+            }
+        }
+        let HashCache { segments, numbers } = cache;
+        let segment = segments.entry(start).or_default();
+        let wanted = (number - start) as usize;
+        while segment.len() <= wanted {
+            let block = start + segment.len() as BlockNumber;
+            let parent = match segment.last() {
+                Some(parent) => *parent,
+                None if block == 0 => Hash32([0; 32]),
+                None => segment_link(block - 1),
+            };
+            let hash = self.encoded_header(block, parent).hash();
+            numbers.insert(hash, block);
+            segment.push(hash);
+        }
+        segment[wanted]
+    }
+
+    /// Keeps at most `CACHED_SEGMENTS - 1` segments besides the one about to be added,
+    /// dropping those furthest from it.
+    fn evict_old_segments(&self, cache: &mut HashCache, keep: BlockNumber) {
+        while cache.segments.len() >= CACHED_SEGMENTS {
+            let furthest = cache
+                .segments
+                .keys()
+                .copied()
+                .max_by_key(|start| start.abs_diff(keep));
+            let Some(furthest) = furthest else { break };
+            if let Some(hashes) = cache.segments.remove(&furthest) {
+                for hash in hashes {
+                    cache.numbers.remove(&hash);
+                }
+            }
+            if let Some(link_number) = furthest.checked_sub(1) {
+                cache.numbers.remove(&segment_link(link_number));
+            }
+        }
+    }
+
+    fn encoded_header(&self, number: BlockNumber, parent_hash: Hash32) -> EncodedHeader {
+        let logs = if number == 0 {
+            Vec::new()
+        } else {
+            vec![self.babe_pre_digest(number), babe_seal(number)]
+        };
+        EncodedHeader {
+            parent_hash,
+            number,
+            state_root: Hash32(filler_bytes(STATE_ROOT_DOMAIN, number)),
+            extrinsics_root: Hash32(filler_bytes(EXTRINSICS_ROOT_DOMAIN, number)),
+            logs,
         }
     }
 
@@ -164,7 +244,7 @@ impl ChainClock {
     fn babe_pre_digest(&self, number: BlockNumber) -> Vec<u8> {
         let mut pre_digest = vec![2]; // PreDigest::SecondaryPlain
         pre_digest.extend_from_slice(&0u32.to_le_bytes()); // authority_index
-        pre_digest.extend_from_slice(&self.slot(number).to_le_bytes());
+        pre_digest.extend_from_slice(&self.clock.slot(number).to_le_bytes());
         let mut item = vec![6]; // DigestItem::PreRuntime
         item.extend_from_slice(b"BABE");
         encode_bytes(&pre_digest, &mut item);
@@ -175,66 +255,132 @@ impl ChainClock {
     /// pallet 3 (Timestamp), call 0 (set), `Compact<u64>` moment; length-prefixed.
     fn timestamp_inherent(&self, number: BlockNumber) -> Vec<u8> {
         let mut body = vec![0x04, 3, 0];
-        encode_compact(self.timestamp_ms(number), &mut body);
+        encode_compact(self.clock.timestamp_ms(number), &mut body);
         let mut extrinsic = Vec::with_capacity(body.len() + 1);
         encode_bytes(&body, &mut extrinsic);
         extrinsic
     }
 }
 
+fn segment_start(number: BlockNumber) -> BlockNumber {
+    number - number % SEGMENT_LEN
+}
+
+/// The stand-in `parentHash` of a segment's first block; resolves to block `parent`.
+fn segment_link(parent: BlockNumber) -> Hash32 {
+    Hash32(blake2_256(b"sim-node/segment-link", &parent.to_le_bytes()))
+}
+
 /// `DigestItem::Seal(*b"BABE", signature)` with a 64-byte stand-in signature.
 fn babe_seal(number: BlockNumber) -> Vec<u8> {
-    let first = blake2_256(b"sim-node/seal-1", &number.to_le_bytes());
-    let second = blake2_256(b"sim-node/seal-2", &number.to_le_bytes());
     let mut item = vec![5]; // DigestItem::Seal
     item.extend_from_slice(b"BABE");
-    encode_bytes(&[first, second].concat(), &mut item);
+    encode_bytes(&filler_bytes::<64>(SEAL_DOMAIN, number), &mut item);
     item
+}
+
+const STATE_ROOT_DOMAIN: u64 = 0x5354_4154_4521;
+const EXTRINSICS_ROOT_DOMAIN: u64 = 0x4558_5452_4e53;
+const SEAL_DOMAIN: u64 = 0x5345_414c_2121;
+
+/// Random-looking bytes for a block's stand-in values (roots, seal), from SplitMix64 rather
+/// than blake2: they are made for every block hashed, so they must be cheap, and nothing
+/// checks them.
+fn filler_bytes<const N: usize>(domain: u64, number: BlockNumber) -> [u8; N] {
+    const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut state = domain ^ u64::from(number).wrapping_mul(GOLDEN_GAMMA);
+    let mut bytes = [0u8; N];
+    for chunk in bytes.chunks_mut(8) {
+        state = state.wrapping_add(GOLDEN_GAMMA);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
+    }
+    bytes
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::super::clock::DEFAULT_GENESIS_UNIX_MS;
     use super::*;
 
-    fn clock() -> ChainClock {
-        ChainClock::new(
+    fn chain() -> Chain {
+        Chain::new(ChainClock::new(
             UNIX_EPOCH + Duration::from_millis(DEFAULT_GENESIS_UNIX_MS),
             Duration::from_secs(6),
-        )
+        ))
     }
 
     #[test]
-    fn block_hash_maps_back_to_its_number_and_foreign_hashes_to_none() {
-        for number in [0, 1, 26, 1 << 20, BlockNumber::MAX] {
-            assert_eq!(block_number_of(&block_hash(number)), Some(number));
-        }
-        let mut forged = block_hash(7);
-        forged.0[0] ^= 1;
-        assert_eq!(block_number_of(&forged), None);
-        assert_eq!(block_number_of(&Hash32([0; 32])), None);
+    fn block_hash_is_the_blake2_hash_of_the_encoded_header() {
+        let chain = chain();
+        let header = chain.encoded_header(26, chain.block_hash(25));
+        assert_eq!(chain.block_hash(26), header.hash());
+        assert_ne!(chain.block_hash(26), chain.block_hash(27));
     }
 
     #[test]
-    fn best_block_counts_whole_block_times_since_genesis() {
-        let clock = clock();
-        let genesis = UNIX_EPOCH + Duration::from_millis(DEFAULT_GENESIS_UNIX_MS);
-        assert_eq!(clock.best_at(genesis), 0);
-        assert_eq!(clock.best_at(genesis + Duration::from_millis(5_999)), 0);
-        assert_eq!(clock.best_at(genesis + Duration::from_secs(60)), 10);
-        assert_eq!(clock.best_at(genesis - Duration::from_secs(60)), 0, "before genesis");
+    fn hashes_are_the_same_on_every_node_and_in_any_order() {
+        let (first, second) = (chain(), chain());
+        let late = SEGMENT_LEN * 3 + 7;
+        let late_hash = first.block_hash(late);
+        assert_eq!(first.block_hash(5), second.block_hash(5));
+        assert_eq!(second.block_hash(late), late_hash);
+    }
+
+    #[test]
+    fn hash_lookup_finds_recent_blocks_and_segment_links_but_not_future_or_foreign_ones() {
+        let chain = chain();
+        let best = SEGMENT_LEN * 2 + 10;
         assert_eq!(
-            clock.until_next_block(genesis + Duration::from_millis(61_500)),
-            Duration::from_millis(4_500)
+            chain.block_number_of(&chain.block_hash(best), best),
+            Some(best)
         );
+        assert_eq!(
+            chain.block_number_of(&chain.block_hash(best - 100), best),
+            Some(best - 100)
+        );
+        let previous_segment = SEGMENT_LEN + 3;
+        assert_eq!(
+            chain.block_number_of(&chain.block_hash(previous_segment), best),
+            Some(previous_segment)
+        );
+        let first_of_segment = chain.header(SEGMENT_LEN * 2);
+        assert_eq!(
+            chain.block_number_of(&first_of_segment.parent_hash, best),
+            Some(SEGMENT_LEN * 2 - 1),
+            "a segment's link resolves to its parent"
+        );
+        assert_eq!(
+            chain.block_number_of(&chain.block_hash(best + 1), best),
+            None
+        );
+        assert_eq!(chain.block_number_of(&Hash32([7; 32]), best), None);
+    }
+
+    #[test]
+    fn old_segments_are_evicted_but_their_hashes_stay_computable() {
+        let chain = chain();
+        let old = chain.block_hash(1);
+        for segment in 1..=CACHED_SEGMENTS as BlockNumber + 1 {
+            chain.block_hash(segment * SEGMENT_LEN);
+        }
+        assert!(chain.lock_cache().segments.len() <= CACHED_SEGMENTS);
+        assert_eq!(chain.block_hash(1), old);
     }
 
     #[test]
     fn header_links_to_parent_and_prints_number_as_hex() {
-        let header = clock().header(26);
+        let chain = chain();
+        let header = chain.header(26);
         assert_eq!(header.number, "0x1a");
-        assert_eq!(header.parent_hash, block_hash(25));
+        assert_eq!(header.parent_hash, chain.block_hash(25));
         assert_eq!(header.digest.logs.len(), 2);
-        let genesis = serde_json::to_value(clock().header(0)).expect("serializes");
+        let genesis = serde_json::to_value(chain.header(0)).expect("serializes");
         assert_eq!(genesis["number"], "0x0");
         assert_eq!(genesis["parentHash"], format!("0x{}", "00".repeat(32)));
         assert_eq!(genesis["digest"]["logs"], serde_json::json!([]));
@@ -242,12 +388,14 @@ mod tests {
 
     #[test]
     fn block_carries_the_timestamp_inherent() {
-        let clock = clock();
-        let block = serde_json::to_value(clock.signed_block(1)).expect("serializes");
-        let extrinsic = block["block"]["extrinsics"][0].as_str().expect("hex string");
+        let chain = chain();
+        let block = serde_json::to_value(chain.signed_block(1)).expect("serializes");
+        let extrinsic = block["block"]["extrinsics"][0]
+            .as_str()
+            .expect("hex string");
         // Length 10 (0x28), format 4, Timestamp (3) set (0), compact u64 in 6 bytes (0x0b).
         assert!(extrinsic.starts_with("0x280403000b"), "{extrinsic}");
-        let moment = clock.timestamp_ms(1).to_le_bytes();
+        let moment = chain.clock().timestamp_ms(1).to_le_bytes();
         assert!(extrinsic.ends_with(&hex::encode(&moment[..6])));
         assert_eq!(block["justifications"], serde_json::Value::Null);
     }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::chain::BlockNumber;
+use super::clock::BlockNumber;
 use super::faults::Fault;
 use super::state::NodeState;
 
@@ -49,7 +49,7 @@ impl NodeStatus {
             rpc_addr,
             best: heads.best,
             finalized: heads.finalized,
-            chain_best: node.clock.best_now(),
+            chain_best: node.chain.clock().best_now(),
             faults: node.faults().to_list(),
             requests: node.request_counts(),
         }
@@ -77,7 +77,10 @@ pub async fn serve_control(
         .route("/status", get(get_status))
         .route("/fault", delete(clear_faults).post(add_fault))
         .route("/requests", delete(reset_requests))
-        .with_state(ControlContext { node: node.clone(), rpc_addr });
+        .with_state(ControlContext {
+            node: node.clone(),
+            rpc_addr,
+        });
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
@@ -90,7 +93,10 @@ async fn get_status(State(context): State<ControlContext>) -> Json<NodeStatus> {
     Json(NodeStatus::of(&context.node, context.rpc_addr))
 }
 
-async fn add_fault(State(context): State<ControlContext>, Json(fault): Json<Fault>) -> Json<NodeStatus> {
+async fn add_fault(
+    State(context): State<ControlContext>,
+    Json(fault): Json<Fault>,
+) -> Json<NodeStatus> {
     tracing::info!(?fault, "sim-node {}: fault", context.node.id);
     context.node.set_fault(fault);
     Json(NodeStatus::of(&context.node, context.rpc_addr))
@@ -115,7 +121,11 @@ pub enum ControlClientError {
         source: reqwest::Error,
     },
     #[error("control API {url}: HTTP {status}: {body}")]
-    Refused { url: String, status: reqwest::StatusCode, body: String },
+    Refused {
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
 }
 
 /// Client for a sim-node's control API.
@@ -127,7 +137,10 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub fn new(control_addr: SocketAddr) -> Self {
-        Self { base_url: format!("http://{control_addr}"), http: reqwest::Client::new() }
+        Self {
+            base_url: format!("http://{control_addr}"),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn status(&self) -> Result<NodeStatus, ControlClientError> {
@@ -135,7 +148,8 @@ impl ControlClient {
     }
 
     pub async fn set_fault(&self, fault: Fault) -> Result<NodeStatus, ControlClientError> {
-        self.send(reqwest::Method::POST, "/fault", Some(fault)).await
+        self.send(reqwest::Method::POST, "/fault", Some(fault))
+            .await
     }
 
     pub async fn clear_faults(&self) -> Result<NodeStatus, ControlClientError> {
@@ -153,7 +167,10 @@ impl ControlClient {
         fault: Option<Fault>,
     ) -> Result<NodeStatus, ControlClientError> {
         let url = format!("{}{path}", self.base_url);
-        let request_error = |source| ControlClientError::Request { url: url.clone(), source };
+        let request_error = |source| ControlClientError::Request {
+            url: url.clone(),
+            source,
+        };
         let mut request = self.http.request(method, &url);
         if let Some(fault) = fault {
             request = request.json(&fault);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::chain::BlockNumber;
+use super::clock::BlockNumber;
 
 /// One fault, as `POST /fault` takes it: `{"fault":"slow","delay_ms":3000}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +65,9 @@ impl ActiveFaults {
 
     /// The node's best block given the chain's.
     pub fn node_best(&self, chain_best: BlockNumber) -> BlockNumber {
-        let reached = self.stalled_at.map_or(chain_best, |stalled| stalled.min(chain_best));
+        let reached = self
+            .stalled_at
+            .map_or(chain_best, |stalled| stalled.min(chain_best));
         reached.saturating_sub(self.behind)
     }
 
@@ -76,7 +78,9 @@ impl ActiveFaults {
             list.push(Fault::Unresponsive);
         }
         if let Some(delay) = self.slow {
-            list.push(Fault::Slow { delay_ms: delay.as_millis() as u64 });
+            list.push(Fault::Slow {
+                delay_ms: delay.as_millis() as u64,
+            });
         }
         if self.syncing {
             list.push(Fault::Syncing);
@@ -85,7 +89,9 @@ impl ActiveFaults {
             list.push(Fault::Stall);
         }
         if self.behind > 0 {
-            list.push(Fault::Behind { blocks: self.behind });
+            list.push(Fault::Behind {
+                blocks: self.behind,
+            });
         }
         if self.no_peers {
             list.push(Fault::NoPeers);
@@ -112,7 +118,10 @@ mod tests {
             parse(r#"{"fault":"slow","delay_ms":3000}"#),
             Fault::Slow { delay_ms: 3000 }
         );
-        assert_eq!(parse(r#"{"fault":"behind","blocks":10}"#), Fault::Behind { blocks: 10 });
+        assert_eq!(
+            parse(r#"{"fault":"behind","blocks":10}"#),
+            Fault::Behind { blocks: 10 }
+        );
         assert_eq!(parse(r#"{"fault":"no_peers"}"#), Fault::NoPeers);
         assert!(serde_json::from_str::<Fault>(r#"{"fault":"slow"}"#).is_err());
         assert!(serde_json::from_str::<Fault>(r#"{"fault":"melt"}"#).is_err());
@@ -128,7 +137,11 @@ mod tests {
         faults.apply(Fault::Slow { delay_ms: 5 }, 130);
         assert_eq!(
             faults.to_list(),
-            [Fault::Slow { delay_ms: 5 }, Fault::Stall, Fault::Behind { blocks: 10 }]
+            [
+                Fault::Slow { delay_ms: 5 },
+                Fault::Stall,
+                Fault::Behind { blocks: 10 }
+            ]
         );
         faults.apply(Fault::None, 130);
         assert_eq!(faults, ActiveFaults::default());
@@ -137,7 +150,10 @@ mod tests {
 
     #[test]
     fn behind_more_than_the_chain_height_stays_at_genesis() {
-        let faults = ActiveFaults { behind: 50, ..ActiveFaults::default() };
+        let faults = ActiveFaults {
+            behind: 50,
+            ..ActiveFaults::default()
+        };
         assert_eq!(faults.node_best(10), 0);
     }
 }

@@ -54,14 +54,21 @@ where
     let endpoint = HealthEndpoint::of(&request);
     let mut response = match endpoint {
         HealthEndpoint::None => rpc.call(request.map(HttpBody::new)).await?,
-        HealthEndpoint::WrongMethod => status_response(StatusCode::METHOD_NOT_ALLOWED, HttpBody::empty()),
+        HealthEndpoint::WrongMethod => {
+            status_response(StatusCode::METHOD_NOT_ALLOWED, HttpBody::empty())
+        }
         HealthEndpoint::Health | HealthEndpoint::Readiness => {
             let (mut parts, _) = request.into_parts();
             parts.method = Method::POST;
             parts.uri = Uri::from_static("/");
             parts.headers.insert(CONTENT_TYPE, JSON);
             parts.headers.insert(ACCEPT, JSON);
-            let rpc_response = rpc.call(Request::from_parts(parts, HttpBody::from(SYSTEM_HEALTH_CALL))).await?;
+            let rpc_response = rpc
+                .call(Request::from_parts(
+                    parts,
+                    HttpBody::from(SYSTEM_HEALTH_CALL),
+                ))
+                .await?;
             match (endpoint, read_health(rpc_response).await) {
                 (_, None) => status_response(StatusCode::INTERNAL_SERVER_ERROR, HttpBody::empty()),
                 (HealthEndpoint::Health, Some(health)) => {
@@ -73,7 +80,9 @@ where
                 (_, Some(health)) if is_ready(&health) => {
                     status_response(StatusCode::OK, HttpBody::empty())
                 }
-                (_, Some(_)) => status_response(StatusCode::INTERNAL_SERVER_ERROR, HttpBody::empty()),
+                (_, Some(_)) => {
+                    status_response(StatusCode::INTERNAL_SERVER_ERROR, HttpBody::empty())
+                }
             }
         }
     };

@@ -20,11 +20,12 @@
 //! # }
 //! ```
 //!
-//! Modules: [`chain`] (blocks as a function of time), `runtime` (metadata and runtime calls),
+//! Modules: `clock` (block numbers from the time), `chain` (blocks and their hashes), `runtime` (metadata and runtime calls),
 //! `rpc` (the methods), `rpc_middleware` (counts and faults), `http_service` (`/health`,
 //! `x-sim-node`), `server` (listener), [`control`] (control API and client), [`faults`].
 
-pub mod chain;
+mod chain;
+mod clock;
 pub mod control;
 pub mod faults;
 mod http_service;
@@ -49,13 +50,15 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use chain::{BlockNumber, DEFAULT_GENESIS_UNIX_MS, block_hash};
+pub use chain::{Header, SignedBlock};
+pub use clock::{BlockNumber, DEFAULT_GENESIS_UNIX_MS};
 pub use control::{ControlClient, ControlClientError, NodeStatus};
 pub use faults::Fault;
 pub use http_service::NODE_ID_HEADER;
 pub use primitives::Hash32;
 
-use chain::ChainClock;
+use chain::Chain;
+use clock::ChainClock;
 use state::NodeState;
 
 /// How a node is set up.
@@ -106,7 +109,10 @@ impl SimNodeConfig {
             ));
         }
         if self.block_time < Duration::from_millis(1) {
-            problems.push(format!("block_time {:?}: must be at least 1 ms", self.block_time));
+            problems.push(format!(
+                "block_time {:?}: must be at least 1 ms",
+                self.block_time
+            ));
         }
         problems
     }
@@ -155,24 +161,43 @@ impl SimNode {
         if !problems.is_empty() {
             return Err(SimNodeError::InvalidConfig { id, problems });
         }
-        let node_id_header = HeaderValue::from_str(&config.id).map_err(|_| SimNodeError::InvalidConfig {
+        let node_id_header =
+            HeaderValue::from_str(&config.id).map_err(|_| SimNodeError::InvalidConfig {
+                id: id.clone(),
+                problems: vec!["id is not a valid HTTP header value".into()],
+            })?;
+        let runtime = runtime::Runtime::load().map_err(|source| SimNodeError::Runtime {
             id: id.clone(),
-            problems: vec!["id is not a valid HTTP header value".into()],
+            source,
         })?;
-        let runtime = runtime::Runtime::load()
-            .map_err(|source| SimNodeError::Runtime { id: id.clone(), source })?;
-        let clock = ChainClock::new(config.genesis, config.block_time);
-        let node = Arc::new(NodeState::new(id.clone(), clock, runtime, config.finality_lag, config.peers));
-        let module = rpc::build_module(node.clone())
-            .map_err(|source| SimNodeError::Rpc { id: id.clone(), source })?;
+        let chain = Chain::new(ChainClock::new(config.genesis, config.block_time));
+        let node = Arc::new(NodeState::new(
+            id.clone(),
+            chain,
+            runtime,
+            config.finality_lag,
+            config.peers,
+        ));
+        let module = rpc::build_module(node.clone()).map_err(|source| SimNodeError::Rpc {
+            id: id.clone(),
+            source,
+        })?;
 
-        let bind_rpc = |source| SimNodeError::BindRpc { id: id.clone(), addr: config.listen, source };
+        let bind_rpc = |source| SimNodeError::BindRpc {
+            id: id.clone(),
+            addr: config.listen,
+            source,
+        };
         let rpc_listener = TcpListener::bind(config.listen).await.map_err(bind_rpc)?;
         let rpc_addr = rpc_listener.local_addr().map_err(bind_rpc)?;
         let control_listener = match config.control_listen {
             None => None,
             Some(addr) => {
-                let bind_control = |source| SimNodeError::BindControl { id: id.clone(), addr, source };
+                let bind_control = |source| SimNodeError::BindControl {
+                    id: id.clone(),
+                    addr,
+                    source,
+                };
                 let listener = TcpListener::bind(addr).await.map_err(bind_control)?;
                 let local = listener.local_addr().map_err(bind_control)?;
                 Some((listener, local))
@@ -191,10 +216,21 @@ impl SimNode {
         tasks.spawn(advance_heads(node.clone(), shutdown.clone()));
         tasks.spawn(stop_on_exit_fault(node.clone(), shutdown.clone()));
         let control_addr = control_listener.map(|(listener, addr)| {
-            tasks.spawn(control::serve_control(listener, node.clone(), rpc_addr, shutdown.clone()));
+            tasks.spawn(control::serve_control(
+                listener,
+                node.clone(),
+                rpc_addr,
+                shutdown.clone(),
+            ));
             addr
         });
-        Ok(SimNodeHandle { node, rpc_addr, control_addr, shutdown, tasks })
+        Ok(SimNodeHandle {
+            node,
+            rpc_addr,
+            control_addr,
+            shutdown,
+            tasks,
+        })
     }
 }
 
@@ -202,7 +238,7 @@ impl SimNode {
 async fn advance_heads(node: Arc<NodeState>, shutdown: CancellationToken) {
     let mut faults = node.subscribe_faults();
     loop {
-        let until_next = node.clock.until_next_block(SystemTime::now());
+        let until_next = node.chain.clock().until_next_block(SystemTime::now());
         tokio::select! {
             () = shutdown.cancelled() => return,
             // A little past the boundary, so the clock reads the new block.
@@ -306,7 +342,13 @@ impl SimNodeHandle {
 
     /// The shared chain's best block: what a healthy node reports now.
     pub fn chain_best_number(&self) -> BlockNumber {
-        self.node.clock.best_now()
+        self.node.chain.clock().best_now()
+    }
+
+    /// The hash of block `number` on this node's chain (the same on every node with the same
+    /// genesis and block time).
+    pub fn block_hash(&self, number: BlockNumber) -> Hash32 {
+        self.node.chain.block_hash(number)
     }
 
     pub fn status(&self) -> NodeStatus {

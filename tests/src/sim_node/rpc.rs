@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use super::chain::{BlockNumber, Header, SignedBlock, block_hash};
+use super::chain::{Header, SignedBlock};
+use super::clock::BlockNumber;
 use super::primitives::{Hash32, HexBytes, blake2_256, prefixed_hex};
 use super::rpc_errors;
 use super::state::{Heads, NodeState};
@@ -73,14 +74,17 @@ pub fn build_module(state: Arc<NodeState>) -> Result<RpcModule<Arc<NodeState>>, 
 }
 
 fn register_system(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), RegisterError> {
-    module.register_method("system_health", |_, node, _| -> RpcResult<_> { Ok(node.health()) })?;
+    module.register_method("system_health", |_, node, _| -> RpcResult<_> {
+        Ok(node.health())
+    })?;
     module.register_method("system_chain", |_, _, _| CHAIN_NAME)?;
     module.register_method("system_chainType", |_, _, _| CHAIN_TYPE)?;
     module.register_method("system_name", |_, _, _| "sim-node")?;
     module.register_method("system_version", |_, _, _| env!("CARGO_PKG_VERSION"))?;
-    module.register_method("system_properties", |_, _, _| {
-        json!({ "ss58Format": 42, "tokenDecimals": 12, "tokenSymbol": "DEV" })
-    })?;
+    module.register_method(
+        "system_properties",
+        |_, _, _| json!({ "ss58Format": 42, "tokenDecimals": 12, "tokenSymbol": "DEV" }),
+    )?;
     module.register_method("system_localPeerId", |_, node, _| node.peer_id.clone())?;
     module.register_method("system_nodeRoles", |_, _, _| ["Full"])?;
     module.register_method("system_reservedPeers", |_, _, _| Vec::<String>::new())?;
@@ -88,25 +92,37 @@ fn register_system(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Registe
         json!({
             "startingBlock": 0,
             "currentBlock": node.heads().best,
-            "highestBlock": node.clock.best_now(),
+            "highestBlock": node.chain.clock().best_now(),
         })
     })?;
     Ok(())
 }
 
 fn register_chain(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), RegisterError> {
-    module.register_method("chain_getHeader", |params, node, _| -> RpcResult<Option<Header>> {
-        let hash = params.sequence().optional_next::<Hash32>()?;
-        Ok(node.resolve_block(hash).map(|number| node.clock.header(number)))
+    module.register_method(
+        "chain_getHeader",
+        |params, node, _| -> RpcResult<Option<Header>> {
+            let hash = params.sequence().optional_next::<Hash32>()?;
+            Ok(node
+                .resolve_block(hash)
+                .map(|number| node.chain.header(number)))
+        },
+    )?;
+    module.register_method(
+        "chain_getBlock",
+        |params, node, _| -> RpcResult<Option<SignedBlock>> {
+            let hash = params.sequence().optional_next::<Hash32>()?;
+            Ok(node
+                .resolve_block(hash)
+                .map(|number| node.chain.signed_block(number)))
+        },
+    )?;
+    module.register_method("chain_getBlockHash", |params, node, _| {
+        get_block_hash(&params, node)
     })?;
-    module.register_method("chain_getBlock", |params, node, _| -> RpcResult<Option<SignedBlock>> {
-        let hash = params.sequence().optional_next::<Hash32>()?;
-        Ok(node.resolve_block(hash).map(|number| node.clock.signed_block(number)))
-    })?;
-    module.register_method("chain_getBlockHash", |params, node, _| get_block_hash(&params, node))?;
     module.register_alias("chain_getHead", "chain_getBlockHash")?;
     module.register_method("chain_getFinalizedHead", |_, node, _| -> RpcResult<_> {
-        Ok(block_hash(node.heads().finalized))
+        Ok(node.chain.block_hash(node.heads().finalized))
     })?;
     module.register_alias("chain_getFinalisedHead", "chain_getFinalizedHead")?;
     Ok(())
@@ -131,14 +147,25 @@ fn get_block_hash(params: &Params, node: &NodeState) -> RpcResult<Value> {
     let best = node.heads().best;
     let hash_of = |number: &NumberOrHex| -> RpcResult<Value> {
         let number = block_number_from(number)?;
-        Ok(if number <= best { json!(block_hash(number)) } else { Value::Null })
+        Ok(if number <= best {
+            json!(node.chain.block_hash(number))
+        } else {
+            Value::Null
+        })
     };
-    match params.sequence().optional_next::<ListOrValue<Option<NumberOrHex>>>()? {
-        None | Some(ListOrValue::Value(None)) => Ok(json!(block_hash(best))),
+    match params
+        .sequence()
+        .optional_next::<ListOrValue<Option<NumberOrHex>>>()?
+    {
+        None | Some(ListOrValue::Value(None)) => Ok(json!(node.chain.block_hash(best))),
         Some(ListOrValue::Value(Some(number))) => hash_of(&number),
         Some(ListOrValue::List(numbers)) => numbers
             .iter()
-            .map(|number| number.as_ref().map_or(Ok(json!(block_hash(best))), hash_of))
+            .map(|number| {
+                number
+                    .as_ref()
+                    .map_or(Ok(json!(node.chain.block_hash(best))), hash_of)
+            })
             .collect::<RpcResult<Vec<_>>>()
             .map(Value::Array),
     }
@@ -146,11 +173,12 @@ fn get_block_hash(params: &Params, node: &NodeState) -> RpcResult<Value> {
 
 fn block_number_from(number: &NumberOrHex) -> RpcResult<BlockNumber> {
     match number {
-        NumberOrHex::Number(n) => {
-            BlockNumber::try_from(*n).map_err(|_| rpc_errors::block_number_too_large(&n.to_string()))
-        }
+        NumberOrHex::Number(n) => BlockNumber::try_from(*n)
+            .map_err(|_| rpc_errors::block_number_too_large(&n.to_string())),
         NumberOrHex::Hex(text) => {
-            let digits = text.strip_prefix("0x").ok_or_else(|| invalid_params(text))?;
+            let digits = text
+                .strip_prefix("0x")
+                .ok_or_else(|| invalid_params(text))?;
             let value = u128::from_str_radix(digits, 16).map_err(|_| invalid_params(text))?;
             BlockNumber::try_from(value).map_err(|_| rpc_errors::block_number_too_large(text))
         }
@@ -171,20 +199,28 @@ fn invalid_params(detail: &str) -> ErrorObjectOwned {
 fn state_block(node: &NodeState, hash: Option<Hash32>) -> RpcResult<BlockNumber> {
     match hash {
         None => Ok(node.heads().best),
-        Some(hash) => node.resolve_block(Some(hash)).ok_or_else(|| rpc_errors::unknown_block(&hash)),
+        Some(hash) => node
+            .resolve_block(Some(hash))
+            .ok_or_else(|| rpc_errors::unknown_block(&hash)),
     }
 }
 
 fn register_state(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), RegisterError> {
-    module.register_method("state_getRuntimeVersion", |params, node, _| -> RpcResult<Box<RawValue>> {
-        state_block(node, params.sequence().optional_next::<Hash32>()?)?;
-        Ok(node.runtime.version_json().to_owned())
-    })?;
+    module.register_method(
+        "state_getRuntimeVersion",
+        |params, node, _| -> RpcResult<Box<RawValue>> {
+            state_block(node, params.sequence().optional_next::<Hash32>()?)?;
+            Ok(node.runtime.version_json().to_owned())
+        },
+    )?;
     module.register_alias("chain_getRuntimeVersion", "state_getRuntimeVersion")?;
-    module.register_method("state_getMetadata", |params, node, _| -> RpcResult<Arc<str>> {
-        state_block(node, params.sequence().optional_next::<Hash32>()?)?;
-        Ok(node.runtime.metadata_v14_hex())
-    })?;
+    module.register_method(
+        "state_getMetadata",
+        |params, node, _| -> RpcResult<Arc<str>> {
+            state_block(node, params.sequence().optional_next::<Hash32>()?)?;
+            Ok(node.runtime.metadata_v14_hex())
+        },
+    )?;
     module.register_method("state_call", |params, node, _| -> RpcResult<String> {
         let mut args = params.sequence();
         let function: String = args.next()?;
@@ -196,19 +232,25 @@ fn register_state(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Register
             .map_err(|error| rpc_errors::runtime_call_failed(&error))
     })?;
     module.register_alias("state_callAt", "state_call")?;
-    module.register_method("state_getStorage", |params, node, _| -> RpcResult<Option<HexBytes>> {
-        let mut args = params.sequence();
-        let key: HexBytes = args.next()?;
-        let number = state_block(node, args.optional_next::<Hash32>()?)?;
-        Ok(read_storage(&node.clock, &key.0, number).map(HexBytes))
-    })?;
+    module.register_method(
+        "state_getStorage",
+        |params, node, _| -> RpcResult<Option<HexBytes>> {
+            let mut args = params.sequence();
+            let key: HexBytes = args.next()?;
+            let number = state_block(node, args.optional_next::<Hash32>()?)?;
+            Ok(read_storage(node.chain.clock(), &key.0, number).map(HexBytes))
+        },
+    )?;
     module.register_alias("state_getStorageAt", "state_getStorage")?;
-    module.register_method("state_queryStorageAt", |params, node, _| -> RpcResult<Value> {
-        let mut args = params.sequence();
-        let keys: Vec<HexBytes> = args.next()?;
-        let number = state_block(node, args.optional_next::<Hash32>()?)?;
-        Ok(json!([storage_change_set(node, number, &keys)]))
-    })?;
+    module.register_method(
+        "state_queryStorageAt",
+        |params, node, _| -> RpcResult<Value> {
+            let mut args = params.sequence();
+            let keys: Vec<HexBytes> = args.next()?;
+            let number = state_block(node, args.optional_next::<Hash32>()?)?;
+            Ok(json!([storage_change_set(node, number, &keys)]))
+        },
+    )?;
     Ok(())
 }
 
@@ -216,17 +258,25 @@ fn register_state(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Register
 fn storage_change_set(node: &NodeState, number: BlockNumber, keys: &[HexBytes]) -> Value {
     let changes: Vec<(&HexBytes, Option<HexBytes>)> = keys
         .iter()
-        .map(|key| (key, read_storage(&node.clock, &key.0, number).map(HexBytes)))
+        .map(|key| {
+            (
+                key,
+                read_storage(node.chain.clock(), &key.0, number).map(HexBytes),
+            )
+        })
         .collect();
-    json!({ "block": block_hash(number), "changes": changes })
+    json!({ "block": node.chain.block_hash(number), "changes": changes })
 }
 
 fn register_author(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), RegisterError> {
-    module.register_method("author_submitExtrinsic", |params, _, _| -> RpcResult<Hash32> {
-        let extrinsic: HexBytes = params.one()?;
-        // A transaction's hash is the plain blake2-256 of its encoding, as on a real chain.
-        Ok(Hash32(blake2_256(b"", &extrinsic.0)))
-    })?;
+    module.register_method(
+        "author_submitExtrinsic",
+        |params, _, _| -> RpcResult<Hash32> {
+            let extrinsic: HexBytes = params.one()?;
+            // A transaction's hash is the plain blake2-256 of its encoding, as on a real chain.
+            Ok(Hash32(blake2_256(b"", &extrinsic.0)))
+        },
+    )?;
     module.register_method("author_pendingExtrinsics", |_, _, _| Vec::<HexBytes>::new())?;
     Ok(())
 }
@@ -249,8 +299,14 @@ fn register_subscriptions(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), 
         "chain_unsubscribeFinalizedHeads",
         |_, pending, node, _| follow_heads(pending, (*node).clone(), HeadKind::Finalized),
     )?;
-    module.register_alias("chain_subscribeFinalisedHeads", "chain_subscribeFinalizedHeads")?;
-    module.register_alias("chain_unsubscribeFinalisedHeads", "chain_unsubscribeFinalizedHeads")?;
+    module.register_alias(
+        "chain_subscribeFinalisedHeads",
+        "chain_subscribeFinalizedHeads",
+    )?;
+    module.register_alias(
+        "chain_unsubscribeFinalisedHeads",
+        "chain_unsubscribeFinalizedHeads",
+    )?;
 
     module.register_subscription(
         "chain_subscribeAllHeads",
@@ -266,13 +322,22 @@ fn register_subscriptions(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), 
         |_, pending, node, _| async move {
             // The runtime never upgrades: one notification, then the subscription stays open.
             let sink = pending.accept().await?;
-            sink.send(SubscriptionMessage::from(node.runtime.version_json().to_owned())).await?;
+            sink.send(SubscriptionMessage::from(
+                node.runtime.version_json().to_owned(),
+            ))
+            .await?;
             sink.closed().await;
             Ok(())
         },
     )?;
-    module.register_alias("chain_subscribeRuntimeVersion", "state_subscribeRuntimeVersion")?;
-    module.register_alias("chain_unsubscribeRuntimeVersion", "state_unsubscribeRuntimeVersion")?;
+    module.register_alias(
+        "chain_subscribeRuntimeVersion",
+        "state_subscribeRuntimeVersion",
+    )?;
+    module.register_alias(
+        "chain_unsubscribeRuntimeVersion",
+        "state_unsubscribeRuntimeVersion",
+    )?;
 
     module.register_subscription(
         "state_subscribeStorage",
@@ -323,7 +388,8 @@ async fn follow_heads(
     let sink = pending.accept().await?;
     let mut last_sent = kind.pick(*heads.borrow_and_update());
     if !matches!(kind, HeadKind::All) {
-        sink.send(to_message(&node.clock.header(last_sent))?).await?;
+        sink.send(to_message(&node.chain.header(last_sent))?)
+            .await?;
     }
     loop {
         tokio::select! {
@@ -334,7 +400,7 @@ async fn follow_heads(
         if number <= last_sent || node.faults().unresponsive {
             continue;
         }
-        sink.send(to_message(&node.clock.header(number))?).await?;
+        sink.send(to_message(&node.chain.header(number))?).await?;
         last_sent = number;
     }
 }
@@ -348,9 +414,12 @@ async fn follow_storage(
     let mut heads = node.subscribe_heads();
     let sink = pending.accept().await?;
     let mut last_best = heads.borrow_and_update().best;
-    let mut last_values: Vec<Option<Vec<u8>>> =
-        keys.iter().map(|key| read_storage(&node.clock, &key.0, last_best)).collect();
-    sink.send(to_message(&storage_change_set(&node, last_best, &keys))?).await?;
+    let mut last_values: Vec<Option<Vec<u8>>> = keys
+        .iter()
+        .map(|key| read_storage(node.chain.clock(), &key.0, last_best))
+        .collect();
+    sink.send(to_message(&storage_change_set(&node, last_best, &keys))?)
+        .await?;
     loop {
         tokio::select! {
             changed = heads.changed() => if changed.is_err() { return Ok(()) },
@@ -363,19 +432,22 @@ async fn follow_storage(
         last_best = best;
         let mut changed_keys = Vec::new();
         for (key, last_value) in keys.iter().zip(last_values.iter_mut()) {
-            let value = read_storage(&node.clock, &key.0, best);
+            let value = read_storage(node.chain.clock(), &key.0, best);
             if value != *last_value {
                 *last_value = value;
                 changed_keys.push(key.clone());
             }
         }
         if !changed_keys.is_empty() {
-            sink.send(to_message(&storage_change_set(&node, best, &changed_keys))?).await?;
+            sink.send(to_message(&storage_change_set(&node, best, &changed_keys))?)
+                .await?;
         }
     }
 }
 
-fn to_message<T: serde::Serialize + ?Sized>(value: &T) -> Result<SubscriptionMessage, serde_json::Error> {
+fn to_message<T: serde::Serialize + ?Sized>(
+    value: &T,
+) -> Result<SubscriptionMessage, serde_json::Error> {
     serde_json::value::to_raw_value(value).map(SubscriptionMessage::from)
 }
 
@@ -384,7 +456,8 @@ mod tests {
     use std::collections::BTreeSet;
     use std::time::{Duration, UNIX_EPOCH};
 
-    use super::super::chain::ChainClock;
+    use super::super::chain::Chain;
+    use super::super::clock::ChainClock;
     use super::super::runtime::Runtime;
     use super::*;
 
@@ -401,9 +474,9 @@ mod tests {
             .iter()
             .filter_map(Value::as_str)
             .collect();
-        let clock = ChainClock::new(UNIX_EPOCH, Duration::from_secs(6));
+        let chain = Chain::new(ChainClock::new(UNIX_EPOCH, Duration::from_secs(6)));
         let runtime = Runtime::load().expect("runtime fixture");
-        let node = Arc::new(NodeState::new("test".into(), clock, runtime, 2, 8));
+        let node = Arc::new(NodeState::new("test".into(), chain, runtime, 2, 8));
         let module = build_module(node).expect("module builds");
         let served: Vec<&str> = module.method_names().collect();
         assert!(served.len() > 50, "{served:?}");
@@ -416,8 +489,16 @@ mod tests {
     fn block_numbers_beyond_u32_are_refused_with_the_chain_error() {
         let error = block_number_from(&NumberOrHex::Hex("0x100000000".into())).unwrap_err();
         assert_eq!(error.code(), 3001);
-        assert_eq!(block_number_from(&NumberOrHex::Hex("0x1a".into())).ok(), Some(26));
+        assert_eq!(
+            block_number_from(&NumberOrHex::Hex("0x1a".into())).ok(),
+            Some(26)
+        );
         assert_eq!(block_number_from(&NumberOrHex::Number(26)).ok(), Some(26));
-        assert_eq!(block_number_from(&NumberOrHex::Hex("26".into())).unwrap_err().code(), -32602);
+        assert_eq!(
+            block_number_from(&NumberOrHex::Hex("26".into()))
+                .unwrap_err()
+                .code(),
+            -32602
+        );
     }
 }

@@ -13,7 +13,11 @@ const STATE_BASE: i32 = 4000;
 /// `sc_rpc_api::UnsafeRpcError`: what a node started with `--rpc-methods safe` (the default
 /// for an externally reachable RPC port) answers to an unsafe method.
 pub fn unsafe_method() -> ErrorObjectOwned {
-    ErrorObjectOwned::owned(-32601, "RPC call is unsafe to be called externally", None::<()>)
+    ErrorObjectOwned::owned(
+        -32601,
+        "RPC call is unsafe to be called externally",
+        None::<()>,
+    )
 }
 
 /// `sc_rpc_api::chain::Error::Other` (code 3001), as for a block number beyond `u32`.

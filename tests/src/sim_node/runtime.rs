@@ -29,7 +29,10 @@ pub enum RuntimeCallError {
     #[error("Exported method {0} is not found")]
     UnknownFunction(String),
     #[error("Bad input data provided to {function}: {reason}")]
-    BadInput { function: &'static str, reason: &'static str },
+    BadInput {
+        function: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// The runtime version, parsed once from the fixture.
@@ -74,10 +77,17 @@ impl Runtime {
             .map(|(api_id, api_version)| {
                 decode_api_id(api_id)
                     .map(|id| (id, *api_version))
-                    .ok_or_else(|| RuntimeFixtureError(format!("api id {api_id} is not 8 bytes of hex")))
+                    .ok_or_else(|| {
+                        RuntimeFixtureError(format!("api id {api_id} is not 8 bytes of hex"))
+                    })
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { version_json, version, apis, metadata_v14_hex: OnceLock::new() })
+        Ok(Self {
+            version_json,
+            version,
+            apis,
+            metadata_v14_hex: OnceLock::new(),
+        })
     }
 
     /// `state_getRuntimeVersion` result, exactly as the real node printed it.
@@ -87,7 +97,9 @@ impl Runtime {
 
     /// `state_getMetadata` result as the RPC returns it: `0x`-prefixed hex.
     pub fn metadata_v14_hex(&self) -> Arc<str> {
-        self.metadata_v14_hex.get_or_init(|| prefixed_hex(METADATA_V14).into()).clone()
+        self.metadata_v14_hex
+            .get_or_init(|| prefixed_hex(METADATA_V14).into())
+            .clone()
     }
 
     /// Executes runtime API `function` with SCALE-encoded `input`, as `state_call` does.
@@ -173,16 +185,25 @@ mod tests {
         assert_eq!(numbers[8..12], 0u32.to_le_bytes(), "impl_version");
         // 26 apis: compact 26 (0x68), then 12 bytes each; Core (0xdf6acb689907609b) v5 first.
         assert_eq!(encoded[32], 26 << 2);
-        assert_eq!(encoded[33..41], [0xdf, 0x6a, 0xcb, 0x68, 0x99, 0x07, 0x60, 0x9b]);
+        assert_eq!(
+            encoded[33..41],
+            [0xdf, 0x6a, 0xcb, 0x68, 0x99, 0x07, 0x60, 0x9b]
+        );
         assert_eq!(encoded[41..45], 5u32.to_le_bytes());
         let tail = &encoded[33 + 26 * 12..];
-        assert_eq!(tail, [2, 0, 0, 0, 1], "transaction_version 2, system_version 1");
+        assert_eq!(
+            tail,
+            [2, 0, 0, 0, 1],
+            "transaction_version 2, system_version 1"
+        );
     }
 
     #[test]
     fn metadata_versions_lists_14_15_16() {
         assert_eq!(
-            runtime().call("Metadata_metadata_versions", &[]).expect("known function"),
+            runtime()
+                .call("Metadata_metadata_versions", &[])
+                .expect("known function"),
             [0x0c, 14, 0, 0, 0, 15, 0, 0, 0, 16, 0, 0, 0]
         );
     }
@@ -197,7 +218,10 @@ mod tests {
             assert_eq!(blob[0], 1, "v{version} is Some");
             // After the Option tag and the compact length: the `meta` magic and the version.
             let magic_at = blob.windows(4).position(|w| w == b"meta").expect("magic");
-            assert!(magic_at <= 5, "v{version}: magic right after the length prefix");
+            assert!(
+                magic_at <= 5,
+                "v{version}: magic right after the length prefix"
+            );
             assert_eq!(blob[magic_at + 4], version as u8);
         }
         assert_eq!(
@@ -213,7 +237,9 @@ mod tests {
     #[test]
     fn metadata_call_is_state_get_metadata_with_a_length_prefix() {
         let runtime = runtime();
-        let blob = runtime.call("Metadata_metadata", &[]).expect("known function");
+        let blob = runtime
+            .call("Metadata_metadata", &[])
+            .expect("known function");
         let v14 = METADATA_V14;
         assert_eq!(&v14[..5], b"meta\x0e");
         assert_eq!(&blob[blob.len() - v14.len()..], v14);

@@ -8,7 +8,9 @@ pub fn encode_compact(value: u64, out: &mut Vec<u8>) {
     match value {
         0..=0x3f => out.push((value as u8) << 2),
         0x40..=0x3fff => out.extend_from_slice(&(((value as u16) << 2) | 0b01).to_le_bytes()),
-        0x4000..=0x3fff_ffff => out.extend_from_slice(&(((value as u32) << 2) | 0b10).to_le_bytes()),
+        0x4000..=0x3fff_ffff => {
+            out.extend_from_slice(&(((value as u32) << 2) | 0b10).to_le_bytes())
+        }
         _ => {
             let bytes = value.to_le_bytes();
             let significant = 8 - (value.leading_zeros() / 8) as usize;
@@ -66,8 +68,14 @@ mod tests {
         assert_eq!(compact(65535), [0xfe, 0xff, 0x03, 0x00]);
         assert_eq!(compact(1_073_741_823), [0xfe, 0xff, 0xff, 0xff]);
         assert_eq!(compact(1_073_741_824), [0x03, 0x00, 0x00, 0x00, 0x40]);
-        assert_eq!(compact(100_000_000_000_000), [0x0b, 0x00, 0x40, 0x7a, 0x10, 0xf3, 0x5a]);
-        assert_eq!(compact(u64::MAX), [0x13, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            compact(100_000_000_000_000),
+            [0x0b, 0x00, 0x40, 0x7a, 0x10, 0xf3, 0x5a]
+        );
+        assert_eq!(
+            compact(u64::MAX),
+            [0x13, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
     }
 
     #[test]

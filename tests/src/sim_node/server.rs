@@ -7,7 +7,9 @@ use std::time::Duration;
 use hyper::header::HeaderValue;
 use jsonrpsee::RpcModule;
 use jsonrpsee::core::middleware::RpcServiceBuilder;
-use jsonrpsee::server::{RandomStringIdProvider, ServerConfig, ServerHandle, StopHandle, stop_channel};
+use jsonrpsee::server::{
+    RandomStringIdProvider, ServerConfig, ServerHandle, StopHandle, stop_channel,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +33,10 @@ struct ConnectionGeneration {
 impl ConnectionGeneration {
     fn new() -> Self {
         let (stop_handle, server_handle) = stop_channel();
-        Self { stop_handle, server_handle }
+        Self {
+            stop_handle,
+            server_handle,
+        }
     }
 
     fn close(&self) {
@@ -61,7 +66,8 @@ pub async fn serve_rpc(
     let service_builder = jsonrpsee::server::Server::builder()
         .set_config(config)
         .set_rpc_middleware(
-            RpcServiceBuilder::new().layer_fn(move |service| FaultInjection::new(service, rpc_node.clone())),
+            RpcServiceBuilder::new()
+                .layer_fn(move |service| FaultInjection::new(service, rpc_node.clone())),
         )
         .to_service_builder();
     let methods: jsonrpsee::Methods = module.into();
@@ -99,9 +105,12 @@ pub async fn serve_rpc(
             continue;
         }
         let _ = socket.set_nodelay(true);
-        let rpc = service_builder.clone().build(methods.clone(), generation.stop_handle.clone());
+        let rpc = service_builder
+            .clone()
+            .build(methods.clone(), generation.stop_handle.clone());
         let node_id = node_id.clone();
-        let service = tower::service_fn(move |request| serve_request(rpc.clone(), node_id.clone(), request));
+        let service =
+            tower::service_fn(move |request| serve_request(rpc.clone(), node_id.clone(), request));
         let closed = generation.stop_handle.clone();
         tokio::spawn(async move {
             tokio::select! {

@@ -7,10 +7,11 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::chain::{BlockNumber, ChainClock, block_number_of};
-use super::primitives::Hash32;
+use super::chain::Chain;
+use super::clock::BlockNumber;
 use super::faults::{ActiveFaults, Fault};
 use super::identity::local_peer_id;
+use super::primitives::Hash32;
 use super::runtime::Runtime;
 
 /// `system_health` result.
@@ -32,7 +33,7 @@ pub struct Heads {
 pub struct NodeState {
     pub id: String,
     pub peer_id: String,
-    pub clock: ChainClock,
+    pub chain: Chain,
     pub runtime: Runtime,
     /// Blocks between best and finalized.
     finality_lag: BlockNumber,
@@ -47,7 +48,7 @@ pub struct NodeState {
 impl NodeState {
     pub fn new(
         id: String,
-        clock: ChainClock,
+        chain: Chain,
         runtime: Runtime,
         finality_lag: BlockNumber,
         peers: u32,
@@ -56,7 +57,7 @@ impl NodeState {
         let state = Self {
             id,
             peer_id,
-            clock,
+            chain,
             runtime,
             finality_lag,
             peers,
@@ -77,15 +78,22 @@ impl NodeState {
     }
 
     pub fn set_fault(&self, fault: Fault) {
-        let chain_best = self.clock.best_now();
-        self.faults.send_modify(|faults| faults.apply(fault, chain_best));
+        let chain_best = self.chain.clock().best_now();
+        self.faults
+            .send_modify(|faults| faults.apply(fault, chain_best));
         self.refresh_heads();
     }
 
     /// The node's heads now, computed from the clock (not the ticker's last update).
     pub fn heads(&self) -> Heads {
-        let best = self.faults.borrow().node_best(self.clock.best_now());
-        Heads { best, finalized: best.saturating_sub(self.finality_lag) }
+        let best = self
+            .faults
+            .borrow()
+            .node_best(self.chain.clock().best_now());
+        Heads {
+            best,
+            finalized: best.saturating_sub(self.finality_lag),
+        }
     }
 
     /// Publishes the current heads to subscribers if they moved.
@@ -117,20 +125,29 @@ impl NodeState {
         let best = self.heads().best;
         match hash {
             None => Some(best),
-            Some(hash) => block_number_of(&hash).filter(|number| *number <= best),
+            Some(hash) => self.chain.block_number_of(&hash, best),
         }
     }
 
     pub fn record_request(&self, method: &str) {
-        let mut requests = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *requests.entry(method.to_owned()).or_default() += 1;
     }
 
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
-        self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     pub fn reset_request_counts(&self) {
-        self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clear();
+        self.requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clear();
     }
 }

@@ -1,0 +1,875 @@
+//! sim-node, end to end over real sockets on 127.0.0.1: every method's shape over HTTP and
+//! WebSocket, the chain, subscriptions, every fault, the health endpoints, the control API and
+//! the binary.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use lb_tests::sim_node::{
+    BlockNumber, ControlClient, Fault, NODE_ID_HEADER, SimNode, SimNodeConfig, SimNodeHandle,
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const SYSTEM_NUMBER_KEY: &str =
+    "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
+const UNSET_KEY: &str = "0x3a636f6465";
+/// Long enough that the best block does not move while a shape test runs.
+const STEADY_BLOCK_TIME: Duration = Duration::from_secs(3600);
+const FAST_BLOCK_TIME: Duration = Duration::from_millis(50);
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn start_node(id: &str, block_time: Duration) -> SimNodeHandle {
+    let mut config = SimNodeConfig::new(id);
+    config.block_time = block_time;
+    config.control_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    SimNode::start(config).await.expect("sim-node starts")
+}
+
+fn request(method: &str, params: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params })
+}
+
+async fn http_post(node: &SimNodeHandle, body: &Value) -> Value {
+    reqwest::Client::new()
+        .post(node.http_url())
+        .json(body)
+        .send()
+        .await
+        .expect("HTTP request")
+        .json()
+        .await
+        .expect("JSON response")
+}
+
+async fn http_call(node: &SimNodeHandle, method: &str, params: Value) -> Value {
+    http_post(node, &request(method, params)).await
+}
+
+/// Polls `condition` until it holds; panics naming `what` after `PATIENCE`.
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A minimal JSON-RPC WebSocket client that keeps notifications apart from responses.
+struct WsClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    notifications: VecDeque<Value>,
+}
+
+impl WsClient {
+    async fn connect(node: &SimNodeHandle) -> Self {
+        let (stream, _) = tokio_tungstenite::connect_async(node.ws_url())
+            .await
+            .expect("WS connects");
+        Self {
+            stream,
+            next_id: 0,
+            notifications: VecDeque::new(),
+        }
+    }
+
+    async fn next_message(&mut self) -> Option<Value> {
+        loop {
+            let message = tokio::time::timeout(PATIENCE, self.stream.next())
+                .await
+                .expect("WS message in time")?
+                .ok()?;
+            match message {
+                Message::Text(text) => return Some(serde_json::from_str(&text).expect("WS JSON")),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let body = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+        self.stream
+            .send(Message::text(body.to_string()))
+            .await
+            .expect("WS send");
+        loop {
+            let message = self.next_message().await.expect("WS response before close");
+            if message["id"] == json!(id) {
+                return message;
+            }
+            self.notifications.push_back(message);
+        }
+    }
+
+    async fn notification(&mut self) -> Value {
+        match self.notifications.pop_front() {
+            Some(notification) => notification,
+            None => self
+                .next_message()
+                .await
+                .expect("notification before close"),
+        }
+    }
+}
+
+fn block_number(header: &Value) -> BlockNumber {
+    let hex = header["number"].as_str().expect("number is a string");
+    BlockNumber::from_str_radix(hex.strip_prefix("0x").expect("0x prefix"), 16).expect("hex number")
+}
+
+fn is_hash(value: &Value) -> bool {
+    value
+        .as_str()
+        .is_some_and(|s| s.len() == 66 && s.starts_with("0x"))
+}
+
+/// Checks one method's answer; `answer` is the full JSON-RPC response.
+fn check_answer(node: &SimNodeHandle, method: &str, params: &Value, answer: &Value) {
+    let context = format!("{method} {params}: {answer}");
+    let result = &answer["result"];
+    let best = node.best_number();
+    match method {
+        "rpc_methods" => {
+            let methods: Vec<&str> = result["methods"]
+                .as_array()
+                .expect(&context)
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            for served in [
+                "chain_getHeader",
+                "chain_subscribeNewHead",
+                "state_call",
+                "system_health",
+            ] {
+                assert!(methods.contains(&served), "{context}");
+            }
+            assert!(
+                !methods.contains(&"chainHead_v1_follow"),
+                "lists only what it serves: {context}"
+            );
+            assert!(methods.windows(2).all(|w| w[0] < w[1]), "sorted: {context}");
+        }
+        "system_health" => {
+            assert_eq!(
+                *result,
+                json!({ "peers": 8, "isSyncing": false, "shouldHavePeers": true }),
+                "{context}"
+            )
+        }
+        "system_chain" | "system_name" | "system_version" => {
+            assert!(result.is_string(), "{context}")
+        }
+        "system_properties" => assert_eq!(result["ss58Format"], 42, "{context}"),
+        "system_syncState" => {
+            assert_eq!(result["currentBlock"], best, "{context}");
+            assert_eq!(result["highestBlock"], best, "{context}");
+        }
+        "system_localPeerId" => {
+            assert_eq!(result, node.peer_id(), "{context}");
+            assert!(node.peer_id().starts_with("12D3KooW"), "{context}");
+        }
+        "chain_getHeader" if params == &json!([node.block_hash(5)]) => {
+            assert_eq!(result["number"], "0x5", "{context}");
+            assert_eq!(result["parentHash"], json!(node.block_hash(4)), "{context}");
+        }
+        "chain_getHeader" => {
+            assert_eq!(block_number(result), best, "{context}");
+            for field in ["parentHash", "stateRoot", "extrinsicsRoot"] {
+                assert!(is_hash(&result[field]), "{field}: {context}");
+            }
+            assert_eq!(
+                result["digest"]["logs"].as_array().map(Vec::len),
+                Some(2),
+                "{context}"
+            );
+        }
+        "chain_getBlock" => {
+            assert_eq!(block_number(&result["block"]["header"]), best, "{context}");
+            let extrinsics = result["block"]["extrinsics"].as_array().expect(&context);
+            assert!(
+                extrinsics[0]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with("0x280403")),
+                "{context}"
+            );
+            assert_eq!(result["justifications"], Value::Null, "{context}");
+        }
+        "chain_getBlockHash" if params == &json!([[1, "0x2"]]) => {
+            assert_eq!(
+                *result,
+                json!([node.block_hash(1), node.block_hash(2)]),
+                "{context}"
+            )
+        }
+        "chain_getBlockHash" if params == &json!([u32::MAX]) => {
+            assert_eq!(*result, Value::Null, "a block beyond best: {context}")
+        }
+        "chain_getBlockHash" if params == &json!([5]) || params == &json!(["0x5"]) => {
+            assert_eq!(*result, json!(node.block_hash(5)), "{context}")
+        }
+        "chain_getBlockHash" | "chain_getHead" => {
+            assert_eq!(*result, json!(node.block_hash(best)), "{context}")
+        }
+        "chain_getFinalizedHead" | "chain_getFinalisedHead" => {
+            assert_eq!(*result, json!(node.block_hash(best - 2)), "{context}")
+        }
+        "state_getRuntimeVersion" | "chain_getRuntimeVersion" => {
+            assert_eq!(result["specName"], "node", "{context}");
+            assert_eq!(result["specVersion"], 268, "{context}");
+            assert_eq!(result["transactionVersion"], 2, "{context}");
+        }
+        "state_getMetadata" => {
+            assert!(
+                result
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("0x6d6574610e")),
+                "meta + V14: {method}"
+            )
+        }
+        "state_call" => {
+            let function = params[0].as_str().expect(&context);
+            let output = result.as_str().expect(&context);
+            match (function, params[1].as_str()) {
+                // spec_name "node" with its compact length.
+                ("Core_version", _) => assert!(output.starts_with("0x106e6f6465"), "{context}"),
+                ("Metadata_metadata_versions", _) => {
+                    assert_eq!(output, "0x0c0e0000000f00000010000000")
+                }
+                ("Metadata_metadata", _) => assert_eq!(&output[10..20], "6d6574610e", "{method}"),
+                ("Metadata_metadata_at_version", Some("0x10000000")) => {
+                    assert!(
+                        output.starts_with("0x01") && output[4..30].contains("6d65746110"),
+                        "{method}"
+                    )
+                }
+                ("Metadata_metadata_at_version", _) => assert_eq!(output, "0x00", "{context}"),
+                _ => panic!("unchecked {context}"),
+            }
+        }
+        "state_getStorage" if params[0] == UNSET_KEY => {
+            assert_eq!(*result, Value::Null, "{context}")
+        }
+        "state_getStorage" => assert_eq!(
+            *result,
+            json!(format!("0x{}", hex::encode(best.to_le_bytes())))
+        ),
+        "state_queryStorageAt" => {
+            let expected_number = format!("0x{}", hex::encode(best.to_le_bytes()));
+            assert_eq!(
+                *result,
+                json!([{ "block": node.block_hash(best), "changes": [[SYSTEM_NUMBER_KEY, expected_number], [UNSET_KEY, null]] }]),
+                "{context}"
+            );
+        }
+        "author_submitExtrinsic" => assert_eq!(
+            *result,
+            // blake2b-256 of 0x1234, the transaction hash a real node returns.
+            "0x35826d51e070a6d9ac7e69df455191dc02f66678879a12511f5a91d8befacb11",
+            "{context}"
+        ),
+        "author_pendingExtrinsics" => assert_eq!(*result, json!([]), "{context}"),
+        _ => panic!("no check for {context}"),
+    }
+}
+
+fn method_cases(node: &SimNodeHandle) -> Vec<(&'static str, Value)> {
+    vec![
+        ("rpc_methods", json!([])),
+        ("system_health", json!([])),
+        ("system_chain", json!([])),
+        ("system_name", json!([])),
+        ("system_version", json!([])),
+        ("system_properties", json!([])),
+        ("system_syncState", json!([])),
+        ("system_localPeerId", json!([])),
+        ("chain_getHeader", json!([])),
+        ("chain_getHeader", json!([node.block_hash(5)])),
+        ("chain_getBlock", json!([])),
+        ("chain_getBlockHash", json!([])),
+        ("chain_getBlockHash", json!([5])),
+        ("chain_getBlockHash", json!(["0x5"])),
+        ("chain_getBlockHash", json!([[1, "0x2"]])),
+        ("chain_getBlockHash", json!([u32::MAX])),
+        ("chain_getHead", json!([])),
+        ("chain_getFinalizedHead", json!([])),
+        ("chain_getFinalisedHead", json!([])),
+        ("state_getRuntimeVersion", json!([])),
+        ("chain_getRuntimeVersion", json!([])),
+        ("state_getMetadata", json!([])),
+        ("state_call", json!(["Core_version", "0x"])),
+        ("state_call", json!(["Metadata_metadata", "0x"])),
+        ("state_call", json!(["Metadata_metadata_versions", "0x"])),
+        (
+            "state_call",
+            json!(["Metadata_metadata_at_version", "0x10000000"]),
+        ),
+        (
+            "state_call",
+            json!(["Metadata_metadata_at_version", "0x11000000"]),
+        ),
+        ("state_getStorage", json!([SYSTEM_NUMBER_KEY])),
+        ("state_getStorage", json!([UNSET_KEY])),
+        (
+            "state_queryStorageAt",
+            json!([[SYSTEM_NUMBER_KEY, UNSET_KEY]]),
+        ),
+        ("author_submitExtrinsic", json!(["0x1234"])),
+        ("author_pendingExtrinsics", json!([])),
+    ]
+}
+
+#[tokio::test]
+async fn every_method_answers_with_the_node_shape_over_http() {
+    let node = start_node("shapes-http", STEADY_BLOCK_TIME).await;
+    for (method, params) in method_cases(&node) {
+        let answer = http_call(&node, method, params.clone()).await;
+        check_answer(&node, method, &params, &answer);
+    }
+}
+
+#[tokio::test]
+async fn every_method_answers_with_the_node_shape_over_websocket() {
+    let node = start_node("shapes-ws", STEADY_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node).await;
+    for (method, params) in method_cases(&node) {
+        let answer = ws.call(method, params.clone()).await;
+        check_answer(&node, method, &params, &answer);
+    }
+}
+
+#[tokio::test]
+async fn unknown_blocks_answer_null_for_chain_lookups_and_an_error_for_state() {
+    let node = start_node("unknown-blocks", STEADY_BLOCK_TIME).await;
+    let unknown = format!("0x{}", "ab".repeat(32));
+    let future_block = node.block_hash(node.best_number() + 100);
+    for hash in [json!(unknown), json!(future_block)] {
+        assert_eq!(
+            http_call(&node, "chain_getHeader", json!([hash])).await["result"],
+            Value::Null
+        );
+        assert_eq!(
+            http_call(&node, "chain_getBlock", json!([hash])).await["result"],
+            Value::Null
+        );
+        let state = http_call(&node, "state_getStorage", json!([SYSTEM_NUMBER_KEY, hash])).await;
+        assert_eq!(state["error"]["code"], 4003, "{state}");
+    }
+    let malformed = http_call(&node, "chain_getHeader", json!(["0x1234"])).await;
+    assert_eq!(malformed["error"]["code"], -32602, "{malformed}");
+    let too_big = http_call(&node, "chain_getBlockHash", json!(["0x100000000"])).await;
+    assert_eq!(too_big["error"]["code"], 3001, "{too_big}");
+    let bad_call = http_call(&node, "state_call", json!(["Nope_nope", "0x"])).await;
+    assert_eq!(bad_call["error"]["code"], 4003, "{bad_call}");
+    let bad_extrinsic = http_call(&node, "author_submitExtrinsic", json!(["0xzz"])).await;
+    assert_eq!(bad_extrinsic["error"]["code"], -32602, "{bad_extrinsic}");
+}
+
+#[tokio::test]
+async fn unsafe_methods_are_refused_as_a_safe_rpc_node_does() {
+    let node = start_node("unsafe", STEADY_BLOCK_TIME).await;
+    for method in [
+        "author_insertKey",
+        "author_rotateKeys",
+        "author_hasSessionKeys",
+        "author_hasKey",
+        "system_addReservedPeer",
+        "system_removeReservedPeer",
+        "state_getPairs",
+    ] {
+        let answer = http_call(&node, method, json!([])).await;
+        assert_eq!(
+            answer["error"],
+            json!({ "code": -32601, "message": "RPC call is unsafe to be called externally" }),
+            "{method}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn string_ids_missing_params_and_batches_work() {
+    let node = start_node("ids", STEADY_BLOCK_TIME).await;
+    let answer = http_post(
+        &node,
+        &json!({ "jsonrpc": "2.0", "id": "abc-1", "method": "chain_getHeader" }),
+    )
+    .await;
+    assert_eq!(answer["id"], "abc-1");
+    assert_eq!(block_number(&answer["result"]), node.best_number());
+
+    let mut ws = WsClient::connect(&node).await;
+    ws.stream
+        .send(Message::text(
+            r#"{"jsonrpc":"2.0","id":"ws-id","method":"system_health"}"#,
+        ))
+        .await
+        .expect("WS send");
+    let answer = ws.next_message().await.expect("answer");
+    assert_eq!(answer["id"], "ws-id");
+    assert_eq!(answer["result"]["peers"], 8);
+
+    let batch = json!([
+        request("system_chain", json!([])),
+        request("chain_getHead", json!([]))
+    ]);
+    let answers = http_post(&node, &batch).await;
+    assert_eq!(answers.as_array().map(Vec::len), Some(2), "{answers}");
+    assert_eq!(node.request_count("chain_getHead"), 1);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_rpc_errors_and_the_node_keeps_serving() {
+    let node = start_node("malformed", STEADY_BLOCK_TIME).await;
+    let client = reqwest::Client::new();
+    let garbage = client
+        .post(node.http_url())
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("HTTP request");
+    let garbage: Value = garbage.json().await.expect("JSON error body");
+    assert_eq!(garbage["error"]["code"], -32700);
+    let unknown = http_call(&node, "no_such_method", json!([])).await;
+    assert_eq!(
+        unknown["error"],
+        json!({ "code": -32601, "message": "Method not found" })
+    );
+    let wrong_type = http_call(&node, "state_call", json!([1, 2])).await;
+    assert_eq!(wrong_type["error"]["code"], -32602);
+    let subscribe_over_http = http_call(&node, "chain_subscribeNewHeads", json!([])).await;
+    assert!(
+        subscribe_over_http["error"].is_object(),
+        "{subscribe_over_http}"
+    );
+    assert_eq!(
+        http_call(&node, "system_health", json!([])).await["result"]["peers"],
+        8
+    );
+}
+
+#[tokio::test]
+async fn chain_advances_and_nodes_agree_on_every_hash() {
+    let a = start_node("agree-a", FAST_BLOCK_TIME).await;
+    let b = start_node("agree-b", FAST_BLOCK_TIME).await;
+    let start = block_number(&http_call(&a, "chain_getHeader", json!([])).await["result"]);
+    wait_until("the chain grows 3 blocks", || async {
+        block_number(&http_call(&a, "chain_getHeader", json!([])).await["result"]) >= start + 3
+    })
+    .await;
+    for number in [start, start + 1, start + 2] {
+        let from_a = http_call(&a, "chain_getBlockHash", json!([number])).await["result"].clone();
+        let from_b = http_call(&b, "chain_getBlockHash", json!([number])).await["result"].clone();
+        assert_eq!(from_a, from_b, "block {number}");
+        let child = http_call(&b, "chain_getHeader", json!([b.block_hash(number + 1)])).await;
+        assert_eq!(
+            child["result"]["parentHash"], from_a,
+            "block {number} is the parent of the next"
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_deliver_increasing_heads_and_the_runtime_version() {
+    let node = start_node("subscriptions", FAST_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node).await;
+    // polkadot.js subscribes with the alias.
+    let subscribed = ws.call("chain_subscribeNewHead", json!([])).await;
+    let subscription = subscribed["result"].clone();
+    assert!(subscription.is_string(), "{subscribed}");
+    let mut numbers = Vec::new();
+    while numbers.len() < 3 {
+        let notification = ws.notification().await;
+        assert_eq!(notification["method"], "chain_newHead", "{notification}");
+        assert_eq!(notification["params"]["subscription"], subscription);
+        numbers.push(block_number(&notification["params"]["result"]));
+    }
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "increasing: {numbers:?}"
+    );
+    let unsubscribed = ws
+        .call("chain_unsubscribeNewHeads", json!([subscription]))
+        .await;
+    assert_eq!(unsubscribed["result"], true);
+
+    let mut ws = WsClient::connect(&node).await;
+    let finalized = ws.call("chain_subscribeFinalizedHeads", json!([])).await;
+    assert!(finalized["result"].is_string(), "{finalized}");
+    let first = ws.notification().await;
+    assert_eq!(first["method"], "chain_finalizedHead");
+    let second = ws.notification().await;
+    assert!(block_number(&second["params"]["result"]) > block_number(&first["params"]["result"]));
+
+    let mut ws = WsClient::connect(&node).await;
+    ws.call("state_subscribeRuntimeVersion", json!([])).await;
+    let version = ws.notification().await;
+    assert_eq!(version["method"], "state_runtimeVersion");
+    assert_eq!(version["params"]["result"]["specVersion"], 268);
+
+    let mut ws = WsClient::connect(&node).await;
+    ws.call("state_subscribeStorage", json!([[SYSTEM_NUMBER_KEY]]))
+        .await;
+    let initial = ws.notification().await;
+    assert_eq!(initial["method"], "state_storage");
+    let next = ws.notification().await;
+    assert_ne!(
+        initial["params"]["result"]["block"],
+        next["params"]["result"]["block"]
+    );
+}
+
+#[tokio::test]
+async fn health_endpoints_follow_substrate_and_name_the_node() {
+    let node = start_node("health-node", STEADY_BLOCK_TIME).await;
+    let client = reqwest::Client::new();
+    let health = client
+        .get(format!("{}/health", node.http_url()))
+        .send()
+        .await
+        .expect("GET /health");
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.headers()[NODE_ID_HEADER], "health-node");
+    let body: Value = health.json().await.expect("JSON");
+    assert_eq!(
+        body,
+        json!({ "peers": 8, "isSyncing": false, "shouldHavePeers": true })
+    );
+    let ready = client
+        .get(format!("{}/health/readiness", node.http_url()))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(ready.status(), 200);
+    let post = client
+        .post(format!("{}/health", node.http_url()))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(post.status(), 405);
+    let rpc = client
+        .post(node.http_url())
+        .json(&request("system_chain", json!([])))
+        .send()
+        .await
+        .expect("RPC");
+    assert_eq!(rpc.headers()[NODE_ID_HEADER], "health-node");
+    assert_eq!(
+        node.request_count("system_health"),
+        2,
+        "/health is proxied to system_health"
+    );
+}
+
+async fn readiness_status(node: &SimNodeHandle) -> u16 {
+    reqwest::get(format!("{}/health/readiness", node.http_url()))
+        .await
+        .expect("GET /health/readiness")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn syncing_fault_reports_syncing_and_fails_readiness() {
+    let node = start_node("syncing", STEADY_BLOCK_TIME).await;
+    node.set_fault(Fault::Syncing);
+    assert_eq!(
+        http_call(&node, "system_health", json!([])).await["result"]["isSyncing"],
+        true
+    );
+    assert_eq!(readiness_status(&node).await, 500);
+    node.clear_faults();
+    assert_eq!(readiness_status(&node).await, 200);
+}
+
+#[tokio::test]
+async fn no_peers_fault_reports_zero_peers_and_fails_readiness() {
+    let node = start_node("lonely", STEADY_BLOCK_TIME).await;
+    node.set_fault(Fault::NoPeers);
+    assert_eq!(
+        http_call(&node, "system_health", json!([])).await["result"]["peers"],
+        0
+    );
+    assert_eq!(readiness_status(&node).await, 500);
+}
+
+#[tokio::test]
+async fn unresponsive_fault_makes_requests_time_out_until_cleared() {
+    let node = start_node("hung", STEADY_BLOCK_TIME).await;
+    node.set_fault(Fault::Unresponsive);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let error = client
+        .post(node.http_url())
+        .json(&request("system_health", json!([])))
+        .send()
+        .await
+        .expect_err("no answer while unresponsive");
+    assert!(error.is_timeout(), "{error}");
+    let health = client
+        .get(format!("{}/health", node.http_url()))
+        .send()
+        .await;
+    assert!(
+        health.is_err_and(|error| error.is_timeout()),
+        "/health hangs too"
+    );
+    node.clear_faults();
+    assert_eq!(
+        http_call(&node, "system_health", json!([])).await["result"]["peers"],
+        8
+    );
+}
+
+#[tokio::test]
+async fn slow_fault_delays_every_answer() {
+    let node = start_node("slow", STEADY_BLOCK_TIME).await;
+    node.set_fault(Fault::Slow { delay_ms: 400 });
+    let started = Instant::now();
+    http_call(&node, "system_health", json!([])).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut ws = WsClient::connect(&node).await;
+    let started = Instant::now();
+    ws.call("chain_getHead", json!([])).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn stall_fault_stops_the_head_while_the_chain_moves_on() {
+    let stalled = start_node("stalled", FAST_BLOCK_TIME).await;
+    let healthy = start_node("healthy", FAST_BLOCK_TIME).await;
+    stalled.set_fault(Fault::Stall);
+    let stalled_at =
+        block_number(&http_call(&stalled, "chain_getHeader", json!([])).await["result"]);
+    wait_until("the chain moves 5 blocks past the stall", || async {
+        block_number(&http_call(&healthy, "chain_getHeader", json!([])).await["result"])
+            >= stalled_at + 5
+    })
+    .await;
+    let now = block_number(&http_call(&stalled, "chain_getHeader", json!([])).await["result"]);
+    assert_eq!(now, stalled_at);
+    stalled.clear_faults();
+    assert!(
+        block_number(&http_call(&stalled, "chain_getHeader", json!([])).await["result"])
+            >= stalled_at + 5
+    );
+}
+
+#[tokio::test]
+async fn behind_fault_keeps_the_best_block_n_below_other_nodes() {
+    let behind = start_node("behind", STEADY_BLOCK_TIME).await;
+    let healthy = start_node("ahead", STEADY_BLOCK_TIME).await;
+    behind.set_fault(Fault::Behind { blocks: 10 });
+    let behind_best =
+        block_number(&http_call(&behind, "chain_getHeader", json!([])).await["result"]);
+    let healthy_best =
+        block_number(&http_call(&healthy, "chain_getHeader", json!([])).await["result"]);
+    assert_eq!(behind_best + 10, healthy_best);
+    let finalized = http_call(&behind, "chain_getFinalizedHead", json!([])).await;
+    assert_eq!(
+        finalized["result"],
+        json!(behind.block_hash(behind_best - 2))
+    );
+    let status = ControlClient::new(behind.control_addr().expect("control"))
+        .status()
+        .await
+        .expect("status");
+    assert_eq!(status.best + 10, status.chain_best);
+}
+
+#[tokio::test]
+async fn close_connections_fault_drops_open_and_new_connections() {
+    let node = start_node("closing", STEADY_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node).await;
+    ws.call("system_health", json!([])).await;
+    node.set_fault(Fault::CloseConnections);
+    assert_eq!(ws.next_message().await, None, "open WebSocket is closed");
+    let refused = reqwest::Client::new()
+        .post(node.http_url())
+        .json(&request("system_health", json!([])))
+        .send()
+        .await;
+    assert!(
+        refused.is_err_and(|error| error.is_connect() || error.is_request()),
+        "new connection dropped"
+    );
+    node.clear_faults();
+    assert_eq!(
+        http_call(&node, "system_health", json!([])).await["result"]["peers"],
+        8
+    );
+}
+
+#[tokio::test]
+async fn exit_fault_from_the_control_api_stops_the_server() {
+    let mut node = start_node("exiting", STEADY_BLOCK_TIME).await;
+    let rpc_addr = node.rpc_addr();
+    let control = ControlClient::new(node.control_addr().expect("control"));
+    control.set_fault(Fault::Exit).await.expect("exit accepted");
+    tokio::time::timeout(PATIENCE, node.stopped())
+        .await
+        .expect("node stops");
+    assert!(
+        TcpStream::connect(rpc_addr).await.is_err(),
+        "JSON-RPC port closed"
+    );
+}
+
+#[tokio::test]
+async fn control_api_reports_counts_and_validates_faults() {
+    let node = start_node("counted", STEADY_BLOCK_TIME).await;
+    let control_addr = node.control_addr().expect("control");
+    let control = ControlClient::new(control_addr);
+    let status = control.status().await.expect("status");
+    assert_eq!(status.id, "counted");
+    assert_eq!(status.total_requests(), 0, "nothing reached the node yet");
+    http_call(&node, "chain_getHead", json!([])).await;
+    http_call(&node, "chain_getHead", json!([])).await;
+    let status = control
+        .set_fault(Fault::Slow { delay_ms: 5 })
+        .await
+        .expect("fault");
+    assert_eq!(status.requests.get("chain_getHead"), Some(&2));
+    assert_eq!(status.faults, [Fault::Slow { delay_ms: 5 }]);
+    let status = control.clear_faults().await.expect("clear");
+    assert!(status.faults.is_empty());
+    assert_eq!(
+        control
+            .reset_requests()
+            .await
+            .expect("reset")
+            .total_requests(),
+        0
+    );
+    let bad = reqwest::Client::new()
+        .post(format!("http://{control_addr}/fault"))
+        .header("content-type", "application/json")
+        .body(r#"{"fault":"melt"}"#)
+        .send()
+        .await
+        .expect("control reachable");
+    assert!(bad.status().is_client_error(), "{}", bad.status());
+}
+
+/// A `sim-node` process and the addresses it printed.
+struct NodeProcess {
+    child: tokio::process::Child,
+    rpc: SocketAddr,
+    control: SocketAddr,
+}
+
+async fn spawn_binary() -> NodeProcess {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sim-node"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--id",
+            "bin",
+            "--block-time-ms",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sim-node binary starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let line = tokio::time::timeout(PATIENCE, BufReader::new(stdout).lines().next_line())
+        .await
+        .expect("listening line in time")
+        .expect("stdout readable")
+        .expect("a line");
+    // "sim-node bin listening: rpc 127.0.0.1:P (http+ws), control 127.0.0.1:Q"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let rpc = words.get(4).and_then(|w| w.parse().ok()).expect(&line);
+    let control = words.last().and_then(|w| w.parse().ok()).expect(&line);
+    NodeProcess {
+        child,
+        rpc,
+        control,
+    }
+}
+
+#[tokio::test]
+async fn binary_serves_and_exits_on_the_exit_fault_set_with_ctl() {
+    let mut process = spawn_binary().await;
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://{}", process.rpc))
+        .json(&request("system_localPeerId", json!([])))
+        .send()
+        .await
+        .expect("RPC")
+        .json()
+        .await
+        .expect("JSON");
+    assert!(
+        answer["result"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("12D3KooW")),
+        "{answer}"
+    );
+    let ctl = tokio::process::Command::new(env!("CARGO_BIN_EXE_sim-node"))
+        .args([
+            "ctl",
+            "--control",
+            &process.control.to_string(),
+            "fault",
+            "exit",
+        ])
+        .output()
+        .await
+        .expect("sim-node ctl runs");
+    assert!(
+        ctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    let status = tokio::time::timeout(PATIENCE, process.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn binary_exits_cleanly_on_sigterm() {
+    let mut process = spawn_binary().await;
+    let pid = process.child.id().expect("running");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = tokio::time::timeout(PATIENCE, process.child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+}
