@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener},
     os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::Command,
@@ -14,14 +14,13 @@ use std::{
     time::Duration,
 };
 
+mod common;
+
 use anyhow::{Context, bail, ensure};
-use lb_common::stats::ProtoSlot;
-use lb_control::dataplane::read_pinned_proto_stats;
+use common::{IO_TIMEOUT, connect_from, link_details, system_health_from};
 use lb_tests::lab::{
     self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT, command_in_netns, in_netns, run_checked,
 };
-
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The BPF filesystem's root as it was before this process started its first lab.
 static BPFFS_ROOT_BEFORE_LABS: OnceLock<Vec<String>> = OnceLock::new();
@@ -38,14 +37,6 @@ fn start_lab(nodes: usize, start_sim_nodes: bool) -> Lab {
         start_sim_nodes,
     };
     Lab::start(config).unwrap_or_else(|error| panic!("starting the lab: {error}"))
-}
-
-/// Opens a TCP connection to `target` from inside `netns`.
-fn connect_from(netns: &str, target: SocketAddr) -> anyhow::Result<TcpStream> {
-    let stream = in_netns(netns, || TcpStream::connect_timeout(&target, IO_TIMEOUT))?
-        .with_context(|| format!("connecting from {netns} to {target}"))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    Ok(stream)
 }
 
 /// Connects from `from_netns` to a listener in `to_netns` on `to_addr`, checks that the
@@ -131,37 +122,6 @@ fn lab_veths_have_tx_checksum_offload_off() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Posts `system_health` to `url` from inside `netns`; returns the answering node's id
-/// (the `x-sim-node` header, when sim-node sends one) and the JSON-RPC result.
-fn system_health_from(
-    netns: &str,
-    target: SocketAddr,
-) -> anyhow::Result<(Option<String>, serde_json::Value)> {
-    let mut stream = connect_from(netns, target)?;
-    let body = r#"{"id":1,"jsonrpc":"2.0","method":"system_health","params":[]}"#;
-    write!(
-        stream,
-        "POST / HTTP/1.1\r\nhost: {target}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{target}: no HTTP header end in {response:?}"))?;
-    let status = head.split_whitespace().nth(1);
-    ensure!(status == Some("200"), "{target}: {head}");
-    let node_id = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("x-sim-node")
-            .then(|| value.trim().to_owned())
-    });
-    let reply: serde_json::Value =
-        serde_json::from_str(body).with_context(|| format!("{target}: body {body:?}"))?;
-    Ok((node_id, reply["result"].clone()))
-}
-
 #[test]
 fn client_gets_system_health_from_every_sim_node_through_lb() -> anyhow::Result<()> {
     let lab = start_lab(3, true);
@@ -180,12 +140,6 @@ fn client_gets_system_health_from_every_sim_node_through_lb() -> anyhow::Result<
         }
     }
     Ok(())
-}
-
-/// The `ip link` line of `iface` in `netns`, which names an attached XDP program.
-fn link_details(netns: &str, iface: &str) -> anyhow::Result<String> {
-    let output = run_checked(Command::new("ip").args(["-n", netns, "link", "show", "dev", iface]))?;
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 #[test]
@@ -232,29 +186,6 @@ fn labs_pin_nothing_outside_their_pin_dirs() -> anyhow::Result<()> {
         pinned.is_empty(),
         "labs pinned {pinned:?} in /sys/fs/bpf, outside their own directories like {}",
         lab.pin_dir().display()
-    );
-    Ok(())
-}
-
-#[test]
-fn lb_control_attaches_to_client_iface_and_counts_client_traffic() -> anyhow::Result<()> {
-    let mut lab = start_lab(1, true);
-    lab.spawn_lb_control(&[])?;
-    let lb = lab.lb();
-    let link = link_details(&lb.netns, &lb.client_iface)?;
-    ensure!(
-        link.contains("xdp"),
-        "no XDP program on {}:\n{link}",
-        lb.client_iface
-    );
-    let before = read_pinned_proto_stats(&lab.pin_dir())?.by_slot[ProtoSlot::Ipv4Tcp.name()];
-    let target = SocketAddr::from((lab.node(0).addr_v4, SIM_NODE_RPC_PORT));
-    system_health_from(&lab.client().netns, target)?;
-    let after = read_pinned_proto_stats(&lab.pin_dir())?.by_slot[ProtoSlot::Ipv4Tcp.name()];
-    ensure!(
-        after.packets > before.packets,
-        "lb-control counted no IPv4 TCP packets for a request through {}: {before:?} then {after:?}",
-        lb.client_iface
     );
     Ok(())
 }

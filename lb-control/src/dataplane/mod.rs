@@ -4,6 +4,7 @@
 
 mod bpffs;
 mod error;
+mod harness;
 
 use std::{
     collections::BTreeMap,
@@ -25,6 +26,7 @@ use tracing::{info, warn};
 pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
+    harness::{ProgramHarness, TestVerdict, XdpAction},
 };
 
 /// The compiled load balancer object, embedded at build time by `build.rs`.
@@ -107,12 +109,7 @@ impl Dataplane {
             source,
         })?;
 
-        let log_level = kernel_log_level();
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .load(XDP_OBJECT)
-            .map_err(|source| DataplaneError::Load { source })?;
+        let mut ebpf = load_lb_object(&pin_dir)?;
         start_kernel_logger(&mut ebpf);
 
         let program = xdp_program(&mut ebpf, program_names::LB)?;
@@ -140,19 +137,32 @@ impl Dataplane {
 
     /// Per-protocol counters summed over all CPUs.
     pub fn proto_stats(&self) -> Result<ProtoStats, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(map_names::PROTO_STATS)
-            .ok_or(DataplaneError::MissingMap {
-                name: map_names::PROTO_STATS,
-            })?;
-        let array =
-            PerCpuArray::<_, Counters>::try_from(map).map_err(|source| DataplaneError::Map {
-                name: map_names::PROTO_STATS,
-                source,
-            })?;
-        sum_proto_stats(&array)
+        loaded_proto_stats(&self.ebpf)
     }
+}
+
+/// Loads the load balancer object, reusing (or creating) the maps pinned in `pin_dir`.
+fn load_lb_object(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
+    let log_level = kernel_log_level();
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .load(XDP_OBJECT)
+        .map_err(|source| DataplaneError::Load { source })
+}
+
+fn loaded_proto_stats(ebpf: &Ebpf) -> Result<ProtoStats, DataplaneError> {
+    let map = ebpf
+        .map(map_names::PROTO_STATS)
+        .ok_or(DataplaneError::MissingMap {
+            name: map_names::PROTO_STATS,
+        })?;
+    let array =
+        PerCpuArray::<_, Counters>::try_from(map).map_err(|source| DataplaneError::Map {
+            name: map_names::PROTO_STATS,
+            source,
+        })?;
+    sum_proto_stats(&array)
 }
 
 /// The directory a load balancer instance pins its maps in.
