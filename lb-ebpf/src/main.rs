@@ -27,7 +27,10 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = ctx.data_end() - ctx.data();
     let packet = parse::parse_frame(&ctx);
     if packet.slot == ProtoSlot::Malformed {
-        debug!(&ctx, "passing a malformed frame of {} bytes to the stack", len);
+        debug!(
+            &ctx,
+            "passing a malformed frame of {} bytes to the stack", len
+        );
     }
     stats::count_frame(packet.slot, len);
     xdp_action::XDP_PASS
