@@ -5,11 +5,27 @@
 //! padding; each has a compile-time size assertion.
 #![cfg_attr(not(feature = "std"), no_std)]
 
+pub mod flow;
+#[cfg(feature = "std")]
+pub mod maglev;
+pub mod maps;
 pub mod stats;
 
 /// Names of the maps the XDP program defines; userspace opens and pins them by these names.
 pub mod map_names {
     pub const PROTO_STATS: &str = "PROTO_STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SERVICES: &str = "SERVICES";
+    pub const VIPS: &str = "VIPS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const MAGLEV: &str = "MAGLEV";
+    pub const FLOWS: &str = "FLOWS";
+    pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    pub const SERVICE_STATS: &str = "SERVICE_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const DROP_STATS: &str = "DROP_STATS";
+    pub const BLOCKLIST_V4: &str = "BLOCKLIST_V4";
+    pub const BLOCKLIST_V6: &str = "BLOCKLIST_V6";
 }
 
 /// Names of the XDP programs.

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use siphasher::sip::SipHasher24;
 
 /// A table entry that no backend owns: the table of a service with no backend in it.
-pub const NO_BACKEND: u32 = u32::MAX;
+pub use crate::maps::NO_BACKEND;
 
 /// The table size the Maglev paper measures: with 100 backends, adding or removing one moves
 /// ~1.6% of entries (1% must move); a larger table moves fewer, a smaller one more.

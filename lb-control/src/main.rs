@@ -161,6 +161,8 @@ fn run_daemon(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Installed first, so a signal during start-up still gets a clean shutdown.
+        let mut shutdown = ShutdownSignals::install()?;
         let dataplane = Dataplane::start(&DataplaneConfig {
             instance: config.instance.clone(),
             interfaces: config.dataplane.interfaces.clone(),
@@ -172,23 +174,35 @@ fn run_daemon(config: Config) -> anyhow::Result<()> {
             pin_dir = %dataplane.pin_dir().display(),
             "running; SIGINT or SIGTERM stops"
         );
-        wait_for_shutdown_signal().await?;
+        shutdown.recv().await;
         info!("shutting down: detaching the XDP program");
-        drop(dataplane);
+        dataplane.detach()?;
         info!("detached");
         Ok(())
     })
 }
 
-async fn wait_for_shutdown_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+/// SIGTERM and SIGINT, either of which stops the daemon.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
 
 fn print_stats(stats: &ProtoStats, json: bool) {

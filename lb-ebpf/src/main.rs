@@ -1,39 +1,174 @@
-//! The XDP program. This file holds the maps and the entry points only; the pipeline steps
-//! live in their own modules.
+//! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
+//! its own module and returns a verdict or lets the packet continue.
+//!
+//! Pipeline: parse → count → blocklist → NAT reply → service → fragments → flow (conntrack or
+//! Maglev) → NAT or DSR rewrite → next hop (FIB) → XDP_TX / redirect.
 #![no_std]
 #![no_main]
 
+mod csum;
+mod dsr;
+mod flow;
+mod forward;
+mod lookup;
+mod nat;
 mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use lb_common::stats::{Counters, ProtoSlot};
+use lb_common::{
+    flow::FlowKey,
+    maps::{
+        Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason, Flow, LbConfig,
+        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceStats,
+        VipKey,
+    },
+    stats::{Counters, ProtoSlot},
+};
 
-/// Packets and bytes per protocol, indexed by `ProtoSlot`; per CPU, summed in userspace.
-/// Pinned by name, so counts survive a restart of lb-control.
+use crate::stats::{NO_SERVICE, Verdict};
+
+/// Packets and bytes per protocol, indexed by `ProtoSlot`. Every map is pinned by name, so a
+/// restarted lb-control finds the same flows, tables and counters.
 #[map]
 static PROTO_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(ProtoSlot::COUNT, 0);
 
-/// The load balancer's entry point. For now it parses and counts every frame and passes it on;
-/// forwarding grows from here.
+/// Program-wide settings (NAT source addresses, port range, Maglev size), one entry.
+#[map]
+static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
+
+/// Services by (VIP, port, protocol).
+#[map]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Addresses that carry at least one service, for fragments that have no port to match.
+#[map]
+static VIPS: HashMap<VipKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Backends by id.
+#[map]
+static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Maglev tables: two per service (live and being written), each `LbConfig::maglev_size`
+/// backend ids, at `(service_id * 2 + half) * maglev_size`. Userspace sizes it at load time.
+#[map]
+static MAGLEV: Array<u32> = Array::pinned(1, 0);
+
+/// Connection tracking: client 5-tuple → backend (and NAT port).
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// NAT replies: (backend, NAT port) → the client's 5-tuple. Twice the flows, so a live flow's
+/// reverse entry is not evicted before its forward entry.
+#[map]
+static NAT_REVERSE: LruHashMap<NatKey, NatValue> = LruHashMap::pinned(2 * DEFAULT_MAX_FLOWS, 0);
+
+/// Per-service counters, by service id.
+#[map]
+static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// Per-backend counters, by backend id.
+#[map]
+static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Drops that belong to no service (blocked sources, fragments), by `DropReason`.
+#[map]
+static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT as u32, 0);
+
+/// Scratch space for the packet being parsed: one per CPU, so the parsed packet does not take
+/// room in the entry point's 512-byte stack that the forwarding path below it needs.
+#[map]
+static SCRATCH: PerCpuArray<parse::IpPacket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Blocked IPv4 source prefixes; userspace expires them.
+#[map]
+static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
+
+/// Blocked IPv6 source prefixes; userspace expires them.
+#[map]
+static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
+
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let len = ctx.data_end() - ctx.data();
-    let packet = parse::parse_frame(&ctx);
-    if packet.slot == ProtoSlot::Malformed {
-        debug!(
-            &ctx,
-            "passing a malformed frame of {} bytes to the stack", len
-        );
+    match try_lb_xdp(&ctx) {
+        Verdict::Action(action) => action,
+        Verdict::Drop(reason, service_id) => {
+            stats::count_drop(reason, service_id);
+            xdp_action::XDP_DROP
+        }
     }
-    stats::count_frame(packet.slot, len);
-    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
+    let len = ctx.data_end() - ctx.data();
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Verdict::pass();
+    };
+    // SAFETY: the per-CPU scratch slot is this program run's alone.
+    let ip = unsafe { &mut *scratch };
+    *ip = parse::IpPacket::default();
+    let slot = parse::parse_frame(ctx, ip);
+    stats::count_frame(slot, len);
+    match slot {
+        ProtoSlot::Malformed => {
+            debug!(
+                ctx,
+                "passing a malformed frame of {} bytes to the stack", len
+            );
+            return Verdict::pass();
+        }
+        ProtoSlot::NonIp => return Verdict::pass(),
+        _ => {}
+    }
+    if lookup::is_source_blocked(ip) {
+        return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Verdict::pass();
+    };
+    if ip.has_ports {
+        if let Some(verdict) = nat::reverse(ctx, ip, config) {
+            return verdict;
+        }
+    }
+    let Some(service) = lookup::service_of(ip) else {
+        if ip.is_fragment && lookup::is_vip(ip) {
+            return flow::fragment_verdict(config, NO_SERVICE);
+        }
+        return Verdict::pass();
+    };
+    balance(ctx, ip, &service, config)
+}
+
+/// A packet for a service: pick its backend and send it there.
+// A call of its own keeps these locals out of the entry point's 512-byte stack frame.
+#[inline(never)]
+fn balance(
+    ctx: &XdpContext,
+    ip: &parse::IpPacket,
+    service: &Service,
+    config: &LbConfig,
+) -> Verdict {
+    if ip.is_fragment {
+        return flow::fragment_verdict(config, service.id);
+    }
+    let mut selected = flow::Selected::default();
+    if let Err(reason) = flow::select_backend(ip, service, config, &mut selected) {
+        return Verdict::Drop(reason, service.id);
+    }
+    stats::count_forward(service, &selected, ip.l3() + usize::from(ip.ip_len));
+    if service.mode == MODE_DSR {
+        dsr::encapsulate(ctx, ip, &selected, config)
+    } else {
+        nat::forward(ctx, ip, &selected, config)
+    }
 }
 
 #[cfg(not(test))]

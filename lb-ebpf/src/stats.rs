@@ -1,8 +1,31 @@
-//! Per-CPU counters. These are the only per-packet map writes besides the flow map.
+//! Counters and verdicts. Per-CPU counters are the only per-packet map writes besides the flow
+//! maps; every policy drop is counted under its reason.
 
-use lb_common::stats::ProtoSlot;
+use aya_ebpf::bindings::xdp_action;
+use lb_common::{
+    maps::{DropReason, Service},
+    stats::ProtoSlot,
+};
 
-use crate::PROTO_STATS;
+use crate::{BACKEND_STATS, DROP_STATS, PROTO_STATS, SERVICE_STATS, flow::Selected};
+
+/// The service id of a drop that belongs to no service. (An `Option` would leave its payload
+/// uninitialised when `None`, and the verifier rejects copying uninitialised registers.)
+pub const NO_SERVICE: u32 = u32::MAX;
+
+/// What to do with a packet: an XDP action, or a drop counted under its reason and service
+/// (`NO_SERVICE` for none).
+pub enum Verdict {
+    Action(u32),
+    Drop(DropReason, u32),
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub fn pass() -> Verdict {
+        Verdict::Action(xdp_action::XDP_PASS)
+    }
+}
 
 #[inline(always)]
 pub fn count_frame(slot: ProtoSlot, len: usize) {
@@ -12,5 +35,50 @@ pub fn count_frame(slot: ProtoSlot, len: usize) {
             (*counters).packets += 1;
             (*counters).bytes += len as u64;
         }
+    }
+}
+
+/// Counts a forwarded packet for its service and backend.
+#[inline(always)]
+pub fn count_forward(service: &Service, selected: &Selected, len: usize) {
+    let new_flow = u64::from(selected.is_new);
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service.id) {
+        // SAFETY: per-CPU slot from the map.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += len as u64;
+            (*stats).new_flows += new_flow;
+        }
+    }
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(selected.backend_id) {
+        // SAFETY: per-CPU slot from the map.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += len as u64;
+            (*stats).new_flows += new_flow;
+        }
+    }
+}
+
+/// Counts a drop under its reason: in the service's counters when it belongs to one, else in
+/// the program-wide ones.
+#[inline(always)]
+pub fn count_drop(reason: DropReason, service_id: u32) {
+    // The compiler knows a `DropReason` is in range and would drop the bounds check; the
+    // verifier sees a scalar reloaded from the stack and wants it. A volatile read keeps it.
+    // SAFETY: reading a local.
+    let index = unsafe { core::ptr::read_volatile(&(reason as usize)) };
+    if service_id != NO_SERVICE {
+        if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
+            if index < DropReason::COUNT {
+                // SAFETY: per-CPU slot from the map; the index is checked above.
+                unsafe { (*stats).drops[index] += 1 };
+            }
+        }
+        return;
+    }
+    if let Some(drops) = DROP_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot from the map.
+        unsafe { *drops += 1 };
     }
 }

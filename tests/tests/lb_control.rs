@@ -201,25 +201,35 @@ fn missing_bpffs_is_mounted_and_sigterm_detaches_the_program() -> anyhow::Result
         ],
     )?;
     let pinned = mount_point.0.join("mounted/PROTO_STATS");
-    wait_for("the stats map pinned in the new BPF filesystem", || {
-        Ok(pinned.exists())
+    let link = mount_point.0.join(format!("mounted/link-{lb_iface}"));
+    wait_for("the XDP link pinned in the new BPF filesystem", || {
+        Ok(link.exists())
     })?;
+    ensure!(
+        pinned.exists(),
+        "the stats map is not pinned next to the link"
+    );
     ensure!(filesystem_type(&mount_point.0)? == "bpf_fs");
-    ensure!(link_details(&lab.lb().netns, &lb_iface)?.contains("xdp "));
+    let attached = link_details(&lab.lb().netns, &lb_iface)?;
+    ensure!(
+        attached.contains("xdp "),
+        "not attached natively:\n{attached}"
+    );
 
     let (status, log) = lb_control.stop()?;
     ensure!(status.success(), "lb-control exited with {status}:\n{log}");
     ensure!(log.contains("mounted a BPF filesystem"), "log:\n{log}");
     ensure!(log.contains("detached"), "log:\n{log}");
-    let link = link_details(&lab.lb().netns, &lb_iface)?;
+    let details = link_details(&lab.lb().netns, &lb_iface)?;
     ensure!(
-        !link.contains("xdp"),
-        "still attached after SIGTERM:\n{link}"
+        !details.contains("xdp"),
+        "still attached after SIGTERM:\n{details}"
     );
     ensure!(
         pinned.exists(),
         "the pinned map must outlive lb-control, for a restart"
     );
+    ensure!(!link.exists(), "a clean shutdown must remove the link pin");
     Ok(())
 }
 

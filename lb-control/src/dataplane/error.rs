@@ -64,6 +64,8 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("pinned XDP link {path}: {reason}; remove the file to attach afresh")]
+    LinkPin { path: PathBuf, reason: String },
     #[error(
         "opening pinned map {path}: {source}; is an lb-control instance of that name running \
          (check --instance and --bpffs)?"

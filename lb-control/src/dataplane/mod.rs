@@ -15,7 +15,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     map_names, program_names,
@@ -79,12 +83,23 @@ pub struct DataplaneConfig {
     pub bpffs: PathBuf,
 }
 
-/// The loaded XDP program, attached to its interfaces. Dropping it detaches the program; the
-/// pinned maps stay, so counters survive a restart.
+/// The loaded XDP program, attached to its interfaces through links pinned as
+/// `<pin_dir>/link-<interface>`. The pins keep the program attached if lb-control dies, and a
+/// restarted lb-control swaps its program into those links atomically. [`Dataplane::detach`]
+/// (a clean shutdown) removes them; the pinned maps stay, so flows and counters survive.
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    attached: Vec<(String, AttachedMode)>,
+    attached: Vec<Attachment>,
+}
+
+/// One interface the program is attached to.
+pub struct Attachment {
+    pub interface: String,
+    pub mode: AttachedMode,
+    /// The program replaced a running one (lb-control restarted) instead of attaching anew.
+    pub reattached: bool,
+    link: PinnedLink,
 }
 
 impl Dataplane {
@@ -115,9 +130,16 @@ impl Dataplane {
         let program = xdp_program(&mut ebpf, program_names::LB)?;
         let mut attached = Vec::with_capacity(if_indexes.len());
         for (name, index) in if_indexes {
-            let mode = attach(program, name, index, config.mode)?;
-            info!(interface = name, %mode, "attached the XDP program");
-            attached.push((name.to_owned(), mode));
+            let attachment = attach_pinned(program, name, index, config.mode, &pin_dir)?;
+            if attachment.reattached {
+                info!(
+                    interface = name,
+                    "replaced the running XDP program; its flows carry on"
+                );
+            } else {
+                info!(interface = name, mode = %attachment.mode, "attached the XDP program");
+            }
+            attached.push(attachment);
         }
         Ok(Dataplane {
             ebpf,
@@ -126,9 +148,22 @@ impl Dataplane {
         })
     }
 
-    /// Interfaces the program is attached to, with the mode each got.
-    pub fn attached(&self) -> &[(String, AttachedMode)] {
+    /// Interfaces the program is attached to.
+    pub fn attached(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// Detaches the program from every interface (a clean shutdown): the link pins go, and with
+    /// them the attachments. Maps stay pinned.
+    pub fn detach(self) -> Result<(), DataplaneError> {
+        for attachment in self.attached {
+            let path = link_pin_path(&self.pin_dir, &attachment.interface);
+            attachment
+                .link
+                .unpin()
+                .map_err(|source| DataplaneError::PinDir { path, source })?;
+        }
+        Ok(())
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -163,6 +198,64 @@ fn loaded_proto_stats(ebpf: &Ebpf) -> Result<ProtoStats, DataplaneError> {
             source,
         })?;
     sum_proto_stats(&array)
+}
+
+/// Where the link attaching the program to `interface` is pinned. Its presence means the
+/// program is attached there: the readiness signal for whoever started lb-control.
+pub fn link_pin_path(pin_dir: &Path, interface: &str) -> PathBuf {
+    pin_dir.join(format!("link-{interface}"))
+}
+
+/// Attaches `program` to an interface through a pinned link: into the existing link when an
+/// earlier lb-control left one (an atomic program swap, so no packet misses the program), else
+/// through a new one.
+fn attach_pinned(
+    program: &mut Xdp,
+    interface: &str,
+    index: u32,
+    mode: AttachMode,
+    pin_dir: &Path,
+) -> Result<Attachment, DataplaneError> {
+    let path = link_pin_path(pin_dir, interface);
+    let pin_error = |reason| DataplaneError::LinkPin {
+        path: path.clone(),
+        reason,
+    };
+    if path.exists() {
+        let handle = PinnedLink::from_pin(&path).map_err(|error| pin_error(error.to_string()))?;
+        let link = PinnedLink::from_pin(&path).map_err(|error| pin_error(error.to_string()))?;
+        let link =
+            XdpLink::try_from(FdLink::from(link)).map_err(|error| pin_error(error.to_string()))?;
+        program
+            .attach_to_link(link)
+            .map_err(|source| DataplaneError::Program {
+                name: program_names::LB,
+                source,
+            })?;
+        return Ok(Attachment {
+            interface: interface.to_owned(),
+            mode: AttachedMode::Native,
+            reattached: true,
+            link: handle,
+        });
+    }
+    let (mode, link_id) = attach(program, interface, index, mode)?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| DataplaneError::Program {
+            name: program_names::LB,
+            source,
+        })?;
+    let link = FdLink::try_from(link)
+        .map_err(|error| pin_error(error.to_string()))?
+        .pin(&path)
+        .map_err(|error| pin_error(error.to_string()))?;
+    Ok(Attachment {
+        interface: interface.to_owned(),
+        mode,
+        reattached: false,
+        link,
+    })
 }
 
 /// The directory a load balancer instance pins its maps in.
@@ -282,7 +375,7 @@ fn attach(
     interface: &str,
     index: u32,
     mode: AttachMode,
-) -> Result<AttachedMode, DataplaneError> {
+) -> Result<(AttachedMode, XdpLinkId), DataplaneError> {
     let attach_error = |mode, source| DataplaneError::Attach {
         interface: interface.to_owned(),
         mode,
@@ -291,14 +384,14 @@ fn attach(
     match mode {
         AttachMode::Generic => program
             .attach_to_if_index(index, XdpMode::Skb)
-            .map(|_| AttachedMode::Generic)
+            .map(|id| (AttachedMode::Generic, id))
             .map_err(|source| attach_error(AttachedMode::Generic, source)),
         AttachMode::Native => program
             .attach_to_if_index(index, XdpMode::Driver)
-            .map(|_| AttachedMode::Native)
+            .map(|id| (AttachedMode::Native, id))
             .map_err(|source| attach_error(AttachedMode::Native, source)),
         AttachMode::Auto => match program.attach_to_if_index(index, XdpMode::Driver) {
-            Ok(_) => Ok(AttachedMode::Native),
+            Ok(id) => Ok((AttachedMode::Native, id)),
             Err(native_error) => {
                 warn!(
                     interface,
@@ -307,7 +400,7 @@ fn attach(
                 );
                 program
                     .attach_to_if_index(index, XdpMode::Skb)
-                    .map(|_| AttachedMode::Generic)
+                    .map(|id| (AttachedMode::Generic, id))
                     .map_err(|source| attach_error(AttachedMode::Generic, source))
             }
         },

@@ -43,8 +43,9 @@ use topology::{PeerProgram, Topology};
 const PREFIX_STEM: &str = "lbt";
 /// Where lb-control pins its maps, under a directory named after its instance.
 const BPFFS: &str = "/sys/fs/bpf";
-/// The map lb-control pins once its program is attached: its readiness signal.
-const LB_CONTROL_READY_PIN: &str = "PROTO_STATS";
+/// What lb-control pins once its program is attached to the client interface: its readiness
+/// signal (maps are pinned earlier, at load).
+const LB_CONTROL_READY_PIN: &str = "link-client0";
 
 /// sim-node's JSON-RPC port (HTTP and WebSocket), as on a Polkadot node.
 pub const SIM_NODE_RPC_PORT: u16 = 9944;

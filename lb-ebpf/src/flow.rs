@@ -1,0 +1,196 @@
+//! Backend selection: an established flow keeps its backend (connection tracking); a new flow
+//! gets one from the service's live Maglev table, and in NAT mode a source port.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use lb_common::{
+    flow::{FlowKey, flow_hash},
+    maps::{
+        BACKEND_DOWN, Backend, CONFIG_PASS_FRAGMENTS, DropReason, FLOW_CLOSING, Flow, LbConfig,
+        MODE_NAT, NO_BACKEND, NatKey, Service,
+    },
+};
+
+use crate::{
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE,
+    parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats::Verdict,
+};
+
+/// NAT source ports tried for a new flow before giving up.
+const NAT_PORT_PROBES: u32 = 8;
+
+/// The backend a packet goes to.
+///
+/// Non-inlined functions fill one in through `&mut` rather than return it in an `Option` or
+/// `Result`: the compiler would put the enum's tag inside the struct's padding, and the kernel
+/// rejects BTF that describes such a layout.
+#[derive(Default)]
+pub struct Selected {
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub backend: Backend,
+    /// NAT mode: the LB's source port towards the backend (network byte order).
+    pub nat_port_be: u16,
+    /// The flow hash: DSR derives its outer source address from it.
+    pub hash: u32,
+    pub is_new: bool,
+}
+
+#[inline(always)]
+pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
+    if config.flags & CONFIG_PASS_FRAGMENTS != 0 {
+        Verdict::pass()
+    } else {
+        Verdict::Drop(DropReason::Fragment, service_id)
+    }
+}
+
+// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
+#[inline(never)]
+pub fn select_backend(
+    ip: &IpPacket,
+    service: &Service,
+    config: &LbConfig,
+    selected: &mut Selected,
+) -> Result<(), DropReason> {
+    let key = ip.flow_key();
+    if established(ip, &key, service.id, selected) {
+        return Ok(());
+    }
+    let hash = hash_flow(&key);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let backend_id = maglev_lookup(service, config, hash).ok_or(DropReason::NoBackend)?;
+    let backend = *BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
+    let nat_port_be = if service.mode == MODE_NAT {
+        allocate_nat_port(ip, &key, &backend, config, hash)?
+    } else {
+        0
+    };
+    let flow = Flow {
+        backend_id,
+        flags: closing_flags(ip, 0),
+        nat_port_be,
+        _pad: [0; 6],
+        last_seen_ns: now,
+    };
+    // A full LRU map evicts its least recently used flow, so an insert only fails on memory
+    // pressure; the packet still goes out and the next one tries again.
+    let _ = FLOWS.insert(&key, &flow, 0);
+    *selected = Selected {
+        service_id: service.id,
+        backend_id,
+        backend,
+        nat_port_be,
+        hash,
+        is_new: true,
+    };
+    Ok(())
+}
+
+/// `flow_hash` as a call of its own: its temporaries never share a frame with the deeper path.
+#[inline(never)]
+fn hash_flow(key: &FlowKey) -> u32 {
+    flow_hash(key)
+}
+
+/// Fills in the tracked flow's backend and returns true, unless there is no tracked flow, its
+/// backend is down, or a SYN reopens a closed flow.
+// A call of its own: its copy of the flow stays out of `select_backend`'s stack frame.
+#[inline(never)]
+fn established(ip: &IpPacket, key: &FlowKey, service_id: u32, selected: &mut Selected) -> bool {
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: the pointer comes from the map; a concurrent update of the same entry can only
+    // race on `flags` and `last_seen_ns`, both advisory.
+    let current = unsafe { *flow };
+    let reopened = ip.proto == IPPROTO_TCP
+        && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && current.flags & FLOW_CLOSING != 0;
+    let Some(backend) = BACKENDS.get(current.backend_id) else {
+        return false;
+    };
+    if reopened || backend.state == BACKEND_DOWN {
+        return false;
+    }
+    // SAFETY: as above; bpf_ktime_get_ns has no preconditions.
+    unsafe {
+        (*flow).last_seen_ns = bpf_ktime_get_ns();
+        (*flow).flags = closing_flags(ip, current.flags);
+    }
+    *selected = Selected {
+        service_id,
+        backend_id: current.backend_id,
+        backend: *backend,
+        nat_port_be: current.nat_port_be,
+        hash: hash_flow(key),
+        is_new: false,
+    };
+    true
+}
+
+/// `flags` with `FLOW_CLOSING` added when the packet is a TCP FIN or RST.
+#[inline(always)]
+fn closing_flags(ip: &IpPacket, flags: u32) -> u32 {
+    if ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        flags | FLOW_CLOSING
+    } else {
+        flags
+    }
+}
+
+#[inline(always)]
+fn maglev_lookup(service: &Service, config: &LbConfig, hash: u32) -> Option<u32> {
+    let size = config.maglev_size;
+    let table = service.id * 2 + (service.active_table & 1);
+    // checked_rem: a zero size (no table yet) finds nothing, with no panic path for the verifier.
+    let index = table * size + hash.checked_rem(size)?;
+    let backend_id = *MAGLEV.get(index)?;
+    (backend_id != NO_BACKEND).then_some(backend_id)
+}
+
+/// Finds a free NAT source port: the client's own when it lies in the range, then hashed
+/// probes. The reverse entry is inserted with BPF_NOEXIST, so two flows never share a port.
+// A call of its own: its probe key stays out of `select_backend`'s stack frame.
+#[inline(never)]
+fn allocate_nat_port(
+    ip: &IpPacket,
+    key: &FlowKey,
+    backend: &Backend,
+    config: &LbConfig,
+    hash: u32,
+) -> Result<u16, DropReason> {
+    let min = u32::from(config.nat_port_min);
+    let max = u32::from(config.nat_port_max);
+    if min == 0 || max < min {
+        return Err(DropReason::NatPortsExhausted);
+    }
+    let range = max - min + 1;
+    let client_port = u32::from(u16::from_be(ip.src_port_be));
+    let mut nat_key = NatKey {
+        backend_addr: backend.addr,
+        backend_port_be: backend.port_be,
+        nat_port_be: 0,
+        proto: ip.proto,
+        family: ip.family,
+        _pad: [0; 2],
+    };
+    for probe in 0..NAT_PORT_PROBES {
+        let port = if probe == 0 && client_port >= min && client_port <= max {
+            client_port
+        } else {
+            // A different odd multiplier per probe walks the range in a flow-specific order.
+            let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b9));
+            min + offset.checked_rem(range).unwrap_or(0)
+        };
+        nat_key.nat_port_be = (port as u16).to_be();
+        if NAT_REVERSE
+            .insert(&nat_key, key, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(nat_key.nat_port_be);
+        }
+    }
+    Err(DropReason::NatPortsExhausted)
+}

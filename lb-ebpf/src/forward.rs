@@ -1,0 +1,83 @@
+//! The next hop: a FIB lookup gives the egress device and MAC addresses; the frame goes out by
+//! `XDP_TX` when that is the device it came in on, else by redirect.
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
+    helpers::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
+
+use crate::{parse::ptr_at, stats::Verdict};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Where a rewritten packet goes: its outermost IP header's fields that the FIB lookup needs.
+pub struct NextHop {
+    pub family: u8,
+    pub proto: u8,
+    pub ip_len: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// Sends the (already rewritten) packet towards `hop.dst`.
+// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
+#[inline(never)]
+pub fn to_next_hop(ctx: &XdpContext, hop: &NextHop) -> Result<Verdict, DropReason> {
+    let (src, dst) = (&hop.src, &hop.dst);
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut params: FibLookup = unsafe { mem::zeroed() };
+    params.l4_protocol = hop.proto;
+    params.__bindgen_anon_1.tot_len = hop.ip_len;
+    let ingress = ctx.ingress_ifindex() as u32;
+    params.ifindex = ingress;
+    if hop.family == FAMILY_IPV4 {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+    } else {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = words(src);
+        params.__bindgen_anon_4.ipv6_dst = words(dst);
+    }
+    // SAFETY: `params` is a valid bpf_fib_lookup of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut params,
+            mem::size_of::<FibLookup>() as i32,
+            0,
+        )
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        // No route, or the neighbour is not resolved yet: the client retransmits, and lb-control
+        // keeps the backends' neighbours resolved.
+        return Err(DropReason::NoRoute);
+    }
+    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(DropReason::Malformed)?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&params.dmac);
+    macs[6..].copy_from_slice(&params.smac);
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe { *eth = macs };
+    if params.ifindex == ingress {
+        return Ok(Verdict::Action(xdp_action::XDP_TX));
+    }
+    // SAFETY: bpf_redirect only records the target device.
+    let action = unsafe { bpf_redirect(params.ifindex, 0) };
+    Ok(Verdict::Action(action as u32))
+}
+
+#[inline(always)]
+fn words(addr: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        u32::from_ne_bytes([addr[4], addr[5], addr[6], addr[7]]),
+        u32::from_ne_bytes([addr[8], addr[9], addr[10], addr[11]]),
+        u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]),
+    ]
+}
