@@ -19,7 +19,7 @@ pub const MODE_DSR: u32 = 1;
 
 /// Identifies a service: the destination a client connects to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip: [u8; 16],
     pub port_be: u16,
@@ -33,7 +33,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 /// A VIP with at least one service: fragments to it cannot be matched to a port, so they are
 /// dropped (or passed, by setting) by address alone.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub vip: [u8; 16],
     pub family: u8,

@@ -3,13 +3,18 @@
 
 use std::{
     fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
+use lb_common::{maglev::DEFAULT_TABLE_SIZE, maps::DEFAULT_MAX_FLOWS};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::dataplane::{AttachMode, DEFAULT_BPFFS};
+use crate::dataplane::{
+    self, AttachMode, BackendSpec, BackendState, DEFAULT_BPFFS, ForwardingMode, LbSettings,
+    Protocol, ServiceSpec,
+};
 
 /// Linux limits interface names to 15 bytes (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
@@ -22,8 +27,43 @@ pub struct Config {
     pub instance: String,
     #[serde(default)]
     pub dataplane: DataplaneSection,
+    /// L4 services balanced in the kernel.
+    #[serde(default)]
+    pub services: Vec<ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    pub vip: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: ForwardingMode,
+    #[serde(default)]
+    pub backends: Vec<BackendSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSection {
+    pub address: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub state: BackendState,
+}
+
+/// What to do with fragments of service traffic (their ports are unknown).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FragmentPolicy {
+    #[default]
+    Drop,
+    Pass,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -37,6 +77,27 @@ pub struct DataplaneSection {
     /// Mount point of the BPF filesystem; mounted there when missing.
     #[serde(default = "default_bpffs")]
     pub bpffs: PathBuf,
+    /// Entries of each service's Maglev table: a prime from the list Maglev allows.
+    #[serde(default = "default_maglev_table_size")]
+    pub maglev_table_size: u32,
+    /// Connection-tracking capacity (least recently used flows are evicted first).
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+    /// Source address of NAT traffic to IPv4 backends; they must route it back to this host.
+    #[serde(default)]
+    pub nat_source_v4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub nat_source_v6: Option<Ipv6Addr>,
+    /// First and last NAT source port; reserved from the kernel's own use.
+    #[serde(default = "default_nat_ports")]
+    pub nat_ports: [u16; 2],
+    /// DSR outer source prefix (a /16 for IPv4, /112 for IPv6: the flow hash fills the rest).
+    #[serde(default = "default_dsr_source_v4")]
+    pub dsr_source_v4: Ipv4Addr,
+    #[serde(default = "default_dsr_source_v6")]
+    pub dsr_source_v6: Ipv6Addr,
+    #[serde(default)]
+    pub fragments: FragmentPolicy,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -59,6 +120,7 @@ impl Default for Config {
         Config {
             instance: default_instance(),
             dataplane: DataplaneSection::default(),
+            services: Vec::new(),
             log: LogSection::default(),
         }
     }
@@ -70,6 +132,14 @@ impl Default for DataplaneSection {
             interfaces: Vec::new(),
             xdp_mode: AttachMode::default(),
             bpffs: default_bpffs(),
+            maglev_table_size: default_maglev_table_size(),
+            max_flows: default_max_flows(),
+            nat_source_v4: None,
+            nat_source_v6: None,
+            nat_ports: default_nat_ports(),
+            dsr_source_v4: default_dsr_source_v4(),
+            dsr_source_v6: default_dsr_source_v6(),
+            fragments: FragmentPolicy::default(),
         }
     }
 }
@@ -80,6 +150,34 @@ fn default_instance() -> String {
 
 fn default_bpffs() -> PathBuf {
     PathBuf::from(DEFAULT_BPFFS)
+}
+
+fn default_maglev_table_size() -> u32 {
+    DEFAULT_TABLE_SIZE
+}
+
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+
+fn default_nat_ports() -> [u16; 2] {
+    [40_000, 49_999]
+}
+
+fn default_dsr_source_v4() -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 0, 0)
+}
+
+fn default_dsr_source_v6() -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x16, 0, 0, 0, 0, 0, 0)
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+fn default_weight() -> u32 {
+    1
 }
 
 #[derive(Debug, Error)]
@@ -155,6 +253,12 @@ impl Config {
                 });
             }
         }
+        for problem in dataplane::validate_services(&self.lb_settings(), &self.service_specs()) {
+            problems.push(Problem {
+                field: "services".to_owned(),
+                reason: problem,
+            });
+        }
         if !self.dataplane.bpffs.is_absolute() {
             problems.push(Problem {
                 field: "dataplane.bpffs".to_owned(),
@@ -165,6 +269,43 @@ impl Config {
             });
         }
         problems
+    }
+}
+
+impl Config {
+    /// The program-wide forwarding settings the data plane needs.
+    pub fn lb_settings(&self) -> LbSettings {
+        let dataplane = &self.dataplane;
+        LbSettings {
+            nat_source_v4: dataplane.nat_source_v4,
+            nat_source_v6: dataplane.nat_source_v6,
+            nat_ports: dataplane.nat_ports[0]..=dataplane.nat_ports[1],
+            dsr_source_v4: dataplane.dsr_source_v4,
+            dsr_source_v6: dataplane.dsr_source_v6,
+            maglev_table_size: dataplane.maglev_table_size,
+            pass_fragments: dataplane.fragments == FragmentPolicy::Pass,
+        }
+    }
+
+    pub fn service_specs(&self) -> Vec<ServiceSpec> {
+        self.services
+            .iter()
+            .map(|service| ServiceSpec {
+                vip: service.vip,
+                port: service.port,
+                protocol: service.protocol,
+                mode: service.mode,
+                backends: service
+                    .backends
+                    .iter()
+                    .map(|backend| BackendSpec {
+                        addr: backend.address,
+                        weight: backend.weight,
+                        state: backend.state,
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 }
 

@@ -8,7 +8,8 @@ use lb_control::{
     dataplane::{self, AttachMode, Dataplane, DataplaneConfig, ProtoStats},
     netns,
 };
-use tracing::info;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -88,8 +89,10 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let config = effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+            enter_netns(&args.instance)?;
             init_logging(cli.log_format.unwrap_or(config.log.format));
-            run_daemon(config)
+            let reload = || effective_config(&args.instance, &args.interfaces, args.xdp_mode);
+            run_daemon(config, reload)
         }
         Command::Stats(args) => {
             let config = effective_config(&args.instance, &[], None)?;
@@ -107,8 +110,16 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The config file (or the defaults) with the command-line flags applied, validated. Also enters
-/// the requested network namespace, which must happen before any thread starts.
+/// Enters the requested network namespace; must happen before any thread starts, as threads
+/// started earlier stay where they were.
+fn enter_netns(args: &InstanceArgs) -> anyhow::Result<()> {
+    if let Some(name) = &args.netns {
+        netns::enter(name)?;
+    }
+    Ok(())
+}
+
+/// The config file (or the defaults) with the command-line flags applied, validated.
 fn effective_config(
     args: &InstanceArgs,
     interfaces: &[String],
@@ -138,9 +149,6 @@ fn effective_config(
         }
         .into());
     }
-    if let Some(name) = &args.netns {
-        netns::enter(name)?;
-    }
     Ok(config)
 }
 
@@ -156,30 +164,58 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run_daemon(config: Config) -> anyhow::Result<()> {
+fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         // Installed first, so a signal during start-up still gets a clean shutdown.
         let mut shutdown = ShutdownSignals::install()?;
-        let dataplane = Dataplane::start(&DataplaneConfig {
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut dataplane = Dataplane::start(&DataplaneConfig {
             instance: config.instance.clone(),
             interfaces: config.dataplane.interfaces.clone(),
             mode: config.dataplane.xdp_mode,
             bpffs: config.dataplane.bpffs.clone(),
+            maglev_table_size: config.dataplane.maglev_table_size,
+            max_flows: config.dataplane.max_flows,
         })?;
+        apply_services(&mut dataplane, &config)?;
         info!(
             instance = %config.instance,
             pin_dir = %dataplane.pin_dir().display(),
-            "running; SIGINT or SIGTERM stops"
+            "running; SIGHUP reloads the config, SIGINT or SIGTERM stops"
         );
-        shutdown.recv().await;
+        loop {
+            tokio::select! {
+                () = shutdown.recv() => break,
+                _ = hangup.recv() => {
+                    // A bad reload is reported and changes nothing: the running state stays.
+                    match reload().and_then(|config| apply_services(&mut dataplane, &config)) {
+                        Ok(()) => info!("reloaded the config"),
+                        Err(error) => error!("config reload failed, keeping the running state: {error}"),
+                    }
+                }
+            }
+        }
         info!("shutting down: detaching the XDP program");
         dataplane.detach()?;
         info!("detached");
         Ok(())
     })
+}
+
+fn apply_services(dataplane: &mut Dataplane, config: &Config) -> anyhow::Result<()> {
+    let report = dataplane.apply(&config.lb_settings(), &config.service_specs())?;
+    info!(
+        services = report.services,
+        backends = report.backends,
+        services_removed = report.services_removed,
+        backends_removed = report.backends_removed,
+        flows_purged = report.flows_purged,
+        "services applied to the kernel"
+    );
+    Ok(())
 }
 
 /// SIGTERM and SIGINT, either of which stops the daemon.
@@ -190,7 +226,6 @@ struct ShutdownSignals {
 
 impl ShutdownSignals {
     fn install() -> std::io::Result<Self> {
-        use tokio::signal::unix::{SignalKind, signal};
         Ok(ShutdownSignals {
             terminate: signal(SignalKind::terminate())?,
             interrupt: signal(SignalKind::interrupt())?,

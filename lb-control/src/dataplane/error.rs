@@ -75,6 +75,26 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("the wanted load balancer state is invalid:\n  {}", .problems.join("\n  "))]
+    InvalidState { problems: Vec<String> },
+    #[error(
+        "the pinned Maglev tables have {pinned} entries each, the config asks for {wanted}; \
+         keep the old size, or stop lb-control and remove its pin directory to start afresh \
+         (established flows are lost)"
+    )]
+    MaglevSizeChanged { pinned: u32, wanted: u32 },
+    #[error("service {service}: building its Maglev table: {source}")]
+    Maglev {
+        service: String,
+        #[source]
+        source: lb_common::maglev::MaglevError,
+    },
+    #[error("reserving NAT source ports from the kernel ({path}): {source}")]
+    ReservePorts {
+        path: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,

@@ -10,8 +10,8 @@ use aya::{
 use lb_common::program_names;
 
 use super::{
-    DataplaneError, ProtoStats, bpffs, load_lb_object, loaded_proto_stats, pin_dir, require_root,
-    xdp_program,
+    DataplaneError, MapSizes, ProtoStats, bpffs, load_lb_object, loaded_proto_stats, pin_dir,
+    require_root, xdp_program,
 };
 
 /// An XDP verdict.
@@ -65,7 +65,13 @@ impl ProgramHarness {
             path: pin_dir.clone(),
             source,
         })?;
-        let mut ebpf = load_lb_object(&pin_dir)?;
+        let mut ebpf = load_lb_object(
+            &pin_dir,
+            MapSizes {
+                maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+                max_flows: lb_common::maps::DEFAULT_MAX_FLOWS,
+            },
+        )?;
         xdp_program(&mut ebpf, program_names::LB)?;
         Ok(ProgramHarness { ebpf, pin_dir })
     }

@@ -5,6 +5,8 @@
 mod bpffs;
 mod error;
 mod harness;
+mod services;
+mod sysctl;
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +24,9 @@ use aya::{
     },
 };
 use lb_common::{
-    map_names, program_names,
+    map_names,
+    maps::MAX_SERVICES,
+    program_names,
     stats::{Counters, ProtoSlot},
 };
 use tracing::{info, warn};
@@ -31,6 +35,10 @@ pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     harness::{ProgramHarness, TestVerdict, XdpAction},
+    services::{
+        ApplyReport, BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec,
+        validate as validate_services,
+    },
 };
 
 /// The compiled load balancer object, embedded at build time by `build.rs`.
@@ -81,6 +89,17 @@ pub struct DataplaneConfig {
     pub mode: AttachMode,
     /// Mount point of the BPF filesystem.
     pub bpffs: PathBuf,
+    /// Entries of each Maglev table (a prime from `lb_common::maglev::TABLE_SIZES`).
+    pub maglev_table_size: u32,
+    /// Connection-tracking capacity.
+    pub max_flows: u32,
+}
+
+/// Map sizes chosen at load time.
+#[derive(Debug, Clone, Copy)]
+struct MapSizes {
+    maglev_table_size: u32,
+    max_flows: u32,
 }
 
 /// The loaded XDP program, attached to its interfaces through links pinned as
@@ -91,6 +110,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attached: Vec<Attachment>,
+    ids: services::Ids,
 }
 
 /// One interface the program is attached to.
@@ -124,8 +144,15 @@ impl Dataplane {
             source,
         })?;
 
-        let mut ebpf = load_lb_object(&pin_dir)?;
+        let mut ebpf = load_lb_object(
+            &pin_dir,
+            MapSizes {
+                maglev_table_size: config.maglev_table_size,
+                max_flows: config.max_flows,
+            },
+        )?;
         start_kernel_logger(&mut ebpf);
+        let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
 
         let program = xdp_program(&mut ebpf, program_names::LB)?;
         let mut attached = Vec::with_capacity(if_indexes.len());
@@ -145,7 +172,21 @@ impl Dataplane {
             ebpf,
             pin_dir,
             attached,
+            ids,
         })
+    }
+
+    /// Makes the kernel serve exactly `services` with `settings`: reserves the NAT ports from
+    /// the kernel's own use, writes backends and Maglev tables (each flipped live atomically),
+    /// removes what is no longer wanted and purges the flows of backends that went down.
+    pub fn apply(
+        &mut self,
+        settings: &LbSettings,
+        wanted: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError> {
+        sysctl::reserve_local_ports(&settings.nat_ports)?;
+        let mut maps = service_maps(&mut self.ebpf)?;
+        services::apply(&mut maps, &mut self.ids, settings, wanted)
     }
 
     /// Interfaces the program is attached to.
@@ -177,13 +218,44 @@ impl Dataplane {
 }
 
 /// Loads the load balancer object, reusing (or creating) the maps pinned in `pin_dir`.
-fn load_lb_object(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
+fn load_lb_object(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
     let log_level = kernel_log_level();
+    let maglev_entries = MAX_SERVICES * 2 * sizes.maglev_table_size;
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .map_max_entries(map_names::MAGLEV, maglev_entries)
+        .map_max_entries(map_names::FLOWS, sizes.max_flows)
+        .map_max_entries(map_names::NAT_REVERSE, sizes.max_flows.saturating_mul(2))
         .load(XDP_OBJECT)
         .map_err(|source| DataplaneError::Load { source })
+}
+
+/// Borrows the maps that services are written to.
+fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
+    let [config, services, vips, backends, maglev, flows] = ebpf.maps_disjoint_mut([
+        map_names::CONFIG,
+        map_names::SERVICES,
+        map_names::VIPS,
+        map_names::BACKENDS,
+        map_names::MAGLEV,
+        map_names::FLOWS,
+    ]);
+    fn typed<'a, T: TryFrom<&'a mut Map, Error = aya::maps::MapError>>(
+        map: Option<&'a mut Map>,
+        name: &'static str,
+    ) -> Result<T, DataplaneError> {
+        let map = map.ok_or(DataplaneError::MissingMap { name })?;
+        T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    }
+    Ok(services::Maps {
+        config: typed(config, map_names::CONFIG)?,
+        services: typed(services, map_names::SERVICES)?,
+        vips: typed(vips, map_names::VIPS)?,
+        backends: typed(backends, map_names::BACKENDS)?,
+        maglev: typed(maglev, map_names::MAGLEV)?,
+        flows: typed(flows, map_names::FLOWS)?,
+    })
 }
 
 fn loaded_proto_stats(ebpf: &Ebpf) -> Result<ProtoStats, DataplaneError> {

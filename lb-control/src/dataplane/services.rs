@@ -1,0 +1,516 @@
+//! Services and their backends in the kernel maps: the desired set is applied whole, and each
+//! service's Maglev table is written into its inactive half before one write flips it live.
+//!
+//! Service and backend ids are recovered from the pinned maps at start, so the flows a previous
+//! lb-control tracked keep pointing at the right backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    ops::RangeInclusive,
+};
+
+use aya::maps::{Array, HashMap, MapData};
+use lb_common::{
+    flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey},
+    maglev::{self, MaglevBackend},
+    map_names,
+    maps::{
+        BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, CONFIG_PASS_FRAGMENTS, Flow, LbConfig,
+        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, Service, ServiceKey, VipKey,
+    },
+};
+use tracing::{debug, warn};
+
+use super::DataplaneError;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// How a service's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// Full NAT: works with unmodified backends anywhere.
+    #[default]
+    Nat,
+    /// Direct server return over IPIP: backends decapsulate and answer clients directly.
+    Dsr,
+}
+
+/// A backend's admin or health state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// In the Maglev table: gets new flows.
+    #[default]
+    Up,
+    /// Keeps its established flows, gets no new ones.
+    Draining,
+    /// Out: its flows are dropped from connection tracking and re-hash to live backends.
+    Down,
+}
+
+impl BackendState {
+    fn kernel(self) -> u32 {
+        match self {
+            BackendState::Up => BACKEND_UP,
+            BackendState::Draining => BACKEND_DRAINING,
+            BackendState::Down => BACKEND_DOWN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: ForwardingMode,
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: addr_bytes(self.vip),
+            port_be: self.port.to_be(),
+            proto: self.protocol.number(),
+            family: family(self.vip),
+        }
+    }
+}
+
+/// Program-wide forwarding settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbSettings {
+    /// Source address of NAT-mode traffic towards IPv4 backends (backends route it back here).
+    pub nat_source_v4: Option<Ipv4Addr>,
+    pub nat_source_v6: Option<Ipv6Addr>,
+    /// Source ports of NAT-mode traffic; reserved from the kernel's own port choices.
+    pub nat_ports: RangeInclusive<u16>,
+    /// DSR outer source prefixes (the low 16 bits vary per flow).
+    pub dsr_source_v4: Ipv4Addr,
+    pub dsr_source_v6: Ipv6Addr,
+    pub maglev_table_size: u32,
+    pub pass_fragments: bool,
+}
+
+/// What an apply changed, for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub services: usize,
+    pub backends: usize,
+    pub services_removed: usize,
+    pub backends_removed: usize,
+    pub flows_purged: usize,
+}
+
+pub fn family(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => FAMILY_IPV4,
+        IpAddr::V6(_) => FAMILY_IPV6,
+    }
+}
+
+pub fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*bytes))
+    }
+}
+
+/// Every problem with a desired state, at once.
+pub fn validate(settings: &LbSettings, services: &[ServiceSpec]) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Err(error) = maglev::validate_table_size(settings.maglev_table_size) {
+        problems.push(format!("maglev table size: {error}"));
+    }
+    if settings.nat_ports.is_empty() || *settings.nat_ports.start() < 1024 {
+        problems.push(format!(
+            "NAT port range {}-{} must be non-empty and above 1023",
+            settings.nat_ports.start(),
+            settings.nat_ports.end()
+        ));
+    }
+    if services.len() > MAX_SERVICES as usize {
+        problems.push(format!(
+            "{} services, the kernel holds at most {MAX_SERVICES}",
+            services.len()
+        ));
+    }
+    let mut keys = BTreeSet::new();
+    let mut backends = BTreeSet::new();
+    for service in services {
+        let name = format!("service {}:{}", service.vip, service.port);
+        if !keys.insert((service.vip, service.port, service.protocol)) {
+            problems.push(format!("{name}: defined twice"));
+        }
+        if service.port == 0 {
+            problems.push(format!("{name}: port 0"));
+        }
+        if service.mode == ForwardingMode::Nat {
+            let has_source = match service.vip {
+                IpAddr::V4(_) => settings.nat_source_v4.is_some(),
+                IpAddr::V6(_) => settings.nat_source_v6.is_some(),
+            };
+            if !has_source {
+                problems.push(format!(
+                    "{name}: NAT mode needs a NAT source address of its family (nat_source_v4 / \
+                     nat_source_v6)"
+                ));
+            }
+        }
+        for backend in &service.backends {
+            backends.insert(backend.addr);
+            if family(backend.addr.ip()) != family(service.vip) {
+                problems.push(format!(
+                    "{name}: backend {} is of another address family than the VIP",
+                    backend.addr
+                ));
+            }
+            if backend.addr.port() == 0 {
+                problems.push(format!("{name}: backend {}: port 0", backend.addr));
+            }
+        }
+    }
+    if backends.len() > MAX_BACKENDS as usize {
+        problems.push(format!(
+            "{} backends, the kernel holds at most {MAX_BACKENDS}",
+            backends.len()
+        ));
+    }
+    problems
+}
+
+/// Stable small ids, recovered from the pinned maps.
+#[derive(Debug, Default)]
+pub struct Ids {
+    services: BTreeMap<ServiceKey, u32>,
+    backends: BTreeMap<SocketAddr, u32>,
+}
+
+impl Ids {
+    pub(super) fn recover(maps: &Maps<'_>) -> Result<Ids, DataplaneError> {
+        let mut ids = Ids::default();
+        for entry in maps.services.iter() {
+            let (key, service) = entry.map_err(map_error(map_names::SERVICES))?;
+            ids.services.insert(key, service.id);
+        }
+        for id in 0..MAX_BACKENDS {
+            let backend = maps
+                .backends
+                .get(&id, 0)
+                .map_err(map_error(map_names::BACKENDS))?;
+            if backend.family != 0 {
+                let addr = SocketAddr::new(
+                    addr_from_bytes(&backend.addr, backend.family),
+                    u16::from_be(backend.port_be),
+                );
+                ids.backends.insert(addr, id);
+            }
+        }
+        Ok(ids)
+    }
+
+    fn service_id(&mut self, key: ServiceKey) -> u32 {
+        let next = first_free(self.services.values());
+        *self.services.entry(key).or_insert(next)
+    }
+
+    fn backend_id(&mut self, addr: SocketAddr) -> u32 {
+        let next = first_free(self.backends.values());
+        *self.backends.entry(addr).or_insert(next)
+    }
+}
+
+fn first_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
+    let used: BTreeSet<u32> = used.copied().collect();
+    (0..).find(|id| !used.contains(id)).unwrap_or(0)
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// The maps `apply` writes, borrowed from the loaded object.
+pub(super) struct Maps<'a> {
+    pub config: Array<&'a mut MapData, LbConfig>,
+    pub services: HashMap<&'a mut MapData, ServiceKey, Service>,
+    pub vips: HashMap<&'a mut MapData, VipKey, u32>,
+    pub backends: Array<&'a mut MapData, Backend>,
+    pub maglev: Array<&'a mut MapData, u32>,
+    pub flows: HashMap<&'a mut MapData, FlowKey, Flow>,
+}
+
+/// Writes the desired state into the maps.
+pub(super) fn apply(
+    maps: &mut Maps<'_>,
+    ids: &mut Ids,
+    settings: &LbSettings,
+    services: &[ServiceSpec],
+) -> Result<ApplyReport, DataplaneError> {
+    let problems = validate(settings, services);
+    if !problems.is_empty() {
+        return Err(DataplaneError::InvalidState { problems });
+    }
+    let size = settings.maglev_table_size;
+    let current = maps
+        .config
+        .get(&0, 0)
+        .map_err(map_error(map_names::CONFIG))?;
+    if current.maglev_size != 0 && current.maglev_size != size {
+        return Err(DataplaneError::MaglevSizeChanged {
+            pinned: current.maglev_size,
+            wanted: size,
+        });
+    }
+    maps.config
+        .set(0, kernel_config(settings), 0)
+        .map_err(map_error(map_names::CONFIG))?;
+
+    let mut report = ApplyReport::default();
+    let wanted_backends: BTreeMap<SocketAddr, BackendState> = services
+        .iter()
+        .flat_map(|service| service.backends.iter())
+        .map(|backend| (backend.addr, backend.state))
+        .collect();
+    for (&addr, &state) in &wanted_backends {
+        let id = ids.backend_id(addr);
+        let backend = Backend {
+            addr: addr_bytes(addr.ip()),
+            port_be: addr.port().to_be(),
+            family: family(addr.ip()),
+            _pad: 0,
+            state: state.kernel(),
+        };
+        maps.backends
+            .set(id, backend, 0)
+            .map_err(map_error(map_names::BACKENDS))?;
+        if state == BackendState::Down {
+            report.flows_purged += purge_flows(&mut maps.flows, &[id])?;
+        }
+    }
+    report.backends = wanted_backends.len();
+
+    for service in services {
+        write_service(maps, ids, service, size)?;
+        report.services += 1;
+    }
+
+    let wanted_keys: BTreeSet<ServiceKey> = services.iter().map(ServiceSpec::key).collect();
+    let stale_services: Vec<ServiceKey> = ids
+        .services
+        .keys()
+        .filter(|key| !wanted_keys.contains(key))
+        .copied()
+        .collect();
+    for key in stale_services {
+        match maps.services.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_error(map_names::SERVICES)(source)),
+        }
+        ids.services.remove(&key);
+        report.services_removed += 1;
+    }
+    sync_vips(&mut maps.vips, services)?;
+
+    let stale_backends: Vec<(SocketAddr, u32)> = ids
+        .backends
+        .iter()
+        .filter(|(addr, _)| !wanted_backends.contains_key(addr))
+        .map(|(addr, id)| (*addr, *id))
+        .collect();
+    if !stale_backends.is_empty() {
+        let stale_ids: Vec<u32> = stale_backends.iter().map(|(_, id)| *id).collect();
+        // Mark them down first so the kernel stops using them, then drop their flows; only
+        // then may an id be handed to another backend.
+        for &id in &stale_ids {
+            maps.backends
+                .set(id, Backend::default(), 0)
+                .map_err(map_error(map_names::BACKENDS))?;
+        }
+        report.flows_purged += purge_flows(&mut maps.flows, &stale_ids)?;
+        for (addr, _) in stale_backends {
+            ids.backends.remove(&addr);
+            report.backends_removed += 1;
+        }
+    }
+    warm_neighbours(wanted_backends.keys().copied());
+    Ok(report)
+}
+
+fn kernel_config(settings: &LbSettings) -> LbConfig {
+    let source = |addr: Option<IpAddr>| addr.map(addr_bytes).unwrap_or([0; 16]);
+    LbConfig {
+        snat_v4: source(settings.nat_source_v4.map(IpAddr::V4)),
+        snat_v6: source(settings.nat_source_v6.map(IpAddr::V6)),
+        dsr_src_v4: addr_bytes(IpAddr::V4(settings.dsr_source_v4)),
+        dsr_src_v6: addr_bytes(IpAddr::V6(settings.dsr_source_v6)),
+        maglev_size: settings.maglev_table_size,
+        nat_port_min: *settings.nat_ports.start(),
+        nat_port_max: *settings.nat_ports.end(),
+        flags: if settings.pass_fragments {
+            CONFIG_PASS_FRAGMENTS
+        } else {
+            0
+        },
+        _pad: 0,
+    }
+}
+
+/// Builds the service's Maglev table from its `up` backends, writes it into the half the kernel
+/// is not reading, then flips the service to it in one map update.
+fn write_service(
+    maps: &mut Maps<'_>,
+    ids: &mut Ids,
+    service: &ServiceSpec,
+    size: u32,
+) -> Result<(), DataplaneError> {
+    let key = service.key();
+    let id = ids.service_id(key);
+    let live: Vec<MaglevBackend> = service
+        .backends
+        .iter()
+        .filter(|backend| backend.state == BackendState::Up && backend.weight > 0)
+        .map(|backend| MaglevBackend {
+            id: ids.backend_id(backend.addr),
+            key: MaglevBackend::socket_addr_key(backend.addr),
+            weight: backend.weight,
+        })
+        .collect();
+    if live.is_empty() {
+        warn!(
+            service = %format!("{}:{}", service.vip, service.port),
+            "no backend is up: the service drops new flows"
+        );
+    }
+    let table = maglev::build_table(&live, size).map_err(|source| DataplaneError::Maglev {
+        service: format!("{}:{}", service.vip, service.port),
+        source,
+    })?;
+    let active = match maps.services.get(&key, 0) {
+        Ok(current) => current.active_table & 1,
+        Err(aya::maps::MapError::KeyNotFound) => 1,
+        Err(source) => return Err(map_error(map_names::SERVICES)(source)),
+    };
+    let next = 1 - active;
+    let base = (id * 2 + next) * size;
+    for (offset, backend_id) in table.iter().enumerate() {
+        maps.maglev
+            .set(base + offset as u32, *backend_id, 0)
+            .map_err(map_error(map_names::MAGLEV))?;
+    }
+    let entry = Service {
+        id,
+        mode: match service.mode {
+            ForwardingMode::Nat => MODE_NAT,
+            ForwardingMode::Dsr => MODE_DSR,
+        },
+        active_table: next,
+        _pad: 0,
+    };
+    maps.services
+        .insert(key, entry, 0)
+        .map_err(map_error(map_names::SERVICES))?;
+    debug!(service = %format!("{}:{}", service.vip, service.port), id, table = next, "Maglev table live");
+    Ok(())
+}
+
+fn sync_vips(
+    vips: &mut HashMap<&mut MapData, VipKey, u32>,
+    services: &[ServiceSpec],
+) -> Result<(), DataplaneError> {
+    let wanted: BTreeSet<VipKey> = services
+        .iter()
+        .map(|service| VipKey {
+            vip: addr_bytes(service.vip),
+            family: family(service.vip),
+            _pad: [0; 3],
+        })
+        .collect();
+    let present: Vec<VipKey> = vips
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_error(map_names::VIPS))?;
+    for key in present.iter().filter(|key| !wanted.contains(key)) {
+        vips.remove(key).map_err(map_error(map_names::VIPS))?;
+    }
+    for key in wanted {
+        vips.insert(key, 0, 0).map_err(map_error(map_names::VIPS))?;
+    }
+    Ok(())
+}
+
+/// Deletes the tracked flows of the given backends; returns how many.
+fn purge_flows(
+    flows: &mut HashMap<&mut MapData, FlowKey, Flow>,
+    backend_ids: &[u32],
+) -> Result<usize, DataplaneError> {
+    let doomed: Vec<FlowKey> = flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, flow)| backend_ids.contains(&flow.backend_id))
+        .map(|(key, _)| key)
+        .collect();
+    for key in &doomed {
+        match flows.remove(key) {
+            // The LRU may have evicted it meanwhile.
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => return Err(map_error(map_names::FLOWS)(source)),
+        }
+    }
+    Ok(doomed.len())
+}
+
+/// Sends one datagram to each backend's discard port, so the kernel resolves its neighbour
+/// entry: the XDP program's FIB lookup needs the next hop's MAC address and drops until it is
+/// known.
+fn warm_neighbours(backends: impl Iterator<Item = SocketAddr>) {
+    for backend in backends {
+        let local: SocketAddr = match backend {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let discard = SocketAddr::new(backend.ip(), 9);
+        if let Err(error) = UdpSocket::bind(local).and_then(|socket| socket.send_to(&[], discard)) {
+            debug!(%backend, %error, "could not prompt neighbour resolution");
+        }
+    }
+}
