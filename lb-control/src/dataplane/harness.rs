@@ -10,8 +10,8 @@ use aya::{
 use lb_common::program_names;
 
 use super::{
-    DataplaneError, MapSizes, ProtoStats, bpffs, load_lb_object, loaded_proto_stats, pin_dir,
-    require_root, xdp_program,
+    ApplyReport, DataplaneError, LbSettings, MapSizes, ProtoStats, ServiceSpec, bpffs,
+    load_lb_object, loaded_proto_stats, pin_dir, require_root, service_maps, services, xdp_program,
 };
 
 /// An XDP verdict.
@@ -51,6 +51,7 @@ pub struct TestVerdict {
 pub struct ProgramHarness {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    ids: services::Ids,
 }
 
 /// Room for the largest frame a test sends plus any headers the program adds.
@@ -73,15 +74,53 @@ impl ProgramHarness {
             },
         )?;
         xdp_program(&mut ebpf, program_names::LB)?;
-        Ok(ProgramHarness { ebpf, pin_dir })
+        let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
+        Ok(ProgramHarness { ebpf, pin_dir, ids })
     }
 
-    /// Runs the program once on `frame`.
+    /// Writes services into the harness's maps, as [`super::Dataplane::apply`] does (but
+    /// without touching the kernel's port reservations).
+    pub fn apply(
+        &mut self,
+        settings: &LbSettings,
+        wanted: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError> {
+        let mut maps = service_maps(&mut self.ebpf)?;
+        services::apply(&mut maps, &mut self.ids, settings, wanted)
+    }
+
+    /// Runs the program once on `frame`, as if it arrived on no particular interface.
     pub fn run(&self, frame: &[u8]) -> Result<TestVerdict, DataplaneError> {
+        self.run_repeated(frame, None, 1)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// Runs the program on `frame` as if it arrived on interface `ingress_ifindex`, which must
+    /// exist in the calling thread's network namespace; the FIB lookups happen there.
+    pub fn run_from(
+        &self,
+        ingress_ifindex: u32,
+        frame: &[u8],
+    ) -> Result<TestVerdict, DataplaneError> {
+        self.run_repeated(frame, Some(ingress_ifindex), 1)
+            .map(|(verdict, _)| verdict)
+    }
+
+    /// Runs the program `repeat` times on `frame` in the kernel; returns the last verdict and
+    /// the kernel's mean time per run.
+    pub fn run_repeated(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<(TestVerdict, std::time::Duration), DataplaneError> {
         let mut output = vec![0; frame.len().max(MAX_OUTPUT)];
+        let ctx = ingress_ifindex.map(xdp_md_bytes);
         let result = self.program()?.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
+            ctx_in: ctx.as_ref().map(|ctx| ctx.as_slice()),
+            repeat,
             ..Default::default()
         });
         let result = result.map_err(|source| DataplaneError::Program {
@@ -89,10 +128,11 @@ impl ProgramHarness {
             source,
         })?;
         output.truncate(result.data_size_out as usize);
-        Ok(TestVerdict {
+        let verdict = TestVerdict {
             action: XdpAction::from(result.return_value),
             output,
-        })
+        };
+        Ok((verdict, result.duration))
     }
 
     pub fn proto_stats(&self) -> Result<ProtoStats, DataplaneError> {
@@ -107,6 +147,13 @@ impl ProgramHarness {
             .try_into()
             .map_err(|source| DataplaneError::Program { name, source })
     }
+}
+
+/// A `struct xdp_md` naming the ingress interface (data offsets are filled in by the kernel).
+fn xdp_md_bytes(ingress_ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
 }
 
 impl Drop for ProgramHarness {
