@@ -1,11 +1,13 @@
 //! The `lb-control` command: runs the daemon and inspects a running instance.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::SystemTime};
+
+use ipnet::IpNet;
 
 use clap::{Args, Parser, Subcommand};
 use lb_control::{
     config::{Config, ConfigError, LogFormat, Problem},
-    dataplane::{self, AttachMode, Dataplane, DataplaneConfig, ProtoStats},
+    dataplane::{self, AttachMode, BlockEntry, Blocklist, Dataplane, DataplaneConfig, Stats},
     netns,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,8 +30,16 @@ struct Cli {
 enum Command {
     /// Load the XDP program, attach it, and run until SIGINT or SIGTERM.
     Run(RunArgs),
-    /// Show the per-protocol packet and byte counters of an instance.
+    /// Show an instance's counters: per protocol, per service (with drops by reason), per
+    /// backend, and drops outside any service.
     Stats(StatsArgs),
+    /// Manage the source blocklist of an instance (dropped in XDP before any other work).
+    Block {
+        #[command(flatten)]
+        instance: InstanceArgs,
+        #[command(subcommand)]
+        action: BlockAction,
+    },
     /// Validate a config file and print every problem in it.
     CheckConfig {
         /// The config file to check.
@@ -40,16 +50,16 @@ enum Command {
 #[derive(Debug, Args)]
 struct InstanceArgs {
     /// Config file (TOML); the flags below override it.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Instance name: maps are pinned under <bpffs>/<instance>/.
-    #[arg(long)]
+    #[arg(long, global = true)]
     instance: Option<String>,
     /// Mount point of the BPF filesystem.
-    #[arg(long)]
+    #[arg(long, global = true)]
     bpffs: Option<PathBuf>,
     /// Enter this network namespace (from `ip netns`) first.
-    #[arg(long)]
+    #[arg(long, global = true)]
     netns: Option<String>,
 }
 
@@ -63,6 +73,22 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum)]
     xdp_mode: Option<AttachMode>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BlockAction {
+    /// Block a source prefix, e.g. 203.0.113.0/24 or 2001:db8::/48 (an address alone is /32 or
+    /// /128).
+    Add {
+        prefix: String,
+        /// How long, e.g. 10m or 1h; without it the block stays until removed.
+        #[arg(long = "for")]
+        duration: Option<humantime::Duration>,
+    },
+    /// Unblock exactly this prefix.
+    Remove { prefix: String },
+    /// List blocked prefixes and their expiry.
+    List,
 }
 
 #[derive(Debug, Args)]
@@ -98,8 +124,34 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             let config = effective_config(&args.instance, &[], None)?;
             init_logging(cli.log_format.unwrap_or(config.log.format));
             let pin_dir = dataplane::pin_dir(&config.dataplane.bpffs, &config.instance);
-            let stats = dataplane::read_pinned_proto_stats(&pin_dir)?;
+            let stats = dataplane::read_pinned_stats(&pin_dir)?;
             print_stats(&stats, args.json);
+            Ok(())
+        }
+        Command::Block { instance, action } => {
+            let config = effective_config(&instance, &[], None)?;
+            let pin_dir = dataplane::pin_dir(&config.dataplane.bpffs, &config.instance);
+            let mut blocklist = Blocklist::open(&pin_dir)?;
+            match action {
+                BlockAction::Add { prefix, duration } => {
+                    let prefix = parse_prefix(&prefix)?;
+                    let expires = duration.map(|duration| SystemTime::now() + *duration);
+                    blocklist.block(prefix, expires)?;
+                    match duration {
+                        Some(duration) => println!("blocked {prefix} for {duration}"),
+                        None => println!("blocked {prefix} until removed"),
+                    }
+                }
+                BlockAction::Remove { prefix } => {
+                    let prefix = parse_prefix(&prefix)?;
+                    if blocklist.unblock(prefix)? {
+                        println!("unblocked {prefix}");
+                    } else {
+                        anyhow::bail!("{prefix} is not on the blocklist (`lb-control block list`)");
+                    }
+                }
+                BlockAction::List => print_blocklist(&blocklist.list()?),
+            }
             Ok(())
         }
         Command::CheckConfig { file } => {
@@ -152,6 +204,32 @@ fn effective_config(
     Ok(config)
 }
 
+/// A prefix in CIDR notation, or a single address.
+fn parse_prefix(text: &str) -> anyhow::Result<IpNet> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "\"{text}\" is not an IP prefix: write e.g. 203.0.113.0/24, 2001:db8::/48 or an address"
+            )
+        })
+}
+
+fn print_blocklist(entries: &[BlockEntry]) {
+    if entries.is_empty() {
+        println!("the blocklist is empty");
+        return;
+    }
+    println!("{:<44} EXPIRES", "PREFIX");
+    for entry in entries {
+        let expires = entry.expires.map_or_else(
+            || "never".to_owned(),
+            |expires| humantime::format_rfc3339_seconds(expires).to_string(),
+        );
+        println!("{:<44} {expires}", entry.prefix.to_string());
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -163,6 +241,9 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// How often expired blocklist entries are removed.
+const BLOCKLIST_EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -181,6 +262,8 @@ fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> an
             max_flows: config.dataplane.max_flows,
         })?;
         apply_services(&mut dataplane, &config)?;
+        let mut blocklist = Blocklist::open(dataplane.pin_dir())?;
+        let mut expiry = tokio::time::interval(BLOCKLIST_EXPIRY_INTERVAL);
         info!(
             instance = %config.instance,
             pin_dir = %dataplane.pin_dir().display(),
@@ -189,6 +272,14 @@ fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> an
         loop {
             tokio::select! {
                 () = shutdown.recv() => break,
+                _ = expiry.tick() => match blocklist.expire(SystemTime::now()) {
+                    Ok(expired) => {
+                        for prefix in expired {
+                            info!(%prefix, "blocklist entry expired");
+                        }
+                    }
+                    Err(error) => error!("expiring blocklist entries: {error}"),
+                },
                 _ = hangup.recv() => {
                     // A bad reload is reported and changes nothing: the running state stays.
                     match reload().and_then(|config| apply_services(&mut dataplane, &config)) {
@@ -240,30 +331,89 @@ impl ShutdownSignals {
     }
 }
 
-fn print_stats(stats: &ProtoStats, json: bool) {
+fn print_stats(stats: &Stats, json: bool) {
     if json {
-        let by_slot: serde_json::Map<String, serde_json::Value> = stats
-            .by_slot
-            .iter()
-            .map(|(name, counters)| {
-                (
-                    (*name).to_owned(),
-                    serde_json::json!({ "packets": counters.packets, "bytes": counters.bytes }),
-                )
-            })
-            .collect();
-        let total = stats.total();
+        let counters =
+            |packets: u64, bytes: u64| serde_json::json!({ "packets": packets, "bytes": bytes });
+        let total = stats.protocols.total();
         let document = serde_json::json!({
-            "protocols": by_slot,
-            "total": { "packets": total.packets, "bytes": total.bytes },
+            "protocols": stats.protocols.by_slot.iter()
+                .map(|(name, c)| ((*name).to_owned(), counters(c.packets, c.bytes)))
+                .collect::<serde_json::Map<_, _>>(),
+            "total": counters(total.packets, total.bytes),
+            "drops": stats.drops,
+            "services": stats.services.iter().map(|service| serde_json::json!({
+                "service": service.service,
+                "packets": service.packets,
+                "bytes": service.bytes,
+                "new_flows": service.new_flows,
+                "drops": service.drops,
+            })).collect::<Vec<_>>(),
+            "backends": stats.backends.iter().map(|backend| serde_json::json!({
+                "backend": backend.backend.to_string(),
+                "state": backend.state,
+                "packets": backend.packets,
+                "bytes": backend.bytes,
+                "new_flows": backend.new_flows,
+            })).collect::<Vec<_>>(),
         });
         println!("{document:#}");
         return;
     }
     println!("{:<12} {:>14} {:>18}", "PROTOCOL", "PACKETS", "BYTES");
-    for (name, counters) in &stats.by_slot {
+    for (name, counters) in &stats.protocols.by_slot {
         println!("{name:<12} {:>14} {:>18}", counters.packets, counters.bytes);
     }
-    let total = stats.total();
+    let total = stats.protocols.total();
     println!("{:<12} {:>14} {:>18}", "total", total.packets, total.bytes);
+    if !stats.services.is_empty() {
+        println!();
+        println!(
+            "{:<32} {:>12} {:>14} {:>10}  DROPS",
+            "SERVICE", "PACKETS", "BYTES", "NEW FLOWS"
+        );
+        for service in &stats.services {
+            println!(
+                "{:<32} {:>12} {:>14} {:>10}  {}",
+                service.service,
+                service.packets,
+                service.bytes,
+                service.new_flows,
+                describe_drops(&service.drops)
+            );
+        }
+    }
+    if !stats.backends.is_empty() {
+        println!();
+        println!(
+            "{:<32} {:<9} {:>12} {:>14} {:>10}",
+            "BACKEND", "STATE", "PACKETS", "BYTES", "NEW FLOWS"
+        );
+        for backend in &stats.backends {
+            println!(
+                "{:<32} {:<9} {:>12} {:>14} {:>10}",
+                backend.backend.to_string(),
+                backend.state,
+                backend.packets,
+                backend.bytes,
+                backend.new_flows
+            );
+        }
+    }
+    println!();
+    println!("drops outside services: {}", describe_drops(&stats.drops));
+}
+
+/// "none", or the non-zero reasons with their counts.
+fn describe_drops(drops: &std::collections::BTreeMap<&'static str, u64>) -> String {
+    let nonzero: Vec<String> = drops
+        .iter()
+        .filter(|(_, count)| **count > 0)
+        .map(|(reason, count)| format!("{reason}={count}"))
+        .collect();
+    if nonzero.is_empty() {
+        "none".to_owned()
+    } else {
+        nonzero.join(" ")
+    }
 }

@@ -2,10 +2,12 @@
 //! reads them. This is the only module that touches aya; the rest of lb-control talks to it
 //! through [`Dataplane`].
 
+mod blocklist;
 mod bpffs;
 mod error;
 mod harness;
 mod services;
+mod stats;
 mod sysctl;
 
 use std::{
@@ -32,6 +34,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 pub use self::{
+    blocklist::{BlockEntry, Blocklist},
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     harness::{ProgramHarness, TestVerdict, XdpAction},
@@ -39,6 +42,7 @@ pub use self::{
         ApplyReport, BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec,
         validate as validate_services,
     },
+    stats::{BackendCounters, ServiceCounters, Stats, read_pinned_stats},
 };
 
 /// The compiled load balancer object, embedded at build time by `build.rs`.

@@ -1,0 +1,157 @@
+//! The source blocklist: prefixes the XDP program drops before any other work. Entries carry
+//! their expiry (Unix seconds, 0 for never) as the trie value; userspace removes expired ones.
+//!
+//! It works on the pinned maps, so the daemon and the CLI share it.
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{
+    Map, MapData, MapError,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::IpNet;
+use lb_common::{
+    map_names,
+    maps::{BlockV4, BlockV6},
+};
+
+use super::DataplaneError;
+
+/// A blocked prefix and when it stops being blocked (`None`: never).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockEntry {
+    pub prefix: IpNet,
+    pub expires: Option<SystemTime>,
+}
+
+pub struct Blocklist {
+    v4: LpmTrie<MapData, BlockV4, u32>,
+    v6: LpmTrie<MapData, BlockV6, u32>,
+}
+
+fn open_trie<K: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<LpmTrie<MapData, K, u32>, DataplaneError> {
+    let path = pin_dir.join(name);
+    let data =
+        MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned { path, source })?;
+    LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| DataplaneError::Map { name, source })
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Blocklist {
+    pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Blocklist {
+            v4: open_trie(pin_dir, map_names::BLOCKLIST_V4)?,
+            v6: open_trie(pin_dir, map_names::BLOCKLIST_V6)?,
+        })
+    }
+
+    /// Blocks `prefix` until `expires` (forever with `None`); blocking it again replaces the
+    /// expiry.
+    pub fn block(
+        &mut self,
+        prefix: IpNet,
+        expires: Option<SystemTime>,
+    ) -> Result<(), DataplaneError> {
+        let value = expires.map_or(0, unix_seconds);
+        let prefix = prefix.trunc();
+        match prefix.addr() {
+            IpAddr::V4(addr) => self
+                .v4
+                .insert(
+                    &Key::new(prefix.prefix_len().into(), addr.octets()),
+                    value,
+                    0,
+                )
+                .map_err(map_error(map_names::BLOCKLIST_V4)),
+            IpAddr::V6(addr) => self
+                .v6
+                .insert(
+                    &Key::new(prefix.prefix_len().into(), addr.octets()),
+                    value,
+                    0,
+                )
+                .map_err(map_error(map_names::BLOCKLIST_V6)),
+        }
+    }
+
+    /// Unblocks exactly `prefix`; returns whether it was blocked.
+    pub fn unblock(&mut self, prefix: IpNet) -> Result<bool, DataplaneError> {
+        let prefix = prefix.trunc();
+        let result = match prefix.addr() {
+            IpAddr::V4(addr) => self
+                .v4
+                .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
+            IpAddr::V6(addr) => self
+                .v6
+                .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(source) => Err(DataplaneError::Map {
+                name: map_names::BLOCKLIST_V4,
+                source,
+            }),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<BlockEntry>, DataplaneError> {
+        let mut entries = Vec::new();
+        for entry in self.v4.iter() {
+            let (key, value) = entry.map_err(map_error(map_names::BLOCKLIST_V4))?;
+            entries.push(block_entry(
+                IpAddr::from(key.data()),
+                key.prefix_len(),
+                value,
+            ));
+        }
+        for entry in self.v6.iter() {
+            let (key, value) = entry.map_err(map_error(map_names::BLOCKLIST_V6))?;
+            entries.push(block_entry(
+                IpAddr::from(key.data()),
+                key.prefix_len(),
+                value,
+            ));
+        }
+        entries.sort_by_key(|entry| entry.prefix);
+        Ok(entries)
+    }
+
+    /// Removes the entries whose expiry has passed at `now`; returns them.
+    pub fn expire(&mut self, now: SystemTime) -> Result<Vec<IpNet>, DataplaneError> {
+        let expired: Vec<IpNet> = self
+            .list()?
+            .into_iter()
+            .filter(|entry| entry.expires.is_some_and(|expires| expires <= now))
+            .map(|entry| entry.prefix)
+            .collect();
+        for prefix in &expired {
+            self.unblock(*prefix)?;
+        }
+        Ok(expired)
+    }
+}
+
+fn block_entry(addr: IpAddr, prefix_len: u32, value: u32) -> BlockEntry {
+    let prefix = IpNet::new(addr, prefix_len as u8).unwrap_or_else(|_| IpNet::from(addr));
+    let expires = (value != 0).then(|| UNIX_EPOCH + Duration::from_secs(value.into()));
+    BlockEntry { prefix, expires }
+}
+
+fn unix_seconds(time: SystemTime) -> u32 {
+    let seconds = time
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    // Rounded up, so an entry never expires early; saturating far in the future.
+    u32::try_from(seconds + 1).unwrap_or(u32::MAX)
+}

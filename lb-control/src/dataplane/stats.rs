@@ -1,0 +1,160 @@
+//! Counters of an instance, read from its pinned maps and summed over CPUs: per protocol, per
+//! service (with drops by reason), per backend, and drops that belong to no service.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::Path};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    map_names,
+    maps::{Backend, BackendStats, DropReason, MAX_BACKENDS, Service, ServiceKey, ServiceStats},
+};
+
+use super::{
+    DataplaneError, ProtoStats, read_pinned_proto_stats,
+    services::{Protocol, addr_from_bytes},
+};
+
+/// Everything `lb-control stats` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub protocols: ProtoStats,
+    /// Drops outside any service (blocked sources, fragments to a VIP), by reason name.
+    pub drops: BTreeMap<&'static str, u64>,
+    pub services: Vec<ServiceCounters>,
+    pub backends: Vec<BackendCounters>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// `vip:port/proto`.
+    pub service: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendCounters {
+    pub backend: SocketAddr,
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned { path, source })
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
+    let protocols = read_pinned_proto_stats(pin_dir)?;
+
+    let drop_stats: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::DROP_STATS)?))
+            .map_err(map_error(map_names::DROP_STATS))?;
+    let mut drops = BTreeMap::new();
+    for reason in DropReason::ALL {
+        let per_cpu = drop_stats
+            .get(&(reason as u32), 0)
+            .map_err(map_error(map_names::DROP_STATS))?;
+        drops.insert(reason.name(), per_cpu.iter().sum());
+    }
+
+    let services: HashMap<_, ServiceKey, Service> =
+        HashMap::try_from(Map::HashMap(open(pin_dir, map_names::SERVICES)?))
+            .map_err(map_error(map_names::SERVICES))?;
+    let service_stats: PerCpuArray<_, ServiceStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::SERVICE_STATS)?))
+            .map_err(map_error(map_names::SERVICE_STATS))?;
+    let mut service_rows = Vec::new();
+    for entry in services.iter() {
+        let (key, service) = entry.map_err(map_error(map_names::SERVICES))?;
+        let per_cpu = service_stats
+            .get(&service.id, 0)
+            .map_err(map_error(map_names::SERVICE_STATS))?;
+        let mut row = ServiceCounters {
+            service: describe_service(&key),
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            drops: DropReason::ALL
+                .iter()
+                .map(|reason| (reason.name(), 0))
+                .collect(),
+        };
+        for counters in per_cpu.iter() {
+            row.packets += counters.packets;
+            row.bytes += counters.bytes;
+            row.new_flows += counters.new_flows;
+            for reason in DropReason::ALL {
+                *row.drops.entry(reason.name()).or_default() += counters.drops[reason as usize];
+            }
+        }
+        service_rows.push(row);
+    }
+    service_rows.sort_by(|a, b| a.service.cmp(&b.service));
+
+    let backends: Array<_, Backend> =
+        Array::try_from(Map::Array(open(pin_dir, map_names::BACKENDS)?))
+            .map_err(map_error(map_names::BACKENDS))?;
+    let backend_stats: PerCpuArray<_, BackendStats> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::BACKEND_STATS)?))
+            .map_err(map_error(map_names::BACKEND_STATS))?;
+    let mut backend_rows = Vec::new();
+    for id in 0..MAX_BACKENDS {
+        let backend = backends
+            .get(&id, 0)
+            .map_err(map_error(map_names::BACKENDS))?;
+        if backend.family == 0 {
+            continue;
+        }
+        let per_cpu = backend_stats
+            .get(&id, 0)
+            .map_err(map_error(map_names::BACKEND_STATS))?;
+        let mut row = BackendCounters {
+            backend: SocketAddr::new(
+                addr_from_bytes(&backend.addr, backend.family),
+                u16::from_be(backend.port_be),
+            ),
+            state: match backend.state {
+                lb_common::maps::BACKEND_UP => "up",
+                lb_common::maps::BACKEND_DRAINING => "draining",
+                _ => "down",
+            },
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+        };
+        for counters in per_cpu.iter() {
+            row.packets += counters.packets;
+            row.bytes += counters.bytes;
+            row.new_flows += counters.new_flows;
+        }
+        backend_rows.push(row);
+    }
+    backend_rows.sort_by_key(|row| row.backend);
+
+    Ok(Stats {
+        protocols,
+        drops,
+        services: service_rows,
+        backends: backend_rows,
+    })
+}
+
+fn describe_service(key: &ServiceKey) -> String {
+    let vip = addr_from_bytes(&key.vip, key.family);
+    let port = u16::from_be(key.port_be);
+    let protocol = if key.proto == Protocol::Udp.number() {
+        "udp"
+    } else {
+        "tcp"
+    };
+    SocketAddr::new(vip, port).to_string() + "/" + protocol
+}
