@@ -1,7 +1,11 @@
 //! `lab`: brings the network-namespace lab up for a person to try (`cargo xtask run`), and
 //! sweeps what crashed runs left behind.
 
-use std::{process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 use lb_tests::lab::{self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT};
@@ -32,7 +36,9 @@ enum Command {
         /// Route client traffic through the LB namespace without lb-control.
         #[arg(long)]
         no_lb_control: bool,
-        /// Extra arguments for `lb-control run` (after `--`).
+        /// Arguments for `lb-control run` (after `--`) instead of the lab's own: by default
+        /// lb-control balances the VIPs 10.200.0.10 and fd00:200::10 (port 9944) over every
+        /// node.
         #[arg(last = true)]
         lb_control_args: Vec<String>,
     },
@@ -90,11 +96,25 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), Lab
         ])
     })?;
     let mut lab = Lab::start(config)?;
-    if let Some(args) = &lb_control_args {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.spawn_lb_control(&args)?;
-    }
-    print_usage(&lab, lb_control_args.is_some());
+    let lb_config = match &lb_control_args {
+        Some(args) if args.is_empty() => {
+            let path = write_vip_config(&lab)?;
+            let mut args = vec!["--config".to_owned(), path.display().to_string()];
+            for iface in &lab.lb().node_ifaces {
+                args.extend(["--interface".to_owned(), iface.clone()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.spawn_lb_control(&args)?;
+            Some(path)
+        }
+        Some(args) => {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            lab.spawn_lb_control(&args)?;
+            None
+        }
+        None => None,
+    };
+    print_usage(&lab, lb_control_args.is_some(), lb_config.as_deref());
     let outcome = runtime.block_on(async {
         let [interrupt, terminate, hangup] = &mut signals;
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
@@ -116,7 +136,56 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), Lab
     outcome.map(drop)
 }
 
-fn print_usage(lab: &Lab, with_lb_control: bool) {
+/// The VIPs the lab's lb-control balances over every node, by default.
+const VIP_V4: &str = "10.200.0.10";
+const VIP_V6: &str = "fd00:200::10";
+
+/// Writes an lb-control config that balances both VIPs (full NAT) over every node, into the
+/// lab's own directory (removed with the lab).
+fn write_vip_config(lab: &Lab) -> Result<PathBuf, LabError> {
+    let backends = |v6: bool| {
+        lab.nodes()
+            .iter()
+            .map(|node| {
+                let addr = if v6 {
+                    format!("[{}]", node.addr_v6)
+                } else {
+                    node.addr_v4.to_string()
+                };
+                format!("{{ address = \"{addr}:{SIM_NODE_RPC_PORT}\" }}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let lb = lab.lb();
+    let config = format!(
+        "# Written by `lab up`: both VIPs balanced over every node by the XDP program.\n\
+         # Edit it and `kill -HUP <lb-control pid>` to change backends (state = \"draining\" |\n\
+         # \"down\", weight = N).\n\
+         [dataplane]\n\
+         nat_source_v4 = \"{}\"\n\
+         nat_source_v6 = \"{}\"\n\
+         dsr_source_v4 = \"10.200.254.0\"\n\
+         dsr_source_v6 = \"fd00:200:254::\"\n\n\
+         [[services]]\n\
+         vip = \"{VIP_V4}\"\n\
+         port = {SIM_NODE_RPC_PORT}\n\
+         backends = [{}]\n\n\
+         [[services]]\n\
+         vip = \"{VIP_V6}\"\n\
+         port = {SIM_NODE_RPC_PORT}\n\
+         backends = [{}]\n",
+        lb.addr_v4,
+        lb.addr_v6,
+        backends(false),
+        backends(true),
+    );
+    let path = lab.log_dir().join("lb.toml");
+    std::fs::write(&path, config).map_err(LabError::io(format!("writing {}", path.display())))?;
+    Ok(path)
+}
+
+fn print_usage(lab: &Lab, with_lb_control: bool, lb_config: Option<&Path>) {
     let client = lab.client();
     let lb = lab.lb();
     println!("lab {} is up", lab.prefix());
@@ -156,6 +225,13 @@ fn print_usage(lab: &Lab, with_lb_control: bool) {
         "ip netns exec {} curl -s -H 'content-type: application/json' -d {health}",
         client.netns
     );
+    if lb_config.is_some() {
+        println!("\nTry the load balancer (XDP, full NAT; the x-sim-node header names the node):");
+        println!(
+            "  for i in $(seq 9); do {curl} -o /dev/null -D - http://{VIP_V4}:{SIM_NODE_RPC_PORT} | grep x-sim-node; done"
+        );
+        println!("  {curl} http://[{VIP_V6}]:{SIM_NODE_RPC_PORT}");
+    }
     println!("\nTry (from the client namespace, routed through the LB):");
     for index in 0..lab.nodes().len() {
         println!("  {curl} {}", lab.node_rpc_url(index));
@@ -170,6 +246,16 @@ fn print_usage(lab: &Lab, with_lb_control: bool) {
             Err(_) => println!("  lb-control stats --instance {}", lab.prefix()),
         }
         println!("  (maps pinned under {})", lab.pin_dir().display());
+    }
+    if let Some(path) = lb_config {
+        println!(
+            "  lb-control's config: {}; edit it, then: kill -HUP {}",
+            path.display(),
+            lab.processes()
+                .iter()
+                .find(|process| process.name() == "lb-control")
+                .map_or(0, |process| process.pid())
+        );
     }
     println!("\nCtrl-C stops everything and removes it.");
 }
