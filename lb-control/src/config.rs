@@ -356,6 +356,44 @@ mod tests {
     }
 
     #[test]
+    fn annotated_example_config_is_valid() {
+        let config = parse(include_str!("../../examples/lb.toml")).expect("examples/lb.toml");
+        assert_eq!(config.services.len(), 1);
+        assert_eq!(config.services[0].backends[2].state, BackendState::Draining);
+    }
+
+    #[test]
+    fn service_errors_name_the_service_and_the_fix() {
+        let message = parse(
+            r#"
+            [[services]]
+            vip = "10.0.0.1"
+            port = 80
+            backends = [{ address = "[2001:db8::1]:80" }]
+            "#,
+        )
+        .expect_err("mixed families, no NAT source")
+        .to_string();
+        assert!(
+            message.contains(
+                "service 10.0.0.1:80: backend [2001:db8::1]:80 is of another address family"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("NAT mode needs a NAT source address"),
+            "{message}"
+        );
+        let message = parse("[[services]]\nvip = \"10.0.0.300\"\nport = 80\n")
+            .expect_err("bad address")
+            .to_string();
+        assert!(
+            message.contains("vip") && message.contains("invalid IP address"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn full_file_is_read() {
         let config = parse(
             r#"
