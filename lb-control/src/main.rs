@@ -253,6 +253,7 @@ fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> an
         // Installed first, so a signal during start-up still gets a clean shutdown.
         let mut shutdown = ShutdownSignals::install()?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut quit = signal(SignalKind::quit())?;
         let mut dataplane = Dataplane::start(&DataplaneConfig {
             instance: config.instance.clone(),
             interfaces: config.dataplane.interfaces.clone(),
@@ -267,11 +268,18 @@ fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> an
         info!(
             instance = %config.instance,
             pin_dir = %dataplane.pin_dir().display(),
-            "running; SIGHUP reloads the config, SIGINT or SIGTERM stops"
+            "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
+             restart (the program keeps forwarding)"
         );
         loop {
             tokio::select! {
                 () = shutdown.recv() => break,
+                _ = quit.recv() => {
+                    // The pinned links keep the program attached: traffic flows on, and the
+                    // next lb-control swaps its program in and finds the pinned flow table.
+                    info!("exiting for a restart: the XDP program stays attached and forwarding");
+                    return Ok(());
+                }
                 _ = expiry.tick() => match blocklist.expire(SystemTime::now()) {
                     Ok(expired) => {
                         for prefix in expired {
