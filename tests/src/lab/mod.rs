@@ -14,6 +14,7 @@
 //! behind is swept by the next [`Lab::start`] (or by [`sweep_stale`]).
 
 mod binaries;
+mod dsr;
 mod error;
 mod netns;
 mod process;
@@ -31,6 +32,7 @@ use std::{
 };
 
 pub use binaries::binary_path;
+pub use dsr::{DSR_TUN_IFACE, DsrNode};
 pub use error::LabError;
 pub use netns::{command_in_netns, in_netns, run_checked};
 pub use process::LabProcess;
