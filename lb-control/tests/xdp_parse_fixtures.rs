@@ -1,14 +1,17 @@
 //! Packet fixtures for the XDP program's parser, run through BPF_PROG_TEST_RUN: each row is a
 //! frame, the stats slot it must be counted in, and the verdict. Today every frame is passed
-//! unchanged; the load balancer's rows (NAT, DSR, drops) will join this table.
+//! unchanged (no service is configured); the load balancer's rows (NAT, DSR, drops) are in
+//! `xdp_lb_fixtures.rs`.
 
-use std::path::Path;
+mod fixtures;
 
 use etherparse::{
     IpFragOffset, IpHeaders, Ipv4Header, Ipv4Options, PacketBuilder, PacketBuilderStep, VlanId,
 };
 use lb_common::stats::ProtoSlot;
-use lb_control::dataplane::{DEFAULT_BPFFS, ProgramHarness, XdpAction};
+use lb_control::dataplane::{ProgramHarness, XdpAction};
+
+use self::fixtures::{L3, load_harness, with_bytes};
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -62,14 +65,6 @@ fn ipv6_tcp() -> Vec<u8> {
             .write(frame, PAYLOAD)
             .expect("build frame")
     })
-}
-
-/// Offset of the IPv4/IPv6 header in an untagged frame.
-const L3: usize = 14;
-
-fn with_bytes(mut frame: Vec<u8>, at: usize, bytes: &[u8]) -> Vec<u8> {
-    frame[at..at + bytes.len()].copy_from_slice(bytes);
-    frame
 }
 
 fn fixtures() -> Vec<Fixture> {
@@ -231,21 +226,13 @@ fn fixtures() -> Vec<Fixture> {
     ]
 }
 
-fn harness(instance: &str) -> ProgramHarness {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "BPF_PROG_TEST_RUN needs root: run the tests as root or with `cargo xtask test`"
-    );
-    let instance = format!("{instance}-{}", std::process::id());
-    ProgramHarness::load(Path::new(DEFAULT_BPFFS), &instance)
-        .unwrap_or_else(|error| panic!("loading the XDP program: {error}"))
+fn harness(tag: &str) -> ProgramHarness {
+    load_harness(tag)
 }
 
 #[test]
 fn every_fixture_is_passed_unchanged_and_counted_in_its_slot() {
-    let harness = harness("fixtures-parse");
+    let harness = harness("parse");
     for fixture in fixtures() {
         let before = harness.proto_stats().expect("read stats");
         let verdict = harness
@@ -284,7 +271,7 @@ fn every_fixture_is_passed_unchanged_and_counted_in_its_slot() {
 
 #[test]
 fn counters_accumulate_over_repeated_frames() {
-    let harness = harness("fixtures-repeat");
+    let harness = harness("repeat");
     let frame = ipv6_tcp();
     for _ in 0..10 {
         harness.run(&frame).expect("test run");
