@@ -1,5 +1,6 @@
-//! `cargo xtask setup | build | run | test`: the project's one-command workflows.
+//! `cargo xtask setup | build | run | test | bench`: the project's one-command workflows.
 
+mod bench_l4;
 mod build;
 mod setup;
 
@@ -37,6 +38,28 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_args: Vec<String>,
     },
+    /// Run a benchmark and write its table under target/bench/ (root; use a quiet machine).
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// L4 through the lab: the XDP service vs. an ECMP route, nftables DNAT and HAProxy.
+    ///
+    /// Requests/s, p50/p99 and CPU per request with wrk, keep-alive and a new connection per
+    /// request; interleaved runs, medians; writes target/bench/l4.md. Arguments go to the
+    /// bench-l4 binary: --seconds (10), --repeats (5), --connections (64),
+    /// --only xdp,ecmp,nftables,haproxy, --modes keepalive,close, and more
+    /// (`cargo xtask bench l4 -- --help`). A smoke run: `cargo xtask bench l4 --seconds 2
+    /// --repeats 1`.
+    L4 {
+        /// Arguments for bench-l4.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +69,9 @@ fn main() -> ExitCode {
         Command::Build => setup::run().and_then(|()| build::release()),
         Command::Run { config, nodes } => setup::run().and_then(|()| build::run(config, nodes)),
         Command::Test { cargo_args } => setup::run().and_then(|()| build::test(&cargo_args)),
+        Command::Bench {
+            which: Bench::L4 { args },
+        } => setup::run().and_then(|()| bench_l4::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nodejs", "node"),
     ("npm", "npm"),
+    // `cargo xtask bench l4`: the nodes' web server and the reference balancers.
+    ("nginx", "nginx"),
+    ("nftables", "nft"),
+    ("haproxy", "haproxy"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

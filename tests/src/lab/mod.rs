@@ -222,6 +222,40 @@ impl Lab {
         Ok(process)
     }
 
+    /// Starts `program ARGS…` in `netns` (one of this lab's namespaces), its output in
+    /// `<log dir>/<log_name>.log`; the lab stops it with everything else unless
+    /// [`Lab::stop_process`] does first. Benchmarks run nginx and HAProxy this way.
+    pub fn spawn_process(
+        &mut self,
+        name: &str,
+        netns: &str,
+        program: impl AsRef<Path>,
+        args: &[impl AsRef<OsStr>],
+        log_name: &str,
+    ) -> Result<&LabProcess, LabError> {
+        let log = self.log_dir.join(format!("{log_name}.log"));
+        let process = LabProcess::spawn(name.to_owned(), netns, program.as_ref(), args, log)?;
+        self.processes.push(process);
+        Ok(self.last_process())
+    }
+
+    /// Stops the lab process with this pid (SIGTERM, then SIGKILL after the grace period) and
+    /// forgets it; e.g. lb-control between benchmark runs. Unknown pids are an error.
+    pub fn stop_process(&mut self, pid: u32) -> Result<(), LabError> {
+        let index = self
+            .processes
+            .iter()
+            .position(|process| process.pid() == pid)
+            .ok_or_else(|| LabError::Config(format!("no lab process has pid {pid}")))?;
+        let mut stopped = [self.processes.remove(index)];
+        let problems = process::stop_all(&mut stopped, STOP_GRACE);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LabError::Cleanup(problems))
+        }
+    }
+
     /// Fails naming the first process that has exited; the lab binary calls it while it waits.
     pub fn check_processes(&mut self) -> Result<(), LabError> {
         self.processes

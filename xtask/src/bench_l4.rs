@@ -1,0 +1,37 @@
+//! `cargo xtask bench l4`: the L4 benchmark through the lab, the XDP service beside an ECMP
+//! route, nftables DNAT and HAProxy.
+//!
+//! The benchmark itself is the `bench-l4` binary of the tests crate (it needs the lab and
+//! lb-control, which xtask cannot depend on: xtask must build before the eBPF toolchain is
+//! set up). This builds every binary in release mode, then replaces itself with `bench-l4`, so
+//! Ctrl-C reaches it directly and it removes its lab on the way out.
+
+use std::{os::unix::process::CommandExt, process::Command};
+
+use anyhow::Context;
+
+use crate::{
+    build,
+    setup::{require_root, workspace_root},
+};
+
+/// Where the markdown table goes unless `--output` says otherwise.
+const REPORT: &str = "target/bench/l4.md";
+
+/// Builds, then runs `bench-l4 ARGS…` from the workspace root, writing [`REPORT`].
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    require_root("the L4 benchmark (it builds network namespaces and loads XDP programs)")?;
+    build::release()?;
+    let root = workspace_root();
+    let program = root.join("target/release/bench-l4");
+    let mut command = Command::new(&program);
+    let has_output = args
+        .iter()
+        .any(|arg| arg == "--output" || arg.starts_with("--output="));
+    if !has_output {
+        command.arg("--output").arg(root.join(REPORT));
+    }
+    command.args(args).current_dir(&root);
+    let error = command.exec();
+    Err(error).with_context(|| format!("starting {}", program.display()))
+}
