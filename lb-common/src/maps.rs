@@ -132,8 +132,9 @@ pub struct LbConfig {
     pub snat_v4: [u8; 16],
     /// Source address of NAT-mode traffic towards IPv6 backends.
     pub snat_v6: [u8; 16],
-    /// DSR outer source addresses are this prefix with the low 16 bits taken from the flow
-    /// hash, so a backend's receive-side scaling spreads flows over its queues.
+    /// DSR outer source addresses are this prefix with the low bits taken from the flow hash
+    /// (8 for IPv4, 16 for IPv6), so a backend's receive-side scaling spreads flows over its
+    /// queues.
     pub dsr_src_v4: [u8; 16],
     pub dsr_src_v6: [u8; 16],
     /// Entries of each Maglev table (a prime from `maglev::TABLE_SIZES`).

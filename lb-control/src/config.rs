@@ -91,7 +91,7 @@ pub struct DataplaneSection {
     /// First and last NAT source port; reserved from the kernel's own use.
     #[serde(default = "default_nat_ports")]
     pub nat_ports: [u16; 2],
-    /// DSR outer source prefix (a /16 for IPv4, /112 for IPv6: the flow hash fills the rest).
+    /// DSR outer source prefix (a /24 for IPv4, /112 for IPv6: the flow hash fills the rest).
     #[serde(default = "default_dsr_source_v4")]
     pub dsr_source_v4: Ipv4Addr,
     #[serde(default = "default_dsr_source_v6")]

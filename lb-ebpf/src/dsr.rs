@@ -2,8 +2,9 @@
 //! IPv6-in-IPv6, Katran style) addressed to the backend, which unwraps it, finds the VIP on its
 //! own loopback, and answers the client directly.
 //!
-//! The outer source is the configured DSR prefix with its low 16 bits taken from the flow
-//! hash, so the backend's receive-side scaling spreads flows over its queues.
+//! The outer source is the configured DSR prefix with its low bits taken from the flow hash (8
+//! for IPv4, a /24; 16 for IPv6, a /112), so the backend's receive-side scaling spreads flows
+//! over its queues while the prefix stays small enough to keep clear of real addresses.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
@@ -42,14 +43,13 @@ pub fn encapsulate(
         .unwrap_or_else(|reason| Verdict::Drop(reason, selected.service_id))
 }
 
-/// The outer source: the prefix with the flow hash in its last 16 bits.
+/// The outer source: the prefix with the flow hash in its last 8 (IPv4) or 16 (IPv6) bits.
 #[inline(always)]
 fn outer_source(prefix: &[u8; 16], family: u8, hash: u32) -> [u8; 16] {
     let mut src = *prefix;
     let low = ((hash ^ (hash >> 16)) as u16).to_be_bytes();
     if family == FAMILY_IPV4 {
-        src[2] = low[0];
-        src[3] = low[1];
+        src[3] = low[0] ^ low[1];
     } else {
         src[14] = low[0];
         src[15] = low[1];
