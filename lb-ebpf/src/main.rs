@@ -133,7 +133,8 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
     let Some(config) = CONFIG.get(0) else {
         return Verdict::pass();
     };
-    if ip.has_ports {
+    // A fragmented reply is not translated: its later fragments carry no ports to match.
+    if ip.has_ports && !ip.is_fragment {
         if let Some(verdict) = nat::reverse(ctx, ip, config) {
             return verdict;
         }
@@ -163,12 +164,18 @@ fn balance(
     if let Err(reason) = flow::select_backend(ip, service, config, &mut selected) {
         return Verdict::Drop(reason, service.id);
     }
-    stats::count_forward(service, &selected, ip.l3() + usize::from(ip.ip_len));
-    if service.mode == MODE_DSR {
+    if selected.is_new {
+        stats::count_new_flow(&selected);
+    }
+    let verdict = if service.mode == MODE_DSR {
         dsr::encapsulate(ctx, ip, &selected, config)
     } else {
         nat::forward(ctx, ip, &selected, config)
+    };
+    if let Verdict::Action(_) = verdict {
+        stats::count_forward(&selected, ip.l3() + usize::from(ip.ip_len));
     }
+    verdict
 }
 
 #[cfg(not(test))]

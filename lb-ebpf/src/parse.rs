@@ -206,9 +206,18 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
     })
 }
 
-/// Reads the ports (and TCP flags) of a TCP or UDP header; `None` when it is truncated.
+/// Reads the ports (and TCP flags) of a TCP or UDP header; `None` when it is truncated, in the
+/// frame or within the IP packet's own stated length.
 #[inline(always)]
 fn read_ports(ctx: &XdpContext, packet: &mut IpPacket) -> Option<()> {
+    let header_len = if packet.proto == IPPROTO_TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if packet.l4() + header_len > packet.l3() + usize::from(packet.ip_len) {
+        return None;
+    }
     if packet.proto == IPPROTO_TCP {
         let tcp: &TcpHdr = header_at(ctx, packet.l4())?;
         packet.src_port_be = u16::from_ne_bytes(tcp.source);

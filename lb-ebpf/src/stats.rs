@@ -2,10 +2,7 @@
 //! maps; every policy drop is counted under its reason.
 
 use aya_ebpf::bindings::xdp_action;
-use lb_common::{
-    maps::{DropReason, Service},
-    stats::ProtoSlot,
-};
+use lb_common::{maps::DropReason, stats::ProtoSlot};
 
 use crate::{BACKEND_STATS, DROP_STATS, PROTO_STATS, SERVICE_STATS, flow::Selected};
 
@@ -38,16 +35,27 @@ pub fn count_frame(slot: ProtoSlot, len: usize) {
     }
 }
 
-/// Counts a forwarded packet for its service and backend.
+/// Counts a new flow for its service and backend, whether or not its first packet makes it out.
 #[inline(always)]
-pub fn count_forward(service: &Service, selected: &Selected, len: usize) {
-    let new_flow = u64::from(selected.is_new);
-    if let Some(stats) = SERVICE_STATS.get_ptr_mut(service.id) {
+pub fn count_new_flow(selected: &Selected) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(selected.service_id) {
+        // SAFETY: per-CPU slot from the map.
+        unsafe { (*stats).new_flows += 1 };
+    }
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(selected.backend_id) {
+        // SAFETY: per-CPU slot from the map.
+        unsafe { (*stats).new_flows += 1 };
+    }
+}
+
+/// Counts a packet sent on to its backend, for the service and the backend.
+#[inline(always)]
+pub fn count_forward(selected: &Selected, len: usize) {
+    if let Some(stats) = SERVICE_STATS.get_ptr_mut(selected.service_id) {
         // SAFETY: per-CPU slot from the map.
         unsafe {
             (*stats).packets += 1;
             (*stats).bytes += len as u64;
-            (*stats).new_flows += new_flow;
         }
     }
     if let Some(stats) = BACKEND_STATS.get_ptr_mut(selected.backend_id) {
@@ -55,7 +63,6 @@ pub fn count_forward(service: &Service, selected: &Selected, len: usize) {
         unsafe {
             (*stats).packets += 1;
             (*stats).bytes += len as u64;
-            (*stats).new_flows += new_flow;
         }
     }
 }
