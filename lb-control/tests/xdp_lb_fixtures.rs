@@ -615,11 +615,11 @@ fn ethernet(dst: [u8; 6], src: [u8; 6], ether_type: u16) -> Vec<u8> {
     frame
 }
 
-/// The DSR outer source for a flow: the prefix with its low 16 bits from the flow hash.
+/// The DSR outer source for a flow: a /24 prefix with its last byte from the flow hash.
 fn dsr_source_v4(packet: &Packet) -> Ipv4Addr {
     let low = dsr_low_bits(packet);
     let mut octets = DSR_SOURCE_V4.octets();
-    octets[2..].copy_from_slice(&low);
+    octets[3] = low[0] ^ low[1];
     Ipv4Addr::from(octets)
 }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask setup | build | run | test | bench`: the project's one-command workflows.
 
+mod bench;
 mod bench_l4;
 mod build;
 mod setup;
@@ -47,6 +48,15 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// The XDP program alone: ns per packet from BPF_PROG_TEST_RUN for new flow, established
+    /// flow, reply path, passed and blocked packets, beside the bare xdp_pass program; writes
+    /// target/bench/xdp.md. Arguments go to the bench_xdp example: --repeat (1000000),
+    /// --rounds (5), --singles (20000), --out FILE.
+    Xdp {
+        /// Arguments for bench_xdp.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// L4 through the lab: the XDP service vs. an ECMP route, nftables DNAT and HAProxy.
     ///
     /// Requests/s, p50/p99 and CPU per request with wrk, keep-alive and a new connection per
@@ -69,6 +79,9 @@ fn main() -> ExitCode {
         Command::Build => setup::run().and_then(|()| build::release()),
         Command::Run { config, nodes } => setup::run().and_then(|()| build::run(config, nodes)),
         Command::Test { cargo_args } => setup::run().and_then(|()| build::test(&cargo_args)),
+        Command::Bench {
+            which: Bench::Xdp { args },
+        } => setup::run().and_then(|()| bench::xdp(&args)),
         Command::Bench {
             which: Bench::L4 { args },
         } => setup::run().and_then(|()| bench_l4::run(&args)),

@@ -1,0 +1,594 @@
+//! `cargo xtask bench xdp`: nanoseconds per packet of the XDP load balancer, measured by the
+//! kernel (BPF_PROG_TEST_RUN), beside the bare `xdp_pass` program in the same run.
+//!
+//! Runs as root in a network namespace of its own (the forwarding paths call
+//! `bpf_fib_lookup`, which needs real links and neighbours): the packet fixtures' namespace.
+//!
+//! Two methods, because BPF_PROG_TEST_RUN's `repeat` runs the program again and again on the
+//! same buffer without restoring it: after the first run a NAT-rewritten packet is no longer
+//! the client's packet (it is addressed to the backend and takes the pass path), and a DSR
+//! packet keeps its outer header (and its head moves further each run). So:
+//!
+//! - *repeat*: `repeat` runs in one call, the kernel's mean, for frames the program leaves
+//!   unchanged (passed, blocked, bare XDP_PASS). The median of several rounds.
+//! - *loop*: the established NAT path and the NAT reply path with `repeat`, on a service built so
+//!   that the rewrite gives back the same packet: its backend is the VIP itself and the client is
+//!   the NAT source address, with a client port in the NAT range (so the NAT port is the client's
+//!   port). Every run does all the work of an established flow (flow and backend lookups, flow
+//!   hash, rewrite with checksum updates, FIB lookup, MACs, redirect); only the TTL goes down, so
+//!   a call is at most 250 runs, starting from TTL 255. The median of many calls.
+//! - *single*: one run per call on a fresh copy of the frame, the median of many calls. The
+//!   kernel's time then includes one clock read and the loop around the program, and the caches
+//!   are colder after the syscall; the bare program measured the same way shows the fixed part,
+//!   and "net" subtracts it (the single-run bare time minus the repeat bare time).
+//!
+//! New flows: each single run sends a SYN of a 5-tuple never seen before (distinct client
+//! ports), so every run takes the whole new-flow path: Maglev lookup, NAT port allocation with
+//! its reverse-entry insert, flow insert, rewrite, FIB.
+
+#[path = "../tests/fixtures/mod.rs"]
+mod fixtures;
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use aya::Ebpf;
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use lb_common::program_names;
+use lb_control::dataplane::{
+    BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec, XDP_PASS_OBJECT,
+    XdpAction,
+};
+
+use self::fixtures::*;
+
+const TAG: &str = "bench";
+/// The loop service: its backend is its own VIP, reached over the backend link.
+const LOOP_VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 2);
+/// The NAT source address in this benchmark, and the loop's client: not an address of the LB's
+/// namespace, so the loop's replies (addressed to it) have a next hop.
+const NAT_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 3);
+/// Runs per call of a loop: a TTL of 255 allows 254 forwards.
+const LOOP_REPEAT: u32 = 250;
+/// Backends per service.
+const BACKENDS: u8 = 4;
+
+struct Options {
+    repeat: u32,
+    rounds: usize,
+    singles: usize,
+    out: Option<PathBuf>,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        repeat: 1_000_000,
+        rounds: 5,
+        singles: 20_000,
+        out: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--repeat" => options.repeat = number(&value("--repeat")?)?,
+            "--rounds" => options.rounds = number(&value("--rounds")?)?,
+            "--singles" => options.singles = number(&value("--singles")?)?,
+            "--out" => options.out = Some(PathBuf::from(value("--out")?)),
+            "--help" | "-h" => {
+                return Err("usage: bench_xdp [--repeat N (1000000)] [--rounds N (5)] \
+                            [--singles N (20000)] [--out FILE.md]"
+                    .to_owned());
+            }
+            other => return Err(format!("unknown argument {other}; try --help")),
+        }
+    }
+    if options.repeat == 0 || options.rounds == 0 || options.singles == 0 {
+        return Err("--repeat, --rounds and --singles must be positive".to_owned());
+    }
+    Ok(options)
+}
+
+fn number<T: std::str::FromStr>(text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not a positive number"))
+}
+
+fn main() -> ExitCode {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("bench_xdp: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "bench_xdp: BPF_PROG_TEST_RUN and network namespaces need root: run `sudo cargo \
+             xtask bench xdp`"
+        );
+        return ExitCode::FAILURE;
+    }
+    let started = Instant::now();
+    let report = in_fixture_net(TAG, |net| run(net, &options));
+    let report = match report {
+        Ok(report) => report,
+        Err(message) => {
+            eprintln!("bench_xdp: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{report}");
+    println!("(took {:.1} s)", started.elapsed().as_secs_f64());
+    if let Some(out) = &options.out {
+        if let Some(dir) = out.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(error) = std::fs::write(out, &report) {
+            eprintln!("bench_xdp: writing {}: {error}", out.display());
+            return ExitCode::FAILURE;
+        }
+        println!("wrote {}", out.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// One measured path.
+struct Row {
+    path: &'static str,
+    method: &'static str,
+    ns: f64,
+    note: String,
+}
+
+fn settings() -> LbSettings {
+    LbSettings {
+        nat_source_v4: Some(NAT_SOURCE),
+        nat_source_v6: Some(NAT_SOURCE_V6),
+        // Wide enough that 20 000 new flows over 4 backends fill an eighth of it: about one
+        // probe per flow, as in steady operation.
+        nat_ports: 20000..=59999,
+        dsr_source_v4: DSR_SOURCE_V4,
+        dsr_source_v6: DSR_SOURCE_V6,
+        maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+        pass_fragments: false,
+    }
+}
+
+fn service(vip: SocketAddr, mode: ForwardingMode, backends: Vec<SocketAddr>) -> ServiceSpec {
+    ServiceSpec {
+        vip: vip.ip(),
+        port: vip.port(),
+        protocol: Protocol::Tcp,
+        mode,
+        backends: backends
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                weight: 1,
+                state: BackendState::Up,
+            })
+            .collect(),
+    }
+}
+
+fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
+    let mut harness = load_harness(TAG);
+    let program = TestProgram::load(TAG);
+    let maps = PinnedMaps::new(TAG);
+    let mut bare_object =
+        Ebpf::load(XDP_PASS_OBJECT).map_err(|error| format!("loading xdp-pass: {error}"))?;
+    load_xdp(&mut bare_object, program_names::PASS);
+    let bare = xdp(&bare_object, program_names::PASS);
+
+    net.ip("route add 10.200.100.0/24 dev eth1");
+    net.neighbour(IpAddr::V4(LOOP_VIP), backend_mac(100), BACKEND_LINK);
+    net.neighbour(IpAddr::V4(NAT_SOURCE), backend_mac(101), BACKEND_LINK);
+    let loop_vip = v4(LOOP_VIP, RPC_PORT);
+    let vip = v4(VIP_V4, RPC_PORT);
+    let dsr_vip = v4(VIP_V4, RPC_PORT + 1);
+    let vip6 = v6(VIP_V6, RPC_PORT);
+    let backends = |family: fn(u8) -> IpAddr| -> Vec<SocketAddr> {
+        (2..2 + BACKENDS)
+            .map(|n| SocketAddr::new(family(n), RPC_PORT))
+            .collect()
+    };
+    harness
+        .apply(
+            &settings(),
+            &[
+                service(vip, ForwardingMode::Nat, backends(|n| backend_v4(n).into())),
+                service(
+                    dsr_vip,
+                    ForwardingMode::Dsr,
+                    backends(|n| backend_v4(n).into()),
+                ),
+                service(
+                    vip6,
+                    ForwardingMode::Nat,
+                    backends(|n| backend_v6(n).into()),
+                ),
+                service(loop_vip, ForwardingMode::Nat, vec![loop_vip]),
+            ],
+        )
+        .map_err(|error| format!("applying services: {error}"))?;
+    maps.block_v4(Ipv4Addr::new(10, 200, 66, 0), 24);
+
+    let client_link = net.ifindex(CLIENT_LINK);
+    let backend_link = net.ifindex(BACKEND_LINK);
+    let established = Packet::tcp(v4(CLIENT_V4, 40000), vip).bytes();
+    let established_dsr = Packet::tcp(v4(CLIENT_V4, 40000), dsr_vip).bytes();
+    let established6 = Packet::tcp(v6(CLIENT_V6, 40000), vip6).bytes();
+    let passed = Packet::tcp(v4(CLIENT_V4, 40000), v4(LB_CLIENT_V4, 22)).bytes();
+    let blocked = Packet::tcp(v4(Ipv4Addr::new(10, 200, 66, 7), 40000), vip).bytes();
+
+    // Open the flows, and learn the NAT flow's backend and port for its reply.
+    let first = expect(
+        &program,
+        client_link,
+        &established,
+        XdpAction::Redirect,
+        "the first packet of the NAT flow",
+    )?;
+    for (frame, what) in [
+        (&established_dsr, "the first packet of the DSR flow"),
+        (&established6, "the first packet of the IPv6 NAT flow"),
+    ] {
+        expect(&program, client_link, frame, XdpAction::Redirect, what)?;
+    }
+    let (backend, nat_port) = nat_destination(&first)?;
+    let n = match backend.ip() {
+        IpAddr::V4(addr) => addr.octets()[3],
+        IpAddr::V6(_) => unreachable!("an IPv4 flow"),
+    };
+    let reply = Packet::tcp(backend, v4(NAT_SOURCE, nat_port))
+        .sent_by_backend(n)
+        .bytes();
+    expect(
+        &program,
+        backend_link,
+        &reply,
+        XdpAction::Redirect,
+        "the NAT reply",
+    )?;
+    expect(
+        &program,
+        client_link,
+        &passed,
+        XdpAction::Pass,
+        "the passed packet",
+    )?;
+    expect(
+        &program,
+        client_link,
+        &blocked,
+        XdpAction::Drop,
+        "the blocked packet",
+    )?;
+
+    // The loop: forward and reply frames that the program turns into themselves.
+    let loop_forward = Packet::tcp(v4(NAT_SOURCE, 25000), loop_vip)
+        .ttl(255)
+        .bytes();
+    let loop_reply = Packet::tcp(loop_vip, v4(NAT_SOURCE, 25000))
+        .ttl(255)
+        .bytes();
+    expect(
+        &program,
+        client_link,
+        &loop_forward,
+        XdpAction::Redirect,
+        "the loop's first packet",
+    )?;
+    // Each call with more than one run re-points the kernel's XDP dispatcher twice (tens of
+    // ms), so loops get fewer calls than the repeat rows get runs.
+    let loop_calls = options.rounds * 20;
+    let looped = |frame: &[u8], what: &str| {
+        loop_runs(loop_calls, what, |repeat| {
+            program.run_repeated(client_link, frame, repeat)
+        })
+    };
+
+    let mut rows = Vec::new();
+    let lb_repeated = |frame: &[u8], action: XdpAction| {
+        repeated(options, action, |repeat| {
+            program.run_repeated(client_link, frame, repeat)
+        })
+    };
+    let bare_repeat = repeated(options, XdpAction::Pass, |repeat| {
+        test_run(bare, client_link, &established, repeat)
+    })?;
+    rows.push(Row {
+        path: "bare xdp_pass (reference)",
+        method: "repeat",
+        ns: bare_repeat,
+        note: "returns XDP_PASS, reads nothing".into(),
+    });
+    let passed_repeat = lb_repeated(&passed, XdpAction::Pass)?;
+    rows.push(Row {
+        path: "passed packet (TCP to the LB's own address)",
+        method: "repeat",
+        ns: passed_repeat,
+        note: "parse, count, blocklist, NAT-reply and service lookups, XDP_PASS".into(),
+    });
+    rows.push(Row {
+        path: "blocked packet (source in a blocked /24)",
+        method: "repeat",
+        ns: lb_repeated(&blocked, XdpAction::Drop)?,
+        note: "parse, count, blocklist hit, drop counted".into(),
+    });
+
+    let established_loop = looped(&loop_forward, "established loop")?;
+    rows.push(Row {
+        path: "established flow, NAT v4",
+        method: "loop",
+        ns: established_loop,
+        note: "flow, backend, hash, rewrite, checksums, FIB, redirect".into(),
+    });
+    rows.push(Row {
+        path: "reply path, NAT v4",
+        method: "loop",
+        ns: looped(&loop_reply, "reply loop")?,
+        note: "NAT reverse lookup, rewrite, checksums, FIB, redirect".into(),
+    });
+
+    let singles = |ingress: u32, frame: &[u8], action: XdpAction, what: &str| {
+        single_runs(options.singles, action, what, |_| {
+            program.run_repeated(ingress, frame, 1)
+        })
+    };
+    let bare_single = single_runs(options.singles, XdpAction::Pass, "bare", |_| {
+        test_run(bare, client_link, &established, 1)
+    })?;
+    let overhead = (bare_single - bare_repeat).max(0.0);
+    rows.push(Row {
+        path: "bare xdp_pass (reference)",
+        method: "single",
+        ns: bare_single,
+        note: format!("the single-run floor: {overhead:.1} ns above repeat"),
+    });
+    let passed_single = singles(client_link, &passed, XdpAction::Pass, "passed")?;
+    rows.push(Row {
+        path: "passed packet (TCP to the LB's own address)",
+        method: "single",
+        ns: passed_single,
+        note: format!("net {:.1} ns", passed_single - overhead),
+    });
+    let established_single = singles(
+        client_link,
+        &established,
+        XdpAction::Redirect,
+        "established",
+    )?;
+    rows.push(Row {
+        path: "established flow, NAT v4",
+        method: "single",
+        ns: established_single,
+        note: format!("net {:.1} ns", established_single - overhead),
+    });
+    let established6_single = singles(
+        client_link,
+        &established6,
+        XdpAction::Redirect,
+        "established v6",
+    )?;
+    rows.push(Row {
+        path: "established flow, NAT v6",
+        method: "single",
+        ns: established6_single,
+        note: format!("net {:.1} ns", established6_single - overhead),
+    });
+    let dsr_single = singles(
+        client_link,
+        &established_dsr,
+        XdpAction::Redirect,
+        "established DSR",
+    )?;
+    rows.push(Row {
+        path: "established flow, DSR v4 (IPIP)",
+        method: "single",
+        ns: dsr_single,
+        note: format!("net {:.1} ns", dsr_single - overhead),
+    });
+    let reply_single = singles(backend_link, &reply, XdpAction::Redirect, "reply")?;
+    rows.push(Row {
+        path: "reply path, NAT v4",
+        method: "single",
+        ns: reply_single,
+        note: format!("net {:.1} ns", reply_single - overhead),
+    });
+    let syns: Vec<Vec<u8>> = (0..options.singles)
+        .map(|i| {
+            // Client ports outside the NAT range: the port is found by hashed probes.
+            let port = 60000 + (i % 5000) as u16;
+            let client = Ipv4Addr::new(10, 200, 2 + (i / 5000) as u8, 2);
+            Packet::syn(v4(client, port), vip).bytes()
+        })
+        .collect();
+    let new_flow_single = single_runs(options.singles, XdpAction::Redirect, "new flow", |i| {
+        program.run_repeated(client_link, &syns[i], 1)
+    })?;
+    rows.push(Row {
+        path: "new flow, NAT v4 (SYN of an unseen 5-tuple)",
+        method: "single",
+        ns: new_flow_single,
+        note: format!("net {:.1} ns", new_flow_single - overhead),
+    });
+
+    let established_net = established_loop;
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "# XDP load balancer: ns per packet (BPF_PROG_TEST_RUN)\n"
+    );
+    let _ = writeln!(
+        report,
+        "Kernel {}, {} CPUs. repeat: {} runs per call, median of {} rounds. loop: {LOOP_REPEAT} \
+         runs per call, median of {} calls. single: one run per call, median of {} calls (new \
+         flows: {} distinct SYNs). Frames: 54-103 bytes; services with {BACKENDS} backends, \
+         Maglev M = 65537. Methods: see lb-control/examples/bench_xdp.rs.\n",
+        kernel_release(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        options.repeat,
+        options.rounds,
+        loop_calls,
+        options.singles,
+        options.singles,
+    );
+    let _ = writeln!(report, "| path | method | ns/packet | |");
+    let _ = writeln!(report, "|---|---|---:|---|");
+    for row in &rows {
+        let _ = writeln!(
+            report,
+            "| {} | {} | {:.1} | {} |",
+            row.path, row.method, row.ns, row.note
+        );
+    }
+    let _ = writeln!(report);
+    let _ = writeln!(
+        report,
+        "Single-run times include the test-run loop's clock reads; \"net\" subtracts the bare \
+         program's single-run excess over its repeat time ({overhead:.1} ns).\n"
+    );
+    let within_100 = established_net <= 100.0;
+    let ratio_bare = established_net / bare_repeat;
+    let ratio_parse = established_net / passed_repeat;
+    let _ = writeln!(
+        report,
+        "Goal, established flow <= 100 ns: {established_net:.1} ns (loop; single runs: \
+         {established_single:.1} raw, {:.1} net) -> {}.",
+        established_single - overhead,
+        if within_100 { "met" } else { "NOT met" }
+    );
+    let _ = writeln!(
+        report,
+        "Goal, established flow <= 3x the bare program: {ratio_bare:.1}x the bare xdp_pass \
+         ({bare_repeat:.1} ns) -> {}; {ratio_parse:.1}x the program's own parse-and-pass path \
+         ({passed_repeat:.1} ns) -> {}.",
+        if ratio_bare <= 3.0 { "met" } else { "NOT met" },
+        if ratio_parse <= 3.0 { "met" } else { "NOT met" },
+    );
+    Ok(report)
+}
+
+/// Runs `frame` once and checks the action; returns the output frame.
+fn expect(
+    program: &TestProgram,
+    ingress: u32,
+    frame: &[u8],
+    action: XdpAction,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    let verdict = program.run_from(ingress, frame);
+    if verdict.action != action {
+        return Err(format!(
+            "{what}: the program returned {:?}, expected {action:?}; run `cargo test -p \
+             lb-control --test xdp_lb_fixtures` to see which behaviour broke",
+            verdict.action
+        ));
+    }
+    Ok(verdict.output)
+}
+
+/// The backend and NAT port of a NAT-forwarded frame.
+fn nat_destination(frame: &[u8]) -> Result<(SocketAddr, u16), String> {
+    let packet =
+        SlicedPacket::from_ethernet(frame).map_err(|error| format!("forwarded frame: {error}"))?;
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) =
+        (&packet.net, &packet.transport)
+    else {
+        return Err("the forwarded frame is no IPv4 TCP segment".to_owned());
+    };
+    let backend = SocketAddr::new(
+        IpAddr::V4(ip.header().destination_addr()),
+        tcp.destination_port(),
+    );
+    Ok((backend, tcp.source_port()))
+}
+
+/// The median over `options.rounds` calls of `repeat` runs each.
+fn repeated(
+    options: &Options,
+    action: XdpAction,
+    mut run: impl FnMut(u32) -> (lb_control::dataplane::TestVerdict, Duration),
+) -> Result<f64, String> {
+    let mut means = Vec::with_capacity(options.rounds);
+    for _ in 0..options.rounds {
+        let (verdict, mean) = run(options.repeat);
+        if verdict.action != action {
+            return Err(format!(
+                "a repeated run returned {:?}, expected {action:?}",
+                verdict.action
+            ));
+        }
+        means.push(mean.as_nanos() as f64);
+    }
+    Ok(median(&mut means))
+}
+
+/// The median over `calls` calls of [`LOOP_REPEAT`] runs of a frame the program gives back
+/// unchanged but for its TTL; checks that every run forwarded it.
+fn loop_runs(
+    calls: usize,
+    what: &str,
+    mut run: impl FnMut(u32) -> (lb_control::dataplane::TestVerdict, Duration),
+) -> Result<f64, String> {
+    let mut means = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let (verdict, mean) = run(LOOP_REPEAT);
+        let ttl = verdict.output.get(L3 + 8).copied();
+        if verdict.action != XdpAction::Redirect || ttl != Some(255 - LOOP_REPEAT as u8) {
+            return Err(format!(
+                "{what}: {LOOP_REPEAT} runs ended in {:?} with TTL {ttl:?}; every run should \
+                 have forwarded the packet (TTL {})",
+                verdict.action,
+                255 - LOOP_REPEAT
+            ));
+        }
+        means.push(mean.as_nanos() as f64);
+    }
+    Ok(median(&mut means))
+}
+
+/// The median of `count` single runs; `run` gets the run's index.
+fn single_runs(
+    count: usize,
+    action: XdpAction,
+    what: &str,
+    mut run: impl FnMut(usize) -> (lb_control::dataplane::TestVerdict, Duration),
+) -> Result<f64, String> {
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        let (verdict, time) = run(i);
+        if verdict.action != action {
+            return Err(format!(
+                "{what}: run {i} returned {:?}, expected {action:?}",
+                verdict.action
+            ));
+        }
+        times.push(time.as_nanos() as f64);
+    }
+    Ok(median(&mut times))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "?".to_owned())
+}
