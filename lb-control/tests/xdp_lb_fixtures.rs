@@ -1490,6 +1490,57 @@ fn nat_ports_exhausted_after_eight_probes_drops_and_counts() {
 }
 
 #[test]
+fn nat_ports_come_back_from_reopened_and_purged_flows() {
+    let settings = LbSettings {
+        nat_ports: 20000..=20001,
+        ..settings()
+    };
+    lab("reclaim", settings, |lab| {
+        let service = |state| nat_tcp(vip(), vec![backend(b4(2), state)]);
+        lab.apply(&[service(BackendState::Up)]);
+        let first = lab.new_nat_flow(
+            "first flow takes its client port 20000".into(),
+            &Packet::syn(client(20000), vip()),
+            b4(2),
+        );
+        lab.new_nat_flow(
+            "second flow takes its client port 20001: the range is full".into(),
+            &Packet::syn(v4(CLIENT2_V4, 20001), vip()),
+            b4(2),
+        );
+        lab.established_nat_flow(
+            "the first flow's RST goes out on its port and closes the flow".into(),
+            &Packet::tcp(client(20000), vip()).flags(TCP_RST),
+            b4(2),
+            first,
+        );
+        let reopened = Packet::syn(client(20000), vip());
+        let (action, output) = nat_forwarded(&reopened, first, b4(2));
+        lab.row(Row {
+            description: "a SYN reopening the closed 5-tuple is a new flow on its own old port"
+                .into(),
+            link: CLIENT_LINK,
+            input: reopened.bytes(),
+            expect: Expect::Forward(action, output),
+            counted: Counted::Forwarded { new_flow: true },
+        });
+        // Marking the backend down purges its flows; their NAT ports become free for others.
+        lab.apply(&[service(BackendState::Down)]);
+        lab.apply(&[service(BackendState::Up)]);
+        let newcomer = Packet::syn(v4(CLIENT2_V4, 20000), vip());
+        let (action, output) = nat_forwarded(&newcomer, 20000, b4(2));
+        lab.row(Row {
+            description: "after a purge, a new client takes over port 20000 from the purged flow"
+                .into(),
+            link: CLIENT_LINK,
+            input: newcomer.bytes(),
+            expect: Expect::Forward(action, output),
+            counted: Counted::Forwarded { new_flow: true },
+        });
+    });
+}
+
+#[test]
 fn backend_without_route_or_neighbour_is_dropped_no_route() {
     lab("route", settings(), |lab| {
         let vip2 = v4(VIP_V4, RPC_PORT + 1);

@@ -151,7 +151,9 @@ fn maglev_lookup(service: &Service, config: &LbConfig, hash: u32) -> Option<u32>
 }
 
 /// Finds a free NAT source port: the client's own when it lies in the range, then hashed
-/// probes. The reverse entry is inserted with BPF_NOEXIST, so two flows never share a port.
+/// probes. The reverse entry is inserted with BPF_NOEXIST, so two live flows never share a
+/// port; a port whose flow is gone, or closed a while ago, is taken over (see
+/// [`is_reclaimable`]), so closed connections give their ports back.
 // A call of its own: its probe key stays out of `select_backend`'s stack frame.
 #[inline(never)]
 fn allocate_nat_port(
@@ -191,6 +193,41 @@ fn allocate_nat_port(
         {
             return Ok(nat_key.nat_port_be);
         }
+        if is_reclaimable(&nat_key, key) && NAT_REVERSE.insert(&nat_key, key, 0).is_ok() {
+            return Ok(nat_key.nat_port_be);
+        }
     }
     Err(DropReason::NatPortsExhausted)
+}
+
+/// How long a closed flow keeps its NAT port, for the last ACKs and retransmitted FINs.
+const CLOSED_FLOW_KEEPS_PORT_NS: u64 = 2_000_000_000;
+
+/// Whether the NAT port `nat_key` names may go to the flow `claimant`: its owner is the
+/// claimant itself (a connection reopened on the same 5-tuple), or the owner's flow is gone
+/// (evicted or purged), or it closed more than `CLOSED_FLOW_KEEPS_PORT_NS` ago. A taken-over
+/// owner's flow entry is deleted, so a late packet of it cannot use the port's new mapping.
+// A call of its own: the owner's key and flow stay out of the allocator's stack frame.
+#[inline(never)]
+fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey) -> bool {
+    // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
+    let Some(owner) = (unsafe { NAT_REVERSE.get(nat_key) }).copied() else {
+        // Evicted since the insert failed: free now.
+        return true;
+    };
+    if owner == *claimant {
+        return true;
+    }
+    // SAFETY: as above.
+    let Some(flow) = (unsafe { FLOWS.get(&owner) }) else {
+        return true;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let closed_long_ago = flow.flags & FLOW_CLOSING != 0
+        && now.saturating_sub(flow.last_seen_ns) > CLOSED_FLOW_KEEPS_PORT_NS;
+    if closed_long_ago {
+        let _ = FLOWS.remove(&owner);
+    }
+    closed_long_ago
 }

@@ -26,37 +26,19 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{IO_TIMEOUT, system_health_from};
-use lb_tests::lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, in_netns, run_checked};
+use common::{IO_TIMEOUT, system_health_from, wait_for};
+use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, binary_path, in_netns, run_checked};
 
 const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
 /// The NAT source port range lb-control uses by default.
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;
-const POLL_TIMEOUT: Duration = Duration::from_secs(20);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a connection attempt to a service that should drop it is given.
 const SHORT_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// The l4 tests' lab: 3 nodes running sim-node.
 fn start_lab() -> Lab {
-    let config = LabConfig {
-        nodes: 3,
-        block_time: Duration::from_secs(2),
-        start_sim_nodes: true,
-    };
-    Lab::start(config).unwrap_or_else(|error| panic!("starting the lab: {error}"))
-}
-
-/// Polls `condition` until it holds or `POLL_TIMEOUT` passes.
-fn wait_for(what: &str, mut condition: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + POLL_TIMEOUT;
-    while Instant::now() < deadline {
-        if condition()? {
-            return Ok(());
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    bail!("timed out after {POLL_TIMEOUT:?} waiting for {what}")
+    common::start_lab(3, true, Duration::from_secs(2))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,34 +14,13 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{link_details, system_health_from};
+use common::{link_details, system_health_from, wait_for};
 use lb_common::stats::{Counters, ProtoSlot};
 use lb_control::dataplane::read_pinned_proto_stats;
 use lb_tests::lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, run_checked};
 
-const POLL_TIMEOUT: Duration = Duration::from_secs(20);
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-
-/// A lab of `nodes` node namespaces, running sim-node only when `with_sim_nodes`.
 fn start_lab(nodes: usize, with_sim_nodes: bool) -> Lab {
-    let config = LabConfig {
-        nodes,
-        block_time: Duration::from_millis(500),
-        start_sim_nodes: with_sim_nodes,
-    };
-    Lab::start(config).unwrap_or_else(|error| panic!("starting the lab: {error}"))
-}
-
-/// Polls `condition` until it holds or `POLL_TIMEOUT` passes.
-fn wait_for(what: &str, mut condition: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
-    let deadline = Instant::now() + POLL_TIMEOUT;
-    while Instant::now() < deadline {
-        if condition()? {
-            return Ok(());
-        }
-        std::thread::sleep(POLL_INTERVAL);
-    }
-    bail!("timed out after {POLL_TIMEOUT:?} waiting for {what}")
+    common::start_lab(nodes, with_sim_nodes, Duration::from_millis(500))
 }
 
 /// `lb-control run` started by the test itself in the lab's LB namespace, its stderr captured.

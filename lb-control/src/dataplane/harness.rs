@@ -115,7 +115,7 @@ impl ProgramHarness {
         repeat: u32,
     ) -> Result<(TestVerdict, std::time::Duration), DataplaneError> {
         let mut output = vec![0; frame.len().max(MAX_OUTPUT)];
-        let ctx = ingress_ifindex.map(xdp_md_bytes);
+        let ctx = ingress_ifindex.map(|ifindex| xdp_md_bytes(ifindex, frame.len()));
         let result = self.program()?.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut output),
@@ -149,9 +149,13 @@ impl ProgramHarness {
     }
 }
 
-/// A `struct xdp_md` naming the ingress interface (data offsets are filled in by the kernel).
-fn xdp_md_bytes(ingress_ifindex: u32) -> [u8; 24] {
+/// A `struct xdp_md` naming the ingress interface. `data_end` is the frame's length: the
+/// kernel reads it as the size of the frame's linear part (and rejects other values on older
+/// kernels).
+fn xdp_md_bytes(ingress_ifindex: u32, frame_len: usize) -> [u8; 24] {
     let mut ctx = [0u8; 24];
+    let data_end = u32::try_from(frame_len).unwrap_or(u32::MAX);
+    ctx[4..8].copy_from_slice(&data_end.to_ne_bytes());
     ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
     ctx
 }

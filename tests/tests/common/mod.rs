@@ -1,14 +1,48 @@
 //! Helpers shared by the integration tests that run in the lab.
+#![allow(
+    dead_code,
+    reason = "each test binary includes this module and uses a different subset of it"
+)]
 
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     process::Command,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, ensure};
-use lb_tests::lab::{in_netns, run_checked};
+use anyhow::{Context, bail, ensure};
+use lb_tests::lab::{Lab, LabConfig, in_netns, run_checked};
+
+/// How long a test waits for a condition before it fails, and how often it checks.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(20);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A lab of `nodes` node namespaces, running sim-node (a block every `block_time`) only when
+/// `with_sim_nodes`; panics with the reason when it cannot be built.
+pub fn start_lab(nodes: usize, with_sim_nodes: bool, block_time: Duration) -> Lab {
+    let config = LabConfig {
+        nodes,
+        block_time,
+        start_sim_nodes: with_sim_nodes,
+    };
+    Lab::start(config).unwrap_or_else(|error| panic!("starting the lab: {error}"))
+}
+
+/// Polls `condition` until it holds or `POLL_TIMEOUT` passes.
+pub fn wait_for(
+    what: &str,
+    mut condition: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + POLL_TIMEOUT;
+    while Instant::now() < deadline {
+        if condition()? {
+            return Ok(());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    bail!("timed out after {POLL_TIMEOUT:?} waiting for {what}")
+}
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
