@@ -6,10 +6,6 @@
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
 
-#[allow(
-    dead_code,
-    reason = "helpers shared by several test crates; each uses some"
-)]
 mod common;
 
 use std::{

@@ -10,14 +10,14 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, bail, ensure};
 use common::{link_details, system_health_from, wait_for};
 use lb_common::stats::{Counters, ProtoSlot};
 use lb_control::dataplane::read_pinned_proto_stats;
-use lb_tests::lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, run_checked};
+use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, binary_path, run_checked};
 
 fn start_lab(nodes: usize, with_sim_nodes: bool) -> Lab {
     common::start_lab(nodes, with_sim_nodes, Duration::from_millis(500))
