@@ -26,6 +26,7 @@ pub mod map_names {
     pub const DROP_STATS: &str = "DROP_STATS";
     pub const BLOCKLIST_V4: &str = "BLOCKLIST_V4";
     pub const BLOCKLIST_V6: &str = "BLOCKLIST_V6";
+    pub const BLOCKLIST_ENTRIES: &str = "BLOCKLIST_ENTRIES";
 }
 
 /// Names of the XDP programs.

@@ -96,7 +96,8 @@ pub struct Flow {
     /// NAT mode: the port the LB uses towards the backend (network byte order).
     pub nat_port_be: u16,
     pub _pad: [u8; 6],
-    /// `bpf_ktime_get_ns()` of the flow's last packet.
+    /// `bpf_ktime_get_ns()` of the flow's first packet, then of its last packet once it is
+    /// closing (the clock is not read for other packets).
     pub last_seen_ns: u64,
 }
 
@@ -220,6 +221,10 @@ pub struct BackendStats {
 }
 
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
+
+/// Index of the one entry of `BLOCKLIST_ENTRIES`: how many prefixes the blocklist holds, so the
+/// program skips the trie lookups while it is empty.
+pub const BLOCKLIST_COUNT: u32 = 0;
 
 /// Key of the IPv4 source blocklist (an LPM trie: the prefix length lives in the trie key).
 pub type BlockV4 = [u8; 4];

@@ -218,7 +218,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
             ],
         )
         .map_err(|error| format!("applying services: {error}"))?;
-    maps.block_v4(Ipv4Addr::new(10, 200, 66, 0), 24);
+    maps.block("10.200.66.0/24");
 
     let client_link = net.ifindex(CLIENT_LINK);
     let backend_link = net.ifindex(BACKEND_LINK);

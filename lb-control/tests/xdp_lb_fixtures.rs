@@ -932,9 +932,8 @@ fn blocked_sources_are_dropped_and_counted() {
             nat_tcp(vip(), vec![up(b4(2))]),
             nat_tcp(vip6(), vec![up(b6(2))]),
         ]);
-        lab.maps.block_v4(Ipv4Addr::new(10, 200, 66, 0), 24);
-        lab.maps
-            .block_v6(Ipv6Addr::new(0xfd00, 0x200, 0x66, 0, 0, 0, 0, 0), 64);
+        lab.maps.block("10.200.66.0/24");
+        lab.maps.block("fd00:200:66::/64");
         let blocked = v4(Ipv4Addr::new(10, 200, 66, 7), 40000);
         let blocked6 = v6(Ipv6Addr::new(0xfd00, 0x200, 0x66, 0, 0, 0, 0, 7), 40000);
         lab.dropped(

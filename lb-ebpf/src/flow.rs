@@ -6,7 +6,7 @@ use lb_common::{
     flow::{FlowKey, flow_hash},
     maps::{
         BACKEND_DOWN, Backend, CONFIG_PASS_FRAGMENTS, DropReason, FLOW_CLOSING, Flow, LbConfig,
-        MODE_NAT, NO_BACKEND, NatKey, Service,
+        MODE_DSR, MODE_NAT, NO_BACKEND, NatKey, Service,
     },
 };
 
@@ -54,7 +54,7 @@ pub fn select_backend(
     selected: &mut Selected,
 ) -> Result<(), DropReason> {
     let key = ip.flow_key();
-    if established(ip, &key, service.id, selected) {
+    if established(ip, &key, service, selected) {
         return Ok(());
     }
     let hash = hash_flow(&key);
@@ -98,7 +98,7 @@ fn hash_flow(key: &FlowKey) -> u32 {
 /// backend is down, or a SYN reopens a closed flow.
 // A call of its own: its copy of the flow stays out of `select_backend`'s stack frame.
 #[inline(never)]
-fn established(ip: &IpPacket, key: &FlowKey, service_id: u32, selected: &mut Selected) -> bool {
+fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut Selected) -> bool {
     let Some(flow) = FLOWS.get_ptr_mut(key) else {
         return false;
     };
@@ -114,17 +114,27 @@ fn established(ip: &IpPacket, key: &FlowKey, service_id: u32, selected: &mut Sel
     if reopened || backend.state == BACKEND_DOWN {
         return false;
     }
-    // SAFETY: as above; bpf_ktime_get_ns has no preconditions.
-    unsafe {
-        (*flow).last_seen_ns = bpf_ktime_get_ns();
-        (*flow).flags = closing_flags(ip, current.flags);
+    let flags = closing_flags(ip, current.flags);
+    // Only a closing flow's age matters (it decides when its NAT port is free again), so the
+    // clock is read for those alone, not on every packet of every flow.
+    if flags & FLOW_CLOSING != 0 {
+        // SAFETY: as above; bpf_ktime_get_ns has no preconditions.
+        unsafe {
+            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            (*flow).flags = flags;
+        }
     }
     *selected = Selected {
-        service_id,
+        service_id: service.id,
         backend_id: current.backend_id,
         backend: *backend,
         nat_port_be: current.nat_port_be,
-        hash: hash_flow(key),
+        // Only DSR uses the hash (for the outer source); NAT flows skip computing it.
+        hash: if service.mode == MODE_DSR {
+            hash_flow(key)
+        } else {
+            0
+        },
         is_new: false,
     };
     true

@@ -6,13 +6,21 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     flow::{FAMILY_IPV4, FlowKey},
-    maps::{LbConfig, NatKey, Service, ServiceKey, VipKey},
+    maps::{BLOCKLIST_COUNT, LbConfig, NatKey, Service, ServiceKey, VipKey},
 };
 
-use crate::{BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, VIPS, parse::IpPacket};
+use crate::{
+    BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, VIPS, parse::IpPacket,
+};
 
 #[inline(never)]
 pub fn is_source_blocked(ip: &IpPacket) -> bool {
+    if BLOCKLIST_ENTRIES
+        .get(BLOCKLIST_COUNT)
+        .is_none_or(|entries| *entries == 0)
+    {
+        return false;
+    }
     if ip.family == FAMILY_IPV4 {
         let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
         BLOCKLIST_V4.get(Key::new(32, addr)).is_some()

@@ -94,6 +94,11 @@ static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PR
 #[map]
 static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
 
+/// How many prefixes the blocklist holds (userspace keeps it current): while it is zero the
+/// trie lookups, the costliest step of an unblocked packet, are skipped.
+#[map]
+static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
+
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match try_lb_xdp(&ctx) {

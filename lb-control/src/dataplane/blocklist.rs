@@ -10,13 +10,13 @@ use std::{
 };
 
 use aya::maps::{
-    Map, MapData, MapError,
+    Array, Map, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
 use lb_common::{
     map_names,
-    maps::{BlockV4, BlockV6},
+    maps::{BLOCKLIST_COUNT, BlockV4, BlockV6},
 };
 
 use super::DataplaneError;
@@ -31,6 +31,8 @@ pub struct BlockEntry {
 pub struct Blocklist {
     v4: LpmTrie<MapData, BlockV4, u32>,
     v6: LpmTrie<MapData, BlockV6, u32>,
+    /// How many prefixes the tries hold: the program skips them while it is zero.
+    entries: Array<MapData, u32>,
 }
 
 fn open_trie<K: aya::Pod>(
@@ -49,10 +51,23 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
 
 impl Blocklist {
     pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
+        let path = pin_dir.join(map_names::BLOCKLIST_ENTRIES);
+        let entries = MapData::from_pin(&path)
+            .map_err(|source| DataplaneError::OpenPinned { path, source })?;
         Ok(Blocklist {
             v4: open_trie(pin_dir, map_names::BLOCKLIST_V4)?,
             v6: open_trie(pin_dir, map_names::BLOCKLIST_V6)?,
+            entries: Array::try_from(Map::Array(entries))
+                .map_err(map_error(map_names::BLOCKLIST_ENTRIES))?,
         })
+    }
+
+    /// Stores how many prefixes the tries hold; called after every change.
+    fn update_count(&mut self) -> Result<(), DataplaneError> {
+        let count = u32::try_from(self.list()?.len()).unwrap_or(u32::MAX);
+        self.entries
+            .set(BLOCKLIST_COUNT, count, 0)
+            .map_err(map_error(map_names::BLOCKLIST_ENTRIES))
     }
 
     /// Blocks `prefix` until `expires` (forever with `None`); blocking it again replaces the
@@ -72,7 +87,7 @@ impl Blocklist {
                     value,
                     0,
                 )
-                .map_err(map_error(map_names::BLOCKLIST_V4)),
+                .map_err(map_error(map_names::BLOCKLIST_V4))?,
             IpAddr::V6(addr) => self
                 .v6
                 .insert(
@@ -80,8 +95,9 @@ impl Blocklist {
                     value,
                     0,
                 )
-                .map_err(map_error(map_names::BLOCKLIST_V6)),
+                .map_err(map_error(map_names::BLOCKLIST_V6))?,
         }
+        self.update_count()
     }
 
     /// Unblocks exactly `prefix`; returns whether it was blocked.
@@ -96,7 +112,10 @@ impl Blocklist {
                 .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
         };
         match result {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.update_count()?;
+                Ok(true)
+            }
             Err(MapError::KeyNotFound) => Ok(false),
             Err(source) => Err(DataplaneError::Map {
                 name: map_names::BLOCKLIST_V4,
