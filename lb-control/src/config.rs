@@ -161,7 +161,7 @@ fn default_max_flows() -> u32 {
 }
 
 fn default_nat_ports() -> [u16; 2] {
-    [40_000, 49_999]
+    [20_000, 49_999]
 }
 
 fn default_dsr_source_v4() -> Ipv4Addr {

@@ -28,7 +28,7 @@ use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, binary_path, in_netns, run_checked};
 const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
 /// The NAT source port range lb-control uses by default.
-const NAT_PORTS: std::ops::RangeInclusive<u16> = 40_000..=49_999;
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 20_000..=49_999;
 /// How long a connection attempt to a service that should drop it is given.
 const SHORT_TIMEOUT: Duration = Duration::from_millis(1500);
 
