@@ -66,16 +66,26 @@ impl ProgramHarness {
             path: pin_dir.clone(),
             source,
         })?;
-        let mut ebpf = load_lb_object(
+        let loaded = load_lb_object(
             &pin_dir,
             MapSizes {
                 maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
                 max_flows: lb_common::maps::DEFAULT_MAX_FLOWS,
             },
-        )?;
-        xdp_program(&mut ebpf, program_names::LB)?;
-        let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
-        Ok(ProgramHarness { ebpf, pin_dir, ids })
+        )
+        .and_then(|mut ebpf| {
+            xdp_program(&mut ebpf, program_names::LB)?;
+            let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
+            Ok((ebpf, ids))
+        });
+        match loaded {
+            Ok((ebpf, ids)) => Ok(ProgramHarness { ebpf, pin_dir, ids }),
+            Err(error) => {
+                // Nothing else owns the pins of a harness that failed to load.
+                let _ = std::fs::remove_dir_all(&pin_dir);
+                Err(error)
+            }
+        }
     }
 
     /// Writes services into the harness's maps, as [`super::Dataplane::apply`] does (but

@@ -160,14 +160,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
 
-    let mut lab = Lab::start(LabConfig {
-        nodes: NODES,
-        block_time: Duration::from_secs(6),
-        start_sim_nodes: false,
-    })
-    .context("starting the lab")?;
-    nodes::start(&mut lab, settings.nginx_workers).context("starting nginx")?;
-    let script_dir = lab.log_dir().to_owned();
+    let script_dir = std::env::temp_dir().join(format!("bench-l4-{}", std::process::id()));
+    std::fs::create_dir_all(&script_dir)
+        .with_context(|| format!("creating {}", script_dir.display()))?;
     let scripts = wrk::Scripts::write(&script_dir)?;
 
     let mut runs = Vec::new();
@@ -186,21 +181,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         for balancer in order {
             for &mode in &modes {
                 check_interrupted()?;
-                let run = measure_fresh(&mut lab, &scripts, &settings, balancer, mode, repeat)
-                    .with_context(|| {
+                let run = measure_fresh(&scripts, &settings, balancer, mode, repeat).with_context(
+                    || {
                         format!(
                             "repeat {}: {} {}",
                             repeat + 1,
                             balancer.label(),
                             mode.label()
                         )
-                    })?;
+                    },
+                )?;
                 eprintln!("bench-l4:   {run}");
                 runs.push(run);
             }
         }
     }
-    lab.shutdown().context("removing the lab")?;
+    let _ = std::fs::remove_dir_all(&script_dir);
 
     let markdown = report::markdown(&report::Context {
         settings: &settings,
@@ -215,16 +211,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets the balancer up from nothing, checks it answers, measures one run and undoes it all:
-/// no run inherits state (flows, NAT ports, conntrack entries) from another.
+/// Builds a fresh lab, sets the balancer up, checks it answers, measures one run and removes
+/// it all: no run inherits state from another — not flows, NAT ports or conntrack entries, nor
+/// the nodes' TIME_WAIT backlog of an earlier run, which slowed the next runs measurably when
+/// the lab was shared.
 fn measure_fresh(
-    lab: &mut Lab,
     scripts: &wrk::Scripts,
     settings: &Settings,
     balancer: Balancer,
     mode: Mode,
     repeat: usize,
 ) -> anyhow::Result<Run> {
+    let mut lab = Lab::start(LabConfig {
+        nodes: NODES,
+        block_time: Duration::from_secs(6),
+        start_sim_nodes: false,
+    })
+    .context("starting the lab")?;
+    nodes::start(&mut lab, settings.nginx_workers).context("starting nginx")?;
+    let lab = &mut lab;
     let active = balancer::setup(lab, balancer, settings).context("setting up")?;
     let split = balancer::probe(lab, balancer).context("checking it answers")?;
     eprintln!(
