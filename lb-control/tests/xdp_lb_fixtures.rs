@@ -1299,16 +1299,25 @@ fn ttl_or_hop_limit_of_one_is_dropped() {
             nat_tcp(vip(), vec![up(b4(2))]),
             nat_tcp(vip6(), vec![up(b6(2))]),
         ]);
+        let expiring = Packet::syn(client(40000), vip()).ttl(1);
         lab.dropped(
             "IPv4 TTL 1 to a service: dropped (ttl_exceeded), not counted as forwarded",
-            Packet::syn(client(40000), vip()).ttl(1).bytes(),
+            expiring.bytes(),
             Counted::ServiceDrop(DropReason::TtlExceeded),
         );
+        let expiring6 = Packet::syn(client6(40000), vip6()).ttl(1);
         lab.dropped(
             "IPv6 hop limit 1 to a service: dropped (ttl_exceeded), not counted as forwarded",
-            Packet::syn(client6(40000), vip6()).ttl(1).bytes(),
+            expiring6.bytes(),
             Counted::ServiceDrop(DropReason::TtlExceeded),
         );
+        for packet in [&expiring, &expiring6] {
+            assert_eq!(
+                lab.maps.flow(&packet.flow_key()),
+                None,
+                "a packet dropped for its TTL must claim no flow entry (nor a NAT port)"
+            );
+        }
         let flow = Packet::syn(client(40001), vip()).ttl(2);
         let port = lab.new_nat_flow("IPv4 TTL 2: forwarded with TTL 1".into(), &flow, b4(2));
         lab.row(Row {

@@ -165,6 +165,11 @@ fn balance(
     if ip.is_fragment {
         return flow::fragment_verdict(config, service.id);
     }
+    // Before a backend is chosen, so a packet that cannot be forwarded claims no flow entry
+    // or NAT port.
+    if ip.ttl <= 1 {
+        return Verdict::Drop(DropReason::TtlExceeded, service.id);
+    }
     let mut selected = flow::Selected::default();
     if let Err(reason) = flow::select_backend(ip, service, config, &mut selected) {
         return Verdict::Drop(reason, service.id);

@@ -54,6 +54,8 @@ pub struct IpPacket {
     pub has_ports: bool,
     /// Part of a fragmented packet (first or later).
     pub is_fragment: bool,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
     pub tcp_flags: u8,
 }
 
@@ -161,6 +163,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
     packet.src[..4].copy_from_slice(&ip.src_addr);
     packet.dst[..4].copy_from_slice(&ip.dst_addr);
     packet.is_fragment = is_later_fragment || frags & IPV4_MORE_FRAGMENTS != 0;
+    packet.ttl = ip.ttl;
     Some(match ip.proto {
         IPPROTO_TCP if !is_later_fragment => {
             read_ports(ctx, packet)?;
@@ -192,6 +195,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
     packet.src = ip.src_addr;
     packet.dst = ip.dst_addr;
     packet.is_fragment = ip.next_hdr == IPPROTO_FRAGMENT;
+    packet.ttl = ip.hop_limit;
     // Extension headers are not followed: such packets never match a service.
     Some(match ip.next_hdr {
         IPPROTO_TCP => {
