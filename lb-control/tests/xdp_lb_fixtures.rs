@@ -1549,6 +1549,40 @@ fn nat_ports_come_back_from_reopened_and_purged_flows() {
 }
 
 #[test]
+fn a_backend_s_new_mac_address_is_used_within_the_route_cache_time() {
+    lab("macmove", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let first = Packet::syn(client(40000), vip());
+        lab.new_nat_flow(
+            "the route to backend 2 is looked up and cached".into(),
+            &first,
+            b4(2),
+        );
+        // The backend's host is replaced: same address, new MAC.
+        let new_mac = [0x02, 0, 0, 0, 0x10, 0x99];
+        lab.net.neighbour(b4(2).ip(), new_mac, BACKEND_LINK);
+        let ingress = lab.net.ifindex(CLIENT_LINK);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut client_port = 40001;
+        loop {
+            let verdict = lab
+                .program
+                .run_from(ingress, &Packet::syn(client(client_port), vip()).bytes());
+            if verdict.output.get(..6) == Some(&new_mac[..]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "packets to backend 2 still go to its old MAC 5 s after the neighbour changed \
+                 (the cached route must be refreshed within a second)"
+            );
+            client_port += 1;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+}
+
+#[test]
 fn backend_without_route_or_neighbour_is_dropped_no_route() {
     lab("route", settings(), |lab| {
         let vip2 = v4(VIP_V4, RPC_PORT + 1);

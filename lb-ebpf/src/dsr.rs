@@ -109,6 +109,7 @@ fn encapsulate_ipv4(
         ip_len: outer_len,
         src,
         dst,
+        cache_slot: selected.backend_id,
     })
 }
 
@@ -143,5 +144,6 @@ fn encapsulate_ipv6(
         ip_len: outer_len,
         src,
         dst,
+        cache_slot: selected.backend_id,
     })
 }

@@ -5,12 +5,12 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
-use crate::{parse::ptr_at, stats::Verdict};
+use crate::{ROUTES, parse::ptr_at, stats::Verdict};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -22,18 +22,95 @@ pub struct NextHop {
     pub ip_len: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// The backend id whose route may be cached, or `NO_CACHE` (replies to clients).
+    pub cache_slot: u32,
+}
+
+/// `NextHop::cache_slot` of a packet whose route is looked up every time.
+pub const NO_CACHE: u32 = u32::MAX;
+
+/// How long a cached route to a backend is used before the FIB is asked again, so route and
+/// neighbour changes take effect within this time.
+const ROUTE_CACHE_NS: u64 = 1_000_000_000;
+
+/// A backend's route as the FIB last gave it, per CPU (so no CPU ever reads a half-written
+/// entry).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct CachedRoute {
+    /// The destination the entry is for: a backend id reused for another address misses.
+    dst: [u8; 16],
+    refreshed_ns: u64,
+    ifindex: u32,
+    /// Destination then source MAC, as they go into the Ethernet header.
+    macs: [u8; 12],
 }
 
 /// Sends the (already rewritten) packet towards `hop.dst`.
 // A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
 #[inline(never)]
 pub fn to_next_hop(ctx: &XdpContext, hop: &NextHop) -> Result<Verdict, DropReason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    if hop.cache_slot == NO_CACHE {
+        let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
+        return send(ctx, ingress, ifindex, &macs);
+    }
+    let cached = ROUTES.get_ptr_mut(hop.cache_slot);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(route) = cached {
+        // SAFETY: this CPU's own slot of a per-CPU map.
+        let route = unsafe { &*route };
+        if route.dst == hop.dst && now.wrapping_sub(route.refreshed_ns) < ROUTE_CACHE_NS {
+            return send(ctx, ingress, route.ifindex, &route.macs);
+        }
+    }
+    let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
+    if let Some(route) = cached {
+        // SAFETY: this CPU's own slot of a per-CPU map.
+        unsafe {
+            *route = CachedRoute {
+                dst: hop.dst,
+                refreshed_ns: now,
+                ifindex,
+                macs,
+            };
+        }
+    }
+    send(ctx, ingress, ifindex, &macs)
+}
+
+/// Rewrites the MAC addresses and sends the frame out of `ifindex`.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    ingress: u32,
+    ifindex: u32,
+    macs: &[u8; 12],
+) -> Result<Verdict, DropReason> {
+    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(DropReason::Malformed)?;
+    // SAFETY: bounds-checked by `ptr_at`.
+    unsafe { *eth = *macs };
+    if ifindex == ingress {
+        return Ok(Verdict::Action(xdp_action::XDP_TX));
+    }
+    // SAFETY: bpf_redirect only records the target device.
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    Ok(Verdict::Action(action as u32))
+}
+
+/// Asks the kernel's FIB for the egress device and MAC addresses towards `hop.dst`.
+#[inline(always)]
+fn fib_lookup(
+    ctx: &XdpContext,
+    hop: &NextHop,
+    ingress: u32,
+) -> Result<(u32, [u8; 12]), DropReason> {
     let (src, dst) = (&hop.src, &hop.dst);
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
     let mut params: FibLookup = unsafe { mem::zeroed() };
     params.l4_protocol = hop.proto;
     params.__bindgen_anon_1.tot_len = hop.ip_len;
-    let ingress = ctx.ingress_ifindex() as u32;
     params.ifindex = ingress;
     if hop.family == FAMILY_IPV4 {
         params.family = AF_INET;
@@ -58,18 +135,10 @@ pub fn to_next_hop(ctx: &XdpContext, hop: &NextHop) -> Result<Verdict, DropReaso
         // keeps the backends' neighbours resolved.
         return Err(DropReason::NoRoute);
     }
-    let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(DropReason::Malformed)?;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&params.dmac);
     macs[6..].copy_from_slice(&params.smac);
-    // SAFETY: bounds-checked by `ptr_at`.
-    unsafe { *eth = macs };
-    if params.ifindex == ingress {
-        return Ok(Verdict::Action(xdp_action::XDP_TX));
-    }
-    // SAFETY: bpf_redirect only records the target device.
-    let action = unsafe { bpf_redirect(params.ifindex, 0) };
-    Ok(Verdict::Action(action as u32))
+    Ok((params.ifindex, macs))
 }
 
 #[inline(always)]

@@ -81,6 +81,11 @@ static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEN
 #[map]
 static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT as u32, 0);
 
+/// Routes to backends as the FIB last gave them, by backend id, per CPU: established flows skip
+/// the FIB lookup for up to a second.
+#[map]
+static ROUTES: PerCpuArray<forward::CachedRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
 /// Scratch space for the packet being parsed: one per CPU, so the parsed packet does not take
 /// room in the entry point's 512-byte stack that the forwarding path below it needs.
 #[map]
