@@ -149,6 +149,18 @@ pub struct LbConfig {
 
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 80);
 
+impl LbConfig {
+    /// The NAT source address towards backends of `family`.
+    #[inline(always)]
+    pub fn nat_source(&self, family: u8) -> &[u8; 16] {
+        if family == crate::flow::FAMILY_IPV4 {
+            &self.snat_v4
+        } else {
+            &self.snat_v6
+        }
+    }
+}
+
 /// Why a packet was dropped. Each reason has its own counter.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -33,12 +33,7 @@ pub fn is_source_blocked(ip: &IpPacket) -> bool {
 /// source address on a port the LB handed out.
 #[inline(always)]
 pub fn nat_reply_flow(ip: &IpPacket, config: &LbConfig) -> Option<FlowKey> {
-    let snat = if ip.family == FAMILY_IPV4 {
-        &config.snat_v4
-    } else {
-        &config.snat_v6
-    };
-    if ip.dst != *snat {
+    if ip.dst != *config.nat_source(ip.family) {
         return None;
     }
     let key = NatKey {

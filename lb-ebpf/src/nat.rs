@@ -42,17 +42,12 @@ pub fn forward(
     selected: &Selected,
     config: &LbConfig,
 ) -> Verdict {
-    let snat = if ip.family == FAMILY_IPV4 {
-        config.snat_v4
-    } else {
-        config.snat_v6
-    };
     let rewrite = Rewrite {
         hop: NextHop {
             family: ip.family,
             proto: ip.proto,
             ip_len: ip.ip_len,
-            src: snat,
+            src: *config.nat_source(ip.family),
             dst: selected.backend.addr,
             cache_slot: selected.backend_id,
         },

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, Map, MapData, MapError,
+    Array, MapData, MapError,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::IpNet;
@@ -19,7 +19,7 @@ use lb_common::{
     maps::{BLOCKLIST_COUNT, BlockV4, BlockV6},
 };
 
-use super::DataplaneError;
+use super::{DataplaneError, map_error, open_pinned};
 
 /// A blocked prefix and when it stops being blocked (`None`: never).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,30 +35,12 @@ pub struct Blocklist {
     entries: Array<MapData, u32>,
 }
 
-fn open_trie<K: aya::Pod>(
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<LpmTrie<MapData, K, u32>, DataplaneError> {
-    let path = pin_dir.join(name);
-    let data =
-        MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned { path, source })?;
-    LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| DataplaneError::Map { name, source })
-}
-
-fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
 impl Blocklist {
     pub fn open(pin_dir: &Path) -> Result<Self, DataplaneError> {
-        let path = pin_dir.join(map_names::BLOCKLIST_ENTRIES);
-        let entries = MapData::from_pin(&path)
-            .map_err(|source| DataplaneError::OpenPinned { path, source })?;
         Ok(Blocklist {
-            v4: open_trie(pin_dir, map_names::BLOCKLIST_V4)?,
-            v6: open_trie(pin_dir, map_names::BLOCKLIST_V6)?,
-            entries: Array::try_from(Map::Array(entries))
-                .map_err(map_error(map_names::BLOCKLIST_ENTRIES))?,
+            v4: open_pinned(pin_dir, map_names::BLOCKLIST_V4)?,
+            v6: open_pinned(pin_dir, map_names::BLOCKLIST_V6)?,
+            entries: open_pinned(pin_dir, map_names::BLOCKLIST_ENTRIES)?,
         })
     }
 

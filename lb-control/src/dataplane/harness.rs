@@ -10,8 +10,8 @@ use aya::{
 use lb_common::program_names;
 
 use super::{
-    ApplyReport, DataplaneError, LbSettings, MapSizes, ProtoStats, ServiceSpec, bpffs,
-    load_lb_object, loaded_proto_stats, pin_dir, require_root, service_maps, services, xdp_program,
+    ApplyReport, DataplaneError, LbSettings, MapSizes, ProtoStats, ServiceSpec, load_lb_object,
+    loaded_proto_stats, prepare_pin_dir, require_root, service_maps, services, xdp_program,
 };
 
 /// An XDP verdict.
@@ -60,12 +60,7 @@ const MAX_OUTPUT: usize = 9216;
 impl ProgramHarness {
     pub fn load(bpffs: &Path, instance: &str) -> Result<Self, DataplaneError> {
         require_root()?;
-        bpffs::ensure_mounted(bpffs)?;
-        let pin_dir = pin_dir(bpffs, instance);
-        std::fs::create_dir_all(&pin_dir).map_err(|source| DataplaneError::PinDir {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        let pin_dir = prepare_pin_dir(bpffs, instance)?;
         let loaded = load_lb_object(
             &pin_dir,
             MapSizes {

@@ -18,7 +18,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Map, MapData, PerCpuArray},
+    maps::{Map, MapData, MapError, PerCpuArray},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -139,14 +139,7 @@ impl Dataplane {
             .iter()
             .map(|name| interface_index(name).map(|index| (name.as_str(), index)))
             .collect::<Result<Vec<_>, _>>()?;
-        if bpffs::ensure_mounted(&config.bpffs)? == BpffsState::MountedNow {
-            info!(path = %config.bpffs.display(), "mounted a BPF filesystem");
-        }
-        let pin_dir = pin_dir(&config.bpffs, &config.instance);
-        std::fs::create_dir_all(&pin_dir).map_err(|source| DataplaneError::PinDir {
-            path: pin_dir.clone(),
-            source,
-        })?;
+        let pin_dir = prepare_pin_dir(&config.bpffs, &config.instance)?;
 
         let mut ebpf = load_lb_object(
             &pin_dir,
@@ -250,7 +243,7 @@ fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
         name: &'static str,
     ) -> Result<T, DataplaneError> {
         let map = map.ok_or(DataplaneError::MissingMap { name })?;
-        T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+        T::try_from(map).map_err(map_error(name))
     }
     Ok(services::Maps {
         config: typed(config, map_names::CONFIG)?,
@@ -269,10 +262,7 @@ fn loaded_proto_stats(ebpf: &Ebpf) -> Result<ProtoStats, DataplaneError> {
             name: map_names::PROTO_STATS,
         })?;
     let array =
-        PerCpuArray::<_, Counters>::try_from(map).map_err(|source| DataplaneError::Map {
-            name: map_names::PROTO_STATS,
-            source,
-        })?;
+        PerCpuArray::<_, Counters>::try_from(map).map_err(map_error(map_names::PROTO_STATS))?;
     sum_proto_stats(&array)
 }
 
@@ -339,20 +329,40 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join(instance)
 }
 
+/// Mounts the BPF filesystem if needed and creates the instance's pin directory.
+fn prepare_pin_dir(bpffs: &Path, instance: &str) -> Result<PathBuf, DataplaneError> {
+    if bpffs::ensure_mounted(bpffs)? == BpffsState::MountedNow {
+        info!(path = %bpffs.display(), "mounted a BPF filesystem");
+    }
+    let pin_dir = pin_dir(bpffs, instance);
+    std::fs::create_dir_all(&pin_dir).map_err(|source| DataplaneError::PinDir {
+        path: pin_dir.clone(),
+        source,
+    })?;
+    Ok(pin_dir)
+}
+
+/// Opens the map `name` pinned in `pin_dir`, typed: how the CLI reads a running instance.
+fn open_pinned<T: TryFrom<Map, Error = MapError>>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<T, DataplaneError> {
+    let path = pin_dir.join(name);
+    let data =
+        MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned { path, source })?;
+    let map = Map::from_map_data(data).map_err(map_error(name))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// Names the map in a map error.
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
 /// Reads the per-protocol counters that a running (or earlier) instance pinned, without
 /// loading anything: what `lb-control stats` shows.
 pub fn read_pinned_proto_stats(pin_dir: &Path) -> Result<ProtoStats, DataplaneError> {
-    let path = pin_dir.join(map_names::PROTO_STATS);
-    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned {
-        path: path.clone(),
-        source,
-    })?;
-    let array = PerCpuArray::<_, Counters>::try_from(Map::PerCpuArray(data)).map_err(|source| {
-        DataplaneError::Map {
-            name: map_names::PROTO_STATS,
-            source,
-        }
-    })?;
+    let array: PerCpuArray<MapData, Counters> = open_pinned(pin_dir, map_names::PROTO_STATS)?;
     sum_proto_stats(&array)
 }
 
@@ -379,10 +389,7 @@ fn sum_proto_stats<T: std::borrow::Borrow<MapData>>(
     for slot in ProtoSlot::ALL {
         let per_cpu = array
             .get(&(slot as u32), 0)
-            .map_err(|source| DataplaneError::Map {
-                name: map_names::PROTO_STATS,
-                source,
-            })?;
+            .map_err(map_error(map_names::PROTO_STATS))?;
         let mut sum = Counters::default();
         for counters in per_cpu.iter() {
             sum.add(counters);

@@ -22,7 +22,7 @@ use lb_common::{
 };
 use tracing::{debug, warn};
 
-use super::DataplaneError;
+use super::{DataplaneError, map_error};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -263,10 +263,6 @@ impl Ids {
 fn first_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
     let used: BTreeSet<u32> = used.copied().collect();
     (0..).find(|id| !used.contains(id)).unwrap_or(0)
-}
-
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
 }
 
 /// The maps `apply` writes, borrowed from the loaded object.

@@ -3,14 +3,14 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
     map_names,
     maps::{Backend, BackendStats, DropReason, MAX_BACKENDS, Service, ServiceKey, ServiceStats},
 };
 
 use super::{
-    DataplaneError, ProtoStats, read_pinned_proto_stats,
+    DataplaneError, ProtoStats, map_error, open_pinned, read_pinned_proto_stats,
     services::{Protocol, addr_from_bytes},
 };
 
@@ -43,21 +43,10 @@ pub struct BackendCounters {
     pub new_flows: u64,
 }
 
-fn open(pin_dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
-    let path = pin_dir.join(name);
-    MapData::from_pin(&path).map_err(|source| DataplaneError::OpenPinned { path, source })
-}
-
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
-}
-
 pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
     let protocols = read_pinned_proto_stats(pin_dir)?;
 
-    let drop_stats: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::DROP_STATS)?))
-            .map_err(map_error(map_names::DROP_STATS))?;
+    let drop_stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, map_names::DROP_STATS)?;
     let mut drops = BTreeMap::new();
     for reason in DropReason::ALL {
         let per_cpu = drop_stats
@@ -66,12 +55,10 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
         drops.insert(reason.name(), per_cpu.iter().sum());
     }
 
-    let services: HashMap<_, ServiceKey, Service> =
-        HashMap::try_from(Map::HashMap(open(pin_dir, map_names::SERVICES)?))
-            .map_err(map_error(map_names::SERVICES))?;
-    let service_stats: PerCpuArray<_, ServiceStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::SERVICE_STATS)?))
-            .map_err(map_error(map_names::SERVICE_STATS))?;
+    let services: HashMap<MapData, ServiceKey, Service> =
+        open_pinned(pin_dir, map_names::SERVICES)?;
+    let service_stats: PerCpuArray<MapData, ServiceStats> =
+        open_pinned(pin_dir, map_names::SERVICE_STATS)?;
     let mut service_rows = Vec::new();
     for entry in services.iter() {
         let (key, service) = entry.map_err(map_error(map_names::SERVICES))?;
@@ -100,12 +87,9 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
     }
     service_rows.sort_by(|a, b| a.service.cmp(&b.service));
 
-    let backends: Array<_, Backend> =
-        Array::try_from(Map::Array(open(pin_dir, map_names::BACKENDS)?))
-            .map_err(map_error(map_names::BACKENDS))?;
-    let backend_stats: PerCpuArray<_, BackendStats> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(pin_dir, map_names::BACKEND_STATS)?))
-            .map_err(map_error(map_names::BACKEND_STATS))?;
+    let backends: Array<MapData, Backend> = open_pinned(pin_dir, map_names::BACKENDS)?;
+    let backend_stats: PerCpuArray<MapData, BackendStats> =
+        open_pinned(pin_dir, map_names::BACKEND_STATS)?;
     let mut backend_rows = Vec::new();
     for id in 0..MAX_BACKENDS {
         let backend = backends
