@@ -4,6 +4,8 @@
 //! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
 //! - [`netns`]: entering a named network namespace.
 
+pub mod backends;
 pub mod config;
 pub mod dataplane;
+pub mod metrics;
 pub mod netns;

@@ -1,0 +1,184 @@
+//! The records of the backend set, as the store keeps them and the admin API shows them.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::dataplane::{ForwardingMode, Protocol};
+
+/// Store-assigned id of a service (never reused).
+pub type ServiceId = i64;
+/// Store-assigned id of a backend (never reused).
+pub type BackendId = i64;
+
+/// The port Substrate nodes serve JSON-RPC on by default.
+pub const DEFAULT_RPC_PORT: u16 = 9944;
+
+/// What an operator decided about a backend; health decides the rest.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    ToSchema,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// In rotation while healthy.
+    #[default]
+    Enabled,
+    /// Keeps its established flows, gets no new ones.
+    Draining,
+    /// Out of rotation: its flows move to other backends.
+    Disabled,
+}
+
+/// Where a record came from: config-file records follow the file on reload; API records are
+/// left alone by a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Config,
+    Api,
+}
+
+/// How a service's backends are checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// TCP connect to the node's RPC port, then JSON-RPC `system_health` and block numbers.
+    #[default]
+    Substrate,
+    /// TCP connect to the backend's own address only.
+    Tcp,
+    /// Never checked: always healthy.
+    None,
+}
+
+/// A service as an operator defines it; (vip, port, protocol) identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceDef {
+    #[schema(value_type = String, example = "192.0.2.10")]
+    pub vip: IpAddr,
+    pub port: u16,
+    #[schema(value_type = String, example = "tcp")]
+    pub protocol: Protocol,
+    #[schema(value_type = String, example = "nat")]
+    pub mode: ForwardingMode,
+    pub check: HealthCheck,
+}
+
+impl ServiceDef {
+    /// Two services with the same key cannot coexist.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            vip: self.vip,
+            port: self.port,
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// A service's identity: `192.0.2.10:9944/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{}/{protocol}", SocketAddr::new(self.vip, self.port))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Service {
+    pub id: ServiceId,
+    #[serde(flatten)]
+    pub def: ServiceDef,
+    pub origin: Origin,
+}
+
+/// A backend as an operator defines it; (service, address) identifies it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackendDef {
+    /// Where the service's packets go: the node's address and the service's port on it.
+    #[schema(value_type = String, example = "198.51.100.11:9944")]
+    pub address: SocketAddr,
+    /// The node's JSON-RPC port (health checks and the gateway), on the same address.
+    pub rpc_port: u16,
+    /// Relative share of new connections (1 or more).
+    pub weight: u32,
+    pub admin: AdminState,
+}
+
+impl BackendDef {
+    /// The node's JSON-RPC endpoint: what the health checker checks and the gateway calls.
+    pub fn rpc_endpoint(&self) -> SocketAddr {
+        SocketAddr::new(self.address.ip(), self.rpc_port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Backend {
+    pub id: BackendId,
+    pub service: ServiceId,
+    #[serde(flatten)]
+    pub def: BackendDef,
+    pub origin: Origin,
+}
+
+/// Store-assigned id of an API key (never reused).
+pub type ApiKeyId = i64;
+
+/// Per-key request rate limit (GCRA: a steady rate and a burst allowance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RateLimit {
+    /// Requests per second, sustained.
+    pub rps: u32,
+    /// Requests allowed at once above the steady rate.
+    pub burst: u32,
+}
+
+/// An API key as stored: the secret itself is never kept, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: ApiKeyId,
+    pub name: String,
+    pub secret_sha256: [u8; 32],
+    /// None: unlimited.
+    pub rate_limit: Option<RateLimit>,
+    pub created: SystemTime,
+    pub last_used: Option<SystemTime>,
+    pub revoked: Option<SystemTime>,
+}
+
+/// One line of the event log: every change to the backend set and to API keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: i64,
+    pub at: SystemTime,
+    /// What happened, e.g. `backend.added`, `backend.health`, `key.revoked`.
+    pub kind: String,
+    /// What it happened to, e.g. `backend 3 (10.200.11.2:9944)`.
+    pub subject: String,
+    /// Why, e.g. `api`, `config reload`, `health: best block 12 behind the cluster`.
+    pub detail: String,
+}

@@ -1,0 +1,143 @@
+//! Prometheus metrics of the control plane. Each module records into the families here; the
+//! admin API's `/metrics` encodes the registry (plus the kernel counters, read at scrape time).
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// A backend, as metrics label it: `service="10.200.0.10:9944/tcp", backend="10.200.11.2:9944"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub backend: String,
+}
+
+/// A change of a backend's effective state and what caused it (`api`, `health`, `config`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub service: String,
+    pub backend: String,
+    pub to: String,
+    pub cause: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// A node's RPC endpoint, as the health checker sees it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub node: String,
+    /// `ok`, or why the check failed: `unreachable`, `timeout`, `syncing`, `no_peers`, `lagging`,
+    /// `stalled`, `bad_answer`.
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdminRequestLabels {
+    pub method: String,
+    /// The route's template (`/v1/backends/{id}`), not the concrete path.
+    pub route: String,
+    pub status: u16,
+}
+
+/// Every metric family of the control plane, registered once.
+#[derive(Debug)]
+pub struct Metrics {
+    /// 1 for a backend in the kernel's Maglev table (gets new flows), else 0.
+    pub backend_in_rotation: Family<BackendLabels, Gauge>,
+    pub backend_transitions: Family<TransitionLabels, Counter>,
+    /// Changes applied to the backend set (each recomputes Maglev and pushes to the kernel).
+    pub backend_set_changes: Counter,
+    /// 1 while every backend of the service is unhealthy and the least-bad ones are kept.
+    pub service_fallback: Family<ServiceLabels, Gauge>,
+    pub health_checks: Family<CheckLabels, Counter>,
+    pub health_check_seconds: Family<NodeLabels, Histogram>,
+    pub node_best_block: Family<NodeLabels, Gauge>,
+    pub node_finalized_block: Family<NodeLabels, Gauge>,
+    pub node_lag_blocks: Family<NodeLabels, Gauge>,
+    pub admin_requests: Family<AdminRequestLabels, Counter>,
+}
+
+impl Metrics {
+    /// Creates the families and registers them in `registry` under the `lb` prefix.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let metrics = Metrics {
+            backend_in_rotation: Family::default(),
+            backend_transitions: Family::default(),
+            backend_set_changes: Counter::default(),
+            service_fallback: Family::default(),
+            health_checks: Family::default(),
+            health_check_seconds: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ])
+            }),
+            node_best_block: Family::default(),
+            node_finalized_block: Family::default(),
+            node_lag_blocks: Family::default(),
+            admin_requests: Family::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("lb");
+        registry.register(
+            "backend_in_rotation",
+            "1 when the backend is in its service's Maglev table (gets new flows)",
+            metrics.backend_in_rotation.clone(),
+        );
+        registry.register(
+            "backend_transitions",
+            "Changes of a backend's effective state, by new state and cause",
+            metrics.backend_transitions.clone(),
+        );
+        registry.register(
+            "backend_set_changes",
+            "Changes applied to the backend set and pushed to the kernel",
+            metrics.backend_set_changes.clone(),
+        );
+        registry.register(
+            "service_fallback",
+            "1 while every backend of the service is unhealthy and the least-bad ones are kept in rotation",
+            metrics.service_fallback.clone(),
+        );
+        registry.register(
+            "health_checks",
+            "Health checks by node and result",
+            metrics.health_checks.clone(),
+        );
+        registry.register(
+            "health_check_duration_seconds",
+            "Time a health check took, connect included",
+            metrics.health_check_seconds.clone(),
+        );
+        registry.register(
+            "node_best_block",
+            "The node's best block number at its last check",
+            metrics.node_best_block.clone(),
+        );
+        registry.register(
+            "node_finalized_block",
+            "The node's finalized block number at its last check",
+            metrics.node_finalized_block.clone(),
+        );
+        registry.register(
+            "node_lag_blocks",
+            "Blocks the node's best block is behind the cluster's best",
+            metrics.node_lag_blocks.clone(),
+        );
+        registry.register(
+            "admin_requests",
+            "Admin API requests by method, route and status",
+            metrics.admin_requests.clone(),
+        );
+        metrics
+    }
+}
