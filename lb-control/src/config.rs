@@ -11,10 +11,17 @@ use lb_common::{maglev::DEFAULT_TABLE_SIZE, maps::DEFAULT_MAX_FLOWS};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::dataplane::{
-    self, AttachMode, BackendSpec, BackendState, DEFAULT_BPFFS, ForwardingMode, LbSettings,
-    Protocol, ServiceSpec,
+use crate::{
+    backends::{self, AdminState, BackendDef, DEFAULT_RPC_PORT, Declared, HealthCheck, ServiceDef},
+    dataplane::{
+        self, AttachMode, BackendSpec, BackendState, DEFAULT_BPFFS, ForwardingMode, LbSettings,
+        Protocol, ServiceSpec,
+    },
+    health::HealthSettings,
 };
+
+/// Admin tokens shorter than this are guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Linux limits interface names to 15 bytes (IFNAMSIZ less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
@@ -25,8 +32,15 @@ pub struct Config {
     /// Names this load balancer on the host: its maps are pinned under `<bpffs>/<instance>/`.
     #[serde(default = "default_instance")]
     pub instance: String,
+    /// Holds the state store (`state.db`) and the generated admin token.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     #[serde(default)]
     pub dataplane: DataplaneSection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub health: HealthSettings,
     /// L4 services balanced in the kernel.
     #[serde(default)]
     pub services: Vec<ServiceSection>,
@@ -44,6 +58,8 @@ pub struct ServiceSection {
     #[serde(default)]
     pub mode: ForwardingMode,
     #[serde(default)]
+    pub check: HealthCheck,
+    #[serde(default)]
     pub backends: Vec<BackendSection>,
 }
 
@@ -51,10 +67,27 @@ pub struct ServiceSection {
 #[serde(deny_unknown_fields)]
 pub struct BackendSection {
     pub address: SocketAddr,
+    #[serde(default = "default_rpc_port")]
+    pub rpc_port: u16,
     #[serde(default = "default_weight")]
     pub weight: u32,
     #[serde(default)]
-    pub state: BackendState,
+    pub admin: AdminState,
+}
+
+/// The admin REST API.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Keep it on loopback unless a firewall guards it: it can change everything.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// The bearer token, inline. Prefer `token_file` or the `LB_ADMIN_TOKEN` environment
+    /// variable; with none of them, a token is generated into `<state_dir>/admin.token`.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// What to do with fragments of service traffic (their ports are unknown).
@@ -119,9 +152,22 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             instance: default_instance(),
+            state_dir: default_state_dir(),
             dataplane: DataplaneSection::default(),
+            admin: AdminSection::default(),
+            health: HealthSettings::default(),
             services: Vec::new(),
             log: LogSection::default(),
+        }
+    }
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: default_admin_listen(),
+            token: None,
+            token_file: None,
         }
     }
 }
@@ -146,6 +192,21 @@ impl Default for DataplaneSection {
 
 fn default_instance() -> String {
     "lb".to_owned()
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/lb-control")
+}
+
+/// The admin API's default address: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9900);
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN
+}
+
+fn default_rpc_port() -> u16 {
+    DEFAULT_RPC_PORT
 }
 
 fn default_bpffs() -> PathBuf {
@@ -259,6 +320,49 @@ impl Config {
                 reason: problem,
             });
         }
+        for (i, service) in self.services.iter().enumerate() {
+            for (j, backend) in service.backends.iter().enumerate() {
+                let field = |name: &str| format!("services[{i}].backends[{j}].{name}");
+                if let Err(error) = backends::validate_weight(backend.weight) {
+                    problems.push(Problem {
+                        field: field("weight"),
+                        reason: error.to_string(),
+                    });
+                }
+                if backend.rpc_port == 0 {
+                    problems.push(Problem {
+                        field: field("rpc_port"),
+                        reason: "port 0 is not a port a node can listen on".to_owned(),
+                    });
+                }
+            }
+        }
+        for (field, reason) in self.health.problems() {
+            problems.push(Problem { field, reason });
+        }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            problems.push(Problem {
+                field: "admin.token_file".to_owned(),
+                reason: "give the token inline or in a file, not both".to_owned(),
+            });
+        }
+        if self
+            .admin
+            .token
+            .as_deref()
+            .is_some_and(|token| token.len() < MIN_TOKEN_LEN)
+        {
+            problems.push(Problem {
+                field: "admin.token".to_owned(),
+                reason: format!("too short: use at least {MIN_TOKEN_LEN} characters"),
+            });
+        }
+        if !self.state_dir.is_absolute() {
+            problems.push(Problem {
+                field: "state_dir".to_owned(),
+                reason: format!("\"{}\" is not an absolute path", self.state_dir.display()),
+            });
+        }
         if !self.dataplane.bpffs.is_absolute() {
             problems.push(Problem {
                 field: "dataplane.bpffs".to_owned(),
@@ -287,7 +391,39 @@ impl Config {
         }
     }
 
-    pub fn service_specs(&self) -> Vec<ServiceSpec> {
+    /// The services and backends the file declares, for the backend set.
+    pub fn declared(&self) -> Declared {
+        Declared {
+            services: self
+                .services
+                .iter()
+                .map(|service| {
+                    let def = ServiceDef {
+                        vip: service.vip,
+                        port: service.port,
+                        protocol: service.protocol,
+                        mode: service.mode,
+                        check: service.check,
+                    };
+                    let backends = service
+                        .backends
+                        .iter()
+                        .map(|backend| BackendDef {
+                            address: backend.address,
+                            rpc_port: backend.rpc_port,
+                            weight: backend.weight,
+                            admin: backend.admin,
+                        })
+                        .collect();
+                    (def, backends)
+                })
+                .collect(),
+        }
+    }
+
+    /// The declared services as the kernel would get them with every backend up: checks the
+    /// kernel's limits before anything starts.
+    fn service_specs(&self) -> Vec<ServiceSpec> {
         self.services
             .iter()
             .map(|service| ServiceSpec {
@@ -301,7 +437,7 @@ impl Config {
                     .map(|backend| BackendSpec {
                         addr: backend.address,
                         weight: backend.weight,
-                        state: backend.state,
+                        state: BackendState::Up,
                     })
                     .collect(),
             })
@@ -359,7 +495,7 @@ mod tests {
     fn annotated_example_config_is_valid() {
         let config = parse(include_str!("../../examples/lb.toml")).expect("examples/lb.toml");
         assert_eq!(config.services.len(), 1);
-        assert_eq!(config.services[0].backends[2].state, BackendState::Draining);
+        assert_eq!(config.services[0].backends[2].admin, AdminState::Draining);
     }
 
     #[test]

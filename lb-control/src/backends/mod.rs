@@ -1,6 +1,847 @@
-//! The backend set: every service and backend with its admin and health state. One path
-//! applies every change (API, health, config reload): store, Maglev, kernel, gateway view.
+//! The backend set: every service and backend with its admin and health state.
+//!
+//! One path applies every change, whatever its cause (admin API, health checker, config
+//! reload): the change and its events are written to the store in one durable transaction, the
+//! effective states are recomputed, every Maglev table is rebuilt once and pushed to the kernel,
+//! the gateway's view is replaced, one line is logged and the metrics are updated. Nothing is
+//! changed in memory or in the kernel unless the store write succeeded.
 
 pub mod model;
+mod reload;
+pub mod rotation;
 
-pub use model::*;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{Mutex, watch};
+use tracing::{error, info, warn};
+use utoipa::ToSchema;
+
+pub use self::{
+    model::*,
+    reload::Declared,
+    rotation::{Placement, State},
+};
+use crate::{
+    dataplane::{self, ApplyReport, BackendSpec, DataplaneError, LbSettings, ServiceSpec},
+    health::{HealthSnapshot, NodeHealth, Target},
+    metrics::{BackendLabels, Metrics, ServiceLabels, TransitionLabels},
+    store::{Store, StoreError, Tx},
+};
+
+/// Where the backend set's tables go: the XDP program's maps.
+pub trait KernelTables: Send {
+    fn apply(
+        &mut self,
+        settings: &LbSettings,
+        services: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError>;
+
+    /// A clean shutdown: traffic to the services stops being balanced.
+    fn detach(&mut self) -> Result<(), DataplaneError>;
+}
+
+impl KernelTables for dataplane::Dataplane {
+    fn apply(
+        &mut self,
+        settings: &LbSettings,
+        services: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError> {
+        dataplane::Dataplane::apply(self, settings, services)
+    }
+
+    fn detach(&mut self) -> Result<(), DataplaneError> {
+        dataplane::Dataplane::detach(self)
+    }
+}
+
+/// Why a change was refused or failed; the admin API maps each to its HTTP status.
+#[derive(Debug, Error)]
+pub enum ChangeError {
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    #[error("{what} already exists")]
+    Conflict { what: String },
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("state store: {0}")]
+    Store(StoreError),
+    #[error("kernel tables: {0}")]
+    Kernel(#[from] DataplaneError),
+}
+
+impl From<StoreError> for ChangeError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict { what } => ChangeError::Conflict { what },
+            other => ChangeError::Store(other),
+        }
+    }
+}
+
+/// What caused a change: shows in the log, the event log and the transition metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Api,
+    Health,
+    Config,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cause::Api => "api",
+            Cause::Health => "health",
+            Cause::Config => "config",
+        }
+    }
+}
+
+/// A backend as the gateway and the health checker see it.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct BackendView {
+    #[serde(flatten)]
+    pub backend: Backend,
+    pub state: State,
+    /// Kept in rotation although unhealthy, because its whole service is.
+    pub fallback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ServiceView {
+    #[serde(flatten)]
+    pub service: Service,
+    /// `192.0.2.10:9944/tcp`
+    pub name: String,
+    pub backends: Vec<BackendView>,
+}
+
+/// The whole backend set at one moment; replaced (never mutated) on every change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+pub struct ClusterView {
+    pub services: Vec<ServiceView>,
+}
+
+impl ClusterView {
+    /// Every node endpoint the health checker should watch, once each.
+    pub fn health_targets(&self) -> Vec<Target> {
+        let targets: BTreeSet<Target> = self
+            .services
+            .iter()
+            .flat_map(|service| {
+                service
+                    .backends
+                    .iter()
+                    .filter(|backend| backend.state != State::Disabled)
+                    .map(|backend| rotation::health_target(&service.service, &backend.backend))
+            })
+            .collect();
+        targets.into_iter().collect()
+    }
+
+    pub fn backend(&self, id: BackendId) -> Option<(&ServiceView, &BackendView)> {
+        self.services.iter().find_map(|service| {
+            service
+                .backends
+                .iter()
+                .find(|backend| backend.backend.id == id)
+                .map(|backend| (service, backend))
+        })
+    }
+}
+
+/// A backend with its health, for the admin API and the CLI.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BackendStatus {
+    #[serde(flatten)]
+    pub view: BackendView,
+    /// The service's name, `192.0.2.10:9944/tcp`.
+    pub service_name: String,
+    /// None for a backend not checked yet, or of a service without checks.
+    pub health: Option<NodeHealth>,
+}
+
+struct Inner {
+    store: Store,
+    kernel: Box<dyn KernelTables>,
+    settings: LbSettings,
+    services: BTreeMap<ServiceId, Service>,
+    backends: BTreeMap<BackendId, Backend>,
+    health: Arc<HealthSnapshot>,
+    /// The placements last pushed to the kernel.
+    placements: BTreeMap<BackendId, Placement>,
+}
+
+/// The one owner of the backend set. Cheap to share: every method takes `&self`.
+pub struct BackendSet {
+    inner: Mutex<Inner>,
+    view: watch::Sender<Arc<ClusterView>>,
+    metrics: Arc<Metrics>,
+}
+
+impl BackendSet {
+    /// Loads the stored set, merges in what the config file declares (records the file
+    /// declares but the store lacks are added; config records the file no longer declares are
+    /// removed; stored values win for the rest, so runtime changes survive restarts) and
+    /// pushes the result to the kernel.
+    pub async fn start(
+        store: Store,
+        kernel: Box<dyn KernelTables>,
+        settings: LbSettings,
+        declared: &Declared,
+        metrics: Arc<Metrics>,
+    ) -> Result<BackendSet, ChangeError> {
+        let services = store.services()?;
+        let backends = store.backends()?;
+        let set = BackendSet {
+            inner: Mutex::new(Inner {
+                store,
+                kernel,
+                settings,
+                services: services.into_iter().map(|s| (s.id, s)).collect(),
+                backends: backends.into_iter().map(|b| (b.id, b)).collect(),
+                health: Arc::default(),
+                placements: BTreeMap::new(),
+            }),
+            view: watch::Sender::new(Arc::default()),
+            metrics,
+        };
+        set.commit(Cause::Config, "start", |draft, tx| {
+            reload::merge_at_start(draft, tx, declared)
+        })
+        .await?;
+        Ok(set)
+    }
+
+    /// The current view; `changed()` on it wakes on every change.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.subscribe()
+    }
+
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.borrow().clone()
+    }
+
+    /// Every backend with its state and health.
+    pub async fn backend_statuses(&self) -> Vec<BackendStatus> {
+        let view = self.view();
+        let health = self.inner.lock().await.health.clone();
+        view.services
+            .iter()
+            .flat_map(|service| {
+                service.backends.iter().map(|backend| BackendStatus {
+                    view: backend.clone(),
+                    service_name: service.name.clone(),
+                    health: health
+                        .nodes
+                        .get(&rotation::health_target(&service.service, &backend.backend))
+                        .cloned(),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn backend_status(&self, id: BackendId) -> Result<BackendStatus, ChangeError> {
+        self.backend_statuses()
+            .await
+            .into_iter()
+            .find(|status| status.view.backend.id == id)
+            .ok_or_else(|| not_found_backend(id))
+    }
+
+    /// The latest health snapshot the set acted on.
+    pub async fn health(&self) -> Arc<HealthSnapshot> {
+        self.inner.lock().await.health.clone()
+    }
+
+    pub async fn add_service(&self, def: ServiceDef) -> Result<Service, ChangeError> {
+        let name = def.key().to_string();
+        self.commit(Cause::Api, &format!("service {name} added"), |draft, tx| {
+            draft.add_service(tx, def, Origin::Api)
+        })
+        .await
+    }
+
+    /// Removes a service and its backends.
+    pub async fn remove_service(&self, id: ServiceId) -> Result<Service, ChangeError> {
+        self.commit(Cause::Api, &format!("service {id} removed"), |draft, tx| {
+            draft.remove_service(tx, id, Cause::Api)
+        })
+        .await
+    }
+
+    pub async fn add_backend(
+        &self,
+        service: ServiceId,
+        def: BackendDef,
+    ) -> Result<Backend, ChangeError> {
+        let address = def.address;
+        self.commit(
+            Cause::Api,
+            &format!("backend {address} added to service {service}"),
+            |draft, tx| draft.add_backend(tx, service, def, Origin::Api),
+        )
+        .await
+    }
+
+    pub async fn remove_backend(&self, id: BackendId) -> Result<Backend, ChangeError> {
+        self.commit(Cause::Api, &format!("backend {id} removed"), |draft, tx| {
+            draft.remove_backend(tx, id, Cause::Api)
+        })
+        .await
+    }
+
+    pub async fn set_admin(
+        &self,
+        id: BackendId,
+        admin: AdminState,
+    ) -> Result<Backend, ChangeError> {
+        let label = serde_json::to_value(admin)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        self.commit(
+            Cause::Api,
+            &format!("backend {id} set {label}"),
+            |draft, tx| draft.update_backend(tx, id, Cause::Api, |def| def.admin = admin),
+        )
+        .await
+    }
+
+    pub async fn set_weight(&self, id: BackendId, weight: u32) -> Result<Backend, ChangeError> {
+        validate_weight(weight)?;
+        self.commit(
+            Cause::Api,
+            &format!("backend {id} weight set to {weight}"),
+            |draft, tx| draft.update_backend(tx, id, Cause::Api, |def| def.weight = weight),
+        )
+        .await
+    }
+
+    /// Applies what the config file now declares, diffed against what it declared before.
+    pub async fn reload(
+        &self,
+        settings: LbSettings,
+        before: &Declared,
+        after: &Declared,
+    ) -> Result<(), ChangeError> {
+        self.commit(Cause::Config, "config reloaded", |draft, tx| {
+            draft.settings = settings;
+            reload::apply_diff(draft, tx, before, after)
+        })
+        .await
+    }
+
+    /// Takes in a new health snapshot; pushes to the kernel only when a backend's placement
+    /// changes.
+    pub async fn apply_health(&self, snapshot: Arc<HealthSnapshot>) -> Result<(), ChangeError> {
+        let mut inner = self.inner.lock().await;
+        inner.health = snapshot;
+        let placements = inner.placements_now();
+        if placements == inner.placements {
+            return Ok(());
+        }
+        drop(inner);
+        self.commit(Cause::Health, "health changed", |_, _| Ok(()))
+            .await
+    }
+
+    /// Detaches the kernel program (a clean shutdown); the stored set stays for the next start.
+    pub async fn detach_kernel(&self) -> Result<(), DataplaneError> {
+        self.inner.lock().await.kernel.detach()
+    }
+
+    /// The one change path. `edit` changes a draft of the set and writes the same change to
+    /// the store; the draft replaces the set only after the store commit, and then the
+    /// kernel, the view, the log and the metrics follow.
+    async fn commit<T>(
+        &self,
+        cause: Cause,
+        what: &str,
+        edit: impl FnOnce(&mut Draft, &mut Tx<'_>) -> Result<T, ChangeError>,
+    ) -> Result<T, ChangeError> {
+        let mut inner = self.inner.lock().await;
+        let mut draft = Draft {
+            settings: inner.settings.clone(),
+            services: inner.services.clone(),
+            backends: inner.backends.clone(),
+        };
+        let health = inner.health.clone();
+        let before = inner.placements.clone();
+        let store = inner.store.clone();
+        // A durable commit waits for fsync: keep it off the async worker's hot path.
+        let (value, placements) = tokio::task::block_in_place(|| {
+            store.write(|tx| {
+                let value = edit(&mut draft, tx)?;
+                let placements = draft.placements(&health);
+                // The kernel's limits are checked before anything is committed.
+                let problems =
+                    dataplane::validate_services(&draft.settings, &draft.specs(&placements));
+                if !problems.is_empty() {
+                    return Err(ChangeError::Invalid {
+                        field: "services".to_owned(),
+                        reason: problems.join("; "),
+                    });
+                }
+                record_transitions(tx, &draft, &before, &placements, cause)?;
+                Ok((value, placements))
+            })
+        })?;
+        inner.settings = draft.settings.clone();
+        inner.services = draft.services.clone();
+        inner.backends = draft.backends.clone();
+        let specs = draft.specs(&placements);
+        let report = inner.kernel.apply(&inner.settings, &specs);
+        let view = Arc::new(draft.view(&placements));
+        let previous_view = self.view.send_replace(view.clone());
+        self.update_metrics(&previous_view, &view, cause);
+        inner.placements = placements;
+        match report {
+            Ok(report) => {
+                info!(
+                    cause = cause.name(),
+                    services = report.services,
+                    backends = report.backends,
+                    flows_purged = report.flows_purged,
+                    "{what}; {}",
+                    describe_rotation(&self.view())
+                );
+                Ok(value)
+            }
+            Err(error) => {
+                error!(
+                    cause = cause.name(),
+                    "{what}: the kernel tables were not updated: {error}"
+                );
+                Err(error.into())
+            }
+        }
+    }
+
+    fn update_metrics(&self, before: &ClusterView, view: &ClusterView, cause: Cause) {
+        self.metrics.backend_set_changes.inc();
+        // Backends and services that went away stop being reported.
+        for service in &before.services {
+            for backend in &service.backends {
+                if view.backend(backend.backend.id).is_none() {
+                    self.metrics.backend_in_rotation.remove(&BackendLabels {
+                        service: service.name.clone(),
+                        backend: backend.backend.def.address.to_string(),
+                    });
+                }
+            }
+            if !view
+                .services
+                .iter()
+                .any(|s| s.service.id == service.service.id)
+            {
+                self.metrics.service_fallback.remove(&ServiceLabels {
+                    service: service.name.clone(),
+                });
+            }
+        }
+        for service in &view.services {
+            let mut fallback = false;
+            for backend in &service.backends {
+                let labels = BackendLabels {
+                    service: service.name.clone(),
+                    backend: backend.backend.def.address.to_string(),
+                };
+                self.metrics
+                    .backend_in_rotation
+                    .get_or_create(&labels)
+                    .set(i64::from(backend.state == State::Up));
+                fallback |= backend.fallback;
+                let previous = before.backend(backend.backend.id).map(|(_, b)| b.state);
+                if previous != Some(backend.state) {
+                    self.metrics
+                        .backend_transitions
+                        .get_or_create(&TransitionLabels {
+                            service: labels.service,
+                            backend: labels.backend,
+                            to: backend.state.name().to_owned(),
+                            cause: cause.name().to_owned(),
+                        })
+                        .inc();
+                }
+            }
+            self.metrics
+                .service_fallback
+                .get_or_create(&ServiceLabels {
+                    service: service.name.clone(),
+                })
+                .set(i64::from(fallback));
+            if fallback {
+                error!(
+                    service = %service.name,
+                    "every backend of the service is unhealthy: keeping the least bad in rotation"
+                );
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn placements_now(&self) -> BTreeMap<BackendId, Placement> {
+        Draft {
+            settings: self.settings.clone(),
+            services: self.services.clone(),
+            backends: self.backends.clone(),
+        }
+        .placements(&self.health)
+    }
+}
+
+/// A copy of the set being changed.
+pub(crate) struct Draft {
+    pub settings: LbSettings,
+    pub services: BTreeMap<ServiceId, Service>,
+    pub backends: BTreeMap<BackendId, Backend>,
+}
+
+impl Draft {
+    fn placements(&self, health: &HealthSnapshot) -> BTreeMap<BackendId, Placement> {
+        self.services
+            .values()
+            .flat_map(|service| rotation::place(service, self.backends_of(service.id), health))
+            .collect()
+    }
+
+    fn backends_of(&self, service: ServiceId) -> impl Iterator<Item = &Backend> {
+        self.backends
+            .values()
+            .filter(move |backend| backend.service == service)
+    }
+
+    fn specs(&self, placements: &BTreeMap<BackendId, Placement>) -> Vec<ServiceSpec> {
+        self.services
+            .values()
+            .map(|service| ServiceSpec {
+                vip: service.def.vip,
+                port: service.def.port,
+                protocol: service.def.protocol,
+                mode: service.def.mode,
+                backends: self
+                    .backends_of(service.id)
+                    .map(|backend| BackendSpec {
+                        addr: backend.def.address,
+                        weight: backend.def.weight,
+                        state: placements
+                            .get(&backend.id)
+                            .map_or(State::Up, |p| p.state)
+                            .kernel(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn view(&self, placements: &BTreeMap<BackendId, Placement>) -> ClusterView {
+        ClusterView {
+            services: self
+                .services
+                .values()
+                .map(|service| ServiceView {
+                    service: service.clone(),
+                    name: service.def.key().to_string(),
+                    backends: self
+                        .backends_of(service.id)
+                        .map(|backend| {
+                            let placement =
+                                placements.get(&backend.id).copied().unwrap_or(Placement {
+                                    state: State::Up,
+                                    fallback: false,
+                                });
+                            BackendView {
+                                backend: backend.clone(),
+                                state: placement.state,
+                                fallback: placement.fallback,
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn service_name(&self, id: ServiceId) -> String {
+        self.services
+            .get(&id)
+            .map_or_else(|| format!("service {id}"), |s| s.def.key().to_string())
+    }
+
+    pub(crate) fn add_service(
+        &mut self,
+        tx: &mut Tx<'_>,
+        def: ServiceDef,
+        origin: Origin,
+    ) -> Result<Service, ChangeError> {
+        let key = def.key();
+        if self.services.values().any(|s| s.def.key() == key) {
+            return Err(ChangeError::Conflict {
+                what: format!("service {key}"),
+            });
+        }
+        let id = tx.insert_service(&def, origin)?;
+        tx.record_event(
+            "service.added",
+            &format!("service {id} ({key})"),
+            origin_name(origin),
+        )?;
+        let service = Service { id, def, origin };
+        self.services.insert(id, service.clone());
+        Ok(service)
+    }
+
+    pub(crate) fn remove_service(
+        &mut self,
+        tx: &mut Tx<'_>,
+        id: ServiceId,
+        cause: Cause,
+    ) -> Result<Service, ChangeError> {
+        let service = self
+            .services
+            .remove(&id)
+            .ok_or_else(|| ChangeError::NotFound {
+                what: format!("service {id}"),
+            })?;
+        tx.delete_service(id)?;
+        self.backends.retain(|_, backend| backend.service != id);
+        tx.record_event(
+            "service.removed",
+            &format!("service {id} ({})", service.def.key()),
+            cause.name(),
+        )?;
+        Ok(service)
+    }
+
+    pub(crate) fn update_service(
+        &mut self,
+        tx: &mut Tx<'_>,
+        id: ServiceId,
+        def: ServiceDef,
+    ) -> Result<Service, ChangeError> {
+        let service = self
+            .services
+            .get_mut(&id)
+            .ok_or_else(|| ChangeError::NotFound {
+                what: format!("service {id}"),
+            })?;
+        tx.update_service(id, &def)?;
+        tx.record_event(
+            "service.changed",
+            &format!("service {id} ({})", def.key()),
+            &format!("mode {:?}, check {:?}", def.mode, def.check),
+        )?;
+        service.def = def;
+        Ok(service.clone())
+    }
+
+    pub(crate) fn add_backend(
+        &mut self,
+        tx: &mut Tx<'_>,
+        service: ServiceId,
+        def: BackendDef,
+        origin: Origin,
+    ) -> Result<Backend, ChangeError> {
+        let owner = self
+            .services
+            .get(&service)
+            .ok_or_else(|| ChangeError::NotFound {
+                what: format!("service {service}"),
+            })?;
+        validate_weight(def.weight)?;
+        if def.address.is_ipv4() != owner.def.vip.is_ipv4() {
+            return Err(ChangeError::Invalid {
+                field: "address".to_owned(),
+                reason: format!(
+                    "{} is of another address family than the service's VIP {}",
+                    def.address, owner.def.vip
+                ),
+            });
+        }
+        if def.address.port() == 0 || def.rpc_port == 0 {
+            return Err(ChangeError::Invalid {
+                field: if def.rpc_port == 0 {
+                    "rpc_port"
+                } else {
+                    "address"
+                }
+                .to_owned(),
+                reason: "port 0 is not a port a node can listen on".to_owned(),
+            });
+        }
+        if self
+            .backends_of(service)
+            .any(|backend| backend.def.address == def.address)
+        {
+            return Err(ChangeError::Conflict {
+                what: format!("backend {} in service {}", def.address, owner.def.key()),
+            });
+        }
+        let id = tx.insert_backend(service, &def, origin)?;
+        tx.record_event(
+            "backend.added",
+            &format!(
+                "backend {id} ({}) of {}",
+                def.address,
+                self.service_name(service)
+            ),
+            origin_name(origin),
+        )?;
+        let backend = Backend {
+            id,
+            service,
+            def,
+            origin,
+        };
+        self.backends.insert(id, backend.clone());
+        Ok(backend)
+    }
+
+    pub(crate) fn remove_backend(
+        &mut self,
+        tx: &mut Tx<'_>,
+        id: BackendId,
+        cause: Cause,
+    ) -> Result<Backend, ChangeError> {
+        let backend = self
+            .backends
+            .remove(&id)
+            .ok_or_else(|| not_found_backend(id))?;
+        tx.delete_backend(id)?;
+        tx.record_event(
+            "backend.removed",
+            &format!("backend {id} ({})", backend.def.address),
+            cause.name(),
+        )?;
+        if backend.origin == Origin::Config && cause == Cause::Api {
+            warn!(
+                backend = %backend.def.address,
+                "removed a backend the config file declares: it comes back at the next start \
+                 unless it is removed from the file too"
+            );
+        }
+        Ok(backend)
+    }
+
+    pub(crate) fn update_backend(
+        &mut self,
+        tx: &mut Tx<'_>,
+        id: BackendId,
+        cause: Cause,
+        change: impl FnOnce(&mut BackendDef),
+    ) -> Result<Backend, ChangeError> {
+        let backend = self
+            .backends
+            .get_mut(&id)
+            .ok_or_else(|| not_found_backend(id))?;
+        let before = backend.def.clone();
+        change(&mut backend.def);
+        if backend.def != before {
+            tx.update_backend(id, &backend.def)?;
+            tx.record_event(
+                "backend.changed",
+                &format!("backend {id} ({})", backend.def.address),
+                &format!(
+                    "{}: weight {} -> {}, admin {:?} -> {:?}, rpc port {} -> {}",
+                    cause.name(),
+                    before.weight,
+                    backend.def.weight,
+                    before.admin,
+                    backend.def.admin,
+                    before.rpc_port,
+                    backend.def.rpc_port
+                ),
+            )?;
+        }
+        Ok(backend.clone())
+    }
+}
+
+/// An event per backend whose effective state changed.
+fn record_transitions(
+    tx: &mut Tx<'_>,
+    draft: &Draft,
+    before: &BTreeMap<BackendId, Placement>,
+    after: &BTreeMap<BackendId, Placement>,
+    cause: Cause,
+) -> Result<(), StoreError> {
+    for (id, placement) in after {
+        let previous = before.get(id).map(|p| p.state);
+        if previous.is_some() && previous != Some(placement.state) {
+            let address = draft.backends.get(id).map(|b| b.def.address.to_string());
+            tx.record_event(
+                "backend.state",
+                &format!("backend {id} ({})", address.unwrap_or_default()),
+                &format!(
+                    "{} -> {}{} ({})",
+                    previous.map_or("new", State::name),
+                    placement.state.name(),
+                    if placement.fallback {
+                        " (fallback)"
+                    } else {
+                        ""
+                    },
+                    cause.name()
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn origin_name(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Config => "config",
+        Origin::Api => "api",
+    }
+}
+
+fn not_found_backend(id: BackendId) -> ChangeError {
+    ChangeError::NotFound {
+        what: format!("backend {id}"),
+    }
+}
+
+/// Weights are relative shares; a cap keeps one backend from crowding the table's fill.
+pub const MAX_WEIGHT: u32 = 1000;
+
+pub fn validate_weight(weight: u32) -> Result<(), ChangeError> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(())
+    } else {
+        Err(ChangeError::Invalid {
+            field: "weight".to_owned(),
+            reason: format!("{weight} is not a weight: use 1 to {MAX_WEIGHT}"),
+        })
+    }
+}
+
+/// `svc 10.0.0.1:80/tcp: 2 up, 1 draining; …` for the change log line.
+fn describe_rotation(view: &ClusterView) -> String {
+    view.services
+        .iter()
+        .map(|service| {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for backend in &service.backends {
+                *counts.entry(backend.state.name()).or_default() += 1;
+            }
+            let counts: Vec<String> = counts
+                .iter()
+                .map(|(state, count)| format!("{count} {state}"))
+                .collect();
+            let counts = if counts.is_empty() {
+                "no backends".to_owned()
+            } else {
+                counts.join(", ")
+            };
+            format!("{}: {counts}", service.name)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

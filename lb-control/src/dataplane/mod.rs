@@ -193,8 +193,8 @@ impl Dataplane {
 
     /// Detaches the program from every interface (a clean shutdown): the link pins go, and with
     /// them the attachments. Maps stay pinned.
-    pub fn detach(self) -> Result<(), DataplaneError> {
-        for attachment in self.attached {
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        for attachment in self.attached.drain(..) {
             let path = link_pin_path(&self.pin_dir, &attachment.interface);
             attachment
                 .link

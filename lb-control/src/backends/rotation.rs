@@ -1,0 +1,116 @@
+//! Which backends are in rotation: admin state and health combined, with the "keep the least
+//! bad" fallback when a service has no healthy backend left. Pure, so every rule is testable.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::model::{AdminState, Backend, BackendId, HealthCheck, Service};
+use crate::{
+    dataplane::BackendState,
+    health::{Badness, HealthSnapshot, Target, Verdict},
+};
+
+/// A backend's effective state: what the kernel and the gateway act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Healthy (or not judged yet) and enabled: gets new flows.
+    Up,
+    /// Failed its health checks: out, its flows move to other backends.
+    Down,
+    /// Admin: keeps its flows, gets no new ones.
+    Draining,
+    /// Admin: out, its flows move to other backends.
+    Disabled,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Draining => "draining",
+            State::Disabled => "disabled",
+        }
+    }
+
+    pub fn kernel(self) -> BackendState {
+        match self {
+            State::Up => BackendState::Up,
+            State::Draining => BackendState::Draining,
+            State::Down | State::Disabled => BackendState::Down,
+        }
+    }
+}
+
+/// A backend's place in its service's rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub state: State,
+    /// Up only because every backend of its service is unhealthy and it is among the least bad.
+    pub fallback: bool,
+}
+
+/// What the health checker checks for a backend of `service`, if anything.
+pub fn health_target(service: &Service, backend: &Backend) -> Target {
+    let endpoint = match service.def.check {
+        HealthCheck::Tcp => backend.def.address,
+        HealthCheck::Substrate | HealthCheck::None => backend.def.rpc_endpoint(),
+    };
+    Target {
+        endpoint,
+        check: service.def.check,
+    }
+}
+
+/// The placement of each backend of `service`.
+pub fn place<'a>(
+    service: &Service,
+    backends: impl IntoIterator<Item = &'a Backend>,
+    health: &HealthSnapshot,
+) -> BTreeMap<BackendId, Placement> {
+    // A backend not judged yet counts as healthy: a new backend takes traffic at once, and its
+    // first check (which decides directly) takes it out if it is dead.
+    let judged = |backend: &Backend| -> Option<Badness> {
+        let node = health.nodes.get(&health_target(service, backend))?;
+        (node.verdict == Verdict::Unhealthy).then(|| node.badness.clone())
+    };
+    let mut placements = BTreeMap::new();
+    let mut unhealthy = Vec::new();
+    for backend in backends {
+        let failure = judged(backend);
+        let state = match (backend.def.admin, &failure) {
+            (AdminState::Disabled, _) => State::Disabled,
+            (_, Some(_)) => State::Down,
+            (AdminState::Draining, None) => State::Draining,
+            (AdminState::Enabled, None) => State::Up,
+        };
+        if let (AdminState::Enabled, Some(badness)) = (backend.def.admin, failure) {
+            unhealthy.push((badness, backend.id));
+        }
+        placements.insert(
+            backend.id,
+            Placement {
+                state,
+                fallback: false,
+            },
+        );
+    }
+    let any_up = placements.values().any(|p| p.state == State::Up);
+    if !any_up && let Some(least) = unhealthy.iter().map(|(badness, _)| badness).min().cloned() {
+        for (badness, id) in &unhealthy {
+            if *badness == least {
+                placements.insert(
+                    *id,
+                    Placement {
+                        state: State::Up,
+                        fallback: true,
+                    },
+                );
+            }
+        }
+    }
+    placements
+}
