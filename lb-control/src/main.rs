@@ -72,6 +72,9 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum)]
     xdp_mode: Option<AttachMode>,
+    /// Directory of the state store and the generated admin token; replaces the config's.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,10 +116,18 @@ fn main() -> ExitCode {
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+            let run_config = || {
+                let mut config =
+                    effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+                if let Some(state_dir) = &args.state_dir {
+                    config.state_dir = state_dir.clone();
+                }
+                anyhow::Ok(config)
+            };
+            let config = run_config()?;
             enter_netns(&args.instance)?;
             init_logging(cli.log_format.unwrap_or(config.log.format));
-            let reload = || effective_config(&args.instance, &args.interfaces, args.xdp_mode);
+            let reload = run_config;
             lb_control::daemon::run(config, reload)
         }
         Command::Stats(args) => {
