@@ -10,6 +10,7 @@
 //! - [`metrics`]: the Prometheus metric families.
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`netns`]: entering a named network namespace.
+//! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
 
 pub mod backends;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod daemon;
 pub mod dataplane;
 pub mod metrics;
 pub mod netns;
+pub mod store;
