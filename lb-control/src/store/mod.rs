@@ -123,18 +123,20 @@ impl Store {
 
     /// Runs `f` in one transaction (BEGIN IMMEDIATE) and commits; returns only after the commit is
     /// durable (fsync'd). On error, rolls back.
-    pub fn write<T>(
+    pub fn write<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut conn = self.lock();
         // IMMEDIATE takes the write lock up front, so a transaction that reads before it writes
         // cannot fail half-way with SQLITE_BUSY when another process writes meanwhile.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(StoreError::from)?;
         let mut tx = Tx::new(tx, self.events_kept);
         // On error the transaction is dropped, which rolls it back.
         let value = f(&mut tx)?;
-        tx.commit()?;
+        tx.commit().map_err(StoreError::from)?;
         Ok(value)
     }
 
