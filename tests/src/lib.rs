@@ -3,6 +3,12 @@
 //! - [`lab`] builds throwaway hosts (network namespaces joined by veth pairs) for tests and for
 //!   `cargo xtask run`.
 //! - [`sim_node`] is a fast simulated Polkadot node, also built as the `sim-node` binary.
+//! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
+//!   [`load`] keeps many such requests going and records each one's outcome.
+//! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file).
 
+pub mod bench;
 pub mod lab;
+pub mod load;
+pub mod rpc_client;
 pub mod sim_node;

@@ -22,10 +22,12 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{IO_TIMEOUT, system_health_from, wait_for};
+use common::{
+    KeepAlive, LbControl, ServiceConf, VIP_V4, connect, count_by_node, node_index,
+    open_connections, spread_of_new_connections, system_health_from, up, wait_for, with_admin,
+};
 use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, binary_path, in_netns, run_checked};
 
-const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 0x10);
 /// The NAT source port range lb-control uses by default.
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 20_000..=49_999;
@@ -38,194 +40,8 @@ fn start_lab() -> Lab {
 }
 
 // ---------------------------------------------------------------------------------------------
-// lb-control's config file and process
+// lb-control's counters and the nodes' sockets
 // ---------------------------------------------------------------------------------------------
-
-/// One backend of a service: a lab node and its admin state (`enabled`, `draining`,
-/// `disabled`). Health checks are off in these tests: they exercise the kernel path.
-#[derive(Debug, Clone, Copy)]
-struct BackendConf {
-    node: usize,
-    admin: &'static str,
-}
-
-fn up(node: usize) -> BackendConf {
-    BackendConf {
-        node,
-        admin: "enabled",
-    }
-}
-
-fn with_admin(node: usize, admin: &'static str) -> BackendConf {
-    BackendConf { node, admin }
-}
-
-/// A `[[services]]` entry.
-#[derive(Debug, Clone)]
-struct ServiceConf {
-    vip: IpAddr,
-    port: u16,
-    protocol: &'static str,
-    mode: &'static str,
-    backends: Vec<BackendConf>,
-}
-
-impl ServiceConf {
-    /// A TCP service on port 9944 in full NAT mode.
-    fn tcp(vip: impl Into<IpAddr>, backends: Vec<BackendConf>) -> ServiceConf {
-        ServiceConf {
-            vip: vip.into(),
-            port: SIM_NODE_RPC_PORT,
-            protocol: "tcp",
-            mode: "nat",
-            backends,
-        }
-    }
-
-    fn target(&self) -> SocketAddr {
-        SocketAddr::new(self.vip, self.port)
-    }
-}
-
-/// The config file text for `services` in `lab`: NAT from the LB's client-side addresses, DSR
-/// outer sources from 10.200.254.0/24 and fd00:200:254::/112.
-fn render_config(lab: &Lab, services: &[ServiceConf]) -> String {
-    let lb = lab.lb();
-    let mut text = format!(
-        "[dataplane]\nnat_source_v4 = \"{}\"\nnat_source_v6 = \"{}\"\n\
-         dsr_source_v4 = \"10.200.254.0\"\ndsr_source_v6 = \"fd00:200:254::\"\n",
-        lb.addr_v4, lb.addr_v6
-    );
-    for service in services {
-        let backends: Vec<String> = service
-            .backends
-            .iter()
-            .map(|backend| {
-                let node = lab.node(backend.node);
-                let addr = match service.vip {
-                    IpAddr::V4(_) => SocketAddr::from((node.addr_v4, service.port)),
-                    IpAddr::V6(_) => SocketAddr::from((node.addr_v6, service.port)),
-                };
-                format!("{{ address = \"{addr}\", admin = \"{}\" }}", backend.admin)
-            })
-            .collect();
-        text += &format!(
-            "\n[[services]]\nvip = \"{}\"\nport = {}\nprotocol = \"{}\"\nmode = \"{}\"\n\
-             check = \"none\"\nbackends = [{}]\n",
-            service.vip,
-            service.port,
-            service.protocol,
-            service.mode,
-            backends.join(", ")
-        );
-    }
-    text
-}
-
-/// lb-control running in the lab with XDP on the client- and node-facing interfaces, from a
-/// config file the test rewrites and reloads with SIGHUP.
-struct LbControl {
-    config_path: PathBuf,
-    pid: u32,
-    log_path: PathBuf,
-}
-
-impl LbControl {
-    fn start(lab: &mut Lab, services: &[ServiceConf]) -> anyhow::Result<LbControl> {
-        let config_path = lab.log_dir().join("l4.toml");
-        std::fs::write(&config_path, render_config(lab, services))?;
-        let mut lb_control = LbControl {
-            config_path,
-            pid: 0,
-            log_path: PathBuf::new(),
-        };
-        lb_control.spawn(lab)?;
-        Ok(lb_control)
-    }
-
-    /// Starts an lb-control process on the current config file and waits until it has applied
-    /// the services (on a restart the readiness pin already exists, so the log says when).
-    fn spawn(&mut self, lab: &mut Lab) -> anyhow::Result<()> {
-        let config = self.config_path.to_str().context("utf-8 config path")?;
-        let mut args = vec!["--config", config];
-        let node_ifaces = lab.lb().node_ifaces.clone();
-        for iface in &node_ifaces {
-            args.extend(["--interface", iface]);
-        }
-        let process = lab.spawn_lb_control(&args)?;
-        self.pid = process.pid();
-        self.log_path = process.log_path().to_owned();
-        wait_for("lb-control to apply the services", || {
-            Ok(self.applied_count()? >= 1)
-        })
-        .with_context(|| self.log_tail())
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.log();
-        let start = log.len().saturating_sub(3000);
-        format!(
-            "lb-control log {}:\n{}",
-            self.log_path.display(),
-            &log[log.floor_char_boundary(start)..]
-        )
-    }
-
-    fn applied_count(&self) -> anyhow::Result<usize> {
-        Ok(self.log().matches("services applied to the kernel").count())
-    }
-
-    /// Rewrites the config with `services`, sends SIGHUP and waits until lb-control has
-    /// applied it.
-    fn reload(&self, lab: &Lab, services: &[ServiceConf]) -> anyhow::Result<()> {
-        let before = self.applied_count()?;
-        let failures_before = self.log().matches("config reload failed").count();
-        std::fs::write(&self.config_path, render_config(lab, services))?;
-        self.signal(libc::SIGHUP);
-        wait_for("lb-control to apply the reloaded config", || {
-            let log = self.log();
-            ensure!(
-                log.matches("config reload failed").count() == failures_before,
-                "the reload failed"
-            );
-            Ok(log.matches("services applied to the kernel").count() > before)
-        })
-        .with_context(|| self.log_tail())
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: plain kill(2) of lb-control, a child of this process that is not reaped
-        // before the lab is dropped, so its pid cannot have been reused.
-        unsafe { libc::kill(self.pid as libc::pid_t, signal) };
-    }
-
-    /// Stops lb-control with `signal`, waits until it has exited, and starts a new one with
-    /// the same instance and config.
-    fn restart(&mut self, lab: &mut Lab, signal: libc::c_int) -> anyhow::Result<()> {
-        self.signal(signal);
-        let pid = self.pid;
-        wait_for(&format!("lb-control (pid {pid}) to exit"), || {
-            Ok(has_exited(pid))
-        })
-        .with_context(|| self.log_tail())?;
-        self.spawn(lab)
-    }
-}
-
-/// Whether process `pid`, a child of ours, has exited (it stays a zombie until reaped).
-fn has_exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => true,
-    }
-}
 
 /// Counters from `lb-control stats --json`, as a user reads them.
 fn stats(lab: &Lab) -> anyhow::Result<serde_json::Value> {
@@ -245,141 +61,6 @@ fn service_stats(stats: &serde_json::Value, name: &str) -> anyhow::Result<serde_
         .and_then(|services| services.iter().find(|row| row["service"] == name))
         .cloned()
         .with_context(|| format!("no service {name} in the stats:\n{stats:#}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP over long-lived connections
-// ---------------------------------------------------------------------------------------------
-
-/// A keep-alive HTTP/1.1 connection from the client namespace to a service, and the node
-/// that answered its first request.
-struct KeepAlive {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-    target: SocketAddr,
-    node: String,
-}
-
-impl KeepAlive {
-    /// Connects from `netns` and sends a first request, which decides the node.
-    fn open(netns: &str, target: SocketAddr) -> anyhow::Result<KeepAlive> {
-        let stream = connect(netns, target, IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        let reader = BufReader::new(stream.try_clone()?);
-        let mut connection = KeepAlive {
-            stream,
-            reader,
-            target,
-            node: String::new(),
-        };
-        connection.node = connection.system_health()?;
-        Ok(connection)
-    }
-
-    /// Posts `system_health` on this connection; returns the node that answered.
-    fn system_health(&mut self) -> anyhow::Result<String> {
-        self.send_request()?;
-        self.read_response()
-    }
-
-    fn send_request(&mut self) -> anyhow::Result<()> {
-        let body = r#"{"id":1,"jsonrpc":"2.0","method":"system_health","params":[]}"#;
-        // One write: a request in pieces would wait for delayed ACKs (Nagle).
-        let request = format!(
-            "POST / HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n\r\n{body}",
-            self.target,
-            body.len()
-        );
-        self.stream.write_all(request.as_bytes())?;
-        Ok(())
-    }
-
-    /// Reads one response; returns the node that sent it.
-    fn read_response(&mut self) -> anyhow::Result<String> {
-        let mut status = String::new();
-        if self.reader.read_line(&mut status)? == 0 {
-            bail!("connection closed before an answer");
-        }
-        ensure!(
-            status.split_whitespace().nth(1) == Some("200"),
-            "status {status:?}"
-        );
-        let (mut length, mut node) = (None, None);
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                bail!("connection closed in the middle of the headers");
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                let value = value.trim();
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = Some(value.parse::<usize>()?);
-                } else if name.eq_ignore_ascii_case("x-sim-node") {
-                    node = Some(value.to_owned());
-                }
-            }
-        }
-        let mut body = vec![0; length.context("no content-length")?];
-        self.reader.read_exact(&mut body)?;
-        node.context("no x-sim-node header")
-    }
-
-    /// The next request must be answered by the node of the first one.
-    fn check_same_node(&mut self) -> anyhow::Result<()> {
-        let local = self.stream.local_addr()?;
-        let node = self
-            .system_health()
-            .with_context(|| format!("connection {local} (on {})", self.node))?;
-        ensure!(
-            node == self.node,
-            "connection {local} moved from {} to {node}",
-            self.node
-        );
-        Ok(())
-    }
-}
-
-/// A TCP connection to `target` from inside `netns`, given at most `timeout` to connect.
-fn connect(netns: &str, target: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
-    in_netns(netns, || TcpStream::connect_timeout(&target, timeout))?
-        .with_context(|| format!("connecting from {netns} to {target}"))
-}
-
-/// Opens `count` keep-alive connections to `target` from the client.
-fn open_connections(lab: &Lab, target: SocketAddr, count: usize) -> anyhow::Result<Vec<KeepAlive>> {
-    (0..count)
-        .map(|_| KeepAlive::open(&lab.client().netns, target))
-        .collect()
-}
-
-/// How many connections each node answered.
-fn count_by_node(connections: &[KeepAlive]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for connection in connections {
-        *counts.entry(connection.node.clone()).or_default() += 1;
-    }
-    counts
-}
-
-/// Sends `count` one-request connections to `target`; returns how many each node answered.
-fn spread_of_new_connections(
-    lab: &Lab,
-    target: SocketAddr,
-    count: usize,
-) -> anyhow::Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
-    for attempt in 0..count {
-        let (node, _) = system_health_from(&lab.client().netns, target)
-            .with_context(|| format!("connection {} of {count} to {target}", attempt + 1))?;
-        let node = node.context("no x-sim-node header")?;
-        *counts.entry(node).or_default() += 1;
-    }
-    Ok(counts)
 }
 
 /// Every node gets `count / nodes` connections ± 40%: Maglev with the flow hash spreads many
@@ -436,12 +117,6 @@ fn established_on_rpc_port(netns: &str) -> anyhow::Result<Vec<(SocketAddr, Socke
             Ok((canonical(parse(local)?), canonical(parse(peer)?)))
         })
         .collect()
-}
-
-fn node_index(node: &str) -> anyhow::Result<usize> {
-    node.strip_prefix("node")
-        .and_then(|index| index.parse().ok())
-        .with_context(|| format!("node id {node:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -572,18 +247,12 @@ fn killed_node_flows_move_to_live_nodes() -> anyhow::Result<()> {
     // closing connections as it is killed) reaches anyone, as with a crashed machine.
     let dead = lab.node(1).clone();
     run_checked(Command::new("ip").args(["-n", &dead.netns, "link", "set", &dead.iface, "down"]))?;
-    let sim_node = lab
-        .processes()
-        .iter()
-        .find(|process| process.name() == "sim-node node1")
-        .context("sim-node node1 process")?;
-    // SAFETY: plain kill(2) of the lab's child process, not reaped before the lab is dropped.
-    unsafe { libc::kill(sim_node.pid() as libc::pid_t, libc::SIGKILL) };
+    lab.kill_sim_node(1)?;
 
     // Until lb-control marks it down, its connections hang: a request gets no answer.
     let probe = &mut on_dead[0];
     probe
-        .stream
+        .stream()
         .set_read_timeout(Some(Duration::from_secs(1)))?;
     match probe.system_health() {
         Err(error) if is_timeout(&error) => {}
@@ -599,9 +268,9 @@ fn killed_node_flows_move_to_live_nodes() -> anyhow::Result<()> {
     for connection in &mut on_dead {
         // Long enough for the probe's next retransmission (exponential backoff).
         connection
-            .stream
+            .stream()
             .set_read_timeout(Some(Duration::from_secs(10)))?;
-        let local = connection.stream.local_addr()?;
+        let local = connection.stream().local_addr()?;
         let started = Instant::now();
         match connection.system_health() {
             Err(error) if is_reset(&error) => {}
@@ -673,7 +342,7 @@ fn dsr_serves_clients_directly_over_ipv4_and_ipv6() -> anyhow::Result<()> {
 
         // The node sees the client's own address (no NAT), on the VIP it holds itself.
         let mut connection = KeepAlive::open(&client.netns, service.target())?;
-        let local = connection.stream.local_addr()?;
+        let local = connection.stream().local_addr()?;
         ensure!(local.ip() == client_addr, "client bound {local}");
         let node = lab.node(node_index(&connection.node)?).netns.clone();
         let sockets = established_on_rpc_port(&node)?;
@@ -1037,7 +706,7 @@ fn service_without_live_backend_drops_and_counts() -> anyhow::Result<()> {
 
     // Every backend down: the established flow is purged and its packets are dropped too.
     lb_control.reload(&lab, &service("disabled"))?;
-    established.stream.set_read_timeout(Some(SHORT_TIMEOUT))?;
+    established.stream().set_read_timeout(Some(SHORT_TIMEOUT))?;
     let answer = established.system_health();
     ensure!(
         answer.as_ref().is_err_and(is_timeout),

@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | test | bench`: the project's one-command workflows.
 
 mod bench;
+mod bench_failover;
 mod bench_l4;
 mod build;
 mod setup;
@@ -70,6 +71,18 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Failover: a node's sim-node is killed under load; time until the health checker takes
+    /// it out of the kernel's table, and requests failed before and after.
+    ///
+    /// Each run is a fresh lab (3 sim-nodes, default health settings) with new-connection and
+    /// keep-alive load from the client; the report gives every run and median/min/max; writes
+    /// target/bench/failover.md. Arguments go to the bench-failover binary: --runs (5),
+    /// --after, --new-conn-workers, --keepalive (`cargo xtask bench failover -- --help`).
+    Failover {
+        /// Arguments for bench-failover.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +98,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: Bench::L4 { args },
         } => setup::run().and_then(|()| bench_l4::run(&args)),
+        Command::Bench {
+            which: Bench::Failover { args },
+        } => setup::run().and_then(|()| bench_failover::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

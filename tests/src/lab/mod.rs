@@ -266,6 +266,19 @@ impl Lab {
         }
     }
 
+    /// Kills node `index`'s sim-node with SIGKILL, as a crash would: the process gets no say,
+    /// its kernel closes its sockets. The lab still reaps it at teardown.
+    pub fn kill_sim_node(&self, index: usize) -> Result<(), LabError> {
+        let name = format!("sim-node node{index}");
+        let process = self
+            .processes
+            .iter()
+            .find(|process| process.name() == name)
+            .ok_or_else(|| LabError::Config(format!("the lab runs no {name}")))?;
+        process.signal(libc::SIGKILL);
+        Ok(())
+    }
+
     /// Fails naming the first process that has exited; the lab binary calls it while it waits.
     pub fn check_processes(&mut self) -> Result<(), LabError> {
         self.processes

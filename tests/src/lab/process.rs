@@ -132,7 +132,7 @@ impl LabProcess {
         }
     }
 
-    fn signal(&self, signal: libc::c_int) {
+    pub(crate) fn signal(&self, signal: libc::c_int) {
         let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
             return;
         };

@@ -18,15 +18,17 @@ mod wrk;
 
 use std::{
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use lb_tests::lab::{Lab, LabConfig};
+use lb_tests::{
+    bench::{check_interrupted, install_interrupt_handler, load_average, write_report},
+    lab::{Lab, LabConfig},
+};
 
 use balancer::{Balancer, XdpCounters};
 use report::{Mode, Run};
@@ -41,9 +43,6 @@ pub const NODES: usize = 2;
 const SETTLE: Duration = Duration::from_secs(1);
 /// Load average above which the report warns that the machine was not quiet.
 const QUIET_LOAD: f64 = 0.5;
-
-/// Set by SIGINT/SIGTERM; checked between runs, so the lab is torn down on the way out.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -384,44 +383,4 @@ pub fn find_command(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
-}
-
-fn write_report(path: &Path, markdown: &str) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    std::fs::write(path, markdown).with_context(|| format!("writing {}", path.display()))
-}
-
-/// The 1-minute load average, or NaN when /proc/loadavg cannot be read.
-fn load_average() -> f64 {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-extern "C" fn on_interrupt(_signal: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-/// SIGINT and SIGTERM end the benchmark between runs (wrk, in our process group, stops at
-/// once), so the lab's guard removes everything instead of the process dying with it in place.
-fn install_interrupt_handler() {
-    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(signal, handler) };
-    }
-}
-
-fn check_interrupted() -> anyhow::Result<()> {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        bail!("interrupted; the lab is being removed");
-    }
-    Ok(())
-}
-
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
 }

@@ -3,6 +3,7 @@
 use std::{fmt, fmt::Write as _, time::Duration};
 
 use clap::ValueEnum;
+use lb_tests::bench::median;
 
 use crate::{
     Settings,
@@ -471,33 +472,10 @@ fn summarise(runs: &[Run], balancer: Balancer, mode: Mode) -> Option<Summary> {
     })
 }
 
-/// The middle value (the mean of the two middle ones for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    match values.len() {
-        0 => f64::NAN,
-        len if len % 2 == 1 => values[middle],
-        _ => (values[middle - 1] + values[middle]) / 2.0,
-    }
-}
-
 fn capitalised(text: &str) -> String {
     let mut chars = text.chars();
     chars
         .next()
         .map(|first| first.to_uppercase().chain(chars).collect())
         .unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert!(median(Vec::new()).is_nan());
-    }
 }

@@ -1,0 +1,79 @@
+//! What the benchmark binaries share: Ctrl-C handling that lets the lab's guard remove
+//! everything, the machine's load, medians, and the report file.
+
+use std::{
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use anyhow::{Context, bail};
+
+/// Set by SIGINT/SIGTERM; benchmarks check it between steps and return, so the lab is torn
+/// down on the way out instead of the process dying with it in place.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// From now on SIGINT and SIGTERM only set the flag [`interrupted`] reads. Programs the lab
+/// runs have process groups of their own, so a Ctrl-C at the terminal reaches them only
+/// through the lab's teardown; programs started in ours (e.g. wrk) stop at once.
+pub fn install_interrupt_handler() {
+    let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, handler) };
+    }
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Fails once interrupted, so `?` unwinds to the lab's guard.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if interrupted() {
+        bail!("interrupted; the lab is being removed");
+    }
+    Ok(())
+}
+
+/// The 1-minute load average, or NaN when /proc/loadavg cannot be read.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Writes the markdown report, creating its directory.
+pub fn write_report(path: &Path, markdown: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(path, markdown).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The middle value (the mean of the two middle ones for an even count); NaN for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[middle],
+        _ => (values[middle - 1] + values[middle]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
+}
