@@ -21,7 +21,10 @@ mod judge;
 mod probe;
 mod settings;
 
-use std::{cmp::Ordering, collections::BTreeMap, fmt, net::SocketAddr, time::SystemTime};
+use std::{collections::BTreeMap, fmt, net::SocketAddr, time::SystemTime};
+
+use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use checker::{Checker, spawn};
 pub use settings::HealthSettings;
@@ -29,34 +32,10 @@ pub use settings::HealthSettings;
 use crate::backends::model::HealthCheck;
 
 /// One thing to check: a node's endpoint and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub endpoint: SocketAddr,
     pub check: HealthCheck,
-}
-
-impl Target {
-    /// `HealthCheck` has no order of its own; any fixed one keeps snapshots stable.
-    fn sort_key(&self) -> (SocketAddr, u8) {
-        let check = match self.check {
-            HealthCheck::Substrate => 0,
-            HealthCheck::Tcp => 1,
-            HealthCheck::None => 2,
-        };
-        (self.endpoint, check)
-    }
-}
-
-impl Ord for Target {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.sort_key().cmp(&other.sort_key())
-    }
-}
-
-impl PartialOrd for Target {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
 }
 
 /// The node as logs and metrics name it: its endpoint.
@@ -66,7 +45,8 @@ impl fmt::Display for Target {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Not judged yet: its first check has not finished.
     Unknown,
@@ -102,9 +82,10 @@ pub enum Condition {
 }
 
 /// What the checker knows about one node.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct NodeHealth {
     pub verdict: Verdict,
+    #[serde(skip)]
     pub badness: Badness,
     /// Why the node is unhealthy, e.g. "best block 12 behind the cluster's best (104)",
     /// "connect: Connection refused (os error 111)", "timed out after 1s", "syncing".
@@ -117,8 +98,20 @@ pub struct NodeHealth {
     pub genesis: Option<String>,
     /// The last failed check's error, kept after the node recovers.
     pub last_error: Option<String>,
-    /// When the last check finished.
+    /// When the last check finished (RFC 3339).
+    #[serde(serialize_with = "serialize_time")]
+    #[schema(value_type = Option<String>, example = "2026-11-25T15:20:00.123Z")]
     pub last_checked: Option<SystemTime>,
+}
+
+fn serialize_time<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => serializer.collect_str(&humantime::format_rfc3339_millis(*time)),
+        None => serializer.serialize_none(),
+    }
 }
 
 impl NodeHealth {
