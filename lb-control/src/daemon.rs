@@ -253,8 +253,8 @@ fn admin_token(config: &Config) -> anyhow::Result<String> {
 
 /// A token file's first line.
 pub fn read_token(file: &Path) -> anyhow::Result<String> {
-    let text = fs::read_to_string(file)
-        .with_context(|| format!("admin token file {}", file.display()))?;
+    let text =
+        fs::read_to_string(file).with_context(|| format!("admin token file {}", file.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     anyhow::ensure!(
         token.len() >= crate::config::MIN_TOKEN_LEN,

@@ -117,8 +117,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             let run_config = || {
-                let mut config =
-                    effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+                let mut config = effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
                 if let Some(state_dir) = &args.state_dir {
                     config.state_dir = state_dir.clone();
                 }

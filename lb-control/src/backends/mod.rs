@@ -395,7 +395,7 @@ impl BackendSet {
         inner.services = draft.services.clone();
         inner.backends = draft.backends.clone();
         let specs = draft.specs(&placements);
-        let report = inner.kernel.apply(&inner.settings, &specs);
+        let report = inner.kernel.apply(&draft.settings, &specs);
         let view = Arc::new(draft.view(&placements));
         let previous_view = self.view.send_replace(view.clone());
         self.update_metrics(&previous_view, &view, cause);
