@@ -71,8 +71,9 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let answered = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let kinds = std::iter::repeat_n(Kind::NewConnection, shape.new_connection_workers)
-            .chain(std::iter::repeat_n(Kind::KeepAlive, shape.keep_alive_connections));
+        let kinds = std::iter::repeat_n(Kind::NewConnection, shape.new_connection_workers).chain(
+            std::iter::repeat_n(Kind::KeepAlive, shape.keep_alive_connections),
+        );
         let workers = kinds
             .map(|kind| {
                 let worker = Worker {

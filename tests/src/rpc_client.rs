@@ -30,7 +30,9 @@ pub struct Answer {
 impl Answer {
     /// The answering node, failing when the answer does not name one.
     pub fn node(&self) -> anyhow::Result<&str> {
-        self.node.as_deref().context("the answer has no x-sim-node header")
+        self.node
+            .as_deref()
+            .context("the answer has no x-sim-node header")
     }
 
     /// The JSON-RPC `result`.

@@ -60,7 +60,10 @@ fn health_checks(lab: &Lab, index: usize) -> anyhow::Result<u64> {
 
 /// Waits until every node in `nodes` has answered `RISE` health checks: the checker then
 /// holds a healthy verdict on each, the state a failure is measured from.
-fn wait_until_checked(lab: &Lab, nodes: impl IntoIterator<Item = usize> + Clone) -> anyhow::Result<()> {
+fn wait_until_checked(
+    lab: &Lab,
+    nodes: impl IntoIterator<Item = usize> + Clone,
+) -> anyhow::Result<()> {
     wait_for("every node to answer its first health checks", || {
         for index in nodes.clone() {
             if health_checks(lab, index)? < RISE {
@@ -73,11 +76,7 @@ fn wait_until_checked(lab: &Lab, nodes: impl IntoIterator<Item = usize> + Clone)
 
 /// Polls the kernel's state of `backend` every [`KERNEL_POLL`] until it is `state`; returns
 /// how long that took.
-fn wait_for_kernel_state(
-    lab: &Lab,
-    backend: SocketAddr,
-    state: &str,
-) -> anyhow::Result<Duration> {
+fn wait_for_kernel_state(lab: &Lab, backend: SocketAddr, state: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut last = None;
     while started.elapsed() < STATE_CHANGE_TIMEOUT {
@@ -120,7 +119,8 @@ fn dead_node_leaves_the_kernel_table_within_two_seconds() -> anyhow::Result<()> 
     let dead = backend_addr(&lab, 1, service.vip);
     lab.kill_sim_node(1)?;
     let died = Instant::now();
-    let removal = wait_for_kernel_state(&lab, dead, "down").with_context(|| lb_control.log_tail())?;
+    let removal =
+        wait_for_kernel_state(&lab, dead, "down").with_context(|| lb_control.log_tail())?;
     let removed = Instant::now();
     println!("node1 ({dead}) left the kernel table {removal:?} after its sim-node was killed");
 
@@ -141,16 +141,29 @@ fn dead_node_leaves_the_kernel_table_within_two_seconds() -> anyhow::Result<()> 
     );
 
     // Every connection made after the removal went to the live nodes and was answered.
-    let mut nodes = BTreeSet::new();
-    for outcome in outcomes.iter().filter(|outcome| outcome.started >= removed) {
-        match &outcome.answer {
-            Ok(node) => nodes.insert(node.as_str()),
-            Err(error) => bail!(
-                "a connection {:?} after node1's removal failed: {error}",
-                outcome.started - removed
-            ),
-        };
-    }
+    let after: Vec<_> = outcomes
+        .iter()
+        .filter(|outcome| outcome.started >= removed)
+        .collect();
+    let failed: Vec<String> = after
+        .iter()
+        .filter_map(|outcome| {
+            let error = outcome.answer.as_ref().err()?;
+            Some(format!("{:?} after: {error}", outcome.started - removed))
+        })
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} of {} connections made after node1 was down in the kernel failed (did the kernel \
+         still choose it?):\n{}",
+        failed.len(),
+        after.len(),
+        failed.join("\n")
+    );
+    let nodes: BTreeSet<&str> = after
+        .iter()
+        .filter_map(|outcome| outcome.answer.as_deref().ok())
+        .collect();
     ensure!(
         nodes == BTreeSet::from(["node0", "node2"]),
         "after node1's removal, new connections were answered by {nodes:?}"
@@ -300,7 +313,10 @@ fn backends_added_and_drained_through_the_admin_api_change_new_connections_only(
     );
 
     let mut connections = open_connections(&lab, service.target(), 40)?;
-    let on_node1 = count_by_node(&connections).get("node1").copied().unwrap_or(0);
+    let on_node1 = count_by_node(&connections)
+        .get("node1")
+        .copied()
+        .unwrap_or(0);
     ensure!(on_node1 > 0, "none of 40 connections landed on node1");
     let drained = backend_addr(&lab, 1, service.vip);
     let id = backend_id(&lb_control, &lab, drained)?;
@@ -338,5 +354,7 @@ fn backend_id(lb_control: &LbControl, lab: &Lab, address: SocketAddr) -> anyhow:
                 .find(|backend| backend["address"] == address.to_string())
         })
         .and_then(|backend| backend["id"].as_i64())
-        .with_context(|| format!("no backend {address} in `lb-control backend list --json`:\n{list:#}"))
+        .with_context(|| {
+            format!("no backend {address} in `lb-control backend list --json`:\n{list:#}")
+        })
 }

@@ -10,9 +10,8 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{self, BufRead, BufReader, Read, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     process::Command,
     sync::{
         Arc,

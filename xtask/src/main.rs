@@ -71,13 +71,14 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Failover: a node's sim-node is killed under load; time until the health checker takes
-    /// it out of the kernel's table, and requests failed before and after.
+    /// Failover: a sim-node is killed under load; time until the health checker has it down in
+    /// the kernel's table, and requests failed until then and after.
     ///
     /// Each run is a fresh lab (3 sim-nodes, default health settings) with new-connection and
     /// keep-alive load from the client; the report gives every run and median/min/max; writes
     /// target/bench/failover.md. Arguments go to the bench-failover binary: --runs (5),
-    /// --after, --new-conn-workers, --keepalive (`cargo xtask bench failover -- --help`).
+    /// --warmup (3), --after (2), --new-connection-workers (4), --keep-alive (16)
+    /// (`cargo xtask bench failover -- --help`).
     Failover {
         /// Arguments for bench-failover.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -274,7 +274,9 @@ fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
         }
         if Instant::now() >= deadline {
             lab.check_processes()?;
-            bail!("the kernel's table did not hold every node up within {TABLE_TIMEOUT:?}: {states:?}");
+            bail!(
+                "the kernel's table did not hold every node up within {TABLE_TIMEOUT:?}: {states:?}"
+            );
         }
         std::thread::sleep(KERNEL_POLL);
     }

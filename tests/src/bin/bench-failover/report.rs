@@ -187,13 +187,16 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
     );
 }
 
+/// One figure of a run, for the summary.
+type Figure = fn(&Run) -> f64;
+
 fn write_summary(out: &mut String, runs: &[Run]) {
     let _ = writeln!(
         out,
         "## Over {} run(s)\n\n| | median | min | max |\n|---|---:|---:|---:|",
         runs.len()
     );
-    let rows: [(&str, fn(&Run) -> f64); 5] = [
+    let rows: [(&str, Figure); 5] = [
         ("death → removal, ms", |run| ms(run.removal)),
         ("failed until removal, new connection", |run| {
             run.tally(Phase::UntilRemoval, Some(Kind::NewConnection))
