@@ -194,6 +194,13 @@ fn unhealthy_nodes_leave_the_rotation_and_return_after_rise_good_checks() -> any
         let out = wait_for_kernel_state(&lab, sick, "down")
             .with_context(|| format!("node2 {what}"))
             .with_context(|| lb_control.log_tail())?;
+        let listed = api_backend(&lb_control, &lab, &["backend", "list"], sick)?;
+        ensure!(
+            listed["state"] == "down",
+            "node2 {what} is down in the kernel but `lb-control backend list` shows it {}",
+            listed["state"]
+        );
+        let reason = listed["health"]["reason"].clone();
         let counts = spread_of_new_connections(&lab, service.target(), 30)?;
         ensure!(
             !counts.contains_key("node2"),
@@ -211,8 +218,8 @@ fn unhealthy_nodes_leave_the_rotation_and_return_after_rise_good_checks() -> any
             .with_context(|| lb_control.log_tail())?;
         let checks = health_checks(&lab, 2)? - checks_before;
         println!(
-            "node2 {what}: out of the kernel table after {out:?}; once cleared, back after \
-             {back:?} and {checks} checks"
+            "node2 {what}: out of the kernel table after {out:?} (reason {reason}); once \
+             cleared, back after {back:?} and {checks} checks"
         );
         ensure!(
             checks >= RISE,
@@ -243,6 +250,15 @@ fn slow_node_is_judged_unhealthy_while_the_others_are_checked_on_time() -> anyho
     wait_until_checked(&lab, 0..3)?;
     let slow = backend_addr(&lab, 2, service.vip);
     let healthy = [0, 1].map(|index| backend_addr(&lab, index, service.vip));
+
+    let last_checked = |lab: &Lab, addr: SocketAddr| -> anyhow::Result<String> {
+        let node = api_backend(&lb_control, lab, &["health"], addr)?;
+        node["health"]["last_checked"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no health.last_checked in {node:#}"))
+    };
+    let checked_before = healthy.map(|addr| last_checked(&lab, addr));
 
     set_fault(&lab, 2, Fault::Slow { delay_ms: DELAY_MS })?;
     let started = Instant::now();
@@ -291,6 +307,22 @@ fn slow_node_is_judged_unhealthy_while_the_others_are_checked_on_time() -> anyho
              every {INTERVAL:?} expected"
         );
     }
+
+    // What an operator sees: node2 unhealthy for timing out, the others checked meanwhile
+    // (RFC 3339 UTC timestamps of one format order as text).
+    let node2 = api_backend(&lb_control, &lab, &["health"], slow)?;
+    ensure!(
+        node2["state"] == "down" && node2["health"]["verdict"] == "unhealthy",
+        "`lb-control health` shows slow node2 as {node2:#}"
+    );
+    for (index, (addr, before)) in healthy.iter().zip(checked_before).enumerate() {
+        let (before, now) = (before?, last_checked(&lab, *addr)?);
+        ensure!(
+            now > before,
+            "`lb-control health`: node{index}'s last check stayed at {before} while node2 was \
+             slow ({now} now)"
+        );
+    }
     Ok(())
 }
 
@@ -306,6 +338,12 @@ fn backends_added_and_drained_through_the_admin_api_change_new_connections_only(
     let added = backend_addr(&lab, 3, service.vip);
     lb_control.cli(&lab, &["backend", "add", &added.to_string()])?;
     wait_for_kernel_state(&lab, added, "up")?;
+    let listed = api_backend(&lb_control, &lab, &["backend", "list"], added)?;
+    ensure!(
+        listed["state"] == "up",
+        "`lb-control backend list` shows node3, added, as {}",
+        listed["state"]
+    );
     let counts = spread_of_new_connections(&lab, service.target(), 80)?;
     ensure!(
         counts.len() == 4 && counts.contains_key("node3"),
@@ -319,9 +357,18 @@ fn backends_added_and_drained_through_the_admin_api_change_new_connections_only(
         .unwrap_or(0);
     ensure!(on_node1 > 0, "none of 40 connections landed on node1");
     let drained = backend_addr(&lab, 1, service.vip);
-    let id = backend_id(&lb_control, &lab, drained)?;
+    let listed = api_backend(&lb_control, &lab, &["backend", "list"], drained)?;
+    let id = listed["id"]
+        .as_i64()
+        .with_context(|| format!("no id in {listed:#}"))?;
     lb_control.cli(&lab, &["backend", "drain", &id.to_string()])?;
     wait_for_kernel_state(&lab, drained, "draining")?;
+    let listed = api_backend(&lb_control, &lab, &["backend", "list"], drained)?;
+    ensure!(
+        listed["state"] == "draining",
+        "`lb-control backend list` shows node1, drained, as {}",
+        listed["state"]
+    );
 
     let mut broken = Vec::new();
     for connection in &mut connections {
@@ -344,17 +391,29 @@ fn backends_added_and_drained_through_the_admin_api_change_new_connections_only(
     Ok(())
 }
 
-/// The id the admin API gave the backend at `address`, from `lb-control backend list --json`.
-fn backend_id(lb_control: &LbControl, lab: &Lab, address: SocketAddr) -> anyhow::Result<i64> {
-    let list = lb_control.cli_json(lab, &["backend", "list", "--json"])?;
+/// The backend at `address` as `lb-control ARGS… --json` lists it (`backend list`: a list;
+/// `health`: the list under `nodes`): id, state, health with its reason and last check.
+fn api_backend(
+    lb_control: &LbControl,
+    lab: &Lab,
+    args: &[&str],
+    address: SocketAddr,
+) -> anyhow::Result<serde_json::Value> {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let answer = lb_control.cli_json(lab, &args)?;
+    let list = answer.get("nodes").unwrap_or(&answer);
     list.as_array()
         .and_then(|backends| {
             backends
                 .iter()
                 .find(|backend| backend["address"] == address.to_string())
         })
-        .and_then(|backend| backend["id"].as_i64())
+        .cloned()
         .with_context(|| {
-            format!("no backend {address} in `lb-control backend list --json`:\n{list:#}")
+            format!(
+                "no backend {address} in `lb-control {}`:\n{answer:#}",
+                args.join(" ")
+            )
         })
 }
