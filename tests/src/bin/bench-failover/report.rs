@@ -24,6 +24,20 @@ pub enum Phase {
 const PHASES: [Phase; 3] = [Phase::BeforeDeath, Phase::UntilRemoval, Phase::AfterRemoval];
 const KINDS: [Kind; 2] = [Kind::NewConnection, Kind::KeepAlive];
 
+/// Where the tally of a phase and kind is kept in [`Run`].
+fn slot(phase: Phase, kind: Kind) -> usize {
+    let phase = match phase {
+        Phase::BeforeDeath => 0,
+        Phase::UntilRemoval => 1,
+        Phase::AfterRemoval => 2,
+    };
+    let kind = match kind {
+        Kind::NewConnection => 0,
+        Kind::KeepAlive => 1,
+    };
+    phase * KINDS.len() + kind
+}
+
 /// Requests and failures of one phase and kind.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tally {
@@ -54,8 +68,8 @@ pub struct Run {
     /// The slowest read of the kernel's table: with [`KERNEL_POLL`], the removal time's
     /// resolution.
     pub slowest_read: Duration,
-    /// By phase, then by kind, in the order of [`PHASES`] and [`KINDS`].
-    tallies: [[Tally; 2]; 3],
+    /// By phase and kind, see [`slot`].
+    tallies: [Tally; PHASES.len() * KINDS.len()],
     /// The first failures after the removal, for the report (there should be none).
     pub quoted_failures: Vec<String>,
 }
@@ -73,7 +87,7 @@ impl Run {
     }
 
     pub fn count(&mut self, phase: Phase, outcome: &Outcome) {
-        let tally = &mut self.tallies[phase_slot(phase)][kind_slot(outcome.kind)];
+        let tally = &mut self.tallies[slot(phase, outcome.kind)];
         tally.requests += 1;
         tally.failed += u64::from(!outcome.is_ok());
     }
@@ -81,9 +95,9 @@ impl Run {
     /// The tally of `phase`, of one kind or (None) both.
     pub fn tally(&self, phase: Phase, kind: Option<Kind>) -> Tally {
         let mut total = Tally::default();
-        for (slot, tally) in self.tallies[phase_slot(phase)].iter().enumerate() {
-            if kind.is_none_or(|kind| kind_slot(kind) == slot) {
-                total.add(*tally);
+        for each in KINDS {
+            if kind.is_none_or(|kind| kind == each) {
+                total.add(self.tallies[slot(phase, each)]);
             }
         }
         total
@@ -95,14 +109,6 @@ impl Run {
             .map(|phase| self.tally(*phase, None).requests)
             .sum()
     }
-}
-
-fn phase_slot(phase: Phase) -> usize {
-    PHASES.iter().position(|p| *p == phase).unwrap_or(0)
-}
-
-fn kind_slot(kind: Kind) -> usize {
-    KINDS.iter().position(|k| *k == kind).unwrap_or(0)
 }
 
 impl fmt::Display for Run {
