@@ -1,8 +1,16 @@
 //! lb-control: the load balancer's daemon and CLI.
 //!
+//! Data flows one way: [`config`] and the admin API change the [`backends`] set, which pushes
+//! every change to the [`dataplane`] and publishes a view the health checker and the gateway
+//! follow.
+//!
 //! - [`config`]: the TOML configuration, validated.
+//! - [`backends`]: the backend set and its one change path.
 //! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
+//! - [`metrics`]: the Prometheus metric families.
+//! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`netns`]: entering a named network namespace.
+//! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
 //! - [`keys`]: the gateway's API keys.
 
@@ -10,7 +18,9 @@ pub mod admin_client;
 pub mod api;
 pub mod backends;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod keys;
 pub mod metrics;
 pub mod netns;
+pub mod store;

@@ -7,11 +7,9 @@ use ipnet::IpNet;
 use clap::{Args, Parser, Subcommand};
 use lb_control::{
     config::{Config, ConfigError, LogFormat, Problem},
-    dataplane::{self, AttachMode, BlockEntry, Blocklist, Dataplane, DataplaneConfig, Stats},
+    dataplane::{self, AttachMode, BlockEntry, Blocklist, Stats},
     netns,
 };
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Load the XDP program, attach it, and run until SIGINT or SIGTERM.
+    /// Run the daemon: load and attach the XDP program, check the nodes' health, serve the admin
+    /// API; until SIGINT or SIGTERM.
     Run(RunArgs),
     /// Show an instance's counters: per protocol, per service (with drops by reason), per
     /// backend, and drops outside any service.
@@ -73,6 +72,9 @@ struct RunArgs {
     /// XDP attach mode.
     #[arg(long, value_enum)]
     xdp_mode: Option<AttachMode>,
+    /// Directory of the state store and the generated admin token; replaces the config's.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,11 +116,19 @@ fn main() -> ExitCode {
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
-            let config = effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+            let run_config = || {
+                let mut config =
+                    effective_config(&args.instance, &args.interfaces, args.xdp_mode)?;
+                if let Some(state_dir) = &args.state_dir {
+                    config.state_dir = state_dir.clone();
+                }
+                anyhow::Ok(config)
+            };
+            let config = run_config()?;
             enter_netns(&args.instance)?;
             init_logging(cli.log_format.unwrap_or(config.log.format));
-            let reload = || effective_config(&args.instance, &args.interfaces, args.xdp_mode);
-            run_daemon(config, reload)
+            let reload = run_config;
+            lb_control::daemon::run(config, reload)
         }
         Command::Stats(args) => {
             let config = effective_config(&args.instance, &[], None)?;
@@ -239,103 +249,6 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// How often expired blocklist entries are removed.
-const BLOCKLIST_EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-fn run_daemon(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        // Installed first, so a signal during start-up still gets a clean shutdown.
-        let mut shutdown = ShutdownSignals::install()?;
-        let mut hangup = signal(SignalKind::hangup())?;
-        let mut quit = signal(SignalKind::quit())?;
-        let mut dataplane = Dataplane::start(&DataplaneConfig {
-            instance: config.instance.clone(),
-            interfaces: config.dataplane.interfaces.clone(),
-            mode: config.dataplane.xdp_mode,
-            bpffs: config.dataplane.bpffs.clone(),
-            maglev_table_size: config.dataplane.maglev_table_size,
-            max_flows: config.dataplane.max_flows,
-        })?;
-        apply_services(&mut dataplane, &config)?;
-        let mut blocklist = Blocklist::open(dataplane.pin_dir())?;
-        let mut expiry = tokio::time::interval(BLOCKLIST_EXPIRY_INTERVAL);
-        info!(
-            instance = %config.instance,
-            pin_dir = %dataplane.pin_dir().display(),
-            "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
-             restart (the program keeps forwarding)"
-        );
-        loop {
-            tokio::select! {
-                () = shutdown.recv() => break,
-                _ = quit.recv() => {
-                    // The pinned links keep the program attached: traffic flows on, and the
-                    // next lb-control swaps its program in and finds the pinned flow table.
-                    info!("exiting for a restart: the XDP program stays attached and forwarding");
-                    return Ok(());
-                }
-                _ = expiry.tick() => match blocklist.expire(SystemTime::now()) {
-                    Ok(expired) => {
-                        for prefix in expired {
-                            info!(%prefix, "blocklist entry expired");
-                        }
-                    }
-                    Err(error) => error!("expiring blocklist entries: {error}"),
-                },
-                _ = hangup.recv() => {
-                    // A bad reload is reported and changes nothing: the running state stays.
-                    match reload().and_then(|config| apply_services(&mut dataplane, &config)) {
-                        Ok(()) => info!("reloaded the config"),
-                        Err(error) => error!("config reload failed, keeping the running state: {error}"),
-                    }
-                }
-            }
-        }
-        info!("shutting down: detaching the XDP program");
-        dataplane.detach()?;
-        info!("detached");
-        Ok(())
-    })
-}
-
-fn apply_services(dataplane: &mut Dataplane, config: &Config) -> anyhow::Result<()> {
-    let report = dataplane.apply(&config.lb_settings(), &config.service_specs())?;
-    info!(
-        services = report.services,
-        backends = report.backends,
-        services_removed = report.services_removed,
-        backends_removed = report.backends_removed,
-        flows_purged = report.flows_purged,
-        "services applied to the kernel"
-    );
-    Ok(())
-}
-
-/// SIGTERM and SIGINT, either of which stops the daemon.
-struct ShutdownSignals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-}
-
-impl ShutdownSignals {
-    fn install() -> std::io::Result<Self> {
-        Ok(ShutdownSignals {
-            terminate: signal(SignalKind::terminate())?,
-            interrupt: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.terminate.recv() => {}
-            _ = self.interrupt.recv() => {}
-        }
     }
 }
 

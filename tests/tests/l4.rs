@@ -41,19 +41,23 @@ fn start_lab() -> Lab {
 // lb-control's config file and process
 // ---------------------------------------------------------------------------------------------
 
-/// One backend of a service: a lab node and its state (`up`, `draining`, `down`).
+/// One backend of a service: a lab node and its admin state (`enabled`, `draining`,
+/// `disabled`). Health checks are off in these tests: they exercise the kernel path.
 #[derive(Debug, Clone, Copy)]
 struct BackendConf {
     node: usize,
-    state: &'static str,
+    admin: &'static str,
 }
 
 fn up(node: usize) -> BackendConf {
-    BackendConf { node, state: "up" }
+    BackendConf {
+        node,
+        admin: "enabled",
+    }
 }
 
-fn with_state(node: usize, state: &'static str) -> BackendConf {
-    BackendConf { node, state }
+fn with_admin(node: usize, admin: &'static str) -> BackendConf {
+    BackendConf { node, admin }
 }
 
 /// A `[[services]]` entry.
@@ -102,12 +106,12 @@ fn render_config(lab: &Lab, services: &[ServiceConf]) -> String {
                     IpAddr::V4(_) => SocketAddr::from((node.addr_v4, service.port)),
                     IpAddr::V6(_) => SocketAddr::from((node.addr_v6, service.port)),
                 };
-                format!("{{ address = \"{addr}\", state = \"{}\" }}", backend.state)
+                format!("{{ address = \"{addr}\", admin = \"{}\" }}", backend.admin)
             })
             .collect();
         text += &format!(
             "\n[[services]]\nvip = \"{}\"\nport = {}\nprotocol = \"{}\"\nmode = \"{}\"\n\
-             backends = [{}]\n",
+             check = \"none\"\nbackends = [{}]\n",
             service.vip,
             service.port,
             service.protocol,
@@ -505,7 +509,7 @@ fn established_connections_survive_adding_removing_and_draining_backends() -> an
     // Step 2: node1 drains. It keeps its connections and gets no new ones.
     lb_control.reload(
         &lab,
-        &service(vec![up(0), with_state(1, "draining"), up(2)]),
+        &service(vec![up(0), with_admin(1, "draining"), up(2)]),
     )?;
     for connection in &mut connections {
         connection
@@ -522,7 +526,7 @@ fn established_connections_survive_adding_removing_and_draining_backends() -> an
 
     // Step 3: node0 is removed. Its own connections end (they re-hash to another node, which
     // knows nothing of them); every other connection carries on where it was.
-    lb_control.reload(&lab, &service(vec![with_state(1, "draining"), up(2)]))?;
+    lb_control.reload(&lab, &service(vec![with_admin(1, "draining"), up(2)]))?;
     let (removed, kept): (Vec<KeepAlive>, Vec<KeepAlive>) = connections
         .into_iter()
         .partition(|connection| connection.node == "node0");
@@ -587,7 +591,7 @@ fn killed_node_flows_move_to_live_nodes() -> anyhow::Result<()> {
     }
 
     // No health checker yet: the operator marks node1 down.
-    lb_control.reload(&lab, &service(vec![up(0), with_state(1, "down"), up(2)]))?;
+    lb_control.reload(&lab, &service(vec![up(0), with_admin(1, "disabled"), up(2)]))?;
 
     // node1's connections re-hash on their next packet to a live node, which has no such
     // connection and resets it: an error at once instead of a hang. (The probe's request is
@@ -997,13 +1001,13 @@ fn udp_service_is_balanced() -> anyhow::Result<()> {
 #[test]
 fn service_without_live_backend_drops_and_counts() -> anyhow::Result<()> {
     let mut lab = start_lab();
-    let service = |state| {
+    let service = |admin| {
         [ServiceConf::tcp(
             VIP_V4,
-            (0..3).map(|node| with_state(node, state)).collect(),
+            (0..3).map(|node| with_admin(node, admin)).collect(),
         )]
     };
-    let lb_control = LbControl::start(&mut lab, &service("up"))?;
+    let lb_control = LbControl::start(&mut lab, &service("enabled"))?;
     let target = SocketAddr::from((VIP_V4, SIM_NODE_RPC_PORT));
     let name = format!("{target}/tcp");
     let no_backend_drops = |lab: &Lab| -> anyhow::Result<u64> {
@@ -1032,7 +1036,7 @@ fn service_without_live_backend_drops_and_counts() -> anyhow::Result<()> {
     ensure!(drops >= 1, "the dropped SYNs are not counted as no_backend");
 
     // Every backend down: the established flow is purged and its packets are dropped too.
-    lb_control.reload(&lab, &service("down"))?;
+    lb_control.reload(&lab, &service("disabled"))?;
     established.stream.set_read_timeout(Some(SHORT_TIMEOUT))?;
     let answer = established.system_health();
     ensure!(

@@ -160,8 +160,8 @@ fn write_vip_config(lab: &Lab) -> Result<PathBuf, LabError> {
     let lb = lab.lb();
     let config = format!(
         "# Written by `lab up`: both VIPs balanced over every node by the XDP program.\n\
-         # Edit it and `kill -HUP <lb-control pid>` to change backends (state = \"draining\" |\n\
-         # \"down\", weight = N).\n\
+         # Edit it and `kill -HUP <lb-control pid>` to change backends (admin = \"draining\" |\n\
+         # \"disabled\", weight = N), or use `lb-control backend …` inside the LB namespace.\n\
          [dataplane]\n\
          nat_source_v4 = \"{}\"\n\
          nat_source_v6 = \"{}\"\n\

@@ -196,17 +196,27 @@ impl Lab {
         command_in_netns(netns, program)
     }
 
-    /// Starts `lb-control run --interface client0 --instance <prefix> EXTRA…` in the LB
+    /// lb-control's state directory (store, admin token): one per lab, kept across restarts
+    /// of lb-control within the lab.
+    pub fn state_dir(&self) -> PathBuf {
+        self.log_dir.join("lb-state")
+    }
+
+    /// Starts `lb-control run --interface client0 --instance <prefix> --state-dir … EXTRA…` in the LB
     /// namespace and waits until it has pinned its maps (its program is attached then).
     pub fn spawn_lb_control(&mut self, extra_args: &[&str]) -> Result<&LabProcess, LabError> {
         let program = binary_path("lb-control")?;
         let lb = &self.topology.lb;
+        let state_dir = self.state_dir();
+        let state_dir = state_dir.to_string_lossy();
         let mut args = vec![
             "run",
             "--interface",
             &lb.client_iface,
             "--instance",
             &self.prefix,
+            "--state-dir",
+            &state_dir,
         ];
         args.extend_from_slice(extra_args);
         let log = self.log_dir.join("lb-control.log");

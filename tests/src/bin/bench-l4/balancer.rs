@@ -230,7 +230,7 @@ fn setup_xdp(lab: &mut Lab, settings: &Settings) -> anyhow::Result<Active> {
         .collect();
     let config = format!(
         "[dataplane]\nnat_source_v4 = \"{}\"\n\n[[services]]\nvip = \"{VIP}\"\nport = {PORT}\n\
-         backends = [{}]\n",
+         check = \"none\"\nbackends = [{}]\n",
         lab.lb().addr_v4,
         backends.join(", ")
     );

@@ -1,0 +1,186 @@
+//! How values are written to and read back from SQLite columns.
+//!
+//! Enums are kept as their serde names, the same text the config file and the admin API use,
+//! so `sqlite3` output reads like the rest of the system. Addresses are kept in Rust's
+//! canonical text form, so the UNIQUE constraints compare what Rust compares.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    str::FromStr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rusqlite::{
+    Row,
+    types::{ToSql, ToSqlOutput},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::StoreError;
+use crate::backends::{ApiKeyRecord, Backend, BackendDef, Event, RateLimit, Service, ServiceDef};
+
+/// An enum bound as its serde name.
+pub(super) struct SerdeText<'a, T>(pub(super) &'a T);
+
+impl<T: Serialize> ToSql for SerdeText<'_, T> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        match serde_json::to_value(self.0) {
+            Ok(serde_json::Value::String(text)) => Ok(ToSqlOutput::from(text)),
+            Ok(other) => Err(rusqlite::Error::ToSqlConversionFailure(
+                format!("{other} is not a unit enum variant").into(),
+            )),
+            Err(error) => Err(rusqlite::Error::ToSqlConversionFailure(Box::new(error))),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, negative before it; saturates ~292 million years out.
+pub(super) fn unix_ms(time: SystemTime) -> i64 {
+    let millis = |duration: Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => millis(after),
+        Err(before) => -millis(before.duration()),
+    }
+}
+
+fn from_unix_ms(ms: i64) -> Option<SystemTime> {
+    let offset = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 {
+        UNIX_EPOCH.checked_add(offset)
+    } else {
+        UNIX_EPOCH.checked_sub(offset)
+    }
+}
+
+/// Decodes one row of `table`; a value that does not decode names the file, table, row and
+/// column, so an operator can find it with `sqlite3`.
+pub(super) struct RowDecoder<'a> {
+    pub(super) path: &'a Path,
+    pub(super) table: &'static str,
+    pub(super) id: i64,
+}
+
+impl RowDecoder<'_> {
+    pub(super) fn service(&self, row: &Row<'_>) -> Result<Service, StoreError> {
+        Ok(Service {
+            id: self.id,
+            def: ServiceDef {
+                vip: self.parse::<IpAddr>(row, "vip", "an IP address")?,
+                port: self.int(row, "port")?,
+                protocol: self.serde_enum(row, "protocol")?,
+                mode: self.serde_enum(row, "mode")?,
+                check: self.serde_enum(row, "health_check")?,
+            },
+            origin: self.serde_enum(row, "origin")?,
+        })
+    }
+
+    pub(super) fn backend(&self, row: &Row<'_>) -> Result<Backend, StoreError> {
+        Ok(Backend {
+            id: self.id,
+            service: row.get("service_id")?,
+            def: BackendDef {
+                address: self.parse::<SocketAddr>(row, "address", "an address with a port")?,
+                rpc_port: self.int(row, "rpc_port")?,
+                weight: self.int(row, "weight")?,
+                admin: self.serde_enum(row, "admin")?,
+            },
+            origin: self.serde_enum(row, "origin")?,
+        })
+    }
+
+    pub(super) fn api_key(&self, row: &Row<'_>) -> Result<ApiKeyRecord, StoreError> {
+        let secret: Vec<u8> = row.get("secret_sha256")?;
+        let secret_sha256 = secret.as_slice().try_into().map_err(|_| {
+            self.corrupt(
+                "secret_sha256",
+                format_args!("{} bytes, not a 32-byte SHA-256", secret.len()),
+            )
+        })?;
+        let rps: Option<i64> = row.get("rps")?;
+        let rate_limit = match rps {
+            Some(_) => Some(RateLimit {
+                rps: self.int(row, "rps")?,
+                burst: self.int(row, "burst")?,
+            }),
+            None => None,
+        };
+        Ok(ApiKeyRecord {
+            id: self.id,
+            name: row.get("name")?,
+            secret_sha256,
+            rate_limit,
+            created: self.time(row, "created_ms")?,
+            last_used: self.optional_time(row, "last_used_ms")?,
+            revoked: self.optional_time(row, "revoked_ms")?,
+        })
+    }
+
+    pub(super) fn event(&self, row: &Row<'_>) -> Result<Event, StoreError> {
+        Ok(Event {
+            id: self.id,
+            at: self.time(row, "at_ms")?,
+            kind: row.get("kind")?,
+            subject: row.get("subject")?,
+            detail: row.get("detail")?,
+        })
+    }
+
+    fn parse<T: FromStr>(
+        &self,
+        row: &Row<'_>,
+        column: &str,
+        expected: &str,
+    ) -> Result<T, StoreError> {
+        let text: String = row.get(column)?;
+        text.parse()
+            .map_err(|_| self.corrupt(column, format_args!("{text:?} is not {expected}")))
+    }
+
+    fn serde_enum<T: DeserializeOwned>(
+        &self,
+        row: &Row<'_>,
+        column: &str,
+    ) -> Result<T, StoreError> {
+        let text: String = row.get(column)?;
+        serde_json::from_value(serde_json::Value::String(text.clone()))
+            .map_err(|_| self.corrupt(column, format_args!("{text:?} is not a known value")))
+    }
+
+    fn int<T: TryFrom<i64>>(&self, row: &Row<'_>, column: &str) -> Result<T, StoreError> {
+        let value: i64 = row.get(column)?;
+        T::try_from(value)
+            .map_err(|_| self.corrupt(column, format_args!("{value} is out of range")))
+    }
+
+    fn time(&self, row: &Row<'_>, column: &str) -> Result<SystemTime, StoreError> {
+        let ms: i64 = row.get(column)?;
+        from_unix_ms(ms).ok_or_else(|| {
+            self.corrupt(
+                column,
+                format_args!("{ms} ms is not a time this system can hold"),
+            )
+        })
+    }
+
+    fn optional_time(&self, row: &Row<'_>, column: &str) -> Result<Option<SystemTime>, StoreError> {
+        let ms: Option<i64> = row.get(column)?;
+        match ms {
+            Some(_) => self.time(row, column).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn corrupt(&self, column: &str, problem: fmt::Arguments<'_>) -> StoreError {
+        StoreError::Corrupt {
+            what: format!(
+                "{}: table {}, row {}, column {column}: {problem}",
+                self.path.display(),
+                self.table,
+                self.id
+            ),
+        }
+    }
+}
