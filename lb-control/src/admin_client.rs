@@ -1,10 +1,7 @@
 //! A typed client of the admin API, for the CLI and the tests. It speaks the wire types of
 //! [`crate::api::model`], the same the server answers with.
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
@@ -16,13 +13,7 @@ use crate::{
         LimitChange, NewBackend, NewKey, NewService, ServiceInfo, StatsReport, WeightChange,
     },
     backends::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
-    config::Config,
 };
-
-/// The environment variable that gives the admin token; it wins over the config.
-pub const TOKEN_ENV: &str = "LB_ADMIN_TOKEN";
-/// Where lb-control writes the token it generates when none is configured.
-pub const TOKEN_FILE_NAME: &str = "admin.token";
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -34,7 +25,10 @@ pub enum ClientError {
     },
     /// The API's own error answer.
     #[error("{}", describe_error(.detail))]
-    Api { status: StatusCode, detail: ErrorDetail },
+    Api {
+        status: StatusCode,
+        detail: ErrorDetail,
+    },
     #[error("admin API at {url}: {source}")]
     Http {
         url: String,
@@ -47,22 +41,6 @@ pub enum ClientError {
         status: StatusCode,
         body: String,
     },
-    #[error(
-        "no admin token: set {TOKEN_ENV}, or admin.token or admin.token_file in the config \
-         (--config); lb-control writes a generated one to {}, which could not be read: {source}",
-        .path.display()
-    )]
-    NoToken {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("admin.token_file {}: {source}", .path.display())]
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 fn describe_error(detail: &ErrorDetail) -> String {
@@ -73,29 +51,6 @@ fn describe_error(detail: &ErrorDetail) -> String {
         }
         _ => detail.message.clone(),
     }
-}
-
-/// The admin token, from the first of: `LB_ADMIN_TOKEN`, the config's `admin.token`, the file
-/// `admin.token_file` names, the token lb-control generated into `<state_dir>/admin.token`.
-pub fn admin_token(config: &Config) -> Result<String, ClientError> {
-    if let Some(token) = std::env::var(TOKEN_ENV).ok().filter(|t| !t.trim().is_empty()) {
-        return Ok(token.trim().to_owned());
-    }
-    if let Some(token) = &config.admin.token {
-        return Ok(token.clone());
-    }
-    if let Some(path) = &config.admin.token_file {
-        return read_token(path).map_err(|source| ClientError::TokenFile {
-            path: path.clone(),
-            source,
-        });
-    }
-    let path = config.state_dir.join(TOKEN_FILE_NAME);
-    read_token(&path).map_err(|source| ClientError::NoToken { path, source })
-}
-
-fn read_token(path: &std::path::Path) -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(path)?.trim().to_owned())
 }
 
 /// `http://` + the address the API listens on; a wildcard listen address is reached on
@@ -266,22 +221,16 @@ impl AdminClient {
         body: Option<&B>,
     ) -> Result<T, ClientError> {
         let url = self.url(path);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .bearer_auth(&self.token);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);
         }
         let response = self.send(request, &url).await?;
         let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.clone(),
-                source,
-            })?;
+        let text = response.text().await.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
         serde_json::from_str(&text).map_err(|error| ClientError::Unexpected {
             url,
             status,

@@ -106,6 +106,7 @@ async fn run_async(
     let context = AdminContext {
         backends: backends.clone(),
         keys: Arc::new(ApiKeys::new(store.clone())),
+        store: store.clone(),
         registry: Arc::new(registry),
         metrics: metrics.clone(),
         pin_dir: pin_dir.clone(),
@@ -253,8 +254,8 @@ fn admin_token(config: &Config) -> anyhow::Result<String> {
 
 /// A token file's first line.
 pub fn read_token(file: &Path) -> anyhow::Result<String> {
-    let text = fs::read_to_string(file)
-        .with_context(|| format!("admin token file {}", file.display()))?;
+    let text =
+        fs::read_to_string(file).with_context(|| format!("admin token file {}", file.display()))?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     anyhow::ensure!(
         token.len() >= crate::config::MIN_TOKEN_LEN,

@@ -30,7 +30,7 @@ pub const MAX_RPS: u32 = 1_000_000;
 pub enum KeyError {
     #[error("API key {id} does not exist")]
     NotFound { id: ApiKeyId },
-    #[error("API key {id} is revoked")]
+    #[error("API key {id} is revoked (for good)")]
     Revoked { id: ApiKeyId },
     #[error("{what} already exists")]
     Conflict { what: String },
@@ -296,7 +296,11 @@ mod tests {
         let t = TempStore::new("verify");
         let limit = RateLimit { rps: 5, burst: 10 };
         let created = t.keys.create("alice", Some(limit)).expect("created");
-        let found = t.keys.verify(&created.secret).expect("verify").expect("live");
+        let found = t
+            .keys
+            .verify(&created.secret)
+            .expect("verify")
+            .expect("live");
         assert_eq!(found.id, created.record.id);
         assert_eq!(found.rate_limit, Some(limit));
         assert!(t.keys.verify("lbk_00").expect("verify").is_none());

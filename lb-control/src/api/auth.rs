@@ -44,9 +44,6 @@ pub async fn require_token(
              <state_dir>/admin.token)",
         )),
         Some(token) if digests_equal(&digest(token), &expected.0) => Ok(next.run(request).await),
-        Some(_) => Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "wrong bearer token",
-        )),
+        Some(_) => Err(ApiError::new(ErrorCode::Unauthorized, "wrong bearer token")),
     }
 }

@@ -69,10 +69,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
 
 /// A deserialization error as an `invalid` answer. serde reports unknown and missing fields
 /// at their parent, naming them only in the message, so the name is taken from there.
-fn field_error<E: std::fmt::Display>(
-    what: &str,
-    error: serde_path_to_error::Error<E>,
-) -> ApiError {
+fn field_error<E: std::fmt::Display>(what: &str, error: serde_path_to_error::Error<E>) -> ApiError {
     let path = error.path().to_string();
     let message = error.inner().to_string();
     let field = if path == "." {
@@ -127,9 +124,11 @@ mod tests {
     }
 
     #[test]
-    fn syntax_errors_have_no_field() {
-        let error = body_error::<WeightChange>(r#"{"weight": "#);
+    fn syntax_errors_name_a_field_only_inside_one() {
+        let error = body_error::<WeightChange>("weight=2");
         assert_eq!(error.0.field, None);
         assert!(error.0.message.starts_with("request body: "), "{error:?}");
+        let error = body_error::<WeightChange>(r#"{"weight": "#);
+        assert_eq!(error.0.field.as_deref(), Some("weight"));
     }
 }

@@ -4,10 +4,11 @@
 use axum::{Json, extract::State, http::StatusCode};
 
 use super::{
-    Context, run_blocking,
+    Context,
     error::{ApiError, ApiResult},
     extract::{Body, Id},
     model::{ErrorBody, KeyCreated, KeyInfo, LimitChange, NewKey, Timestamp, requested_limit},
+    run_blocking,
 };
 use crate::keys::{ApiKeys, KeyError};
 

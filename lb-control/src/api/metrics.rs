@@ -180,7 +180,10 @@ fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), st
         encoder,
         "service_bytes",
         "Bytes to the service",
-        stats.services.iter().map(|s| (service(&s.service), s.bytes)),
+        stats
+            .services
+            .iter()
+            .map(|s| (service(&s.service), s.bytes)),
     )?;
     encode_counters(
         encoder,
@@ -198,7 +201,10 @@ fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), st
         stats.services.iter().flat_map(|s| {
             s.drops.iter().map(|(reason, count)| {
                 (
-                    [("service", s.service.clone()), ("reason", (*reason).to_owned())],
+                    [
+                        ("service", s.service.clone()),
+                        ("reason", (*reason).to_owned()),
+                    ],
                     *count,
                 )
             })
@@ -226,7 +232,7 @@ fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), st
             encoder,
             name,
             help,
-                backends
+            backends
                 .iter()
                 .map(|(backend, sums)| ([("backend", backend.clone())], sums[index])),
         )?;

@@ -215,10 +215,7 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     ApiError::new(
         ErrorCode::MethodNotAllowed,
-        format!(
-            "{} does not take {method}: see /openapi.json",
-            uri.path()
-        ),
+        format!("{} does not take {method}: see /openapi.json", uri.path()),
     )
 }
 

@@ -20,8 +20,8 @@ use utoipa::{
 
 use crate::{
     backends::{
-        AdminState, ApiKeyId, ApiKeyRecord, Backend, BackendStatus, DEFAULT_RPC_PORT,
-        Event, HealthCheck, RateLimit, Service, ServiceDef, ServiceId, State,
+        AdminState, ApiKeyId, ApiKeyRecord, Backend, BackendStatus, DEFAULT_RPC_PORT, Event,
+        HealthCheck, RateLimit, Service, ServiceDef, ServiceId, State,
     },
     dataplane::{ForwardingMode, Protocol, Stats},
     health::{NodeHealth, Verdict},

@@ -3,13 +3,14 @@
 use axum::{Json, extract::State};
 
 use super::{
-    Context, run_blocking,
+    Context,
     error::{ApiError, ApiResult},
     extract::Query,
     model::{
         BackendInfo, ClusterHealth, DEFAULT_EVENT_LIMIT, ErrorBody, EventInfo, EventQuery,
         MAX_EVENT_LIMIT, StatsReport,
     },
+    run_blocking,
 };
 use crate::dataplane::read_pinned_stats;
 
