@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML configuration, validated.
 //! - [`backends`]: the backend set and its one change path.
 //! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
+//! - [`health`]: the chain-aware health checker (syncing, peers, lag, stalls, rise/fall).
 //! - [`metrics`]: the Prometheus metric families.
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`netns`]: entering a named network namespace.
@@ -20,6 +21,7 @@ pub mod backends;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod keys;
 pub mod metrics;
 pub mod netns;

@@ -591,7 +591,10 @@ fn killed_node_flows_move_to_live_nodes() -> anyhow::Result<()> {
     }
 
     // No health checker yet: the operator marks node1 down.
-    lb_control.reload(&lab, &service(vec![up(0), with_admin(1, "disabled"), up(2)]))?;
+    lb_control.reload(
+        &lab,
+        &service(vec![up(0), with_admin(1, "disabled"), up(2)]),
+    )?;
 
     // node1's connections re-hash on their next packet to a live node, which has no such
     // connection and resets it: an error at once instead of a hang. (The probe's request is

@@ -9,6 +9,8 @@
 pub mod model;
 mod reload;
 pub mod rotation;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -395,7 +397,7 @@ impl BackendSet {
         inner.services = draft.services.clone();
         inner.backends = draft.backends.clone();
         let specs = draft.specs(&placements);
-        let report = inner.kernel.apply(&inner.settings, &specs);
+        let report = inner.kernel.apply(&draft.settings, &specs);
         let view = Arc::new(draft.view(&placements));
         let previous_view = self.view.send_replace(view.clone());
         self.update_metrics(&previous_view, &view, cause);

@@ -54,7 +54,20 @@ pub enum Origin {
 }
 
 /// How a service's backends are checked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheck {
     /// TCP connect to the node's RPC port, then JSON-RPC `system_health` and block numbers.
