@@ -221,6 +221,8 @@ pub struct HealthInfo {
     pub finalized: Option<u64>,
     /// Blocks behind the best block of its chain.
     pub lag: Option<u64>,
+    /// The genesis hash of the node's chain.
+    pub genesis: Option<String>,
     /// The last failed check's error, kept after the node recovers.
     pub last_error: Option<String>,
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -235,6 +237,7 @@ impl From<NodeHealth> for HealthInfo {
             best: health.best,
             finalized: health.finalized,
             lag: health.lag,
+            genesis: health.genesis,
             last_error: health.last_error,
             last_checked: health.last_checked.map(Timestamp),
         }
