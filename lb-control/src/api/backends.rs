@@ -85,7 +85,7 @@ pub async fn add(
     get,
     path = "/v1/backends/{id}",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     responses(
         (status = 200, description = "The backend", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -101,7 +101,7 @@ pub async fn get(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<B
     delete,
     path = "/v1/backends/{id}",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     responses(
         (status = 200, description = "Removed; the backend as it was", body = Backend),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -118,7 +118,7 @@ pub async fn remove(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
     post,
     path = "/v1/backends/{id}/drain",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     responses(
         (status = 200, description = "Draining", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -135,7 +135,7 @@ pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json
     post,
     path = "/v1/backends/{id}/enable",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     responses(
         (status = 200, description = "Enabled", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -152,7 +152,7 @@ pub async fn enable(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
     post,
     path = "/v1/backends/{id}/disable",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     responses(
         (status = 200, description = "Disabled", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -169,7 +169,7 @@ pub async fn disable(State(context): State<Context>, Id(id): Id) -> ApiResult<Js
     put,
     path = "/v1/backends/{id}/weight",
     tag = "backends",
-    params(("id" = i64, Path, description = "Backend id")),
+    params(Id),
     request_body = WeightChange,
     responses(
         (status = 200, description = "Weight set", body = BackendInfo),

@@ -11,6 +11,13 @@ use axum::{
     http::request::Parts,
 };
 use serde::de::DeserializeOwned;
+use utoipa::{
+    IntoParams,
+    openapi::{
+        KnownFormat, ObjectBuilder, Required, SchemaFormat, Type,
+        path::{Parameter, ParameterBuilder, ParameterIn},
+    },
+};
 
 use super::error::ApiError;
 
@@ -53,6 +60,24 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Query<T> {
 
 /// The `{id}` of a path.
 pub struct Id(pub i64);
+
+/// Documents the `{id}` parameter: `params(Id)` in a path's annotation.
+impl IntoParams for Id {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let integer = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)));
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The record's id"))
+                .schema(Some(integer))
+                .build(),
+        ]
+    }
+}
 
 impl<S: Send + Sync> FromRequestParts<S> for Id {
     type Rejection = ApiError;

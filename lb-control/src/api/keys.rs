@@ -67,7 +67,7 @@ pub async fn create(
     delete,
     path = "/v1/keys/{id}",
     tag = "keys",
-    params(("id" = i64, Path, description = "Key id")),
+    params(Id),
     responses(
         (status = 200, description = "Revoked", body = KeyInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -86,7 +86,7 @@ pub async fn revoke(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
     put,
     path = "/v1/keys/{id}/limit",
     tag = "keys",
-    params(("id" = i64, Path, description = "Key id")),
+    params(Id),
     request_body = LimitChange,
     responses(
         (status = 200, description = "Limit set", body = KeyInfo),

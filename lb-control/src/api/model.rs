@@ -259,6 +259,7 @@ pub struct ClusterHealth {
 #[into_params(parameter_in = Query)]
 pub struct BackendFilter {
     /// Only the backends of this service.
+    #[param(value_type = Option<i64>)]
     pub service: Option<ServiceId>,
 }
 

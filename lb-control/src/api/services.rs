@@ -66,7 +66,7 @@ pub async fn add(
     get,
     path = "/v1/services/{id}",
     tag = "services",
-    params(("id" = i64, Path, description = "Service id")),
+    params(Id),
     responses(
         (status = 200, description = "The service with its backends", body = ServiceInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
@@ -87,7 +87,7 @@ pub async fn get(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<S
     delete,
     path = "/v1/services/{id}",
     tag = "services",
-    params(("id" = i64, Path, description = "Service id")),
+    params(Id),
     responses(
         (status = 200, description = "Removed; the service as it was", body = Service),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),

@@ -132,6 +132,7 @@ pub enum BackendAction {
 pub enum KeyAction {
     /// Create a key; its secret is printed once.
     Create {
+        /// 1 to 64 letters, digits, '_', '.' or '-'; unique.
         #[arg(long)]
         name: String,
         /// Requests per second (no limit without it).
