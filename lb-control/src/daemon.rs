@@ -106,6 +106,7 @@ async fn run_async(
     let context = AdminContext {
         backends: backends.clone(),
         keys: Arc::new(ApiKeys::new(store.clone())),
+        store: store.clone(),
         registry: Arc::new(registry),
         metrics: metrics.clone(),
         pin_dir: pin_dir.clone(),

@@ -12,12 +12,17 @@
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`netns`]: entering a named network namespace.
 //! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
+//! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
+//! - [`keys`]: the gateway's API keys.
 
+pub mod admin_client;
+pub mod api;
 pub mod backends;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod keys;
 pub mod metrics;
 pub mod netns;
 pub mod store;

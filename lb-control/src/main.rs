@@ -6,6 +6,7 @@ use ipnet::IpNet;
 
 use clap::{Args, Parser, Subcommand};
 use lb_control::{
+    api::model::StatsReport,
     config::{Config, ConfigError, LogFormat, Problem},
     dataplane::{self, AttachMode, BlockEntry, Blocklist, Stats},
     netns,
@@ -44,6 +45,8 @@ enum Command {
         /// The config file to check.
         file: PathBuf,
     },
+    #[command(flatten)]
+    Admin(cli::AdminCommand),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +105,8 @@ struct StatsArgs {
     json: bool,
 }
 
+mod cli;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run_command(cli) {
@@ -134,8 +139,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             init_logging(cli.log_format.unwrap_or(config.log.format));
             let pin_dir = dataplane::pin_dir(&config.dataplane.bpffs, &config.instance);
             let stats = dataplane::read_pinned_stats(&pin_dir)?;
-            print_stats(&stats, args.json);
-            Ok(())
+            print_stats(&stats, args.json)
         }
         Command::Block { instance, action } => {
             let config = effective_config(&instance, &[], None)?;
@@ -168,6 +172,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Admin(command) => cli::run(command),
     }
 }
 
@@ -251,48 +256,26 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn print_stats(stats: &Stats, json: bool) {
+/// The counters as a table, or as JSON in the shape `GET /v1/stats` answers.
+fn print_stats(stats: &Stats, json: bool) -> anyhow::Result<()> {
+    let report = StatsReport::from(stats);
     if json {
-        let counters =
-            |packets: u64, bytes: u64| serde_json::json!({ "packets": packets, "bytes": bytes });
-        let total = stats.protocols.total();
-        let document = serde_json::json!({
-            "protocols": stats.protocols.by_slot.iter()
-                .map(|(name, c)| ((*name).to_owned(), counters(c.packets, c.bytes)))
-                .collect::<serde_json::Map<_, _>>(),
-            "total": counters(total.packets, total.bytes),
-            "drops": stats.drops,
-            "services": stats.services.iter().map(|service| serde_json::json!({
-                "service": service.service,
-                "packets": service.packets,
-                "bytes": service.bytes,
-                "new_flows": service.new_flows,
-                "drops": service.drops,
-            })).collect::<Vec<_>>(),
-            "backends": stats.backends.iter().map(|backend| serde_json::json!({
-                "backend": backend.backend.to_string(),
-                "state": backend.state,
-                "packets": backend.packets,
-                "bytes": backend.bytes,
-                "new_flows": backend.new_flows,
-            })).collect::<Vec<_>>(),
-        });
-        println!("{document:#}");
-        return;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
     }
     println!("{:<12} {:>14} {:>18}", "PROTOCOL", "PACKETS", "BYTES");
-    for (name, counters) in &stats.protocols.by_slot {
+    for (name, counters) in &report.protocols {
         println!("{name:<12} {:>14} {:>18}", counters.packets, counters.bytes);
     }
-    let total = stats.protocols.total();
+    let total = report.total;
     println!("{:<12} {:>14} {:>18}", "total", total.packets, total.bytes);
-    if !stats.services.is_empty() {
+    if !report.services.is_empty() {
         println!();
         println!(
             "{:<32} {:>12} {:>14} {:>10}  DROPS",
             "SERVICE", "PACKETS", "BYTES", "NEW FLOWS"
         );
-        for service in &stats.services {
+        for service in &report.services {
             println!(
                 "{:<32} {:>12} {:>14} {:>10}  {}",
                 service.service,
@@ -303,13 +286,13 @@ fn print_stats(stats: &Stats, json: bool) {
             );
         }
     }
-    if !stats.backends.is_empty() {
+    if !report.backends.is_empty() {
         println!();
         println!(
             "{:<32} {:<9} {:>12} {:>14} {:>10}",
             "BACKEND", "STATE", "PACKETS", "BYTES", "NEW FLOWS"
         );
-        for backend in &stats.backends {
+        for backend in &report.backends {
             println!(
                 "{:<32} {:<9} {:>12} {:>14} {:>10}",
                 backend.backend.to_string(),
@@ -321,11 +304,12 @@ fn print_stats(stats: &Stats, json: bool) {
         }
     }
     println!();
-    println!("drops outside services: {}", describe_drops(&stats.drops));
+    println!("drops outside services: {}", describe_drops(&report.drops));
+    Ok(())
 }
 
 /// "none", or the non-zero reasons with their counts.
-fn describe_drops(drops: &std::collections::BTreeMap<&'static str, u64>) -> String {
+fn describe_drops(drops: &std::collections::BTreeMap<String, u64>) -> String {
     let nonzero: Vec<String> = drops
         .iter()
         .filter(|(_, count)| **count > 0)

@@ -9,6 +9,8 @@
 pub mod model;
 mod reload;
 pub mod rotation;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::model::{AdminState, Backend, BackendId, HealthCheck, Service};
@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// A backend's effective state: what the kernel and the gateway act on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Healthy (or not judged yet) and enabled: gets new flows.

@@ -23,7 +23,7 @@ mod settings;
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 pub use checker::{Checker, spawn};
@@ -45,7 +45,7 @@ impl fmt::Display for Target {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     /// Not judged yet: its first check has not finished.

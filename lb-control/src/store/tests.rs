@@ -114,7 +114,7 @@ fn every_record_round_trips_and_survives_reopen() {
         burst: 100,
     };
     let (s1, s2, s3, k1, k2) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let s1 = tx.insert_service(&v4, Origin::Config)?;
             let s2 = tx.insert_service(&v6, Origin::Api)?;
             let s3 = tx.insert_service(&tcp, Origin::Api)?;
@@ -124,7 +124,7 @@ fn every_record_round_trips_and_survives_reopen() {
         })
         .expect("first write");
     let (b1_id, b2_id) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let b1_id = tx.insert_backend(s1, &b1, Origin::Config)?;
             let b2_id = tx.insert_backend(s2, &b2, Origin::Api)?;
             assert!(tx.revoke_api_key(k2, at(5))?);
@@ -217,7 +217,7 @@ fn updates_replace_the_definition_and_keep_origin() {
     let dir = TempDir::new();
     let store = open(&dir);
     let (service, backend) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Config)?;
             let backend = tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
             Ok((service, backend))
@@ -233,7 +233,7 @@ fn updates_replace_the_definition_and_keep_origin() {
         ..backend_def("10.0.0.2:80")
     };
     store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             assert!(tx.update_service(service, &new_service)?);
             assert!(tx.update_backend(backend, &new_backend)?);
             assert!(!tx.update_service(service + 100, &new_service)?);
@@ -258,14 +258,14 @@ fn ids_are_never_reused_after_delete_even_across_reopen() {
     let dir = TempDir::new();
     let store = open(&dir);
     let (service, backend) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
             let backend = tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
             Ok((service, backend))
         })
         .expect("insert");
     store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             assert!(tx.delete_backend(backend)?);
             assert!(tx.delete_service(service)?);
             assert!(!tx.delete_service(service)?);
@@ -276,7 +276,7 @@ fn ids_are_never_reused_after_delete_even_across_reopen() {
     drop(store);
     let store = open(&dir);
     let (service2, backend2) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
             let backend = tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
             Ok((service, backend))
@@ -297,7 +297,7 @@ fn deleting_a_service_cascades_its_backends() {
     let dir = TempDir::new();
     let store = open(&dir);
     let kept_service = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let gone = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
             let kept = tx.insert_service(&service_def("192.0.2.2", 80), Origin::Api)?;
             tx.insert_backend(gone, &backend_def("10.0.0.1:80"), Origin::Api)?;
@@ -317,7 +317,7 @@ fn duplicate_service_is_a_conflict_naming_it() {
     let dir = TempDir::new();
     let store = open(&dir);
     let other = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             tx.insert_service(&service_def("10.0.0.1", 80), Origin::Config)?;
             // Same VIP and port over UDP is another service.
             let udp = ServiceDef {
@@ -347,7 +347,7 @@ fn duplicate_backend_is_a_conflict_naming_it() {
     let dir = TempDir::new();
     let store = open(&dir);
     let (service, other) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
             let second = tx.insert_service(&service_def("192.0.2.2", 80), Origin::Api)?;
             tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
@@ -404,7 +404,7 @@ fn duplicate_key_name_or_secret_is_a_conflict_naming_it() {
 fn failed_write_leaves_nothing_behind() {
     let dir = TempDir::new();
     let store = open(&dir);
-    let result: Result<(), _> = store.write(|tx| {
+    let result: Result<(), _> = store.write(|tx| -> Result<_, StoreError> {
         let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
         tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
         tx.insert_api_key("alice", &[1; 32], None, at(0))?;
@@ -467,7 +467,7 @@ fn api_key_by_hash_finds_the_key() {
     let dir = TempDir::new();
     let store = open(&dir);
     let id = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             tx.insert_api_key("alice", &[1; 32], None, at(0))?;
             tx.insert_api_key("bob", &[2; 32], Some(RateLimit { rps: 1, burst: 1 }), at(0))
         })
@@ -489,7 +489,7 @@ fn key_revocation_and_limit_changes_apply_once_to_existing_keys() {
         .write(|tx| tx.insert_api_key("alice", &[1; 32], None, at(0)))
         .expect("key");
     store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             assert!(tx.set_api_key_limit(id, Some(limit))?);
             assert!(!tx.set_api_key_limit(id + 1, Some(limit))?);
             assert!(tx.revoke_api_key(id, at(1))?);
@@ -518,7 +518,7 @@ fn touch_api_keys_updates_last_used_and_never_moves_it_back() {
     let dir = TempDir::new();
     let store = open(&dir);
     let (alice, bob) = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             Ok((
                 tx.insert_api_key("alice", &[1; 32], None, at(0))?,
                 tx.insert_api_key("bob", &[2; 32], None, at(0))?,
@@ -544,7 +544,7 @@ fn events_are_ordered_and_capped() {
     let mut store = open(&dir);
     store.events_kept = 3;
     let ids = store
-        .write(|tx| {
+        .write(|tx| -> Result<_, StoreError> {
             (0..5)
                 .map(|n| tx.record_event("test", &format!("event {n}"), ""))
                 .collect::<Result<Vec<_>, _>>()

@@ -1,0 +1,281 @@
+//! A typed client of the admin API, for the CLI and the tests. It speaks the wire types of
+//! [`crate::api::model`], the same the server answers with.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use reqwest::{Method, StatusCode};
+use serde::{Serialize, de::DeserializeOwned};
+use thiserror::Error;
+
+use crate::{
+    api::model::{
+        BackendInfo, ClusterHealth, ErrorBody, ErrorDetail, EventInfo, KeyCreated, KeyInfo,
+        LimitChange, NewBackend, NewKey, NewService, ServiceInfo, StatsReport, WeightChange,
+    },
+    backends::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
+};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("cannot connect: is lb-control running? (admin API at {url})")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The API's own error answer.
+    #[error("{}", describe_error(.detail))]
+    Api {
+        status: StatusCode,
+        detail: ErrorDetail,
+    },
+    #[error("admin API at {url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("admin API at {url}: unexpected answer {status}: {body}")]
+    Unexpected {
+        url: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+fn describe_error(detail: &ErrorDetail) -> String {
+    match &detail.field {
+        // Messages about a field already start with its name when serde wrote them.
+        Some(field) if !detail.message.contains(field.as_str()) => {
+            format!("{field}: {}", detail.message)
+        }
+        _ => detail.message.clone(),
+    }
+}
+
+/// `http://` + the address the API listens on; a wildcard listen address is reached on
+/// loopback.
+pub fn admin_url(listen: SocketAddr) -> String {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    /// `base` is e.g. `http://127.0.0.1:9900`.
+    pub fn new(base: &str, token: &str) -> Self {
+        AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+        self.call(Method::GET, "/v1/services", None::<&()>).await
+    }
+
+    pub async fn service(&self, id: ServiceId) -> Result<ServiceInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/services/{id}"), None::<&()>)
+            .await
+    }
+
+    pub async fn add_service(&self, new: &NewService) -> Result<ServiceInfo, ClientError> {
+        self.call(Method::POST, "/v1/services", Some(new)).await
+    }
+
+    pub async fn remove_service(&self, id: ServiceId) -> Result<Service, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/services/{id}"), None::<&()>)
+            .await
+    }
+
+    pub async fn backends(
+        &self,
+        service: Option<ServiceId>,
+    ) -> Result<Vec<BackendInfo>, ClientError> {
+        let path = match service {
+            Some(service) => format!("/v1/backends?service={service}"),
+            None => "/v1/backends".to_owned(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    pub async fn backend(&self, id: BackendId) -> Result<BackendInfo, ClientError> {
+        self.call(Method::GET, &format!("/v1/backends/{id}"), None::<&()>)
+            .await
+    }
+
+    pub async fn add_backend(&self, new: &NewBackend) -> Result<BackendInfo, ClientError> {
+        self.call(Method::POST, "/v1/backends", Some(new)).await
+    }
+
+    pub async fn remove_backend(&self, id: BackendId) -> Result<Backend, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/backends/{id}"), None::<&()>)
+            .await
+    }
+
+    /// Drains, enables or disables a backend.
+    pub async fn set_admin(
+        &self,
+        id: BackendId,
+        admin: AdminState,
+    ) -> Result<BackendInfo, ClientError> {
+        let action = match admin {
+            AdminState::Enabled => "enable",
+            AdminState::Draining => "drain",
+            AdminState::Disabled => "disable",
+        };
+        self.call(
+            Method::POST,
+            &format!("/v1/backends/{id}/{action}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn set_weight(&self, id: BackendId, weight: u32) -> Result<BackendInfo, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/backends/{id}/weight"),
+            Some(&WeightChange { weight }),
+        )
+        .await
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyInfo>, ClientError> {
+        self.call(Method::GET, "/v1/keys", None::<&()>).await
+    }
+
+    pub async fn create_key(&self, new: &NewKey) -> Result<KeyCreated, ClientError> {
+        self.call(Method::POST, "/v1/keys", Some(new)).await
+    }
+
+    pub async fn revoke_key(&self, id: ApiKeyId) -> Result<KeyInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/keys/{id}"), None::<&()>)
+            .await
+    }
+
+    pub async fn set_key_limit(
+        &self,
+        id: ApiKeyId,
+        change: &LimitChange,
+    ) -> Result<KeyInfo, ClientError> {
+        self.call(Method::PUT, &format!("/v1/keys/{id}/limit"), Some(change))
+            .await
+    }
+
+    pub async fn stats(&self) -> Result<StatsReport, ClientError> {
+        self.call(Method::GET, "/v1/stats", None::<&()>).await
+    }
+
+    pub async fn health(&self) -> Result<ClusterHealth, ClientError> {
+        self.call(Method::GET, "/v1/health", None::<&()>).await
+    }
+
+    /// Events after `after` (the newest when None), oldest first.
+    pub async fn events(
+        &self,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<EventInfo>, ClientError> {
+        let path = match after {
+            Some(after) => format!("/v1/events?after={after}&limit={limit}"),
+            None => format!("/v1/events?limit={limit}"),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> Result<String, ClientError> {
+        let url = self.url("/metrics");
+        let response = self.send(self.http.get(&url), &url).await?;
+        response
+            .text()
+            .await
+            .map_err(|source| ClientError::Http { url, source })
+    }
+
+    /// The OpenAPI document.
+    pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, "/openapi.json", None::<&()>).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = self.send(request, &url).await?;
+        let status = response.status();
+        let text = response.text().await.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|error| ClientError::Unexpected {
+            url,
+            status,
+            body: format!("{error}: {text}"),
+        })
+    }
+
+    /// Sends a request; an error answer becomes [`ClientError::Api`].
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let response = request.send().await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Unreachable {
+                    url: self.base.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Http {
+                    url: url.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&body) {
+            Ok(error) => Err(ClientError::Api {
+                status,
+                detail: error.error,
+            }),
+            Err(_) => Err(ClientError::Unexpected {
+                url: url.to_owned(),
+                status,
+                body,
+            }),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}

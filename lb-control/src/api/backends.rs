@@ -1,0 +1,240 @@
+//! `/v1/backends`: the nodes behind each service, their admin state and weight.
+
+use axum::{Json, extract::State, http::StatusCode};
+
+use super::{
+    Context,
+    error::{ApiError, ApiResult},
+    extract::{Body, Id, Query},
+    model::{BackendFilter, BackendInfo, ErrorBody, NewBackend, WeightChange},
+    services::service_not_found,
+};
+use crate::backends::{AdminState, Backend, BackendDef, BackendId, ServiceId};
+
+/// Every backend with its state and health.
+#[utoipa::path(
+    get,
+    path = "/v1/backends",
+    tag = "backends",
+    params(BackendFilter),
+    responses(
+        (status = 200, description = "The backends", body = Vec<BackendInfo>),
+        (status = 400, description = "A query parameter is invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such service", body = ErrorBody),
+    )
+)]
+pub async fn list(
+    State(context): State<Context>,
+    Query(filter): Query<BackendFilter>,
+) -> ApiResult<Json<Vec<BackendInfo>>> {
+    if let Some(service) = filter.service {
+        service_exists(&context, service)?;
+    }
+    let statuses = context.backends.backend_statuses().await;
+    Ok(Json(
+        statuses
+            .into_iter()
+            .filter(|status| {
+                filter
+                    .service
+                    .is_none_or(|service| status.view.backend.service == service)
+            })
+            .map(BackendInfo::from)
+            .collect(),
+    ))
+}
+
+/// Adds a backend to a service.
+#[utoipa::path(
+    post,
+    path = "/v1/backends",
+    tag = "backends",
+    request_body = NewBackend,
+    responses(
+        (status = 201, description = "Added and pushed to the kernel", body = BackendInfo),
+        (status = 400, description = "A field is invalid, or `service` is needed",
+         body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such service", body = ErrorBody),
+        (status = 409, description = "The service has a backend at this address",
+         body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn add(
+    State(context): State<Context>,
+    Body(new): Body<NewBackend>,
+) -> ApiResult<(StatusCode, Json<BackendInfo>)> {
+    let service = match new.service {
+        Some(service) => service,
+        None => only_service(&context)?,
+    };
+    let def = BackendDef {
+        address: new.address,
+        rpc_port: new.rpc_port,
+        weight: new.weight,
+        admin: new.admin,
+    };
+    let backend = context.backends.add_backend(service, def).await?;
+    Ok((StatusCode::CREATED, status_of(&context, backend.id).await?))
+}
+
+/// One backend with its state and health.
+#[utoipa::path(
+    get,
+    path = "/v1/backends/{id}",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "The backend", body = BackendInfo),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+    )
+)]
+pub async fn get(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
+    status_of(&context, id).await
+}
+
+/// Removes a backend: its flows move to the service's other backends.
+#[utoipa::path(
+    delete,
+    path = "/v1/backends/{id}",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Removed; the backend as it was", body = Backend),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn remove(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<Backend>> {
+    Ok(Json(context.backends.remove_backend(id).await?))
+}
+
+/// Drains a backend: it keeps its established flows and gets no new ones.
+#[utoipa::path(
+    post,
+    path = "/v1/backends/{id}/drain",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Draining", body = BackendInfo),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
+    set_admin(&context, id, AdminState::Draining).await
+}
+
+/// Enables a backend: in rotation while healthy.
+#[utoipa::path(
+    post,
+    path = "/v1/backends/{id}/enable",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Enabled", body = BackendInfo),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn enable(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
+    set_admin(&context, id, AdminState::Enabled).await
+}
+
+/// Disables a backend: out of rotation at once, its flows move to other backends.
+#[utoipa::path(
+    post,
+    path = "/v1/backends/{id}/disable",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Disabled", body = BackendInfo),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn disable(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
+    set_admin(&context, id, AdminState::Disabled).await
+}
+
+/// Sets a backend's weight: its relative share of new flows.
+#[utoipa::path(
+    put,
+    path = "/v1/backends/{id}/weight",
+    tag = "backends",
+    params(Id),
+    request_body = WeightChange,
+    responses(
+        (status = 200, description = "Weight set", body = BackendInfo),
+        (status = 400, description = "Not a weight", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn set_weight(
+    State(context): State<Context>,
+    Id(id): Id,
+    Body(change): Body<WeightChange>,
+) -> ApiResult<Json<BackendInfo>> {
+    context.backends.set_weight(id, change.weight).await?;
+    status_of(&context, id).await
+}
+
+async fn set_admin(
+    context: &Context,
+    id: BackendId,
+    admin: AdminState,
+) -> ApiResult<Json<BackendInfo>> {
+    context.backends.set_admin(id, admin).await?;
+    status_of(context, id).await
+}
+
+async fn status_of(context: &Context, id: BackendId) -> ApiResult<Json<BackendInfo>> {
+    Ok(Json(context.backends.backend_status(id).await?.into()))
+}
+
+fn service_exists(context: &Context, id: ServiceId) -> ApiResult<()> {
+    if context
+        .backends
+        .view()
+        .services
+        .iter()
+        .any(|service| service.service.id == id)
+    {
+        Ok(())
+    } else {
+        Err(service_not_found(id))
+    }
+}
+
+/// The service a backend goes to when the request names none: the only one there is.
+fn only_service(context: &Context) -> ApiResult<ServiceId> {
+    let view = context.backends.view();
+    match view.services.as_slice() {
+        [only] => Ok(only.service.id),
+        [] => Err(ApiError::invalid_field(
+            "service",
+            "there is no service yet: add one first (POST /v1/services)",
+        )),
+        services => Err(ApiError::invalid_field(
+            "service",
+            format!(
+                "{} services exist: name the one the backend belongs to ({})",
+                services.len(),
+                services
+                    .iter()
+                    .map(|service| format!("{} = {}", service.service.id, service.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}

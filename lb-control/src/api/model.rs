@@ -1,0 +1,498 @@
+//! The admin API's wire format: request bodies and answers, shared by the server, the typed
+//! client ([`crate::admin_client`]) and the OpenAPI document, so none of them can disagree.
+//!
+//! Internal records (the backend set's, the health checker's, the key registry's) are turned
+//! into these at the edge: the wire format is a contract and changes only on purpose. Times are
+//! RFC 3339 strings in UTC.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::{
+    IntoParams, ToSchema,
+    openapi::{ObjectBuilder, Type},
+};
+
+use crate::{
+    backends::{
+        AdminState, ApiKeyId, ApiKeyRecord, Backend, BackendStatus, DEFAULT_RPC_PORT, Event,
+        HealthCheck, RateLimit, Service, ServiceDef, ServiceId, State,
+    },
+    dataplane::{ForwardingMode, Protocol, Stats},
+    health::{NodeHealth, Verdict},
+};
+
+/// A point in time, RFC 3339 in UTC with milliseconds: `2025-01-31T12:00:00.000Z`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_rfc3339(&text)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+/// Every error answer: `{ "error": { "code": "…", "message": "…", "field": "…" } }`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The request field at fault, for `invalid` when it is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// What kind of error; each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: a field is missing, malformed or out of range.
+    Invalid,
+    /// 401: no bearer token, or a wrong one.
+    Unauthorized,
+    /// 404: no such record (or no such route).
+    NotFound,
+    /// 405: the route exists, the method does not.
+    MethodNotAllowed,
+    /// 409: a record with the same identity exists, or the record is in a state that forbids
+    /// the change (a revoked key).
+    Conflict,
+    /// 500: the state store or the kernel failed.
+    Internal,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Services and backends.
+
+/// Body of `POST /v1/services`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewService {
+    #[schema(value_type = String, example = "192.0.2.10")]
+    pub vip: IpAddr,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    #[schema(schema_with = protocol_schema)]
+    pub protocol: Protocol,
+    #[serde(default)]
+    #[schema(schema_with = mode_schema)]
+    pub mode: ForwardingMode,
+    #[serde(default)]
+    pub check: HealthCheck,
+}
+
+impl From<NewService> for ServiceDef {
+    fn from(new: NewService) -> Self {
+        ServiceDef {
+            vip: new.vip,
+            port: new.port,
+            protocol: new.protocol,
+            mode: new.mode,
+            check: new.check,
+        }
+    }
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+fn protocol_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["tcp", "udp"]))
+        .default(Some("tcp".into()))
+}
+
+fn mode_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["nat", "dsr"]))
+        .default(Some("nat".into()))
+}
+
+/// A service with its backends.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceInfo {
+    #[serde(flatten)]
+    pub service: Service,
+    /// `192.0.2.10:9944/tcp`
+    pub name: String,
+    pub backends: Vec<BackendInfo>,
+}
+
+/// Body of `POST /v1/backends`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBackend {
+    /// The node's address and the service's port on it.
+    #[schema(value_type = String, example = "10.200.13.2:9944")]
+    pub address: SocketAddr,
+    /// The service's id; may be left out while exactly one service exists.
+    #[serde(default)]
+    pub service: Option<ServiceId>,
+    /// The node's JSON-RPC port (health checks, gateway).
+    #[serde(default = "default_rpc_port")]
+    #[schema(default = 9944)]
+    pub rpc_port: u16,
+    #[serde(default = "default_weight")]
+    #[schema(default = 1)]
+    pub weight: u32,
+    #[serde(default)]
+    pub admin: AdminState,
+}
+
+fn default_rpc_port() -> u16 {
+    DEFAULT_RPC_PORT
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Body of `PUT /v1/backends/{id}/weight`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WeightChange {
+    pub weight: u32,
+}
+
+/// A backend with its effective state and its health.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BackendInfo {
+    #[serde(flatten)]
+    pub backend: Backend,
+    /// The service's name, `192.0.2.10:9944/tcp`.
+    pub service_name: String,
+    pub state: State,
+    /// In rotation although unhealthy, because every backend of its service is.
+    pub fallback: bool,
+    /// None until its first check, and for services without checks.
+    pub health: Option<HealthInfo>,
+}
+
+impl From<BackendStatus> for BackendInfo {
+    fn from(status: BackendStatus) -> Self {
+        BackendInfo {
+            backend: status.view.backend,
+            service_name: status.service_name,
+            state: status.view.state,
+            fallback: status.view.fallback,
+            health: status.health.map(HealthInfo::from),
+        }
+    }
+}
+
+/// What the health checker last found about a node.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthInfo {
+    pub verdict: Verdict,
+    /// Why the node is unhealthy.
+    pub reason: Option<String>,
+    pub best: Option<u64>,
+    pub finalized: Option<u64>,
+    /// Blocks behind the best block of its chain.
+    pub lag: Option<u64>,
+    /// The genesis hash of the node's chain.
+    pub genesis: Option<String>,
+    /// The last failed check's error, kept after the node recovers.
+    pub last_error: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_checked: Option<Timestamp>,
+}
+
+impl From<NodeHealth> for HealthInfo {
+    fn from(health: NodeHealth) -> Self {
+        HealthInfo {
+            verdict: health.verdict,
+            reason: health.reason,
+            best: health.best,
+            finalized: health.finalized,
+            lag: health.lag,
+            genesis: health.genesis,
+            last_error: health.last_error,
+            last_checked: health.last_checked.map(Timestamp),
+        }
+    }
+}
+
+/// `GET /v1/health`: the cluster as the health checker sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterHealth {
+    /// The highest best block among answering, synced nodes; null when there is none or the
+    /// nodes serve several chains.
+    pub cluster_best: Option<u64>,
+    /// Every backend of every service, with its state and health.
+    pub nodes: Vec<BackendInfo>,
+}
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BackendFilter {
+    /// Only the backends of this service.
+    #[param(value_type = Option<i64>)]
+    pub service: Option<ServiceId>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// API keys.
+
+/// Body of `POST /v1/keys`. Without `rps` the key is unlimited.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`; unique among all keys, revoked ones included.
+    #[schema(example = "alice")]
+    pub name: String,
+    /// Requests per second, sustained.
+    #[serde(default)]
+    pub rps: Option<u32>,
+    /// Requests allowed at once above the steady rate; defaults to `rps`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Body of `PUT /v1/keys/{id}/limit`: `{ "rps": 10, "burst": 20 }`, or `{ "rps": null }` for
+/// no limit. `rps` must be present, so an empty body cannot lift a limit by accident.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitChange {
+    #[serde(deserialize_with = "present_or_null")]
+    #[schema(required = true)]
+    pub rps: Option<u32>,
+    /// Defaults to `rps`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// Makes an `Option` field required (null allowed): serde treats a missing `Option` field as
+/// null unless it has its own deserializer.
+fn present_or_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u32>, D::Error> {
+    Option::deserialize(deserializer)
+}
+
+/// The rate limit `rps` and `burst` ask for; `burst` without `rps` is an error.
+pub fn requested_limit(
+    rps: Option<u32>,
+    burst: Option<u32>,
+) -> Result<Option<RateLimit>, &'static str> {
+    match (rps, burst) {
+        (Some(rps), burst) => Ok(Some(RateLimit {
+            rps,
+            burst: burst.unwrap_or(rps),
+        })),
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err("a burst needs a rate: give rps too"),
+    }
+}
+
+/// An API key as listed: never its secret nor its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyInfo {
+    pub id: ApiKeyId,
+    pub name: String,
+    /// Null: unlimited.
+    pub rate_limit: Option<RateLimit>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used: Option<Timestamp>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked: Option<Timestamp>,
+}
+
+impl From<ApiKeyRecord> for KeyInfo {
+    fn from(key: ApiKeyRecord) -> Self {
+        KeyInfo {
+            id: key.id,
+            name: key.name,
+            rate_limit: key.rate_limit,
+            created: Timestamp(key.created),
+            last_used: key.last_used.map(Timestamp),
+            revoked: key.revoked.map(Timestamp),
+        }
+    }
+}
+
+/// A key just created, with its secret: the only answer that ever carries it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyCreated {
+    pub id: ApiKeyId,
+    pub name: String,
+    /// `lbk_` and 64 hex digits. Store it now: it cannot be shown again.
+    pub secret: String,
+    pub rate_limit: Option<RateLimit>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created: Timestamp,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Only events with a larger id (for following the log); without it, the newest.
+    pub after: Option<i64>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+pub const DEFAULT_EVENT_LIMIT: usize = 100;
+pub const MAX_EVENT_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventInfo {
+    pub id: i64,
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
+    /// What happened: `backend.added`, `backend.state`, `key.revoked`, …
+    pub kind: String,
+    /// What it happened to: `backend 3 (10.200.11.2:9944)`.
+    pub subject: String,
+    /// Why or how: `api`, `up -> down (health)`, …
+    pub detail: String,
+}
+
+impl From<Event> for EventInfo {
+    fn from(event: Event) -> Self {
+        EventInfo {
+            id: event.id,
+            at: Timestamp(event.at),
+            kind: event.kind,
+            subject: event.subject,
+            detail: event.detail,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stats.
+
+/// The kernel's counters (summed over CPUs since the maps were created) and the gateway's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatsReport {
+    /// Every packet the XDP program saw, by protocol.
+    pub protocols: BTreeMap<String, Traffic>,
+    pub total: Traffic,
+    /// Drops outside any service (blocked sources, fragments to a VIP), by reason.
+    pub drops: BTreeMap<String, u64>,
+    pub services: Vec<ServiceTraffic>,
+    pub backends: Vec<BackendTraffic>,
+    /// The JSON-RPC gateway's counters, by name; empty until the gateway runs.
+    pub gateway: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServiceTraffic {
+    /// `192.0.2.10:9944/tcp`
+    pub service: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackendTraffic {
+    #[schema(value_type = String, example = "10.200.13.2:9944")]
+    pub backend: SocketAddr,
+    /// As the kernel has it: `up`, `draining` or `down`.
+    pub state: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<&Stats> for StatsReport {
+    fn from(stats: &Stats) -> Self {
+        let names = |counts: &BTreeMap<&'static str, u64>| {
+            counts
+                .iter()
+                .map(|(name, count)| ((*name).to_owned(), *count))
+                .collect()
+        };
+        let total = stats.protocols.total();
+        StatsReport {
+            protocols: stats
+                .protocols
+                .by_slot
+                .iter()
+                .map(|(name, c)| {
+                    (
+                        (*name).to_owned(),
+                        Traffic {
+                            packets: c.packets,
+                            bytes: c.bytes,
+                        },
+                    )
+                })
+                .collect(),
+            total: Traffic {
+                packets: total.packets,
+                bytes: total.bytes,
+            },
+            drops: names(&stats.drops),
+            services: stats
+                .services
+                .iter()
+                .map(|service| ServiceTraffic {
+                    service: service.service.clone(),
+                    packets: service.packets,
+                    bytes: service.bytes,
+                    new_flows: service.new_flows,
+                    drops: names(&service.drops),
+                })
+                .collect(),
+            backends: stats
+                .backends
+                .iter()
+                .map(|backend| BackendTraffic {
+                    backend: backend.backend,
+                    state: backend.state.to_owned(),
+                    packets: backend.packets,
+                    bytes: backend.bytes,
+                    new_flows: backend.new_flows,
+                })
+                .collect(),
+            gateway: BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The change path against a real store (a file in a temp directory) and a kernel that records
+//! what it was given.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::registry::Registry;
+
+use super::*;
+use crate::{
+    dataplane::{BackendState, ForwardingMode, Protocol},
+    health::{Badness, Condition, NodeHealth, Verdict},
+};
+
+/// The kernel tables as last applied, shared with the test.
+#[derive(Clone, Default)]
+struct RecordedKernel(Arc<Mutex<Vec<ServiceSpec>>>);
+
+impl KernelTables for RecordedKernel {
+    fn apply(
+        &mut self,
+        _settings: &LbSettings,
+        services: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError> {
+        *self.0.lock().unwrap() = services.to_vec();
+        Ok(ApplyReport::default())
+    }
+
+    fn detach(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+impl RecordedKernel {
+    /// Kernel state of each backend address.
+    fn states(&self) -> Vec<(SocketAddr, BackendState)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|service| service.backends.iter().map(|b| (b.addr, b.state)))
+            .collect()
+    }
+
+    fn state_of(&self, address: &str) -> Option<BackendState> {
+        let address: SocketAddr = address.parse().unwrap();
+        self.states()
+            .into_iter()
+            .find(|(addr, _)| *addr == address)
+            .map(|(_, state)| state)
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "lb-backends-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.0.join("state.db")).unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn settings() -> LbSettings {
+    let config = crate::config::Config::parse(
+        "[dataplane]\nnat_source_v4 = \"10.0.0.1\"\n",
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    config.lb_settings()
+}
+
+fn service(vip: &str, port: u16) -> ServiceDef {
+    ServiceDef {
+        vip: vip.parse().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+        mode: ForwardingMode::Nat,
+        check: HealthCheck::Substrate,
+    }
+}
+
+fn backend(address: &str) -> BackendDef {
+    BackendDef {
+        address: address.parse().unwrap(),
+        rpc_port: DEFAULT_RPC_PORT,
+        weight: 1,
+        admin: AdminState::Enabled,
+    }
+}
+
+fn declared(backends: &[&str]) -> Declared {
+    Declared {
+        services: vec![(
+            service("192.0.2.10", 9944),
+            backends.iter().map(|address| backend(address)).collect(),
+        )],
+    }
+}
+
+async fn start(dir: &TempDir, declared: &Declared) -> (BackendSet, RecordedKernel) {
+    let kernel = RecordedKernel::default();
+    let set = BackendSet::start(
+        dir.store(),
+        Box::new(kernel.clone()),
+        settings(),
+        declared,
+        Arc::new(Metrics::register(&mut Registry::default())),
+    )
+    .await
+    .unwrap();
+    (set, kernel)
+}
+
+/// A snapshot judging each `(address, verdict, condition, blocks behind)`.
+fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
+    Arc::new(HealthSnapshot {
+        nodes: nodes
+            .iter()
+            .map(|(address, verdict, condition, behind)| {
+                let address: SocketAddr = address.parse().unwrap();
+                (
+                    Target {
+                        endpoint: SocketAddr::new(address.ip(), DEFAULT_RPC_PORT),
+                        check: HealthCheck::Substrate,
+                    },
+                    NodeHealth {
+                        verdict: *verdict,
+                        badness: Badness {
+                            condition: *condition,
+                            blocks_behind: *behind,
+                        },
+                        reason: None,
+                        best: None,
+                        finalized: None,
+                        lag: None,
+                        genesis: None,
+                        last_error: None,
+                        last_checked: None,
+                    },
+                )
+            })
+            .collect(),
+        ..HealthSnapshot::default()
+    })
+}
+
+const A: &str = "198.51.100.1:30333";
+const B: &str = "198.51.100.2:30333";
+const C: &str = "198.51.100.3:30333";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_seeds_the_store_and_runtime_changes_survive_a_restart() {
+    let dir = TempDir::new("seed");
+    let (set, kernel) = start(&dir, &declared(&[A, B])).await;
+    assert_eq!(kernel.states().len(), 2);
+    let b = set.view().services[0].backends[1].backend.id;
+    set.set_weight(b, 3).await.unwrap();
+    set.set_admin(b, AdminState::Draining).await.unwrap();
+    drop(set);
+
+    // The file now also declares C: it is added; B keeps its runtime weight and drain.
+    let (set, kernel) = start(&dir, &declared(&[A, B, C])).await;
+    let view = set.view();
+    let backends = &view.services[0].backends;
+    assert_eq!(backends.len(), 3);
+    assert_eq!(backends[1].backend.def.weight, 3);
+    assert_eq!(backends[1].state, State::Draining);
+    assert_eq!(kernel.state_of(B), Some(BackendState::Draining));
+    drop(set);
+
+    // A backend the file no longer declares is removed at start.
+    let (set, _) = start(&dir, &declared(&[A, C])).await;
+    let addresses: Vec<String> = set.view().services[0]
+        .backends
+        .iter()
+        .map(|b| b.backend.def.address.to_string())
+        .collect();
+    assert_eq!(addresses, [A, C]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_applies_only_what_the_file_changed() {
+    let dir = TempDir::new("reload");
+    let before = declared(&[A, B]);
+    let (set, kernel) = start(&dir, &before).await;
+    let a = set.view().services[0].backends[0].backend.id;
+    set.set_admin(a, AdminState::Disabled).await.unwrap();
+
+    let mut after = declared(&[B, C]);
+    after.services[0].1[0].weight = 5;
+    set.reload(settings(), &before, &after).await.unwrap();
+    let view = set.view();
+    let backends = &view.services[0].backends;
+    let summary: Vec<(String, u32)> = backends
+        .iter()
+        .map(|b| (b.backend.def.address.to_string(), b.backend.def.weight))
+        .collect();
+    assert_eq!(summary, [(B.to_owned(), 5), (C.to_owned(), 1)]);
+    assert_eq!(kernel.state_of(A), None, "removed from the file: gone");
+
+    // A field the file did not change keeps its runtime value.
+    let b = backends[0].backend.id;
+    set.set_admin(b, AdminState::Draining).await.unwrap();
+    let mut again = after.clone();
+    again.services[0].1[0].weight = 6;
+    set.reload(settings(), &after, &again).await.unwrap();
+    let view = set.view();
+    let b = &view.backend(b).unwrap().1;
+    assert_eq!(b.backend.def.weight, 6);
+    assert_eq!(b.state, State::Draining);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_errors_name_what_is_wrong() {
+    let dir = TempDir::new("errors");
+    let (set, _) = start(&dir, &declared(&[A])).await;
+    let service_id = set.view().services[0].service.id;
+    assert!(matches!(
+        set.add_backend(service_id, backend(A)).await,
+        Err(ChangeError::Conflict { .. })
+    ));
+    assert!(matches!(
+        set.add_backend(service_id + 100, backend(B)).await,
+        Err(ChangeError::NotFound { .. })
+    ));
+    let error = set
+        .add_backend(service_id, backend("[2001:db8::1]:30333"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ChangeError::Invalid { field, .. } if field == "address"),
+        "{error}"
+    );
+    let error = set.set_weight(12345, 2).await.unwrap_err();
+    assert_eq!(error.to_string(), "backend 12345 does not exist");
+    let error = set.set_weight(1, 0).await.unwrap_err();
+    assert!(matches!(&error, ChangeError::Invalid { field, .. } if field == "weight"));
+    assert!(matches!(
+        set.add_service(service("192.0.2.10", 9944)).await,
+        Err(ChangeError::Conflict { .. })
+    ));
+    // A v6 NAT service needs a v6 NAT source, which these settings lack.
+    let error = set
+        .add_service(service("2001:db8::10", 9944))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("NAT source"), "{error}");
+    // Nothing refused reached the store.
+    assert_eq!(dir.store().backends().unwrap().len(), 1);
+    assert_eq!(dir.store().services().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_moves_backends_and_keeps_the_least_bad_when_all_fail() {
+    let dir = TempDir::new("health");
+    let (set, kernel) = start(&dir, &declared(&[A, B, C])).await;
+    // Not judged yet: in rotation.
+    assert_eq!(kernel.state_of(A), Some(BackendState::Up));
+
+    set.apply_health(snapshot(&[
+        (A, Verdict::Healthy, Condition::Healthy, 0),
+        (B, Verdict::Unhealthy, Condition::Unreachable, 0),
+        (C, Verdict::Healthy, Condition::Healthy, 0),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Down));
+    assert_eq!(kernel.state_of(A), Some(BackendState::Up));
+
+    // A draining backend that fails goes down (its node cannot serve its flows anyway).
+    let c = set.view().services[0].backends[2].backend.id;
+    set.set_admin(c, AdminState::Draining).await.unwrap();
+    assert_eq!(kernel.state_of(C), Some(BackendState::Draining));
+
+    // Every enabled backend unhealthy: the least bad (answering, fewest blocks behind) stays.
+    set.apply_health(snapshot(&[
+        (A, Verdict::Unhealthy, Condition::Answering, 12),
+        (B, Verdict::Unhealthy, Condition::Answering, 7),
+        (C, Verdict::Unhealthy, Condition::Unreachable, 0),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(kernel.state_of(A), Some(BackendState::Down));
+    assert_eq!(kernel.state_of(B), Some(BackendState::Up));
+    assert_eq!(kernel.state_of(C), Some(BackendState::Down));
+    let view = set.view();
+    assert!(view.services[0].backends[1].fallback);
+
+    // The transitions are in the event log.
+    let events = dir.store().recent_events(100).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "backend.state" && e.detail.contains("up -> down (health)")),
+        "{events:#?}"
+    );
+}

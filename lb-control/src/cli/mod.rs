@@ -1,0 +1,577 @@
+//! The subcommands that drive a running instance through its admin API: status, services,
+//! backends, API keys, health, events. Each prints a table, or the API's JSON with `--json`.
+
+mod table;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use lb_control::{
+    admin_client::{AdminClient, admin_url},
+    api::model::{
+        BackendInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewKey, NewService,
+        ServiceInfo,
+    },
+    backends::{
+        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, HealthCheck, RateLimit, ServiceId,
+    },
+    config::Config,
+    daemon::{ADMIN_TOKEN_ENV, generated_token_path, read_token},
+    dataplane::{ForwardingMode, Protocol},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use self::table::Table;
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// URL of the admin API [default: http:// + the config's admin.listen, 127.0.0.1:9900].
+    #[arg(long, global = true, value_name = "URL")]
+    admin: Option<String>,
+    /// Config file: where the admin API listens, and its token (LB_ADMIN_TOKEN wins).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Services and backends with their state and health, on one screen.
+    Status(ApiArgs),
+    /// List, add or remove L4 services.
+    Service {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// List, add, remove, drain, enable, disable or re-weight backends.
+    Backend {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+    /// Create, list, revoke or limit the gateway's API keys.
+    Key {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+    /// The cluster's best block and every node's health.
+    Health(ApiArgs),
+    /// The newest events: every change of services, backends and keys.
+    Events {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceAction {
+    List,
+    /// Add a service, e.g. `service add 192.0.2.10:9944`.
+    Add {
+        /// VIP:PORT
+        vip: SocketAddr,
+        #[arg(long, default_value = "tcp", value_parser = parse_variant::<Protocol>)]
+        protocol: Protocol,
+        #[arg(long, default_value = "nat", value_parser = parse_variant::<ForwardingMode>)]
+        mode: ForwardingMode,
+        /// substrate (JSON-RPC health and lag), tcp (connect only) or none.
+        #[arg(long, default_value = "substrate", value_parser = parse_variant::<HealthCheck>)]
+        check: HealthCheck,
+    },
+    /// Remove a service and all its backends.
+    Remove {
+        id: ServiceId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendAction {
+    List {
+        /// Only this service's backends.
+        #[arg(long)]
+        service: Option<ServiceId>,
+    },
+    /// Add a backend, e.g. `backend add 10.200.13.2:9944`.
+    Add {
+        /// The node's address and the service's port on it.
+        address: SocketAddr,
+        /// The service (needed when there are several).
+        #[arg(long)]
+        service: Option<ServiceId>,
+        /// The node's JSON-RPC port.
+        #[arg(long, default_value_t = DEFAULT_RPC_PORT)]
+        rpc_port: u16,
+        /// Relative share of new connections.
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend: its flows move to the other backends.
+    Remove { id: BackendId },
+    /// Keep a backend's flows, give it no new ones.
+    Drain { id: BackendId },
+    /// Put a backend in rotation (while healthy).
+    Enable { id: BackendId },
+    /// Take a backend out of rotation at once.
+    Disable { id: BackendId },
+    /// Set a backend's weight.
+    Weight { id: BackendId, weight: u32 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyAction {
+    /// Create a key; its secret is printed once.
+    Create {
+        /// 1 to 64 letters, digits, '_', '.' or '-'; unique.
+        #[arg(long)]
+        name: String,
+        /// Requests per second (no limit without it).
+        #[arg(long)]
+        rps: Option<u32>,
+        /// Requests at once above the rate [default: rps].
+        #[arg(long, requires = "rps")]
+        burst: Option<u32>,
+    },
+    List,
+    /// Revoke a key for good.
+    Revoke {
+        id: ApiKeyId,
+    },
+    /// Set a key's rate limit, or lift it with --unlimited.
+    Limit {
+        id: ApiKeyId,
+        #[arg(
+            long,
+            required_unless_present = "unlimited",
+            conflicts_with = "unlimited"
+        )]
+        rps: Option<u32>,
+        #[arg(long, requires = "rps")]
+        burst: Option<u32>,
+        #[arg(long)]
+        unlimited: bool,
+    },
+}
+
+pub fn run(command: AdminCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(dispatch(command))
+}
+
+async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::Status(api) => {
+            let client = client(&api)?;
+            let services = client.services().await?;
+            let health = client.health().await?;
+            if api.json {
+                print_json(&serde_json::json!({ "services": services, "health": health }))?;
+            } else {
+                print_status(&services, health.cluster_best);
+            }
+        }
+        AdminCommand::Service { api, action } => {
+            let client = client(&api)?;
+            match action {
+                ServiceAction::List => {
+                    show(&api, &client.services().await?, |s| print_services(s))?
+                }
+                ServiceAction::Add {
+                    vip,
+                    protocol,
+                    mode,
+                    check,
+                } => {
+                    let new = NewService {
+                        vip: vip.ip(),
+                        port: vip.port(),
+                        protocol,
+                        mode,
+                        check,
+                    };
+                    show(&api, &client.add_service(&new).await?, |service| {
+                        println!("added service {} ({})", service.service.id, service.name);
+                    })?;
+                }
+                ServiceAction::Remove { id } => {
+                    show(&api, &client.remove_service(id).await?, |service| {
+                        println!(
+                            "removed service {id} ({}) and its backends",
+                            service.def.key()
+                        );
+                    })?;
+                }
+            }
+        }
+        AdminCommand::Backend { api, action } => backend(&api, action).await?,
+        AdminCommand::Key { api, action } => key(&api, action).await?,
+        AdminCommand::Health(api) => {
+            let health = client(&api)?.health().await?;
+            show(&api, &health, |health| {
+                match health.cluster_best {
+                    Some(best) => println!("cluster best block: #{best}"),
+                    None => println!("cluster best block: unknown"),
+                }
+                print_health(&health.nodes);
+            })?;
+        }
+        AdminCommand::Events { api, limit } => {
+            show(&api, &client(&api)?.events(None, limit).await?, |e| {
+                print_events(e)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
+    let client = client(api)?;
+    let changed = |verb: &'static str| {
+        move |backend: &BackendInfo| {
+            println!(
+                "backend {} ({}) {verb}: now {}",
+                backend.backend.id,
+                backend.backend.def.address,
+                describe_state(backend)
+            );
+        }
+    };
+    match action {
+        BackendAction::List { service } => {
+            show(api, &client.backends(service).await?, |b| print_backends(b))?;
+        }
+        BackendAction::Add {
+            address,
+            service,
+            rpc_port,
+            weight,
+        } => {
+            let new = NewBackend {
+                address,
+                service,
+                rpc_port,
+                weight,
+                admin: AdminState::Enabled,
+            };
+            let backend = client.add_backend(&new).await?;
+            show(api, &backend, |backend| {
+                println!(
+                    "added backend {} ({}) to {}: {}",
+                    backend.backend.id,
+                    backend.backend.def.address,
+                    backend.service_name,
+                    describe_state(backend)
+                );
+            })?;
+        }
+        BackendAction::Remove { id } => {
+            show(api, &client.remove_backend(id).await?, |backend| {
+                println!("removed backend {id} ({})", backend.def.address);
+            })?;
+        }
+        BackendAction::Drain { id } => show(
+            api,
+            &client.set_admin(id, AdminState::Draining).await?,
+            changed("drained"),
+        )?,
+        BackendAction::Enable { id } => show(
+            api,
+            &client.set_admin(id, AdminState::Enabled).await?,
+            changed("enabled"),
+        )?,
+        BackendAction::Disable { id } => show(
+            api,
+            &client.set_admin(id, AdminState::Disabled).await?,
+            changed("disabled"),
+        )?,
+        BackendAction::Weight { id, weight } => show(
+            api,
+            &client.set_weight(id, weight).await?,
+            changed("re-weighted"),
+        )?,
+    }
+    Ok(())
+}
+
+async fn key(api: &ApiArgs, action: KeyAction) -> anyhow::Result<()> {
+    let client = client(api)?;
+    match action {
+        KeyAction::Create { name, rps, burst } => {
+            let created = client.create_key(&NewKey { name, rps, burst }).await?;
+            show(api, &created, |key| {
+                println!(
+                    "created key {} ({}), {}",
+                    key.id,
+                    key.name,
+                    describe_limit(key.rate_limit)
+                );
+                println!("secret: {}", key.secret);
+            })?;
+            eprintln!(
+                "warning: store the secret now: it cannot be shown again (only its hash is kept)"
+            );
+        }
+        KeyAction::List => show(api, &client.keys().await?, |keys| print_keys(keys))?,
+        KeyAction::Revoke { id } => show(api, &client.revoke_key(id).await?, |key| {
+            println!("revoked key {id} ({})", key.name);
+        })?,
+        KeyAction::Limit { id, rps, burst, .. } => {
+            // Without --rps, clap has made sure --unlimited was given.
+            let key = client
+                .set_key_limit(id, &LimitChange { rps, burst })
+                .await?;
+            show(api, &key, |key| {
+                println!(
+                    "key {id} ({}): {}",
+                    key.name,
+                    describe_limit(key.rate_limit)
+                );
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The client for the API the arguments and the config point at.
+fn client(api: &ApiArgs) -> anyhow::Result<AdminClient> {
+    let config = match &api.config {
+        Some(file) => Config::load(file)?,
+        None => Config::default(),
+    };
+    let url = api
+        .admin
+        .clone()
+        .unwrap_or_else(|| admin_url(config.admin.listen));
+    Ok(AdminClient::new(&url, &admin_token(&config)?))
+}
+
+/// The token as the daemon resolves it: `LB_ADMIN_TOKEN`, the config's `admin.token` or
+/// `admin.token_file`, else the one the daemon generated into the state directory.
+fn admin_token(config: &Config) -> anyhow::Result<String> {
+    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV)
+        && !token.is_empty()
+    {
+        return Ok(token);
+    }
+    if let Some(token) = &config.admin.token {
+        return Ok(token.clone());
+    }
+    let file = config
+        .admin
+        .token_file
+        .clone()
+        .unwrap_or_else(|| generated_token_path(&config.state_dir));
+    read_token(&file).with_context(|| {
+        format!(
+            "no admin token: set {ADMIN_TOKEN_ENV}, or pass the instance's config with --config"
+        )
+    })
+}
+
+/// Prints `value` as JSON with `--json`, else as `table` prints it.
+fn show<T: Serialize>(api: &ApiArgs, value: &T, table: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if api.json {
+        print_json(value)
+    } else {
+        table(value);
+        Ok(())
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Parses a value the way the API spells it (`tcp`, `dsr`, `substrate`).
+fn parse_variant<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|error| error.to_string())
+}
+
+fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
+    if services.is_empty() {
+        println!("no services: add one with `lb-control service add VIP:PORT`");
+        return;
+    }
+    match cluster_best {
+        Some(best) => println!("cluster best block: #{best}"),
+        None => println!("cluster best block: unknown"),
+    }
+    for service in services {
+        println!();
+        println!(
+            "service {}  {}  mode {}  check {}  ({} of {} backends up)",
+            service.service.id,
+            service.name,
+            variant_name(&service.service.def.mode),
+            variant_name(&service.service.def.check),
+            service
+                .backends
+                .iter()
+                .filter(|backend| backend.state.name() == "up")
+                .count(),
+            service.backends.len()
+        );
+        if !service.backends.is_empty() {
+            print_backends(&service.backends);
+        }
+    }
+}
+
+fn print_services(services: &[ServiceInfo]) {
+    let mut table = Table::new(&["ID", "SERVICE", "MODE", "CHECK", "ORIGIN", "BACKENDS"]);
+    for service in services {
+        table.row(vec![
+            service.service.id.to_string(),
+            service.name.clone(),
+            variant_name(&service.service.def.mode),
+            variant_name(&service.service.def.check),
+            variant_name(&service.service.origin),
+            service.backends.len().to_string(),
+        ]);
+    }
+    table.print();
+}
+
+fn print_backends(backends: &[BackendInfo]) {
+    let mut table = Table::new(&[
+        "ID", "SERVICE", "ADDRESS", "RPC", "WEIGHT", "ADMIN", "STATE", "HEALTH",
+    ]);
+    for backend in backends {
+        table.row(vec![
+            backend.backend.id.to_string(),
+            backend.service_name.clone(),
+            backend.backend.def.address.to_string(),
+            backend.backend.def.rpc_port.to_string(),
+            backend.backend.def.weight.to_string(),
+            variant_name(&backend.backend.def.admin),
+            describe_state(backend),
+            describe_health(backend.health.as_ref()),
+        ]);
+    }
+    table.print();
+}
+
+fn print_health(nodes: &[BackendInfo]) {
+    let mut table = Table::new(&[
+        "ID",
+        "ADDRESS",
+        "STATE",
+        "VERDICT",
+        "BEST",
+        "FINALIZED",
+        "LAG",
+        "CHECKED",
+        "REASON / LAST ERROR",
+    ]);
+    let number = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    for node in nodes {
+        let health = node.health.as_ref();
+        table.row(vec![
+            node.backend.id.to_string(),
+            node.backend.def.address.to_string(),
+            describe_state(node),
+            health.map_or_else(|| "unchecked".to_owned(), |h| variant_name(&h.verdict)),
+            number(health.and_then(|h| h.best)),
+            number(health.and_then(|h| h.finalized)),
+            number(health.and_then(|h| h.lag)),
+            health
+                .and_then(|h| h.last_checked)
+                .map_or_else(|| "-".to_owned(), |at| at.to_string()),
+            health
+                .and_then(|h| h.reason.clone().or_else(|| h.last_error.clone()))
+                .unwrap_or_default(),
+        ]);
+    }
+    table.print();
+}
+
+fn print_keys(keys: &[KeyInfo]) {
+    if keys.is_empty() {
+        println!("no API keys: create one with `lb-control key create --name NAME`");
+        return;
+    }
+    let mut table = Table::new(&["ID", "NAME", "LIMIT", "CREATED", "LAST USED", "STATUS"]);
+    for key in keys {
+        table.row(vec![
+            key.id.to_string(),
+            key.name.clone(),
+            describe_limit(key.rate_limit),
+            key.created.to_string(),
+            key.last_used
+                .map_or_else(|| "never".to_owned(), |at| at.to_string()),
+            key.revoked
+                .map_or_else(|| "active".to_owned(), |at| format!("revoked {at}")),
+        ]);
+    }
+    table.print();
+}
+
+fn print_events(events: &[EventInfo]) {
+    let mut table = Table::new(&["ID", "TIME", "KIND", "SUBJECT", "DETAIL"]);
+    for event in events {
+        table.row(vec![
+            event.id.to_string(),
+            event.at.to_string(),
+            event.kind.clone(),
+            event.subject.clone(),
+            event.detail.clone(),
+        ]);
+    }
+    table.print();
+}
+
+/// `up`, or `up (fallback)` for a backend kept in rotation only because its whole service is
+/// unhealthy.
+fn describe_state(backend: &BackendInfo) -> String {
+    if backend.fallback {
+        format!("{} (fallback)", backend.state.name())
+    } else {
+        backend.state.name().to_owned()
+    }
+}
+
+fn describe_health(health: Option<&HealthInfo>) -> String {
+    let Some(health) = health else {
+        return "-".to_owned();
+    };
+    let mut text = variant_name(&health.verdict);
+    if let Some(best) = health.best {
+        text.push_str(&format!(" #{best}"));
+    }
+    if let Some(lag) = health.lag.filter(|lag| *lag > 0) {
+        text.push_str(&format!(" (lag {lag})"));
+    }
+    if let Some(reason) = &health.reason {
+        text.push_str(&format!(": {reason}"));
+    }
+    text
+}
+
+fn describe_limit(limit: Option<RateLimit>) -> String {
+    limit.map_or_else(
+        || "unlimited".to_owned(),
+        |limit| format!("{} rps, burst {}", limit.rps, limit.burst),
+    )
+}
+
+/// The name the API gives an enum value (`nat`, `draining`, `healthy`).
+fn variant_name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => "?".to_owned(),
+    }
+}

@@ -1,0 +1,1156 @@
+//! The admin API of a real `lb-control run`: real HTTP, the real SQLite store, the XDP program
+//! attached to the loopback device of a network namespace of the test's own. Each test starts
+//! its own daemon (its own namespace, instance, state directory), so they run in parallel.
+//!
+//! The test thread enters the daemon's namespace to reach `127.0.0.1:9900` there; processes it
+//! spawns (the CLI) inherit that namespace.
+//!
+//! These tests need root: run them as root or with `cargo xtask test`.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{Read, Seek, SeekFrom},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_control::{
+    admin_client::{AdminClient, ClientError},
+    api::model::{ErrorCode, LimitChange, NewBackend, NewKey, NewService},
+    backends::{AdminState, HealthCheck, RateLimit, State},
+    dataplane::{ForwardingMode, Protocol},
+};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-0123456789abcdef01234";
+const ADMIN: &str = "http://127.0.0.1:9900";
+/// The service the config file declares.
+const VIP: &str = "10.200.50.1";
+const SERVICE_NAME: &str = "10.200.50.1:9944/tcp";
+/// How long a daemon may take to answer `/healthz` after its start.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// A daemon in a namespace of its own.
+
+/// `lb-control run` in its own network namespace with its own instance name and state
+/// directory; everything is removed on drop, and a failing test prints the daemon's log.
+struct Daemon {
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Creates the namespace, moves the calling thread into it, and starts the daemon.
+    fn start() -> Daemon {
+        require_root();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "lbapi-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let daemon = Daemon {
+            name,
+            dir,
+            child: None,
+        };
+        run_ok(Command::new("ip").args(["-n", &daemon.name, "link", "set", "lo", "up"]));
+        fs::write(daemon.config(), daemon.config_text()).expect("write config");
+        lb_control::netns::enter(&daemon.name).expect("enter the daemon's namespace");
+        let mut daemon = daemon;
+        daemon.spawn();
+        daemon
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.join("lb.toml")
+    }
+
+    fn config_text(&self) -> String {
+        format!(
+            r#"
+instance = "{name}"
+state_dir = "{state}"
+
+[dataplane]
+nat_source_v4 = "10.200.50.254"
+
+[admin]
+listen = "127.0.0.1:9900"
+token = "{TOKEN}"
+
+# No health checks: nothing listens behind the backends, and the tests look at admin states.
+[[services]]
+vip = "{VIP}"
+port = 9944
+check = "none"
+"#,
+            name = self.name,
+            state = self.dir.join("state").display(),
+        )
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("daemon log");
+        let child = Command::new(env!("CARGO_BIN_EXE_lb-control"))
+            .args(["run", "--netns", &self.name, "-i", "lo", "--config"])
+            .arg(self.config())
+            .env_remove("LB_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("lb-control starts");
+        self.child = Some(child);
+    }
+
+    /// Waits until the API answers `/healthz`.
+    async fn ready(&mut self) -> AdminClient {
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("lb-control exited with {status} before it was ready");
+            }
+            let answer = http.get(format!("{ADMIN}/healthz")).send().await;
+            if answer.is_ok_and(|answer| answer.status() == StatusCode::OK) {
+                return AdminClient::new(ADMIN, TOKEN);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lb-control did not answer /healthz within {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the daemon with `signal` and waits for it to exit.
+    fn signal(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the daemon is running");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().expect("wait for lb-control")
+    }
+
+    async fn restart(&mut self, signal: i32) -> AdminClient {
+        self.signal(signal);
+        self.spawn();
+        self.ready().await
+    }
+
+    /// The daemon's log so far.
+    fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = fs::File::open(self.log_path()) {
+            let length = file.seek(SeekFrom::End(0)).unwrap_or(0);
+            let _ = file.seek(SeekFrom::Start(length.saturating_sub(20_000)));
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- lb-control log ({}) ---\n{}", self.name, self.log());
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf").join(&self.name));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test runs lb-control (XDP, network namespaces) and needs root: run it as root or \
+         with `cargo xtask test`"
+    );
+}
+
+fn run_ok(command: &mut Command) -> Output {
+    let output = command.output().expect("command runs");
+    assert!(
+        output.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs `test` on a current-thread runtime, on this thread (which is in the namespace).
+fn block_on<F: Future<Output = ()>>(test: F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test);
+}
+
+/// A request with full control over token and body; the answer's status and JSON body.
+async fn raw(method: Method, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{ADMIN}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let response = request.send().await.expect("the API answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Asserts an error answer: its status, code, and field.
+fn assert_error(answer: &(u16, Value), status: u16, code: &str, field: Option<&str>) {
+    let (got, body) = answer;
+    assert_eq!(*got, status, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(body["error"]["field"].as_str(), field, "{body}");
+}
+
+fn new_backend(address: &str) -> NewBackend {
+    NewBackend {
+        address: address.parse().expect("address"),
+        service: None,
+        rpc_port: 9944,
+        weight: 1,
+        admin: AdminState::Enabled,
+    }
+}
+
+fn new_key(name: &str, rps: Option<u32>) -> NewKey {
+    NewKey {
+        name: name.to_owned(),
+        rps,
+        burst: None,
+    }
+}
+
+fn api_error(result: Result<impl std::fmt::Debug, ClientError>) -> (StatusCode, ErrorCode) {
+    match result {
+        Err(ClientError::Api { status, detail }) => (status, detail.code),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+#[test]
+fn every_error_class_has_its_status_code_and_field() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let token = Some(TOKEN);
+        let post =
+            |path: &'static str, body: &'static str| raw(Method::POST, path, token, Some(body));
+
+        // 401: no token, a wrong one, another scheme; public routes need none.
+        assert_error(
+            &raw(Method::GET, "/v1/services", None, None).await,
+            401,
+            "unauthorized",
+            None,
+        );
+        assert_error(
+            &raw(Method::GET, "/v1/services", Some("wrong-token"), None).await,
+            401,
+            "unauthorized",
+            None,
+        );
+        let basic = reqwest::Client::new()
+            .get(format!("{ADMIN}/v1/keys"))
+            .basic_auth("admin", Some(TOKEN))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(basic.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(raw(Method::GET, "/healthz", None, None).await.0, 200);
+
+        // 400: a bad address names `address`; bad JSON names the field serde names.
+        assert_error(
+            &post("/v1/backends", r#"{"address": "10.200.50.300:9944"}"#).await,
+            400,
+            "invalid",
+            Some("address"),
+        );
+        assert_error(
+            &post("/v1/backends", r#"{"address": "10.200.50.2"}"#).await,
+            400,
+            "invalid",
+            Some("address"),
+        );
+        assert_error(
+            &post(
+                "/v1/backends",
+                r#"{"address": "10.200.50.2:9944", "weight": "heavy"}"#,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("weight"),
+        );
+        assert_error(
+            &post(
+                "/v1/backends",
+                r#"{"address": "10.200.50.2:9944", "colour": "red"}"#,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("colour"),
+        );
+        assert_error(
+            &post("/v1/backends", r#"{"weight": 2}"#).await,
+            400,
+            "invalid",
+            Some("address"),
+        );
+        assert_error(
+            &post("/v1/backends", r#"{"address": "#).await,
+            400,
+            "invalid",
+            Some("address"),
+        );
+        assert_error(
+            &post("/v1/backends", "not json").await,
+            400,
+            "invalid",
+            None,
+        );
+        assert_error(
+            &post("/v1/backends", r#"{"address": "[fd00:200::2]:9944"}"#).await,
+            400,
+            "invalid",
+            Some("address"),
+        );
+        assert_error(
+            &post(
+                "/v1/backends",
+                r#"{"address": "10.200.50.2:9944", "weight": 0}"#,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("weight"),
+        );
+        assert_error(
+            &post("/v1/services", r#"{"vip": "10.200.51.1", "port": 0}"#).await,
+            400,
+            "invalid",
+            Some("port"),
+        );
+        assert_error(
+            &post(
+                "/v1/services",
+                r#"{"vip": "10.200.51.1", "port": 80, "mode": "tunnel"}"#,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("mode"),
+        );
+        assert_error(
+            &post("/v1/keys", r#"{"name": "has space"}"#).await,
+            400,
+            "invalid",
+            Some("name"),
+        );
+        assert_error(
+            &post("/v1/keys", r#"{"name": "a", "burst": 3}"#).await,
+            400,
+            "invalid",
+            Some("burst"),
+        );
+        assert_error(
+            &post("/v1/keys", r#"{"name": "a", "rps": 0}"#).await,
+            400,
+            "invalid",
+            Some("rps"),
+        );
+        assert_error(
+            &raw(Method::GET, "/v1/backends/abc", token, None).await,
+            400,
+            "invalid",
+            Some("id"),
+        );
+        assert_error(
+            &raw(Method::GET, "/v1/events?limit=5000", token, None).await,
+            400,
+            "invalid",
+            Some("limit"),
+        );
+        assert_error(
+            &raw(Method::GET, "/v1/backends?service=x", token, None).await,
+            400,
+            "invalid",
+            Some("service"),
+        );
+
+        // 404: unknown ids, unknown routes; 405: a route without that method.
+        for (method, path) in [
+            (Method::GET, "/v1/backends/999"),
+            (Method::DELETE, "/v1/backends/999"),
+            (Method::POST, "/v1/backends/999/drain"),
+            (Method::GET, "/v1/services/999"),
+            (Method::DELETE, "/v1/services/999"),
+            (Method::DELETE, "/v1/keys/999"),
+            (Method::GET, "/v1/backends?service=999"),
+            (Method::GET, "/v1/nothing"),
+        ] {
+            assert_error(
+                &raw(method, path, token, None).await,
+                404,
+                "not_found",
+                None,
+            );
+        }
+        assert_error(
+            &raw(
+                Method::PUT,
+                "/v1/backends/999/weight",
+                token,
+                Some(r#"{"weight": 2}"#),
+            )
+            .await,
+            404,
+            "not_found",
+            None,
+        );
+        assert_error(
+            &raw(Method::PATCH, "/v1/services", token, None).await,
+            405,
+            "method_not_allowed",
+            None,
+        );
+
+        // 409: duplicates of a backend, a service, a key name; a key revoked twice.
+        let backend = client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("backend added");
+        assert_eq!(backend.service_name, SERVICE_NAME);
+        assert_error(
+            &post("/v1/backends", r#"{"address": "10.200.50.2:9944"}"#).await,
+            409,
+            "conflict",
+            None,
+        );
+        assert_error(
+            &post("/v1/services", r#"{"vip": "10.200.50.1", "port": 9944}"#).await,
+            409,
+            "conflict",
+            None,
+        );
+        let key = client
+            .create_key(&new_key("alice", None))
+            .await
+            .expect("key");
+        assert_error(
+            &post("/v1/keys", r#"{"name": "alice"}"#).await,
+            409,
+            "conflict",
+            None,
+        );
+        client.revoke_key(key.id).await.expect("revoked");
+        assert_eq!(
+            api_error(client.revoke_key(key.id).await),
+            (StatusCode::CONFLICT, ErrorCode::Conflict)
+        );
+
+        // With two services, a backend must name its service.
+        client
+            .add_service(&NewService {
+                vip: "10.200.51.1".parse().expect("ip"),
+                port: 80,
+                protocol: Protocol::Tcp,
+                mode: ForwardingMode::Nat,
+                check: HealthCheck::None,
+            })
+            .await
+            .expect("second service");
+        assert_error(
+            &post("/v1/backends", r#"{"address": "10.200.50.3:9944"}"#).await,
+            400,
+            "invalid",
+            Some("service"),
+        );
+        // Nothing refused was stored.
+        let backends = client.backends(None).await.expect("backends");
+        assert_eq!(backends.len(), 1, "{backends:?}");
+        assert_eq!(client.keys().await.expect("keys").len(), 1);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips.
+
+#[test]
+fn backend_round_trip_reaches_the_store_and_the_kernel() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let services = client.services().await.expect("services");
+        assert_eq!(services.len(), 1);
+        let service = services[0].service.id;
+        assert_eq!(services[0].name, SERVICE_NAME);
+
+        let a = client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("a");
+        let mut with_service = new_backend("10.200.50.3:9944");
+        with_service.service = Some(service);
+        with_service.weight = 3;
+        with_service.rpc_port = 9933;
+        let b = client.add_backend(&with_service).await.expect("b");
+        assert_eq!((a.state, b.state), (State::Up, State::Up));
+        assert_eq!((b.backend.def.weight, b.backend.def.rpc_port), (3, 9933));
+        assert_eq!(b.backend.service, service);
+
+        let listed = client.backends(Some(service)).await.expect("list");
+        let ids: Vec<i64> = listed.iter().map(|x| x.backend.id).collect();
+        assert_eq!(ids, [a.backend.id, b.backend.id]);
+        assert_eq!(
+            client
+                .service(service)
+                .await
+                .expect("service")
+                .backends
+                .len(),
+            2
+        );
+
+        let drained = client
+            .set_admin(a.backend.id, AdminState::Draining)
+            .await
+            .expect("drain");
+        assert_eq!(drained.state, State::Draining);
+        assert_eq!(drained.backend.def.admin, AdminState::Draining);
+        let disabled = client
+            .set_admin(b.backend.id, AdminState::Disabled)
+            .await
+            .expect("disable");
+        assert_eq!(disabled.state, State::Disabled);
+        // The kernel's own view of the backends (read from the pinned maps).
+        let kernel_states = |stats: lb_control::api::model::StatsReport| {
+            stats
+                .backends
+                .iter()
+                .map(|row| (row.backend, row.state.clone()))
+                .collect::<Vec<(SocketAddr, String)>>()
+        };
+        assert_eq!(
+            kernel_states(client.stats().await.expect("stats")),
+            [
+                (a.backend.def.address, "draining".to_owned()),
+                (b.backend.def.address, "down".to_owned()),
+            ]
+        );
+
+        let enabled = client
+            .set_admin(a.backend.id, AdminState::Enabled)
+            .await
+            .expect("enable");
+        assert_eq!(enabled.state, State::Up);
+        let weighted = client.set_weight(a.backend.id, 5).await.expect("weight");
+        assert_eq!(weighted.backend.def.weight, 5);
+        assert_eq!(
+            client
+                .backend(a.backend.id)
+                .await
+                .expect("get")
+                .backend
+                .def
+                .weight,
+            5
+        );
+
+        let removed = client.remove_backend(b.backend.id).await.expect("remove");
+        assert_eq!(removed.def.address, b.backend.def.address);
+        assert_eq!(
+            api_error(client.backend(b.backend.id).await),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+        assert_eq!(
+            kernel_states(client.stats().await.expect("stats")),
+            [(a.backend.def.address, "up".to_owned())]
+        );
+
+        // Each change is in the event log, oldest first.
+        let events = client.events(None, 1000).await.expect("events");
+        let kinds: BTreeSet<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        for kind in ["backend.added", "backend.changed", "backend.removed"] {
+            assert!(kinds.contains(kind), "{kind} missing from {events:?}");
+        }
+        assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+        let after = client
+            .events(Some(events[events.len() - 2].id), 10)
+            .await
+            .expect("events after");
+        assert_eq!(after.len(), 1);
+
+        let health = client.health().await.expect("health");
+        assert_eq!(health.nodes.len(), 1);
+        assert_eq!(health.nodes[0].backend.id, a.backend.id);
+
+        let gone = client
+            .remove_service(service)
+            .await
+            .expect("remove service");
+        assert_eq!(gone.id, service);
+        assert!(client.backends(None).await.expect("list").is_empty());
+    });
+}
+
+#[test]
+fn key_secret_is_shown_once_and_never_listed() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let created = client
+            .create_key(&NewKey {
+                name: "alice".to_owned(),
+                rps: Some(50),
+                burst: Some(100),
+            })
+            .await
+            .expect("created");
+        assert!(created.secret.starts_with("lbk_"), "{}", created.secret);
+        assert_eq!(created.secret.len(), 4 + 64);
+        assert_eq!(
+            created.rate_limit,
+            Some(RateLimit {
+                rps: 50,
+                burst: 100
+            })
+        );
+        let unlimited = client.create_key(&new_key("bob", None)).await.expect("bob");
+        assert_ne!(unlimited.secret, created.secret);
+        assert_eq!(unlimited.rate_limit, None);
+
+        // Neither the secret nor its hash is in any listing.
+        let (status, listing) = raw(Method::GET, "/v1/keys", Some(TOKEN), None).await;
+        assert_eq!(status, 200);
+        let text = listing.to_string();
+        let hash: String = lb_control::keys::digest(&created.secret)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(!text.contains(&created.secret[4..]), "{text}");
+        assert!(!text.contains(&hash), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        let events = raw(Method::GET, "/v1/events", Some(TOKEN), None).await.1;
+        assert!(!events.to_string().contains(&created.secret[4..]));
+
+        let limited = client
+            .set_key_limit(
+                created.id,
+                &LimitChange {
+                    rps: Some(10),
+                    burst: None,
+                },
+            )
+            .await
+            .expect("limit");
+        assert_eq!(limited.rate_limit, Some(RateLimit { rps: 10, burst: 10 }));
+        let lifted = client
+            .set_key_limit(
+                created.id,
+                &LimitChange {
+                    rps: None,
+                    burst: None,
+                },
+            )
+            .await
+            .expect("unlimited");
+        assert_eq!(lifted.rate_limit, None);
+        // `rps` must be given (null lifts the limit): an empty body changes nothing.
+        assert_error(
+            &raw(
+                Method::PUT,
+                &format!("/v1/keys/{}/limit", unlimited.id),
+                Some(TOKEN),
+                Some("{}"),
+            )
+            .await,
+            400,
+            "invalid",
+            Some("rps"),
+        );
+
+        let revoked = client.revoke_key(created.id).await.expect("revoke");
+        assert!(revoked.revoked.is_some());
+        assert_eq!(
+            api_error(
+                client
+                    .set_key_limit(
+                        created.id,
+                        &LimitChange {
+                            rps: Some(1),
+                            burst: None
+                        }
+                    )
+                    .await
+            ),
+            (StatusCode::CONFLICT, ErrorCode::Conflict)
+        );
+        let keys = client.keys().await.expect("keys");
+        let states: Vec<(&str, bool)> = keys
+            .iter()
+            .map(|k| (k.name.as_str(), k.revoked.is_some()))
+            .collect();
+        assert_eq!(states, [("alice", true), ("bob", false)]);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The document and the metrics.
+
+#[test]
+fn openapi_document_is_valid_and_matches_the_routes() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let document = client.openapi().await.expect("document");
+        validate_openapi(&document);
+
+        // Real ids for every `{id}`.
+        let backend = client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("backend");
+        let key = client
+            .create_key(&new_key("probe", None))
+            .await
+            .expect("key");
+        let service = client.services().await.expect("services")[0].service.id;
+        let path_for = |template: &str| {
+            let id = if template.starts_with("/v1/services/") {
+                service
+            } else if template.starts_with("/v1/backends/") {
+                backend.backend.id
+            } else {
+                key.id
+            };
+            template.replace("{id}", &id.to_string())
+        };
+
+        let mut operations: Vec<(Method, String)> = Vec::new();
+        for (path, item) in document["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                let method = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+                operations.push((method, path.clone()));
+            }
+        }
+        assert!(operations.len() >= 20, "{operations:?}");
+        // Deletions last, services after what they hold.
+        operations.sort_by_key(|(method, path)| {
+            (*method == Method::DELETE, path.starts_with("/v1/services"))
+        });
+        for (method, template) in &operations {
+            let body = matches!(*method, Method::POST | Method::PUT).then_some("{}");
+            let (status, answer) =
+                raw(method.clone(), &path_for(template), Some(TOKEN), body).await;
+            assert!(
+                status != 404 && status != 405,
+                "{method} {template}: {status} {answer}"
+            );
+        }
+        // No documented path takes an undocumented method.
+        for (_, template) in &operations {
+            let (status, _) = raw(Method::PATCH, &path_for(template), Some(TOKEN), None).await;
+            assert_eq!(status, 405, "PATCH {template}");
+        }
+        // The router matched each request under the documented template (not a fallback).
+        let metrics = client.metrics_text().await.expect("metrics");
+        for (method, template) in &operations {
+            let series =
+                format!("lb_admin_requests_total{{method=\"{method}\",route=\"{template}\"");
+            assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+        }
+    });
+}
+
+/// Validates the document with @seriousme/openapi-schema-validator (tests/js), installing it
+/// from the lock file when missing.
+fn validate_openapi(document: &Value) {
+    let js = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/js");
+    if !js
+        .join("node_modules/@seriousme/openapi-schema-validator/package.json")
+        .exists()
+    {
+        run_ok(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund"])
+                .current_dir(&js),
+        );
+    }
+    let mut child = Command::new("node")
+        .arg("validate-openapi.mjs")
+        .current_dir(&js)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs (is Node.js 20 installed?)");
+    serde_json::to_writer(child.stdin.take().expect("stdin"), document).expect("write document");
+    let output = child.wait_with_output().expect("validator finishes");
+    let verdict = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the OpenAPI document is not valid:\n{verdict}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let verdict: Value = serde_json::from_str(&verdict).expect("verdict JSON");
+    assert_eq!(verdict["valid"], true);
+    assert_eq!(verdict["version"], "3.1");
+}
+
+#[test]
+fn metrics_show_control_plane_and_kernel_families() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("backend");
+        let _ = raw(Method::GET, "/v1/services", None, None).await;
+        let response = reqwest::get(format!("{ADMIN}/metrics"))
+            .await
+            .expect("metrics");
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert!(
+            content_type.starts_with("application/openmetrics-text"),
+            "{content_type}"
+        );
+        let text = response.text().await.expect("text");
+        for expected in [
+            "# TYPE lb_admin_requests counter",
+            "lb_admin_requests_total{method=\"GET\",route=\"/v1/services\",status=\"401\"} 1",
+            "lb_admin_requests_total{method=\"POST\",route=\"/v1/backends\",status=\"201\"} 1",
+            "lb_backend_in_rotation{service=\"10.200.50.1:9944/tcp\",backend=\"10.200.50.2:9944\"} 1",
+            "lb_backend_set_changes_total",
+            "lb_xdp_stats_readable 1",
+            "# TYPE lb_xdp_packets counter",
+            "lb_xdp_packets_total{protocol=\"ipv4_tcp\"}",
+            "lb_xdp_bytes_total{protocol=\"ipv4_tcp\"}",
+            "lb_xdp_drops_total{reason=\"blocked\"} 0",
+            "lb_service_packets_total{service=\"10.200.50.1:9944/tcp\"}",
+            "lb_service_bytes_total{service=\"10.200.50.1:9944/tcp\"}",
+            "lb_service_new_flows_total{service=\"10.200.50.1:9944/tcp\"}",
+            "lb_service_drops_total{service=\"10.200.50.1:9944/tcp\",reason=\"no_backend\"}",
+            "lb_backend_packets_total{backend=\"10.200.50.2:9944\"}",
+            "lb_backend_bytes_total{backend=\"10.200.50.2:9944\"}",
+            "lb_backend_new_flows_total{backend=\"10.200.50.2:9944\"}",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability.
+
+#[test]
+fn state_survives_a_restart() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let a = client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("a");
+        let b = client
+            .add_backend(&new_backend("10.200.50.3:9944"))
+            .await
+            .expect("b");
+        let c = client
+            .add_backend(&new_backend("10.200.50.4:9944"))
+            .await
+            .expect("c");
+        client.set_weight(a.backend.id, 7).await.expect("weight");
+        client
+            .set_admin(b.backend.id, AdminState::Draining)
+            .await
+            .expect("drain");
+        client
+            .set_admin(c.backend.id, AdminState::Disabled)
+            .await
+            .expect("disable");
+        let key = client
+            .create_key(&new_key("alice", Some(9)))
+            .await
+            .expect("key");
+        let revoked = client.create_key(&new_key("bob", None)).await.expect("key");
+        client.revoke_key(revoked.id).await.expect("revoke");
+        let before = (
+            client.backends(None).await.expect("backends"),
+            client.keys().await.expect("keys"),
+        );
+
+        let client = daemon.restart(libc::SIGTERM).await;
+        let backends = client.backends(None).await.expect("backends");
+        let keys = client.keys().await.expect("keys");
+        let summary = |list: &[lb_control::api::model::BackendInfo]| {
+            list.iter()
+                .map(|x| (x.backend.clone(), x.state))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(summary(&backends), summary(&before.0));
+        assert_eq!(
+            backends
+                .iter()
+                .map(|x| (x.backend.def.weight, x.backend.def.admin))
+                .collect::<Vec<_>>(),
+            [
+                (7, AdminState::Enabled),
+                (1, AdminState::Draining),
+                (1, AdminState::Disabled)
+            ]
+        );
+        assert_eq!(
+            serde_json::to_value(&keys).expect("json"),
+            serde_json::to_value(&before.1).expect("json")
+        );
+        assert_eq!(keys[0].id, key.id);
+        assert_eq!(keys[0].rate_limit, Some(RateLimit { rps: 9, burst: 9 }));
+    });
+}
+
+/// Every write the API acknowledged with a 2xx is there after a SIGKILL: the answer comes only
+/// after the durable commit.
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let mut daemon = Daemon::start();
+    let netns = daemon.name.clone();
+    block_on(async {
+        daemon.ready().await;
+    });
+    let acknowledged = Arc::new(Mutex::new(Vec::<Write>::new()));
+    let failed = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let acknowledged = acknowledged.clone();
+        let failed = failed.clone();
+        std::thread::spawn(move || {
+            lb_control::netns::enter(&netns).expect("writer enters the namespace");
+            block_on(write_until_refused(acknowledged, failed));
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acknowledged.lock().expect("lock").len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "the writer made too little progress"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    daemon.signal(libc::SIGKILL);
+    writer.join().expect("writer");
+    assert!(
+        failed.load(Ordering::Relaxed),
+        "the writer never saw the daemon go"
+    );
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+
+    block_on(async {
+        daemon.spawn();
+        let client = daemon.ready().await;
+        let backends: BTreeSet<SocketAddr> = client
+            .backends(None)
+            .await
+            .expect("backends")
+            .into_iter()
+            .map(|x| x.backend.def.address)
+            .collect();
+        let keys: BTreeSet<String> = client
+            .keys()
+            .await
+            .expect("keys")
+            .into_iter()
+            .map(|key| key.name)
+            .collect();
+        for write in &acknowledged {
+            match write {
+                Write::Backend(address) => assert!(
+                    backends.contains(address),
+                    "acknowledged backend {address} lost"
+                ),
+                Write::Key(name) => {
+                    assert!(keys.contains(name), "acknowledged key {name} lost")
+                }
+            }
+        }
+    });
+}
+
+#[derive(Debug, Clone)]
+enum Write {
+    Backend(SocketAddr),
+    Key(String),
+}
+
+/// Adds backends and creates keys, alternately, until the API stops answering; records each
+/// write that got a 2xx answer.
+async fn write_until_refused(acknowledged: Arc<Mutex<Vec<Write>>>, failed: Arc<AtomicBool>) {
+    let client = AdminClient::new(ADMIN, TOKEN);
+    for i in 0u16.. {
+        let result = if i % 2 == 0 {
+            let address = SocketAddr::from(([10, 200, 50, 2], 10_000 + i));
+            let mut new = new_backend("10.200.50.2:9944");
+            new.address = address;
+            client
+                .add_backend(&new)
+                .await
+                .map(|_| Write::Backend(address))
+        } else {
+            let name = format!("writer-{i}");
+            client
+                .create_key(&new_key(&name, None))
+                .await
+                .map(|_| Write::Key(name))
+        };
+        match result {
+            Ok(write) => acknowledged.lock().expect("lock").push(write),
+            Err(ClientError::Api { detail, .. }) => panic!("write {i} refused: {detail:?}"),
+            Err(_) => {
+                failed.store(true, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI.
+
+#[test]
+fn cli_drives_the_api_and_reports_its_errors() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        daemon.ready().await;
+    });
+    let config = daemon.config();
+    let cli = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_lb-control"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("LB_ADMIN_TOKEN")
+            .output()
+            .expect("lb-control runs")
+    };
+    let ok = |args: &[&str]| -> String {
+        let output = cli(args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let fails = |args: &[&str], expected: &str| {
+        let output = cli(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+
+    let added = ok(&["backend", "add", "10.200.50.2:9944", "--weight", "2"]);
+    assert!(
+        added.contains("added backend 1 (10.200.50.2:9944) to 10.200.50.1:9944/tcp"),
+        "{added}"
+    );
+    assert!(ok(&["backend", "drain", "1"]).contains("now draining"));
+    let status = ok(&["status"]);
+    assert!(status.contains(SERVICE_NAME), "{status}");
+    assert!(status.contains("10.200.50.2:9944"), "{status}");
+    assert!(status.contains("draining"), "{status}");
+    let listed: Value = serde_json::from_str(&ok(&["backend", "list", "--json"])).expect("json");
+    assert_eq!(listed[0]["weight"], 2);
+    assert_eq!(listed[0]["state"], "draining");
+
+    let output = cli(&["key", "create", "--name", "cli-key", "--rps", "5"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let secret = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .expect("the secret is printed");
+    assert!(secret.starts_with("lbk_"), "{stdout}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be shown again"));
+    let keys = ok(&["key", "list"]);
+    assert!(
+        keys.contains("cli-key") && keys.contains("5 rps, burst 5"),
+        "{keys}"
+    );
+    assert!(!keys.contains(&secret[4..]), "{keys}");
+    assert!(ok(&["key", "limit", "1", "--unlimited"]).contains("unlimited"));
+    assert!(ok(&["events", "--limit", "50"]).contains("key.created"));
+    assert!(ok(&["health"]).contains("10.200.50.2:9944"));
+
+    fails(
+        &["backend", "remove", "99"],
+        "error: backend 99 does not exist",
+    );
+    fails(&["backend", "add", "10.200.50.2:9944"], "already exists");
+    fails(&["backend", "weight", "1", "0"], "weight");
+    fails(
+        &["status", "--admin", "http://127.0.0.1:9"],
+        "is lb-control running? (admin API at http://127.0.0.1:9)",
+    );
+}
