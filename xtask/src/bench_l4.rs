@@ -36,7 +36,13 @@ pub fn exec_lab_bench(name: &str, report: &str, what: &str, args: &[String]) -> 
     require_root(what)?;
     build::release()?;
     let root = workspace_root();
-    let program = root.join("target/release").join(name);
+    // Where `cargo build` just put it: CARGO_TARGET_DIR (relative to here, as cargo takes it)
+    // when set.
+    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::env::current_dir()?.join(dir),
+        None => root.join("target"),
+    };
+    let program = target_dir.join("release").join(name);
     let mut command = Command::new(&program);
     let has_output = args
         .iter()

@@ -25,8 +25,9 @@ use clap::{Parser, ValueEnum};
 use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
     bench::{check_interrupted, install_interrupt_handler, load_average, write_report},
-    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path},
+    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, in_netns},
     load::{Load, LoadShape, Outcome},
+    rpc_client::RpcConnection,
 };
 
 use report::{Phase, Run};
@@ -173,11 +174,18 @@ fn measure_run(settings: &Settings, index: usize, victim: usize) -> anyhow::Resu
 
     let load = Load::start(&lab.client().netns, target, settings.shape);
     wait(settings.warmup)?;
-    ensure!(
-        load.failed() == 0,
-        "{} request(s) failed before any node died: the lab is not steady",
-        load.failed()
-    );
+    if load.failed() > 0 {
+        let failures: Vec<String> = load
+            .stop()
+            .into_iter()
+            .filter_map(|outcome| outcome.answer.err())
+            .take(QUOTED_FAILURES)
+            .collect();
+        bail!(
+            "requests failed before any node died, the lab is not steady: {}",
+            failures.join("; ")
+        );
+    }
 
     let died = Instant::now();
     lab.kill_sim_node(victim)?;
@@ -198,7 +206,8 @@ fn measure_run(settings: &Settings, index: usize, victim: usize) -> anyhow::Resu
         std::thread::sleep(KERNEL_POLL);
     };
     wait(settings.after)?;
-    let outcomes = load.stop();
+    let mut outcomes = load.stop();
+    outcomes.sort_by_key(|outcome| outcome.started);
 
     let before_death: BTreeSet<&str> = outcomes
         .iter()
@@ -215,12 +224,14 @@ fn measure_run(settings: &Settings, index: usize, victim: usize) -> anyhow::Resu
         run.count(phase, outcome);
         if let Err(error) = &outcome.answer
             && phase == Phase::AfterRemoval
-            && run.quoted_failures.len() < QUOTED_FAILURES
         {
-            run.quoted_failures.push(format!(
-                "{:?} after the removal: {error}",
-                outcome.started - removed
-            ));
+            let after = outcome.started - removed;
+            // In start order, so the last one seen is the latest.
+            run.last_failure_after_removal = Some(after);
+            if run.quoted_failures.len() < QUOTED_FAILURES {
+                run.quoted_failures
+                    .push(format!("{after:?} after the removal: {error}"));
+            }
         }
     }
     Ok(run)
@@ -239,7 +250,7 @@ fn phase(outcome: &Outcome, died: Instant, removed: Instant) -> Phase {
 }
 
 /// lb-control balancing the VIP over every node, checked with the default health settings;
-/// returns once the kernel's table holds every node, up.
+/// returns once the kernel's table holds every node, up, and the VIP answers.
 fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
     let nodes: Vec<SocketAddr> = lab
         .nodes()
@@ -269,17 +280,30 @@ fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
     loop {
         check_interrupted()?;
         let states = backend_states(lab)?;
-        if nodes.iter().all(|node| states.get(node) == Some(&"up")) {
+        // The backends' entries are written before the service that names them.
+        let all_up = nodes.iter().all(|node| states.get(node) == Some(&"up"));
+        if all_up && answers(lab).is_ok() {
             return Ok(());
         }
         if Instant::now() >= deadline {
             lab.check_processes()?;
+            let answer = answers(lab).err().map(|error| format!("{error:#}"));
             bail!(
-                "the kernel's table did not hold every node up within {TABLE_TIMEOUT:?}: {states:?}"
+                "within {TABLE_TIMEOUT:?}, the kernel's table did not hold every node up \
+                 ({states:?}) or the VIP did not answer ({answer:?})"
             );
         }
         std::thread::sleep(KERNEL_POLL);
     }
+}
+
+/// Whether a request to the VIP from the client is answered.
+fn answers(lab: &Lab) -> anyhow::Result<()> {
+    let target = SocketAddr::from((VIP, SIM_NODE_RPC_PORT));
+    in_netns(&lab.client().netns, || {
+        RpcConnection::connect(target, Duration::from_secs(1))?.system_health_and_close()
+    })??;
+    Ok(())
 }
 
 /// Each backend's state in the kernel's table (`up`, `draining`, `down`).

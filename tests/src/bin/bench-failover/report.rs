@@ -70,7 +70,10 @@ pub struct Run {
     pub slowest_read: Duration,
     /// By phase and kind, see [`slot`].
     tallies: [Tally; PHASES.len() * KINDS.len()],
-    /// The first failures after the removal, for the report (there should be none).
+    /// How long after the removal the last failed request started: how long the dead node
+    /// still got new connections although its state read down (there should be none).
+    pub last_failure_after_removal: Option<Duration>,
+    /// The first failures after the removal, for the report.
     pub quoted_failures: Vec<String>,
 }
 
@@ -82,6 +85,7 @@ impl Run {
             removal,
             slowest_read,
             tallies: Default::default(),
+            last_failure_after_removal: None,
             quoted_failures: Vec::new(),
         }
     }
@@ -116,15 +120,18 @@ impl fmt::Display for Run {
         write!(
             f,
             "run {}: node{} out of the table {:.0} ms after its death; failed/requests until \
-             then: new connection {}, keep-alive {}; after: {}; {} requests in all",
+             then: new connection {}, keep-alive {}; after: {}",
             self.index + 1,
             self.victim,
             ms(self.removal),
             self.tally(Phase::UntilRemoval, Some(Kind::NewConnection)),
             self.tally(Phase::UntilRemoval, Some(Kind::KeepAlive)),
             self.tally(Phase::AfterRemoval, None),
-            self.requests(),
-        )
+        )?;
+        if let Some(after) = self.last_failure_after_removal {
+            write!(f, " (the last {:.0} ms after the removal)", ms(after))?;
+        }
+        write!(f, "; {} requests in all", self.requests())
     }
 }
 
@@ -234,19 +241,21 @@ fn write_runs(out: &mut String, runs: &[Run]) {
         out,
         "## Every run\n\n\
          | run | killed | death → removal ms | until removal: new connection | until removal: \
-         keep-alive | after removal | before death | requests |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|"
+         keep-alive | after removal | last failure after removal, ms | before death | requests |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|"
     );
     for run in runs {
         let _ = writeln!(
             out,
-            "| {} | node{} | {:.0} | {} | {} | {} | {} | {} |",
+            "| {} | node{} | {:.0} | {} | {} | {} | {} | {} | {} |",
             run.index + 1,
             run.victim,
             ms(run.removal),
             run.tally(Phase::UntilRemoval, Some(Kind::NewConnection)),
             run.tally(Phase::UntilRemoval, Some(Kind::KeepAlive)),
             run.tally(Phase::AfterRemoval, None),
+            run.last_failure_after_removal
+                .map_or_else(|| "—".to_owned(), |after| format!("{:.0}", ms(after))),
             run.tally(Phase::BeforeDeath, None),
             run.requests(),
         );
