@@ -24,7 +24,7 @@ use crate::{
     api::{self, AdminContext},
     backends::BackendSet,
     config::Config,
-    dataplane::{Blocklist, Dataplane, DataplaneConfig},
+    dataplane::{self, Blocklist, Dataplane, DataplaneConfig},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -66,6 +66,8 @@ async fn run_async(
     let mut hangup = signal(SignalKind::hangup())?;
     let mut quit = signal(SignalKind::quit())?;
 
+    // Before anything is written: without root nothing here can work.
+    dataplane::require_root()?;
     prepare_state_dir(&config.state_dir)?;
     let token = admin_token(&config)?;
     let store = Store::open(&store_path(&config.state_dir))?;
@@ -218,24 +220,34 @@ fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("state directory {}", state_dir.display()))
 }
 
-/// The admin token: `LB_ADMIN_TOKEN`, else the config's token or token file, else the one
-/// generated into the state directory at the first start.
-fn admin_token(config: &Config) -> anyhow::Result<String> {
+/// The admin token as configured: `LB_ADMIN_TOKEN`, else the config's token or token file,
+/// else the one generated into the state directory at an earlier start; None when there is
+/// none yet. The daemon and the CLI resolve it the same way.
+pub fn configured_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
     if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV)
         && !token.is_empty()
     {
-        return Ok(token);
+        return Ok(Some(token));
     }
     if let Some(token) = &config.admin.token {
-        return Ok(token.clone());
+        return Ok(Some(token.clone()));
     }
     if let Some(file) = &config.admin.token_file {
-        return read_token(file);
+        return read_token(file).map(Some);
     }
     let file = generated_token_path(&config.state_dir);
     if file.exists() {
-        return read_token(&file);
+        return read_token(&file).map(Some);
     }
+    Ok(None)
+}
+
+/// The configured admin token, or a new one generated into the state directory.
+fn admin_token(config: &Config) -> anyhow::Result<String> {
+    if let Some(token) = configured_admin_token(config)? {
+        return Ok(token);
+    }
+    let file = generated_token_path(&config.state_dir);
     let token: String = rand::random::<[u8; 24]>()
         .iter()
         .map(|byte| format!("{byte:02x}"))

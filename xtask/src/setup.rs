@@ -276,17 +276,24 @@ fn find_command(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Installs the pinned polkadot.js client the sim-node tests drive, from the lock file.
+/// Installs the pinned JavaScript clients the tests drive (polkadot.js, the OpenAPI
+/// validator) from the lock file, again whenever the lock file is newer than the install.
 fn ensure_js_client() -> anyhow::Result<()> {
     let js_dir = workspace_root().join("tests/js");
-    if !js_dir.join("package-lock.json").is_file() {
+    let lock = js_dir.join("package-lock.json");
+    if !lock.is_file() {
         return Ok(());
     }
-    if js_dir.join("node_modules").is_dir() {
-        println!("setup: JavaScript test client (tests/js): present");
+    // npm writes node_modules/.package-lock.json on every install.
+    let installed = js_dir.join("node_modules/.package-lock.json");
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if let (Some(installed), Some(wanted)) = (modified(&installed), modified(&lock))
+        && installed >= wanted
+    {
+        println!("setup: JavaScript test clients (tests/js): present");
         return Ok(());
     }
-    println!("setup: JavaScript test client (tests/js): npm ci");
+    println!("setup: JavaScript test clients (tests/js): npm ci");
     run_step(
         Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])

@@ -75,7 +75,7 @@ pub fn place<'a>(
     // first check (which decides directly) takes it out if it is dead.
     let judged = |backend: &Backend| -> Option<Badness> {
         let node = health.nodes.get(&health_target(service, backend))?;
-        (node.verdict == Verdict::Unhealthy).then(|| node.badness.clone())
+        (node.verdict == Verdict::Unhealthy).then_some(node.badness)
     };
     let mut placements = BTreeMap::new();
     let mut unhealthy = Vec::new();
@@ -99,7 +99,7 @@ pub fn place<'a>(
         );
     }
     let any_up = placements.values().any(|p| p.state == State::Up);
-    if !any_up && let Some(least) = unhealthy.iter().map(|(badness, _)| badness).min().cloned() {
+    if !any_up && let Some(least) = unhealthy.iter().map(|(badness, _)| badness).min().copied() {
         for (badness, id) in &unhealthy {
             if *badness == least {
                 placements.insert(

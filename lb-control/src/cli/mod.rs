@@ -17,7 +17,7 @@ use lb_control::{
         AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, HealthCheck, RateLimit, ServiceId,
     },
     config::Config,
-    daemon::{ADMIN_TOKEN_ENV, generated_token_path, read_token},
+    daemon::{ADMIN_TOKEN_ENV, configured_admin_token},
     dataplane::{ForwardingMode, Protocol},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -357,23 +357,9 @@ fn client(api: &ApiArgs) -> anyhow::Result<AdminClient> {
     Ok(AdminClient::new(&url, &admin_token(&config)?))
 }
 
-/// The token as the daemon resolves it: `LB_ADMIN_TOKEN`, the config's `admin.token` or
-/// `admin.token_file`, else the one the daemon generated into the state directory.
+/// The token as the daemon resolves it.
 fn admin_token(config: &Config) -> anyhow::Result<String> {
-    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV)
-        && !token.is_empty()
-    {
-        return Ok(token);
-    }
-    if let Some(token) = &config.admin.token {
-        return Ok(token.clone());
-    }
-    let file = config
-        .admin
-        .token_file
-        .clone()
-        .unwrap_or_else(|| generated_token_path(&config.state_dir));
-    read_token(&file).with_context(|| {
+    configured_admin_token(config)?.with_context(|| {
         format!(
             "no admin token: set {ADMIN_TOKEN_ENV}, or pass the instance's config with --config"
         )

@@ -420,7 +420,7 @@ impl PassProgram {
     }
 }
 
-fn require_root() -> Result<(), DataplaneError> {
+pub fn require_root() -> Result<(), DataplaneError> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(DataplaneError::NotRoot);
