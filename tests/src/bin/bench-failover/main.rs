@@ -15,7 +15,7 @@ mod report;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -42,8 +42,10 @@ pub const KERNEL_POLL: Duration = Duration::from_millis(5);
 pub const PAUSE_AFTER_FAILURE: Duration = Duration::from_millis(10);
 /// Longest wait for lb-control's table, and for a dead node's removal, before a run fails.
 const TABLE_TIMEOUT: Duration = Duration::from_secs(20);
-/// Failures kept per run to quote in the report.
+/// Failures, and lb-control's error lines, kept per run to quote in the report.
 const QUOTED_FAILURES: usize = 3;
+/// The default `[health]` interval: the kill's moment is spread over it across the runs.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,12 +170,14 @@ fn measure_run(settings: &Settings, index: usize, victim: usize) -> anyhow::Resu
         ..LabConfig::default()
     })
     .context("starting the lab")?;
-    start_lb_control(&mut lab, settings).context("starting lb-control")?;
+    let lb_control_log = start_lb_control(&mut lab, settings).context("starting lb-control")?;
     let target = SocketAddr::from((VIP, SIM_NODE_RPC_PORT));
     let dead = SocketAddr::from((lab.node(victim).addr_v4, SIM_NODE_RPC_PORT));
 
     let load = Load::start(&lab.client().netns, target, settings.shape);
-    wait(settings.warmup)?;
+    // The checks run on a fixed clock from lb-control's start: each run kills at another point
+    // of it, so the runs together sample every phase of the check interval once.
+    wait(settings.warmup + CHECK_INTERVAL * index as u32 / settings.runs as u32)?;
     if load.failed() > 0 {
         let failures: Vec<String> = load
             .stop()
@@ -234,7 +238,33 @@ fn measure_run(settings: &Settings, index: usize, victim: usize) -> anyhow::Resu
             }
         }
     }
+    run.lb_control_errors = error_lines(&lb_control_log);
     Ok(run)
+}
+
+/// lb-control's first ERROR lines, without colour codes: a change that failed to reach the
+/// kernel says so there.
+fn error_lines(log: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    log.lines()
+        .map(without_colours)
+        .filter(|line| line.contains(" ERROR "))
+        .take(QUOTED_FAILURES)
+        .collect()
+}
+
+/// `line` without its ANSI escape sequences (`ESC [ … letter`).
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            chars.by_ref().find(char::is_ascii_alphabetic);
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 /// When a request ran: done before the death; started after the removal (it must not fail);
@@ -250,8 +280,8 @@ fn phase(outcome: &Outcome, died: Instant, removed: Instant) -> Phase {
 }
 
 /// lb-control balancing the VIP over every node, checked with the default health settings;
-/// returns once the kernel's table holds every node, up, and the VIP answers.
-fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
+/// returns, once the kernel's table holds every node, up, and the VIP answers, its log file.
+fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<PathBuf> {
     let nodes: Vec<SocketAddr> = lab
         .nodes()
         .iter()
@@ -275,7 +305,7 @@ fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
     for iface in &node_ifaces {
         args.extend(["-i", iface.as_str()]);
     }
-    lab.spawn_lb_control(&args)?;
+    let log = lab.spawn_lb_control(&args)?.log_path().to_owned();
     let deadline = Instant::now() + TABLE_TIMEOUT;
     loop {
         check_interrupted()?;
@@ -283,7 +313,7 @@ fn start_lb_control(lab: &mut Lab, settings: &Settings) -> anyhow::Result<()> {
         // The backends' entries are written before the service that names them.
         let all_up = nodes.iter().all(|node| states.get(node) == Some(&"up"));
         if all_up && answers(lab).is_ok() {
-            return Ok(());
+            return Ok(log);
         }
         if Instant::now() >= deadline {
             lab.check_processes()?;

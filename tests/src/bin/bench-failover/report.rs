@@ -7,7 +7,7 @@ use lb_tests::{
     load::{Kind, Outcome},
 };
 
-use crate::{KERNEL_POLL, NODES, PAUSE_AFTER_FAILURE, Settings, VIP};
+use crate::{CHECK_INTERVAL, KERNEL_POLL, NODES, PAUSE_AFTER_FAILURE, Settings, VIP};
 
 /// When a request ran, relative to the node's death and its removal from the kernel's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +75,8 @@ pub struct Run {
     pub last_failure_after_removal: Option<Duration>,
     /// The first failures after the removal, for the report.
     pub quoted_failures: Vec<String>,
+    /// lb-control's first error lines.
+    pub lb_control_errors: Vec<String>,
 }
 
 impl Run {
@@ -87,6 +89,7 @@ impl Run {
             tallies: Default::default(),
             last_failure_after_removal: None,
             quoted_failures: Vec::new(),
+            lb_control_errors: Vec::new(),
         }
     }
 
@@ -179,8 +182,9 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
          failure a client waits {} ms before its next request (a keep-alive client on a new \
          connection).\n\
          - Death: SIGKILL of one sim-node (node0, node1, node2 in turn) after {} s of steady \
-         load. Its host stays up, so its kernel refuses connections to it (RST) rather than \
-         letting them time out.\n\
+         load plus run/runs of the {} s check interval, so the runs meet the checks at \
+         different points. Its host stays up, so its kernel refuses connections to it (RST) \
+         rather than letting them time out.\n\
          - Removal: the first read of the kernel's backend table (the pinned maps, read every \
          {} ms; slowest read {:.1} ms) that shows the node down.\n\
          - Requests \"until removal\" ended after the death and started before the removal; \
@@ -191,6 +195,7 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
         settings.shape.keep_alive_connections,
         PAUSE_AFTER_FAILURE.as_millis(),
         settings.warmup.as_secs(),
+        CHECK_INTERVAL.as_secs(),
         KERNEL_POLL.as_millis(),
         ms(slowest_read),
         settings.after.as_secs(),
@@ -264,20 +269,31 @@ fn write_runs(out: &mut String, runs: &[Run]) {
 }
 
 /// Failures after the removal, quoted: each one is a request the table sent to a dead node,
-/// or a fault elsewhere.
+/// or a fault elsewhere; and lb-control's errors, which say when a change did not reach the
+/// kernel.
 fn write_failures(out: &mut String, runs: &[Run]) {
+    write_quoted(out, "Requests failed after the removal", runs, |run| {
+        &run.quoted_failures
+    });
+    write_quoted(out, "lb-control logged errors", runs, |run| {
+        &run.lb_control_errors
+    });
+}
+
+/// A list of every run's `lines`, under `title`; nothing when there are none.
+fn write_quoted(out: &mut String, title: &str, runs: &[Run], lines: fn(&Run) -> &[String]) {
     let quoted: Vec<String> = runs
         .iter()
         .flat_map(|run| {
-            run.quoted_failures
+            lines(run)
                 .iter()
-                .map(move |failure| format!("- run {}: {failure}", run.index + 1))
+                .map(move |line| format!("- run {}: {line}", run.index + 1))
         })
         .collect();
     if !quoted.is_empty() {
         let _ = writeln!(
             out,
-            "**Requests failed after the removal** (first {} per run):\n\n{}\n",
+            "**{title}** (first {} per run):\n\n{}\n",
             crate::QUOTED_FAILURES,
             quoted.join("\n")
         );
