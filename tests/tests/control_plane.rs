@@ -95,8 +95,8 @@ fn wait_for_kernel_state(lab: &Lab, backend: SocketAddr, state: &str) -> anyhow:
 }
 
 /// Waits until `lb-control backend list` shows the backend at `address` in `state`; returns
-/// how it shows it. The admin API's view is replaced once a change is complete in the kernel
-/// (the kernel's backend states change first, the services' Maglev tables after them).
+/// how it shows it. The admin API's view is replaced only once a change is complete in every
+/// kernel table, so a new connection made after it meets the new rotation.
 fn wait_for_api_state(
     lb_control: &LbControl,
     lab: &Lab,
