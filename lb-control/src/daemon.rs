@@ -31,8 +31,8 @@ use crate::{
     store::Store,
 };
 
-/// How often expired blocklist entries are removed.
-const BLOCKLIST_EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often expired blocklist entries are removed and a failed kernel push is retried.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Environment variable that carries the admin token (wins over the config file).
 pub const ADMIN_TOKEN_ENV: &str = "LB_ADMIN_TOKEN";
@@ -120,7 +120,7 @@ async fn run_async(
     }));
 
     let mut blocklist = Blocklist::open(&pin_dir)?;
-    let mut expiry = tokio::time::interval(BLOCKLIST_EXPIRY_INTERVAL);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     info!(
         instance = %config.instance,
         pin_dir = %pin_dir.display(),
@@ -139,14 +139,19 @@ async fn run_async(
                 info!("exiting for a restart: the XDP program stays attached and forwarding");
                 break false;
             }
-            _ = expiry.tick() => match blocklist.expire(SystemTime::now()) {
-                Ok(expired) => {
-                    for prefix in expired {
-                        info!(%prefix, "blocklist entry expired");
+            _ = housekeeping.tick() => {
+                match blocklist.expire(SystemTime::now()) {
+                    Ok(expired) => {
+                        for prefix in expired {
+                            info!(%prefix, "blocklist entry expired");
+                        }
                     }
+                    Err(error) => error!("expiring blocklist entries: {error}"),
                 }
-                Err(error) => error!("expiring blocklist entries: {error}"),
-            },
+                if let Err(error) = backends.resync_kernel().await {
+                    error!("the kernel tables are behind the backend set: {error}");
+                }
+            }
             _ = hangup.recv() => {
                 // A bad reload is reported and changes nothing: the running state stays.
                 match reload() {

@@ -176,6 +176,9 @@ struct Inner {
     health: Arc<HealthSnapshot>,
     /// The placements last pushed to the kernel.
     placements: BTreeMap<BackendId, Placement>,
+    /// False after a failed kernel push: the next health snapshot or [`BackendSet::resync_kernel`]
+    /// pushes again.
+    kernel_in_sync: bool,
 }
 
 /// The one owner of the backend set. Cheap to share: every method takes `&self`.
@@ -208,6 +211,7 @@ impl BackendSet {
                 backends: backends.into_iter().map(|b| (b.id, b)).collect(),
                 health: Arc::default(),
                 placements: BTreeMap::new(),
+                kernel_in_sync: false,
             }),
             view: watch::Sender::new(Arc::default()),
             metrics,
@@ -344,12 +348,26 @@ impl BackendSet {
         let mut inner = self.inner.lock().await;
         inner.health = snapshot;
         let placements = inner.placements_now();
-        if placements == inner.placements {
+        if placements == inner.placements && inner.kernel_in_sync {
             return Ok(());
         }
         drop(inner);
         self.commit(Cause::Health, "health changed", |_, _| Ok(()))
             .await
+    }
+
+    /// Pushes the set to the kernel again if the last push failed.
+    pub async fn resync_kernel(&self) -> Result<(), ChangeError> {
+        let mut inner = self.inner.lock().await;
+        if inner.kernel_in_sync {
+            return Ok(());
+        }
+        let specs = inner.draft().specs(&inner.placements);
+        let settings = inner.settings.clone();
+        inner.kernel.apply(&settings, &specs)?;
+        inner.kernel_in_sync = true;
+        info!("the kernel tables caught up with the backend set");
+        Ok(())
     }
 
     /// Detaches the kernel program (a clean shutdown); the stored set stays for the next start.
@@ -367,11 +385,7 @@ impl BackendSet {
         edit: impl FnOnce(&mut Draft, &mut Tx<'_>) -> Result<T, ChangeError>,
     ) -> Result<T, ChangeError> {
         let mut inner = self.inner.lock().await;
-        let mut draft = Draft {
-            settings: inner.settings.clone(),
-            services: inner.services.clone(),
-            backends: inner.backends.clone(),
-        };
+        let mut draft = inner.draft();
         let health = inner.health.clone();
         let before = inner.placements.clone();
         let store = inner.store.clone();
@@ -402,6 +416,7 @@ impl BackendSet {
         let previous_view = self.view.send_replace(view.clone());
         self.update_metrics(&previous_view, &view, cause);
         inner.placements = placements;
+        inner.kernel_in_sync = report.is_ok();
         match report {
             Ok(report) => {
                 info!(
@@ -417,7 +432,7 @@ impl BackendSet {
             Err(error) => {
                 error!(
                     cause = cause.name(),
-                    "{what}: the kernel tables were not updated: {error}"
+                    "{what}: the kernel tables were not updated (retried every second): {error}"
                 );
                 Err(error.into())
             }
@@ -488,13 +503,16 @@ impl BackendSet {
 }
 
 impl Inner {
-    fn placements_now(&self) -> BTreeMap<BackendId, Placement> {
+    fn draft(&self) -> Draft {
         Draft {
             settings: self.settings.clone(),
             services: self.services.clone(),
             backends: self.backends.clone(),
         }
-        .placements(&self.health)
+    }
+
+    fn placements_now(&self) -> BTreeMap<BackendId, Placement> {
+        self.draft().placements(&self.health)
     }
 }
 

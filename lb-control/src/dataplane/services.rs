@@ -311,28 +311,26 @@ pub(super) fn apply(
         .flat_map(|service| service.backends.iter())
         .map(|backend| (backend.addr, backend.state))
         .collect();
-    for (&addr, &state) in &wanted_backends {
-        let id = ids.backend_id(addr);
-        let backend = Backend {
-            addr: addr_bytes(addr.ip()),
-            port_be: addr.port().to_be(),
-            family: family(addr.ip()),
-            _pad: 0,
-            state: state.kernel(),
-        };
-        maps.backends
-            .set(id, backend, 0)
-            .map_err(map_error(map_names::BACKENDS))?;
+    // A backend entering the rotation must exist before a Maglev table names it; one leaving
+    // it is marked only once the tables stop naming it, or new flows would still reach it
+    // while its state already reads draining or down.
+    let (entering, leaving): (Vec<_>, Vec<_>) = wanted_backends
+        .iter()
+        .partition(|(_, state)| **state == BackendState::Up);
+    for (&addr, &state) in entering {
+        write_backend(maps, ids, addr, state)?;
+    }
+    for service in services {
+        write_service(maps, ids, service, size)?;
+        report.services += 1;
+    }
+    for (&addr, &state) in leaving {
+        let id = write_backend(maps, ids, addr, state)?;
         if state == BackendState::Down {
             report.flows_purged += purge_flows(&mut maps.flows, &[id])?;
         }
     }
     report.backends = wanted_backends.len();
-
-    for service in services {
-        write_service(maps, ids, service, size)?;
-        report.services += 1;
-    }
 
     let wanted_keys: BTreeSet<ServiceKey> = services.iter().map(ServiceSpec::key).collect();
     let stale_services: Vec<ServiceKey> = ids
@@ -374,6 +372,27 @@ pub(super) fn apply(
     }
     warm_neighbours(wanted_backends.keys().copied());
     Ok(report)
+}
+
+/// Writes `addr`'s entry in the backend table in `state`; returns its id.
+fn write_backend(
+    maps: &mut Maps<'_>,
+    ids: &mut Ids,
+    addr: SocketAddr,
+    state: BackendState,
+) -> Result<u32, DataplaneError> {
+    let id = ids.backend_id(addr);
+    let backend = Backend {
+        addr: addr_bytes(addr.ip()),
+        port_be: addr.port().to_be(),
+        family: family(addr.ip()),
+        _pad: 0,
+        state: state.kernel(),
+    };
+    maps.backends
+        .set(id, backend, 0)
+        .map_err(map_error(map_names::BACKENDS))?;
+    Ok(id)
 }
 
 fn kernel_config(settings: &LbSettings) -> LbConfig {
@@ -493,6 +512,8 @@ fn purge_flows(
         match flows.remove(key) {
             // The LRU may have evicted it meanwhile.
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(source) => return Err(map_error(map_names::FLOWS)(source)),
         }
     }
