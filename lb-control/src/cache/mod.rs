@@ -1,0 +1,24 @@
+//! The gateway's Substrate-aware response cache and the chain follower that ages it.
+//!
+//! - [`policy`]: how long an answer may be reused, per method, from one table.
+//! - `key`: the cache key (method, canonical params, epoch).
+//! - [`store`]: the cache itself, bounded by bytes, coalescing identical in-flight requests.
+//! - [`follower`]: follows heads, finality and the runtime version on every node and feeds
+//!   them to the cache, which starts a new epoch when the head or the runtime changes.
+//!
+//! Answers that depend on the head or the runtime carry their epoch in the key, so a new
+//! epoch makes them unreachable at once (no scan, no race with a fetch in flight across the
+//! change); the old entries are then freed in the background.
+
+pub mod follower;
+mod header;
+mod key;
+pub mod policy;
+pub mod store;
+
+pub use follower::{ChainFollower, follow};
+pub use policy::{CachePolicy, classify};
+pub use store::{
+    CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache, RuntimeVersion,
+    UpstreamAnswer,
+};

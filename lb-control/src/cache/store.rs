@@ -1,0 +1,741 @@
+//! The response cache: answers by key in a moka cache bounded by bytes, identical in-flight
+//! requests coalesced into one upstream call, and the chain's epochs that age answers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use moka::future::Cache;
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::key::{Epoch, Key};
+use super::policy::CachePolicy;
+
+/// The gateway's default budget.
+pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// What a node answered to one call.
+#[derive(Debug, Clone)]
+pub enum UpstreamAnswer {
+    /// The `result` member.
+    Result(Box<RawValue>),
+    /// The JSON-RPC `error` object.
+    Error(Box<RawValue>),
+}
+
+/// Why [`ResponseCache::get_or_fetch`] has no result for the client.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FetchError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
+    #[error("upstream sent a bad answer: {0}")]
+    BadAnswer(String),
+    /// The node answered with a JSON-RPC error object: pass it on to the client as it is.
+    #[error("node answered with error {0}")]
+    Rpc(Arc<RawValue>),
+}
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// From the cache, no upstream call.
+    Hit,
+    /// This caller's fetch ran.
+    Miss,
+    /// Another caller's fetch of the same request, in flight when this one came, answered it.
+    Coalesced,
+}
+
+/// Counters since the cache was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub coalesced: u64,
+}
+
+/// The chain's head as the cache knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub number: u64,
+    pub hash: String,
+}
+
+/// A runtime's version, the pair that changes with an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RuntimeVersion {
+    pub spec_version: u32,
+    pub transaction_version: u32,
+}
+
+/// The Substrate-aware response cache. Cheap to clone: all clones share one cache.
+#[derive(Clone)]
+pub struct ResponseCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    answers: Cache<Key, Arc<RawValue>>,
+    head: Mutex<Option<Head>>,
+    head_epoch: AtomicU64,
+    runtime: Mutex<Option<RuntimeVersion>>,
+    runtime_epoch: AtomicU64,
+    /// Highest finalized block number + 1; 0 while none is known.
+    finalized_plus_one: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    coalesced: AtomicU64,
+}
+
+impl ResponseCache {
+    /// A cache holding at most `max_bytes` of keys and answers.
+    pub fn new(max_bytes: u64) -> Self {
+        let answers = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &Key, answer: &Arc<RawValue>| {
+                u32::try_from(key.request.len() + answer.get().len()).unwrap_or(u32::MAX)
+            })
+            // Lets an epoch change drop the old epoch's answers (see `drop_epochs_before`).
+            .support_invalidation_closures()
+            .build();
+        ResponseCache {
+            inner: Arc::new(Inner {
+                answers,
+                head: Mutex::new(None),
+                head_epoch: AtomicU64::new(0),
+                runtime: Mutex::new(None),
+                runtime_epoch: AtomicU64::new(0),
+                finalized_plus_one: AtomicU64::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                coalesced: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Answers from the cache, or runs `fetch` once for all identical concurrent callers.
+    /// Errors and null results reach every coalesced caller but are not kept. The key is the
+    /// method, the canonical params and, for [`CachePolicy::UntilNewHead`] and
+    /// [`CachePolicy::UntilRuntimeUpgrade`], the current epoch; the client's `id` is not part
+    /// of it (answers are shared between clients; the gateway puts each client's own `id` on).
+    pub async fn get_or_fetch<F, Fut>(
+        &self,
+        method: &str,
+        params: &Value,
+        policy: CachePolicy,
+        fetch: F,
+    ) -> Result<(Arc<RawValue>, Lookup), FetchError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<UpstreamAnswer, FetchError>>,
+    {
+        let epoch = match policy {
+            CachePolicy::Never => {
+                self.count(&self.inner.misses);
+                return fetch().await.and_then(result_of).map(|r| (r, Lookup::Miss));
+            }
+            CachePolicy::Pinned => Epoch::Pinned,
+            CachePolicy::UntilNewHead => Epoch::Head(self.inner.head_epoch.load(Ordering::Acquire)),
+            CachePolicy::UntilRuntimeUpgrade => {
+                Epoch::Runtime(self.inner.runtime_epoch.load(Ordering::Acquire))
+            }
+        };
+        let key = Key::new(method, params, epoch);
+        if let Some(answer) = self.inner.answers.get(&key).await {
+            self.count(&self.inner.hits);
+            return Ok((answer, Lookup::Hit));
+        }
+        // try_get_with runs at most one init per key at a time; the others wait for its
+        // outcome. Whether ours ran tells a miss from a coalesced wait.
+        let fetched = AtomicBool::new(false);
+        let answer = self
+            .inner
+            .answers
+            .try_get_with(key, async {
+                fetched.store(true, Ordering::Relaxed);
+                let result = fetch().await.and_then(result_of)?;
+                if result.get().trim() == "null" {
+                    // Not kept: a block or key the node does not have yet may exist soon.
+                    Err(NotKept::Null(result))
+                } else {
+                    Ok(result)
+                }
+            })
+            .await;
+        let lookup = if fetched.load(Ordering::Relaxed) {
+            self.count(&self.inner.misses);
+            Lookup::Miss
+        } else {
+            self.count(&self.inner.coalesced);
+            Lookup::Coalesced
+        };
+        match answer {
+            Ok(result) => Ok((result, lookup)),
+            Err(not_kept) => match &*not_kept {
+                NotKept::Null(result) => Ok((result.clone(), lookup)),
+                NotKept::Failed(error) => Err(error.clone()),
+            },
+        }
+    }
+
+    /// Records the chain's head; a head other than the current one starts a new head epoch.
+    pub fn new_head(&self, number: u64, hash: &str) {
+        let mut head = lock(&self.inner.head);
+        if head.as_ref().is_some_and(|head| head.hash == hash) {
+            return;
+        }
+        *head = Some(Head {
+            number,
+            hash: hash.to_owned(),
+        });
+        let epoch = self.inner.head_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        self.drop_epochs_before(Epoch::Head(epoch));
+    }
+
+    /// Records the runtime's version; a change starts a new runtime epoch.
+    pub fn runtime_version(&self, spec_version: u32, transaction_version: u32) {
+        let version = RuntimeVersion {
+            spec_version,
+            transaction_version,
+        };
+        let mut runtime = lock(&self.inner.runtime);
+        if *runtime == Some(version) {
+            return;
+        }
+        // The first version learned needs no new epoch: nothing cached can be older than it
+        // is, and a gateway starting up must not drop the metadata it fetched meanwhile.
+        let known = runtime.replace(version).is_some();
+        if known {
+            let epoch = self.inner.runtime_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            self.drop_epochs_before(Epoch::Runtime(epoch));
+        }
+    }
+
+    /// The highest finalized block number known.
+    pub fn finalized(&self) -> Option<u64> {
+        self.inner
+            .finalized_plus_one
+            .load(Ordering::Acquire)
+            .checked_sub(1)
+    }
+
+    /// Records a finalized block; finality only moves forward, so a lower number is ignored.
+    pub fn set_finalized(&self, number: u64) {
+        self.inner
+            .finalized_plus_one
+            .fetch_max(number.saturating_add(1), Ordering::AcqRel);
+    }
+
+    /// The head recorded last.
+    pub fn head(&self) -> Option<Head> {
+        lock(&self.inner.head).clone()
+    }
+
+    /// The runtime version recorded last.
+    pub fn runtime(&self) -> Option<RuntimeVersion> {
+        *lock(&self.inner.runtime)
+    }
+
+    /// Bytes of keys and answers held (after moka's pending housekeeping).
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.answers.weighted_size()
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.inner.answers.entry_count()
+    }
+
+    /// Runs moka's pending housekeeping (evictions, invalidations) now, so the sizes above are
+    /// current; moka otherwise does it on later calls.
+    pub async fn run_pending_tasks(&self) {
+        self.inner.answers.run_pending_tasks().await;
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.inner.hits.load(Ordering::Relaxed),
+            misses: self.inner.misses.load(Ordering::Relaxed),
+            coalesced: self.inner.coalesced.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Frees the answers of epochs before `current` of the same kind: no lookup can reach
+    /// them any more, and left alone they would take budget from live answers until evicted.
+    fn drop_epochs_before(&self, current: Epoch) {
+        let stale = move |key: &Key, _: &Arc<RawValue>| match (key.epoch, current) {
+            (Epoch::Head(epoch), Epoch::Head(current)) => epoch < current,
+            (Epoch::Runtime(epoch), Epoch::Runtime(current)) => epoch < current,
+            _ => false,
+        };
+        // Only fails when invalidation closures are not enabled, and `new` enables them.
+        let _ = self.inner.answers.invalidate_entries_if(stale);
+    }
+}
+
+/// An answer that reaches the callers but is not kept.
+enum NotKept {
+    Null(Arc<RawValue>),
+    Failed(FetchError),
+}
+
+impl From<FetchError> for NotKept {
+    fn from(error: FetchError) -> Self {
+        NotKept::Failed(error)
+    }
+}
+
+fn result_of(answer: UpstreamAnswer) -> Result<Arc<RawValue>, FetchError> {
+    match answer {
+        UpstreamAnswer::Result(result) => Ok(Arc::from(result)),
+        UpstreamAnswer::Error(error) => Err(FetchError::Rpc(Arc::from(error))),
+    }
+}
+
+/// The guarded values are plain data, valid even if a holder panicked.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn raw(json: &str) -> Box<RawValue> {
+        RawValue::from_string(json.to_owned()).unwrap()
+    }
+
+    /// A fetch that counts its calls and answers `answer`.
+    fn counted(
+        calls: &AtomicU64,
+        answer: UpstreamAnswer,
+    ) -> impl FnOnce() -> std::future::Ready<Result<UpstreamAnswer, FetchError>> + '_ {
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok(answer))
+        }
+    }
+
+    async fn get(
+        cache: &ResponseCache,
+        method: &str,
+        params: &Value,
+        policy: CachePolicy,
+        calls: &AtomicU64,
+        answer: &str,
+    ) -> (String, Lookup) {
+        let (result, lookup) = cache
+            .get_or_fetch(
+                method,
+                params,
+                policy,
+                counted(calls, UpstreamAnswer::Result(raw(answer))),
+            )
+            .await
+            .expect("an answer");
+        (result.get().to_owned(), lookup)
+    }
+
+    #[tokio::test]
+    async fn pinned_answer_is_reused_across_heads() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        let params = json!(["0xabcd"]);
+        let first = get(
+            &cache,
+            "chain_getHeader",
+            &params,
+            CachePolicy::Pinned,
+            &calls,
+            r#"{"n":1}"#,
+        )
+        .await;
+        assert_eq!(first, (r#"{"n":1}"#.to_owned(), Lookup::Miss));
+        cache.new_head(2, "0x02");
+        let second = get(
+            &cache,
+            "chain_getHeader",
+            &params,
+            CachePolicy::Pinned,
+            &calls,
+            r#"{"n":2}"#,
+        )
+        .await;
+        assert_eq!(second, (r#"{"n":1}"#.to_owned(), Lookup::Hit));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            cache.stats(),
+            CacheStats {
+                hits: 1,
+                misses: 1,
+                coalesced: 0
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn the_same_params_in_another_key_order_hit() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        let a: Value = serde_json::from_str(r#"{"key":"0x00","hash":"0x01"}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"hash":"0x01","key":"0x00"}"#).unwrap();
+        get(
+            &cache,
+            "state_getStorage",
+            &a,
+            CachePolicy::Pinned,
+            &calls,
+            "\"0x05\"",
+        )
+        .await;
+        let (_, lookup) = get(
+            &cache,
+            "state_getStorage",
+            &b,
+            CachePolicy::Pinned,
+            &calls,
+            "\"0x06\"",
+        )
+        .await;
+        assert_eq!(lookup, Lookup::Hit);
+    }
+
+    #[tokio::test]
+    async fn head_answer_is_reused_until_a_new_head() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        let params = json!([]);
+        let policy = CachePolicy::UntilNewHead;
+        cache.new_head(1, "0x01");
+        assert_eq!(
+            get(&cache, "system_health", &params, policy, &calls, "1")
+                .await
+                .1,
+            Lookup::Miss
+        );
+        assert_eq!(
+            get(&cache, "system_health", &params, policy, &calls, "2").await,
+            ("1".to_owned(), Lookup::Hit)
+        );
+        // The same head again (another node reporting it) changes nothing.
+        cache.new_head(1, "0x01");
+        assert_eq!(
+            get(&cache, "system_health", &params, policy, &calls, "2").await,
+            ("1".to_owned(), Lookup::Hit)
+        );
+        cache.new_head(2, "0x02");
+        assert_eq!(
+            get(&cache, "system_health", &params, policy, &calls, "2").await,
+            ("2".to_owned(), Lookup::Miss)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            cache.head(),
+            Some(Head {
+                number: 2,
+                hash: "0x02".to_owned()
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn runtime_answer_is_reused_until_the_runtime_changes() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        let params = json!([]);
+        let policy = CachePolicy::UntilRuntimeUpgrade;
+        assert_eq!(
+            get(
+                &cache,
+                "state_getMetadata",
+                &params,
+                policy,
+                &calls,
+                "\"0xv1\""
+            )
+            .await
+            .1,
+            Lookup::Miss
+        );
+        // Learning the first version keeps what was fetched before it.
+        cache.runtime_version(268, 2);
+        cache.new_head(5, "0x05");
+        cache.runtime_version(268, 2);
+        assert_eq!(
+            get(
+                &cache,
+                "state_getMetadata",
+                &params,
+                policy,
+                &calls,
+                "\"0xv2\""
+            )
+            .await,
+            ("\"0xv1\"".to_owned(), Lookup::Hit)
+        );
+        cache.runtime_version(269, 2);
+        assert_eq!(
+            get(
+                &cache,
+                "state_getMetadata",
+                &params,
+                policy,
+                &calls,
+                "\"0xv2\""
+            )
+            .await,
+            ("\"0xv2\"".to_owned(), Lookup::Miss)
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            cache.runtime(),
+            Some(RuntimeVersion {
+                spec_version: 269,
+                transaction_version: 2
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_and_nulls_are_returned_but_not_cached() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        let params = json!(["0xabcd"]);
+        for _ in 0..2 {
+            let error = cache
+                .get_or_fetch(
+                    "chain_getBlock",
+                    &params,
+                    CachePolicy::Pinned,
+                    counted(
+                        &calls,
+                        UpstreamAnswer::Error(raw(r#"{"code":4003,"message":"unknown block"}"#)),
+                    ),
+                )
+                .await
+                .expect_err("the node's error");
+            let FetchError::Rpc(object) = error else {
+                panic!("not the node's error: {error}")
+            };
+            assert_eq!(object.get(), r#"{"code":4003,"message":"unknown block"}"#);
+        }
+        for _ in 0..2 {
+            let (result, lookup) = get(
+                &cache,
+                "chain_getBlockHash",
+                &json!([99]),
+                CachePolicy::Pinned,
+                &calls,
+                "null",
+            )
+            .await;
+            assert_eq!((result.as_str(), lookup), ("null", Lookup::Miss));
+        }
+        for _ in 0..2 {
+            let error = cache
+                .get_or_fetch("chain_getHeader", &params, CachePolicy::Pinned, || async {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Err(FetchError::Timeout(
+                        "node 10.0.0.1:9944 after 2s".to_owned(),
+                    ))
+                })
+                .await
+                .expect_err("the timeout");
+            assert!(matches!(error, FetchError::Timeout(_)));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn never_policy_always_fetches() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = AtomicU64::new(0);
+        for _ in 0..3 {
+            let (_, lookup) = get(
+                &cache,
+                "system_accountNextIndex",
+                &json!(["5G"]),
+                CachePolicy::Never,
+                &calls,
+                "7",
+            )
+            .await;
+            assert_eq!(lookup, Lookup::Miss);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_identical_requests_share_one_fetch() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..100)
+            .map(|_| {
+                let cache = cache.clone();
+                let calls = Arc::clone(&calls);
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(
+                            "state_getMetadata",
+                            &json!([]),
+                            CachePolicy::UntilRuntimeUpgrade,
+                            || async move {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Ok(UpstreamAnswer::Result(raw("\"0xmeta\"")))
+                            },
+                        )
+                        .await
+                        .expect("an answer")
+                })
+            })
+            .collect();
+        let mut lookups = Vec::new();
+        for caller in callers {
+            let (result, lookup) = caller.await.unwrap();
+            assert_eq!(result.get(), "\"0xmeta\"");
+            lookups.push(lookup);
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let count = |kind| lookups.iter().filter(|lookup| **lookup == kind).count();
+        assert_eq!((count(Lookup::Miss), count(Lookup::Coalesced)), (1, 99));
+        assert_eq!(
+            cache.stats(),
+            CacheStats {
+                hits: 0,
+                misses: 1,
+                coalesced: 99
+            }
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalesced_callers_share_an_error_which_is_not_cached() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let calls = Arc::new(AtomicU64::new(0));
+        let callers: Vec<_> = (0..10)
+            .map(|_| {
+                let cache = cache.clone();
+                let calls = Arc::clone(&calls);
+                tokio::spawn(async move {
+                    cache
+                        .get_or_fetch(
+                            "chain_getHeader",
+                            &json!([]),
+                            CachePolicy::UntilNewHead,
+                            || async move {
+                                calls.fetch_add(1, Ordering::SeqCst);
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                Err(FetchError::Unreachable(
+                                    "node 10.0.0.1:9944: connection refused".to_owned(),
+                                ))
+                            },
+                        )
+                        .await
+                })
+            })
+            .collect();
+        for caller in callers {
+            assert!(matches!(
+                caller.await.unwrap(),
+                Err(FetchError::Unreachable(_))
+            ));
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let (_, lookup) = cache
+            .get_or_fetch(
+                "chain_getHeader",
+                &json!([]),
+                CachePolicy::UntilNewHead,
+                || async { Ok(UpstreamAnswer::Result(raw("{}"))) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(lookup, Lookup::Miss);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_distinct_requests_stays_within_the_budget() {
+        const BUDGET: u64 = 1024 * 1024;
+        let cache = ResponseCache::new(BUDGET);
+        let answer = format!("\"0x{}\"", "ab".repeat(2048));
+        for n in 0..2_000u32 {
+            cache
+                .get_or_fetch(
+                    "chain_getBlock",
+                    &json!([format!("0x{n:064x}")]),
+                    CachePolicy::Pinned,
+                    || async { Ok(UpstreamAnswer::Result(raw(&answer))) },
+                )
+                .await
+                .unwrap();
+        }
+        cache.run_pending_tasks().await;
+        // About 8 MiB were offered.
+        assert!(
+            cache.weighted_size() <= BUDGET,
+            "{} bytes held",
+            cache.weighted_size()
+        );
+        assert!(
+            cache.weighted_size() > BUDGET / 2,
+            "the budget is used: {} bytes",
+            cache.weighted_size()
+        );
+        assert!(cache.entry_count() < 2_000);
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_frees_the_old_epochs_answers() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        cache.new_head(1, "0x01");
+        for n in 0..10 {
+            cache
+                .get_or_fetch(
+                    "state_getStorage",
+                    &json!([format!("0x{n:02x}")]),
+                    CachePolicy::UntilNewHead,
+                    || async { Ok(UpstreamAnswer::Result(raw("\"0x01\""))) },
+                )
+                .await
+                .unwrap();
+        }
+        cache
+            .get_or_fetch(
+                "chain_getBlock",
+                &json!(["0xab"]),
+                CachePolicy::Pinned,
+                || async { Ok(UpstreamAnswer::Result(raw("{}"))) },
+            )
+            .await
+            .unwrap();
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 11);
+        cache.new_head(2, "0x02");
+        cache.run_pending_tasks().await;
+        assert_eq!(cache.entry_count(), 1, "only the pinned answer is left");
+    }
+
+    #[test]
+    fn finalized_only_moves_forward() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        assert_eq!(cache.finalized(), None);
+        cache.set_finalized(0);
+        assert_eq!(cache.finalized(), Some(0));
+        cache.set_finalized(10);
+        cache.set_finalized(7);
+        assert_eq!(cache.finalized(), Some(10));
+    }
+}

@@ -1,0 +1,146 @@
+//! The chain follower against live sim-nodes on 127.0.0.1: the cache's head epoch moves with
+//! the chain, finality and the runtime version are learned, and losing a node does not stop
+//! the following.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lb_control::cache::{self, ResponseCache, RuntimeVersion};
+use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
+use tokio::sync::watch;
+
+/// Fast blocks, so the head moves several times a second.
+const BLOCK_TIME: Duration = Duration::from_millis(150);
+/// How long a test waits for a condition before it fails.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+async fn start_node(id: &str) -> SimNodeHandle {
+    let mut config = SimNodeConfig::new(id);
+    config.block_time = BLOCK_TIME;
+    SimNode::start(config).await.expect("sim-node starts")
+}
+
+/// Polls `condition` until it holds; panics naming `what` after `PATIENCE`.
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The hash of block `number` as the node has it.
+fn hash_on(node: &SimNodeHandle, number: u64) -> String {
+    let number = BlockNumber::try_from(number).expect("a block number the chain can have");
+    node.block_hash(number).to_string()
+}
+
+/// Waits until the cache's head is above `number`, then returns it.
+async fn head_above(cache: &ResponseCache, number: u64) -> u64 {
+    wait_until(&format!("the head passes block {number}"), || async {
+        cache.head().is_some_and(|head| head.number > number)
+    })
+    .await;
+    cache.head().expect("a head").number
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_feeds_heads_finality_and_runtime_to_the_cache() {
+    let nodes = [start_node("node0").await, start_node("node1").await];
+    let addrs: Vec<SocketAddr> = nodes.iter().map(SimNodeHandle::rpc_addr).collect();
+    let (_list, watched) = watch::channel(addrs);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+
+    let first = head_above(&cache, 0).await;
+    let later = head_above(&cache, first + 2).await;
+    assert!(later > first);
+    // The hash is the chain's own (blake2-256 of the SCALE header), not a stand-in.
+    let head = cache.head().expect("a head");
+    assert_eq!(head.hash, hash_on(&nodes[0], head.number));
+
+    wait_until("a finalized block is known", || async {
+        cache.finalized().is_some()
+    })
+    .await;
+    assert!(cache.finalized() <= Some(cache.head().expect("a head").number));
+    let finalized = cache.finalized().expect("finalized");
+    wait_until("finality moves on", || async {
+        cache.finalized() > Some(finalized)
+    })
+    .await;
+
+    wait_until("the runtime version is known", || async {
+        cache.runtime().is_some()
+    })
+    .await;
+    // The sim-node runtime is polkadot-js's `substrate` fixture: spec 268, transaction 2.
+    assert_eq!(
+        cache.runtime(),
+        Some(RuntimeVersion {
+            spec_version: 268,
+            transaction_version: 2
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_keeps_following_when_a_node_stops() {
+    let [stopping, staying] = [start_node("node0").await, start_node("node1").await];
+    let addrs = vec![stopping.rpc_addr(), staying.rpc_addr()];
+    let (_list, watched) = watch::channel(addrs);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+
+    let before = head_above(&cache, 0).await;
+    stopping.stop().await;
+    let after = head_above(&cache, before + 3).await;
+    let head = cache.head().expect("a head");
+    assert_eq!(head.hash, hash_on(&staying, head.number));
+    assert!(after > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_picks_up_a_node_added_to_the_list() {
+    let node = start_node("node0").await;
+    let (list, watched) = watch::channel(Vec::new());
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+
+    // With no node listed nothing is learned; once one is, the head follows it.
+    tokio::task::yield_now().await;
+    assert_eq!(cache.head(), None);
+    list.send_replace(vec![node.rpc_addr()]);
+    head_above(&cache, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_reconnects_after_the_node_drops_its_connections() {
+    let node = start_node("node0").await;
+    let (_list, watched) = watch::channel(vec![node.rpc_addr()]);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+    let before = head_above(&cache, 0).await;
+
+    node.set_fault(Fault::CloseConnections);
+    let cut_off = u64::from(node.chain_best_number());
+    wait_until("the chain moves on without the follower", || async {
+        u64::from(node.chain_best_number()) > cut_off + 3
+    })
+    .await;
+    let head = cache.head().expect("a head").number;
+    assert!(
+        head <= cut_off + 1,
+        "head {head} learned while the node dropped every connection (cut off at {cut_off})"
+    );
+
+    node.clear_faults();
+    let now = u64::from(node.chain_best_number());
+    let after = head_above(&cache, now).await;
+    assert!(after > before);
+}
