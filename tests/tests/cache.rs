@@ -1,13 +1,20 @@
 //! The chain follower against live sim-nodes on 127.0.0.1: the cache's head epoch moves with
 //! the chain, finality and the runtime version are learned, and losing a node does not stop
-//! the following.
+//! the following. And the cache in front of a node, fed by the follower: head-dependent
+//! answers change with the chain and not before, pinned ones never reach the node again.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lb_control::cache::{self, ResponseCache, RuntimeVersion};
+use std::collections::HashMap;
+
+use lb_control::cache::{
+    self, CachePolicy, FetchError, Head, Lookup, ResponseCache, RuntimeVersion, UpstreamAnswer,
+};
 use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 /// Fast blocks, so the head moves several times a second.
@@ -143,4 +150,151 @@ async fn follower_reconnects_after_the_node_drops_its_connections() {
     let now = u64::from(node.chain_best_number());
     let after = head_above(&cache, now).await;
     assert!(after > before);
+}
+
+/// What the gateway does on a miss: one JSON-RPC call over HTTP.
+async fn fetch_from(
+    node: &SimNodeHandle,
+    method: &str,
+    params: &Value,
+) -> Result<UpstreamAnswer, FetchError> {
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+    let response = reqwest::Client::new()
+        .post(node.http_url())
+        .json(&body)
+        .send()
+        .await
+        .map_err(|error| FetchError::Unreachable(error.to_string()))?;
+    // Members as raw text: a `null` result must stay a result.
+    let mut members: HashMap<String, Box<RawValue>> = response
+        .json()
+        .await
+        .map_err(|error| FetchError::BadAnswer(error.to_string()))?;
+    match (members.remove("result"), members.remove("error")) {
+        (Some(result), None) => Ok(UpstreamAnswer::Result(result)),
+        (None, Some(error)) => Ok(UpstreamAnswer::Error(error)),
+        _ => Err(FetchError::BadAnswer(format!("{members:?}"))),
+    }
+}
+
+/// One call through the cache, classified as the gateway classifies it.
+async fn call(
+    cache: &ResponseCache,
+    node: &SimNodeHandle,
+    method: &str,
+    params: Value,
+) -> (Value, Lookup) {
+    let policy = cache::classify(method, &params, cache.finalized());
+    let (result, lookup) = cache
+        .get_or_fetch(method, &params, policy, || {
+            fetch_from(node, method, &params)
+        })
+        .await
+        .expect("an answer");
+    (serde_json::from_str(result.get()).expect("JSON"), lookup)
+}
+
+fn header_number(header: &Value) -> u64 {
+    let hex = header["number"].as_str().expect("a header number");
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_dependent_answer_changes_with_the_chain_and_not_before() {
+    let node = start_node("node0").await;
+    let (_list, watched) = watch::channel(vec![node.rpc_addr()]);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+    head_above(&cache, 0).await;
+
+    // Several new heads: each time, the first call after it reaches the node and the
+    // following ones within the same head do not.
+    let mut previous: Option<Head> = None;
+    let mut last_number = 0;
+    let mut heads_seen = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while heads_seen < 3 {
+        assert!(Instant::now() < deadline, "timed out watching three heads");
+        let head = cache.head().expect("a head");
+        let (header, first) = call(&cache, &node, "chain_getHeader", json!([])).await;
+        let asked = node.request_count("chain_getHeader");
+        let (again, second) = call(&cache, &node, "chain_getHeader", json!([])).await;
+        if cache.head().expect("a head") != head {
+            // A new head came in between: which call saw which head is unknown.
+            previous = None;
+            continue;
+        }
+        if let Some(previous) = &previous {
+            let expected = if *previous == head {
+                Lookup::Hit
+            } else {
+                Lookup::Miss
+            };
+            assert_eq!(
+                first, expected,
+                "first call at head {} after {}",
+                head.number, previous.number
+            );
+        }
+        assert_eq!(
+            second,
+            Lookup::Hit,
+            "a second call within head {}",
+            head.number
+        );
+        assert_eq!(again, header);
+        assert_eq!(node.request_count("chain_getHeader"), asked);
+        let number = header_number(&header);
+        // The node may be a block ahead of the follower, never behind the head it announced.
+        assert!(
+            number >= head.number,
+            "header {number} under head {}",
+            head.number
+        );
+        if number > last_number {
+            last_number = number;
+            heads_seen += 1;
+        }
+        previous = Some(head);
+        tokio::time::sleep(BLOCK_TIME / 3).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_answers_never_reach_the_node_again() {
+    let node = start_node("node0").await;
+    let (_list, watched) = watch::channel(vec![node.rpc_addr()]);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+    wait_until("a finalized block is known", || async {
+        cache.finalized().is_some()
+    })
+    .await;
+    let finalized = cache.finalized().expect("finalized");
+
+    let (hash, lookup) = call(&cache, &node, "chain_getBlockHash", json!([finalized])).await;
+    assert_eq!(lookup, Lookup::Miss);
+    assert_eq!(
+        cache::classify("chain_getHeader", &json!([hash]), cache.finalized()),
+        CachePolicy::Pinned
+    );
+    let (header, lookup) = call(&cache, &node, "chain_getHeader", json!([hash])).await;
+    assert_eq!(lookup, Lookup::Miss);
+    assert_eq!(header_number(&header), finalized);
+    let asked = node.total_requests();
+
+    head_above(&cache, cache.head().expect("a head").number + 2).await;
+    assert_eq!(
+        call(&cache, &node, "chain_getBlockHash", json!([finalized])).await,
+        (hash.clone(), Lookup::Hit)
+    );
+    assert_eq!(
+        call(&cache, &node, "chain_getHeader", json!([hash])).await,
+        (header, Lookup::Hit)
+    );
+    assert_eq!(
+        node.total_requests(),
+        asked,
+        "a pinned answer reached the node"
+    );
 }

@@ -19,6 +19,6 @@ pub mod store;
 pub use follower::{ChainFollower, follow};
 pub use policy::{CachePolicy, classify};
 pub use store::{
-    CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache, RuntimeVersion,
-    UpstreamAnswer,
+    CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache,
+    RuntimeVersion, UpstreamAnswer,
 };
