@@ -68,17 +68,24 @@ async fn supervise(mut nodes: watch::Receiver<Vec<SocketAddr>>, cluster: Arc<Clu
 /// Follows one node for as long as it is listed, reconnecting with backoff.
 async fn follow_node(node: SocketAddr, cluster: Arc<Cluster>) {
     let mut backoff = MIN_BACKOFF;
+    let mut failing = false;
     loop {
         let mut heard = false;
         let error = follow_connection(node, &cluster, &mut heard).await;
         // A connection that delivered something was good: retry soon. One that failed at
-        // once (node down) is retried ever more slowly.
-        backoff = if heard {
-            MIN_BACKOFF
+        // once (node down) is retried ever more slowly, and logged once, not at every retry.
+        if heard {
+            backoff = MIN_BACKOFF;
+            failing = false;
         } else {
-            (backoff * 2).min(MAX_BACKOFF)
-        };
-        tracing::warn!(%node, %error, retry_in = ?backoff, "chain follower lost the node");
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        if failing {
+            tracing::debug!(%node, %error, retry_in = ?backoff, "chain follower: node still failing");
+        } else {
+            tracing::warn!(%node, %error, retry_in = ?backoff, "chain follower lost the node");
+        }
+        failing = true;
         tokio::time::sleep(backoff).await;
     }
 }

@@ -141,8 +141,6 @@ impl ResponseCache {
                 head: settings.head_max_age,
                 runtime: settings.runtime_max_age,
             })
-            // Lets an epoch change drop the old epoch's answers (see `drop_epochs_before`).
-            .support_invalidation_closures()
             .build();
         ResponseCache {
             inner: Arc::new(Inner {
@@ -234,8 +232,7 @@ impl ResponseCache {
             number,
             hash: hash.to_owned(),
         });
-        let epoch = self.inner.head_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.drop_epochs_before(Epoch::Head(epoch));
+        self.inner.head_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Records the runtime's version; a change starts a new runtime epoch.
@@ -248,12 +245,11 @@ impl ResponseCache {
         if *runtime == Some(version) {
             return;
         }
-        // The first version learned needs no new epoch: nothing cached can be older than it
-        // is, and a gateway starting up must not drop the metadata it fetched meanwhile.
-        let known = runtime.replace(version).is_some();
-        if known {
-            let epoch = self.inner.runtime_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-            self.drop_epochs_before(Epoch::Runtime(epoch));
+        // The first version learned starts no new epoch: a gateway starting up keeps the
+        // metadata it fetched meanwhile (an upgrade in that window is bounded by
+        // `runtime_max_age`).
+        if runtime.replace(version).is_some() {
+            self.inner.runtime_epoch.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -291,7 +287,7 @@ impl ResponseCache {
         self.inner.answers.entry_count()
     }
 
-    /// Runs moka's pending housekeeping (evictions, invalidations) now, so the sizes above are
+    /// Runs moka's pending housekeeping (evictions, expirations) now, so the sizes above are
     /// current; moka otherwise does it on later calls.
     pub async fn run_pending_tasks(&self) {
         self.inner.answers.run_pending_tasks().await;
@@ -308,21 +304,13 @@ impl ResponseCache {
     fn count(&self, counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
-
-    /// Frees the answers of epochs before `current` of the same kind: no lookup can reach
-    /// them any more, and left alone they would take budget from live answers until evicted.
-    fn drop_epochs_before(&self, current: Epoch) {
-        let stale = move |key: &Key, _: &Arc<RawValue>| match (key.epoch, current) {
-            (Epoch::Head(epoch), Epoch::Head(current)) => epoch < current,
-            (Epoch::Runtime(epoch), Epoch::Runtime(current)) => epoch < current,
-            _ => false,
-        };
-        // Only fails when invalidation closures are not enabled, and `new` enables them.
-        let _ = self.inner.answers.invalidate_entries_if(stale);
-    }
 }
 
 /// Expires epoch-bound answers after a maximum age; pinned ones only leave by eviction.
+///
+/// This is also what frees a past epoch's answers, which no lookup reaches any more. Dropping
+/// them at each new head instead (`invalidate_entries_if`) would scan the whole cache, pinned
+/// entries included, every block.
 struct MaxAge {
     head: Duration,
     runtime: Duration,
@@ -752,37 +740,6 @@ mod tests {
             cache.weighted_size()
         );
         assert!(cache.entry_count() < 2_000);
-    }
-
-    #[tokio::test]
-    async fn a_new_epoch_frees_the_old_epochs_answers() {
-        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
-        cache.new_head(1, "0x01");
-        for n in 0..10 {
-            cache
-                .get_or_fetch(
-                    "state_getStorage",
-                    &json!([format!("0x{n:02x}")]),
-                    CachePolicy::UntilNewHead,
-                    || async { Ok(UpstreamAnswer::Result(raw("\"0x01\""))) },
-                )
-                .await
-                .unwrap();
-        }
-        cache
-            .get_or_fetch(
-                "chain_getBlock",
-                &json!(["0xab"]),
-                CachePolicy::Pinned,
-                || async { Ok(UpstreamAnswer::Result(raw("{}"))) },
-            )
-            .await
-            .unwrap();
-        cache.run_pending_tasks().await;
-        assert_eq!(cache.entry_count(), 11);
-        cache.new_head(2, "0x02");
-        cache.run_pending_tasks().await;
-        assert_eq!(cache.entry_count(), 1, "only the pinned answer is left");
     }
 
     #[tokio::test]
