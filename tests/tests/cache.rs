@@ -7,13 +7,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
 use lb_control::cache::{
     self, CachePolicy, FetchError, Head, Lookup, ResponseCache, RuntimeVersion, UpstreamAnswer,
 };
 use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
-use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -165,16 +162,11 @@ async fn fetch_from(
         .send()
         .await
         .map_err(|error| FetchError::Unreachable(error.to_string()))?;
-    // Members as raw text: a `null` result must stay a result.
-    let mut members: HashMap<String, Box<RawValue>> = response
-        .json()
+    let body = response
+        .bytes()
         .await
-        .map_err(|error| FetchError::BadAnswer(error.to_string()))?;
-    match (members.remove("result"), members.remove("error")) {
-        (Some(result), None) => Ok(UpstreamAnswer::Result(result)),
-        (None, Some(error)) => Ok(UpstreamAnswer::Error(error)),
-        _ => Err(FetchError::BadAnswer(format!("{members:?}"))),
-    }
+        .map_err(|error| FetchError::Unreachable(error.to_string()))?;
+    UpstreamAnswer::from_response(&body)
 }
 
 /// One call through the cache, classified as the gateway classifies it.
@@ -297,4 +289,29 @@ async fn pinned_answers_never_reach_the_node_again() {
         asked,
         "a pinned answer reached the node"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_nodes_heads_do_not_move_the_head_back() {
+    let [leading, lagging] = [start_node("node0").await, start_node("node1").await];
+    lagging.set_fault(Fault::Behind { blocks: 20 });
+    let (_list, watched) = watch::channel(vec![leading.rpc_addr(), lagging.rpc_addr()]);
+    let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
+    let _follower = cache::follow(watched, cache.clone());
+
+    // Sampled all along: a head taken from the lagging node would show as a step back.
+    let first = head_above(&cache, 0).await;
+    let mut highest = first;
+    let deadline = Instant::now() + PATIENCE;
+    while highest < first + 5 {
+        assert!(Instant::now() < deadline, "timed out watching five heads");
+        let number = cache.head().expect("a head").number;
+        assert!(
+            number >= highest,
+            "the head went back from {highest} to {number}"
+        );
+        highest = number;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(highest > u64::from(lagging.best_number()) + 10);
 }

@@ -1,6 +1,7 @@
 //! The response cache: answers by key in a moka cache bounded by bytes, identical in-flight
 //! requests coalesced into one upstream call, and the chain's epochs that age answers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,6 +54,26 @@ pub enum UpstreamAnswer {
     Result(Box<RawValue>),
     /// The JSON-RPC `error` object.
     Error(Box<RawValue>),
+}
+
+impl UpstreamAnswer {
+    /// Reads a node's answer to one call (not a batch), keeping `result` or `error` as the
+    /// node wrote it; `"result": null` stays a result.
+    pub fn from_response(body: &[u8]) -> Result<Self, FetchError> {
+        // Members as raw text: a typed `Option` would turn a null result into "no result".
+        let mut members: HashMap<String, &RawValue> = serde_json::from_slice(body)
+            .map_err(|error| FetchError::BadAnswer(format!("not a JSON-RPC response: {error}")))?;
+        match (members.remove("result"), members.remove("error")) {
+            (Some(result), None) => Ok(UpstreamAnswer::Result(result.to_owned())),
+            (None, Some(error)) => Ok(UpstreamAnswer::Error(error.to_owned())),
+            (Some(_), Some(_)) => Err(FetchError::BadAnswer(
+                "a JSON-RPC response with both result and error".to_owned(),
+            )),
+            (None, None) => Err(FetchError::BadAnswer(
+                "a JSON-RPC response with neither result nor error".to_owned(),
+            )),
+        }
+    }
 }
 
 /// Why [`ResponseCache::get_or_fetch`] has no result for the client.
@@ -784,6 +805,43 @@ mod tests {
         )
         .await;
         assert_eq!(lookup, Lookup::Hit);
+    }
+
+    #[test]
+    fn upstream_answer_is_read_from_a_response() {
+        let read = |body: &str| UpstreamAnswer::from_response(body.as_bytes());
+        let Ok(UpstreamAnswer::Result(result)) =
+            read(r#"{"jsonrpc":"2.0","id":7,"result":{"b":1, "a":[2]}}"#)
+        else {
+            panic!("a result")
+        };
+        assert_eq!(
+            result.get(),
+            r#"{"b":1, "a":[2]}"#,
+            "kept as the node wrote it"
+        );
+        let Ok(UpstreamAnswer::Result(result)) = read(r#"{"jsonrpc":"2.0","id":7,"result":null}"#)
+        else {
+            panic!("a null result")
+        };
+        assert_eq!(result.get(), "null");
+        let Ok(UpstreamAnswer::Error(error)) = read(
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"Method not found"}}"#,
+        ) else {
+            panic!("an error")
+        };
+        assert_eq!(
+            error.get(),
+            r#"{"code":-32601,"message":"Method not found"}"#
+        );
+        for bad in [
+            r#"{"jsonrpc":"2.0","id":7}"#,
+            "[]",
+            "<html>",
+            r#"{"result":1,"error":{}}"#,
+        ] {
+            assert!(matches!(read(bad), Err(FetchError::BadAnswer(_))), "{bad}");
+        }
     }
 
     #[test]
