@@ -132,14 +132,15 @@ async fn follower_reconnects_after_the_node_drops_its_connections() {
     let before = head_above(&cache, 0).await;
 
     node.set_fault(Fault::CloseConnections);
+    // A head or two may still arrive while the node closes its connections.
     let cut_off = u64::from(node.chain_best_number());
     wait_until("the chain moves on without the follower", || async {
-        u64::from(node.chain_best_number()) > cut_off + 3
+        u64::from(node.chain_best_number()) > cut_off + 8
     })
     .await;
     let head = cache.head().expect("a head").number;
     assert!(
-        head <= cut_off + 1,
+        head <= cut_off + 2,
         "head {head} learned while the node dropped every connection (cut off at {cut_off})"
     );
 
