@@ -8,7 +8,13 @@
 //!
 //! Answers that depend on the head or the runtime carry their epoch in the key, so a new
 //! epoch makes them unreachable at once (no scan, no race with a fetch in flight across the
-//! change); the old entries are then freed in the background.
+//! change). They also have a maximum age (12 s for the head, 10 min for the runtime by
+//! default), which frees a past epoch's entries and bounds staleness should the follower lose
+//! every node.
+//!
+//! Use from the gateway, per call:
+//! `cache.get_or_fetch(method, params, classify(method, params, cache.finalized()), fetch)`,
+//! with `fetch` making the upstream call and [`UpstreamAnswer::from_response`] reading it.
 
 pub mod follower;
 mod header;
