@@ -273,3 +273,70 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn cluster() -> Cluster {
+        Cluster {
+            cache: ResponseCache::new(crate::cache::DEFAULT_MAX_BYTES),
+            best: Mutex::new(None),
+            runtime: Mutex::new(None),
+        }
+    }
+
+    /// A header of block `number`; `fork` tells apart blocks of one height.
+    fn header(number: u64, fork: u8) -> Header {
+        let root = format!("0x{}", hex::encode([fork; 32]));
+        serde_json::from_value(json!({
+            "parentHash": root,
+            "number": format!("0x{number:x}"),
+            "stateRoot": root,
+            "extrinsicsRoot": root,
+            "digest": { "logs": [] },
+        }))
+        .expect("a header")
+    }
+
+    fn head_of(cluster: &Cluster) -> (u64, String) {
+        let head = cluster.cache.head().expect("a head");
+        (head.number, head.hash)
+    }
+
+    #[test]
+    fn head_is_the_highest_any_node_reports() {
+        let [a, b] = ["10.0.0.1:9944", "10.0.0.2:9944"].map(|addr| addr.parse().unwrap());
+        let cluster = cluster();
+        let hash = |number, fork| header(number, fork).hash().unwrap();
+        cluster.on_head(a, &header(10, 0)).unwrap();
+        assert_eq!(head_of(&cluster), (10, hash(10, 0)));
+        // A lagging node, and another node's fork at the same height: ignored.
+        cluster.on_head(b, &header(9, 0)).unwrap();
+        cluster.on_head(b, &header(10, 1)).unwrap();
+        assert_eq!(head_of(&cluster), (10, hash(10, 0)));
+        // The node that gave the head re-orgs at the same height: followed.
+        cluster.on_head(a, &header(10, 2)).unwrap();
+        assert_eq!(head_of(&cluster), (10, hash(10, 2)));
+        // Any node going higher: followed.
+        cluster.on_head(b, &header(11, 0)).unwrap();
+        assert_eq!(head_of(&cluster), (11, hash(11, 0)));
+    }
+
+    #[test]
+    fn runtime_version_only_moves_up() {
+        let cluster = cluster();
+        let version = |spec_version| RuntimeVersion {
+            spec_version,
+            transaction_version: 2,
+        };
+        cluster.on_runtime(version(269));
+        // A node still on the old runtime.
+        cluster.on_runtime(version(268));
+        assert_eq!(cluster.cache.runtime(), Some(version(269)));
+        cluster.on_runtime(version(270));
+        assert_eq!(cluster.cache.runtime(), Some(version(270)));
+    }
+}
