@@ -14,10 +14,12 @@
 //! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
 //! - [`keys`]: the gateway's API keys.
+//! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
 
 pub mod admin_client;
 pub mod api;
 pub mod backends;
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
