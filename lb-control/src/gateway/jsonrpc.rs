@@ -339,7 +339,7 @@ mod tests {
             parse_body(b"[]", 10).unwrap_err().code,
             code::INVALID_REQUEST
         );
-        let batch = format!("[{}]", vec!["1"; 11].join(","));
+        let batch = format!("[{}]", ["1"; 11].join(","));
         assert_eq!(
             parse_body(batch.as_bytes(), 10).unwrap_err().code,
             code::BATCH_TOO_BIG
