@@ -119,6 +119,9 @@ pub struct GatewaySection {
     /// Time a client has for the TLS handshake and for each request's headers (slowloris).
     #[serde(deserialize_with = "crate::health::parse_duration")]
     pub header_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[serde(deserialize_with = "crate::health::parse_duration")]
+    pub idle_timeout: Duration,
     /// Time a node has to answer one call; a read that runs out goes to another node.
     #[serde(deserialize_with = "crate::health::parse_duration")]
     pub upstream_timeout: Duration,
@@ -141,6 +144,7 @@ impl Default for GatewaySection {
             max_body_bytes: 10 * 1024 * 1024,
             max_batch: 100,
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
             deny: Vec::new(),
@@ -192,6 +196,7 @@ impl GatewaySection {
         }
         for (field, value) in [
             ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
             ("upstream_timeout", self.upstream_timeout),
         ] {
             if value.is_zero() {

@@ -34,8 +34,14 @@ use lb_tests::{
 };
 use prometheus_client::registry::Registry;
 use reqwest::{StatusCode, Version};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
 
 /// A small table keeps the per-test rebuilds cheap; the test computes the same one.
 const TABLE_SIZE: u32 = 251;
@@ -188,6 +194,48 @@ impl Setup {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("metrics");
         text
+    }
+}
+
+impl Setup {
+    async fn tcp(&self) -> TcpStream {
+        TcpStream::connect(self.gateway.local_addr())
+            .await
+            .expect("TCP connect")
+    }
+
+    /// A raw TLS connection speaking HTTP/1.1 (ALPN), for clients that misbehave on purpose.
+    async fn tls(&self) -> std::io::Result<TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .expect("CA PEM");
+        roots.add(ca).expect("CA added");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(name, self.tcp().await)
+            .await
+    }
+}
+
+/// Reads until the peer closes; returns what came and how long the close took. Fails the test
+/// if the connection is still open after `PATIENCE`.
+async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (received, started.elapsed()),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the gateway kept the connection open for {PATIENCE:?}"),
+        }
     }
 }
 
@@ -610,5 +658,115 @@ async fn last_use_of_a_key_reaches_the_store() {
     while setup.store.api_keys().unwrap()[0].last_used.is_none() {
         assert!(Instant::now() < deadline, "last use never recorded");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_client_is_cut_off_after_the_header_timeout_while_others_are_served() {
+    let setup = Setup::start_with(1, |section| {
+        section.header_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Connects and never starts the TLS handshake.
+    let mut silent = setup.tcp().await;
+    // Completes the handshake, then sends headers that never end.
+    let mut dribbling = setup.tls().await.expect("TLS handshake");
+    dribbling
+        .write_all(b"POST / HTTP/1.1\r\nhost: localhost\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development",
+        "others are served meanwhile"
+    );
+    let (_, silent_for) = read_until_closed(&mut silent).await;
+    let (_, dribbling_for) = read_until_closed(&mut dribbling).await;
+    for held in [silent_for, dribbling_for] {
+        assert!(held < Duration::from_secs(3), "held for {held:?}");
+    }
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_idle_timeout() {
+    let setup = Setup::start_with(1, |section| {
+        section.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = setup.tls().await.expect("TLS handshake");
+    let body = serde_json::to_vec(&request(1, "system_chain", json!([]))).unwrap();
+    let head = format!(
+        "POST /{} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        setup.secret,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let (received, closed_after) = read_until_closed(&mut stream).await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("Development"), "{text}");
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(3),
+        "a keep-alive connection closed after {closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn tls_garbage_is_dropped_and_others_are_served() {
+    let setup = Setup::start(1).await;
+    let mut plain = setup.tcp().await;
+    plain
+        .write_all(b"POST / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (received, _) = read_until_closed(&mut plain).await;
+    assert!(
+        !String::from_utf8_lossy(&received).contains("HTTP/1.1"),
+        "plain HTTP was served on the TLS port"
+    );
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_limit_are_closed() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections_per_ip = 2;
+    })
+    .await;
+    let first = setup.tls().await.expect("first connection");
+    let _second = setup.tls().await.expect("second connection");
+    let mut third = setup.tcp().await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    assert!(
+        setup
+            .metrics_text()
+            .contains("lb_gateway_rejected_total{reason=\"connection_limit\"} 1")
+    );
+    // A closed connection frees its place.
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut stream = setup.tls().await.expect("TLS handshake");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = stream.read(&mut buf).await
+            && buf[..n].starts_with(b"HTTP/1.1 405")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed place was never given out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

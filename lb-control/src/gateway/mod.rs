@@ -106,6 +106,7 @@ impl Gateway {
         });
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,
+            idle_timeout: section.idle_timeout,
             max_connections_per_ip: section.max_connections_per_ip,
         };
         let address = listener

@@ -4,14 +4,21 @@
 //! on the same port).
 //!
 //! A slow client cannot hold a connection past `header_timeout`: it bounds the TLS handshake
-//! and the reading of each HTTP/1.1 request's headers.
+//! and the reading of each HTTP/1.1 request's headers. A connection with no bytes either way
+//! for `idle_timeout` is closed (gracefully: an HTTP/2 client gets GOAWAY).
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     future::Future,
+    io,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -21,12 +28,14 @@ use hyper::{
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    server::conn::auto,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
 use super::{service::Pipeline, tls::Certificates};
@@ -37,6 +46,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
     pub max_connections_per_ip: u32,
 }
 
@@ -49,7 +59,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let counts = Arc::new(ConnectionCounts::default());
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
+    // the last one has.
+    let (stop, _) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -74,7 +86,7 @@ pub async fn serve(
             pipeline: pipeline.clone(),
             peer,
             limits,
-            watcher: graceful.watcher(),
+            stop: stop.subscribe(),
         };
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -82,7 +94,8 @@ pub async fn serve(
             drop(slot);
         });
     }
-    if tokio::time::timeout(DRAIN_TIME, graceful.shutdown())
+    let _ = stop.send(());
+    if tokio::time::timeout(DRAIN_TIME, stop.closed())
         .await
         .is_err()
     {
@@ -94,23 +107,28 @@ struct Connection {
     pipeline: Arc<Pipeline>,
     peer: SocketAddr,
     limits: ConnectionLimits,
-    watcher: Watcher,
+    stop: watch::Receiver<()>,
 }
 
 impl Connection {
     async fn run(self, tcp: TcpStream, tls: Option<&Certificates>) {
+        let activity = Arc::new(Activity::new());
+        let tcp = Tracked {
+            inner: tcp,
+            activity: activity.clone(),
+        };
         let Some(tls) = tls else {
-            return self.serve_http(TokioIo::new(tcp)).await;
+            return self.serve_http(TokioIo::new(tcp), &activity).await;
         };
         let handshake = tls.acceptor().accept(tcp);
         match tokio::time::timeout(self.limits.header_timeout, handshake).await {
-            Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream)).await,
+            Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), &activity).await,
             Ok(Err(error)) => debug!(peer = %self.peer, "gateway: TLS handshake failed: {error}"),
             Err(_) => debug!(peer = %self.peer, "gateway: TLS handshake timed out"),
         }
     }
 
-    async fn serve_http<I>(self, io: I)
+    async fn serve_http<I>(mut self, io: I, activity: &Activity)
     where
         I: Read + Write + Unpin + Send + 'static,
     {
@@ -127,8 +145,29 @@ impl Connection {
             .header_read_timeout(self.limits.header_timeout);
         builder.http2().timer(TokioTimer::new());
         let connection = builder.serve_connection_with_upgrades(io, service);
-        if let Err(error) = self.watcher.watch(connection).await {
-            debug!(peer = %self.peer, "gateway: connection ended: {error}");
+        tokio::pin!(connection);
+        let idle_timeout = self.limits.idle_timeout;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(peer = %self.peer, "gateway: connection ended: {error}");
+                    }
+                    return;
+                }
+                _ = self.stop.changed(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = tokio::time::sleep_until(activity.last() + idle_timeout), if !closing => {
+                    if activity.last().elapsed() >= idle_timeout {
+                        debug!(peer = %self.peer, "gateway: closing a connection idle for {idle_timeout:?}");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
         }
     }
 }
@@ -177,5 +216,89 @@ impl Drop for Slot {
                 open.remove(&self.ip);
             }
         }
+    }
+}
+
+/// When a connection last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A socket that records its activity (under TLS, so handshakes count too).
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
