@@ -77,12 +77,9 @@ async fn run_async(
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
-    let gateway_listener = match config.gateway.listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .with_context(|| format!("gateway: cannot listen on {address}"))?,
-        ),
+    // Likewise the gateway's port and certificate.
+    let gateway_bound = match config.gateway.listen {
+        Some(_) => Some(Gateway::bind(&config.gateway).await?),
         None => None,
     };
 
@@ -116,10 +113,9 @@ async fn run_async(
     tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
     let keys = ApiKeys::new(store.clone());
-    let gateway = match gateway_listener {
-        Some(listener) => Some(Gateway::start(
-            &config.gateway,
-            listener,
+    let gateway = match gateway_bound {
+        Some(bound) => Some(Gateway::start(
+            bound,
             GatewayContext {
                 view: backends.subscribe(),
                 keys: keys.clone(),

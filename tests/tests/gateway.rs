@@ -119,12 +119,9 @@ impl Setup {
             ..GatewaySection::default()
         };
         adjust(&mut section);
-        let listener = tokio::net::TcpListener::bind(section.listen.unwrap())
-            .await
-            .expect("gateway port");
+        let bound = Gateway::bind(&section).await.expect("gateway binds");
         let gateway = Gateway::start(
-            &section,
-            listener,
+            bound,
             GatewayContext {
                 view,
                 keys: keys.clone(),

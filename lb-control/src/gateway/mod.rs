@@ -34,7 +34,12 @@ pub use self::{
     tls::{Certificates, TlsError},
     upstream::Upstream,
 };
-use crate::{backends::ClusterView, config::GatewaySection, keys::ApiKeys, store::Store};
+use crate::{
+    backends::{ClusterView, ServiceKey},
+    config::GatewaySection,
+    keys::ApiKeys,
+    store::Store,
+};
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -42,10 +47,36 @@ pub enum GatewayError {
     Tls(#[from] TlsError),
     #[error("gateway.service: {0}")]
     Service(String),
-    #[error("gateway: no TLS certificate configured and plain_http is off")]
+    #[error("gateway: no listen address (set gateway.listen)")]
+    NoListen,
+    #[error(
+        "gateway: no TLS certificate: set gateway.tls_cert and gateway.tls_key, or plain_http = true"
+    )]
     NoCertificate,
+    #[error("gateway: cannot listen on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("gateway: the first rotation: {0}")]
     Rotation(#[from] lb_common::maglev::MaglevError),
+}
+
+/// The gateway's socket and certificate, made before anything else starts: a taken port or a
+/// bad certificate stops the daemon before it touches the kernel.
+pub struct Bound {
+    section: GatewaySection,
+    listener: TcpListener,
+    address: SocketAddr,
+    certificates: Option<Arc<Certificates>>,
+    service: Option<ServiceKey>,
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
 }
 
 /// What the gateway runs on besides its config section.
@@ -70,13 +101,9 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Loads the certificate and serves on `listener` (bound by the caller, so a taken port
-    /// fails before anything else starts).
-    pub fn start(
-        section: &GatewaySection,
-        listener: TcpListener,
-        context: GatewayContext,
-    ) -> Result<Gateway, GatewayError> {
+    /// Loads the certificate and binds `section.listen`.
+    pub async fn bind(section: &GatewaySection) -> Result<Bound, GatewayError> {
+        let address = section.listen.ok_or(GatewayError::NoListen)?;
         let certificates = if section.plain_http {
             None
         } else {
@@ -86,6 +113,27 @@ impl Gateway {
             Some(Arc::new(Certificates::load(cert, key)?))
         };
         let service = section.service_key().map_err(GatewayError::Service)?;
+        let listen_error = |source| GatewayError::Listen { address, source };
+        let listener = TcpListener::bind(address).await.map_err(listen_error)?;
+        let address = listener.local_addr().map_err(listen_error)?;
+        Ok(Bound {
+            section: section.clone(),
+            listener,
+            address,
+            certificates,
+            service,
+        })
+    }
+
+    /// Serves on the bound socket until [`Gateway::stop`].
+    pub fn start(bound: Bound, context: GatewayContext) -> Result<Gateway, GatewayError> {
+        let Bound {
+            section,
+            listener,
+            address,
+            certificates,
+            service,
+        } = bound;
         let upstream = Arc::new(Upstream::new(
             context.maglev_table_size,
             section.upstream_timeout,
@@ -109,9 +157,6 @@ impl Gateway {
             idle_timeout: section.idle_timeout,
             max_connections_per_ip: section.max_connections_per_ip,
         };
-        let address = listener
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),

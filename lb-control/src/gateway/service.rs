@@ -24,6 +24,7 @@ use super::{
     policy::{MethodClass, MethodPolicy},
     upstream::Upstream,
 };
+use crate::backends::ApiKeyRecord;
 
 /// The request limits the pipeline enforces.
 #[derive(Debug, Clone, Copy)]
@@ -129,10 +130,7 @@ impl Pipeline {
         self.answer(body, client).await
     }
 
-    async fn authenticate(
-        &self,
-        request: &Request<Incoming>,
-    ) -> Result<crate::backends::ApiKeyRecord, AuthError> {
+    async fn authenticate(&self, request: &Request<Incoming>) -> Result<ApiKeyRecord, AuthError> {
         let secret = find_key(request.uri(), request.headers()).ok_or(AuthError::Missing)?;
         self.auth.authenticate(secret).await
     }
