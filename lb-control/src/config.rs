@@ -131,6 +131,35 @@ pub struct GatewaySection {
     pub deny: Vec<String>,
     /// Methods let through even if unsafe or denied (allow wins).
     pub allow: Vec<String>,
+    /// Put a source address on the kernel blocklist after repeated auth failures; off when
+    /// absent.
+    pub auth_failures_block: Option<AuthFailureBlock>,
+}
+
+/// `[gateway.auth_failures_block]`: `after` failures (missing, unknown or revoked key) within
+/// `within` block the source address for `block_for`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFailureBlock {
+    pub after: u32,
+    #[serde(
+        default = "default_block_within",
+        deserialize_with = "crate::health::parse_duration"
+    )]
+    pub within: Duration,
+    #[serde(
+        default = "default_block_for",
+        deserialize_with = "crate::health::parse_duration"
+    )]
+    pub block_for: Duration,
+}
+
+fn default_block_within() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_block_for() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Default for GatewaySection {
@@ -149,6 +178,7 @@ impl Default for GatewaySection {
             max_connections_per_ip: 256,
             deny: Vec::new(),
             allow: Vec::new(),
+            auth_failures_block: None,
         }
     }
 }
@@ -201,6 +231,19 @@ impl GatewaySection {
         ] {
             if value.is_zero() {
                 report(field, "must be longer than 0".to_owned());
+            }
+        }
+        if let Some(block) = &self.auth_failures_block {
+            if block.after == 0 {
+                report("auth_failures_block.after", "must be at least 1".to_owned());
+            }
+            for (field, value) in [("within", block.within), ("block_for", block.block_for)] {
+                if value.is_zero() {
+                    report(
+                        &format!("auth_failures_block.{field}"),
+                        "must be longer than 0".to_owned(),
+                    );
+                }
             }
         }
         for (list, patterns) in [("deny", &self.deny), ("allow", &self.allow)] {
@@ -732,6 +775,7 @@ mod tests {
             max_batch = 0
             header_timeout = "0s"
             deny = ["bad name"]
+            auth_failures_block = { after = 0 }
             "#,
         )
         .expect_err("invalid gateway")
@@ -743,6 +787,7 @@ mod tests {
             "gateway.max_batch: must be at least 1",
             "gateway.header_timeout: must be longer than 0",
             "gateway.deny[0]: \"bad name\" is not a method name",
+            "gateway.auth_failures_block.after: must be at least 1",
         ] {
             assert!(
                 message.contains(expected),

@@ -14,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context;
+use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -26,7 +27,7 @@ use crate::{
     backends::BackendSet,
     config::Config,
     dataplane::{self, Blocklist, Dataplane, DataplaneConfig},
-    gateway::{Gateway, GatewayContext, GatewayMetrics},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -113,6 +114,7 @@ async fn run_async(
     tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
     let keys = ApiKeys::new(store.clone());
+    let (blocks, mut block_requests) = tokio::sync::mpsc::unbounded_channel::<BlockRequest>();
     let gateway = match gateway_bound {
         Some(bound) => Some(Gateway::start(
             bound,
@@ -122,6 +124,7 @@ async fn run_async(
                 store: store.clone(),
                 metrics: gateway_metrics,
                 maglev_table_size: config.dataplane.maglev_table_size,
+                blocks,
             },
         )?),
         None => None,
@@ -162,6 +165,13 @@ async fn run_async(
                 // lb-control swaps its program in and finds the pinned flow table.
                 info!("exiting for a restart: the XDP program stays attached and forwarding");
                 break false;
+            }
+            Some(request) = block_requests.recv() => {
+                let prefix = IpNet::from(request.address);
+                match blocklist.block(prefix, Some(request.until)) {
+                    Ok(()) => warn!(%prefix, until = %humantime::format_rfc3339_seconds(request.until), "blocked after repeated gateway auth failures"),
+                    Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
+                }
             }
             _ = expiry.tick() => match blocklist.expire(SystemTime::now()) {
                 Ok(expired) => {

@@ -22,9 +22,10 @@ use lb_control::{
         AdminState, Backend, BackendDef, BackendView, ClusterView, HealthCheck, Origin, RateLimit,
         Service, ServiceDef, ServiceView, State,
     },
+    config::AuthFailureBlock,
     config::GatewaySection,
     dataplane::{ForwardingMode, Protocol},
-    gateway::{Gateway, GatewayContext, GatewayMetrics},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     keys::ApiKeys,
     store::Store,
 };
@@ -39,7 +40,7 @@ use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
@@ -81,6 +82,7 @@ struct Setup {
     ca_pem: String,
     registry: Registry,
     dir: TempDir,
+    blocks: mpsc::UnboundedReceiver<BlockRequest>,
     _view: watch::Sender<Arc<ClusterView>>,
 }
 
@@ -120,6 +122,7 @@ impl Setup {
         };
         adjust(&mut section);
         let bound = Gateway::bind(&section).await.expect("gateway binds");
+        let (blocks_tx, blocks) = mpsc::unbounded_channel();
         let gateway = Gateway::start(
             bound,
             GatewayContext {
@@ -128,6 +131,7 @@ impl Setup {
                 store: store.clone(),
                 metrics,
                 maglev_table_size: TABLE_SIZE,
+                blocks: blocks_tx,
             },
         )
         .expect("gateway starts");
@@ -141,6 +145,7 @@ impl Setup {
             ca,
             registry,
             dir,
+            blocks,
             _view: view_tx,
         }
     }
@@ -766,4 +771,39 @@ async fn connections_beyond_the_per_address_limit_are_closed() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
+    let mut setup = Setup::start_with(1, |section| {
+        section.auth_failures_block = Some(AuthFailureBlock {
+            after: 3,
+            within: Duration::from_secs(60),
+            block_for: Duration::from_secs(600),
+        });
+    })
+    .await;
+    let body = request(1, "system_chain", json!([]));
+    for _ in 0..2 {
+        assert_eq!(
+            setup.post("/", &body).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Good requests do not count.
+    setup.call("system_chain", json!([])).await;
+    assert!(
+        setup.blocks.try_recv().is_err(),
+        "blocked before the third failure"
+    );
+    assert_eq!(
+        setup.post("/lbk_wrong", &body).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let request = tokio::time::timeout(PATIENCE, setup.blocks.recv())
+        .await
+        .expect("a block request")
+        .expect("the channel is open");
+    assert_eq!(request.address, LOCALHOST);
+    assert!(request.until > std::time::SystemTime::now() + Duration::from_secs(590));
 }

@@ -1,6 +1,6 @@
 //! The gateway inside `lb-control run` in the lab: HTTPS from the client namespace to the LB's
-//! address, a key made with the CLI, the nodes the backend set has up, `/metrics`, and a
-//! certificate renewed with SIGHUP.
+//! address, a key made with the CLI, the nodes the backend set has up, `/metrics`, a
+//! certificate renewed with SIGHUP, and a key guesser put on the kernel blocklist.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
@@ -32,7 +32,8 @@ fn write_config(lab: &Lab, cert: &Path, key: &Path) -> anyhow::Result<std::path:
         "[dataplane]\nnat_source_v4 = \"{}\"\n\n\
          [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"none\"\n\
          backends = [{}]\n\n\
-         [gateway]\nlisten = \"{}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+         [gateway]\nlisten = \"{}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
+         auth_failures_block = {{ after = 3 }}\n",
         lb.addr_v4,
         backends.join(", "),
         lb.addr_v4,
@@ -140,6 +141,27 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     ensure!(
         curl(&lab, &ca_path, &url, &["-d", call]).is_err(),
         "the old certificate is still served"
+    );
+
+    // The third auth failure (one above) puts the client's address on the blocklist: then even
+    // its good requests are dropped in XDP.
+    for _ in 0..2 {
+        let (_, status) = curl(&lab, &renewed_ca_path, &no_key, &["-d", call])?;
+        ensure!(status.starts_with("401"), "status {status}");
+    }
+    wait_for("the client's address to be blocked", || {
+        Ok(curl(
+            &lab,
+            &renewed_ca_path,
+            &url,
+            &["-d", call, "--max-time", "1"],
+        )
+        .is_err())
+    })?;
+    let log = std::fs::read_to_string(lab.log_dir().join("lb-control.log"))?;
+    ensure!(
+        log.contains("blocked after repeated gateway auth failures"),
+        "lb-control did not log the block"
     );
     Ok(())
 }

@@ -28,7 +28,8 @@ pub struct UpstreamLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectedLabels {
-    /// `body_too_big`, `batch_too_big`, `parse_error`, `method_not_allowed`, `connection_limit`.
+    /// `body_too_big`, `batch_too_big`, `parse_error`, `invalid_request`, `method_not_allowed`,
+    /// `connection_limit`, `auth_failures_blocked` (a source address sent to the blocklist).
     pub reason: String,
 }
 

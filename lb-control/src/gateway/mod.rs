@@ -4,12 +4,14 @@
 //! - [`tls`]: certificates from PEM files, ALPN, reload on SIGHUP.
 //! - [`service`]: one request: key, body limit, parse, rate limit, policy, upstream.
 //! - [`auth`]: where the key is, the cached key check, rate limits, last-used times.
+//! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`policy`]: which methods never reach a node.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
 //! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
 
 pub mod auth;
+pub mod block;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod policy;
@@ -21,7 +23,11 @@ pub mod upstream;
 use std::{net::SocketAddr, sync::Arc};
 
 use thiserror::Error;
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use self::{
     auth::Authenticator,
@@ -29,6 +35,7 @@ use self::{
     service::{BodyLimits, Pipeline},
 };
 pub use self::{
+    block::BlockRequest,
     metrics::GatewayMetrics,
     policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
@@ -87,6 +94,9 @@ pub struct GatewayContext {
     pub metrics: Arc<GatewayMetrics>,
     /// Entries of the Maglev table (the data plane's size).
     pub maglev_table_size: u32,
+    /// Where block requests go (the daemon's blocklist), when
+    /// `[gateway.auth_failures_block]` is set.
+    pub blocks: mpsc::UnboundedSender<BlockRequest>,
 }
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::stop`].
@@ -142,8 +152,12 @@ impl Gateway {
         // The first rotation is in place before the first request.
         upstream.set_nodes(&upstream::live_nodes(&context.view.borrow(), service))?;
         let auth = Arc::new(Authenticator::new(context.keys, context.store));
+        let failures = section
+            .auth_failures_block
+            .map(|policy| block::FailureTracker::new(policy, context.blocks));
         let pipeline = Arc::new(Pipeline {
             auth: auth.clone(),
+            failures,
             policy: MethodPolicy::new(&section.deny, &section.allow),
             upstream: upstream.clone(),
             metrics: context.metrics,

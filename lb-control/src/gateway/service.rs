@@ -19,6 +19,7 @@ use tracing::warn;
 
 use super::{
     auth::{AuthError, Authenticator, find_key},
+    block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
     metrics::{AuthFailureLabels, CallLabels, GatewayMetrics},
     policy::{MethodClass, MethodPolicy},
@@ -35,6 +36,8 @@ pub struct BodyLimits {
 
 pub struct Pipeline {
     pub auth: Arc<Authenticator>,
+    /// Counts auth failures per source address when blocking is on.
+    pub failures: Option<FailureTracker>,
     pub policy: MethodPolicy,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<GatewayMetrics>,
@@ -70,7 +73,15 @@ impl Pipeline {
                     })
                     .inc();
                 let status = match error {
-                    AuthError::Missing | AuthError::Unknown => StatusCode::UNAUTHORIZED,
+                    AuthError::Missing | AuthError::Unknown => {
+                        if let Some(failures) = &self.failures
+                            && failures.record(client)
+                        {
+                            warn!(%client, "repeated auth failures: blocking the address");
+                            self.metrics.rejected("auth_failures_blocked");
+                        }
+                        StatusCode::UNAUTHORIZED
+                    }
                     AuthError::Store(_) => {
                         warn!("{error}");
                         StatusCode::SERVICE_UNAVAILABLE
