@@ -5,6 +5,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::{maglev::DEFAULT_TABLE_SIZE, maps::DEFAULT_MAX_FLOWS};
@@ -12,11 +13,15 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    backends::{self, AdminState, BackendDef, DEFAULT_RPC_PORT, Declared, HealthCheck, ServiceDef},
+    backends::{
+        self, AdminState, BackendDef, DEFAULT_RPC_PORT, Declared, HealthCheck, ServiceDef,
+        ServiceKey,
+    },
     dataplane::{
         self, AttachMode, BackendSpec, BackendState, DEFAULT_BPFFS, ForwardingMode, LbSettings,
         Protocol, ServiceSpec,
     },
+    gateway,
     health::HealthSettings,
 };
 
@@ -46,6 +51,8 @@ pub struct Config {
     pub services: Vec<ServiceSection>,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -88,6 +95,184 @@ pub struct AdminSection {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+}
+
+/// The JSON-RPC gateway (HTTPS and HTTP/2 in front of the nodes). Off without `listen`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// e.g. `"0.0.0.0:443"`; None: no gateway.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first; re-read on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the leaf certificate; re-read on SIGHUP.
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP instead of TLS: only behind something else that terminates TLS.
+    pub plain_http: bool,
+    /// The service (`"VIP:port"` or `"VIP:port/tcp"`) whose backends' RPC endpoints the gateway
+    /// calls; None: every backend of every service, once per RPC endpoint.
+    pub service: Option<String>,
+    /// Largest request body taken (HTTP 413 beyond).
+    pub max_body_bytes: usize,
+    /// Most calls in one batch.
+    pub max_batch: usize,
+    /// Time a client has for the TLS handshake and for each request's headers (slowloris).
+    #[serde(deserialize_with = "crate::health::parse_duration")]
+    pub header_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[serde(deserialize_with = "crate::health::parse_duration")]
+    pub idle_timeout: Duration,
+    /// Time a node has to answer one call; a read that runs out goes to another node.
+    #[serde(deserialize_with = "crate::health::parse_duration")]
+    pub upstream_timeout: Duration,
+    /// Open connections one client address may hold; more are closed at once.
+    pub max_connections_per_ip: u32,
+    /// Methods refused besides the node's unsafe ones: names, or prefixes ending in `*`.
+    pub deny: Vec<String>,
+    /// Methods let through even if unsafe or denied (allow wins).
+    pub allow: Vec<String>,
+    /// Put a source address on the kernel blocklist after repeated auth failures; off when
+    /// absent.
+    pub auth_failures_block: Option<AuthFailureBlock>,
+}
+
+/// `[gateway.auth_failures_block]`: `after` failures (missing, unknown or revoked key) within
+/// `within` block the source address for `block_for`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFailureBlock {
+    pub after: u32,
+    #[serde(
+        default = "default_block_within",
+        deserialize_with = "crate::health::parse_duration"
+    )]
+    pub within: Duration,
+    #[serde(
+        default = "default_block_for",
+        deserialize_with = "crate::health::parse_duration"
+    )]
+    pub block_for: Duration,
+}
+
+fn default_block_within() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_block_for() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            plain_http: false,
+            service: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_batch: 100,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            deny: Vec::new(),
+            allow: Vec::new(),
+            auth_failures_block: None,
+        }
+    }
+}
+
+impl GatewaySection {
+    /// The service the gateway is limited to, if any.
+    pub fn service_key(&self) -> Result<Option<ServiceKey>, String> {
+        self.service.as_deref().map(parse_service_key).transpose()
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |field: &str, reason: String| {
+            problems.push(Problem {
+                field: format!("gateway.{field}"),
+                reason,
+            });
+        };
+        if let Err(reason) = self.service_key() {
+            report("service", reason);
+        }
+        if self.listen.is_some() && !self.plain_http {
+            for (field, value) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+                if value.is_none() {
+                    report(
+                        field,
+                        "required to serve TLS: give a PEM file (or set plain_http = true \
+                         behind another TLS terminator)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        for (field, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_batch", self.max_batch),
+            (
+                "max_connections_per_ip",
+                self.max_connections_per_ip as usize,
+            ),
+        ] {
+            if value == 0 {
+                report(field, "must be at least 1".to_owned());
+            }
+        }
+        for (field, value) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+        ] {
+            if value.is_zero() {
+                report(field, "must be longer than 0".to_owned());
+            }
+        }
+        if let Some(block) = &self.auth_failures_block {
+            if block.after == 0 {
+                report("auth_failures_block.after", "must be at least 1".to_owned());
+            }
+            for (field, value) in [("within", block.within), ("block_for", block.block_for)] {
+                if value.is_zero() {
+                    report(
+                        &format!("auth_failures_block.{field}"),
+                        "must be longer than 0".to_owned(),
+                    );
+                }
+            }
+        }
+        for (list, patterns) in [("deny", &self.deny), ("allow", &self.allow)] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Err(reason) = gateway::validate_pattern(pattern) {
+                    report(&format!("{list}[{i}]"), reason);
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// `"192.0.2.10:443"` (TCP) or `"192.0.2.10:443/tcp"`.
+fn parse_service_key(text: &str) -> Result<ServiceKey, String> {
+    let (address, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+    let protocol = match protocol {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => return Err(format!("\"{other}\" is not a protocol: use tcp or udp")),
+    };
+    let address: SocketAddr = address.parse().map_err(|_| {
+        format!("\"{text}\" is not a service: write VIP:port, e.g. \"192.0.2.10:443/tcp\"")
+    })?;
+    Ok(ServiceKey {
+        vip: address.ip(),
+        port: address.port(),
+        protocol,
+    })
 }
 
 /// What to do with fragments of service traffic (their ports are unknown).
@@ -158,6 +343,7 @@ impl Default for Config {
             health: HealthSettings::default(),
             services: Vec::new(),
             log: LogSection::default(),
+            gateway: GatewaySection::default(),
         }
     }
 }
@@ -340,6 +526,7 @@ impl Config {
         for (field, reason) in self.health.problems() {
             problems.push(Problem { field, reason });
         }
+        problems.extend(self.gateway.problems());
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
             problems.push(Problem {
                 field: "admin.token_file".to_owned(),
@@ -572,6 +759,50 @@ mod tests {
                 "{expected:?} missing from:\n{message}"
             );
         }
+    }
+
+    #[test]
+    fn gateway_section_defaults_and_errors() {
+        let config = parse("[gateway]\nlisten = \"127.0.0.1:8443\"\nplain_http = true\n")
+            .expect("plain HTTP needs no certificate");
+        assert_eq!(config.gateway.max_batch, 100);
+        assert_eq!(config.gateway.max_body_bytes, 10 * 1024 * 1024);
+        let message = parse(
+            r#"
+            [gateway]
+            listen = "0.0.0.0:443"
+            service = "10.0.0.1/tcp"
+            max_batch = 0
+            header_timeout = "0s"
+            deny = ["bad name"]
+            auth_failures_block = { after = 0 }
+            "#,
+        )
+        .expect_err("invalid gateway")
+        .to_string();
+        for expected in [
+            "gateway.service: \"10.0.0.1/tcp\" is not a service",
+            "gateway.tls_cert: required to serve TLS",
+            "gateway.tls_key: required to serve TLS",
+            "gateway.max_batch: must be at least 1",
+            "gateway.header_timeout: must be longer than 0",
+            "gateway.deny[0]: \"bad name\" is not a method name",
+            "gateway.auth_failures_block.after: must be at least 1",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected:?} missing from:\n{message}"
+            );
+        }
+        let config = parse("[gateway]\nservice = \"10.0.0.1:9944\"\n").expect("valid");
+        assert_eq!(
+            config.gateway.service_key(),
+            Ok(Some(ServiceKey {
+                vip: "10.0.0.1".parse().unwrap(),
+                port: 9944,
+                protocol: Protocol::Tcp,
+            }))
+        );
     }
 
     #[test]

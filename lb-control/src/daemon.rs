@@ -1,7 +1,8 @@
 //! `lb-control run`: wires the parts together and runs until a signal.
 //!
 //! config → state store → data plane → backend set ← health checker, admin API; the backend set
-//! pushes every change to the kernel and publishes the view the health checker follows.
+//! pushes every change to the kernel and publishes the view the health checker and the gateway
+//! follow.
 
 use std::{
     fs,
@@ -13,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context;
+use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -25,6 +27,7 @@ use crate::{
     backends::BackendSet,
     config::Config,
     dataplane::{self, Blocklist, Dataplane, DataplaneConfig},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -75,6 +78,11 @@ async fn run_async(
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
+    // Likewise the gateway's port and certificate.
+    let gateway_bound = match config.gateway.listen {
+        Some(_) => Some(Gateway::bind(&config.gateway).await?),
+        None => None,
+    };
 
     let dataplane = Dataplane::start(&DataplaneConfig {
         instance: config.instance.clone(),
@@ -87,6 +95,7 @@ async fn run_async(
     let pin_dir = dataplane.pin_dir().to_owned();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+    let gateway_metrics = Arc::new(GatewayMetrics::register(&mut registry));
     let mut declared = config.declared();
     let backends = Arc::new(
         BackendSet::start(
@@ -104,10 +113,27 @@ async fn run_async(
     tokio::spawn(follow_view(backends.clone(), targets_tx));
     tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
+    let keys = ApiKeys::new(store.clone());
+    let (blocks, mut block_requests) = tokio::sync::mpsc::unbounded_channel::<BlockRequest>();
+    let gateway = match gateway_bound {
+        Some(bound) => Some(Gateway::start(
+            bound,
+            GatewayContext {
+                view: backends.subscribe(),
+                keys: keys.clone(),
+                store: store.clone(),
+                metrics: gateway_metrics,
+                maglev_table_size: config.dataplane.maglev_table_size,
+                blocks,
+            },
+        )?),
+        None => None,
+    };
+
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let context = AdminContext {
         backends: backends.clone(),
-        keys: Arc::new(ApiKeys::new(store.clone())),
+        keys: Arc::new(keys),
         store: store.clone(),
         registry: Arc::new(registry),
         metrics: metrics.clone(),
@@ -125,6 +151,7 @@ async fn run_async(
         instance = %config.instance,
         pin_dir = %pin_dir.display(),
         admin = %admin_address,
+        gateway = ?gateway.as_ref().map(Gateway::local_addr),
         store = %store.path().display(),
         "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
          restart (the program keeps forwarding)"
@@ -138,6 +165,13 @@ async fn run_async(
                 // lb-control swaps its program in and finds the pinned flow table.
                 info!("exiting for a restart: the XDP program stays attached and forwarding");
                 break false;
+            }
+            Some(request) = block_requests.recv() => {
+                let prefix = IpNet::from(request.address);
+                match blocklist.block(prefix, Some(request.until)) {
+                    Ok(()) => warn!(%prefix, until = %humantime::format_rfc3339_seconds(request.until), "blocked after repeated gateway auth failures"),
+                    Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
+                }
             }
             _ = housekeeping.tick() => {
                 match blocklist.expire(SystemTime::now()) {
@@ -153,6 +187,14 @@ async fn run_async(
                 }
             }
             _ = hangup.recv() => {
+                // The certificate files are re-read whatever the config says: renewing a
+                // certificate is the common reason for a SIGHUP.
+                if let Some(gateway) = &gateway {
+                    match gateway.reload_tls() {
+                        Ok(()) => info!("gateway: reloaded the TLS certificate"),
+                        Err(error) => error!("{error}; keeping the running certificate"),
+                    }
+                }
                 // A bad reload is reported and changes nothing: the running state stays.
                 match reload() {
                     Ok(new) => {
@@ -164,6 +206,9 @@ async fn run_async(
                                 if new.admin != config.admin {
                                     warn!("admin API settings changed: they take effect at the next start");
                                 }
+                                if new.gateway != config.gateway {
+                                    warn!("gateway settings changed: they take effect at the next start (certificates are re-read now)");
+                                }
                                 info!("reloaded the config");
                             }
                             Err(error) => error!("config reload failed, keeping the running state: {error}"),
@@ -174,6 +219,9 @@ async fn run_async(
             }
         }
     };
+    if let Some(gateway) = gateway {
+        gateway.stop().await;
+    }
     // Admin requests in flight finish; new ones are refused.
     let _ = stop_api.send(());
     match api_server.await {

@@ -14,6 +14,7 @@
 //! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
 //! - [`keys`]: the gateway's API keys.
+//! - [`gateway`]: the JSON-RPC gateway (TLS, API keys, rate limits, method policy, upstream).
 //! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
 
 pub mod admin_client;
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod gateway;
 pub mod health;
 pub mod keys;
 pub mod metrics;

@@ -28,6 +28,7 @@ use utoipa::ToSchema;
 
 pub use checker::{Checker, spawn};
 pub use settings::HealthSettings;
+pub(crate) use settings::parse_duration;
 
 use crate::backends::model::HealthCheck;
 

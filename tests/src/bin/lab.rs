@@ -8,7 +8,10 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lb_tests::lab::{self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT};
+use lb_tests::lab::{
+    self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT,
+    certs::{LabCa, trust_hint, write_pem},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How often the running lab checks that its processes are still alive.
@@ -139,9 +142,41 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), Lab
 /// The VIPs the lab's lb-control balances over every node, by default.
 const VIP_V4: &str = "10.200.0.10";
 const VIP_V6: &str = "fd00:200::10";
+/// The gateway's HTTPS port on the LB's client-side address.
+const GATEWAY_PORT: u16 = 8443;
 
-/// Writes an lb-control config that balances both VIPs (full NAT) over every node, into the
-/// lab's own directory (removed with the lab).
+/// The lab CA's certificate, beside lb-control's config.
+fn gateway_ca_path(lab: &Lab) -> PathBuf {
+    lab.log_dir().join("gateway-ca.crt")
+}
+
+/// A throwaway CA and the gateway's certificate for the LB's client-side address; returns the
+/// `[gateway]` section that serves it.
+fn write_gateway_certificates(lab: &Lab) -> Result<String, LabError> {
+    let ca = LabCa::new()?;
+    let leaf = ca.issue(&[lab.lb().addr_v4.into(), lab.lb().addr_v6.into()])?;
+    let (cert, key) = (
+        lab.log_dir().join("gateway.crt"),
+        lab.log_dir().join("gateway.key"),
+    );
+    write_pem(&gateway_ca_path(lab), &ca.cert_pem())?;
+    write_pem(&cert, &leaf.cert_pem)?;
+    write_pem(&key, &leaf.key_pem)?;
+    Ok(format!(
+        "[gateway]\n\
+         listen = \"{}:{GATEWAY_PORT}\"\n\
+         tls_cert = \"{}\"\n\
+         tls_key = \"{}\"\n\
+         service = \"{VIP_V4}:{SIM_NODE_RPC_PORT}/tcp\"\n",
+        lab.lb().addr_v4,
+        cert.display(),
+        key.display()
+    ))
+}
+
+/// Writes an lb-control config that balances both VIPs (full NAT) over every node and serves
+/// the gateway over HTTPS with a throwaway certificate, into the lab's own directory (removed
+/// with the lab).
 fn write_vip_config(lab: &Lab) -> Result<PathBuf, LabError> {
     let backends = |v6: bool| {
         lab.nodes()
@@ -174,11 +209,13 @@ fn write_vip_config(lab: &Lab) -> Result<PathBuf, LabError> {
          [[services]]\n\
          vip = \"{VIP_V6}\"\n\
          port = {SIM_NODE_RPC_PORT}\n\
-         backends = [{}]\n",
+         backends = [{}]\n\n\
+         {}",
         lb.addr_v4,
         lb.addr_v6,
         backends(false),
         backends(true),
+        write_gateway_certificates(lab)?,
     );
     let path = lab.log_dir().join("lb.toml");
     std::fs::write(&path, config).map_err(LabError::io(format!("writing {}", path.display())))?;
@@ -231,6 +268,23 @@ fn print_usage(lab: &Lab, with_lb_control: bool, lb_config: Option<&Path>) {
             "  for i in $(seq 9); do {curl} -o /dev/null -D - http://{VIP_V4}:{SIM_NODE_RPC_PORT} | grep x-sim-node; done"
         );
         println!("  {curl} http://[{VIP_V6}]:{SIM_NODE_RPC_PORT}");
+        let ca = gateway_ca_path(lab);
+        println!("\nTry the gateway (HTTPS, API keys): create a key, then call with it:");
+        let lb_control = lab::binary_path("lb-control").map_or_else(
+            |_| "lb-control".to_owned(),
+            |path| path.display().to_string(),
+        );
+        println!(
+            "  LB_ADMIN_TOKEN=$(cat {}) ip netns exec {} {lb_control} key create --name demo",
+            lab.state_dir().join("admin.token").display(),
+            lb.netns,
+        );
+        println!(
+            "  {curl} --cacert {} https://{}:{GATEWAY_PORT}/<key>",
+            ca.display(),
+            lb.addr_v4
+        );
+        println!("  {}", trust_hint(&ca).replace('\n', "\n  "));
     }
     println!("\nTry (from the client namespace, routed through the LB):");
     for index in 0..lab.nodes().len() {

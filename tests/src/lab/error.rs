@@ -69,6 +69,8 @@ pub enum LabError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Cert(#[from] super::certs::CertError),
     #[error("cleanup left things behind:\n  {}", .0.join("\n  "))]
     Cleanup(Vec<String>),
 }

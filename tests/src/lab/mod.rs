@@ -14,6 +14,7 @@
 //! behind is swept by the next [`Lab::start`] (or by [`sweep_stale`]).
 
 mod binaries;
+pub mod certs;
 mod dsr;
 mod error;
 mod netns;

@@ -1,0 +1,115 @@
+//! Repeated auth failures from one source address put it on the kernel blocklist for a while
+//! (`[gateway.auth_failures_block]`, off by default): a key-guessing client is then dropped in
+//! XDP before it costs a TLS handshake.
+//!
+//! Failures are counted per address in fixed windows of `within`; the `after`-th failure in a
+//! window asks the daemon, which owns the blocklist, to block the address for `block_for`.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Mutex,
+    time::{Instant, SystemTime},
+};
+
+use tokio::sync::mpsc;
+
+use crate::config::AuthFailureBlock;
+
+/// Beyond this many tracked addresses, windows that ended are dropped.
+const MAX_TRACKED: usize = 100_000;
+
+/// A source address to block until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockRequest {
+    pub address: IpAddr,
+    pub until: SystemTime,
+}
+
+struct Window {
+    start: Instant,
+    failures: u32,
+}
+
+pub struct FailureTracker {
+    policy: AuthFailureBlock,
+    windows: Mutex<HashMap<IpAddr, Window>>,
+    blocks: mpsc::UnboundedSender<BlockRequest>,
+}
+
+impl FailureTracker {
+    pub fn new(policy: AuthFailureBlock, blocks: mpsc::UnboundedSender<BlockRequest>) -> Self {
+        FailureTracker {
+            policy,
+            windows: Mutex::default(),
+            blocks,
+        }
+    }
+
+    /// Counts one auth failure of `address`; true when it asked for the address to be blocked.
+    pub fn record(&self, address: IpAddr) -> bool {
+        let address = address.to_canonical();
+        let now = Instant::now();
+        let mut windows = self
+            .windows
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if windows.len() >= MAX_TRACKED {
+            windows.retain(|_, window| now.duration_since(window.start) < self.policy.within);
+        }
+        let window = windows.entry(address).or_insert(Window {
+            start: now,
+            failures: 0,
+        });
+        if now.duration_since(window.start) >= self.policy.within {
+            *window = Window {
+                start: now,
+                failures: 0,
+            };
+        }
+        window.failures += 1;
+        if window.failures < self.policy.after {
+            return false;
+        }
+        windows.remove(&address);
+        // The daemon may be gone at shutdown: nothing left to block then.
+        let _ = self.blocks.send(BlockRequest {
+            address,
+            until: SystemTime::now() + self.policy.block_for,
+        });
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn the_nth_failure_in_a_window_blocks_and_a_new_window_starts_over() {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        let tracker = FailureTracker::new(
+            AuthFailureBlock {
+                after: 3,
+                within: Duration::from_millis(200),
+                block_for: Duration::from_secs(600),
+            },
+            sender,
+        );
+        let guesser: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        assert!(!tracker.record(guesser));
+        assert!(!tracker.record(other));
+        assert!(!tracker.record(guesser));
+        assert!(tracker.record(guesser));
+        let request = requests.try_recv().expect("a block request");
+        assert_eq!(request.address, guesser);
+        assert!(request.until > SystemTime::now() + Duration::from_secs(590));
+        assert!(requests.try_recv().is_err());
+
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!tracker.record(other), "the window of `other` ended");
+    }
+}

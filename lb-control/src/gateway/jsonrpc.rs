@@ -1,0 +1,363 @@
+//! JSON-RPC 2.0 framing: a request body becomes calls, outcomes become the answer body. Every
+//! JSON-RPC error the gateway itself produces is made here, so clients see one set of codes.
+//!
+//! Parameters and results stay raw JSON text: the gateway never needs their values, and a
+//! metadata blob (megabytes of hex) is copied, not parsed into a tree.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Codes of the JSON-RPC 2.0 specification and, for the gateway's own limits, the codes
+/// jsonrpsee (the node's server) uses for the same conditions.
+pub mod code {
+    pub const PARSE_ERROR: i32 = -32700;
+    pub const INVALID_REQUEST: i32 = -32600;
+    pub const METHOD_NOT_FOUND: i32 = -32601;
+    /// The gateway could not get an answer from any node.
+    pub const UPSTREAM_UNAVAILABLE: i32 = -32000;
+    /// Missing, unknown or revoked API key.
+    pub const UNAUTHORIZED: i32 = -32001;
+    /// The key's rate limit (EIP-1474's "limit exceeded").
+    pub const RATE_LIMITED: i32 = -32005;
+    /// jsonrpsee's `OVERSIZED_REQUEST_CODE`.
+    pub const REQUEST_TOO_BIG: i32 = -32007;
+    /// jsonrpsee's `TOO_BIG_BATCH_REQUEST_CODE`.
+    pub const BATCH_TOO_BIG: i32 = -32010;
+}
+
+/// A JSON-RPC error object made by the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RpcError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn parse_error(detail: impl std::fmt::Display) -> Self {
+        RpcError::new(code::PARSE_ERROR, format!("Parse error: {detail}"))
+    }
+
+    pub fn invalid_request(reason: &str) -> Self {
+        RpcError::new(code::INVALID_REQUEST, format!("Invalid request: {reason}"))
+    }
+
+    pub fn batch_too_big(len: usize, max: usize) -> Self {
+        RpcError::new(
+            code::BATCH_TOO_BIG,
+            format!(
+                "The batch request was too large: {len} calls, this gateway takes at most {max}"
+            ),
+        )
+    }
+
+    pub fn request_too_big(max: usize) -> Self {
+        RpcError::new(
+            code::REQUEST_TOO_BIG,
+            format!("Request is too big: this gateway takes bodies of at most {max} bytes"),
+        )
+    }
+
+    pub fn unauthorized(reason: &str) -> Self {
+        RpcError::new(code::UNAUTHORIZED, format!("Unauthorized: {reason}"))
+    }
+
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        RpcError::new(
+            code::RATE_LIMITED,
+            format!("Rate limit exceeded for this API key: retry after {retry_after_secs} s"),
+        )
+    }
+
+    pub fn upstream_unavailable(detail: impl std::fmt::Display) -> Self {
+        RpcError::new(
+            code::UPSTREAM_UNAVAILABLE,
+            format!("No node could answer: {detail}"),
+        )
+    }
+
+    fn to_raw(&self) -> Box<RawValue> {
+        raw(self)
+    }
+}
+
+/// One well-formed call of a request body.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// None for a notification (no `id` member): it gets no answer.
+    pub id: Option<Box<RawValue>>,
+    pub method: String,
+    /// An array or an object; None when absent.
+    pub params: Option<Box<RawValue>>,
+}
+
+/// One entry of a request body: a call, or what is wrong with it.
+#[derive(Debug)]
+pub enum Entry {
+    Call(Call),
+    /// The id is kept when it could be read, so the error answers the right call.
+    Invalid {
+        id: Option<Box<RawValue>>,
+        error: RpcError,
+    },
+}
+
+/// A parsed request body.
+#[derive(Debug)]
+pub enum Body {
+    Single(Entry),
+    Batch(Vec<Entry>),
+}
+
+impl Body {
+    pub fn entries(&self) -> &[Entry] {
+        match self {
+            Body::Single(entry) => std::slice::from_ref(entry),
+            Body::Batch(entries) => entries,
+        }
+    }
+
+    pub fn is_batch(&self) -> bool {
+        matches!(self, Body::Batch(_))
+    }
+}
+
+/// Parses a request body. Errors that concern the whole body (not JSON, an empty or too long
+/// batch) come back as the error to answer with, to id `null`.
+pub fn parse_body(bytes: &[u8], max_batch: usize) -> Result<Body, RpcError> {
+    let text = std::str::from_utf8(bytes).map_err(RpcError::parse_error)?;
+    let value: &RawValue = serde_json::from_str(text).map_err(RpcError::parse_error)?;
+    if !value.get().starts_with('[') {
+        return Ok(Body::Single(parse_entry(value)));
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(value.get()).map_err(RpcError::parse_error)?;
+    if items.is_empty() {
+        return Err(RpcError::invalid_request("empty batch"));
+    }
+    if items.len() > max_batch {
+        return Err(RpcError::batch_too_big(items.len(), max_batch));
+    }
+    Ok(Body::Batch(items.into_iter().map(parse_entry).collect()))
+}
+
+/// Checks one call object as JSON-RPC 2.0 defines it.
+fn parse_entry(value: &RawValue) -> Entry {
+    let Ok(members) = serde_json::from_str::<BTreeMap<String, &RawValue>>(value.get()) else {
+        return invalid(None, "a call must be a JSON object");
+    };
+    let id = members.get("id").map(|id| (*id).to_owned());
+    if let Some(id) = &id
+        && !is_valid_id(id)
+    {
+        return invalid(None, "id must be a string, a number or null");
+    }
+    if members.get("jsonrpc").map(|version| version.get()) != Some("\"2.0\"") {
+        return invalid(id, "jsonrpc must be \"2.0\"");
+    }
+    let Some(Ok(method)) = members
+        .get("method")
+        .map(|method| serde_json::from_str::<String>(method.get()))
+    else {
+        return invalid(id, "method must be a string");
+    };
+    let params = members.get("params").map(|params| (*params).to_owned());
+    if let Some(params) = &params
+        && !(params.get().starts_with('[') || params.get().starts_with('{'))
+    {
+        return invalid(id, "params must be an array or an object");
+    }
+    Entry::Call(Call { id, method, params })
+}
+
+fn invalid(id: Option<Box<RawValue>>, reason: &str) -> Entry {
+    Entry::Invalid {
+        id,
+        error: RpcError::invalid_request(reason),
+    }
+}
+
+fn is_valid_id(id: &RawValue) -> bool {
+    let text = id.get();
+    text == "null"
+        || text.starts_with('"')
+        || text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+}
+
+/// What a call came to, independent of the client's id: a node's result or error, or one of
+/// the gateway's errors. This is what a cache stores.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Result(Box<RawValue>),
+    Error(Box<RawValue>),
+}
+
+impl From<RpcError> for Outcome {
+    fn from(error: RpcError) -> Self {
+        Outcome::Error(error.to_raw())
+    }
+}
+
+impl Outcome {
+    pub fn is_error(&self) -> bool {
+        matches!(self, Outcome::Error(_))
+    }
+}
+
+/// The request a node gets for `method` and `params`: one fixed id, since the client's id is
+/// put back into the answer (and identical calls of different clients look alike upstream).
+pub fn upstream_request(method: &str, params: Option<&RawValue>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Request<'a> {
+        jsonrpc: &'static str,
+        id: u32,
+        method: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<&'a RawValue>,
+    }
+    serde_json::to_vec(&Request {
+        jsonrpc: "2.0",
+        id: 0,
+        method,
+        params,
+    })
+    .expect("a request of raw JSON values serializes")
+}
+
+/// Reads a node's answer to one call.
+pub fn parse_upstream_answer(bytes: &[u8]) -> Result<Outcome, String> {
+    let mut members: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(bytes).map_err(|error| format!("not a JSON-RPC answer: {error}"))?;
+    if let Some(result) = members.remove("result") {
+        return Ok(Outcome::Result(result));
+    }
+    if let Some(error) = members.remove("error") {
+        return Ok(Outcome::Error(error));
+    }
+    Err("a JSON-RPC answer without result or error".to_owned())
+}
+
+/// One answer object, with the client's id.
+pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> Box<RawValue> {
+    #[derive(Serialize)]
+    struct Answer<'a> {
+        jsonrpc: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a RawValue>,
+        id: &'a RawValue,
+    }
+    let null = RawValue::NULL;
+    let (result, error) = match outcome {
+        Outcome::Result(result) => (Some(&**result), None),
+        Outcome::Error(error) => (None, Some(&**error)),
+    };
+    raw(&Answer {
+        jsonrpc: "2.0",
+        result,
+        error,
+        id: id.unwrap_or(null),
+    })
+}
+
+/// The answer to a body that could not be taken apart into calls.
+pub fn error_body(error: &RpcError) -> Vec<u8> {
+    answer(None, &Outcome::from(error.clone()))
+        .get()
+        .as_bytes()
+        .to_vec()
+}
+
+/// The body answering a batch: the answers in the order of the calls, notifications left out.
+pub fn batch_body(answers: &[Box<RawValue>]) -> Vec<u8> {
+    serde_json::to_vec(answers).expect("raw JSON values serialize")
+}
+
+fn raw(value: &impl Serialize) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("gateway answers serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(text: &str) -> Entry {
+        match parse_body(text.as_bytes(), 10).expect("parses") {
+            Body::Single(entry) => entry,
+            Body::Batch(_) => panic!("a batch"),
+        }
+    }
+
+    #[test]
+    fn call_keeps_id_and_raw_params() {
+        let Entry::Call(call) =
+            single(r#"{"jsonrpc":"2.0","id":"a-1","method":"chain_getBlock","params":["0x01"]}"#)
+        else {
+            panic!("not a call")
+        };
+        assert_eq!(call.id.unwrap().get(), r#""a-1""#);
+        assert_eq!(call.method, "chain_getBlock");
+        assert_eq!(call.params.unwrap().get(), r#"["0x01"]"#);
+    }
+
+    #[test]
+    fn malformed_calls_are_invalid_with_their_id() {
+        for (text, reason) in [
+            (r#"{"jsonrpc":"1.0","id":7,"method":"m"}"#, "jsonrpc"),
+            (r#"{"jsonrpc":"2.0","id":7,"method":5}"#, "method"),
+            (
+                r#"{"jsonrpc":"2.0","id":7,"method":"m","params":3}"#,
+                "params",
+            ),
+        ] {
+            let Entry::Invalid { id, error } = single(text) else {
+                panic!("{text} passed")
+            };
+            assert_eq!(id.unwrap().get(), "7");
+            assert_eq!(error.code, code::INVALID_REQUEST);
+            assert!(error.message.contains(reason), "{error:?}");
+        }
+        assert!(matches!(single("5"), Entry::Invalid { id: None, .. }));
+        assert!(matches!(
+            single(r#"{"jsonrpc":"2.0","id":{},"method":"m"}"#),
+            Entry::Invalid { id: None, .. }
+        ));
+    }
+
+    #[test]
+    fn body_errors() {
+        assert_eq!(parse_body(b"{", 10).unwrap_err().code, code::PARSE_ERROR);
+        assert_eq!(
+            parse_body(b"[]", 10).unwrap_err().code,
+            code::INVALID_REQUEST
+        );
+        let batch = format!("[{}]", ["1"; 11].join(","));
+        assert_eq!(
+            parse_body(batch.as_bytes(), 10).unwrap_err().code,
+            code::BATCH_TOO_BIG
+        );
+    }
+
+    #[test]
+    fn answer_carries_the_client_id() {
+        let outcome = parse_upstream_answer(br#"{"jsonrpc":"2.0","result":{"a":1},"id":0}"#)
+            .expect("an answer");
+        let id = RawValue::from_string("\"x\"".to_owned()).unwrap();
+        assert_eq!(
+            answer(Some(&id), &outcome).get(),
+            r#"{"jsonrpc":"2.0","result":{"a":1},"id":"x"}"#
+        );
+        assert_eq!(
+            String::from_utf8(error_body(&RpcError::new(-1, "m"))).unwrap(),
+            r#"{"jsonrpc":"2.0","error":{"code":-1,"message":"m"},"id":null}"#
+        );
+    }
+}

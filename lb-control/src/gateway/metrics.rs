@@ -1,0 +1,102 @@
+//! The gateway's metric families, registered beside the control plane's under `lb_gateway_`.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// A call by its method class (`read`, `author`) and what became of it: `ok`, `error` (the
+/// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub class: String,
+    pub outcome: String,
+}
+
+/// `missing`, `unknown` (or revoked), `store` (the store could not be read).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    pub reason: String,
+}
+
+/// A node's RPC endpoint.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectedLabels {
+    /// `body_too_big`, `batch_too_big`, `parse_error`, `invalid_request`, `method_not_allowed`,
+    /// `connection_limit`, `auth_failures_blocked` (a source address sent to the blocklist).
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    pub calls: Family<CallLabels, Counter>,
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
+    pub rate_limited: Counter,
+    pub rejected: Family<RejectedLabels, Counter>,
+    pub upstream_seconds: Family<UpstreamLabels, Histogram>,
+    /// Calls sent to a second node after `node` failed them.
+    pub retries: Family<UpstreamLabels, Counter>,
+}
+
+impl GatewayMetrics {
+    pub fn register(registry: &mut Registry) -> GatewayMetrics {
+        let metrics = GatewayMetrics {
+            calls: Family::default(),
+            auth_failures: Family::default(),
+            rate_limited: Counter::default(),
+            rejected: Family::default(),
+            upstream_seconds: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+            }),
+            retries: Family::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("lb_gateway");
+        registry.register(
+            "calls",
+            "JSON-RPC calls by method class and outcome",
+            metrics.calls.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for their API key, by reason",
+            metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused by their key's rate limit",
+            metrics.rate_limited.clone(),
+        );
+        registry.register(
+            "rejected",
+            "Requests and connections refused by a gateway limit, by reason",
+            metrics.rejected.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time a node took to answer one call, by node",
+            metrics.upstream_seconds.clone(),
+        );
+        registry.register(
+            "retries",
+            "Reads sent to another node after this node failed them",
+            metrics.retries.clone(),
+        );
+        metrics
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&RejectedLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}

@@ -1,0 +1,304 @@
+//! The listening side: accepts TCP connections, holds each client address to its connection
+//! limit, terminates TLS (with the certificate in force when the connection came), and serves
+//! HTTP/1.1 or HTTP/2 on it (hyper-util's auto server; upgrades enabled, so WebSocket can join
+//! on the same port).
+//!
+//! A slow client cannot hold a connection past `header_timeout`: it bounds the TLS handshake
+//! and the reading of each HTTP/1.1 request's headers. A connection with no bytes either way
+//! for `idle_timeout` is closed (gracefully: an HTTP/2 client gets GOAWAY).
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper::{
+    rt::{Read, Write},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use super::{service::Pipeline, tls::Certificates};
+
+/// How long open requests may finish after the gateway is told to stop.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections_per_ip: u32,
+}
+
+/// Serves until `shutdown` resolves, then lets open requests finish for a while.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<Arc<Certificates>>,
+    pipeline: Arc<Pipeline>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let counts = Arc::new(ConnectionCounts::default());
+    // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
+    // the last one has.
+    let (stop, _) = watch::channel(());
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    warn!("gateway: accepting a connection: {error}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(slot) = counts.claim(peer.ip(), limits.max_connections_per_ip) else {
+            pipeline.metrics.rejected("connection_limit");
+            debug!(%peer, "gateway: connection limit of the address reached");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let connection = Connection {
+            pipeline: pipeline.clone(),
+            peer,
+            limits,
+            stop: stop.subscribe(),
+        };
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            connection.run(tcp, tls.as_deref()).await;
+            drop(slot);
+        });
+    }
+    let _ = stop.send(());
+    if tokio::time::timeout(DRAIN_TIME, stop.closed())
+        .await
+        .is_err()
+    {
+        info!("gateway: stopped with requests still open after {DRAIN_TIME:?}");
+    }
+}
+
+struct Connection {
+    pipeline: Arc<Pipeline>,
+    peer: SocketAddr,
+    limits: ConnectionLimits,
+    stop: watch::Receiver<()>,
+}
+
+impl Connection {
+    async fn run(self, tcp: TcpStream, tls: Option<&Certificates>) {
+        let activity = Arc::new(Activity::new());
+        let tcp = Tracked {
+            inner: tcp,
+            activity: activity.clone(),
+        };
+        let Some(tls) = tls else {
+            return self.serve_http(TokioIo::new(tcp), &activity).await;
+        };
+        let handshake = tls.acceptor().accept(tcp);
+        match tokio::time::timeout(self.limits.header_timeout, handshake).await {
+            Ok(Ok(stream)) => self.serve_http(TokioIo::new(stream), &activity).await,
+            Ok(Err(error)) => debug!(peer = %self.peer, "gateway: TLS handshake failed: {error}"),
+            Err(_) => debug!(peer = %self.peer, "gateway: TLS handshake timed out"),
+        }
+    }
+
+    async fn serve_http<I>(mut self, io: I, activity: &Activity)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+    {
+        let client = self.peer.ip();
+        let pipeline = self.pipeline;
+        let service = service_fn(move |request| {
+            let pipeline = pipeline.clone();
+            async move { Ok::<_, Infallible>(pipeline.handle(request, client).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_timeout);
+        builder.http2().timer(TokioTimer::new());
+        let connection = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        let idle_timeout = self.limits.idle_timeout;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(peer = %self.peer, "gateway: connection ended: {error}");
+                    }
+                    return;
+                }
+                _ = self.stop.changed(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = tokio::time::sleep_until(activity.last() + idle_timeout), if !closing => {
+                    if activity.last().elapsed() >= idle_timeout {
+                        debug!(peer = %self.peer, "gateway: closing a connection idle for {idle_timeout:?}");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+struct ConnectionCounts {
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl ConnectionCounts {
+    /// A slot for one more connection from `ip`, unless it holds `max` already.
+    fn claim(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<Slot> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection; frees its place when dropped.
+struct Slot {
+    counts: Arc<ConnectionCounts>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .counts
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// When a connection last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A socket that records its activity (under TLS, so handshakes count too).
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(result, Poll::Ready(Ok(written)) if written > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

@@ -1,0 +1,235 @@
+//! One HTTP request through the gateway: API key → body (size limit) → JSON-RPC parse (batch
+//! limit) → rate limit → per call: method policy → [`Pipeline::resolve`] (node) → answers in
+//! the order of the calls, each with the client's id.
+//!
+//! Nothing reaches a node before the key is known good: the body of an unauthenticated request
+//! is not even read.
+
+use std::{net::IpAddr, sync::Arc};
+
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{self, HeaderValue},
+};
+use serde_json::value::RawValue;
+use tracing::warn;
+
+use super::{
+    auth::{AuthError, Authenticator, find_key},
+    block::FailureTracker,
+    jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
+    metrics::{AuthFailureLabels, CallLabels, GatewayMetrics},
+    policy::{MethodClass, MethodPolicy},
+    upstream::Upstream,
+};
+use crate::backends::ApiKeyRecord;
+
+/// The request limits the pipeline enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_body_bytes: usize,
+    pub max_batch: usize,
+}
+
+pub struct Pipeline {
+    pub auth: Arc<Authenticator>,
+    /// Counts auth failures per source address when blocking is on.
+    pub failures: Option<FailureTracker>,
+    pub policy: MethodPolicy,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<GatewayMetrics>,
+    pub limits: BodyLimits,
+}
+
+impl Pipeline {
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: IpAddr,
+    ) -> Response<Full<Bytes>> {
+        // A WebSocket upgrade (GET with `Upgrade: websocket`) joins here: the same key check,
+        // then the upgrade instead of the body.
+        if request.method() != Method::POST {
+            self.metrics.rejected("method_not_allowed");
+            let mut response = rpc_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                jsonrpc::error_body(&RpcError::invalid_request("JSON-RPC over HTTP takes POST")),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            return response;
+        }
+        let key = match self.authenticate(&request).await {
+            Ok(key) => key,
+            Err(error) => {
+                self.metrics
+                    .auth_failures
+                    .get_or_create(&AuthFailureLabels {
+                        reason: error.reason().to_owned(),
+                    })
+                    .inc();
+                let status = match error {
+                    AuthError::Missing | AuthError::Unknown => {
+                        if let Some(failures) = &self.failures
+                            && failures.record(client)
+                        {
+                            warn!(%client, "repeated auth failures: blocking the address");
+                            self.metrics.rejected("auth_failures_blocked");
+                        }
+                        StatusCode::UNAUTHORIZED
+                    }
+                    AuthError::Store(_) => {
+                        warn!("{error}");
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                };
+                return rpc_response(
+                    status,
+                    jsonrpc::error_body(&RpcError::unauthorized(&error.to_string())),
+                );
+            }
+        };
+        let bytes = match Limited::new(request.into_body(), self.limits.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                self.metrics.rejected("body_too_big");
+                return rpc_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    jsonrpc::error_body(&RpcError::request_too_big(self.limits.max_body_bytes)),
+                );
+            }
+            Err(error) => {
+                return rpc_response(
+                    StatusCode::BAD_REQUEST,
+                    jsonrpc::error_body(&RpcError::parse_error(format!(
+                        "reading the body: {error}"
+                    ))),
+                );
+            }
+        };
+        let body = match jsonrpc::parse_body(&bytes, self.limits.max_batch) {
+            Ok(body) => body,
+            Err(error) => {
+                self.metrics.rejected(match error.code {
+                    jsonrpc::code::BATCH_TOO_BIG => "batch_too_big",
+                    jsonrpc::code::PARSE_ERROR => "parse_error",
+                    _ => "invalid_request",
+                });
+                return rpc_response(StatusCode::OK, jsonrpc::error_body(&error));
+            }
+        };
+        let calls = u32::try_from(body.entries().len()).unwrap_or(u32::MAX);
+        if let Err(limited) = self.auth.admit(&key, calls) {
+            self.metrics.rate_limited.inc();
+            let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let mut response = rpc_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                jsonrpc::error_body(&RpcError::rate_limited(seconds)),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            return response;
+        }
+        self.answer(body, client).await
+    }
+
+    async fn authenticate(&self, request: &Request<Incoming>) -> Result<ApiKeyRecord, AuthError> {
+        let secret = find_key(request.uri(), request.headers()).ok_or(AuthError::Missing)?;
+        self.auth.authenticate(secret).await
+    }
+
+    async fn answer(&self, body: Body, client: IpAddr) -> Response<Full<Bytes>> {
+        let is_batch = body.is_batch();
+        let answers: Vec<Box<RawValue>> = join_all(
+            body.entries()
+                .iter()
+                .map(|entry| self.answer_entry(entry, client)),
+        )
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        let bytes = match (is_batch, answers.as_slice()) {
+            // Only notifications: nothing to answer.
+            (_, []) => Vec::new(),
+            (false, [single]) => single.get().as_bytes().to_vec(),
+            _ => jsonrpc::batch_body(&answers),
+        };
+        rpc_response(StatusCode::OK, bytes)
+    }
+
+    /// The answer to one entry; None for a notification.
+    async fn answer_entry(&self, entry: &Entry, client: IpAddr) -> Option<Box<RawValue>> {
+        let call = match entry {
+            Entry::Invalid { id, error } => {
+                self.count("invalid", "invalid");
+                return Some(jsonrpc::answer(
+                    id.as_deref(),
+                    &Outcome::from(error.clone()),
+                ));
+            }
+            Entry::Call(call) => call,
+        };
+        // Notifications are not forwarded: no Substrate method acts on one, and it gets no
+        // answer.
+        let id = call.id.as_deref()?;
+        let class = MethodClass::of(&call.method);
+        let (outcome, label) = match self.policy.refusal(&call.method) {
+            Some(refusal) => (Outcome::from(refusal), "refused"),
+            None => self.resolve(call, client).await,
+        };
+        self.count(class.name(), label);
+        Some(jsonrpc::answer(Some(id), &outcome))
+    }
+
+    /// Where a call that passed every check gets its outcome: the one seam for the response
+    /// cache (`ResponseCache::get_or_fetch(method, params, policy, fetch)` wraps the upstream
+    /// call here, keyed by method and params; the client's id is put back by the caller).
+    async fn resolve(&self, call: &Call, client: IpAddr) -> (Outcome, &'static str) {
+        match self
+            .upstream
+            .call(client, &call.method, call.params.as_deref())
+            .await
+        {
+            Ok(outcome) => {
+                let label = if outcome.is_error() { "error" } else { "ok" };
+                (outcome, label)
+            }
+            Err(error) => {
+                warn!(method = %call.method, "{error}");
+                (
+                    Outcome::from(RpcError::upstream_unavailable(&error)),
+                    "upstream_failed",
+                )
+            }
+        }
+    }
+
+    fn count(&self, class: &str, outcome: &str) {
+        self.metrics
+            .calls
+            .get_or_create(&CallLabels {
+                class: class.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+}
+
+fn rpc_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}

@@ -1,0 +1,321 @@
+//! The nodes behind the gateway: which ones are live, which one a client gets, and the pooled
+//! HTTP/1.1 calls to them.
+//!
+//! A client is kept on one node by a Maglev table over the live nodes (the kernel's
+//! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
+//! its reads see one node's view of the chain. The table is rebuilt whenever the backend set's
+//! view changes; only `Up` backends are in it. A read that fails on its node (connect error,
+//! dropped connection, timeout) is sent once to the next node of the table.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode, body::Bytes, header};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use lb_common::{
+    flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, flow_hash},
+    maglev::{self, MaglevBackend, MaglevError},
+};
+use serde_json::value::RawValue;
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    jsonrpc::{self, Outcome},
+    metrics::{GatewayMetrics, UpstreamLabels},
+    policy::MethodClass,
+};
+use crate::backends::{ClusterView, ServiceKey, State};
+
+/// Idle pooled connections per node kept open.
+const MAX_IDLE_PER_NODE: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("no node is up")]
+    NoNode,
+    #[error("node {node}: {reason}")]
+    Node { node: SocketAddr, reason: String },
+}
+
+/// A node the gateway may call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Its JSON-RPC endpoint.
+    pub endpoint: SocketAddr,
+    pub weight: u32,
+}
+
+/// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
+/// per RPC endpoint (the highest weight wins), ordered by endpoint.
+pub fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
+    let mut nodes: Vec<NodeSpec> = Vec::new();
+    let services = view
+        .services
+        .iter()
+        .filter(|entry| service.is_none_or(|key| entry.service.def.key() == key));
+    for backend in services.flat_map(|service| &service.backends) {
+        if backend.state != State::Up || backend.backend.def.weight == 0 {
+            continue;
+        }
+        let endpoint = backend.backend.def.rpc_endpoint();
+        let weight = backend.backend.def.weight;
+        match nodes.iter_mut().find(|node| node.endpoint == endpoint) {
+            Some(node) => node.weight = node.weight.max(weight),
+            None => nodes.push(NodeSpec { endpoint, weight }),
+        }
+    }
+    nodes.sort_by_key(|node| node.endpoint);
+    nodes
+}
+
+/// The flow-hash key of a client: its address only, IPv4-mapped IPv6 as IPv4.
+pub fn client_flow_key(client: IpAddr) -> FlowKey {
+    match client.to_canonical() {
+        IpAddr::V4(v4) => {
+            let mut src = [0; 16];
+            src[..4].copy_from_slice(&v4.octets());
+            FlowKey::client_key(&src, FAMILY_IPV4)
+        }
+        IpAddr::V6(v6) => FlowKey::client_key(&v6.octets(), FAMILY_IPV6),
+    }
+}
+
+/// The live nodes and their Maglev table (entries index `nodes`).
+#[derive(Default)]
+struct Rotation {
+    nodes: Vec<SocketAddr>,
+    table: Vec<u32>,
+}
+
+impl Rotation {
+    fn build(nodes: &[NodeSpec], table_size: u32) -> Result<Rotation, MaglevError> {
+        let backends: Vec<MaglevBackend> = nodes
+            .iter()
+            .zip(0u32..)
+            .map(|(node, id)| MaglevBackend {
+                id,
+                key: MaglevBackend::socket_addr_key(node.endpoint),
+                weight: node.weight,
+            })
+            .collect();
+        let table = if nodes.is_empty() {
+            Vec::new()
+        } else {
+            maglev::build_table(&backends, table_size)?
+        };
+        Ok(Rotation {
+            nodes: nodes.iter().map(|node| node.endpoint).collect(),
+            table,
+        })
+    }
+
+    /// The client's node, and the node a failed read goes to next (the next other node along
+    /// the table, so the retries of one failed node spread over the others).
+    fn pick(&self, client: IpAddr) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        if self.table.is_empty() {
+            return None;
+        }
+        let slot = flow_hash(&client_flow_key(client)) as usize % self.table.len();
+        let first = self.table[slot];
+        let second = (1..self.table.len())
+            .map(|step| self.table[(slot + step) % self.table.len()])
+            .find(|id| *id != first);
+        Some((
+            self.nodes[first as usize],
+            second.map(|id| self.nodes[id as usize]),
+        ))
+    }
+}
+
+/// The upstream side: the rotation and the connection pool.
+pub struct Upstream {
+    rotation: ArcSwap<Rotation>,
+    table_size: u32,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeout: Duration,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl Upstream {
+    pub fn new(table_size: u32, timeout: Duration, metrics: Arc<GatewayMetrics>) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(MAX_IDLE_PER_NODE)
+            .build(connector);
+        Upstream {
+            rotation: ArcSwap::default(),
+            table_size,
+            client,
+            timeout,
+            metrics,
+        }
+    }
+
+    /// Puts `nodes` in rotation. On error (a table too small for them) the rotation stays.
+    pub fn set_nodes(&self, nodes: &[NodeSpec]) -> Result<(), MaglevError> {
+        self.rotation
+            .store(Arc::new(Rotation::build(nodes, self.table_size)?));
+        Ok(())
+    }
+
+    /// Keeps the rotation equal to the view's live nodes until the view's sender goes.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut view: watch::Receiver<Arc<ClusterView>>,
+        service: Option<ServiceKey>,
+    ) {
+        let mut current = Vec::new();
+        loop {
+            let nodes = live_nodes(&view.borrow_and_update(), service);
+            if nodes != current {
+                match self.set_nodes(&nodes) {
+                    Ok(()) => {
+                        info!(
+                            nodes = ?nodes.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
+                            "gateway rotation updated"
+                        );
+                        current = nodes;
+                    }
+                    Err(error) => warn!("gateway rotation unchanged: {error}"),
+                }
+            }
+            if view.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The node `client` is sent to now, if any.
+    pub fn node_for(&self, client: IpAddr) -> Option<SocketAddr> {
+        self.rotation.load().pick(client).map(|(node, _)| node)
+    }
+
+    /// Calls `method` on the client's node; a read that fails there goes once to another node.
+    pub async fn call(
+        &self,
+        client: IpAddr,
+        method: &str,
+        params: Option<&RawValue>,
+    ) -> Result<Outcome, UpstreamError> {
+        let (first, second) = self
+            .rotation
+            .load()
+            .pick(client)
+            .ok_or(UpstreamError::NoNode)?;
+        let body = Bytes::from(jsonrpc::upstream_request(method, params));
+        let error = match self.call_node(first, body.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(error) => error,
+        };
+        let Some(second) = second.filter(|_| MethodClass::of(method).is_retryable()) else {
+            return Err(error);
+        };
+        warn!("{error}; retrying {method} on node {second}");
+        self.metrics
+            .retries
+            .get_or_create(&UpstreamLabels {
+                node: first.to_string(),
+            })
+            .inc();
+        self.call_node(second, body).await
+    }
+
+    async fn call_node(&self, node: SocketAddr, body: Bytes) -> Result<Outcome, UpstreamError> {
+        let failed = |reason: String| UpstreamError::Node { node, reason };
+        let request = Request::post(format!("http://{node}/"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|error| failed(format!("building the request: {error}")))?;
+        let started = Instant::now();
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| failed(describe_client_error(&error)))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|error| failed(format!("reading the answer: {error}")))?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(failed(format!("HTTP {status}")));
+            }
+            jsonrpc::parse_upstream_answer(&bytes).map_err(failed)
+        };
+        let outcome = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?;
+        self.metrics
+            .upstream_seconds
+            .get_or_create(&UpstreamLabels {
+                node: node.to_string(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
+
+/// hyper-util's error with its cause chain ("client error (Connect): tcp connect error:
+/// Connection refused").
+fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn node(port: u16) -> NodeSpec {
+        NodeSpec {
+            endpoint: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn client_keeps_its_node_and_retries_elsewhere() {
+        let rotation = Rotation::build(&[node(1), node(2), node(3)], 251).unwrap();
+        let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let (first, second) = rotation.pick(client).unwrap();
+        assert_eq!(rotation.pick(client).unwrap().0, first);
+        assert_ne!(second, Some(first));
+        assert!(second.is_some());
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
+        assert_eq!(rotation.pick(mapped).unwrap().0, first);
+    }
+
+    #[test]
+    fn empty_rotation_has_no_node() {
+        let rotation = Rotation::build(&[], 251).unwrap();
+        assert!(rotation.pick(IpAddr::V4(Ipv4Addr::LOCALHOST)).is_none());
+        let single = Rotation::build(&[node(1)], 251).unwrap();
+        assert_eq!(
+            single.pick(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Some((node(1).endpoint, None))
+        );
+    }
+}

@@ -1,0 +1,809 @@
+//! The gateway over real TLS and real sockets on 127.0.0.1, in front of in-process sim-nodes:
+//! API keys in every position, refusals that never reach a node, rate limits, the method
+//! policy, batches, body limits, stickiness to the node the shared Maglev table predicts,
+//! failover of reads, HTTP/2 and HTTP/1.1, and a certificate reload.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_common::{
+    flow::{FAMILY_IPV4, FlowKey, flow_hash},
+    maglev::{MaglevBackend, build_table},
+};
+use lb_control::{
+    backends::{
+        AdminState, Backend, BackendDef, BackendView, ClusterView, HealthCheck, Origin, RateLimit,
+        Service, ServiceDef, ServiceView, State,
+    },
+    config::AuthFailureBlock,
+    config::GatewaySection,
+    dataplane::{ForwardingMode, Protocol},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    keys::ApiKeys,
+    store::Store,
+};
+use lb_tests::{
+    lab::certs::{LabCa, write_pem},
+    sim_node::{SimNode, SimNodeConfig, SimNodeHandle},
+};
+use prometheus_client::registry::Registry;
+use reqwest::{StatusCode, Version};
+use rustls::pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{mpsc, watch},
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+/// A small table keeps the per-test rebuilds cheap; the test computes the same one.
+const TABLE_SIZE: u32 = 251;
+const PATIENCE: Duration = Duration::from_secs(10);
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A throwaway directory for one test's store and certificates.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "lb-gateway-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sim-nodes, a gateway in front of them, a key, and a client that trusts the lab CA.
+struct Setup {
+    nodes: Vec<SimNodeHandle>,
+    gateway: Gateway,
+    keys: ApiKeys,
+    store: Store,
+    secret: String,
+    ca: LabCa,
+    ca_pem: String,
+    registry: Registry,
+    dir: TempDir,
+    blocks: mpsc::UnboundedReceiver<BlockRequest>,
+    _view: watch::Sender<Arc<ClusterView>>,
+}
+
+impl Setup {
+    async fn start(node_count: usize) -> Setup {
+        Setup::start_with(node_count, |_| {}).await
+    }
+
+    async fn start_with(node_count: usize, adjust: impl FnOnce(&mut GatewaySection)) -> Setup {
+        let dir = TempDir::new();
+        let mut nodes = Vec::new();
+        for index in 0..node_count {
+            let mut config = SimNodeConfig::new(format!("node{index}"));
+            config.block_time = Duration::from_secs(3600);
+            nodes.push(SimNode::start(config).await.expect("sim-node starts"));
+        }
+        let ca = LabCa::new().expect("lab CA");
+        let leaf = ca.issue(&[LOCALHOST]).expect("gateway certificate");
+        let (cert, key) = (dir.0.join("gateway.crt"), dir.0.join("gateway.key"));
+        write_pem(&cert, &leaf.cert_pem).expect("cert written");
+        write_pem(&key, &leaf.key_pem).expect("key written");
+
+        let store = Store::open(&dir.0.join("state.db")).expect("store opens");
+        let keys = ApiKeys::new(store.clone());
+        let secret = keys.create("client", None).expect("key created").secret;
+        let (view_tx, view) = watch::channel(Arc::new(cluster_view(&nodes)));
+        let mut registry = Registry::default();
+        let metrics = Arc::new(GatewayMetrics::register(&mut registry));
+        let mut section = GatewaySection {
+            listen: Some(SocketAddr::from((LOCALHOST, 0))),
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            max_body_bytes: 64 * 1024,
+            max_batch: 10,
+            upstream_timeout: Duration::from_secs(2),
+            ..GatewaySection::default()
+        };
+        adjust(&mut section);
+        let bound = Gateway::bind(&section).await.expect("gateway binds");
+        let (blocks_tx, blocks) = mpsc::unbounded_channel();
+        let gateway = Gateway::start(
+            bound,
+            GatewayContext {
+                view,
+                keys: keys.clone(),
+                store: store.clone(),
+                metrics,
+                maglev_table_size: TABLE_SIZE,
+                blocks: blocks_tx,
+            },
+        )
+        .expect("gateway starts");
+        Setup {
+            nodes,
+            gateway,
+            keys,
+            store,
+            secret,
+            ca_pem: ca.cert_pem(),
+            ca,
+            registry,
+            dir,
+            blocks,
+            _view: view_tx,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!(
+            "https://localhost:{}{path}",
+            self.gateway.local_addr().port()
+        )
+    }
+
+    /// A client trusting the lab CA; HTTP/2 when the server offers it (ALPN).
+    fn client(&self) -> reqwest::Client {
+        self.client_builder().build().expect("client")
+    }
+
+    fn client_builder(&self) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("CA"),
+            )
+            .resolve("localhost", self.gateway.local_addr())
+            .tls_info(true)
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    async fn call(&self, method: &str, params: Value) -> Value {
+        let response = self
+            .post(&format!("/{}", self.secret), &request(1, method, params))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("JSON answer")
+    }
+
+    fn node_requests(&self) -> u64 {
+        self.nodes.iter().map(SimNodeHandle::total_requests).sum()
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("metrics");
+        text
+    }
+}
+
+impl Setup {
+    async fn tcp(&self) -> TcpStream {
+        TcpStream::connect(self.gateway.local_addr())
+            .await
+            .expect("TCP connect")
+    }
+
+    /// A raw TLS connection speaking HTTP/1.1 (ALPN), for clients that misbehave on purpose.
+    async fn tls(&self) -> std::io::Result<TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .expect("CA PEM");
+        roots.add(ca).expect("CA added");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        TlsConnector::from(Arc::new(config))
+            .connect(name, self.tcp().await)
+            .await
+    }
+}
+
+/// Reads until the peer closes; returns what came and how long the close took. Fails the test
+/// if the connection is still open after `PATIENCE`.
+async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (received, started.elapsed()),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the gateway kept the connection open for {PATIENCE:?}"),
+        }
+    }
+}
+
+fn request(id: impl Into<Value>, method: &str, params: Value) -> Value {
+    json!({ "jsonrpc": "2.0", "id": id.into(), "method": method, "params": params })
+}
+
+/// One service with every node as an `Up` backend, as the backend set publishes it.
+fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
+    let service = Service {
+        id: 1,
+        def: ServiceDef {
+            vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            port: 9944,
+            protocol: Protocol::Tcp,
+            mode: ForwardingMode::Nat,
+            check: HealthCheck::None,
+        },
+        origin: Origin::Config,
+    };
+    let backends = nodes
+        .iter()
+        .zip(1..)
+        .map(|(node, id)| BackendView {
+            backend: Backend {
+                id,
+                service: 1,
+                def: BackendDef {
+                    address: node.rpc_addr(),
+                    rpc_port: node.rpc_addr().port(),
+                    weight: 1,
+                    admin: AdminState::Enabled,
+                },
+                origin: Origin::Config,
+            },
+            state: State::Up,
+            fallback: false,
+        })
+        .collect();
+    ClusterView {
+        services: vec![ServiceView {
+            service,
+            name: "192.0.2.10:9944/tcp".to_owned(),
+            backends,
+        }],
+    }
+}
+
+/// The node the kernel's Maglev table and flow hash give a client at `client`, computed here
+/// from lb_common alone.
+fn predicted_node(nodes: &[SimNodeHandle], client: Ipv4Addr) -> SocketAddr {
+    let backends: Vec<MaglevBackend> = nodes
+        .iter()
+        .zip(0u32..)
+        .map(|(node, id)| MaglevBackend {
+            id,
+            key: MaglevBackend::socket_addr_key(node.rpc_addr()),
+            weight: 1,
+        })
+        .collect();
+    let table = build_table(&backends, TABLE_SIZE).expect("table");
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&client.octets());
+    let hash = flow_hash(&FlowKey::client_key(&src, FAMILY_IPV4));
+    nodes[table[hash as usize % table.len()] as usize].rpc_addr()
+}
+
+fn error_code(answer: &Value) -> i64 {
+    answer["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("not an error: {answer}"))
+}
+
+#[tokio::test]
+async fn valid_key_works_in_every_position() {
+    let setup = Setup::start(1).await;
+    let client = setup.client();
+    let body = request(1, "system_chain", json!([]));
+    let secret = &setup.secret;
+    let requests = [
+        ("path", client.post(setup.url(&format!("/{secret}")))),
+        (
+            "query",
+            client.post(setup.url(&format!("/?apikey={secret}"))),
+        ),
+        (
+            "header",
+            client.post(setup.url("/")).header("x-api-key", secret),
+        ),
+        ("bearer", client.post(setup.url("/")).bearer_auth(secret)),
+    ];
+    for (position, builder) in requests {
+        let response = builder.json(&body).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "key in the {position}");
+        let answer: Value = response.json().await.expect("JSON");
+        assert_eq!(
+            answer,
+            json!({"jsonrpc": "2.0", "result": "Development", "id": 1})
+        );
+    }
+    assert_eq!(setup.nodes[0].request_count("system_chain"), 4);
+}
+
+#[tokio::test]
+async fn missing_unknown_and_revoked_keys_get_401_and_nothing_reaches_a_node() {
+    let setup = Setup::start(2).await;
+    let body = request(1, "system_chain", json!([]));
+    let revoked = setup.keys.create("leaving", None).expect("key");
+    assert_eq!(
+        setup
+            .post(&format!("/{}", revoked.secret), &body)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    setup.keys.revoke(revoked.record.id).expect("revoked");
+    // The verdict cache lets a revoked key live on for about a second, no longer.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = setup
+            .post(&format!("/{}", revoked.secret), &body)
+            .await
+            .status();
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revoked key still accepted: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let before = setup.node_requests();
+    for path in [
+        "/".to_owned(),
+        "/lbk_0000000000000000000000000000000000000000000000000000000000000000".to_owned(),
+        format!("/{}", revoked.secret),
+    ] {
+        let response = setup.post(&path, &body).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let answer: Value = response.json().await.expect("JSON-RPC error body");
+        assert_eq!(error_code(&answer), -32001, "{answer}");
+        assert_eq!(answer["id"], Value::Null);
+    }
+    assert_eq!(
+        setup.node_requests(),
+        before,
+        "a refused request reached a node"
+    );
+    assert!(
+        setup
+            .metrics_text()
+            .contains("lb_gateway_auth_failures_total{reason=\"missing\"} 1"),
+        "{}",
+        setup.metrics_text()
+    );
+}
+
+#[tokio::test]
+async fn over_rate_requests_get_429_with_retry_after() {
+    let setup = Setup::start(1).await;
+    let limited = setup
+        .keys
+        .create("limited", Some(RateLimit { rps: 1, burst: 2 }))
+        .expect("key");
+    let path = format!("/{}", limited.secret);
+    let body = request(1, "system_chain", json!([]));
+    for _ in 0..2 {
+        assert_eq!(setup.post(&path, &body).await.status(), StatusCode::OK);
+    }
+    let before = setup.node_requests();
+    let response = setup.post(&path, &body).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+    let answer: Value = response.json().await.expect("JSON");
+    assert_eq!(error_code(&answer), -32005);
+    assert_eq!(setup.node_requests(), before);
+    // Another key is not held back by this one.
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development"
+    );
+}
+
+#[tokio::test]
+async fn unsafe_method_is_refused_with_the_node_error() {
+    let setup = Setup::start(1).await;
+    let answer = setup.call("author_rotateKeys", json!([])).await;
+    assert_eq!(
+        answer["error"],
+        json!({"code": -32601, "message": "RPC call is unsafe to be called externally"})
+    );
+    // The gateway answers exactly what the node would.
+    let direct: Value = reqwest::Client::new()
+        .post(setup.nodes[0].http_url())
+        .json(&request(1, "author_rotateKeys", json!([])))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["error"], direct["error"]);
+    assert_eq!(
+        setup.nodes[0].request_count("author_rotateKeys"),
+        1,
+        "only the direct call"
+    );
+}
+
+#[tokio::test]
+async fn batch_is_answered_in_order_with_the_client_ids() {
+    let setup = Setup::start(1).await;
+    let batch = json!([
+        request("a", "system_chain", json!([])),
+        request(7, "author_insertKey", json!(["aura", "//Alice", "0x00"])),
+        { "jsonrpc": "1.0", "id": 8, "method": "system_chain" },
+        { "jsonrpc": "2.0", "method": "system_chain" },
+        request("z", "chain_getBlockHash", json!([0])),
+    ]);
+    let response = setup.post(&format!("/{}", setup.secret), &batch).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answers: Vec<Value> = response.json().await.expect("a batch answer");
+    let ids: Vec<&Value> = answers.iter().map(|answer| &answer["id"]).collect();
+    assert_eq!(
+        ids,
+        [&json!("a"), &json!(7), &json!(8), &json!("z")],
+        "{answers:#?}"
+    );
+    assert_eq!(answers[0]["result"], "Development");
+    assert_eq!(error_code(&answers[1]), -32601);
+    assert_eq!(error_code(&answers[2]), -32600);
+    assert_eq!(
+        answers[3]["result"],
+        json!(setup.nodes[0].block_hash(0).to_string())
+    );
+    assert_eq!(setup.nodes[0].request_count("author_insertKey"), 0);
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_their_errors() {
+    let setup = Setup::start(1).await;
+    let client = setup.client();
+    let url = setup.url(&format!("/{}", setup.secret));
+    let send = |body: Vec<u8>| {
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let before = setup.node_requests();
+
+    let response = send(b"{\"jsonrpc\":\"2.0\",".to_vec()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(error_code(&response.json().await.unwrap()), -32700);
+
+    let huge = format!("[\"{}\"]", "x".repeat(64 * 1024));
+    let response = send(huge.into_bytes()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&answer), -32007);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536 bytes")
+    );
+
+    let long: Vec<Value> = (0..11)
+        .map(|id| request(id, "system_chain", json!([])))
+        .collect();
+    let response = send(serde_json::to_vec(&long).unwrap()).await.unwrap();
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(error_code(&answer), -32010);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 10")
+    );
+
+    assert_eq!(
+        setup.node_requests(),
+        before,
+        "a malformed body reached a node"
+    );
+}
+
+#[tokio::test]
+async fn client_sticks_to_the_node_maglev_predicts() {
+    let setup = Setup::start(3).await;
+    let expected = predicted_node(&setup.nodes, Ipv4Addr::LOCALHOST);
+    assert_eq!(setup.gateway.node_for(LOCALHOST), Some(expected));
+    for _ in 0..12 {
+        assert_eq!(
+            setup.call("system_chain", json!([])).await["result"],
+            "Development"
+        );
+    }
+    for node in &setup.nodes {
+        let count = node.request_count("system_chain");
+        if node.rpc_addr() == expected {
+            assert_eq!(count, 12, "the predicted node {expected} served them all");
+        } else {
+            assert_eq!(count, 0, "node {} got requests", node.rpc_addr());
+        }
+    }
+}
+
+#[tokio::test]
+async fn reads_are_retried_on_another_node_when_the_clients_node_dies() {
+    let mut setup = Setup::start(3).await;
+    let expected = predicted_node(&setup.nodes, Ipv4Addr::LOCALHOST);
+    // Warm the pool, so the dead node's idle connections are in it too.
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development"
+    );
+    let index = setup
+        .nodes
+        .iter()
+        .position(|node| node.rpc_addr() == expected)
+        .unwrap();
+    setup.nodes.remove(index).stop().await;
+    // The control plane has not noticed (the view still says Up): every read must still work.
+    for id in 0..20 {
+        let answer = setup.call("chain_getBlockHash", json!([0])).await;
+        assert!(answer["result"].is_string(), "read {id} failed: {answer}");
+    }
+    assert_eq!(
+        setup
+            .nodes
+            .iter()
+            .map(|node| node.request_count("chain_getBlockHash"))
+            .sum::<u64>(),
+        20
+    );
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains(&format!(
+            "lb_gateway_retries_total{{node=\"{expected}\"}} 20"
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn http2_and_http1_both_work() {
+    let setup = Setup::start(1).await;
+    let body = request(1, "system_chain", json!([]));
+    let url = setup.url(&format!("/{}", setup.secret));
+    let h2 = setup.client().post(&url).json(&body).send().await.unwrap();
+    assert_eq!(h2.version(), Version::HTTP_2, "ALPN h2");
+    assert_eq!(h2.json::<Value>().await.unwrap()["result"], "Development");
+    let h1 = setup
+        .client_builder()
+        .http1_only()
+        .build()
+        .unwrap()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h1.version(), Version::HTTP_11);
+    assert_eq!(h1.json::<Value>().await.unwrap()["result"], "Development");
+}
+
+#[tokio::test]
+async fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
+    let setup = Setup::start(1).await;
+    let url = setup.url(&format!("/{}", setup.secret));
+    let body = request(1, "system_chain", json!([]));
+    let peer_cert = |response: &reqwest::Response| {
+        response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate().map(<[u8]>::to_vec))
+            .expect("TLS info")
+    };
+    let open = setup.client();
+    let first = open.post(&url).json(&body).send().await.unwrap();
+    let old_cert = peer_cert(&first);
+
+    let renewed = setup.ca.issue(&[LOCALHOST]).expect("renewed certificate");
+    write_pem(&setup.dir.0.join("gateway.crt"), &renewed.cert_pem).unwrap();
+    write_pem(&setup.dir.0.join("gateway.key"), &renewed.key_pem).unwrap();
+    setup.gateway.reload_tls().expect("reload");
+
+    let fresh = setup.client().post(&url).json(&body).send().await.unwrap();
+    assert_ne!(
+        peer_cert(&fresh),
+        old_cert,
+        "a new connection gets the new certificate"
+    );
+    // The open HTTP/2 connection carries on with the certificate it was made with.
+    let again = open.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(peer_cert(&again), old_cert);
+
+    // A broken file is refused and the running certificate stays.
+    write_pem(&setup.dir.0.join("gateway.key"), "not a key").unwrap();
+    let error = setup.gateway.reload_tls().expect_err("bad key").to_string();
+    assert!(error.contains("gateway.tls_key"), "{error}");
+    let still = setup.client().post(&url).json(&body).send().await.unwrap();
+    assert_eq!(peer_cert(&still), peer_cert(&fresh));
+}
+
+#[tokio::test]
+async fn last_use_of_a_key_reaches_the_store() {
+    let setup = Setup::start(1).await;
+    setup.call("system_chain", json!([])).await;
+    let deadline = Instant::now() + PATIENCE;
+    while setup.store.api_keys().unwrap()[0].last_used.is_none() {
+        assert!(Instant::now() < deadline, "last use never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn slow_client_is_cut_off_after_the_header_timeout_while_others_are_served() {
+    let setup = Setup::start_with(1, |section| {
+        section.header_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Connects and never starts the TLS handshake.
+    let mut silent = setup.tcp().await;
+    // Completes the handshake, then sends headers that never end.
+    let mut dribbling = setup.tls().await.expect("TLS handshake");
+    dribbling
+        .write_all(b"POST / HTTP/1.1\r\nhost: localhost\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development",
+        "others are served meanwhile"
+    );
+    let (_, silent_for) = read_until_closed(&mut silent).await;
+    let (_, dribbling_for) = read_until_closed(&mut dribbling).await;
+    for held in [silent_for, dribbling_for] {
+        assert!(held < Duration::from_secs(3), "held for {held:?}");
+    }
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_idle_timeout() {
+    let setup = Setup::start_with(1, |section| {
+        section.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = setup.tls().await.expect("TLS handshake");
+    let body = serde_json::to_vec(&request(1, "system_chain", json!([]))).unwrap();
+    let head = format!(
+        "POST /{} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        setup.secret,
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    let (received, closed_after) = read_until_closed(&mut stream).await;
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("Development"), "{text}");
+    assert!(
+        closed_after >= Duration::from_millis(250) && closed_after < Duration::from_secs(3),
+        "a keep-alive connection closed after {closed_after:?}"
+    );
+}
+
+#[tokio::test]
+async fn tls_garbage_is_dropped_and_others_are_served() {
+    let setup = Setup::start(1).await;
+    let mut plain = setup.tcp().await;
+    plain
+        .write_all(b"POST / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (received, _) = read_until_closed(&mut plain).await;
+    assert!(
+        !String::from_utf8_lossy(&received).contains("HTTP/1.1"),
+        "plain HTTP was served on the TLS port"
+    );
+    assert_eq!(
+        setup.call("system_chain", json!([])).await["result"],
+        "Development"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_per_address_limit_are_closed() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections_per_ip = 2;
+    })
+    .await;
+    let first = setup.tls().await.expect("first connection");
+    let _second = setup.tls().await.expect("second connection");
+    let mut third = setup.tcp().await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    assert!(
+        setup
+            .metrics_text()
+            .contains("lb_gateway_rejected_total{reason=\"connection_limit\"} 1")
+    );
+    // A closed connection frees its place.
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut stream = setup.tls().await.expect("TLS handshake");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = stream.read(&mut buf).await
+            && buf[..n].starts_with(b"HTTP/1.1 405")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed place was never given out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
+    let mut setup = Setup::start_with(1, |section| {
+        section.auth_failures_block = Some(AuthFailureBlock {
+            after: 3,
+            within: Duration::from_secs(60),
+            block_for: Duration::from_secs(600),
+        });
+    })
+    .await;
+    let body = request(1, "system_chain", json!([]));
+    for _ in 0..2 {
+        assert_eq!(
+            setup.post("/", &body).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Good requests do not count.
+    setup.call("system_chain", json!([])).await;
+    assert!(
+        setup.blocks.try_recv().is_err(),
+        "blocked before the third failure"
+    );
+    assert_eq!(
+        setup.post("/lbk_wrong", &body).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let request = tokio::time::timeout(PATIENCE, setup.blocks.recv())
+        .await
+        .expect("a block request")
+        .expect("the channel is open");
+    assert_eq!(request.address, LOCALHOST);
+    assert!(request.until > std::time::SystemTime::now() + Duration::from_secs(590));
+}
