@@ -116,6 +116,8 @@ pub struct GatewaySection {
     pub max_body_bytes: usize,
     /// Most calls in one batch.
     pub max_batch: usize,
+    /// Memory budget of the response cache, in bytes (entries' bookkeeping included).
+    pub cache_bytes: u64,
     /// Time a client has for the TLS handshake and for each request's headers (slowloris).
     #[serde(deserialize_with = "crate::health::parse_duration")]
     pub header_timeout: Duration,
@@ -172,6 +174,7 @@ impl Default for GatewaySection {
             service: None,
             max_body_bytes: 10 * 1024 * 1024,
             max_batch: 100,
+            cache_bytes: crate::cache::DEFAULT_MAX_BYTES,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
@@ -215,6 +218,7 @@ impl GatewaySection {
         for (field, value) in [
             ("max_body_bytes", self.max_body_bytes),
             ("max_batch", self.max_batch),
+            ("cache_bytes", self.cache_bytes as usize),
             (
                 "max_connections_per_ip",
                 self.max_connections_per_ip as usize,

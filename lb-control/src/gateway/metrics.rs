@@ -2,7 +2,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -42,6 +42,16 @@ pub struct GatewayMetrics {
     pub upstream_seconds: Family<UpstreamLabels, Histogram>,
     /// Calls sent to a second node after `node` failed them.
     pub retries: Family<UpstreamLabels, Counter>,
+    /// Response cache lookups by result: `hit`, `miss`, `coalesced` (shared another caller's
+    /// upstream call), `uncacheable`.
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    pub cache_bytes: Gauge,
+    pub cache_entries: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub result: &'static str,
 }
 
 impl GatewayMetrics {
@@ -57,6 +67,9 @@ impl GatewayMetrics {
                 ])
             }),
             retries: Family::default(),
+            cache_lookups: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_entries: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb_gateway");
         registry.register(
@@ -88,6 +101,21 @@ impl GatewayMetrics {
             "retries",
             "Reads sent to another node after this node failed them",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Response cache lookups by result",
+            metrics.cache_lookups.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes the response cache holds, bookkeeping included",
+            metrics.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Answers the response cache holds",
+            metrics.cache_entries.clone(),
         );
         metrics
     }

@@ -43,6 +43,7 @@ pub use self::{
 };
 use crate::{
     backends::{ClusterView, ServiceKey},
+    cache::{self, ChainFollower, ResponseCache},
     config::GatewaySection,
     keys::ApiKeys,
     store::Store,
@@ -108,6 +109,8 @@ pub struct Gateway {
     serving: JoinHandle<()>,
     /// Following the view and writing last-used times: stopped with the server.
     helpers: [JoinHandle<()>; 2],
+    /// Follows the nodes' heads and runtime versions for the response cache; stops when dropped.
+    follower: ChainFollower,
 }
 
 impl Gateway {
@@ -152,6 +155,9 @@ impl Gateway {
         // The first rotation is in place before the first request.
         upstream.set_nodes(&upstream::live_nodes(&context.view.borrow(), service))?;
         let auth = Arc::new(Authenticator::new(context.keys, context.store));
+        let cache = ResponseCache::new(section.cache_bytes);
+        let (endpoints, followed) = watch::channel(Vec::new());
+        let follower = cache::follow(followed, cache.clone());
         let failures = section
             .auth_failures_block
             .map(|policy| block::FailureTracker::new(policy, context.blocks));
@@ -160,6 +166,7 @@ impl Gateway {
             failures,
             policy: MethodPolicy::new(&section.deny, &section.allow),
             upstream: upstream.clone(),
+            cache,
             metrics: context.metrics,
             limits: BodyLimits {
                 max_body_bytes: section.max_body_bytes,
@@ -173,7 +180,7 @@ impl Gateway {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let helpers = [
-            tokio::spawn(upstream.clone().follow(context.view, service)),
+            tokio::spawn(upstream.clone().follow(context.view, service, endpoints)),
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(auth::TOUCH_INTERVAL);
                 loop {
@@ -198,6 +205,7 @@ impl Gateway {
             stop,
             serving,
             helpers,
+            follower,
         })
     }
 
@@ -225,5 +233,6 @@ impl Gateway {
         for task in self.helpers {
             task.abort();
         }
+        drop(self.follower);
     }
 }

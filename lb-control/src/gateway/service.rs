@@ -1,6 +1,6 @@
 //! One HTTP request through the gateway: API key → body (size limit) → JSON-RPC parse (batch
-//! limit) → rate limit → per call: method policy → [`Pipeline::resolve`] (node) → answers in
-//! the order of the calls, each with the client's id.
+//! limit) → rate limit → per call: method policy → [`Pipeline::resolve`] (response cache, else
+//! a node) → answers in the order of the calls, each with the client's id.
 //!
 //! Nothing reaches a node before the key is known good: the body of an unauthenticated request
 //! is not even read.
@@ -21,11 +21,14 @@ use super::{
     auth::{AuthError, Authenticator, find_key},
     block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
-    metrics::{AuthFailureLabels, CallLabels, GatewayMetrics},
+    metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
     policy::{MethodClass, MethodPolicy},
     upstream::Upstream,
 };
-use crate::backends::ApiKeyRecord;
+use crate::{
+    backends::ApiKeyRecord,
+    cache::{FetchError, Lookup, ResponseCache, UpstreamAnswer, classify},
+};
 
 /// The request limits the pipeline enforces.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +43,7 @@ pub struct Pipeline {
     pub failures: Option<FailureTracker>,
     pub policy: MethodPolicy,
     pub upstream: Arc<Upstream>,
+    pub cache: ResponseCache,
     pub metrics: Arc<GatewayMetrics>,
     pub limits: BodyLimits,
 }
@@ -190,18 +194,56 @@ impl Pipeline {
         Some(jsonrpc::answer(Some(id), &outcome))
     }
 
-    /// Where a call that passed every check gets its outcome: the one seam for the response
-    /// cache (`ResponseCache::get_or_fetch(method, params, policy, fetch)` wraps the upstream
-    /// call here, keyed by method and params; the client's id is put back by the caller).
+    /// Where a call that passed every check gets its outcome: from the response cache when the
+    /// chain allows, else from a node (one upstream call for identical calls in flight). The
+    /// client's id is put back by the caller.
     async fn resolve(&self, call: &Call, client: IpAddr) -> (Outcome, &'static str) {
-        match self
-            .upstream
-            .call(client, &call.method, call.params.as_deref())
-            .await
-        {
-            Ok(outcome) => {
-                let label = if outcome.is_error() { "error" } else { "ok" };
-                (outcome, label)
+        let params: serde_json::Value = match call.params.as_deref() {
+            Some(params) => serde_json::from_str(params.get()).unwrap_or_default(),
+            None => serde_json::Value::Array(Vec::new()),
+        };
+        let policy = classify(&call.method, &params, self.cache.finalized());
+        let fetch = || async {
+            match self
+                .upstream
+                .call(client, &call.method, call.params.as_deref())
+                .await
+            {
+                Ok(Outcome::Result(result)) => Ok(UpstreamAnswer::Result(result)),
+                Ok(Outcome::Error(error)) => Ok(UpstreamAnswer::Error(error)),
+                Err(error) => Err(FetchError::Unreachable(error.to_string())),
+            }
+        };
+        let answer = self
+            .cache
+            .get_or_fetch(&call.method, &params, policy, fetch)
+            .await;
+        self.metrics
+            .cache_bytes
+            .set(self.cache.weighted_size() as i64);
+        self.metrics
+            .cache_entries
+            .set(self.cache.entry_count() as i64);
+        match answer {
+            Ok((result, lookup)) => {
+                let looked_up = match (policy, lookup) {
+                    (crate::cache::CachePolicy::Never, _) => "uncacheable",
+                    (_, Lookup::Hit) => "hit",
+                    (_, Lookup::Miss) => "miss",
+                    (_, Lookup::Coalesced) => "coalesced",
+                };
+                self.metrics
+                    .cache_lookups
+                    .get_or_create(&CacheLabels { result: looked_up })
+                    .inc();
+                let result = RawValue::from_string(result.get().to_owned())
+                    .expect("a cached result is valid JSON");
+                (Outcome::Result(result), "ok")
+            }
+            Err(FetchError::Rpc(error)) => {
+                let error = RawValue::from_string(error.get().to_owned())
+                    .expect("a node's error object is valid JSON");
+                (Outcome::Error(error), "error")
             }
             Err(error) => {
                 warn!(method = %call.method, "{error}");

@@ -170,11 +170,13 @@ impl Upstream {
         Ok(())
     }
 
-    /// Keeps the rotation equal to the view's live nodes until the view's sender goes.
+    /// Keeps the rotation equal to the view's live nodes until the view's sender goes, and
+    /// publishes their endpoints to `endpoints` (the chain follower's node list).
     pub async fn follow(
         self: Arc<Self>,
         mut view: watch::Receiver<Arc<ClusterView>>,
         service: Option<ServiceKey>,
+        endpoints: watch::Sender<Vec<SocketAddr>>,
     ) {
         let mut current = Vec::new();
         loop {
@@ -186,6 +188,7 @@ impl Upstream {
                             nodes = ?nodes.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
                             "gateway rotation updated"
                         );
+                        endpoints.send_replace(nodes.iter().map(|node| node.endpoint).collect());
                         current = nodes;
                     }
                     Err(error) => warn!("gateway rotation unchanged: {error}"),
