@@ -3,7 +3,7 @@
 //! a node) → answers in the order of the calls, each with the client's id.
 //!
 //! Nothing reaches a node before the key is known good: the body of an unauthenticated request
-//! is not even read.
+//! is only drained (at most [`UNAUTHENTICATED_BODY_DRAIN`] bytes), never parsed.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -29,6 +29,9 @@ use crate::{
     backends::ApiKeyRecord,
     cache::{FetchError, Lookup, ResponseCache, UpstreamAnswer, classify},
 };
+
+/// How much of an unauthenticated request's body is read (and dropped) before the 401.
+pub const UNAUTHENTICATED_BODY_DRAIN: usize = 64 * 1024;
 
 /// The request limits the pipeline enforces.
 #[derive(Debug, Clone, Copy)]
@@ -91,6 +94,12 @@ impl Pipeline {
                         StatusCode::SERVICE_UNAVAILABLE
                     }
                 };
+                // Read (and drop) what the client already sent: answering an HTTP/2 request
+                // before its body ends resets the stream, and curl and others then report a
+                // framing error instead of the 401. Bounded, never parsed, never forwarded.
+                let _ = Limited::new(request.into_body(), UNAUTHENTICATED_BODY_DRAIN)
+                    .collect()
+                    .await;
                 return rpc_response(
                     status,
                     jsonrpc::error_body(&RpcError::unauthorized(&error.to_string())),
