@@ -119,6 +119,19 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
         "{metrics}"
     );
     ensure!(metrics.contains("lb_gateway_auth_failures_total{reason=\"missing\"} 1"));
+    // The admin API's stats carry the same gateway counters.
+    let mut stats = command_in_netns(&lab.lb().netns, "curl")?;
+    stats.args([
+        "-sS",
+        "-H",
+        &format!("Authorization: Bearer {token}"),
+        "http://127.0.0.1:9900/v1/stats",
+    ]);
+    let stats: serde_json::Value = serde_json::from_slice(&run_checked(&mut stats)?.stdout)?;
+    ensure!(
+        stats["gateway"]["lb_gateway_calls_total{class=\"read\",outcome=\"ok\"}"] == 1,
+        "{stats}"
+    );
 
     // A renewed certificate from another CA: after SIGHUP only the new CA is accepted.
     let renewed_ca = LabCa::new()?;

@@ -409,7 +409,9 @@ pub struct StatsReport {
     pub drops: BTreeMap<String, u64>,
     pub services: Vec<ServiceTraffic>,
     pub backends: Vec<BackendTraffic>,
-    /// The JSON-RPC gateway's counters, by name; empty until the gateway runs.
+    /// The JSON-RPC gateway's counters and gauges, by sample name and labels as `/metrics`
+    /// shows them (e.g. `lb_gateway_cache_lookups_total{result="hit"}`); empty without a
+    /// gateway.
     pub gateway: BTreeMap<String, u64>,
 }
 

@@ -1,6 +1,9 @@
 //! What the cluster is doing: kernel counters, health, and the event log.
 
+use std::collections::BTreeMap;
+
 use axum::{Json, extract::State};
+use prometheus_client::registry::Registry;
 
 use super::{
     Context,
@@ -32,7 +35,25 @@ pub async fn stats(State(context): State<Context>) -> ApiResult<Json<StatsReport
             .map_err(|error| ApiError::internal(format!("kernel counters: {error}")))
     })
     .await?;
-    Ok(Json(StatsReport::from(&stats)))
+    let mut report = StatsReport::from(&stats);
+    report.gateway = gateway_counters(&context.registry)?;
+    Ok(Json(report))
+}
+
+/// The gateway's counters and gauges as `/metrics` shows them (`lb_gateway_…` samples, by
+/// name and labels; histogram buckets left out), so the two can never disagree.
+fn gateway_counters(registry: &Registry) -> ApiResult<BTreeMap<String, u64>> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode_registry(&mut text, registry)
+        .map_err(|error| ApiError::internal(format!("encoding the gateway counters: {error}")))?;
+    Ok(text
+        .lines()
+        .filter(|line| line.starts_with("lb_gateway_") && !line.contains("_bucket{"))
+        .filter_map(|line| {
+            let (sample, value) = line.rsplit_once(' ')?;
+            Some((sample.to_owned(), value.parse::<f64>().ok()? as u64))
+        })
+        .collect())
 }
 
 /// The cluster's best block and every node's state and health.
