@@ -18,7 +18,7 @@ pub const MODE_NAT: u32 = 0;
 pub const MODE_DSR: u32 = 1;
 
 /// Identifies a service: the destination a client connects to.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip: [u8; 16],
@@ -32,7 +32,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 /// A VIP with at least one service: fragments to it cannot be matched to a port, so they are
 /// dropped (or passed, by setting) by address alone.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub vip: [u8; 16],
@@ -69,7 +69,7 @@ pub const BACKEND_DRAINING: u32 = 1;
 pub const BACKEND_DOWN: u32 = 2;
 
 /// Where a backend id leads.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr: [u8; 16],
@@ -105,7 +105,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 
 /// How a backend's reply is matched to its flow in NAT mode: the reply's source (the backend)
 /// and destination port (the LB's NAT port). The LB's own address is implied by the family.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatKey {
     pub backend_addr: [u8; 16],
@@ -126,7 +126,7 @@ pub type NatValue = FlowKey;
 pub const CONFIG_PASS_FRAGMENTS: u32 = 1;
 
 /// Settings of the whole program, in a one-entry array.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConfig {
     /// Source address of NAT-mode traffic towards IPv4 backends.

@@ -25,6 +25,7 @@ const NAT_PORT_PROBES: u32 = 8;
 /// `Result`: the compiler would put the enum's tag inside the struct's padding, and the kernel
 /// rejects BTF that describes such a layout.
 #[derive(Default)]
+#[repr(C, align(8))]
 pub struct Selected {
     pub service_id: u32,
     pub backend_id: u32,

@@ -16,14 +16,15 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Where a rewritten packet goes: its outermost IP header's fields that the FIB lookup needs.
+#[repr(C, align(8))]
 pub struct NextHop {
-    pub family: u8,
-    pub proto: u8,
-    pub ip_len: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// The backend id whose route may be cached, or `NO_CACHE` (replies to clients).
     pub cache_slot: u32,
+    pub ip_len: u16,
+    pub family: u8,
+    pub proto: u8,
 }
 
 /// `NextHop::cache_slot` of a packet whose route is looked up every time.

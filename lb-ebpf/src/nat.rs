@@ -28,6 +28,7 @@ const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
 /// The addresses and ports a packet leaves with.
+#[repr(C, align(8))]
 struct Rewrite {
     hop: NextHop,
     src_port_be: u16,

@@ -35,8 +35,11 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// An IP packet's addresses and transport, with the offsets needed to rewrite it.
 #[derive(Clone, Copy, Default)]
+#[repr(C, align(8))]
 pub struct IpPacket {
-    pub family: u8,
+    // Addresses first, at 8-byte aligned offsets, so copies and comparisons of them are wide.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     /// Offset of the IP header from the start of the frame (u16 keeps the struct, which lives
     /// on the entry point's stack, small).
     pub l3_offset: u16,
@@ -44,12 +47,11 @@ pub struct IpPacket {
     pub l4_offset: u16,
     /// Length of the IP packet (header and payload) as its header states.
     pub ip_len: u16,
-    /// Transport protocol (IPv6: the first next header).
-    pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
     pub src_port_be: u16,
     pub dst_port_be: u16,
+    pub family: u8,
+    /// Transport protocol (IPv6: the first next header).
+    pub proto: u8,
     /// A whole TCP or UDP header is present (not a fragment, not truncated).
     pub has_ports: bool,
     /// Part of a fragmented packet (first or later).
