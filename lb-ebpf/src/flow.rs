@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, Scratch,
     parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::Verdict,
 };
@@ -46,29 +46,35 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
     }
 }
 
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
-#[inline(never)]
+#[inline(always)]
 pub fn select_backend(
-    ip: &IpPacket,
+    scratch: &mut Scratch,
     service: &Service,
     config: &LbConfig,
-    selected: &mut Selected,
 ) -> Result<(), DropReason> {
-    let key = ip.flow_key();
-    if established(ip, &key, service, selected) {
+    if established(&scratch.ip, service, &mut scratch.selected) {
         return Ok(());
     }
-    let hash = hash_flow(&key);
+    new_flow(scratch, service, config)
+}
+
+/// A flow's first packet: its backend from the Maglev table, its NAT port, its flow entry.
+// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
+#[inline(never)]
+fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Result<(), DropReason> {
+    let ip = &scratch.ip;
+    let key = &ip.key;
+    let hash = hash_flow(key);
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let backend_id = maglev_lookup(service, config, hash).ok_or(DropReason::NoBackend)?;
     let backend = *BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
     let nat_port_be = if service.mode == MODE_NAT {
-        allocate_nat_port(ip, &key, &backend, config, hash)?
+        allocate_nat_port(ip, key, &backend, config, hash)?
     } else {
         0
     };
-    let flow = Flow {
+    scratch.flow = Flow {
         backend_id,
         flags: closing_flags(ip, 0),
         nat_port_be,
@@ -77,8 +83,8 @@ pub fn select_backend(
     };
     // A full LRU map evicts its least recently used flow, so an insert only fails on memory
     // pressure; the packet still goes out and the next one tries again.
-    let _ = FLOWS.insert(&key, &flow, 0);
-    *selected = Selected {
+    let _ = FLOWS.insert(&scratch.ip.key, &scratch.flow, 0);
+    scratch.selected = Selected {
         service_id: service.id,
         backend_id,
         backend,
@@ -97,19 +103,19 @@ fn hash_flow(key: &FlowKey) -> u32 {
 
 /// Fills in the tracked flow's backend and returns true, unless there is no tracked flow, its
 /// backend is down, or a SYN reopens a closed flow.
-// A call of its own: its copy of the flow stays out of `select_backend`'s stack frame.
-#[inline(never)]
-fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut Selected) -> bool {
-    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+#[inline(always)]
+fn established(ip: &IpPacket, service: &Service, selected: &mut Selected) -> bool {
+    let Some(flow) = FLOWS.get_ptr_mut(&ip.key) else {
         return false;
     };
     // SAFETY: the pointer comes from the map; a concurrent update of the same entry can only
     // race on `flags` and `last_seen_ns`, both advisory.
-    let current = unsafe { *flow };
-    let reopened = ip.proto == IPPROTO_TCP
+    let current = unsafe { &*flow };
+    let reopened = ip.key.proto == IPPROTO_TCP
         && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && current.flags & FLOW_CLOSING != 0;
-    let Some(backend) = BACKENDS.get(current.backend_id) else {
+    let backend_id = current.backend_id;
+    let Some(backend) = BACKENDS.get(backend_id) else {
         return false;
     };
     if reopened || backend.state == BACKEND_DOWN {
@@ -127,12 +133,12 @@ fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut S
     }
     *selected = Selected {
         service_id: service.id,
-        backend_id: current.backend_id,
+        backend_id,
         backend: *backend,
         nat_port_be: current.nat_port_be,
         // Only DSR uses the hash (for the outer source); NAT flows skip computing it.
         hash: if service.mode == MODE_DSR {
-            hash_flow(key)
+            hash_flow(&ip.key)
         } else {
             0
         },
@@ -144,7 +150,7 @@ fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut S
 /// `flags` with `FLOW_CLOSING` added when the packet is a TCP FIN or RST.
 #[inline(always)]
 fn closing_flags(ip: &IpPacket, flags: u32) -> u32 {
-    if ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if ip.key.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags | FLOW_CLOSING
     } else {
         flags
@@ -180,13 +186,13 @@ fn allocate_nat_port(
         return Err(DropReason::NatPortsExhausted);
     }
     let range = max - min + 1;
-    let client_port = u32::from(u16::from_be(ip.src_port_be));
+    let client_port = u32::from(u16::from_be(ip.key.src_port_be));
     let mut nat_key = NatKey {
         backend_addr: backend.addr,
         backend_port_be: backend.port_be,
         nat_port_be: 0,
-        proto: ip.proto,
-        family: ip.family,
+        proto: ip.key.proto,
+        family: ip.key.family,
         _pad: [0; 2],
     };
     for probe in 0..NAT_PORT_PROBES {

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
-use crate::{ROUTES, parse::ptr_at, stats::Verdict};
+use crate::{ROUTES, Scratch, parse::ptr_at, stats::Verdict};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -37,50 +37,50 @@ const ROUTE_CACHE_NS: u64 = 1_000_000_000;
 /// A backend's route as the FIB last gave it, per CPU (so no CPU ever reads a half-written
 /// entry).
 #[derive(Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct CachedRoute {
     /// The destination the entry is for: a backend id reused for another address misses.
     dst: [u8; 16],
     refreshed_ns: u64,
-    ifindex: u32,
     /// Destination then source MAC, as they go into the Ethernet header.
     macs: [u8; 12],
+    ifindex: u32,
 }
 
-/// Sends the (already rewritten) packet towards `hop.dst`.
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
-#[inline(never)]
-pub fn to_next_hop(ctx: &XdpContext, hop: &NextHop) -> Result<Verdict, DropReason> {
+/// The FIB lookup's parameter block.
+pub type FibParams = FibLookup;
+
+/// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the cached route when
+/// the hop has a cache slot and its entry is fresh, else by a FIB lookup.
+#[inline(always)]
+pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, DropReason> {
     let ingress = ctx.ingress_ifindex() as u32;
-    if hop.cache_slot == NO_CACHE {
-        let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
-        return send(ctx, ingress, ifindex, &macs);
-    }
-    let cached = ROUTES.get_ptr_mut(hop.cache_slot);
-    // The coarse clock (the last tick's time) is precise enough for a one-second cache and
-    // reads no hardware clock: the fine one cost an established flow about a tenth of its time.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(route) = cached {
+    let slot = scratch.hop.cache_slot;
+    if slot != NO_CACHE
+        && let Some(cached) = ROUTES.get_ptr_mut(slot)
+    {
         // SAFETY: this CPU's own slot of a per-CPU map.
-        let route = unsafe { &*route };
-        if route.dst == hop.dst && now.wrapping_sub(route.refreshed_ns) < ROUTE_CACHE_NS {
-            return send(ctx, ingress, route.ifindex, &route.macs);
+        let cached = unsafe { &mut *cached };
+        // The coarse clock (the last tick's time) is precise enough for a one-second
+        // cache and reads no hardware clock: the fine one cost an established flow about
+        // a tenth of its time.
+        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if cached.dst == scratch.hop.dst && now.wrapping_sub(cached.refreshed_ns) < ROUTE_CACHE_NS {
+            return send(ctx, ingress, cached.ifindex, &cached.macs);
         }
-    }
-    let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
-    if let Some(route) = cached {
-        // SAFETY: this CPU's own slot of a per-CPU map.
-        unsafe {
-            *route = CachedRoute {
-                dst: hop.dst,
-                refreshed_ns: now,
-                ifindex,
-                macs,
-            };
+        if !fib_lookup(ctx, scratch, ingress) {
+            return Err(DropReason::NoRoute);
         }
+        *cached = scratch.route;
+        cached.refreshed_ns = now;
+        return send(ctx, ingress, cached.ifindex, &cached.macs);
     }
-    send(ctx, ingress, ifindex, &macs)
+    if !fib_lookup(ctx, scratch, ingress) {
+        return Err(DropReason::NoRoute);
+    }
+    let route = &scratch.route;
+    send(ctx, ingress, route.ifindex, &route.macs)
 }
 
 /// Rewrites the MAC addresses and sends the frame out of `ifindex`.
@@ -102,16 +102,18 @@ fn send(
     Ok(Verdict::Action(action as u32))
 }
 
-/// Asks the kernel's FIB for the egress device and MAC addresses towards `hop.dst`.
-#[inline(always)]
-fn fib_lookup(
-    ctx: &XdpContext,
-    hop: &NextHop,
-    ingress: u32,
-) -> Result<(u32, [u8; 12]), DropReason> {
+/// Asks the kernel's FIB for the egress device and MAC addresses towards `scratch.hop.dst`
+/// and leaves them in `scratch.route`; false when there is no usable route (no route, or the
+/// neighbour is not resolved yet: the client retransmits, and lb-control keeps the backends'
+/// neighbours resolved).
+// A call of its own: only cache misses and replies take it.
+#[inline(never)]
+fn fib_lookup(ctx: &XdpContext, scratch: &mut Scratch, ingress: u32) -> bool {
+    let hop = &scratch.hop;
     let (src, dst) = (&hop.src, &hop.dst);
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: FibLookup = unsafe { mem::zeroed() };
+    scratch.fib = unsafe { mem::zeroed() };
+    let params = &mut scratch.fib;
     params.l4_protocol = hop.proto;
     params.__bindgen_anon_1.tot_len = hop.ip_len;
     params.ifindex = ingress;
@@ -128,20 +130,20 @@ fn fib_lookup(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
-            &mut params,
+            params,
             mem::size_of::<FibLookup>() as i32,
             0,
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        // No route, or the neighbour is not resolved yet: the client retransmits, and lb-control
-        // keeps the backends' neighbours resolved.
-        return Err(DropReason::NoRoute);
+        return false;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    Ok((params.ifindex, macs))
+    let route = &mut scratch.route;
+    route.dst = scratch.hop.dst;
+    route.ifindex = params.ifindex;
+    route.macs[..6].copy_from_slice(&params.dmac);
+    route.macs[6..].copy_from_slice(&params.smac);
+    true
 }
 
 #[inline(always)]
