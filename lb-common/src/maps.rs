@@ -8,6 +8,7 @@ use crate::flow::FlowKey;
 
 /// Services the kernel can hold; service ids index `SERVICE_STATS` and the Maglev tables.
 pub const MAX_SERVICES: u32 = 16;
+const _: () = assert!(MAX_SERVICES <= u16::MAX as u32, "Flow::service_id is a u16");
 /// Backends the kernel can hold; backend ids index `BACKENDS` and `BACKEND_STATS`.
 pub const MAX_BACKENDS: u32 = 1024;
 /// Default connection-tracking capacity (LRU: the least recently used flow is evicted first).
@@ -68,6 +69,20 @@ pub const BACKEND_DRAINING: u32 = 1;
 /// Its flows are dead: packets of a flow pinned to it are re-hashed to a live backend.
 pub const BACKEND_DOWN: u32 = 2;
 
+/// What a service id stands for, indexed by the id: the key of the service that holds it and
+/// its mode; all zero while the id is free. A tracked flow records its service's id, and the
+/// established-flow path checks the packet against this entry instead of looking the service
+/// up by key. Userspace writes it with the service and clears it when the service goes.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    /// `MODE_NAT` or `MODE_DSR`.
+    pub mode: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 24);
+
 /// Where a backend id leads.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,10 +107,13 @@ pub const FLOW_CLOSING: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend_id: u32,
-    pub flags: u32,
+    /// The flow hash: DSR takes the low bits of its outer source address from it.
+    pub hash: u32,
     /// NAT mode: the port the LB uses towards the backend (network byte order).
     pub nat_port_be: u16,
-    pub _pad: [u8; 6],
+    /// The id of the service the flow was opened for (see `ServiceSlot`).
+    pub service_id: u16,
+    pub flags: u32,
     /// `bpf_ktime_get_ns()` of the flow's first packet, then of its last packet once it is
     /// closing (the clock is not read for other packets).
     pub last_seen_ns: u64,
@@ -250,6 +268,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::ServiceSlot {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::NatKey {}

@@ -1041,6 +1041,64 @@ fn draining_backend_keeps_established_flow_and_gets_no_new_ones() {
 }
 
 #[test]
+fn flows_of_a_removed_service_stop_and_carry_on_when_it_returns() {
+    lab("svcgone", settings(), |lab| {
+        // Keeps backend 2 configured (and its flows tracked) while the service comes and goes.
+        let keeper = nat_tcp(v4(VIP_V4, RPC_PORT + 2), vec![up(b4(2))]);
+        let other = nat_tcp(v4(VIP_V4, RPC_PORT + 1), vec![up(b4(3))]);
+        let nat = nat_tcp(vip(), vec![up(b4(2))]);
+        lab.apply(&[keeper.clone(), nat.clone()]);
+        let syn = Packet::syn(client(40000), vip());
+        let port = lab.new_nat_flow("flow established on backend 2".into(), &syn, b4(2));
+        let data = Packet::tcp(client(40000), vip());
+
+        lab.apply(std::slice::from_ref(&keeper));
+        lab.passed(
+            "the service is removed: its tracked flow's next segment goes to the stack",
+            CLIENT_LINK,
+            data.bytes(),
+        );
+        lab.apply(&[keeper.clone(), other.clone()]);
+        lab.passed(
+            "another service takes the freed id: the old flow's segment still goes to the stack",
+            CLIENT_LINK,
+            data.bytes(),
+        );
+        lab.new_nat_flow(
+            "the other service balances its own flows".into(),
+            &Packet::syn(client(40001), v4(VIP_V4, RPC_PORT + 1)),
+            b4(3),
+        );
+
+        lab.apply(&[keeper.clone(), other.clone(), nat]);
+        for round in ["the service is back under another id", "and again"] {
+            lab.established_nat_flow(
+                format!("{round}: the tracked flow carries on, same backend, same NAT port"),
+                &data,
+                b4(2),
+                port,
+            );
+        }
+        lab.apply(&[
+            keeper,
+            other,
+            service(vip(), Protocol::Tcp, ForwardingMode::Dsr, vec![up(b4(2))]),
+        ]);
+        let input = data.bytes();
+        let output = ipip_v4(&input, dsr_source_v4(&data), 2);
+        lab.row(Row {
+            description: "the service turns to DSR: the tracked flow's next segment is \
+                          encapsulated to the same backend"
+                .into(),
+            link: CLIENT_LINK,
+            input,
+            expect: Expect::Forward(XdpAction::Redirect, output),
+            counted: Counted::Forwarded { new_flow: false },
+        });
+    });
+}
+
+#[test]
 fn established_flows_stay_when_backends_are_added() {
     lab("add", settings(), |lab| {
         let before = nat_tcp(vip(), vec![up(b4(2))]);

@@ -6,12 +6,12 @@ use lb_common::{
     flow::{FlowKey, flow_hash},
     maps::{
         BACKEND_DOWN, Backend, CONFIG_PASS_FRAGMENTS, DropReason, FLOW_CLOSING, Flow, LbConfig,
-        MODE_DSR, MODE_NAT, NO_BACKEND, NatKey, Service,
+        MODE_NAT, NO_BACKEND, NatKey, Service,
     },
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, Scratch,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SERVICES_BY_ID, Scratch,
     parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::Verdict,
 };
@@ -46,13 +46,58 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
     }
 }
 
+/// The established-flow path: when the packet belongs to a tracked flow whose service (by the
+/// id the flow recorded) still has the packet's destination, fills in its backend and returns
+/// the service's mode; or the verdict of a packet that cannot go on. `None` leaves the packet
+/// to the full path (service by key, then tracked or new flow): no tracked flow, its service
+/// gone or changed, its backend down, or a SYN reopening it.
+#[inline(always)]
+pub fn established_fast(scratch: &mut Scratch) -> Option<Result<u32, Verdict>> {
+    let ip = &scratch.ip;
+    if !ip.has_ports || ip.is_fragment {
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(&ip.key)?;
+    // SAFETY: the pointer comes from the map; only `flags` and `last_seen_ns` are ever written
+    // in place, both advisory.
+    let service_id = u32::from(unsafe { (*flow).service_id });
+    let service = SERVICES_BY_ID.get(service_id)?;
+    let key = &service.key;
+    if key.vip != ip.key.dst_addr
+        || key.port_be != ip.key.dst_port_be
+        || key.proto != ip.key.proto
+        || key.family != ip.key.family
+    {
+        return None;
+    }
+    // As on the full path: a packet that cannot be forwarded does not touch its flow.
+    if ip.ttl <= 1 {
+        return Some(Err(Verdict::Drop(DropReason::TtlExceeded, service_id)));
+    }
+    if !follow_flow(ip, flow, service_id, &mut scratch.selected) {
+        return None;
+    }
+    Some(Ok(service.mode))
+}
+
 #[inline(always)]
 pub fn select_backend(
     scratch: &mut Scratch,
     service: &Service,
     config: &LbConfig,
 ) -> Result<(), DropReason> {
-    if established(&scratch.ip, service, &mut scratch.selected) {
+    let ip = &scratch.ip;
+    if let Some(flow) = FLOWS.get_ptr_mut(&ip.key)
+        && follow_flow(ip, flow, service.id, &mut scratch.selected)
+    {
+        // The flow's service is back under another id: record it, so the flow's next packets
+        // take the established-flow path again.
+        // SAFETY: as in `follow_flow`; an advisory field of the entry.
+        unsafe {
+            if u32::from((*flow).service_id) != service.id {
+                (*flow).service_id = service.id as u16;
+            }
+        }
         return Ok(());
     }
     new_flow(scratch, service, config)
@@ -76,9 +121,11 @@ fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Resu
     };
     scratch.flow = Flow {
         backend_id,
-        flags: closing_flags(ip, 0),
+        hash,
         nat_port_be,
-        _pad: [0; 6],
+        // Service ids are below MAX_SERVICES, which fits.
+        service_id: service.id as u16,
+        flags: closing_flags(ip, 0),
         last_seen_ns: now,
     };
     // A full LRU map evicts its least recently used flow, so an insert only fails on memory
@@ -101,13 +148,10 @@ fn hash_flow(key: &FlowKey) -> u32 {
     flow_hash(key)
 }
 
-/// Fills in the tracked flow's backend and returns true, unless there is no tracked flow, its
-/// backend is down, or a SYN reopens a closed flow.
+/// Fills in the tracked flow's backend and returns true, unless its backend is down or a SYN
+/// reopens a closed flow.
 #[inline(always)]
-fn established(ip: &IpPacket, service: &Service, selected: &mut Selected) -> bool {
-    let Some(flow) = FLOWS.get_ptr_mut(&ip.key) else {
-        return false;
-    };
+fn follow_flow(ip: &IpPacket, flow: *mut Flow, service_id: u32, selected: &mut Selected) -> bool {
     // SAFETY: the pointer comes from the map; a concurrent update of the same entry can only
     // race on `flags` and `last_seen_ns`, both advisory.
     let current = unsafe { &*flow };
@@ -132,16 +176,11 @@ fn established(ip: &IpPacket, service: &Service, selected: &mut Selected) -> boo
         }
     }
     *selected = Selected {
-        service_id: service.id,
+        service_id,
         backend_id,
         backend: *backend,
         nat_port_be: current.nat_port_be,
-        // Only DSR uses the hash (for the outer source); NAT flows skip computing it.
-        hash: if service.mode == MODE_DSR {
-            hash_flow(&ip.key)
-        } else {
-            0
-        },
+        hash: current.hash,
         is_new: false,
     };
     true

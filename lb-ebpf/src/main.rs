@@ -1,8 +1,9 @@
 //! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
 //! its own module and returns a verdict or lets the packet continue.
 //!
-//! Pipeline: parse → count → blocklist → NAT reply → service → fragments → flow (conntrack or
-//! Maglev) → NAT or DSR rewrite → next hop (FIB) → XDP_TX / redirect.
+//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (its service checked by id)
+//! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
+//! (route cache, else FIB) → XDP_TX / redirect.
 //!
 //! Rules the verifier and the code generator impose, learned the hard way:
 //! - The established path is one function: every call of a subprogram costs a frame setup and
@@ -47,8 +48,8 @@ use lb_common::{
     flow::FlowKey,
     maps::{
         Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason, Flow, LbConfig,
-        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceStats,
-        VipKey,
+        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceSlot,
+        ServiceStats, VipKey,
     },
     stats::{Counters, ProtoSlot},
 };
@@ -67,6 +68,10 @@ static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
 /// Services by (VIP, port, protocol).
 #[map]
 static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Services by id: what the established-flow path checks a tracked flow's service against.
+#[map]
+static SERVICES_BY_ID: Array<ServiceSlot> = Array::pinned(MAX_SERVICES, 0);
 
 /// Addresses that carry at least one service, for fragments that have no port to match.
 #[map]
@@ -197,39 +202,20 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
     {
         return verdict;
     }
-    let Some(service) = lookup::service_of(scratch) else {
-        if scratch.ip.is_fragment && lookup::is_vip(scratch) {
-            return flow::fragment_verdict(config, NO_SERVICE);
-        }
-        return Verdict::pass();
+    // Established flows first: a tracked flow names its service, so its packets skip the
+    // service lookup.
+    let mode = match flow::established_fast(scratch) {
+        Some(Ok(mode)) => mode,
+        Some(Err(verdict)) => return verdict,
+        None => match choose_backend(scratch, config) {
+            Ok(mode) => mode,
+            Err(verdict) => return verdict,
+        },
     };
-    balance(ctx, scratch, service, config)
-}
-
-/// A packet for a service: pick its backend and send it there.
-#[inline(always)]
-fn balance(
-    ctx: &XdpContext,
-    scratch: &mut Scratch,
-    service: &Service,
-    config: &LbConfig,
-) -> Verdict {
-    let ip = &scratch.ip;
-    if ip.is_fragment {
-        return flow::fragment_verdict(config, service.id);
-    }
-    // Before a backend is chosen, so a packet that cannot be forwarded claims no flow entry
-    // or NAT port.
-    if ip.ttl <= 1 {
-        return Verdict::Drop(DropReason::TtlExceeded, service.id);
-    }
-    if let Err(reason) = flow::select_backend(scratch, service, config) {
-        return Verdict::Drop(reason, service.id);
-    }
     if scratch.selected.is_new {
         stats::count_new_flow(&scratch.selected);
     }
-    let verdict = if service.mode == MODE_DSR {
+    let verdict = if mode == MODE_DSR {
         dsr::encapsulate(ctx, scratch, config)
     } else {
         nat::forward(ctx, scratch, config)
@@ -239,6 +225,31 @@ fn balance(
         stats::count_forward(&scratch.selected, ip.l3() + usize::from(ip.ip_len));
     }
     verdict
+}
+
+/// The packet's service, by key, and its backend (tracked or new) in `scratch.selected`: for
+/// packets the established-flow path did not settle. Returns the service's mode, or what to do
+/// with a packet that goes to no backend.
+#[inline(always)]
+fn choose_backend(scratch: &mut Scratch, config: &LbConfig) -> Result<u32, Verdict> {
+    let Some(service) = lookup::service_of(scratch) else {
+        if scratch.ip.is_fragment && lookup::is_vip(scratch) {
+            return Err(flow::fragment_verdict(config, NO_SERVICE));
+        }
+        return Err(Verdict::pass());
+    };
+    let ip = &scratch.ip;
+    if ip.is_fragment {
+        return Err(flow::fragment_verdict(config, service.id));
+    }
+    // Before a backend is chosen, so a packet that cannot be forwarded claims no flow entry
+    // or NAT port.
+    if ip.ttl <= 1 {
+        return Err(Verdict::Drop(DropReason::TtlExceeded, service.id));
+    }
+    flow::select_backend(scratch, service, config)
+        .map_err(|reason| Verdict::Drop(reason, service.id))?;
+    Ok(service.mode)
 }
 
 #[cfg(not(test))]
