@@ -5,7 +5,7 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
@@ -30,9 +30,13 @@ pub struct NextHop {
 /// `NextHop::cache_slot` of a packet whose route is looked up every time.
 pub const NO_CACHE: u32 = u32::MAX;
 
-/// How long a cached route to a backend is used before the FIB is asked again, so route and
-/// neighbour changes take effect within this time.
-const ROUTE_CACHE_NS: u64 = 1_000_000_000;
+/// How long, in clock ticks (jiffies), a cached route to a backend is used before the FIB is
+/// asked again, so route and neighbour changes take effect within this time: at most a second,
+/// as no kernel ticks slower than 100 Hz (0.4 s at the usual 250 Hz, 0.1 s at 1000 Hz, where
+/// the extra FIB lookups are still a handful per second per backend). The tick count is one
+/// load (the verifier inlines `bpf_jiffies64`); a clock read was a helper call, 5% of an
+/// established flow's time.
+const ROUTE_CACHE_TICKS: u64 = 100;
 
 /// A backend's route as the FIB last gave it, per CPU (so no CPU ever reads a half-written
 /// entry).
@@ -41,7 +45,7 @@ const ROUTE_CACHE_NS: u64 = 1_000_000_000;
 pub struct CachedRoute {
     /// The destination the entry is for: a backend id reused for another address misses.
     dst: [u8; 16],
-    refreshed_ns: u64,
+    refreshed_jiffies: u64,
     /// Destination then source MAC, as they go into the Ethernet header.
     macs: [u8; 12],
     ifindex: u32,
@@ -61,19 +65,18 @@ pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, D
     {
         // SAFETY: this CPU's own slot of a per-CPU map.
         let cached = unsafe { &mut *cached };
-        // The coarse clock (the last tick's time) is precise enough for a one-second
-        // cache and reads no hardware clock: the fine one cost an established flow about
-        // a tenth of its time.
-        // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if cached.dst == scratch.hop.dst && now.wrapping_sub(cached.refreshed_ns) < ROUTE_CACHE_NS {
+        // SAFETY: bpf_jiffies64 has no preconditions.
+        let now = unsafe { bpf_jiffies64() };
+        if cached.dst == scratch.hop.dst
+            && now.wrapping_sub(cached.refreshed_jiffies) < ROUTE_CACHE_TICKS
+        {
             return send(ctx, ingress, cached.ifindex, &cached.macs);
         }
         if !fib_lookup(ctx, scratch, ingress) {
             return Err(DropReason::NoRoute);
         }
         *cached = scratch.route;
-        cached.refreshed_ns = now;
+        cached.refreshed_jiffies = now;
         return send(ctx, ingress, cached.ifindex, &cached.macs);
     }
     if !fib_lookup(ctx, scratch, ingress) {
