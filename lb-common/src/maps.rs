@@ -8,7 +8,7 @@ use crate::flow::FlowKey;
 
 /// Services the kernel can hold; service ids index `SERVICE_STATS` and the Maglev tables.
 pub const MAX_SERVICES: u32 = 16;
-const _: () = assert!(MAX_SERVICES <= u16::MAX as u32, "Flow::service_id is a u16");
+const _: () = assert!(MAX_SERVICES <= u8::MAX as u32, "Flow::service_id is a u8");
 /// Backends the kernel can hold; backend ids index `BACKENDS` and `BACKEND_STATS`.
 pub const MAX_BACKENDS: u32 = 1024;
 /// Default connection-tracking capacity (LRU: the least recently used flow is evicted first).
@@ -99,7 +99,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 /// `Flow::flags` bits.
 /// The flow saw a TCP FIN or RST: a later SYN on the same 5-tuple starts a new flow.
-pub const FLOW_CLOSING: u32 = 1;
+pub const FLOW_CLOSING: u8 = 1;
 
 /// A tracked connection: the backend it is pinned to and, in NAT mode, the source port the LB
 /// gave it.
@@ -112,8 +112,11 @@ pub struct Flow {
     /// NAT mode: the port the LB uses towards the backend (network byte order).
     pub nat_port_be: u16,
     /// The id of the service the flow was opened for (see `ServiceSlot`).
-    pub service_id: u16,
-    pub flags: u32,
+    pub service_id: u8,
+    pub flags: u8,
+    /// The blocklist version (see `BLOCKLIST_VERSION`) the flow's source was last found
+    /// unblocked under: while it is current, the flow's packets skip the blocklist tries.
+    pub blocklist_version: u32,
     /// `bpf_ktime_get_ns()` of the flow's first packet, then of its last packet once it is
     /// closing (the clock is not read for other packets).
     pub last_seen_ns: u64,
@@ -252,9 +255,11 @@ pub struct BackendStats {
 
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
 
-/// Index of the one entry of `BLOCKLIST_ENTRIES`: how many prefixes the blocklist holds, so the
-/// program skips the trie lookups while it is empty.
-pub const BLOCKLIST_COUNT: u32 = 0;
+/// Index of the one entry of `BLOCKLIST_ENTRIES`: the blocklist's version, 0 while it is empty
+/// and otherwise a value that changes with every change of it (userspace writes it after
+/// changing the tries). The program skips the tries while it is 0, and for a tracked flow whose
+/// source was found unblocked under the current version.
+pub const BLOCKLIST_VERSION: u32 = 0;
 
 /// Key of the IPv4 source blocklist (an LPM trie: the prefix length lives in the trie key).
 pub type BlockV4 = [u8; 4];

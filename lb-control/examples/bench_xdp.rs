@@ -227,6 +227,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let established6 = Packet::tcp(v6(CLIENT_V6, 40000), vip6).bytes();
     let passed = Packet::tcp(v4(CLIENT_V4, 40000), v4(LB_CLIENT_V4, 22)).bytes();
     let blocked = Packet::tcp(v4(Ipv4Addr::new(10, 200, 66, 7), 40000), vip).bytes();
+    let blocked_syn = Packet::syn(v4(Ipv4Addr::new(10, 200, 66, 7), 40000), vip).bytes();
 
     // Open the flows, and learn the NAT flow's backend and port for its reply.
     let first = expect(
@@ -270,6 +271,13 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         &blocked,
         XdpAction::Drop,
         "the blocked packet",
+    )?;
+    expect(
+        &program,
+        client_link,
+        &blocked_syn,
+        XdpAction::Drop,
+        "the blocked SYN",
     )?;
 
     // The loop: forward and reply frames that the program turns into themselves.
@@ -321,6 +329,14 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         path: "blocked packet (source in a blocked /24)",
         method: "repeat",
         ns: lb_repeated(&blocked, XdpAction::Drop)?,
+        note: "parse, count, flow lookup (a TCP segment may be tracked), blocklist hit, drop \
+               counted"
+            .into(),
+    });
+    rows.push(Row {
+        path: "blocked SYN (source in a blocked /24)",
+        method: "repeat",
+        ns: lb_repeated(&blocked_syn, XdpAction::Drop)?,
         note: "parse, count, blocklist hit, drop counted".into(),
     });
 

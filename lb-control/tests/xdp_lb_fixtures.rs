@@ -35,8 +35,8 @@ use lb_common::{
     maps::{BACKEND_DOWN, DropReason, MAX_SERVICES, ServiceKey},
 };
 use lb_control::dataplane::{
-    BackendSpec, BackendState, ForwardingMode, LbSettings, ProgramHarness, Protocol, ServiceSpec,
-    XdpAction,
+    BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
+    ProgramHarness, Protocol, ServiceSpec, XdpAction,
 };
 
 use self::fixtures::*;
@@ -942,6 +942,16 @@ fn blocked_sources_are_dropped_and_counted() {
             Counted::Drop(DropReason::Blocked),
         );
         lab.dropped(
+            "source in a blocked /24, a segment of no flow (looked up first, then dropped)",
+            Packet::tcp(blocked, vip()).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
+            "source in a blocked /24, UDP to the service",
+            Packet::udp(blocked, vip()).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
             "source in a blocked /24, to the LB itself (dropped before anything else)",
             Packet::syn(blocked, v4(LB_CLIENT_V4, 22)).bytes(),
             Counted::Drop(DropReason::Blocked),
@@ -964,7 +974,60 @@ fn blocked_sources_are_dropped_and_counted() {
             ),
             b6(2),
         );
+
+        // Tracked flows skip the tries while the blocklist is unchanged: a change reaches them.
+        let source = v4(Ipv4Addr::new(10, 200, 68, 7), 40000);
+        let port = lab.new_nat_flow(
+            "a flow from 10.200.68.7 is established".into(),
+            &Packet::syn(source, vip()),
+            b4(2),
+        );
+        let data = Packet::tcp(source, vip());
+        lab.established_nat_flow("its next segment".into(), &data, b4(2), port);
+        let prefix: ipnet::IpNet = "10.200.68.0/24".parse().expect("a prefix");
+        let mut blocklist = Blocklist::open(&pin_dir("block")).expect("the blocklist");
+        blocklist.block(prefix, None).expect("blocking");
+        lab.dropped(
+            "its source is blocked: the established flow's segment is dropped",
+            data.bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
+            "and its segment with TTL 1 is counted as blocked, not as TTL exceeded",
+            data.clone().ttl(1).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        assert!(blocklist.unblock(prefix).expect("unblocking"));
+        lab.established_nat_flow(
+            "unblocked: the flow carries on, same backend, same NAT port".into(),
+            &data,
+            b4(2),
+            port,
+        );
+        blocklist
+            .unblock("10.200.66.0/24".parse().expect("a prefix"))
+            .expect("unblocking");
+        blocklist
+            .unblock("fd00:200:66::/64".parse().expect("a prefix"))
+            .expect("unblocking");
+        lab.established_nat_flow(
+            "the blocklist is empty: the flow carries on".into(),
+            &data,
+            b4(2),
+            port,
+        );
+        blocklist.block(prefix, None).expect("blocking");
+        lab.dropped(
+            "blocked again, from an empty blocklist: dropped",
+            data.bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
     });
+}
+
+/// The pin directory of the fixture instance `tag`.
+fn pin_dir(tag: &str) -> std::path::PathBuf {
+    std::path::Path::new(DEFAULT_BPFFS).join(instance(tag))
 }
 
 #[test]

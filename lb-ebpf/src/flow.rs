@@ -11,9 +11,9 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SERVICES_BY_ID, Scratch,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SERVICES_BY_ID, Scratch, lookup,
     parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::Verdict,
+    stats::{NO_SERVICE, Verdict},
 };
 
 /// NAT source ports tried for a new flow before giving up.
@@ -51,15 +51,22 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
 /// the service's mode; or the verdict of a packet that cannot go on. `None` leaves the packet
 /// to the full path (service by key, then tracked or new flow): no tracked flow, its service
 /// gone or changed, its backend down, or a SYN reopening it.
+///
+/// `check_blocklist`: the packet's source still needs the blocklist check. A flow whose source
+/// passed it under the current blocklist version skips it; else it is done here (a blocked
+/// source's packet is dropped before it touches its flow) and recorded in the flow.
 #[inline(always)]
-pub fn established_fast(scratch: &mut Scratch) -> Option<Result<u32, Verdict>> {
+pub fn established_fast(
+    scratch: &mut Scratch,
+    check_blocklist: &mut bool,
+) -> Option<Result<u32, Verdict>> {
     let ip = &scratch.ip;
     if !ip.has_ports || ip.is_fragment {
         return None;
     }
     let flow = FLOWS.get_ptr_mut(&ip.key)?;
-    // SAFETY: the pointer comes from the map; only `flags` and `last_seen_ns` are ever written
-    // in place, both advisory.
+    // SAFETY: the pointer comes from the map; the fields written in place (`flags`,
+    // `last_seen_ns`, `blocklist_version`, `service_id`) are advisory or rechecked.
     let service_id = u32::from(unsafe { (*flow).service_id });
     let service = SERVICES_BY_ID.get(service_id)?;
     let key = &service.key;
@@ -70,6 +77,19 @@ pub fn established_fast(scratch: &mut Scratch) -> Option<Result<u32, Verdict>> {
     {
         return None;
     }
+    if *check_blocklist {
+        let version = scratch.blocklist_version;
+        // SAFETY: as above.
+        if unsafe { (*flow).blocklist_version } != version {
+            if lookup::is_source_blocked(scratch) {
+                return Some(Err(Verdict::Drop(DropReason::Blocked, NO_SERVICE)));
+            }
+            // SAFETY: as above.
+            unsafe { (*flow).blocklist_version = version };
+        }
+        *check_blocklist = false;
+    }
+    let ip = &scratch.ip;
     // As on the full path: a packet that cannot be forwarded does not touch its flow.
     if ip.ttl <= 1 {
         return Some(Err(Verdict::Drop(DropReason::TtlExceeded, service_id)));
@@ -95,7 +115,7 @@ pub fn select_backend(
         // SAFETY: as in `follow_flow`; an advisory field of the entry.
         unsafe {
             if u32::from((*flow).service_id) != service.id {
-                (*flow).service_id = service.id as u16;
+                (*flow).service_id = service.id as u8;
             }
         }
         return Ok(());
@@ -124,8 +144,10 @@ fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Resu
         hash,
         nat_port_be,
         // Service ids are below MAX_SERVICES, which fits.
-        service_id: service.id as u16,
+        service_id: service.id as u8,
         flags: closing_flags(ip, 0),
+        // The source was checked on the way here.
+        blocklist_version: scratch.blocklist_version,
         last_seen_ns: now,
     };
     // A full LRU map evicts its least recently used flow, so an insert only fails on memory
@@ -188,7 +210,7 @@ fn follow_flow(ip: &IpPacket, flow: *mut Flow, service_id: u32, selected: &mut S
 
 /// `flags` with `FLOW_CLOSING` added when the packet is a TCP FIN or RST.
 #[inline(always)]
-fn closing_flags(ip: &IpPacket, flags: u32) -> u32 {
+fn closing_flags(ip: &IpPacket, flags: u8) -> u8 {
     if ip.key.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags | FLOW_CLOSING
     } else {

@@ -2,19 +2,22 @@
 
 use lb_common::{
     flow::{FAMILY_IPV4, FlowKey},
-    maps::{BLOCKLIST_COUNT, LbConfig, NatKey, Service, ServiceKey, VipKey},
+    maps::{BLOCKLIST_VERSION, LbConfig, NatKey, Service, ServiceKey, VipKey},
 };
 
 use crate::{BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, Scratch, VIPS};
 
+/// The blocklist's version: 0 while it is empty (see `BLOCKLIST_VERSION`).
+#[inline(always)]
+pub fn blocklist_version() -> u32 {
+    BLOCKLIST_ENTRIES
+        .get(BLOCKLIST_VERSION)
+        .map_or(0, |version| *version)
+}
+
+/// Whether the packet's source is in the blocklist tries (look only while they hold any).
 #[inline(always)]
 pub fn is_source_blocked(scratch: &mut Scratch) -> bool {
-    if BLOCKLIST_ENTRIES
-        .get(BLOCKLIST_COUNT)
-        .is_none_or(|entries| *entries == 0)
-    {
-        return false;
-    }
     let src = &scratch.ip.key.src_addr;
     if scratch.ip.key.family == FAMILY_IPV4 {
         scratch.block_v4.prefix_len = 32;

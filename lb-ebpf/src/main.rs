@@ -128,8 +128,9 @@ static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PR
 #[map]
 static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
 
-/// How many prefixes the blocklist holds (userspace keeps it current): while it is zero the
-/// trie lookups, the costliest step of an unblocked packet, are skipped.
+/// The blocklist's version (`BLOCKLIST_VERSION`; userspace keeps it current): while it is
+/// zero the trie lookups, the costliest step of an unblocked packet, are skipped, and a tracked
+/// flow checks its source once per version.
 #[map]
 static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
 
@@ -137,6 +138,8 @@ static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
 #[repr(C, align(8))]
 pub struct Scratch {
     pub ip: parse::IpPacket,
+    /// The blocklist version read for this packet (a new flow records it).
+    pub blocklist_version: u32,
     pub selected: flow::Selected,
     /// A new flow's entry while it is built.
     pub flow: Flow,
@@ -187,26 +190,42 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
         ProtoSlot::NonIp => return Verdict::pass(),
         _ => {}
     }
-    if lookup::is_source_blocked(scratch) {
-        return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+    // Blocked sources are dropped before any other work. The check is left out while the
+    // blocklist is empty, and for a tracked flow whose source passed it under the current
+    // blocklist version; `check_blocklist` says whether this packet still needs it. Only TCP
+    // segments other than connection attempts look for their flow first: a blocked source's
+    // SYNs and datagrams are dropped without a flow lookup.
+    let blocklist = lookup::blocklist_version();
+    scratch.blocklist_version = blocklist;
+    let mut check_blocklist = blocklist != 0;
+    if check_blocklist && !scratch.ip.may_be_established() {
+        if lookup::is_source_blocked(scratch) {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+        }
+        check_blocklist = false;
     }
     let Some(config) = CONFIG.get(0) else {
         return Verdict::pass();
     };
     let ip = &scratch.ip;
     // A fragmented reply is not translated: its later fragments carry no ports to match.
-    if ip.has_ports
-        && !ip.is_fragment
-        && ip.key.dst_addr == *config.nat_source(ip.key.family)
-        && let Some(verdict) = nat::reverse(ctx, scratch, config)
-    {
-        return verdict;
+    if ip.has_ports && !ip.is_fragment && ip.key.dst_addr == *config.nat_source(ip.key.family) {
+        if check_blocklist && lookup::is_source_blocked(scratch) {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+        }
+        check_blocklist = false;
+        if let Some(verdict) = nat::reverse(ctx, scratch, config) {
+            return verdict;
+        }
     }
     // Established flows first: a tracked flow names its service, so its packets skip the
     // service lookup.
-    let mode = match flow::established_fast(scratch) {
+    let mode = match flow::established_fast(scratch, &mut check_blocklist) {
         Some(Ok(mode)) => mode,
         Some(Err(verdict)) => return verdict,
+        None if check_blocklist && lookup::is_source_blocked(scratch) => {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+        }
         None => match choose_backend(scratch, config) {
             Ok(mode) => mode,
             Err(verdict) => return verdict,

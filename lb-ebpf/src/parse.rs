@@ -69,6 +69,16 @@ impl IpPacket {
     pub fn l4(&self) -> usize {
         usize::from(self.l4_offset & OFFSET_MASK)
     }
+
+    /// A TCP segment that is no connection attempt (SYN without ACK): it may belong to an
+    /// established flow.
+    #[inline(always)]
+    pub fn may_be_established(&self) -> bool {
+        self.has_ports
+            && !self.is_fragment
+            && self.key.proto == IPPROTO_TCP
+            && self.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+    }
 }
 
 /// Returns a pointer to a `T` at `offset` bytes into the frame, or `None` when the frame is too
