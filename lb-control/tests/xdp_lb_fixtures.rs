@@ -1704,6 +1704,52 @@ fn a_backend_s_new_mac_address_is_used_within_the_route_cache_time() {
 }
 
 #[test]
+fn a_client_s_new_mac_address_is_used_for_replies_within_the_route_cache_time() {
+    lab("clientmac", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let syn = Packet::syn(client(40000), vip());
+        let port = lab.new_nat_flow("a flow to backend 2".into(), &syn, b4(2));
+        let reply = Packet::tcp(b4(2), nat4(port))
+            .flags(TCP_SYN | TCP_ACK)
+            .sent_by_backend(2);
+        for round in [
+            "the route to the client is looked up and cached",
+            "and used",
+        ] {
+            lab.row(Row {
+                description: format!("reply: {round}"),
+                link: BACKEND_LINK,
+                input: reply.bytes(),
+                expect: Expect::Forward(XdpAction::Redirect, nat_reply(&reply, &syn)),
+                counted: Counted::Nothing,
+            });
+        }
+        // The client's host is replaced: same address, new MAC.
+        let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
+        lab.net.neighbour(client(40000).ip(), new_mac, CLIENT_LINK);
+        let ingress = lab.net.ifindex(BACKEND_LINK);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let verdict = lab.program.run_from(ingress, &reply.bytes());
+            assert_eq!(
+                verdict.action,
+                XdpAction::Redirect,
+                "the reply is forwarded"
+            );
+            if verdict.output.get(..6) == Some(&new_mac[..]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replies to the client still go to its old MAC 5 s after the neighbour changed \
+                 (the cached route must be refreshed within a second)"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+}
+
+#[test]
 fn backend_without_route_or_neighbour_is_dropped_no_route() {
     lab("route", settings(), |lab| {
         let vip2 = v4(VIP_V4, RPC_PORT + 1);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
-use crate::{ROUTES, Scratch, parse::ptr_at, stats::Verdict};
+use crate::{CLIENT_ROUTES, ROUTES, Scratch, parse::ptr_at, stats::Verdict};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -20,17 +20,22 @@ const AF_INET6: u8 = 10;
 pub struct NextHop {
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// The backend id whose route may be cached, or `NO_CACHE` (replies to clients).
+    /// The backend id whose route is cached in `ROUTES`, or `CLIENT` (replies to clients,
+    /// cached in `CLIENT_ROUTES`).
     pub cache_slot: u32,
     pub ip_len: u16,
     pub family: u8,
     pub proto: u8,
 }
 
-/// `NextHop::cache_slot` of a packet whose route is looked up every time.
-pub const NO_CACHE: u32 = u32::MAX;
+/// `NextHop::cache_slot` of a reply to a client: its route is cached in `CLIENT_ROUTES`.
+pub const CLIENT: u32 = u32::MAX;
 
-/// How long, in clock ticks (jiffies), a cached route to a backend is used before the FIB is
+/// Entries of `CLIENT_ROUTES` (a power of two): routes to this many clients per CPU stay
+/// cached, fewer where their addresses collide.
+pub const CLIENT_ROUTE_SLOTS: u32 = 4096;
+
+/// How long, in clock ticks (jiffies), a cached route to a backend or client is used before the FIB is
 /// asked again, so route and neighbour changes take effect within this time: at most a second,
 /// as no kernel ticks slower than 100 Hz (0.4 s at the usual 250 Hz, 0.1 s at 1000 Hz, where
 /// the extra FIB lookups are still a handful per second per backend). The tick count is one
@@ -38,13 +43,16 @@ pub const NO_CACHE: u32 = u32::MAX;
 /// established flow's time.
 const ROUTE_CACHE_TICKS: u64 = 100;
 
-/// A backend's route as the FIB last gave it, per CPU (so no CPU ever reads a half-written
-/// entry).
+/// A route as the FIB last gave it, per CPU (so no CPU ever reads a half-written entry).
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
 pub struct CachedRoute {
-    /// The destination the entry is for: a backend id reused for another address misses.
+    /// The destination the entry is for: a backend id reused for another address, or another
+    /// client in the same slot, misses.
     dst: [u8; 16],
+    /// The source the FIB was asked for (routes may depend on it): a client's entry is used
+    /// for replies from the same VIP only.
+    src: [u8; 16],
     refreshed_jiffies: u64,
     /// Destination then source MAC, as they go into the Ethernet header.
     macs: [u8; 12],
@@ -55,19 +63,24 @@ pub struct CachedRoute {
 pub type FibParams = FibLookup;
 
 /// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the cached route when
-/// the hop has a cache slot and its entry is fresh, else by a FIB lookup.
+/// it is fresh, else by a FIB lookup that refreshes it.
 #[inline(always)]
 pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, DropReason> {
     let ingress = ctx.ingress_ifindex() as u32;
-    let slot = scratch.hop.cache_slot;
-    if slot != NO_CACHE
-        && let Some(cached) = ROUTES.get_ptr_mut(slot)
-    {
+    let hop = &scratch.hop;
+    let to_client = hop.cache_slot == CLIENT;
+    let cached = if to_client {
+        CLIENT_ROUTES.get_ptr_mut(client_slot(&hop.dst))
+    } else {
+        ROUTES.get_ptr_mut(hop.cache_slot)
+    };
+    if let Some(cached) = cached {
         // SAFETY: this CPU's own slot of a per-CPU map.
         let cached = unsafe { &mut *cached };
         // SAFETY: bpf_jiffies64 has no preconditions.
         let now = unsafe { bpf_jiffies64() };
-        if cached.dst == scratch.hop.dst
+        if cached.dst == hop.dst
+            && (!to_client || cached.src == hop.src)
             && now.wrapping_sub(cached.refreshed_jiffies) < ROUTE_CACHE_TICKS
         {
             return send(ctx, ingress, cached.ifindex, &cached.macs);
@@ -84,6 +97,14 @@ pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, D
     }
     let route = &scratch.route;
     send(ctx, ingress, route.ifindex, &route.macs)
+}
+
+/// A client address's slot in `CLIENT_ROUTES`: its words mixed (Fibonacci hashing).
+#[inline(always)]
+fn client_slot(addr: &[u8; 16]) -> u32 {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let mixed = (word(0) ^ word(4) ^ word(8) ^ word(12)).wrapping_mul(0x9e37_79b9);
+    mixed >> (32 - CLIENT_ROUTE_SLOTS.trailing_zeros())
 }
 
 /// Rewrites the MAC addresses and sends the frame out of `ifindex`.
@@ -143,6 +164,7 @@ fn fib_lookup(ctx: &XdpContext, scratch: &mut Scratch, ingress: u32) -> bool {
     }
     let route = &mut scratch.route;
     route.dst = scratch.hop.dst;
+    route.src = scratch.hop.src;
     route.ifindex = params.ifindex;
     route.macs[..6].copy_from_slice(&params.dmac);
     route.macs[6..].copy_from_slice(&params.smac);

@@ -112,6 +112,12 @@ static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT as u
 #[map]
 static ROUTES: PerCpuArray<forward::CachedRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// Routes to clients (NAT replies) as the FIB last gave them, per CPU, in slots by a hash of
+/// the client's address: replies skip the FIB lookup for up to a second too.
+#[map]
+static CLIENT_ROUTES: PerCpuArray<forward::CachedRoute> =
+    PerCpuArray::with_max_entries(forward::CLIENT_ROUTE_SLOTS, 0);
+
 /// Scratch space for the packet being handled: one per CPU. It holds the parsed packet and
 /// every structure of bytes the program builds, so they take no room in the 512-byte stack
 /// and are never on it: the program is built allowing misaligned loads and stores (one load

@@ -10,7 +10,7 @@ use lb_common::{
 use crate::{
     Scratch,
     csum::ChecksumDelta,
-    forward::{self, NO_CACHE, NextHop},
+    forward::{self, CLIENT, NextHop},
     lookup,
     parse::{IPPROTO_TCP, IpPacket, ptr_at},
     stats::{NO_SERVICE, Verdict},
@@ -62,7 +62,7 @@ pub fn reverse(
     scratch.hop = NextHop {
         src: client.dst_addr,
         dst: client.src_addr,
-        cache_slot: NO_CACHE,
+        cache_slot: CLIENT,
         ip_len: ip.ip_len,
         family: ip.key.family,
         proto: ip.key.proto,
