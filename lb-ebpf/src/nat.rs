@@ -17,6 +17,7 @@ use crate::{
 };
 
 /// Offsets of fields inside the IP and transport headers.
+const IPV4_HEADER_LEN: usize = 20;
 const IPV4_TTL: usize = 8;
 const IPV4_CHECK: usize = 10;
 const IPV4_SRC: usize = 12;
@@ -99,11 +100,12 @@ fn rewrite_ipv4(
     hop: &NextHop,
     ports: [u16; 2],
 ) -> Result<(), DropReason> {
-    let l3 = ip.l3();
-    let ttl = ptr_at::<[u8; 2]>(ctx, l3 + IPV4_TTL).ok_or(DropReason::Malformed)?;
-    let check = ptr_at::<u16>(ctx, l3 + IPV4_CHECK).ok_or(DropReason::Malformed)?;
-    let src = ptr_at::<u32>(ctx, l3 + IPV4_SRC).ok_or(DropReason::Malformed)?;
-    let dst = ptr_at::<u32>(ctx, l3 + IPV4_DST).ok_or(DropReason::Malformed)?;
+    // One bounds check for the fixed header, whose fields are then at constant offsets.
+    let header = ptr_at::<[u8; IPV4_HEADER_LEN]>(ctx, ip.l3()).ok_or(DropReason::Malformed)?;
+    let ttl = field::<[u8; 2]>(header, IPV4_TTL);
+    let check = field::<u16>(header, IPV4_CHECK);
+    let src = field::<u32>(header, IPV4_SRC);
+    let dst = field::<u32>(header, IPV4_DST);
     let new_src = ipv4_word(&hop.src);
     let new_dst = ipv4_word(&hop.dst);
     let mut addresses = ChecksumDelta::default();
@@ -129,6 +131,12 @@ fn rewrite_ipv4(
     }
     // The pseudo-header changes by the same addresses.
     rewrite_ports(ctx, ip, ports, addresses)
+}
+
+/// A pointer to the `T` at `offset` bytes into a header the caller bounds-checked whole.
+#[inline(always)]
+fn field<T>(header: *mut impl Sized, offset: usize) -> *mut T {
+    header.cast::<u8>().wrapping_add(offset).cast()
 }
 
 /// An IPv4 address (the first 4 bytes of a 16-byte field) as the word it is in memory.
@@ -174,9 +182,14 @@ fn rewrite_ports(
 ) -> Result<(), DropReason> {
     let l4 = ip.l4();
     let is_tcp = ip.key.proto == IPPROTO_TCP;
-    let ports = ptr_at::<u32>(ctx, l4).ok_or(DropReason::Malformed)?;
-    let check_offset = if is_tcp { TCP_CHECK } else { UDP_CHECK };
-    let check = ptr_at::<u16>(ctx, l4 + check_offset).ok_or(DropReason::Malformed)?;
+    // One bounds check up to the checksum field; the ports lead the header.
+    let (ports, check) = if is_tcp {
+        let header = ptr_at::<[u8; TCP_CHECK + 2]>(ctx, l4).ok_or(DropReason::Malformed)?;
+        (field::<u32>(header, 0), field::<u16>(header, TCP_CHECK))
+    } else {
+        let header = ptr_at::<[u8; UDP_CHECK + 2]>(ctx, l4).ok_or(DropReason::Malformed)?;
+        (field::<u32>(header, 0), field::<u16>(header, UDP_CHECK))
+    };
     let [src_port, dst_port] = [new_ports[0].to_ne_bytes(), new_ports[1].to_ne_bytes()];
     let new_ports = u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]);
     // SAFETY: both pointers were bounds-checked by `ptr_at`.
