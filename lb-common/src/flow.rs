@@ -7,7 +7,7 @@ pub const FAMILY_IPV6: u8 = 6;
 
 /// A connection as the client sees it: its 5-tuple. IPv4 addresses take the first 4 bytes of the
 /// 16-byte fields, the rest zero. Ports are in network byte order, as on the wire.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_addr: [u8; 16],

@@ -16,6 +16,7 @@ pub mod map_names {
     pub const PROTO_STATS: &str = "PROTO_STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const SERVICES: &str = "SERVICES";
+    pub const SERVICES_BY_ID: &str = "SERVICES_BY_ID";
     pub const VIPS: &str = "VIPS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";

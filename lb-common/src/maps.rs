@@ -8,6 +8,7 @@ use crate::flow::FlowKey;
 
 /// Services the kernel can hold; service ids index `SERVICE_STATS` and the Maglev tables.
 pub const MAX_SERVICES: u32 = 16;
+const _: () = assert!(MAX_SERVICES <= u8::MAX as u32, "Flow::service_id is a u8");
 /// Backends the kernel can hold; backend ids index `BACKENDS` and `BACKEND_STATS`.
 pub const MAX_BACKENDS: u32 = 1024;
 /// Default connection-tracking capacity (LRU: the least recently used flow is evicted first).
@@ -18,7 +19,7 @@ pub const MODE_NAT: u32 = 0;
 pub const MODE_DSR: u32 = 1;
 
 /// Identifies a service: the destination a client connects to.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip: [u8; 16],
@@ -32,7 +33,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
 /// A VIP with at least one service: fragments to it cannot be matched to a port, so they are
 /// dropped (or passed, by setting) by address alone.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
     pub vip: [u8; 16],
@@ -68,8 +69,22 @@ pub const BACKEND_DRAINING: u32 = 1;
 /// Its flows are dead: packets of a flow pinned to it are re-hashed to a live backend.
 pub const BACKEND_DOWN: u32 = 2;
 
+/// What a service id stands for, indexed by the id: the key of the service that holds it and
+/// its mode; all zero while the id is free. A tracked flow records its service's id, and the
+/// established-flow path checks the packet against this entry instead of looking the service
+/// up by key. Userspace writes it with the service and clears it when the service goes.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    /// `MODE_NAT` or `MODE_DSR`.
+    pub mode: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceSlot>() == 24);
+
 /// Where a backend id leads.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     pub addr: [u8; 16],
@@ -84,7 +99,7 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 24);
 
 /// `Flow::flags` bits.
 /// The flow saw a TCP FIN or RST: a later SYN on the same 5-tuple starts a new flow.
-pub const FLOW_CLOSING: u32 = 1;
+pub const FLOW_CLOSING: u8 = 1;
 
 /// A tracked connection: the backend it is pinned to and, in NAT mode, the source port the LB
 /// gave it.
@@ -92,10 +107,16 @@ pub const FLOW_CLOSING: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     pub backend_id: u32,
-    pub flags: u32,
+    /// The flow hash: DSR takes the low bits of its outer source address from it.
+    pub hash: u32,
     /// NAT mode: the port the LB uses towards the backend (network byte order).
     pub nat_port_be: u16,
-    pub _pad: [u8; 6],
+    /// The id of the service the flow was opened for (see `ServiceSlot`).
+    pub service_id: u8,
+    pub flags: u8,
+    /// The blocklist version (see `BLOCKLIST_VERSION`) the flow's source was last found
+    /// unblocked under: while it is current, the flow's packets skip the blocklist tries.
+    pub blocklist_version: u32,
     /// `bpf_ktime_get_ns()` of the flow's first packet, then of its last packet once it is
     /// closing (the clock is not read for other packets).
     pub last_seen_ns: u64,
@@ -105,7 +126,7 @@ const _: () = assert!(core::mem::size_of::<Flow>() == 24);
 
 /// How a backend's reply is matched to its flow in NAT mode: the reply's source (the backend)
 /// and destination port (the LB's NAT port). The LB's own address is implied by the family.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatKey {
     pub backend_addr: [u8; 16],
@@ -126,7 +147,7 @@ pub type NatValue = FlowKey;
 pub const CONFIG_PASS_FRAGMENTS: u32 = 1;
 
 /// Settings of the whole program, in a one-entry array.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbConfig {
     /// Source address of NAT-mode traffic towards IPv4 backends.
@@ -234,9 +255,11 @@ pub struct BackendStats {
 
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
 
-/// Index of the one entry of `BLOCKLIST_ENTRIES`: how many prefixes the blocklist holds, so the
-/// program skips the trie lookups while it is empty.
-pub const BLOCKLIST_COUNT: u32 = 0;
+/// Index of the one entry of `BLOCKLIST_ENTRIES`: the blocklist's version, 0 while it is empty
+/// and otherwise a value that changes with every change of it (userspace writes it after
+/// changing the tries). The program skips the tries while it is 0, and for a tracked flow whose
+/// source was found unblocked under the current version.
+pub const BLOCKLIST_VERSION: u32 = 0;
 
 /// Key of the IPv4 source blocklist (an LPM trie: the prefix length lives in the trie key).
 pub type BlockV4 = [u8; 4];
@@ -250,6 +273,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::VipKey {}
     unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::ServiceSlot {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::NatKey {}

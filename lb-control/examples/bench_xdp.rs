@@ -4,7 +4,7 @@
 //! Runs as root in a network namespace of its own (the forwarding paths call
 //! `bpf_fib_lookup`, which needs real links and neighbours): the packet fixtures' namespace.
 //!
-//! Two methods, because BPF_PROG_TEST_RUN's `repeat` runs the program again and again on the
+//! Several methods, because BPF_PROG_TEST_RUN's `repeat` runs the program again and again on the
 //! same buffer without restoring it: after the first run a NAT-rewritten packet is no longer
 //! the client's packet (it is addressed to the backend and takes the pass path), and a DSR
 //! packet keeps its outer header (and its head moves further each run). So:
@@ -14,9 +14,18 @@
 //! - *loop*: the established NAT path and the NAT reply path with `repeat`, on a service built so
 //!   that the rewrite gives back the same packet: its backend is the VIP itself and the client is
 //!   the NAT source address, with a client port in the NAT range (so the NAT port is the client's
-//!   port). Every run does all the work of an established flow (flow and backend lookups, flow
-//!   hash, rewrite with checksum updates, FIB lookup, MACs, redirect); only the TTL goes down, so
-//!   a call is at most 250 runs, starting from TTL 255. The median of many calls.
+//!   port). Every run does all the work of an established flow (flow and backend lookups,
+//!   rewrite with checksum updates, next hop (the cached route; the reply path asks the FIB),
+//!   MACs, redirect); only the TTL goes down, so a call is at most 250 runs, starting from TTL
+//!   255. The median of many calls.
+//! - *marginal*: the cost of one more run of a loop, from calls of two lengths run in turn,
+//!   [`LOOP_REPEAT`] and [`SHORT_LOOP`] runs: (250 t_250 - 25 t_25) / 225 over the medians of the
+//!   per-call means. A call's first runs are slow (after the syscall the kernel re-points its
+//!   XDP dispatcher and the program finds its code and maps out of the caches: a few
+//!   microseconds a call for the load balancer, which touches some 80 cache lines, under one
+//!   for the bare program), and a 250-run loop spreads that over only 250 packets; the
+//!   difference leaves it out, which is the steady state a busy interface sees. Measured the
+//!   same way for the bare program, as the yardstick.
 //! - *single*: one run per call on a fresh copy of the frame, the median of many calls. The
 //!   kernel's time then includes one clock read and the loop around the program, and the caches
 //!   are colder after the syscall; the bare program measured the same way shows the fixed part,
@@ -55,6 +64,8 @@ const LOOP_VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 2);
 const NAT_SOURCE: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 3);
 /// Runs per call of a loop: a TTL of 255 allows 254 forwards.
 const LOOP_REPEAT: u32 = 250;
+/// Runs per call of the short loop the marginal cost is taken against.
+const SHORT_LOOP: u32 = 25;
 /// Backends per service.
 const BACKENDS: u8 = 4;
 
@@ -227,6 +238,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let established6 = Packet::tcp(v6(CLIENT_V6, 40000), vip6).bytes();
     let passed = Packet::tcp(v4(CLIENT_V4, 40000), v4(LB_CLIENT_V4, 22)).bytes();
     let blocked = Packet::tcp(v4(Ipv4Addr::new(10, 200, 66, 7), 40000), vip).bytes();
+    let blocked_syn = Packet::syn(v4(Ipv4Addr::new(10, 200, 66, 7), 40000), vip).bytes();
 
     // Open the flows, and learn the NAT flow's backend and port for its reply.
     let first = expect(
@@ -271,6 +283,13 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         XdpAction::Drop,
         "the blocked packet",
     )?;
+    expect(
+        &program,
+        client_link,
+        &blocked_syn,
+        XdpAction::Drop,
+        "the blocked SYN",
+    )?;
 
     // The loop: forward and reply frames that the program turns into themselves.
     let loop_forward = Packet::tcp(v4(NAT_SOURCE, 25000), loop_vip)
@@ -290,7 +309,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     // ms), so loops get fewer calls than the repeat rows get runs.
     let loop_calls = options.rounds * 20;
     let looped = |frame: &[u8], what: &str| {
-        loop_runs(loop_calls, what, |repeat| {
+        loop_runs(loop_calls, what, true, |repeat| {
             program.run_repeated(client_link, frame, repeat)
         })
     };
@@ -315,27 +334,74 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         path: "passed packet (TCP to the LB's own address)",
         method: "repeat",
         ns: passed_repeat,
-        note: "parse, count, blocklist, NAT-reply and service lookups, XDP_PASS".into(),
+        note: "parse, count, NAT-reply check, flow lookup, blocklist, service lookup, XDP_PASS"
+            .into(),
     });
     rows.push(Row {
         path: "blocked packet (source in a blocked /24)",
         method: "repeat",
         ns: lb_repeated(&blocked, XdpAction::Drop)?,
+        note: "parse, count, flow lookup (a TCP segment may be tracked), blocklist hit, drop \
+               counted"
+            .into(),
+    });
+    rows.push(Row {
+        path: "blocked SYN (source in a blocked /24)",
+        method: "repeat",
+        ns: lb_repeated(&blocked_syn, XdpAction::Drop)?,
         note: "parse, count, blocklist hit, drop counted".into(),
     });
 
+    let bare_loop = loop_runs(loop_calls, "bare loop", false, |repeat| {
+        test_run(bare, client_link, &established, repeat)
+    })?;
+    rows.push(Row {
+        path: "bare xdp_pass (reference)",
+        method: "loop",
+        ns: bare_loop.long,
+        note: format!(
+            "{LOOP_REPEAT} runs a call, as the loops below; a call's warm-up: {:.1} us",
+            bare_loop.warm_up_us()
+        ),
+    });
+    rows.push(Row {
+        path: "bare xdp_pass (reference)",
+        method: "marginal",
+        ns: bare_loop.marginal(),
+        note: "one more run, warm-up left out".into(),
+    });
     let established_loop = looped(&loop_forward, "established loop")?;
     rows.push(Row {
         path: "established flow, NAT v4",
         method: "loop",
-        ns: established_loop,
-        note: "flow, backend, hash, rewrite, checksums, FIB, redirect".into(),
+        ns: established_loop.long,
+        note: format!(
+            "flow (its service checked by id), backend, rewrite, checksums, cached route, \
+             redirect; a call's warm-up: {:.1} us",
+            established_loop.warm_up_us()
+        ),
     });
+    rows.push(Row {
+        path: "established flow, NAT v4",
+        method: "marginal",
+        ns: established_loop.marginal(),
+        note: "one more run, warm-up left out".into(),
+    });
+    let reply_loop = looped(&loop_reply, "reply loop")?;
     rows.push(Row {
         path: "reply path, NAT v4",
         method: "loop",
-        ns: looped(&loop_reply, "reply loop")?,
-        note: "NAT reverse lookup, rewrite, checksums, FIB, redirect".into(),
+        ns: reply_loop.long,
+        note: format!(
+            "NAT reverse lookup, rewrite, checksums, FIB, redirect; a call's warm-up: {:.1} us",
+            reply_loop.warm_up_us()
+        ),
+    });
+    rows.push(Row {
+        path: "reply path, NAT v4",
+        method: "marginal",
+        ns: reply_loop.marginal(),
+        note: "one more run, warm-up left out".into(),
     });
 
     let singles = |ingress: u32, frame: &[u8], action: XdpAction, what: &str| {
@@ -421,7 +487,9 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         note: format!("net {:.1} ns", new_flow_single - overhead),
     });
 
-    let established_net = established_loop;
+    let established_net = established_loop.long;
+    let established_marginal = established_loop.marginal();
+    let bare_marginal = bare_loop.marginal();
     let mut report = String::new();
     let _ = writeln!(
         report,
@@ -430,9 +498,11 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let _ = writeln!(
         report,
         "Kernel {}, {} CPUs. repeat: {} runs per call, median of {} rounds. loop: {LOOP_REPEAT} \
-         runs per call, median of {} calls. single: one run per call, median of {} calls (new \
-         flows: {} distinct SYNs). Frames: 54-103 bytes; services with {BACKENDS} backends, \
-         Maglev M = 65537. Methods: see lb-control/examples/bench_xdp.rs.\n",
+         runs per call, median of {} calls. marginal: the cost of one more run, from loops of \
+         {LOOP_REPEAT} and {SHORT_LOOP} runs in turn. single: one run per call, median of {} \
+         calls (new flows: {} distinct SYNs). Frames: 54-103 bytes; services with {BACKENDS} \
+         backends, Maglev M = 65537, one blocked /24. Methods: see \
+         lb-control/examples/bench_xdp.rs.\n",
         kernel_release(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         options.repeat,
@@ -456,23 +526,29 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         "Single-run times include the test-run loop's clock reads; \"net\" subtracts the bare \
          program's single-run excess over its repeat time ({overhead:.1} ns).\n"
     );
-    let within_100 = established_net <= 100.0;
-    let ratio_bare = established_net / bare_repeat;
-    let ratio_parse = established_net / passed_repeat;
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let _ = writeln!(
         report,
-        "Goal, established flow <= 100 ns: {established_net:.1} ns (loop; single runs: \
-         {established_single:.1} raw, {:.1} net) -> {}.",
+        "Goal, established flow <= 100 ns: loop {established_net:.1} ns -> {}; marginal \
+         {established_marginal:.1} ns -> {} (single runs: {established_single:.1} raw, {:.1} \
+         net).",
+        met(established_net <= 100.0),
+        met(established_marginal <= 100.0),
         established_single - overhead,
-        if within_100 { "met" } else { "NOT met" }
     );
     let _ = writeln!(
         report,
-        "Goal, established flow <= 3x the bare program: {ratio_bare:.1}x the bare xdp_pass \
-         ({bare_repeat:.1} ns) -> {}; {ratio_parse:.1}x the program's own parse-and-pass path \
-         ({passed_repeat:.1} ns) -> {}.",
-        if ratio_bare <= 3.0 { "met" } else { "NOT met" },
-        if ratio_parse <= 3.0 { "met" } else { "NOT met" },
+        "Goal, established flow <= 3x the bare program: loop {:.1}x the bare loop ({:.1} ns) \
+         -> {}; marginal {:.1}x the bare marginal ({bare_marginal:.1} ns) -> {}; loop {:.1}x the \
+         bare repeat ({bare_repeat:.1} ns); {:.1}x the program's own parse-and-pass path \
+         ({passed_repeat:.1} ns).",
+        established_net / bare_loop.long,
+        bare_loop.long,
+        met(established_net / bare_loop.long <= 3.0),
+        established_marginal / bare_marginal,
+        met(established_marginal / bare_marginal <= 3.0),
+        established_net / bare_repeat,
+        established_net / passed_repeat,
     );
     Ok(report)
 }
@@ -532,28 +608,56 @@ fn repeated(
     Ok(median(&mut means))
 }
 
-/// The median over `calls` calls of [`LOOP_REPEAT`] runs of a frame the program gives back
-/// unchanged but for its TTL; checks that every run forwarded it.
+/// Loops of [`LOOP_REPEAT`] and [`SHORT_LOOP`] runs, called in turn: the medians of their
+/// per-call means.
+struct Loops {
+    long: f64,
+    short: f64,
+}
+
+impl Loops {
+    /// The cost of one more run: the per-call warm-up cancels out.
+    fn marginal(&self) -> f64 {
+        let (long, short) = (f64::from(LOOP_REPEAT), f64::from(SHORT_LOOP));
+        (long * self.long - short * self.short) / (long - short)
+    }
+
+    /// What a call costs beyond its runs at the marginal cost, in microseconds.
+    fn warm_up_us(&self) -> f64 {
+        f64::from(LOOP_REPEAT) * (self.long - self.marginal()) / 1000.0
+    }
+}
+
+/// `calls` calls each of [`LOOP_REPEAT`] and [`SHORT_LOOP`] runs, in turn. With
+/// `forwards`, the frame is one the program gives back unchanged but for its TTL: checks that
+/// every run forwarded it.
 fn loop_runs(
     calls: usize,
     what: &str,
+    forwards: bool,
     mut run: impl FnMut(u32) -> (lb_control::dataplane::TestVerdict, Duration),
-) -> Result<f64, String> {
-    let mut means = Vec::with_capacity(calls);
+) -> Result<Loops, String> {
+    let mut long = Vec::with_capacity(calls);
+    let mut short = Vec::with_capacity(calls);
     for _ in 0..calls {
-        let (verdict, mean) = run(LOOP_REPEAT);
-        let ttl = verdict.output.get(L3 + 8).copied();
-        if verdict.action != XdpAction::Redirect || ttl != Some(255 - LOOP_REPEAT as u8) {
-            return Err(format!(
-                "{what}: {LOOP_REPEAT} runs ended in {:?} with TTL {ttl:?}; every run should \
-                 have forwarded the packet (TTL {})",
-                verdict.action,
-                255 - LOOP_REPEAT
-            ));
+        for (repeat, means) in [(LOOP_REPEAT, &mut long), (SHORT_LOOP, &mut short)] {
+            let (verdict, mean) = run(repeat);
+            let ttl = verdict.output.get(L3 + 8).copied();
+            let expected_ttl = 255 - repeat as u8;
+            if forwards && (verdict.action != XdpAction::Redirect || ttl != Some(expected_ttl)) {
+                return Err(format!(
+                    "{what}: {repeat} runs ended in {:?} with TTL {ttl:?}; every run should \
+                     have forwarded the packet (TTL {expected_ttl})",
+                    verdict.action,
+                ));
+            }
+            means.push(mean.as_nanos() as f64);
         }
-        means.push(mean.as_nanos() as f64);
     }
-    Ok(median(&mut means))
+    Ok(Loops {
+        long: median(&mut long),
+        short: median(&mut short),
+    })
 }
 
 /// The median of `count` single runs; `run` gets the run's index.

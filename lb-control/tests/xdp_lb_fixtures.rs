@@ -35,8 +35,8 @@ use lb_common::{
     maps::{BACKEND_DOWN, DropReason, MAX_SERVICES, ServiceKey},
 };
 use lb_control::dataplane::{
-    BackendSpec, BackendState, ForwardingMode, LbSettings, ProgramHarness, Protocol, ServiceSpec,
-    XdpAction,
+    BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
+    ProgramHarness, Protocol, ServiceSpec, XdpAction,
 };
 
 use self::fixtures::*;
@@ -942,6 +942,16 @@ fn blocked_sources_are_dropped_and_counted() {
             Counted::Drop(DropReason::Blocked),
         );
         lab.dropped(
+            "source in a blocked /24, a segment of no flow (looked up first, then dropped)",
+            Packet::tcp(blocked, vip()).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
+            "source in a blocked /24, UDP to the service",
+            Packet::udp(blocked, vip()).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
             "source in a blocked /24, to the LB itself (dropped before anything else)",
             Packet::syn(blocked, v4(LB_CLIENT_V4, 22)).bytes(),
             Counted::Drop(DropReason::Blocked),
@@ -964,7 +974,60 @@ fn blocked_sources_are_dropped_and_counted() {
             ),
             b6(2),
         );
+
+        // Tracked flows skip the tries while the blocklist is unchanged: a change reaches them.
+        let source = v4(Ipv4Addr::new(10, 200, 68, 7), 40000);
+        let port = lab.new_nat_flow(
+            "a flow from 10.200.68.7 is established".into(),
+            &Packet::syn(source, vip()),
+            b4(2),
+        );
+        let data = Packet::tcp(source, vip());
+        lab.established_nat_flow("its next segment".into(), &data, b4(2), port);
+        let prefix: ipnet::IpNet = "10.200.68.0/24".parse().expect("a prefix");
+        let mut blocklist = Blocklist::open(&pin_dir("block")).expect("the blocklist");
+        blocklist.block(prefix, None).expect("blocking");
+        lab.dropped(
+            "its source is blocked: the established flow's segment is dropped",
+            data.bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        lab.dropped(
+            "and its segment with TTL 1 is counted as blocked, not as TTL exceeded",
+            data.clone().ttl(1).bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
+        assert!(blocklist.unblock(prefix).expect("unblocking"));
+        lab.established_nat_flow(
+            "unblocked: the flow carries on, same backend, same NAT port".into(),
+            &data,
+            b4(2),
+            port,
+        );
+        blocklist
+            .unblock("10.200.66.0/24".parse().expect("a prefix"))
+            .expect("unblocking");
+        blocklist
+            .unblock("fd00:200:66::/64".parse().expect("a prefix"))
+            .expect("unblocking");
+        lab.established_nat_flow(
+            "the blocklist is empty: the flow carries on".into(),
+            &data,
+            b4(2),
+            port,
+        );
+        blocklist.block(prefix, None).expect("blocking");
+        lab.dropped(
+            "blocked again, from an empty blocklist: dropped",
+            data.bytes(),
+            Counted::Drop(DropReason::Blocked),
+        );
     });
+}
+
+/// The pin directory of the fixture instance `tag`.
+fn pin_dir(tag: &str) -> std::path::PathBuf {
+    std::path::Path::new(DEFAULT_BPFFS).join(instance(tag))
 }
 
 #[test]
@@ -1037,6 +1100,64 @@ fn draining_backend_keeps_established_flow_and_gets_no_new_ones() {
             Packet::syn(client(42000), vip()).bytes(),
             Counted::ServiceDrop(DropReason::NoBackend),
         );
+    });
+}
+
+#[test]
+fn flows_of_a_removed_service_stop_and_carry_on_when_it_returns() {
+    lab("svcgone", settings(), |lab| {
+        // Keeps backend 2 configured (and its flows tracked) while the service comes and goes.
+        let keeper = nat_tcp(v4(VIP_V4, RPC_PORT + 2), vec![up(b4(2))]);
+        let other = nat_tcp(v4(VIP_V4, RPC_PORT + 1), vec![up(b4(3))]);
+        let nat = nat_tcp(vip(), vec![up(b4(2))]);
+        lab.apply(&[keeper.clone(), nat.clone()]);
+        let syn = Packet::syn(client(40000), vip());
+        let port = lab.new_nat_flow("flow established on backend 2".into(), &syn, b4(2));
+        let data = Packet::tcp(client(40000), vip());
+
+        lab.apply(std::slice::from_ref(&keeper));
+        lab.passed(
+            "the service is removed: its tracked flow's next segment goes to the stack",
+            CLIENT_LINK,
+            data.bytes(),
+        );
+        lab.apply(&[keeper.clone(), other.clone()]);
+        lab.passed(
+            "another service takes the freed id: the old flow's segment still goes to the stack",
+            CLIENT_LINK,
+            data.bytes(),
+        );
+        lab.new_nat_flow(
+            "the other service balances its own flows".into(),
+            &Packet::syn(client(40001), v4(VIP_V4, RPC_PORT + 1)),
+            b4(3),
+        );
+
+        lab.apply(&[keeper.clone(), other.clone(), nat]);
+        for round in ["the service is back under another id", "and again"] {
+            lab.established_nat_flow(
+                format!("{round}: the tracked flow carries on, same backend, same NAT port"),
+                &data,
+                b4(2),
+                port,
+            );
+        }
+        lab.apply(&[
+            keeper,
+            other,
+            service(vip(), Protocol::Tcp, ForwardingMode::Dsr, vec![up(b4(2))]),
+        ]);
+        let input = data.bytes();
+        let output = ipip_v4(&input, dsr_source_v4(&data), 2);
+        lab.row(Row {
+            description: "the service turns to DSR: the tracked flow's next segment is \
+                          encapsulated to the same backend"
+                .into(),
+            link: CLIENT_LINK,
+            input,
+            expect: Expect::Forward(XdpAction::Redirect, output),
+            counted: Counted::Forwarded { new_flow: false },
+        });
     });
 }
 
@@ -1577,6 +1698,52 @@ fn a_backend_s_new_mac_address_is_used_within_the_route_cache_time() {
                  (the cached route must be refreshed within a second)"
             );
             client_port += 1;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+}
+
+#[test]
+fn a_client_s_new_mac_address_is_used_for_replies_within_the_route_cache_time() {
+    lab("clientmac", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let syn = Packet::syn(client(40000), vip());
+        let port = lab.new_nat_flow("a flow to backend 2".into(), &syn, b4(2));
+        let reply = Packet::tcp(b4(2), nat4(port))
+            .flags(TCP_SYN | TCP_ACK)
+            .sent_by_backend(2);
+        for round in [
+            "the route to the client is looked up and cached",
+            "and used",
+        ] {
+            lab.row(Row {
+                description: format!("reply: {round}"),
+                link: BACKEND_LINK,
+                input: reply.bytes(),
+                expect: Expect::Forward(XdpAction::Redirect, nat_reply(&reply, &syn)),
+                counted: Counted::Nothing,
+            });
+        }
+        // The client's host is replaced: same address, new MAC.
+        let new_mac = [0x02, 0, 0, 0, 0x01, 0x99];
+        lab.net.neighbour(client(40000).ip(), new_mac, CLIENT_LINK);
+        let ingress = lab.net.ifindex(BACKEND_LINK);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let verdict = lab.program.run_from(ingress, &reply.bytes());
+            assert_eq!(
+                verdict.action,
+                XdpAction::Redirect,
+                "the reply is forwarded"
+            );
+            if verdict.output.get(..6) == Some(&new_mac[..]) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replies to the client still go to its old MAC 5 s after the neighbour changed \
+                 (the cached route must be refreshed within a second)"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     });

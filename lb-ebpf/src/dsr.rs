@@ -13,34 +13,30 @@ use lb_common::{
 };
 
 use crate::{
+    Scratch,
     csum::ChecksumDelta,
-    flow::Selected,
     forward::{self, NextHop},
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, IpPacket, ptr_at},
     stats::Verdict,
 };
 
-const IPV4_HEADER_LEN: usize = 20;
-const IPV6_HEADER_LEN: usize = 40;
+pub const IPV4_HEADER_LEN: usize = 20;
+pub const IPV6_HEADER_LEN: usize = 40;
 const ETH_HEADER_LEN: usize = 14;
 const OUTER_TTL: u8 = 64;
 
 // A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
 #[inline(never)]
-pub fn encapsulate(
-    ctx: &XdpContext,
-    ip: &IpPacket,
-    selected: &Selected,
-    config: &LbConfig,
-) -> Verdict {
-    let result = if ip.family == FAMILY_IPV4 {
-        encapsulate_ipv4(ctx, ip, selected, config)
+pub fn encapsulate(ctx: &XdpContext, scratch: &mut Scratch, config: &LbConfig) -> Verdict {
+    let service_id = scratch.selected.service_id;
+    let result = if scratch.ip.key.family == FAMILY_IPV4 {
+        encapsulate_ipv4(ctx, scratch, config)
     } else {
-        encapsulate_ipv6(ctx, ip, selected, config)
+        encapsulate_ipv6(ctx, scratch, config)
     };
     result
-        .and_then(|hop| forward::to_next_hop(ctx, &hop))
-        .unwrap_or_else(|reason| Verdict::Drop(reason, selected.service_id))
+        .and_then(|()| forward::to_next_hop(ctx, scratch))
+        .unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
 }
 
 /// The outer source: the prefix with the flow hash in its last 8 (IPv4) or 16 (IPv6) bits.
@@ -75,13 +71,14 @@ fn make_room(ctx: &XdpContext, ip: &IpPacket, outer_len: usize) -> Result<(), Dr
     Ok(())
 }
 
+/// Writes the outer IPv4 header and leaves the next hop in `scratch.hop`.
 #[inline(always)]
 fn encapsulate_ipv4(
     ctx: &XdpContext,
-    ip: &IpPacket,
-    selected: &Selected,
+    scratch: &mut Scratch,
     config: &LbConfig,
-) -> Result<NextHop, DropReason> {
+) -> Result<(), DropReason> {
+    let (ip, selected) = (&scratch.ip, &scratch.selected);
     let outer_len = ip
         .ip_len
         .checked_add(IPV4_HEADER_LEN as u16)
@@ -89,7 +86,11 @@ fn encapsulate_ipv4(
     make_room(ctx, ip, IPV4_HEADER_LEN)?;
     let src = outer_source(&config.dsr_src_v4, FAMILY_IPV4, selected.hash);
     let dst = selected.backend.addr;
-    let mut header = [0u8; IPV4_HEADER_LEN];
+    let cache_slot = selected.backend_id;
+    // Built in the scratch area: a byte array on the stack may be written 8 bytes at a time at
+    // any offset, which the verifier rejects.
+    let header = &mut scratch.outer_v4;
+    *header = [0u8; IPV4_HEADER_LEN];
     header[0] = 0x45;
     header[2..4].copy_from_slice(&outer_len.to_be_bytes());
     header[8] = OUTER_TTL;
@@ -97,37 +98,42 @@ fn encapsulate_ipv4(
     header[12..16].copy_from_slice(&src[..4]);
     header[16..20].copy_from_slice(&dst[..4]);
     let mut sum = ChecksumDelta::default();
-    sum.replace_bytes(&[0u8; IPV4_HEADER_LEN], &header);
-    header[10..12].copy_from_slice(&sum.apply(0xffff).to_be_bytes());
+    sum.add_bytes(header);
+    header[10..12].copy_from_slice(&sum.checksum().to_ne_bytes());
     let outer =
         ptr_at::<[u8; IPV4_HEADER_LEN]>(ctx, ETH_HEADER_LEN).ok_or(DropReason::Malformed)?;
     // SAFETY: bounds-checked by `ptr_at`.
-    unsafe { *outer = header };
-    Ok(NextHop {
-        family: FAMILY_IPV4,
-        proto: IPPROTO_IPIP,
-        ip_len: outer_len,
+    unsafe { *outer = *header };
+    scratch.hop = NextHop {
         src,
         dst,
-        cache_slot: selected.backend_id,
-    })
+        cache_slot,
+        ip_len: outer_len,
+        family: FAMILY_IPV4,
+        proto: IPPROTO_IPIP,
+    };
+    Ok(())
 }
 
+/// Writes the outer IPv6 header and leaves the next hop in `scratch.hop`.
 #[inline(always)]
 fn encapsulate_ipv6(
     ctx: &XdpContext,
-    ip: &IpPacket,
-    selected: &Selected,
+    scratch: &mut Scratch,
     config: &LbConfig,
-) -> Result<NextHop, DropReason> {
+) -> Result<(), DropReason> {
+    let (ip, selected) = (&scratch.ip, &scratch.selected);
+    let family = ip.key.family;
     let payload_len = ip.ip_len;
     let outer_len = payload_len
         .checked_add(IPV6_HEADER_LEN as u16)
         .ok_or(DropReason::Malformed)?;
     make_room(ctx, ip, IPV6_HEADER_LEN)?;
-    let src = outer_source(&config.dsr_src_v6, ip.family, selected.hash);
+    let src = outer_source(&config.dsr_src_v6, family, selected.hash);
     let dst = selected.backend.addr;
-    let mut header = [0u8; IPV6_HEADER_LEN];
+    let cache_slot = selected.backend_id;
+    let header = &mut scratch.outer_v6;
+    *header = [0u8; IPV6_HEADER_LEN];
     header[0] = 0x60;
     header[4..6].copy_from_slice(&payload_len.to_be_bytes());
     header[6] = IPPROTO_IPV6;
@@ -137,13 +143,14 @@ fn encapsulate_ipv6(
     let outer =
         ptr_at::<[u8; IPV6_HEADER_LEN]>(ctx, ETH_HEADER_LEN).ok_or(DropReason::Malformed)?;
     // SAFETY: bounds-checked by `ptr_at`.
-    unsafe { *outer = header };
-    Ok(NextHop {
-        family: ip.family,
-        proto: IPPROTO_IPV6,
-        ip_len: outer_len,
+    unsafe { *outer = *header };
+    scratch.hop = NextHop {
         src,
         dst,
-        cache_slot: selected.backend_id,
-    })
+        cache_slot,
+        ip_len: outer_len,
+        family,
+        proto: IPPROTO_IPV6,
+    };
+    Ok(())
 }

@@ -6,14 +6,14 @@ use lb_common::{
     flow::{FlowKey, flow_hash},
     maps::{
         BACKEND_DOWN, Backend, CONFIG_PASS_FRAGMENTS, DropReason, FLOW_CLOSING, Flow, LbConfig,
-        MODE_DSR, MODE_NAT, NO_BACKEND, NatKey, Service,
+        MODE_NAT, NO_BACKEND, NatKey, Service,
     },
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SERVICES_BY_ID, Scratch, lookup,
     parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats::Verdict,
+    stats::{NO_SERVICE, Verdict},
 };
 
 /// NAT source ports tried for a new flow before giving up.
@@ -25,6 +25,7 @@ const NAT_PORT_PROBES: u32 = 8;
 /// `Result`: the compiler would put the enum's tag inside the struct's padding, and the kernel
 /// rejects BTF that describes such a layout.
 #[derive(Default)]
+#[repr(C, align(8))]
 pub struct Selected {
     pub service_id: u32,
     pub backend_id: u32,
@@ -45,39 +46,114 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
     }
 }
 
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
-#[inline(never)]
+/// The established-flow path: when the packet belongs to a tracked flow whose service (by the
+/// id the flow recorded) still has the packet's destination, fills in its backend and returns
+/// the service's mode; or the verdict of a packet that cannot go on. `None` leaves the packet
+/// to the full path (service by key, then tracked or new flow): no tracked flow, its service
+/// gone or changed, its backend down, or a SYN reopening it.
+///
+/// `check_blocklist`: the packet's source still needs the blocklist check. A flow whose source
+/// passed it under the current blocklist version skips it; else it is done here (a blocked
+/// source's packet is dropped before it touches its flow) and recorded in the flow.
+#[inline(always)]
+pub fn established_fast(
+    scratch: &mut Scratch,
+    check_blocklist: &mut bool,
+) -> Option<Result<u32, Verdict>> {
+    let ip = &scratch.ip;
+    if !ip.has_ports || ip.is_fragment {
+        return None;
+    }
+    let flow = FLOWS.get_ptr_mut(&ip.key)?;
+    // SAFETY: the pointer comes from the map; the fields written in place (`flags`,
+    // `last_seen_ns`, `blocklist_version`, `service_id`) are advisory or rechecked.
+    let service_id = u32::from(unsafe { (*flow).service_id });
+    let service = SERVICES_BY_ID.get(service_id)?;
+    let key = &service.key;
+    if key.vip != ip.key.dst_addr
+        || key.port_be != ip.key.dst_port_be
+        || key.proto != ip.key.proto
+        || key.family != ip.key.family
+    {
+        return None;
+    }
+    if *check_blocklist {
+        let version = scratch.blocklist_version;
+        // SAFETY: as above.
+        if unsafe { (*flow).blocklist_version } != version {
+            if lookup::is_source_blocked(scratch) {
+                return Some(Err(Verdict::Drop(DropReason::Blocked, NO_SERVICE)));
+            }
+            // SAFETY: as above.
+            unsafe { (*flow).blocklist_version = version };
+        }
+        *check_blocklist = false;
+    }
+    let ip = &scratch.ip;
+    // As on the full path: a packet that cannot be forwarded does not touch its flow.
+    if ip.ttl <= 1 {
+        return Some(Err(Verdict::Drop(DropReason::TtlExceeded, service_id)));
+    }
+    if !follow_flow(ip, flow, service_id, &mut scratch.selected) {
+        return None;
+    }
+    Some(Ok(service.mode))
+}
+
+#[inline(always)]
 pub fn select_backend(
-    ip: &IpPacket,
+    scratch: &mut Scratch,
     service: &Service,
     config: &LbConfig,
-    selected: &mut Selected,
 ) -> Result<(), DropReason> {
-    let key = ip.flow_key();
-    if established(ip, &key, service, selected) {
+    let ip = &scratch.ip;
+    if let Some(flow) = FLOWS.get_ptr_mut(&ip.key)
+        && follow_flow(ip, flow, service.id, &mut scratch.selected)
+    {
+        // The flow's service is back under another id: record it, so the flow's next packets
+        // take the established-flow path again.
+        // SAFETY: as in `follow_flow`; an advisory field of the entry.
+        unsafe {
+            if u32::from((*flow).service_id) != service.id {
+                (*flow).service_id = service.id as u8;
+            }
+        }
         return Ok(());
     }
-    let hash = hash_flow(&key);
+    new_flow(scratch, service, config)
+}
+
+/// A flow's first packet: its backend from the Maglev table, its NAT port, its flow entry.
+// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
+#[inline(never)]
+fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Result<(), DropReason> {
+    let ip = &scratch.ip;
+    let key = &ip.key;
+    let hash = hash_flow(key);
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let backend_id = maglev_lookup(service, config, hash).ok_or(DropReason::NoBackend)?;
     let backend = *BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
     let nat_port_be = if service.mode == MODE_NAT {
-        allocate_nat_port(ip, &key, &backend, config, hash)?
+        allocate_nat_port(ip, key, &backend, config, hash)?
     } else {
         0
     };
-    let flow = Flow {
+    scratch.flow = Flow {
         backend_id,
-        flags: closing_flags(ip, 0),
+        hash,
         nat_port_be,
-        _pad: [0; 6],
+        // Service ids are below MAX_SERVICES, which fits.
+        service_id: service.id as u8,
+        flags: closing_flags(ip, 0),
+        // The source was checked on the way here.
+        blocklist_version: scratch.blocklist_version,
         last_seen_ns: now,
     };
     // A full LRU map evicts its least recently used flow, so an insert only fails on memory
     // pressure; the packet still goes out and the next one tries again.
-    let _ = FLOWS.insert(&key, &flow, 0);
-    *selected = Selected {
+    let _ = FLOWS.insert(&scratch.ip.key, &scratch.flow, 0);
+    scratch.selected = Selected {
         service_id: service.id,
         backend_id,
         backend,
@@ -94,21 +170,18 @@ fn hash_flow(key: &FlowKey) -> u32 {
     flow_hash(key)
 }
 
-/// Fills in the tracked flow's backend and returns true, unless there is no tracked flow, its
-/// backend is down, or a SYN reopens a closed flow.
-// A call of its own: its copy of the flow stays out of `select_backend`'s stack frame.
-#[inline(never)]
-fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut Selected) -> bool {
-    let Some(flow) = FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
+/// Fills in the tracked flow's backend and returns true, unless its backend is down or a SYN
+/// reopens a closed flow.
+#[inline(always)]
+fn follow_flow(ip: &IpPacket, flow: *mut Flow, service_id: u32, selected: &mut Selected) -> bool {
     // SAFETY: the pointer comes from the map; a concurrent update of the same entry can only
     // race on `flags` and `last_seen_ns`, both advisory.
-    let current = unsafe { *flow };
-    let reopened = ip.proto == IPPROTO_TCP
+    let current = unsafe { &*flow };
+    let reopened = ip.key.proto == IPPROTO_TCP
         && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && current.flags & FLOW_CLOSING != 0;
-    let Some(backend) = BACKENDS.get(current.backend_id) else {
+    let backend_id = current.backend_id;
+    let Some(backend) = BACKENDS.get(backend_id) else {
         return false;
     };
     if reopened || backend.state == BACKEND_DOWN {
@@ -125,16 +198,11 @@ fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut S
         }
     }
     *selected = Selected {
-        service_id: service.id,
-        backend_id: current.backend_id,
+        service_id,
+        backend_id,
         backend: *backend,
         nat_port_be: current.nat_port_be,
-        // Only DSR uses the hash (for the outer source); NAT flows skip computing it.
-        hash: if service.mode == MODE_DSR {
-            hash_flow(key)
-        } else {
-            0
-        },
+        hash: current.hash,
         is_new: false,
     };
     true
@@ -142,8 +210,8 @@ fn established(ip: &IpPacket, key: &FlowKey, service: &Service, selected: &mut S
 
 /// `flags` with `FLOW_CLOSING` added when the packet is a TCP FIN or RST.
 #[inline(always)]
-fn closing_flags(ip: &IpPacket, flags: u32) -> u32 {
-    if ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+fn closing_flags(ip: &IpPacket, flags: u8) -> u8 {
+    if ip.key.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flags | FLOW_CLOSING
     } else {
         flags
@@ -179,13 +247,13 @@ fn allocate_nat_port(
         return Err(DropReason::NatPortsExhausted);
     }
     let range = max - min + 1;
-    let client_port = u32::from(u16::from_be(ip.src_port_be));
+    let client_port = u32::from(u16::from_be(ip.key.src_port_be));
     let mut nat_key = NatKey {
         backend_addr: backend.addr,
         backend_port_be: backend.port_be,
         nat_port_be: 0,
-        proto: ip.proto,
-        family: ip.family,
+        proto: ip.key.proto,
+        family: ip.key.family,
         _pad: [0; 2],
     };
     for probe in 0..NAT_PORT_PROBES {

@@ -5,79 +5,106 @@ use core::mem;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibLookup, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_jiffies64, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
-use crate::{ROUTES, parse::ptr_at, stats::Verdict};
+use crate::{CLIENT_ROUTES, ROUTES, Scratch, parse::ptr_at, stats::Verdict};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Where a rewritten packet goes: its outermost IP header's fields that the FIB lookup needs.
+#[repr(C, align(8))]
 pub struct NextHop {
-    pub family: u8,
-    pub proto: u8,
-    pub ip_len: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
-    /// The backend id whose route may be cached, or `NO_CACHE` (replies to clients).
+    /// The backend id whose route is cached in `ROUTES`, or `CLIENT` (replies to clients,
+    /// cached in `CLIENT_ROUTES`).
     pub cache_slot: u32,
+    pub ip_len: u16,
+    pub family: u8,
+    pub proto: u8,
 }
 
-/// `NextHop::cache_slot` of a packet whose route is looked up every time.
-pub const NO_CACHE: u32 = u32::MAX;
+/// `NextHop::cache_slot` of a reply to a client: its route is cached in `CLIENT_ROUTES`.
+pub const CLIENT: u32 = u32::MAX;
 
-/// How long a cached route to a backend is used before the FIB is asked again, so route and
-/// neighbour changes take effect within this time.
-const ROUTE_CACHE_NS: u64 = 1_000_000_000;
+/// Entries of `CLIENT_ROUTES` (a power of two): routes to this many clients per CPU stay
+/// cached, fewer where their addresses collide.
+pub const CLIENT_ROUTE_SLOTS: u32 = 4096;
 
-/// A backend's route as the FIB last gave it, per CPU (so no CPU ever reads a half-written
-/// entry).
+/// How long, in clock ticks (jiffies), a cached route to a backend or client is used before the FIB is
+/// asked again, so route and neighbour changes take effect within this time: at most a second,
+/// as no kernel ticks slower than 100 Hz (0.4 s at the usual 250 Hz, 0.1 s at 1000 Hz, where
+/// the extra FIB lookups are still a handful per second per backend). The tick count is one
+/// load (the verifier inlines `bpf_jiffies64`); a clock read was a helper call, 5% of an
+/// established flow's time.
+const ROUTE_CACHE_TICKS: u64 = 100;
+
+/// A route as the FIB last gave it, per CPU (so no CPU ever reads a half-written entry).
 #[derive(Clone, Copy)]
-#[repr(C)]
+#[repr(C, align(8))]
 pub struct CachedRoute {
-    /// The destination the entry is for: a backend id reused for another address misses.
+    /// The destination the entry is for: a backend id reused for another address, or another
+    /// client in the same slot, misses.
     dst: [u8; 16],
-    refreshed_ns: u64,
-    ifindex: u32,
+    /// The source the FIB was asked for (routes may depend on it): a client's entry is used
+    /// for replies from the same VIP only.
+    src: [u8; 16],
+    refreshed_jiffies: u64,
     /// Destination then source MAC, as they go into the Ethernet header.
     macs: [u8; 12],
+    ifindex: u32,
 }
 
-/// Sends the (already rewritten) packet towards `hop.dst`.
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
-#[inline(never)]
-pub fn to_next_hop(ctx: &XdpContext, hop: &NextHop) -> Result<Verdict, DropReason> {
+/// The FIB lookup's parameter block.
+pub type FibParams = FibLookup;
+
+/// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the cached route when
+/// it is fresh, else by a FIB lookup that refreshes it.
+#[inline(always)]
+pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, DropReason> {
     let ingress = ctx.ingress_ifindex() as u32;
-    if hop.cache_slot == NO_CACHE {
-        let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
-        return send(ctx, ingress, ifindex, &macs);
-    }
-    let cached = ROUTES.get_ptr_mut(hop.cache_slot);
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(route) = cached {
+    let hop = &scratch.hop;
+    let to_client = hop.cache_slot == CLIENT;
+    let cached = if to_client {
+        CLIENT_ROUTES.get_ptr_mut(client_slot(&hop.dst))
+    } else {
+        ROUTES.get_ptr_mut(hop.cache_slot)
+    };
+    if let Some(cached) = cached {
         // SAFETY: this CPU's own slot of a per-CPU map.
-        let route = unsafe { &*route };
-        if route.dst == hop.dst && now.wrapping_sub(route.refreshed_ns) < ROUTE_CACHE_NS {
-            return send(ctx, ingress, route.ifindex, &route.macs);
+        let cached = unsafe { &mut *cached };
+        // SAFETY: bpf_jiffies64 has no preconditions.
+        let now = unsafe { bpf_jiffies64() };
+        if cached.dst == hop.dst
+            && (!to_client || cached.src == hop.src)
+            && now.wrapping_sub(cached.refreshed_jiffies) < ROUTE_CACHE_TICKS
+        {
+            return send(ctx, ingress, cached.ifindex, &cached.macs);
         }
-    }
-    let (ifindex, macs) = fib_lookup(ctx, hop, ingress)?;
-    if let Some(route) = cached {
-        // SAFETY: this CPU's own slot of a per-CPU map.
-        unsafe {
-            *route = CachedRoute {
-                dst: hop.dst,
-                refreshed_ns: now,
-                ifindex,
-                macs,
-            };
+        if !fib_lookup(ctx, scratch, ingress) {
+            return Err(DropReason::NoRoute);
         }
+        *cached = scratch.route;
+        cached.refreshed_jiffies = now;
+        return send(ctx, ingress, cached.ifindex, &cached.macs);
     }
-    send(ctx, ingress, ifindex, &macs)
+    if !fib_lookup(ctx, scratch, ingress) {
+        return Err(DropReason::NoRoute);
+    }
+    let route = &scratch.route;
+    send(ctx, ingress, route.ifindex, &route.macs)
+}
+
+/// A client address's slot in `CLIENT_ROUTES`: its words mixed (Fibonacci hashing).
+#[inline(always)]
+fn client_slot(addr: &[u8; 16]) -> u32 {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let mixed = (word(0) ^ word(4) ^ word(8) ^ word(12)).wrapping_mul(0x9e37_79b9);
+    mixed >> (32 - CLIENT_ROUTE_SLOTS.trailing_zeros())
 }
 
 /// Rewrites the MAC addresses and sends the frame out of `ifindex`.
@@ -99,16 +126,18 @@ fn send(
     Ok(Verdict::Action(action as u32))
 }
 
-/// Asks the kernel's FIB for the egress device and MAC addresses towards `hop.dst`.
-#[inline(always)]
-fn fib_lookup(
-    ctx: &XdpContext,
-    hop: &NextHop,
-    ingress: u32,
-) -> Result<(u32, [u8; 12]), DropReason> {
+/// Asks the kernel's FIB for the egress device and MAC addresses towards `scratch.hop.dst`
+/// and leaves them in `scratch.route`; false when there is no usable route (no route, or the
+/// neighbour is not resolved yet: the client retransmits, and lb-control keeps the backends'
+/// neighbours resolved).
+// A call of its own: only cache misses and replies take it.
+#[inline(never)]
+fn fib_lookup(ctx: &XdpContext, scratch: &mut Scratch, ingress: u32) -> bool {
+    let hop = &scratch.hop;
     let (src, dst) = (&hop.src, &hop.dst);
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut params: FibLookup = unsafe { mem::zeroed() };
+    scratch.fib = unsafe { mem::zeroed() };
+    let params = &mut scratch.fib;
     params.l4_protocol = hop.proto;
     params.__bindgen_anon_1.tot_len = hop.ip_len;
     params.ifindex = ingress;
@@ -125,20 +154,21 @@ fn fib_lookup(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.ctx.cast(),
-            &mut params,
+            params,
             mem::size_of::<FibLookup>() as i32,
             0,
         )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        // No route, or the neighbour is not resolved yet: the client retransmits, and lb-control
-        // keeps the backends' neighbours resolved.
-        return Err(DropReason::NoRoute);
+        return false;
     }
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&params.dmac);
-    macs[6..].copy_from_slice(&params.smac);
-    Ok((params.ifindex, macs))
+    let route = &mut scratch.route;
+    route.dst = scratch.hop.dst;
+    route.src = scratch.hop.src;
+    route.ifindex = params.ifindex;
+    route.macs[..6].copy_from_slice(&params.dmac);
+    route.macs[6..].copy_from_slice(&params.smac);
+    true
 }
 
 #[inline(always)]

@@ -1,75 +1,80 @@
 //! Map lookups that decide where a packet belongs: blocklist, NAT replies, services.
-//!
-//! Each is a call of its own (`inline(never)`), so its key lives in its own stack frame rather
-//! than in the entry point's, which must leave room for the forwarding path below it.
 
-use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     flow::{FAMILY_IPV4, FlowKey},
-    maps::{BLOCKLIST_COUNT, LbConfig, NatKey, Service, ServiceKey, VipKey},
+    maps::{BLOCKLIST_VERSION, LbConfig, NatKey, Service, ServiceKey, VipKey},
 };
 
-use crate::{
-    BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, VIPS, parse::IpPacket,
-};
+use crate::{BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, Scratch, VIPS};
 
-#[inline(never)]
-pub fn is_source_blocked(ip: &IpPacket) -> bool {
-    if BLOCKLIST_ENTRIES
-        .get(BLOCKLIST_COUNT)
-        .is_none_or(|entries| *entries == 0)
-    {
-        return false;
-    }
-    if ip.family == FAMILY_IPV4 {
-        let addr = [ip.src[0], ip.src[1], ip.src[2], ip.src[3]];
-        BLOCKLIST_V4.get(Key::new(32, addr)).is_some()
+/// The blocklist's version: 0 while it is empty (see `BLOCKLIST_VERSION`).
+#[inline(always)]
+pub fn blocklist_version() -> u32 {
+    BLOCKLIST_ENTRIES
+        .get(BLOCKLIST_VERSION)
+        .map_or(0, |version| *version)
+}
+
+/// Whether the packet's source is in the blocklist tries (look only while they hold any).
+#[inline(always)]
+pub fn is_source_blocked(scratch: &mut Scratch) -> bool {
+    let src = &scratch.ip.key.src_addr;
+    if scratch.ip.key.family == FAMILY_IPV4 {
+        scratch.block_v4.prefix_len = 32;
+        scratch.block_v4.data = [src[0], src[1], src[2], src[3]];
+        BLOCKLIST_V4.get(&scratch.block_v4).is_some()
     } else {
-        BLOCKLIST_V6.get(Key::new(128, ip.src)).is_some()
+        scratch.block_v6.prefix_len = 128;
+        scratch.block_v6.data = *src;
+        BLOCKLIST_V6.get(&scratch.block_v6).is_some()
     }
 }
 
-/// The client flow a backend's reply belongs to, when `ip` is one: addressed to the LB's NAT
-/// source address on a port the LB handed out.
+/// The client flow a backend's reply belongs to, when the packet is one: addressed to the
+/// LB's NAT source address on a port the LB handed out.
 #[inline(always)]
-pub fn nat_reply_flow(ip: &IpPacket, config: &LbConfig) -> Option<FlowKey> {
-    if ip.dst != *config.nat_source(ip.family) {
+pub fn nat_reply_flow(scratch: &mut Scratch, config: &LbConfig) -> Option<&'static FlowKey> {
+    let ip = &scratch.ip;
+    if ip.key.dst_addr != *config.nat_source(ip.key.family) {
         return None;
     }
-    let key = NatKey {
-        backend_addr: ip.src,
-        backend_port_be: ip.src_port_be,
-        nat_port_be: ip.dst_port_be,
-        proto: ip.proto,
-        family: ip.family,
+    scratch.nat_key = NatKey {
+        backend_addr: ip.key.src_addr,
+        backend_port_be: ip.key.src_port_be,
+        nat_port_be: ip.key.dst_port_be,
+        proto: ip.key.proto,
+        family: ip.key.family,
         _pad: [0; 2],
     };
-    // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
-    unsafe { NAT_REVERSE.get(&key) }.copied()
+    // SAFETY: LRU entries may be evicted concurrently; their memory stays valid for this run.
+    unsafe { NAT_REVERSE.get(&scratch.nat_key) }
 }
 
-#[inline(never)]
-pub fn service_of(ip: &IpPacket) -> Option<Service> {
+#[inline(always)]
+pub fn service_of(scratch: &mut Scratch) -> Option<&'static Service> {
+    let ip = &scratch.ip;
     if !ip.has_ports {
         return None;
     }
-    let key = ServiceKey {
-        vip: ip.dst,
-        port_be: ip.dst_port_be,
-        proto: ip.proto,
-        family: ip.family,
+    scratch.service_key = ServiceKey {
+        vip: ip.key.dst_addr,
+        port_be: ip.key.dst_port_be,
+        proto: ip.key.proto,
+        family: ip.key.family,
     };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES.get(&key) }.copied()
+    // SAFETY: userspace replaces entries whole (the map's update is atomic per entry).
+    unsafe { SERVICES.get(&scratch.service_key) }
 }
 
+// A call of its own: fragments to a VIP are rare.
 #[inline(never)]
-pub fn is_vip(ip: &IpPacket) -> bool {
-    let key = VipKey {
-        vip: ip.dst,
-        family: ip.family,
+pub fn is_vip(scratch: &mut Scratch) -> bool {
+    let ip = &scratch.ip;
+    scratch.vip_key = VipKey {
+        vip: ip.key.dst_addr,
+        family: ip.key.family,
         _pad: [0; 3],
     };
     // SAFETY: only presence is read.
-    unsafe { VIPS.get(&key) }.is_some()
+    unsafe { VIPS.get(&scratch.vip_key) }.is_some()
 }

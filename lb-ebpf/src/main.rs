@@ -1,10 +1,32 @@
 //! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
 //! its own module and returns a verdict or lets the packet continue.
 //!
-//! Pipeline: parse → count → blocklist → NAT reply → service → fragments → flow (conntrack or
-//! Maglev) → NAT or DSR rewrite → next hop (FIB) → XDP_TX / redirect.
+//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (its service checked by id)
+//! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
+//! (route cache, else FIB) → XDP_TX / redirect.
+//!
+//! Rules the verifier and the code generator impose, learned the hard way:
+//! - The established path is one function: every call of a subprogram costs a frame setup and
+//!   a return through the kernel's return thunk. Only cold paths are calls of their own
+//!   (`inline(never)`): new flows, NAT replies, FIB lookups, DSR, fragments.
+//! - 512 bytes of stack across the deepest call chain, and subprograms take at most 5 args.
+//! - The program is built allowing misaligned loads and stores (lb-ebpf/build.rs): an address
+//!   in a packet is one load, not four or sixteen byte loads, shifts and ors, which also keeps
+//!   the register pressure (and the spills that fill the stack) down. The verifier accepts
+//!   misaligned access to packets and map values but not to the stack. So structures of bytes
+//!   (keys, headers, route entries) are built in the per-CPU `SCRATCH` area, never on the
+//!   stack; a verifier log saying "misaligned stack access" means one slipped onto it.
+//! - Non-inlined functions return no `Option`/`Result` with a payload in padding (the kernel
+//!   rejects the BTF for it): they fill in through `&mut` instead.
+//! - Packet offsets are masked (`parse::OFFSET_MASK`) so the verifier can bound them, and a
+//!   subprogram never does arithmetic on `data_end` (nor on a packet pointer the compiler
+//!   passed it; keep packet accesses in the function that checked them).
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys are passed by reference on purpose: by value they are copied onto the stack"
+)]
 
 mod csum;
 mod dsr;
@@ -18,7 +40,7 @@ mod stats;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
@@ -26,8 +48,8 @@ use lb_common::{
     flow::FlowKey,
     maps::{
         Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason, Flow, LbConfig,
-        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceStats,
-        VipKey,
+        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceSlot,
+        ServiceStats, VipKey,
     },
     stats::{Counters, ProtoSlot},
 };
@@ -46,6 +68,10 @@ static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
 /// Services by (VIP, port, protocol).
 #[map]
 static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
+
+/// Services by id: what the established-flow path checks a tracked flow's service against.
+#[map]
+static SERVICES_BY_ID: Array<ServiceSlot> = Array::pinned(MAX_SERVICES, 0);
 
 /// Addresses that carry at least one service, for fragments that have no port to match.
 #[map]
@@ -86,10 +112,19 @@ static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT as u
 #[map]
 static ROUTES: PerCpuArray<forward::CachedRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
-/// Scratch space for the packet being parsed: one per CPU, so the parsed packet does not take
-/// room in the entry point's 512-byte stack that the forwarding path below it needs.
+/// Routes to clients (NAT replies) as the FIB last gave them, per CPU, in slots by a hash of
+/// the client's address: replies skip the FIB lookup for up to a second too.
 #[map]
-static SCRATCH: PerCpuArray<parse::IpPacket> = PerCpuArray::with_max_entries(1, 0);
+static CLIENT_ROUTES: PerCpuArray<forward::CachedRoute> =
+    PerCpuArray::with_max_entries(forward::CLIENT_ROUTE_SLOTS, 0);
+
+/// Scratch space for the packet being handled: one per CPU. It holds the parsed packet and
+/// every structure of bytes the program builds, so they take no room in the 512-byte stack
+/// and are never on it: the program is built allowing misaligned loads and stores (one load
+/// for an address in a packet, not one per byte), which the verifier accepts in packets and map
+/// values but not on the stack.
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Blocked IPv4 source prefixes; userspace expires them.
 #[map]
@@ -99,10 +134,33 @@ static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PR
 #[map]
 static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
 
-/// How many prefixes the blocklist holds (userspace keeps it current): while it is zero the
-/// trie lookups, the costliest step of an unblocked packet, are skipped.
+/// The blocklist's version (`BLOCKLIST_VERSION`; userspace keeps it current): while it is
+/// zero the trie lookups, the costliest step of an unblocked packet, are skipped, and a tracked
+/// flow checks its source once per version.
 #[map]
 static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
+
+/// The per-CPU scratch area (see `SCRATCH`).
+#[repr(C, align(8))]
+pub struct Scratch {
+    pub ip: parse::IpPacket,
+    /// The blocklist version read for this packet (a new flow records it).
+    pub blocklist_version: u32,
+    pub selected: flow::Selected,
+    /// A new flow's entry while it is built.
+    pub flow: Flow,
+    pub hop: forward::NextHop,
+    pub route: forward::CachedRoute,
+    pub fib: forward::FibParams,
+    pub service_key: ServiceKey,
+    pub vip_key: VipKey,
+    pub nat_key: NatKey,
+    pub block_v4: Key<BlockV4>,
+    pub block_v6: Key<BlockV6>,
+    /// DSR's outer headers while they are built.
+    pub outer_v4: [u8; dsr::IPV4_HEADER_LEN],
+    pub outer_v6: [u8; dsr::IPV6_HEADER_LEN],
+}
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -122,7 +180,8 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
         return Verdict::pass();
     };
     // SAFETY: the per-CPU scratch slot is this program run's alone.
-    let ip = unsafe { &mut *scratch };
+    let scratch = unsafe { &mut *scratch };
+    let ip = &mut scratch.ip;
     *ip = parse::IpPacket::default();
     let slot = parse::parse_frame(ctx, ip);
     stats::count_frame(slot, len);
@@ -137,60 +196,85 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
         ProtoSlot::NonIp => return Verdict::pass(),
         _ => {}
     }
-    if lookup::is_source_blocked(ip) {
-        return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+    // Blocked sources are dropped before any other work. The check is left out while the
+    // blocklist is empty, and for a tracked flow whose source passed it under the current
+    // blocklist version; `check_blocklist` says whether this packet still needs it. Only TCP
+    // segments other than connection attempts look for their flow first: a blocked source's
+    // SYNs and datagrams are dropped without a flow lookup.
+    let blocklist = lookup::blocklist_version();
+    scratch.blocklist_version = blocklist;
+    let mut check_blocklist = blocklist != 0;
+    if check_blocklist && !scratch.ip.may_be_established() {
+        if lookup::is_source_blocked(scratch) {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+        }
+        check_blocklist = false;
     }
     let Some(config) = CONFIG.get(0) else {
         return Verdict::pass();
     };
+    let ip = &scratch.ip;
     // A fragmented reply is not translated: its later fragments carry no ports to match.
-    if ip.has_ports && !ip.is_fragment {
-        if let Some(verdict) = nat::reverse(ctx, ip, config) {
+    if ip.has_ports && !ip.is_fragment && ip.key.dst_addr == *config.nat_source(ip.key.family) {
+        if check_blocklist && lookup::is_source_blocked(scratch) {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
+        }
+        check_blocklist = false;
+        if let Some(verdict) = nat::reverse(ctx, scratch, config) {
             return verdict;
         }
     }
-    let Some(service) = lookup::service_of(ip) else {
-        if ip.is_fragment && lookup::is_vip(ip) {
-            return flow::fragment_verdict(config, NO_SERVICE);
+    // Established flows first: a tracked flow names its service, so its packets skip the
+    // service lookup.
+    let mode = match flow::established_fast(scratch, &mut check_blocklist) {
+        Some(Ok(mode)) => mode,
+        Some(Err(verdict)) => return verdict,
+        None if check_blocklist && lookup::is_source_blocked(scratch) => {
+            return Verdict::Drop(DropReason::Blocked, NO_SERVICE);
         }
-        return Verdict::pass();
+        None => match choose_backend(scratch, config) {
+            Ok(mode) => mode,
+            Err(verdict) => return verdict,
+        },
     };
-    balance(ctx, ip, &service, config)
+    if scratch.selected.is_new {
+        stats::count_new_flow(&scratch.selected);
+    }
+    let verdict = if mode == MODE_DSR {
+        dsr::encapsulate(ctx, scratch, config)
+    } else {
+        nat::forward(ctx, scratch, config)
+    };
+    if let Verdict::Action(_) = verdict {
+        let ip = &scratch.ip;
+        stats::count_forward(&scratch.selected, ip.l3() + usize::from(ip.ip_len));
+    }
+    verdict
 }
 
-/// A packet for a service: pick its backend and send it there.
-// A call of its own keeps these locals out of the entry point's 512-byte stack frame.
-#[inline(never)]
-fn balance(
-    ctx: &XdpContext,
-    ip: &parse::IpPacket,
-    service: &Service,
-    config: &LbConfig,
-) -> Verdict {
+/// The packet's service, by key, and its backend (tracked or new) in `scratch.selected`: for
+/// packets the established-flow path did not settle. Returns the service's mode, or what to do
+/// with a packet that goes to no backend.
+#[inline(always)]
+fn choose_backend(scratch: &mut Scratch, config: &LbConfig) -> Result<u32, Verdict> {
+    let Some(service) = lookup::service_of(scratch) else {
+        if scratch.ip.is_fragment && lookup::is_vip(scratch) {
+            return Err(flow::fragment_verdict(config, NO_SERVICE));
+        }
+        return Err(Verdict::pass());
+    };
+    let ip = &scratch.ip;
     if ip.is_fragment {
-        return flow::fragment_verdict(config, service.id);
+        return Err(flow::fragment_verdict(config, service.id));
     }
     // Before a backend is chosen, so a packet that cannot be forwarded claims no flow entry
     // or NAT port.
     if ip.ttl <= 1 {
-        return Verdict::Drop(DropReason::TtlExceeded, service.id);
+        return Err(Verdict::Drop(DropReason::TtlExceeded, service.id));
     }
-    let mut selected = flow::Selected::default();
-    if let Err(reason) = flow::select_backend(ip, service, config, &mut selected) {
-        return Verdict::Drop(reason, service.id);
-    }
-    if selected.is_new {
-        stats::count_new_flow(&selected);
-    }
-    let verdict = if service.mode == MODE_DSR {
-        dsr::encapsulate(ctx, ip, &selected, config)
-    } else {
-        nat::forward(ctx, ip, &selected, config)
-    };
-    if let Verdict::Action(_) = verdict {
-        stats::count_forward(&selected, ip.l3() + usize::from(ip.ip_len));
-    }
-    verdict
+    flow::select_backend(scratch, service, config)
+        .map_err(|reason| Verdict::Drop(reason, service.id))?;
+    Ok(service.mode)
 }
 
 #[cfg(not(test))]

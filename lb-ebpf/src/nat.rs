@@ -3,20 +3,21 @@
 //! incrementally; a UDP checksum of zero (none, IPv4) stays zero.
 
 use lb_common::{
-    flow::{FAMILY_IPV4, FlowKey},
+    flow::FAMILY_IPV4,
     maps::{DropReason, LbConfig},
 };
 
 use crate::{
+    Scratch,
     csum::ChecksumDelta,
-    flow::Selected,
-    forward::{self, NO_CACHE, NextHop},
+    forward::{self, CLIENT, NextHop},
     lookup,
     parse::{IPPROTO_TCP, IpPacket, ptr_at},
     stats::{NO_SERVICE, Verdict},
 };
 
 /// Offsets of fields inside the IP and transport headers.
+const IPV4_HEADER_LEN: usize = 20;
 const IPV4_TTL: usize = 8;
 const IPV4_CHECK: usize = 10;
 const IPV4_SRC: usize = 12;
@@ -27,137 +28,129 @@ const IPV6_DST: usize = 24;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
-/// The addresses and ports a packet leaves with.
-struct Rewrite {
-    hop: NextHop,
-    src_port_be: u16,
-    dst_port_be: u16,
-}
-
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
-#[inline(never)]
+/// Rewrites a client's packet to its backend and sends it there.
+#[inline(always)]
 pub fn forward(
     ctx: &aya_ebpf::programs::XdpContext,
-    ip: &IpPacket,
-    selected: &Selected,
+    scratch: &mut Scratch,
     config: &LbConfig,
 ) -> Verdict {
-    let rewrite = Rewrite {
-        hop: NextHop {
-            family: ip.family,
-            proto: ip.proto,
-            ip_len: ip.ip_len,
-            src: *config.nat_source(ip.family),
-            dst: selected.backend.addr,
-            cache_slot: selected.backend_id,
-        },
-        src_port_be: selected.nat_port_be,
-        dst_port_be: selected.backend.port_be,
+    let (ip, selected) = (&scratch.ip, &scratch.selected);
+    scratch.hop = NextHop {
+        src: *config.nat_source(ip.key.family),
+        dst: selected.backend.addr,
+        cache_slot: selected.backend_id,
+        ip_len: ip.ip_len,
+        family: ip.key.family,
+        proto: ip.key.proto,
     };
-    rewrite_and_route(ctx, ip, &rewrite, selected.service_id)
+    let ports = [selected.nat_port_be, selected.backend.port_be];
+    let service_id = selected.service_id;
+    rewrite_and_route(ctx, scratch, ports, service_id)
 }
 
 /// A backend's reply, when `ip` is one: back to the client, from the VIP. `None` when the
 /// packet is no NAT reply.
-// A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
+// A call of its own keeps the reply path's locals out of the entry point's stack frame.
 #[inline(never)]
 pub fn reverse(
     ctx: &aya_ebpf::programs::XdpContext,
-    ip: &IpPacket,
+    scratch: &mut Scratch,
     config: &LbConfig,
 ) -> Option<Verdict> {
-    let client: FlowKey = lookup::nat_reply_flow(ip, config)?;
-    let rewrite = Rewrite {
-        hop: NextHop {
-            family: ip.family,
-            proto: ip.proto,
-            ip_len: ip.ip_len,
-            src: client.dst_addr,
-            dst: client.src_addr,
-            cache_slot: NO_CACHE,
-        },
-        src_port_be: client.dst_port_be,
-        dst_port_be: client.src_port_be,
+    let client = lookup::nat_reply_flow(scratch, config)?;
+    let ip = &scratch.ip;
+    scratch.hop = NextHop {
+        src: client.dst_addr,
+        dst: client.src_addr,
+        cache_slot: CLIENT,
+        ip_len: ip.ip_len,
+        family: ip.key.family,
+        proto: ip.key.proto,
     };
-    Some(rewrite_and_route(ctx, ip, &rewrite, NO_SERVICE))
+    let ports = [client.dst_port_be, client.src_port_be];
+    Some(rewrite_and_route(ctx, scratch, ports, NO_SERVICE))
 }
 
+/// Rewrites the addresses to `scratch.hop`'s and the ports to `ports` (source, destination;
+/// network byte order), then sends the packet on.
 #[inline(always)]
 fn rewrite_and_route(
     ctx: &aya_ebpf::programs::XdpContext,
-    ip: &IpPacket,
-    rewrite: &Rewrite,
+    scratch: &mut Scratch,
+    ports: [u16; 2],
     service_id: u32,
 ) -> Verdict {
-    let rewritten = if ip.family == FAMILY_IPV4 {
-        rewrite_ipv4(ctx, ip, rewrite)
+    let (ip, hop) = (&scratch.ip, &scratch.hop);
+    let rewritten = if ip.key.family == FAMILY_IPV4 {
+        rewrite_ipv4(ctx, ip, hop, ports)
     } else {
-        rewrite_ipv6(ctx, ip, rewrite)
+        rewrite_ipv6(ctx, ip, hop, ports)
     };
     if let Err(reason) = rewritten {
         return Verdict::Drop(reason, service_id);
     }
-    forward::to_next_hop(ctx, &rewrite.hop)
-        .unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
+    forward::to_next_hop(ctx, scratch).unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
 }
 
-#[inline(never)]
+#[inline(always)]
 fn rewrite_ipv4(
     ctx: &aya_ebpf::programs::XdpContext,
     ip: &IpPacket,
-    rewrite: &Rewrite,
+    hop: &NextHop,
+    ports: [u16; 2],
 ) -> Result<(), DropReason> {
-    let l3 = ip.l3();
-    let ttl = ptr_at::<[u8; 2]>(ctx, l3 + IPV4_TTL).ok_or(DropReason::Malformed)?;
-    let check = ptr_at::<[u8; 2]>(ctx, l3 + IPV4_CHECK).ok_or(DropReason::Malformed)?;
-    let src = ptr_at::<[u8; 4]>(ctx, l3 + IPV4_SRC).ok_or(DropReason::Malformed)?;
-    let dst = ptr_at::<[u8; 4]>(ctx, l3 + IPV4_DST).ok_or(DropReason::Malformed)?;
-    // SAFETY: every pointer was bounds-checked by `ptr_at`; the fields are byte arrays.
+    // One bounds check for the fixed header, whose fields are then at constant offsets.
+    let header = ptr_at::<[u8; IPV4_HEADER_LEN]>(ctx, ip.l3()).ok_or(DropReason::Malformed)?;
+    let ttl = field::<[u8; 2]>(header, IPV4_TTL);
+    let check = field::<u16>(header, IPV4_CHECK);
+    let src = field::<u32>(header, IPV4_SRC);
+    let dst = field::<u32>(header, IPV4_DST);
+    let new_src = ipv4_word(&hop.src);
+    let new_dst = ipv4_word(&hop.dst);
+    let mut addresses = ChecksumDelta::default();
+    // SAFETY: every pointer was bounds-checked by `ptr_at`; the program is built for targets
+    // that allow misaligned loads and stores (see `SCRATCH`).
     unsafe {
         let ttl_proto = *ttl;
         if ttl_proto[0] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
-        let new_src = [
-            rewrite.hop.src[0],
-            rewrite.hop.src[1],
-            rewrite.hop.src[2],
-            rewrite.hop.src[3],
-        ];
-        let new_dst = [
-            rewrite.hop.dst[0],
-            rewrite.hop.dst[1],
-            rewrite.hop.dst[2],
-            rewrite.hop.dst[3],
-        ];
-        let mut addresses = ChecksumDelta::default();
-        addresses.replace_bytes(&*src, &new_src);
-        addresses.replace_bytes(&*dst, &new_dst);
-
+        addresses.replace_u32(src.read_unaligned(), new_src);
+        addresses.replace_u32(dst.read_unaligned(), new_dst);
         let new_ttl_proto = [ttl_proto[0] - 1, ttl_proto[1]];
         let mut header = addresses;
-        header.replace_bytes(&ttl_proto, &new_ttl_proto);
-        *check = header.apply(u16::from_be_bytes(*check)).to_be_bytes();
+        header.replace_u16(
+            u16::from_ne_bytes(ttl_proto),
+            u16::from_ne_bytes(new_ttl_proto),
+        );
+        check.write_unaligned(header.apply(check.read_unaligned()));
         *ttl = new_ttl_proto;
-        *src = new_src;
-        *dst = new_dst;
+        src.write_unaligned(new_src);
+        dst.write_unaligned(new_dst);
     }
-    let mut pseudo = ChecksumDelta::default();
-    pseudo.replace_bytes(&ipv4_bytes(&ip.src), &ipv4_bytes(&rewrite.hop.src));
-    pseudo.replace_bytes(&ipv4_bytes(&ip.dst), &ipv4_bytes(&rewrite.hop.dst));
-    rewrite_ports(ctx, ip, rewrite, pseudo)
+    // The pseudo-header changes by the same addresses.
+    rewrite_ports(ctx, ip, ports, addresses)
+}
+
+/// A pointer to the `T` at `offset` bytes into a header the caller bounds-checked whole.
+#[inline(always)]
+fn field<T>(header: *mut impl Sized, offset: usize) -> *mut T {
+    header.cast::<u8>().wrapping_add(offset).cast()
+}
+
+/// An IPv4 address (the first 4 bytes of a 16-byte field) as the word it is in memory.
+#[inline(always)]
+fn ipv4_word(addr: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]])
 }
 
 #[inline(always)]
-fn ipv4_bytes(addr: &[u8; 16]) -> [u8; 4] {
-    [addr[0], addr[1], addr[2], addr[3]]
-}
-
-#[inline(never)]
 fn rewrite_ipv6(
     ctx: &aya_ebpf::programs::XdpContext,
     ip: &IpPacket,
-    rewrite: &Rewrite,
+    hop: &NextHop,
+    ports: [u16; 2],
 ) -> Result<(), DropReason> {
     let l3 = ip.l3();
     let hop_limit = ptr_at::<u8>(ctx, l3 + IPV6_HOP_LIMIT).ok_or(DropReason::Malformed)?;
@@ -169,48 +162,49 @@ fn rewrite_ipv6(
             return Err(DropReason::TtlExceeded);
         }
         *hop_limit -= 1;
-        *src = rewrite.hop.src;
-        *dst = rewrite.hop.dst;
+        *src = hop.src;
+        *dst = hop.dst;
     }
     let mut pseudo = ChecksumDelta::default();
-    pseudo.replace_bytes(&ip.src, &rewrite.hop.src);
-    pseudo.replace_bytes(&ip.dst, &rewrite.hop.dst);
-    rewrite_ports(ctx, ip, rewrite, pseudo)
+    pseudo.replace_bytes(&ip.key.src_addr, &hop.src);
+    pseudo.replace_bytes(&ip.key.dst_addr, &hop.dst);
+    rewrite_ports(ctx, ip, ports, pseudo)
 }
 
-/// Rewrites the ports and patches the transport checksum with the port and pseudo-header
-/// changes.
-#[inline(never)]
+/// Rewrites the ports to `new_ports` (source, destination, as they go on the wire) and
+/// patches the transport checksum with the port and pseudo-header changes.
+#[inline(always)]
 fn rewrite_ports(
     ctx: &aya_ebpf::programs::XdpContext,
     ip: &IpPacket,
-    rewrite: &Rewrite,
+    new_ports: [u16; 2],
     pseudo: ChecksumDelta,
 ) -> Result<(), DropReason> {
     let l4 = ip.l4();
-    let ports = ptr_at::<[u16; 2]>(ctx, l4).ok_or(DropReason::Malformed)?;
-    let check_offset = if ip.proto == IPPROTO_TCP {
-        TCP_CHECK
+    let is_tcp = ip.key.proto == IPPROTO_TCP;
+    // One bounds check up to the checksum field; the ports lead the header.
+    let (ports, check) = if is_tcp {
+        let header = ptr_at::<[u8; TCP_CHECK + 2]>(ctx, l4).ok_or(DropReason::Malformed)?;
+        (field::<u32>(header, 0), field::<u16>(header, TCP_CHECK))
     } else {
-        UDP_CHECK
+        let header = ptr_at::<[u8; UDP_CHECK + 2]>(ctx, l4).ok_or(DropReason::Malformed)?;
+        (field::<u32>(header, 0), field::<u16>(header, UDP_CHECK))
     };
-    let check = ptr_at::<[u8; 2]>(ctx, l4 + check_offset).ok_or(DropReason::Malformed)?;
-    let new_ports = [rewrite.src_port_be, rewrite.dst_port_be];
+    let [src_port, dst_port] = [new_ports[0].to_ne_bytes(), new_ports[1].to_ne_bytes()];
+    let new_ports = u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]);
     // SAFETY: both pointers were bounds-checked by `ptr_at`.
     unsafe {
-        let old_ports = ports.read_unaligned();
-        let old_check = u16::from_be_bytes(*check);
-        let skip_checksum = ip.proto != IPPROTO_TCP && old_check == 0 && ip.family == FAMILY_IPV4;
+        let old_check = check.read_unaligned();
+        let skip_checksum = !is_tcp && old_check == 0 && ip.key.family == FAMILY_IPV4;
         if !skip_checksum {
             let mut delta = pseudo;
-            delta.replace_u16(u16::from_be(old_ports[0]), u16::from_be(new_ports[0]));
-            delta.replace_u16(u16::from_be(old_ports[1]), u16::from_be(new_ports[1]));
+            delta.replace_u32(ports.read_unaligned(), new_ports);
             let mut new_check = delta.apply(old_check);
             // In UDP a computed zero is sent as all ones: zero means "no checksum".
-            if ip.proto != IPPROTO_TCP && new_check == 0 {
+            if !is_tcp && new_check == 0 {
                 new_check = 0xffff;
             }
-            *check = new_check.to_be_bytes();
+            check.write_unaligned(new_check);
         }
         ports.write_unaligned(new_ports);
     }

@@ -35,21 +35,17 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// An IP packet's addresses and transport, with the offsets needed to rewrite it.
 #[derive(Clone, Copy, Default)]
+#[repr(C, align(8))]
 pub struct IpPacket {
-    pub family: u8,
-    /// Offset of the IP header from the start of the frame (u16 keeps the struct, which lives
-    /// on the entry point's stack, small).
+    /// The 5-tuple, filled in place: it is the key of the flow lookups, with no copy. Ports
+    /// are zero when `has_ports` is false.
+    pub key: FlowKey,
+    /// Offset of the IP header from the start of the frame.
     pub l3_offset: u16,
     /// Offset of the transport header (meaningful when `has_ports`).
     pub l4_offset: u16,
     /// Length of the IP packet (header and payload) as its header states.
     pub ip_len: u16,
-    /// Transport protocol (IPv6: the first next header).
-    pub proto: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub src_port_be: u16,
-    pub dst_port_be: u16,
     /// A whole TCP or UDP header is present (not a fragment, not truncated).
     pub has_ports: bool,
     /// Part of a fragmented packet (first or later).
@@ -74,16 +70,14 @@ impl IpPacket {
         usize::from(self.l4_offset & OFFSET_MASK)
     }
 
-    pub fn flow_key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.src,
-            dst_addr: self.dst,
-            src_port_be: self.src_port_be,
-            dst_port_be: self.dst_port_be,
-            proto: self.proto,
-            family: self.family,
-            _pad: [0; 2],
-        }
+    /// A TCP segment that is no connection attempt (SYN without ACK): it may belong to an
+    /// established flow.
+    #[inline(always)]
+    pub fn may_be_established(&self) -> bool {
+        self.has_ports
+            && !self.is_fragment
+            && self.key.proto == IPPROTO_TCP
+            && self.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
     }
 }
 
@@ -155,13 +149,13 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
     }
     let frags = u16::from_be_bytes(ip.frags);
     let is_later_fragment = frags & IPV4_FRAG_OFFSET_MASK != 0;
-    packet.family = FAMILY_IPV4;
+    packet.key.family = FAMILY_IPV4;
     packet.l3_offset = offset as u16;
     packet.l4_offset = (offset + header_len) as u16;
     packet.ip_len = total_len;
-    packet.proto = ip.proto;
-    packet.src[..4].copy_from_slice(&ip.src_addr);
-    packet.dst[..4].copy_from_slice(&ip.dst_addr);
+    packet.key.proto = ip.proto;
+    packet.key.src_addr[..4].copy_from_slice(&ip.src_addr);
+    packet.key.dst_addr[..4].copy_from_slice(&ip.dst_addr);
     packet.is_fragment = is_later_fragment || frags & IPV4_MORE_FRAGMENTS != 0;
     packet.ttl = ip.ttl;
     Some(match ip.proto {
@@ -187,13 +181,13 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
     if !fits(ctx, offset + Ipv6Hdr::LEN, usize::from(payload_len)) {
         return None;
     }
-    packet.family = FAMILY_IPV6;
+    packet.key.family = FAMILY_IPV6;
     packet.l3_offset = offset as u16;
     packet.l4_offset = (offset + Ipv6Hdr::LEN) as u16;
     packet.ip_len = payload_len.saturating_add(Ipv6Hdr::LEN as u16);
-    packet.proto = ip.next_hdr;
-    packet.src = ip.src_addr;
-    packet.dst = ip.dst_addr;
+    packet.key.proto = ip.next_hdr;
+    packet.key.src_addr = ip.src_addr;
+    packet.key.dst_addr = ip.dst_addr;
     packet.is_fragment = ip.next_hdr == IPPROTO_FRAGMENT;
     packet.ttl = ip.hop_limit;
     // Extension headers are not followed: such packets never match a service.
@@ -214,7 +208,7 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize, packet: &mut IpPacket) -> Option<
 /// frame or within the IP packet's own stated length.
 #[inline(always)]
 fn read_ports(ctx: &XdpContext, packet: &mut IpPacket) -> Option<()> {
-    let header_len = if packet.proto == IPPROTO_TCP {
+    let header_len = if packet.key.proto == IPPROTO_TCP {
         TcpHdr::LEN
     } else {
         UdpHdr::LEN
@@ -222,15 +216,15 @@ fn read_ports(ctx: &XdpContext, packet: &mut IpPacket) -> Option<()> {
     if packet.l4() + header_len > packet.l3() + usize::from(packet.ip_len) {
         return None;
     }
-    if packet.proto == IPPROTO_TCP {
+    if packet.key.proto == IPPROTO_TCP {
         let tcp: &TcpHdr = header_at(ctx, packet.l4())?;
-        packet.src_port_be = u16::from_ne_bytes(tcp.source);
-        packet.dst_port_be = u16::from_ne_bytes(tcp.dest);
+        packet.key.src_port_be = u16::from_ne_bytes(tcp.source);
+        packet.key.dst_port_be = u16::from_ne_bytes(tcp.dest);
         packet.tcp_flags = header_at::<[u8; 14]>(ctx, packet.l4())?[13];
     } else {
         let udp: &UdpHdr = header_at(ctx, packet.l4())?;
-        packet.src_port_be = u16::from_ne_bytes(udp.src);
-        packet.dst_port_be = u16::from_ne_bytes(udp.dst);
+        packet.key.src_port_be = u16::from_ne_bytes(udp.src);
+        packet.key.dst_port_be = u16::from_ne_bytes(udp.dst);
     }
     packet.has_ports = true;
     Some(())

@@ -76,11 +76,11 @@ pub fn count_drop(reason: DropReason, service_id: u32) {
     // SAFETY: reading a local.
     let index = unsafe { core::ptr::read_volatile(&(reason as usize)) };
     if service_id != NO_SERVICE {
-        if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id) {
-            if index < DropReason::COUNT {
-                // SAFETY: per-CPU slot from the map; the index is checked above.
-                unsafe { (*stats).drops[index] += 1 };
-            }
+        if let Some(stats) = SERVICE_STATS.get_ptr_mut(service_id)
+            && index < DropReason::COUNT
+        {
+            // SAFETY: per-CPU slot from the map; the index is checked above.
+            unsafe { (*stats).drops[index] += 1 };
         }
         return;
     }

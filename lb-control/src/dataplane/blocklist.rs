@@ -16,7 +16,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use lb_common::{
     map_names,
-    maps::{BLOCKLIST_COUNT, BlockV4, BlockV6},
+    maps::{BLOCKLIST_VERSION, BlockV4, BlockV6},
 };
 
 use super::{DataplaneError, map_error, open_pinned};
@@ -31,7 +31,8 @@ pub struct BlockEntry {
 pub struct Blocklist {
     v4: LpmTrie<MapData, BlockV4, u32>,
     v6: LpmTrie<MapData, BlockV6, u32>,
-    /// How many prefixes the tries hold: the program skips them while it is zero.
+    /// The blocklist's version: 0 while the tries are empty (the program skips them), else a
+    /// new value after every change (tracked flows recheck their source once per version).
     entries: Array<MapData, u32>,
 }
 
@@ -44,11 +45,20 @@ impl Blocklist {
         })
     }
 
-    /// Stores how many prefixes the tries hold; called after every change.
-    fn update_count(&mut self) -> Result<(), DataplaneError> {
-        let count = u32::try_from(self.list()?.len()).unwrap_or(u32::MAX);
+    /// Stores a new version after a change of the tries (after it: a packet that reads the new
+    /// version sees the change): 0 when they are empty.
+    fn update_version(&mut self) -> Result<(), DataplaneError> {
+        let version = if self.list()?.is_empty() {
+            0
+        } else {
+            let current = self
+                .entries
+                .get(&BLOCKLIST_VERSION, 0)
+                .map_err(map_error(map_names::BLOCKLIST_ENTRIES))?;
+            next_version(current)
+        };
         self.entries
-            .set(BLOCKLIST_COUNT, count, 0)
+            .set(BLOCKLIST_VERSION, version, 0)
             .map_err(map_error(map_names::BLOCKLIST_ENTRIES))
     }
 
@@ -79,7 +89,7 @@ impl Blocklist {
                 )
                 .map_err(map_error(map_names::BLOCKLIST_V6))?,
         }
-        self.update_count()
+        self.update_version()
     }
 
     /// Unblocks exactly `prefix`; returns whether it was blocked.
@@ -95,7 +105,7 @@ impl Blocklist {
         };
         match result {
             Ok(()) => {
-                self.update_count()?;
+                self.update_version()?;
                 Ok(true)
             }
             Err(MapError::KeyNotFound) => Ok(false),
@@ -140,6 +150,24 @@ impl Blocklist {
             self.unblock(*prefix)?;
         }
         Ok(expired)
+    }
+}
+
+/// A blocklist version after `current`: nonzero, different from it, and unlikely to be the one
+/// another process (the daemon and the CLI both change the blocklist) writes at the same time,
+/// or any recent one: a flow that recorded it would skip the tries once too often.
+fn next_version(current: u32) -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let mixed = current
+        .wrapping_add(1)
+        .wrapping_add(nanos.wrapping_mul(0x9e37_79b9))
+        .wrapping_add(std::process::id().rotate_left(16));
+    match mixed {
+        0 => 1,
+        version if version == current => version.wrapping_add(1).max(1),
+        version => version,
     }
 }
 

@@ -230,9 +230,18 @@ fn load_lb_object(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf, DataplaneErro
 
 /// Borrows the maps that services are written to.
 fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
-    let [config, services, vips, backends, maglev, flows] = ebpf.maps_disjoint_mut([
+    let [
+        config,
+        services,
+        services_by_id,
+        vips,
+        backends,
+        maglev,
+        flows,
+    ] = ebpf.maps_disjoint_mut([
         map_names::CONFIG,
         map_names::SERVICES,
+        map_names::SERVICES_BY_ID,
         map_names::VIPS,
         map_names::BACKENDS,
         map_names::MAGLEV,
@@ -248,6 +257,7 @@ fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
     Ok(services::Maps {
         config: typed(config, map_names::CONFIG)?,
         services: typed(services, map_names::SERVICES)?,
+        services_by_id: typed(services_by_id, map_names::SERVICES_BY_ID)?,
         vips: typed(vips, map_names::VIPS)?,
         backends: typed(backends, map_names::BACKENDS)?,
         maglev: typed(maglev, map_names::MAGLEV)?,

@@ -17,7 +17,7 @@ use lb_common::{
     map_names,
     maps::{
         BACKEND_DOWN, BACKEND_DRAINING, BACKEND_UP, Backend, CONFIG_PASS_FRAGMENTS, Flow, LbConfig,
-        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, Service, ServiceKey, VipKey,
+        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, MODE_NAT, Service, ServiceKey, ServiceSlot, VipKey,
     },
 };
 use tracing::{debug, warn};
@@ -273,6 +273,7 @@ fn first_free<'a>(used: impl Iterator<Item = &'a u32>) -> u32 {
 pub(super) struct Maps<'a> {
     pub config: Array<&'a mut MapData, LbConfig>,
     pub services: HashMap<&'a mut MapData, ServiceKey, Service>,
+    pub services_by_id: Array<&'a mut MapData, ServiceSlot>,
     pub vips: HashMap<&'a mut MapData, VipKey, u32>,
     pub backends: Array<&'a mut MapData, Backend>,
     pub maglev: Array<&'a mut MapData, u32>,
@@ -343,6 +344,13 @@ pub(super) fn apply(
         match maps.services.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(source) => return Err(map_error(map_names::SERVICES)(source)),
+        }
+        // After the service entry: from here its tracked flows no longer pass the
+        // established-flow check, and a packet of theirs finds no service.
+        if let Some(id) = ids.services.get(&key) {
+            maps.services_by_id
+                .set(*id, ServiceSlot::default(), 0)
+                .map_err(map_error(map_names::SERVICES_BY_ID))?;
         }
         ids.services.remove(&key);
         report.services_removed += 1;
@@ -456,12 +464,17 @@ fn write_service(
             .set(base + offset as u32, *backend_id, 0)
             .map_err(map_error(map_names::MAGLEV))?;
     }
+    let mode = match service.mode {
+        ForwardingMode::Nat => MODE_NAT,
+        ForwardingMode::Dsr => MODE_DSR,
+    };
+    // Before the service entry, so every flow the kernel opens for it finds its slot.
+    maps.services_by_id
+        .set(id, ServiceSlot { key, mode }, 0)
+        .map_err(map_error(map_names::SERVICES_BY_ID))?;
     let entry = Service {
         id,
-        mode: match service.mode {
-            ForwardingMode::Nat => MODE_NAT,
-            ForwardingMode::Dsr => MODE_DSR,
-        },
+        mode,
         active_table: next,
         _pad: 0,
     };
