@@ -40,7 +40,8 @@ enum Command {
         #[command(subcommand)]
         action: BlockAction,
     },
-    /// Validate a config file and print every problem in it.
+    /// Validate a config file (and the gateway's certificate files) and print every problem in
+    /// it.
     CheckConfig {
         /// The config file to check.
         file: PathBuf,
@@ -168,7 +169,18 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig { file } => {
-            Config::load(&file)?;
+            let config = Config::load(&file)?;
+            // The certificate files too: a start must not be the first to find them unreadable.
+            let gateway = &config.gateway;
+            if let (Some(_), false, Some(cert), Some(key)) = (
+                gateway.listen,
+                gateway.plain_http,
+                &gateway.tls_cert,
+                &gateway.tls_key,
+            ) {
+                lb_control::gateway::Certificates::load(cert, key)
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            }
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -129,6 +129,28 @@ fn check_config_names_the_file_and_field() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // The gateway's certificate files are read too, not first at start.
+    let cert = dir.join("gateway.crt");
+    std::fs::write(&cert, "not a certificate\n").expect("write cert");
+    std::fs::write(
+        &file,
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:8443\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            cert.display(),
+            dir.join("missing.key").display()
+        ),
+    )
+    .expect("write config");
+    let output = lb_control(&["check-config", file.to_str().expect("utf-8 path")]);
+    assert_fails_saying(
+        &output,
+        &[
+            file.to_str().expect("utf-8 path"),
+            "gateway.tls_cert",
+            cert.to_str().expect("utf-8 path"),
+        ],
+    );
     std::fs::remove_dir_all(&dir).expect("remove temp dir");
 }
 
