@@ -1,5 +1,5 @@
-//! What the benchmark binaries share: Ctrl-C handling that lets the lab's guard remove
-//! everything, the machine's load, medians, and the report file.
+//! What the benchmark binaries share: their `main`, Ctrl-C handling that lets the lab's guard
+//! remove everything, the machine's load, medians, and the report file.
 
 use std::{
     path::Path,
@@ -14,6 +14,25 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_interrupt(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// A benchmark binary's `main`: warnings (or `RUST_LOG`) to stderr, then `run`; an error is
+/// printed as `NAME: error: …` and the exit status says it failed.
+pub fn main(name: &str, run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{name}: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// From now on SIGINT and SIGTERM only set the flag [`interrupted`] reads. Programs the lab

@@ -121,20 +121,7 @@ pub struct Settings {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("bench-l4: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    lb_tests::bench::main("bench-l4", || run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
