@@ -245,14 +245,11 @@ impl Pipeline {
                     .cache_lookups
                     .get_or_create(&CacheLabels { result: looked_up })
                     .inc();
-                let result = RawValue::from_string(result.get().to_owned())
-                    .expect("a cached result is valid JSON");
-                (Outcome::Result(result), "ok")
+                // A copy of the bytes, not a re-parse (metadata answers run to megabytes).
+                (Outcome::Result(RawValue::to_owned(&result)), "ok")
             }
             Err(FetchError::Rpc(error)) => {
-                let error = RawValue::from_string(error.get().to_owned())
-                    .expect("a node's error object is valid JSON");
-                (Outcome::Error(error), "error")
+                (Outcome::Error(RawValue::to_owned(&error)), "error")
             }
             Err(error) => {
                 warn!(method = %call.method, "{error}");
