@@ -4,10 +4,11 @@
 //!
 //! Needs Node.js 20 on PATH; runs `npm ci` in tests/js when its node_modules is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use lb_tests::lab::js_dir;
 use lb_tests::sim_node::{SimNode, SimNodeConfig};
 use serde_json::Value;
 
@@ -17,10 +18,6 @@ const EXPECTED_WARNING: &str =
     "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn js_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("js")
-}
 
 async fn run(program: &str, args: &[&str], dir: &Path, timeout: Duration) -> Output {
     let child = tokio::process::Command::new(program)

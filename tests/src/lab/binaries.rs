@@ -1,4 +1,5 @@
-//! Finding the workspace's binaries (sim-node, lb-control) that the lab runs.
+//! Finding the workspace's binaries (sim-node, lb-control) and the JavaScript tools (tests/js)
+//! that the lab runs.
 
 use std::path::PathBuf;
 
@@ -44,4 +45,10 @@ pub fn binary_path(name: &str) -> Result<PathBuf, LabError> {
                 .join(", "),
             env_var,
         })
+}
+
+/// tests/js: the pinned JavaScript clients and tools (polkadot.js, chopsticks) and the scripts
+/// that drive them; `cargo xtask setup` installs their node_modules.
+pub fn js_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
 }

@@ -1,0 +1,74 @@
+//! chopsticks as a lab node: a real Substrate runtime (`@acala-network/chopsticks`, installed in
+//! tests/js by `cargo xtask setup`) for the tests that need real runtime execution, such as a
+//! signed transfer, where sim-node only pretends.
+//!
+//! It starts offline from a raw chain spec with the runtime wasm in its genesis (shipped by
+//! `@substrate/connect-known-chains`), so it never reaches for a live network. It builds a
+//! block at once for every extrinsic it is sent (`Instant` mode) and otherwise only when asked
+//! (`dev_newBlock`), so its best block stands still between transactions.
+
+use std::{path::PathBuf, time::Duration};
+
+use super::{Lab, LabError, LabProcess, SIM_NODE_RPC_PORT, binaries::js_dir, run_checked};
+
+/// The chain chopsticks runs: Rococo Asset Hub, a parachain with AURA consensus, which is what
+/// chopsticks can start from a chain spec; its runtime has the balances pallet.
+pub const CHOPSTICKS_CHAIN: &str = "rococo_v2_2_asset_hub";
+/// Measured ~4 s on an idle machine; compiling the wasm runtime is slow when tests run in
+/// parallel.
+const CHOPSTICKS_READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+impl Lab {
+    /// Starts chopsticks in node `index`'s namespace, serving JSON-RPC over HTTP and WebSocket
+    /// on the node's address and port 9944, like sim-node (so start the lab without
+    /// sim-nodes), and waits until it accepts connections: it listens only once its genesis
+    /// and first block are built.
+    pub fn start_chopsticks(&mut self, index: usize) -> Result<&LabProcess, LabError> {
+        let js = js_dir();
+        let program = js.join("node_modules/.bin/chopsticks");
+        if !program.is_file() {
+            return Err(LabError::Config(format!(
+                "{} is missing: install the JavaScript test clients with `cargo xtask setup` \
+                 (npm ci in {})",
+                program.display(),
+                js.display()
+            )));
+        }
+        let spec = self.write_chain_spec()?;
+        let node = self.node(index).clone();
+        let args = [
+            format!("--genesis={}", spec.display()),
+            format!("--host={}", node.addr_v4),
+            format!("--port={SIM_NODE_RPC_PORT}"),
+            "--build-block-mode=Instant".to_owned(),
+        ];
+        let id = format!("node{index}");
+        let log = self.log_dir.join(format!("chopsticks-{id}.log"));
+        let process = LabProcess::spawn(
+            format!("chopsticks {id}"),
+            &node.netns,
+            &program,
+            &args,
+            log,
+        )?;
+        self.processes.push(process);
+        let process = self.last_process();
+        super::wait_until_accepting(process, &node, CHOPSTICKS_READY_TIMEOUT)?;
+        Ok(process)
+    }
+
+    /// Writes [`CHOPSTICKS_CHAIN`]'s chain spec into the log directory (once per lab).
+    fn write_chain_spec(&self) -> Result<PathBuf, LabError> {
+        let path = self.log_dir.join(format!("{CHOPSTICKS_CHAIN}.json"));
+        if !path.is_file() {
+            run_checked(
+                std::process::Command::new("node")
+                    .arg("chain-spec.mjs")
+                    .arg(CHOPSTICKS_CHAIN)
+                    .arg(&path)
+                    .current_dir(js_dir()),
+            )?;
+        }
+        Ok(path)
+    }
+}

@@ -1,0 +1,361 @@
+//! Real Polkadot clients through the gateway's `wss://` endpoint in the lab: polkadot.js
+//! (`@polkadot/api` 16.5.6, tests/js) runs in the client namespace with an API key made with the
+//! CLI and trusts the lab's throwaway CA (`NODE_EXTRA_CA_CERTS`), so every connection makes a
+//! real TLS handshake with lb-control's gateway. Behind it: sim-nodes, or chopsticks (a real
+//! runtime) where a signed transfer must really execute.
+//!
+//! These tests need root: run them as root or via `cargo xtask test`. They run the binaries
+//! (`cargo build --bins` first) and Node.js 20 with tests/js installed (`cargo xtask setup`).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use common::{LbControl, ServiceConf, VIP_V4, node_status, start_lab, up};
+use lb_tests::lab::{
+    Lab, SIM_NODE_RPC_PORT,
+    certs::{LabCa, write_pem},
+    command_in_netns, js_dir, run_checked,
+};
+use serde_json::{Value, json};
+
+const GATEWAY_PORT: u16 = 8443;
+/// The one warning polkadot.js prints for sim-node's runtime on a real node too: the `node`
+/// runtime of its metadata uses a transaction extension polkadot.js 16.5.6 does not know.
+const SIM_NODE_RUNTIME_WARNING: &str =
+    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
+/// The well-known development account `//Alice` (sr25519, generic SS58 prefix): the sender of
+/// the transfers, funded before each.
+const ALICE: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
+/// 1000 ROC (12 decimals) for Alice; 1 ROC transferred.
+const ALICE_FUNDS: u128 = 1_000_000_000_000_000;
+const TRANSFER_AMOUNT: u128 = 1_000_000_000_000;
+
+/// lb-control with its gateway on the LB's client-side address, in front of `nodes`, and a key
+/// made with the CLI.
+struct Gateway {
+    _lb_control: LbControl,
+    /// The lab CA's certificate, which the clients trust.
+    ca: PathBuf,
+    /// `wss://<LB address>:8443/<key>`.
+    url: String,
+}
+
+impl Gateway {
+    fn start(lab: &mut Lab, nodes: &[usize]) -> anyhow::Result<Gateway> {
+        let ca = LabCa::new()?;
+        let (ca_path, cert, key) = (
+            lab.log_dir().join("ca.crt"),
+            lab.log_dir().join("gateway.crt"),
+            lab.log_dir().join("gateway.key"),
+        );
+        let lb_addr = lab.lb().addr_v4;
+        let leaf = ca.issue(&[lb_addr.into()])?;
+        write_pem(&ca_path, &ca.cert_pem())?;
+        write_pem(&cert, &leaf.cert_pem)?;
+        write_pem(&key, &leaf.key_pem)?;
+        // Not health-checked, so up at once: chopsticks' best block stands still between
+        // transactions, which the chain-aware check would call a stall.
+        let service = ServiceConf::tcp(VIP_V4, nodes.iter().copied().map(up).collect());
+        let gateway = format!(
+            "[gateway]\nlisten = \"{lb_addr}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
+             tls_key = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        let lb_control = LbControl::start_with(lab, &[service], &gateway)?;
+        let created = lb_control.cli(lab, &["key", "create", "--name", "real-clients"])?;
+        let secret = created
+            .lines()
+            .find_map(|line| line.strip_prefix("secret: "))
+            .context("`key create` printed no secret")?;
+        Ok(Gateway {
+            url: format!("wss://{lb_addr}:{GATEWAY_PORT}/{secret}"),
+            _lb_control: lb_control,
+            ca: ca_path,
+        })
+    }
+}
+
+/// Runs `node SCRIPT ARGS…` (a script in tests/js) in the client namespace, trusting the lab CA
+/// in `ca`; returns the JSON summary it prints last, failing with the error it reports. The
+/// scripts bound their own run time.
+fn run_js(lab: &Lab, ca: &Path, script: &str, args: &[&str]) -> anyhow::Result<Value> {
+    let output = command_in_netns(&lab.client().netns, "node")?
+        .arg(script)
+        .args(args)
+        .current_dir(js_dir())
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .output()
+        .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .with_context(|| {
+            format!(
+                "node {script} printed no JSON summary; stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    ensure!(
+        output.status.success() && summary.get("error").is_none(),
+        "node {script} {args:?} failed: {summary}"
+    );
+    Ok(summary)
+}
+
+/// Posts one JSON-RPC call straight to node `index` with curl (chopsticks answers chunked),
+/// from the LB namespace, which routes to every node; returns its result.
+fn node_rpc(lab: &Lab, index: usize, method: &str, params: Value) -> anyhow::Result<Value> {
+    let url = format!("http://{}:{SIM_NODE_RPC_PORT}", lab.node(index).addr_v4);
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+    let output = run_checked(
+        command_in_netns(&lab.lb().netns, "curl")?
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-H",
+                "content-type: application/json",
+                "-d",
+            ])
+            .arg(body.to_string())
+            .arg(&url),
+    )?;
+    let answer: Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("{method} at node{index}: not JSON"))?;
+    answer
+        .get("result")
+        .cloned()
+        .with_context(|| format!("{method} at node{index}: {answer}"))
+}
+
+fn warnings(summary: &Value) -> Vec<&str> {
+    summary["warnings"]
+        .as_array()
+        .map(|warnings| warnings.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn number(value: &Value) -> anyhow::Result<u64> {
+    value
+        .as_u64()
+        .with_context(|| format!("not a number: {value}"))
+}
+
+#[test]
+fn polkadot_js_starts_reads_and_follows_heads_through_wss() -> anyhow::Result<()> {
+    let mut lab = start_lab(3, true, Duration::from_millis(500));
+    let gateway = Gateway::start(&mut lab, &[0, 1, 2])?;
+
+    let summary = run_js(&lab, &gateway.ca, "check-sim-node.mjs", &[&gateway.url])?;
+
+    ensure!(summary["specName"] == "node", "{summary}");
+    ensure!(summary["specVersion"] == 268, "{summary}");
+    ensure!(
+        summary["metadataVersion"] == 16,
+        "picked the newest metadata via the runtime API: {summary}"
+    );
+    ensure!(summary["chain"] == "Development", "{summary}");
+    ensure!(
+        summary["genesisHash"] == node_rpc(&lab, 0, "chain_getBlockHash", json!([0]))?,
+        "the client's genesis is the nodes' genesis: {summary}"
+    );
+    // polkadot.js hashes the header itself: the hash must be the one the nodes serve.
+    let header_number = number(&summary["header"]["number"])?;
+    ensure!(
+        summary["header"]["hash"]
+            == node_rpc(&lab, 0, "chain_getBlockHash", json!([header_number]))?,
+        "{summary}"
+    );
+    ensure!(
+        number(&summary["systemNumber"])? >= header_number,
+        "{summary}"
+    );
+    let heads = summary["heads"]
+        .as_array()
+        .context("heads")?
+        .iter()
+        .map(number)
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    ensure!(heads.len() >= 3, "{summary}");
+    ensure!(
+        heads.windows(2).all(|pair| pair[0] < pair[1]),
+        "followed heads advance: {heads:?}"
+    );
+    ensure!(
+        warnings(&summary)
+            .iter()
+            .all(|warning| warning.ends_with(SIM_NODE_RUNTIME_WARNING)),
+        "polkadot.js complained: {summary}"
+    );
+    Ok(())
+}
+
+/// A lab with chopsticks as its one node, //Alice funded with `dev_setStorage` straight at the
+/// node (the chain starts from a live network's genesis, where Alice holds nothing).
+fn start_chopsticks_lab() -> anyhow::Result<Lab> {
+    let mut lab = start_lab(1, false, Duration::from_secs(6));
+    lab.start_chopsticks(0)?;
+    let funds = json!([{ "System": { "Account": [[
+        [ALICE],
+        { "providers": 1, "data": { "free": ALICE_FUNDS.to_string() } }
+    ]] } }]);
+    node_rpc(&lab, 0, "dev_setStorage", funds)?;
+    Ok(lab)
+}
+
+/// What a user checks after a transfer: it reached a block, that block holds it, Bob got the
+/// amount and Alice paid it plus a fee.
+fn check_transfer(summary: &Value) -> anyhow::Result<()> {
+    let balance = |who: &str, when: &str| -> anyhow::Result<u128> {
+        summary[when][who]
+            .as_str()
+            .and_then(|text| text.parse().ok())
+            .with_context(|| format!("{who}'s balance {when}: {summary}"))
+    };
+    ensure!(
+        summary["statuses"]
+            .as_array()
+            .is_some_and(|statuses| statuses.last() == Some(&json!("InBlock"))),
+        "{summary}"
+    );
+    ensure!(
+        summary["blockExtrinsics"]
+            .as_array()
+            .is_some_and(|calls| calls.contains(&json!("balances.transferKeepAlive"))),
+        "the block holds the transfer: {summary}"
+    );
+    ensure!(
+        summary["events"]
+            .as_array()
+            .is_some_and(|events| events.contains(&json!("system.ExtrinsicSuccess"))),
+        "{summary}"
+    );
+    ensure!(
+        balance("bob", "after")? == balance("bob", "before")? + TRANSFER_AMOUNT,
+        "Bob got the amount: {summary}"
+    );
+    ensure!(
+        balance("alice", "after")? < balance("alice", "before")? - TRANSFER_AMOUNT,
+        "Alice paid the amount and a fee: {summary}"
+    );
+    Ok(())
+}
+
+#[test]
+fn signed_transfer_straight_to_chopsticks_reaches_in_block() -> anyhow::Result<()> {
+    let lab = start_chopsticks_lab()?;
+    let url = format!("ws://{}:{SIM_NODE_RPC_PORT}", lab.node(0).addr_v4);
+    // No TLS here: the CA path only has to exist.
+    let summary = run_js(
+        &lab,
+        Path::new("/dev/null"),
+        "transfer.mjs",
+        &[&url, &TRANSFER_AMOUNT.to_string()],
+    )?;
+    check_transfer(&summary)
+}
+
+#[test]
+fn signed_transfer_through_wss_to_chopsticks_reaches_in_block() -> anyhow::Result<()> {
+    let mut lab = start_chopsticks_lab()?;
+    let gateway = Gateway::start(&mut lab, &[0])?;
+    let summary = run_js(
+        &lab,
+        &gateway.ca,
+        "transfer.mjs",
+        &[&gateway.url, &TRANSFER_AMOUNT.to_string()],
+    )?;
+    check_transfer(&summary)
+}
+
+/// What every node has answered so far, per method, summed over the nodes.
+fn node_requests(lab: &Lab) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut total = BTreeMap::new();
+    for index in 0..lab.nodes().len() {
+        for (method, count) in node_status(lab, index)?.requests {
+            *total.entry(method).or_default() += count;
+        }
+    }
+    Ok(total)
+}
+
+#[test]
+fn thousand_polkadot_js_start_ups_fetch_metadata_at_most_five_times() -> anyhow::Result<()> {
+    const CONNECTIONS: usize = 50;
+    const PER_CONNECTION: usize = 20;
+    const SPREAD: Duration = Duration::from_secs(60);
+    const MAX_METADATA_FETCHES: u64 = 5;
+    let mut lab = start_lab(3, true, Duration::from_secs(6));
+    let gateway = Gateway::start(&mut lab, &[0, 1, 2])?;
+    let before = node_requests(&lab)?;
+
+    let summary = run_js(
+        &lab,
+        &gateway.ca,
+        "start-ups.mjs",
+        &[
+            &gateway.url,
+            &CONNECTIONS.to_string(),
+            &PER_CONNECTION.to_string(),
+            &SPREAD.as_millis().to_string(),
+        ],
+    )?;
+
+    let after = node_requests(&lab)?;
+    let reached: BTreeMap<&str, u64> = after
+        .iter()
+        .map(|(method, count)| {
+            let earlier = before.get(method).copied().unwrap_or(0);
+            (method.as_str(), count - earlier)
+        })
+        .filter(|(_, count)| *count > 0)
+        .collect();
+    println!(
+        "{} start-ups ({} ApiPromise.create, {} replays of its requests) over {} connections \
+         in {} ms; calls that reached the nodes, per method:",
+        summary["startUps"],
+        summary["real"],
+        summary["replayed"],
+        CONNECTIONS,
+        summary["elapsedMs"]
+    );
+    for (method, count) in &reached {
+        println!("  {method:32} {count}");
+    }
+
+    ensure!(
+        summary["startUps"] == CONNECTIONS * PER_CONNECTION,
+        "{summary}"
+    );
+    ensure!(
+        summary["learnt"]
+            == json!([{
+                "genesisHash": node_rpc(&lab, 0, "chain_getBlockHash", json!([0]))?,
+                "specName": "node",
+                "specVersion": 268,
+                "metadataVersion": 16,
+            }]),
+        "every start-up learnt the same chain and runtime: {summary}"
+    );
+    // polkadot.js fetches metadata with state_call (Metadata_metadata_versions, then
+    // Metadata_metadata_at_version) or state_getMetadata, and makes no other state_call while
+    // it starts.
+    let metadata_fetches = ["state_call", "state_getMetadata"]
+        .iter()
+        .map(|method| reached.get(method).copied().unwrap_or(0))
+        .sum::<u64>();
+    ensure!(
+        metadata_fetches <= MAX_METADATA_FETCHES,
+        "{metadata_fetches} metadata fetches reached the nodes: {reached:?}"
+    );
+    Ok(())
+}
