@@ -113,4 +113,5 @@ async function main() {
   process.exit(0);
 }
 
-main().catch((error) => fail(String(error && error.stack ? error.stack : error)));
+// A failed WebSocket connection rejects with an event object, which has a message but no stack.
+main().catch((error) => fail(String(error?.stack ?? error?.message ?? error)));

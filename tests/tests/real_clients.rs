@@ -59,8 +59,10 @@ impl Gateway {
         write_pem(&ca_path, &ca.cert_pem())?;
         write_pem(&cert, &leaf.cert_pem)?;
         write_pem(&key, &leaf.key_pem)?;
-        // Not health-checked, so up at once: chopsticks' best block stands still between
-        // transactions, which the chain-aware check would call a stall.
+        // Not health-checked, so up at once. The chain-aware check does take chopsticks (it
+        // answers the probe's batch, with 0 peers but `shouldHavePeers` false), but its best
+        // block stands still between transactions, which that check calls a stall after
+        // `stall_after`.
         let service = ServiceConf::tcp(VIP_V4, nodes.iter().copied().map(up).collect());
         let gateway = format!(
             "[gateway]\nlisten = \"{lb_addr}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
