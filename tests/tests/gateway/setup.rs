@@ -40,7 +40,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
-use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::{Error as WsError, client::IntoClientRequest};
 
 /// A small table keeps the per-test rebuilds cheap; the test computes the same one.
 pub const TABLE_SIZE: u32 = 251;
@@ -234,9 +234,24 @@ impl Setup {
 
     /// A JSON-RPC WebSocket client over TLS (`wss://localhost:port{path}`).
     pub async fn websocket(&self, path: &str) -> Result<WsClient<TlsStream<TcpStream>>, WsError> {
+        self.websocket_with(path, &[]).await
+    }
+
+    /// [`Setup::websocket`] with extra headers on the upgrade request.
+    pub async fn websocket_with(
+        &self,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<WsClient<TlsStream<TcpStream>>, WsError> {
         let tls = self.tls().await?;
         let url = format!("wss://localhost:{}{path}", self.gateway.local_addr().port());
-        let (stream, _) = tokio_tungstenite::client_async(url, tls).await?;
+        let mut request = url.into_client_request()?;
+        for (name, value) in headers {
+            request
+                .headers_mut()
+                .insert(*name, value.parse().expect("a header value"));
+        }
+        let (stream, _) = tokio_tungstenite::client_async(request, tls).await?;
         Ok(WsClient::new(stream))
     }
 

@@ -46,7 +46,7 @@ fn block_number(header: &Value) -> u64 {
 }
 
 #[tokio::test]
-async fn websocket_needs_a_key_and_reaches_the_node_maglev_predicts() {
+async fn websocket_takes_the_key_in_every_position_and_reaches_the_node_maglev_predicts() {
     let setup = Setup::start(3).await;
     for path in ["/", "/lbk_unknown"] {
         match setup.websocket(path).await {
@@ -61,6 +61,19 @@ async fn websocket_needs_a_key_and_reaches_the_node_maglev_predicts() {
         }
     }
     assert_eq!(setup.node_requests(), 0, "refused clients reached a node");
+
+    let bearer = format!("Bearer {}", setup.secret);
+    for (path, headers) in [
+        (format!("/?apikey={}", setup.secret), vec![]),
+        ("/".to_owned(), vec![("x-api-key", setup.secret.as_str())]),
+        ("/".to_owned(), vec![("authorization", bearer.as_str())]),
+    ] {
+        let mut ws = setup
+            .websocket_with(&path, &headers)
+            .await
+            .unwrap_or_else(|error| panic!("{path} {headers:?}: {error}"));
+        assert!(ws.call("system_chain", json!([])).await["result"].is_string());
+    }
 
     let mut ws = setup.connect().await;
     let answer = ws.call(UNCACHED_READ, json!([])).await;
