@@ -112,7 +112,8 @@ pub struct GatewaySection {
     /// The service (`"VIP:port"` or `"VIP:port/tcp"`) whose backends' RPC endpoints the gateway
     /// calls; None: every backend of every service, once per RPC endpoint.
     pub service: Option<String>,
-    /// Largest request body taken (HTTP 413 beyond).
+    /// Largest request body (HTTP 413 beyond) and largest WebSocket message (close code 1009
+    /// beyond) taken.
     pub max_body_bytes: usize,
     /// Most calls in one batch.
     pub max_batch: usize,
@@ -129,6 +130,12 @@ pub struct GatewaySection {
     pub upstream_timeout: Duration,
     /// Open connections one client address may hold; more are closed at once.
     pub max_connections_per_ip: u32,
+    /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
+    pub max_connections_per_key: u32,
+    /// Head subscriptions (`chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads`) one
+    /// WebSocket connection may hold; the gateway serves these itself. The node limits the
+    /// other subscriptions on the connection's own upstream connection.
+    pub max_subscriptions_per_connection: u32,
     /// Methods refused besides the node's unsafe ones: names, or prefixes ending in `*`.
     pub deny: Vec<String>,
     /// Methods let through even if unsafe or denied (allow wins).
@@ -179,6 +186,8 @@ impl Default for GatewaySection {
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
+            max_connections_per_key: 1024,
+            max_subscriptions_per_connection: 1024,
             deny: Vec::new(),
             allow: Vec::new(),
             auth_failures_block: None,
@@ -222,6 +231,14 @@ impl GatewaySection {
             (
                 "max_connections_per_ip",
                 self.max_connections_per_ip as usize,
+            ),
+            (
+                "max_connections_per_key",
+                self.max_connections_per_key as usize,
+            ),
+            (
+                "max_subscriptions_per_connection",
+                self.max_subscriptions_per_connection as usize,
             ),
         ] {
             if value == 0 {

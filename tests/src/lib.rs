@@ -4,7 +4,8 @@
 //!   `cargo xtask run`.
 //! - [`sim_node`] is a fast simulated Polkadot node, also built as the `sim-node` binary.
 //! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
-//!   [`load`] keeps many such requests going and records each one's outcome.
+//!   [`load`] keeps many such requests going and records each one's outcome;
+//!   [`ws_client`] is a JSON-RPC WebSocket client for tests.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file).
 
 pub mod bench;
@@ -12,3 +13,4 @@ pub mod lab;
 pub mod load;
 pub mod rpc_client;
 pub mod sim_node;
+pub mod ws_client;

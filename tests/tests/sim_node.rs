@@ -2,21 +2,18 @@
 //! WebSocket, the chain, subscriptions, every fault, the health endpoints, the control API and
 //! the binary.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use lb_tests::sim_node::{
     BlockNumber, ControlClient, Fault, NODE_ID_HEADER, SimNode, SimNodeConfig, SimNodeHandle,
 };
+use lb_tests::ws_client::WsClient;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 const SYSTEM_NUMBER_KEY: &str =
     "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
@@ -63,67 +60,6 @@ where
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A minimal JSON-RPC WebSocket client that keeps notifications apart from responses.
-struct WsClient {
-    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    next_id: u64,
-    notifications: VecDeque<Value>,
-}
-
-impl WsClient {
-    async fn connect(node: &SimNodeHandle) -> Self {
-        let (stream, _) = tokio_tungstenite::connect_async(node.ws_url())
-            .await
-            .expect("WS connects");
-        Self {
-            stream,
-            next_id: 0,
-            notifications: VecDeque::new(),
-        }
-    }
-
-    async fn next_message(&mut self) -> Option<Value> {
-        loop {
-            let message = tokio::time::timeout(PATIENCE, self.stream.next())
-                .await
-                .expect("WS message in time")?
-                .ok()?;
-            match message {
-                Message::Text(text) => return Some(serde_json::from_str(&text).expect("WS JSON")),
-                Message::Close(_) => return None,
-                _ => continue,
-            }
-        }
-    }
-
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let body = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
-        self.stream
-            .send(Message::text(body.to_string()))
-            .await
-            .expect("WS send");
-        loop {
-            let message = self.next_message().await.expect("WS response before close");
-            if message["id"] == json!(id) {
-                return message;
-            }
-            self.notifications.push_back(message);
-        }
-    }
-
-    async fn notification(&mut self) -> Value {
-        match self.notifications.pop_front() {
-            Some(notification) => notification,
-            None => self
-                .next_message()
-                .await
-                .expect("notification before close"),
-        }
     }
 }
 
@@ -346,7 +282,7 @@ async fn every_method_answers_with_the_node_shape_over_http() {
 #[tokio::test]
 async fn every_method_answers_with_the_node_shape_over_websocket() {
     let node = start_node("shapes-ws", STEADY_BLOCK_TIME).await;
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     for (method, params) in method_cases(&node) {
         let answer = ws.call(method, params.clone()).await;
         check_answer(&node, method, &params, &answer);
@@ -412,13 +348,9 @@ async fn string_ids_missing_params_and_batches_work() {
     assert_eq!(answer["id"], "abc-1");
     assert_eq!(block_number(&answer["result"]), node.best_number());
 
-    let mut ws = WsClient::connect(&node).await;
-    ws.stream
-        .send(Message::text(
-            r#"{"jsonrpc":"2.0","id":"ws-id","method":"system_health"}"#,
-        ))
-        .await
-        .expect("WS send");
+    let mut ws = WsClient::connect(&node.ws_url()).await;
+    ws.send_text(r#"{"jsonrpc":"2.0","id":"ws-id","method":"system_health"}"#.to_owned())
+        .await;
     let answer = ws.next_message().await.expect("answer");
     assert_eq!(answer["id"], "ws-id");
     assert_eq!(answer["result"]["peers"], 8);
@@ -487,7 +419,7 @@ async fn chain_advances_and_nodes_agree_on_every_hash() {
 #[tokio::test]
 async fn subscriptions_deliver_increasing_heads_and_the_runtime_version() {
     let node = start_node("subscriptions", FAST_BLOCK_TIME).await;
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     // polkadot.js subscribes with the alias.
     let subscribed = ws.call("chain_subscribeNewHead", json!([])).await;
     let subscription = subscribed["result"].clone();
@@ -508,7 +440,7 @@ async fn subscriptions_deliver_increasing_heads_and_the_runtime_version() {
         .await;
     assert_eq!(unsubscribed["result"], true);
 
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     let finalized = ws.call("chain_subscribeFinalizedHeads", json!([])).await;
     assert!(finalized["result"].is_string(), "{finalized}");
     let first = ws.notification().await;
@@ -516,13 +448,13 @@ async fn subscriptions_deliver_increasing_heads_and_the_runtime_version() {
     let second = ws.notification().await;
     assert!(block_number(&second["params"]["result"]) > block_number(&first["params"]["result"]));
 
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     ws.call("state_subscribeRuntimeVersion", json!([])).await;
     let version = ws.notification().await;
     assert_eq!(version["method"], "state_runtimeVersion");
     assert_eq!(version["params"]["result"]["specVersion"], 268);
 
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     ws.call("state_subscribeStorage", json!([[SYSTEM_NUMBER_KEY]]))
         .await;
     let initial = ws.notification().await;
@@ -649,7 +581,7 @@ async fn slow_fault_delays_every_answer() {
         "{:?}",
         started.elapsed()
     );
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     let started = Instant::now();
     ws.call("chain_getHead", json!([])).await;
     assert!(
@@ -705,7 +637,7 @@ async fn behind_fault_keeps_the_best_block_n_below_other_nodes() {
 #[tokio::test]
 async fn close_connections_fault_drops_open_and_new_connections() {
     let node = start_node("closing", STEADY_BLOCK_TIME).await;
-    let mut ws = WsClient::connect(&node).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
     ws.call("system_health", json!([])).await;
     node.set_fault(Fault::CloseConnections);
     assert_eq!(ws.next_message().await, None, "open WebSocket is closed");

@@ -4,6 +4,10 @@
 //! `state_subscribeRuntimeVersion`. Every node is followed, not one, so the cache keeps its
 //! epochs when any node dies; the cluster's view is the highest head, finality and runtime
 //! any node reports (a lagging node's older heads must not age fresh answers).
+//!
+//! The same subscriptions feed [`HeadFeeds`]: each node's latest new head and finalized head
+//! as raw JSON, which the gateway's WebSocket clients share instead of each holding their own
+//! subscription at the node.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use jsonrpsee_core::client::{Subscription, SubscriptionClientT};
 use jsonrpsee_core::rpc_params;
 use jsonrpsee_ws_client::{PingConfig, WsClient, WsClientBuilder};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -30,19 +35,75 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Follows the chain until dropped.
 pub struct ChainFollower {
+    feeds: HeadFeeds,
     _task: AbortOnDrop,
+}
+
+impl ChainFollower {
+    /// Every followed node's latest heads.
+    pub fn feeds(&self) -> HeadFeeds {
+        self.feeds.clone()
+    }
 }
 
 /// Starts following the nodes whose RPC endpoints `nodes` lists (and will list): the cache
 /// learns new heads, finality and runtime upgrades from them. Dropping the result stops it.
 pub fn follow(nodes: watch::Receiver<Vec<SocketAddr>>, cache: ResponseCache) -> ChainFollower {
+    let feeds = HeadFeeds::default();
     let cluster = Arc::new(Cluster {
         cache,
+        feeds: feeds.clone(),
         best: Mutex::new(None),
         runtime: Mutex::new(None),
     });
     ChainFollower {
+        feeds,
         _task: AbortOnDrop(tokio::spawn(supervise(nodes, cluster))),
+    }
+}
+
+/// Which head a feed carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HeadKind {
+    /// `chain_subscribeNewHeads`: each new best block.
+    Best,
+    /// `chain_subscribeFinalizedHeads`: each newly finalized block.
+    Finalized,
+}
+
+/// A node's latest header of one kind, as the node sent it (raw JSON); None until one came.
+pub type HeadFeed = watch::Receiver<Option<Arc<RawValue>>>;
+
+type HeadSender = watch::Sender<Option<Arc<RawValue>>>;
+
+/// Each followed node's latest best and finalized headers. A watch per node and kind: a
+/// subscriber that falls behind skips to the latest header instead of queueing old ones.
+#[derive(Clone, Default)]
+pub struct HeadFeeds {
+    nodes: Arc<Mutex<HashMap<(SocketAddr, HeadKind), HeadSender>>>,
+}
+
+impl HeadFeeds {
+    /// `node`'s headers of `kind`, from the latest one on. The feed ends when the node stops
+    /// being followed.
+    pub fn watch(&self, node: SocketAddr, kind: HeadKind) -> HeadFeed {
+        lock(&self.nodes)
+            .entry((node, kind))
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
+    }
+
+    fn publish(&self, node: SocketAddr, kind: HeadKind, header: &RawValue) {
+        let header = Arc::from(header.to_owned());
+        lock(&self.nodes)
+            .entry((node, kind))
+            .or_insert_with(|| watch::channel(None).0)
+            .send_replace(Some(header));
+    }
+
+    /// Ends the feeds of nodes no longer followed.
+    fn retain(&self, followed: &HashSet<SocketAddr>) {
+        lock(&self.nodes).retain(|(node, _), _| followed.contains(node));
     }
 }
 
@@ -53,6 +114,7 @@ async fn supervise(mut nodes: watch::Receiver<Vec<SocketAddr>>, cluster: Arc<Clu
     loop {
         let wanted: HashSet<SocketAddr> = nodes.borrow_and_update().iter().copied().collect();
         followed.retain(|node, _| wanted.contains(node));
+        cluster.feeds.retain(&wanted);
         for node in wanted {
             followed.entry(node).or_insert_with(|| {
                 AbortOnDrop(tokio::spawn(follow_node(node, Arc::clone(&cluster))))
@@ -145,8 +207,8 @@ async fn follow_connection(node: SocketAddr, cluster: &Cluster, heard: &mut bool
         ))
     };
     let (mut heads, mut finalized, mut runtime): (
-        Subscription<Header>,
-        Subscription<Header>,
+        Subscription<Box<RawValue>>,
+        Subscription<Box<RawValue>>,
         Subscription<RuntimeVersionJson>,
     ) = match subscriptions.await {
         Ok(subscriptions) => subscriptions,
@@ -157,7 +219,7 @@ async fn follow_connection(node: SocketAddr, cluster: &Cluster, heard: &mut bool
             header = heads.next() => notification(NEW_HEADS, header)
                 .and_then(|header| cluster.on_head(node, &header)),
             header = finalized.next() => notification(FINALIZED_HEADS, header)
-                .and_then(|header| cluster.on_finalized(&header)),
+                .and_then(|header| cluster.on_finalized(node, &header)),
             version = runtime.next() => notification(RUNTIME_VERSION, version)
                 .map(|version| cluster.on_runtime(version.into())),
         };
@@ -210,6 +272,7 @@ impl From<RuntimeVersionJson> for RuntimeVersion {
 /// The cluster's view, merged from every node's notifications.
 struct Cluster {
     cache: ResponseCache,
+    feeds: HeadFeeds,
     /// The highest head seen and the node that sent it.
     best: Mutex<Option<(u64, SocketAddr)>>,
     /// The highest runtime version seen.
@@ -219,12 +282,14 @@ struct Cluster {
 impl Cluster {
     /// A head counts when it is higher than any seen, or when the node that sent the best
     /// head replaces it at the same height (a re-org). Heads of lagging nodes are ignored.
-    fn on_head(&self, node: SocketAddr, header: &Header) -> Result<(), FollowError> {
+    fn on_head(&self, node: SocketAddr, raw: &RawValue) -> Result<(), FollowError> {
+        let header = parse_header(NEW_HEADS, raw)?;
         let bad = |source| FollowError::BadHeader {
             method: NEW_HEADS,
             source,
         };
         let number = header.number().map_err(bad)?;
+        self.feeds.publish(node, HeadKind::Best, raw);
         let mut best = lock(&self.best);
         let counts = match *best {
             None => true,
@@ -239,7 +304,9 @@ impl Cluster {
         Ok(())
     }
 
-    fn on_finalized(&self, header: &Header) -> Result<(), FollowError> {
+    fn on_finalized(&self, node: SocketAddr, raw: &RawValue) -> Result<(), FollowError> {
+        let header = parse_header(FINALIZED_HEADS, raw)?;
+        self.feeds.publish(node, HeadKind::Finalized, raw);
         let number = header.number().map_err(|source| FollowError::BadHeader {
             method: FINALIZED_HEADS,
             source,
@@ -260,6 +327,11 @@ impl Cluster {
     }
 }
 
+fn parse_header(method: &'static str, raw: &RawValue) -> Result<Header, FollowError> {
+    serde_json::from_str(raw.get())
+        .map_err(|source| FollowError::BadNotification { method, source })
+}
+
 /// The guarded values are plain data, valid even if a holder panicked.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -276,6 +348,7 @@ impl Drop for AbortOnDrop {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
     use serde_json::json;
 
     use super::*;
@@ -283,15 +356,16 @@ mod tests {
     fn cluster() -> Cluster {
         Cluster {
             cache: ResponseCache::new(crate::cache::DEFAULT_MAX_BYTES),
+            feeds: HeadFeeds::default(),
             best: Mutex::new(None),
             runtime: Mutex::new(None),
         }
     }
 
     /// A header of block `number`; `fork` tells apart blocks of one height.
-    fn header(number: u64, fork: u8) -> Header {
+    fn header(number: u64, fork: u8) -> Box<RawValue> {
         let root = format!("0x{}", hex::encode([fork; 32]));
-        serde_json::from_value(json!({
+        serde_json::value::to_raw_value(&json!({
             "parentHash": root,
             "number": format!("0x{number:x}"),
             "stateRoot": root,
@@ -310,7 +384,12 @@ mod tests {
     fn head_is_the_highest_any_node_reports() {
         let [a, b] = ["10.0.0.1:9944", "10.0.0.2:9944"].map(|addr| addr.parse().unwrap());
         let cluster = cluster();
-        let hash = |number, fork| header(number, fork).hash().unwrap();
+        let hash = |number, fork| {
+            parse_header(NEW_HEADS, &header(number, fork))
+                .unwrap()
+                .hash()
+                .unwrap()
+        };
         cluster.on_head(a, &header(10, 0)).unwrap();
         assert_eq!(head_of(&cluster), (10, hash(10, 0)));
         // A lagging node, and another node's fork at the same height: ignored.
@@ -323,6 +402,31 @@ mod tests {
         // Any node going higher: followed.
         cluster.on_head(b, &header(11, 0)).unwrap();
         assert_eq!(head_of(&cluster), (11, hash(11, 0)));
+    }
+
+    #[test]
+    fn each_node_feeds_its_own_latest_headers() {
+        let [a, b] = ["10.0.0.1:9944", "10.0.0.2:9944"].map(|addr| addr.parse().unwrap());
+        let cluster = cluster();
+        let mut best_a = cluster.feeds.watch(a, HeadKind::Best);
+        let finalized_b = cluster.feeds.watch(b, HeadKind::Finalized);
+        assert!(best_a.borrow().is_none());
+        cluster.on_head(a, &header(10, 0)).unwrap();
+        // A lagging node's head does not move the cache, but is what its own clients see.
+        cluster.on_head(b, &header(9, 0)).unwrap();
+        cluster.on_finalized(b, &header(8, 0)).unwrap();
+        assert!(best_a.has_changed().unwrap());
+        let text = |feed: &HeadFeed| feed.borrow().as_ref().map(|header| header.get().to_owned());
+        assert_eq!(text(&best_a), Some(header(10, 0).get().to_owned()));
+        best_a.mark_unchanged();
+        assert_eq!(
+            text(&cluster.feeds.watch(b, HeadKind::Best)),
+            Some(header(9, 0).get().to_owned())
+        );
+        assert_eq!(text(&finalized_b), Some(header(8, 0).get().to_owned()));
+        // A node no longer followed: its feeds end.
+        cluster.feeds.retain(&HashSet::from([b]));
+        assert!(best_a.changed().now_or_never().unwrap().is_err());
     }
 
     #[test]

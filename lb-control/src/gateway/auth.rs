@@ -105,6 +105,13 @@ pub struct RateLimited {
     pub retry_after: Duration,
 }
 
+impl RateLimited {
+    /// Whole seconds to wait, at least one (`Retry-After` takes whole seconds).
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
 pub struct Authenticator {
     keys: ApiKeys,
     store: Store,

@@ -25,6 +25,8 @@ pub mod code {
     pub const REQUEST_TOO_BIG: i32 = -32007;
     /// jsonrpsee's `TOO_BIG_BATCH_REQUEST_CODE`.
     pub const BATCH_TOO_BIG: i32 = -32010;
+    /// jsonrpsee's `TOO_MANY_SUBSCRIPTIONS_CODE`.
+    pub const TOO_MANY_SUBSCRIPTIONS: i32 = -32006;
 }
 
 /// A JSON-RPC error object made by the gateway.
@@ -74,6 +76,20 @@ impl RpcError {
         RpcError::new(
             code::RATE_LIMITED,
             format!("Rate limit exceeded for this API key: retry after {retry_after_secs} s"),
+        )
+    }
+
+    pub fn too_many_connections(max: u32) -> Self {
+        RpcError::new(
+            code::RATE_LIMITED,
+            format!("Too many WebSocket connections for this API key: at most {max}"),
+        )
+    }
+
+    pub fn too_many_subscriptions(max: u32) -> Self {
+        RpcError::new(
+            code::TOO_MANY_SUBSCRIPTIONS,
+            format!("Too many subscriptions on this connection: at most {max}"),
         )
     }
 
@@ -268,6 +284,35 @@ pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> Box<RawValue> {
     })
 }
 
+/// A subscription notification, as a node sends it.
+pub fn notification(method: &str, subscription: &str, result: &RawValue) -> String {
+    #[derive(Serialize)]
+    struct Params<'a> {
+        subscription: &'a str,
+        result: &'a RawValue,
+    }
+    #[derive(Serialize)]
+    struct Notification<'a> {
+        jsonrpc: &'static str,
+        method: &'a str,
+        params: Params<'a>,
+    }
+    serde_json::to_string(&Notification {
+        jsonrpc: "2.0",
+        method,
+        params: Params {
+            subscription,
+            result,
+        },
+    })
+    .expect("a notification of raw JSON serializes")
+}
+
+/// `text` as a JSON string.
+pub fn string_value(text: &str) -> Box<RawValue> {
+    raw(&text)
+}
+
 /// The answer to a body that could not be taken apart into calls.
 pub fn error_body(error: &RpcError) -> Vec<u8> {
     answer(None, &Outcome::from(error.clone()))
@@ -344,6 +389,16 @@ mod tests {
             parse_body(batch.as_bytes(), 10).unwrap_err().code,
             code::BATCH_TOO_BIG
         );
+    }
+
+    #[test]
+    fn notification_is_what_a_node_sends() {
+        let header = RawValue::from_string(r#"{"number":"0x1"}"#.to_owned()).unwrap();
+        assert_eq!(
+            notification("chain_newHead", "abc", &header),
+            r#"{"jsonrpc":"2.0","method":"chain_newHead","params":{"subscription":"abc","result":{"number":"0x1"}}}"#
+        );
+        assert_eq!(string_value("a\"b").get(), r#""a\"b""#);
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub struct UpstreamLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectedLabels {
     /// `body_too_big`, `batch_too_big`, `parse_error`, `invalid_request`, `method_not_allowed`,
-    /// `connection_limit`, `auth_failures_blocked` (a source address sent to the blocklist).
+    /// `connection_limit`, `key_connection_limit` (WebSocket connections of one key),
+    /// `subscription_limit`, `no_node`, `auth_failures_blocked` (a source address sent to the
+    /// blocklist).
     pub reason: String,
 }
 
@@ -47,6 +49,19 @@ pub struct GatewayMetrics {
     pub cache_lookups: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_entries: Gauge,
+    /// Open WebSocket connections.
+    pub websocket_sessions: Gauge,
+    /// WebSocket connections ended, by who or what ended them.
+    pub websocket_closed: Family<ClosedLabels, Counter>,
+    /// Head subscriptions served from the shared per-node feeds.
+    pub shared_subscriptions: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `client`, `node_left` (out of rotation), `node_lost` (its connection failed),
+    /// `message_too_big`, `idle`, `gateway_stopping`.
+    pub reason: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,6 +85,9 @@ impl GatewayMetrics {
             cache_lookups: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
+            websocket_sessions: Gauge::default(),
+            websocket_closed: Family::default(),
+            shared_subscriptions: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb_gateway");
         registry.register(
@@ -116,6 +134,21 @@ impl GatewayMetrics {
             "cache_entries",
             "Answers the response cache holds",
             metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "websocket_sessions",
+            "Open WebSocket connections",
+            metrics.websocket_sessions.clone(),
+        );
+        registry.register(
+            "websocket_closed",
+            "WebSocket connections ended, by reason",
+            metrics.websocket_closed.clone(),
+        );
+        registry.register(
+            "shared_subscriptions",
+            "Head subscriptions served from one upstream subscription per node",
+            metrics.shared_subscriptions.clone(),
         );
         metrics
     }

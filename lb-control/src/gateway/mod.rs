@@ -7,6 +7,9 @@
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`policy`]: which methods never reach a node.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
+//! - [`websocket`]: JSON-RPC over WebSocket, one node connection per client, shared head
+//!   subscriptions.
+//! - [`slots`]: counted connections per address and per key.
 //! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
 
@@ -17,8 +20,10 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;
+pub mod slots;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -33,6 +38,7 @@ use self::{
     auth::Authenticator,
     server::ConnectionLimits,
     service::{BodyLimits, Pipeline},
+    websocket::WebSocketLimits,
 };
 pub use self::{
     block::BlockRequest,
@@ -156,8 +162,7 @@ impl Gateway {
         upstream.set_nodes(&upstream::live_nodes(&context.view.borrow(), service))?;
         let auth = Arc::new(Authenticator::new(context.keys, context.store));
         let cache = ResponseCache::new(section.cache_bytes);
-        let (endpoints, followed) = watch::channel(Vec::new());
-        let follower = cache::follow(followed, cache.clone());
+        let follower = cache::follow(upstream.watch_live(), cache.clone());
         let failures = section
             .auth_failures_block
             .map(|policy| block::FailureTracker::new(policy, context.blocks));
@@ -172,6 +177,14 @@ impl Gateway {
                 max_body_bytes: section.max_body_bytes,
                 max_batch: section.max_batch,
             },
+            websocket: WebSocketLimits {
+                max_message_bytes: section.max_body_bytes,
+                max_connections_per_key: section.max_connections_per_key,
+                max_subscriptions_per_connection: section.max_subscriptions_per_connection,
+                idle_timeout: section.idle_timeout,
+            },
+            key_connections: Arc::default(),
+            heads: follower.feeds(),
         });
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,
@@ -180,7 +193,7 @@ impl Gateway {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let helpers = [
-            tokio::spawn(upstream.clone().follow(context.view, service, endpoints)),
+            tokio::spawn(upstream.clone().follow(context.view, service)),
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(auth::TOUCH_INTERVAL);
                 loop {

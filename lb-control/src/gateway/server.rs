@@ -1,21 +1,20 @@
 //! The listening side: accepts TCP connections, holds each client address to its connection
 //! limit, terminates TLS (with the certificate in force when the connection came), and serves
-//! HTTP/1.1 or HTTP/2 on it (hyper-util's auto server; upgrades enabled, so WebSocket can join
-//! on the same port).
+//! HTTP/1.1 or HTTP/2 on it (hyper-util's auto server, with upgrades: WebSocket sessions start
+//! from HTTP/1.1 requests on the same port and keep the connection's [`ConnectionHold`]).
 //!
 //! A slow client cannot hold a connection past `header_timeout`: it bounds the TLS handshake
 //! and the reading of each HTTP/1.1 request's headers. A connection with no bytes either way
 //! for `idle_timeout` is closed (gracefully: an HTTP/2 client gets GOAWAY).
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     future::Future,
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -38,7 +37,11 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{service::Pipeline, tls::Certificates};
+use super::{
+    service::Pipeline,
+    slots::{Slot, Slots},
+    tls::Certificates,
+};
 
 /// How long open requests may finish after the gateway is told to stop.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
@@ -58,7 +61,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts = Arc::new(ConnectionCounts::default());
+    let counts = Arc::new(Slots::default());
     // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
     // the last one has.
     let (stop, _) = watch::channel(());
@@ -86,13 +89,13 @@ pub async fn serve(
             pipeline: pipeline.clone(),
             peer,
             limits,
-            stop: stop.subscribe(),
+            hold: ConnectionHold {
+                _slot: Arc::new(slot),
+                stop: stop.subscribe(),
+            },
         };
         let tls = tls.clone();
-        tokio::spawn(async move {
-            connection.run(tcp, tls.as_deref()).await;
-            drop(slot);
-        });
+        tokio::spawn(connection.run(tcp, tls));
     }
     let _ = stop.send(());
     if tokio::time::timeout(DRAIN_TIME, stop.closed())
@@ -103,15 +106,25 @@ pub async fn serve(
     }
 }
 
+/// What a connection lends its requests: a WebSocket session outlives the HTTP exchange that
+/// opened it and keeps these for its life.
+#[derive(Clone)]
+pub struct ConnectionHold {
+    /// The connection's place under the per-address limit.
+    _slot: Arc<Slot<IpAddr>>,
+    /// Changes when the gateway stops.
+    pub stop: watch::Receiver<()>,
+}
+
 struct Connection {
     pipeline: Arc<Pipeline>,
     peer: SocketAddr,
     limits: ConnectionLimits,
-    stop: watch::Receiver<()>,
+    hold: ConnectionHold,
 }
 
 impl Connection {
-    async fn run(self, tcp: TcpStream, tls: Option<&Certificates>) {
+    async fn run(self, tcp: TcpStream, tls: Option<Arc<Certificates>>) {
         let activity = Arc::new(Activity::new());
         let tcp = Tracked {
             inner: tcp,
@@ -128,15 +141,18 @@ impl Connection {
         }
     }
 
-    async fn serve_http<I>(mut self, io: I, activity: &Activity)
+    async fn serve_http<I>(self, io: I, activity: &Activity)
     where
         I: Read + Write + Unpin + Send + 'static,
     {
         let client = self.peer.ip();
         let pipeline = self.pipeline;
+        let hold = self.hold;
+        let mut stop = hold.stop.clone();
         let service = service_fn(move |request| {
             let pipeline = pipeline.clone();
-            async move { Ok::<_, Infallible>(pipeline.handle(request, client).await) }
+            let hold = hold.clone();
+            async move { Ok::<_, Infallible>(pipeline.handle(request, client, hold).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -156,7 +172,7 @@ impl Connection {
                     }
                     return;
                 }
-                _ = self.stop.changed(), if !closing => {
+                _ = stop.changed(), if !closing => {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
@@ -167,53 +183,6 @@ impl Connection {
                         closing = true;
                     }
                 }
-            }
-        }
-    }
-}
-
-/// Open connections per client address.
-#[derive(Default)]
-struct ConnectionCounts {
-    open: Mutex<HashMap<IpAddr, u32>>,
-}
-
-impl ConnectionCounts {
-    /// A slot for one more connection from `ip`, unless it holds `max` already.
-    fn claim(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<Slot> {
-        let mut open = self
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let count = open.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Slot {
-            counts: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// One open connection; frees its place when dropped.
-struct Slot {
-    counts: Arc<ConnectionCounts>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut open = self
-            .counts
-            .open
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = open.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                open.remove(&self.ip);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! One HTTP request through the gateway: API key → body (size limit) → JSON-RPC parse (batch
 //! limit) → rate limit → per call: method policy → [`Pipeline::resolve`] (response cache, else
-//! a node) → answers in the order of the calls, each with the client's id.
+//! a node) → answers in the order of the calls, each with the client's id. A WebSocket
+//! upgrade takes the same key check, then goes to [`websocket`](super::websocket).
 //!
 //! Nothing reaches a node before the key is known good: the body of an unauthenticated request
 //! is only drained (at most [`UNAUTHENTICATED_BODY_DRAIN`] bytes), never parsed.
@@ -23,11 +24,14 @@ use super::{
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
     metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
     policy::{MethodClass, MethodPolicy},
+    server::ConnectionHold,
+    slots::Slots,
     upstream::Upstream,
+    websocket::{self, WebSocketLimits},
 };
 use crate::{
-    backends::ApiKeyRecord,
-    cache::{FetchError, Lookup, ResponseCache, UpstreamAnswer, classify},
+    backends::ApiKeyId,
+    cache::{CachePolicy, FetchError, HeadFeeds, Lookup, ResponseCache, UpstreamAnswer, classify},
 };
 
 /// How much of an unauthenticated request's body is read (and dropped) before the 401.
@@ -49,28 +53,40 @@ pub struct Pipeline {
     pub cache: ResponseCache,
     pub metrics: Arc<GatewayMetrics>,
     pub limits: BodyLimits,
+    pub websocket: WebSocketLimits,
+    /// Open WebSocket connections per key.
+    pub key_connections: Arc<Slots<ApiKeyId>>,
+    /// Each node's latest heads, which WebSocket clients' head subscriptions share.
+    pub heads: HeadFeeds,
 }
 
 impl Pipeline {
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         request: Request<Incoming>,
         client: IpAddr,
+        hold: ConnectionHold,
     ) -> Response<Full<Bytes>> {
-        // A WebSocket upgrade (GET with `Upgrade: websocket`) joins here: the same key check,
-        // then the upgrade instead of the body.
-        if request.method() != Method::POST {
+        let upgrade = hyper_tungstenite::is_upgrade_request(&request);
+        if request.method() != Method::POST && !upgrade {
             self.metrics.rejected("method_not_allowed");
             let mut response = rpc_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                jsonrpc::error_body(&RpcError::invalid_request("JSON-RPC over HTTP takes POST")),
+                jsonrpc::error_body(&RpcError::invalid_request(
+                    "JSON-RPC over HTTP takes POST (or a WebSocket upgrade)",
+                )),
             );
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("POST"));
             return response;
         }
-        let key = match self.authenticate(&request).await {
+        let secret = find_key(request.uri(), request.headers()).map(str::to_owned);
+        let checked = match &secret {
+            Some(secret) => self.auth.authenticate(secret).await,
+            None => Err(AuthError::Missing),
+        };
+        let key = match checked {
             Ok(key) => key,
             Err(error) => {
                 self.metrics
@@ -106,6 +122,10 @@ impl Pipeline {
                 );
             }
         };
+        if upgrade {
+            let secret = secret.expect("a key was found");
+            return websocket::accept(self.clone(), request, client, secret, key, hold).await;
+        }
         let bytes = match Limited::new(request.into_body(), self.limits.max_body_bytes)
             .collect()
             .await
@@ -141,7 +161,7 @@ impl Pipeline {
         let calls = u32::try_from(body.entries().len()).unwrap_or(u32::MAX);
         if let Err(limited) = self.auth.admit(&key, calls) {
             self.metrics.rate_limited.inc();
-            let seconds = limited.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let seconds = limited.retry_after_secs();
             let mut response = rpc_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 jsonrpc::error_body(&RpcError::rate_limited(seconds)),
@@ -151,15 +171,12 @@ impl Pipeline {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             return response;
         }
-        self.answer(body, client).await
+        rpc_response(StatusCode::OK, self.answer_body(body, client).await)
     }
 
-    async fn authenticate(&self, request: &Request<Incoming>) -> Result<ApiKeyRecord, AuthError> {
-        let secret = find_key(request.uri(), request.headers()).ok_or(AuthError::Missing)?;
-        self.auth.authenticate(secret).await
-    }
-
-    async fn answer(&self, body: Body, client: IpAddr) -> Response<Full<Bytes>> {
+    /// The answer to a parsed body that passed the key and rate checks: empty when it held
+    /// only notifications.
+    pub async fn answer_body(&self, body: Body, client: IpAddr) -> Vec<u8> {
         let is_batch = body.is_batch();
         let answers: Vec<Box<RawValue>> = join_all(
             body.entries()
@@ -170,13 +187,17 @@ impl Pipeline {
         .into_iter()
         .flatten()
         .collect();
-        let bytes = match (is_batch, answers.as_slice()) {
+        match (is_batch, answers.as_slice()) {
             // Only notifications: nothing to answer.
             (_, []) => Vec::new(),
             (false, [single]) => single.get().as_bytes().to_vec(),
             _ => jsonrpc::batch_body(&answers),
-        };
-        rpc_response(StatusCode::OK, bytes)
+        }
+    }
+
+    /// May the response cache answer `call` (now or once fetched)?
+    pub fn is_cacheable(&self, call: &Call) -> bool {
+        classify(&call.method, &params_of(call), self.cache.finalized()) != CachePolicy::Never
     }
 
     /// The answer to one entry; None for a notification.
@@ -207,10 +228,7 @@ impl Pipeline {
     /// chain allows, else from a node (one upstream call for identical calls in flight). The
     /// client's id is put back by the caller.
     async fn resolve(&self, call: &Call, client: IpAddr) -> (Outcome, &'static str) {
-        let params: serde_json::Value = match call.params.as_deref() {
-            Some(params) => serde_json::from_str(params.get()).unwrap_or_default(),
-            None => serde_json::Value::Array(Vec::new()),
-        };
+        let params = params_of(call);
         let policy = classify(&call.method, &params, self.cache.finalized());
         let fetch = || async {
             match self
@@ -236,7 +254,7 @@ impl Pipeline {
         match answer {
             Ok((result, lookup)) => {
                 let looked_up = match (policy, lookup) {
-                    (crate::cache::CachePolicy::Never, _) => "uncacheable",
+                    (CachePolicy::Never, _) => "uncacheable",
                     (_, Lookup::Hit) => "hit",
                     (_, Lookup::Miss) => "miss",
                     (_, Lookup::Coalesced) => "coalesced",
@@ -248,9 +266,7 @@ impl Pipeline {
                 // A copy of the bytes, not a re-parse (metadata answers run to megabytes).
                 (Outcome::Result(RawValue::to_owned(&result)), "ok")
             }
-            Err(FetchError::Rpc(error)) => {
-                (Outcome::Error(RawValue::to_owned(&error)), "error")
-            }
+            Err(FetchError::Rpc(error)) => (Outcome::Error(RawValue::to_owned(&error)), "error"),
             Err(error) => {
                 warn!(method = %call.method, "{error}");
                 (
@@ -261,7 +277,8 @@ impl Pipeline {
         }
     }
 
-    fn count(&self, class: &str, outcome: &str) {
+    /// Counts a call by its method class and what became of it.
+    pub fn count(&self, class: &str, outcome: &str) {
         self.metrics
             .calls
             .get_or_create(&CallLabels {
@@ -272,7 +289,15 @@ impl Pipeline {
     }
 }
 
-fn rpc_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+/// A call's params as a JSON value (none: an empty array), for the cache's policy and key.
+fn params_of(call: &Call) -> serde_json::Value {
+    match call.params.as_deref() {
+        Some(params) => serde_json::from_str(params.get()).unwrap_or_default(),
+        None => serde_json::Value::Array(Vec::new()),
+    }
+}
+
+pub fn rpc_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -140,6 +140,9 @@ impl Rotation {
 /// The upstream side: the rotation and the connection pool.
 pub struct Upstream {
     rotation: ArcSwap<Rotation>,
+    /// The endpoints of the rotation, for whoever follows it (chain follower, WebSocket
+    /// sessions bound to a node).
+    live: watch::Sender<Vec<SocketAddr>>,
     table_size: u32,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
@@ -156,6 +159,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
+            live: watch::Sender::new(Vec::new()),
             table_size,
             client,
             timeout,
@@ -165,18 +169,27 @@ impl Upstream {
 
     /// Puts `nodes` in rotation. On error (a table too small for them) the rotation stays.
     pub fn set_nodes(&self, nodes: &[NodeSpec]) -> Result<(), MaglevError> {
-        self.rotation
-            .store(Arc::new(Rotation::build(nodes, self.table_size)?));
+        let rotation = Rotation::build(nodes, self.table_size)?;
+        let endpoints = rotation.nodes.clone();
+        self.rotation.store(Arc::new(rotation));
+        self.live.send_if_modified(|live| {
+            let changed = *live != endpoints;
+            *live = endpoints;
+            changed
+        });
         Ok(())
     }
 
-    /// Keeps the rotation equal to the view's live nodes until the view's sender goes, and
-    /// publishes their endpoints to `endpoints` (the chain follower's node list).
+    /// The endpoints in rotation, now and as they change.
+    pub fn watch_live(&self) -> watch::Receiver<Vec<SocketAddr>> {
+        self.live.subscribe()
+    }
+
+    /// Keeps the rotation equal to the view's live nodes until the view's sender goes.
     pub async fn follow(
         self: Arc<Self>,
         mut view: watch::Receiver<Arc<ClusterView>>,
         service: Option<ServiceKey>,
-        endpoints: watch::Sender<Vec<SocketAddr>>,
     ) {
         let mut current = Vec::new();
         loop {
@@ -188,7 +201,6 @@ impl Upstream {
                             nodes = ?nodes.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
                             "gateway rotation updated"
                         );
-                        endpoints.send_replace(nodes.iter().map(|node| node.endpoint).collect());
                         current = nodes;
                     }
                     Err(error) => warn!("gateway rotation unchanged: {error}"),
@@ -202,7 +214,16 @@ impl Upstream {
 
     /// The node `client` is sent to now, if any.
     pub fn node_for(&self, client: IpAddr) -> Option<SocketAddr> {
-        self.rotation.load().pick(client).map(|(node, _)| node)
+        self.nodes_for(client).map(|(node, _)| node)
+    }
+
+    /// The node `client` is sent to now, and the one it goes to when that one fails.
+    pub fn nodes_for(&self, client: IpAddr) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        self.rotation.load().pick(client)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Calls `method` on the client's node; a read that fails there goes once to another node.
@@ -212,11 +233,7 @@ impl Upstream {
         method: &str,
         params: Option<&RawValue>,
     ) -> Result<Outcome, UpstreamError> {
-        let (first, second) = self
-            .rotation
-            .load()
-            .pick(client)
-            .ok_or(UpstreamError::NoNode)?;
+        let (first, second) = self.nodes_for(client).ok_or(UpstreamError::NoNode)?;
         let body = Bytes::from(jsonrpc::upstream_request(method, params));
         let error = match self.call_node(first, body.clone()).await {
             Ok(outcome) => return Ok(outcome),
@@ -226,13 +243,18 @@ impl Upstream {
             return Err(error);
         };
         warn!("{error}; retrying {method} on node {second}");
+        self.count_retry(first);
+        self.call_node(second, body).await
+    }
+
+    /// Counts a call or connection moved off `node` after it failed there.
+    pub fn count_retry(&self, node: SocketAddr) {
         self.metrics
             .retries
             .get_or_create(&UpstreamLabels {
-                node: first.to_string(),
+                node: node.to_string(),
             })
             .inc();
-        self.call_node(second, body).await
     }
 
     async fn call_node(&self, node: SocketAddr, body: Bytes) -> Result<Outcome, UpstreamError> {

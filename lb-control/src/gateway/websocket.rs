@@ -1,0 +1,587 @@
+//! JSON-RPC over WebSocket (`wss://…/<key>`), on the HTTP port.
+//!
+//! The upgrade request passes the same key check as an HTTP request (401 before the upgrade),
+//! then the key's WebSocket connection limit. Each client connection is a session bound to one
+//! node for its life, through its own upstream WebSocket (chainHead_v1 and every other
+//! subscription live on one node connection); the node is the client's Maglev pick, or the
+//! next one when that one cannot be reached.
+//!
+//! Each message from the client: key still valid → rate limit → then per call:
+//! - `chain_subscribeNewHeads` / `chain_subscribeFinalizedHeads` (and their aliases and
+//!   unsubscribes) are served by the gateway from its node's shared head feed: the chain
+//!   follower's one subscription per node, whatever the number of clients;
+//! - calls the response cache may answer go through it, as over HTTP (a hit never touches the
+//!   node); so do refused and invalid calls, and batches (a subscription in a batch is not
+//!   served);
+//! - everything else is sent to the node as the client wrote it, and the node's messages come
+//!   back unchanged (the ids are the client's own: the upstream connection is the client's).
+//!
+//! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
+//! when its node leaves the rotation or its node connection fails, so the client comes back to
+//! a live node; 1009 for a message over the size limit; 1008 when the key is revoked; 1001
+//! when the gateway stops; 1000 after `idle_timeout` without a frame (the gateway pings).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+};
+use hyper_tungstenite::{
+    HyperWebsocketStream,
+    tungstenite::{
+        self, Message,
+        error::CapacityError,
+        protocol::{CloseFrame, WebSocketConfig, frame::coding::CloseCode},
+    },
+};
+use rand::{Rng, distr::Alphanumeric};
+use serde_json::value::RawValue;
+use tokio::{net::TcpStream, task::JoinSet, time::Instant};
+use tokio_stream::{StreamMap, wrappers::WatchStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::{debug, warn};
+
+use super::{
+    auth::AuthError,
+    jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
+    metrics::ClosedLabels,
+    policy::MethodClass,
+    server::ConnectionHold,
+    service::{Pipeline, rpc_response},
+    slots::Slot,
+    upstream::UpstreamError,
+};
+use crate::{
+    backends::{ApiKeyId, ApiKeyRecord},
+    cache::{HeadFeed, HeadKind},
+};
+
+/// Calls of one connection answered by the gateway at once; past this the client's messages
+/// wait (TCP pushes back) until answers have gone out.
+const MAX_IN_FLIGHT: usize = 256;
+/// How long a closing client gets to answer the close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Length of the subscription ids the gateway makes (as jsonrpsee's, which Substrate uses).
+const SUBSCRIPTION_ID_LEN: usize = 16;
+
+/// The WebSocket limits of the gateway's config.
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocketLimits {
+    pub max_message_bytes: usize,
+    pub max_connections_per_key: u32,
+    pub max_subscriptions_per_connection: u32,
+    pub idle_timeout: Duration,
+}
+
+/// A head subscription the gateway serves itself, with Substrate's names for it.
+struct SharedHeads {
+    kind: HeadKind,
+    subscribe: &'static [&'static str],
+    unsubscribe: &'static [&'static str],
+    notification: &'static str,
+}
+
+const SHARED_HEADS: [SharedHeads; 2] = [
+    SharedHeads {
+        kind: HeadKind::Best,
+        subscribe: &[
+            "chain_subscribeNewHeads",
+            "chain_subscribeNewHead",
+            "subscribe_newHead",
+        ],
+        unsubscribe: &[
+            "chain_unsubscribeNewHeads",
+            "chain_unsubscribeNewHead",
+            "unsubscribe_newHead",
+        ],
+        notification: "chain_newHead",
+    },
+    SharedHeads {
+        kind: HeadKind::Finalized,
+        subscribe: &[
+            "chain_subscribeFinalizedHeads",
+            "chain_subscribeFinalisedHeads",
+        ],
+        unsubscribe: &[
+            "chain_unsubscribeFinalizedHeads",
+            "chain_unsubscribeFinalisedHeads",
+        ],
+        notification: "chain_finalizedHead",
+    },
+];
+
+/// Where one call of a client message goes.
+enum Route {
+    Subscribe(&'static SharedHeads),
+    Unsubscribe,
+    /// Answered by the pipeline (cache, refusal, error), as over HTTP.
+    Pipeline,
+    /// Sent to the node as written.
+    Node,
+}
+
+type NodeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Takes an authenticated upgrade request: the key's connection limit, the node connection,
+/// then the upgrade. Any refusal is an HTTP answer with a JSON-RPC error body.
+pub async fn accept(
+    pipeline: Arc<Pipeline>,
+    mut request: Request<Incoming>,
+    client: IpAddr,
+    secret: String,
+    key: ApiKeyRecord,
+    hold: ConnectionHold,
+) -> Response<Full<Bytes>> {
+    let limits = pipeline.websocket;
+    let Some(key_slot) = pipeline
+        .key_connections
+        .claim(key.id, limits.max_connections_per_key)
+    else {
+        pipeline.metrics.rejected("key_connection_limit");
+        return rpc_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            jsonrpc::error_body(&RpcError::too_many_connections(
+                limits.max_connections_per_key,
+            )),
+        );
+    };
+    let (node, node_socket) = match connect_node(&pipeline, client).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            warn!(%client, "WebSocket client refused: {error}");
+            pipeline.metrics.rejected("no_node");
+            return rpc_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                jsonrpc::error_body(&RpcError::upstream_unavailable(&error)),
+            );
+        }
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes));
+    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut request, Some(config)) {
+        Ok(upgrade) => upgrade,
+        Err(error) => {
+            return rpc_response(
+                StatusCode::BAD_REQUEST,
+                jsonrpc::error_body(&RpcError::invalid_request(&format!(
+                    "WebSocket handshake: {error}"
+                ))),
+            );
+        }
+    };
+    tokio::spawn(async move {
+        let client_socket = match upgrade.await {
+            Ok(socket) => socket,
+            Err(error) => {
+                debug!(%client, "WebSocket upgrade did not complete: {error}");
+                return;
+            }
+        };
+        let session = Session {
+            pipeline,
+            client,
+            secret,
+            key,
+            node,
+            hold,
+            _key_slot: key_slot,
+            heads: StreamMap::new(),
+            notifications: HashMap::new(),
+            answering: JoinSet::new(),
+            ready: VecDeque::new(),
+        };
+        session.run(client_socket, node_socket).await;
+    });
+    response
+}
+
+/// Sends `message` to the client; false when it is gone or has not taken the message within
+/// `limit` (a client that stops reading must not hold the session forever).
+async fn deliver(client: &mut HyperWebsocketStream, message: Message, limit: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(limit, client.send(message)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The client's node and a connection to it; the next node of the table when the first
+/// cannot be reached.
+async fn connect_node(
+    pipeline: &Pipeline,
+    client: IpAddr,
+) -> Result<(SocketAddr, NodeSocket), UpstreamError> {
+    let (first, second) = pipeline
+        .upstream
+        .nodes_for(client)
+        .ok_or(UpstreamError::NoNode)?;
+    let error = match open_node_socket(pipeline, first).await {
+        Ok(socket) => return Ok((first, socket)),
+        Err(error) => error,
+    };
+    let Some(second) = second else {
+        return Err(error);
+    };
+    warn!("{error}; the WebSocket client goes to node {second}");
+    pipeline.upstream.count_retry(first);
+    Ok((second, open_node_socket(pipeline, second).await?))
+}
+
+async fn open_node_socket(
+    pipeline: &Pipeline,
+    node: SocketAddr,
+) -> Result<NodeSocket, UpstreamError> {
+    let timeout = pipeline.upstream.timeout();
+    let failed = |reason: String| UpstreamError::Node { node, reason };
+    match tokio::time::timeout(
+        timeout,
+        tokio_tungstenite::connect_async(format!("ws://{node}/")),
+    )
+    .await
+    {
+        Ok(Ok((socket, _))) => {
+            let _ = match socket.get_ref() {
+                MaybeTlsStream::Plain(tcp) => tcp.set_nodelay(true),
+                _ => Ok(()),
+            };
+            Ok(socket)
+        }
+        Ok(Err(error)) => Err(failed(format!("WebSocket: {error}"))),
+        Err(_) => Err(failed(format!("no WebSocket within {timeout:?}"))),
+    }
+}
+
+/// One client connection and its node connection.
+struct Session {
+    pipeline: Arc<Pipeline>,
+    client: IpAddr,
+    /// The key as the client gave it: checked again on every message, so a revoked key stops
+    /// working on open connections too (within the verdict cache's second).
+    secret: String,
+    key: ApiKeyRecord,
+    node: SocketAddr,
+    hold: ConnectionHold,
+    _key_slot: Slot<ApiKeyId>,
+    /// The shared head subscriptions of this client, by the id it was given...
+    heads: StreamMap<String, WatchStream<Option<Arc<RawValue>>>>,
+    /// ... and the notification method of each.
+    notifications: HashMap<String, &'static str>,
+    /// Answers being made by the pipeline; each yields the text to send.
+    answering: JoinSet<String>,
+    /// Answers made at once, waiting to be sent.
+    ready: VecDeque<String>,
+}
+
+/// Why a session ended, for the client (close frame) and the metrics.
+struct Ending {
+    reason: &'static str,
+    close: Option<CloseFrame>,
+}
+
+impl Ending {
+    fn by_client() -> Ending {
+        Ending {
+            reason: "client",
+            close: None,
+        }
+    }
+
+    fn with(reason: &'static str, code: CloseCode, text: String) -> Ending {
+        Ending {
+            reason,
+            close: Some(CloseFrame {
+                code,
+                reason: text.into(),
+            }),
+        }
+    }
+}
+
+impl Session {
+    async fn run(mut self, mut client: HyperWebsocketStream, mut node: NodeSocket) {
+        let metrics = self.pipeline.metrics.clone();
+        metrics.websocket_sessions.inc();
+        let mut live = self.pipeline.upstream.watch_live();
+        let mut stop = self.hold.stop.clone();
+        let idle_timeout = self.pipeline.websocket.idle_timeout;
+        let mut ping = tokio::time::interval(idle_timeout / 2);
+        let mut heard = Instant::now();
+        let ending = loop {
+            tokio::select! {
+                message = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
+                    heard = Instant::now();
+                    let text = match message {
+                        None => break Ending::by_client(),
+                        Some(Ok(Message::Text(text))) => text.to_string(),
+                        Some(Ok(Message::Binary(bytes))) => match String::from_utf8(bytes.to_vec()) {
+                            Ok(text) => text,
+                            Err(_) => break Ending::with(
+                                "client",
+                                CloseCode::Unsupported,
+                                "JSON-RPC messages are UTF-8 text".to_owned(),
+                            ),
+                        },
+                        Some(Ok(Message::Close(_))) => break Ending::by_client(),
+                        Some(Ok(_)) => continue,
+                        Some(Err(tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                            break Ending::with(
+                                "message_too_big",
+                                CloseCode::Size,
+                                format!("message of {size} bytes: this gateway takes at most {max_size}"),
+                            );
+                        }
+                        Some(Err(error)) => {
+                            debug!(client = %self.client, "WebSocket client: {error}");
+                            break Ending::by_client();
+                        }
+                    };
+                    if let Err(ending) = self.on_message(text, &mut node).await {
+                        break ending;
+                    }
+                }
+                message = node.next() => match message {
+                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                        if !deliver(&mut client, message, idle_timeout).await {
+                            break Ending::by_client();
+                        }
+                    }
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break Ending::with(
+                        "node_lost",
+                        CloseCode::Restart,
+                        "the node's connection was lost: reconnect".to_owned(),
+                    ),
+                    Some(Ok(_)) => {}
+                },
+                () = std::future::ready(()), if !self.ready.is_empty() => {
+                    let answer = self.ready.pop_front().expect("not empty");
+                    if !deliver(&mut client, Message::text(answer), idle_timeout).await {
+                        break Ending::by_client();
+                    }
+                }
+                Some(answer) = self.answering.join_next(), if !self.answering.is_empty() => {
+                    // Notifications get no answer.
+                    let Ok(answer) = answer else { continue };
+                    if answer.is_empty() {
+                        continue;
+                    }
+                    if !deliver(&mut client, Message::text(answer), idle_timeout).await {
+                        break Ending::by_client();
+                    }
+                }
+                Some((subscription, header)) = self.heads.next(), if !self.heads.is_empty() => {
+                    let (Some(header), Some(method)) = (header, self.notifications.get(&subscription)) else {
+                        continue;
+                    };
+                    let notification = jsonrpc::notification(method, &subscription, &header);
+                    if !deliver(&mut client, Message::text(notification), idle_timeout).await {
+                        break Ending::by_client();
+                    }
+                }
+                changed = live.changed() => {
+                    if changed.is_err() || !live.borrow_and_update().contains(&self.node) {
+                        break Ending::with(
+                            "node_left",
+                            CloseCode::Restart,
+                            "the node left the rotation: reconnect".to_owned(),
+                        );
+                    }
+                }
+                _ = stop.changed() => break Ending::with(
+                    "gateway_stopping",
+                    CloseCode::Away,
+                    "the gateway is stopping".to_owned(),
+                ),
+                _ = ping.tick() => {
+                    if heard.elapsed() >= idle_timeout {
+                        break Ending::with(
+                            "idle",
+                            CloseCode::Normal,
+                            format!("nothing heard for {idle_timeout:?}"),
+                        );
+                    }
+                    if !deliver(&mut client, Message::Ping(Bytes::new()), idle_timeout).await {
+                        break Ending::by_client();
+                    }
+                }
+            }
+        };
+        metrics.shared_subscriptions.dec_by(self.heads.len() as i64);
+        metrics.websocket_sessions.dec();
+        metrics
+            .websocket_closed
+            .get_or_create(&ClosedLabels {
+                reason: ending.reason,
+            })
+            .inc();
+        debug!(client = %self.client, node = %self.node, reason = ending.reason, "WebSocket session ended");
+        let _ = node.close(None).await;
+        if let Some(frame) = ending.close {
+            // Wait for the client's answering close frame, so it reads the code.
+            if client.close(Some(frame)).await.is_ok() {
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    while let Some(Ok(_)) = client.next().await {}
+                })
+                .await;
+            }
+        }
+    }
+
+    /// One message of the client.
+    async fn on_message(&mut self, text: String, node: &mut NodeSocket) -> Result<(), Ending> {
+        let key = match self.pipeline.auth.authenticate(&self.secret).await {
+            Ok(key) => key,
+            Err(AuthError::Store(error)) => {
+                // The store being unreadable is not the client's fault: keep its key.
+                warn!("checking the API key of a WebSocket client: {error}");
+                self.key.clone()
+            }
+            Err(error) => {
+                return Err(Ending::with(
+                    "key_revoked",
+                    CloseCode::Policy,
+                    error.to_string(),
+                ));
+            }
+        };
+        self.key = key;
+        let limits = self.pipeline.limits;
+        let body = match jsonrpc::parse_body(text.as_bytes(), limits.max_batch) {
+            Ok(body) => body,
+            Err(error) => {
+                self.pipeline.metrics.rejected(match error.code {
+                    jsonrpc::code::BATCH_TOO_BIG => "batch_too_big",
+                    jsonrpc::code::PARSE_ERROR => "parse_error",
+                    _ => "invalid_request",
+                });
+                self.reply(jsonrpc::answer(None, &Outcome::from(error)));
+                return Ok(());
+            }
+        };
+        let calls = u32::try_from(body.entries().len()).unwrap_or(u32::MAX);
+        if let Err(limited) = self.pipeline.auth.admit(&self.key, calls) {
+            self.pipeline.metrics.rate_limited.inc();
+            // A batch gets one error, as over HTTP.
+            let id = match &body {
+                Body::Single(Entry::Call(call)) => call.id.as_deref(),
+                Body::Single(Entry::Invalid { id, .. }) => id.as_deref(),
+                Body::Batch(_) => None,
+            };
+            let error = Outcome::from(RpcError::rate_limited(limited.retry_after_secs()));
+            self.reply(jsonrpc::answer(id, &error));
+            return Ok(());
+        }
+        let call = match body {
+            Body::Batch(_) | Body::Single(Entry::Invalid { .. }) => {
+                self.through_pipeline(body);
+                return Ok(());
+            }
+            Body::Single(Entry::Call(ref call)) => call,
+        };
+        match self.route(call) {
+            Route::Pipeline => self.through_pipeline(body),
+            Route::Node => {
+                self.pipeline
+                    .count(MethodClass::of(&call.method).name(), "forwarded");
+                if node.send(Message::text(text)).await.is_err() {
+                    return Err(Ending::with(
+                        "node_lost",
+                        CloseCode::Restart,
+                        "the node's connection was lost: reconnect".to_owned(),
+                    ));
+                }
+            }
+            Route::Subscribe(heads) => self.subscribe(call, heads),
+            Route::Unsubscribe => self.unsubscribe(call),
+        }
+        Ok(())
+    }
+
+    fn route(&self, call: &Call) -> Route {
+        if call.id.is_none() || self.pipeline.policy.refusal(&call.method).is_some() {
+            return Route::Pipeline;
+        }
+        if let Some(heads) = SHARED_HEADS
+            .iter()
+            .find(|heads| heads.subscribe.contains(&call.method.as_str()))
+        {
+            return Route::Subscribe(heads);
+        }
+        if SHARED_HEADS
+            .iter()
+            .any(|heads| heads.unsubscribe.contains(&call.method.as_str()))
+        {
+            return Route::Unsubscribe;
+        }
+        if self.pipeline.is_cacheable(call) {
+            Route::Pipeline
+        } else {
+            Route::Node
+        }
+    }
+
+    /// Answers `body` as over HTTP, without holding up the session.
+    fn through_pipeline(&mut self, body: Body) {
+        let pipeline = self.pipeline.clone();
+        let client = self.client;
+        self.answering.spawn(async move {
+            String::from_utf8_lossy(&pipeline.answer_body(body, client).await).into_owned()
+        });
+    }
+
+    fn subscribe(&mut self, call: &Call, heads: &'static SharedHeads) {
+        let max = self.pipeline.websocket.max_subscriptions_per_connection;
+        let outcome = if self.heads.len() >= max as usize {
+            self.pipeline.metrics.rejected("subscription_limit");
+            Outcome::from(RpcError::too_many_subscriptions(max))
+        } else {
+            let id: String = rand::rng()
+                .sample_iter(Alphanumeric)
+                .take(SUBSCRIPTION_ID_LEN)
+                .map(char::from)
+                .collect();
+            let feed: HeadFeed = self.pipeline.heads.watch(self.node, heads.kind);
+            self.heads.insert(id.clone(), WatchStream::new(feed));
+            self.notifications.insert(id.clone(), heads.notification);
+            self.pipeline.metrics.shared_subscriptions.inc();
+            Outcome::Result(jsonrpc::string_value(&id))
+        };
+        self.pipeline.count("read", "shared");
+        self.reply(jsonrpc::answer(call.id.as_deref(), &outcome));
+    }
+
+    /// Ends a shared subscription: `true` when it was this client's, `false` otherwise, as a
+    /// node answers.
+    fn unsubscribe(&mut self, call: &Call) {
+        let id = call
+            .params
+            .as_deref()
+            .and_then(|params| serde_json::from_str::<(String,)>(params.get()).ok())
+            .map(|(id,)| id);
+        let removed = id.is_some_and(|id| {
+            self.notifications.remove(&id);
+            self.heads.remove(&id).is_some()
+        });
+        if removed {
+            self.pipeline.metrics.shared_subscriptions.dec();
+        }
+        self.pipeline.count("read", "shared");
+        let result = RawValue::from_string(removed.to_string()).expect("a JSON boolean");
+        self.reply(jsonrpc::answer(
+            call.id.as_deref(),
+            &Outcome::Result(result),
+        ));
+    }
+
+    /// Queues an answer for the client.
+    fn reply(&mut self, answer: impl AsRef<RawValue>) {
+        self.ready.push_back(answer.as_ref().get().to_owned());
+    }
+}

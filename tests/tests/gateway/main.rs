@@ -1,0 +1,12 @@
+//! The gateway over real TLS and real sockets on 127.0.0.1, in front of in-process sim-nodes:
+//! API keys in every position, refusals that never reach a node, rate limits, the method
+//! policy, batches, body limits, stickiness to the node the shared Maglev table predicts,
+//! failover of reads, HTTP/2 and HTTP/1.1, and a certificate reload.
+//!
+//! - [`http`]: JSON-RPC over HTTPS.
+//! - [`websocket`]: JSON-RPC over `wss://`, shared head subscriptions, node exits.
+//! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
+
+mod http;
+mod setup;
+mod websocket;

@@ -1,0 +1,314 @@
+//! JSON-RPC over `wss://`: the key check before the upgrade, one node per client (the one the
+//! Maglev table predicts), the cache and method policy as over HTTP, head subscriptions shared
+//! from one upstream subscription per node, limits, and the close codes that send a client to a
+//! live node.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use lb_control::backends::RateLimit;
+use lb_tests::{sim_node::SimNodeHandle, ws_client::WsClient};
+use serde_json::{Value, json};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::{Error as WsError, protocol::frame::coding::CloseCode};
+
+use super::setup::*;
+
+type Client = WsClient<TlsStream<TcpStream>>;
+
+impl Setup {
+    async fn connect(&self) -> Client {
+        self.websocket(&format!("/{}", self.secret))
+            .await
+            .expect("WebSocket with a valid key")
+    }
+
+    fn node_with_peer_id(&self, peer_id: &Value) -> &SimNodeHandle {
+        self.nodes
+            .iter()
+            .find(|node| peer_id == node.peer_id())
+            .unwrap_or_else(|| panic!("no node has peer id {peer_id}"))
+    }
+
+    /// How many times the nodes were asked for `method` (the follower's own subscriptions
+    /// included).
+    fn count(&self, method: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|node| node.request_count(method))
+            .sum()
+    }
+}
+
+fn block_number(header: &Value) -> u64 {
+    let hex = header["number"].as_str().expect("a header number");
+    u64::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex number")
+}
+
+#[tokio::test]
+async fn websocket_takes_the_key_in_every_position_and_reaches_the_node_maglev_predicts() {
+    let setup = Setup::start(3).await;
+    for path in ["/", "/lbk_unknown"] {
+        match setup.websocket(path).await {
+            Err(WsError::Http(response)) => {
+                assert_eq!(response.status(), 401, "{path}");
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .expect("a JSON-RPC error body");
+                assert_eq!(error_code(&body), -32001, "{body}");
+            }
+            other => panic!("{path}: upgraded or failed otherwise: {:?}", other.err()),
+        }
+    }
+    assert_eq!(setup.node_requests(), 0, "refused clients reached a node");
+
+    let bearer = format!("Bearer {}", setup.secret);
+    for (path, headers) in [
+        (format!("/?apikey={}", setup.secret), vec![]),
+        ("/".to_owned(), vec![("x-api-key", setup.secret.as_str())]),
+        ("/".to_owned(), vec![("authorization", bearer.as_str())]),
+    ] {
+        let mut ws = setup
+            .websocket_with(&path, &headers)
+            .await
+            .unwrap_or_else(|error| panic!("{path} {headers:?}: {error}"));
+        assert!(ws.call("system_chain", json!([])).await["result"].is_string());
+    }
+
+    let mut ws = setup.connect().await;
+    let answer = ws.call(UNCACHED_READ, json!([])).await;
+    let node = setup.node_with_peer_id(&answer["result"]);
+    assert_eq!(
+        node.rpc_addr(),
+        predicted_node(&setup.nodes, Ipv4Addr::LOCALHOST)
+    );
+    // The client's own id comes back, whatever its type.
+    ws.send_text(r#"{"jsonrpc":"2.0","id":"x-1","method":"system_localPeerId"}"#.to_owned())
+        .await;
+    assert_eq!(ws.next_message().await.expect("an answer")["id"], "x-1");
+}
+
+#[tokio::test]
+async fn websocket_calls_get_the_cache_and_the_method_policy() {
+    let setup = Setup::start(2).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(setup.connect().await);
+    }
+    for ws in &mut clients {
+        let answer = ws.call("state_getMetadata", json!([])).await;
+        assert!(
+            answer["result"]
+                .as_str()
+                .is_some_and(|hex| hex.starts_with("0x"))
+        );
+    }
+    assert_eq!(
+        setup.count("state_getMetadata"),
+        1,
+        "three clients, one metadata fetch"
+    );
+    let ws = &mut clients[0];
+    let refused = ws
+        .call("author_insertKey", json!(["aura", "x", "0x00"]))
+        .await;
+    assert_eq!(error_code(&refused), -32601, "{refused}");
+    assert_eq!(setup.count("author_insertKey"), 0);
+    ws.send_text("{not json".to_owned()).await;
+    let answer = ws.next_message().await.expect("an answer");
+    assert_eq!(error_code(&answer), -32700, "{answer}");
+    ws.send_text(format!(
+        "[{},{}]",
+        json!({"jsonrpc":"2.0","id":1,"method":"system_chain"}),
+        json!({"jsonrpc":"2.0","id":2,"method":"author_rotateKeys"})
+    ))
+    .await;
+    let batch = ws.next_message().await.expect("a batch answer");
+    assert!(batch[0]["result"].is_string(), "{batch}");
+    assert_eq!(error_code(&batch[1]), -32601, "{batch}");
+    // Still open after the errors.
+    assert!(ws.call(UNCACHED_READ, json!([])).await["result"].is_string());
+}
+
+#[tokio::test]
+async fn head_subscriptions_are_shared_from_one_upstream_subscription_per_node() {
+    let setup = Setup::start_with_blocks(2, Duration::from_millis(200), |_| {}).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut ws = setup.connect().await;
+        let new_heads = ws.call("chain_subscribeNewHeads", json!([])).await;
+        let finalized = ws.call("chain_subscribeFinalizedHeads", json!([])).await;
+        let ids = [&new_heads["result"], &finalized["result"]].map(|id| {
+            id.as_str()
+                .unwrap_or_else(|| panic!("a subscription id: {new_heads} {finalized}"))
+                .to_owned()
+        });
+        clients.push((ws, ids));
+    }
+    for (ws, [new_heads, finalized]) in &mut clients {
+        let mut best = Vec::new();
+        let mut final_numbers = Vec::new();
+        while best.len() < 3 || final_numbers.is_empty() {
+            let notification = ws.notification().await;
+            let params = &notification["params"];
+            match notification["method"].as_str() {
+                Some("chain_newHead") => {
+                    assert_eq!(params["subscription"], *new_heads);
+                    best.push(block_number(&params["result"]));
+                }
+                Some("chain_finalizedHead") => {
+                    assert_eq!(params["subscription"], *finalized);
+                    final_numbers.push(block_number(&params["result"]));
+                }
+                _ => panic!("not a head notification: {notification}"),
+            }
+        }
+        assert!(best.windows(2).all(|pair| pair[0] < pair[1]), "{best:?}");
+    }
+    // Each node saw the follower's one subscription of each kind, not the clients'.
+    for node in &setup.nodes {
+        assert_eq!(node.request_count("chain_subscribeNewHeads"), 1);
+        assert_eq!(node.request_count("chain_subscribeFinalizedHeads"), 1);
+    }
+    let (ws, [new_heads, _]) = &mut clients[0];
+    let new_heads = new_heads.clone();
+    let ended = ws
+        .call("chain_unsubscribeNewHeads", json!([new_heads]))
+        .await;
+    assert_eq!(ended["result"], true, "{ended}");
+    let again = ws
+        .call("chain_unsubscribeNewHeads", json!([new_heads]))
+        .await;
+    assert_eq!(again["result"], false, "{again}");
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains("lb_gateway_shared_subscriptions 7"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_limits_answer_with_their_errors() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections_per_key = 2;
+        section.max_subscriptions_per_connection = 1;
+    })
+    .await;
+    let mut first = setup.connect().await;
+    let _second = setup.connect().await;
+    match setup.websocket(&format!("/{}", setup.secret)).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("a third connection of the key: {:?}", other.err()),
+    }
+    assert!(first.call("chain_subscribeNewHeads", json!([])).await["result"].is_string());
+    let over = first.call("chain_subscribeFinalizedHeads", json!([])).await;
+    assert_eq!(error_code(&over), -32006, "{over}");
+
+    // A message over max_body_bytes (64 KiB here) ends the connection with 1009.
+    first
+        .send_text(format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"system_chain","params":["{}"]}}"#,
+            "a".repeat(70 * 1024)
+        ))
+        .await;
+    let frame = first.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Size, "{frame:?}");
+    // Its place under the key's limit is free again.
+    let mut third = setup.connect().await;
+    assert!(third.call(UNCACHED_READ, json!([])).await["result"].is_string());
+}
+
+#[tokio::test]
+async fn over_rate_websocket_calls_get_a_json_rpc_error_and_the_connection_stays() {
+    let setup = Setup::start(1).await;
+    let limited = setup
+        .keys
+        .create("limited", Some(RateLimit { rps: 1, burst: 2 }))
+        .expect("key")
+        .secret;
+    let mut ws = setup
+        .websocket(&format!("/{limited}"))
+        .await
+        .expect("WebSocket");
+    let answers: Vec<Value> = {
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(ws.call(UNCACHED_READ, json!([])).await);
+        }
+        answers
+    };
+    let limited_answers: Vec<&Value> = answers
+        .iter()
+        .filter(|answer| answer["error"]["code"] == -32005)
+        .collect();
+    assert!(!limited_answers.is_empty(), "{answers:?}");
+    assert!(answers[0]["result"].is_string(), "{answers:?}");
+    // Once the allowance refills, the same connection is served again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = ws.call(UNCACHED_READ, json!([])).await;
+        if answer["result"].is_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still limited: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn node_leaving_the_rotation_sends_its_clients_to_a_live_node() {
+    let setup = Setup::start(3).await;
+    let mut ws = setup.connect().await;
+    let first = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
+    let node = setup.node_with_peer_id(&first).rpc_addr();
+    let others: Vec<&SimNodeHandle> = setup
+        .nodes
+        .iter()
+        .filter(|other| other.rpc_addr() != node)
+        .collect();
+    setup.set_backends(&others);
+    let frame = ws.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
+    let mut again = setup.connect().await;
+    let second = again.call(UNCACHED_READ, json!([])).await["result"].clone();
+    assert_ne!(setup.node_with_peer_id(&second).rpc_addr(), node);
+}
+
+#[tokio::test]
+async fn node_dying_closes_its_clients_with_a_reconnect_code() {
+    let mut setup = Setup::start(2).await;
+    let mut ws = setup.connect().await;
+    let peer_id = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
+    let index = setup
+        .nodes
+        .iter()
+        .position(|node| peer_id == node.peer_id())
+        .expect("the answering node");
+    setup.nodes.remove(index).stop().await;
+    let frame = ws.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
+    // The control plane has not noticed yet; a new connection still gets the live node.
+    let mut again = setup.connect().await;
+    let answer = again.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(answer["result"], setup.nodes[0].peer_id(), "{answer}");
+}
+
+#[tokio::test]
+async fn revoked_key_closes_its_open_connections() {
+    let setup = Setup::start(1).await;
+    let created = setup.keys.create("short-lived", None).expect("key");
+    let mut ws = setup
+        .websocket(&format!("/{}", created.secret))
+        .await
+        .expect("WebSocket");
+    assert!(ws.call(UNCACHED_READ, json!([])).await["result"].is_string());
+    setup.keys.revoke(created.record.id).expect("revoked");
+    // Within the key cache's second, the next message ends the connection.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ws.try_call(UNCACHED_READ, json!([])).await.is_some() {
+        assert!(Instant::now() < deadline, "the revoked key still works");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let frame = ws.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+}
