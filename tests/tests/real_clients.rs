@@ -210,7 +210,11 @@ fn start_chopsticks_lab() -> anyhow::Result<Lab> {
         [ALICE],
         { "providers": 1, "data": { "free": ALICE_FUNDS.to_string() } }
     ]] } }]);
-    node_rpc(&lab, 0, "dev_setStorage", funds)?;
+    if let Err(error) = node_rpc(&lab, 0, "dev_setStorage", funds) {
+        // If chopsticks has died, say so with its log.
+        lab.check_processes()?;
+        return Err(error);
+    }
     Ok(lab)
 }
 
@@ -347,6 +351,12 @@ fn thousand_polkadot_js_start_ups_fetch_metadata_at_most_five_times() -> anyhow:
                 "metadataVersion": 16,
             }]),
         "every start-up learnt the same chain and runtime: {summary}"
+    );
+    ensure!(
+        warnings(&summary)
+            .iter()
+            .all(|warning| warning.ends_with(SIM_NODE_RUNTIME_WARNING)),
+        "polkadot.js complained: {summary}"
     );
     // polkadot.js fetches metadata with state_call (Metadata_metadata_versions, then
     // Metadata_metadata_at_version) or state_getMetadata, and makes no other state_call while

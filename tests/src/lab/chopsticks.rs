@@ -4,12 +4,24 @@
 //!
 //! It starts offline from a raw chain spec with the runtime wasm in its genesis (shipped by
 //! `@substrate/connect-known-chains`), so it never reaches for a live network. It builds a
-//! block at once for every extrinsic it is sent (`Instant` mode) and otherwise only when asked
-//! (`dev_newBlock`), so its best block stands still between transactions.
+//! block 100 ms after the last of a batch of extrinsics it is sent (its default `Batch` mode)
+//! and otherwise only when asked (`dev_newBlock`), so its best block stands still between
+//! transactions. Not `Instant` mode: there the block can be built before the answer to
+//! `author_submitAndWatchExtrinsic` is sent, and polkadot.js then misses `InBlock` (seen here:
+//! Ready → Broadcast → Finalized).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
 
-use super::{Lab, LabError, LabProcess, SIM_NODE_RPC_PORT, binaries::js_dir, run_checked};
+use super::{
+    Lab, LabError, LabProcess, PORT_PROBE_TIMEOUT, SIM_NODE_RPC_PORT, binaries::js_dir, in_netns,
+    run_checked,
+};
+use crate::rpc_client::SYSTEM_HEALTH;
 
 /// The chain chopsticks runs: Rococo Asset Hub, a parachain with AURA consensus, which is what
 /// chopsticks can start from a chain spec; its runtime has the balances pallet.
@@ -17,11 +29,13 @@ pub const CHOPSTICKS_CHAIN: &str = "rococo_v2_2_asset_hub";
 /// Measured ~4 s on an idle machine; compiling the wasm runtime is slow when tests run in
 /// parallel.
 const CHOPSTICKS_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long one readiness probe waits for the answer: chopsticks runs on a busy event loop.
+const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Lab {
     /// Starts chopsticks in node `index`'s namespace, serving JSON-RPC over HTTP and WebSocket
     /// on the node's address and port 9944, like sim-node (so start the lab without
-    /// sim-nodes), and waits until it accepts connections: it listens only once its genesis
+    /// sim-nodes), and waits until it answers a JSON-RPC call: it listens only once its genesis
     /// and first block are built.
     pub fn start_chopsticks(&mut self, index: usize) -> Result<&LabProcess, LabError> {
         let js = js_dir();
@@ -40,7 +54,6 @@ impl Lab {
             format!("--genesis={}", spec.display()),
             format!("--host={}", node.addr_v4),
             format!("--port={SIM_NODE_RPC_PORT}"),
-            "--build-block-mode=Instant".to_owned(),
         ];
         let id = format!("node{index}");
         let log = self.log_dir.join(format!("chopsticks-{id}.log"));
@@ -52,8 +65,13 @@ impl Lab {
             log,
         )?;
         self.processes.push(process);
+        let rpc = SocketAddr::from((node.addr_v4, SIM_NODE_RPC_PORT));
         let process = self.last_process();
-        super::wait_until_accepting(process, &node, CHOPSTICKS_READY_TIMEOUT)?;
+        process.wait_ready(
+            &format!("{rpc} to answer system_health"),
+            CHOPSTICKS_READY_TIMEOUT,
+            || in_netns(&node.netns, || answers_system_health(rpc)),
+        )?;
         Ok(process)
     }
 
@@ -71,4 +89,22 @@ impl Lab {
         }
         Ok(path)
     }
+}
+
+/// Whether `rpc` answers a `system_health` POST with 200. A TCP accept is not enough: before
+/// chopsticks listens for real, it opens and closes the port once to see whether it is free.
+fn answers_system_health(rpc: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT) else {
+        return false;
+    };
+    let request = format!(
+        "POST / HTTP/1.1\r\nhost: {rpc}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{SYSTEM_HEALTH}",
+        SYSTEM_HEALTH.len()
+    );
+    let mut status = [0; 12];
+    stream.set_read_timeout(Some(PROBE_ANSWER_TIMEOUT)).is_ok()
+        && stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_exact(&mut status).is_ok()
+        && status == *b"HTTP/1.1 200"
 }

@@ -5,8 +5,8 @@
 //! client `10.200.1.2` ↔ LB `client0` `10.200.1.1`; node i `10.200.(10+i).2` ↔ LB `node<i>`
 //! `10.200.(10+i).1`. Every veth has TX checksum offload off; the client's and nodes' ends
 //! have GRO on and an XDP_PASS program attached, so native-mode XDP on the LB's ends can
-//! redirect and `XDP_TX` into them. The lab can run sim-node in every node namespace (or
-//! chopsticks, a real runtime, in one) and lb-control in the LB namespace.
+//! redirect and `XDP_TX` into them. The lab can run sim-node (or chopsticks, a real runtime) in
+//! the node namespaces and lb-control in the LB namespace.
 //!
 //! Everything a lab makes is named with its run prefix `lbt-<pid>-<seq>` and removed when the
 //! `Lab` is dropped, on panic too: its processes, its namespaces (with their veths), the
@@ -323,7 +323,12 @@ impl Lab {
         let count = self.topology.nodes.len();
         let first = self.processes.len() - count;
         for (node, process) in self.topology.nodes.iter().zip(&mut self.processes[first..]) {
-            wait_until_accepting(process, node, SIM_NODE_READY_TIMEOUT)?;
+            let rpc = SocketAddr::from((node.addr_v4, SIM_NODE_RPC_PORT));
+            process.wait_ready(&format!("{rpc} to accept"), SIM_NODE_READY_TIMEOUT, || {
+                in_netns(&node.netns, || {
+                    TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
+                })
+            })?;
         }
         Ok(())
     }
@@ -376,20 +381,6 @@ impl Drop for Lab {
             eprintln!("{}", LabError::Cleanup(problems));
         }
     }
-}
-
-/// Waits until `process`, a node's RPC server, accepts connections on the node's port 9944.
-fn wait_until_accepting(
-    process: &mut LabProcess,
-    node: &Host,
-    timeout: Duration,
-) -> Result<(), LabError> {
-    let rpc = SocketAddr::from((node.addr_v4, SIM_NODE_RPC_PORT));
-    process.wait_ready(&format!("{rpc} to accept"), timeout, || {
-        in_netns(&node.netns, || {
-            TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
-        })
-    })
 }
 
 /// Kills whatever else still runs in `netns` (e.g. a program a test started there and left
