@@ -326,24 +326,47 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
             program.run_repeated(client_link, frame, repeat)
         })
     };
-    let bare_repeat = repeated(options, XdpAction::Pass, |repeat| {
-        test_run(bare, client_link, &established, repeat)
-    })?;
-    rows.push(Row {
-        path: "bare xdp_pass (reference)",
-        method: "repeat",
-        ns: bare_repeat,
-        note: "returns XDP_PASS, reads nothing".into(),
-    });
-    let parse_pass_repeat = repeated(options, XdpAction::Pass, |repeat| {
-        test_run(parse_pass, client_link, &established, repeat)
-    })?;
-    rows.push(Row {
-        path: "bare parse-and-XDP_PASS (reference)",
-        method: "repeat",
-        ns: parse_pass_repeat,
-        note: "the load balancer's parser (Ethernet, VLAN, IPv4/IPv6, ports), then XDP_PASS".into(),
-    });
+    // Each reference program: repeat, loop and marginal rows, from the same frame.
+    let mut reference = |program: &aya::programs::Xdp, path: &'static str, note: &str| {
+        let repeat = repeated(options, XdpAction::Pass, |repeat| {
+            test_run(program, client_link, &established, repeat)
+        })?;
+        let loops = loop_runs(loop_calls, path, false, |repeat| {
+            test_run(program, client_link, &established, repeat)
+        })?;
+        rows.push(Row {
+            path,
+            method: "repeat",
+            ns: repeat,
+            note: note.into(),
+        });
+        rows.push(Row {
+            path,
+            method: "loop",
+            ns: loops.long,
+            note: format!(
+                "{LOOP_REPEAT} runs a call, as the loops below; a call's warm-up: {:.1} us",
+                loops.warm_up_us()
+            ),
+        });
+        rows.push(Row {
+            path,
+            method: "marginal",
+            ns: loops.marginal(),
+            note: "one more run, warm-up left out".into(),
+        });
+        Ok::<_, String>((repeat, loops))
+    };
+    let (bare_repeat, bare_loop) = reference(
+        bare,
+        "bare xdp_pass (reference)",
+        "returns XDP_PASS, reads nothing",
+    )?;
+    let (_, parse_pass_loop) = reference(
+        parse_pass,
+        "bare parse-and-XDP_PASS (reference)",
+        "the load balancer's parser (Ethernet, VLAN, IPv4/IPv6, ports), then XDP_PASS",
+    )?;
     let passed_repeat = lb_repeated(&passed, XdpAction::Pass)?;
     rows.push(Row {
         path: "passed packet (TCP to the LB's own address)",
@@ -367,42 +390,6 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         note: "parse, count, blocklist hit, drop counted".into(),
     });
 
-    let bare_loop = loop_runs(loop_calls, "bare loop", false, |repeat| {
-        test_run(bare, client_link, &established, repeat)
-    })?;
-    rows.push(Row {
-        path: "bare xdp_pass (reference)",
-        method: "loop",
-        ns: bare_loop.long,
-        note: format!(
-            "{LOOP_REPEAT} runs a call, as the loops below; a call's warm-up: {:.1} us",
-            bare_loop.warm_up_us()
-        ),
-    });
-    rows.push(Row {
-        path: "bare xdp_pass (reference)",
-        method: "marginal",
-        ns: bare_loop.marginal(),
-        note: "one more run, warm-up left out".into(),
-    });
-    let parse_pass_loop = loop_runs(loop_calls, "parse-and-pass loop", false, |repeat| {
-        test_run(parse_pass, client_link, &established, repeat)
-    })?;
-    rows.push(Row {
-        path: "bare parse-and-XDP_PASS (reference)",
-        method: "loop",
-        ns: parse_pass_loop.long,
-        note: format!(
-            "{LOOP_REPEAT} runs a call; a call's warm-up: {:.1} us",
-            parse_pass_loop.warm_up_us()
-        ),
-    });
-    rows.push(Row {
-        path: "bare parse-and-XDP_PASS (reference)",
-        method: "marginal",
-        ns: parse_pass_loop.marginal(),
-        note: "one more run, warm-up left out".into(),
-    });
     let established_loop = looped(&loop_forward, "established loop")?;
     rows.push(Row {
         path: "established flow, NAT v4",
