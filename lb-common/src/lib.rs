@@ -37,4 +37,7 @@ pub mod program_names {
     /// A bare XDP_PASS, alone in the `xdp-pass` object: the lab attaches it to veth peers so
     /// that `XDP_TX` and redirects into those veths deliver in native mode.
     pub const PASS: &str = "xdp_pass";
+    /// The load balancer's header parser then XDP_PASS, alone in the `xdp-parse-pass` object:
+    /// the XDP benchmark's reference.
+    pub const PARSE_PASS: &str = "xdp_parse_pass";
 }

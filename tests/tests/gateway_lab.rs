@@ -1,27 +1,42 @@
 //! The gateway inside `lb-control run` in the lab: HTTPS from the client namespace to the LB's
 //! address, a key made with the CLI, the nodes the backend set has up, `/metrics`, a
-//! certificate renewed with SIGHUP, and a key guesser put on the kernel blocklist.
+//! certificate renewed with SIGHUP, a key guesser put on the kernel blocklist, and reads under
+//! a wrk load that survive a node dying and leave a lagging node once the health checker drops
+//! it.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
 
 mod common;
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::{Output, Stdio},
+    time::Duration,
+};
 
 use anyhow::{Context, ensure};
 use common::wait_for;
-use lb_tests::lab::{
-    Lab, SIM_NODE_RPC_PORT, binary_path,
-    certs::{LabCa, write_pem},
-    command_in_netns, run_checked,
+use lb_tests::{
+    lab::{
+        Lab, SIM_NODE_RPC_PORT, binary_path,
+        certs::{LabCa, write_pem},
+        command_in_netns, run_checked,
+    },
+    sim_node::faults::Fault,
 };
 
 const GATEWAY_PORT: u16 = 8443;
 
-/// lb-control's config: one VIP over every node (not checked, so at once `up`) and the
-/// gateway on the LB's client-side address.
-fn write_config(lab: &Lab, cert: &Path, key: &Path) -> anyhow::Result<std::path::PathBuf> {
+/// lb-control's config: one VIP over every node (`check`: `none` makes them `up` at once,
+/// `substrate` has the health checker judge them) and the gateway on the LB's client-side
+/// address.
+fn write_config(
+    lab: &Lab,
+    check: &str,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<std::path::PathBuf> {
     let lb = lab.lb();
     let backends: Vec<String> = lab
         .nodes()
@@ -30,7 +45,7 @@ fn write_config(lab: &Lab, cert: &Path, key: &Path) -> anyhow::Result<std::path:
         .collect();
     let text = format!(
         "[dataplane]\nnat_source_v4 = \"{}\"\n\n\
-         [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"none\"\n\
+         [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"{check}\"\n\
          backends = [{}]\n\n\
          [gateway]\nlisten = \"{}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
          auth_failures_block = {{ after = 3 }}\n",
@@ -72,33 +87,72 @@ fn lb_control(lab: &Lab, token: &str, args: &[&str]) -> anyhow::Result<Output> {
     Ok(run_checked(&mut command)?)
 }
 
+/// lb-control with its gateway running in a lab, and a key made with the CLI.
+struct GatewayLab {
+    ca_path: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    pid: u32,
+    token: String,
+    /// `https://LB:8443/<key>`.
+    url: String,
+}
+
+impl GatewayLab {
+    fn start(lab: &mut Lab, check: &str) -> anyhow::Result<GatewayLab> {
+        let ca = LabCa::new()?;
+        let (ca_path, cert, key) = (
+            lab.log_dir().join("ca.crt"),
+            lab.log_dir().join("gateway.crt"),
+            lab.log_dir().join("gateway.key"),
+        );
+        let leaf = ca.issue(&[lab.lb().addr_v4.into()])?;
+        write_pem(&ca_path, &ca.cert_pem())?;
+        write_pem(&cert, &leaf.cert_pem)?;
+        write_pem(&key, &leaf.key_pem)?;
+        let config = write_config(lab, check, &cert, &key)?;
+        let config = config.to_str().context("utf-8 path")?.to_owned();
+        let pid = lab.spawn_lb_control(&["--config", &config])?.pid();
+        let token = std::fs::read_to_string(lab.state_dir().join("admin.token"))?
+            .trim()
+            .to_owned();
+        let created = lb_control(lab, &token, &["key", "create", "--name", "lab"])?;
+        let created = String::from_utf8(created.stdout)?;
+        let secret = created
+            .lines()
+            .find_map(|line| line.strip_prefix("secret: "))
+            .context("no secret printed")?;
+        let url = format!("https://{}:{GATEWAY_PORT}/{secret}", lab.lb().addr_v4);
+        Ok(GatewayLab {
+            ca_path,
+            cert,
+            key,
+            pid,
+            token,
+            url,
+        })
+    }
+}
+
+/// lb-control's Prometheus metrics, from inside the LB namespace.
+fn metrics(lab: &Lab) -> anyhow::Result<String> {
+    let mut scrape = command_in_netns(&lab.lb().netns, "curl")?;
+    scrape.args(["-sS", "http://127.0.0.1:9900/metrics"]);
+    Ok(String::from_utf8(run_checked(&mut scrape)?.stdout)?)
+}
+
 #[test]
 fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     let mut lab = common::start_lab(2, true, Duration::from_secs(2));
-    let ca = LabCa::new()?;
-    let (ca_path, cert, key) = (
-        lab.log_dir().join("ca.crt"),
-        lab.log_dir().join("gateway.crt"),
-        lab.log_dir().join("gateway.key"),
-    );
-    let leaf = ca.issue(&[lab.lb().addr_v4.into()])?;
-    write_pem(&ca_path, &ca.cert_pem())?;
-    write_pem(&cert, &leaf.cert_pem)?;
-    write_pem(&key, &leaf.key_pem)?;
-    let config = write_config(&lab, &cert, &key)?;
-    let config = config.to_str().context("utf-8 path")?.to_owned();
-    let pid = lab.spawn_lb_control(&["--config", &config])?.pid();
-    let token = std::fs::read_to_string(lab.state_dir().join("admin.token"))?;
-    let token = token.trim();
-
-    let created = lb_control(&lab, token, &["key", "create", "--name", "lab"])?;
-    let created = String::from_utf8(created.stdout)?;
-    let secret = created
-        .lines()
-        .find_map(|line| line.strip_prefix("secret: "))
-        .context("no secret printed")?
-        .to_owned();
-    let url = format!("https://{}:{GATEWAY_PORT}/{secret}", lab.lb().addr_v4);
+    let GatewayLab {
+        ca_path,
+        cert,
+        key,
+        pid,
+        token,
+        url,
+    } = GatewayLab::start(&mut lab, "none")?;
+    let token = token.as_str();
     let call = r#"{"jsonrpc":"2.0","id":"lab","method":"system_chain"}"#;
     let (body, status) = curl(&lab, &ca_path, &url, &["-d", call])?;
     ensure!(status == "200 2", "status {status}: {body}");
@@ -111,9 +165,7 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     let (body, status) = curl(&lab, &ca_path, &no_key, &["-d", call, "--http1.1"])?;
     ensure!(status == "401 1.1", "status {status}: {body}");
 
-    let mut scrape = command_in_netns(&lab.lb().netns, "curl")?;
-    scrape.args(["-sS", "http://127.0.0.1:9900/metrics"]);
-    let metrics = String::from_utf8(run_checked(&mut scrape)?.stdout)?;
+    let metrics = metrics(&lab)?;
     ensure!(
         metrics.contains("lb_gateway_calls_total{class=\"read\",outcome=\"ok\"} 1"),
         "{metrics}"
@@ -175,6 +227,159 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     ensure!(
         log.contains("blocked after repeated gateway auth failures"),
         "lb-control did not log the block"
+    );
+    Ok(())
+}
+
+/// A wrk script that POSTs `body` and tells apart, per response, a JSON-RPC result from
+/// anything else (an HTTP error, a JSON-RPC error): wrk itself counts only HTTP statuses and
+/// socket errors, and the gateway answers a failed call with HTTP 200 and an error object.
+fn counting_script(body: &str) -> String {
+    format!(
+        r#"wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) answered = 0; failed = 0; first_failure = "" end
+function response(status, headers, body)
+  if status == 200 and string.find(body, '"result"', 1, true) then
+    answered = answered + 1
+  else
+    failed = failed + 1
+    if first_failure == "" then first_failure = status .. " " .. body end
+  end
+end
+function done(summary, latency, requests)
+  local answered, failed, first = 0, 0, ""
+  for _, thread in ipairs(threads) do
+    answered = answered + thread:get("answered")
+    failed = failed + thread:get("failed")
+    if first == "" then first = thread:get("first_failure") end
+  end
+  local e = summary.errors
+  io.write(string.format("rpc answered=%d failed=%d socket_errors=%d first_failure=%s\n",
+    answered, failed, e.connect + e.read + e.write + e.timeout, first))
+end
+"#
+    )
+}
+
+/// The lab node (index) whose sim-node has `peer_id`.
+fn node_with_peer_id(lab: &Lab, peer_id: &str) -> anyhow::Result<usize> {
+    (0..lab.nodes().len())
+        .find(|&index| {
+            common::node_status(lab, index).is_ok_and(|status| status.peer_id == peer_id)
+        })
+        .with_context(|| format!("no node has peer id {peer_id}"))
+}
+
+/// The read every request of these tests makes: answered by the node itself (not cached), and
+/// differently by each node, so an answer names the node that gave it.
+const NODE_READ: &str = r#"{"jsonrpc":"2.0","id":1,"method":"system_localPeerId"}"#;
+
+#[test]
+fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Result<()> {
+    let mut lab = common::start_lab(3, true, Duration::from_millis(500));
+    let gateway = GatewayLab::start(&mut lab, "substrate")?;
+    let peer_of = |lab: &Lab| -> anyhow::Result<String> {
+        let (body, status) = curl(lab, &gateway.ca_path, &gateway.url, &["-d", NODE_READ])?;
+        ensure!(status.starts_with("200"), "status {status}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body)?;
+        answer["result"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no result: {body}"))
+    };
+    wait_for("the gateway to answer", || Ok(peer_of(&lab).is_ok()))?;
+    let first = node_with_peer_id(&lab, &peer_of(&lab)?)?;
+
+    let script = lab.log_dir().join("reads.lua");
+    std::fs::write(&script, counting_script(NODE_READ))?;
+    let mut wrk = command_in_netns(&lab.client().netns, "wrk")?;
+    wrk.args(["-t2", "-c16", "-d8s", "--timeout", "5s", "-s"])
+        .arg(&script)
+        .arg(&gateway.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let wrk = wrk.spawn().context("starting wrk")?;
+    // Under way: the gateway has answered reads of this load.
+    wait_for("wrk's reads to reach the gateway", || {
+        Ok(metrics(&lab)?.lines().any(|line| {
+            line.starts_with("lb_gateway_calls_total{class=\"read\",outcome=\"ok\"}")
+                && line
+                    .rsplit(' ')
+                    .next()
+                    .and_then(|count| count.parse::<u64>().ok())
+                    .is_some_and(|count| count > 500)
+        }))
+    })?;
+    lab.kill_sim_node(first)?;
+    let output = wrk.wait_with_output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        output.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary = text
+        .lines()
+        .find(|line| line.starts_with("rpc "))
+        .with_context(|| format!("no summary from wrk: {text}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        summary
+            .split(' ')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("{name} missing: {summary}"))?
+            .parse()
+            .with_context(|| format!("{name}: {summary}"))
+    };
+    eprintln!("wrk through the gateway while node{first} died: {summary}");
+    ensure!(field("failed")? == 0, "reads failed: {summary}");
+    ensure!(field("socket_errors")? == 0, "socket errors: {summary}");
+    ensure!(field("answered")? > 1000, "too few reads: {summary}");
+    let retries = metrics(&lab)?;
+    ensure!(
+        retries.contains("lb_gateway_retries_total"),
+        "no read was retried, so the dead node was never tried: {retries}"
+    );
+
+    // The reads moved to another node; make it lag. Once the health checker drops it, it gets
+    // no more reads.
+    wait_for("the dead node to leave the rotation", || {
+        Ok(common::kernel_states(&lab)?
+            .values()
+            .filter(|state| **state == "up")
+            .count()
+            == 2)
+    })?;
+    let second = node_with_peer_id(&lab, &peer_of(&lab)?)?;
+    ensure!(second != first);
+    common::set_fault(&lab, second, Fault::Behind { blocks: 20 })?;
+    let lagging = lab.node(second).addr_v4;
+    wait_for("the lagging node to be down", || {
+        Ok(common::kernel_states(&lab)?
+            .iter()
+            .any(|(backend, state)| backend.ip() == lagging && *state == "down"))
+    })?;
+    let reads_before = common::node_status(&lab, second)?
+        .requests
+        .get("system_localPeerId")
+        .copied();
+    for _ in 0..20 {
+        let peer = peer_of(&lab)?;
+        ensure!(
+            node_with_peer_id(&lab, &peer)? != second,
+            "a read reached the lagging node"
+        );
+    }
+    let reads_after = common::node_status(&lab, second)?
+        .requests
+        .get("system_localPeerId")
+        .copied();
+    ensure!(
+        reads_before == reads_after,
+        "{reads_before:?} -> {reads_after:?}"
     );
     Ok(())
 }

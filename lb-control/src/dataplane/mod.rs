@@ -50,6 +50,9 @@ pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 /// A bare XDP_PASS program with no maps, embedded the same way.
 pub static XDP_PASS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+/// The XDP benchmark's reference: the load balancer's parser, then XDP_PASS.
+pub static XDP_PARSE_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-parse-pass"));
 
 /// Default mount point of the BPF filesystem.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";

@@ -45,7 +45,7 @@ pub use self::{
     metrics::GatewayMetrics,
     policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
-    upstream::Upstream,
+    upstream::{Upstream, ViewNodes},
 };
 use crate::{
     backends::{ClusterView, ServiceKey},
@@ -159,10 +159,10 @@ impl Gateway {
             context.metrics.clone(),
         ));
         // The first rotation is in place before the first request.
-        upstream.set_nodes(&upstream::live_nodes(&context.view.borrow(), service))?;
+        upstream.apply(&ViewNodes::of(&context.view.borrow(), service))?;
         let auth = Arc::new(Authenticator::new(context.keys, context.store));
         let cache = ResponseCache::new(section.cache_bytes);
-        let follower = cache::follow(upstream.watch_live(), cache.clone());
+        let follower = cache::follow(upstream.watch_serving(), cache.clone());
         let failures = section
             .auth_failures_block
             .map(|policy| block::FailureTracker::new(policy, context.blocks));

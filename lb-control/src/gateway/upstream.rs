@@ -34,7 +34,7 @@ use super::{
     metrics::{GatewayMetrics, UpstreamLabels},
     policy::MethodClass,
 };
-use crate::backends::{ClusterView, ServiceKey, State};
+use crate::backends::{BackendView, ClusterView, ServiceKey, State};
 
 /// Idle pooled connections per node kept open.
 const MAX_IDLE_PER_NODE: usize = 64;
@@ -56,14 +56,10 @@ pub struct NodeSpec {
 }
 
 /// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
-/// per RPC endpoint (the highest weight wins), ordered by endpoint.
-pub fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
+/// per RPC endpoint (the highest weight wins), ordered by endpoint. New clients go to these.
+fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
     let mut nodes: Vec<NodeSpec> = Vec::new();
-    let services = view
-        .services
-        .iter()
-        .filter(|entry| service.is_none_or(|key| entry.service.def.key() == key));
-    for backend in services.flat_map(|service| &service.backends) {
+    for backend in backends_of(view, service) {
         if backend.state != State::Up || backend.backend.def.weight == 0 {
             continue;
         }
@@ -76,6 +72,46 @@ pub fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSp
     }
     nodes.sort_by_key(|node| node.endpoint);
     nodes
+}
+
+/// The RPC endpoints that may keep the clients they have: `Up` and `Draining` backends (a
+/// draining node takes no new client, and its WebSocket clients stay until it goes down or is
+/// disabled). Ordered, once each.
+fn serving_endpoints(view: &ClusterView, service: Option<ServiceKey>) -> Vec<SocketAddr> {
+    let mut endpoints: Vec<SocketAddr> = backends_of(view, service)
+        .filter(|backend| matches!(backend.state, State::Up | State::Draining))
+        .map(|backend| backend.backend.def.rpc_endpoint())
+        .collect();
+    endpoints.sort();
+    endpoints.dedup();
+    endpoints
+}
+
+fn backends_of(
+    view: &ClusterView,
+    service: Option<ServiceKey>,
+) -> impl Iterator<Item = &BackendView> {
+    view.services
+        .iter()
+        .filter(move |entry| service.is_none_or(|key| entry.service.def.key() == key))
+        .flat_map(|service| &service.backends)
+}
+
+/// What a view gives the gateway: the rotation new clients are spread over, and the nodes
+/// that may keep the clients they have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewNodes {
+    pub rotation: Vec<NodeSpec>,
+    pub serving: Vec<SocketAddr>,
+}
+
+impl ViewNodes {
+    pub fn of(view: &ClusterView, service: Option<ServiceKey>) -> ViewNodes {
+        ViewNodes {
+            rotation: live_nodes(view, service),
+            serving: serving_endpoints(view, service),
+        }
+    }
 }
 
 /// The flow-hash key of a client: its address only, IPv4-mapped IPv6 as IPv4.
@@ -140,9 +176,9 @@ impl Rotation {
 /// The upstream side: the rotation and the connection pool.
 pub struct Upstream {
     rotation: ArcSwap<Rotation>,
-    /// The endpoints of the rotation, for whoever follows it (chain follower, WebSocket
-    /// sessions bound to a node).
-    live: watch::Sender<Vec<SocketAddr>>,
+    /// The nodes that may keep clients ([`serving_endpoints`]), for whoever follows them: the
+    /// chain follower, and WebSocket sessions bound to a node.
+    serving: watch::Sender<Vec<SocketAddr>>,
     table_size: u32,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
@@ -159,7 +195,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
-            live: watch::Sender::new(Vec::new()),
+            serving: watch::Sender::new(Vec::new()),
             table_size,
             client,
             timeout,
@@ -167,41 +203,42 @@ impl Upstream {
         }
     }
 
-    /// Puts `nodes` in rotation. On error (a table too small for them) the rotation stays.
-    pub fn set_nodes(&self, nodes: &[NodeSpec]) -> Result<(), MaglevError> {
-        let rotation = Rotation::build(nodes, self.table_size)?;
-        let endpoints = rotation.nodes.clone();
-        self.rotation.store(Arc::new(rotation));
-        self.live.send_if_modified(|live| {
-            let changed = *live != endpoints;
-            *live = endpoints;
+    /// Takes a view's nodes. On error (a table too small for them) nothing changes.
+    pub fn apply(&self, nodes: &ViewNodes) -> Result<(), MaglevError> {
+        self.rotation
+            .store(Arc::new(Rotation::build(&nodes.rotation, self.table_size)?));
+        self.serving.send_if_modified(|current| {
+            let changed = *current != nodes.serving;
+            current.clone_from(&nodes.serving);
             changed
         });
         Ok(())
     }
 
-    /// The endpoints in rotation, now and as they change.
-    pub fn watch_live(&self) -> watch::Receiver<Vec<SocketAddr>> {
-        self.live.subscribe()
+    /// The nodes that may keep their clients, now and as they change.
+    pub fn watch_serving(&self) -> watch::Receiver<Vec<SocketAddr>> {
+        self.serving.subscribe()
     }
 
-    /// Keeps the rotation equal to the view's live nodes until the view's sender goes.
+    /// Keeps the rotation and the serving nodes equal to the view's until the view's sender
+    /// goes.
     pub async fn follow(
         self: Arc<Self>,
         mut view: watch::Receiver<Arc<ClusterView>>,
         service: Option<ServiceKey>,
     ) {
-        let mut current = Vec::new();
+        let mut current = ViewNodes::default();
         loop {
-            let nodes = live_nodes(&view.borrow_and_update(), service);
-            if nodes != current {
-                match self.set_nodes(&nodes) {
+            let wanted = ViewNodes::of(&view.borrow_and_update(), service);
+            if wanted != current {
+                match self.apply(&wanted) {
                     Ok(()) => {
                         info!(
-                            nodes = ?nodes.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
-                            "gateway rotation updated"
+                            rotation = ?wanted.rotation.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
+                            serving = ?wanted.serving,
+                            "gateway nodes updated"
                         );
-                        current = nodes;
+                        current = wanted;
                     }
                     Err(error) => warn!("gateway rotation unchanged: {error}"),
                 }

@@ -17,7 +17,8 @@
 //!   back unchanged (the ids are the client's own: the upstream connection is the client's).
 //!
 //! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
-//! when its node leaves the rotation or its node connection fails, so the client comes back to
+//! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
+//! kernel keeps a draining backend's flows), or its node connection fails, so the client comes back to
 //! a live node; 1009 for a message over the size limit; 1008 when the key is revoked; 1001
 //! when the gateway stops; 1000 after `idle_timeout` without a frame (the gateway pings).
 
@@ -309,7 +310,7 @@ impl Session {
     async fn run(mut self, mut client: HyperWebsocketStream, mut node: NodeSocket) {
         let metrics = self.pipeline.metrics.clone();
         metrics.websocket_sessions.inc();
-        let mut live = self.pipeline.upstream.watch_live();
+        let mut serving = self.pipeline.upstream.watch_serving();
         let mut stop = self.hold.stop.clone();
         let idle_timeout = self.pipeline.websocket.idle_timeout;
         let mut ping = tokio::time::interval(idle_timeout / 2);
@@ -385,8 +386,8 @@ impl Session {
                         break Ending::by_client();
                     }
                 }
-                changed = live.changed() => {
-                    if changed.is_err() || !live.borrow_and_update().contains(&self.node) {
+                changed = serving.changed() => {
+                    if changed.is_err() || !serving.borrow_and_update().contains(&self.node) {
                         break Ending::with(
                             "node_left",
                             CloseCode::Restart,

@@ -284,6 +284,12 @@ fn print_usage(lab: &Lab, with_lb_control: bool, lb_config: Option<&Path>) {
             ca.display(),
             lb.addr_v4
         );
+        println!(
+            "  WebSocket clients (polkadot.js, subxt): wss://{}:{GATEWAY_PORT}/<key> \
+             (Node.js trusts the CA with NODE_EXTRA_CA_CERTS={})",
+            lb.addr_v4,
+            ca.display()
+        );
         println!("  {}", trust_hint(&ca).replace('\n', "\n  "));
     }
     println!("\nTry (from the client namespace, routed through the LB):");

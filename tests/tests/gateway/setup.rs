@@ -220,15 +220,14 @@ impl Setup {
             .sum()
     }
 
-    /// Publishes a view with only `nodes` as backends, as the control plane does when the
-    /// others leave the rotation.
-    pub fn set_backends(&self, nodes: &[&SimNodeHandle]) {
+    /// Publishes a view with `node` in `state` and the others up, as the control plane does.
+    pub fn set_state(&self, node: SocketAddr, state: State) {
         let mut view = cluster_view(&self.nodes);
-        view.services[0].backends.retain(|backend| {
-            nodes
-                .iter()
-                .any(|node| node.rpc_addr() == backend.backend.def.address)
-        });
+        for backend in &mut view.services[0].backends {
+            if backend.backend.def.address == node {
+                backend.state = state;
+            }
+        }
         self._view.send_replace(Arc::new(view));
     }
 

@@ -5,7 +5,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_control::backends::RateLimit;
+use lb_control::backends::{RateLimit, State};
 use lb_tests::{sim_node::SimNodeHandle, ws_client::WsClient};
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, time::Instant};
@@ -256,17 +256,33 @@ async fn over_rate_websocket_calls_get_a_json_rpc_error_and_the_connection_stays
 }
 
 #[tokio::test]
-async fn node_leaving_the_rotation_sends_its_clients_to_a_live_node() {
+async fn draining_node_keeps_its_clients_and_a_down_node_sends_them_to_a_live_node() {
     let setup = Setup::start(3).await;
     let mut ws = setup.connect().await;
     let first = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
     let node = setup.node_with_peer_id(&first).rpc_addr();
-    let others: Vec<&SimNodeHandle> = setup
-        .nodes
-        .iter()
-        .filter(|other| other.rpc_addr() != node)
-        .collect();
-    setup.set_backends(&others);
+
+    // Draining: no new client goes there, the open one stays.
+    setup.set_state(node, State::Draining);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while setup.gateway.node_for(Ipv4Addr::LOCALHOST.into()) == Some(node) {
+        assert!(
+            Instant::now() < deadline,
+            "the draining node is still in rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answer = ws.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(
+        answer["result"], first,
+        "the open connection moved: {answer}"
+    );
+    let mut newcomer = setup.connect().await;
+    let elsewhere = newcomer.call(UNCACHED_READ, json!([])).await["result"].clone();
+    assert_ne!(setup.node_with_peer_id(&elsewhere).rpc_addr(), node);
+
+    // Down: its clients are told to reconnect, and land on a live node.
+    setup.set_state(node, State::Down);
     let frame = ws.closed().await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
     let mut again = setup.connect().await;
