@@ -9,56 +9,18 @@
 
 mod common;
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, ensure};
-use common::wait_for;
+use common::{GATEWAY_PORT, GatewayLab, ServiceConf, VIP_V4, up, wait_for};
 use lb_tests::{
     lab::{
-        Lab, SIM_NODE_RPC_PORT, binary_path,
+        Lab,
         certs::{LabCa, write_pem},
         command_in_netns, run_checked,
     },
     sim_node::faults::Fault,
 };
-
-const GATEWAY_PORT: u16 = 8443;
-
-/// lb-control's config: one VIP over every node (`check`: `none` makes them `up` at once,
-/// `substrate` has the health checker judge them) and the gateway on the LB's client-side
-/// address.
-fn write_config(
-    lab: &Lab,
-    check: &str,
-    cert: &Path,
-    key: &Path,
-) -> anyhow::Result<std::path::PathBuf> {
-    let lb = lab.lb();
-    let backends: Vec<String> = lab
-        .nodes()
-        .iter()
-        .map(|node| format!("{{ address = \"{}:{SIM_NODE_RPC_PORT}\" }}", node.addr_v4))
-        .collect();
-    let text = format!(
-        "[dataplane]\nnat_source_v4 = \"{}\"\n\n\
-         [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"{check}\"\n\
-         backends = [{}]\n\n\
-         [gateway]\nlisten = \"{}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n\
-         auth_failures_block = {{ after = 3 }}\n",
-        lb.addr_v4,
-        backends.join(", "),
-        lb.addr_v4,
-        cert.display(),
-        key.display(),
-    );
-    let path = lab.log_dir().join("gateway.toml");
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
 
 /// `curl` from the client namespace: the body and the last line (`-w`) apart.
 fn curl(lab: &Lab, ca: &Path, url: &str, extra: &[&str]) -> anyhow::Result<(String, String)> {
@@ -81,80 +43,17 @@ fn curl(lab: &Lab, ca: &Path, url: &str, extra: &[&str]) -> anyhow::Result<(Stri
     Ok((body.to_owned(), status.to_owned()))
 }
 
-fn lb_control(lab: &Lab, token: &str, args: &[&str]) -> anyhow::Result<Output> {
-    let mut command = command_in_netns(&lab.lb().netns, binary_path("lb-control")?)?;
-    command.env("LB_ADMIN_TOKEN", token).args(args);
-    Ok(run_checked(&mut command)?)
-}
-
-/// lb-control with its gateway running in a lab, and a key made with the CLI.
-struct GatewayLab {
-    ca_path: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    pid: u32,
-    token: String,
-    /// `https://LB:8443/<key>`.
-    url: String,
-}
-
-impl GatewayLab {
-    fn start(lab: &mut Lab, check: &str) -> anyhow::Result<GatewayLab> {
-        let ca = LabCa::new()?;
-        let (ca_path, cert, key) = (
-            lab.log_dir().join("ca.crt"),
-            lab.log_dir().join("gateway.crt"),
-            lab.log_dir().join("gateway.key"),
-        );
-        let leaf = ca.issue(&[lab.lb().addr_v4.into()])?;
-        write_pem(&ca_path, &ca.cert_pem())?;
-        write_pem(&cert, &leaf.cert_pem)?;
-        write_pem(&key, &leaf.key_pem)?;
-        let config = write_config(lab, check, &cert, &key)?;
-        let config = config.to_str().context("utf-8 path")?.to_owned();
-        let pid = lab.spawn_lb_control(&["--config", &config])?.pid();
-        let token = std::fs::read_to_string(lab.state_dir().join("admin.token"))?
-            .trim()
-            .to_owned();
-        let created = lb_control(lab, &token, &["key", "create", "--name", "lab"])?;
-        let created = String::from_utf8(created.stdout)?;
-        let secret = created
-            .lines()
-            .find_map(|line| line.strip_prefix("secret: "))
-            .context("no secret printed")?;
-        let url = format!("https://{}:{GATEWAY_PORT}/{secret}", lab.lb().addr_v4);
-        Ok(GatewayLab {
-            ca_path,
-            cert,
-            key,
-            pid,
-            token,
-            url,
-        })
-    }
-}
-
-/// lb-control's Prometheus metrics, from inside the LB namespace.
-fn metrics(lab: &Lab) -> anyhow::Result<String> {
-    let mut scrape = command_in_netns(&lab.lb().netns, "curl")?;
-    scrape.args(["-sS", "http://127.0.0.1:9900/metrics"]);
-    Ok(String::from_utf8(run_checked(&mut scrape)?.stdout)?)
-}
-
 #[test]
 fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     let mut lab = common::start_lab(2, true, Duration::from_secs(2));
-    let GatewayLab {
-        ca_path,
-        cert,
-        key,
-        pid,
-        token,
-        url,
-    } = GatewayLab::start(&mut lab, "none")?;
-    let token = token.as_str();
+    let gateway = GatewayLab::start(
+        &mut lab,
+        &[ServiceConf::tcp(VIP_V4, vec![up(0), up(1)])],
+        "auth_failures_block = { after = 3 }",
+    )?;
+    let (ca_path, url) = (&gateway.ca, gateway.url("https"));
     let call = r#"{"jsonrpc":"2.0","id":"lab","method":"system_chain"}"#;
-    let (body, status) = curl(&lab, &ca_path, &url, &["-d", call])?;
+    let (body, status) = curl(&lab, ca_path, &url, &["-d", call])?;
     ensure!(status == "200 2", "status {status}: {body}");
     ensure!(
         body == r#"{"jsonrpc":"2.0","result":"Development","id":"lab"}"#,
@@ -162,10 +61,10 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     );
 
     let no_key = format!("https://{}:{GATEWAY_PORT}/", lab.lb().addr_v4);
-    let (body, status) = curl(&lab, &ca_path, &no_key, &["-d", call, "--http1.1"])?;
+    let (body, status) = curl(&lab, ca_path, &no_key, &["-d", call, "--http1.1"])?;
     ensure!(status == "401 1.1", "status {status}: {body}");
 
-    let metrics = metrics(&lab)?;
+    let metrics = gateway.metrics(&lab)?;
     ensure!(
         metrics.contains("lb_gateway_calls_total{class=\"read\",outcome=\"ok\"} 1"),
         "{metrics}"
@@ -176,7 +75,7 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     stats.args([
         "-sS",
         "-H",
-        &format!("Authorization: Bearer {token}"),
+        &format!("Authorization: Bearer {}", common::ADMIN_TOKEN),
         "http://127.0.0.1:9900/v1/stats",
     ]);
     let stats: serde_json::Value = serde_json::from_slice(&run_checked(&mut stats)?.stdout)?;
@@ -190,21 +89,14 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     let renewed = renewed_ca.issue(&[lab.lb().addr_v4.into()])?;
     let renewed_ca_path = lab.log_dir().join("renewed-ca.crt");
     write_pem(&renewed_ca_path, &renewed_ca.cert_pem())?;
-    write_pem(&cert, &renewed.cert_pem)?;
-    write_pem(&key, &renewed.key_pem)?;
-    // SAFETY: plain kill(2) of lb-control, a child of this process that is not reaped before
-    // the lab is dropped, so its pid cannot have been reused.
-    let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
-    ensure!(
-        sent == 0,
-        "SIGHUP to lb-control: {}",
-        std::io::Error::last_os_error()
-    );
+    write_pem(&gateway.cert, &renewed.cert_pem)?;
+    write_pem(&gateway.key, &renewed.key_pem)?;
+    gateway.lb_control.signal(libc::SIGHUP);
     wait_for("the renewed certificate", || {
         Ok(curl(&lab, &renewed_ca_path, &url, &["-d", call]).is_ok())
     })?;
     ensure!(
-        curl(&lab, &ca_path, &url, &["-d", call]).is_err(),
+        curl(&lab, ca_path, &url, &["-d", call]).is_err(),
         "the old certificate is still served"
     );
 
@@ -223,9 +115,11 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
         )
         .is_err())
     })?;
-    let log = std::fs::read_to_string(lab.log_dir().join("lb-control.log"))?;
     ensure!(
-        log.contains("blocked after repeated gateway auth failures"),
+        gateway
+            .lb_control
+            .log()
+            .contains("blocked after repeated gateway auth failures"),
         "lb-control did not log the block"
     );
     Ok(())
@@ -281,9 +175,14 @@ const NODE_READ: &str = r#"{"jsonrpc":"2.0","id":1,"method":"system_localPeerId"
 #[test]
 fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Result<()> {
     let mut lab = common::start_lab(3, true, Duration::from_millis(500));
-    let gateway = GatewayLab::start(&mut lab, "substrate")?;
+    let gateway = GatewayLab::start(
+        &mut lab,
+        &[ServiceConf::checked(VIP_V4, vec![up(0), up(1), up(2)])],
+        "",
+    )?;
+    let url = gateway.url("https");
     let peer_of = |lab: &Lab| -> anyhow::Result<String> {
-        let (body, status) = curl(lab, &gateway.ca_path, &gateway.url, &["-d", NODE_READ])?;
+        let (body, status) = curl(lab, &gateway.ca, &url, &["-d", NODE_READ])?;
         ensure!(status.starts_with("200"), "status {status}: {body}");
         let answer: serde_json::Value = serde_json::from_str(&body)?;
         answer["result"]
@@ -299,13 +198,13 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     let mut wrk = command_in_netns(&lab.client().netns, "wrk")?;
     wrk.args(["-t2", "-c16", "-d8s", "--timeout", "5s", "-s"])
         .arg(&script)
-        .arg(&gateway.url)
+        .arg(&url)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let wrk = wrk.spawn().context("starting wrk")?;
     // Under way: the gateway has answered reads of this load.
     wait_for("wrk's reads to reach the gateway", || {
-        Ok(metrics(&lab)?.lines().any(|line| {
+        Ok(gateway.metrics(&lab)?.lines().any(|line| {
             line.starts_with("lb_gateway_calls_total{class=\"read\",outcome=\"ok\"}")
                 && line
                     .rsplit(' ')
@@ -338,7 +237,7 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     ensure!(field("failed")? == 0, "reads failed: {summary}");
     ensure!(field("socket_errors")? == 0, "socket errors: {summary}");
     ensure!(field("answered")? > 1000, "too few reads: {summary}");
-    let retries = metrics(&lab)?;
+    let retries = gateway.metrics(&lab)?;
     ensure!(
         retries.contains("lb_gateway_retries_total"),
         "no read was retried, so the dead node was never tried: {retries}"

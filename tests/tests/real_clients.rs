@@ -9,22 +9,13 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
-use common::{LbControl, ServiceConf, VIP_V4, node_status, start_lab, up};
-use lb_tests::lab::{
-    Lab, SIM_NODE_RPC_PORT,
-    certs::{LabCa, write_pem},
-    command_in_netns, js_dir, run_checked,
-};
+use common::{GatewayLab, ServiceConf, VIP_V4, node_status, start_lab, up};
+use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, command_in_netns, js_dir, run_checked};
 use serde_json::{Value, json};
 
-const GATEWAY_PORT: u16 = 8443;
 /// The one warning polkadot.js prints for sim-node's runtime on a real node too: the `node`
 /// runtime of its metadata uses a transaction extension polkadot.js 16.5.6 does not know.
 const SIM_NODE_RUNTIME_WARNING: &str =
@@ -36,52 +27,13 @@ const ALICE: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
 const ALICE_FUNDS: u128 = 1_000_000_000_000_000;
 const TRANSFER_AMOUNT: u128 = 1_000_000_000_000;
 
-/// lb-control with its gateway on the LB's client-side address, in front of `nodes`, and a key
-/// made with the CLI.
-struct Gateway {
-    _lb_control: LbControl,
-    /// The lab CA's certificate, which the clients trust.
-    ca: PathBuf,
-    /// `wss://<LB address>:8443/<key>`.
-    url: String,
-}
-
-impl Gateway {
-    fn start(lab: &mut Lab, nodes: &[usize]) -> anyhow::Result<Gateway> {
-        let ca = LabCa::new()?;
-        let (ca_path, cert, key) = (
-            lab.log_dir().join("ca.crt"),
-            lab.log_dir().join("gateway.crt"),
-            lab.log_dir().join("gateway.key"),
-        );
-        let lb_addr = lab.lb().addr_v4;
-        let leaf = ca.issue(&[lb_addr.into()])?;
-        write_pem(&ca_path, &ca.cert_pem())?;
-        write_pem(&cert, &leaf.cert_pem)?;
-        write_pem(&key, &leaf.key_pem)?;
-        // Not health-checked, so up at once. The chain-aware check does take chopsticks (it
-        // answers the probe's batch, with 0 peers but `shouldHavePeers` false), but its best
-        // block stands still between transactions, which that check calls a stall after
-        // `stall_after`.
-        let service = ServiceConf::tcp(VIP_V4, nodes.iter().copied().map(up).collect());
-        let gateway = format!(
-            "[gateway]\nlisten = \"{lb_addr}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
-             tls_key = \"{}\"\n",
-            cert.display(),
-            key.display()
-        );
-        let lb_control = LbControl::start_with(lab, &[service], &gateway)?;
-        let created = lb_control.cli(lab, &["key", "create", "--name", "real-clients"])?;
-        let secret = created
-            .lines()
-            .find_map(|line| line.strip_prefix("secret: "))
-            .context("`key create` printed no secret")?;
-        Ok(Gateway {
-            url: format!("wss://{lb_addr}:{GATEWAY_PORT}/{secret}"),
-            _lb_control: lb_control,
-            ca: ca_path,
-        })
-    }
+/// lb-control with its gateway in front of `nodes`. Not health-checked, so up at once: the
+/// chain-aware check does take chopsticks (it answers the probe's batch, with 0 peers but
+/// `shouldHavePeers` false), but its best block stands still between transactions, which that
+/// check calls a stall after `stall_after`.
+fn start_gateway(lab: &mut Lab, nodes: &[usize]) -> anyhow::Result<GatewayLab> {
+    let service = ServiceConf::tcp(VIP_V4, nodes.iter().copied().map(up).collect());
+    GatewayLab::start(lab, &[service], "")
 }
 
 /// Runs `node SCRIPT ARGS…` (a script in tests/js) in the client namespace, trusting the lab CA
@@ -155,9 +107,14 @@ fn number(value: &Value) -> anyhow::Result<u64> {
 #[test]
 fn polkadot_js_starts_reads_and_follows_heads_through_wss() -> anyhow::Result<()> {
     let mut lab = start_lab(3, true, Duration::from_millis(500));
-    let gateway = Gateway::start(&mut lab, &[0, 1, 2])?;
+    let gateway = start_gateway(&mut lab, &[0, 1, 2])?;
 
-    let summary = run_js(&lab, &gateway.ca, "check-sim-node.mjs", &[&gateway.url])?;
+    let summary = run_js(
+        &lab,
+        &gateway.ca,
+        "check-sim-node.mjs",
+        &[&gateway.url("wss")],
+    )?;
 
     ensure!(summary["specName"] == "node", "{summary}");
     ensure!(summary["specVersion"] == 268, "{summary}");
@@ -273,12 +230,12 @@ fn signed_transfer_straight_to_chopsticks_reaches_in_block() -> anyhow::Result<(
 #[test]
 fn signed_transfer_through_wss_to_chopsticks_reaches_in_block() -> anyhow::Result<()> {
     let mut lab = start_chopsticks_lab()?;
-    let gateway = Gateway::start(&mut lab, &[0])?;
+    let gateway = start_gateway(&mut lab, &[0])?;
     let summary = run_js(
         &lab,
         &gateway.ca,
         "transfer.mjs",
-        &[&gateway.url, &TRANSFER_AMOUNT.to_string()],
+        &[&gateway.url("wss"), &TRANSFER_AMOUNT.to_string()],
     )?;
     check_transfer(&summary)
 }
@@ -301,7 +258,7 @@ fn thousand_polkadot_js_start_ups_fetch_metadata_at_most_five_times() -> anyhow:
     const SPREAD: Duration = Duration::from_secs(60);
     const MAX_METADATA_FETCHES: u64 = 5;
     let mut lab = start_lab(3, true, Duration::from_secs(6));
-    let gateway = Gateway::start(&mut lab, &[0, 1, 2])?;
+    let gateway = start_gateway(&mut lab, &[0, 1, 2])?;
     let before = node_requests(&lab)?;
 
     let summary = run_js(
@@ -309,7 +266,7 @@ fn thousand_polkadot_js_start_ups_fetch_metadata_at_most_five_times() -> anyhow:
         &gateway.ca,
         "start-ups.mjs",
         &[
-            &gateway.url,
+            &gateway.url("wss"),
             &CONNECTIONS.to_string(),
             &PER_CONNECTION.to_string(),
             &SPREAD.as_millis().to_string(),

@@ -16,7 +16,11 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
-    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, in_netns, run_checked},
+    lab::{
+        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path,
+        certs::{LabCa, write_pem},
+        in_netns, run_checked,
+    },
     rpc_client::RpcConnection,
     sim_node::{ControlClient, Fault, NodeStatus},
 };
@@ -481,4 +485,81 @@ pub fn node_index(node: &str) -> anyhow::Result<usize> {
     node.strip_prefix("node")
         .and_then(|index| index.parse().ok())
         .with_context(|| format!("node id {node:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway's port on the LB's client-side address.
+pub const GATEWAY_PORT: u16 = 8443;
+
+/// lb-control with its gateway serving TLS on the LB's client-side address (a certificate of
+/// a throwaway lab CA), and an API key made with the CLI, as an operator would.
+pub struct GatewayLab {
+    pub lb_control: LbControl,
+    /// The lab CA's certificate, which clients trust.
+    pub ca: PathBuf,
+    /// The gateway's certificate and key files (a test may renew them).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub secret: String,
+    address: Ipv4Addr,
+}
+
+impl GatewayLab {
+    /// Starts lb-control with `services` and a `[gateway]` section with `gateway_options`
+    /// (more `key = value` lines) besides listen and TLS.
+    pub fn start(
+        lab: &mut Lab,
+        services: &[ServiceConf],
+        gateway_options: &str,
+    ) -> anyhow::Result<GatewayLab> {
+        let ca = LabCa::new()?;
+        let (ca_path, cert, key) = (
+            lab.log_dir().join("gateway-ca.crt"),
+            lab.log_dir().join("gateway.crt"),
+            lab.log_dir().join("gateway.key"),
+        );
+        let address = lab.lb().addr_v4;
+        let leaf = ca.issue(&[address.into()])?;
+        write_pem(&ca_path, &ca.cert_pem())?;
+        write_pem(&cert, &leaf.cert_pem)?;
+        write_pem(&key, &leaf.key_pem)?;
+        let section = format!(
+            "[gateway]\nlisten = \"{address}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
+             tls_key = \"{}\"\n{gateway_options}\n",
+            cert.display(),
+            key.display()
+        );
+        let lb_control = LbControl::start_with(lab, services, &section)?;
+        let created = lb_control.cli(lab, &["key", "create", "--name", "lab"])?;
+        let secret = created
+            .lines()
+            .find_map(|line| line.strip_prefix("secret: "))
+            .context("`key create` printed no secret")?
+            .to_owned();
+        Ok(GatewayLab {
+            lb_control,
+            ca: ca_path,
+            cert,
+            key,
+            secret,
+            address,
+        })
+    }
+
+    /// `SCHEME://LB:8443/<key>` (`https` or `wss`).
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}:{GATEWAY_PORT}/{}", self.address, self.secret)
+    }
+
+    /// lb-control's Prometheus metrics, scraped from inside the LB namespace.
+    pub fn metrics(&self, lab: &Lab) -> anyhow::Result<String> {
+        let output = run_checked(
+            lab.exec(&lab.lb().netns, "curl")?
+                .args(["-sS", "http://127.0.0.1:9900/metrics"]),
+        )?;
+        Ok(String::from_utf8(output.stdout)?)
+    }
 }
