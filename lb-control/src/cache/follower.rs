@@ -5,7 +5,7 @@
 //! epochs when any node dies; the cluster's view is the highest head, finality and runtime
 //! any node reports (a lagging node's older heads must not age fresh answers).
 //!
-//! The same subscriptions feed [`HeadFeeds`]: each node's latest new head and finalized head
+//! The same subscriptions feed [`NodeFeeds`]: each node's latest new head and finalized head
 //! as raw JSON, which the gateway's WebSocket clients share instead of each holding their own
 //! subscription at the node.
 
@@ -35,13 +35,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Follows the chain until dropped.
 pub struct ChainFollower {
-    feeds: HeadFeeds,
+    feeds: NodeFeeds,
     _task: AbortOnDrop,
 }
 
 impl ChainFollower {
     /// Every followed node's latest heads.
-    pub fn feeds(&self) -> HeadFeeds {
+    pub fn feeds(&self) -> NodeFeeds {
         self.feeds.clone()
     }
 }
@@ -49,7 +49,7 @@ impl ChainFollower {
 /// Starts following the nodes whose RPC endpoints `nodes` lists (and will list): the cache
 /// learns new heads, finality and runtime upgrades from them. Dropping the result stops it.
 pub fn follow(nodes: watch::Receiver<Vec<SocketAddr>>, cache: ResponseCache) -> ChainFollower {
-    let feeds = HeadFeeds::default();
+    let feeds = NodeFeeds::default();
     let cluster = Arc::new(Cluster {
         cache,
         feeds: feeds.clone(),
@@ -62,43 +62,47 @@ pub fn follow(nodes: watch::Receiver<Vec<SocketAddr>>, cache: ResponseCache) -> 
     }
 }
 
-/// Which head a feed carries.
+/// What a feed carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HeadKind {
-    /// `chain_subscribeNewHeads`: each new best block.
-    Best,
-    /// `chain_subscribeFinalizedHeads`: each newly finalized block.
-    Finalized,
+pub enum FeedKind {
+    /// `chain_subscribeNewHeads`: each new best block's header.
+    BestHead,
+    /// `chain_subscribeFinalizedHeads`: each newly finalized block's header.
+    FinalizedHead,
+    /// `state_subscribeRuntimeVersion`: the runtime version, at start and on each upgrade.
+    RuntimeVersion,
 }
 
-/// A node's latest header of one kind, as the node sent it (raw JSON); None until one came.
-pub type HeadFeed = watch::Receiver<Option<Arc<RawValue>>>;
+/// A node's latest notification of one kind, as the node sent it (raw JSON); None until one
+/// came.
+pub type Feed = watch::Receiver<Option<Arc<RawValue>>>;
 
-type HeadSender = watch::Sender<Option<Arc<RawValue>>>;
+type FeedSender = watch::Sender<Option<Arc<RawValue>>>;
 
-/// Each followed node's latest best and finalized headers. A watch per node and kind: a
-/// subscriber that falls behind skips to the latest header instead of queueing old ones.
+/// Each followed node's latest best and finalized headers and runtime version. A watch per node
+/// and kind: a subscriber that falls behind skips to the latest one instead of queueing old
+/// ones.
 #[derive(Clone, Default)]
-pub struct HeadFeeds {
-    nodes: Arc<Mutex<HashMap<(SocketAddr, HeadKind), HeadSender>>>,
+pub struct NodeFeeds {
+    nodes: Arc<Mutex<HashMap<(SocketAddr, FeedKind), FeedSender>>>,
 }
 
-impl HeadFeeds {
-    /// `node`'s headers of `kind`, from the latest one on. The feed ends when the node stops
-    /// being followed.
-    pub fn watch(&self, node: SocketAddr, kind: HeadKind) -> HeadFeed {
+impl NodeFeeds {
+    /// `node`'s notifications of `kind`, from the latest one on. The feed ends when the node
+    /// stops being followed.
+    pub fn watch(&self, node: SocketAddr, kind: FeedKind) -> Feed {
         lock(&self.nodes)
             .entry((node, kind))
             .or_insert_with(|| watch::channel(None).0)
             .subscribe()
     }
 
-    fn publish(&self, node: SocketAddr, kind: HeadKind, header: &RawValue) {
-        let header = Arc::from(header.to_owned());
+    fn publish(&self, node: SocketAddr, kind: FeedKind, value: &RawValue) {
+        let value = Arc::from(value.to_owned());
         lock(&self.nodes)
             .entry((node, kind))
             .or_insert_with(|| watch::channel(None).0)
-            .send_replace(Some(header));
+            .send_replace(Some(value));
     }
 
     /// Ends the feeds of nodes no longer followed.
@@ -178,6 +182,9 @@ enum FollowError {
     },
 }
 
+/// A subscription's notifications as the node sent them.
+type Notifications = Subscription<Box<RawValue>>;
+
 const NEW_HEADS: &str = "chain_subscribeNewHeads";
 const FINALIZED_HEADS: &str = "chain_subscribeFinalizedHeads";
 const RUNTIME_VERSION: &str = "state_subscribeRuntimeVersion";
@@ -206,14 +213,11 @@ async fn follow_connection(node: SocketAddr, cluster: &Cluster, heard: &mut bool
             subscribe(&client, RUNTIME_VERSION, "state_unsubscribeRuntimeVersion").await?,
         ))
     };
-    let (mut heads, mut finalized, mut runtime): (
-        Subscription<Box<RawValue>>,
-        Subscription<Box<RawValue>>,
-        Subscription<RuntimeVersionJson>,
-    ) = match subscriptions.await {
-        Ok(subscriptions) => subscriptions,
-        Err(error) => return error,
-    };
+    let (mut heads, mut finalized, mut runtime): (Notifications, Notifications, Notifications) =
+        match subscriptions.await {
+            Ok(subscriptions) => subscriptions,
+            Err(error) => return error,
+        };
     loop {
         let fed = tokio::select! {
             header = heads.next() => notification(NEW_HEADS, header)
@@ -221,7 +225,7 @@ async fn follow_connection(node: SocketAddr, cluster: &Cluster, heard: &mut bool
             header = finalized.next() => notification(FINALIZED_HEADS, header)
                 .and_then(|header| cluster.on_finalized(node, &header)),
             version = runtime.next() => notification(RUNTIME_VERSION, version)
-                .map(|version| cluster.on_runtime(version.into())),
+                .and_then(|version| cluster.on_runtime(node, &version)),
         };
         if let Err(error) = fed {
             return error;
@@ -272,7 +276,7 @@ impl From<RuntimeVersionJson> for RuntimeVersion {
 /// The cluster's view, merged from every node's notifications.
 struct Cluster {
     cache: ResponseCache,
-    feeds: HeadFeeds,
+    feeds: NodeFeeds,
     /// The highest head seen and the node that sent it.
     best: Mutex<Option<(u64, SocketAddr)>>,
     /// The highest runtime version seen.
@@ -289,7 +293,7 @@ impl Cluster {
             source,
         };
         let number = header.number().map_err(bad)?;
-        self.feeds.publish(node, HeadKind::Best, raw);
+        self.feeds.publish(node, FeedKind::BestHead, raw);
         let mut best = lock(&self.best);
         let counts = match *best {
             None => true,
@@ -306,7 +310,7 @@ impl Cluster {
 
     fn on_finalized(&self, node: SocketAddr, raw: &RawValue) -> Result<(), FollowError> {
         let header = parse_header(FINALIZED_HEADS, raw)?;
-        self.feeds.publish(node, HeadKind::Finalized, raw);
+        self.feeds.publish(node, FeedKind::FinalizedHead, raw);
         let number = header.number().map_err(|source| FollowError::BadHeader {
             method: FINALIZED_HEADS,
             source,
@@ -316,14 +320,23 @@ impl Cluster {
         Ok(())
     }
 
-    /// Versions only grow; a node still on the old runtime must not undo an upgrade.
-    fn on_runtime(&self, version: RuntimeVersion) {
+    /// Versions only grow; a node still on the old runtime must not undo an upgrade (but is
+    /// what its own clients see).
+    fn on_runtime(&self, node: SocketAddr, raw: &RawValue) -> Result<(), FollowError> {
+        let version: RuntimeVersionJson =
+            serde_json::from_str(raw.get()).map_err(|source| FollowError::BadNotification {
+                method: RUNTIME_VERSION,
+                source,
+            })?;
+        self.feeds.publish(node, FeedKind::RuntimeVersion, raw);
+        let version = RuntimeVersion::from(version);
         let mut highest = lock(&self.runtime);
         if highest.is_none_or(|known| version > known) {
             self.cache
                 .runtime_version(version.spec_version, version.transaction_version);
             *highest = Some(version);
         }
+        Ok(())
     }
 }
 
@@ -356,7 +369,7 @@ mod tests {
     fn cluster() -> Cluster {
         Cluster {
             cache: ResponseCache::new(crate::cache::DEFAULT_MAX_BYTES),
-            feeds: HeadFeeds::default(),
+            feeds: NodeFeeds::default(),
             best: Mutex::new(None),
             runtime: Mutex::new(None),
         }
@@ -408,19 +421,19 @@ mod tests {
     fn each_node_feeds_its_own_latest_headers() {
         let [a, b] = ["10.0.0.1:9944", "10.0.0.2:9944"].map(|addr| addr.parse().unwrap());
         let cluster = cluster();
-        let mut best_a = cluster.feeds.watch(a, HeadKind::Best);
-        let finalized_b = cluster.feeds.watch(b, HeadKind::Finalized);
+        let mut best_a = cluster.feeds.watch(a, FeedKind::BestHead);
+        let finalized_b = cluster.feeds.watch(b, FeedKind::FinalizedHead);
         assert!(best_a.borrow().is_none());
         cluster.on_head(a, &header(10, 0)).unwrap();
         // A lagging node's head does not move the cache, but is what its own clients see.
         cluster.on_head(b, &header(9, 0)).unwrap();
         cluster.on_finalized(b, &header(8, 0)).unwrap();
         assert!(best_a.has_changed().unwrap());
-        let text = |feed: &HeadFeed| feed.borrow().as_ref().map(|header| header.get().to_owned());
+        let text = |feed: &Feed| feed.borrow().as_ref().map(|header| header.get().to_owned());
         assert_eq!(text(&best_a), Some(header(10, 0).get().to_owned()));
         best_a.mark_unchanged();
         assert_eq!(
-            text(&cluster.feeds.watch(b, HeadKind::Best)),
+            text(&cluster.feeds.watch(b, FeedKind::BestHead)),
             Some(header(9, 0).get().to_owned())
         );
         assert_eq!(text(&finalized_b), Some(header(8, 0).get().to_owned()));
@@ -430,17 +443,34 @@ mod tests {
     }
 
     #[test]
-    fn runtime_version_only_moves_up() {
+    fn runtime_version_only_moves_up_and_each_node_feeds_its_own() {
+        let [a, b] = ["10.0.0.1:9944", "10.0.0.2:9944"].map(|addr| addr.parse().unwrap());
         let cluster = cluster();
         let version = |spec_version| RuntimeVersion {
             spec_version,
             transaction_version: 2,
         };
-        cluster.on_runtime(version(269));
+        let notification = |spec_version: u32| {
+            serde_json::value::to_raw_value(&json!({
+                "specName": "node",
+                "specVersion": spec_version,
+                "transactionVersion": 2,
+            }))
+            .unwrap()
+        };
+        cluster.on_runtime(a, &notification(269)).unwrap();
         // A node still on the old runtime.
-        cluster.on_runtime(version(268));
+        cluster.on_runtime(b, &notification(268)).unwrap();
         assert_eq!(cluster.cache.runtime(), Some(version(269)));
-        cluster.on_runtime(version(270));
+        let feed_b = cluster.feeds.watch(b, FeedKind::RuntimeVersion);
+        assert_eq!(
+            feed_b.borrow().as_ref().map(|raw| raw.get().to_owned()),
+            Some(notification(268).get().to_owned())
+        );
+        cluster.on_runtime(b, &notification(270)).unwrap();
         assert_eq!(cluster.cache.runtime(), Some(version(270)));
+        assert!(cluster.on_runtime(a, &notification(0)).is_ok());
+        let garbage = serde_json::value::to_raw_value(&json!({ "specVersion": "x" })).unwrap();
+        assert!(cluster.on_runtime(a, &garbage).is_err());
     }
 }

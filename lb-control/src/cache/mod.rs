@@ -22,7 +22,7 @@ mod key;
 pub mod policy;
 pub mod store;
 
-pub use follower::{ChainFollower, HeadFeed, HeadFeeds, HeadKind, follow};
+pub use follower::{ChainFollower, Feed, FeedKind, NodeFeeds, follow};
 pub use policy::{CachePolicy, classify};
 pub use store::{
     CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache,

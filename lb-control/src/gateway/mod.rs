@@ -184,7 +184,7 @@ impl Gateway {
                 idle_timeout: section.idle_timeout,
             },
             key_connections: Arc::default(),
-            heads: follower.feeds(),
+            feeds: follower.feeds(),
         });
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     backends::ApiKeyId,
-    cache::{CachePolicy, FetchError, HeadFeeds, Lookup, ResponseCache, UpstreamAnswer, classify},
+    cache::{CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify},
 };
 
 /// How much of an unauthenticated request's body is read (and dropped) before the 401.
@@ -56,8 +56,9 @@ pub struct Pipeline {
     pub websocket: WebSocketLimits,
     /// Open WebSocket connections per key.
     pub key_connections: Arc<Slots<ApiKeyId>>,
-    /// Each node's latest heads, which WebSocket clients' head subscriptions share.
-    pub heads: HeadFeeds,
+    /// Each node's latest heads and runtime version, which WebSocket clients' subscriptions
+    /// share.
+    pub feeds: NodeFeeds,
 }
 
 impl Pipeline {

@@ -7,9 +7,10 @@
 //! next one when that one cannot be reached.
 //!
 //! Each message from the client: key still valid → rate limit → then per call:
-//! - `chain_subscribeNewHeads` / `chain_subscribeFinalizedHeads` (and their aliases and
-//!   unsubscribes) are served by the gateway from its node's shared head feed: the chain
-//!   follower's one subscription per node, whatever the number of clients;
+//! - `chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads` and
+//!   `state_subscribeRuntimeVersion` (and their aliases and unsubscribes) are served by the
+//!   gateway from its node's shared feeds: the chain follower's one subscription of each per
+//!   node, whatever the number of clients (every polkadot.js client subscribes to all three);
 //! - calls the response cache may answer go through it, as over HTTP (a hit never touches the
 //!   node); so do refused and invalid calls, and batches (a subscription in a batch is not
 //!   served);
@@ -18,8 +19,8 @@
 //!
 //! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
-//! kernel keeps a draining backend's flows), or its node connection fails, so the client comes back to
-//! a live node; 1009 for a message over the size limit; 1008 when the key is revoked; 1001
+//! kernel keeps a draining backend's flows), or its node connection fails, so the client comes
+//! back to a live node; 1009 for a message over the size limit; 1008 when the key is revoked; 1001
 //! when the gateway stops; 1000 after `idle_timeout` without a frame (the gateway pings).
 
 use std::{
@@ -62,7 +63,7 @@ use super::{
 };
 use crate::{
     backends::{ApiKeyId, ApiKeyRecord},
-    cache::{HeadFeed, HeadKind},
+    cache::{Feed, FeedKind},
 };
 
 /// Calls of one connection answered by the gateway at once; past this the client's messages
@@ -82,17 +83,17 @@ pub struct WebSocketLimits {
     pub idle_timeout: Duration,
 }
 
-/// A head subscription the gateway serves itself, with Substrate's names for it.
-struct SharedHeads {
-    kind: HeadKind,
+/// A subscription the gateway serves itself from its node's feed, with Substrate's names for it.
+struct SharedFeed {
+    kind: FeedKind,
     subscribe: &'static [&'static str],
     unsubscribe: &'static [&'static str],
     notification: &'static str,
 }
 
-const SHARED_HEADS: [SharedHeads; 2] = [
-    SharedHeads {
-        kind: HeadKind::Best,
+const SHARED_FEEDS: [SharedFeed; 3] = [
+    SharedFeed {
+        kind: FeedKind::BestHead,
         subscribe: &[
             "chain_subscribeNewHeads",
             "chain_subscribeNewHead",
@@ -105,8 +106,8 @@ const SHARED_HEADS: [SharedHeads; 2] = [
         ],
         notification: "chain_newHead",
     },
-    SharedHeads {
-        kind: HeadKind::Finalized,
+    SharedFeed {
+        kind: FeedKind::FinalizedHead,
         subscribe: &[
             "chain_subscribeFinalizedHeads",
             "chain_subscribeFinalisedHeads",
@@ -117,11 +118,23 @@ const SHARED_HEADS: [SharedHeads; 2] = [
         ],
         notification: "chain_finalizedHead",
     },
+    SharedFeed {
+        kind: FeedKind::RuntimeVersion,
+        subscribe: &[
+            "state_subscribeRuntimeVersion",
+            "chain_subscribeRuntimeVersion",
+        ],
+        unsubscribe: &[
+            "state_unsubscribeRuntimeVersion",
+            "chain_unsubscribeRuntimeVersion",
+        ],
+        notification: "state_runtimeVersion",
+    },
 ];
 
 /// Where one call of a client message goes.
 enum Route {
-    Subscribe(&'static SharedHeads),
+    Subscribe(&'static SharedFeed),
     Unsubscribe,
     /// Answered by the pipeline (cache, refusal, error), as over HTTP.
     Pipeline,
@@ -195,7 +208,7 @@ pub async fn accept(
             node,
             hold,
             _key_slot: key_slot,
-            heads: StreamMap::new(),
+            shared: StreamMap::new(),
             notifications: HashMap::new(),
             answering: JoinSet::new(),
             ready: VecDeque::new(),
@@ -272,7 +285,7 @@ struct Session {
     hold: ConnectionHold,
     _key_slot: Slot<ApiKeyId>,
     /// The shared head subscriptions of this client, by the id it was given...
-    heads: StreamMap<String, WatchStream<Option<Arc<RawValue>>>>,
+    shared: StreamMap<String, WatchStream<Option<Arc<RawValue>>>>,
     /// ... and the notification method of each.
     notifications: HashMap<String, &'static str>,
     /// Answers being made by the pipeline; each yields the text to send.
@@ -377,11 +390,11 @@ impl Session {
                         break Ending::by_client();
                     }
                 }
-                Some((subscription, header)) = self.heads.next(), if !self.heads.is_empty() => {
-                    let (Some(header), Some(method)) = (header, self.notifications.get(&subscription)) else {
+                Some((subscription, value)) = self.shared.next(), if !self.shared.is_empty() => {
+                    let (Some(value), Some(method)) = (value, self.notifications.get(&subscription)) else {
                         continue;
                     };
-                    let notification = jsonrpc::notification(method, &subscription, &header);
+                    let notification = jsonrpc::notification(method, &subscription, &value);
                     if !deliver(&mut client, Message::text(notification), idle_timeout).await {
                         break Ending::by_client();
                     }
@@ -414,7 +427,9 @@ impl Session {
                 }
             }
         };
-        metrics.shared_subscriptions.dec_by(self.heads.len() as i64);
+        metrics
+            .shared_subscriptions
+            .dec_by(self.shared.len() as i64);
         metrics.websocket_sessions.dec();
         metrics
             .websocket_closed
@@ -499,7 +514,7 @@ impl Session {
                     ));
                 }
             }
-            Route::Subscribe(heads) => self.subscribe(call, heads),
+            Route::Subscribe(feed) => self.subscribe(call, feed),
             Route::Unsubscribe => self.unsubscribe(call),
         }
         Ok(())
@@ -509,15 +524,15 @@ impl Session {
         if call.id.is_none() || self.pipeline.policy.refusal(&call.method).is_some() {
             return Route::Pipeline;
         }
-        if let Some(heads) = SHARED_HEADS
+        if let Some(feed) = SHARED_FEEDS
             .iter()
-            .find(|heads| heads.subscribe.contains(&call.method.as_str()))
+            .find(|feed| feed.subscribe.contains(&call.method.as_str()))
         {
-            return Route::Subscribe(heads);
+            return Route::Subscribe(feed);
         }
-        if SHARED_HEADS
+        if SHARED_FEEDS
             .iter()
-            .any(|heads| heads.unsubscribe.contains(&call.method.as_str()))
+            .any(|feed| feed.unsubscribe.contains(&call.method.as_str()))
         {
             return Route::Unsubscribe;
         }
@@ -537,9 +552,9 @@ impl Session {
         });
     }
 
-    fn subscribe(&mut self, call: &Call, heads: &'static SharedHeads) {
+    fn subscribe(&mut self, call: &Call, shared: &'static SharedFeed) {
         let max = self.pipeline.websocket.max_subscriptions_per_connection;
-        let outcome = if self.heads.len() >= max as usize {
+        let outcome = if self.shared.len() >= max as usize {
             self.pipeline.metrics.rejected("subscription_limit");
             Outcome::from(RpcError::too_many_subscriptions(max))
         } else {
@@ -548,9 +563,9 @@ impl Session {
                 .take(SUBSCRIPTION_ID_LEN)
                 .map(char::from)
                 .collect();
-            let feed: HeadFeed = self.pipeline.heads.watch(self.node, heads.kind);
-            self.heads.insert(id.clone(), WatchStream::new(feed));
-            self.notifications.insert(id.clone(), heads.notification);
+            let feed: Feed = self.pipeline.feeds.watch(self.node, shared.kind);
+            self.shared.insert(id.clone(), WatchStream::new(feed));
+            self.notifications.insert(id.clone(), shared.notification);
             self.pipeline.metrics.shared_subscriptions.inc();
             Outcome::Result(jsonrpc::string_value(&id))
         };
@@ -568,7 +583,7 @@ impl Session {
             .map(|(id,)| id);
         let removed = id.is_some_and(|id| {
             self.notifications.remove(&id);
-            self.heads.remove(&id).is_some()
+            self.shared.remove(&id).is_some()
         });
         if removed {
             self.pipeline.metrics.shared_subscriptions.dec();

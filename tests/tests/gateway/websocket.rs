@@ -131,7 +131,7 @@ async fn websocket_calls_get_the_cache_and_the_method_policy() {
 }
 
 #[tokio::test]
-async fn head_subscriptions_are_shared_from_one_upstream_subscription_per_node() {
+async fn head_and_runtime_subscriptions_are_shared_from_one_upstream_subscription_per_node() {
     let setup = Setup::start_with_blocks(2, Duration::from_millis(200), |_| {}).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -165,10 +165,30 @@ async fn head_subscriptions_are_shared_from_one_upstream_subscription_per_node()
         }
         assert!(best.windows(2).all(|pair| pair[0] < pair[1]), "{best:?}");
     }
+    // The runtime version, as every polkadot.js client subscribes to it: the current one at
+    // once, as a node sends it.
+    let (ws, _) = &mut clients[1];
+    let runtime = ws.call("state_subscribeRuntimeVersion", json!([])).await;
+    let runtime_id = runtime["result"]
+        .as_str()
+        .expect("a subscription id")
+        .to_owned();
+    let notification = loop {
+        let notification = ws.notification().await;
+        if notification["method"] == "state_runtimeVersion" {
+            break notification;
+        }
+    };
+    assert_eq!(notification["params"]["subscription"], runtime_id);
+    assert_eq!(
+        notification["params"]["result"]["specName"], "node",
+        "{notification}"
+    );
     // Each node saw the follower's one subscription of each kind, not the clients'.
     for node in &setup.nodes {
         assert_eq!(node.request_count("chain_subscribeNewHeads"), 1);
         assert_eq!(node.request_count("chain_subscribeFinalizedHeads"), 1);
+        assert_eq!(node.request_count("state_subscribeRuntimeVersion"), 1);
     }
     let (ws, [new_heads, _]) = &mut clients[0];
     let new_heads = new_heads.clone();
@@ -182,7 +202,7 @@ async fn head_subscriptions_are_shared_from_one_upstream_subscription_per_node()
     assert_eq!(again["result"], false, "{again}");
     let metrics = setup.metrics_text();
     assert!(
-        metrics.contains("lb_gateway_shared_subscriptions 7"),
+        metrics.contains("lb_gateway_shared_subscriptions 8"),
         "{metrics}"
     );
 }
