@@ -58,6 +58,11 @@ pub enum Target {
     GatewayMiss,
     /// Plain HTTP straight to node 0's sim-node, the uncached call: the reference for misses.
     Node,
+    /// [`Target::GatewayMiss`] on one connection (`wrk -t1 -c1`): the latency a miss adds
+    /// without queueing, which at 64 connections on a saturated machine is most of p50.
+    GatewayMissSerial,
+    /// [`Target::Node`] on one connection: the reference for [`Target::GatewayMissSerial`].
+    NodeSerial,
 }
 
 impl Target {
@@ -68,7 +73,14 @@ impl Target {
             Target::NginxProxy => "nginx proxying",
             Target::GatewayMiss => "gateway, cache miss",
             Target::Node => "straight to the node",
+            Target::GatewayMissSerial => "gateway, cache miss, 1 connection",
+            Target::NodeSerial => "straight to the node, 1 connection",
         }
+    }
+
+    /// Runs on one connection, one request at a time, instead of the configured load.
+    pub fn is_serial(self) -> bool {
+        matches!(self, Target::GatewayMissSerial | Target::NodeSerial)
     }
 
     pub fn is_cached_call(self) -> bool {
@@ -76,7 +88,10 @@ impl Target {
     }
 
     pub fn is_gateway(self) -> bool {
-        matches!(self, Target::GatewayHit | Target::GatewayMiss)
+        matches!(
+            self,
+            Target::GatewayHit | Target::GatewayMiss | Target::GatewayMissSerial
+        )
     }
 
     pub fn call(self) -> &'static str {
@@ -116,7 +131,7 @@ struct Cli {
     /// nginx worker processes (one per core, as `worker_processes auto` would pick).
     #[arg(long, default_value_t = 2)]
     nginx_workers: usize,
-    /// Targets to run, comma-separated; default all five.
+    /// Targets to run, comma-separated; default all.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Target>,
     /// Where the markdown report goes.
@@ -202,10 +217,15 @@ fn measure(
     repeat: usize,
 ) -> anyhow::Result<Run> {
     let url = setup.url(target);
+    let (threads, connections) = if target.is_serial() {
+        (1, 1)
+    } else {
+        (settings.threads, settings.connections)
+    };
     let load = |seconds| Load {
         netns: &setup.lab.client().netns,
-        threads: settings.threads,
-        connections: settings.connections,
+        threads,
+        connections,
         seconds,
         script: setup.script(target),
         url: &url,

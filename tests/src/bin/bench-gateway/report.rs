@@ -91,6 +91,11 @@ const GOALS: &[Goal] = &[
         measure: Measure::AddedLatency(Some(0.3)),
     },
     Goal {
+        ours: Target::GatewayMissSerial,
+        other: Target::NodeSerial,
+        measure: Measure::AddedLatency(Some(0.3)),
+    },
+    Goal {
         ours: Target::NginxProxy,
         other: Target::Node,
         measure: Measure::AddedLatency(None),
@@ -136,7 +141,9 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
         "- Lab: client → LB → {NODES} sim-nodes (network namespaces, veth), kernel {kernel}, \
          {cpus} CPUs shared by client, LB and nodes.\n\
          - Load: `wrk -t{} -c{} -d{}s --timeout 2s` from the client, keep-alive, HTTP/1.1, one \
-         JSON-RPC POST repeated; {} s unmeasured warm-up first (it also fills the caches).\n\
+         JSON-RPC POST repeated; {} s unmeasured warm-up first (it also fills the caches). The \
+         \"1 connection\" runs use `wrk -t1 -c1`: one request at a time, so their latency is the \
+         path's own, without the queueing that dominates p50 on a saturated machine.\n\
          - Cached call `{CACHED_CALL}` (the gateway keeps it until the runtime changes); \
          uncached call `{UNCACHED_CALL}` (never cached: every request reaches a node).\n\
          - Gateway: lb-control's gateway, TLS (rustls, ring) on the LB's address, API key in the \
@@ -353,18 +360,20 @@ fn write_memory(out: &mut String, context: &Context<'_>) {
             .max()
             .unwrap_or(0)
     };
-    let workers = &memory.nginx[1.min(memory.nginx.len())..];
+    // The master's children: workers and the cache manager (the cache loader exits after its
+    // first pass, so it may count in a run's RSS but not at the end).
+    let children = memory.nginx.len().saturating_sub(1);
     let _ = writeln!(
         out,
         "## Memory (`/proc/<pid>/status`)\n\n\
          | process | largest VmRSS after a run | VmRSS at the end | VmHWM (peak) |\n\
          |---|---:|---:|---:|\n\
          | lb-control (whole daemon: gateway, control plane, admin API) | {:.1} MiB | {:.1} MiB | {:.1} MiB |\n\
-         | nginx, master + {} worker(s) | {:.1} MiB | {:.1} MiB | {:.1} MiB (sum of peaks) |\n",
+         | nginx, master + {} children (workers, cache manager) | {:.1} MiB | {:.1} MiB | {:.1} MiB (sum) |\n",
         mebibytes(largest_rss(|memory| memory.lb_control.rss_kib)),
         mebibytes(memory.lb_control.rss_kib),
         mebibytes(memory.lb_control.hwm_kib),
-        workers.len(),
+        children,
         mebibytes(largest_rss(Memory::nginx_rss_kib)),
         mebibytes(memory.nginx_rss_kib()),
         mebibytes(memory.nginx.iter().map(|process| process.hwm_kib).sum()),

@@ -111,12 +111,12 @@ impl Setup {
     pub fn url(&self, target: Target) -> String {
         let lb = self.lab.lb().addr_v4;
         match target {
-            Target::GatewayHit | Target::GatewayMiss => {
+            Target::GatewayHit | Target::GatewayMiss | Target::GatewayMissSerial => {
                 format!("https://{lb}:{GATEWAY_PORT}/{}", self.secret)
             }
             Target::NginxProxy => format!("https://{lb}:{NGINX_PROXY_PORT}/"),
             Target::NginxHit => format!("https://{lb}:{NGINX_CACHE_PORT}/"),
-            Target::Node => self.lab.node_rpc_url(0) + "/",
+            Target::Node | Target::NodeSerial => self.lab.node_rpc_url(0) + "/",
         }
     }
 
@@ -184,7 +184,11 @@ impl Setup {
                 self.cache_lookups()?.hit > gateway_hits,
                 "the gateway did not answer the second call from its cache"
             ),
-            Target::NginxProxy | Target::GatewayMiss | Target::Node => {}
+            Target::NginxProxy
+            | Target::GatewayMiss
+            | Target::Node
+            | Target::GatewayMissSerial
+            | Target::NodeSerial => {}
         }
         Ok(())
     }
