@@ -91,8 +91,8 @@ enum Bench {
     /// Requests/s and p50/p99 with wrk (keep-alive) from the client namespace, interleaved
     /// runs, medians; RSS of lb-control and nginx; writes target/bench/gateway.md. Arguments go
     /// to the bench-gateway binary: --seconds (10), --repeats (5), --connections (64),
-    /// --only gateway-hit,nginx-hit,nginx-proxy,gateway-miss,node, and more
-    /// (`cargo xtask bench gateway -- --help`).
+    /// --only gateway-hit,nginx-hit,nginx-proxy,gateway-miss,node,gateway-miss-serial,
+    /// node-serial, and more (`cargo xtask bench gateway -- --help`).
     Gateway {
         /// Arguments for bench-gateway.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
