@@ -2,7 +2,7 @@
 //! remove everything, the machine's load, medians, and the report file.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -64,6 +64,16 @@ pub fn load_average() -> f64 {
         .ok()
         .and_then(|text| text.split_whitespace().next()?.parse().ok())
         .unwrap_or(f64::NAN)
+}
+
+/// Where `name` is on PATH (or in /usr/sbin, /sbin, where nginx and HAProxy live but root's
+/// PATH may not look).
+pub fn find_command(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
 }
 
 /// Writes the markdown report, creating its directory.

@@ -6,11 +6,16 @@
 //! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
 //!   [`load`] keeps many such requests going and records each one's outcome;
 //!   [`ws_client`] is a JSON-RPC WebSocket client for tests.
-//! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file).
+//! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
+//!   [`cpu`] (the machine's busy time) and [`wrk`] (load from a lab namespace) and
+//!   [`nginx`] (a reference server or proxy in a lab namespace).
 
 pub mod bench;
+pub mod cpu;
 pub mod lab;
 pub mod load;
+pub mod nginx;
 pub mod rpc_client;
 pub mod sim_node;
+pub mod wrk;
 pub mod ws_client;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_failover;
+mod bench_gateway;
 mod bench_l4;
 mod build;
 mod setup;
@@ -84,6 +85,19 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The gateway over TLS: cache hits and misses vs. straight to a node and vs. nginx
+    /// terminating TLS (proxying, and its proxy_cache hits).
+    ///
+    /// Requests/s and p50/p99 with wrk (keep-alive) from the client namespace, interleaved
+    /// runs, medians; RSS of lb-control and nginx; writes target/bench/gateway.md. Arguments go
+    /// to the bench-gateway binary: --seconds (10), --repeats (5), --connections (64),
+    /// --only gateway-hit,nginx-hit,nginx-proxy,gateway-miss,node,gateway-miss-serial,
+    /// node-serial, and more (`cargo xtask bench gateway -- --help`).
+    Gateway {
+        /// Arguments for bench-gateway.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +116,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: Bench::Failover { args },
         } => setup::run().and_then(|()| bench_failover::run(&args)),
+        Command::Bench {
+            which: Bench::Gateway { args },
+        } => setup::run().and_then(|()| bench_gateway::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,7 +24,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nodejs", "node"),
     ("npm", "npm"),
-    // `cargo xtask bench l4`: the nodes' web server and the reference balancers.
+    // `cargo xtask bench l4` and `bench gateway`: the nodes' web server, the reference
+    // balancers and TLS proxy.
     ("nginx", "nginx"),
     ("nftables", "nft"),
     ("haproxy", "haproxy"),

@@ -10,8 +10,9 @@ use prometheus_client::{
 /// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    pub class: String,
-    pub outcome: String,
+    // Static: the labels of every call are looked up on the hot path, without allocating.
+    pub class: &'static str,
+    pub outcome: &'static str,
 }
 
 /// `missing`, `unknown` (or revoked), `store` (the store could not be read).

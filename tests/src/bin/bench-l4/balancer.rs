@@ -19,9 +19,12 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use lb_tests::lab::{Lab, binary_path, in_netns, run_checked};
+use lb_tests::{
+    bench::find_command,
+    lab::{Lab, binary_path, in_netns, run_checked},
+};
 
-use crate::{PORT, Settings, VIP, find_command, nodes};
+use crate::{PORT, Settings, VIP, nodes};
 
 /// Connections the readiness probe makes through a balancer; all must be answered, and by
 /// more than one node.

@@ -11,7 +11,6 @@
 //! report gives medians over the repeats and the ratios the goals name, as markdown.
 
 mod balancer;
-mod cpu;
 mod nodes;
 mod report;
 mod wrk;
@@ -26,7 +25,10 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use lb_tests::{
-    bench::{check_interrupted, install_interrupt_handler, load_average, write_report},
+    bench::{
+        check_interrupted, find_command, install_interrupt_handler, load_average, write_report,
+    },
+    cpu,
     lab::{Lab, LabConfig},
 };
 
@@ -362,12 +364,4 @@ fn preflight(settings: &Settings) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
-}
-
-pub fn find_command(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
 }

@@ -3,17 +3,18 @@
 //! load.
 
 use std::{
-    fmt::Write as _,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
-use lb_tests::lab::{Lab, in_netns, run_checked};
+use lb_tests::{
+    lab::{Lab, in_netns, run_checked},
+    nginx,
+};
 
-use crate::{PORT, find_command};
+use crate::PORT;
 
 /// The fixed answer, a `system_health` result. The node's name goes in a header, so every
 /// node sends a body of the same length and a probe can still tell who answered.
@@ -27,34 +28,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(50);
 
-/// Starts nginx in every node namespace, each with its own config, pid file and logs under the
-/// lab's log directory, and waits until each answers on its own address.
+/// Starts nginx in every node namespace and waits until each answers on its own address.
 pub fn start(lab: &mut Lab, workers: usize) -> anyhow::Result<()> {
-    let nginx = find_command("nginx").context("nginx not found (Debian package nginx)")?;
     let nodes: Vec<_> = lab.nodes().to_vec();
     for (index, node) in nodes.iter().enumerate() {
         let name = format!("node{index}");
-        let dir = lab.log_dir().join(format!("nginx-{name}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let config = dir.join("nginx.conf");
-        std::fs::write(&config, nginx_config(&dir, &name, workers))
-            .with_context(|| format!("writing {}", config.display()))?;
-        let error_log = dir.join("error.log");
-        let args = [
-            "-p".as_ref(),
-            dir.as_os_str(),
-            "-c".as_ref(),
-            config.as_os_str(),
-            "-e".as_ref(),
-            error_log.as_os_str(),
-        ];
-        lab.spawn_process(
-            &format!("nginx {name}"),
-            &node.netns,
-            &nginx,
-            &args,
-            &format!("nginx-{name}"),
-        )?;
+        nginx::start(lab, &name, &node.netns, workers, |_| server_block(&name))?;
     }
     for node in &nodes {
         let addr = SocketAddr::from((node.addr_v4, PORT));
@@ -77,32 +56,9 @@ pub fn start(lab: &mut Lab, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nginx_config(dir: &Path, name: &str, workers: usize) -> String {
-    let dir = dir.display();
-    let mut config = String::new();
-    // `daemon off`: the lab holds the master process and stops it with the lab. Keep-alive
-    // connections are never closed by nginx during a run (keepalive_requests), so the
-    // keep-alive mode measures requests, not reconnects.
-    let _ = write!(
-        config,
-        r#"daemon off;
-user root;
-worker_processes {workers};
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{
-    worker_connections 16384;
-}}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 120s;
-    server {{
+fn server_block(name: &str) -> String {
+    format!(
+        r#"    server {{
         listen {PORT} reuseport backlog=4096;
         location / {{
             default_type application/json;
@@ -110,10 +66,8 @@ http {{
             return 200 '{RESPONSE_BODY}';
         }}
     }}
-}}
 "#
-    );
-    config
+    )
 }
 
 /// Sends one JSON-RPC POST on a new connection (`Connection: close`) and returns the name of

@@ -3,13 +3,11 @@
 use std::{fmt, fmt::Write as _, time::Duration};
 
 use clap::ValueEnum;
-use lb_tests::bench::median;
+use lb_tests::{bench::median, cpu::Usage, wrk::WrkResult};
 
 use crate::{
     Settings,
     balancer::{Balancer, XdpCounters},
-    cpu::Usage,
-    wrk::WrkResult,
 };
 
 /// Repeats below which the report says its figures are not the benchmark's.

@@ -1,27 +1,18 @@
 //! wrk from the client namespace: JSON-RPC POSTs to the VIP, keep-alive or with a new
-//! connection per request, its summary printed by a Lua `done` hook in a form this parses.
+//! connection per request (scripts and parsing in [`lb_tests::wrk`]).
 
-use std::{
-    fmt,
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::{Duration, Instant},
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use lb_tests::{
+    lab::Lab,
+    wrk::{self, Load, WrkResult},
 };
-
-use anyhow::{Context, bail};
-use lb_tests::lab::Lab;
 
 use crate::{PORT, Settings, VIP, report::Mode};
 
 /// The request every run sends: a JSON-RPC call a Polkadot node answers without state.
 pub const REQUEST_BODY: &str = r#"{"jsonrpc":"2.0","id":1,"method":"system_health","params":[]}"#;
-/// wrk's own per-request timeout; a request slower than this counts as a timeout error.
-const REQUEST_TIMEOUT: &str = "2s";
-/// How long past its duration wrk may take before it is killed.
-const OVERRUN: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
-/// The line the Lua hook prints.
-const RESULT_TAG: &str = "wrk-result";
 
 /// The Lua scripts, one per mode, written once per lab.
 pub struct Scripts {
@@ -35,8 +26,11 @@ impl Scripts {
             keepalive: dir.join("wrk-keepalive.lua"),
             close: dir.join("wrk-close.lua"),
         };
-        for (path, close) in [(&scripts.keepalive, false), (&scripts.close, true)] {
-            std::fs::write(path, script(close))
+        for (path, headers) in [
+            (&scripts.keepalive, &[][..]),
+            (&scripts.close, &[("Connection", "close")][..]),
+        ] {
+            std::fs::write(path, wrk::script(REQUEST_BODY, headers))
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(scripts)
@@ -50,82 +44,6 @@ impl Scripts {
     }
 }
 
-fn script(close: bool) -> String {
-    let connection = if close {
-        "wrk.headers[\"Connection\"] = \"close\"\n"
-    } else {
-        ""
-    };
-    format!(
-        r#"wrk.method = "POST"
-wrk.body = '{REQUEST_BODY}'
-wrk.headers["Content-Type"] = "application/json"
-{connection}
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "{RESULT_TAG} requests=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f max_us=%.0f\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
-end
-"#
-    )
-}
-
-/// What one wrk run measured.
-#[derive(Debug, Clone, Default)]
-pub struct WrkResult {
-    pub requests: u64,
-    pub duration: Duration,
-    pub errors_connect: u64,
-    pub errors_read: u64,
-    pub errors_write: u64,
-    /// Responses other than 2xx/3xx.
-    pub errors_status: u64,
-    pub errors_timeout: u64,
-    pub p50: Duration,
-    pub p99: Duration,
-    pub max: Duration,
-}
-
-impl WrkResult {
-    pub fn requests_per_second(&self) -> f64 {
-        self.requests as f64 / self.duration.as_secs_f64().max(f64::MIN_POSITIVE)
-    }
-
-    pub fn errors(&self) -> u64 {
-        self.errors_connect
-            + self.errors_read
-            + self.errors_write
-            + self.errors_status
-            + self.errors_timeout
-    }
-
-    pub fn errors_line(&self) -> String {
-        format!(
-            "errors: connect {}, read {}, write {}, status {}, timeout {}",
-            self.errors_connect,
-            self.errors_read,
-            self.errors_write,
-            self.errors_status,
-            self.errors_timeout
-        )
-    }
-}
-
-impl fmt::Display for WrkResult {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
-            self.requests_per_second(),
-            self.p50.as_secs_f64() * 1e3,
-            self.p99.as_secs_f64() * 1e3,
-            self.errors()
-        )
-    }
-}
-
 /// Runs wrk for `seconds` against the VIP from the client namespace.
 pub fn run(
     lab: &Lab,
@@ -134,90 +52,15 @@ pub fn run(
     mode: Mode,
     seconds: u64,
 ) -> anyhow::Result<WrkResult> {
-    let mut command = lab.exec(&lab.client().netns, "wrk")?;
-    command
-        .arg(format!("-t{}", settings.threads))
-        .arg(format!("-c{}", settings.connections))
-        .arg(format!("-d{seconds}s"))
-        .args(["--timeout", REQUEST_TIMEOUT, "-s"])
-        .arg(scripts.path(mode))
-        .arg(format!("http://{VIP}:{PORT}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().context("starting wrk")?;
-    let deadline = Instant::now() + Duration::from_secs(seconds) + OVERRUN;
-    loop {
-        if child.try_wait().context("waiting for wrk")?.is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("wrk ran {OVERRUN:?} past its {seconds} s and was killed");
-        }
-        std::thread::sleep(POLL);
-    }
-    let output = child.wait_with_output().context("reading wrk's output")?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed ({}): {}{}",
-            output.status,
-            stdout.trim(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    parse(&stdout).with_context(|| format!("wrk's output:\n{stdout}"))
-}
-
-fn parse(stdout: &str) -> anyhow::Result<WrkResult> {
-    let line = stdout
-        .lines()
-        .find_map(|line| line.strip_prefix(RESULT_TAG))
-        .with_context(|| format!("no `{RESULT_TAG}` line (the Lua done hook did not run)"))?;
-    let mut result = WrkResult::default();
-    for field in line.split_whitespace() {
-        let (key, value) = field
-            .split_once('=')
-            .with_context(|| format!("field {field:?} is not key=value"))?;
-        let value: u64 = value
-            .parse()
-            .with_context(|| format!("field {key} = {value:?} is not a count"))?;
-        match key {
-            "requests" => result.requests = value,
-            "duration_us" => result.duration = Duration::from_micros(value),
-            "connect" => result.errors_connect = value,
-            "read" => result.errors_read = value,
-            "write" => result.errors_write = value,
-            "status" => result.errors_status = value,
-            "timeout" => result.errors_timeout = value,
-            "p50_us" => result.p50 = Duration::from_micros(value),
-            "p99_us" => result.p99 = Duration::from_micros(value),
-            "max_us" => result.max = Duration::from_micros(value),
-            _ => {}
-        }
-    }
-    if result.duration.is_zero() {
-        bail!("wrk reported a zero duration");
-    }
-    Ok(result)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_done_hook_line() {
-        let result = parse(
-            "Running 1s test\nwrk-result requests=1000 duration_us=2000000 connect=1 read=2 \
-             write=0 status=0 timeout=3 p50_us=250 p99_us=1200 max_us=9000\n",
-        )
-        .unwrap();
-        assert_eq!(result.requests, 1000);
-        assert_eq!(result.requests_per_second(), 500.0);
-        assert_eq!(result.errors(), 6);
-        assert_eq!(result.p99, Duration::from_micros(1200));
-    }
+    wrk::run(
+        lab,
+        &Load {
+            netns: &lab.client().netns,
+            threads: settings.threads,
+            connections: settings.connections,
+            seconds,
+            script: scripts.path(mode),
+            url: &format!("http://{VIP}:{PORT}/"),
+        },
+    )
 }

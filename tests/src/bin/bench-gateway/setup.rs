@@ -1,0 +1,429 @@
+//! The benchmark's lab: 2 sim-nodes, lb-control with its gateway (an API key made with the
+//! CLI) and nginx in the LB namespace, both serving TLS with one certificate from the lab's CA;
+//! the wrk scripts; and what is read around the runs: the gateway's cache lookups and the
+//! resident memory of lb-control and nginx.
+
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use lb_tests::{
+    lab::{
+        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path,
+        certs::{LabCa, write_pem},
+        command_in_netns, run_checked,
+    },
+    nginx, wrk,
+};
+
+use crate::{CACHED_CALL, NODES, Settings, Target, UNCACHED_CALL};
+
+/// The gateway's TLS port, on the LB's client-side address.
+const GATEWAY_PORT: u16 = 8443;
+/// nginx terminating TLS and proxying every request to the nodes.
+const NGINX_PROXY_PORT: u16 = 9443;
+/// nginx terminating TLS with `proxy_cache` on POST bodies.
+const NGINX_CACHE_PORT: u16 = 9444;
+/// lb-control's admin API in the LB namespace (its default), for `/metrics`.
+const METRICS_URL: &str = "http://127.0.0.1:9900/metrics";
+/// nginx's header saying whether its cache answered.
+const CACHE_STATUS_HEADER: &str = "X-Cache-Status";
+/// How long the gateway and nginx get to answer their first request.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const POLL: Duration = Duration::from_millis(100);
+
+/// The running lab and what the runs need from it.
+pub struct Setup {
+    pub lab: Lab,
+    ca: PathBuf,
+    secret: String,
+    lb_control: u32,
+    nginx: u32,
+    cached_script: PathBuf,
+    uncached_script: PathBuf,
+}
+
+impl Setup {
+    /// Builds the lab, starts lb-control and nginx, makes a key and checks that every target
+    /// answers its call (and that the cached ones come from a cache).
+    pub fn start(settings: &Settings) -> anyhow::Result<Setup> {
+        let mut lab = Lab::start(LabConfig {
+            nodes: NODES,
+            start_sim_nodes: true,
+            ..LabConfig::default()
+        })?;
+        let dir = lab.log_dir().to_owned();
+        let (ca, cert, key) = (
+            dir.join("ca.crt"),
+            dir.join("gateway.crt"),
+            dir.join("gateway.key"),
+        );
+        let authority = LabCa::new()?;
+        let leaf = authority.issue(&[lab.lb().addr_v4.into()])?;
+        write_pem(&ca, &authority.cert_pem())?;
+        write_pem(&cert, &leaf.cert_pem)?;
+        write_pem(&key, &leaf.key_pem)?;
+
+        let config = dir.join("lb-control.toml");
+        std::fs::write(&config, lb_control_config(&lab, &cert, &key))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let config = config.to_str().context("the lab's path is not UTF-8")?;
+        let lb_control = lab.spawn_lb_control(&["--config", config])?.pid();
+        let secret = create_key(&lab).context("creating an API key with lb-control")?;
+
+        let (lb_netns, lb_addr) = (lab.lb().netns.clone(), lab.lb().addr_v4);
+        let nodes: Vec<Ipv4Addr> = lab.nodes().iter().map(|node| node.addr_v4).collect();
+        let nginx = nginx::start(&mut lab, "tls", &lb_netns, settings.nginx_workers, |dir| {
+            nginx_http(lb_addr, &nodes, dir, &cert, &key)
+        })?;
+
+        let (cached_script, uncached_script) =
+            (dir.join("wrk-cached.lua"), dir.join("wrk-uncached.lua"));
+        for (path, call) in [
+            (&cached_script, CACHED_CALL),
+            (&uncached_script, UNCACHED_CALL),
+        ] {
+            std::fs::write(path, wrk::script(call, &[]))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let setup = Setup {
+            lab,
+            ca,
+            secret,
+            lb_control,
+            nginx,
+            cached_script,
+            uncached_script,
+        };
+        for &target in &settings.targets {
+            setup
+                .check_answers(target)
+                .with_context(|| format!("checking that {} answers", target.label()))?;
+        }
+        Ok(setup)
+    }
+
+    /// Where `target`'s requests go.
+    pub fn url(&self, target: Target) -> String {
+        let lb = self.lab.lb().addr_v4;
+        match target {
+            Target::GatewayHit | Target::GatewayMiss | Target::GatewayMissSerial => {
+                format!("https://{lb}:{GATEWAY_PORT}/{}", self.secret)
+            }
+            Target::NginxProxy => format!("https://{lb}:{NGINX_PROXY_PORT}/"),
+            Target::NginxHit => format!("https://{lb}:{NGINX_CACHE_PORT}/"),
+            Target::Node | Target::NodeSerial => self.lab.node_rpc_url(0) + "/",
+        }
+    }
+
+    /// The wrk script sending `target`'s call.
+    pub fn script(&self, target: Target) -> &Path {
+        if target.is_cached_call() {
+            &self.cached_script
+        } else {
+            &self.uncached_script
+        }
+    }
+
+    /// The gateway's cache lookups so far, from lb-control's `/metrics`.
+    pub fn cache_lookups(&self) -> anyhow::Result<CacheLookups> {
+        let mut command = command_in_netns(&self.lab.lb().netns, "curl")?;
+        command.args(["-sS", "--max-time", "5", METRICS_URL]);
+        let output = run_checked(&mut command)?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(CacheLookups::parse(&text))
+    }
+
+    /// lb-control's and nginx's (master, then workers) resident memory now.
+    pub fn memory(&self) -> anyhow::Result<Memory> {
+        let mut nginx = vec![ProcessMemory::read(self.nginx)?];
+        for worker in children(self.nginx)? {
+            nginx.push(ProcessMemory::read(worker)?);
+        }
+        Ok(Memory {
+            lb_control: ProcessMemory::read(self.lb_control)?,
+            nginx,
+        })
+    }
+
+    /// Posts `target`'s call twice with curl from the client (retrying while the server comes
+    /// up) and checks the answers: HTTP 200 with a JSON-RPC result and, for the cached call, a
+    /// second answer from the cache.
+    fn check_answers(&self, target: Target) -> anyhow::Result<()> {
+        let gateway_hits = self.cache_lookups()?.hit;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let first = loop {
+            match self.post(target) {
+                Ok(answer) => break answer,
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(error.context(format!("no answer within {READY_TIMEOUT:?}")));
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        };
+        let second = self.post(target)?;
+        for answer in [&first, &second] {
+            ensure!(
+                answer.starts_with("HTTP/1.1 200") && answer.contains("\"result\""),
+                "unexpected answer: {answer:?}"
+            );
+        }
+        match target {
+            Target::NginxHit => ensure!(
+                second.to_ascii_lowercase().contains(&format!(
+                    "{}: hit",
+                    CACHE_STATUS_HEADER.to_ascii_lowercase()
+                )),
+                "nginx did not answer the second call from its cache: {second:?}"
+            ),
+            Target::GatewayHit => ensure!(
+                self.cache_lookups()?.hit > gateway_hits,
+                "the gateway did not answer the second call from its cache"
+            ),
+            Target::NginxProxy
+            | Target::GatewayMiss
+            | Target::Node
+            | Target::GatewayMissSerial
+            | Target::NodeSerial => {}
+        }
+        Ok(())
+    }
+
+    /// One POST of `target`'s call over HTTP/1.1 (as wrk sends it); the status line, headers
+    /// and body.
+    fn post(&self, target: Target) -> anyhow::Result<String> {
+        let mut command = command_in_netns(&self.lab.client().netns, "curl")?;
+        command
+            .args(["-sS", "-i", "--http1.1", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .args(["-H", "Content-Type: application/json", "-d", target.call()])
+            .arg(self.url(target));
+        let output = run_checked(&mut command)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// lb-control's config: one VIP over every node (never checked, so `up` at once) and the
+/// gateway on the LB's client-side address.
+fn lb_control_config(lab: &Lab, cert: &Path, key: &Path) -> String {
+    let lb = lab.lb().addr_v4;
+    let backends: Vec<String> = lab
+        .nodes()
+        .iter()
+        .map(|node| format!("{{ address = \"{}:{SIM_NODE_RPC_PORT}\" }}", node.addr_v4))
+        .collect();
+    format!(
+        "[dataplane]\nnat_source_v4 = \"{lb}\"\n\n\
+         [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"none\"\n\
+         backends = [{}]\n\n\
+         [gateway]\nlisten = \"{lb}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        backends.join(", "),
+        cert.display(),
+        key.display(),
+    )
+}
+
+/// nginx's `http` directives: the nodes as an upstream with idle keep-alive connections, and
+/// two TLS servers with the gateway's certificate, one proxying, one caching POST answers by
+/// their body (`$request_body` is set because the body is read into the buffer before
+/// proxying; `client_body_buffer_size` keeps it in memory).
+fn nginx_http(lb: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path, cert: &Path, key: &Path) -> String {
+    let servers: String = nodes
+        .iter()
+        .map(|node| format!("        server {node}:{SIM_NODE_RPC_PORT};\n"))
+        .collect();
+    let (dir, cert, key) = (dir.display(), cert.display(), key.display());
+    let proxy = "proxy_pass http://nodes;\n            proxy_http_version 1.1;\n            \
+                 proxy_set_header Connection \"\";";
+    format!(
+        r#"    upstream nodes {{
+{servers}        keepalive 64;
+    }}
+    proxy_cache_path {dir}/cache levels=1:2 keys_zone=rpc:10m max_size=64m inactive=1h use_temp_path=off;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    server {{
+        listen {lb}:{NGINX_PROXY_PORT} ssl reuseport backlog=4096;
+        location / {{
+            {proxy}
+        }}
+    }}
+    server {{
+        listen {lb}:{NGINX_CACHE_PORT} ssl reuseport backlog=4096;
+        client_body_buffer_size 64k;
+        location / {{
+            {proxy}
+            proxy_cache rpc;
+            proxy_cache_methods POST;
+            proxy_cache_key "$request_uri|$request_body";
+            proxy_cache_valid 200 1h;
+            add_header {CACHE_STATUS_HEADER} $upstream_cache_status;
+        }}
+    }}
+"#
+    )
+}
+
+/// `lb-control key create` in the LB namespace with the admin token lb-control generated;
+/// returns the printed secret.
+fn create_key(lab: &Lab) -> anyhow::Result<String> {
+    let token_file = lab.state_dir().join("admin.token");
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?;
+    let mut command = command_in_netns(&lab.lb().netns, binary_path("lb-control")?)?;
+    command
+        .env("LB_ADMIN_TOKEN", token.trim())
+        .args(["key", "create", "--name", "bench"]);
+    let output = run_checked(&mut command)?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .map(str::to_owned)
+        .context("`lb-control key create` printed no `secret: ` line")
+}
+
+/// The gateway's response cache lookups by result (`lb_gateway_cache_lookups_total`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheLookups {
+    pub hit: u64,
+    pub miss: u64,
+    pub coalesced: u64,
+}
+
+impl CacheLookups {
+    fn parse(metrics: &str) -> CacheLookups {
+        let mut lookups = CacheLookups::default();
+        for line in metrics.lines() {
+            let Some(rest) = line.strip_prefix("lb_gateway_cache_lookups_total{result=\"") else {
+                continue;
+            };
+            let Some((result, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let value = value.trim().parse().unwrap_or(0);
+            match result {
+                "hit" => lookups.hit = value,
+                "miss" => lookups.miss = value,
+                "coalesced" => lookups.coalesced = value,
+                _ => {}
+            }
+        }
+        lookups
+    }
+
+    pub fn since(&self, earlier: &CacheLookups) -> CacheLookups {
+        CacheLookups {
+            hit: self.hit.saturating_sub(earlier.hit),
+            miss: self.miss.saturating_sub(earlier.miss),
+            coalesced: self.coalesced.saturating_sub(earlier.coalesced),
+        }
+    }
+}
+
+impl fmt::Display for CacheLookups {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "hits {}, misses {}, coalesced {}",
+            self.hit, self.miss, self.coalesced
+        )
+    }
+}
+
+/// One process's resident memory from `/proc/<pid>/status`, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessMemory {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the most it has been resident.
+    pub hwm_kib: u64,
+}
+
+impl ProcessMemory {
+    fn read(pid: u32) -> anyhow::Result<ProcessMemory> {
+        let path = format!("/proc/{pid}/status");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
+                .with_context(|| format!("{path} has no {name} in kB"))
+        };
+        Ok(ProcessMemory {
+            rss_kib: field("VmRSS")?,
+            hwm_kib: field("VmHWM")?,
+        })
+    }
+}
+
+/// Resident memory of lb-control and of nginx.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    pub lb_control: ProcessMemory,
+    /// The master first, then its workers.
+    pub nginx: Vec<ProcessMemory>,
+}
+
+impl Memory {
+    pub fn nginx_rss_kib(&self) -> u64 {
+        self.nginx.iter().map(|process| process.rss_kib).sum()
+    }
+}
+
+impl fmt::Display for Memory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RSS lb-control {:.1} MiB, nginx {:.1} MiB",
+            self.lb_control.rss_kib as f64 / 1024.0,
+            self.nginx_rss_kib() as f64 / 1024.0
+        )
+    }
+}
+
+/// The pids whose parent is `parent` (nginx's workers), from `/proc/*/stat`.
+fn children(parent: u32) -> anyhow::Result<Vec<u32>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let name = entry.context("listing /proc")?.file_name();
+        let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else {
+            continue;
+        };
+        // A process may exit between the listing and the read: skip it.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses, so split at the last
+        // `)`.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    if children.is_empty() {
+        bail!("nginx (pid {parent}) has no worker processes");
+    }
+    children.sort_unstable();
+    Ok(children)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_lookups_parse_prometheus_lines() {
+        let lookups = CacheLookups::parse(
+            "# HELP lb_gateway_cache_lookups Response cache lookups by result\n\
+             lb_gateway_cache_lookups_total{result=\"hit\"} 120\n\
+             lb_gateway_cache_lookups_total{result=\"miss\"} 3\n",
+        );
+        assert_eq!((lookups.hit, lookups.miss, lookups.coalesced), (120, 3, 0));
+    }
+}

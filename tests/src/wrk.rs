@@ -1,0 +1,210 @@
+//! wrk from a lab namespace: a Lua script that sends one request body and prints wrk's summary
+//! in a form [`run`] parses, and what one run measured. The lab benchmarks drive every load
+//! that wrk can make through here.
+
+use std::{
+    fmt,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::lab::Lab;
+
+/// wrk's own per-request timeout; a request slower than this counts as a timeout error.
+pub const REQUEST_TIMEOUT: &str = "2s";
+/// How long past its duration wrk may take before it is killed.
+const OVERRUN: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+/// The line the Lua hook prints.
+const RESULT_TAG: &str = "wrk-result";
+
+/// A wrk script that POSTs `body` as JSON with `headers` on every request, and whose `done`
+/// hook prints the summary [`run`] parses. `body` must not contain `'` (it is a Lua string).
+pub fn script(body: &str, headers: &[(&str, &str)]) -> String {
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("wrk.headers[\"{name}\"] = \"{value}\"\n"))
+        .collect();
+    format!(
+        r#"wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "{RESULT_TAG} requests=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f max_us=%.0f\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"#
+    )
+}
+
+/// One wrk run: `wrk -t<threads> -c<connections> -d<seconds>s -s <script> <url>` from `netns`.
+#[derive(Debug, Clone, Copy)]
+pub struct Load<'a> {
+    pub netns: &'a str,
+    pub threads: usize,
+    pub connections: usize,
+    pub seconds: u64,
+    pub script: &'a Path,
+    pub url: &'a str,
+}
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Default)]
+pub struct WrkResult {
+    pub requests: u64,
+    pub duration: Duration,
+    pub errors_connect: u64,
+    pub errors_read: u64,
+    pub errors_write: u64,
+    /// Responses other than 2xx/3xx.
+    pub errors_status: u64,
+    pub errors_timeout: u64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl WrkResult {
+    pub fn requests_per_second(&self) -> f64 {
+        self.requests as f64 / self.duration.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors_connect
+            + self.errors_read
+            + self.errors_write
+            + self.errors_status
+            + self.errors_timeout
+    }
+
+    pub fn errors_line(&self) -> String {
+        format!(
+            "errors: connect {}, read {}, write {}, status {}, timeout {}",
+            self.errors_connect,
+            self.errors_read,
+            self.errors_write,
+            self.errors_status,
+            self.errors_timeout
+        )
+    }
+}
+
+impl fmt::Display for WrkResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+            self.requests_per_second(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.errors()
+        )
+    }
+}
+
+/// Runs wrk as `load` says and parses its summary; kills it when it overruns.
+pub fn run(lab: &Lab, load: &Load<'_>) -> anyhow::Result<WrkResult> {
+    let mut command = lab.exec(load.netns, "wrk")?;
+    command
+        .arg(format!("-t{}", load.threads))
+        .arg(format!("-c{}", load.connections))
+        .arg(format!("-d{}s", load.seconds))
+        .args(["--timeout", REQUEST_TIMEOUT, "-s"])
+        .arg(load.script)
+        .arg(load.url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().context("starting wrk")?;
+    let deadline = Instant::now() + Duration::from_secs(load.seconds) + OVERRUN;
+    loop {
+        if child.try_wait().context("waiting for wrk")?.is_some() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "wrk ran {OVERRUN:?} past its {} s and was killed",
+                load.seconds
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    let output = child.wait_with_output().context("reading wrk's output")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            output.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    parse(&stdout).with_context(|| format!("wrk's output:\n{stdout}"))
+}
+
+fn parse(stdout: &str) -> anyhow::Result<WrkResult> {
+    let line = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(RESULT_TAG))
+        .with_context(|| format!("no `{RESULT_TAG}` line (the Lua done hook did not run)"))?;
+    let mut result = WrkResult::default();
+    for field in line.split_whitespace() {
+        let (key, value) = field
+            .split_once('=')
+            .with_context(|| format!("field {field:?} is not key=value"))?;
+        let value: u64 = value
+            .parse()
+            .with_context(|| format!("field {key} = {value:?} is not a count"))?;
+        match key {
+            "requests" => result.requests = value,
+            "duration_us" => result.duration = Duration::from_micros(value),
+            "connect" => result.errors_connect = value,
+            "read" => result.errors_read = value,
+            "write" => result.errors_write = value,
+            "status" => result.errors_status = value,
+            "timeout" => result.errors_timeout = value,
+            "p50_us" => result.p50 = Duration::from_micros(value),
+            "p99_us" => result.p99 = Duration::from_micros(value),
+            "max_us" => result.max = Duration::from_micros(value),
+            _ => {}
+        }
+    }
+    if result.duration.is_zero() {
+        bail!("wrk reported a zero duration");
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_done_hook_line() {
+        let result = parse(
+            "Running 1s test\nwrk-result requests=1000 duration_us=2000000 connect=1 read=2 \
+             write=0 status=0 timeout=3 p50_us=250 p99_us=1200 max_us=9000\n",
+        )
+        .unwrap();
+        assert_eq!(result.requests, 1000);
+        assert_eq!(result.requests_per_second(), 500.0);
+        assert_eq!(result.errors(), 6);
+        assert_eq!(result.p99, Duration::from_micros(1200));
+    }
+
+    #[test]
+    fn script_sets_body_and_extra_headers() {
+        let text = script(r#"{"id":1}"#, &[("Connection", "close")]);
+        assert!(text.contains(r#"wrk.body = '{"id":1}'"#));
+        assert!(text.contains("wrk.headers[\"Connection\"] = \"close\"\n"));
+    }
+}
