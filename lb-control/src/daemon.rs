@@ -80,7 +80,7 @@ async fn run_async(
         .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
     // Likewise the gateway's port and certificate.
     let gateway_bound = match config.gateway.listen {
-        Some(_) => Some(Gateway::bind(&config.gateway).await?),
+        Some(_) => Some(Gateway::bind(&config.gateway)?),
         None => None,
     };
 

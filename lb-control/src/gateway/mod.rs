@@ -29,7 +29,7 @@ use std::{net::SocketAddr, sync::Arc};
 
 use thiserror::Error;
 use tokio::{
-    net::TcpListener,
+    net::TcpSocket,
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -38,6 +38,7 @@ use self::{
     auth::Authenticator,
     server::ConnectionLimits,
     service::{BodyLimits, Pipeline},
+    slots::Slots,
     websocket::WebSocketLimits,
 };
 pub use self::{
@@ -75,13 +76,17 @@ pub enum GatewayError {
     },
     #[error("gateway: the first rotation: {0}")]
     Rotation(#[from] lb_common::maglev::MaglevError),
+    #[error("gateway: starting a serving thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
-/// The gateway's socket and certificate, made before anything else starts: a taken port or a
+/// The gateway's sockets and certificate, made before anything else starts: a taken port or a
 /// bad certificate stops the daemon before it touches the kernel.
 pub struct Bound {
     section: GatewaySection,
-    listener: TcpListener,
+    /// One listening socket per serving thread, all on the same address (`SO_REUSEPORT`: the
+    /// kernel spreads new connections over them).
+    listeners: Vec<std::net::TcpListener>,
     address: SocketAddr,
     certificates: Option<Arc<Certificates>>,
     service: Option<ServiceKey>,
@@ -106,13 +111,38 @@ pub struct GatewayContext {
     pub blocks: mpsc::UnboundedSender<BlockRequest>,
 }
 
+/// Connections wait in the kernel's queue up to this many per listener.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// The serving threads: one per CPU. Each runs its own single-threaded runtime on its own
+/// listener, as nginx runs a worker per core: a request is read, answered and written on one
+/// thread, with no hand-off between threads (a cache hit costs two system calls, a read and a
+/// write, and no futex wake-up; `bench gateway` measured +3.5 % on hits, within its noise).
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// A listening socket on `address` that more sockets may share (`SO_REUSEPORT`).
+fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
 /// A running gateway. Dropping it does not stop it: call [`Gateway::stop`].
 pub struct Gateway {
     address: SocketAddr,
     certificates: Option<Arc<Certificates>>,
     upstream: Arc<Upstream>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    serving: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    /// The serving threads, one per listener.
+    serving: Vec<std::thread::JoinHandle<()>>,
     /// Following the view and writing last-used times: stopped with the server.
     helpers: [JoinHandle<()>; 2],
     /// Follows the nodes' heads and runtime versions for the response cache; stops when dropped.
@@ -121,7 +151,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Loads the certificate and binds `section.listen`.
-    pub async fn bind(section: &GatewaySection) -> Result<Bound, GatewayError> {
+    pub fn bind(section: &GatewaySection) -> Result<Bound, GatewayError> {
         let address = section.listen.ok_or(GatewayError::NoListen)?;
         let certificates = if section.plain_http {
             None
@@ -133,11 +163,16 @@ impl Gateway {
         };
         let service = section.service_key().map_err(GatewayError::Service)?;
         let listen_error = |source| GatewayError::Listen { address, source };
-        let listener = TcpListener::bind(address).await.map_err(listen_error)?;
-        let address = listener.local_addr().map_err(listen_error)?;
+        let first = reuseport_listener(address).map_err(listen_error)?;
+        // With port 0 the first socket's port is the one the others share.
+        let address = first.local_addr().map_err(listen_error)?;
+        let mut listeners = vec![first];
+        for _ in 1..serving_threads() {
+            listeners.push(reuseport_listener(address).map_err(listen_error)?);
+        }
         Ok(Bound {
             section: section.clone(),
-            listener,
+            listeners,
             address,
             certificates,
             service,
@@ -148,7 +183,7 @@ impl Gateway {
     pub fn start(bound: Bound, context: GatewayContext) -> Result<Gateway, GatewayError> {
         let Bound {
             section,
-            listener,
+            listeners,
             address,
             certificates,
             service,
@@ -191,7 +226,7 @@ impl Gateway {
             idle_timeout: section.idle_timeout,
             max_connections_per_ip: section.max_connections_per_ip,
         };
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stopped) = watch::channel(false);
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
             tokio::spawn(async move {
@@ -202,15 +237,23 @@ impl Gateway {
                 }
             }),
         ];
-        let serving = tokio::spawn(server::serve(
-            listener,
-            certificates.clone(),
-            pipeline,
-            limits,
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let counts = Arc::new(Slots::default());
+        let mut serving = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let serve = server::serve_on(
+                listener,
+                certificates.clone(),
+                pipeline.clone(),
+                limits,
+                counts.clone(),
+                stopped.clone(),
+            );
+            let thread = std::thread::Builder::new()
+                .name(format!("gateway-{index}"))
+                .spawn(serve)
+                .map_err(GatewayError::Thread)?;
+            serving.push(thread);
+        }
         Ok(Gateway {
             address,
             certificates,
@@ -241,8 +284,14 @@ impl Gateway {
 
     /// Stops accepting, lets open requests finish (a few seconds at most), stops the rest.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.serving.await;
+        let _ = self.stop.send(true);
+        let threads = self.serving;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
         for task in self.helpers {
             task.abort();
         }

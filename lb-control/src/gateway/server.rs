@@ -35,7 +35,7 @@ use tokio::{
     sync::watch,
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     service::Pipeline,
@@ -53,15 +53,53 @@ pub struct ConnectionLimits {
     pub max_connections_per_ip: u32,
 }
 
-/// Serves until `shutdown` resolves, then lets open requests finish for a while.
+/// The body of a serving thread: a single-threaded runtime serving `listener` until `stop`
+/// turns true. Connections, their requests and their WebSocket sessions stay on this thread.
+pub fn serve_on(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<Certificates>>,
+    pipeline: Arc<Pipeline>,
+    limits: ConnectionLimits,
+    counts: Arc<Slots<IpAddr>>,
+    mut stop: watch::Receiver<bool>,
+) -> impl FnOnce() + Send + 'static {
+    move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                error!("gateway: a serving thread's runtime: {error}");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    error!("gateway: a listening socket: {error}");
+                    return;
+                }
+            };
+            let stopped = async move {
+                let _ = stop.wait_for(|stop| *stop).await;
+            };
+            serve(listener, tls, pipeline, limits, counts, stopped).await;
+        });
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets open requests finish for a while. `counts` are
+/// the open connections per address, shared by every listener of the gateway.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
+    counts: Arc<Slots<IpAddr>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts = Arc::new(Slots::default());
     // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
     // the last one has.
     let (stop, _) = watch::channel(());

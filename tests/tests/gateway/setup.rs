@@ -139,7 +139,7 @@ impl Setup {
             ..GatewaySection::default()
         };
         adjust(&mut section);
-        let bound = Gateway::bind(&section).await.expect("gateway binds");
+        let bound = Gateway::bind(&section).expect("gateway binds");
         let (blocks_tx, blocks) = mpsc::unbounded_channel();
         let gateway = Gateway::start(
             bound,
