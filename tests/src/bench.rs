@@ -66,6 +66,15 @@ pub fn load_average() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The machine a report describes: its kernel release and CPU count.
+pub fn machine() -> (String, usize) {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    (kernel, cpus)
+}
+
 /// Where `name` is on PATH (or in /usr/sbin, /sbin, where nginx and HAProxy live but root's
 /// PATH may not look).
 pub fn find_command(name: &str) -> Option<PathBuf> {

@@ -161,10 +161,7 @@ pub fn markdown(context: &Context<'_>) -> String {
 
 fn write_setup(out: &mut String, context: &Context<'_>) {
     let settings = context.settings;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|text| text.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let (kernel, cpus) = lb_tests::bench::machine();
     let slowest_read = context
         .runs
         .iter()

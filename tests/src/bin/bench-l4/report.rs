@@ -176,10 +176,7 @@ pub fn markdown(context: &Context<'_>) -> String {
 
 fn write_setup(out: &mut String, context: &Context<'_>) {
     let settings = context.settings;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|text| text.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let (kernel, cpus) = lb_tests::bench::machine();
     let _ = writeln!(
         out,
         "- Lab: client → LB → {} nginx nodes (network namespaces, veth), kernel {kernel}, {cpus} \
