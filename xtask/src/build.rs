@@ -12,11 +12,21 @@ pub fn release() -> anyhow::Result<()> {
     cargo(&["build", "--release", "--bins"])
 }
 
-/// Builds in release mode, then replaces this process with the lab or with lb-control, so that
-/// Ctrl-C reaches it directly and its cleanup runs.
+/// Builds what it runs in release mode (not the benchmarks: release builds are whole-program
+/// optimised, a few minutes per binary on a small machine), then replaces this process with
+/// the lab or with lb-control, so that Ctrl-C reaches it directly and its cleanup runs.
 pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
     require_root("running the load balancer")?;
-    release()?;
+    cargo(&[
+        "build",
+        "--release",
+        "--bin",
+        "lb-control",
+        "--bin",
+        "lab",
+        "--bin",
+        "sim-node",
+    ])?;
     let bin_dir = workspace_root().join("target/release");
     let mut command = match config {
         Some(config) => {
