@@ -24,6 +24,13 @@ pub struct Usage {
     pub busy_fraction: f64,
 }
 
+impl Usage {
+    /// Busy CPU time per request, in microseconds.
+    pub fn micros_per(&self, requests: u64) -> f64 {
+        self.busy_seconds * 1e6 / requests.max(1) as f64
+    }
+}
+
 pub fn sample() -> anyhow::Result<Sample> {
     let text =
         std::fs::read_to_string(PROC_STAT).with_context(|| format!("reading {PROC_STAT}"))?;

@@ -5,7 +5,7 @@
 //! - [`sim_node`] is a fast simulated Polkadot node, also built as the `sim-node` binary.
 //! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
 //!   [`load`] keeps many such requests going and records each one's outcome;
-//!   [`ws_client`] is a JSON-RPC WebSocket client for tests.
+//!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
 //!   [`cpu`] (the machine's busy time) and [`wrk`] (load from a lab namespace) and
 //!   [`nginx`] (a reference server or proxy in a lab namespace).
@@ -15,6 +15,7 @@ pub mod cpu;
 pub mod lab;
 pub mod load;
 pub mod nginx;
+pub mod poll;
 pub mod rpc_client;
 pub mod sim_node;
 pub mod wrk;

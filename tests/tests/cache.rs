@@ -3,39 +3,24 @@
 //! the following. And the cache in front of a node, fed by the follower: head-dependent
 //! answers change with the chain and not before, pinned ones never reach the node again.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_control::cache::{
     self, CachePolicy, FetchError, Head, Lookup, ResponseCache, RuntimeVersion, UpstreamAnswer,
 };
+use lb_tests::poll::{self, PATIENCE};
 use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
 /// Fast blocks, so the head moves several times a second.
 const BLOCK_TIME: Duration = Duration::from_millis(150);
-/// How long a test waits for a condition before it fails.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn start_node(id: &str) -> SimNodeHandle {
     let mut config = SimNodeConfig::new(id);
     config.block_time = BLOCK_TIME;
     SimNode::start(config).await.expect("sim-node starts")
-}
-
-/// Polls `condition` until it holds; panics naming `what` after `PATIENCE`.
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// The hash of block `number` as the node has it.
@@ -46,7 +31,7 @@ fn hash_on(node: &SimNodeHandle, number: u64) -> String {
 
 /// Waits until the cache's head is above `number`, then returns it.
 async fn head_above(cache: &ResponseCache, number: u64) -> u64 {
-    wait_until(&format!("the head passes block {number}"), || async {
+    poll::until(&format!("the head passes block {number}"), || async {
         cache.head().is_some_and(|head| head.number > number)
     })
     .await;
@@ -68,18 +53,18 @@ async fn follower_feeds_heads_finality_and_runtime_to_the_cache() {
     let head = cache.head().expect("a head");
     assert_eq!(head.hash, hash_on(&nodes[0], head.number));
 
-    wait_until("a finalized block is known", || async {
+    poll::until("a finalized block is known", || async {
         cache.finalized().is_some()
     })
     .await;
     assert!(cache.finalized() <= Some(cache.head().expect("a head").number));
     let finalized = cache.finalized().expect("finalized");
-    wait_until("finality moves on", || async {
+    poll::until("finality moves on", || async {
         cache.finalized() > Some(finalized)
     })
     .await;
 
-    wait_until("the runtime version is known", || async {
+    poll::until("the runtime version is known", || async {
         cache.runtime().is_some()
     })
     .await;
@@ -134,7 +119,7 @@ async fn follower_reconnects_after_the_node_drops_its_connections() {
     node.set_fault(Fault::CloseConnections);
     // A head or two may still arrive while the node closes its connections.
     let cut_off = u64::from(node.chain_best_number());
-    wait_until("the chain moves on without the follower", || async {
+    poll::until("the chain moves on without the follower", || async {
         u64::from(node.chain_best_number()) > cut_off + 8
     })
     .await;
@@ -259,7 +244,7 @@ async fn pinned_answers_never_reach_the_node_again() {
     let (_list, watched) = watch::channel(vec![node.rpc_addr()]);
     let cache = ResponseCache::new(cache::DEFAULT_MAX_BYTES);
     let _follower = cache::follow(watched, cache.clone());
-    wait_until("a finalized block is known", || async {
+    poll::until("a finalized block is known", || async {
         cache.finalized().is_some()
     })
     .await;

@@ -2,11 +2,11 @@
 //! WebSocket, the chain, subscriptions, every fault, the health endpoints, the control API and
 //! the binary.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use lb_tests::poll::{self, PATIENCE};
 use lb_tests::sim_node::{
     BlockNumber, ControlClient, Fault, NODE_ID_HEADER, SimNode, SimNodeConfig, SimNodeHandle,
 };
@@ -21,7 +21,6 @@ const UNSET_KEY: &str = "0x3a636f6465";
 /// Long enough that the best block does not move while a shape test runs.
 const STEADY_BLOCK_TIME: Duration = Duration::from_secs(3600);
 const FAST_BLOCK_TIME: Duration = Duration::from_millis(50);
-const PATIENCE: Duration = Duration::from_secs(10);
 
 async fn start_node(id: &str, block_time: Duration) -> SimNodeHandle {
     let mut config = SimNodeConfig::new(id);
@@ -48,19 +47,6 @@ async fn http_post(node: &SimNodeHandle, body: &Value) -> Value {
 
 async fn http_call(node: &SimNodeHandle, method: &str, params: Value) -> Value {
     http_post(node, &request(method, params)).await
-}
-
-/// Polls `condition` until it holds; panics naming `what` after `PATIENCE`.
-async fn wait_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn block_number(header: &Value) -> BlockNumber {
@@ -400,7 +386,7 @@ async fn chain_advances_and_nodes_agree_on_every_hash() {
     let a = start_node("agree-a", FAST_BLOCK_TIME).await;
     let b = start_node("agree-b", FAST_BLOCK_TIME).await;
     let start = block_number(&http_call(&a, "chain_getHeader", json!([])).await["result"]);
-    wait_until("the chain grows 3 blocks", || async {
+    poll::until("the chain grows 3 blocks", || async {
         block_number(&http_call(&a, "chain_getHeader", json!([])).await["result"]) >= start + 3
     })
     .await;
@@ -598,7 +584,7 @@ async fn stall_fault_stops_the_head_while_the_chain_moves_on() {
     stalled.set_fault(Fault::Stall);
     let stalled_at =
         block_number(&http_call(&stalled, "chain_getHeader", json!([])).await["result"]);
-    wait_until("the chain moves 5 blocks past the stall", || async {
+    poll::until("the chain moves 5 blocks past the stall", || async {
         block_number(&http_call(&healthy, "chain_getHeader", json!([])).await["result"])
             >= stalled_at + 5
     })

@@ -643,38 +643,56 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_identical_requests_share_one_fetch() {
-        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+    /// `callers` identical calls of `method` at once, whose fetch takes 200 ms and gives
+    /// `answer`: how many fetches were made, and what each caller got.
+    async fn call_at_once(
+        cache: &ResponseCache,
+        callers: usize,
+        method: &'static str,
+        policy: CachePolicy,
+        answer: fn() -> Result<UpstreamAnswer, FetchError>,
+    ) -> (u64, Vec<Result<(Arc<RawValue>, Lookup), FetchError>>) {
         let calls = Arc::new(AtomicU64::new(0));
-        let callers: Vec<_> = (0..100)
+        let callers: Vec<_> = (0..callers)
             .map(|_| {
                 let cache = cache.clone();
                 let calls = Arc::clone(&calls);
                 tokio::spawn(async move {
                     cache
-                        .get_or_fetch(
-                            "state_getMetadata",
-                            &json!([]),
-                            CachePolicy::UntilRuntimeUpgrade,
-                            || async move {
-                                calls.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                Ok(UpstreamAnswer::Result(raw("\"0xmeta\"")))
-                            },
-                        )
+                        .get_or_fetch(method, &json!([]), policy, || async move {
+                            calls.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            answer()
+                        })
                         .await
-                        .expect("an answer")
                 })
             })
             .collect();
-        let mut lookups = Vec::new();
+        let mut outcomes = Vec::new();
         for caller in callers {
-            let (result, lookup) = caller.await.unwrap();
+            outcomes.push(caller.await.unwrap());
+        }
+        (calls.load(Ordering::SeqCst), outcomes)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_identical_requests_share_one_fetch() {
+        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
+        let (calls, outcomes) = call_at_once(
+            &cache,
+            100,
+            "state_getMetadata",
+            CachePolicy::UntilRuntimeUpgrade,
+            || Ok(UpstreamAnswer::Result(raw("\"0xmeta\""))),
+        )
+        .await;
+        let mut lookups = Vec::new();
+        for outcome in outcomes {
+            let (result, lookup) = outcome.expect("an answer");
             assert_eq!(result.get(), "\"0xmeta\"");
             lookups.push(lookup);
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls, 1);
         let count = |kind| lookups.iter().filter(|lookup| **lookup == kind).count();
         assert_eq!((count(Lookup::Miss), count(Lookup::Coalesced)), (1, 99));
         assert_eq!(
@@ -690,36 +708,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn coalesced_callers_share_an_error_which_is_not_cached() {
         let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
-        let calls = Arc::new(AtomicU64::new(0));
-        let callers: Vec<_> = (0..10)
-            .map(|_| {
-                let cache = cache.clone();
-                let calls = Arc::clone(&calls);
-                tokio::spawn(async move {
-                    cache
-                        .get_or_fetch(
-                            "chain_getHeader",
-                            &json!([]),
-                            CachePolicy::UntilNewHead,
-                            || async move {
-                                calls.fetch_add(1, Ordering::SeqCst);
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                                Err(FetchError::Unreachable(
-                                    "node 10.0.0.1:9944: connection refused".to_owned(),
-                                ))
-                            },
-                        )
-                        .await
-                })
-            })
-            .collect();
-        for caller in callers {
-            assert!(matches!(
-                caller.await.unwrap(),
-                Err(FetchError::Unreachable(_))
-            ));
+        let (calls, outcomes) = call_at_once(
+            &cache,
+            10,
+            "chain_getHeader",
+            CachePolicy::UntilNewHead,
+            || {
+                Err(FetchError::Unreachable(
+                    "node 10.0.0.1:9944: connection refused".to_owned(),
+                ))
+            },
+        )
+        .await;
+        for outcome in outcomes {
+            assert!(matches!(outcome, Err(FetchError::Unreachable(_))));
         }
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls, 1);
         let (_, lookup) = cache
             .get_or_fetch(
                 "chain_getHeader",

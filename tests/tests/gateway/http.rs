@@ -11,6 +11,8 @@ use reqwest::{StatusCode, Version};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use lb_tests::poll;
+
 use super::setup::*;
 
 #[tokio::test]
@@ -353,11 +355,10 @@ async fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
 async fn last_use_of_a_key_reaches_the_store() {
     let setup = Setup::start(1).await;
     setup.call("system_chain", json!([])).await;
-    let deadline = Instant::now() + PATIENCE;
-    while setup.store.api_keys().unwrap()[0].last_used.is_none() {
-        assert!(Instant::now() < deadline, "last use never recorded");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll::until("the key's last use is recorded", || async {
+        setup.store.api_keys().unwrap()[0].last_used.is_some()
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -12,6 +12,8 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, protocol::frame::coding::CloseCode};
 
+use lb_tests::poll;
+
 use super::setup::*;
 
 type Client = WsClient<TlsStream<TcpStream>>;
@@ -284,14 +286,10 @@ async fn draining_node_keeps_its_clients_and_a_down_node_sends_them_to_a_live_no
 
     // Draining: no new client goes there, the open one stays.
     setup.set_state(node, State::Draining);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while setup.gateway.node_for(Ipv4Addr::LOCALHOST.into()) == Some(node) {
-        assert!(
-            Instant::now() < deadline,
-            "the draining node is still in rotation"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    poll::until("the draining node leaves the rotation", || async {
+        setup.gateway.node_for(Ipv4Addr::LOCALHOST.into()) != Some(node)
+    })
+    .await;
     let answer = ws.call(UNCACHED_READ, json!([])).await;
     assert_eq!(
         answer["result"], first,

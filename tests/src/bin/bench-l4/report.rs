@@ -51,7 +51,7 @@ pub struct Run {
 impl Run {
     /// Busy CPU time of the whole machine per request, in microseconds.
     pub fn cpu_us_per_request(&self) -> f64 {
-        self.cpu.busy_seconds * 1e6 / self.wrk.requests.max(1) as f64
+        self.cpu.micros_per(self.wrk.requests)
     }
 }
 
