@@ -32,7 +32,7 @@ use etherparse::{
 };
 use lb_common::{
     flow::flow_hash,
-    maps::{BACKEND_DOWN, DropReason, MAX_SERVICES, ServiceKey},
+    maps::{BACKEND_DOWN, BACKEND_UP, DropReason, MAX_SERVICES, ServiceKey},
 };
 use lb_control::dataplane::{
     BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
@@ -1267,6 +1267,124 @@ fn flows_of_a_backend_marked_down_rehash_to_live_backends() {
                 .into(),
             &Packet::tcp(kept.src, vip()),
             b4(3),
+        );
+    });
+}
+
+/// Established flows are served from a per-CPU cache of `FLOWS`; no CPU may go on using a
+/// copy once the flow's entry is replaced, purged or its NAT port taken over. Each step fills
+/// one CPU's cache (two packets: the first copies the entry, the second uses the copy), changes
+/// the flow on the other CPU or from userspace, and comes back to the first: all within the
+/// 25 ticks a copy lasts (the smallest Maglev table keeps `apply` quick), or the copies would
+/// expire on their own and the rows could not tell.
+#[test]
+fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
+    let settings = LbSettings {
+        maglev_table_size: lb_common::maglev::TABLE_SIZES[0],
+        ..settings()
+    };
+    lab("cache", settings, |lab| {
+        let only_2 = nat_tcp(vip(), vec![up(b4(2))]);
+        lab.apply(std::slice::from_ref(&only_2));
+        let flows: Vec<(Packet, u16)> = (40000..40016)
+            .map(|client_port| {
+                let syn = Packet::syn(client(client_port), vip());
+                let port = lab.new_nat_flow(format!("flow from port {client_port}"), &syn, b4(2));
+                (Packet::tcp(client(client_port), vip()), port)
+            })
+            .collect();
+        let both = nat_tcp(vip(), vec![up(b4(2)), up(b4(3))]);
+        lab.apply(std::slice::from_ref(&both));
+        let moving: Vec<&(Packet, u16)> = flows
+            .iter()
+            .filter(|(packet, _)| {
+                lab.maps.maglev_choice(&both.key(), &packet.flow_key()) == Some(b4(3))
+            })
+            .collect();
+        let [(replaced, replaced_port), (purged, purged_port), ..] = moving[..] else {
+            panic!("two of 16 flows the 2-backend table gives backend 3");
+        };
+        let fill = |lab: &mut Lab<'_>, what: &str, packet: &Packet, port: u16| {
+            for copy in ["copied into CPU 0's cache", "served from it"] {
+                lab.established_nat_flow(format!("{what}: {copy}"), packet, b4(2), port);
+            }
+        };
+
+        run_on_cpu(0);
+        fill(lab, "flow A on backend 2", replaced, *replaced_port);
+        run_on_cpu(1);
+        lab.maps.set_backend_state(b4(2), BACKEND_DOWN);
+        let moved_port = lab.new_nat_flow(
+            "CPU 1: backend 2 down (BACKENDS only): flow A's entry is replaced, on backend 3"
+                .into(),
+            replaced,
+            b4(3),
+        );
+        lab.maps.set_backend_state(b4(2), BACKEND_UP);
+        run_on_cpu(0);
+        lab.established_nat_flow(
+            "CPU 0, backend 2 up again: flow A stays on backend 3 (CPU 0's copy was cleared)"
+                .into(),
+            replaced,
+            b4(3),
+            moved_port,
+        );
+
+        fill(lab, "flow B on backend 2", purged, *purged_port);
+        lab.apply(&[nat_tcp(
+            vip(),
+            vec![backend(b4(2), BackendState::Down), up(b4(3))],
+        )]);
+        let moved_port = lab.new_nat_flow(
+            "backend 2 down through apply (flows purged): flow B re-hashes to backend 3".into(),
+            purged,
+            b4(3),
+        );
+        lab.apply(std::slice::from_ref(&both));
+        lab.established_nat_flow(
+            "backend 2 up again: flow B stays on backend 3 (the purge voided every copy)".into(),
+            purged,
+            b4(3),
+            moved_port,
+        );
+    });
+}
+
+/// A flow whose entry the LRU evicted while a CPU still holds a copy: when a new flow takes its
+/// NAT port over on another CPU, the copy goes too, so the port is never used by both.
+#[test]
+fn a_taken_over_nat_port_is_not_used_by_a_cached_copy() {
+    lab("takeover", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let evicted = Packet::tcp(client(20000), vip());
+        run_on_cpu(0);
+        let port = lab.new_nat_flow(
+            "flow from port 20000 takes NAT port 20000".into(),
+            &Packet::syn(client(20000), vip()),
+            b4(2),
+        );
+        for copy in ["copied into CPU 0's cache", "served from it"] {
+            lab.established_nat_flow(format!("its next packet: {copy}"), &evicted, b4(2), port);
+        }
+        lab.maps.evict_flow(&evicted.flow_key());
+
+        run_on_cpu(1);
+        let newcomer = Packet::syn(v4(CLIENT2_V4, 20000), vip());
+        let (action, output) = nat_forwarded(&newcomer, 20000, b4(2));
+        lab.row(Row {
+            description: "CPU 1: a new client takes over port 20000 from the evicted flow".into(),
+            link: CLIENT_LINK,
+            input: newcomer.bytes(),
+            expect: Expect::Forward(action, output),
+            counted: Counted::Forwarded { new_flow: true },
+        });
+        run_on_cpu(0);
+        lab.new_nat_flow(
+            "CPU 0: the evicted flow's next packet is a new flow on another port (its copy \
+             was cleared)"
+                .into(),
+            &evicted,
+            b4(2),
         );
     });
 }

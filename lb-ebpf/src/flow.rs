@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SERVICES_BY_ID, Scratch, lookup,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID, Scratch, flow_cache, lookup,
     parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::{NO_SERVICE, Verdict},
 };
@@ -64,9 +64,11 @@ pub fn established_fast(
     if !ip.has_ports || ip.is_fragment {
         return None;
     }
-    let flow = FLOWS.get_ptr_mut(&ip.key)?;
-    // SAFETY: the pointer comes from the map; the fields written in place (`flags`,
-    // `last_seen_ns`, `blocklist_version`, `service_id`) are advisory or rechecked.
+    let lookup = flow_cache::find(ip)?;
+    let flow = lookup.flow;
+    // SAFETY: the pointer comes from the map (or this CPU's cache slot); the fields written in
+    // place (`flags`, `last_seen_ns`, `blocklist_version`, `service_id`) are advisory or
+    // rechecked.
     let service_id = u32::from(unsafe { (*flow).service_id });
     let service = SERVICES_BY_ID.get(service_id)?;
     let key = &service.key;
@@ -97,6 +99,7 @@ pub fn established_fast(
     if !follow_flow(ip, flow, service_id, &mut scratch.selected) {
         return None;
     }
+    flow_cache::fill(&lookup, &ip.key);
     Some(Ok(service.mode))
 }
 
@@ -107,9 +110,10 @@ pub fn select_backend(
     config: &LbConfig,
 ) -> Result<(), DropReason> {
     let ip = &scratch.ip;
-    if let Some(flow) = FLOWS.get_ptr_mut(&ip.key)
-        && follow_flow(ip, flow, service.id, &mut scratch.selected)
-    {
+    let Some(flow) = FLOWS.get_ptr_mut(&ip.key) else {
+        return new_flow(scratch, service, config);
+    };
+    if follow_flow(ip, flow, service.id, &mut scratch.selected) {
         // The flow's service is back under another id: record it, so the flow's next packets
         // take the established-flow path again.
         // SAFETY: as in `follow_flow`; an advisory field of the entry.
@@ -120,7 +124,11 @@ pub fn select_backend(
         }
         return Ok(());
     }
-    new_flow(scratch, service, config)
+    // The flow starts over (a SYN reopening it, or its backend down): no CPU may keep using
+    // its old entry.
+    let chosen = new_flow(scratch, service, config);
+    flow_cache::forget_everywhere(&scratch.ip.key);
+    chosen
 }
 
 /// A flow's first packet: its backend from the Maglev table, its NAT port, its flow entry.
@@ -135,7 +143,12 @@ fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Resu
     let backend_id = maglev_lookup(service, config, hash).ok_or(DropReason::NoBackend)?;
     let backend = *BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
     let nat_port_be = if service.mode == MODE_NAT {
-        allocate_nat_port(ip, key, &backend, config, hash)?
+        scratch.taken_over.family = 0;
+        let port = allocate_nat_port(ip, key, &backend, config, hash)?;
+        if scratch.taken_over.family != 0 {
+            flow_cache::forget_everywhere(&scratch.taken_over);
+        }
+        port
     } else {
         0
     };
@@ -297,10 +310,13 @@ fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey) -> bool {
         return true;
     };
     if owner == *claimant {
+        record_taken_over(&owner);
         return true;
     }
     // SAFETY: as above.
     let Some(flow) = (unsafe { FLOWS.get(&owner) }) else {
+        // Its entry was evicted or purged, but a CPU may still hold a copy with this port.
+        record_taken_over(&owner);
         return true;
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -309,6 +325,18 @@ fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey) -> bool {
         && now.saturating_sub(flow.last_seen_ns) > CLOSED_FLOW_KEEPS_PORT_NS;
     if closed_long_ago {
         let _ = FLOWS.remove(&owner);
+        record_taken_over(&owner);
     }
     closed_long_ago
+}
+
+/// Notes the flow whose NAT port the new flow takes, for [`new_flow`] to clear from every
+/// CPU's flow cache once (a walk over the CPUs inside the probe loop is more than the verifier
+/// can follow).
+#[inline(always)]
+fn record_taken_over(owner: &FlowKey) {
+    if let Some(scratch) = SCRATCH.get_ptr_mut(0) {
+        // SAFETY: the per-CPU scratch slot is this program run's alone.
+        unsafe { (*scratch).taken_over = *owner };
+    }
 }

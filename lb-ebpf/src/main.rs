@@ -1,7 +1,8 @@
 //! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
 //! its own module and returns a verdict or lets the packet continue.
 //!
-//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (its service checked by id)
+//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, else
+//! `FLOWS`; its service checked by id)
 //! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
 //! (route cache, else FIB) → XDP_TX / redirect.
 //!
@@ -31,6 +32,7 @@
 mod csum;
 mod dsr;
 mod flow;
+mod flow_cache;
 mod forward;
 mod lookup;
 mod nat;
@@ -89,6 +91,17 @@ static MAGLEV: Array<u32> = Array::pinned(1, 0);
 /// Connection tracking: client 5-tuple → backend (and NAT port).
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
+
+/// Recently used flows, per CPU, in slots by a hash of their key: what an established flow's
+/// packets look up first (see `flow_cache`). Not pinned: a new program starts with it empty.
+#[map]
+static FLOW_CACHE: PerCpuArray<flow_cache::CachedFlow> =
+    PerCpuArray::with_max_entries(flow_cache::FLOW_CACHE_SLOTS, 0);
+
+/// One counter userspace bumps after it deletes flows from `FLOWS`: cached copies of flows
+/// filled under an older value are void.
+#[map]
+static FLOW_CACHE_EPOCH: Array<u64> = Array::pinned(1, 0);
 
 /// NAT replies: (backend, NAT port) → the client's 5-tuple. Twice the flows, so a live flow's
 /// reverse entry is not evicted before its forward entry.
@@ -149,6 +162,8 @@ pub struct Scratch {
     pub selected: flow::Selected,
     /// A new flow's entry while it is built.
     pub flow: Flow,
+    /// The flow whose NAT port a new flow took over (family 0: none).
+    pub taken_over: FlowKey,
     pub hop: forward::NextHop,
     pub route: forward::CachedRoute,
     pub fib: forward::FibParams,

@@ -241,6 +241,7 @@ fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
         backends,
         maglev,
         flows,
+        flow_cache_epoch,
     ] = ebpf.maps_disjoint_mut([
         map_names::CONFIG,
         map_names::SERVICES,
@@ -249,6 +250,7 @@ fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
         map_names::BACKENDS,
         map_names::MAGLEV,
         map_names::FLOWS,
+        map_names::FLOW_CACHE_EPOCH,
     ]);
     fn typed<'a, T: TryFrom<&'a mut Map, Error = aya::maps::MapError>>(
         map: Option<&'a mut Map>,
@@ -265,6 +267,7 @@ fn service_maps(ebpf: &mut Ebpf) -> Result<services::Maps<'_>, DataplaneError> {
         backends: typed(backends, map_names::BACKENDS)?,
         maglev: typed(maglev, map_names::MAGLEV)?,
         flows: typed(flows, map_names::FLOWS)?,
+        flow_cache_epoch: typed(flow_cache_epoch, map_names::FLOW_CACHE_EPOCH)?,
     })
 }
 

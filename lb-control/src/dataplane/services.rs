@@ -278,6 +278,7 @@ pub(super) struct Maps<'a> {
     pub backends: Array<&'a mut MapData, Backend>,
     pub maglev: Array<&'a mut MapData, u32>,
     pub flows: HashMap<&'a mut MapData, FlowKey, Flow>,
+    pub flow_cache_epoch: Array<&'a mut MapData, u64>,
 }
 
 /// Writes the desired state into the maps.
@@ -328,7 +329,7 @@ pub(super) fn apply(
     for (&addr, &state) in leaving {
         let id = write_backend(maps, ids, addr, state)?;
         if state == BackendState::Down {
-            report.flows_purged += purge_flows(&mut maps.flows, &[id])?;
+            report.flows_purged += purge_flows(maps, &[id])?;
         }
     }
     report.backends = wanted_backends.len();
@@ -372,7 +373,7 @@ pub(super) fn apply(
                 .set(id, Backend::default(), 0)
                 .map_err(map_error(map_names::BACKENDS))?;
         }
-        report.flows_purged += purge_flows(&mut maps.flows, &stale_ids)?;
+        report.flows_purged += purge_flows(maps, &stale_ids)?;
         for (addr, _) in stale_backends {
             ids.backends.remove(&addr);
             report.backends_removed += 1;
@@ -510,11 +511,11 @@ fn sync_vips(
     Ok(())
 }
 
-/// Deletes the tracked flows of the given backends; returns how many.
-fn purge_flows(
-    flows: &mut HashMap<&mut MapData, FlowKey, Flow>,
-    backend_ids: &[u32],
-) -> Result<usize, DataplaneError> {
+/// Deletes the tracked flows of the given backends, then voids the kernel's cached copies of
+/// flows (its per-CPU flow cache, which userspace cannot reach, holds them until it sees a new
+/// epoch); returns how many were deleted.
+fn purge_flows(maps: &mut Maps<'_>, backend_ids: &[u32]) -> Result<usize, DataplaneError> {
+    let flows = &mut maps.flows;
     let doomed: Vec<FlowKey> = flows
         .iter()
         .filter_map(Result::ok)
@@ -530,7 +531,20 @@ fn purge_flows(
             Err(source) => return Err(map_error(map_names::FLOWS)(source)),
         }
     }
+    bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
     Ok(doomed.len())
+}
+
+/// Voids every copy in the kernel's flow cache. Userspace is the counter's only writer, so
+/// reading and writing it back is safe; the kernel reads it before it copies a flow.
+pub(super) fn bump_flow_cache_epoch(
+    epoch: &mut Array<&mut MapData, u64>,
+) -> Result<(), DataplaneError> {
+    let error = map_error(map_names::FLOW_CACHE_EPOCH);
+    let current = epoch.get(&0, 0).map_err(error)?;
+    epoch
+        .set(0, current.wrapping_add(1), 0)
+        .map_err(map_error(map_names::FLOW_CACHE_EPOCH))
 }
 
 /// Sends one datagram to each backend's discard port, so the kernel resolves its neighbour
