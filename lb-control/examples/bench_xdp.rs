@@ -19,7 +19,9 @@
 //!   port). Every run does all the work of an established flow (flow and backend lookups,
 //!   rewrite with checksum updates, next hop (the cached route; the reply path asks the FIB),
 //!   MACs, redirect); only the TTL goes down, so a call is at most 250 runs, starting from TTL
-//!   255. The median of many calls.
+//!   255. The median of many calls. Its flow comes from the CPU's flow cache (a busy flow's
+//!   steady state); the same loop with SYN and ACK set, segments the cache leaves out, takes
+//!   the flow from `FLOWS` (the LRU hash map) on every run: the cache-miss row.
 //! - *marginal*: the cost of one more run of a loop, from calls of two lengths run in turn,
 //!   [`LOOP_REPEAT`] and [`SHORT_LOOP`] runs: (250 t_250 - 25 t_25) / 225 over the medians of the
 //!   per-call means. A call's first runs are slow (after the syscall the kernel re-points its
@@ -301,6 +303,10 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let loop_forward = Packet::tcp(v4(NAT_SOURCE, 25000), loop_vip)
         .ttl(255)
         .bytes();
+    let loop_forward_uncached = Packet::tcp(v4(NAT_SOURCE, 25000), loop_vip)
+        .flags(TCP_SYN | TCP_ACK)
+        .ttl(255)
+        .bytes();
     let loop_reply = Packet::tcp(loop_vip, v4(NAT_SOURCE, 25000))
         .ttl(255)
         .bytes();
@@ -396,8 +402,8 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         method: "loop",
         ns: established_loop.long,
         note: format!(
-            "flow (its service checked by id), backend, rewrite, checksums, cached route, \
-             redirect; a call's warm-up: {:.1} us",
+            "flow from this CPU's flow cache (its service checked by id), backend, rewrite, \
+             checksums, cached route, redirect; a call's warm-up: {:.1} us",
             established_loop.warm_up_us()
         ),
     });
@@ -405,6 +411,26 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         path: "established flow, NAT v4",
         method: "marginal",
         ns: established_loop.marginal(),
+        note: "one more run, warm-up left out".into(),
+    });
+    // The same flow's segments with SYN and ACK set: the flow cache leaves out segments that
+    // may change a flow, so each run looks the flow up in FLOWS (and is otherwise the same
+    // established path: a SYN-ACK neither reopens nor closes a flow).
+    let uncached_loop = looped(&loop_forward_uncached, "established loop, flow-cache miss")?;
+    rows.push(Row {
+        path: "established flow, NAT v4, flow-cache miss",
+        method: "loop",
+        ns: uncached_loop.long,
+        note: format!(
+            "as above with the flow from FLOWS (LRU hash map) instead of this CPU's flow cache; \
+             a call's warm-up: {:.1} us",
+            uncached_loop.warm_up_us()
+        ),
+    });
+    rows.push(Row {
+        path: "established flow, NAT v4, flow-cache miss",
+        method: "marginal",
+        ns: uncached_loop.marginal(),
         note: "one more run, warm-up left out".into(),
     });
     let reply_loop = looped(&loop_reply, "reply loop")?;
