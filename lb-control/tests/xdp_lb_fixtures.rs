@@ -356,6 +356,14 @@ impl Lab<'_> {
         });
     }
 
+    /// Two rows for packets of an established NAT flow, on the CPU the thread runs on: the
+    /// first copies its entry into that CPU's flow cache, the second is served from the copy.
+    fn cached_nat_flow(&mut self, what: &str, packet: &Packet, backend: SocketAddr, port: u16) {
+        for copy in ["copied into this CPU's flow cache", "served from it"] {
+            self.established_nat_flow(format!("{what}: {copy}"), packet, backend, port);
+        }
+    }
+
     fn passed(&mut self, description: &str, link: &'static str, input: Vec<u8>) {
         self.row(Row {
             description: description.to_owned(),
@@ -1304,14 +1312,9 @@ fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
         let [(replaced, replaced_port), (purged, purged_port), ..] = moving[..] else {
             panic!("two of 16 flows the 2-backend table gives backend 3");
         };
-        let fill = |lab: &mut Lab<'_>, what: &str, packet: &Packet, port: u16| {
-            for copy in ["copied into CPU 0's cache", "served from it"] {
-                lab.established_nat_flow(format!("{what}: {copy}"), packet, b4(2), port);
-            }
-        };
 
         run_on_cpu(0);
-        fill(lab, "flow A on backend 2", replaced, *replaced_port);
+        lab.cached_nat_flow("flow A on backend 2", replaced, b4(2), *replaced_port);
         run_on_cpu(1);
         lab.maps.set_backend_state(b4(2), BACKEND_DOWN);
         let moved_port = lab.new_nat_flow(
@@ -1330,7 +1333,7 @@ fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
             moved_port,
         );
 
-        fill(lab, "flow B on backend 2", purged, *purged_port);
+        lab.cached_nat_flow("flow B on backend 2", purged, b4(2), *purged_port);
         lab.apply(&[nat_tcp(
             vip(),
             vec![backend(b4(2), BackendState::Down), up(b4(3))],
@@ -1363,9 +1366,7 @@ fn a_taken_over_nat_port_is_not_used_by_a_cached_copy() {
             &Packet::syn(client(20000), vip()),
             b4(2),
         );
-        for copy in ["copied into CPU 0's cache", "served from it"] {
-            lab.established_nat_flow(format!("its next packet: {copy}"), &evicted, b4(2), port);
-        }
+        lab.cached_nat_flow("its next packets", &evicted, b4(2), port);
         lab.maps.evict_flow(&evicted.flow_key());
 
         run_on_cpu(1);

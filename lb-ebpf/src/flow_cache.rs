@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::{
-    FLOW_CACHE, FLOW_CACHE_EPOCH,
+    FLOW_CACHE, FLOW_CACHE_EPOCH, FLOWS,
     parse::{IpPacket, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -57,7 +57,7 @@ pub struct Lookup {
     now: u64,
     /// The flow, in the slot (a hit) or in `FLOWS`.
     pub flow: *mut Flow,
-    pub hit: bool,
+    hit: bool,
 }
 
 /// The packet's tracked flow: from this CPU's cache when it holds a current copy, else from
@@ -80,7 +80,7 @@ pub fn find(ip: &IpPacket) -> Option<Lookup> {
     let flow = if hit {
         &mut cached.flow as *mut Flow
     } else {
-        crate::FLOWS.get_ptr_mut(&ip.key)?
+        FLOWS.get_ptr_mut(&ip.key)?
     };
     Some(Lookup {
         slot,

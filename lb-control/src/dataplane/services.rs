@@ -537,14 +537,10 @@ fn purge_flows(maps: &mut Maps<'_>, backend_ids: &[u32]) -> Result<usize, Datapl
 
 /// Voids every copy in the kernel's flow cache. Userspace is the counter's only writer, so
 /// reading and writing it back is safe; the kernel reads it before it copies a flow.
-pub(super) fn bump_flow_cache_epoch(
-    epoch: &mut Array<&mut MapData, u64>,
-) -> Result<(), DataplaneError> {
+fn bump_flow_cache_epoch(epoch: &mut Array<&mut MapData, u64>) -> Result<(), DataplaneError> {
     let error = map_error(map_names::FLOW_CACHE_EPOCH);
-    let current = epoch.get(&0, 0).map_err(error)?;
-    epoch
-        .set(0, current.wrapping_add(1), 0)
-        .map_err(map_error(map_names::FLOW_CACHE_EPOCH))
+    let current = epoch.get(&0, 0).map_err(&error)?;
+    epoch.set(0, current.wrapping_add(1), 0).map_err(error)
 }
 
 /// Sends one datagram to each backend's discard port, so the kernel resolves its neighbour
