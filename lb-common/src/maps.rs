@@ -165,7 +165,9 @@ pub struct LbConfig {
     pub nat_port_min: u16,
     pub nat_port_max: u16,
     pub flags: u32,
-    pub _pad: u32,
+    /// How long a closed TCP flow's NAT port stays out of other flows' reach (its own
+    /// reopening takes it at once): longer than the backends' TIME_WAIT.
+    pub nat_port_hold_ms: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<LbConfig>() == 80);

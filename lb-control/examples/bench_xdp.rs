@@ -169,6 +169,7 @@ fn settings() -> LbSettings {
         // Wide enough that 20 000 new flows over 4 backends fill an eighth of it: about one
         // probe per flow, as in steady operation.
         nat_ports: 20000..=59999,
+        nat_port_hold: std::time::Duration::from_secs(61),
         dsr_source_v4: DSR_SOURCE_V4,
         dsr_source_v6: DSR_SOURCE_V6,
         maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,

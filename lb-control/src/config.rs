@@ -330,6 +330,13 @@ pub struct DataplaneSection {
     /// First and last NAT source port; reserved from the kernel's own use.
     #[serde(default = "default_nat_ports")]
     pub nat_ports: [u16; 2],
+    /// How long a closed TCP connection's NAT port is kept from other clients: longer than the
+    /// backends' TIME_WAIT (60 s on Linux), or their PAWS check refuses some new connections.
+    #[serde(
+        default = "default_nat_port_hold",
+        deserialize_with = "crate::health::parse_duration"
+    )]
+    pub nat_port_hold: Duration,
     /// DSR outer source prefix (a /24 for IPv4, /112 for IPv6: the flow hash fills the rest).
     #[serde(default = "default_dsr_source_v4")]
     pub dsr_source_v4: Ipv4Addr,
@@ -390,6 +397,7 @@ impl Default for DataplaneSection {
             nat_source_v4: None,
             nat_source_v6: None,
             nat_ports: default_nat_ports(),
+            nat_port_hold: default_nat_port_hold(),
             dsr_source_v4: default_dsr_source_v4(),
             dsr_source_v6: default_dsr_source_v6(),
             fragments: FragmentPolicy::default(),
@@ -430,6 +438,10 @@ fn default_max_flows() -> u32 {
 
 fn default_nat_ports() -> [u16; 2] {
     [20_000, 49_999]
+}
+
+fn default_nat_port_hold() -> Duration {
+    Duration::from_secs(61)
 }
 
 fn default_dsr_source_v4() -> Ipv4Addr {
@@ -592,6 +604,7 @@ impl Config {
             nat_source_v4: dataplane.nat_source_v4,
             nat_source_v6: dataplane.nat_source_v6,
             nat_ports: dataplane.nat_ports[0]..=dataplane.nat_ports[1],
+            nat_port_hold: dataplane.nat_port_hold,
             dsr_source_v4: dataplane.dsr_source_v4,
             dsr_source_v6: dataplane.dsr_source_v6,
             maglev_table_size: dataplane.maglev_table_size,

@@ -154,8 +154,16 @@ impl NatPorts {
         let size = u32::from(*self.range.end()) - min + 1;
         let client_port = packet.src.port();
         (0..NAT_PORT_PROBES).find_map(|probe| {
-            let port = if probe == 0 && self.range.contains(&client_port) {
-                client_port
+            // First the client's port folded into the range, so a reconnect from the same
+            // port meets the backend on the same NAT 4-tuple.
+            let port = if probe == 0 {
+                let port = u32::from(client_port);
+                let past_min = if port >= min {
+                    port - min
+                } else {
+                    port + 0x1_0000 - min
+                };
+                (min + past_min % size) as u16
             } else {
                 (min + hash.wrapping_add(probe.wrapping_mul(0x9e37_79b9)) % size) as u16
             };
@@ -182,6 +190,7 @@ fn settings() -> LbSettings {
         nat_source_v4: Some(NAT_SOURCE_V4),
         nat_source_v6: Some(NAT_SOURCE_V6),
         nat_ports: 20000..=29999,
+        nat_port_hold: std::time::Duration::from_secs(61),
         dsr_source_v4: DSR_SOURCE_V4,
         dsr_source_v6: DSR_SOURCE_V6,
         maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
@@ -669,14 +678,15 @@ fn nat_v4_tcp_new_flow_established_flow_and_reply() {
         let syn = Packet::syn(client(40000), vip());
         let port = lab.new_nat_flow(
             "new TCP flow (SYN, client port outside the NAT range): dst -> backend, src -> NAT \
-             source and a hashed port, TTL-1, redirected to the backend link"
+             source and the client's port folded into the range, TTL-1, redirected to the \
+             backend link"
                 .into(),
             &syn,
             b4(2),
         );
-        assert!(
-            !lab.nat.range.contains(&40000) && lab.nat.range.contains(&port),
-            "the NAT port {port} must come from the range"
+        assert_eq!(
+            port, 20000,
+            "client port 40000 folds onto 20000 of the range 20000-29999"
         );
         let data = Packet::tcp(client(40000), vip());
         lab.established_nat_flow(
@@ -1782,6 +1792,66 @@ fn nat_ports_come_back_from_reopened_and_purged_flows() {
                 .into(),
             link: CLIENT_LINK,
             input: newcomer.bytes(),
+            expect: Expect::Forward(action, output),
+            counted: Counted::Forwarded { new_flow: true },
+        });
+    });
+}
+
+#[test]
+fn a_closed_connection_s_nat_port_is_held_from_other_clients() {
+    let settings = LbSettings {
+        nat_ports: 20000..=20001,
+        ..settings()
+    };
+    // Well past the last ACKs' 0.5 s, well within the 61 s hold.
+    let a_while = std::time::Duration::from_secs(10);
+    lab("hold", settings, |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let first = Packet::syn(client(20000), vip());
+        lab.new_nat_flow(
+            "the first client's flow takes port 20000".into(),
+            &first,
+            b4(2),
+        );
+        let closing = Packet::tcp(client(20000), vip()).flags(TCP_RST);
+        lab.established_nat_flow("its RST closes the flow".into(), &closing, b4(2), 20000);
+        lab.maps.age_flow(&first.flow_key(), a_while);
+        // Its port 20000 is the other client's first choice too; the model skips it as used.
+        let second = Packet::syn(v4(CLIENT2_V4, 20000), vip());
+        let port = lab.new_nat_flow(
+            "another client's SYN 10 s later passes over the held port 20000 (the backend is \
+             in TIME_WAIT for it) and takes the free 20001"
+                .into(),
+            &second,
+            b4(2),
+        );
+        assert_eq!(port, 20001, "the free port of the two");
+        let (action, output) = nat_forwarded(&first, 20000, b4(2));
+        lab.row(Row {
+            description: "the first client reconnecting from the same port takes 20000 at once"
+                .into(),
+            link: CLIENT_LINK,
+            input: first.bytes(),
+            expect: Expect::Forward(action, output),
+            counted: Counted::Forwarded { new_flow: true },
+        });
+        lab.established_nat_flow("it closes again".into(), &closing, b4(2), 20000);
+        let third = Packet::syn(client(20002), vip());
+        lab.dropped(
+            "a third flow right after: one port live, the other closed just now: \
+             nat_ports_exhausted",
+            third.bytes(),
+            Counted::ServiceDrop(DropReason::NatPortsExhausted),
+        );
+        lab.maps.age_flow(&first.flow_key(), a_while);
+        let (action, output) = nat_forwarded(&third, 20000, b4(2));
+        lab.row(Row {
+            description: "the third flow 10 s later: with no port free, the one closed for \
+             longer than its last ACKs need is reused rather than the SYN dropped"
+                .into(),
+            link: CLIENT_LINK,
+            input: third.bytes(),
             expect: Expect::Forward(action, output),
             counted: Counted::Forwarded { new_flow: true },
         });

@@ -241,10 +241,16 @@ fn maglev_lookup(service: &Service, config: &LbConfig, hash: u32) -> Option<u32>
     (backend_id != NO_BACKEND).then_some(backend_id)
 }
 
-/// Finds a free NAT source port: the client's own when it lies in the range, then hashed
-/// probes. The reverse entry is inserted with BPF_NOEXIST, so two live flows never share a
-/// port; a port whose flow is gone, or closed a while ago, is taken over (see
-/// [`is_reclaimable`]), so closed connections give their ports back.
+/// Finds a free NAT source port: first the client's port folded into the range (the port
+/// itself when it lies there), then hashed probes. The reverse entry is inserted with
+/// BPF_NOEXIST, so two live flows never share a port; a port whose flow is gone, or closed
+/// long enough ago, is taken over (see [`is_reclaimable`]), so closed connections give their
+/// ports back.
+///
+/// The first choice depends on the client's port alone, so a client that reconnects from the
+/// same port gets the same NAT 4-tuple at the backend, and the backend's TIME_WAIT for it
+/// accepts the new SYN (its timestamps continue the old connection's). One client's ports,
+/// fewer than the range holds, never fold onto each other.
 // A call of its own: its probe key stays out of `select_backend`'s stack frame.
 #[inline(never)]
 fn allocate_nat_port(
@@ -269,41 +275,59 @@ fn allocate_nat_port(
         family: ip.key.family,
         _pad: [0; 2],
     };
-    for probe in 0..NAT_PORT_PROBES {
-        let port = if probe == 0 && client_port >= min && client_port <= max {
-            client_port
-        } else {
-            // A different odd multiplier per probe walks the range in a flow-specific order.
-            let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b9));
-            min + offset.checked_rem(range).unwrap_or(0)
-        };
-        nat_key.nat_port_be = (port as u16).to_be();
-        if NAT_REVERSE
-            .insert(&nat_key, key, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Ok(nat_key.nat_port_be);
-        }
-        if is_reclaimable(&nat_key, key) && NAT_REVERSE.insert(&nat_key, key, 0).is_ok() {
-            return Ok(nat_key.nat_port_be);
+    // Every probe under the full hold first; only when all of them meet live or held ports
+    // does one closed for the short hold go to another client: a SYN the backend may turn
+    // away (a 1 s retransmission for that client) beats a certain drop.
+    let full_hold_ns = u64::from(config.nat_port_hold_ms) * 1_000_000;
+    for hold_ns in [full_hold_ns, full_hold_ns.min(CLOSED_FLOW_KEEPS_PORT_NS)] {
+        for probe in 0..NAT_PORT_PROBES {
+            let port = if probe == 0 {
+                // Ports below the range count on from 65536, so they fold after the others.
+                let past_min = if client_port >= min {
+                    client_port - min
+                } else {
+                    client_port + 0x1_0000 - min
+                };
+                min + past_min.checked_rem(range).unwrap_or(0)
+            } else {
+                // A different odd multiplier per probe walks the range in a flow-specific order.
+                let offset = hash.wrapping_add(probe.wrapping_mul(0x9e37_79b9));
+                min + offset.checked_rem(range).unwrap_or(0)
+            };
+            nat_key.nat_port_be = (port as u16).to_be();
+            if NAT_REVERSE
+                .insert(&nat_key, key, u64::from(BPF_NOEXIST))
+                .is_ok()
+            {
+                return Ok(nat_key.nat_port_be);
+            }
+            if is_reclaimable(&nat_key, key, hold_ns)
+                && NAT_REVERSE.insert(&nat_key, key, 0).is_ok()
+            {
+                return Ok(nat_key.nat_port_be);
+            }
         }
     }
     Err(DropReason::NatPortsExhausted)
 }
 
-/// How long a closed flow keeps its NAT port, for the last ACKs and a retransmitted FIN. It
-/// bounds the rate of new connections per backend to (NAT ports) / (this hold): 60,000/s with
-/// the default 30,000 ports. (The backend's TIME_WAIT for the old 4-tuple is no obstacle: a
-/// SYN with newer timestamps reopens it.)
+/// The shortest a closed flow keeps its NAT port from other flows, even when every port is
+/// held: time for the last ACKs and a retransmitted FIN.
 const CLOSED_FLOW_KEEPS_PORT_NS: u64 = 500_000_000;
 
 /// Whether the NAT port `nat_key` names may go to the flow `claimant`: its owner is the
 /// claimant itself (a connection reopened on the same 5-tuple), or the owner's flow is gone
-/// (evicted or purged), or it closed more than `CLOSED_FLOW_KEEPS_PORT_NS` ago. A taken-over
-/// owner's flow entry is deleted, so a late packet of it cannot use the port's new mapping.
+/// (evicted or purged), or it closed more than `hold_ns` ago. A taken-over owner's flow entry
+/// is deleted, so a late packet of it cannot use the port's new mapping.
+///
+/// The full hold (`LbConfig::nat_port_hold_ms`, 61 s by default) outlasts the backend's
+/// TIME_WAIT for the old NAT 4-tuple. Another client's SYN on that 4-tuple would carry timestamps from an
+/// unrelated clock (Linux offsets them per 4-tuple), and the backend's PAWS check turns away
+/// about half of such SYNs: the client waits a second for its retransmission. The owner's own
+/// reopening continues its clock and is taken at once.
 // A call of its own: the owner's key and flow stay out of the allocator's stack frame.
 #[inline(never)]
-fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey) -> bool {
+fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey, hold_ns: u64) -> bool {
     // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
     let Some(owner) = (unsafe { NAT_REVERSE.get(nat_key) }).copied() else {
         // Evicted since the insert failed: free now.
@@ -321,8 +345,8 @@ fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey) -> bool {
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let closed_long_ago = flow.flags & FLOW_CLOSING != 0
-        && now.saturating_sub(flow.last_seen_ns) > CLOSED_FLOW_KEEPS_PORT_NS;
+    let closed_long_ago =
+        flow.flags & FLOW_CLOSING != 0 && now.saturating_sub(flow.last_seen_ns) > hold_ns;
     if closed_long_ago {
         let _ = FLOWS.remove(&owner);
         record_taken_over(&owner);

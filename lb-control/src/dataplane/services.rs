@@ -8,6 +8,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     ops::RangeInclusive,
+    time::Duration,
 };
 
 use aya::maps::{Array, HashMap, MapData};
@@ -117,6 +118,8 @@ pub struct LbSettings {
     pub nat_source_v6: Option<Ipv6Addr>,
     /// Source ports of NAT-mode traffic; reserved from the kernel's own port choices.
     pub nat_ports: RangeInclusive<u16>,
+    /// How long a closed TCP flow's NAT port is kept from other flows.
+    pub nat_port_hold: Duration,
     /// DSR outer source prefixes (the low 16 bits vary per flow).
     pub dsr_source_v4: Ipv4Addr,
     pub dsr_source_v6: Ipv6Addr,
@@ -419,7 +422,11 @@ fn kernel_config(settings: &LbSettings) -> LbConfig {
         } else {
             0
         },
-        _pad: 0,
+        nat_port_hold_ms: settings
+            .nat_port_hold
+            .as_millis()
+            .try_into()
+            .unwrap_or(u32::MAX),
     }
 }
 
