@@ -244,7 +244,7 @@ fn maglev_lookup(service: &Service, config: &LbConfig, hash: u32) -> Option<u32>
 /// Finds a free NAT source port: first the client's port folded into the range (the port
 /// itself when it lies there), then hashed probes. The reverse entry is inserted with
 /// BPF_NOEXIST, so two live flows never share a port; a port whose flow is gone, or closed
-/// long enough ago, is taken over (see [`is_reclaimable`]), so closed connections give their
+/// long enough ago, is taken over (see [`may_take_over`]), so closed connections give their
 /// ports back.
 ///
 /// The first choice depends on the client's port alone, so a client that reconnects from the
@@ -295,15 +295,25 @@ fn allocate_nat_port(
                 min + offset.checked_rem(range).unwrap_or(0)
             };
             nat_key.nat_port_be = (port as u16).to_be();
-            if NAT_REVERSE
-                .insert(&nat_key, key, u64::from(BPF_NOEXIST))
-                .is_ok()
-            {
-                return Ok(nat_key.nat_port_be);
-            }
-            if is_reclaimable(&nat_key, key, hold_ns)
-                && NAT_REVERSE.insert(&nat_key, key, 0).is_ok()
-            {
+            // Looked up before any insert: an LRU map takes a free node for every insert, even
+            // one that fails, and most ports asked for are the reconnecting owner's own.
+            // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
+            let taken = match unsafe { NAT_REVERSE.get(&nat_key) }.copied() {
+                // Another CPU may claim it first; BPF_NOEXIST makes that this probe's loss.
+                None => NAT_REVERSE
+                    .insert(&nat_key, key, u64::from(BPF_NOEXIST))
+                    .is_ok(),
+                Some(owner) if owner == *key => {
+                    // The reverse entry already names this flow: a connection reopened on its
+                    // 5-tuple. Cached copies of the old flow go all the same.
+                    record_taken_over(&owner);
+                    true
+                }
+                Some(owner) => {
+                    may_take_over(&owner, hold_ns) && NAT_REVERSE.insert(&nat_key, key, 0).is_ok()
+                }
+            };
+            if taken {
                 return Ok(nat_key.nat_port_be);
             }
         }
@@ -315,32 +325,21 @@ fn allocate_nat_port(
 /// held: time for the last ACKs and a retransmitted FIN.
 const CLOSED_FLOW_KEEPS_PORT_NS: u64 = 500_000_000;
 
-/// Whether the NAT port `nat_key` names may go to the flow `claimant`: its owner is the
-/// claimant itself (a connection reopened on the same 5-tuple), or the owner's flow is gone
-/// (evicted or purged), or it closed more than `hold_ns` ago. A taken-over owner's flow entry
-/// is deleted, so a late packet of it cannot use the port's new mapping.
+/// Whether another flow may take the NAT port of `owner`: its flow is gone (evicted or
+/// purged), or it closed more than `hold_ns` ago. A taken-over owner's flow entry is deleted,
+/// so a late packet of it cannot use the port's new mapping.
 ///
 /// The full hold (`LbConfig::nat_port_hold_ms`, 61 s by default) outlasts the backend's
-/// TIME_WAIT for the old NAT 4-tuple. Another client's SYN on that 4-tuple would carry timestamps from an
-/// unrelated clock (Linux offsets them per 4-tuple), and the backend's PAWS check turns away
-/// about half of such SYNs: the client waits a second for its retransmission. The owner's own
-/// reopening continues its clock and is taken at once.
-// A call of its own: the owner's key and flow stay out of the allocator's stack frame.
+/// TIME_WAIT for the old NAT 4-tuple. Another client's SYN on that 4-tuple would carry
+/// timestamps from an unrelated clock (Linux offsets them per 4-tuple), and the backend's PAWS
+/// check turns away about half of such SYNs: the client waits a second for its retransmission.
+// A call of its own: the owner's flow stays out of the allocator's stack frame.
 #[inline(never)]
-fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey, hold_ns: u64) -> bool {
-    // SAFETY: the value is copied out at once; LRU entries may be evicted concurrently.
-    let Some(owner) = (unsafe { NAT_REVERSE.get(nat_key) }).copied() else {
-        // Evicted since the insert failed: free now.
-        return true;
-    };
-    if owner == *claimant {
-        record_taken_over(&owner);
-        return true;
-    }
-    // SAFETY: as above.
-    let Some(flow) = (unsafe { FLOWS.get(&owner) }) else {
+fn may_take_over(owner: &FlowKey, hold_ns: u64) -> bool {
+    // SAFETY: the entry is read at once; LRU entries may be evicted concurrently.
+    let Some(flow) = (unsafe { FLOWS.get(owner) }) else {
         // Its entry was evicted or purged, but a CPU may still hold a copy with this port.
-        record_taken_over(&owner);
+        record_taken_over(owner);
         return true;
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -348,8 +347,8 @@ fn is_reclaimable(nat_key: &NatKey, claimant: &FlowKey, hold_ns: u64) -> bool {
     let closed_long_ago =
         flow.flags & FLOW_CLOSING != 0 && now.saturating_sub(flow.last_seen_ns) > hold_ns;
     if closed_long_ago {
-        let _ = FLOWS.remove(&owner);
-        record_taken_over(&owner);
+        let _ = FLOWS.remove(owner);
+        record_taken_over(owner);
     }
     closed_long_ago
 }

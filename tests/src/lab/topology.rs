@@ -151,17 +151,26 @@ impl Topology {
     fn connect(&self, host: &Host) -> Result<(), LabError> {
         let lb = self.lb.netns.as_str();
         let lb_iface = host.gateway_iface_in_lb.as_str();
+        let queues = queues_per_link().to_string();
         run_ip(&[
             "-n",
             &host.netns,
             "link",
             "add",
             &host.iface,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "type",
             "veth",
             "peer",
             "name",
             lb_iface,
+            "numtxqueues",
+            &queues,
+            "numrxqueues",
+            &queues,
             "netns",
             lb,
         ])?;
@@ -262,6 +271,12 @@ fn add_addresses(netns: &str, iface: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result
         iface,
         "nodad",
     ])
+}
+
+/// A queue per CPU on each end of every link, as on a multi-queue NIC: a single-queue veth
+/// with XDP receives through one NAPI instance, so one CPU at a time serves all of its traffic.
+fn queues_per_link() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn disable_tx_offload(netns: &str, iface: &str, also: &[&str]) -> Result<(), LabError> {
