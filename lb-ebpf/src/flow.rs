@@ -12,7 +12,7 @@ use lb_common::{
 
 use crate::{
     BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID, Scratch, flow_cache, lookup,
-    parse::{IPPROTO_TCP, IpPacket, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{IPPROTO_TCP, IpPacket, TCP_FIN, TCP_RST},
     stats::{NO_SERVICE, Verdict},
 };
 
@@ -50,7 +50,7 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
 /// id the flow recorded) still has the packet's destination, fills in its backend and returns
 /// the service's mode; or the verdict of a packet that cannot go on. `None` leaves the packet
 /// to the full path (service by key, then tracked or new flow): no tracked flow, its service
-/// gone or changed, its backend down, or a SYN reopening it.
+/// gone or changed, its backend down, or a connection attempt (SYN).
 ///
 /// `check_blocklist`: the packet's source still needs the blocklist check. A flow whose source
 /// passed it under the current blocklist version skips it; else it is done here (a blocked
@@ -61,7 +61,9 @@ pub fn established_fast(
     check_blocklist: &mut bool,
 ) -> Option<Result<u32, Verdict>> {
     let ip = &scratch.ip;
-    if !ip.has_ports || ip.is_fragment {
+    // A connection attempt is mostly a new flow: one `FLOWS` lookup, in `select_backend`, serves
+    // it and the rarer retransmitted or reopening SYN.
+    if !ip.has_ports || ip.is_fragment || ip.is_connection_attempt() {
         return None;
     }
     let lookup = flow_cache::find(ip)?;
@@ -125,9 +127,12 @@ pub fn select_backend(
         return Ok(());
     }
     // The flow starts over (a SYN reopening it, or its backend down): no CPU may keep using
-    // its old entry.
+    // its old entry. A reconnecting client usually gets its own NAT port back, and then
+    // `new_flow` has cleared the flow's copies already.
     let chosen = new_flow(scratch, service, config);
-    flow_cache::forget_everywhere(&scratch.ip.key);
+    if !flow_cache::same_key(&scratch.taken_over, &scratch.ip.key) {
+        flow_cache::forget_everywhere(&scratch.ip.key);
+    }
     chosen
 }
 
@@ -140,10 +145,10 @@ fn new_flow(scratch: &mut Scratch, service: &Service, config: &LbConfig) -> Resu
     let hash = hash_flow(key);
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    scratch.taken_over.family = 0;
     let backend_id = maglev_lookup(service, config, hash).ok_or(DropReason::NoBackend)?;
     let backend = *BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
     let nat_port_be = if service.mode == MODE_NAT {
-        scratch.taken_over.family = 0;
         let port = allocate_nat_port(ip, key, &backend, config, hash)?;
         if scratch.taken_over.family != 0 {
             flow_cache::forget_everywhere(&scratch.taken_over);
@@ -190,9 +195,7 @@ fn follow_flow(ip: &IpPacket, flow: *mut Flow, service_id: u32, selected: &mut S
     // SAFETY: the pointer comes from the map; a concurrent update of the same entry can only
     // race on `flags` and `last_seen_ns`, both advisory.
     let current = unsafe { &*flow };
-    let reopened = ip.key.proto == IPPROTO_TCP
-        && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-        && current.flags & FLOW_CLOSING != 0;
+    let reopened = ip.is_connection_attempt() && current.flags & FLOW_CLOSING != 0;
     let backend_id = current.backend_id;
     let Some(backend) = BACKENDS.get(backend_id) else {
         return false;

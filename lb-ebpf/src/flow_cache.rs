@@ -147,7 +147,7 @@ fn slot_of(key: &FlowKey) -> u32 {
 }
 
 #[inline(always)]
-fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
+pub fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
     let (a, b) = (words(a), words(b));
     (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) == 0
 }

@@ -77,7 +77,13 @@ impl IpPacket {
         self.has_ports
             && !self.is_fragment
             && self.key.proto == IPPROTO_TCP
-            && self.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+            && !self.is_connection_attempt()
+    }
+
+    /// A TCP SYN without ACK: a client opening (or reopening) a connection.
+    #[inline(always)]
+    pub fn is_connection_attempt(&self) -> bool {
+        self.key.proto == IPPROTO_TCP && self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 
