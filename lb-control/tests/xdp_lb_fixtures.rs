@@ -1290,7 +1290,8 @@ fn flows_of_a_backend_marked_down_rehash_to_live_backends() {
 }
 
 /// Established flows are served from a per-CPU cache of `FLOWS`; no CPU may go on using a
-/// copy once the flow's entry is replaced, purged or its NAT port taken over. Each step fills
+/// copy once the flow's entry is replaced, purged or its NAT port taken over, or its service
+/// goes. Each step fills
 /// one CPU's cache (two packets: the first copies the entry, the second uses the copy), changes
 /// the flow on the other CPU or from userspace, and comes back to the first: all within the
 /// 25 ticks a copy lasts (the smallest Maglev table keeps `apply` quick), or the copies would
@@ -1359,6 +1360,15 @@ fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
             purged,
             b4(3),
             moved_port,
+        );
+
+        // A copy carries its service's mode and backend: removing the service voids it.
+        lab.cached_nat_flow("flow B on backend 3", purged, b4(3), moved_port);
+        lab.apply(&[]);
+        lab.passed(
+            "service removed: flow B's copy is void, its packet finds no service and passes",
+            CLIENT_LINK,
+            purged.bytes(),
         );
     });
 }

@@ -37,6 +37,21 @@ pub struct Selected {
     pub is_new: bool,
 }
 
+impl Selected {
+    /// A tracked flow's backend.
+    #[inline(always)]
+    fn tracked(service_id: u32, flow: &Flow, backend: &Backend) -> Selected {
+        Selected {
+            service_id,
+            backend_id: flow.backend_id,
+            backend: *backend,
+            nat_port_be: flow.nat_port_be,
+            hash: flow.hash,
+            is_new: false,
+        }
+    }
+}
+
 #[inline(always)]
 pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
     if config.flags & CONFIG_PASS_FRAGMENTS != 0 {
@@ -50,7 +65,9 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
 /// id the flow recorded) still has the packet's destination, fills in its backend and returns
 /// the service's mode; or the verdict of a packet that cannot go on. `None` leaves the packet
 /// to the full path (service by key, then tracked or new flow): no tracked flow, its service
-/// gone or changed, its backend down, or a connection attempt (SYN).
+/// gone or changed, its backend down, or a connection attempt (SYN). A flow this CPU's flow
+/// cache holds a current copy of comes with its backend and mode, checked when the copy was
+/// filled.
 ///
 /// `check_blocklist`: the packet's source still needs the blocklist check. A flow whose source
 /// passed it under the current blocklist version skips it; else it is done here (a blocked
@@ -72,15 +89,21 @@ pub fn established_fast(
     // place (`flags`, `last_seen_ns`, `blocklist_version`, `service_id`) are advisory or
     // rechecked.
     let service_id = u32::from(unsafe { (*flow).service_id });
-    let service = SERVICES_BY_ID.get(service_id)?;
-    let key = &service.key;
-    if key.vip != ip.key.dst_addr
-        || key.port_be != ip.key.dst_port_be
-        || key.proto != ip.key.proto
-        || key.family != ip.key.family
-    {
-        return None;
-    }
+    let mode = match lookup.hit() {
+        Some(cached) => cached.mode,
+        None => {
+            let service = SERVICES_BY_ID.get(service_id)?;
+            let key = &service.key;
+            if key.vip != ip.key.dst_addr
+                || key.port_be != ip.key.dst_port_be
+                || key.proto != ip.key.proto
+                || key.family != ip.key.family
+            {
+                return None;
+            }
+            service.mode
+        }
+    };
     if *check_blocklist {
         let version = scratch.blocklist_version;
         // SAFETY: as above.
@@ -98,11 +121,16 @@ pub fn established_fast(
     if ip.ttl <= 1 {
         return Some(Err(Verdict::Drop(DropReason::TtlExceeded, service_id)));
     }
-    if !follow_flow(ip, flow, service_id, &mut scratch.selected) {
-        return None;
+    if let Some(cached) = lookup.hit() {
+        // SAFETY: as above.
+        scratch.selected = Selected::tracked(service_id, unsafe { &*flow }, &cached.backend);
+    } else {
+        if !follow_flow(ip, flow, service_id, &mut scratch.selected) {
+            return None;
+        }
+        flow_cache::fill(&lookup, &ip.key, &scratch.selected.backend, mode);
     }
-    flow_cache::fill(&lookup, &ip.key);
-    Some(Ok(service.mode))
+    Some(Ok(mode))
 }
 
 #[inline(always)]
@@ -213,14 +241,7 @@ fn follow_flow(ip: &IpPacket, flow: *mut Flow, service_id: u32, selected: &mut S
             (*flow).flags = flags;
         }
     }
-    *selected = Selected {
-        service_id,
-        backend_id,
-        backend: *backend,
-        nat_port_be: current.nat_port_be,
-        hash: current.hash,
-        is_new: false,
-    };
+    *selected = Selected::tracked(service_id, current, backend);
     true
 }
 

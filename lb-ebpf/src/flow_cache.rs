@@ -12,15 +12,19 @@
 //! - The program itself, when it replaces a flow's entry or takes its NAT port over, clears
 //!   that flow's slot on every CPU ([`forget_everywhere`]).
 //!
-//! Everything else a copy holds is checked on use as for a `FLOWS` entry: the backend's state
-//! (a down backend's flows re-hash) and the flow's service by id.
+//! A copy also holds what the flow's packets need besides the flow: its backend's entry and
+//! its service's mode, as they were when the copy was filled. A hit looks neither up. Userspace
+//! bumps the epoch after every change to them that established flows must see (a backend
+//! marked down or removed, a service removed or its mode changed); a change written behind its
+//! back (`BACKENDS` alone) reaches a copy's packets within `FLOW_CACHE_TICKS`, as the copy
+//! expires.
 
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_map_lookup_percpu_elem};
 use lb_common::{
     flow::FlowKey,
-    maps::{FLOW_CLOSING, Flow},
+    maps::{Backend, FLOW_CLOSING, Flow},
 };
 
 use crate::{
@@ -28,7 +32,7 @@ use crate::{
     parse::{IpPacket, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Slots per CPU (a power of two): 80 bytes each.
+/// Slots per CPU (a power of two): 112 bytes each.
 pub const FLOW_CACHE_SLOTS: u32 = 8192;
 
 /// How long, in clock ticks (jiffies), a cached flow is used before `FLOWS` is asked again:
@@ -45,6 +49,9 @@ pub struct CachedFlow {
     /// An empty or forgotten slot has family 0, which no packet's key has.
     key: FlowKey,
     flow: Flow,
+    /// The flow's backend and its service's mode (see the module's notes).
+    pub backend: Backend,
+    pub mode: u32,
     /// `FLOW_CACHE_EPOCH` as read before `FLOWS` was.
     epoch: u64,
     filled_jiffies: u64,
@@ -58,6 +65,15 @@ pub struct Lookup {
     /// The flow, in the slot (a hit) or in `FLOWS`.
     pub flow: *mut Flow,
     hit: bool,
+}
+
+impl Lookup {
+    /// The slot, when it held a current copy of the flow.
+    #[inline(always)]
+    pub fn hit(&self) -> Option<&CachedFlow> {
+        // SAFETY: this CPU's own slot of a per-CPU map.
+        self.hit.then(|| unsafe { &*self.slot })
+    }
 }
 
 /// The packet's tracked flow: from this CPU's cache when it holds a current copy, else from
@@ -91,19 +107,18 @@ pub fn find(ip: &IpPacket) -> Option<Lookup> {
     })
 }
 
-/// After a `FLOWS` entry was followed: keeps a copy of it (with whatever the packet changed)
-/// in the packet's slot.
+/// After a `FLOWS` entry was followed to `backend` for a service in `mode`: keeps a copy of it
+/// (with whatever the packet changed) in the packet's slot.
 #[inline(always)]
-pub fn fill(lookup: &Lookup, key: &FlowKey) {
-    if lookup.hit {
-        return;
-    }
+pub fn fill(lookup: &Lookup, key: &FlowKey, backend: &Backend, mode: u32) {
     // SAFETY: this CPU's own slot; `flow` points into `FLOWS`, whose entries stay valid for
     // the program run.
     unsafe {
         let cached = &mut *lookup.slot;
         cached.key = *key;
         cached.flow = *lookup.flow;
+        cached.backend = *backend;
+        cached.mode = mode;
         cached.epoch = lookup.epoch;
         cached.filled_jiffies = lookup.now;
     }

@@ -329,11 +329,15 @@ pub(super) fn apply(
         write_service(maps, ids, service, size)?;
         report.services += 1;
     }
+    let mut down = Vec::new();
     for (&addr, &state) in leaving {
         let id = write_backend(maps, ids, addr, state)?;
         if state == BackendState::Down {
-            report.flows_purged += purge_flows(maps, &[id])?;
+            down.push(id);
         }
+    }
+    if !down.is_empty() {
+        report.flows_purged += purge_flows(maps, &down)?;
     }
     report.backends = wanted_backends.len();
 
@@ -358,6 +362,10 @@ pub(super) fn apply(
         }
         ids.services.remove(&key);
         report.services_removed += 1;
+    }
+    if report.services_removed > 0 {
+        // Cached copies of their flows carry the service's mode: they go too.
+        bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
     }
     sync_vips(&mut maps.vips, services)?;
 
@@ -477,9 +485,18 @@ fn write_service(
         ForwardingMode::Dsr => MODE_DSR,
     };
     // Before the service entry, so every flow the kernel opens for it finds its slot.
-    maps.services_by_id
-        .set(id, ServiceSlot { key, mode }, 0)
+    let slot = ServiceSlot { key, mode };
+    let previous = maps
+        .services_by_id
+        .get(&id, 0)
         .map_err(map_error(map_names::SERVICES_BY_ID))?;
+    maps.services_by_id
+        .set(id, slot, 0)
+        .map_err(map_error(map_names::SERVICES_BY_ID))?;
+    if previous != slot {
+        // Cached copies of the service's flows carry its mode.
+        bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
+    }
     let entry = Service {
         id,
         mode,
@@ -518,10 +535,13 @@ fn sync_vips(
     Ok(())
 }
 
-/// Deletes the tracked flows of the given backends, then voids the kernel's cached copies of
-/// flows (its per-CPU flow cache, which userspace cannot reach, holds them until it sees a new
-/// epoch); returns how many were deleted.
+/// Deletes the tracked flows of the given backends (already marked down or removed in
+/// `BACKENDS`), voiding the kernel's cached copies of flows before and after (its per-CPU flow
+/// cache, which userspace cannot reach, holds them until it sees a new epoch): before, so no
+/// packet follows a copy to such a backend while the walk goes on; after, for copies filled
+/// from entries the walk deleted. Returns how many were deleted.
 fn purge_flows(maps: &mut Maps<'_>, backend_ids: &[u32]) -> Result<usize, DataplaneError> {
+    bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
     let flows = &mut maps.flows;
     let doomed: Vec<FlowKey> = flows
         .iter()
