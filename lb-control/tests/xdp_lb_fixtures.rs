@@ -1362,9 +1362,13 @@ fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
             moved_port,
         );
 
-        // A copy carries its service's mode and backend: removing the service voids it.
+        // A copy carries its service's mode and backend: removing the service voids it. Both
+        // backends stay configured under another service, added beforehand, so neither a purge
+        // nor a new service voids the copy instead.
+        let keeper = nat_tcp(v4(VIP_V4, RPC_PORT + 2), vec![up(b4(2)), up(b4(3))]);
+        lab.apply(&[both.clone(), keeper.clone()]);
         lab.cached_nat_flow("flow B on backend 3", purged, b4(3), moved_port);
-        lab.apply(&[]);
+        lab.apply(std::slice::from_ref(&keeper));
         lab.passed(
             "service removed: flow B's copy is void, its packet finds no service and passes",
             CLIENT_LINK,
