@@ -1291,11 +1291,10 @@ fn flows_of_a_backend_marked_down_rehash_to_live_backends() {
 
 /// Established flows are served from a per-CPU cache of `FLOWS`; no CPU may go on using a
 /// copy once the flow's entry is replaced, purged or its NAT port taken over, or its service
-/// goes. Each step fills
-/// one CPU's cache (two packets: the first copies the entry, the second uses the copy), changes
-/// the flow on the other CPU or from userspace, and comes back to the first: all within the
-/// 25 ticks a copy lasts (the smallest Maglev table keeps `apply` quick), or the copies would
-/// expire on their own and the rows could not tell.
+/// goes or changes mode. Each step fills one CPU's cache (two packets: the first copies the
+/// entry, the second uses the copy), changes the flow on the other CPU or from userspace, and
+/// comes back to the first: all within the 25 ticks a copy lasts (the smallest Maglev table
+/// keeps `apply` quick), or the copies would expire on their own and the rows could not tell.
 #[test]
 fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
     let settings = LbSettings {
@@ -1362,12 +1361,33 @@ fn cached_flows_end_with_their_flow_entries_on_every_cpu() {
             moved_port,
         );
 
-        // A copy carries its service's mode and backend: removing the service voids it. Both
-        // backends stay configured under another service, added beforehand, so neither a purge
-        // nor a new service voids the copy instead.
+        // A copy carries its service's mode and backend: changing the mode voids it, and so
+        // does removing the service. Both backends stay configured under another service,
+        // added beforehand, so neither a purge nor a new service voids the copy instead.
         let keeper = nat_tcp(v4(VIP_V4, RPC_PORT + 2), vec![up(b4(2)), up(b4(3))]);
         lab.apply(&[both.clone(), keeper.clone()]);
         lab.cached_nat_flow("flow B on backend 3", purged, b4(3), moved_port);
+        let dsr = service(
+            vip(),
+            Protocol::Tcp,
+            ForwardingMode::Dsr,
+            vec![up(b4(2)), up(b4(3))],
+        );
+        lab.apply(&[dsr, keeper.clone()]);
+        let input = purged.bytes();
+        let encapsulated = ipip_v4(&input, dsr_source_v4(purged), 3);
+        for what in [
+            "service turned to DSR: flow B's copy is void, its packet is encapsulated to backend 3",
+            "and its new copy, in DSR mode, is served",
+        ] {
+            lab.row(Row {
+                description: what.into(),
+                link: CLIENT_LINK,
+                input: input.clone(),
+                expect: Expect::Forward(XdpAction::Redirect, encapsulated.clone()),
+                counted: Counted::Forwarded { new_flow: false },
+            });
+        }
         lab.apply(std::slice::from_ref(&keeper));
         lab.passed(
             "service removed: flow B's copy is void, its packet finds no service and passes",

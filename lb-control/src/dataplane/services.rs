@@ -468,9 +468,14 @@ fn write_service(
         service: format!("{}:{}", service.vip, service.port),
         source,
     })?;
-    let active = match maps.services.get(&key, 0) {
-        Ok(current) => current.active_table & 1,
-        Err(aya::maps::MapError::KeyNotFound) => 1,
+    let mode = match service.mode {
+        ForwardingMode::Nat => MODE_NAT,
+        ForwardingMode::Dsr => MODE_DSR,
+    };
+    // A new service has no flows yet; a removed one's copies were voided when it went.
+    let (active, mode_changed) = match maps.services.get(&key, 0) {
+        Ok(current) => (current.active_table & 1, current.mode != mode),
+        Err(aya::maps::MapError::KeyNotFound) => (1, false),
         Err(source) => return Err(map_error(map_names::SERVICES)(source)),
     };
     let next = 1 - active;
@@ -480,20 +485,11 @@ fn write_service(
             .set(base + offset as u32, *backend_id, 0)
             .map_err(map_error(map_names::MAGLEV))?;
     }
-    let mode = match service.mode {
-        ForwardingMode::Nat => MODE_NAT,
-        ForwardingMode::Dsr => MODE_DSR,
-    };
     // Before the service entry, so every flow the kernel opens for it finds its slot.
-    let slot = ServiceSlot { key, mode };
-    let previous = maps
-        .services_by_id
-        .get(&id, 0)
-        .map_err(map_error(map_names::SERVICES_BY_ID))?;
     maps.services_by_id
-        .set(id, slot, 0)
+        .set(id, ServiceSlot { key, mode }, 0)
         .map_err(map_error(map_names::SERVICES_BY_ID))?;
-    if previous != slot {
+    if mode_changed {
         // Cached copies of the service's flows carry its mode.
         bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
     }
