@@ -21,6 +21,7 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const MAGLEV: &str = "MAGLEV";
     pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const FLOW_CACHE_EPOCH: &str = "FLOW_CACHE_EPOCH";
     pub const NAT_REVERSE: &str = "NAT_REVERSE";
     pub const SERVICE_STATS: &str = "SERVICE_STATS";

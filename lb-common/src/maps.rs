@@ -13,6 +13,9 @@ const _: () = assert!(MAX_SERVICES <= u8::MAX as u32, "Flow::service_id is a u8"
 pub const MAX_BACKENDS: u32 = 1024;
 /// Default connection-tracking capacity (LRU: the least recently used flow is evicted first).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Slots of the XDP program's flow cache per CPU (a power of two); `FLOW_CACHE` holds this
+/// many for each possible CPU, which userspace counts when it loads the program.
+pub const FLOW_CACHE_SLOTS_PER_CPU: u32 = 8192;
 
 /// `Service::mode` values.
 pub const MODE_NAT: u32 = 0;

@@ -1897,28 +1897,38 @@ fn a_backend_s_new_mac_address_is_used_within_the_route_cache_time() {
     lab("macmove", settings(), |lab| {
         lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
         let first = Packet::syn(client(40000), vip());
-        lab.new_nat_flow(
+        let port = lab.new_nat_flow(
             "the route to backend 2 is looked up and cached".into(),
             &first,
             b4(2),
         );
+        let segment = Packet::tcp(client(40000), vip());
+        for description in [
+            "the flow's next segment: its flow-cache copy takes the route",
+            "and the one after: it goes by the copy's route",
+        ] {
+            lab.established_nat_flow(description.into(), &segment, b4(2), port);
+        }
         // The backend's host is replaced: same address, new MAC.
         let new_mac = [0x02, 0, 0, 0, 0x10, 0x99];
         lab.net.neighbour(b4(2).ip(), new_mac, BACKEND_LINK);
         let ingress = lab.net.ifindex(CLIENT_LINK);
+        let goes_to_new_mac = |packet: &Packet| {
+            let verdict = lab.program.run_from(ingress, &packet.bytes());
+            verdict.output.get(..6) == Some(&new_mac[..])
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut client_port = 40001;
+        // New flows (the route cache) and the established flow (its copy's route) both move.
         loop {
-            let verdict = lab
-                .program
-                .run_from(ingress, &Packet::syn(client(client_port), vip()).bytes());
-            if verdict.output.get(..6) == Some(&new_mac[..]) {
+            let new_flow_moved = goes_to_new_mac(&Packet::syn(client(client_port), vip()));
+            if new_flow_moved && goes_to_new_mac(&segment) {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "packets to backend 2 still go to its old MAC 5 s after the neighbour changed \
-                 (the cached route must be refreshed within a second)"
+                "packets to backend 2 (new flows: {new_flow_moved}) still go to its old MAC 5 s \
+                 after the neighbour changed (cached routes must be refreshed within a second)"
             );
             client_port += 1;
             std::thread::sleep(std::time::Duration::from_millis(50));

@@ -15,7 +15,7 @@ use lb_common::{
 use crate::{
     Scratch,
     csum::ChecksumDelta,
-    forward::{self, NextHop},
+    forward::{self, CopiedEgress, NextHop},
     parse::{IPPROTO_IPIP, IPPROTO_IPV6, IpPacket, ptr_at},
     stats::Verdict,
 };
@@ -27,7 +27,12 @@ const OUTER_TTL: u8 = 64;
 
 // A call of its own keeps each branch's locals out of the caller's 512-byte stack frame.
 #[inline(never)]
-pub fn encapsulate(ctx: &XdpContext, scratch: &mut Scratch, config: &LbConfig) -> Verdict {
+pub fn encapsulate(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    config: &LbConfig,
+    egress: CopiedEgress,
+) -> Verdict {
     let service_id = scratch.selected.service_id;
     let result = if scratch.ip.key.family == FAMILY_IPV4 {
         encapsulate_ipv4(ctx, scratch, config)
@@ -35,7 +40,7 @@ pub fn encapsulate(ctx: &XdpContext, scratch: &mut Scratch, config: &LbConfig) -
         encapsulate_ipv6(ctx, scratch, config)
     };
     result
-        .and_then(|()| forward::to_next_hop(ctx, scratch))
+        .and_then(|()| forward::to_next_hop(ctx, scratch, egress))
         .unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
 }
 

@@ -11,7 +11,9 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID, Scratch, flow_cache, lookup,
+    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID, Scratch, flow_cache,
+    forward::CopiedEgress,
+    lookup,
     parse::{IPPROTO_TCP, IpPacket, TCP_FIN, TCP_RST},
     stats::{NO_SERVICE, Verdict},
 };
@@ -67,7 +69,7 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
 /// to the full path (service by key, then tracked or new flow): no tracked flow, its service
 /// gone or changed, its backend down, or a connection attempt (SYN). A flow this CPU's flow
 /// cache holds a current copy of comes with its backend and mode, checked when the copy was
-/// filled.
+/// filled, and `egress` is set to the copy's route to it (see `forward::to_next_hop`).
 ///
 /// `check_blocklist`: the packet's source still needs the blocklist check. A flow whose source
 /// passed it under the current blocklist version skips it; else it is done here (a blocked
@@ -76,6 +78,7 @@ pub fn fragment_verdict(config: &LbConfig, service_id: u32) -> Verdict {
 pub fn established_fast(
     scratch: &mut Scratch,
     check_blocklist: &mut bool,
+    egress: &mut CopiedEgress,
 ) -> Option<Result<u32, Verdict>> {
     let ip = &scratch.ip;
     // A connection attempt is mostly a new flow: one `FLOWS` lookup, in `select_backend`, serves
@@ -130,6 +133,7 @@ pub fn established_fast(
         }
         flow_cache::fill(&lookup, &ip.key, &scratch.selected.backend, mode);
     }
+    *egress = lookup.egress();
     Some(Ok(mode))
 }
 

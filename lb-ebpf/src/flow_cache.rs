@@ -1,5 +1,5 @@
-//! A per-CPU, direct-mapped cache of tracked flows in front of `FLOWS`: an established flow's
-//! packets find their flow with a few inlined loads instead of the LRU hash map's lookup
+//! A direct-mapped cache of tracked flows in front of `FLOWS`, with slots of its own for each
+//! CPU: an established flow's packets find their flow with a few inlined loads instead of the LRU hash map's lookup
 //! (hashing the 40-byte key, walking the bucket, comparing the key: calls that each return
 //! through the kernel's return thunk, a third of an established packet's time).
 //!
@@ -12,35 +12,33 @@
 //! - The program itself, when it replaces a flow's entry or takes its NAT port over, clears
 //!   that flow's slot on every CPU ([`forget_everywhere`]).
 //!
-//! A copy also holds what the flow's packets need besides the flow: its backend's entry and
-//! its service's mode, as they were when the copy was filled. A hit looks neither up. Userspace
+//! A copy also holds what the flow's packets need besides the flow: its backend's entry, its
+//! service's mode, as they were when the copy was filled, and the route to the backend (from
+//! `ROUTES`, by the flow's first packet through the copy that finds one fresh for the copy's
+//! whole life: see `forward::to_next_hop`). A hit looks none of them up. Userspace
 //! bumps the epoch after every change to them that established flows must see (a backend
 //! marked down or removed, a service removed or its mode changed); a change written behind its
 //! back (`BACKENDS` alone) reaches a copy's packets within `FLOW_CACHE_TICKS`, as the copy
 //! expires.
 
-use core::ffi::c_void;
-
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_map_lookup_percpu_elem};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_jiffies64};
 use lb_common::{
     flow::FlowKey,
-    maps::{Backend, FLOW_CLOSING, Flow},
+    maps::{Backend, FLOW_CACHE_SLOTS_PER_CPU, FLOW_CLOSING, Flow},
 };
 
 use crate::{
     FLOW_CACHE, FLOW_CACHE_EPOCH, FLOWS,
+    forward::{CopiedEgress, Egress},
     parse::{IpPacket, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Slots per CPU (a power of two): 112 bytes each.
-pub const FLOW_CACHE_SLOTS: u32 = 8192;
-
 /// How long, in clock ticks (jiffies), a cached flow is used before `FLOWS` is asked again:
 /// 100 ms at the usual 250 Hz (25 ms at 1000 Hz, 250 ms at 100 Hz).
-const FLOW_CACHE_TICKS: u64 = 25;
+pub const FLOW_CACHE_TICKS: u64 = 25;
 
-/// CPUs whose slots [`forget_everywhere`] clears, at most (the helper finds no slot past the
-/// last CPU, which ends the walk sooner).
+/// CPUs whose slots [`forget_everywhere`] clears, at most (the map ends after the last
+/// possible CPU, which ends the walk sooner).
 const MAX_CPUS: u32 = 256;
 
 /// A flow as `FLOWS` held it when the slot was filled.
@@ -52,10 +50,14 @@ pub struct CachedFlow {
     /// The flow's backend and its service's mode (see the module's notes).
     pub backend: Backend,
     pub mode: u32,
+    egress: Egress,
     /// `FLOW_CACHE_EPOCH` as read before `FLOWS` was.
     epoch: u64,
     filled_jiffies: u64,
 }
+
+// Two cache lines (`FLOW_CACHE`'s values start on a page boundary).
+const _: () = assert!(core::mem::size_of::<CachedFlow>() == 128);
 
 /// Where a packet's flow was found: the slot it belongs in, and whether the slot held it.
 pub struct Lookup {
@@ -71,8 +73,16 @@ impl Lookup {
     /// The slot, when it held a current copy of the flow.
     #[inline(always)]
     pub fn hit(&self) -> Option<&CachedFlow> {
-        // SAFETY: this CPU's own slot of a per-CPU map.
+        // SAFETY: this CPU's own slot of `FLOW_CACHE`.
         self.hit.then(|| unsafe { &*self.slot })
+    }
+
+    /// The copy's route to the backend, for the packet's next hop (after a hit or a fill).
+    #[inline(always)]
+    pub fn egress(&self) -> CopiedEgress {
+        // SAFETY: this CPU's own slot of `FLOW_CACHE`, valid for the program run; the packet
+        // is this run's only user of it.
+        Some(unsafe { &mut (*self.slot).egress })
     }
 }
 
@@ -80,13 +90,15 @@ impl Lookup {
 /// `FLOWS`. `None` when the flow is not tracked.
 #[inline(always)]
 pub fn find(ip: &IpPacket) -> Option<Lookup> {
-    let slot = FLOW_CACHE.get_ptr_mut(slot_of(&ip.key))?;
+    // SAFETY: bpf_get_smp_processor_id has no preconditions (the verifier inlines it).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let slot = FLOW_CACHE.get_ptr_mut(cpu * FLOW_CACHE_SLOTS_PER_CPU + slot_of(&ip.key))?;
     // Read before `FLOWS`: a copy filled from an entry userspace deleted afterwards carries
     // the epoch from before its bump.
     let epoch = FLOW_CACHE_EPOCH.get(0).map_or(0, |epoch| *epoch);
     // SAFETY: bpf_jiffies64 has no preconditions (the verifier inlines it as one load).
     let now = unsafe { bpf_jiffies64() };
-    // SAFETY: this CPU's own slot of a per-CPU map.
+    // SAFETY: this CPU's own slot of `FLOW_CACHE`.
     let cached = unsafe { &mut *slot };
     let hit = ip.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
         && same_key(&cached.key, &ip.key)
@@ -119,6 +131,7 @@ pub fn fill(lookup: &Lookup, key: &FlowKey, backend: &Backend, mode: u32) {
         cached.flow = *lookup.flow;
         cached.backend = *backend;
         cached.mode = mode;
+        cached.egress = Egress::NONE;
         cached.epoch = lookup.epoch;
         cached.filled_jiffies = lookup.now;
     }
@@ -132,17 +145,13 @@ pub fn fill(lookup: &Lookup, key: &FlowKey, backend: &Backend, mode: u32) {
 #[inline(never)]
 pub fn forget_everywhere(key: &FlowKey) {
     let slot = slot_of(key);
-    let map = core::ptr::from_ref(&FLOW_CACHE).cast_mut().cast::<c_void>();
     for cpu in 0..MAX_CPUS {
-        // SAFETY: `map` is the per-CPU array and `slot` a valid index into it; the helper
-        // returns null past the last possible CPU.
-        let cached =
-            unsafe { bpf_map_lookup_percpu_elem(map, core::ptr::from_ref(&slot).cast(), cpu) }
-                .cast::<CachedFlow>();
-        if cached.is_null() {
+        // The walk ends at the first CPU past the map's end.
+        let Some(cached) = FLOW_CACHE.get_ptr_mut(cpu * FLOW_CACHE_SLOTS_PER_CPU + slot) else {
             break;
-        }
-        // SAFETY: a valid slot of the map; a torn read only risks a needless clear.
+        };
+        // SAFETY: a slot of the map; a torn read of another CPU's slot only risks a needless
+        // clear.
         unsafe {
             if same_key(&(*cached).key, key) {
                 (*cached).key.family = 0;
@@ -151,14 +160,15 @@ pub fn forget_everywhere(key: &FlowKey) {
     }
 }
 
-/// The key's slot: its five words mixed (rotations keep swapped addresses apart), then
-/// Fibonacci hashing.
+/// The key's slot among a CPU's: its five words mixed (rotations keep swapped addresses apart),
+/// then Fibonacci hashing.
 #[inline(always)]
 fn slot_of(key: &FlowKey) -> u32 {
     let [a, b, c, d, e] = words(key);
     let mixed = a ^ b.rotate_left(13) ^ c.rotate_left(29) ^ d.rotate_left(41) ^ e.rotate_left(53);
     let folded = mixed ^ (mixed >> 32);
-    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_SLOTS.trailing_zeros())) as u32
+    (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - FLOW_CACHE_SLOTS_PER_CPU.trailing_zeros()))
+        as u32
 }
 
 #[inline(always)]

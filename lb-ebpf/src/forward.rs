@@ -10,7 +10,9 @@ use aya_ebpf::{
 };
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
-use crate::{CLIENT_ROUTES, ROUTES, Scratch, parse::ptr_at, stats::Verdict};
+use crate::{
+    CLIENT_ROUTES, ROUTES, Scratch, flow_cache::FLOW_CACHE_TICKS, parse::ptr_at, stats::Verdict,
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -40,7 +42,8 @@ pub const CLIENT_ROUTE_SLOTS: u32 = 4096;
 /// as no kernel ticks slower than 100 Hz (0.4 s at the usual 250 Hz, 0.1 s at 1000 Hz, where
 /// the extra FIB lookups are still a handful per second per backend). The tick count is one
 /// load (the verifier inlines `bpf_jiffies64`); a clock read was a helper call, 5% of an
-/// established flow's time.
+/// established flow's time. A flow-cache copy takes its route from here while the route has
+/// at least a copy's life left, so a copied route is no older than this either.
 const ROUTE_CACHE_TICKS: u64 = 100;
 
 /// A route as the FIB last gave it, per CPU (so no CPU ever reads a half-written entry).
@@ -54,19 +57,48 @@ pub struct CachedRoute {
     /// for replies from the same VIP only.
     src: [u8; 16],
     refreshed_jiffies: u64,
+    egress: Egress,
+}
+
+/// How a frame leaves towards its next hop: the device and the Ethernet addresses.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Egress {
     /// Destination then source MAC, as they go into the Ethernet header.
     macs: [u8; 12],
+    /// 0 in a flow-cache copy that holds no route.
     ifindex: u32,
 }
+
+impl Egress {
+    pub const NONE: Egress = Egress {
+        macs: [0; 12],
+        ifindex: 0,
+    };
+}
+
+/// The route to the backend in the packet's flow-cache copy (see `flow_cache`), when the packet
+/// has one: used when it holds a route, given one when it does not.
+pub type CopiedEgress = Option<&'static mut Egress>;
 
 /// The FIB lookup's parameter block.
 pub type FibParams = FibLookup;
 
-/// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the cached route when
-/// it is fresh, else by a FIB lookup that refreshes it.
+/// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the route in its
+/// flow-cache copy, else by the cached route when it is fresh, else by a FIB lookup that
+/// refreshes it.
 #[inline(always)]
-pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, DropReason> {
+pub fn to_next_hop(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    copied: CopiedEgress,
+) -> Result<Verdict, DropReason> {
     let ingress = ctx.ingress_ifindex() as u32;
+    if let Some(copied) = &copied
+        && copied.ifindex != 0
+    {
+        return send(ctx, ingress, copied);
+    }
     let hop = &scratch.hop;
     let to_client = hop.cache_slot == CLIENT;
     let cached = if to_client {
@@ -74,29 +106,36 @@ pub fn to_next_hop(ctx: &XdpContext, scratch: &mut Scratch) -> Result<Verdict, D
     } else {
         ROUTES.get_ptr_mut(hop.cache_slot)
     };
-    if let Some(cached) = cached {
-        // SAFETY: this CPU's own slot of a per-CPU map.
-        let cached = unsafe { &mut *cached };
-        // SAFETY: bpf_jiffies64 has no preconditions.
-        let now = unsafe { bpf_jiffies64() };
-        if cached.dst == hop.dst
-            && (!to_client || cached.src == hop.src)
-            && now.wrapping_sub(cached.refreshed_jiffies) < ROUTE_CACHE_TICKS
-        {
-            return send(ctx, ingress, cached.ifindex, &cached.macs);
+    let Some(cached) = cached else {
+        if !fib_lookup(ctx, scratch, ingress) {
+            return Err(DropReason::NoRoute);
         }
+        return send(ctx, ingress, &scratch.route.egress);
+    };
+    // SAFETY: this CPU's own slot of a per-CPU map.
+    let cached = unsafe { &mut *cached };
+    // SAFETY: bpf_jiffies64 has no preconditions.
+    let now = unsafe { bpf_jiffies64() };
+    // A route going into a flow-cache copy must stay fresh for as long as the copy may be used.
+    let max_age = if copied.is_some() {
+        ROUTE_CACHE_TICKS - FLOW_CACHE_TICKS
+    } else {
+        ROUTE_CACHE_TICKS
+    };
+    let fresh = cached.dst == hop.dst
+        && (!to_client || cached.src == hop.src)
+        && now.wrapping_sub(cached.refreshed_jiffies) < max_age;
+    if !fresh {
         if !fib_lookup(ctx, scratch, ingress) {
             return Err(DropReason::NoRoute);
         }
         *cached = scratch.route;
         cached.refreshed_jiffies = now;
-        return send(ctx, ingress, cached.ifindex, &cached.macs);
     }
-    if !fib_lookup(ctx, scratch, ingress) {
-        return Err(DropReason::NoRoute);
+    if let Some(copied) = copied {
+        *copied = cached.egress;
     }
-    let route = &scratch.route;
-    send(ctx, ingress, route.ifindex, &route.macs)
+    send(ctx, ingress, &cached.egress)
 }
 
 /// A client address's slot in `CLIENT_ROUTES`: its words mixed (Fibonacci hashing).
@@ -107,17 +146,13 @@ fn client_slot(addr: &[u8; 16]) -> u32 {
     mixed >> (32 - CLIENT_ROUTE_SLOTS.trailing_zeros())
 }
 
-/// Rewrites the MAC addresses and sends the frame out of `ifindex`.
+/// Rewrites the MAC addresses and sends the frame out of the egress device.
 #[inline(always)]
-fn send(
-    ctx: &XdpContext,
-    ingress: u32,
-    ifindex: u32,
-    macs: &[u8; 12],
-) -> Result<Verdict, DropReason> {
+fn send(ctx: &XdpContext, ingress: u32, egress: &Egress) -> Result<Verdict, DropReason> {
     let eth = ptr_at::<[u8; 12]>(ctx, 0).ok_or(DropReason::Malformed)?;
     // SAFETY: bounds-checked by `ptr_at`.
-    unsafe { *eth = *macs };
+    unsafe { *eth = egress.macs };
+    let ifindex = egress.ifindex;
     if ifindex == ingress {
         return Ok(Verdict::Action(xdp_action::XDP_TX));
     }
@@ -165,9 +200,9 @@ fn fib_lookup(ctx: &XdpContext, scratch: &mut Scratch, ingress: u32) -> bool {
     let route = &mut scratch.route;
     route.dst = scratch.hop.dst;
     route.src = scratch.hop.src;
-    route.ifindex = params.ifindex;
-    route.macs[..6].copy_from_slice(&params.dmac);
-    route.macs[6..].copy_from_slice(&params.smac);
+    route.egress.ifindex = params.ifindex;
+    route.egress.macs[..6].copy_from_slice(&params.dmac);
+    route.egress.macs[6..].copy_from_slice(&params.smac);
     true
 }
 

@@ -4,7 +4,7 @@
 //! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, else
 //! `FLOWS`; its service checked by id)
 //! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
-//! (route cache, else FIB) → XDP_TX / redirect.
+//! (the flow-cache copy's route, else the route cache, else FIB) → XDP_TX / redirect.
 //!
 //! Rules the verifier and the code generator impose, learned the hard way:
 //! - The established path is one function: every call of a subprogram costs a frame setup and
@@ -40,7 +40,7 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -49,9 +49,9 @@ use aya_log_ebpf::debug;
 use lb_common::{
     flow::FlowKey,
     maps::{
-        Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason, Flow, LbConfig,
-        MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey, NatValue, Service, ServiceKey, ServiceSlot,
-        ServiceStats, VipKey,
+        Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason,
+        FLOW_CACHE_SLOTS_PER_CPU, Flow, LbConfig, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey,
+        NatValue, Service, ServiceKey, ServiceSlot, ServiceStats, VipKey,
     },
     stats::{Counters, ProtoSlot},
 };
@@ -96,11 +96,17 @@ static MAGLEV: Array<u32> = Array::pinned(1, 0);
 #[map]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
 
-/// Recently used flows, per CPU, in slots by a hash of their key: what an established flow's
-/// packets look up first (see `flow_cache`). Not pinned: a new program starts with it empty.
+/// Recently used flows, `FLOW_CACHE_SLOTS_PER_CPU` slots for each CPU (CPU c's from
+/// c * FLOW_CACHE_SLOTS_PER_CPU), by a hash of their key: what an established flow's packets
+/// look up first (see `flow_cache`). Userspace sizes it for the host's possible CPUs.
+///
+/// A plain array rather than a per-CPU one: a slot is then one offset from the map's start,
+/// where a per-CPU array first loads the slot's per-CPU pointer (a second cache miss, in a
+/// table of 8192). Mmapable, so its values start on a page boundary and each 128-byte slot
+/// fills two cache lines. Not pinned: a new program starts with it empty.
 #[map]
-static FLOW_CACHE: PerCpuArray<flow_cache::CachedFlow> =
-    PerCpuArray::with_max_entries(flow_cache::FLOW_CACHE_SLOTS, 0);
+static FLOW_CACHE: Array<flow_cache::CachedFlow> =
+    Array::with_max_entries(FLOW_CACHE_SLOTS_PER_CPU, BPF_F_MMAPABLE);
 
 /// One counter userspace bumps after it deletes flows from `FLOWS`: cached copies of flows
 /// filled under an older value are void.
@@ -245,7 +251,8 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
     }
     // Established flows first: a tracked flow names its service, so its packets skip the
     // service lookup.
-    let mode = match flow::established_fast(scratch, &mut check_blocklist) {
+    let mut egress = None;
+    let mode = match flow::established_fast(scratch, &mut check_blocklist, &mut egress) {
         Some(Ok(mode)) => mode,
         Some(Err(verdict)) => return verdict,
         None if check_blocklist && lookup::is_source_blocked(scratch) => {
@@ -260,9 +267,9 @@ fn try_lb_xdp(ctx: &XdpContext) -> Verdict {
         stats::count_new_flow(&scratch.selected);
     }
     let verdict = if mode == MODE_DSR {
-        dsr::encapsulate(ctx, scratch, config)
+        dsr::encapsulate(ctx, scratch, config, egress)
     } else {
-        nat::forward(ctx, scratch, config)
+        nat::forward(ctx, scratch, config, egress)
     };
     if let Verdict::Action(_) = verdict {
         let ip = &scratch.ip;

@@ -10,7 +10,7 @@ use lb_common::{
 use crate::{
     Scratch,
     csum::ChecksumDelta,
-    forward::{self, CLIENT, NextHop},
+    forward::{self, CLIENT, CopiedEgress, NextHop},
     lookup,
     parse::{IPPROTO_TCP, IpPacket, ptr_at},
     stats::{NO_SERVICE, Verdict},
@@ -34,6 +34,7 @@ pub fn forward(
     ctx: &aya_ebpf::programs::XdpContext,
     scratch: &mut Scratch,
     config: &LbConfig,
+    egress: CopiedEgress,
 ) -> Verdict {
     let (ip, selected) = (&scratch.ip, &scratch.selected);
     scratch.hop = NextHop {
@@ -46,7 +47,7 @@ pub fn forward(
     };
     let ports = [selected.nat_port_be, selected.backend.port_be];
     let service_id = selected.service_id;
-    rewrite_and_route(ctx, scratch, ports, service_id)
+    rewrite_and_route(ctx, scratch, ports, service_id, egress)
 }
 
 /// A backend's reply, when `ip` is one: back to the client, from the VIP. `None` when the
@@ -69,7 +70,7 @@ pub fn reverse(
         proto: ip.key.proto,
     };
     let ports = [client.dst_port_be, client.src_port_be];
-    Some(rewrite_and_route(ctx, scratch, ports, NO_SERVICE))
+    Some(rewrite_and_route(ctx, scratch, ports, NO_SERVICE, None))
 }
 
 /// Rewrites the addresses to `scratch.hop`'s and the ports to `ports` (source, destination;
@@ -80,6 +81,7 @@ fn rewrite_and_route(
     scratch: &mut Scratch,
     ports: [u16; 2],
     service_id: u32,
+    egress: CopiedEgress,
 ) -> Verdict {
     let (ip, hop) = (&scratch.ip, &scratch.hop);
     let rewritten = if ip.key.family == FAMILY_IPV4 {
@@ -90,7 +92,8 @@ fn rewrite_and_route(
     if let Err(reason) = rewritten {
         return Verdict::Drop(reason, service_id);
     }
-    forward::to_next_hop(ctx, scratch).unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
+    forward::to_next_hop(ctx, scratch, egress)
+        .unwrap_or_else(|reason| Verdict::Drop(reason, service_id))
 }
 
 #[inline(always)]

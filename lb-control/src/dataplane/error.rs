@@ -29,6 +29,14 @@ pub enum DataplaneError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "counting this host's possible CPUs (the flow cache has slots for each): {what}: {source}"
+    )]
+    Cpus {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("loading the XDP object: {source}")]
     Load {
         #[source]

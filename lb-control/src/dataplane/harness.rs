@@ -54,6 +54,18 @@ pub struct ProgramHarness {
     ids: services::Ids,
 }
 
+/// The sizes a harness loads its maps with: the defaults.
+const HARNESS_MAP_SIZES: MapSizes = MapSizes {
+    maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
+    max_flows: lb_common::maps::DEFAULT_MAX_FLOWS,
+};
+
+/// Loads the load balancer object once more onto the maps a harness pinned in `pin_dir`, as
+/// the harness loaded it: for callers that run the program through test runs of their own.
+pub fn load_onto_harness_maps(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
+    load_lb_object(pin_dir, HARNESS_MAP_SIZES)
+}
+
 /// Room for the largest frame a test sends plus any headers the program adds.
 const MAX_OUTPUT: usize = 9216;
 
@@ -61,14 +73,7 @@ impl ProgramHarness {
     pub fn load(bpffs: &Path, instance: &str) -> Result<Self, DataplaneError> {
         require_root()?;
         let pin_dir = prepare_pin_dir(bpffs, instance)?;
-        let loaded = load_lb_object(
-            &pin_dir,
-            MapSizes {
-                maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
-                max_flows: lb_common::maps::DEFAULT_MAX_FLOWS,
-            },
-        )
-        .and_then(|mut ebpf| {
+        let loaded = load_lb_object(&pin_dir, HARNESS_MAP_SIZES).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, program_names::LB)?;
             let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
             Ok((ebpf, ids))

@@ -27,7 +27,7 @@ use aya::{
 };
 use lb_common::{
     map_names,
-    maps::MAX_SERVICES,
+    maps::{FLOW_CACHE_SLOTS_PER_CPU, MAX_SERVICES},
     program_names,
     stats::{Counters, ProtoSlot},
 };
@@ -37,7 +37,7 @@ pub use self::{
     blocklist::{BlockEntry, Blocklist},
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
-    harness::{ProgramHarness, TestVerdict, XdpAction},
+    harness::{ProgramHarness, TestVerdict, XdpAction, load_onto_harness_maps},
     services::{
         ApplyReport, BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec,
         validate as validate_services,
@@ -221,12 +221,18 @@ impl Dataplane {
 fn load_lb_object(pin_dir: &Path, sizes: MapSizes) -> Result<Ebpf, DataplaneError> {
     let log_level = kernel_log_level();
     let maglev_entries = MAX_SERVICES * 2 * sizes.maglev_table_size;
+    let cpus =
+        aya::util::nr_cpus().map_err(|(what, source)| DataplaneError::Cpus { what, source })?;
+    let flow_cache_entries = u32::try_from(cpus)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(FLOW_CACHE_SLOTS_PER_CPU);
     EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
         .map_max_entries(map_names::MAGLEV, maglev_entries)
         .map_max_entries(map_names::FLOWS, sizes.max_flows)
         .map_max_entries(map_names::NAT_REVERSE, sizes.max_flows.saturating_mul(2))
+        .map_max_entries(map_names::FLOW_CACHE, flow_cache_entries)
         .load(XDP_OBJECT)
         .map_err(|source| DataplaneError::Load { source })
 }
