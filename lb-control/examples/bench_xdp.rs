@@ -17,11 +17,11 @@
 //!   that the rewrite gives back the same packet: its backend is the VIP itself and the client is
 //!   the NAT source address, with a client port in the NAT range (so the NAT port is the client's
 //!   port). Every run does all the work of an established flow (flow and backend lookups,
-//!   rewrite with checksum updates, next hop (the cached route; the reply path asks the FIB),
-//!   MACs, redirect); only the TTL goes down, so a call is at most 250 runs, starting from TTL
-//!   255. The median of many calls. Its flow comes from the CPU's flow cache (a busy flow's
-//!   steady state); the same loop with SYN and ACK set, segments the cache leaves out, takes
-//!   the flow from `FLOWS` (the LRU hash map) on every run: the cache-miss row.
+//!   rewrite with checksum updates, next hop (the flow-cache copy's route; the reply path asks
+//!   the FIB), MACs, redirect); only the TTL goes down, so a call is at most 250 runs, starting
+//!   from TTL 255. The median of many calls. Its flow comes from the CPU's flow cache (a busy
+//!   flow's steady state); the same loop with SYN and ACK set, segments the cache leaves out,
+//!   takes the flow from `FLOWS` (the LRU hash map) on every run: the cache-miss row.
 //! - *marginal*: the cost of one more run of a loop, from calls of two lengths run in turn,
 //!   [`LOOP_REPEAT`] and [`SHORT_LOOP`] runs: (250 t_250 - 25 t_25) / 225 over the medians of the
 //!   per-call means. A call's first runs are slow (after the syscall the kernel re-points its
@@ -403,8 +403,8 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         method: "loop",
         ns: established_loop.long,
         note: format!(
-            "flow from this CPU's flow cache (its service checked by id), backend, rewrite, \
-             checksums, cached route, redirect; a call's warm-up: {:.1} us",
+            "flow, backend, mode and route from this CPU's flow cache, rewrite, checksums, \
+             redirect; a call's warm-up: {:.1} us",
             established_loop.warm_up_us()
         ),
     });
@@ -423,8 +423,9 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         method: "loop",
         ns: uncached_loop.long,
         note: format!(
-            "as above with the flow from FLOWS (LRU hash map) instead of this CPU's flow cache; \
-             a call's warm-up: {:.1} us",
+            "as above with the flow from FLOWS (LRU hash map) instead of this CPU's flow cache, \
+             its backend from BACKENDS, its route from the route cache; a call's warm-up: \
+             {:.1} us",
             uncached_loop.warm_up_us()
         ),
     });

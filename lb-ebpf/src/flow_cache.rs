@@ -1,7 +1,7 @@
 //! A direct-mapped cache of tracked flows in front of `FLOWS`, with slots of its own for each
-//! CPU: an established flow's packets find their flow with a few inlined loads instead of the LRU hash map's lookup
-//! (hashing the 40-byte key, walking the bucket, comparing the key: calls that each return
-//! through the kernel's return thunk, a third of an established packet's time).
+//! CPU: an established flow's packets find their flow with a few inlined loads instead of the
+//! LRU hash map's lookup (hashing the 40-byte key, walking the bucket, comparing the key: calls
+//! that each return through the kernel's return thunk, a third of an established packet's time).
 //!
 //! `FLOWS` stays the one authority; a cached copy is used only while it is provably the same:
 //! - Packets that change a flow (SYN, FIN, RST) and closing flows never use the cache.
