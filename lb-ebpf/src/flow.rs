@@ -133,7 +133,7 @@ pub fn established_fast(
         }
         flow_cache::fill(&lookup, &ip.key, &scratch.selected.backend, mode);
     }
-    *egress = lookup.egress();
+    *egress = Some(lookup.egress());
     Some(Ok(mode))
 }
 

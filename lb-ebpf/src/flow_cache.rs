@@ -12,10 +12,10 @@
 //! - The program itself, when it replaces a flow's entry or takes its NAT port over, clears
 //!   that flow's slot on every CPU ([`forget_everywhere`]).
 //!
-//! A copy also holds what the flow's packets need besides the flow: its backend's entry, its
-//! service's mode, as they were when the copy was filled, and the route to the backend (from
-//! `ROUTES`, by the flow's first packet through the copy that finds one fresh for the copy's
-//! whole life: see `forward::to_next_hop`). A hit looks none of them up. Userspace
+//! A copy also holds what the flow's packets need besides the flow: its backend's entry and its
+//! service's mode as they were when the copy was filled, and the route to the backend (taken
+//! from `ROUTES` by the first packet that finds there a route fresh for the copy's whole life:
+//! see `forward::to_next_hop`). A hit looks none of them up. Userspace
 //! bumps the epoch after every change to them that established flows must see (a backend
 //! marked down or removed, a service removed or its mode changed); a change written behind its
 //! back (`BACKENDS` alone) reaches a copy's packets within `FLOW_CACHE_TICKS`, as the copy
@@ -29,7 +29,7 @@ use lb_common::{
 
 use crate::{
     FLOW_CACHE, FLOW_CACHE_EPOCH, FLOWS,
-    forward::{CopiedEgress, Egress},
+    forward::Egress,
     parse::{IpPacket, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -79,10 +79,10 @@ impl Lookup {
 
     /// The copy's route to the backend, for the packet's next hop (after a hit or a fill).
     #[inline(always)]
-    pub fn egress(&self) -> CopiedEgress {
+    pub fn egress(&self) -> &'static mut Egress {
         // SAFETY: this CPU's own slot of `FLOW_CACHE`, valid for the program run; the packet
         // is this run's only user of it.
-        Some(unsafe { &mut (*self.slot).egress })
+        unsafe { &mut (*self.slot).egress }
     }
 }
 

@@ -1,8 +1,8 @@
 //! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
 //! its own module and returns a verdict or lets the packet continue.
 //!
-//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, else
-//! `FLOWS`; its service checked by id)
+//! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, whose
+//! copy carries backend, mode and route; else `FLOWS`, its service checked by id)
 //! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
 //! (the flow-cache copy's route, else the route cache, else FIB) → XDP_TX / redirect.
 //!
