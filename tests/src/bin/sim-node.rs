@@ -158,6 +158,11 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
     config.peers = args.peers;
     let mut node = SimNode::start(config).await?;
 
+    // The listening line tells a supervisor the node is ready, so the handlers go in first: a
+    // signal sent right after the line must stop the node cleanly, not kill it.
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let control = node
         .control_addr()
         .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
@@ -171,15 +176,10 @@ async fn run_node(args: RunArgs) -> anyhow::Result<()> {
     .and_then(|()| stdout.flush())
     .context("writing the listening line to stdout")?;
 
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     tokio::select! {
         () = node.stopped() => return Ok(()),
         _ = terminate.recv() => tracing::info!("SIGTERM, stopping"),
-        interrupted = tokio::signal::ctrl_c() => {
-            interrupted.context("waiting for SIGINT")?;
-            tracing::info!("SIGINT, stopping");
-        }
+        _ = interrupt.recv() => tracing::info!("SIGINT, stopping"),
     }
     node.stop().await;
     Ok(())
