@@ -217,7 +217,6 @@ fn fill_table(table: &mut [u32], backends: &[&MaglevBackend]) {
 mod tests {
     use std::collections::HashMap;
     use std::net::{IpAddr, Ipv4Addr};
-    use std::time::Instant;
 
     use super::*;
 
@@ -495,19 +494,6 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("larger table size"));
-    }
-
-    #[test]
-    fn building_65537_entries_for_100_backends_is_fast() {
-        let set = backends(0, 100, 1);
-        let start = Instant::now();
-        build_table(&set, DEFAULT_TABLE_SIZE).unwrap();
-        let elapsed = start.elapsed();
-        eprintln!("built M=65537 for 100 backends in {elapsed:?}");
-        if !cfg!(debug_assertions) {
-            // Loose, because tests share the machine; a good build takes a few milliseconds.
-            assert!(elapsed.as_millis() < 100, "{elapsed:?}");
-        }
     }
 
     #[test]

@@ -219,24 +219,22 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
             .map(|n| SocketAddr::new(family(n), RPC_PORT))
             .collect()
     };
+    let services = vec![
+        service(vip, ForwardingMode::Nat, backends(|n| backend_v4(n).into())),
+        service(
+            dsr_vip,
+            ForwardingMode::Dsr,
+            backends(|n| backend_v4(n).into()),
+        ),
+        service(
+            vip6,
+            ForwardingMode::Nat,
+            backends(|n| backend_v6(n).into()),
+        ),
+        service(loop_vip, ForwardingMode::Nat, vec![loop_vip]),
+    ];
     harness
-        .apply(
-            &settings(),
-            &[
-                service(vip, ForwardingMode::Nat, backends(|n| backend_v4(n).into())),
-                service(
-                    dsr_vip,
-                    ForwardingMode::Dsr,
-                    backends(|n| backend_v4(n).into()),
-                ),
-                service(
-                    vip6,
-                    ForwardingMode::Nat,
-                    backends(|n| backend_v6(n).into()),
-                ),
-                service(loop_vip, ForwardingMode::Nat, vec![loop_vip]),
-            ],
-        )
+        .apply(&settings(), &services)
         .map_err(|error| format!("applying services: {error}"))?;
     maps.block("10.200.66.0/24");
 
@@ -535,6 +533,8 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         note: format!("net {:.1} ns", new_flow_single - overhead),
     });
 
+    let tables = table_changes(&mut harness, services, options.rounds * 4)?;
+
     let established_net = established_loop.long;
     let established_marginal = established_loop.marginal();
     let bare_marginal = bare_loop.marginal();
@@ -607,7 +607,144 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         established_net / bare_repeat,
         established_net / passed_repeat,
     );
+    tables.write(&mut report);
     Ok(report)
+}
+
+/// Backends of the service whose table changes are timed: the Maglev paper's case.
+const TABLE_BACKENDS: u8 = 100;
+
+/// How long a change of the backend set takes to reach the kernel, for a service of
+/// [`TABLE_BACKENDS`] backends at M = 65537 beside the benchmark's other services: the Maglev
+/// build alone, and `apply` (build, write the inactive half, flip), as lb-control runs it on
+/// every change. Medians in milliseconds.
+struct TableChanges {
+    changes: usize,
+    build_ms: f64,
+    first_ms: f64,
+    first_entries: usize,
+    down_ms: f64,
+    down_entries: usize,
+    up_ms: f64,
+    up_entries: usize,
+    unchanged_ms: f64,
+    unchanged_entries: usize,
+}
+
+fn table_changes(
+    harness: &mut lb_control::dataplane::ProgramHarness,
+    mut services: Vec<ServiceSpec>,
+    changes: usize,
+) -> Result<TableChanges, String> {
+    let vip = v4(VIP_V4, P2P_PORT);
+    let all: Vec<SocketAddr> = (2..2 + TABLE_BACKENDS)
+        .map(|n| v4(backend_v4(n), P2P_PORT))
+        .collect();
+    let table_service = |down: Option<SocketAddr>| {
+        let mut spec = service(vip, ForwardingMode::Nat, all.clone());
+        for backend in &mut spec.backends {
+            if Some(backend.addr) == down {
+                backend.state = BackendState::Down;
+            }
+        }
+        spec
+    };
+    let maglev_backends: Vec<lb_common::maglev::MaglevBackend> = all
+        .iter()
+        .zip(0..)
+        .map(|(addr, id)| lb_common::maglev::MaglevBackend {
+            id,
+            key: lb_common::maglev::MaglevBackend::socket_addr_key(*addr),
+            weight: 1,
+        })
+        .collect();
+    let mut builds = Vec::with_capacity(changes);
+    for _ in 0..changes {
+        let started = Instant::now();
+        lb_common::maglev::build_table(&maglev_backends, lb_common::maglev::DEFAULT_TABLE_SIZE)
+            .map_err(|error| format!("building a Maglev table: {error}"))?;
+        builds.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    services.push(table_service(None));
+    let mut apply = |services: &[ServiceSpec]| {
+        let started = Instant::now();
+        let report = harness
+            .apply(&settings(), services)
+            .map_err(|error| format!("applying a table change: {error}"))?;
+        Ok::<_, String>((
+            started.elapsed().as_secs_f64() * 1e3,
+            report.table_entries_written,
+        ))
+    };
+    let (first_ms, first_entries) = apply(&services)?;
+    let [mut down, mut up, mut unchanged] = [(); 3].map(|_| Vec::with_capacity(changes));
+    let [mut down_entries, mut up_entries, mut unchanged_entries] =
+        [(); 3].map(|_| Vec::with_capacity(changes));
+    for change in 0..changes {
+        // A different backend each time, so both halves keep changing.
+        let backend = all[change * 7 % all.len()];
+        *services.last_mut().expect("the table service") = table_service(Some(backend));
+        let (ms, entries) = apply(&services)?;
+        down.push(ms);
+        down_entries.push(entries as f64);
+        *services.last_mut().expect("the table service") = table_service(None);
+        let (ms, entries) = apply(&services)?;
+        up.push(ms);
+        up_entries.push(entries as f64);
+        let (ms, entries) = apply(&services)?;
+        unchanged.push(ms);
+        unchanged_entries.push(entries as f64);
+    }
+    Ok(TableChanges {
+        changes,
+        build_ms: median(&mut builds),
+        first_ms,
+        first_entries,
+        down_ms: median(&mut down),
+        down_entries: median(&mut down_entries) as usize,
+        up_ms: median(&mut up),
+        up_entries: median(&mut up_entries) as usize,
+        unchanged_ms: median(&mut unchanged),
+        unchanged_entries: median(&mut unchanged_entries) as usize,
+    })
+}
+
+impl TableChanges {
+    fn write(&self, report: &mut String) {
+        let _ = writeln!(
+            report,
+            "\n## Backend changes reaching the kernel\n\nA service of {TABLE_BACKENDS} backends, \
+             Maglev M = 65537, beside the services above; `apply` is what lb-control runs on \
+             every change (build, write the entries that differ into the inactive half, flip). \
+             Medians of {} changes each.\n",
+            self.changes
+        );
+        let _ = writeln!(report, "| change | ms | Maglev entries written |");
+        let _ = writeln!(report, "|---|---:|---:|");
+        let rows = [
+            ("Maglev build alone (no kernel write)", self.build_ms, None),
+            (
+                "first apply of the service (whole half)",
+                self.first_ms,
+                Some(self.first_entries),
+            ),
+            (
+                "a backend down (a different one each time)",
+                self.down_ms,
+                Some(self.down_entries),
+            ),
+            ("the backend up again", self.up_ms, Some(self.up_entries)),
+            (
+                "apply with nothing changed",
+                self.unchanged_ms,
+                Some(self.unchanged_entries),
+            ),
+        ];
+        for (change, ms, entries) in rows {
+            let entries = entries.map_or_else(|| "-".to_owned(), |entries| entries.to_string());
+            let _ = writeln!(report, "| {change} | {ms:.2} | {entries} |");
+        }
+    }
 }
 
 /// Runs `frame` once and checks the action; returns the output frame.

@@ -32,10 +32,11 @@ use etherparse::{
 };
 use lb_common::{
     flow::flow_hash,
+    maglev::{MaglevBackend, build_table},
     maps::{BACKEND_DOWN, BACKEND_UP, DropReason, MAX_SERVICES, ServiceKey},
 };
 use lb_control::dataplane::{
-    BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
+    ApplyReport, BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
     ProgramHarness, Protocol, ServiceSpec, XdpAction,
 };
 
@@ -228,10 +229,10 @@ fn lab(tag: &str, settings: LbSettings, body: impl FnOnce(&mut Lab<'_>) + Send) 
 }
 
 impl Lab<'_> {
-    fn apply(&mut self, services: &[ServiceSpec]) {
+    fn apply(&mut self, services: &[ServiceSpec]) -> ApplyReport {
         self.harness
             .apply(&self.settings, services)
-            .unwrap_or_else(|error| panic!("applying services: {error}"));
+            .unwrap_or_else(|error| panic!("applying services: {error}"))
     }
 
     fn counts(&self) -> Counts {
@@ -1287,6 +1288,141 @@ fn flows_of_a_backend_marked_down_rehash_to_live_backends() {
             b4(3),
         );
     });
+}
+
+/// Userspace writes only the Maglev entries a change moves, and leaves unchanged services alone;
+/// after every change, whatever came before it, each service's live table in the kernel is the
+/// one built from its `up` backends.
+#[test]
+fn kernel_tables_follow_every_change_writing_only_what_moved() {
+    lab("tables", settings(), |lab| {
+        let size = lab.settings.maglev_table_size as usize;
+        let rpc = |backends: Vec<BackendSpec>| nat_tcp(vip(), backends);
+        let p2p = |backends: Vec<BackendSpec>| nat_tcp(v4(VIP_V4, P2P_PORT), backends);
+        let weighted = |n: u8, weight: u32| BackendSpec {
+            weight,
+            ..up(b4(n))
+        };
+        let ten: Vec<BackendSpec> = (2..12).map(|n| up(b4(n))).collect();
+        let nine_up: Vec<BackendSpec> = (2..12)
+            .map(|n| {
+                if n == 5 {
+                    backend(b4(n), BackendState::Down)
+                } else {
+                    up(b4(n))
+                }
+            })
+            .collect();
+        let heavier: Vec<BackendSpec> = (2..12)
+            .map(|n| weighted(n, 1 + u32::from(n == 7)))
+            .collect();
+        let dsr = |backends| service(vip(), Protocol::Tcp, ForwardingMode::Dsr, backends);
+        let udp = |backends| service(vip(), Protocol::Udp, ForwardingMode::Nat, backends);
+        let pair = || p2p(vec![up(b4(2)), up(b4(3))]);
+        let steps: Vec<(&str, Vec<ServiceSpec>, Written)> = vec![
+            (
+                "two new services",
+                vec![rpc(ten.clone()), pair()],
+                Written::Whole(2),
+            ),
+            (
+                "the same again",
+                vec![rpc(ten.clone()), pair()],
+                Written::Nothing,
+            ),
+            (
+                "one of ten backends down (the other half is new to this process)",
+                vec![rpc(nine_up.clone()), pair()],
+                Written::Whole(1),
+            ),
+            (
+                "back up (the other half holds that very table)",
+                vec![rpc(ten.clone()), pair()],
+                Written::OneService { at_most: 0 },
+            ),
+            (
+                "down again",
+                vec![rpc(nine_up), pair()],
+                Written::OneService { at_most: 0 },
+            ),
+            (
+                "back up, one backend's weight doubled (~8% of entries move from the table of \
+                 ten)",
+                vec![rpc(heavier.clone()), pair()],
+                Written::OneService { at_most: size / 8 },
+            ),
+            (
+                "mode changed, same table: no entry written",
+                vec![dsr(heavier.clone()), pair()],
+                Written::OneService { at_most: 0 },
+            ),
+            (
+                "a service removed",
+                vec![dsr(heavier.clone())],
+                Written::Nothing,
+            ),
+            (
+                "a new service takes its id (its halves hold another service's tables)",
+                vec![dsr(heavier.clone()), udp(vec![up(b4(4))])],
+                Written::Whole(1),
+            ),
+            (
+                "its only backend down",
+                vec![dsr(heavier), udp(vec![backend(b4(4), BackendState::Down)])],
+                Written::Whole(1),
+            ),
+        ];
+        for (step, services, expected) in steps {
+            let report = lab.apply(&services);
+            let (changed, entries) = (report.services_changed, report.table_entries_written);
+            let as_expected = match expected {
+                Written::Nothing => changed == 0 && entries == 0,
+                Written::Whole(services) => changed == services && entries == services * size,
+                Written::OneService { at_most } => changed == 1 && entries <= at_most,
+            };
+            assert!(
+                as_expected,
+                "{step}: {changed} services changed, {entries} entries written; expected \
+                 {expected:?} (tables of {size} entries)"
+            );
+            for service in &services {
+                let live: Vec<MaglevBackend> = service
+                    .backends
+                    .iter()
+                    .filter(|backend| backend.state == BackendState::Up)
+                    .map(|backend| MaglevBackend {
+                        id: lab.maps.backend_id(backend.addr),
+                        key: MaglevBackend::socket_addr_key(backend.addr),
+                        weight: backend.weight,
+                    })
+                    .collect();
+                let wanted = build_table(&live, size as u32).expect("a valid backend set");
+                let in_kernel = lab.maps.live_table(&service.key());
+                let differing = wanted
+                    .iter()
+                    .zip(&in_kernel)
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(
+                    differing, 0,
+                    "{step}: service {}:{} ({:?}): {differing} of {size} live entries differ from \
+                     the table its up backends give",
+                    service.vip, service.port, service.protocol
+                );
+            }
+        }
+    });
+}
+
+/// What a step of `kernel_tables_follow_every_change_writing_only_what_moved` may write.
+#[derive(Debug, Clone, Copy)]
+enum Written {
+    /// No service entry, no table entry.
+    Nothing,
+    /// This many services, each with a whole half written (one this process never wrote).
+    Whole(usize),
+    /// One service, with at most this many table entries written.
+    OneService { at_most: usize },
 }
 
 /// Established flows are served from a per-CPU cache of `FLOWS`; no CPU may go on using a

@@ -51,7 +51,7 @@ pub struct TestVerdict {
 pub struct ProgramHarness {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    ids: services::Ids,
+    known: services::KernelState,
 }
 
 /// The sizes a harness loads its maps with: the defaults.
@@ -75,11 +75,15 @@ impl ProgramHarness {
         let pin_dir = prepare_pin_dir(bpffs, instance)?;
         let loaded = load_lb_object(&pin_dir, HARNESS_MAP_SIZES).and_then(|mut ebpf| {
             xdp_program(&mut ebpf, program_names::LB)?;
-            let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
-            Ok((ebpf, ids))
+            let known = services::KernelState::recover(&service_maps(&mut ebpf)?)?;
+            Ok((ebpf, known))
         });
         match loaded {
-            Ok((ebpf, ids)) => Ok(ProgramHarness { ebpf, pin_dir, ids }),
+            Ok((ebpf, known)) => Ok(ProgramHarness {
+                ebpf,
+                pin_dir,
+                known,
+            }),
             Err(error) => {
                 // Nothing else owns the pins of a harness that failed to load.
                 let _ = std::fs::remove_dir_all(&pin_dir);
@@ -96,7 +100,7 @@ impl ProgramHarness {
         wanted: &[ServiceSpec],
     ) -> Result<ApplyReport, DataplaneError> {
         let mut maps = service_maps(&mut self.ebpf)?;
-        services::apply(&mut maps, &mut self.ids, settings, wanted)
+        services::apply(&mut maps, &mut self.known, settings, wanted)
     }
 
     /// Runs the program once on `frame`, as if it arrived on no particular interface.

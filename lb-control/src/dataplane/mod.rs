@@ -117,7 +117,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     attached: Vec<Attachment>,
-    ids: services::Ids,
+    known: services::KernelState,
 }
 
 /// One interface the program is attached to.
@@ -152,7 +152,7 @@ impl Dataplane {
             },
         )?;
         start_kernel_logger(&mut ebpf);
-        let ids = services::Ids::recover(&service_maps(&mut ebpf)?)?;
+        let known = services::KernelState::recover(&service_maps(&mut ebpf)?)?;
 
         let program = xdp_program(&mut ebpf, program_names::LB)?;
         let mut attached = Vec::with_capacity(if_indexes.len());
@@ -172,7 +172,7 @@ impl Dataplane {
             ebpf,
             pin_dir,
             attached,
-            ids,
+            known,
         })
     }
 
@@ -186,7 +186,7 @@ impl Dataplane {
     ) -> Result<ApplyReport, DataplaneError> {
         sysctl::reserve_local_ports(&settings.nat_ports)?;
         let mut maps = service_maps(&mut self.ebpf)?;
-        services::apply(&mut maps, &mut self.ids, settings, wanted)
+        services::apply(&mut maps, &mut self.known, settings, wanted)
     }
 
     /// Interfaces the program is attached to.
