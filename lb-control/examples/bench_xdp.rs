@@ -533,6 +533,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         note: format!("net {:.1} ns", new_flow_single - overhead),
     });
 
+    let tracked_flows = maps.flows_per_backend().values().sum();
     let tables = table_changes(&mut harness, services, options.rounds * 4)?;
 
     let established_net = established_loop.long;
@@ -607,7 +608,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         established_net / bare_repeat,
         established_net / passed_repeat,
     );
-    tables.write(&mut report);
+    tables.write(&mut report, tracked_flows);
     Ok(report)
 }
 
@@ -710,13 +711,14 @@ fn table_changes(
 }
 
 impl TableChanges {
-    fn write(&self, report: &mut String) {
+    fn write(&self, report: &mut String, tracked_flows: usize) {
         let _ = writeln!(
             report,
             "\n## Backend changes reaching the kernel\n\nA service of {TABLE_BACKENDS} backends, \
              Maglev M = 65537, beside the services above; `apply` is what lb-control runs on \
-             every change (build, write the entries that differ into the inactive half, flip). \
-             Medians of {} changes each.\n",
+             every change (build, write the entries that differ into the inactive half, flip; \
+             for a backend going down, also purge its flows from the {tracked_flows} flows the \
+             benchmark left tracked). Medians of {} changes each.\n",
             self.changes
         );
         let _ = writeln!(report, "| change | ms | Maglev entries written |");

@@ -31,9 +31,9 @@ use etherparse::{
     icmpv4::DestUnreachableHeader,
 };
 use lb_common::{
-    flow::flow_hash,
+    flow::{FlowKey, flow_hash},
     maglev::{MaglevBackend, build_table},
-    maps::{BACKEND_DOWN, BACKEND_UP, DropReason, MAX_SERVICES, ServiceKey},
+    maps::{BACKEND_DOWN, BACKEND_UP, DropReason, Flow, MAX_SERVICES, ServiceKey},
 };
 use lb_control::dataplane::{
     ApplyReport, BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
@@ -1423,6 +1423,56 @@ enum Written {
     Whole(usize),
     /// One service, with at most this many table entries written.
     OneService { at_most: usize },
+}
+
+/// Purging a down backend's flows reads the flow table many entries at a time: every flow of
+/// that backend goes and every other flow stays, over several batches of the walk.
+#[test]
+fn a_down_backend_s_flows_are_purged_from_a_table_of_many() {
+    const PER_BACKEND: usize = 5000;
+    lab("purge", settings(), |lab| {
+        let addrs = [b4(2), b4(3), b4(4)];
+        lab.apply(&[nat_tcp(vip(), addrs.iter().copied().map(up).collect())]);
+        let ids = addrs.map(|addr| lab.maps.backend_id(addr));
+        let service_id = lab.maps.service(&nat_tcp(vip(), vec![]).key()).id as u8;
+        let flows: Vec<(FlowKey, Flow)> = (0..PER_BACKEND * ids.len())
+            .map(|i| {
+                let client = v4(
+                    Ipv4Addr::new(10, 200, 50 + (i / 50_000) as u8, 2),
+                    1024 + (i % 50_000) as u16,
+                );
+                let flow = Flow {
+                    backend_id: ids[i % ids.len()],
+                    hash: 0,
+                    nat_port_be: 0,
+                    service_id,
+                    flags: 0,
+                    blocklist_version: 0,
+                    last_seen_ns: 0,
+                };
+                (Packet::tcp(client, vip()).flow_key(), flow)
+            })
+            .collect();
+        lab.maps.insert_flows(&flows);
+
+        let report = lab.apply(&[nat_tcp(
+            vip(),
+            vec![
+                backend(addrs[0], BackendState::Down),
+                up(addrs[1]),
+                up(addrs[2]),
+            ],
+        )]);
+        assert_eq!(report.flows_purged, PER_BACKEND, "flows purged");
+        let left = lab.maps.flows_per_backend();
+        let wanted =
+            std::collections::BTreeMap::from([(ids[1], PER_BACKEND), (ids[2], PER_BACKEND)]);
+        assert_eq!(
+            left, wanted,
+            "flows left per backend id (backend {} had id {})",
+            addrs[0], ids[0]
+        );
+    });
 }
 
 /// Established flows are served from a per-CPU cache of `FLOWS`; no CPU may go on using a

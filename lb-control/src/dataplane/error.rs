@@ -109,6 +109,12 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("map {name}: batch read or delete: {source}")]
+    MapBatch {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn attach_hint(mode: AttachedMode) -> &'static str {

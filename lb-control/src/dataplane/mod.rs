@@ -2,6 +2,7 @@
 //! reads them. This is the only module that touches aya; the rest of lb-control talks to it
 //! through [`Dataplane`].
 
+mod batch;
 mod blocklist;
 mod bpffs;
 mod error;

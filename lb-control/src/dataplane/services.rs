@@ -28,7 +28,7 @@ use lb_common::{
 };
 use tracing::{debug, warn};
 
-use super::{DataplaneError, map_error};
+use super::{DataplaneError, batch, map_error};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -586,24 +586,20 @@ fn sync_vips(
 /// from entries the walk deleted. Returns how many were deleted.
 fn purge_flows(maps: &mut Maps<'_>, backend_ids: &[u32]) -> Result<usize, DataplaneError> {
     bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
-    let flows = &mut maps.flows;
-    let doomed: Vec<FlowKey> = flows
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, flow)| backend_ids.contains(&flow.backend_id))
-        .map(|(key, _)| key)
-        .collect();
-    for key in &doomed {
-        match flows.remove(key) {
-            // The LRU may have evicted it meanwhile.
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(source) => return Err(map_error(map_names::FLOWS)(source)),
+    let flows_error = |source| DataplaneError::MapBatch {
+        name: map_names::FLOWS,
+        source,
+    };
+    let mut doomed = Vec::new();
+    batch::for_each(&maps.flows, |key, flow: &Flow| {
+        if backend_ids.contains(&flow.backend_id) {
+            doomed.push(*key);
         }
-    }
+    })
+    .map_err(flows_error)?;
+    let purged = batch::delete(&mut maps.flows, &doomed).map_err(flows_error)?;
     bump_flow_cache_epoch(&mut maps.flow_cache_epoch)?;
-    Ok(doomed.len())
+    Ok(purged)
 }
 
 /// Voids every copy in the kernel's flow cache. Userspace is the counter's only writer, so
