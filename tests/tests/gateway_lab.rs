@@ -103,7 +103,8 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     // The third auth failure (one above) puts the client's address on the blocklist: then even
     // its good requests are dropped in XDP.
     for _ in 0..2 {
-        let (_, status) = curl(&lab, &renewed_ca_path, &no_key, &["-d", call])?;
+        let (_, status) = curl(&lab, &renewed_ca_path, &no_key, &["-d", call])
+            .with_context(|| gateway.lb_control.log_tail())?;
         ensure!(status.starts_with("401"), "status {status}");
     }
     wait_for("the client's address to be blocked", || {
