@@ -618,18 +618,32 @@ const TABLE_BACKENDS: u8 = 100;
 /// How long a change of the backend set takes to reach the kernel, for a service of
 /// [`TABLE_BACKENDS`] backends at M = 65537 beside the benchmark's other services: the Maglev
 /// build alone, and `apply` (build, write the inactive half, flip), as lb-control runs it on
-/// every change. Medians in milliseconds.
+/// every change. Milliseconds and Maglev entries written, medians of `changes`.
 struct TableChanges {
     changes: usize,
     build_ms: f64,
-    first_ms: f64,
-    first_entries: usize,
-    down_ms: f64,
-    down_entries: usize,
-    up_ms: f64,
-    up_entries: usize,
-    unchanged_ms: f64,
-    unchanged_entries: usize,
+    first: (f64, usize),
+    down: (f64, usize),
+    up: (f64, usize),
+    unchanged: (f64, usize),
+}
+
+/// Applies of one kind: their milliseconds and Maglev entries written.
+#[derive(Default)]
+struct Applies {
+    ms: Vec<f64>,
+    entries: Vec<f64>,
+}
+
+impl Applies {
+    fn push(&mut self, (ms, entries): (f64, usize)) {
+        self.ms.push(ms);
+        self.entries.push(entries as f64);
+    }
+
+    fn medians(mut self) -> (f64, usize) {
+        (median(&mut self.ms), median(&mut self.entries) as usize)
+    }
 }
 
 fn table_changes(
@@ -677,36 +691,24 @@ fn table_changes(
             report.table_entries_written,
         ))
     };
-    let (first_ms, first_entries) = apply(&services)?;
-    let [mut down, mut up, mut unchanged] = [(); 3].map(|_| Vec::with_capacity(changes));
-    let [mut down_entries, mut up_entries, mut unchanged_entries] =
-        [(); 3].map(|_| Vec::with_capacity(changes));
+    let first = apply(&services)?;
+    let [mut down, mut up, mut unchanged] = [(); 3].map(|_| Applies::default());
     for change in 0..changes {
         // A different backend each time, so both halves keep changing.
         let backend = all[change * 7 % all.len()];
         *services.last_mut().expect("the table service") = table_service(Some(backend));
-        let (ms, entries) = apply(&services)?;
-        down.push(ms);
-        down_entries.push(entries as f64);
+        down.push(apply(&services)?);
         *services.last_mut().expect("the table service") = table_service(None);
-        let (ms, entries) = apply(&services)?;
-        up.push(ms);
-        up_entries.push(entries as f64);
-        let (ms, entries) = apply(&services)?;
-        unchanged.push(ms);
-        unchanged_entries.push(entries as f64);
+        up.push(apply(&services)?);
+        unchanged.push(apply(&services)?);
     }
     Ok(TableChanges {
         changes,
         build_ms: median(&mut builds),
-        first_ms,
-        first_entries,
-        down_ms: median(&mut down),
-        down_entries: median(&mut down_entries) as usize,
-        up_ms: median(&mut up),
-        up_entries: median(&mut up_entries) as usize,
-        unchanged_ms: median(&mut unchanged),
-        unchanged_entries: median(&mut unchanged_entries) as usize,
+        first,
+        down: down.medians(),
+        up: up.medians(),
+        unchanged: unchanged.medians(),
     })
 }
 
@@ -723,27 +725,18 @@ impl TableChanges {
         );
         let _ = writeln!(report, "| change | ms | Maglev entries written |");
         let _ = writeln!(report, "|---|---:|---:|");
+        let _ = writeln!(
+            report,
+            "| Maglev build alone (no kernel write) | {:.2} | - |",
+            self.build_ms
+        );
         let rows = [
-            ("Maglev build alone (no kernel write)", self.build_ms, None),
-            (
-                "first apply of the service (whole half)",
-                self.first_ms,
-                Some(self.first_entries),
-            ),
-            (
-                "a backend down (a different one each time)",
-                self.down_ms,
-                Some(self.down_entries),
-            ),
-            ("the backend up again", self.up_ms, Some(self.up_entries)),
-            (
-                "apply with nothing changed",
-                self.unchanged_ms,
-                Some(self.unchanged_entries),
-            ),
+            ("first apply of the service (whole half)", self.first),
+            ("a backend down (a different one each time)", self.down),
+            ("the backend up again", self.up),
+            ("apply with nothing changed", self.unchanged),
         ];
-        for (change, ms, entries) in rows {
-            let entries = entries.map_or_else(|| "-".to_owned(), |entries| entries.to_string());
+        for (change, (ms, entries)) in rows {
             let _ = writeln!(report, "| {change} | {ms:.2} | {entries} |");
         }
     }

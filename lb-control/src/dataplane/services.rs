@@ -550,7 +550,7 @@ fn write_service(
         written,
         "Maglev table live"
     );
-    known.tables.entry(id).or_default()[half as usize] = Some(table);
+    halves[half as usize] = Some(table);
     Ok(Some(written))
 }
 
