@@ -53,9 +53,11 @@ use std::{
 use aya::Ebpf;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_common::program_names;
-use lb_control::dataplane::{
-    BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec,
-    XDP_PARSE_PASS_OBJECT, XDP_PASS_OBJECT, XdpAction,
+use lb_control::{
+    dataplane::{
+        BackendSpec, LbSettings, ServiceSpec, XDP_PARSE_PASS_OBJECT, XDP_PASS_OBJECT, XdpAction,
+    },
+    model::{BackendState, ForwardingMode, Protocol},
 };
 
 use self::fixtures::*;

@@ -12,7 +12,7 @@ use crate::{
         BackendInfo, ClusterHealth, ErrorBody, ErrorDetail, EventInfo, KeyCreated, KeyInfo,
         LimitChange, NewBackend, NewKey, NewService, ServiceInfo, StatsReport, WeightChange,
     },
-    backends::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
+    model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
 };
 
 #[derive(Debug, Error)]

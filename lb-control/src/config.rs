@@ -13,16 +13,14 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::{
-    backends::{
-        self, AdminState, BackendDef, DEFAULT_RPC_PORT, Declared, HealthCheck, ServiceDef,
-        ServiceKey,
-    },
-    dataplane::{
-        self, AttachMode, BackendSpec, BackendState, DEFAULT_BPFFS, ForwardingMode, LbSettings,
-        Protocol, ServiceSpec,
-    },
+    backends::{self, Declared},
+    dataplane::{self, AttachMode, BackendSpec, DEFAULT_BPFFS, LbSettings, ServiceSpec},
     gateway,
     health::HealthSettings,
+    model::{
+        AdminState, BackendDef, BackendState, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck,
+        Protocol, ServiceDef, ServiceKey,
+    },
 };
 
 /// Admin tokens shorter than this are guessable.

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::{
-    backends::{ApiKeyId, ApiKeyRecord, RateLimit},
+    model::{ApiKeyId, ApiKeyRecord, RateLimit},
     store::{Store, StoreError},
 };
 

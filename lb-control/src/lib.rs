@@ -4,6 +4,8 @@
 //! every change to the [`dataplane`] and publishes a view the health checker and the gateway
 //! follow.
 //!
+//! - [`model`]: the domain vocabulary (services, backends, keys, events); imports nothing of the
+//!   crate.
 //! - [`config`]: the TOML configuration, validated.
 //! - [`backends`]: the backend set and its one change path.
 //! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
@@ -28,5 +30,6 @@ pub mod gateway;
 pub mod health;
 pub mod keys;
 pub mod metrics;
+pub mod model;
 pub mod netns;
 pub mod store;

@@ -24,8 +24,8 @@ use std::{
 use lb_control::{
     admin_client::{AdminClient, ClientError},
     api::model::{ErrorCode, LimitChange, NewBackend, NewKey, NewService},
-    backends::{AdminState, HealthCheck, RateLimit, State},
-    dataplane::{ForwardingMode, Protocol},
+    backends::State,
+    model::{AdminState, ForwardingMode, HealthCheck, Protocol, RateLimit},
 };
 use reqwest::{Method, StatusCode};
 use serde_json::Value;

@@ -35,9 +35,12 @@ use lb_common::{
     maglev::{MaglevBackend, build_table},
     maps::{BACKEND_DOWN, BACKEND_UP, DropReason, Flow, MAX_SERVICES, ServiceKey},
 };
-use lb_control::dataplane::{
-    ApplyReport, BackendSpec, BackendState, Blocklist, DEFAULT_BPFFS, ForwardingMode, LbSettings,
-    ProgramHarness, Protocol, ServiceSpec, XdpAction,
+use lb_control::{
+    dataplane::{
+        ApplyReport, BackendSpec, Blocklist, DEFAULT_BPFFS, LbSettings, ProgramHarness,
+        ServiceSpec, XdpAction,
+    },
+    model::{BackendState, ForwardingMode, Protocol},
 };
 
 use self::fixtures::*;

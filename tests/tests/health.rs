@@ -10,11 +10,11 @@ use std::{
 };
 
 use lb_control::{
-    backends::model::HealthCheck,
     health::{
         self, Checker, Condition, HealthSettings, HealthSnapshot, NodeHealth, Target, Verdict,
     },
     metrics::Metrics,
+    model::HealthCheck,
 };
 use lb_tests::sim_node::{Fault, SimNode, SimNodeConfig, SimNodeHandle};
 use prometheus_client::registry::Registry;

@@ -9,7 +9,7 @@ use super::{
     model::{BackendFilter, BackendInfo, ErrorBody, NewBackend, WeightChange},
     services::service_not_found,
 };
-use crate::backends::{AdminState, Backend, BackendDef, BackendId, ServiceId};
+use crate::model::{AdminState, Backend, BackendDef, BackendId, ServiceId};
 
 /// Every backend with its state and health.
 #[utoipa::path(

@@ -19,12 +19,13 @@ use utoipa::{
 };
 
 use crate::{
-    backends::{
-        AdminState, ApiKeyId, ApiKeyRecord, Backend, BackendStatus, DEFAULT_RPC_PORT, Event,
-        HealthCheck, RateLimit, Service, ServiceDef, ServiceId, State,
-    },
-    dataplane::{ForwardingMode, Protocol, Stats},
+    backends::{BackendStatus, State},
+    dataplane::Stats,
     health::{NodeHealth, Verdict},
+    model::{
+        AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
+        HealthCheck, Protocol, RateLimit, Service, ServiceDef, ServiceId,
+    },
 };
 
 /// A point in time, RFC 3339 in UTC with milliseconds: `2025-01-31T12:00:00.000Z`.

@@ -8,7 +8,7 @@ use super::{
     extract::{Body, Id},
     model::{BackendInfo, ErrorBody, ErrorCode, NewService, ServiceInfo},
 };
-use crate::backends::{Service, ServiceId};
+use crate::model::{Service, ServiceId};
 
 /// Every service with its backends.
 #[utoipa::path(

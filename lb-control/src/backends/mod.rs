@@ -6,7 +6,6 @@
 //! the gateway's view is replaced, one line is logged and the metrics are updated. Nothing is
 //! changed in memory or in the kernel unless the store write succeeded.
 
-pub mod model;
 mod reload;
 pub mod rotation;
 #[cfg(test)]
@@ -24,7 +23,6 @@ use tracing::{error, info, warn};
 use utoipa::ToSchema;
 
 pub use self::{
-    model::*,
     reload::Declared,
     rotation::{Placement, State},
 };
@@ -32,6 +30,7 @@ use crate::{
     dataplane::{self, ApplyReport, BackendSpec, DataplaneError, LbSettings, ServiceSpec},
     health::{HealthSnapshot, NodeHealth, Target},
     metrics::{BackendLabels, Metrics, ServiceLabels, TransitionLabels},
+    model::{AdminState, Backend, BackendDef, BackendId, Origin, Service, ServiceDef, ServiceId},
     store::{Store, StoreError, Tx},
 };
 

@@ -7,8 +7,11 @@
 
 use std::net::SocketAddr;
 
-use super::{BackendDef, Cause, ChangeError, Draft, Origin, ServiceDef, ServiceKey};
-use crate::store::Tx;
+use super::{Cause, ChangeError, Draft};
+use crate::{
+    model::{BackendDef, Origin, ServiceDef, ServiceKey},
+    store::Tx,
+};
 
 /// The services and backends a config file declares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,10 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::model::{AdminState, Backend, BackendId, HealthCheck, Service};
 use crate::{
-    dataplane::BackendState,
     health::{Badness, HealthSnapshot, Target, Verdict},
+    model::{AdminState, Backend, BackendId, BackendState, HealthCheck, Service},
 };
 
 /// A backend's effective state: what the kernel and the gateway act on.

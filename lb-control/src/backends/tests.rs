@@ -11,8 +11,8 @@ use prometheus_client::registry::Registry;
 
 use super::*;
 use crate::{
-    dataplane::{BackendState, ForwardingMode, Protocol},
     health::{Badness, Condition, NodeHealth, Verdict},
+    model::{BackendState, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol},
 };
 
 /// The kernel tables as last applied, shared with the test.

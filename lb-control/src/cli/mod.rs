@@ -13,12 +13,12 @@ use lb_control::{
         BackendInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewKey, NewService,
         ServiceInfo,
     },
-    backends::{
-        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, HealthCheck, RateLimit, ServiceId,
-    },
     config::Config,
     daemon::{ADMIN_TOKEN_ENV, configured_admin_token},
-    dataplane::{ForwardingMode, Protocol},
+    model::{
+        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol,
+        RateLimit, ServiceId,
+    },
 };
 use serde::{Serialize, de::DeserializeOwned};
 

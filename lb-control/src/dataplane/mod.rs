@@ -39,10 +39,7 @@ pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     harness::{ProgramHarness, TestVerdict, XdpAction, load_onto_harness_maps},
-    services::{
-        ApplyReport, BackendSpec, BackendState, ForwardingMode, LbSettings, Protocol, ServiceSpec,
-        validate as validate_services,
-    },
+    services::{ApplyReport, BackendSpec, LbSettings, ServiceSpec, validate as validate_services},
     stats::{BackendCounters, ServiceCounters, Stats, read_pinned_stats},
 };
 

@@ -29,64 +29,7 @@ use lb_common::{
 use tracing::{debug, warn};
 
 use super::{DataplaneError, batch, map_error};
-
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-
-/// Transport protocol of a service.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => IPPROTO_TCP,
-            Protocol::Udp => IPPROTO_UDP,
-        }
-    }
-}
-
-/// How a service's packets reach its backends.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ForwardingMode {
-    /// Full NAT: works with unmodified backends anywhere.
-    #[default]
-    Nat,
-    /// Direct server return over IPIP: backends decapsulate and answer clients directly.
-    Dsr,
-}
-
-/// A backend's admin or health state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendState {
-    /// In the Maglev table: gets new flows.
-    #[default]
-    Up,
-    /// Keeps its established flows, gets no new ones.
-    Draining,
-    /// Out: its flows are dropped from connection tracking and re-hash to live backends.
-    Down,
-}
-
-impl BackendState {
-    fn kernel(self) -> u32 {
-        match self {
-            BackendState::Up => BACKEND_UP,
-            BackendState::Draining => BACKEND_DRAINING,
-            BackendState::Down => BACKEND_DOWN,
-        }
-    }
-}
+use crate::model::{BackendState, ForwardingMode, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSpec {
@@ -144,6 +87,15 @@ pub struct ApplyReport {
     pub services_changed: usize,
     /// Maglev entries written (one system call each).
     pub table_entries_written: usize,
+}
+
+/// The kernel map's encoding of a backend state.
+fn kernel_state(state: BackendState) -> u32 {
+    match state {
+        BackendState::Up => BACKEND_UP,
+        BackendState::Draining => BACKEND_DRAINING,
+        BackendState::Down => BACKEND_DOWN,
+    }
 }
 
 pub fn family(addr: IpAddr) -> u8 {
@@ -425,7 +377,7 @@ fn write_backend(
         port_be: addr.port().to_be(),
         family: family(addr.ip()),
         _pad: 0,
-        state: state.kernel(),
+        state: kernel_state(state),
     };
     maps.backends
         .set(id, backend, 0)

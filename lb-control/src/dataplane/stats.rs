@@ -9,9 +9,11 @@ use lb_common::{
     maps::{Backend, BackendStats, DropReason, MAX_BACKENDS, Service, ServiceKey, ServiceStats},
 };
 
+use crate::model::Protocol;
+
 use super::{
     DataplaneError, ProtoStats, map_error, open_pinned, read_pinned_proto_stats,
-    services::{Protocol, addr_from_bytes},
+    services::addr_from_bytes,
 };
 
 /// Everything `lb-control stats` shows.

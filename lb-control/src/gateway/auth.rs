@@ -17,15 +17,17 @@ use std::{
 };
 
 use governor::{
-    Quota, RateLimiter, clock::Clock, clock::DefaultClock, state::InMemoryState, state::NotKeyed,
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    state::{InMemoryState, NotKeyed},
 };
 use hyper::{HeaderMap, Uri, header::AUTHORIZATION};
 use thiserror::Error;
 use tracing::warn;
 
 use crate::{
-    backends::{ApiKeyId, ApiKeyRecord, RateLimit},
     keys::{self, ApiKeys, KeyError},
+    model::{ApiKeyId, ApiKeyRecord, RateLimit},
     store::Store,
 };
 

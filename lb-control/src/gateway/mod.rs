@@ -49,10 +49,11 @@ pub use self::{
     upstream::{Upstream, ViewNodes},
 };
 use crate::{
-    backends::{ClusterView, ServiceKey},
+    backends::ClusterView,
     cache::{self, ChainFollower, ResponseCache},
     config::GatewaySection,
     keys::ApiKeys,
+    model::ServiceKey,
     store::Store,
 };
 

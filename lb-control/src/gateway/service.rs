@@ -30,8 +30,8 @@ use super::{
     websocket::{self, WebSocketLimits},
 };
 use crate::{
-    backends::ApiKeyId,
     cache::{CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify},
+    model::ApiKeyId,
 };
 
 /// How much of an unauthenticated request's body is read (and dropped) before the 401.

@@ -34,7 +34,10 @@ use super::{
     metrics::{GatewayMetrics, UpstreamLabels},
     policy::MethodClass,
 };
-use crate::backends::{BackendView, ClusterView, ServiceKey, State};
+use crate::{
+    backends::{BackendView, ClusterView, State},
+    model::ServiceKey,
+};
 
 /// Idle pooled connections per node kept open.
 const MAX_IDLE_PER_NODE: usize = 64;

@@ -62,8 +62,8 @@ use super::{
     upstream::UpstreamError,
 };
 use crate::{
-    backends::{ApiKeyId, ApiKeyRecord},
     cache::{Feed, FeedKind},
+    model::{ApiKeyId, ApiKeyRecord},
 };
 
 /// Calls of one connection answered by the gateway at once; past this the client's messages

@@ -20,8 +20,8 @@ use super::{
     probe::probe,
 };
 use crate::{
-    backends::model::HealthCheck,
     metrics::{CheckLabels, Metrics, NodeLabels},
+    model::HealthCheck,
 };
 
 /// Checks waiting for the supervisor; a full queue holds the node tasks back.

@@ -12,7 +12,7 @@ use std::{
 };
 
 use super::{Badness, Condition, HealthSettings, HealthSnapshot, NodeHealth, Target, Verdict};
-use crate::backends::model::HealthCheck;
+use crate::model::HealthCheck;
 
 /// What one check of a node saw.
 #[derive(Debug, Clone, PartialEq, Eq)]

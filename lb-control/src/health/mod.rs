@@ -30,7 +30,7 @@ pub use checker::{Checker, spawn};
 pub use settings::HealthSettings;
 pub(crate) use settings::parse_duration;
 
-use crate::backends::model::HealthCheck;
+use crate::model::HealthCheck;
 
 /// One thing to check: a node's endpoint and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use super::judge::{ChainStatus, Observation, ProbeFailure};
-use crate::backends::model::HealthCheck;
+use crate::model::HealthCheck;
 
 /// Far more than any answer to the check's calls; a node sending more is not answering them.
 const MAX_ANSWER_BYTES: usize = 64 * 1024;

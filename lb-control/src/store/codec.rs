@@ -19,7 +19,7 @@ use rusqlite::{
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::StoreError;
-use crate::backends::{ApiKeyRecord, Backend, BackendDef, Event, RateLimit, Service, ServiceDef};
+use crate::model::{ApiKeyRecord, Backend, BackendDef, Event, RateLimit, Service, ServiceDef};
 
 /// An enum bound as its serde name.
 pub(super) struct SerdeText<'a, T>(pub(super) &'a T);

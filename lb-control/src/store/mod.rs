@@ -23,7 +23,7 @@ use std::{
 
 use rusqlite::{Connection, TransactionBehavior, ffi, params};
 
-use crate::backends::{ApiKeyId, ApiKeyRecord, Backend, Event, Service};
+use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, Service};
 use codec::{RowDecoder, unix_ms};
 pub use tx::Tx;
 

@@ -6,12 +6,9 @@ use std::{
 };
 
 use super::{Store, StoreError, schema::SCHEMA_VERSION};
-use crate::{
-    backends::{
-        AdminState, ApiKeyRecord, Backend, BackendDef, HealthCheck, Origin, RateLimit, Service,
-        ServiceDef,
-    },
-    dataplane::{ForwardingMode, Protocol},
+use crate::model::{
+    AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol,
+    RateLimit, Service, ServiceDef,
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
@@ -551,7 +548,7 @@ fn events_are_ordered_and_capped() {
         })
         .expect("events");
     assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
-    let subjects = |events: Vec<crate::backends::Event>| -> Vec<String> {
+    let subjects = |events: Vec<crate::model::Event>| -> Vec<String> {
         events.into_iter().map(|event| event.subject).collect()
     };
     assert_eq!(

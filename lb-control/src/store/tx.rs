@@ -8,7 +8,7 @@ use super::{
     StoreError,
     codec::{SerdeText, unix_ms},
 };
-use crate::backends::{ApiKeyId, BackendDef, BackendId, Origin, RateLimit, ServiceDef, ServiceId};
+use crate::model::{ApiKeyId, BackendDef, BackendId, Origin, RateLimit, ServiceDef, ServiceId};
 
 /// One open write transaction; see [`Store::write`](super::Store::write).
 pub struct Tx<'a> {

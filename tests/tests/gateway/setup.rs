@@ -15,14 +15,14 @@ use lb_common::{
     maglev::{MaglevBackend, build_table},
 };
 use lb_control::{
-    backends::{
-        AdminState, Backend, BackendDef, BackendView, ClusterView, HealthCheck, Origin, Service,
-        ServiceDef, ServiceView, State,
-    },
+    backends::{BackendView, ClusterView, ServiceView, State},
     config::GatewaySection,
-    dataplane::{ForwardingMode, Protocol},
     gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     keys::ApiKeys,
+    model::{
+        AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,
+        ServiceDef,
+    },
     store::Store,
 };
 use lb_tests::{

@@ -5,7 +5,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_control::backends::{RateLimit, State};
+use lb_control::{backends::State, model::RateLimit};
 use lb_tests::{sim_node::SimNodeHandle, ws_client::WsClient};
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, time::Instant};

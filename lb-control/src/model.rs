@@ -1,4 +1,6 @@
-//! The records of the backend set, as the store keeps them and the admin API shows them.
+//! The domain vocabulary: services, backends, API keys and events as the store keeps them, the
+//! admin API shows them and the backend set, health checker, data plane and gateway speak of
+//! them. A leaf: it imports nothing of the crate, so every module can use it.
 
 use std::{
     fmt,
@@ -9,8 +11,6 @@ use std::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::dataplane::{ForwardingMode, Protocol};
-
 /// Store-assigned id of a service (never reused).
 pub type ServiceId = i64;
 /// Store-assigned id of a backend (never reused).
@@ -18,6 +18,50 @@ pub type BackendId = i64;
 
 /// The port Substrate nodes serve JSON-RPC on by default.
 pub const DEFAULT_RPC_PORT: u16 = 9944;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// How a service's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// Full NAT: works with unmodified backends anywhere.
+    #[default]
+    Nat,
+    /// Direct server return over IPIP: backends decapsulate and answer clients directly.
+    Dsr,
+}
+
+/// A backend's admin or health state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// In the Maglev table: gets new flows.
+    #[default]
+    Up,
+    /// Keeps its established flows, gets no new ones.
+    Draining,
+    /// Out: its flows are dropped from connection tracking and re-hash to live backends.
+    Down,
+}
 
 /// What an operator decided about a backend; health decides the rest.
 #[derive(
