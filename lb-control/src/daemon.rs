@@ -6,8 +6,7 @@
 
 use std::{
     fs,
-    io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -26,7 +25,7 @@ use crate::{
     api::{self, AdminContext},
     backends::BackendSet,
     config::Config,
-    dataplane::{self, Blocklist, Dataplane, DataplaneConfig},
+    dataplane::{self, Blocklist, Dataplane},
     gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     health,
     keys::ApiKeys,
@@ -37,17 +36,9 @@ use crate::{
 /// How often expired blocklist entries are removed and a failed kernel push is retried.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Environment variable that carries the admin token (wins over the config file).
-pub const ADMIN_TOKEN_ENV: &str = "LB_ADMIN_TOKEN";
-
 /// The state store's file in the state directory.
 pub fn store_path(state_dir: &Path) -> PathBuf {
     state_dir.join("state.db")
-}
-
-/// Where a generated admin token is kept.
-pub fn generated_token_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("admin.token")
 }
 
 /// Runs the daemon until SIGINT/SIGTERM (clean shutdown: detach) or SIGQUIT (exit, leaving the
@@ -72,7 +63,7 @@ async fn run_async(
     // Before anything is written: without root nothing here can work.
     dataplane::require_root()?;
     prepare_state_dir(&config.state_dir)?;
-    let token = admin_token(&config)?;
+    let token = config.admin.token(&config.state_dir)?;
     let store = Store::open(&store_path(&config.state_dir))?;
     // Bound before the data plane starts, so a taken port fails fast and changes nothing.
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -84,14 +75,7 @@ async fn run_async(
         None => None,
     };
 
-    let dataplane = Dataplane::start(&DataplaneConfig {
-        instance: config.instance.clone(),
-        interfaces: config.dataplane.interfaces.clone(),
-        mode: config.dataplane.xdp_mode,
-        bpffs: config.dataplane.bpffs.clone(),
-        maglev_table_size: config.dataplane.maglev_table_size,
-        max_flows: config.dataplane.max_flows,
-    })?;
+    let dataplane = Dataplane::start(&config.dataplane.start_config(&config.instance))?;
     let pin_dir = dataplane.pin_dir().to_owned();
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
@@ -271,62 +255,4 @@ fn prepare_state_dir(state_dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))
-}
-
-/// The admin token as configured: `LB_ADMIN_TOKEN`, else the config's token or token file,
-/// else the one generated into the state directory at an earlier start; None when there is
-/// none yet. The daemon and the CLI resolve it the same way.
-pub fn configured_admin_token(config: &Config) -> anyhow::Result<Option<String>> {
-    if let Ok(token) = std::env::var(ADMIN_TOKEN_ENV)
-        && !token.is_empty()
-    {
-        return Ok(Some(token));
-    }
-    if let Some(token) = &config.admin.token {
-        return Ok(Some(token.clone()));
-    }
-    if let Some(file) = &config.admin.token_file {
-        return read_token(file).map(Some);
-    }
-    let file = generated_token_path(&config.state_dir);
-    if file.exists() {
-        return read_token(&file).map(Some);
-    }
-    Ok(None)
-}
-
-/// The configured admin token, or a new one generated into the state directory.
-fn admin_token(config: &Config) -> anyhow::Result<String> {
-    if let Some(token) = configured_admin_token(config)? {
-        return Ok(token);
-    }
-    let file = generated_token_path(&config.state_dir);
-    let token: String = rand::random::<[u8; 24]>()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect();
-    let mut out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&file)
-        .with_context(|| format!("writing the admin token to {}", file.display()))?;
-    writeln!(out, "{token}")?;
-    out.sync_all()?;
-    info!(file = %file.display(), "generated an admin API token");
-    Ok(token)
-}
-
-/// A token file's first line.
-pub fn read_token(file: &Path) -> anyhow::Result<String> {
-    let text =
-        fs::read_to_string(file).with_context(|| format!("admin token file {}", file.display()))?;
-    let token = text.lines().next().unwrap_or_default().trim().to_owned();
-    anyhow::ensure!(
-        token.len() >= crate::config::MIN_TOKEN_LEN,
-        "admin token file {}: the token must be at least {} characters",
-        file.display(),
-        crate::config::MIN_TOKEN_LEN
-    );
-    Ok(token)
 }

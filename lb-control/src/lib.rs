@@ -6,7 +6,8 @@
 //!
 //! - [`model`]: the domain vocabulary (services, backends, keys, events); imports nothing of the
 //!   crate.
-//! - [`config`]: the TOML configuration, validated.
+//! - [`config`]: the TOML configuration, validated; [`section`]: what its sections share (each
+//!   section lives with the module it configures).
 //! - [`backends`]: the backend set and its one change path.
 //! - [`dataplane`]: the XDP program and its maps (the only module that touches aya).
 //! - [`health`]: the chain-aware health checker (syncing, peers, lag, stalls, rise/fall).
@@ -32,4 +33,5 @@ pub mod keys;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod section;
 pub mod store;

@@ -7,9 +7,10 @@ use ipnet::IpNet;
 use clap::{Args, Parser, Subcommand};
 use lb_control::{
     api::model::StatsReport,
-    config::{Config, ConfigError, LogFormat, Problem},
+    config::{Config, ConfigError, LogFormat},
     dataplane::{self, AttachMode, BlockEntry, Blocklist, Stats},
     netns,
+    section::Problem,
 };
 
 #[derive(Debug, Parser)]

@@ -5,6 +5,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    str::FromStr,
     time::SystemTime,
 };
 
@@ -162,6 +163,28 @@ impl fmt::Display for ServiceKey {
             Protocol::Udp => "udp",
         };
         write!(f, "{}/{protocol}", SocketAddr::new(self.vip, self.port))
+    }
+}
+
+impl FromStr for ServiceKey {
+    type Err = String;
+
+    /// `"192.0.2.10:443"` (TCP) or `"192.0.2.10:443/tcp"`.
+    fn from_str(text: &str) -> Result<ServiceKey, String> {
+        let (address, protocol) = text.split_once('/').unwrap_or((text, "tcp"));
+        let protocol = match protocol {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => return Err(format!("\"{other}\" is not a protocol: use tcp or udp")),
+        };
+        let address: SocketAddr = address.parse().map_err(|_| {
+            format!("\"{text}\" is not a service: write VIP:port, e.g. \"192.0.2.10:443/tcp\"")
+        })?;
+        Ok(ServiceKey {
+            vip: address.ip(),
+            port: address.port(),
+            protocol,
+        })
     }
 }
 

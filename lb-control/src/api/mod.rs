@@ -22,6 +22,7 @@ mod keys;
 mod metrics;
 pub mod model;
 mod services;
+mod settings;
 mod status;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
@@ -41,6 +42,10 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+pub use self::settings::{
+    ADMIN_TOKEN_ENV, AdminSection, DEFAULT_ADMIN_LISTEN, MIN_TOKEN_LEN, generated_token_path,
+    read_token,
+};
 use self::{
     error::{ApiError, ApiResult},
     model::ErrorCode,

@@ -8,6 +8,7 @@
 
 mod reload;
 pub mod rotation;
+pub mod settings;
 #[cfg(test)]
 mod tests;
 
@@ -27,7 +28,9 @@ pub use self::{
     rotation::{Placement, State},
 };
 use crate::{
-    dataplane::{self, ApplyReport, BackendSpec, DataplaneError, LbSettings, ServiceSpec},
+    dataplane::{
+        self, ApplyReport, BackendSpec, DataplaneError, LbSettings, ServiceSpec, SpecProblem,
+    },
     health::{HealthSnapshot, NodeHealth, Target},
     metrics::{BackendLabels, Metrics, ServiceLabels, TransitionLabels},
     model::{AdminState, Backend, BackendDef, BackendId, Origin, Service, ServiceDef, ServiceId},
@@ -394,12 +397,15 @@ impl BackendSet {
                 let value = edit(&mut draft, tx)?;
                 let placements = draft.placements(&health);
                 // The kernel's limits are checked before anything is committed.
-                let problems =
-                    dataplane::validate_services(&draft.settings, &draft.specs(&placements));
+                let problems = draft.kernel_problems(&placements);
                 if !problems.is_empty() {
                     return Err(ChangeError::Invalid {
                         field: "services".to_owned(),
-                        reason: problems.join("; "),
+                        reason: problems
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; "),
                     });
                 }
                 record_transitions(tx, &draft, &before, &placements, cause)?;
@@ -557,6 +563,11 @@ impl Draft {
                     .collect(),
             })
             .collect()
+    }
+
+    /// What the kernel would refuse of this draft with these placements.
+    fn kernel_problems(&self, placements: &BTreeMap<BackendId, Placement>) -> Vec<SpecProblem> {
+        dataplane::validate_services(&self.settings, &self.specs(placements))
     }
 
     fn view(&self, placements: &BTreeMap<BackendId, Placement>) -> ClusterView {

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 
 use super::*;
 use crate::{
+    dataplane::DataplaneSection,
     health::{Badness, Condition, NodeHealth, Verdict},
     model::{BackendState, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol},
 };
@@ -80,12 +81,11 @@ impl Drop for TempDir {
 }
 
 fn settings() -> LbSettings {
-    let config = crate::config::Config::parse(
-        "[dataplane]\nnat_source_v4 = \"10.0.0.1\"\n",
-        std::path::Path::new("test.toml"),
-    )
-    .unwrap();
-    config.lb_settings()
+    DataplaneSection {
+        nat_source_v4: Some("10.0.0.1".parse().unwrap()),
+        ..DataplaneSection::default()
+    }
+    .lb_settings()
 }
 
 fn service(vip: &str, port: u16) -> ServiceDef {

@@ -9,12 +9,12 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use lb_control::{
     admin_client::{AdminClient, admin_url},
+    api::ADMIN_TOKEN_ENV,
     api::model::{
         BackendInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewKey, NewService,
         ServiceInfo,
     },
     config::Config,
-    daemon::{ADMIN_TOKEN_ENV, configured_admin_token},
     model::{
         AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol,
         RateLimit, ServiceId,
@@ -359,11 +359,14 @@ fn client(api: &ApiArgs) -> anyhow::Result<AdminClient> {
 
 /// The token as the daemon resolves it.
 fn admin_token(config: &Config) -> anyhow::Result<String> {
-    configured_admin_token(config)?.with_context(|| {
-        format!(
-            "no admin token: set {ADMIN_TOKEN_ENV}, or pass the instance's config with --config"
-        )
-    })
+    config
+        .admin
+        .configured_token(&config.state_dir)?
+        .with_context(|| {
+            format!(
+                "no admin token: set {ADMIN_TOKEN_ENV}, or pass the instance's config with --config"
+            )
+        })
 }
 
 /// Prints `value` as JSON with `--json`, else as `table` prints it.

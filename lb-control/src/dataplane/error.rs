@@ -5,7 +5,7 @@ use std::{io, path::PathBuf};
 use aya::{EbpfError, maps::MapError, programs::ProgramError};
 use thiserror::Error;
 
-use super::{AttachedMode, bpffs::BpffsError};
+use super::{AttachedMode, SpecProblem, bpffs::BpffsError};
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -83,8 +83,11 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
-    #[error("the wanted load balancer state is invalid:\n  {}", .problems.join("\n  "))]
-    InvalidState { problems: Vec<String> },
+    #[error(
+        "the wanted load balancer state is invalid:\n  {}",
+        .problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+    )]
+    InvalidState { problems: Vec<SpecProblem> },
     #[error(
         "the pinned Maglev tables have {pinned} entries each, the config asks for {wanted}; \
          keep the old size, or stop lb-control and remove its pin directory to start afresh \

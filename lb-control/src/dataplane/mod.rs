@@ -8,6 +8,7 @@ mod bpffs;
 mod error;
 mod harness;
 mod services;
+mod settings;
 mod stats;
 mod sysctl;
 
@@ -39,7 +40,11 @@ pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     harness::{ProgramHarness, TestVerdict, XdpAction, load_onto_harness_maps},
-    services::{ApplyReport, BackendSpec, LbSettings, ServiceSpec, validate as validate_services},
+    services::{
+        ApplyReport, BackendSpec, LbSettings, ProblemSubject, ServiceSpec, SpecProblem,
+        validate as validate_services,
+    },
+    settings::{DataplaneSection, FragmentPolicy},
     stats::{BackendCounters, ServiceCounters, Stats, read_pinned_stats},
 };
 

@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     ops::RangeInclusive,
     time::Duration,
@@ -124,34 +125,71 @@ pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> IpAddr {
     }
 }
 
+/// What a problem with a desired state is about, so a caller can name its own field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemSubject {
+    /// A program-wide setting: the [`LbSettings`] field of this name.
+    Setting(&'static str),
+    /// The service at this index of the list given.
+    Service(usize),
+    /// The services together (the kernel's capacity).
+    Services,
+}
+
+/// One reason the kernel would refuse a desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecProblem {
+    pub subject: ProblemSubject,
+    pub reason: String,
+}
+
+impl fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// Every problem with a desired state, at once.
-pub fn validate(settings: &LbSettings, services: &[ServiceSpec]) -> Vec<String> {
+pub fn validate(settings: &LbSettings, services: &[ServiceSpec]) -> Vec<SpecProblem> {
     let mut problems = Vec::new();
+    let mut report = |subject: ProblemSubject, reason: String| {
+        problems.push(SpecProblem { subject, reason });
+    };
     if let Err(error) = maglev::validate_table_size(settings.maglev_table_size) {
-        problems.push(format!("maglev table size: {error}"));
+        report(
+            ProblemSubject::Setting("maglev_table_size"),
+            format!("maglev table size: {error}"),
+        );
     }
     if settings.nat_ports.is_empty() || *settings.nat_ports.start() < 1024 {
-        problems.push(format!(
-            "NAT port range {}-{} must be non-empty and above 1023",
-            settings.nat_ports.start(),
-            settings.nat_ports.end()
-        ));
+        report(
+            ProblemSubject::Setting("nat_ports"),
+            format!(
+                "NAT port range {}-{} must be non-empty and above 1023",
+                settings.nat_ports.start(),
+                settings.nat_ports.end()
+            ),
+        );
     }
     if services.len() > MAX_SERVICES as usize {
-        problems.push(format!(
-            "{} services, the kernel holds at most {MAX_SERVICES}",
-            services.len()
-        ));
+        report(
+            ProblemSubject::Services,
+            format!(
+                "{} services, the kernel holds at most {MAX_SERVICES}",
+                services.len()
+            ),
+        );
     }
     let mut keys = BTreeSet::new();
     let mut backends = BTreeSet::new();
-    for service in services {
+    for (index, service) in services.iter().enumerate() {
         let name = format!("service {}:{}", service.vip, service.port);
+        let subject = ProblemSubject::Service(index);
         if !keys.insert((service.vip, service.port, service.protocol)) {
-            problems.push(format!("{name}: defined twice"));
+            report(subject, format!("{name}: defined twice"));
         }
         if service.port == 0 {
-            problems.push(format!("{name}: port 0"));
+            report(subject, format!("{name}: port 0"));
         }
         if service.mode == ForwardingMode::Nat {
             let has_source = match service.vip {
@@ -159,30 +197,39 @@ pub fn validate(settings: &LbSettings, services: &[ServiceSpec]) -> Vec<String> 
                 IpAddr::V6(_) => settings.nat_source_v6.is_some(),
             };
             if !has_source {
-                problems.push(format!(
-                    "{name}: NAT mode needs a NAT source address of its family (nat_source_v4 / \
-                     nat_source_v6)"
-                ));
+                report(
+                    subject,
+                    format!(
+                        "{name}: NAT mode needs a NAT source address of its family \
+                         (nat_source_v4 / nat_source_v6)"
+                    ),
+                );
             }
         }
         for backend in &service.backends {
             backends.insert(backend.addr);
             if family(backend.addr.ip()) != family(service.vip) {
-                problems.push(format!(
-                    "{name}: backend {} is of another address family than the VIP",
-                    backend.addr
-                ));
+                report(
+                    subject,
+                    format!(
+                        "{name}: backend {} is of another address family than the VIP",
+                        backend.addr
+                    ),
+                );
             }
             if backend.addr.port() == 0 {
-                problems.push(format!("{name}: backend {}: port 0", backend.addr));
+                report(subject, format!("{name}: backend {}: port 0", backend.addr));
             }
         }
     }
     if backends.len() > MAX_BACKENDS as usize {
-        problems.push(format!(
-            "{} backends, the kernel holds at most {MAX_BACKENDS}",
-            backends.len()
-        ));
+        report(
+            ProblemSubject::Services,
+            format!(
+                "{} backends, the kernel holds at most {MAX_BACKENDS}",
+                backends.len()
+            ),
+        );
     }
     problems
 }

@@ -14,7 +14,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::config::AuthFailureBlock;
+use super::AuthFailureBlock;
 
 /// Beyond this many tracked addresses, windows that ended are dropped.
 const MAX_TRACKED: usize = 100_000;

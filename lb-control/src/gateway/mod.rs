@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod service;
+mod settings;
 pub mod slots;
 pub mod tls;
 pub mod upstream;
@@ -45,13 +46,13 @@ pub use self::{
     block::BlockRequest,
     metrics::GatewayMetrics,
     policy::{MethodPolicy, validate_pattern},
+    settings::{AuthFailureBlock, GatewaySection},
     tls::{Certificates, TlsError},
     upstream::{Upstream, ViewNodes},
 };
 use crate::{
     backends::ClusterView,
     cache::{self, ChainFollower, ResponseCache},
-    config::GatewaySection,
     keys::ApiKeys,
     model::ServiceKey,
     store::Store,

@@ -28,7 +28,6 @@ use utoipa::ToSchema;
 
 pub use checker::{Checker, spawn};
 pub use settings::HealthSettings;
-pub(crate) use settings::parse_duration;
 
 use crate::model::HealthCheck;
 

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+use crate::section::{Problem, parse_duration};
 
 /// `[health]` in the config file; every field has a default, durations are written as
 /// `"1s"`, `"250ms"`.
@@ -47,11 +49,11 @@ impl Default for HealthSettings {
 }
 
 impl HealthSettings {
-    /// Every invalid field as (field, reason), e.g. `("health.rise", "must be at least 1")`.
-    pub fn problems(&self) -> Vec<(String, String)> {
+    /// Every invalid field, e.g. `health.rise: must be at least 1`.
+    pub fn problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut report = |field: &str, reason: String| {
-            problems.push((format!("health.{field}"), reason));
+            problems.push(Problem::new(format!("health.{field}"), reason));
         };
         for (field, value) in [
             ("interval", self.interval),
@@ -80,17 +82,6 @@ impl HealthSettings {
         }
         problems
     }
-}
-
-pub(crate) fn parse_duration<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text).map_err(|error| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not a duration like \"1s\" or \"250ms\": {error}"
-        ))
-    })
 }
 
 #[cfg(test)]
@@ -136,7 +127,7 @@ mod tests {
         let fields: Vec<String> = settings
             .problems()
             .into_iter()
-            .map(|(field, _)| field)
+            .map(|problem| problem.field)
             .collect();
         assert_eq!(
             fields,

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_control::{config::AuthFailureBlock, model::RateLimit};
+use lb_control::{gateway::AuthFailureBlock, model::RateLimit};
 use lb_tests::{lab::certs::write_pem, sim_node::faults::Fault};
 use reqwest::{StatusCode, Version};
 use serde_json::{Value, json};

@@ -16,8 +16,7 @@ use lb_common::{
 };
 use lb_control::{
     backends::{BackendView, ClusterView, ServiceView, State},
-    config::GatewaySection,
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection},
     keys::ApiKeys,
     model::{
         AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,

@@ -1,0 +1,185 @@
+//! The `[gateway]` section of the configuration: where the gateway listens, its certificate,
+//! its request limits and its method policy.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::validate_pattern;
+use crate::{
+    model::ServiceKey,
+    section::{Problem, parse_duration},
+};
+
+/// The JSON-RPC gateway (HTTPS and HTTP/2 in front of the nodes). Off without `listen`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// e.g. `"0.0.0.0:443"`; None: no gateway.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first; re-read on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the leaf certificate; re-read on SIGHUP.
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP instead of TLS: only behind something else that terminates TLS.
+    pub plain_http: bool,
+    /// The service (`"VIP:port"` or `"VIP:port/tcp"`) whose backends' RPC endpoints the gateway
+    /// calls; None: every backend of every service, once per RPC endpoint.
+    pub service: Option<String>,
+    /// Largest request body (HTTP 413 beyond) and largest WebSocket message (close code 1009
+    /// beyond) taken.
+    pub max_body_bytes: usize,
+    /// Most calls in one batch.
+    pub max_batch: usize,
+    /// Memory budget of the response cache, in bytes (entries' bookkeeping included).
+    pub cache_bytes: u64,
+    /// Time a client has for the TLS handshake and for each request's headers (slowloris).
+    #[serde(deserialize_with = "parse_duration")]
+    pub header_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[serde(deserialize_with = "parse_duration")]
+    pub idle_timeout: Duration,
+    /// Time a node has to answer one call; a read that runs out goes to another node.
+    #[serde(deserialize_with = "parse_duration")]
+    pub upstream_timeout: Duration,
+    /// Open connections one client address may hold; more are closed at once.
+    pub max_connections_per_ip: u32,
+    /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
+    pub max_connections_per_key: u32,
+    /// Head subscriptions (`chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads`) one
+    /// WebSocket connection may hold; the gateway serves these itself. The node limits the
+    /// other subscriptions on the connection's own upstream connection.
+    pub max_subscriptions_per_connection: u32,
+    /// Methods refused besides the node's unsafe ones: names, or prefixes ending in `*`.
+    pub deny: Vec<String>,
+    /// Methods let through even if unsafe or denied (allow wins).
+    pub allow: Vec<String>,
+    /// Put a source address on the kernel blocklist after repeated auth failures; off when
+    /// absent.
+    pub auth_failures_block: Option<AuthFailureBlock>,
+}
+
+/// `[gateway.auth_failures_block]`: `after` failures (missing, unknown or revoked key) within
+/// `within` block the source address for `block_for`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFailureBlock {
+    pub after: u32,
+    #[serde(default = "default_block_within", deserialize_with = "parse_duration")]
+    pub within: Duration,
+    #[serde(default = "default_block_for", deserialize_with = "parse_duration")]
+    pub block_for: Duration,
+}
+
+fn default_block_within() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_block_for() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            plain_http: false,
+            service: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_batch: 100,
+            cache_bytes: crate::cache::DEFAULT_MAX_BYTES,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            max_connections_per_key: 1024,
+            max_subscriptions_per_connection: 1024,
+            deny: Vec::new(),
+            allow: Vec::new(),
+            auth_failures_block: None,
+        }
+    }
+}
+
+impl GatewaySection {
+    /// The service the gateway is limited to, if any.
+    pub fn service_key(&self) -> Result<Option<ServiceKey>, String> {
+        self.service.as_deref().map(str::parse).transpose()
+    }
+
+    /// Every invalid field of the section.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |field: &str, reason: String| {
+            problems.push(Problem::new(format!("gateway.{field}"), reason));
+        };
+        if let Err(reason) = self.service_key() {
+            report("service", reason);
+        }
+        if self.listen.is_some() && !self.plain_http {
+            for (field, value) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+                if value.is_none() {
+                    report(
+                        field,
+                        "required to serve TLS: give a PEM file (or set plain_http = true \
+                         behind another TLS terminator)"
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        for (field, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_batch", self.max_batch),
+            ("cache_bytes", self.cache_bytes as usize),
+            (
+                "max_connections_per_ip",
+                self.max_connections_per_ip as usize,
+            ),
+            (
+                "max_connections_per_key",
+                self.max_connections_per_key as usize,
+            ),
+            (
+                "max_subscriptions_per_connection",
+                self.max_subscriptions_per_connection as usize,
+            ),
+        ] {
+            if value == 0 {
+                report(field, "must be at least 1".to_owned());
+            }
+        }
+        for (field, value) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+        ] {
+            if value.is_zero() {
+                report(field, "must be longer than 0".to_owned());
+            }
+        }
+        if let Some(block) = &self.auth_failures_block {
+            if block.after == 0 {
+                report("auth_failures_block.after", "must be at least 1".to_owned());
+            }
+            for (field, value) in [("within", block.within), ("block_for", block.block_for)] {
+                if value.is_zero() {
+                    report(
+                        &format!("auth_failures_block.{field}"),
+                        "must be longer than 0".to_owned(),
+                    );
+                }
+            }
+        }
+        for (list, patterns) in [("deny", &self.deny), ("allow", &self.allow)] {
+            for (i, pattern) in patterns.iter().enumerate() {
+                if let Err(reason) = validate_pattern(pattern) {
+                    report(&format!("{list}[{i}]"), reason);
+                }
+            }
+        }
+        problems
+    }
+}
