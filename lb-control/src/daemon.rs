@@ -3,6 +3,9 @@
 //! config → state store → data plane → backend set ← health checker, admin API; the backend set
 //! pushes every change to the kernel and publishes the view the health checker and the gateway
 //! follow.
+//!
+//! [`Daemon::start`] wires the parts; [`Daemon::serve`] is the event loop, whose steps (a
+//! reload, housekeeping, a block request) are named methods; [`Daemon::stop`] takes it down.
 
 use std::{
     fs,
@@ -16,14 +19,15 @@ use anyhow::Context;
 use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::watch,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
 };
 use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminContext},
-    backends::BackendSet,
+    backends::{BackendSet, Declared},
     config::Config,
     dataplane::{self, Blocklist, Dataplane},
     gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
@@ -47,179 +51,296 @@ pub fn run(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyho
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_async(config, reload))
+    runtime.block_on(async {
+        // Installed first, so a signal during start-up still gets a clean shutdown.
+        let mut signals = Signals::install()?;
+        let mut daemon = Daemon::start(config).await?;
+        let ending = daemon.serve(&mut signals, reload).await;
+        daemon.stop(ending).await
+    })
 }
 
-async fn run_async(
-    config: Config,
-    reload: impl Fn() -> anyhow::Result<Config>,
-) -> anyhow::Result<()> {
-    // Installed first, so a signal during start-up still gets a clean shutdown.
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
+/// The signals the daemon acts on.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+    quit: Signal,
+}
 
-    // Before anything is written: without root nothing here can work.
-    dataplane::require_root()?;
-    prepare_state_dir(&config.state_dir)?;
-    let token = config.admin.token(&config.state_dir)?;
-    let store = Store::open(&store_path(&config.state_dir))?;
-    // Bound before the data plane starts, so a taken port fails fast and changes nothing.
-    let listener = tokio::net::TcpListener::bind(config.admin.listen)
-        .await
-        .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
-    // Likewise the gateway's port and certificate.
-    let gateway_bound = match config.gateway.listen {
-        Some(_) => Some(Gateway::bind(&config.gateway)?),
-        None => None,
-    };
+/// What a signal asks for.
+enum Request {
+    /// SIGINT, SIGTERM: stop and detach the XDP program.
+    Stop,
+    /// SIGQUIT: exit for a restart, leaving the XDP program attached and forwarding.
+    Restart,
+    /// SIGHUP: re-read the config and the certificates.
+    Reload,
+}
 
-    let dataplane = Dataplane::start(&config.dataplane.start_config(&config.instance))?;
-    let pin_dir = dataplane.pin_dir().to_owned();
-    let mut registry = Registry::default();
-    let metrics = Arc::new(Metrics::register(&mut registry));
-    let gateway_metrics = Arc::new(GatewayMetrics::register(&mut registry));
-    let mut declared = config.declared();
-    let backends = Arc::new(
-        BackendSet::start(
-            store.clone(),
-            Box::new(dataplane),
-            config.lb_settings(),
-            &declared,
-            metrics.clone(),
-        )
-        .await?,
-    );
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
 
-    let (targets_tx, targets_rx) = watch::channel(backends.view().health_targets());
-    let checker = health::spawn(config.health.clone(), targets_rx, metrics.clone());
-    tokio::spawn(follow_view(backends.clone(), targets_tx));
-    tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
-
-    let keys = ApiKeys::new(store.clone());
-    let (blocks, mut block_requests) = tokio::sync::mpsc::unbounded_channel::<BlockRequest>();
-    let gateway = match gateway_bound {
-        Some(bound) => Some(Gateway::start(
-            bound,
-            GatewayContext {
-                view: backends.subscribe(),
-                keys: keys.clone(),
-                store: store.clone(),
-                metrics: gateway_metrics,
-                maglev_table_size: config.dataplane.maglev_table_size,
-                blocks,
-            },
-        )?),
-        None => None,
-    };
-
-    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
-    let context = AdminContext {
-        backends: backends.clone(),
-        keys: Arc::new(keys),
-        store: store.clone(),
-        registry: Arc::new(registry),
-        metrics: metrics.clone(),
-        pin_dir: pin_dir.clone(),
-        token,
-    };
-    let admin_address = listener.local_addr()?;
-    let api_server = tokio::spawn(api::serve(listener, context, async {
-        let _ = api_stopped.await;
-    }));
-
-    let mut blocklist = Blocklist::open(&pin_dir)?;
-    let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-    info!(
-        instance = %config.instance,
-        pin_dir = %pin_dir.display(),
-        admin = %admin_address,
-        gateway = ?gateway.as_ref().map(Gateway::local_addr),
-        store = %store.path().display(),
-        "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
-         restart (the program keeps forwarding)"
-    );
-    let detach = loop {
+    async fn next(&mut self) -> Request {
         tokio::select! {
-            _ = terminate.recv() => break true,
-            _ = interrupt.recv() => break true,
-            _ = quit.recv() => {
-                // The pinned links keep the program attached: traffic flows on, and the next
-                // lb-control swaps its program in and finds the pinned flow table.
-                info!("exiting for a restart: the XDP program stays attached and forwarding");
-                break false;
-            }
-            Some(request) = block_requests.recv() => {
-                let prefix = IpNet::from(request.address);
-                match blocklist.block(prefix, Some(request.until)) {
-                    Ok(()) => warn!(%prefix, until = %humantime::format_rfc3339_seconds(request.until), "blocked after repeated gateway auth failures"),
-                    Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
-                }
-            }
-            _ = housekeeping.tick() => {
-                match blocklist.expire(SystemTime::now()) {
-                    Ok(expired) => {
-                        for prefix in expired {
-                            info!(%prefix, "blocklist entry expired");
-                        }
+            _ = self.terminate.recv() => Request::Stop,
+            _ = self.interrupt.recv() => Request::Stop,
+            _ = self.quit.recv() => Request::Restart,
+            _ = self.hangup.recv() => Request::Reload,
+        }
+    }
+}
+
+/// How the event loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Detach the XDP program.
+    Stop,
+    /// Leave the XDP program attached for the next start.
+    Restart,
+}
+
+/// The running parts.
+struct Daemon {
+    config: Config,
+    /// What the config file declared at start or at the last good reload.
+    declared: Declared,
+    backends: Arc<BackendSet>,
+    checker: health::Checker,
+    gateway: Option<Gateway>,
+    blocklist: Blocklist,
+    block_requests: mpsc::UnboundedReceiver<BlockRequest>,
+    admin: AdminServer,
+}
+
+/// The admin API's server task and what stops it.
+struct AdminServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Daemon {
+    /// Wires the parts together: store, data plane, backend set, health checker, gateway, admin
+    /// API. Whatever can fail for a reason the operator must fix (root, a taken port, a bad
+    /// certificate) fails before the data plane changes.
+    async fn start(config: Config) -> anyhow::Result<Daemon> {
+        // Before anything is written: without root nothing here can work.
+        dataplane::require_root()?;
+        prepare_state_dir(&config.state_dir)?;
+        let token = config.admin.token(&config.state_dir)?;
+        let store = Store::open(&store_path(&config.state_dir))?;
+        // Bound before the data plane starts, so a taken port fails fast and changes nothing.
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
+        // Likewise the gateway's port and certificate.
+        let gateway_bound = match config.gateway.listen {
+            Some(_) => Some(Gateway::bind(&config.gateway)?),
+            None => None,
+        };
+
+        let dataplane = Dataplane::start(&config.dataplane.start_config(&config.instance))?;
+        let pin_dir = dataplane.pin_dir().to_owned();
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let gateway_metrics = Arc::new(GatewayMetrics::register(&mut registry));
+        let declared = config.declared();
+        let backends = Arc::new(
+            BackendSet::start(
+                store.clone(),
+                Box::new(dataplane),
+                config.lb_settings(),
+                &declared,
+                metrics.clone(),
+            )
+            .await?,
+        );
+
+        let (targets_tx, targets_rx) = watch::channel(backends.view().health_targets());
+        let checker = health::spawn(config.health.clone(), targets_rx, metrics.clone());
+        tokio::spawn(follow_view(backends.clone(), targets_tx));
+        tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
+
+        let keys = ApiKeys::new(store.clone());
+        let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
+        let gateway = match gateway_bound {
+            Some(bound) => Some(Gateway::start(
+                bound,
+                GatewayContext {
+                    view: backends.subscribe(),
+                    keys: keys.clone(),
+                    store: store.clone(),
+                    metrics: gateway_metrics,
+                    maglev_table_size: config.dataplane.maglev_table_size,
+                    blocks,
+                },
+            )?),
+            None => None,
+        };
+
+        let (stop_api, api_stopped) = oneshot::channel::<()>();
+        let context = AdminContext {
+            backends: backends.clone(),
+            keys: Arc::new(keys),
+            store: store.clone(),
+            registry: Arc::new(registry),
+            metrics: metrics.clone(),
+            pin_dir: pin_dir.clone(),
+            token,
+        };
+        let admin_address = listener.local_addr()?;
+        let api_task = tokio::spawn(api::serve(listener, context, async {
+            let _ = api_stopped.await;
+        }));
+
+        let blocklist = Blocklist::open(&pin_dir)?;
+        info!(
+            instance = %config.instance,
+            pin_dir = %pin_dir.display(),
+            admin = %admin_address,
+            gateway = ?gateway.as_ref().map(Gateway::local_addr),
+            store = %store.path().display(),
+            "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
+             restart (the program keeps forwarding)"
+        );
+        Ok(Daemon {
+            config,
+            declared,
+            backends,
+            checker,
+            gateway,
+            blocklist,
+            block_requests,
+            admin: AdminServer {
+                stop: stop_api,
+                task: api_task,
+            },
+        })
+    }
+
+    /// The event loop: until a signal ends it.
+    async fn serve(
+        &mut self,
+        signals: &mut Signals,
+        reload: impl Fn() -> anyhow::Result<Config>,
+    ) -> Ending {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        loop {
+            tokio::select! {
+                request = signals.next() => match request {
+                    Request::Stop => return Ending::Stop,
+                    Request::Restart => {
+                        // The pinned links keep the program attached: traffic flows on, and
+                        // the next lb-control swaps its program in and finds the pinned flow
+                        // table.
+                        info!("exiting for a restart: the XDP program stays attached and forwarding");
+                        return Ending::Restart;
                     }
-                    Err(error) => error!("expiring blocklist entries: {error}"),
-                }
-                if let Err(error) = backends.resync_kernel().await {
-                    error!("the kernel tables are behind the backend set: {error}");
-                }
-            }
-            _ = hangup.recv() => {
-                // The certificate files are re-read whatever the config says: renewing a
-                // certificate is the common reason for a SIGHUP.
-                if let Some(gateway) = &gateway {
-                    match gateway.reload_tls() {
-                        Ok(()) => info!("gateway: reloaded the TLS certificate"),
-                        Err(error) => error!("{error}; keeping the running certificate"),
-                    }
-                }
-                // A bad reload is reported and changes nothing: the running state stays.
-                match reload() {
-                    Ok(new) => {
-                        let after = new.declared();
-                        match backends.reload(new.lb_settings(), &declared, &after).await {
-                            Ok(()) => {
-                                declared = after;
-                                checker.update_settings(new.health.clone());
-                                if new.admin != config.admin {
-                                    warn!("admin API settings changed: they take effect at the next start");
-                                }
-                                if new.gateway != config.gateway {
-                                    warn!("gateway settings changed: they take effect at the next start (certificates are re-read now)");
-                                }
-                                info!("reloaded the config");
-                            }
-                            Err(error) => error!("config reload failed, keeping the running state: {error}"),
-                        }
-                    }
-                    Err(error) => error!("config reload failed, keeping the running state: {error}"),
-                }
+                    Request::Reload => self.reload(&reload).await,
+                },
+                Some(request) = self.block_requests.recv() => self.block(request),
+                _ = housekeeping.tick() => self.housekeeping().await,
             }
         }
-    };
-    if let Some(gateway) = gateway {
-        gateway.stop().await;
     }
-    // Admin requests in flight finish; new ones are refused.
-    let _ = stop_api.send(());
-    match api_server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => error!("admin API: {error}"),
-        Err(error) => error!("admin API task: {error}"),
+
+    /// Puts a source on the kernel blocklist at the gateway's request.
+    fn block(&mut self, request: BlockRequest) {
+        let prefix = IpNet::from(request.address);
+        match self.blocklist.block(prefix, Some(request.until)) {
+            Ok(()) => warn!(
+                %prefix,
+                until = %humantime::format_rfc3339_seconds(request.until),
+                "blocked after repeated gateway auth failures"
+            ),
+            Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
+        }
     }
-    drop(checker);
-    if detach {
-        info!("shutting down: detaching the XDP program");
-        backends.detach_kernel().await?;
-        info!("detached");
+
+    /// Expires blocklist entries and retries a kernel push that failed.
+    async fn housekeeping(&mut self) {
+        match self.blocklist.expire(SystemTime::now()) {
+            Ok(expired) => {
+                for prefix in expired {
+                    info!(%prefix, "blocklist entry expired");
+                }
+            }
+            Err(error) => error!("expiring blocklist entries: {error}"),
+        }
+        if let Err(error) = self.backends.resync_kernel().await {
+            error!("the kernel tables are behind the backend set: {error}");
+        }
     }
-    Ok(())
+
+    /// SIGHUP: re-reads the certificates, then the config; a bad config is reported and
+    /// changes nothing.
+    async fn reload(&mut self, reload: impl Fn() -> anyhow::Result<Config>) {
+        // The certificate files are re-read whatever the config says: renewing a certificate
+        // is the common reason for a SIGHUP.
+        if let Some(gateway) = &self.gateway {
+            match gateway.reload_tls() {
+                Ok(()) => info!("gateway: reloaded the TLS certificate"),
+                Err(error) => error!("{error}; keeping the running certificate"),
+            }
+        }
+        let new = match reload() {
+            Ok(new) => new,
+            Err(error) => {
+                error!("config reload failed, keeping the running state: {error}");
+                return;
+            }
+        };
+        let after = new.declared();
+        if let Err(error) = self
+            .backends
+            .reload(new.lb_settings(), &self.declared, &after)
+            .await
+        {
+            error!("config reload failed, keeping the running state: {error}");
+            return;
+        }
+        self.declared = after;
+        self.checker.update_settings(new.health.clone());
+        if new.admin != self.config.admin {
+            warn!("admin API settings changed: they take effect at the next start");
+        }
+        if new.gateway != self.config.gateway {
+            warn!(
+                "gateway settings changed: they take effect at the next start (certificates \
+                 are re-read now)"
+            );
+        }
+        info!("reloaded the config");
+    }
+
+    /// Stops the gateway and the admin API (requests in flight finish), then detaches the XDP
+    /// program unless the daemon exits for a restart.
+    async fn stop(self, ending: Ending) -> anyhow::Result<()> {
+        if let Some(gateway) = self.gateway {
+            gateway.stop().await;
+        }
+        // Admin requests in flight finish; new ones are refused.
+        let _ = self.admin.stop.send(());
+        match self.admin.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => error!("admin API: {error}"),
+            Err(error) => error!("admin API task: {error}"),
+        }
+        drop(self.checker);
+        if ending == Ending::Stop {
+            info!("shutting down: detaching the XDP program");
+            self.backends.detach_kernel().await?;
+            info!("detached");
+        }
+        Ok(())
+    }
 }
 
 /// Keeps the health checker's targets equal to the backend set's nodes.

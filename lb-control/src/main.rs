@@ -119,10 +119,24 @@ fn main() -> ExitCode {
     match run_command(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, outer to inner ("admin API: cannot listen on …: Address already in
+/// use"), each once: a message that already quotes its cause is not followed by it again.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {

@@ -1,6 +1,6 @@
 //! lb-control in the lab: the XDP program attached to a veth in a namespace counts real
 //! traffic exactly, the BPF filesystem is mounted when missing, devices without native XDP get
-//! generic mode with a warning, and SIGTERM detaches.
+//! generic mode with a warning, SIGTERM detaches, and a start-up failure names its cause.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`.
 
@@ -249,5 +249,47 @@ fn native_mode_on_a_device_without_it_names_the_fix() -> anyhow::Result<()> {
             && stderr.contains("try --xdp-mode generic"),
         "stderr:\n{stderr}"
     );
+    Ok(())
+}
+
+#[test]
+fn taken_admin_port_fails_the_start_naming_the_cause() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = taken.local_addr()?;
+    let state_dir = std::env::temp_dir().join(format!("lb-taken-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&state_dir)?;
+    let config = state_dir.join("lb.toml");
+    let instance = format!("taken-admin-{}", std::process::id());
+    std::fs::write(
+        &config,
+        format!(
+            "instance = \"{instance}\"\nstate_dir = \"{}\"\n[admin]\nlisten = \"{address}\"\n",
+            state_dir.display()
+        ),
+    )?;
+    let mut child = Command::new(binary_path("lb-control")?)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting lb-control")?;
+    // It must give up at once; were the port not taken it would run, so bound the wait.
+    let exited = wait_for("lb-control to exit", || Ok(child.try_wait()?.is_some()));
+    if exited.is_err() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output()?;
+    let _ = std::fs::remove_dir_all(&state_dir);
+    let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(&instance));
+    exited?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "lb-control started:\n{stderr}");
+    ensure!(
+        stderr.contains(&format!("admin API: cannot listen on {address}: "))
+            && stderr.contains("Address already in use"),
+        "the cause is not printed:\n{stderr}"
+    );
+    drop(taken);
     Ok(())
 }
