@@ -29,6 +29,9 @@ pub mod code {
     pub const TOO_MANY_SUBSCRIPTIONS: i32 = -32006;
 }
 
+/// `sc_rpc_api::UnsafeRpcError`'s message.
+const NODE_UNSAFE_MESSAGE: &str = "RPC call is unsafe to be called externally";
+
 /// A JSON-RPC error object made by the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RpcError {
@@ -90,6 +93,19 @@ impl RpcError {
         RpcError::new(
             code::TOO_MANY_SUBSCRIPTIONS,
             format!("Too many subscriptions on this connection: at most {max}"),
+        )
+    }
+
+    /// A method of the node's unsafe list: the node's own answer on a `--rpc-methods safe` port.
+    pub fn node_unsafe() -> Self {
+        RpcError::new(code::METHOD_NOT_FOUND, NODE_UNSAFE_MESSAGE)
+    }
+
+    /// A method the config's `deny` list refuses.
+    pub fn not_served(method: &str) -> Self {
+        RpcError::new(
+            code::METHOD_NOT_FOUND,
+            format!("Method {method} is not served by this gateway"),
         )
     }
 

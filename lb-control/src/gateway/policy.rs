@@ -1,72 +1,15 @@
-//! Method policy, as data: which methods never reach a node, and what a client is told.
+//! Method policy, per call: which methods never reach a node, and what a client is told.
 //!
-//! The base table is the node's own unsafe list (polkadot-sdk's `check_if_safe` callers in
-//! `sc-rpc`), refused with the node's own error, so a client sees what a node started with
-//! `--rpc-methods safe` would answer. The config adds `deny` entries and can `allow` methods
-//! back (an operator whose nodes expose an unsafe method on purpose). Unknown methods pass: the
-//! node is the judge of what it serves.
+//! The base is the node's own unsafe list (the methods the method table marks
+//! [`Safety::Unsafe`]), refused with the node's own error, so a client sees what a node
+//! started with `--rpc-methods safe` would answer. The config adds `deny` entries and can
+//! `allow` methods back (an operator whose nodes expose an unsafe method on purpose). Unknown
+//! methods pass: the node is the judge of what it serves.
 
-use std::collections::HashMap;
-
-use super::jsonrpc::{RpcError, code};
-
-/// Methods a Substrate node refuses on an externally reachable (`--rpc-methods safe`) port.
-pub const NODE_UNSAFE_METHODS: &[&str] = &[
-    "author_hasKey",
-    "author_hasSessionKeys",
-    "author_insertKey",
-    "author_removeExtrinsic",
-    "author_rotateKeys",
-    "dev_getBlockStats",
-    "offchain_localStorageClear",
-    "offchain_localStorageGet",
-    "offchain_localStorageSet",
-    "state_getPairs",
-    "state_traceBlock",
-    "state_trieMigrationStatus",
-    "system_addLogFilter",
-    "system_addReservedPeer",
-    "system_dryRun",
-    "system_dryRunAt",
-    "system_peers",
-    "system_removeReservedPeer",
-    "system_resetLogFilter",
-    "system_unstable_networkState",
-];
-
-/// `sc_rpc_api::UnsafeRpcError`'s message.
-const NODE_UNSAFE_MESSAGE: &str = "RPC call is unsafe to be called externally";
-
-/// What a call is, for metrics and for the retry rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MethodClass {
-    /// Reads: safe to send again to another node.
-    Read,
-    /// `author_*`: submissions and pool changes, never sent twice.
-    Author,
-}
-
-impl MethodClass {
-    pub fn of(method: &str) -> MethodClass {
-        if method.starts_with("author_") {
-            MethodClass::Author
-        } else {
-            MethodClass::Read
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MethodClass::Read => "read",
-            MethodClass::Author => "author",
-        }
-    }
-
-    /// May this call be sent to a second node when the first failed?
-    pub fn is_retryable(self) -> bool {
-        self == MethodClass::Read
-    }
-}
+use crate::{
+    gateway::jsonrpc::RpcError,
+    methods::{self, Method, Safety},
+};
 
 /// A pattern of the config's lists: an exact name, or a prefix ending in `*` (`offchain_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +27,6 @@ impl Pattern {
 /// The policy in force.
 #[derive(Debug, Clone)]
 pub struct MethodPolicy {
-    /// Exact names refused, with the error each gets.
-    refused: HashMap<String, RpcError>,
     deny: Vec<Pattern>,
     allow: Vec<Pattern>,
 }
@@ -93,17 +34,7 @@ pub struct MethodPolicy {
 impl MethodPolicy {
     /// The node's unsafe list, plus `deny`, minus `allow` (allow wins).
     pub fn new(deny: &[String], allow: &[String]) -> MethodPolicy {
-        let refused = NODE_UNSAFE_METHODS
-            .iter()
-            .map(|method| {
-                (
-                    (*method).to_owned(),
-                    RpcError::new(code::METHOD_NOT_FOUND, NODE_UNSAFE_MESSAGE),
-                )
-            })
-            .collect();
         MethodPolicy {
-            refused,
             deny: deny.iter().cloned().map(Pattern).collect(),
             allow: allow.iter().cloned().map(Pattern).collect(),
         }
@@ -111,21 +42,21 @@ impl MethodPolicy {
 
     /// None when `method` may go to a node; else the error the client gets.
     pub fn refusal(&self, method: &str) -> Option<RpcError> {
-        if self.allow.iter().any(|pattern| pattern.matches(method)) {
+        self.refusal_of(method, methods::lookup(method))
+    }
+
+    /// [`MethodPolicy::refusal`] of a method already looked up in the method table.
+    pub fn refusal_of(&self, name: &str, method: &Method) -> Option<RpcError> {
+        if self.allow.iter().any(|pattern| pattern.matches(name)) {
             return None;
         }
-        if let Some(error) = self.refused.get(method) {
-            return Some(error.clone());
+        if method.safety == Safety::Unsafe {
+            return Some(RpcError::node_unsafe());
         }
         self.deny
             .iter()
-            .any(|pattern| pattern.matches(method))
-            .then(|| {
-                RpcError::new(
-                    code::METHOD_NOT_FOUND,
-                    format!("Method {method} is not served by this gateway"),
-                )
-            })
+            .any(|pattern| pattern.matches(name))
+            .then(|| RpcError::not_served(name))
     }
 }
 

@@ -23,7 +23,7 @@ use super::{
     block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
     metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
-    policy::{MethodClass, MethodPolicy},
+    policy::MethodPolicy,
     server::ConnectionHold,
     slots::Slots,
     upstream::Upstream,
@@ -31,7 +31,10 @@ use super::{
 };
 use crate::{
     backends::ApiKeyId,
-    cache::{CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify},
+    cache::{
+        CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify_by_rule,
+    },
+    methods,
 };
 
 /// How much of an unauthenticated request's body is read (and dropped) before the 401.
@@ -198,9 +201,10 @@ impl Pipeline {
         answer.unwrap_or_default()
     }
 
-    /// May the response cache answer `call` (now or once fetched)?
-    pub fn is_cacheable(&self, call: &Call) -> bool {
-        classify(&call.method, &params_of(call), self.cache.finalized()) != CachePolicy::Never
+    /// May the response cache answer `call` of `method` (now or once fetched)?
+    pub fn is_cacheable(&self, call: &Call, method: &methods::Method) -> bool {
+        classify_by_rule(method.cache, &params_of(call), self.cache.finalized())
+            != CachePolicy::Never
     }
 
     /// The answer to one entry; None for a notification.
@@ -218,21 +222,27 @@ impl Pipeline {
         // Notifications are not forwarded: no Substrate method acts on one, and it gets no
         // answer.
         let id = call.id.as_deref()?;
-        let class = MethodClass::of(&call.method);
-        let (outcome, label) = match self.policy.refusal(&call.method) {
+        // The one lookup of the method table for this call.
+        let method = methods::lookup(&call.method);
+        let (outcome, label) = match self.policy.refusal_of(&call.method, method) {
             Some(refusal) => (Outcome::from(refusal), "refused"),
-            None => self.resolve(call, client).await,
+            None => self.resolve(call, method, client).await,
         };
-        self.count(class.name(), label);
+        self.count(method.class.name(), label);
         Some(jsonrpc::answer(Some(id), &outcome))
     }
 
     /// Where a call that passed every check gets its outcome: from the response cache when the
     /// chain allows, else from a node (one upstream call for identical calls in flight). The
     /// client's id is put back by the caller.
-    async fn resolve(&self, call: &Call, client: IpAddr) -> (Outcome, &'static str) {
+    async fn resolve(
+        &self,
+        call: &Call,
+        method: &methods::Method,
+        client: IpAddr,
+    ) -> (Outcome, &'static str) {
         let params = params_of(call);
-        let policy = classify(&call.method, &params, self.cache.finalized());
+        let policy = classify_by_rule(method.cache, &params, self.cache.finalized());
         let fetch = || async {
             match self
                 .upstream

@@ -32,9 +32,11 @@ use tracing::{info, warn};
 use super::{
     jsonrpc::{self, Outcome},
     metrics::{GatewayMetrics, UpstreamLabels},
-    policy::MethodClass,
 };
-use crate::backends::{BackendView, ClusterView, ServiceKey, State};
+use crate::{
+    backends::{BackendView, ClusterView, ServiceKey, State},
+    methods,
+};
 
 /// Idle pooled connections per node kept open.
 const MAX_IDLE_PER_NODE: usize = 64;
@@ -276,7 +278,7 @@ impl Upstream {
             Ok(outcome) => return Ok(outcome),
             Err(error) => error,
         };
-        let Some(second) = second.filter(|_| MethodClass::of(method).is_retryable()) else {
+        let Some(second) = second.filter(|_| methods::lookup(method).class.is_retryable()) else {
             return Err(error);
         };
         warn!("{error}; retrying {method} on node {second}");

@@ -55,7 +55,6 @@ use super::{
     auth::AuthError,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
     metrics::ClosedLabels,
-    policy::MethodClass,
     server::ConnectionHold,
     service::{Pipeline, rpc_response},
     slots::Slot,
@@ -63,7 +62,8 @@ use super::{
 };
 use crate::{
     backends::{ApiKeyId, ApiKeyRecord},
-    cache::{Feed, FeedKind},
+    cache::Feed,
+    methods::{self, FeedKind, Method, Subscription},
 };
 
 /// Calls of one connection answered by the gateway at once; past this the client's messages
@@ -83,58 +83,14 @@ pub struct WebSocketLimits {
     pub idle_timeout: Duration,
 }
 
-/// A subscription the gateway serves itself from its node's feed, with Substrate's names for it.
-struct SharedFeed {
-    kind: FeedKind,
-    subscribe: &'static [&'static str],
-    unsubscribe: &'static [&'static str],
-    notification: &'static str,
-}
-
-const SHARED_FEEDS: [SharedFeed; 3] = [
-    SharedFeed {
-        kind: FeedKind::BestHead,
-        subscribe: &[
-            "chain_subscribeNewHeads",
-            "chain_subscribeNewHead",
-            "subscribe_newHead",
-        ],
-        unsubscribe: &[
-            "chain_unsubscribeNewHeads",
-            "chain_unsubscribeNewHead",
-            "unsubscribe_newHead",
-        ],
-        notification: "chain_newHead",
-    },
-    SharedFeed {
-        kind: FeedKind::FinalizedHead,
-        subscribe: &[
-            "chain_subscribeFinalizedHeads",
-            "chain_subscribeFinalisedHeads",
-        ],
-        unsubscribe: &[
-            "chain_unsubscribeFinalizedHeads",
-            "chain_unsubscribeFinalisedHeads",
-        ],
-        notification: "chain_finalizedHead",
-    },
-    SharedFeed {
-        kind: FeedKind::RuntimeVersion,
-        subscribe: &[
-            "state_subscribeRuntimeVersion",
-            "chain_subscribeRuntimeVersion",
-        ],
-        unsubscribe: &[
-            "state_unsubscribeRuntimeVersion",
-            "chain_unsubscribeRuntimeVersion",
-        ],
-        notification: "state_runtimeVersion",
-    },
-];
-
 /// Where one call of a client message goes.
 enum Route {
-    Subscribe(&'static SharedFeed),
+    /// A head subscription served from the node's shared feed of `kind`.
+    Subscribe {
+        kind: FeedKind,
+        notification: &'static str,
+    },
+    /// The end of one of those.
     Unsubscribe,
     /// Answered by the pipeline (cache, refusal, error), as over HTTP.
     Pipeline,
@@ -501,11 +457,11 @@ impl Session {
             }
             Body::Single(Entry::Call(ref call)) => call,
         };
-        match self.route(call) {
+        let method = methods::lookup(&call.method);
+        match self.route(call, method) {
             Route::Pipeline => self.through_pipeline(body),
             Route::Node => {
-                self.pipeline
-                    .count(MethodClass::of(&call.method).name(), "forwarded");
+                self.pipeline.count(method.class.name(), "forwarded");
                 if node.send(Message::text(text)).await.is_err() {
                     return Err(Ending::with(
                         "node_lost",
@@ -514,32 +470,31 @@ impl Session {
                     ));
                 }
             }
-            Route::Subscribe(feed) => self.subscribe(call, feed),
+            Route::Subscribe { kind, notification } => self.subscribe(call, kind, notification),
             Route::Unsubscribe => self.unsubscribe(call),
         }
         Ok(())
     }
 
-    fn route(&self, call: &Call) -> Route {
-        if call.id.is_none() || self.pipeline.policy.refusal(&call.method).is_some() {
+    fn route(&self, call: &Call, method: &Method) -> Route {
+        if call.id.is_none()
+            || self
+                .pipeline
+                .policy
+                .refusal_of(&call.method, method)
+                .is_some()
+        {
             return Route::Pipeline;
         }
-        if let Some(feed) = SHARED_FEEDS
-            .iter()
-            .find(|feed| feed.subscribe.contains(&call.method.as_str()))
-        {
-            return Route::Subscribe(feed);
-        }
-        if SHARED_FEEDS
-            .iter()
-            .any(|feed| feed.unsubscribe.contains(&call.method.as_str()))
-        {
-            return Route::Unsubscribe;
-        }
-        if self.pipeline.is_cacheable(call) {
-            Route::Pipeline
-        } else {
-            Route::Node
+        match method.subscription {
+            Some(Subscription::Subscribe {
+                feed: Some(kind),
+                notification,
+                ..
+            }) => Route::Subscribe { kind, notification },
+            Some(Subscription::Unsubscribe { feed: Some(_) }) => Route::Unsubscribe,
+            _ if self.pipeline.is_cacheable(call, method) => Route::Pipeline,
+            _ => Route::Node,
         }
     }
 
@@ -552,7 +507,7 @@ impl Session {
         });
     }
 
-    fn subscribe(&mut self, call: &Call, shared: &'static SharedFeed) {
+    fn subscribe(&mut self, call: &Call, kind: FeedKind, notification: &'static str) {
         let max = self.pipeline.websocket.max_subscriptions_per_connection;
         let outcome = if self.shared.len() >= max as usize {
             self.pipeline.metrics.rejected("subscription_limit");
@@ -563,9 +518,9 @@ impl Session {
                 .take(SUBSCRIPTION_ID_LEN)
                 .map(char::from)
                 .collect();
-            let feed: Feed = self.pipeline.feeds.watch(self.node, shared.kind);
+            let feed: Feed = self.pipeline.feeds.watch(self.node, kind);
             self.shared.insert(id.clone(), WatchStream::new(feed));
-            self.notifications.insert(id.clone(), shared.notification);
+            self.notifications.insert(id.clone(), notification);
             self.pipeline.metrics.shared_subscriptions.inc();
             Outcome::Result(jsonrpc::string_value(&id))
         };
