@@ -6,7 +6,8 @@
 //! subscription live on one node connection); the node is the client's Maglev pick, or the
 //! next one when that one cannot be reached.
 //!
-//! Each message from the client: key still valid → rate limit → then per call:
+//! Each message from the client passes the pipeline's stages (key still valid, parse, rate
+//! limit), then per call:
 //! - `chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads` and
 //!   `state_subscribeRuntimeVersion` (and their aliases and unsubscribes) are served by the
 //!   gateway from its node's shared feeds: the chain follower's one subscription of each per
@@ -33,7 +34,7 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::{
-    Request, Response, StatusCode,
+    Request, Response,
     body::{Bytes, Incoming},
 };
 use hyper_tungstenite::{
@@ -52,11 +53,11 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use super::{
-    auth::AuthError,
-    jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
+    jsonrpc::{self, Body, Call, Entry, Outcome},
     metrics::ClosedLabels,
+    pipeline::{Pipeline, Rejection},
     server::ConnectionHold,
-    service::{Pipeline, rpc_response},
+    service::refused,
     slots::Slot,
     upstream::UpstreamError,
 };
@@ -115,24 +116,11 @@ pub async fn accept(
         .key_connections
         .claim(key.id, limits.max_connections_per_key)
     else {
-        pipeline.metrics.rejected("key_connection_limit");
-        return rpc_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            jsonrpc::error_body(&RpcError::too_many_connections(
-                limits.max_connections_per_key,
-            )),
-        );
+        return refused(&pipeline, &Rejection::KeyConnectionLimit, client);
     };
     let (node, node_socket) = match connect_node(&pipeline, client).await {
         Ok(connected) => connected,
-        Err(error) => {
-            warn!(%client, "WebSocket client refused: {error}");
-            pipeline.metrics.rejected("no_node");
-            return rpc_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                jsonrpc::error_body(&RpcError::upstream_unavailable(&error)),
-            );
-        }
+        Err(error) => return refused(&pipeline, &Rejection::NoNode(error), client),
     };
     let config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_message_bytes))
@@ -140,12 +128,7 @@ pub async fn accept(
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut request, Some(config)) {
         Ok(upgrade) => upgrade,
         Err(error) => {
-            return rpc_response(
-                StatusCode::BAD_REQUEST,
-                jsonrpc::error_body(&RpcError::invalid_request(&format!(
-                    "WebSocket handshake: {error}"
-                ))),
-            );
+            return refused(&pipeline, &Rejection::Handshake(error.to_string()), client);
         }
     };
     tokio::spawn(async move {
@@ -406,15 +389,12 @@ impl Session {
         }
     }
 
-    /// One message of the client.
+    /// One message of the client: the pipeline's stages, then where each call goes.
     async fn on_message(&mut self, text: String, node: &mut NodeSocket) -> Result<(), Ending> {
-        let key = match self.pipeline.auth.authenticate(&self.secret).await {
+        // A key revoked since the session opened ends it; that is counted as the session's
+        // end (`key_revoked`), not as an auth failure of a request.
+        self.key = match self.pipeline.auth.recheck(&self.secret, &self.key).await {
             Ok(key) => key,
-            Err(AuthError::Store(error)) => {
-                // The store being unreadable is not the client's fault: keep its key.
-                warn!("checking the API key of a WebSocket client: {error}");
-                self.key.clone()
-            }
             Err(error) => {
                 return Err(Ending::with(
                     "key_revoked",
@@ -423,31 +403,21 @@ impl Session {
                 ));
             }
         };
-        self.key = key;
-        let limits = self.pipeline.limits;
-        let body = match jsonrpc::parse_body(text.as_bytes(), limits.max_batch) {
+        let body = match self.pipeline.parse(text.as_bytes()) {
             Ok(body) => body,
-            Err(error) => {
-                self.pipeline.metrics.rejected(match error.code {
-                    jsonrpc::code::BATCH_TOO_BIG => "batch_too_big",
-                    jsonrpc::code::PARSE_ERROR => "parse_error",
-                    _ => "invalid_request",
-                });
-                self.reply(jsonrpc::answer(None, &Outcome::from(error)));
+            Err(rejection) => {
+                self.refuse(None, &rejection);
                 return Ok(());
             }
         };
-        let calls = u32::try_from(body.entries().len()).unwrap_or(u32::MAX);
-        if let Err(limited) = self.pipeline.auth.admit(&self.key, calls) {
-            self.pipeline.metrics.rate_limited.inc();
+        if let Err(rejection) = self.pipeline.limit_rate(&self.key, &body) {
             // A batch gets one error, as over HTTP.
             let id = match &body {
                 Body::Single(Entry::Call(call)) => call.id.as_deref(),
                 Body::Single(Entry::Invalid { id, .. }) => id.as_deref(),
                 Body::Batch(_) => None,
             };
-            let error = Outcome::from(RpcError::rate_limited(limited.retry_after_secs()));
-            self.reply(jsonrpc::answer(id, &error));
+            self.refuse(id, &rejection);
             return Ok(());
         }
         let call = match body {
@@ -510,8 +480,10 @@ impl Session {
     fn subscribe(&mut self, call: &Call, kind: FeedKind, notification: &'static str) {
         let max = self.pipeline.websocket.max_subscriptions_per_connection;
         let outcome = if self.shared.len() >= max as usize {
-            self.pipeline.metrics.rejected("subscription_limit");
-            Outcome::from(RpcError::too_many_subscriptions(max))
+            Outcome::from(
+                self.pipeline
+                    .refuse(&Rejection::SubscriptionLimit, self.client),
+            )
         } else {
             let id: String = rand::rng()
                 .sample_iter(Alphanumeric)
@@ -549,6 +521,12 @@ impl Session {
             call.id.as_deref(),
             &Outcome::Result(result),
         ));
+    }
+
+    /// Answers a message the pipeline refused with its error for `rejection`, to `id`.
+    fn refuse(&mut self, id: Option<&RawValue>, rejection: &Rejection) {
+        let error = self.pipeline.refuse(rejection, self.client);
+        self.reply(jsonrpc::answer(id, &Outcome::from(error)));
     }
 
     /// Queues an answer for the client.

@@ -1,4 +1,4 @@
-//! Method policy, per call: which methods never reach a node, and what a client is told.
+//! Policy, per call: which methods never reach a node, and what a client is told.
 //!
 //! The base is the node's own unsafe list (the methods the method table marks
 //! [`Safety::Unsafe`]), refused with the node's own error, so a client sees what a node
