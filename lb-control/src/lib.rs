@@ -19,6 +19,8 @@
 //! - [`keys`]: the gateway's API keys.
 //! - [`gateway`]: the JSON-RPC gateway (TLS, API keys, rate limits, method policy, upstream).
 //! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
+//! - [`methods`]: what the gateway knows of each JSON-RPC method (safety, cache rule,
+//!   subscription, retry), one table that the gateway and the cache both read.
 
 pub mod admin_client;
 pub mod api;
@@ -30,6 +32,7 @@ pub mod dataplane;
 pub mod gateway;
 pub mod health;
 pub mod keys;
+pub mod methods;
 pub mod metrics;
 pub mod model;
 pub mod netns;

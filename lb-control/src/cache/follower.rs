@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use super::header::{Header, HeaderError};
 use super::store::{ResponseCache, RuntimeVersion};
+use crate::methods::FeedKind;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,17 +61,6 @@ pub fn follow(nodes: watch::Receiver<Vec<SocketAddr>>, cache: ResponseCache) -> 
         feeds,
         _task: AbortOnDrop(tokio::spawn(supervise(nodes, cluster))),
     }
-}
-
-/// What a feed carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FeedKind {
-    /// `chain_subscribeNewHeads`: each new best block's header.
-    BestHead,
-    /// `chain_subscribeFinalizedHeads`: each newly finalized block's header.
-    FinalizedHead,
-    /// `state_subscribeRuntimeVersion`: the runtime version, at start and on each upgrade.
-    RuntimeVersion,
 }
 
 /// A node's latest notification of one kind, as the node sent it (raw JSON); None until one

@@ -1,6 +1,7 @@
 //! The gateway's Substrate-aware response cache and the chain follower that ages it.
 //!
-//! - [`policy`]: how long an answer may be reused, per method, from one table.
+//! - [`policy`]: how long an answer may be reused, from its method's cache rule in the method
+//!   table ([`crate::methods`]).
 //! - `key`: the cache key (method, canonical params, epoch).
 //! - [`store`]: the cache itself, bounded by bytes, coalescing identical in-flight requests.
 //! - [`follower`]: follows heads, finality and the runtime version on every node and feeds
@@ -22,8 +23,8 @@ mod key;
 pub mod policy;
 pub mod store;
 
-pub use follower::{ChainFollower, Feed, FeedKind, NodeFeeds, follow};
-pub use policy::{CachePolicy, classify};
+pub use follower::{ChainFollower, Feed, NodeFeeds, follow};
+pub use policy::{CachePolicy, classify, classify_by_rule};
 pub use store::{
     CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache,
     RuntimeVersion, UpstreamAnswer,

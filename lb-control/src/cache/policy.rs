@@ -1,12 +1,14 @@
-//! How long a JSON-RPC answer may be reused, decided per method from one table.
+//! How long a JSON-RPC answer may be reused, decided per call from its method's cache rule in
+//! the method table ([`crate::methods`]) and the call's params.
 //!
-//! The table lists only the methods whose answers are safe to reuse; everything else
-//! (`author_*`, subscriptions, `chainHead_v1_*`, `transaction*`, nonces, peers, fees, unknown
-//! methods) is [`CachePolicy::Never`]. Parameter positions and names follow polkadot-sdk's
-//! `sc-rpc-api` (e.g. `fn storage(&self, key: StorageKey, hash: Option<Hash>)`), so a call by
-//! position (`[key, hash]`) and by name (`{"key": …, "hash": …}`) classify alike.
+//! Only the methods whose answers are safe to reuse have a rule; everything else (`author_*`,
+//! subscriptions, `chainHead_v1_*`, `transaction*`, nonces, peers, fees, unknown methods) is
+//! [`CachePolicy::Never`]. A call by position (`[key, hash]`) and by name
+//! (`{"key": …, "hash": …}`) classify alike.
 
 use serde_json::Value;
+
+use crate::methods::{self, CacheRule, Reuse};
 
 /// How long an answer may be reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -22,98 +24,16 @@ pub enum CachePolicy {
     Never,
 }
 
-/// One method's rule.
-#[derive(Debug, Clone, Copy)]
-enum Rule {
-    /// The same answer for every call until `policy` says otherwise.
-    Always(CachePolicy),
-    /// Takes an optional block hash as parameter `at` (position) or `name` (by-name call):
-    /// with a hash the answer is pinned to that block, without one it follows `otherwise`.
-    AtBlock {
-        at: usize,
-        name: &'static str,
-        otherwise: CachePolicy,
-    },
-    /// `state_call(name, bytes, hash?)`: pinned at a hash; without one, the metadata and
-    /// version calls change only with the runtime and the rest with the head.
-    RuntimeCall,
-    /// `chain_getBlockHash(number?)`: a finalized number's hash never changes; the best
-    /// block's (no number) and a number above finalized can.
-    BlockHash,
-}
-
 use CachePolicy::{Pinned, UntilNewHead, UntilRuntimeUpgrade};
 
-const fn at_block(at: usize, name: &'static str, otherwise: CachePolicy) -> Rule {
-    Rule::AtBlock {
-        at,
-        name,
-        otherwise,
+impl From<Reuse> for CachePolicy {
+    fn from(reuse: Reuse) -> CachePolicy {
+        match reuse {
+            Reuse::UntilNewHead => UntilNewHead,
+            Reuse::UntilRuntimeUpgrade => UntilRuntimeUpgrade,
+        }
     }
 }
-
-/// Every cacheable method (aliases included); anything not listed is never cached.
-const METHODS: &[(&str, Rule)] = &[
-    // chain
-    ("chain_getBlock", at_block(0, "hash", UntilNewHead)),
-    ("chain_getHeader", at_block(0, "hash", UntilNewHead)),
-    ("chain_getBlockHash", Rule::BlockHash),
-    ("chain_getHead", Rule::BlockHash),
-    ("chain_getFinalizedHead", Rule::Always(UntilNewHead)),
-    ("chain_getFinalisedHead", Rule::Always(UntilNewHead)),
-    // state
-    ("state_call", Rule::RuntimeCall),
-    ("state_callAt", Rule::RuntimeCall),
-    ("state_getStorage", at_block(1, "hash", UntilNewHead)),
-    ("state_getStorageAt", at_block(1, "hash", UntilNewHead)),
-    ("state_getStorageHash", at_block(1, "hash", UntilNewHead)),
-    ("state_getStorageHashAt", at_block(1, "hash", UntilNewHead)),
-    ("state_getStorageSize", at_block(1, "hash", UntilNewHead)),
-    ("state_getStorageSizeAt", at_block(1, "hash", UntilNewHead)),
-    ("state_getKeys", at_block(1, "hash", UntilNewHead)),
-    // (prefix, count, start_key, hash)
-    ("state_getKeysPaged", at_block(3, "hash", UntilNewHead)),
-    ("state_getKeysPagedAt", at_block(3, "hash", UntilNewHead)),
-    ("state_getReadProof", at_block(1, "hash", UntilNewHead)),
-    ("state_queryStorageAt", at_block(1, "at", UntilNewHead)),
-    (
-        "state_getMetadata",
-        at_block(0, "hash", UntilRuntimeUpgrade),
-    ),
-    (
-        "state_getRuntimeVersion",
-        at_block(0, "hash", UntilRuntimeUpgrade),
-    ),
-    (
-        "chain_getRuntimeVersion",
-        at_block(0, "hash", UntilRuntimeUpgrade),
-    ),
-    // childstate: (child_storage_key, …, hash)
-    ("state_getChildReadProof", at_block(2, "hash", UntilNewHead)),
-    ("childstate_getStorage", at_block(2, "hash", UntilNewHead)),
-    (
-        "childstate_getStorageHash",
-        at_block(2, "hash", UntilNewHead),
-    ),
-    (
-        "childstate_getStorageSize",
-        at_block(2, "hash", UntilNewHead),
-    ),
-    (
-        "childstate_getStorageEntries",
-        at_block(2, "hash", UntilNewHead),
-    ),
-    ("childstate_getKeys", at_block(2, "hash", UntilNewHead)),
-    ("childstate_getKeysPaged", at_block(4, "hash", UntilNewHead)),
-    // system
-    ("system_health", Rule::Always(UntilNewHead)),
-    ("system_chain", Rule::Always(UntilRuntimeUpgrade)),
-    ("system_chainType", Rule::Always(UntilRuntimeUpgrade)),
-    ("system_properties", Rule::Always(UntilRuntimeUpgrade)),
-    ("system_name", Rule::Always(UntilRuntimeUpgrade)),
-    ("system_version", Rule::Always(UntilRuntimeUpgrade)),
-    ("rpc_methods", Rule::Always(UntilRuntimeUpgrade)),
-];
 
 /// Runtime calls whose answer changes only with the runtime (`state_call` without a hash).
 const RUNTIME_CONSTANT_CALLS: &[&str] = &["Core_version"];
@@ -123,26 +43,26 @@ const RUNTIME_CONSTANT_CALL_PREFIXES: &[&str] = &["Metadata_"];
 /// `chain_getBlockHash(n)` with n ≤ finalized (or n = 0, the genesis, always final) is
 /// [`CachePolicy::Pinned`]; above it, or with nothing known, [`CachePolicy::UntilNewHead`].
 pub fn classify(method: &str, params: &Value, finalized: Option<u64>) -> CachePolicy {
-    let Some(rule) = METHODS
-        .iter()
-        .find_map(|(name, rule)| (*name == method).then_some(*rule))
-    else {
-        return CachePolicy::Never;
-    };
+    classify_by_rule(methods::lookup(method).cache, params, finalized)
+}
+
+/// [`classify`] for a call whose method was looked up already.
+pub fn classify_by_rule(rule: CacheRule, params: &Value, finalized: Option<u64>) -> CachePolicy {
     match rule {
-        Rule::Always(policy) => policy,
-        Rule::AtBlock {
+        CacheRule::Never => CachePolicy::Never,
+        CacheRule::Always(reuse) => reuse.into(),
+        CacheRule::AtBlock {
             at,
             name,
             otherwise,
-        } => at_hash(params, at, name).unwrap_or(otherwise),
-        Rule::RuntimeCall => at_hash(params, 2, "hash").unwrap_or_else(|| {
+        } => at_hash(params, at, name).unwrap_or(otherwise.into()),
+        CacheRule::RuntimeCall => at_hash(params, 2, "hash").unwrap_or_else(|| {
             match param(params, 0, "name").and_then(Value::as_str) {
                 Some(call) if is_runtime_constant_call(call) => UntilRuntimeUpgrade,
                 _ => UntilNewHead,
             }
         }),
-        Rule::BlockHash => match param(params, 0, "hash") {
+        CacheRule::BlockHash => match param(params, 0, "hash") {
             None => UntilNewHead,
             Some(Value::Array(numbers)) => numbers
                 .iter()
@@ -315,14 +235,5 @@ mod tests {
                 "{method}({params}) with finalized {finalized:?}"
             );
         }
-    }
-
-    #[test]
-    fn every_table_method_is_listed_once() {
-        let mut names: Vec<&str> = METHODS.iter().map(|(name, _)| *name).collect();
-        names.sort_unstable();
-        let count = names.len();
-        names.dedup();
-        assert_eq!(names.len(), count, "a method has two rules");
     }
 }

@@ -2,26 +2,31 @@
 //!
 //! - [`server`]: accepting, per-address connection limit, TLS, HTTP/1.1 and HTTP/2.
 //! - [`tls`]: certificates from PEM files, ALPN, reload on SIGHUP.
-//! - [`service`]: one request: key, body limit, parse, rate limit, policy, upstream.
-//! - [`auth`]: where the key is, the cached key check, rate limits, last-used times.
+//! - [`pipeline`]: the stages in order, each call's answer (policy, cache, node), and the one
+//!   mapping of a refusal to its JSON-RPC error and metric; both transports run it.
+//! - [`stages`]: one file per stage: [`stages::auth`] (key check), [`stages::parse`],
+//!   [`stages::rate_limit`], [`stages::policy`].
+//! - [`service`]: the HTTP transport: one request through the pipeline, framed as HTTP.
+//! - [`websocket`]: the WebSocket transport: each message through the pipeline, one node
+//!   connection per client, shared head subscriptions.
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
-//! - [`policy`]: which methods never reach a node.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
-//! - [`websocket`]: JSON-RPC over WebSocket, one node connection per client, shared head
-//!   subscriptions.
 //! - [`slots`]: counted connections per address and per key.
 //! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
+//!
+//! What the gateway knows of each method (safety, cache rule, subscription, retry) is one
+//! table, [`crate::methods`].
 
-pub mod auth;
 pub mod block;
 pub mod jsonrpc;
 pub mod metrics;
-pub mod policy;
+pub mod pipeline;
 pub mod server;
 pub mod service;
 mod settings;
 pub mod slots;
+pub mod stages;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;
@@ -35,20 +40,20 @@ use tokio::{
     task::JoinHandle,
 };
 
-use self::{
-    auth::Authenticator,
-    server::ConnectionLimits,
-    service::{BodyLimits, Pipeline},
-    slots::Slots,
-    websocket::WebSocketLimits,
-};
 pub use self::{
     block::BlockRequest,
     metrics::GatewayMetrics,
-    policy::{MethodPolicy, validate_pattern},
     settings::{AuthFailureBlock, GatewaySection},
+    stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
     upstream::{Upstream, ViewNodes},
+};
+use self::{
+    pipeline::{BodyLimits, Pipeline},
+    server::ConnectionLimits,
+    slots::Slots,
+    stages::{auth::Authenticator, rate_limit::RateLimits},
+    websocket::WebSocketLimits,
 };
 use crate::{
     backends::ClusterView,
@@ -206,6 +211,7 @@ impl Gateway {
         let pipeline = Arc::new(Pipeline {
             auth: auth.clone(),
             failures,
+            rates: RateLimits::default(),
             policy: MethodPolicy::new(&section.deny, &section.allow),
             upstream: upstream.clone(),
             cache,
@@ -232,7 +238,7 @@ impl Gateway {
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(auth::TOUCH_INTERVAL);
+                let mut tick = tokio::time::interval(stages::auth::TOUCH_INTERVAL);
                 loop {
                     tick.tick().await;
                     auth.flush_usage().await;

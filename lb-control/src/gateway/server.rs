@@ -38,7 +38,8 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use super::{
-    service::Pipeline,
+    pipeline::Pipeline,
+    service,
     slots::{Slot, Slots},
     tls::Certificates,
 };
@@ -190,7 +191,10 @@ impl Connection {
         let service = service_fn(move |request| {
             let pipeline = pipeline.clone();
             let hold = hold.clone();
-            async move { Ok::<_, Infallible>(pipeline.handle(request, client, hold).await) }
+            async move {
+                let response = service::handle(&pipeline, request, client, hold).await;
+                Ok::<_, Infallible>(response)
+            }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder

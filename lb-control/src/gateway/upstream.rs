@@ -32,10 +32,10 @@ use tracing::{info, warn};
 use super::{
     jsonrpc::{self, Outcome},
     metrics::{GatewayMetrics, UpstreamLabels},
-    policy::MethodClass,
 };
 use crate::{
     backends::{BackendView, ClusterView, State},
+    methods,
     model::ServiceKey,
 };
 
@@ -279,7 +279,7 @@ impl Upstream {
             Ok(outcome) => return Ok(outcome),
             Err(error) => error,
         };
-        let Some(second) = second.filter(|_| MethodClass::of(method).is_retryable()) else {
+        let Some(second) = second.filter(|_| methods::lookup(method).class.is_retryable()) else {
             return Err(error);
         };
         warn!("{error}; retrying {method} on node {second}");

@@ -6,7 +6,8 @@
 //! subscription live on one node connection); the node is the client's Maglev pick, or the
 //! next one when that one cannot be reached.
 //!
-//! Each message from the client: key still valid → rate limit → then per call:
+//! Each message from the client passes the pipeline's stages (key still valid, parse, rate
+//! limit), then per call:
 //! - `chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads` and
 //!   `state_subscribeRuntimeVersion` (and their aliases and unsubscribes) are served by the
 //!   gateway from its node's shared feeds: the chain follower's one subscription of each per
@@ -33,7 +34,7 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::{
-    Request, Response, StatusCode,
+    Request, Response,
     body::{Bytes, Incoming},
 };
 use hyper_tungstenite::{
@@ -52,17 +53,17 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
 
 use super::{
-    auth::AuthError,
-    jsonrpc::{self, Body, Call, Entry, Outcome, RpcError},
+    jsonrpc::{self, Body, Call, Entry, Outcome},
     metrics::ClosedLabels,
-    policy::MethodClass,
+    pipeline::{Pipeline, Rejection},
     server::ConnectionHold,
-    service::{Pipeline, rpc_response},
+    service::refused,
     slots::Slot,
     upstream::UpstreamError,
 };
 use crate::{
-    cache::{Feed, FeedKind},
+    cache::Feed,
+    methods::{self, FeedKind, Method, Subscription},
     model::{ApiKeyId, ApiKeyRecord},
 };
 
@@ -83,58 +84,14 @@ pub struct WebSocketLimits {
     pub idle_timeout: Duration,
 }
 
-/// A subscription the gateway serves itself from its node's feed, with Substrate's names for it.
-struct SharedFeed {
-    kind: FeedKind,
-    subscribe: &'static [&'static str],
-    unsubscribe: &'static [&'static str],
-    notification: &'static str,
-}
-
-const SHARED_FEEDS: [SharedFeed; 3] = [
-    SharedFeed {
-        kind: FeedKind::BestHead,
-        subscribe: &[
-            "chain_subscribeNewHeads",
-            "chain_subscribeNewHead",
-            "subscribe_newHead",
-        ],
-        unsubscribe: &[
-            "chain_unsubscribeNewHeads",
-            "chain_unsubscribeNewHead",
-            "unsubscribe_newHead",
-        ],
-        notification: "chain_newHead",
-    },
-    SharedFeed {
-        kind: FeedKind::FinalizedHead,
-        subscribe: &[
-            "chain_subscribeFinalizedHeads",
-            "chain_subscribeFinalisedHeads",
-        ],
-        unsubscribe: &[
-            "chain_unsubscribeFinalizedHeads",
-            "chain_unsubscribeFinalisedHeads",
-        ],
-        notification: "chain_finalizedHead",
-    },
-    SharedFeed {
-        kind: FeedKind::RuntimeVersion,
-        subscribe: &[
-            "state_subscribeRuntimeVersion",
-            "chain_subscribeRuntimeVersion",
-        ],
-        unsubscribe: &[
-            "state_unsubscribeRuntimeVersion",
-            "chain_unsubscribeRuntimeVersion",
-        ],
-        notification: "state_runtimeVersion",
-    },
-];
-
 /// Where one call of a client message goes.
 enum Route {
-    Subscribe(&'static SharedFeed),
+    /// A head subscription served from the node's shared feed of `kind`.
+    Subscribe {
+        kind: FeedKind,
+        notification: &'static str,
+    },
+    /// The end of one of those.
     Unsubscribe,
     /// Answered by the pipeline (cache, refusal, error), as over HTTP.
     Pipeline,
@@ -159,24 +116,11 @@ pub async fn accept(
         .key_connections
         .claim(key.id, limits.max_connections_per_key)
     else {
-        pipeline.metrics.rejected("key_connection_limit");
-        return rpc_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            jsonrpc::error_body(&RpcError::too_many_connections(
-                limits.max_connections_per_key,
-            )),
-        );
+        return refused(&pipeline, &Rejection::KeyConnectionLimit, client);
     };
     let (node, node_socket) = match connect_node(&pipeline, client).await {
         Ok(connected) => connected,
-        Err(error) => {
-            warn!(%client, "WebSocket client refused: {error}");
-            pipeline.metrics.rejected("no_node");
-            return rpc_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                jsonrpc::error_body(&RpcError::upstream_unavailable(&error)),
-            );
-        }
+        Err(error) => return refused(&pipeline, &Rejection::NoNode(error), client),
     };
     let config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_message_bytes))
@@ -184,12 +128,7 @@ pub async fn accept(
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut request, Some(config)) {
         Ok(upgrade) => upgrade,
         Err(error) => {
-            return rpc_response(
-                StatusCode::BAD_REQUEST,
-                jsonrpc::error_body(&RpcError::invalid_request(&format!(
-                    "WebSocket handshake: {error}"
-                ))),
-            );
+            return refused(&pipeline, &Rejection::Handshake(error.to_string()), client);
         }
     };
     tokio::spawn(async move {
@@ -450,15 +389,12 @@ impl Session {
         }
     }
 
-    /// One message of the client.
+    /// One message of the client: the pipeline's stages, then where each call goes.
     async fn on_message(&mut self, text: String, node: &mut NodeSocket) -> Result<(), Ending> {
-        let key = match self.pipeline.auth.authenticate(&self.secret).await {
+        // A key revoked since the session opened ends it; that is counted as the session's
+        // end (`key_revoked`), not as an auth failure of a request.
+        self.key = match self.pipeline.auth.recheck(&self.secret, &self.key).await {
             Ok(key) => key,
-            Err(AuthError::Store(error)) => {
-                // The store being unreadable is not the client's fault: keep its key.
-                warn!("checking the API key of a WebSocket client: {error}");
-                self.key.clone()
-            }
             Err(error) => {
                 return Err(Ending::with(
                     "key_revoked",
@@ -467,31 +403,21 @@ impl Session {
                 ));
             }
         };
-        self.key = key;
-        let limits = self.pipeline.limits;
-        let body = match jsonrpc::parse_body(text.as_bytes(), limits.max_batch) {
+        let body = match self.pipeline.parse(text.as_bytes()) {
             Ok(body) => body,
-            Err(error) => {
-                self.pipeline.metrics.rejected(match error.code {
-                    jsonrpc::code::BATCH_TOO_BIG => "batch_too_big",
-                    jsonrpc::code::PARSE_ERROR => "parse_error",
-                    _ => "invalid_request",
-                });
-                self.reply(jsonrpc::answer(None, &Outcome::from(error)));
+            Err(rejection) => {
+                self.refuse(None, &rejection);
                 return Ok(());
             }
         };
-        let calls = u32::try_from(body.entries().len()).unwrap_or(u32::MAX);
-        if let Err(limited) = self.pipeline.auth.admit(&self.key, calls) {
-            self.pipeline.metrics.rate_limited.inc();
+        if let Err(rejection) = self.pipeline.limit_rate(&self.key, &body) {
             // A batch gets one error, as over HTTP.
             let id = match &body {
                 Body::Single(Entry::Call(call)) => call.id.as_deref(),
                 Body::Single(Entry::Invalid { id, .. }) => id.as_deref(),
                 Body::Batch(_) => None,
             };
-            let error = Outcome::from(RpcError::rate_limited(limited.retry_after_secs()));
-            self.reply(jsonrpc::answer(id, &error));
+            self.refuse(id, &rejection);
             return Ok(());
         }
         let call = match body {
@@ -501,11 +427,11 @@ impl Session {
             }
             Body::Single(Entry::Call(ref call)) => call,
         };
-        match self.route(call) {
+        let method = methods::lookup(&call.method);
+        match self.route(call, method) {
             Route::Pipeline => self.through_pipeline(body),
             Route::Node => {
-                self.pipeline
-                    .count(MethodClass::of(&call.method).name(), "forwarded");
+                self.pipeline.count(method.class.name(), "forwarded");
                 if node.send(Message::text(text)).await.is_err() {
                     return Err(Ending::with(
                         "node_lost",
@@ -514,32 +440,31 @@ impl Session {
                     ));
                 }
             }
-            Route::Subscribe(feed) => self.subscribe(call, feed),
+            Route::Subscribe { kind, notification } => self.subscribe(call, kind, notification),
             Route::Unsubscribe => self.unsubscribe(call),
         }
         Ok(())
     }
 
-    fn route(&self, call: &Call) -> Route {
-        if call.id.is_none() || self.pipeline.policy.refusal(&call.method).is_some() {
+    fn route(&self, call: &Call, method: &Method) -> Route {
+        if call.id.is_none()
+            || self
+                .pipeline
+                .policy
+                .refusal_of(&call.method, method)
+                .is_some()
+        {
             return Route::Pipeline;
         }
-        if let Some(feed) = SHARED_FEEDS
-            .iter()
-            .find(|feed| feed.subscribe.contains(&call.method.as_str()))
-        {
-            return Route::Subscribe(feed);
-        }
-        if SHARED_FEEDS
-            .iter()
-            .any(|feed| feed.unsubscribe.contains(&call.method.as_str()))
-        {
-            return Route::Unsubscribe;
-        }
-        if self.pipeline.is_cacheable(call) {
-            Route::Pipeline
-        } else {
-            Route::Node
+        match method.subscription {
+            Some(Subscription::Subscribe {
+                feed: Some(kind),
+                notification,
+                ..
+            }) => Route::Subscribe { kind, notification },
+            Some(Subscription::Unsubscribe { feed: Some(_) }) => Route::Unsubscribe,
+            _ if self.pipeline.is_cacheable(call, method) => Route::Pipeline,
+            _ => Route::Node,
         }
     }
 
@@ -552,20 +477,22 @@ impl Session {
         });
     }
 
-    fn subscribe(&mut self, call: &Call, shared: &'static SharedFeed) {
+    fn subscribe(&mut self, call: &Call, kind: FeedKind, notification: &'static str) {
         let max = self.pipeline.websocket.max_subscriptions_per_connection;
         let outcome = if self.shared.len() >= max as usize {
-            self.pipeline.metrics.rejected("subscription_limit");
-            Outcome::from(RpcError::too_many_subscriptions(max))
+            Outcome::from(
+                self.pipeline
+                    .refuse(&Rejection::SubscriptionLimit, self.client),
+            )
         } else {
             let id: String = rand::rng()
                 .sample_iter(Alphanumeric)
                 .take(SUBSCRIPTION_ID_LEN)
                 .map(char::from)
                 .collect();
-            let feed: Feed = self.pipeline.feeds.watch(self.node, shared.kind);
+            let feed: Feed = self.pipeline.feeds.watch(self.node, kind);
             self.shared.insert(id.clone(), WatchStream::new(feed));
-            self.notifications.insert(id.clone(), shared.notification);
+            self.notifications.insert(id.clone(), notification);
             self.pipeline.metrics.shared_subscriptions.inc();
             Outcome::Result(jsonrpc::string_value(&id))
         };
@@ -594,6 +521,12 @@ impl Session {
             call.id.as_deref(),
             &Outcome::Result(result),
         ));
+    }
+
+    /// Answers a message the pipeline refused with its error for `rejection`, to `id`.
+    fn refuse(&mut self, id: Option<&RawValue>, rejection: &Rejection) {
+        let error = self.pipeline.refuse(rejection, self.client);
+        self.reply(jsonrpc::answer(id, &Outcome::from(error)));
     }
 
     /// Queues an answer for the client.

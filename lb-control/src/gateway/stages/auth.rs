@@ -1,5 +1,7 @@
-//! API keys: where a client puts its key, checking it against the store behind a short-lived
-//! cache, each key's rate limit (GCRA), and last-used times written to the store in batches.
+//! Key check: where a client puts its API key, checking it against the store behind a
+//! short-lived cache, and last-used times written to the store in batches. A request's key is
+//! checked once ([`Authenticator::check`]); an open WebSocket session's key is checked again
+//! on every message ([`Authenticator::recheck`]), so a revoked key stops working there too.
 //!
 //! Verdicts are cached for [`VERDICT_TTL`]: a flood of requests costs one store lookup per key
 //! per second, and a key revoked through the admin API stops working within that time.
@@ -11,23 +13,17 @@
 
 use std::{
     collections::HashMap,
-    num::NonZeroU32,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use governor::{
-    Quota, RateLimiter,
-    clock::{Clock, DefaultClock},
-    state::{InMemoryState, NotKeyed},
-};
 use hyper::{HeaderMap, Uri, header::AUTHORIZATION};
 use thiserror::Error;
 use tracing::warn;
 
 use crate::{
     keys::{self, ApiKeys, KeyError},
-    model::{ApiKeyId, ApiKeyRecord, RateLimit},
+    model::{ApiKeyId, ApiKeyRecord},
     store::Store,
 };
 
@@ -100,8 +96,6 @@ pub fn find_key<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
         .or_else(in_bearer)
 }
 
-type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
-
 struct Verdict {
     at: Instant,
     key: Option<ApiKeyRecord>,
@@ -109,24 +103,10 @@ struct Verdict {
     refreshing: bool,
 }
 
-/// A request over its key's rate.
-#[derive(Debug)]
-pub struct RateLimited {
-    pub retry_after: Duration,
-}
-
-impl RateLimited {
-    /// Whole seconds to wait, at least one (`Retry-After` takes whole seconds).
-    pub fn retry_after_secs(&self) -> u64 {
-        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
-    }
-}
-
 pub struct Authenticator {
     keys: ApiKeys,
     store: Store,
     verdicts: Arc<Mutex<HashMap<[u8; 32], Verdict>>>,
-    limiters: Mutex<HashMap<ApiKeyId, (RateLimit, Arc<DirectLimiter>)>>,
     used: Mutex<HashMap<ApiKeyId, SystemTime>>,
 }
 
@@ -136,8 +116,33 @@ impl Authenticator {
             keys,
             store,
             verdicts: Arc::default(),
-            limiters: Mutex::default(),
             used: Mutex::default(),
+        }
+    }
+
+    /// The key check of a request (an HTTP call, a WebSocket upgrade): the live key of
+    /// `secret`, the key as [`find_key`] found it.
+    pub async fn check(&self, secret: Option<&str>) -> Result<ApiKeyRecord, AuthError> {
+        match secret {
+            Some(secret) => self.authenticate(secret).await,
+            None => Err(AuthError::Missing),
+        }
+    }
+
+    /// The key check of a message on an open WebSocket session, whose key was `current`: the
+    /// key as it is now. The store being unreadable is not the client's fault: the session
+    /// keeps `current`.
+    pub async fn recheck(
+        &self,
+        secret: &str,
+        current: &ApiKeyRecord,
+    ) -> Result<ApiKeyRecord, AuthError> {
+        match self.authenticate(secret).await {
+            Err(AuthError::Store(error)) => {
+                warn!("checking the API key of a WebSocket client: {error}");
+                Ok(current.clone())
+            }
+            checked => checked,
         }
     }
 
@@ -190,35 +195,6 @@ impl Authenticator {
         Ok(key)
     }
 
-    /// Takes `calls` requests from the key's allowance (a batch counts each call).
-    pub fn admit(&self, key: &ApiKeyRecord, calls: u32) -> Result<(), RateLimited> {
-        let Some(limit) = key.rate_limit else {
-            return Ok(());
-        };
-        let limiter = {
-            let mut limiters = lock(&self.limiters);
-            let entry = limiters
-                .entry(key.id)
-                .or_insert_with(|| (limit, Arc::new(limiter(limit))));
-            // A changed limit starts a fresh allowance.
-            if entry.0 != limit {
-                *entry = (limit, Arc::new(limiter(limit)));
-            }
-            entry.1.clone()
-        };
-        let calls = NonZeroU32::new(calls).unwrap_or(NonZeroU32::MIN);
-        match limiter.check_n(calls) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(not_until)) => Err(RateLimited {
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
-            }),
-            // A batch larger than the burst can never pass: wait a full period and retry smaller.
-            Err(_) => Err(RateLimited {
-                retry_after: Duration::from_secs(1),
-            }),
-        }
-    }
-
     /// Writes the last-used times gathered since the last call.
     pub async fn flush_usage(&self) {
         let used: Vec<(ApiKeyId, SystemTime)> = lock(&self.used).drain().collect();
@@ -253,13 +229,6 @@ fn record_verdict(
             refreshing: false,
         },
     );
-}
-
-/// GCRA at `rps` per second; `burst` calls at once (at least one).
-fn limiter(limit: RateLimit) -> DirectLimiter {
-    let rps = NonZeroU32::new(limit.rps).unwrap_or(NonZeroU32::MIN);
-    let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
-    RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
 }
 
 /// The maps here hold no invariant a panicking holder could break.
