@@ -1,0 +1,73 @@
+//! Running the pinned JavaScript clients of tests/js (polkadot.js, polkadot-api) against a
+//! sim-node from a test: install them when their node_modules is missing, run a script, read the
+//! one-line JSON summary it prints last.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::lab::js_dir;
+
+/// How long `npm ci` may take (a fresh install downloads every package).
+const NPM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `program args` in `dir`, panicking (with what to install) when it cannot start or does
+/// not finish within `timeout`.
+pub async fn run(program: &str, args: &[&str], dir: &Path, timeout: Duration) -> Output {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(timeout, child)
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {timeout:?}"))
+        .unwrap_or_else(|error| {
+            panic!("running {program} {args:?} (is Node.js 20 installed?): {error}")
+        })
+}
+
+/// Installs tests/js from its lock file (`npm ci`) unless `package` (e.g. `@polkadot/api`) is
+/// there already; `cargo xtask setup` does the same ahead of time.
+pub async fn ensure_installed(package: &str) {
+    let dir = js_dir();
+    if dir
+        .join("node_modules")
+        .join(package)
+        .join("package.json")
+        .exists()
+    {
+        return;
+    }
+    let npm = run("npm", &["ci", "--no-audit", "--no-fund"], &dir, NPM_TIMEOUT).await;
+    assert!(
+        npm.status.success(),
+        "npm ci in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&npm.stderr)
+    );
+}
+
+/// The JSON summary a script printed as its last line, after checking the script succeeded
+/// and reported no `error`; panics with its output otherwise.
+pub fn summary_of(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON summary; stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert!(
+        output.status.success() && summary.get("error").is_none(),
+        "script failed: {summary}; stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    summary
+}
