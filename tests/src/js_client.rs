@@ -10,6 +10,21 @@ use serde_json::Value;
 
 use crate::lab::js_dir;
 
+/// What polkadot.js 16.5.6 warns about for the `node` runtime on a real node too: its metadata
+/// uses a transaction extension polkadot.js does not know.
+const UNKNOWN_EXTENSION_WARNING: &str =
+    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
+/// What polkadot.js warns about a node whose `rpc_methods` lists methods it has no decoration
+/// for, as every Substrate node that serves the new JSON-RPC spec does.
+const UNDECORATED_WARNING: &str = "API/INIT: RPC methods not decorated: ";
+/// The new spec's method families (polkadot.js 16 decorates none of them).
+const NEW_SPEC_PREFIXES: [&str; 4] = [
+    "chainHead_v1_",
+    "chainSpec_v1_",
+    "transaction_v1_",
+    "transactionWatch_v1_",
+];
+
 /// How long `npm ci` may take (a fresh install downloads every package).
 const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -70,4 +85,44 @@ pub fn summary_of(output: &Output) -> Value {
         String::from_utf8_lossy(&output.stderr)
     );
     summary
+}
+
+/// Whether `warning` (as polkadot.js printed it, with or without its timestamp) is one it also
+/// prints against a real node serving sim-node's runtime: the unknown `AuthorizeCall` extension,
+/// or the new-spec methods of `rpc_methods` it cannot decorate. Anything else is a complaint
+/// about what sim-node serves.
+pub fn is_expected_polkadot_js_warning(warning: &str) -> bool {
+    if warning.ends_with(UNKNOWN_EXTENSION_WARNING) {
+        return true;
+    }
+    warning
+        .split_once(UNDECORATED_WARNING)
+        .is_some_and(|(_, methods)| {
+            methods.split(", ").all(|method| {
+                NEW_SPEC_PREFIXES
+                    .iter()
+                    .any(|prefix| method.starts_with(prefix))
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_real_node_warnings_are_expected() {
+        assert!(is_expected_polkadot_js_warning(
+            "2026-12-07 03:04:09        REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect"
+        ));
+        assert!(is_expected_polkadot_js_warning(
+            "API/INIT: RPC methods not decorated: chainHead_v1_body, chainSpec_v1_chainName, transactionWatch_v1_unwatch, transaction_v1_stop"
+        ));
+        assert!(!is_expected_polkadot_js_warning(
+            "API/INIT: RPC methods not decorated: chainHead_v1_body, sim_secret"
+        ));
+        assert!(!is_expected_polkadot_js_warning(
+            "REGISTRY: Unable to decode storage"
+        ));
+    }
 }

@@ -6,15 +6,11 @@
 
 use std::time::Duration;
 
-use lb_tests::js_client::{ensure_installed, run, summary_of};
+use lb_tests::js_client::{ensure_installed, is_expected_polkadot_js_warning, run, summary_of};
 use lb_tests::lab::js_dir;
 use lb_tests::sim_node::{SimNode, SimNodeConfig};
 use serde_json::Value;
 
-/// The one warning polkadot.js prints for this runtime on a real node too: the `node` runtime
-/// of the metadata fixture uses a transaction extension polkadot.js 16.5.6 does not know.
-const EXPECTED_WARNING: &str =
-    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn block_number_of(value: &Value) -> u64 {
@@ -94,7 +90,7 @@ async fn polkadot_js_connects_decodes_and_follows_new_heads() {
     assert!(
         warnings
             .iter()
-            .all(|warning| warning.ends_with(EXPECTED_WARNING)),
+            .all(|warning| is_expected_polkadot_js_warning(warning)),
         "polkadot.js complained: {warnings:?}"
     );
     assert_eq!(
