@@ -5,13 +5,15 @@
 //! - [`sim_node`] is a fast simulated Polkadot node, also built as the `sim-node` binary.
 //! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
 //!   [`load`] keeps many such requests going and records each one's outcome;
-//!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition.
+//!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition;
+//!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
 //!   [`cpu`] (the machine's busy time) and [`wrk`] (load from a lab namespace) and
 //!   [`nginx`] (a reference server or proxy in a lab namespace).
 
 pub mod bench;
 pub mod cpu;
+pub mod js_client;
 pub mod lab;
 pub mod load;
 pub mod nginx;

@@ -4,48 +4,14 @@
 //!
 //! Needs Node.js 20 on PATH; runs `npm ci` in tests/js when its node_modules is missing.
 
-use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
+use lb_tests::js_client::{ensure_installed, is_expected_polkadot_js_warning, run, summary_of};
 use lb_tests::lab::js_dir;
 use lb_tests::sim_node::{SimNode, SimNodeConfig};
 use serde_json::Value;
 
-/// The one warning polkadot.js prints for this runtime on a real node too: the `node` runtime
-/// of the metadata fixture uses a transaction extension polkadot.js 16.5.6 does not know.
-const EXPECTED_WARNING: &str =
-    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
-const NPM_TIMEOUT: Duration = Duration::from_secs(300);
-
-async fn run(program: &str, args: &[&str], dir: &Path, timeout: Duration) -> Output {
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .kill_on_drop(true)
-        .output();
-    tokio::time::timeout(timeout, child)
-        .await
-        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {timeout:?}"))
-        .unwrap_or_else(|error| {
-            panic!("running {program} {args:?} (is Node.js 20 installed?): {error}")
-        })
-}
-
-async fn install_polkadot_js() {
-    let dir = js_dir();
-    if dir.join("node_modules/@polkadot/api/package.json").exists() {
-        return;
-    }
-    let npm = run("npm", &["ci", "--no-audit", "--no-fund"], &dir, NPM_TIMEOUT).await;
-    assert!(
-        npm.status.success(),
-        "npm ci in {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&npm.stderr)
-    );
-}
 
 fn block_number_of(value: &Value) -> u64 {
     value
@@ -55,7 +21,7 @@ fn block_number_of(value: &Value) -> u64 {
 
 #[tokio::test]
 async fn polkadot_js_connects_decodes_and_follows_new_heads() {
-    install_polkadot_js().await;
+    ensure_installed("@polkadot/api").await;
     let mut config = SimNodeConfig::new("polkadot-js");
     config.block_time = Duration::from_millis(200);
     let node = SimNode::start(config).await.expect("sim-node starts");
@@ -67,21 +33,7 @@ async fn polkadot_js_connects_decodes_and_follows_new_heads() {
         SCRIPT_TIMEOUT,
     )
     .await;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary: Value = stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no JSON summary; stdout: {stdout}; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
-    assert!(
-        output.status.success() && summary.get("error").is_none(),
-        "script failed: {summary}"
-    );
+    let summary = summary_of(&output);
 
     assert_eq!(summary["specName"], "node", "{summary}");
     assert_eq!(summary["specVersion"], 268, "{summary}");
@@ -138,7 +90,7 @@ async fn polkadot_js_connects_decodes_and_follows_new_heads() {
     assert!(
         warnings
             .iter()
-            .all(|warning| warning.ends_with(EXPECTED_WARNING)),
+            .all(|warning| is_expected_polkadot_js_warning(warning)),
         "polkadot.js complained: {warnings:?}"
     );
     assert_eq!(

@@ -13,13 +13,10 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
 use common::{GatewayLab, ServiceConf, VIP_V4, node_status, start_lab, up};
+use lb_tests::js_client::is_expected_polkadot_js_warning;
 use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, command_in_netns, js_dir, run_checked};
 use serde_json::{Value, json};
 
-/// The one warning polkadot.js prints for sim-node's runtime on a real node too: the `node`
-/// runtime of its metadata uses a transaction extension polkadot.js 16.5.6 does not know.
-const SIM_NODE_RUNTIME_WARNING: &str =
-    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
 /// The well-known development account `//Alice` (sr25519, generic SS58 prefix): the sender of
 /// the transfers, funded before each.
 const ALICE: &str = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY";
@@ -152,7 +149,7 @@ fn polkadot_js_starts_reads_and_follows_heads_through_wss() -> anyhow::Result<()
     ensure!(
         warnings(&summary)
             .iter()
-            .all(|warning| warning.ends_with(SIM_NODE_RUNTIME_WARNING)),
+            .all(|warning| is_expected_polkadot_js_warning(warning)),
         "polkadot.js complained: {summary}"
     );
     Ok(())
@@ -312,7 +309,7 @@ fn thousand_polkadot_js_start_ups_fetch_metadata_at_most_five_times() -> anyhow:
     ensure!(
         warnings(&summary)
             .iter()
-            .all(|warning| warning.ends_with(SIM_NODE_RUNTIME_WARNING)),
+            .all(|warning| is_expected_polkadot_js_warning(warning)),
         "polkadot.js complained: {summary}"
     );
     // polkadot.js fetches metadata with state_call (Metadata_metadata_versions, then

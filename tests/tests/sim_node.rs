@@ -1,23 +1,53 @@
 //! sim-node, end to end over real sockets on 127.0.0.1: every method's shape over HTTP and
-//! WebSocket, the chain, subscriptions, every fault, the health endpoints, the control API and
-//! the binary.
+//! WebSocket, the chain, subscriptions, the new spec's chainHead follow, operations, pinning and
+//! transactions, Substrate's connection and subscription limits, every fault, the health
+//! endpoints, the control API and the binary.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lb_tests::poll::{self, PATIENCE};
 use lb_tests::sim_node::{
-    BlockNumber, ControlClient, Fault, NODE_ID_HEADER, SimNode, SimNodeConfig, SimNodeHandle,
+    BlockNumber, ChainHeadLimits, ControlClient, Fault, NODE_ID_HEADER, SimNode, SimNodeConfig,
+    SimNodeHandle,
 };
 use lb_tests::ws_client::WsClient;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_tungstenite::MaybeTlsStream;
 
 const SYSTEM_NUMBER_KEY: &str =
     "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
-const UNSET_KEY: &str = "0x3a636f6465";
+/// `:code`, the runtime.
+const CODE_KEY: &str = "0x3a636f6465";
+/// `:unset`, a key nothing writes.
+const UNSET_KEY: &str = "0x3a756e736574";
+/// `twox128("System")`: the prefix of System.Number.
+const SYSTEM_PREFIX: &str = "0x26aa394eea5630e07c48ae0c9558cef7";
+/// The new JSON-RPC spec's methods a Substrate node serves (and lists in `rpc_methods`).
+const NEW_SPEC_METHODS: &[&str] = &[
+    "chainHead_v1_body",
+    "chainHead_v1_call",
+    "chainHead_v1_continue",
+    "chainHead_v1_follow",
+    "chainHead_v1_header",
+    "chainHead_v1_stopOperation",
+    "chainHead_v1_storage",
+    "chainHead_v1_unfollow",
+    "chainHead_v1_unpin",
+    "chainSpec_v1_chainName",
+    "chainSpec_v1_genesisHash",
+    "chainSpec_v1_properties",
+    "transactionWatch_v1_submitAndWatch",
+    "transactionWatch_v1_unwatch",
+    "transaction_v1_broadcast",
+    "transaction_v1_stop",
+];
+/// A decodable extrinsic: length 3, format version 4 unsigned, then call bytes.
+const EXTRINSIC: &str = "0x0c040300";
 /// Long enough that the best block does not move while a shape test runs.
 const STEADY_BLOCK_TIME: Duration = Duration::from_secs(3600);
 const FAST_BLOCK_TIME: Duration = Duration::from_millis(50);
@@ -78,12 +108,15 @@ fn check_answer(node: &SimNodeHandle, method: &str, params: &Value, answer: &Val
                 "chain_subscribeNewHead",
                 "state_call",
                 "system_health",
-            ] {
-                assert!(methods.contains(&served), "{context}");
+            ]
+            .iter()
+            .chain(NEW_SPEC_METHODS)
+            {
+                assert!(methods.contains(served), "{served}: {context}");
             }
             assert!(
-                !methods.contains(&"chainHead_v1_follow"),
-                "lists only what it serves: {context}"
+                !methods.iter().any(|method| method.starts_with("archive_")),
+                "lists only what it serves (not an archive node): {context}"
             );
             assert!(methods.windows(2).all(|w| w[0] < w[1]), "sorted: {context}");
         }
@@ -97,7 +130,15 @@ fn check_answer(node: &SimNodeHandle, method: &str, params: &Value, answer: &Val
         "system_chain" | "system_name" | "system_version" => {
             assert!(result.is_string(), "{context}")
         }
-        "system_properties" => assert_eq!(result["ss58Format"], 42, "{context}"),
+        "system_properties" | "chainSpec_v1_properties" => assert_eq!(
+            *result,
+            json!({ "ss58Format": 42, "tokenDecimals": 12, "tokenSymbol": "DEV" }),
+            "{context}"
+        ),
+        "chainSpec_v1_chainName" => assert_eq!(*result, "Development", "{context}"),
+        "chainSpec_v1_genesisHash" => {
+            assert_eq!(*result, json!(node.block_hash(0)), "{context}")
+        }
         "system_syncState" => {
             assert_eq!(result["currentBlock"], best, "{context}");
             assert_eq!(result["highestBlock"], best, "{context}");
@@ -187,6 +228,13 @@ fn check_answer(node: &SimNodeHandle, method: &str, params: &Value, answer: &Val
         "state_getStorage" if params[0] == UNSET_KEY => {
             assert_eq!(*result, Value::Null, "{context}")
         }
+        // The runtime: a WebAssembly module (a stand-in, see sim_node::runtime).
+        "state_getStorage" if params[0] == CODE_KEY => assert!(
+            result
+                .as_str()
+                .is_some_and(|code| code.starts_with("0x0061736d")),
+            "{context}"
+        ),
         "state_getStorage" => assert_eq!(
             *result,
             json!(format!("0x{}", hex::encode(best.to_le_bytes())))
@@ -247,12 +295,16 @@ fn method_cases(node: &SimNodeHandle) -> Vec<(&'static str, Value)> {
         ),
         ("state_getStorage", json!([SYSTEM_NUMBER_KEY])),
         ("state_getStorage", json!([UNSET_KEY])),
+        ("state_getStorage", json!([CODE_KEY])),
         (
             "state_queryStorageAt",
             json!([[SYSTEM_NUMBER_KEY, UNSET_KEY]]),
         ),
         ("author_submitExtrinsic", json!(["0x1234"])),
         ("author_pendingExtrinsics", json!([])),
+        ("chainSpec_v1_chainName", json!([])),
+        ("chainSpec_v1_genesisHash", json!([])),
+        ("chainSpec_v1_properties", json!([])),
     ]
 }
 
@@ -797,4 +849,715 @@ async fn binary_exits_cleanly_on_sigterm() {
         .expect("exits")
         .expect("status");
     assert!(status.success(), "{status}");
+}
+
+// --- The new JSON-RPC spec: chainHead, chainSpec, transaction; Substrate's limits. ---
+
+type Ws = WsClient<MaybeTlsStream<TcpStream>>;
+
+async fn start_chain_head_node(
+    id: &str,
+    block_time: Duration,
+    limits: ChainHeadLimits,
+) -> SimNodeHandle {
+    let mut config = SimNodeConfig::new(id);
+    config.block_time = block_time;
+    config.chain_head = limits;
+    SimNode::start(config).await.expect("sim-node starts")
+}
+
+/// A `chainHead_v1_follow` subscription on its own WebSocket.
+struct Follow {
+    ws: Ws,
+    id: Value,
+}
+
+impl Follow {
+    async fn start(node: &SimNodeHandle, with_runtime: bool) -> Self {
+        let mut ws = WsClient::connect(&node.ws_url()).await;
+        let answer = ws.call("chainHead_v1_follow", json!([with_runtime])).await;
+        assert!(answer["result"].is_string(), "{answer}");
+        Follow {
+            ws,
+            id: answer["result"].clone(),
+        }
+    }
+
+    /// The next event of this subscription.
+    async fn event(&mut self) -> Value {
+        let notification = self.ws.notification().await;
+        assert_eq!(
+            notification["method"], "chainHead_v1_followEvent",
+            "{notification}"
+        );
+        assert_eq!(
+            notification["params"]["subscription"], self.id,
+            "{notification}"
+        );
+        notification["params"]["result"].clone()
+    }
+
+    /// Reads events up to and including the first `kind`.
+    async fn skip_to(&mut self, kind: &str) -> Value {
+        loop {
+            let event = self.event().await;
+            if event["event"] == kind {
+                return event;
+            }
+        }
+    }
+
+    /// Calls a chainHead method with this subscription as its first parameter.
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        let mut all = vec![self.id.clone()];
+        all.extend(params.as_array().expect("params array").iter().cloned());
+        self.ws.call(method, Value::Array(all)).await
+    }
+
+    /// Starts an operation and returns its id, checking the `started` answer.
+    async fn start_operation(&mut self, method: &str, params: Value) -> Value {
+        let answer = self.call(method, params).await;
+        assert_eq!(answer["result"]["result"], "started", "{method}: {answer}");
+        answer["result"]["operationId"].clone()
+    }
+}
+
+fn hashes_of(event: &Value, field: &str) -> Vec<Value> {
+    event[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("{field} in {event}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn follow_announces_finalized_blocks_then_every_new_best_block_and_each_finalization() {
+    let node = start_chain_head_node("follow", FAST_BLOCK_TIME, ChainHeadLimits::default()).await;
+    let mut follow = Follow::start(&node, true).await;
+    let initialized = follow.event().await;
+    assert_eq!(initialized["event"], "initialized", "{initialized}");
+    let runtime = &initialized["finalizedBlockRuntime"];
+    assert_eq!(runtime["type"], "valid", "{initialized}");
+    assert_eq!(runtime["spec"]["specName"], "node");
+    assert_eq!(runtime["spec"]["specVersion"], 268);
+    assert_eq!(
+        runtime["spec"]["apis"]["0xdf6acb689907609b"], 5,
+        "Core API by hex id"
+    );
+
+    // The 16 latest finalized blocks, oldest first, the last one the finalized block.
+    let finalized_hashes = hashes_of(&initialized, "finalizedBlockHashes");
+    assert_eq!(finalized_hashes.len(), 16, "{initialized}");
+    let last_finalized = block_number(
+        &http_call(&node, "chain_getHeader", json!([finalized_hashes[15]])).await["result"],
+    );
+    for (i, hash) in finalized_hashes.iter().enumerate() {
+        assert_eq!(
+            *hash,
+            json!(node.block_hash(last_finalized - 15 + i as BlockNumber))
+        );
+    }
+
+    let mut numbers: HashMap<Value, BlockNumber> = finalized_hashes
+        .iter()
+        .enumerate()
+        .map(|(i, hash)| (hash.clone(), last_finalized - 15 + i as BlockNumber))
+        .collect();
+    let mut finalized = last_finalized;
+    let mut best = None;
+    let (mut new_blocks, mut finalizations) = (0, 0);
+    // The two blocks above the finalized one, then at least four more, and three finalizations.
+    while new_blocks < 6 || finalizations < 3 {
+        let event = follow.event().await;
+        match event["event"].as_str() {
+            Some("newBlock") => {
+                let parent = numbers
+                    .get(&event["parentBlockHash"])
+                    .copied()
+                    .unwrap_or_else(|| panic!("parent never announced: {event}"));
+                assert_eq!(
+                    event["blockHash"],
+                    json!(node.block_hash(parent + 1)),
+                    "{event}"
+                );
+                assert_eq!(event["newRuntime"], Value::Null, "same runtime: {event}");
+                assert!(event.get("newRuntime").is_some(), "withRuntime: {event}");
+                numbers.insert(event["blockHash"].clone(), parent + 1);
+                new_blocks += 1;
+            }
+            Some("bestBlockChanged") => {
+                let number = numbers
+                    .get(&event["bestBlockHash"])
+                    .copied()
+                    .unwrap_or_else(|| panic!("best never announced: {event}"));
+                assert!(
+                    best.is_none_or(|best| number > best),
+                    "best moves up: {event}"
+                );
+                best = Some(number);
+            }
+            Some("finalized") => {
+                assert_eq!(event["prunedBlockHashes"], json!([]), "no forks: {event}");
+                for hash in hashes_of(&event, "finalizedBlockHashes") {
+                    finalized += 1;
+                    assert_eq!(
+                        numbers.get(&hash),
+                        Some(&finalized),
+                        "in order, announced: {event}"
+                    );
+                }
+                finalizations += 1;
+            }
+            _ => panic!("unexpected follow event {event}"),
+        }
+    }
+    assert!(
+        best.is_some_and(|best| best >= finalized),
+        "finalized {finalized}, best {best:?}"
+    );
+}
+
+#[tokio::test]
+async fn follow_crosses_a_hash_segment_boundary_without_a_gap() {
+    // Every 2048 blocks a header names a stand-in parent hash (see sim_node::chain); the follow
+    // still links each new block to the block before it, and does not stop.
+    let boundary: BlockNumber = 2048;
+    let mut config = SimNodeConfig::new("segment-boundary");
+    config.block_time = FAST_BLOCK_TIME;
+    config.genesis = SystemTime::now() - FAST_BLOCK_TIME * (boundary - 6);
+    let node = SimNode::start(config).await.expect("sim-node starts");
+    let mut follow = Follow::start(&node, false).await;
+    let initialized = follow.event().await;
+    assert!(node.best_number() < boundary, "started before the boundary");
+    assert_eq!(initialized["event"], "initialized");
+    loop {
+        let event = follow.event().await;
+        assert_ne!(event["event"], "stop", "no gap at the boundary");
+        if event["event"] == "finalized"
+            && hashes_of(&event, "finalizedBlockHashes").contains(&json!(node.block_hash(boundary)))
+        {
+            break;
+        }
+        if event["event"] == "newBlock" && event["blockHash"] == json!(node.block_hash(boundary)) {
+            assert_eq!(
+                event["parentBlockHash"],
+                json!(node.block_hash(boundary - 1)),
+                "{event}"
+            );
+        }
+    }
+    // chain_getHeader, like the legacy API, shows the stand-in link, which resolves to the parent.
+    let header = http_call(&node, "chain_getHeader", json!([node.block_hash(boundary)])).await;
+    let parent = http_call(
+        &node,
+        "chain_getHeader",
+        json!([header["result"]["parentHash"]]),
+    )
+    .await;
+    assert_eq!(block_number(&parent["result"]), boundary - 1);
+}
+
+#[tokio::test]
+async fn follow_without_runtime_reports_no_runtime_and_refuses_runtime_calls() {
+    let node =
+        start_chain_head_node("no-runtime", STEADY_BLOCK_TIME, ChainHeadLimits::default()).await;
+    let mut follow = Follow::start(&node, false).await;
+    let initialized = follow.event().await;
+    assert_eq!(initialized["event"], "initialized");
+    assert!(
+        initialized.get("finalizedBlockRuntime").is_none(),
+        "{initialized}"
+    );
+    let new_block = follow.event().await;
+    assert_eq!(new_block["event"], "newBlock", "{new_block}");
+    assert!(new_block.get("newRuntime").is_none(), "{new_block}");
+    let finalized = hashes_of(&initialized, "finalizedBlockHashes")
+        .pop()
+        .expect("finalized");
+    let refused = follow
+        .call(
+            "chainHead_v1_call",
+            json!([finalized, "Core_version", "0x"]),
+        )
+        .await;
+    assert_eq!(refused["error"]["code"], -32802, "{refused}");
+}
+
+#[tokio::test]
+async fn operations_answer_started_then_an_event_with_their_operation_id() {
+    let node =
+        start_chain_head_node("operations", STEADY_BLOCK_TIME, ChainHeadLimits::default()).await;
+    let mut follow = Follow::start(&node, true).await;
+    let initialized = follow.event().await;
+    follow.skip_to("bestBlockChanged").await;
+    let hash = hashes_of(&initialized, "finalizedBlockHashes")
+        .pop()
+        .expect("finalized");
+    assert_eq!(hash, json!(node.block_hash(node.finalized_number())));
+
+    let body = follow
+        .start_operation("chainHead_v1_body", json!([hash]))
+        .await;
+    let block = http_call(&node, "chain_getBlock", json!([hash])).await;
+    assert_eq!(
+        follow.event().await,
+        json!({ "event": "operationBodyDone", "operationId": body, "value": block["result"]["block"]["extrinsics"] })
+    );
+
+    // Runtime calls run the same runtime as state_call.
+    let version = follow
+        .start_operation("chainHead_v1_call", json!([hash, "Core_version", ""]))
+        .await;
+    let event = follow.event().await;
+    assert_eq!(
+        (&event["event"], &event["operationId"]),
+        (&json!("operationCallDone"), &version)
+    );
+    let legacy = http_call(&node, "state_call", json!(["Core_version", "0x", hash])).await;
+    assert_eq!(event["output"], legacy["result"], "{event}");
+    let metadata = follow
+        .start_operation(
+            "chainHead_v1_call",
+            json!([hash, "Metadata_metadata_at_version", "0x0f000000"]),
+        )
+        .await;
+    let event = follow.event().await;
+    assert_eq!(event["operationId"], metadata);
+    assert!(
+        event["output"]
+            .as_str()
+            .is_some_and(|output| output.starts_with("0x01")),
+        "Some(metadata v15)"
+    );
+    let missing = follow
+        .start_operation("chainHead_v1_call", json!([hash, "Nope_nope", "0x"]))
+        .await;
+    let event = follow.event().await;
+    assert_eq!(event["event"], "operationError", "{event}");
+    assert_eq!(event["operationId"], missing);
+    assert!(
+        event["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("Exported method Nope_nope is not found")),
+        "{event}"
+    );
+
+    // Storage: one operationStorageItems per item found, then operationStorageDone.
+    let items = json!([
+        { "key": SYSTEM_NUMBER_KEY, "type": "value" },
+        { "key": SYSTEM_NUMBER_KEY, "type": "hash" },
+        { "key": UNSET_KEY, "type": "value" },
+        { "key": SYSTEM_PREFIX, "type": "descendantsValues" },
+        { "key": SYSTEM_PREFIX, "type": "closestDescendantMerkleValue" },
+    ]);
+    let storage = follow
+        .start_operation("chainHead_v1_storage", json!([hash, items, null]))
+        .await;
+    let number = format!("0x{}", hex::encode(node.finalized_number().to_le_bytes()));
+    let mut found = Vec::new();
+    loop {
+        let event = follow.event().await;
+        assert_eq!(event["operationId"], storage, "{event}");
+        match event["event"].as_str() {
+            Some("operationStorageItems") => {
+                let items = event["items"].as_array().expect("items");
+                assert_eq!(items.len(), 1, "one item per event: {event}");
+                found.push(items[0].clone());
+            }
+            Some("operationStorageDone") => break,
+            _ => panic!("unexpected {event}"),
+        }
+    }
+    assert_eq!(found.len(), 4, "nothing for the unset key: {found:?}");
+    assert_eq!(
+        found[0],
+        json!({ "key": SYSTEM_NUMBER_KEY, "value": number })
+    );
+    assert!(is_hash(&found[1]["hash"]), "{found:?}");
+    assert_eq!(
+        found[2],
+        json!({ "key": SYSTEM_NUMBER_KEY, "value": number }),
+        "descendant"
+    );
+    assert_eq!(found[3]["key"], SYSTEM_PREFIX);
+    assert!(
+        is_hash(&found[3]["closestDescendantMerkleValue"]),
+        "{found:?}"
+    );
+
+    // The header: SCALE, starting with the parent hash.
+    let header = follow.call("chainHead_v1_header", json!([hash])).await;
+    let legacy = http_call(&node, "chain_getHeader", json!([hash])).await;
+    let parent = legacy["result"]["parentHash"].as_str().expect("parent");
+    assert!(
+        header["result"]
+            .as_str()
+            .is_some_and(|scale| scale.starts_with(parent)),
+        "{header}"
+    );
+    assert_eq!(
+        follow
+            .call("chainHead_v1_stopOperation", json!([body]))
+            .await["result"],
+        Value::Null
+    );
+    assert_eq!(
+        follow.call("chainHead_v1_continue", json!([body])).await["result"],
+        Value::Null
+    );
+}
+
+#[tokio::test]
+async fn chain_head_methods_refuse_unknown_blocks_and_other_subscriptions() {
+    let node = start_chain_head_node(
+        "chain-head-errors",
+        STEADY_BLOCK_TIME,
+        ChainHeadLimits::default(),
+    )
+    .await;
+    let mut follow = Follow::start(&node, true).await;
+    let initialized = follow.event().await;
+    let pinned = hashes_of(&initialized, "finalizedBlockHashes")
+        .pop()
+        .expect("finalized");
+    let never_announced = json!(node.block_hash(node.finalized_number() - 50));
+    for method in ["chainHead_v1_body", "chainHead_v1_header"] {
+        let answer = follow.call(method, json!([never_announced])).await;
+        assert_eq!(
+            answer["error"],
+            json!({ "code": -32801, "message": "Invalid block hash" }),
+            "{method}"
+        );
+    }
+    let malformed = follow.call("chainHead_v1_body", json!(["0x1234"])).await;
+    assert_eq!(malformed["error"]["code"], -32602, "{malformed}");
+    let bad_key = follow
+        .call(
+            "chainHead_v1_storage",
+            json!([pinned, [{ "key": "0xzz", "type": "value" }], null]),
+        )
+        .await;
+    assert_eq!(bad_key["error"]["code"], -32602, "{bad_key}");
+
+    // A subscription id of another connection is as good as unknown: limitReached, null.
+    let mut other = WsClient::connect(&node.ws_url()).await;
+    let body = other
+        .call("chainHead_v1_body", json!([follow.id, pinned]))
+        .await;
+    assert_eq!(
+        body["result"],
+        json!({ "result": "limitReached" }),
+        "{body}"
+    );
+    let header = other
+        .call("chainHead_v1_header", json!([follow.id, pinned]))
+        .await;
+    assert_eq!(header["result"], Value::Null, "{header}");
+    let storage = other
+        .call(
+            "chainHead_v1_storage",
+            json!([follow.id, pinned, [{ "key": SYSTEM_NUMBER_KEY, "type": "value" }], null]),
+        )
+        .await;
+    assert_eq!(
+        storage["result"],
+        json!({ "result": "limitReached" }),
+        "{storage}"
+    );
+    let unpin = other
+        .call("chainHead_v1_unpin", json!([follow.id, pinned]))
+        .await;
+    assert_eq!(unpin["result"], Value::Null, "ignored: {unpin}");
+    let header = follow.call("chainHead_v1_header", json!([pinned])).await;
+    assert!(header["result"].is_string(), "still pinned: {header}");
+}
+
+#[tokio::test]
+async fn unpinned_blocks_are_gone_and_unpin_refuses_unknown_and_duplicate_hashes() {
+    let node = start_chain_head_node("unpin", STEADY_BLOCK_TIME, ChainHeadLimits::default()).await;
+    let mut follow = Follow::start(&node, true).await;
+    let initialized = follow.event().await;
+    let finalized = hashes_of(&initialized, "finalizedBlockHashes");
+
+    let unpinned = follow
+        .call("chainHead_v1_unpin", json!([finalized[0]]))
+        .await;
+    assert_eq!(unpinned["result"], Value::Null, "{unpinned}");
+    let header = follow
+        .call("chainHead_v1_header", json!([finalized[0]]))
+        .await;
+    assert_eq!(header["error"]["code"], -32801, "unpinned: {header}");
+    let again = follow
+        .call("chainHead_v1_unpin", json!([finalized[0]]))
+        .await;
+    assert_eq!(again["error"]["code"], -32801, "{again}");
+
+    let duplicate = follow
+        .call("chainHead_v1_unpin", json!([[finalized[1], finalized[1]]]))
+        .await;
+    assert_eq!(
+        duplicate["error"],
+        json!({ "code": -32804, "message": "Received duplicate hashes for the `chainHead_unpin` method" })
+    );
+    let partly_unknown = follow
+        .call("chainHead_v1_unpin", json!([[finalized[1], finalized[0]]]))
+        .await;
+    assert_eq!(partly_unknown["error"]["code"], -32801, "{partly_unknown}");
+    let header = follow
+        .call("chainHead_v1_header", json!([finalized[1]]))
+        .await;
+    assert!(
+        header["result"].is_string(),
+        "a failed unpin unpins nothing: {header}"
+    );
+
+    let several = follow
+        .call("chainHead_v1_unpin", json!([[finalized[1], finalized[2]]]))
+        .await;
+    assert_eq!(several["result"], Value::Null, "{several}");
+    let unknown_follow = follow
+        .ws
+        .call("chainHead_v1_unpin", json!(["nope", finalized[3]]))
+        .await;
+    assert_eq!(
+        unknown_follow["result"],
+        Value::Null,
+        "ignored: {unknown_follow}"
+    );
+}
+
+#[tokio::test]
+async fn blocks_left_pinned_past_the_node_limit_stop_the_follow() {
+    assert_eq!(
+        SimNodeConfig::new("defaults").chain_head.max_pinned_blocks,
+        512,
+        "Substrate's MAX_PINNED_BLOCKS by default"
+    );
+    // The initial events pin 18 blocks (16 finalized, 2 above); 6 more fit.
+    let limits = ChainHeadLimits {
+        max_pinned_blocks: 24,
+        ..ChainHeadLimits::default()
+    };
+    let node = start_chain_head_node("pin-limit", FAST_BLOCK_TIME, limits).await;
+    let mut follow = Follow::start(&node, true).await;
+    let initialized = follow.event().await;
+    let finalized = hashes_of(&initialized, "finalizedBlockHashes")
+        .pop()
+        .expect("finalized");
+    follow.skip_to("bestBlockChanged").await;
+    let mut new_blocks = 0;
+    loop {
+        let event = follow.event().await;
+        match event["event"].as_str() {
+            Some("stop") => break,
+            Some("newBlock") => new_blocks += 1,
+            Some("bestBlockChanged" | "finalized") => {}
+            _ => panic!("unexpected {event}"),
+        }
+    }
+    assert_eq!(new_blocks, 6, "stopped at the 25th pinned block");
+    let body = follow.call("chainHead_v1_body", json!([finalized])).await;
+    assert_eq!(
+        body["result"],
+        json!({ "result": "limitReached" }),
+        "stopped: {body}"
+    );
+
+    // A new subscription starts afresh: the stopped one's pins were released.
+    let mut again = Follow::start(&node, true).await;
+    assert_eq!(again.event().await["event"], "initialized");
+}
+
+#[tokio::test]
+async fn a_connection_gets_four_follows_and_the_fifth_is_refused() {
+    let node = start_chain_head_node(
+        "follow-limit",
+        STEADY_BLOCK_TIME,
+        ChainHeadLimits::default(),
+    )
+    .await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let answer = ws.call("chainHead_v1_follow", json!([false])).await;
+        assert!(answer["result"].is_string(), "{answer}");
+        ids.push(answer["result"].clone());
+    }
+    let refused = ws.call("chainHead_v1_follow", json!([false])).await;
+    assert_eq!(
+        refused["error"],
+        json!({ "code": -32800, "message": "Maximum number of chainHead_follow has been reached" })
+    );
+    let mut other = WsClient::connect(&node.ws_url()).await;
+    let answer = other.call("chainHead_v1_follow", json!([true])).await;
+    assert!(answer["result"].is_string(), "per connection: {answer}");
+
+    let unfollowed = ws.call("chainHead_v1_unfollow", json!([ids[0]])).await;
+    assert_eq!(unfollowed["result"], true, "{unfollowed}");
+    // The slot is free once the unfollowed subscription has wound down.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = ws.call("chainHead_v1_follow", json!([false])).await;
+        if answer["result"].is_string() {
+            break;
+        }
+        assert_eq!(answer["error"]["code"], -32800, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the unfollowed slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_gets_1024_subscriptions_and_the_next_is_refused_as_substrate_does() {
+    let node = start_node("subscription-limit", STEADY_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
+    let mut ids = Vec::new();
+    for _ in 0..1024 {
+        let answer = ws.call("state_subscribeRuntimeVersion", json!([])).await;
+        assert!(answer["result"].is_string(), "{answer}");
+        ids.push(answer["result"].clone());
+    }
+    // jsonrpsee's answer, as on a node with --rpc-max-subscriptions-per-connection 1024.
+    let refused = json!({
+        "code": -32006,
+        "message": "Too many subscriptions on the connection",
+        "data": "Exceeded max limit of 1024",
+    });
+    for method in ["state_subscribeRuntimeVersion", "chainHead_v1_follow"] {
+        let answer = ws.call(method, json!([true])).await;
+        assert_eq!(answer["error"], refused, "{method}: {answer}");
+    }
+    let mut other = WsClient::connect(&node.ws_url()).await;
+    let answer = other.call("state_subscribeRuntimeVersion", json!([])).await;
+    assert!(answer["result"].is_string(), "per connection: {answer}");
+
+    let unsubscribed = ws
+        .call("state_unsubscribeRuntimeVersion", json!([ids[0]]))
+        .await;
+    assert_eq!(unsubscribed["result"], true);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = ws.call("state_subscribeRuntimeVersion", json!([])).await;
+        if answer["result"].is_string() {
+            break;
+        }
+        assert_eq!(answer["error"], refused, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "the subscription's slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_101st_connection_is_refused_as_substrate_does() {
+    let node = start_node("connection-limit", STEADY_BLOCK_TIME).await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(WsClient::connect(&node.ws_url()).await);
+    }
+    match tokio_tungstenite::connect_async(node.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 429, "too many connections");
+        }
+        other => panic!("the 101st WebSocket was not refused: {other:?}"),
+    }
+    let http = reqwest::Client::new()
+        .post(node.http_url())
+        .json(&request("system_health", json!([])))
+        .send()
+        .await
+        .expect("HTTP answer");
+    assert_eq!(http.status(), 429);
+
+    drop(held.pop());
+    poll::until("a closed connection frees its slot", || async {
+        tokio_tungstenite::connect_async(node.ws_url())
+            .await
+            .is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn transaction_broadcast_returns_an_operation_id_that_only_its_connection_stops() {
+    let node = start_node("broadcast", STEADY_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
+    let id = ws
+        .call("transaction_v1_broadcast", json!([EXTRINSIC]))
+        .await["result"]
+        .clone();
+    assert!(
+        id.as_str()
+            .is_some_and(|id| id.len() == 16 && id.chars().all(|c| c.is_ascii_alphanumeric())),
+        "{id}"
+    );
+    let invalid_id = json!({ "code": -32602, "message": "Invalid operation id" });
+    let mut other = WsClient::connect(&node.ws_url()).await;
+    assert_eq!(
+        other.call("transaction_v1_stop", json!([id])).await["error"],
+        invalid_id
+    );
+    assert_eq!(
+        ws.call("transaction_v1_stop", json!([id])).await["result"],
+        Value::Null
+    );
+    assert_eq!(
+        ws.call("transaction_v1_stop", json!([id])).await["error"],
+        invalid_id,
+        "stopped"
+    );
+
+    // Undecodable bytes get an id, but nothing is broadcast.
+    let dropped = ws.call("transaction_v1_broadcast", json!(["0x1234"])).await["result"].clone();
+    assert!(dropped.is_string(), "{dropped}");
+    assert_eq!(
+        ws.call("transaction_v1_stop", json!([dropped])).await["error"],
+        invalid_id
+    );
+
+    // 16 at once per connection; the 17th is null.
+    for _ in 0..16 {
+        let answer = ws
+            .call("transaction_v1_broadcast", json!([EXTRINSIC]))
+            .await;
+        assert!(answer["result"].is_string(), "{answer}");
+    }
+    assert_eq!(
+        ws.call("transaction_v1_broadcast", json!([EXTRINSIC]))
+            .await["result"],
+        Value::Null
+    );
+    let not_hex = ws.call("transaction_v1_broadcast", json!(["zz"])).await;
+    assert_eq!(not_hex["error"]["code"], -32602, "{not_hex}");
+}
+
+#[tokio::test]
+async fn transaction_watch_reports_validated_or_invalid() {
+    let node = start_node("watch", STEADY_BLOCK_TIME).await;
+    let mut ws = WsClient::connect(&node.ws_url()).await;
+    let watched = ws
+        .call("transactionWatch_v1_submitAndWatch", json!([EXTRINSIC]))
+        .await;
+    let subscription = watched["result"].clone();
+    assert!(subscription.is_string(), "{watched}");
+    let event = ws.notification().await;
+    assert_eq!(event["method"], "transactionWatch_v1_watchEvent");
+    assert_eq!(event["params"]["subscription"], subscription);
+    assert_eq!(event["params"]["result"], json!({ "event": "validated" }));
+    let unwatched = ws
+        .call("transactionWatch_v1_unwatch", json!([subscription]))
+        .await;
+    assert_eq!(unwatched["result"], true, "{unwatched}");
+
+    ws.call("transactionWatch_v1_submitAndWatch", json!(["0x1234"]))
+        .await;
+    let event = ws.notification().await;
+    assert_eq!(
+        event["params"]["result"],
+        json!({ "event": "invalid", "error": "Extrinsic bytes cannot be decoded" })
+    );
 }

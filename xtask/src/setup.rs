@@ -3,7 +3,7 @@
 //! - rust-src for the nightly toolchain that aya-build compiles the XDP program with;
 //! - bpf-linker, built against the libLLVM inside that toolchain (no system LLVM needed);
 //! - the Debian packages the lab and the tests use;
-//! - the JavaScript client (polkadot.js) the sim-node tests run.
+//! - the pinned JavaScript clients the tests run (polkadot.js, polkadot-api, chopsticks).
 
 use std::{
     path::{Path, PathBuf},
@@ -277,8 +277,9 @@ fn find_command(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Installs the pinned JavaScript clients the tests drive (polkadot.js, the OpenAPI
-/// validator) from the lock file, again whenever the lock file is newer than the install.
+/// Installs the pinned JavaScript clients the tests drive (polkadot.js, polkadot-api,
+/// chopsticks, the OpenAPI validator) from the lock file, again whenever the lock file is newer
+/// than the install.
 fn ensure_js_client() -> anyhow::Result<()> {
     let js_dir = workspace_root().join("tests/js");
     let lock = js_dir.join("package-lock.json");

@@ -7,7 +7,8 @@
 //! That makes hashes a chain, so computing one means hashing every block before it. To keep
 //! that cheap, the chain is cut into segments of `SEGMENT_LEN` (2048) blocks: a segment's first block
 //! links to a stand-in parent hash derived from the number (which sim-node also resolves to the
-//! parent block), so at most one segment has to be hashed to answer any block.
+//! parent block, and which `chainHead_v1_follow` reports as the parent block's own hash), so at
+//! most one segment has to be hashed to answer any block.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -67,7 +68,8 @@ struct EncodedHeader {
 }
 
 impl EncodedHeader {
-    fn hash(&self) -> Hash32 {
+    /// The SCALE encoding: what the hash is taken of, and what `chainHead_v1_header` returns.
+    fn encode(&self) -> Vec<u8> {
         let mut encoded = Vec::with_capacity(256);
         encoded.extend_from_slice(&self.parent_hash.0);
         encode_compact(u64::from(self.number), &mut encoded);
@@ -77,7 +79,11 @@ impl EncodedHeader {
         for log in &self.logs {
             encoded.extend_from_slice(log);
         }
-        Hash32(blake2_256(b"", &encoded))
+        encoded
+    }
+
+    fn hash(&self) -> Hash32 {
+        Hash32(blake2_256(b"", &self.encode()))
     }
 
     fn to_json(&self) -> Header {
@@ -145,6 +151,12 @@ impl Chain {
     pub fn header(&self, number: BlockNumber) -> Header {
         self.encoded_header(number, self.parent_hash(number))
             .to_json()
+    }
+
+    /// The SCALE-encoded header of block `number` (`chainHead_v1_header`).
+    pub fn scale_header(&self, number: BlockNumber) -> Vec<u8> {
+        self.encoded_header(number, self.parent_hash(number))
+            .encode()
     }
 
     /// `chain_getBlock` result for block `number`.
@@ -371,6 +383,14 @@ mod tests {
         }
         assert!(chain.lock_cache().segments.len() <= CACHED_SEGMENTS);
         assert_eq!(chain.block_hash(1), old);
+    }
+
+    #[test]
+    fn scale_header_hashes_to_the_block_hash() {
+        let chain = chain();
+        let header = chain.scale_header(26);
+        assert_eq!(Hash32(blake2_256(b"", &header)), chain.block_hash(26));
+        assert_eq!(&header[..32], &chain.block_hash(25).0, "parent hash first");
     }
 
     #[test]

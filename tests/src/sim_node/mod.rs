@@ -20,11 +20,20 @@
 //! # }
 //! ```
 //!
+//! It speaks both the legacy API and the new JSON-RPC spec (`chainSpec_v1_*`, `chainHead_v1_*`,
+//! `transaction_v1_*`, `transactionWatch_v1_*`) as a Substrate node does, with Substrate's
+//! limits: 100 connections, 1024 subscriptions per connection, and the chainHead limits of
+//! [`ChainHeadLimits`].
+//!
 //! Modules: `clock` (block numbers from the time), `chain` (blocks and their hashes), `runtime` (metadata and runtime calls),
-//! `rpc` (the methods), `rpc_middleware` (counts and faults), `http_service` (`/health`,
-//! `x-sim-node`), `server` (listener), [`control`] (control API and client), [`faults`].
+//! `storage` (what storage holds), `rpc` (the legacy methods and `chainSpec_v1_*`),
+//! `chain_head` (`chainHead_v1_*`), `transaction` (`transaction_v1_*`,
+//! `transactionWatch_v1_*`), `rpc_errors` (every error), `rpc_middleware` (counts and faults),
+//! `http_service` (`/health`, `x-sim-node`), `server` (listener), [`control`] (control API and
+//! client), [`faults`].
 
 mod chain;
+mod chain_head;
 mod clock;
 pub mod control;
 pub mod faults;
@@ -39,6 +48,7 @@ mod scale;
 mod server;
 mod state;
 mod storage;
+mod transaction;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -51,6 +61,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use chain::{Header, SignedBlock};
+pub use chain_head::ChainHeadLimits;
 pub use clock::{BlockNumber, DEFAULT_GENESIS_UNIX_MS};
 pub use control::{ControlClient, ControlClientError, NodeStatus};
 pub use faults::Fault;
@@ -79,11 +90,14 @@ pub struct SimNodeConfig {
     pub finality_lag: BlockNumber,
     /// Peers reported by `system_health` when the `no_peers` fault is off.
     pub peers: u32,
+    /// chainHead limits (pinned blocks, operations, follows per connection); Substrate's by
+    /// default.
+    pub chain_head: ChainHeadLimits,
 }
 
 impl SimNodeConfig {
     /// Defaults: 127.0.0.1, free port, no control API, 6 s blocks, the fixed default genesis,
-    /// finalized 2 blocks behind best, 8 peers.
+    /// finalized 2 blocks behind best, 8 peers, Substrate's chainHead limits.
     pub fn new(id: impl Into<String>) -> Self {
         Self {
             id: id.into(),
@@ -93,6 +107,7 @@ impl SimNodeConfig {
             genesis: UNIX_EPOCH + Duration::from_millis(DEFAULT_GENESIS_UNIX_MS),
             finality_lag: 2,
             peers: 8,
+            chain_head: ChainHeadLimits::default(),
         }
     }
 
@@ -178,10 +193,13 @@ impl SimNode {
             config.finality_lag,
             config.peers,
         ));
-        let module = rpc::build_module(node.clone()).map_err(|source| SimNodeError::Rpc {
-            id: id.clone(),
-            source,
-        })?;
+        let module =
+            rpc::build_module(node.clone(), config.chain_head.clone()).map_err(|source| {
+                SimNodeError::Rpc {
+                    id: id.clone(),
+                    source,
+                }
+            })?;
 
         let bind_rpc = |source| SimNodeError::BindRpc {
             id: id.clone(),

@@ -1,8 +1,10 @@
 //! The JSON-RPC methods sim-node serves, registered on one jsonrpsee module.
 //!
-//! Names, aliases, parameters and result shapes follow polkadot-sdk's `sc-rpc-api`. `rpc_methods`
-//! is computed from what is registered here, so it lists exactly what is served: clients pick
-//! their protocol from it.
+//! Names, aliases, parameters and result shapes follow polkadot-sdk's `sc-rpc-api` for the legacy
+//! methods (here) and `sc-rpc-spec-v2` for the new spec (`chainSpec_v1_*` here, `chainHead_v1_*`
+//! in `chain_head`, `transaction_v1_*` and `transactionWatch_v1_*` in `transaction`).
+//! `rpc_methods` is computed from what is registered, so it lists exactly what is served:
+//! clients pick their protocol from it.
 
 use std::sync::Arc;
 
@@ -14,11 +16,12 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::chain::{Header, SignedBlock};
+use super::chain_head::{self, ChainHeadLimits};
 use super::clock::BlockNumber;
 use super::primitives::{Hash32, HexBytes, blake2_256, prefixed_hex};
 use super::rpc_errors;
 use super::state::{Heads, NodeState};
-use super::storage::read_storage;
+use super::transaction;
 
 type RpcResult<T> = Result<T, ErrorObjectOwned>;
 
@@ -54,13 +57,19 @@ const UNSAFE_METHODS: &[&str] = &[
 pub struct RegisterError(#[from] jsonrpsee::core::RegisterMethodError);
 
 /// Builds the module with every method, subscription and alias.
-pub fn build_module(state: Arc<NodeState>) -> Result<RpcModule<Arc<NodeState>>, RegisterError> {
+pub fn build_module(
+    state: Arc<NodeState>,
+    chain_head_limits: ChainHeadLimits,
+) -> Result<RpcModule<Arc<NodeState>>, RegisterError> {
     let mut module = RpcModule::new(state);
     register_system(&mut module)?;
     register_chain(&mut module)?;
     register_state(&mut module)?;
     register_author(&mut module)?;
     register_subscriptions(&mut module)?;
+    register_chain_spec(&mut module)?;
+    chain_head::register(&mut module, chain_head_limits)?;
+    transaction::register(&mut module)?;
     for method in UNSAFE_METHODS {
         module.register_method(method, |_, _, _| -> RpcResult<()> {
             Err(rpc_errors::unsafe_method())
@@ -81,10 +90,7 @@ fn register_system(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Registe
     module.register_method("system_chainType", |_, _, _| CHAIN_TYPE)?;
     module.register_method("system_name", |_, _, _| "sim-node")?;
     module.register_method("system_version", |_, _, _| env!("CARGO_PKG_VERSION"))?;
-    module.register_method(
-        "system_properties",
-        |_, _, _| json!({ "ss58Format": 42, "tokenDecimals": 12, "tokenSymbol": "DEV" }),
-    )?;
+    module.register_method("system_properties", |_, _, _| chain_properties())?;
     module.register_method("system_localPeerId", |_, node, _| node.peer_id.clone())?;
     module.register_method("system_nodeRoles", |_, _, _| ["Full"])?;
     module.register_method("system_reservedPeers", |_, _, _| Vec::<String>::new())?;
@@ -95,6 +101,23 @@ fn register_system(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Registe
             "highestBlock": node.chain.clock().best_now(),
         })
     })?;
+    Ok(())
+}
+
+/// The chain spec's `properties` of the `node` runtime's development chain.
+fn chain_properties() -> Value {
+    json!({ "ss58Format": 42, "tokenDecimals": 12, "tokenSymbol": "DEV" })
+}
+
+/// `chainSpec_v1_*`: the chain spec's name, the genesis hash and the chain spec's properties
+/// (`sc-rpc-spec-v2` `chain_spec`), the same facts `system_chain`, `chain_getBlockHash [0]` and
+/// `system_properties` report.
+fn register_chain_spec(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), RegisterError> {
+    module.register_method("chainSpec_v1_chainName", |_, _, _| CHAIN_NAME)?;
+    module.register_method("chainSpec_v1_genesisHash", |_, node, _| -> RpcResult<_> {
+        Ok(node.chain.block_hash(0))
+    })?;
+    module.register_method("chainSpec_v1_properties", |_, _, _| chain_properties())?;
     Ok(())
 }
 
@@ -128,10 +151,11 @@ fn register_chain(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Register
     Ok(())
 }
 
-/// `chain_getBlockHash`'s argument: `ListOrValue<NumberOrHex>` in `sc-rpc-api`.
+/// `sp_rpc::list::ListOrValue`: `chain_getBlockHash`'s argument (of `NumberOrHex`) and
+/// `chainHead_v1_unpin`'s (of hashes).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum ListOrValue<T> {
+pub enum ListOrValue<T> {
     List(Vec<T>),
     Value(T),
 }
@@ -238,7 +262,7 @@ fn register_state(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Register
             let mut args = params.sequence();
             let key: HexBytes = args.next()?;
             let number = state_block(node, args.optional_next::<Hash32>()?)?;
-            Ok(read_storage(node.chain.clock(), &key.0, number).map(HexBytes))
+            Ok(node.storage.read(&key.0, number).map(HexBytes))
         },
     )?;
     module.register_alias("state_getStorageAt", "state_getStorage")?;
@@ -258,12 +282,7 @@ fn register_state(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), Register
 fn storage_change_set(node: &NodeState, number: BlockNumber, keys: &[HexBytes]) -> Value {
     let changes: Vec<(&HexBytes, Option<HexBytes>)> = keys
         .iter()
-        .map(|key| {
-            (
-                key,
-                read_storage(node.chain.clock(), &key.0, number).map(HexBytes),
-            )
-        })
+        .map(|key| (key, node.storage.read(&key.0, number).map(HexBytes)))
         .collect();
     json!({ "block": node.chain.block_hash(number), "changes": changes })
 }
@@ -416,7 +435,7 @@ async fn follow_storage(
     let mut last_best = heads.borrow_and_update().best;
     let mut last_values: Vec<Option<Vec<u8>>> = keys
         .iter()
-        .map(|key| read_storage(node.chain.clock(), &key.0, last_best))
+        .map(|key| node.storage.read(&key.0, last_best))
         .collect();
     sink.send(to_message(&storage_change_set(&node, last_best, &keys))?)
         .await?;
@@ -432,7 +451,7 @@ async fn follow_storage(
         last_best = best;
         let mut changed_keys = Vec::new();
         for (key, last_value) in keys.iter().zip(last_values.iter_mut()) {
-            let value = read_storage(node.chain.clock(), &key.0, best);
+            let value = node.storage.read(&key.0, best);
             if value != *last_value {
                 *last_value = value;
                 changed_keys.push(key.clone());
@@ -477,7 +496,7 @@ mod tests {
         let chain = Chain::new(ChainClock::new(UNIX_EPOCH, Duration::from_secs(6)));
         let runtime = Runtime::load().expect("runtime fixture");
         let node = Arc::new(NodeState::new("test".into(), chain, runtime, 2, 8));
-        let module = build_module(node).expect("module builds");
+        let module = build_module(node, ChainHeadLimits::default()).expect("module builds");
         let served: Vec<&str> = module.method_names().collect();
         assert!(served.len() > 50, "{served:?}");
         for method in served {

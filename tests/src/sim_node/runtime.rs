@@ -2,9 +2,10 @@
 //! metadata (fixtures from `@polkadot/types-support` 16.5.6, see `tests/fixtures/metadata`),
 //! and the runtime API calls that `state_call` answers from them.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::primitives::prefixed_hex;
@@ -33,6 +34,20 @@ pub enum RuntimeCallError {
         function: &'static str,
         reason: &'static str,
     },
+}
+
+/// The runtime version as the new JSON-RPC API reports it (`finalizedBlockRuntime.spec`,
+/// `ChainHeadRuntimeVersion` in `sc-rpc-spec-v2`): `apis` is an object keyed by the hex API id,
+/// sorted, and the fields the spec leaves out (`authoringVersion`, `systemVersion`) are absent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeSpec {
+    pub spec_name: String,
+    pub impl_name: String,
+    pub spec_version: u32,
+    pub impl_version: u32,
+    pub apis: BTreeMap<String, u32>,
+    pub transaction_version: u32,
 }
 
 /// The runtime version, parsed once from the fixture.
@@ -93,6 +108,45 @@ impl Runtime {
     /// `state_getRuntimeVersion` result, exactly as the real node printed it.
     pub fn version_json(&self) -> &RawValue {
         &self.version_json
+    }
+
+    /// The runtime version in the new API's form.
+    pub fn chain_head_spec(&self) -> RuntimeSpec {
+        let v = &self.version;
+        RuntimeSpec {
+            spec_name: v.spec_name.clone(),
+            impl_name: v.impl_name.clone(),
+            spec_version: v.spec_version,
+            impl_version: v.impl_version,
+            apis: self
+                .apis
+                .iter()
+                .map(|(id, version)| (prefixed_hex(id), *version))
+                .collect(),
+            transaction_version: v.transaction_version,
+        }
+    }
+
+    /// The runtime code under `:code`: a stand-in, since the real `node` runtime's WebAssembly is
+    /// not among the fixtures. It is a valid WebAssembly module with no code and the one custom
+    /// section a real runtime carries for nodes to read its version without running it,
+    /// `runtime_version`, holding the same SCALE `RuntimeVersion` as `Core_version` returns.
+    /// Clients hash it to tell runtimes apart (polkadot-api keys its metadata by it); nothing
+    /// can execute it.
+    pub fn code(&self) -> Vec<u8> {
+        const WASM_HEADER: [u8; 8] = *b"\0asm\x01\0\0\0";
+        const CUSTOM_SECTION: u8 = 0;
+        const NAME: &[u8] = b"runtime_version";
+        let version = self.encode_version();
+        let mut section = Vec::with_capacity(NAME.len() + version.len() + 2);
+        encode_leb128(NAME.len(), &mut section);
+        section.extend_from_slice(NAME);
+        section.extend_from_slice(&version);
+        let mut code = WASM_HEADER.to_vec();
+        code.push(CUSTOM_SECTION);
+        encode_leb128(section.len(), &mut code);
+        code.extend_from_slice(&section);
+        code
     }
 
     /// `state_getMetadata` result as the RPC returns it: `0x`-prefixed hex.
@@ -159,6 +213,19 @@ fn metadata_at_version(version: u32) -> Vec<u8> {
     }
 }
 
+/// Appends `value` as unsigned LEB128, WebAssembly's integer encoding.
+fn encode_leb128(mut value: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
 fn decode_api_id(hex_id: &str) -> Option<[u8; 8]> {
     let bytes = hex::decode(hex_id.strip_prefix("0x")?).ok()?;
     bytes.try_into().ok()
@@ -196,6 +263,52 @@ mod tests {
             [2, 0, 0, 0, 1],
             "transaction_version 2, system_version 1"
         );
+    }
+
+    #[test]
+    fn code_is_a_wasm_module_whose_runtime_version_section_is_core_version() {
+        let runtime = runtime();
+        let code = runtime.code();
+        assert_eq!(&code[..8], b"\0asm\x01\0\0\0");
+        assert_eq!(code[8], 0, "custom section");
+        let version = runtime.call("Core_version", &[]).expect("known function");
+        let name_at = code
+            .windows(15)
+            .position(|w| w == b"runtime_version")
+            .expect("name");
+        assert_eq!(&code[name_at + 15..], version.as_slice());
+        let mut size = Vec::new();
+        encode_leb128(code.len() - name_at + 1, &mut size);
+        assert_eq!(
+            &code[9..name_at - 1],
+            size.as_slice(),
+            "section size covers name and version"
+        );
+    }
+
+    #[test]
+    fn leb128_splits_into_seven_bit_groups() {
+        let leb = |value| {
+            let mut out = Vec::new();
+            encode_leb128(value, &mut out);
+            out
+        };
+        assert_eq!(leb(0), [0]);
+        assert_eq!(leb(127), [127]);
+        assert_eq!(leb(128), [0x80, 1]);
+        assert_eq!(leb(624_485), [0xe5, 0x8e, 0x26]);
+    }
+
+    #[test]
+    fn chain_head_spec_keys_apis_by_hex_id() {
+        let spec = serde_json::to_value(runtime().chain_head_spec()).expect("serializes");
+        assert_eq!(spec["specName"], "node");
+        assert_eq!(spec["implName"], "substrate-node");
+        assert_eq!(spec["specVersion"], 268);
+        assert_eq!(spec["transactionVersion"], 2);
+        assert_eq!(spec["apis"]["0xdf6acb689907609b"], 5, "Core");
+        assert_eq!(spec["apis"].as_object().map(|apis| apis.len()), Some(26));
+        assert!(spec.get("authoringVersion").is_none());
     }
 
     #[test]

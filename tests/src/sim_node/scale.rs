@@ -27,6 +27,33 @@ pub fn encode_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
+/// Decodes a SCALE `Compact<u32>` (a length prefix) from the start of `input`: the value and
+/// how many bytes it took. Non-canonical encodings (a value in a longer form than needed) are
+/// refused, as `parity-scale-codec` refuses them.
+pub fn decode_compact_len(input: &[u8]) -> Option<(usize, usize)> {
+    let first = *input.first()?;
+    let (value, taken, least) = match first & 0b11 {
+        0b00 => (u32::from(first >> 2), 1, 0),
+        0b01 => {
+            let bytes: [u8; 2] = input.get(..2)?.try_into().ok()?;
+            (u32::from(u16::from_le_bytes(bytes) >> 2), 2, 0x40)
+        }
+        0b10 => {
+            let bytes: [u8; 4] = input.get(..4)?.try_into().ok()?;
+            (u32::from_le_bytes(bytes) >> 2, 4, 0x4000)
+        }
+        _ => {
+            // Big-integer mode: a `u32` fits only in exactly 4 following bytes.
+            if first >> 2 != 0 {
+                return None;
+            }
+            let bytes: [u8; 4] = input.get(1..5)?.try_into().ok()?;
+            (u32::from_le_bytes(bytes), 5, 0x4000_0000)
+        }
+    };
+    (value >= least).then_some((usize::try_from(value).ok()?, taken))
+}
+
 /// Decodes a SCALE `u32` (4 bytes, little endian) from the start of `input`. Trailing bytes are
 /// ignored, as a runtime's `Decode::decode(&mut &input[..])` ignores them.
 pub fn decode_u32(input: &[u8]) -> Option<u32> {
@@ -76,6 +103,36 @@ mod tests {
             compact(u64::MAX),
             [0x13, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
         );
+    }
+
+    #[test]
+    fn compact_lengths_decode_what_encode_compact_writes_and_refuse_longer_forms() {
+        for value in [
+            0u64,
+            1,
+            63,
+            64,
+            16383,
+            16384,
+            1_073_741_823,
+            1_073_741_824,
+            u64::from(u32::MAX),
+        ] {
+            let encoded = compact(value);
+            assert_eq!(
+                decode_compact_len(&encoded),
+                Some((value as usize, encoded.len())),
+                "{value}"
+            );
+        }
+        assert_eq!(decode_compact_len(&[0x01, 0x00]), None, "0 in two bytes");
+        assert_eq!(decode_compact_len(&[0x01]), None, "truncated");
+        assert_eq!(
+            decode_compact_len(&[0x07, 0, 0, 0, 0, 1]),
+            None,
+            "beyond u32"
+        );
+        assert_eq!(decode_compact_len(&[]), None);
     }
 
     #[test]

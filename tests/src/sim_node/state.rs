@@ -13,6 +13,7 @@ use super::faults::{ActiveFaults, Fault};
 use super::identity::local_peer_id;
 use super::primitives::Hash32;
 use super::runtime::Runtime;
+use super::storage::Storage;
 
 /// `system_health` result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +36,7 @@ pub struct NodeState {
     pub peer_id: String,
     pub chain: Chain,
     pub runtime: Runtime,
+    pub storage: Storage,
     /// Blocks between best and finalized.
     finality_lag: BlockNumber,
     /// Peers reported while the `no_peers` fault is off.
@@ -54,11 +56,13 @@ impl NodeState {
         peers: u32,
     ) -> Self {
         let peer_id = local_peer_id(&id);
+        let storage = Storage::new(*chain.clock(), runtime.code());
         let state = Self {
             id,
             peer_id,
             chain,
             runtime,
+            storage,
             finality_lag,
             peers,
             faults: watch::Sender::new(ActiveFaults::default()),

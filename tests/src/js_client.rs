@@ -1,0 +1,128 @@
+//! Running the pinned JavaScript clients of tests/js (polkadot.js, polkadot-api) against a
+//! sim-node from a test: install them when their node_modules is missing, run a script, read the
+//! one-line JSON summary it prints last.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::lab::js_dir;
+
+/// What polkadot.js 16.5.6 warns about for the `node` runtime on a real node too: its metadata
+/// uses a transaction extension polkadot.js does not know.
+const UNKNOWN_EXTENSION_WARNING: &str =
+    "REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect";
+/// What polkadot.js warns about a node whose `rpc_methods` lists methods it has no decoration
+/// for, as every Substrate node that serves the new JSON-RPC spec does.
+const UNDECORATED_WARNING: &str = "API/INIT: RPC methods not decorated: ";
+/// The new spec's method families (polkadot.js 16 decorates none of them).
+const NEW_SPEC_PREFIXES: [&str; 4] = [
+    "chainHead_v1_",
+    "chainSpec_v1_",
+    "transaction_v1_",
+    "transactionWatch_v1_",
+];
+
+/// How long `npm ci` may take (a fresh install downloads every package).
+const NPM_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `program args` in `dir`, panicking (with what to install) when it cannot start or does
+/// not finish within `timeout`.
+pub async fn run(program: &str, args: &[&str], dir: &Path, timeout: Duration) -> Output {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(timeout, child)
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within {timeout:?}"))
+        .unwrap_or_else(|error| {
+            panic!("running {program} {args:?} (is Node.js 20 installed?): {error}")
+        })
+}
+
+/// Installs tests/js from its lock file (`npm ci`) unless `package` (e.g. `@polkadot/api`) is
+/// there already; `cargo xtask setup` does the same ahead of time.
+pub async fn ensure_installed(package: &str) {
+    let dir = js_dir();
+    if dir
+        .join("node_modules")
+        .join(package)
+        .join("package.json")
+        .exists()
+    {
+        return;
+    }
+    let npm = run("npm", &["ci", "--no-audit", "--no-fund"], &dir, NPM_TIMEOUT).await;
+    assert!(
+        npm.status.success(),
+        "npm ci in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&npm.stderr)
+    );
+}
+
+/// The JSON summary a script printed as its last line, after checking the script succeeded
+/// and reported no `error`; panics with its output otherwise.
+pub fn summary_of(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON summary; stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert!(
+        output.status.success() && summary.get("error").is_none(),
+        "script failed: {summary}; stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    summary
+}
+
+/// Whether `warning` (as polkadot.js printed it, with or without its timestamp) is one it also
+/// prints against a real node serving sim-node's runtime: the unknown `AuthorizeCall` extension,
+/// or the new-spec methods of `rpc_methods` it cannot decorate. Anything else is a complaint
+/// about what sim-node serves.
+pub fn is_expected_polkadot_js_warning(warning: &str) -> bool {
+    if warning.ends_with(UNKNOWN_EXTENSION_WARNING) {
+        return true;
+    }
+    warning
+        .split_once(UNDECORATED_WARNING)
+        .is_some_and(|(_, methods)| {
+            methods.split(", ").all(|method| {
+                NEW_SPEC_PREFIXES
+                    .iter()
+                    .any(|prefix| method.starts_with(prefix))
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_real_node_warnings_are_expected() {
+        assert!(is_expected_polkadot_js_warning(
+            "2026-12-07 03:04:09        REGISTRY: Unknown signed extensions AuthorizeCall found, treating them as no-effect"
+        ));
+        assert!(is_expected_polkadot_js_warning(
+            "API/INIT: RPC methods not decorated: chainHead_v1_body, chainSpec_v1_chainName, transactionWatch_v1_unwatch, transaction_v1_stop"
+        ));
+        assert!(!is_expected_polkadot_js_warning(
+            "API/INIT: RPC methods not decorated: chainHead_v1_body, sim_secret"
+        ));
+        assert!(!is_expected_polkadot_js_warning(
+            "REGISTRY: Unable to decode storage"
+        ));
+    }
+}
