@@ -50,12 +50,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use lb_common::program_names;
 use lb_control::{
     dataplane::{
-        BackendSpec, LbSettings, ServiceSpec, XDP_PARSE_PASS_OBJECT, XDP_PASS_OBJECT, XdpAction,
+        BackendSpec, DataplaneError, LbSettings, ProgramHarness, ReferenceProgram, ServiceSpec,
+        TestVerdict, XdpAction,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -198,16 +197,11 @@ fn service(vip: SocketAddr, mode: ForwardingMode, backends: Vec<SocketAddr>) -> 
 
 fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let mut harness = load_harness(TAG);
-    let program = TestProgram::load(TAG);
     let maps = PinnedMaps::new(TAG);
-    let mut bare_object =
-        Ebpf::load(XDP_PASS_OBJECT).map_err(|error| format!("loading xdp-pass: {error}"))?;
-    load_xdp(&mut bare_object, program_names::PASS);
-    let bare = xdp(&bare_object, program_names::PASS);
-    let mut parse_pass_object = Ebpf::load(XDP_PARSE_PASS_OBJECT)
+    let bare =
+        ReferenceProgram::bare_pass().map_err(|error| format!("loading xdp-pass: {error}"))?;
+    let parse_pass = ReferenceProgram::parse_pass()
         .map_err(|error| format!("loading xdp-parse-pass: {error}"))?;
-    load_xdp(&mut parse_pass_object, program_names::PARSE_PASS);
-    let parse_pass = xdp(&parse_pass_object, program_names::PARSE_PASS);
 
     net.ip("route add 10.200.100.0/24 dev eth1");
     net.neighbour(IpAddr::V4(LOOP_VIP), backend_mac(100), BACKEND_LINK);
@@ -251,7 +245,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
 
     // Open the flows, and learn the NAT flow's backend and port for its reply.
     let first = expect(
-        &program,
+        &harness,
         client_link,
         &established,
         XdpAction::Redirect,
@@ -261,7 +255,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         (&established_dsr, "the first packet of the DSR flow"),
         (&established6, "the first packet of the IPv6 NAT flow"),
     ] {
-        expect(&program, client_link, frame, XdpAction::Redirect, what)?;
+        expect(&harness, client_link, frame, XdpAction::Redirect, what)?;
     }
     let (backend, nat_port) = nat_destination(&first)?;
     let n = match backend.ip() {
@@ -272,28 +266,28 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         .sent_by_backend(n)
         .bytes();
     expect(
-        &program,
+        &harness,
         backend_link,
         &reply,
         XdpAction::Redirect,
         "the NAT reply",
     )?;
     expect(
-        &program,
+        &harness,
         client_link,
         &passed,
         XdpAction::Pass,
         "the passed packet",
     )?;
     expect(
-        &program,
+        &harness,
         client_link,
         &blocked,
         XdpAction::Drop,
         "the blocked packet",
     )?;
     expect(
-        &program,
+        &harness,
         client_link,
         &blocked_syn,
         XdpAction::Drop,
@@ -312,7 +306,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         .ttl(255)
         .bytes();
     expect(
-        &program,
+        &harness,
         client_link,
         &loop_forward,
         XdpAction::Redirect,
@@ -323,23 +317,23 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
     let loop_calls = options.rounds * 20;
     let looped = |frame: &[u8], what: &str| {
         loop_runs(loop_calls, what, true, |repeat| {
-            program.run_repeated(client_link, frame, repeat)
+            harness.run_repeated(frame, Some(client_link), repeat)
         })
     };
 
     let mut rows = Vec::new();
     let lb_repeated = |frame: &[u8], action: XdpAction| {
         repeated(options, action, |repeat| {
-            program.run_repeated(client_link, frame, repeat)
+            harness.run_repeated(frame, Some(client_link), repeat)
         })
     };
     // Each reference program: repeat, loop and marginal rows, from the same frame.
-    let mut reference = |program: &aya::programs::Xdp, path: &'static str, note: &str| {
+    let mut reference = |program: &ReferenceProgram, path: &'static str, note: &str| {
         let repeat = repeated(options, XdpAction::Pass, |repeat| {
-            test_run(program, client_link, &established, repeat)
+            program.run_repeated(&established, Some(client_link), repeat)
         })?;
         let loops = loop_runs(loop_calls, path, false, |repeat| {
-            test_run(program, client_link, &established, repeat)
+            program.run_repeated(&established, Some(client_link), repeat)
         })?;
         rows.push(Row {
             path,
@@ -365,12 +359,12 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         Ok::<_, String>((repeat, loops))
     };
     let (bare_repeat, bare_loop) = reference(
-        bare,
+        &bare,
         "bare xdp_pass (reference)",
         "returns XDP_PASS, reads nothing",
     )?;
     let (_, parse_pass_loop) = reference(
-        parse_pass,
+        &parse_pass,
         "bare parse-and-XDP_PASS (reference)",
         "the load balancer's parser (Ethernet, VLAN, IPv4/IPv6, ports), then XDP_PASS",
     )?;
@@ -454,11 +448,11 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
 
     let singles = |ingress: u32, frame: &[u8], action: XdpAction, what: &str| {
         single_runs(options.singles, action, what, |_| {
-            program.run_repeated(ingress, frame, 1)
+            harness.run_repeated(frame, Some(ingress), 1)
         })
     };
     let bare_single = single_runs(options.singles, XdpAction::Pass, "bare", |_| {
-        test_run(bare, client_link, &established, 1)
+        bare.run_repeated(&established, Some(client_link), 1)
     })?;
     let overhead = (bare_single - bare_repeat).max(0.0);
     rows.push(Row {
@@ -526,7 +520,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         })
         .collect();
     let new_flow_single = single_runs(options.singles, XdpAction::Redirect, "new flow", |i| {
-        program.run_repeated(client_link, &syns[i], 1)
+        harness.run_repeated(&syns[i], Some(client_link), 1)
     })?;
     rows.push(Row {
         path: "new flow, NAT v4 (SYN of an unseen 5-tuple)",
@@ -649,7 +643,7 @@ impl Applies {
 }
 
 fn table_changes(
-    harness: &mut lb_control::dataplane::ProgramHarness,
+    harness: &mut ProgramHarness,
     mut services: Vec<ServiceSpec>,
     changes: usize,
 ) -> Result<TableChanges, String> {
@@ -746,13 +740,13 @@ impl TableChanges {
 
 /// Runs `frame` once and checks the action; returns the output frame.
 fn expect(
-    program: &TestProgram,
+    harness: &ProgramHarness,
     ingress: u32,
     frame: &[u8],
     action: XdpAction,
     what: &str,
 ) -> Result<Vec<u8>, String> {
-    let verdict = program.run_from(ingress, frame);
+    let verdict = harness.run_from(ingress, frame).map_err(test_run_failed)?;
     if verdict.action != action {
         return Err(format!(
             "{what}: the program returned {:?}, expected {action:?}; run `cargo test -p \
@@ -779,15 +773,22 @@ fn nat_destination(frame: &[u8]) -> Result<(SocketAddr, u16), String> {
     Ok((backend, tcp.source_port()))
 }
 
+/// What a call of BPF_PROG_TEST_RUN gives: the last verdict and the kernel's mean time per run.
+type TestRun = Result<(TestVerdict, Duration), DataplaneError>;
+
+fn test_run_failed(error: DataplaneError) -> String {
+    format!("BPF_PROG_TEST_RUN: {error}")
+}
+
 /// The median over `options.rounds` calls of `repeat` runs each.
 fn repeated(
     options: &Options,
     action: XdpAction,
-    mut run: impl FnMut(u32) -> (lb_control::dataplane::TestVerdict, Duration),
+    mut run: impl FnMut(u32) -> TestRun,
 ) -> Result<f64, String> {
     let mut means = Vec::with_capacity(options.rounds);
     for _ in 0..options.rounds {
-        let (verdict, mean) = run(options.repeat);
+        let (verdict, mean) = run(options.repeat).map_err(test_run_failed)?;
         if verdict.action != action {
             return Err(format!(
                 "a repeated run returned {:?}, expected {action:?}",
@@ -826,13 +827,13 @@ fn loop_runs(
     calls: usize,
     what: &str,
     forwards: bool,
-    mut run: impl FnMut(u32) -> (lb_control::dataplane::TestVerdict, Duration),
+    mut run: impl FnMut(u32) -> TestRun,
 ) -> Result<Loops, String> {
     let mut long = Vec::with_capacity(calls);
     let mut short = Vec::with_capacity(calls);
     for _ in 0..calls {
         for (repeat, means) in [(LOOP_REPEAT, &mut long), (SHORT_LOOP, &mut short)] {
-            let (verdict, mean) = run(repeat);
+            let (verdict, mean) = run(repeat).map_err(test_run_failed)?;
             let ttl = verdict.output.get(L3 + 8).copied();
             let expected_ttl = 255 - repeat as u8;
             if forwards && (verdict.action != XdpAction::Redirect || ttl != Some(expected_ttl)) {
@@ -856,11 +857,11 @@ fn single_runs(
     count: usize,
     action: XdpAction,
     what: &str,
-    mut run: impl FnMut(usize) -> (lb_control::dataplane::TestVerdict, Duration),
+    mut run: impl FnMut(usize) -> TestRun,
 ) -> Result<f64, String> {
     let mut times = Vec::with_capacity(count);
     for i in 0..count {
-        let (verdict, time) = run(i);
+        let (verdict, time) = run(i).map_err(test_run_failed)?;
         if verdict.action != action {
             return Err(format!(
                 "{what}: run {i} returned {:?}, expected {action:?}",

@@ -38,7 +38,7 @@ use lb_common::{
 use lb_control::{
     dataplane::{
         ApplyReport, BackendSpec, Blocklist, DEFAULT_BPFFS, LbSettings, ProgramHarness,
-        ServiceSpec, XdpAction,
+        ServiceSpec, TestVerdict, XdpAction,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -181,7 +181,6 @@ impl NatPorts {
 struct Lab<'n> {
     net: &'n FixtureNet,
     harness: ProgramHarness,
-    program: TestProgram,
     maps: PinnedMaps,
     settings: LbSettings,
     nat: NatPorts,
@@ -210,7 +209,6 @@ fn lab(tag: &str, settings: LbSettings, body: impl FnOnce(&mut Lab<'_>) + Send) 
         let mut lab = Lab {
             net,
             harness,
-            program: TestProgram::load(tag),
             maps: PinnedMaps::new(tag),
             nat: NatPorts {
                 range: settings.nat_ports.clone(),
@@ -238,6 +236,14 @@ impl Lab<'_> {
             .unwrap_or_else(|error| panic!("applying services: {error}"))
     }
 
+    /// Runs the program once on `frame` arriving on interface `ingress` (in the fixture
+    /// namespace).
+    fn run_from(&self, ingress: u32, frame: &[u8]) -> TestVerdict {
+        self.harness
+            .run_from(ingress, frame)
+            .unwrap_or_else(|error| panic!("BPF_PROG_TEST_RUN: {error}"))
+    }
+
     fn counts(&self) -> Counts {
         let mut counts = Counts {
             drops: self.maps.drop_stats(),
@@ -259,7 +265,7 @@ impl Lab<'_> {
         self.rows += 1;
         let ingress = self.net.ifindex(row.link);
         let before = self.counts();
-        let verdict = self.program.run_from(ingress, &row.input);
+        let verdict = self.run_from(ingress, &row.input);
         let moved = self.counts().since(&before);
         let mut problems = Vec::new();
         let forwarded = matches!(verdict.action, XdpAction::Tx | XdpAction::Redirect);
@@ -2103,7 +2109,7 @@ fn a_backend_s_new_mac_address_is_used_within_the_route_cache_time() {
         lab.net.neighbour(b4(2).ip(), new_mac, BACKEND_LINK);
         let ingress = lab.net.ifindex(CLIENT_LINK);
         let goes_to_new_mac = |packet: &Packet| {
-            let verdict = lab.program.run_from(ingress, &packet.bytes());
+            let verdict = lab.run_from(ingress, &packet.bytes());
             verdict.output.get(..6) == Some(&new_mac[..])
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -2152,7 +2158,7 @@ fn a_client_s_new_mac_address_is_used_for_replies_within_the_route_cache_time() 
         let ingress = lab.net.ifindex(BACKEND_LINK);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let verdict = lab.program.run_from(ingress, &reply.bytes());
+            let verdict = lab.run_from(ingress, &reply.bytes());
             assert_eq!(
                 verdict.action,
                 XdpAction::Redirect,

@@ -1,7 +1,15 @@
-//! Runs the XDP program on frames through BPF_PROG_TEST_RUN, attached nowhere: the packet
-//! fixtures (the program's specification) and the benchmarks drive it through this.
+//! Runs XDP programs on frames through BPF_PROG_TEST_RUN, attached nowhere: the packet
+//! fixtures (the program's specification) and the XDP benchmark drive the load balancer
+//! through [`ProgramHarness`], and the benchmark's reference programs through
+//! [`ReferenceProgram`].
+//!
+//! Test-only: compiled with the `test-harness` feature, which lb-control's tests and examples
+//! turn on (through its dev-dependency on itself) and the daemon does not.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf,
@@ -10,9 +18,14 @@ use aya::{
 use lb_common::program_names;
 
 use super::{
-    ApplyReport, DataplaneError, LbSettings, MapSizes, ProtoStats, ServiceSpec, load_lb_object,
-    loaded_proto_stats, prepare_pin_dir, require_root, service_maps, services, xdp_program,
+    ApplyReport, DataplaneError, LbSettings, MapSizes, ProtoStats, ServiceSpec, XDP_PASS_OBJECT,
+    load_lb_object, loaded_proto_stats, prepare_pin_dir, require_root, service_maps, services,
+    xdp_program,
 };
+
+/// The XDP benchmark's reference: the load balancer's parser, then XDP_PASS.
+static XDP_PARSE_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-parse-pass"));
 
 /// An XDP verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,12 +72,6 @@ const HARNESS_MAP_SIZES: MapSizes = MapSizes {
     maglev_table_size: lb_common::maglev::DEFAULT_TABLE_SIZE,
     max_flows: lb_common::maps::DEFAULT_MAX_FLOWS,
 };
-
-/// Loads the load balancer object once more onto the maps a harness pinned in `pin_dir`, as
-/// the harness loaded it: for callers that run the program through test runs of their own.
-pub fn load_onto_harness_maps(pin_dir: &Path) -> Result<Ebpf, DataplaneError> {
-    load_lb_object(pin_dir, HARNESS_MAP_SIZES)
-}
 
 /// Room for the largest frame a test sends plus any headers the program adds.
 const MAX_OUTPUT: usize = 9216;
@@ -127,51 +134,19 @@ impl ProgramHarness {
         frame: &[u8],
         ingress_ifindex: Option<u32>,
         repeat: u32,
-    ) -> Result<(TestVerdict, std::time::Duration), DataplaneError> {
-        let mut output = vec![0; frame.len().max(MAX_OUTPUT)];
-        let ctx = ingress_ifindex.map(|ifindex| xdp_md_bytes(ifindex, frame.len()));
-        let result = self.program()?.test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut output),
-            ctx_in: ctx.as_ref().map(|ctx| ctx.as_slice()),
+    ) -> Result<(TestVerdict, Duration), DataplaneError> {
+        test_run(
+            &self.ebpf,
+            program_names::LB,
+            frame,
+            ingress_ifindex,
             repeat,
-            ..Default::default()
-        });
-        let result = result.map_err(|source| DataplaneError::Program {
-            name: program_names::LB,
-            source,
-        })?;
-        output.truncate(result.data_size_out as usize);
-        let verdict = TestVerdict {
-            action: XdpAction::from(result.return_value),
-            output,
-        };
-        Ok((verdict, result.duration))
+        )
     }
 
     pub fn proto_stats(&self) -> Result<ProtoStats, DataplaneError> {
         loaded_proto_stats(&self.ebpf)
     }
-
-    fn program(&self) -> Result<&Xdp, DataplaneError> {
-        let name = program_names::LB;
-        self.ebpf
-            .program(name)
-            .ok_or(DataplaneError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
-    }
-}
-
-/// A `struct xdp_md` naming the ingress interface. `data_end` is the frame's length: the
-/// kernel reads it as the size of the frame's linear part (and rejects other values on older
-/// kernels).
-fn xdp_md_bytes(ingress_ifindex: u32, frame_len: usize) -> [u8; 24] {
-    let mut ctx = [0u8; 24];
-    let data_end = u32::try_from(frame_len).unwrap_or(u32::MAX);
-    ctx[4..8].copy_from_slice(&data_end.to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-    ctx
 }
 
 impl Drop for ProgramHarness {
@@ -179,4 +154,86 @@ impl Drop for ProgramHarness {
         // The maps stay alive while `ebpf` holds them; only the pins go.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// A program the XDP benchmark measures the load balancer against, run the same way. It has
+/// no maps, so nothing is pinned.
+pub struct ReferenceProgram {
+    ebpf: Ebpf,
+    name: &'static str,
+}
+
+impl ReferenceProgram {
+    /// The empty `xdp_pass`: returns XDP_PASS and reads nothing (the test run's own cost).
+    pub fn bare_pass() -> Result<Self, DataplaneError> {
+        Self::load(XDP_PASS_OBJECT, program_names::PASS)
+    }
+
+    /// `xdp_parse_pass`: the load balancer's parser, then XDP_PASS.
+    pub fn parse_pass() -> Result<Self, DataplaneError> {
+        Self::load(XDP_PARSE_PASS_OBJECT, program_names::PARSE_PASS)
+    }
+
+    fn load(object: &[u8], name: &'static str) -> Result<Self, DataplaneError> {
+        require_root()?;
+        let mut ebpf = Ebpf::load(object).map_err(|source| DataplaneError::Load { source })?;
+        xdp_program(&mut ebpf, name)?;
+        Ok(ReferenceProgram { ebpf, name })
+    }
+
+    /// As [`ProgramHarness::run_repeated`].
+    pub fn run_repeated(
+        &self,
+        frame: &[u8],
+        ingress_ifindex: Option<u32>,
+        repeat: u32,
+    ) -> Result<(TestVerdict, Duration), DataplaneError> {
+        test_run(&self.ebpf, self.name, frame, ingress_ifindex, repeat)
+    }
+}
+
+/// One BPF_PROG_TEST_RUN of the loaded XDP program `name` of `ebpf`: `repeat` runs on `frame`,
+/// from interface `ingress_ifindex` if given; the last verdict and the kernel's mean time per
+/// run.
+fn test_run(
+    ebpf: &Ebpf,
+    name: &'static str,
+    frame: &[u8],
+    ingress_ifindex: Option<u32>,
+    repeat: u32,
+) -> Result<(TestVerdict, Duration), DataplaneError> {
+    let program: &Xdp = ebpf
+        .program(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    let mut output = vec![0; frame.len().max(MAX_OUTPUT)];
+    let ctx = ingress_ifindex.map(|ifindex| xdp_md_bytes(ifindex, frame.len()));
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut output),
+            ctx_in: ctx.as_ref().map(|ctx| ctx.as_slice()),
+            repeat,
+            ..Default::default()
+        })
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    output.truncate(result.data_size_out as usize);
+    let verdict = TestVerdict {
+        action: XdpAction::from(result.return_value),
+        output,
+    };
+    Ok((verdict, result.duration))
+}
+
+/// A `struct xdp_md` (data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+/// egress_ifindex) naming the ingress interface. `data_end` is the frame's length: since Linux
+/// 6.18 the kernel reads it as the size of the frame's linear part (a 0 there would give the
+/// program an empty frame), and older kernels reject any other value.
+fn xdp_md_bytes(ingress_ifindex: u32, frame_len: usize) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    let data_end = u32::try_from(frame_len).unwrap_or(u32::MAX);
+    ctx[4..8].copy_from_slice(&data_end.to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx
 }

@@ -6,6 +6,7 @@ mod batch;
 mod blocklist;
 mod bpffs;
 mod error;
+#[cfg(feature = "test-harness")]
 mod harness;
 mod services;
 mod settings;
@@ -39,7 +40,6 @@ pub use self::{
     blocklist::{BlockEntry, Blocklist},
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
-    harness::{ProgramHarness, TestVerdict, XdpAction, load_onto_harness_maps},
     services::{
         ApplyReport, BackendSpec, LbSettings, ProblemSubject, ServiceSpec, SpecProblem,
         validate as validate_services,
@@ -47,15 +47,15 @@ pub use self::{
     settings::{DataplaneSection, FragmentPolicy},
     stats::{BackendCounters, ServiceCounters, Stats, read_pinned_stats},
 };
+// BPF_PROG_TEST_RUN for the packet fixtures and the XDP benchmark: test-only.
+#[cfg(feature = "test-harness")]
+pub use self::harness::{ProgramHarness, ReferenceProgram, TestVerdict, XdpAction};
 
 /// The compiled load balancer object, embedded at build time by `build.rs`.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 /// A bare XDP_PASS program with no maps, embedded the same way.
 pub static XDP_PASS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
-/// The XDP benchmark's reference: the load balancer's parser, then XDP_PASS.
-pub static XDP_PARSE_PASS_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-parse-pass"));
 
 /// Default mount point of the BPF filesystem.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
