@@ -48,7 +48,9 @@ pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
 /// processes), then runs every test of the workspace.
 pub fn test(cargo_args: &[String]) -> anyhow::Result<()> {
     require_root("the tests that load XDP programs and build network namespaces")?;
-    cargo(&["build", "--bins"])?;
+    // With the feature `cargo test` turns on (lb-control's tests use its harness), so the
+    // binaries and the tests share one build of lb-control and of its kernel program.
+    cargo(&["build", "--bins", "--features", "lb-control/test-harness"])?;
     let mut args = vec!["test".to_owned()];
     args.extend(cargo_args.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
