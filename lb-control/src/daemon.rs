@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::Context;
-use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -26,8 +25,8 @@ use crate::{
     api::{self, AdminContext},
     backends::BackendSet,
     config::Config,
-    dataplane::{self, Blocklist, Dataplane, DataplaneConfig},
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    dataplane::{self, BlocklistHandle, Dataplane, DataplaneConfig},
+    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -114,7 +113,13 @@ async fn run_async(
     tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
     let keys = ApiKeys::new(store.clone());
-    let (blocks, mut block_requests) = tokio::sync::mpsc::unbounded_channel::<BlockRequest>();
+    // The kernel blocklist's one writer: the gateway, the admin API and the expiry below.
+    let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
+    let (blocks, block_requests) = tokio::sync::mpsc::unbounded_channel::<BlockRequest>();
+    tokio::spawn(gateway::block::apply_requests(
+        block_requests,
+        blocklist.clone(),
+    ));
     let gateway = match gateway_bound {
         Some(bound) => Some(Gateway::start(
             bound,
@@ -145,7 +150,6 @@ async fn run_async(
         let _ = api_stopped.await;
     }));
 
-    let mut blocklist = Blocklist::open(&pin_dir)?;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     info!(
         instance = %config.instance,
@@ -166,15 +170,8 @@ async fn run_async(
                 info!("exiting for a restart: the XDP program stays attached and forwarding");
                 break false;
             }
-            Some(request) = block_requests.recv() => {
-                let prefix = IpNet::from(request.address);
-                match blocklist.block(prefix, Some(request.until)) {
-                    Ok(()) => warn!(%prefix, until = %humantime::format_rfc3339_seconds(request.until), "blocked after repeated gateway auth failures"),
-                    Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
-                }
-            }
             _ = housekeeping.tick() => {
-                match blocklist.expire(SystemTime::now()) {
+                match blocklist.expire(SystemTime::now()).await {
                     Ok(expired) => {
                         for prefix in expired {
                             info!(%prefix, "blocklist entry expired");
