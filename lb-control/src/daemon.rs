@@ -142,6 +142,7 @@ async fn run_async(
         store: store.clone(),
         registry: Arc::new(registry),
         metrics: metrics.clone(),
+        blocklist: blocklist.clone(),
         pin_dir: pin_dir.clone(),
         token,
     };
