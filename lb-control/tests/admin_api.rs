@@ -1221,6 +1221,32 @@ fn blocklist_round_trip_reaches_the_kernel() {
     let pin_dir = daemon.pin_dir();
     block_on(async {
         let client = daemon.ready().await;
+        // Documented, with bearer auth like every /v1 route.
+        let document = client.openapi().await.expect("document");
+        let paths = &document["paths"];
+        for (path, method) in [
+            ("/v1/blocklist", "get"),
+            ("/v1/blocklist", "post"),
+            ("/v1/blocklist/{prefix}", "delete"),
+        ] {
+            let operation = &paths[path][method];
+            assert_eq!(operation["tags"][0], "blocklist", "{method} {path}");
+            assert!(operation["responses"]["401"].is_object(), "{method} {path}");
+        }
+        assert_eq!(
+            paths["/v1/blocklist/{prefix}"]["delete"]["parameters"][0]["name"],
+            "prefix"
+        );
+        let schemas = &document["components"]["schemas"];
+        assert!(
+            schemas["NewBlock"]["properties"]["for"].is_object(),
+            "{schemas}"
+        );
+        assert!(
+            schemas["BlockInfo"]["properties"]["expires"].is_object(),
+            "{schemas}"
+        );
+
         assert!(client.blocklist().await.expect("list").is_empty());
         assert_eq!(kernel_blocklist(&pin_dir).version, 0);
 
