@@ -3,14 +3,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use ipnet::IpNet;
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 use thiserror::Error;
 
 use crate::{
     api::model::{
-        BackendInfo, ClusterHealth, ErrorBody, ErrorDetail, EventInfo, KeyCreated, KeyInfo,
-        LimitChange, NewBackend, NewKey, NewService, ServiceInfo, StatsReport, WeightChange,
+        BackendInfo, BlockInfo, ClusterHealth, ErrorBody, ErrorDetail, EventInfo, KeyCreated,
+        KeyInfo, LimitChange, NewBackend, NewBlock, NewKey, NewService, ServiceInfo, StatsReport,
+        WeightChange,
     },
     model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
 };
@@ -176,6 +178,28 @@ impl AdminClient {
     ) -> Result<KeyInfo, ClientError> {
         self.call(Method::PUT, &format!("/v1/keys/{id}/limit"), Some(change))
             .await
+    }
+
+    /// Every blocked prefix with its expiry.
+    pub async fn blocklist(&self) -> Result<Vec<BlockInfo>, ClientError> {
+        self.call(Method::GET, "/v1/blocklist", None::<&()>).await
+    }
+
+    pub async fn block(&self, new: &NewBlock) -> Result<BlockInfo, ClientError> {
+        self.call(Method::POST, "/v1/blocklist", Some(new)).await
+    }
+
+    /// Unblocks exactly `prefix`; the entry as it was.
+    pub async fn unblock(&self, prefix: IpNet) -> Result<BlockInfo, ClientError> {
+        // The prefix is one path segment: its `/` (and an IPv6 address's `:`) URL-encoded.
+        let segment: String =
+            form_urlencoded::byte_serialize(prefix.to_string().as_bytes()).collect();
+        self.call(
+            Method::DELETE,
+            &format!("/v1/blocklist/{segment}"),
+            None::<&()>,
+        )
+        .await
     }
 
     pub async fn stats(&self) -> Result<StatsReport, ClientError> {

@@ -5,7 +5,7 @@
 //! follow.
 //!
 //! [`Daemon::start`] wires the parts; [`Daemon::serve`] is the event loop, whose steps (a
-//! reload, housekeeping, a block request) are named methods; [`Daemon::stop`] takes it down.
+//! reload, housekeeping) are named methods; [`Daemon::stop`] takes it down.
 
 use std::{
     fs,
@@ -16,7 +16,6 @@ use std::{
 };
 
 use anyhow::Context;
-use ipnet::IpNet;
 use prometheus_client::registry::Registry;
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
@@ -29,8 +28,8 @@ use crate::{
     api::{self, AdminContext},
     backends::{BackendSet, Declared},
     config::Config,
-    dataplane::{self, Blocklist, Dataplane},
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    dataplane::{self, BlocklistHandle, Dataplane},
+    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -115,8 +114,7 @@ struct Daemon {
     backends: Arc<BackendSet>,
     checker: health::Checker,
     gateway: Option<Gateway>,
-    blocklist: Blocklist,
-    block_requests: mpsc::UnboundedReceiver<BlockRequest>,
+    blocklist: BlocklistHandle,
     admin: AdminServer,
 }
 
@@ -169,7 +167,13 @@ impl Daemon {
         tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
         let keys = ApiKeys::new(store.clone());
+        // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
+        let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
+        tokio::spawn(gateway::block::apply_requests(
+            block_requests,
+            blocklist.clone(),
+        ));
         let gateway = match gateway_bound {
             Some(bound) => Some(Gateway::start(
                 bound,
@@ -192,6 +196,7 @@ impl Daemon {
             store: store.clone(),
             registry: Arc::new(registry),
             metrics: metrics.clone(),
+            blocklist: blocklist.clone(),
             pin_dir: pin_dir.clone(),
             token,
         };
@@ -200,7 +205,6 @@ impl Daemon {
             let _ = api_stopped.await;
         }));
 
-        let blocklist = Blocklist::open(&pin_dir)?;
         info!(
             instance = %config.instance,
             pin_dir = %pin_dir.display(),
@@ -217,7 +221,6 @@ impl Daemon {
             checker,
             gateway,
             blocklist,
-            block_requests,
             admin: AdminServer {
                 stop: stop_api,
                 task: api_task,
@@ -245,28 +248,14 @@ impl Daemon {
                     }
                     Request::Reload => self.reload(&reload).await,
                 },
-                Some(request) = self.block_requests.recv() => self.block(request),
                 _ = housekeeping.tick() => self.housekeeping().await,
             }
         }
     }
 
-    /// Puts a source on the kernel blocklist at the gateway's request.
-    fn block(&mut self, request: BlockRequest) {
-        let prefix = IpNet::from(request.address);
-        match self.blocklist.block(prefix, Some(request.until)) {
-            Ok(()) => warn!(
-                %prefix,
-                until = %humantime::format_rfc3339_seconds(request.until),
-                "blocked after repeated gateway auth failures"
-            ),
-            Err(error) => error!("blocking {prefix} after repeated gateway auth failures: {error}"),
-        }
-    }
-
     /// Expires blocklist entries and retries a kernel push that failed.
     async fn housekeeping(&mut self) {
-        match self.blocklist.expire(SystemTime::now()) {
+        match self.blocklist.expire(SystemTime::now()).await {
             Ok(expired) => {
                 for prefix in expired {
                     info!(%prefix, "blocklist entry expired");

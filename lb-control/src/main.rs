@@ -1,14 +1,12 @@
 //! The `lb-control` command: runs the daemon and inspects a running instance.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::SystemTime};
-
-use ipnet::IpNet;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use lb_control::{
     api::model::StatsReport,
     config::{Config, ConfigError, LogFormat},
-    dataplane::{self, AttachMode, BlockEntry, Blocklist, Stats},
+    dataplane::{self, AttachMode, Stats},
     netns,
     section::Problem,
 };
@@ -34,13 +32,6 @@ enum Command {
     /// Show an instance's counters: per protocol, per service (with drops by reason), per
     /// backend, and drops outside any service.
     Stats(StatsArgs),
-    /// Manage the source blocklist of an instance (dropped in XDP before any other work).
-    Block {
-        #[command(flatten)]
-        instance: InstanceArgs,
-        #[command(subcommand)]
-        action: BlockAction,
-    },
     /// Validate a config file (and the gateway's certificate files) and print every problem in
     /// it.
     CheckConfig {
@@ -80,22 +71,6 @@ struct RunArgs {
     /// Directory of the state store and the generated admin token; replaces the config's.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-enum BlockAction {
-    /// Block a source prefix, e.g. 203.0.113.0/24 or 2001:db8::/48 (an address alone is /32 or
-    /// /128).
-    Add {
-        prefix: String,
-        /// How long, e.g. 10m or 1h; without it the block stays until removed.
-        #[arg(long = "for")]
-        duration: Option<humantime::Duration>,
-    },
-    /// Unblock exactly this prefix.
-    Remove { prefix: String },
-    /// List blocked prefixes and their expiry.
-    List,
 }
 
 #[derive(Debug, Args)]
@@ -162,32 +137,6 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             let stats = dataplane::read_pinned_stats(&pin_dir)?;
             print_stats(&stats, args.json)
         }
-        Command::Block { instance, action } => {
-            let config = effective_config(&instance, &[], None)?;
-            let pin_dir = dataplane::pin_dir(&config.dataplane.bpffs, &config.instance);
-            let mut blocklist = Blocklist::open(&pin_dir)?;
-            match action {
-                BlockAction::Add { prefix, duration } => {
-                    let prefix = parse_prefix(&prefix)?;
-                    let expires = duration.map(|duration| SystemTime::now() + *duration);
-                    blocklist.block(prefix, expires)?;
-                    match duration {
-                        Some(duration) => println!("blocked {prefix} for {duration}"),
-                        None => println!("blocked {prefix} until removed"),
-                    }
-                }
-                BlockAction::Remove { prefix } => {
-                    let prefix = parse_prefix(&prefix)?;
-                    if blocklist.unblock(prefix)? {
-                        println!("unblocked {prefix}");
-                    } else {
-                        anyhow::bail!("{prefix} is not on the blocklist (`lb-control block list`)");
-                    }
-                }
-                BlockAction::List => print_blocklist(&blocklist.list()?),
-            }
-            Ok(())
-        }
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             // The certificate files too: a start must not be the first to find them unreadable.
@@ -248,32 +197,6 @@ fn effective_config(
         .into());
     }
     Ok(config)
-}
-
-/// A prefix in CIDR notation, or a single address.
-fn parse_prefix(text: &str) -> anyhow::Result<IpNet> {
-    text.parse::<IpNet>()
-        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "\"{text}\" is not an IP prefix: write e.g. 203.0.113.0/24, 2001:db8::/48 or an address"
-            )
-        })
-}
-
-fn print_blocklist(entries: &[BlockEntry]) {
-    if entries.is_empty() {
-        println!("the blocklist is empty");
-        return;
-    }
-    println!("{:<44} EXPIRES", "PREFIX");
-    for entry in entries {
-        let expires = entry.expires.map_or_else(
-            || "never".to_owned(),
-            |expires| humantime::format_rfc3339_seconds(expires).to_string(),
-        );
-        println!("{:<44} {expires}", entry.prefix.to_string());
-    }
 }
 
 fn init_logging(format: LogFormat) {

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub node_finalized_block: Family<NodeLabels, Gauge>,
     pub node_lag_blocks: Family<NodeLabels, Gauge>,
     pub admin_requests: Family<AdminRequestLabels, Counter>,
+    /// Source prefixes on the kernel blocklist (kept by its owner, the blocklist handle).
+    pub blocklist_entries: Gauge,
 }
 
 impl Metrics {
@@ -86,6 +88,7 @@ impl Metrics {
             node_finalized_block: Family::default(),
             node_lag_blocks: Family::default(),
             admin_requests: Family::default(),
+            blocklist_entries: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb");
         registry.register(
@@ -137,6 +140,11 @@ impl Metrics {
             "admin_requests",
             "Admin API requests by method, route and status",
             metrics.admin_requests.clone(),
+        );
+        registry.register(
+            "blocklist_entries",
+            "Source prefixes on the kernel blocklist",
+            metrics.blocklist_entries.clone(),
         );
         metrics
     }

@@ -18,12 +18,18 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
+use aya::maps::{Array, Map, MapData, lpm_trie::LpmTrie};
+use ipnet::IpNet;
+use lb_common::{
+    map_names,
+    maps::{BLOCKLIST_VERSION, BlockV4, BlockV6},
+};
 use lb_control::{
     admin_client::{AdminClient, ClientError},
-    api::model::{ErrorCode, LimitChange, NewBackend, NewKey, NewService},
+    api::model::{ErrorCode, LimitChange, NewBackend, NewBlock, NewKey, NewService},
     backends::State,
     model::{AdminState, ForwardingMode, HealthCheck, Protocol, RateLimit},
 };
@@ -163,6 +169,11 @@ check = "none"
         self.ready().await
     }
 
+    /// The instance's pinned maps.
+    fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf").join(&self.name)
+    }
+
     /// The daemon's log so far.
     fn log(&self) -> String {
         let mut text = String::new();
@@ -187,7 +198,7 @@ impl Drop for Daemon {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
-        let _ = fs::remove_dir_all(Path::new("/sys/fs/bpf").join(&self.name));
+        let _ = fs::remove_dir_all(self.pin_dir());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -1148,4 +1159,426 @@ fn cli_drives_the_api_and_reports_its_errors() {
         &["status", "--admin", "http://127.0.0.1:9"],
         "is lb-control running? (admin API at http://127.0.0.1:9)",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The blocklist.
+
+/// What the kernel's blocklist holds, read from the pinned maps with aya alone (not through
+/// lb-control's blocklist code): each prefix with its trie value (expiry in Unix seconds, 0 for
+/// never), and the version the XDP program reads.
+struct KernelBlocklist {
+    entries: Vec<(IpNet, u32)>,
+    version: u32,
+}
+
+fn kernel_blocklist(pin_dir: &Path) -> KernelBlocklist {
+    let open = |name: &str| {
+        let path = pin_dir.join(name);
+        let data = MapData::from_pin(&path)
+            .unwrap_or_else(|error| panic!("opening {}: {error}", path.display()));
+        Map::from_map_data(data).unwrap_or_else(|error| panic!("map {name}: {error}"))
+    };
+    let v4: LpmTrie<_, BlockV4, u32> =
+        LpmTrie::try_from(open(map_names::BLOCKLIST_V4)).expect("BLOCKLIST_V4");
+    let v6: LpmTrie<_, BlockV6, u32> =
+        LpmTrie::try_from(open(map_names::BLOCKLIST_V6)).expect("BLOCKLIST_V6");
+    let version: Array<_, u32> =
+        Array::try_from(open(map_names::BLOCKLIST_ENTRIES)).expect("BLOCKLIST_ENTRIES");
+    let mut entries = Vec::new();
+    for entry in v4.iter() {
+        let (key, value) = entry.expect("read BLOCKLIST_V4");
+        let prefix = IpNet::new(key.data().into(), key.prefix_len() as u8).expect("a prefix");
+        entries.push((prefix, value));
+    }
+    for entry in v6.iter() {
+        let (key, value) = entry.expect("read BLOCKLIST_V6");
+        let prefix = IpNet::new(key.data().into(), key.prefix_len() as u8).expect("a prefix");
+        entries.push((prefix, value));
+    }
+    entries.sort();
+    KernelBlocklist {
+        entries,
+        version: version
+            .get(&BLOCKLIST_VERSION, 0)
+            .expect("read BLOCKLIST_ENTRIES"),
+    }
+}
+
+fn prefix(text: &str) -> IpNet {
+    text.parse().expect("a prefix")
+}
+
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+#[test]
+fn blocklist_round_trip_reaches_the_kernel() {
+    let mut daemon = Daemon::start();
+    let pin_dir = daemon.pin_dir();
+    block_on(async {
+        let client = daemon.ready().await;
+        // Documented, with bearer auth like every /v1 route.
+        let document = client.openapi().await.expect("document");
+        let paths = &document["paths"];
+        for (path, method) in [
+            ("/v1/blocklist", "get"),
+            ("/v1/blocklist", "post"),
+            ("/v1/blocklist/{prefix}", "delete"),
+        ] {
+            let operation = &paths[path][method];
+            assert_eq!(operation["tags"][0], "blocklist", "{method} {path}");
+            assert!(operation["responses"]["401"].is_object(), "{method} {path}");
+        }
+        assert_eq!(
+            paths["/v1/blocklist/{prefix}"]["delete"]["parameters"][0]["name"],
+            "prefix"
+        );
+        let schemas = &document["components"]["schemas"];
+        assert!(
+            schemas["NewBlock"]["properties"]["for"].is_object(),
+            "{schemas}"
+        );
+        assert!(
+            schemas["BlockInfo"]["properties"]["expires"].is_object(),
+            "{schemas}"
+        );
+
+        assert!(client.blocklist().await.expect("list").is_empty());
+        assert_eq!(kernel_blocklist(&pin_dir).version, 0);
+
+        // For a while, forever, and one address (its /32; host bits of a prefix are dropped).
+        let before = SystemTime::now();
+        let (status, answer) = raw(
+            Method::POST,
+            "/v1/blocklist",
+            Some(TOKEN),
+            Some(r#"{"prefix": "203.0.113.0/24", "for": "10m"}"#),
+        )
+        .await;
+        assert_eq!(status, 201, "{answer}");
+        assert_eq!(answer["prefix"], "203.0.113.0/24", "{answer}");
+        let expires = humantime::parse_rfc3339(answer["expires"].as_str().expect("an expiry"))
+            .expect("RFC 3339");
+        let ten_minutes = Duration::from_secs(600);
+        assert!(
+            expires >= before + ten_minutes && expires <= SystemTime::now() + ten_minutes * 2,
+            "{answer}"
+        );
+        let forever = client
+            .block(&NewBlock {
+                prefix: "2001:db8:7::/48".to_owned(),
+                duration: None,
+            })
+            .await
+            .expect("blocked");
+        assert_eq!(
+            (forever.prefix, forever.expires),
+            (prefix("2001:db8:7::/48"), None)
+        );
+        let address = client
+            .block(&NewBlock {
+                prefix: "198.51.100.7".to_owned(),
+                duration: Some("1h".to_owned()),
+            })
+            .await
+            .expect("blocked");
+        assert_eq!(address.prefix, prefix("198.51.100.7/32"));
+        let trimmed = client
+            .block(&NewBlock {
+                prefix: "192.0.2.77/24".to_owned(),
+                duration: None,
+            })
+            .await
+            .expect("blocked");
+        assert_eq!(trimmed.prefix, prefix("192.0.2.0/24"));
+
+        // The listing, in prefix order, with RFC 3339 expiries (null: until removed).
+        let (status, listing) = raw(Method::GET, "/v1/blocklist", Some(TOKEN), None).await;
+        assert_eq!(status, 200, "{listing}");
+        let listed: Vec<(String, Option<String>)> = listing
+            .as_array()
+            .expect("an array")
+            .iter()
+            .map(|entry| {
+                (
+                    entry["prefix"].as_str().expect("prefix").to_owned(),
+                    entry["expires"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        let prefixes: Vec<&str> = listed.iter().map(|(prefix, _)| prefix.as_str()).collect();
+        assert_eq!(
+            prefixes,
+            [
+                "192.0.2.0/24",
+                "198.51.100.7/32",
+                "203.0.113.0/24",
+                "2001:db8:7::/48"
+            ]
+        );
+        assert_eq!(listed[2].1.as_deref(), answer["expires"].as_str());
+        assert_eq!(listed[3].1, None);
+
+        // The kernel has them, each with its expiry, and a version the XDP program rechecks by.
+        let kernel = kernel_blocklist(&pin_dir);
+        assert_ne!(kernel.version, 0);
+        assert_eq!(
+            kernel.entries,
+            [
+                (prefix("192.0.2.0/24"), 0),
+                (
+                    prefix("198.51.100.7/32"),
+                    unix_seconds(address.expires.expect("expiry").0) as u32
+                ),
+                (prefix("203.0.113.0/24"), unix_seconds(expires) as u32),
+                (prefix("2001:db8:7::/48"), 0),
+            ]
+        );
+        let metrics = client.metrics_text().await.expect("metrics");
+        assert!(metrics.contains("lb_blocklist_entries 4"), "{metrics}");
+
+        // Removed by URL-encoded prefix; the answer is the entry as it was.
+        let (status, removed) = raw(
+            Method::DELETE,
+            "/v1/blocklist/203.0.113.0%2F24",
+            Some(TOKEN),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{removed}");
+        assert_eq!(removed["prefix"], "203.0.113.0/24");
+        assert_eq!(removed["expires"], answer["expires"]);
+        let removed = client
+            .unblock(prefix("2001:db8:7::/48"))
+            .await
+            .expect("unblocked");
+        assert_eq!(removed.prefix, prefix("2001:db8:7::/48"));
+        let kernel = kernel_blocklist(&pin_dir);
+        let in_kernel: Vec<IpNet> = kernel.entries.iter().map(|(prefix, _)| *prefix).collect();
+        assert_eq!(
+            in_kernel,
+            [prefix("192.0.2.0/24"), prefix("198.51.100.7/32")]
+        );
+
+        // Not blocked (any more, or at all, or only a covering prefix is): 404.
+        for path in [
+            "/v1/blocklist/203.0.113.0%2F24",
+            "/v1/blocklist/10.9.9.0%2F24",
+            "/v1/blocklist/192.0.2.1",
+        ] {
+            assert_error(
+                &raw(Method::DELETE, path, Some(TOKEN), None).await,
+                404,
+                "not_found",
+                None,
+            );
+        }
+        assert_eq!(
+            api_error(client.unblock(prefix("2001:db8:7::/48")).await),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+        );
+
+        // Every change is an operator's event.
+        let events = client.events(None, 100).await.expect("events");
+        let blocklist_events: Vec<(&str, &str)> = events
+            .iter()
+            .filter(|event| event.kind.starts_with("blocklist."))
+            .map(|event| (event.kind.as_str(), event.subject.as_str()))
+            .collect();
+        assert_eq!(
+            blocklist_events,
+            [
+                ("blocklist.added", "prefix 203.0.113.0/24"),
+                ("blocklist.added", "prefix 2001:db8:7::/48"),
+                ("blocklist.added", "prefix 198.51.100.7/32"),
+                ("blocklist.added", "prefix 192.0.2.0/24"),
+                ("blocklist.removed", "prefix 203.0.113.0/24"),
+                ("blocklist.removed", "prefix 2001:db8:7::/48"),
+            ]
+        );
+
+        // An entry expires by itself; when the last one goes, the version is 0 again.
+        client
+            .unblock(prefix("198.51.100.7/32"))
+            .await
+            .expect("unblocked");
+        client
+            .block(&NewBlock {
+                prefix: "192.0.2.0/24".to_owned(),
+                duration: Some("1s".to_owned()),
+            })
+            .await
+            .expect("a shorter block replaces the expiry");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.blocklist().await.expect("list").is_empty() {
+            assert!(Instant::now() < deadline, "the entry did not expire");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let kernel = kernel_blocklist(&pin_dir);
+        assert!(kernel.entries.is_empty());
+        assert_eq!(kernel.version, 0);
+        assert!(
+            client
+                .metrics_text()
+                .await
+                .expect("metrics")
+                .contains("lb_blocklist_entries 0")
+        );
+    });
+}
+
+#[test]
+fn blocklist_refuses_bad_input_naming_the_field() {
+    let mut daemon = Daemon::start();
+    let pin_dir = daemon.pin_dir();
+    block_on(async {
+        daemon.ready().await;
+        let post = |body: &'static str| raw(Method::POST, "/v1/blocklist", Some(TOKEN), Some(body));
+        for (body, field) in [
+            (r#"{"prefix": "203.0.113.0/33"}"#, "prefix"),
+            (r#"{"prefix": "example.com", "for": "10m"}"#, "prefix"),
+            (r#"{"prefix": 7}"#, "prefix"),
+            (r#"{"for": "10m"}"#, "prefix"),
+            (r#"{"prefix": "203.0.113.0/24", "for": "soon"}"#, "for"),
+            (r#"{"prefix": "203.0.113.0/24", "for": "0s"}"#, "for"),
+            (r#"{"prefix": "203.0.113.0/24", "for": "500years"}"#, "for"),
+            (r#"{"prefix": "203.0.113.0/24", "for": 600}"#, "for"),
+            (r#"{"prefix": "203.0.113.0/24", "until": "10m"}"#, "until"),
+        ] {
+            assert_error(&post(body).await, 400, "invalid", Some(field));
+        }
+        assert_error(
+            &raw(
+                Method::DELETE,
+                "/v1/blocklist/not-a-prefix",
+                Some(TOKEN),
+                None,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("prefix"),
+        );
+        // Nothing refused reached the kernel.
+        assert!(kernel_blocklist(&pin_dir).entries.is_empty());
+
+        // 401 without the token, on every blocklist route.
+        for (method, path, body) in [
+            (Method::GET, "/v1/blocklist", None),
+            (
+                Method::POST,
+                "/v1/blocklist",
+                Some(r#"{"prefix": "203.0.113.0/24"}"#),
+            ),
+            (Method::DELETE, "/v1/blocklist/203.0.113.0%2F24", None),
+        ] {
+            assert_error(
+                &raw(method.clone(), path, None, body).await,
+                401,
+                "unauthorized",
+                None,
+            );
+            assert_error(
+                &raw(method, path, Some("wrong-token"), body).await,
+                401,
+                "unauthorized",
+                None,
+            );
+        }
+        assert!(kernel_blocklist(&pin_dir).entries.is_empty());
+    });
+}
+
+#[test]
+fn block_cli_goes_through_the_api() {
+    let mut daemon = Daemon::start();
+    let pin_dir = daemon.pin_dir();
+    block_on(async {
+        daemon.ready().await;
+    });
+    let config = daemon.config();
+    let cli = |args: &[&str]| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_lb-control"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("LB_ADMIN_TOKEN")
+            .output()
+            .expect("lb-control runs")
+    };
+    let ok = |args: &[&str]| -> String {
+        let output = cli(args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let fails = |args: &[&str], expected: &str| {
+        let output = cli(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    };
+
+    assert_eq!(ok(&["block", "list"]), "the blocklist is empty\n");
+    assert_eq!(
+        ok(&["block", "add", "203.0.113.0/24", "--for", "10m"]),
+        "blocked 203.0.113.0/24 for 10m\n"
+    );
+    assert_eq!(
+        ok(&["block", "add", "2001:db8::/48"]),
+        "blocked 2001:db8::/48 until removed\n"
+    );
+    let listed = ok(&["block", "list"]);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "{listed}");
+    assert!(
+        lines[0].starts_with("PREFIX ") && lines[0].ends_with(" EXPIRES"),
+        "{listed}"
+    );
+    assert!(lines[1].starts_with("203.0.113.0/24 "), "{listed}");
+    let expiry = lines[1].split_whitespace().nth(1).expect("an expiry");
+    assert!(humantime::parse_rfc3339(expiry).is_ok(), "{listed}");
+    assert!(
+        lines[2].starts_with("2001:db8::/48 ") && lines[2].ends_with(" never"),
+        "{listed}"
+    );
+    let json: Value = serde_json::from_str(&ok(&["block", "list", "--json"])).expect("json");
+    assert_eq!(json[1]["prefix"], "2001:db8::/48");
+    assert_eq!(json[1]["expires"], Value::Null);
+    // The daemon wrote the kernel's maps.
+    let in_kernel: Vec<IpNet> = kernel_blocklist(&pin_dir)
+        .entries
+        .iter()
+        .map(|(prefix, _)| *prefix)
+        .collect();
+    assert_eq!(
+        in_kernel,
+        [prefix("203.0.113.0/24"), prefix("2001:db8::/48")]
+    );
+
+    assert_eq!(
+        ok(&["block", "remove", "203.0.113.0/24"]),
+        "unblocked 203.0.113.0/24\n"
+    );
+    assert_eq!(
+        ok(&["block", "remove", "2001:db8::/48"]),
+        "unblocked 2001:db8::/48\n"
+    );
+    fails(
+        &["block", "remove", "203.0.113.0/24"],
+        "error: 203.0.113.0/24 is not on the blocklist (`lb-control block list`)",
+    );
+    fails(&["block", "add", "203.0.113.0/33"], "is not an IP prefix");
+    fails(
+        &["block", "list", "--admin", "http://127.0.0.1:9"],
+        "is lb-control running? (admin API at http://127.0.0.1:9)",
+    );
+    assert!(kernel_blocklist(&pin_dir).entries.is_empty());
 }

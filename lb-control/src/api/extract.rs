@@ -1,5 +1,5 @@
 //! Request extractors whose rejections are API errors naming the field at fault: a JSON body,
-//! a query string and a numeric id in the path.
+//! a query string, and a numeric id or a source prefix in the path.
 //!
 //! axum's own extractors answer in plain text and say where a value went wrong only inside
 //! their message; these keep the path serde reports (`weight`, `rate_limit.rps`) as the error's
@@ -10,6 +10,7 @@ use axum::{
     extract::{FromRequest, FromRequestParts, Path, Request},
     http::request::Parts,
 };
+use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use utoipa::{
     IntoParams,
@@ -19,7 +20,7 @@ use utoipa::{
     },
 };
 
-use super::error::ApiError;
+use super::{error::ApiError, model::parse_prefix};
 
 /// A JSON request body. The content type is not checked: the bearer token already rules out
 /// the cross-site requests that check is for.
@@ -89,6 +90,44 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
         raw.parse().map(Id).map_err(|_| {
             ApiError::invalid_field("id", format!("\"{raw}\" is not an id: ids are integers"))
         })
+    }
+}
+
+/// The `{prefix}` of a path: a source prefix, URL-encoded (`203.0.113.0%2F24`), or one address.
+pub struct PrefixParam(pub IpNet);
+
+/// Documents the `{prefix}` parameter: `params(PrefixParam)` in a path's annotation.
+impl IntoParams for PrefixParam {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("prefix")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some(
+                    "A source prefix with its `/` URL-encoded (`203.0.113.0%2F24`), or one \
+                     address",
+                ))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .examples(["203.0.113.0%2F24"]),
+                ))
+                .build(),
+        ]
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PrefixParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::invalid_field("prefix", rejection.body_text()))?;
+        parse_prefix(&raw)
+            .map(PrefixParam)
+            .map_err(|reason| ApiError::invalid_field("prefix", reason))
     }
 }
 

@@ -4,7 +4,7 @@
 //! router and its `#[utoipa::path]` to the OpenAPI document in one step: the document served at
 //! `/openapi.json` and the routes cannot disagree.
 //!
-//! - `/v1/…` (bearer token): services, backends, API keys, stats, health, events;
+//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events;
 //! - `/metrics`, `/healthz`, `/openapi.json`: no token.
 //!
 //! A change answers only after the backend set or the key registry returned, i.e. after the
@@ -16,6 +16,7 @@
 
 mod auth;
 mod backends;
+mod blocklist;
 mod error;
 mod extract;
 mod keys;
@@ -50,7 +51,9 @@ use self::{
     error::{ApiError, ApiResult},
     model::ErrorCode,
 };
-use crate::{backends::BackendSet, keys::ApiKeys, metrics::Metrics, store::Store};
+use crate::{
+    backends::BackendSet, dataplane::BlocklistHandle, keys::ApiKeys, metrics::Metrics, store::Store,
+};
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
 pub struct AdminContext {
@@ -61,6 +64,8 @@ pub struct AdminContext {
     /// The control plane's metrics, encoded at `/metrics`.
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// The kernel blocklist's owner.
+    pub blocklist: BlocklistHandle,
     /// The instance's pinned maps: the kernel counters.
     pub pin_dir: PathBuf,
     /// The bearer token of the `/v1` routes.
@@ -72,6 +77,7 @@ struct Shared {
     backends: Arc<BackendSet>,
     keys: Arc<ApiKeys>,
     store: Store,
+    blocklist: BlocklistHandle,
     registry: Arc<Registry>,
     /// Holds only the collector of the kernel counters.
     kernel_registry: Registry,
@@ -105,6 +111,7 @@ pub fn router(context: AdminContext) -> Router {
         backends: context.backends,
         keys: context.keys,
         store: context.store,
+        blocklist: context.blocklist,
         registry: context.registry,
         kernel_registry: metrics::kernel_registry(context.pin_dir.clone()),
         pin_dir: context.pin_dir,
@@ -135,6 +142,8 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limit))
+        .routes(routes!(blocklist::list, blocklist::add))
+        .routes(routes!(blocklist::remove))
         .routes(routes!(status::stats))
         .routes(routes!(status::health))
         .routes(routes!(status::events))
@@ -153,9 +162,10 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
 #[openapi(
     info(
         title = "lb-control admin API",
-        description = "Services, backends, API keys, counters, health and events of an \
-                       lb-control instance. Every /v1 route needs `Authorization: Bearer \
-                       <token>`. Errors are `{ \"error\": { \"code\", \"message\", \"field\" } }`."
+        description = "Services, backends, API keys, the source blocklist, counters, health \
+                       and events of an lb-control instance. Every /v1 route needs \
+                       `Authorization: Bearer <token>`. Errors are \
+                       `{ \"error\": { \"code\", \"message\", \"field\" } }`."
     ),
     modifiers(&BearerToken),
     security(("bearer" = [])),
@@ -163,6 +173,7 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         (name = "services", description = "L4 services: VIP, port, protocol"),
         (name = "backends", description = "The nodes behind each service"),
         (name = "keys", description = "API keys of the JSON-RPC gateway"),
+        (name = "blocklist", description = "Source prefixes dropped in XDP, with their expiry"),
         (name = "status", description = "Counters, health and the event log"),
         (name = "metrics", description = "Prometheus and liveness"),
     )

@@ -12,6 +12,7 @@ use std::{
     time::SystemTime,
 };
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use utoipa::{
     IntoParams, ToSchema,
@@ -20,7 +21,7 @@ use utoipa::{
 
 use crate::{
     backends::{BackendStatus, State},
-    dataplane::Stats,
+    dataplane::{BlockEntry, Stats},
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
@@ -354,6 +355,56 @@ pub struct KeyCreated {
     pub rate_limit: Option<RateLimit>,
     #[schema(value_type = String, format = DateTime)]
     pub created: Timestamp,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The blocklist.
+
+/// Body of `POST /v1/blocklist`: `{ "prefix": "203.0.113.0/24", "for": "10m" }`. Without `for`
+/// the prefix stays blocked until removed; blocking a blocked prefix again replaces its expiry.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewBlock {
+    /// A source prefix (`203.0.113.0/24`, `2001:db8::/48`) or one address (a /32 or /128);
+    /// host bits are dropped.
+    #[schema(example = "203.0.113.0/24")]
+    pub prefix: String,
+    /// How long: `90s`, `10m`, `1h`, `7d`, `1h 30m`.
+    #[serde(rename = "for", default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10m")]
+    pub duration: Option<String>,
+}
+
+/// A blocked source prefix: its packets are dropped in XDP before any other work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BlockInfo {
+    #[schema(value_type = String, example = "203.0.113.0/24")]
+    pub prefix: IpNet,
+    /// When the entry expires (to the second); null: blocked until removed.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires: Option<Timestamp>,
+}
+
+impl From<BlockEntry> for BlockInfo {
+    fn from(entry: BlockEntry) -> Self {
+        BlockInfo {
+            prefix: entry.prefix,
+            expires: entry.expires.map(Timestamp),
+        }
+    }
+}
+
+/// A prefix in CIDR notation, or a single address; the error says what to write instead. The
+/// API and the CLI read prefixes with it.
+pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!(
+                "\"{text}\" is not an IP prefix: write e.g. 203.0.113.0/24, 2001:db8::/48 or an \
+                 address"
+            )
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

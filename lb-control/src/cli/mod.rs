@@ -1,5 +1,6 @@
 //! The subcommands that drive a running instance through its admin API: status, services,
-//! backends, API keys, health, events. Each prints a table, or the API's JSON with `--json`.
+//! backends, API keys, the blocklist, health, events. Each prints a table, or the API's JSON
+//! with `--json`.
 
 mod table;
 
@@ -8,11 +9,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use lb_control::{
-    admin_client::{AdminClient, admin_url},
+    admin_client::{AdminClient, ClientError, admin_url},
     api::ADMIN_TOKEN_ENV,
     api::model::{
-        BackendInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewKey, NewService,
-        ServiceInfo,
+        BackendInfo, BlockInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewBlock,
+        NewKey, NewService, ServiceInfo, parse_prefix,
     },
     config::Config,
     model::{
@@ -61,6 +62,13 @@ pub enum AdminCommand {
         api: ApiArgs,
         #[command(subcommand)]
         action: KeyAction,
+    },
+    /// Manage the source blocklist of an instance (dropped in XDP before any other work).
+    Block {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: BlockAction,
     },
     /// The cluster's best block and every node's health.
     Health(ApiArgs),
@@ -163,6 +171,22 @@ pub enum KeyAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum BlockAction {
+    /// Block a source prefix, e.g. 203.0.113.0/24 or 2001:db8::/48 (an address alone is /32 or
+    /// /128).
+    Add {
+        prefix: String,
+        /// How long, e.g. 10m or 1h; without it the block stays until removed.
+        #[arg(long = "for")]
+        duration: Option<humantime::Duration>,
+    },
+    /// Unblock exactly this prefix.
+    Remove { prefix: String },
+    /// List blocked prefixes and their expiry.
+    List,
+}
+
 pub fn run(command: AdminCommand) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -217,6 +241,7 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Backend { api, action } => backend(&api, action).await?,
         AdminCommand::Key { api, action } => key(&api, action).await?,
+        AdminCommand::Block { api, action } => block(&api, action).await?,
         AdminCommand::Health(api) => {
             let health = client(&api)?.health().await?;
             show(&api, &health, |health| {
@@ -340,6 +365,39 @@ async fn key(api: &ApiArgs, action: KeyAction) -> anyhow::Result<()> {
                 );
             })?;
         }
+    }
+    Ok(())
+}
+
+async fn block(api: &ApiArgs, action: BlockAction) -> anyhow::Result<()> {
+    let client = client(api)?;
+    match action {
+        BlockAction::Add { prefix, duration } => {
+            let prefix = parse_prefix(&prefix).map_err(anyhow::Error::msg)?;
+            let new = NewBlock {
+                prefix: prefix.to_string(),
+                duration: duration.map(|duration| duration.to_string()),
+            };
+            show(api, &client.block(&new).await?, |entry| match duration {
+                Some(duration) => println!("blocked {} for {duration}", entry.prefix),
+                None => println!("blocked {} until removed", entry.prefix),
+            })?;
+        }
+        BlockAction::Remove { prefix } => {
+            let prefix = parse_prefix(&prefix).map_err(anyhow::Error::msg)?;
+            match client.unblock(prefix).await {
+                Ok(entry) => show(api, &entry, |entry| println!("unblocked {}", entry.prefix))?,
+                Err(ClientError::Api { status, .. })
+                    if status == reqwest::StatusCode::NOT_FOUND =>
+                {
+                    anyhow::bail!("{prefix} is not on the blocklist (`lb-control block list`)")
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        BlockAction::List => show(api, &client.blocklist().await?, |entries| {
+            print_blocklist(entries)
+        })?,
     }
     Ok(())
 }
@@ -521,6 +579,21 @@ fn print_events(events: &[EventInfo]) {
         ]);
     }
     table.print();
+}
+
+fn print_blocklist(entries: &[BlockInfo]) {
+    if entries.is_empty() {
+        println!("the blocklist is empty");
+        return;
+    }
+    println!("{:<44} EXPIRES", "PREFIX");
+    for entry in entries {
+        let expires = entry.expires.map_or_else(
+            || "never".to_owned(),
+            |expires| humantime::format_rfc3339_seconds(expires.0).to_string(),
+        );
+        println!("{:<44} {expires}", entry.prefix.to_string());
+    }
 }
 
 /// `up`, or `up (fallback)` for a backend kept in rotation only because its whole service is

@@ -1,11 +1,16 @@
 //! The source blocklist: prefixes the XDP program drops before any other work. Entries carry
 //! their expiry (Unix seconds, 0 for never) as the trie value; userspace removes expired ones.
 //!
-//! It works on the pinned maps, so the daemon and the CLI share it.
+//! [`Blocklist`] works on the pinned maps. In a running daemon it has one owner,
+//! [`BlocklistHandle`]: the gateway's auth-failure blocks, the admin API (and through it
+//! `lb-control block`) and the expiry of old entries all go through it, so the version's
+//! read-modify-write has one writer. Tests and harnesses without a daemon open [`Blocklist`]
+//! themselves.
 
 use std::{
     net::IpAddr,
     path::Path,
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -18,8 +23,16 @@ use lb_common::{
     map_names,
     maps::{BLOCKLIST_VERSION, BlockV4, BlockV6},
 };
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::warn;
 
 use super::{DataplaneError, map_error, open_pinned};
+
+/// The latest expiry an entry can have: the trie stores Unix seconds in a `u32` (early 2106).
+pub fn latest_block_expiry() -> SystemTime {
+    // One second short: stored expiries are rounded up.
+    UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX - 1))
+}
 
 /// A blocked prefix and when it stops being blocked (`None`: never).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +61,7 @@ impl Blocklist {
     /// Stores a new version after a change of the tries (after it: a packet that reads the new
     /// version sees the change): 0 when they are empty.
     fn update_version(&mut self) -> Result<(), DataplaneError> {
-        let version = if self.list()?.is_empty() {
+        let version = if self.is_empty()? {
             0
         } else {
             let current = self
@@ -62,13 +75,36 @@ impl Blocklist {
             .map_err(map_error(map_names::BLOCKLIST_ENTRIES))
     }
 
+    /// Whether both tries are empty: one key lookup each, however many entries there are.
+    pub fn is_empty(&self) -> Result<bool, DataplaneError> {
+        let v4 = self.v4.keys().next().transpose();
+        let v6 = self.v6.keys().next().transpose();
+        Ok(v4.map_err(map_error(map_names::BLOCKLIST_V4))?.is_none()
+            && v6.map_err(map_error(map_names::BLOCKLIST_V6))?.is_none())
+    }
+
+    /// How many prefixes are blocked (a walk of the tries' keys).
+    pub fn len(&self) -> Result<usize, DataplaneError> {
+        let mut count = 0;
+        for key in self.v4.keys() {
+            key.map_err(map_error(map_names::BLOCKLIST_V4))?;
+            count += 1;
+        }
+        for key in self.v6.keys() {
+            key.map_err(map_error(map_names::BLOCKLIST_V6))?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Blocks `prefix` until `expires` (forever with `None`); blocking it again replaces the
-    /// expiry.
+    /// expiry. Returns the entry as stored: the prefix without host bits, the expiry rounded up
+    /// to a second.
     pub fn block(
         &mut self,
         prefix: IpNet,
         expires: Option<SystemTime>,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<BlockEntry, DataplaneError> {
         let value = expires.map_or(0, unix_seconds);
         let prefix = prefix.trunc();
         match prefix.addr() {
@@ -89,30 +125,42 @@ impl Blocklist {
                 )
                 .map_err(map_error(map_names::BLOCKLIST_V6))?,
         }
-        self.update_version()
+        self.update_version()?;
+        Ok(block_entry(
+            prefix.addr(),
+            prefix.prefix_len().into(),
+            value,
+        ))
     }
 
     /// Unblocks exactly `prefix`; returns whether it was blocked.
     pub fn unblock(&mut self, prefix: IpNet) -> Result<bool, DataplaneError> {
+        let removed = self.remove(prefix)?;
+        if removed {
+            self.update_version()?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes exactly `prefix` from its trie, leaving the version alone.
+    fn remove(&mut self, prefix: IpNet) -> Result<bool, DataplaneError> {
         let prefix = prefix.trunc();
-        let result = match prefix.addr() {
-            IpAddr::V4(addr) => self
-                .v4
-                .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
-            IpAddr::V6(addr) => self
-                .v6
-                .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
+        let (name, result) = match prefix.addr() {
+            IpAddr::V4(addr) => (
+                map_names::BLOCKLIST_V4,
+                self.v4
+                    .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
+            ),
+            IpAddr::V6(addr) => (
+                map_names::BLOCKLIST_V6,
+                self.v6
+                    .remove(&Key::new(prefix.prefix_len().into(), addr.octets())),
+            ),
         };
         match result {
-            Ok(()) => {
-                self.update_version()?;
-                Ok(true)
-            }
+            Ok(()) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
-            Err(source) => Err(DataplaneError::Map {
-                name: map_names::BLOCKLIST_V4,
-                source,
-            }),
+            Err(source) => Err(DataplaneError::Map { name, source }),
         }
     }
 
@@ -138,7 +186,8 @@ impl Blocklist {
         Ok(entries)
     }
 
-    /// Removes the entries whose expiry has passed at `now`; returns them.
+    /// Removes the entries whose expiry has passed at `now` (one new version for all of them);
+    /// returns them.
     pub fn expire(&mut self, now: SystemTime) -> Result<Vec<IpNet>, DataplaneError> {
         let expired: Vec<IpNet> = self
             .list()?
@@ -146,16 +195,136 @@ impl Blocklist {
             .filter(|entry| entry.expires.is_some_and(|expires| expires <= now))
             .map(|entry| entry.prefix)
             .collect();
+        let mut removed = false;
         for prefix in &expired {
-            self.unblock(*prefix)?;
+            removed |= self.remove(*prefix)?;
+        }
+        if removed {
+            self.update_version()?;
         }
         Ok(expired)
     }
 }
 
-/// A blocklist version after `current`: nonzero, different from it, and unlikely to be the one
-/// another process (the daemon and the CLI both change the blocklist) writes at the same time,
-/// or any recent one: a flow that recorded it would skip the tries once too often.
+/// The one owner of a running daemon's kernel blocklist; clones share it. The gateway's
+/// auth-failure blocks, the admin API and the expiry sweep all write through it.
+///
+/// A mutex, not a task fed by a channel: every caller is async and awaits the outcome (the admin
+/// API answers after the kernel write, the gateway's applier logs it), changes are rare (operator
+/// actions, a key guesser now and then, the expiry sweep once a second), and a mutex serializes
+/// the version's read-modify-write as an owning task would, without a command type and reply
+/// channels. The kernel calls run on the blocking pool (a listing walks both tries), never on an
+/// async worker.
+#[derive(Clone)]
+pub struct BlocklistHandle {
+    owned: Arc<Owned>,
+}
+
+struct Owned {
+    blocklist: Mutex<Blocklist>,
+    /// How many prefixes are blocked (`lb_blocklist_entries`), recounted after each change.
+    entries: Gauge,
+}
+
+impl BlocklistHandle {
+    /// Opens the instance's pinned blocklist; `entries` is set to its size now and after every
+    /// change.
+    pub fn open(pin_dir: &Path, entries: Gauge) -> Result<Self, DataplaneError> {
+        let blocklist = Blocklist::open(pin_dir)?;
+        recount(&blocklist, &entries);
+        Ok(BlocklistHandle {
+            owned: Arc::new(Owned {
+                blocklist: Mutex::new(blocklist),
+                entries,
+            }),
+        })
+    }
+
+    /// Blocks `prefix` until `expires` (forever with `None`), replacing the expiry of a prefix
+    /// blocked already; returns the entry as stored.
+    pub async fn block(
+        &self,
+        prefix: IpNet,
+        expires: Option<SystemTime>,
+    ) -> Result<BlockEntry, DataplaneError> {
+        self.with(move |blocklist, entries| {
+            let entry = blocklist.block(prefix, expires)?;
+            recount(blocklist, entries);
+            Ok(entry)
+        })
+        .await
+    }
+
+    /// Unblocks exactly `prefix` (host bits ignored): the entry as it was, None when it was not
+    /// blocked.
+    pub async fn unblock(&self, prefix: IpNet) -> Result<Option<BlockEntry>, DataplaneError> {
+        self.with(move |blocklist, entries| {
+            let prefix = prefix.trunc();
+            let Some(entry) = blocklist
+                .list()?
+                .into_iter()
+                .find(|entry| entry.prefix == prefix)
+            else {
+                return Ok(None);
+            };
+            blocklist.unblock(prefix)?;
+            recount(blocklist, entries);
+            Ok(Some(entry))
+        })
+        .await
+    }
+
+    /// Every blocked prefix with its expiry, in prefix order.
+    pub async fn list(&self) -> Result<Vec<BlockEntry>, DataplaneError> {
+        self.with(|blocklist, _| blocklist.list()).await
+    }
+
+    /// Removes the entries whose expiry has passed at `now`; returns them.
+    pub async fn expire(&self, now: SystemTime) -> Result<Vec<IpNet>, DataplaneError> {
+        self.with(move |blocklist, entries| {
+            let expired = blocklist.expire(now)?;
+            if !expired.is_empty() {
+                recount(blocklist, entries);
+            }
+            Ok(expired)
+        })
+        .await
+    }
+
+    /// Runs `call` on the blocklist, alone, on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut Blocklist, &Gauge) -> Result<T, DataplaneError> + Send + 'static,
+    ) -> Result<T, DataplaneError> {
+        let owned = self.owned.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut blocklist = owned
+                .blocklist
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            call(&mut blocklist, &owned.entries)
+        })
+        .await
+        .map_err(|source| DataplaneError::BlocklistCall { source })?
+    }
+}
+
+/// Sets the entries gauge to the blocklist's size; a failed count leaves it (the change it
+/// follows succeeded).
+fn recount(blocklist: &Blocklist, entries: &Gauge) {
+    match blocklist.len() {
+        Ok(count) => {
+            entries.set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        Err(error) => warn!("counting the blocklist's entries for lb_blocklist_entries: {error}"),
+    }
+}
+
+/// A blocklist version after `current`: nonzero, different from it, and unlikely to be any
+/// recent one (the version goes back to 0 whenever the blocklist empties, and restarts from
+/// there): a flow that recorded it would skip the tries once too often. Writers outside the
+/// daemon (a test harness, an older CLI) may write at the same time, hence the time and process
+/// id in the mix.
 fn next_version(current: u32) -> u32 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -112,6 +112,11 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("the blocklist's kernel call did not finish: {source}")]
+    BlocklistCall {
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("map {name}: batch read or delete: {source}")]
     MapBatch {
         name: &'static str,

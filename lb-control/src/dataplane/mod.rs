@@ -37,7 +37,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 pub use self::{
-    blocklist::{BlockEntry, Blocklist},
+    blocklist::{BlockEntry, Blocklist, BlocklistHandle, latest_block_expiry},
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     services::{

@@ -3,7 +3,8 @@
 //! XDP before it costs a TLS handshake.
 //!
 //! Failures are counted per address in fixed windows of `within`; the `after`-th failure in a
-//! window asks the daemon, which owns the blocklist, to block the address for `block_for`.
+//! window sends a [`BlockRequest`] (the serving threads never wait on the kernel), which
+//! [`apply_requests`] carries out through the blocklist's owner, for `block_for`.
 
 use std::{
     collections::HashMap,
@@ -12,9 +13,12 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use ipnet::IpNet;
 use tokio::sync::mpsc;
+use tracing::{error, warn};
 
 use super::AuthFailureBlock;
+use crate::dataplane::BlocklistHandle;
 
 /// Beyond this many tracked addresses, windows that ended are dropped.
 const MAX_TRACKED: usize = 100_000;
@@ -72,12 +76,33 @@ impl FailureTracker {
             return false;
         }
         windows.remove(&address);
-        // The daemon may be gone at shutdown: nothing left to block then.
+        // The applier may be gone at shutdown: nothing left to block then.
         let _ = self.blocks.send(BlockRequest {
             address,
             until: SystemTime::now() + self.policy.block_for,
         });
         true
+    }
+}
+
+/// Puts each requested address on the kernel blocklist through its owner, until every sender
+/// is gone.
+pub async fn apply_requests(
+    mut requests: mpsc::UnboundedReceiver<BlockRequest>,
+    blocklist: BlocklistHandle,
+) {
+    while let Some(request) = requests.recv().await {
+        let prefix = IpNet::from(request.address);
+        match blocklist.block(prefix, Some(request.until)).await {
+            Ok(_) => warn!(
+                %prefix,
+                until = %humantime::format_rfc3339_seconds(request.until),
+                "blocked after repeated gateway auth failures"
+            ),
+            Err(error) => {
+                error!("blocking {prefix} after repeated gateway auth failures: {error}")
+            }
+        }
     }
 }
 

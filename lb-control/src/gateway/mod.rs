@@ -113,7 +113,7 @@ pub struct GatewayContext {
     pub metrics: Arc<GatewayMetrics>,
     /// Entries of the Maglev table (the data plane's size).
     pub maglev_table_size: u32,
-    /// Where block requests go (the daemon's blocklist), when
+    /// Where block requests go ([`block::apply_requests`] carries them out), when
     /// `[gateway.auth_failures_block]` is set.
     pub blocks: mpsc::UnboundedSender<BlockRequest>,
 }
