@@ -5,7 +5,10 @@ use lb_common::{
     maps::{BLOCKLIST_VERSION, LbConfig, NatKey, Service, ServiceKey, VipKey},
 };
 
-use crate::{BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, Scratch, VIPS};
+use crate::{
+    maps::{BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, VIPS},
+    types::Scratch,
+};
 
 /// The blocklist's version: 0 while it is empty (see `BLOCKLIST_VERSION`).
 #[inline(always)]

@@ -1,5 +1,6 @@
-//! The XDP program. This file holds the maps and the entry point; each pipeline step lives in
-//! its own module and returns a verdict or lets the packet continue.
+//! The XDP program. This file holds the entry point; the maps are in `maps`, the types the
+//! steps share in `types`, and each pipeline step lives in its own module and returns a verdict
+//! or lets the packet continue. No module depends on one that depends on it back.
 //!
 //! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, whose
 //! copy carries backend, mode and route; else `FLOWS`, its service checked by id)
@@ -35,157 +36,23 @@ mod flow;
 mod flow_cache;
 mod forward;
 mod lookup;
+mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod types;
 
-use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
-    macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use aya_log_ebpf::debug;
 use lb_common::{
-    flow::FlowKey,
-    maps::{
-        Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason,
-        FLOW_CACHE_SLOTS_PER_CPU, Flow, LbConfig, MAX_BACKENDS, MAX_SERVICES, MODE_DSR, NatKey,
-        NatValue, Service, ServiceKey, ServiceSlot, ServiceStats, VipKey,
-    },
-    stats::{Counters, ProtoSlot},
+    maps::{DropReason, LbConfig, MODE_DSR},
+    stats::ProtoSlot,
 };
 
-use crate::stats::{NO_SERVICE, Verdict};
-
-/// Packets and bytes per protocol, indexed by `ProtoSlot`. Every map is pinned by name, so a
-/// restarted lb-control finds the same flows, tables and counters.
-#[map]
-static PROTO_STATS: PerCpuArray<Counters> = PerCpuArray::pinned(ProtoSlot::COUNT, 0);
-
-/// Program-wide settings (NAT source addresses, port range, Maglev size), one entry.
-#[map]
-static CONFIG: Array<LbConfig> = Array::pinned(1, 0);
-
-/// Services by (VIP, port, protocol).
-#[map]
-static SERVICES: HashMap<ServiceKey, Service> = HashMap::pinned(MAX_SERVICES, 0);
-
-/// Services by id: what the established-flow path checks a tracked flow's service against.
-#[map]
-static SERVICES_BY_ID: Array<ServiceSlot> = Array::pinned(MAX_SERVICES, 0);
-
-/// Addresses that carry at least one service, for fragments that have no port to match.
-#[map]
-static VIPS: HashMap<VipKey, u32> = HashMap::pinned(MAX_SERVICES, 0);
-
-/// Backends by id.
-#[map]
-static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
-
-/// Maglev tables: two per service (live and being written), each `LbConfig::maglev_size`
-/// backend ids, at `(service_id * 2 + half) * maglev_size`. Userspace sizes it at load time.
-#[map]
-static MAGLEV: Array<u32> = Array::pinned(1, 0);
-
-/// Connection tracking: client 5-tuple → backend (and NAT port).
-///
-/// One LRU list for all CPUs. Per-CPU lists (`BPF_F_NO_COMMON_LRU`) were measured slower here: on
-/// this kernel each insert into them rotates the CPU's lists, which cost a new flow more
-/// (`bench xdp`: 1.06-1.67 us against 0.95-1.12 us) than the shared list's lock saves.
-#[map]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(DEFAULT_MAX_FLOWS, 0);
-
-/// Recently used flows, `FLOW_CACHE_SLOTS_PER_CPU` slots for each CPU (CPU c's from
-/// c * FLOW_CACHE_SLOTS_PER_CPU), by a hash of their key: what an established flow's packets
-/// look up first (see `flow_cache`). Userspace sizes it for the host's possible CPUs.
-///
-/// A plain array rather than a per-CPU one: a slot is then one offset from the map's start,
-/// where a per-CPU array first loads the slot's per-CPU pointer (a second cache miss, in a
-/// table of 8192). Mmapable, so its values start on a page boundary and each 128-byte slot
-/// fills two cache lines. Not pinned: a new program starts with it empty.
-#[map]
-static FLOW_CACHE: Array<flow_cache::CachedFlow> =
-    Array::with_max_entries(FLOW_CACHE_SLOTS_PER_CPU, BPF_F_MMAPABLE);
-
-/// One counter userspace bumps after it deletes flows from `FLOWS`: cached copies of flows
-/// filled under an older value are void.
-#[map]
-static FLOW_CACHE_EPOCH: Array<u64> = Array::pinned(1, 0);
-
-/// NAT replies: (backend, NAT port) → the client's 5-tuple. Twice the flows, so a live flow's
-/// reverse entry is not evicted before its forward entry.
-#[map]
-static NAT_REVERSE: LruHashMap<NatKey, NatValue> = LruHashMap::pinned(2 * DEFAULT_MAX_FLOWS, 0);
-
-/// Per-service counters, by service id.
-#[map]
-static SERVICE_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
-
-/// Per-backend counters, by backend id.
-#[map]
-static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
-
-/// Drops that belong to no service (blocked sources, fragments), by `DropReason`.
-#[map]
-static DROP_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT as u32, 0);
-
-/// Routes to backends as the FIB last gave them, by backend id, per CPU: established flows skip
-/// the FIB lookup for up to a second.
-#[map]
-static ROUTES: PerCpuArray<forward::CachedRoute> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
-
-/// Routes to clients (NAT replies) as the FIB last gave them, per CPU, in slots by a hash of
-/// the client's address: replies skip the FIB lookup for up to a second too.
-#[map]
-static CLIENT_ROUTES: PerCpuArray<forward::CachedRoute> =
-    PerCpuArray::with_max_entries(forward::CLIENT_ROUTE_SLOTS, 0);
-
-/// Scratch space for the packet being handled: one per CPU. It holds the parsed packet and
-/// every structure of bytes the program builds, so they take no room in the 512-byte stack
-/// and are never on it: the program is built allowing misaligned loads and stores (one load
-/// for an address in a packet, not one per byte), which the verifier accepts in packets and map
-/// values but not on the stack.
-#[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// Blocked IPv4 source prefixes; userspace expires them.
-#[map]
-static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
-
-/// Blocked IPv6 source prefixes; userspace expires them.
-#[map]
-static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
-
-/// The blocklist's version (`BLOCKLIST_VERSION`; userspace keeps it current): while it is
-/// zero the trie lookups, the costliest step of an unblocked packet, are skipped, and a tracked
-/// flow checks its source once per version.
-#[map]
-static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
-
-/// The per-CPU scratch area (see `SCRATCH`).
-#[repr(C, align(8))]
-pub struct Scratch {
-    pub ip: parse::IpPacket,
-    /// The blocklist version read for this packet (a new flow records it).
-    pub blocklist_version: u32,
-    pub selected: flow::Selected,
-    /// A new flow's entry while it is built.
-    pub flow: Flow,
-    /// The flow whose NAT port a new flow took over (family 0: none).
-    pub taken_over: FlowKey,
-    pub hop: forward::NextHop,
-    pub route: forward::CachedRoute,
-    pub fib: forward::FibParams,
-    pub service_key: ServiceKey,
-    pub vip_key: VipKey,
-    pub nat_key: NatKey,
-    pub block_v4: Key<BlockV4>,
-    pub block_v6: Key<BlockV6>,
-    /// DSR's outer headers while they are built.
-    pub outer_v4: [u8; dsr::IPV4_HEADER_LEN],
-    pub outer_v6: [u8; dsr::IPV6_HEADER_LEN],
-}
+use crate::{
+    maps::{CONFIG, SCRATCH},
+    types::{NO_SERVICE, Scratch, Verdict},
+};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
