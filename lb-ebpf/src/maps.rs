@@ -121,8 +121,8 @@ pub static BLOCKLIST_V4: LpmTrie<BlockV4, u32> = LpmTrie::pinned(65_536, BPF_F_N
 #[map]
 pub static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_NO_PREALLOC);
 
-/// The blocklist's version (`BLOCKLIST_VERSION`; userspace keeps it current): while it is
-/// zero the trie lookups, the costliest step of an unblocked packet, are skipped, and a tracked
-/// flow checks its source once per version.
+/// The blocklist's version, one entry (userspace keeps it current): while it is zero the trie
+/// lookups, the costliest step of an unblocked packet, are skipped, and a tracked flow checks
+/// its source once per version.
 #[map]
-pub static BLOCKLIST_ENTRIES: Array<u32> = Array::pinned(1, 0);
+pub static BLOCKLIST_VERSION: Array<u32> = Array::pinned(1, 0);
