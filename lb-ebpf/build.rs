@@ -11,7 +11,7 @@ use which::which;
 /// (BPF_PROG_TEST_RUN: established NAT flow 334 -> 280 ns, passed packet 113 -> 91 ns).
 /// `+allows-misaligned-mem-access` (LLVM 22): packet fields, which sit at any offset, are read
 /// and written a word at a time instead of byte by byte. The verifier rejects misaligned stack
-/// accesses, so byte structures live in the per-CPU scratch map (see `SCRATCH` in main.rs).
+/// accesses, so byte structures live in the per-CPU scratch map (see `SCRATCH` in maps.rs).
 /// (rustc passes `--cpu generic` itself, so `--cpu v3` here is a duplicate argument bpf-linker
 /// rejects; `+alu32` alone made most LB fixtures fail, packets dropped and counted nowhere, and
 /// is left off.)

@@ -29,7 +29,11 @@ pub mod map_names {
     pub const DROP_STATS: &str = "DROP_STATS";
     pub const BLOCKLIST_V4: &str = "BLOCKLIST_V4";
     pub const BLOCKLIST_V6: &str = "BLOCKLIST_V6";
-    pub const BLOCKLIST_ENTRIES: &str = "BLOCKLIST_ENTRIES";
+    /// The blocklist's version, its one entry: 0 while the blocklist is empty, otherwise a value
+    /// that changes with every change of it (userspace writes it after changing the tries). The
+    /// program skips the tries while it is 0, and for a tracked flow whose source was found
+    /// unblocked under the current version.
+    pub const BLOCKLIST_VERSION: &str = "BLOCKLIST_VERSION";
 }
 
 /// Names of the XDP programs.

@@ -117,7 +117,7 @@ pub struct Flow {
     /// The id of the service the flow was opened for (see `ServiceSlot`).
     pub service_id: u8,
     pub flags: u8,
-    /// The blocklist version (see `BLOCKLIST_VERSION`) the flow's source was last found
+    /// The blocklist version (see `map_names::BLOCKLIST_VERSION`) the flow's source was last found
     /// unblocked under: while it is current, the flow's packets skip the blocklist tries.
     pub blocklist_version: u32,
     /// `bpf_ktime_get_ns()` of the flow's first packet, then of its last packet once it is
@@ -259,12 +259,6 @@ pub struct BackendStats {
 }
 
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
-
-/// Index of the one entry of `BLOCKLIST_ENTRIES`: the blocklist's version, 0 while it is empty
-/// and otherwise a value that changes with every change of it (userspace writes it after
-/// changing the tries). The program skips the tries while it is 0, and for a tracked flow whose
-/// source was found unblocked under the current version.
-pub const BLOCKLIST_VERSION: u32 = 0;
 
 /// Key of the IPv4 source blocklist (an LPM trie: the prefix length lives in the trie key).
 pub type BlockV4 = [u8; 4];

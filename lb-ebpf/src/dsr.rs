@@ -13,15 +13,12 @@ use lb_common::{
 };
 
 use crate::{
-    Scratch,
     csum::ChecksumDelta,
-    forward::{self, CopiedEgress, NextHop},
-    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IpPacket, ptr_at},
-    stats::Verdict,
+    forward,
+    parse::{IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HEADER_LEN, IPV6_HEADER_LEN, IpPacket, ptr_at},
+    types::{CopiedEgress, NextHop, Scratch, Verdict},
 };
 
-pub const IPV4_HEADER_LEN: usize = 20;
-pub const IPV6_HEADER_LEN: usize = 40;
 const ETH_HEADER_LEN: usize = 14;
 const OUTER_TTL: u8 = 64;
 

@@ -11,33 +11,14 @@ use lb_common::{
 };
 
 use crate::{
-    BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID, Scratch, flow_cache,
-    forward::CopiedEgress,
-    lookup,
+    flow_cache, lookup,
+    maps::{BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SCRATCH, SERVICES_BY_ID},
     parse::{IPPROTO_TCP, IpPacket, TCP_FIN, TCP_RST},
-    stats::{NO_SERVICE, Verdict},
+    types::{CopiedEgress, NO_SERVICE, Scratch, Selected, Verdict},
 };
 
 /// NAT source ports tried for a new flow before giving up.
 const NAT_PORT_PROBES: u32 = 8;
-
-/// The backend a packet goes to.
-///
-/// Non-inlined functions fill one in through `&mut` rather than return it in an `Option` or
-/// `Result`: the compiler would put the enum's tag inside the struct's padding, and the kernel
-/// rejects BTF that describes such a layout.
-#[derive(Default)]
-#[repr(C, align(8))]
-pub struct Selected {
-    pub service_id: u32,
-    pub backend_id: u32,
-    pub backend: Backend,
-    /// NAT mode: the LB's source port towards the backend (network byte order).
-    pub nat_port_be: u16,
-    /// The flow hash: DSR derives its outer source address from it.
-    pub hash: u32,
-    pub is_new: bool,
-}
 
 impl Selected {
     /// A tracked flow's backend.

@@ -28,9 +28,9 @@ use lb_common::{
 };
 
 use crate::{
-    FLOW_CACHE, FLOW_CACHE_EPOCH, FLOWS,
-    forward::Egress,
+    maps::{FLOW_CACHE, FLOW_CACHE_EPOCH, FLOWS},
     parse::{IpPacket, TCP_FIN, TCP_RST, TCP_SYN},
+    types::{CachedFlow, Egress},
 };
 
 /// How long, in clock ticks (jiffies), a cached flow is used before `FLOWS` is asked again:
@@ -40,24 +40,6 @@ pub const FLOW_CACHE_TICKS: u64 = 25;
 /// CPUs whose slots [`forget_everywhere`] clears, at most (the map ends after the last
 /// possible CPU, which ends the walk sooner).
 const MAX_CPUS: u32 = 256;
-
-/// A flow as `FLOWS` held it when the slot was filled.
-#[repr(C, align(8))]
-pub struct CachedFlow {
-    /// An empty or forgotten slot has family 0, which no packet's key has.
-    key: FlowKey,
-    flow: Flow,
-    /// The flow's backend and its service's mode (see the module's notes).
-    pub backend: Backend,
-    pub mode: u32,
-    egress: Egress,
-    /// `FLOW_CACHE_EPOCH` as read before `FLOWS` was.
-    epoch: u64,
-    filled_jiffies: u64,
-}
-
-// Two cache lines (`FLOW_CACHE`'s values start on a page boundary).
-const _: () = assert!(core::mem::size_of::<CachedFlow>() == 128);
 
 /// Where a packet's flow was found: the slot it belongs in, and whether the slot held it.
 pub struct Lookup {

@@ -11,31 +11,14 @@ use aya_ebpf::{
 use lb_common::{flow::FAMILY_IPV4, maps::DropReason};
 
 use crate::{
-    CLIENT_ROUTES, ROUTES, Scratch, flow_cache::FLOW_CACHE_TICKS, parse::ptr_at, stats::Verdict,
+    flow_cache::FLOW_CACHE_TICKS,
+    maps::{CLIENT_ROUTE_SLOTS, CLIENT_ROUTES, ROUTES},
+    parse::ptr_at,
+    types::{CLIENT, CopiedEgress, Egress, Scratch, Verdict},
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-
-/// Where a rewritten packet goes: its outermost IP header's fields that the FIB lookup needs.
-#[repr(C, align(8))]
-pub struct NextHop {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// The backend id whose route is cached in `ROUTES`, or `CLIENT` (replies to clients,
-    /// cached in `CLIENT_ROUTES`).
-    pub cache_slot: u32,
-    pub ip_len: u16,
-    pub family: u8,
-    pub proto: u8,
-}
-
-/// `NextHop::cache_slot` of a reply to a client: its route is cached in `CLIENT_ROUTES`.
-pub const CLIENT: u32 = u32::MAX;
-
-/// Entries of `CLIENT_ROUTES` (a power of two): routes to this many clients per CPU stay
-/// cached, fewer where their addresses collide.
-pub const CLIENT_ROUTE_SLOTS: u32 = 4096;
 
 /// How long, in clock ticks (jiffies), a cached route to a backend or client is used before the FIB is
 /// asked again, so route and neighbour changes take effect within this time: at most a second,
@@ -45,44 +28,6 @@ pub const CLIENT_ROUTE_SLOTS: u32 = 4096;
 /// established flow's time. A flow-cache copy takes its route from here while the route has
 /// at least a copy's life left, so a copied route is no older than this either.
 const ROUTE_CACHE_TICKS: u64 = 100;
-
-/// A route as the FIB last gave it, per CPU (so no CPU ever reads a half-written entry).
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
-pub struct CachedRoute {
-    /// The destination the entry is for: a backend id reused for another address, or another
-    /// client in the same slot, misses.
-    dst: [u8; 16],
-    /// The source the FIB was asked for (routes may depend on it): a client's entry is used
-    /// for replies from the same VIP only.
-    src: [u8; 16],
-    refreshed_jiffies: u64,
-    egress: Egress,
-}
-
-/// How a frame leaves towards its next hop: the device and the Ethernet addresses.
-#[derive(Clone, Copy)]
-#[repr(C)]
-pub struct Egress {
-    /// Destination then source MAC, as they go into the Ethernet header.
-    macs: [u8; 12],
-    /// 0 in a flow-cache copy that holds no route.
-    ifindex: u32,
-}
-
-impl Egress {
-    pub const NONE: Egress = Egress {
-        macs: [0; 12],
-        ifindex: 0,
-    };
-}
-
-/// The route to the backend in the packet's flow-cache copy (see `flow_cache`), when the packet
-/// has one: used when it holds a route, given one when it does not.
-pub type CopiedEgress = Option<&'static mut Egress>;
-
-/// The FIB lookup's parameter block.
-pub type FibParams = FibLookup;
 
 /// Sends the (already rewritten) packet towards `scratch.hop.dst`: by the route in its
 /// flow-cache copy, else by the cached route when it is fresh, else by a FIB lookup that

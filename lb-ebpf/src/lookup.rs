@@ -2,17 +2,18 @@
 
 use lb_common::{
     flow::{FAMILY_IPV4, FlowKey},
-    maps::{BLOCKLIST_VERSION, LbConfig, NatKey, Service, ServiceKey, VipKey},
+    maps::{LbConfig, NatKey, Service, ServiceKey, VipKey},
 };
 
-use crate::{BLOCKLIST_ENTRIES, BLOCKLIST_V4, BLOCKLIST_V6, NAT_REVERSE, SERVICES, Scratch, VIPS};
+use crate::{
+    maps::{BLOCKLIST_V4, BLOCKLIST_V6, BLOCKLIST_VERSION, NAT_REVERSE, SERVICES, VIPS},
+    types::Scratch,
+};
 
 /// The blocklist's version: 0 while it is empty (see `BLOCKLIST_VERSION`).
 #[inline(always)]
 pub fn blocklist_version() -> u32 {
-    BLOCKLIST_ENTRIES
-        .get(BLOCKLIST_VERSION)
-        .map_or(0, |version| *version)
+    BLOCKLIST_VERSION.get(0).map_or(0, |version| *version)
 }
 
 /// Whether the packet's source is in the blocklist tries (look only while they hold any).

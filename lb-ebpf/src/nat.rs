@@ -8,16 +8,13 @@ use lb_common::{
 };
 
 use crate::{
-    Scratch,
     csum::ChecksumDelta,
-    forward::{self, CLIENT, CopiedEgress, NextHop},
-    lookup,
-    parse::{IPPROTO_TCP, IpPacket, ptr_at},
-    stats::{NO_SERVICE, Verdict},
+    forward, lookup,
+    parse::{IPPROTO_TCP, IPV4_HEADER_LEN, IpPacket, ptr_at},
+    types::{CLIENT, CopiedEgress, NO_SERVICE, NextHop, Scratch, Verdict},
 };
 
 /// Offsets of fields inside the IP and transport headers.
-const IPV4_HEADER_LEN: usize = 20;
 const IPV4_TTL: usize = 8;
 const IPV4_CHECK: usize = 10;
 const IPV4_SRC: usize = 12;

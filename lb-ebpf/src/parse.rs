@@ -21,6 +21,9 @@ pub const IPPROTO_TCP: u8 = IpProto::Tcp as u8;
 pub const IPPROTO_UDP: u8 = IpProto::Udp as u8;
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
+/// An IPv4 header without options, and the IPv6 header.
+pub const IPV4_HEADER_LEN: usize = 20;
+pub const IPV6_HEADER_LEN: usize = 40;
 /// Bits of an IPv4 fragment field that hold the fragment offset, and the more-fragments flag.
 const IPV4_FRAG_OFFSET_MASK: u16 = 0x1fff;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;

@@ -1,28 +1,12 @@
-//! Counters and verdicts. Per-CPU counters are the only per-packet map writes besides the flow
-//! maps; every policy drop is counted under its reason.
+//! Counters. Per-CPU counters are the only per-packet map writes besides the flow maps; every
+//! policy drop is counted under its reason.
 
-use aya_ebpf::bindings::xdp_action;
 use lb_common::{maps::DropReason, stats::ProtoSlot};
 
-use crate::{BACKEND_STATS, DROP_STATS, PROTO_STATS, SERVICE_STATS, flow::Selected};
-
-/// The service id of a drop that belongs to no service. (An `Option` would leave its payload
-/// uninitialised when `None`, and the verifier rejects copying uninitialised registers.)
-pub const NO_SERVICE: u32 = u32::MAX;
-
-/// What to do with a packet: an XDP action, or a drop counted under its reason and service
-/// (`NO_SERVICE` for none).
-pub enum Verdict {
-    Action(u32),
-    Drop(DropReason, u32),
-}
-
-impl Verdict {
-    #[inline(always)]
-    pub fn pass() -> Verdict {
-        Verdict::Action(xdp_action::XDP_PASS)
-    }
-}
+use crate::{
+    maps::{BACKEND_STATS, DROP_STATS, PROTO_STATS, SERVICE_STATS},
+    types::{NO_SERVICE, Selected},
+};
 
 #[inline(always)]
 pub fn count_frame(slot: ProtoSlot, len: usize) {

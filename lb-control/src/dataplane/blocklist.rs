@@ -21,7 +21,7 @@ use aya::maps::{
 use ipnet::IpNet;
 use lb_common::{
     map_names,
-    maps::{BLOCKLIST_VERSION, BlockV4, BlockV6},
+    maps::{BlockV4, BlockV6},
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tracing::warn;
@@ -46,7 +46,7 @@ pub struct Blocklist {
     v6: LpmTrie<MapData, BlockV6, u32>,
     /// The blocklist's version: 0 while the tries are empty (the program skips them), else a
     /// new value after every change (tracked flows recheck their source once per version).
-    entries: Array<MapData, u32>,
+    version: Array<MapData, u32>,
 }
 
 impl Blocklist {
@@ -54,7 +54,7 @@ impl Blocklist {
         Ok(Blocklist {
             v4: open_pinned(pin_dir, map_names::BLOCKLIST_V4)?,
             v6: open_pinned(pin_dir, map_names::BLOCKLIST_V6)?,
-            entries: open_pinned(pin_dir, map_names::BLOCKLIST_ENTRIES)?,
+            version: open_pinned(pin_dir, map_names::BLOCKLIST_VERSION)?,
         })
     }
 
@@ -65,14 +65,14 @@ impl Blocklist {
             0
         } else {
             let current = self
-                .entries
-                .get(&BLOCKLIST_VERSION, 0)
-                .map_err(map_error(map_names::BLOCKLIST_ENTRIES))?;
+                .version
+                .get(&0, 0)
+                .map_err(map_error(map_names::BLOCKLIST_VERSION))?;
             next_version(current)
         };
-        self.entries
-            .set(BLOCKLIST_VERSION, version, 0)
-            .map_err(map_error(map_names::BLOCKLIST_ENTRIES))
+        self.version
+            .set(0, version, 0)
+            .map_err(map_error(map_names::BLOCKLIST_VERSION))
     }
 
     /// Whether both tries are empty: one key lookup each, however many entries there are.

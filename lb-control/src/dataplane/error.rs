@@ -30,6 +30,16 @@ pub enum DataplaneError {
         source: io::Error,
     },
     #[error(
+        "renaming the map pinned as {from} to {to}, its current name: {source}; rename it by \
+         hand, or remove it (its contents are then lost)"
+    )]
+    RenamePin {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "counting this host's possible CPUs (the flow cache has slots for each): {what}: {source}"
     )]
     Cpus {

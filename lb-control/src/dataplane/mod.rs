@@ -354,7 +354,8 @@ pub fn pin_dir(bpffs: &Path, instance: &str) -> PathBuf {
     bpffs.join(instance)
 }
 
-/// Mounts the BPF filesystem if needed and creates the instance's pin directory.
+/// Mounts the BPF filesystem if needed and creates the instance's pin directory, its maps
+/// pinned under an older name renamed.
 fn prepare_pin_dir(bpffs: &Path, instance: &str) -> Result<PathBuf, DataplaneError> {
     if bpffs::ensure_mounted(bpffs)? == BpffsState::MountedNow {
         info!(path = %bpffs.display(), "mounted a BPF filesystem");
@@ -364,7 +365,40 @@ fn prepare_pin_dir(bpffs: &Path, instance: &str) -> Result<PathBuf, DataplaneErr
         path: pin_dir.clone(),
         source,
     })?;
+    rename_old_pins(&pin_dir)?;
     Ok(pin_dir)
+}
+
+/// Maps whose pinned name changed: (old name, current name).
+const RENAMED_PINS: &[(&str, &str)] = &[("BLOCKLIST_ENTRIES", map_names::BLOCKLIST_VERSION)];
+
+/// Gives maps an earlier lb-control pinned under an old name their current one, before the
+/// program is loaded, so it takes them over with their contents as it does every pinned map.
+/// (A new, empty `BLOCKLIST_VERSION` beside a full blocklist would read 0, and the program
+/// would skip the blocklist until its next change.)
+fn rename_old_pins(pin_dir: &Path) -> Result<(), DataplaneError> {
+    for (old, current) in RENAMED_PINS {
+        let (from, to) = (pin_dir.join(old), pin_dir.join(current));
+        if !from.exists() {
+            continue;
+        }
+        if to.exists() {
+            warn!(
+                old = %from.display(),
+                current = %to.display(),
+                "a map is pinned under its old name beside its current one; the program uses \
+                 the current one, remove the old one"
+            );
+            continue;
+        }
+        std::fs::rename(&from, &to).map_err(|source| DataplaneError::RenamePin {
+            from: from.clone(),
+            to: to.clone(),
+            source,
+        })?;
+        info!(from = %from.display(), to = %to.display(), "renamed a map pinned under its old name");
+    }
+    Ok(())
 }
 
 /// Opens the map `name` pinned in `pin_dir`, typed: how the CLI reads a running instance.
@@ -563,4 +597,56 @@ fn start_kernel_logger(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    /// A scratch directory of its own, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let path =
+                std::env::temp_dir().join(format!("lb-control-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).expect("creating a scratch directory");
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn map_pinned_under_its_old_name_takes_its_current_name() {
+        let dir = TempDir::new("old-pin");
+        fs::write(dir.0.join("BLOCKLIST_ENTRIES"), "version 7").unwrap();
+        rename_old_pins(&dir.0).unwrap();
+        assert!(!dir.0.join("BLOCKLIST_ENTRIES").exists());
+        assert_eq!(
+            fs::read_to_string(dir.0.join(map_names::BLOCKLIST_VERSION)).unwrap(),
+            "version 7",
+            "the old pin should have been renamed, contents and all"
+        );
+    }
+
+    #[test]
+    fn map_pinned_under_its_current_name_is_kept_beside_an_old_one() {
+        let dir = TempDir::new("both-pins");
+        fs::write(dir.0.join("BLOCKLIST_ENTRIES"), "old").unwrap();
+        fs::write(dir.0.join(map_names::BLOCKLIST_VERSION), "current").unwrap();
+        rename_old_pins(&dir.0).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.0.join(map_names::BLOCKLIST_VERSION)).unwrap(),
+            "current"
+        );
+        assert!(dir.0.join("BLOCKLIST_ENTRIES").exists());
+    }
 }

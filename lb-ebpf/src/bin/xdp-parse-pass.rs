@@ -1,6 +1,6 @@
 //! The XDP benchmark's reference, "a bare parse-and-XDP_PASS program": the load balancer's own
 //! header parser, run as the load balancer runs it (the parsed packet in a per-CPU scratch
-//! slot, see `SCRATCH` in main.rs), then XDP_PASS.
+//! slot, see `SCRATCH` in maps.rs), then XDP_PASS.
 #![no_std]
 #![no_main]
 
