@@ -25,7 +25,7 @@ use aya::maps::{Array, Map, MapData, lpm_trie::LpmTrie};
 use ipnet::IpNet;
 use lb_common::{
     map_names,
-    maps::{BLOCKLIST_VERSION, BlockV4, BlockV6},
+    maps::{BlockV4, BlockV6},
 };
 use lb_control::{
     admin_client::{AdminClient, ClientError},
@@ -1184,7 +1184,7 @@ fn kernel_blocklist(pin_dir: &Path) -> KernelBlocklist {
     let v6: LpmTrie<_, BlockV6, u32> =
         LpmTrie::try_from(open(map_names::BLOCKLIST_V6)).expect("BLOCKLIST_V6");
     let version: Array<_, u32> =
-        Array::try_from(open(map_names::BLOCKLIST_ENTRIES)).expect("BLOCKLIST_ENTRIES");
+        Array::try_from(open(map_names::BLOCKLIST_VERSION)).expect("BLOCKLIST_VERSION");
     let mut entries = Vec::new();
     for entry in v4.iter() {
         let (key, value) = entry.expect("read BLOCKLIST_V4");
@@ -1199,9 +1199,7 @@ fn kernel_blocklist(pin_dir: &Path) -> KernelBlocklist {
     entries.sort();
     KernelBlocklist {
         entries,
-        version: version
-            .get(&BLOCKLIST_VERSION, 0)
-            .expect("read BLOCKLIST_ENTRIES"),
+        version: version.get(&0, 0).expect("read BLOCKLIST_VERSION"),
     }
 }
 
