@@ -154,6 +154,7 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
                         lag: None,
                         genesis: None,
                         last_error: None,
+                        saturated: false,
                         last_checked: None,
                     },
                 )

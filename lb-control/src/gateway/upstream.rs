@@ -4,8 +4,10 @@
 //! A client is kept on one node by a Maglev table over the live nodes (the kernel's
 //! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
 //! its reads see one node's view of the chain. The table is rebuilt whenever the backend set's
-//! view changes; only `Up` backends are in it. A read that fails on its node (connect error,
-//! dropped connection, timeout) is sent once to the next node of the table.
+//! view changes; only `Up` backends are in it, and of those only the ones not saturated (their
+//! node refuses new connections: "too many connections") while any is not. A read that fails on
+//! its node (connect error, dropped connection, timeout) is sent once to the next node of the
+//! table.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -60,10 +62,18 @@ pub struct NodeSpec {
 
 /// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
 /// per RPC endpoint (the highest weight wins), ordered by endpoint. New clients go to these.
+/// Saturated nodes are left out (their new clients go to the next node of their Maglev order),
+/// unless every live node is saturated: then nowhere is better, and pooled connections to them
+/// may still serve.
 fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
+    let up = || {
+        backends_of(view, service)
+            .filter(|backend| backend.state == State::Up && backend.backend.def.weight > 0)
+    };
+    let any_unsaturated = up().any(|backend| !backend.saturated);
     let mut nodes: Vec<NodeSpec> = Vec::new();
-    for backend in backends_of(view, service) {
-        if backend.state != State::Up || backend.backend.def.weight == 0 {
+    for backend in up() {
+        if backend.saturated && any_unsaturated {
             continue;
         }
         let endpoint = backend.backend.def.rpc_endpoint();
