@@ -363,6 +363,70 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::{
+        backends::ServiceView,
+        model::{
+            AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol,
+            Service, ServiceDef,
+        },
+    };
+
+    /// One service over nodes on ports 1, 2, 3…, each `(state, saturated)`.
+    fn view_of(nodes: &[(State, bool)]) -> ClusterView {
+        let service = Service {
+            id: 1,
+            def: ServiceDef {
+                vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+                port: 9944,
+                protocol: Protocol::Tcp,
+                mode: ForwardingMode::Nat,
+                check: HealthCheck::Substrate,
+            },
+            origin: Origin::Config,
+        };
+        let backends = nodes
+            .iter()
+            .zip(1..)
+            .map(|((state, saturated), port)| BackendView {
+                backend: Backend {
+                    id: i64::from(port),
+                    service: 1,
+                    def: BackendDef {
+                        address: node(port).endpoint,
+                        rpc_port: port,
+                        weight: 1,
+                        admin: AdminState::Enabled,
+                    },
+                    origin: Origin::Config,
+                },
+                state: *state,
+                fallback: false,
+                saturated: *saturated,
+            })
+            .collect();
+        ClusterView {
+            services: vec![ServiceView {
+                service,
+                name: "192.0.2.10:9944/tcp".to_owned(),
+                backends,
+            }],
+        }
+    }
+
+    #[test]
+    fn saturated_nodes_keep_their_clients_and_get_no_new_ones_while_another_node_can() {
+        let view = view_of(&[(State::Up, false), (State::Up, true), (State::Up, false)]);
+        let nodes = ViewNodes::of(&view, None);
+        assert_eq!(nodes.rotation, vec![node(1), node(3)]);
+        assert_eq!(
+            nodes.serving,
+            vec![node(1).endpoint, node(2).endpoint, node(3).endpoint]
+        );
+
+        // Every live node full: none is better than another.
+        let view = view_of(&[(State::Up, true), (State::Down, false), (State::Up, true)]);
+        assert_eq!(ViewNodes::of(&view, None).rotation, vec![node(1), node(3)]);
+    }
 
     fn node(port: u16) -> NodeSpec {
         NodeSpec {
