@@ -58,7 +58,7 @@ const TOO_MANY_CONNECTIONS: StatusCode = StatusCode::TOO_MANY_REQUESTS;
 /// The checks of one node and the connection they share.
 pub struct Prober {
     target: Target,
-    held: Option<HeldConnection>,
+    held: Option<Box<HeldConnection>>,
 }
 
 impl Prober {
@@ -132,7 +132,7 @@ async fn connect(endpoint: SocketAddr) -> Result<TcpStream, ProbeFailure> {
 }
 
 enum Opened {
-    Connection(HeldConnection),
+    Connection(Box<HeldConnection>),
     /// The node refused the connection with "too many connections".
     Refused(String),
 }
@@ -147,12 +147,12 @@ async fn open(endpoint: SocketAddr) -> Result<Opened, ProbeFailure> {
         .max_frame_size(Some(MAX_ANSWER_BYTES));
     let url = format!("ws://{endpoint}/");
     match tokio_tungstenite::client_async_with_config(url, stream, Some(config)).await {
-        Ok((socket, _)) => Ok(Opened::Connection(HeldConnection {
+        Ok((socket, _)) => Ok(Opened::Connection(Box::new(HeldConnection {
             socket,
             next_id: 0,
             awaiting: BTreeSet::new(),
             broken: false,
-        })),
+        }))),
         Err(tungstenite::Error::Http(response)) => {
             let text = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
             let refusal = describe_refusal(response.status(), &text);
