@@ -38,7 +38,8 @@ pub struct NodeLabels {
 pub struct CheckLabels {
     pub node: String,
     /// `ok`, or why the check failed: `unreachable`, `timeout`, `syncing`, `no_peers`, `lagging`,
-    /// `stalled`, `bad_answer`.
+    /// `stalled`, `bad_answer`; `saturated` when the node refused a new connection with "too
+    /// many connections" and the checker held none to ask it on.
     pub result: String,
 }
 
@@ -65,6 +66,8 @@ pub struct Metrics {
     pub node_best_block: Family<NodeLabels, Gauge>,
     pub node_finalized_block: Family<NodeLabels, Gauge>,
     pub node_lag_blocks: Family<NodeLabels, Gauge>,
+    /// 1 while the node refuses new connections with "too many connections".
+    pub node_saturated: Family<NodeLabels, Gauge>,
     pub admin_requests: Family<AdminRequestLabels, Counter>,
     /// Source prefixes on the kernel blocklist (kept by its owner, the blocklist handle).
     pub blocklist_entries: Gauge,
@@ -87,6 +90,7 @@ impl Metrics {
             node_best_block: Family::default(),
             node_finalized_block: Family::default(),
             node_lag_blocks: Family::default(),
+            node_saturated: Family::default(),
             admin_requests: Family::default(),
             blocklist_entries: Gauge::default(),
         };
@@ -135,6 +139,11 @@ impl Metrics {
             "node_lag_blocks",
             "Blocks the node's best block is behind the cluster's best",
             metrics.node_lag_blocks.clone(),
+        );
+        registry.register(
+            "node_saturated",
+            "1 while the node refuses new connections with \"too many connections\" (HTTP 429): it keeps its clients and gets no new gateway clients",
+            metrics.node_saturated.clone(),
         );
         registry.register(
             "admin_requests",

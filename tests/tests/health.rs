@@ -1,6 +1,10 @@
 //! The health checker against live sim-nodes on 127.0.0.1: healthy nodes are in at once, each
 //! fault takes its node out with the reason named, a cleared fault brings it back after `rise`
-//! good checks, and a node that hangs never delays the checks of the others.
+//! good checks, a node that hangs never delays the checks of the others, and a node whose
+//! connection slots are all taken is saturated, not down. The last test runs lb-control in the
+//! lab (root, `cargo build --bins` first) to see a saturated node stay in the kernel's table.
+
+mod common;
 
 use std::{
     collections::BTreeSet,
@@ -9,6 +13,8 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use anyhow::{Context, ensure};
+use common::{LbControl, ServiceConf, VIP_V4, backend_addr, kernel_states, up, wait_for};
 use lb_control::{
     health::{
         self, Checker, Condition, HealthSettings, HealthSnapshot, NodeHealth, Target, Verdict,
@@ -16,7 +22,10 @@ use lb_control::{
     metrics::Metrics,
     model::HealthCheck,
 };
-use lb_tests::sim_node::{Fault, SimNode, SimNodeConfig, SimNodeHandle};
+use lb_tests::{
+    lab::run_checked,
+    sim_node::{Fault, SimNode, SimNodeConfig, SimNodeHandle},
+};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -354,4 +363,221 @@ async fn checker_follows_the_target_list() {
         .await;
     assert_eq!(snapshot.nodes[&tcp].best, None);
     assert_eq!(snapshot.nodes[&unchecked].last_checked, None);
+}
+
+/// Refusals in a row that show a node full: one may be a slot the checker's momentary request
+/// for a new connection holds.
+const REFUSALS_WHEN_FULL: usize = 3;
+
+/// Opens WebSockets to `url` until the node refuses them with 429 "Too many connections";
+/// returns the open ones, which hold the node's slots until dropped.
+async fn fill_connection_slots(
+    url: &str,
+) -> Vec<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>>
+{
+    let (mut held, mut refusals) = (Vec::new(), 0);
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((socket, _)) => {
+                held.push(socket);
+                refusals = 0;
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 429, "refused otherwise");
+                refusals += 1;
+                if refusals == REFUSALS_WHEN_FULL {
+                    return held;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(error) => panic!("connection {} to {url}: {error}", held.len() + 1),
+        }
+        assert!(
+            held.len() <= 100,
+            "the node admitted more than 100 connections"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_node_is_saturated_not_down_while_a_dead_node_still_goes_out() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.wait_until_all_healthy().await;
+
+    // Clients take every slot but the one the checker holds.
+    let held = fill_connection_slots(&cluster.nodes[0].ws_url()).await;
+    assert_eq!(held.len(), 99, "the checker holds the 100th connection");
+    let full = cluster
+        .wait_for_node(0, "saturated", |node| node.saturated)
+        .await;
+    assert_eq!(full.verdict, Verdict::Healthy);
+    let endpoint = cluster.nodes[0].rpc_addr();
+    let metrics = cluster.metrics_text();
+    assert!(
+        metrics.contains(&format!("lb_node_saturated{{node=\"{endpoint}\"}} 1")),
+        "{metrics}"
+    );
+
+    // A node that dies meanwhile goes out as fast as ever.
+    let exited_at = Instant::now();
+    cluster.nodes[1].set_fault(Fault::Exit);
+    cluster.nodes[1].stopped().await;
+    cluster
+        .wait_for_node(1, "unhealthy: unreachable", |node| {
+            is_unhealthy_because(node, "connect")
+        })
+        .await;
+    let took = exited_at.elapsed();
+    assert!(took < Duration::from_secs(1), "out after {took:?}");
+
+    // The full node is still checked, on the checker's own connection, and never down: its
+    // best block keeps moving.
+    let best = full.best.expect("best block");
+    let later = cluster
+        .wait_for_node(0, "checked at a later block", |node| {
+            node.best.is_some_and(|now| now > best + 3)
+        })
+        .await;
+    assert_eq!(later.verdict, Verdict::Healthy);
+    assert!(later.saturated);
+
+    drop(held);
+    let free = cluster
+        .wait_for_node(0, "no longer saturated", |node| !node.saturated)
+        .await;
+    assert_eq!(free.verdict, Verdict::Healthy);
+    let metrics = cluster.metrics_text();
+    assert!(
+        metrics.contains(&format!("lb_node_saturated{{node=\"{endpoint}\"}} 0")),
+        "{metrics}"
+    );
+}
+
+/// Node `address` as `lb-control health --json` lists it.
+fn health_of(
+    lb_control: &LbControl,
+    lab: &lb_tests::lab::Lab,
+    address: SocketAddr,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = lb_control.cli_json(lab, &["health", "--json"])?;
+    answer["nodes"]
+        .as_array()
+        .and_then(|nodes| {
+            nodes
+                .iter()
+                .find(|node| node["address"] == address.to_string())
+        })
+        .cloned()
+        .with_context(|| format!("no node {address} in `lb-control health`: {answer:#}"))
+}
+
+/// Opens plain WebSockets from `netns` to `node` until it answers 429; returns the open ones.
+fn fill_connection_slots_from(
+    netns: &str,
+    node: SocketAddr,
+) -> anyhow::Result<Vec<tokio_tungstenite::tungstenite::WebSocket<std::net::TcpStream>>> {
+    use tokio_tungstenite::tungstenite::{self, HandshakeError};
+    let (mut held, mut refusals) = (Vec::new(), 0);
+    loop {
+        let stream = common::connect_from(netns, node)?;
+        match tungstenite::client(format!("ws://{node}/"), stream) {
+            Ok((socket, _)) => {
+                held.push(socket);
+                refusals = 0;
+            }
+            Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                ensure!(
+                    response.status() == 429,
+                    "refused with {}",
+                    response.status()
+                );
+                refusals += 1;
+                if refusals == REFUSALS_WHEN_FULL {
+                    return Ok(held);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => anyhow::bail!("connection {} to {node}: {error}", held.len() + 1),
+        }
+        ensure!(
+            held.len() <= 100,
+            "{node} admitted more than 100 connections"
+        );
+    }
+}
+
+#[test]
+fn saturated_node_stays_in_the_kernel_table_and_shows_saturated_in_the_admin_api()
+-> anyhow::Result<()> {
+    let mut lab = common::start_lab(3, true, Duration::from_secs(1));
+    let service = ServiceConf::checked(VIP_V4, (0..3).map(up).collect());
+    let lb_control = LbControl::start(&mut lab, std::slice::from_ref(&service))?;
+    let full = backend_addr(&lab, 0, service.vip);
+    wait_for("node0 checked healthy", || {
+        Ok(health_of(&lb_control, &lab, full)?["health"]["verdict"] == "healthy")
+    })?;
+
+    // Clients straight to node0's RPC port take every slot but the checker's.
+    let netns = lab.lb().netns.clone();
+    let held = fill_connection_slots_from(&netns, full)?;
+    ensure!(
+        held.len() == 99,
+        "node0 admitted {} connections",
+        held.len()
+    );
+    wait_for("node0 saturated in `lb-control health`", || {
+        let node = health_of(&lb_control, &lab, full)?;
+        Ok(node["saturated"] == true && node["health"]["saturated"] == true)
+    })
+    .with_context(|| lb_control.log_tail())?;
+    let node = health_of(&lb_control, &lab, full)?;
+    ensure!(node["state"] == "up", "node0 saturated: {node:#}");
+    ensure!(
+        kernel_states(&lab)?.get(&full) == Some(&"up"),
+        "a saturated node left the kernel table"
+    );
+    let metrics = run_checked(
+        lab.exec(&netns, "curl")?
+            .args(["-sS", "http://127.0.0.1:9900/metrics"]),
+    )?;
+    let metrics = String::from_utf8(metrics.stdout)?;
+    let rpc = SocketAddr::new(full.ip(), 9944);
+    ensure!(
+        metrics.contains(&format!("lb_node_saturated{{node=\"{rpc}\"}} 1")),
+        "{metrics}"
+    );
+    ensure!(
+        lb_control.log().contains("node is saturated"),
+        "{}",
+        lb_control.log_tail()
+    );
+
+    // A node killed meanwhile leaves the kernel table as fast as ever.
+    let dead = backend_addr(&lab, 1, service.vip);
+    lab.kill_sim_node(1)?;
+    let killed = Instant::now();
+    wait_for("node1 down in the kernel", || {
+        Ok(kernel_states(&lab)?.get(&dead) == Some(&"down"))
+    })?;
+    let took = killed.elapsed();
+    ensure!(
+        took < Duration::from_secs(2),
+        "node1 went down {took:?} after it died"
+    );
+    ensure!(
+        kernel_states(&lab)?.get(&full) == Some(&"up"),
+        "the saturated node left the kernel table"
+    );
+
+    drop(held);
+    wait_for("node0 no longer saturated", || {
+        Ok(health_of(&lb_control, &lab, full)?["saturated"] == false)
+    })
+    .with_context(|| lb_control.log_tail())?;
+    ensure!(
+        lb_control.log().contains("node is no longer saturated"),
+        "{}",
+        lb_control.log_tail()
+    );
+    Ok(())
 }

@@ -197,6 +197,10 @@ pub struct BackendInfo {
     pub state: State,
     /// In rotation although unhealthy, because every backend of its service is.
     pub fallback: bool,
+    /// Up (or draining), but its node refuses new connections ("too many connections"): it
+    /// keeps its flows and clients, and the gateway places no new clients on it.
+    #[serde(default)]
+    pub saturated: bool,
     /// None until its first check, and for services without checks.
     pub health: Option<HealthInfo>,
 }
@@ -208,6 +212,7 @@ impl From<BackendStatus> for BackendInfo {
             service_name: status.service_name,
             state: status.view.state,
             fallback: status.view.fallback,
+            saturated: status.view.saturated,
             health: status.health.map(HealthInfo::from),
         }
     }
@@ -227,6 +232,10 @@ pub struct HealthInfo {
     pub genesis: Option<String>,
     /// The last failed check's error, kept after the node recovers.
     pub last_error: Option<String>,
+    /// The node refused the checker's new connection at its last check with "too many
+    /// connections" (HTTP 429): every connection slot is taken.
+    #[serde(default)]
+    pub saturated: bool,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_checked: Option<Timestamp>,
 }
@@ -241,6 +250,7 @@ impl From<NodeHealth> for HealthInfo {
             lag: health.lag,
             genesis: health.genesis,
             last_error: health.last_error,
+            saturated: health.saturated,
             last_checked: health.last_checked.map(Timestamp),
         }
     }

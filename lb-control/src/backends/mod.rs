@@ -113,6 +113,9 @@ pub struct BackendView {
     pub state: State,
     /// Kept in rotation although unhealthy, because its whole service is.
     pub fallback: bool,
+    /// Its node refuses new connections ("too many connections"): it stays in the kernel's
+    /// table and keeps its clients, but the gateway places no new clients on it.
+    pub saturated: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -344,13 +347,26 @@ impl BackendSet {
         .await
     }
 
-    /// Takes in a new health snapshot; pushes to the kernel only when a backend's placement
-    /// changes.
+    /// Takes in a new health snapshot; pushes to the kernel only when a backend's state
+    /// changes. A change of saturation alone (which the kernel does not see) only replaces the
+    /// view.
     pub async fn apply_health(&self, snapshot: Arc<HealthSnapshot>) -> Result<(), ChangeError> {
         let mut inner = self.inner.lock().await;
         inner.health = snapshot;
         let placements = inner.placements_now();
         if placements == inner.placements && inner.kernel_in_sync {
+            return Ok(());
+        }
+        let unsaturated = |placements: &BTreeMap<BackendId, Placement>| {
+            placements
+                .iter()
+                .map(|(id, placement)| (*id, placement.state, placement.fallback))
+                .collect::<Vec<_>>()
+        };
+        if inner.kernel_in_sync && unsaturated(&placements) == unsaturated(&inner.placements) {
+            let view = Arc::new(inner.draft().view(&placements));
+            inner.placements = placements;
+            self.view.send_replace(view);
             return Ok(());
         }
         drop(inner);
@@ -585,11 +601,13 @@ impl Draft {
                                 placements.get(&backend.id).copied().unwrap_or(Placement {
                                     state: State::Up,
                                     fallback: false,
+                                    saturated: false,
                                 });
                             BackendView {
                                 backend: backend.clone(),
                                 state: placement.state,
                                 fallback: placement.fallback,
+                                saturated: placement.saturated,
                             }
                         })
                         .collect(),

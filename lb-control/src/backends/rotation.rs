@@ -1,5 +1,6 @@
 //! Which backends are in rotation: admin state and health combined, with the "keep the least
-//! bad" fallback when a service has no healthy backend left. Pure, so every rule is testable.
+//! bad" fallback when a service has no healthy backend left, and which of them are saturated.
+//! Pure, so every rule is testable.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +51,9 @@ pub struct Placement {
     pub state: State,
     /// Up only because every backend of its service is unhealthy and it is among the least bad.
     pub fallback: bool,
+    /// Up or draining, and its node refuses new connections ("too many connections"): it keeps
+    /// its place in the kernel's table, but the gateway places no new clients on it.
+    pub saturated: bool,
 }
 
 /// What the health checker checks for a backend of `service`, if anything.
@@ -76,6 +80,12 @@ pub fn place<'a>(
         let node = health.nodes.get(&health_target(service, backend))?;
         (node.verdict == Verdict::Unhealthy).then_some(node.badness)
     };
+    let is_saturated = |backend: &Backend| {
+        health
+            .nodes
+            .get(&health_target(service, backend))
+            .is_some_and(|node| node.saturated)
+    };
     let mut placements = BTreeMap::new();
     let mut unhealthy = Vec::new();
     for backend in backends {
@@ -87,25 +97,33 @@ pub fn place<'a>(
             (AdminState::Enabled, None) => State::Up,
         };
         if let (AdminState::Enabled, Some(badness)) = (backend.def.admin, failure) {
-            unhealthy.push((badness, backend.id));
+            unhealthy.push((badness, backend.id, is_saturated(backend)));
         }
         placements.insert(
             backend.id,
             Placement {
                 state,
                 fallback: false,
+                saturated: matches!(state, State::Up | State::Draining) && is_saturated(backend),
             },
         );
     }
     let any_up = placements.values().any(|p| p.state == State::Up);
-    if !any_up && let Some(least) = unhealthy.iter().map(|(badness, _)| badness).min().copied() {
-        for (badness, id) in &unhealthy {
+    if !any_up
+        && let Some(least) = unhealthy
+            .iter()
+            .map(|(badness, _, _)| badness)
+            .min()
+            .copied()
+    {
+        for (badness, id, saturated) in &unhealthy {
             if *badness == least {
                 placements.insert(
                     *id,
                     Placement {
                         state: State::Up,
                         fallback: true,
+                        saturated: *saturated,
                     },
                 );
             }

@@ -154,6 +154,7 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
                         lag: None,
                         genesis: None,
                         last_error: None,
+                        saturated: false,
                         last_checked: None,
                     },
                 )
@@ -313,4 +314,39 @@ async fn health_moves_backends_and_keeps_the_least_bad_when_all_fail() {
             .any(|e| e.kind == "backend.state" && e.detail.contains("up -> down (health)")),
         "{events:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_saturated_backend_stays_up_in_the_kernel_and_is_marked_in_the_view() {
+    let dir = TempDir::new("saturated");
+    let (set, kernel) = start(&dir, &declared(&[A, B])).await;
+    let healthy = [
+        (A, Verdict::Healthy, Condition::Healthy, 0),
+        (B, Verdict::Healthy, Condition::Healthy, 0),
+    ];
+    set.apply_health(snapshot(&healthy)).await.unwrap();
+    let changes_before = dir.store().recent_events(100).unwrap().len();
+
+    let mut full = (*snapshot(&healthy)).clone();
+    for node in full.nodes.values_mut().skip(1) {
+        node.saturated = true;
+    }
+    set.apply_health(Arc::new(full)).await.unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Up));
+    let view = set.view();
+    let saturated: Vec<bool> = view.services[0]
+        .backends
+        .iter()
+        .map(|backend| backend.saturated)
+        .collect();
+    assert_eq!(saturated, [false, true]);
+    assert_eq!(view.services[0].backends[1].state, State::Up);
+    // Not a change of state: nothing in the event log.
+    assert_eq!(
+        dir.store().recent_events(100).unwrap().len(),
+        changes_before
+    );
+
+    set.apply_health(snapshot(&healthy)).await.unwrap();
+    assert!(!set.view().services[0].backends[1].saturated);
 }

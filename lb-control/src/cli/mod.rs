@@ -596,14 +596,17 @@ fn print_blocklist(entries: &[BlockInfo]) {
     }
 }
 
-/// `up`, or `up (fallback)` for a backend kept in rotation only because its whole service is
-/// unhealthy.
+/// `up`, `up (fallback)` for a backend kept in rotation only because its whole service is
+/// unhealthy, `up (saturated)` for one whose node refuses new connections.
 fn describe_state(backend: &BackendInfo) -> String {
+    let mut text = backend.state.name().to_owned();
     if backend.fallback {
-        format!("{} (fallback)", backend.state.name())
-    } else {
-        backend.state.name().to_owned()
+        text.push_str(" (fallback)");
     }
+    if backend.saturated {
+        text.push_str(" (saturated)");
+    }
+    text
 }
 
 fn describe_health(health: Option<&HealthInfo>) -> String {

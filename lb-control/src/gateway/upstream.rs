@@ -4,8 +4,10 @@
 //! A client is kept on one node by a Maglev table over the live nodes (the kernel's
 //! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
 //! its reads see one node's view of the chain. The table is rebuilt whenever the backend set's
-//! view changes; only `Up` backends are in it. A read that fails on its node (connect error,
-//! dropped connection, timeout) is sent once to the next node of the table.
+//! view changes; only `Up` backends are in it, and of those only the ones not saturated (their
+//! node refuses new connections: "too many connections") while any is not. A read that fails on
+//! its node (connect error, dropped connection, timeout) is sent once to the next node of the
+//! table.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -60,10 +62,18 @@ pub struct NodeSpec {
 
 /// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
 /// per RPC endpoint (the highest weight wins), ordered by endpoint. New clients go to these.
+/// Saturated nodes are left out (their new clients go to the next node of their Maglev order),
+/// unless every live node is saturated: then nowhere is better, and pooled connections to them
+/// may still serve.
 fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
+    let up = || {
+        backends_of(view, service)
+            .filter(|backend| backend.state == State::Up && backend.backend.def.weight > 0)
+    };
+    let any_unsaturated = up().any(|backend| !backend.saturated);
     let mut nodes: Vec<NodeSpec> = Vec::new();
-    for backend in backends_of(view, service) {
-        if backend.state != State::Up || backend.backend.def.weight == 0 {
+    for backend in up() {
+        if backend.saturated && any_unsaturated {
             continue;
         }
         let endpoint = backend.backend.def.rpc_endpoint();
@@ -353,6 +363,70 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::{
+        backends::ServiceView,
+        model::{
+            AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol,
+            Service, ServiceDef,
+        },
+    };
+
+    /// One service over nodes on ports 1, 2, 3…, each `(state, saturated)`.
+    fn view_of(nodes: &[(State, bool)]) -> ClusterView {
+        let service = Service {
+            id: 1,
+            def: ServiceDef {
+                vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+                port: 9944,
+                protocol: Protocol::Tcp,
+                mode: ForwardingMode::Nat,
+                check: HealthCheck::Substrate,
+            },
+            origin: Origin::Config,
+        };
+        let backends = nodes
+            .iter()
+            .zip(1..)
+            .map(|((state, saturated), port)| BackendView {
+                backend: Backend {
+                    id: i64::from(port),
+                    service: 1,
+                    def: BackendDef {
+                        address: node(port).endpoint,
+                        rpc_port: port,
+                        weight: 1,
+                        admin: AdminState::Enabled,
+                    },
+                    origin: Origin::Config,
+                },
+                state: *state,
+                fallback: false,
+                saturated: *saturated,
+            })
+            .collect();
+        ClusterView {
+            services: vec![ServiceView {
+                service,
+                name: "192.0.2.10:9944/tcp".to_owned(),
+                backends,
+            }],
+        }
+    }
+
+    #[test]
+    fn saturated_nodes_keep_their_clients_and_get_no_new_ones_while_another_node_can() {
+        let view = view_of(&[(State::Up, false), (State::Up, true), (State::Up, false)]);
+        let nodes = ViewNodes::of(&view, None);
+        assert_eq!(nodes.rotation, vec![node(1), node(3)]);
+        assert_eq!(
+            nodes.serving,
+            vec![node(1).endpoint, node(2).endpoint, node(3).endpoint]
+        );
+
+        // Every live node full: none is better than another.
+        let view = view_of(&[(State::Up, true), (State::Down, false), (State::Up, true)]);
+        assert_eq!(ViewNodes::of(&view, None).rotation, vec![node(1), node(3)]);
+    }
 
     fn node(port: u16) -> NodeSpec {
         NodeSpec {

@@ -1,6 +1,7 @@
-//! Scheduling: one task per node checks it on its own clock, so a node that hangs until the
-//! timeout never delays the checks of the others; a supervisor task owns the [`Judge`], follows
-//! the target list, publishes snapshots, logs verdict changes and records metrics.
+//! Scheduling: one task per node checks it on its own clock (and owns the connection its checks
+//! share), so a node that hangs until the timeout never delays the checks of the others; a
+//! supervisor task owns the [`Judge`], follows the target list, publishes snapshots, logs
+//! verdict and saturation changes and records metrics.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,7 +18,7 @@ use tracing::{debug, info, warn};
 use super::{
     HealthSettings, HealthSnapshot, Target, Verdict,
     judge::{Judge, Observation},
-    probe::probe,
+    probe::Prober,
 };
 use crate::{
     metrics::{CheckLabels, Metrics, NodeLabels},
@@ -214,7 +215,15 @@ impl Supervisor {
         let Some(health) = self.judge.health(&target) else {
             return;
         };
-        if let Observation::Chain(_) = check.observation {
+        let saturated = match &check.observation {
+            Observation::Saturated(saturation) => Some(saturation.refusal.as_str()),
+            _ => None,
+        };
+        self.metrics
+            .node_saturated
+            .get_or_create(&labels)
+            .set(i64::from(health.saturated));
+        if check.observation.chain_status().is_some() {
             for (family, value) in [
                 (&self.metrics.node_best_block, health.best),
                 (&self.metrics.node_finalized_block, health.finalized),
@@ -244,6 +253,16 @@ impl Supervisor {
             ),
             Some(Verdict::Unknown) | None => {}
         }
+        match judgement.new_saturated {
+            Some(true) => warn!(
+                node = %target,
+                refusal = saturated.unwrap_or_default(),
+                "node is saturated: it refuses new connections (too many connections); it keeps \
+                 its clients and its place in the kernel table, and gets no new gateway clients"
+            ),
+            Some(false) => info!(node = %target, "node is no longer saturated"),
+            None => {}
+        }
         if judgement.changed {
             self.publish();
         }
@@ -262,23 +281,25 @@ impl Supervisor {
             &self.metrics.node_best_block,
             &self.metrics.node_finalized_block,
             &self.metrics.node_lag_blocks,
+            &self.metrics.node_saturated,
         ] {
             family.remove(&labels);
         }
     }
 }
 
-/// Checks `target` forever: a check, then a wait from that check's start for the interval
-/// the supervisor's verdict asks for.
+/// Checks `target` forever, on the connection its checks share: a check, then a wait from that
+/// check's start for the interval the supervisor's verdict asks for.
 async fn check_node(
     target: Target,
     mut settings: watch::Receiver<HealthSettings>,
     checks: mpsc::Sender<Check>,
 ) {
+    let mut prober = Prober::new(target);
     loop {
         let timeout = settings.borrow_and_update().timeout;
         let started = Instant::now();
-        let observation = probe(target.endpoint, target.check, timeout).await;
+        let observation = prober.check(timeout).await;
         let (next_sender, next) = oneshot::channel();
         let check = Check {
             target,

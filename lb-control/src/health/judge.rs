@@ -1,7 +1,10 @@
 //! Turns what checks observe into verdicts: the first check decides, afterwards `fall` failures
 //! in a row take a node out and `rise` good checks bring it back; an answering node fails when
 //! it is syncing, has no peers, has not moved its best block for `stall_after`, or trails its
-//! chain's best block by more than `max_lag`.
+//! chain's best block by more than `max_lag`. A node that refuses new connections with "too
+//! many connections" is saturated, which is not a failure: when the checker still holds its
+//! connection the node is judged on its answer there, and when it holds none the node, alive
+//! but full, keeps its verdict (a node not judged yet counts as healthy).
 //!
 //! No I/O and no clock: times come in with each observation, so every rule is tested without
 //! sleeping.
@@ -21,7 +24,34 @@ pub enum Observation {
     Chain(ChainStatus),
     /// A TCP check connected.
     Connected,
+    /// The node refuses new connections with "too many connections".
+    Saturated(Saturation),
     Failed(ProbeFailure),
+}
+
+impl Observation {
+    /// The node's answer, if it gave one.
+    pub fn chain_status(&self) -> Option<&ChainStatus> {
+        match self {
+            Observation::Chain(status)
+            | Observation::Saturated(Saturation {
+                status: Some(status),
+                ..
+            }) => Some(status),
+            Observation::Saturated(_) | Observation::Connected | Observation::Failed(_) => None,
+        }
+    }
+}
+
+/// A node whose connection slots are all taken: it answers a new connection with `HTTP 429`
+/// "Too many connections".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saturation {
+    /// Its answer on the connection the checker holds; `None` when the checker holds none
+    /// (it lost it while the node was full).
+    pub status: Option<ChainStatus>,
+    /// How it refused: `HTTP 429 Too Many Requests: Too many connections. …`.
+    pub refusal: String,
 }
 
 /// A Substrate node's answer to one check.
@@ -56,6 +86,8 @@ pub enum CheckResult {
     NoPeers,
     Lagging,
     Stalled,
+    /// Saturated, and the checker holds no connection to ask it on.
+    Saturated,
 }
 
 impl CheckResult {
@@ -69,6 +101,7 @@ impl CheckResult {
             CheckResult::NoPeers => "no_peers",
             CheckResult::Lagging => "lagging",
             CheckResult::Stalled => "stalled",
+            CheckResult::Saturated => "saturated",
         }
     }
 }
@@ -79,6 +112,8 @@ pub struct Judgement {
     pub result: CheckResult,
     /// The node's new verdict, when this check changed it.
     pub new_verdict: Option<Verdict>,
+    /// Whether the node is saturated now, when this check changed it.
+    pub new_saturated: Option<bool>,
     /// Whether a snapshot would show more than a new check time.
     pub changed: bool,
     /// The node is between verdicts: check it again soon.
@@ -108,6 +143,8 @@ struct NodeRecord {
 /// One check's outcome before rise/fall.
 struct Finding {
     result: CheckResult,
+    /// Whether the check counts as passed, failed, or (`None`) neither.
+    passed: Option<bool>,
     reason: Option<String>,
     badness: Badness,
 }
@@ -168,10 +205,9 @@ impl Judge {
         let chains_before = self.chain_bests();
         let record = self.nodes.get_mut(target)?;
         record.note_head(observation, now);
-        let chain_best = match observation {
-            Observation::Chain(status) => self.chain_best(&status.genesis),
-            Observation::Connected | Observation::Failed(_) => None,
-        };
+        let chain_best = observation
+            .chain_status()
+            .and_then(|status| self.chain_best(&status.genesis));
         let record = self.nodes.get_mut(target)?;
         let finding = assess(
             &self.settings,
@@ -180,10 +216,12 @@ impl Judge {
             record.progress,
             now,
         );
-        let new_verdict = record.count(finding.result == CheckResult::Ok, &self.settings);
+        let new_verdict = record.count(finding.passed, &self.settings);
 
         let before = record.health.clone();
         record.apply(observation, &finding, chain_best, checked_at);
+        let new_saturated =
+            (record.health.saturated != before.saturated).then_some(record.health.saturated);
         let shown_changed = NodeHealth {
             last_checked: before.last_checked,
             ..record.health.clone()
@@ -192,6 +230,7 @@ impl Judge {
         Some(Judgement {
             result: finding.result,
             new_verdict,
+            new_saturated,
             changed: shown_changed || self.chain_bests() != chains_before,
             pending,
         })
@@ -239,13 +278,11 @@ impl Judge {
 
 impl NodeRecord {
     fn note_head(&mut self, observation: &Observation, now: Instant) {
-        self.head = match observation {
-            Observation::Chain(status) if !status.is_syncing => {
-                Some((status.genesis.clone(), status.best))
-            }
-            Observation::Chain(_) | Observation::Connected | Observation::Failed(_) => None,
-        };
-        if let Observation::Chain(status) = observation {
+        let status = observation.chain_status();
+        self.head = status
+            .filter(|status| !status.is_syncing)
+            .map(|status| (status.genesis.clone(), status.best));
+        if let Some(status) = status {
             // Any move counts as progress: a reorg to a lower number is a live node too.
             if self.progress.is_none_or(|(best, _)| best != status.best) {
                 self.progress = Some((status.best, now));
@@ -253,20 +290,23 @@ impl NodeRecord {
         }
     }
 
-    /// Rise/fall: returns the new verdict when this check changes it.
-    fn count(&mut self, passed: bool, settings: &HealthSettings) -> Option<Verdict> {
+    /// Rise/fall: returns the new verdict when this check changes it. A check that neither
+    /// passed nor failed (`None`: a saturated node the checker cannot ask) leaves an unhealthy
+    /// node as it is and counts as passed otherwise: the node is alive.
+    fn count(&mut self, passed: Option<bool>, settings: &HealthSettings) -> Option<Verdict> {
         let new_verdict = match (self.health.verdict, passed) {
-            (Verdict::Unknown, true) => Some(Verdict::Healthy),
-            (Verdict::Unknown, false) => Some(Verdict::Unhealthy),
-            (Verdict::Healthy, true) | (Verdict::Unhealthy, false) => {
+            (Verdict::Unhealthy, None) => None,
+            (Verdict::Unknown, Some(true) | None) => Some(Verdict::Healthy),
+            (Verdict::Unknown, Some(false)) => Some(Verdict::Unhealthy),
+            (Verdict::Healthy, Some(true) | None) | (Verdict::Unhealthy, Some(false)) => {
                 self.streak = 0;
                 None
             }
-            (Verdict::Healthy, false) => {
+            (Verdict::Healthy, Some(false)) => {
                 self.streak += 1;
                 (self.streak >= settings.fall).then_some(Verdict::Unhealthy)
             }
-            (Verdict::Unhealthy, true) => {
+            (Verdict::Unhealthy, Some(true)) => {
                 self.streak += 1;
                 (self.streak >= settings.rise).then_some(Verdict::Healthy)
             }
@@ -286,15 +326,13 @@ impl NodeRecord {
         checked_at: SystemTime,
     ) {
         let health = &mut self.health;
-        match observation {
-            Observation::Chain(status) => {
-                health.best = Some(status.best);
-                health.finalized = Some(status.finalized);
-                health.lag = chain_best.map(|chain_best| chain_best.saturating_sub(status.best));
-                health.genesis = Some(status.genesis.clone());
-            }
-            Observation::Connected | Observation::Failed(_) => {}
+        if let Some(status) = observation.chain_status() {
+            health.best = Some(status.best);
+            health.finalized = Some(status.finalized);
+            health.lag = chain_best.map(|chain_best| chain_best.saturating_sub(status.best));
+            health.genesis = Some(status.genesis.clone());
         }
+        health.saturated = matches!(observation, Observation::Saturated(_));
         if let Some(reason) = &finding.reason {
             health.last_error = Some(reason.clone());
         }
@@ -325,6 +363,7 @@ fn assess(
 ) -> Finding {
     let failed = |result, reason: String, condition| Finding {
         result,
+        passed: Some(false),
         reason: Some(reason),
         badness: Badness {
             condition,
@@ -332,10 +371,26 @@ fn assess(
         },
     };
     let status = match observation {
-        Observation::Chain(status) => status,
+        Observation::Chain(status)
+        | Observation::Saturated(Saturation {
+            status: Some(status),
+            ..
+        }) => status,
+        Observation::Saturated(Saturation { status: None, .. }) => {
+            return Finding {
+                result: CheckResult::Saturated,
+                passed: None,
+                reason: None,
+                badness: Badness {
+                    condition: Condition::Answering,
+                    blocks_behind: 0,
+                },
+            };
+        }
         Observation::Connected => {
             return Finding {
                 result: CheckResult::Ok,
+                passed: Some(true),
                 reason: None,
                 badness: Badness {
                     condition: Condition::Answering,
@@ -397,6 +452,7 @@ fn assess(
     };
     Finding {
         result,
+        passed: Some(result == CheckResult::Ok),
         reason,
         badness: Badness {
             condition: Condition::Answering,
@@ -718,6 +774,64 @@ mod tests {
             bench.health(4).reason.as_deref(),
             Some("bad answer: HTTP 503")
         );
+    }
+
+    fn saturated(status: Option<Observation>) -> Observation {
+        Observation::Saturated(Saturation {
+            status: status.and_then(|observation| observation.chain_status().cloned()),
+            refusal: "HTTP 429 Too Many Requests: Too many connections".to_owned(),
+        })
+    }
+
+    #[test]
+    fn a_saturated_node_is_judged_on_its_held_connection_and_never_down_for_being_full() {
+        let mut bench = Bench::new(HealthSettings::default(), 4);
+        bench.check(1, at_block(100));
+
+        // Answers on the checker's connection, refuses new ones: healthy, and saturated.
+        let full = bench.check(1, saturated(Some(at_block(100))));
+        assert_eq!(
+            (full.result, full.new_saturated),
+            (CheckResult::Ok, Some(true))
+        );
+        assert!(full.changed);
+        assert_eq!(bench.health(1).verdict, Verdict::Healthy);
+        assert!(bench.health(1).saturated);
+
+        // No connection left to ask on: still not down however long it lasts, and a failure
+        // before it does not count toward `fall`.
+        bench.check(1, refused());
+        for _ in 0..5 {
+            let judgement = bench.check(1, saturated(None));
+            assert_eq!(judgement.result, CheckResult::Saturated);
+            assert_eq!((judgement.new_verdict, judgement.pending), (None, false));
+        }
+        bench.check(1, refused());
+        assert_eq!(bench.health(1).verdict, Verdict::Healthy);
+        assert_eq!(bench.health(1).best, Some(100));
+
+        // A node first seen saturated is in at once.
+        assert_eq!(
+            bench.check(2, saturated(None)).new_verdict,
+            Some(Verdict::Healthy)
+        );
+
+        // Full and behind is down for being behind; an unhealthy node the checker cannot ask
+        // stays unhealthy.
+        bench.check(1, at_block(104));
+        let behind = bench.check(3, saturated(Some(at_block(90))));
+        assert_eq!(behind.result, CheckResult::Lagging);
+        assert_eq!(bench.health(3).verdict, Verdict::Unhealthy);
+        bench.check(4, refused());
+        bench.check(4, saturated(None));
+        bench.check(4, saturated(None));
+        assert_eq!(bench.health(4).verdict, Verdict::Unhealthy);
+        assert!(bench.health(4).saturated);
+
+        // Admitting new connections again ends it.
+        let admitted = bench.check(2, at_block(104));
+        assert_eq!(admitted.new_saturated, Some(false));
+        assert!(!bench.health(2).saturated);
     }
 
     #[test]

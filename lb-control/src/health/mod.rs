@@ -2,14 +2,18 @@
 //!
 //! A Substrate node that accepts connections is not necessarily useful: it may be syncing,
 //! cut off from its peers, stuck on an old block, or a few blocks behind the others, and a
-//! client reading from it sees the past. So each node is asked, over a fresh connection per
-//! check, for `system_health`, its best and finalized block and its genesis hash, and judged
-//! against the other nodes of the same chain (same genesis hash): one that trails the best of
-//! them by more than `max_lag` blocks, or whose best block has not moved for `stall_after`, is
-//! unhealthy like one that does not answer.
+//! client reading from it sees the past. So each node is asked, over a WebSocket the checker
+//! keeps open across checks, for `system_health`, its best and finalized block and its genesis
+//! hash, and judged against the other nodes of the same chain (same genesis hash): one that
+//! trails the best of them by more than `max_lag` blocks, or whose best block has not moved for
+//! `stall_after`, is unhealthy like one that does not answer.
+//!
+//! A node whose connection slots are all taken by clients answers new connections with `HTTP
+//! 429` "Too many connections". That node is **saturated**, not down: it keeps its place in the
+//! kernel's table (its clients keep working), and the gateway places no new clients on it.
 //!
 //! - [`settings`](HealthSettings): the `[health]` config section.
-//! - `probe`: one check of one node (I/O only).
+//! - `probe`: one check of one node, on the connection it keeps (I/O only).
 //! - `judge`: turns checks into verdicts (rise/fall, lag, stall, badness); pure and synchronous,
 //!   so its rules are tested with synthetic times.
 //! - `checker`: one task per node, so a slow node never delays the others, and a supervisor
@@ -98,6 +102,10 @@ pub struct NodeHealth {
     pub genesis: Option<String>,
     /// The last failed check's error, kept after the node recovers.
     pub last_error: Option<String>,
+    /// The node refused the checker's new connection at its last check with "too many
+    /// connections" (HTTP 429): every connection slot is taken. It is not down for that: it
+    /// stays in the kernel's table and keeps its clients, but gets no new gateway clients.
+    pub saturated: bool,
     /// When the last check finished (RFC 3339).
     #[serde(serialize_with = "serialize_time")]
     #[schema(value_type = Option<String>, example = "2026-11-25T15:20:00.123Z")]
@@ -128,6 +136,7 @@ impl NodeHealth {
             lag: None,
             genesis: None,
             last_error: None,
+            saturated: false,
             last_checked: None,
         }
     }

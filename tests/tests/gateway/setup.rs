@@ -336,6 +336,7 @@ pub fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
             },
             state: State::Up,
             fallback: false,
+            saturated: false,
         })
         .collect();
     ClusterView {
