@@ -9,7 +9,9 @@
 //! what it serves.
 //!
 //! Names follow polkadot-sdk's `sc-rpc-api` (aliases included, each a row of its own); the
-//! unsafe ones are the callers of `check_if_safe` in `sc-rpc`. Cache parameter positions and
+//! unsafe ones are the callers of `check_if_safe` in `sc-rpc` and the RPC crates beside it
+//! (`substrate-frame-rpc-system`, `substrate-state-trie-migration-rpc`, `sc-consensus-babe-rpc`),
+//! each with the error its family answers. Cache parameter positions and
 //! names follow the same traits (e.g. `fn storage(&self, key: StorageKey, hash: Option<Hash>)`),
 //! so a call by position (`[key, hash]`) and by name (`{"key": …, "hash": …}`) classify alike.
 //!
@@ -22,9 +24,45 @@ use std::{collections::HashMap, sync::LazyLock};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Safety {
     Safe,
-    /// Refused by such a node, and by the gateway unless its config allows it.
-    Unsafe,
+    /// Refused by such a node with this answer, and by the gateway unless its config allows it.
+    Unsafe(Refusal),
+    /// Refused so only when the call leaves out an optional parameter (position `at`, or
+    /// `name` in a by-name call) or gives it as `null`; served otherwise.
+    /// `state_subscribeStorage` without keys follows every storage change.
+    UnsafeWithout {
+        at: usize,
+        name: &'static str,
+        refusal: Refusal,
+    },
 }
+
+/// The JSON-RPC error a `--rpc-methods safe` node answers to an unsafe call, as it sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: i32,
+    pub message: &'static str,
+}
+
+/// `sc_rpc_api::UnsafeRpcError`'s text (polkadot-sdk `substrate/client/rpc-api/src/policy.rs:61`).
+const UNSAFE_RPC_MESSAGE: &str = "RPC call is unsafe to be called externally";
+
+/// `UnsafeRpcError` made a JSON-RPC error as it is: jsonrpsee's "method not found" code
+/// (`rpc-api/src/policy.rs:67-70`). Each family whose error type passes it through
+/// (`Error::UnsafeRpcCalled(e) => e.into()`: author, system, offchain, dev, statement, babe)
+/// or that returns it as an `RpcResult` (`system_dryRun`, `state_trieMigrationStatus`,
+/// `statement_dump`), and `state_subscribeStorage`'s rejection, answer this.
+pub const UNSAFE_RPC: Refusal = Refusal {
+    code: -32601,
+    message: UNSAFE_RPC_MESSAGE,
+};
+
+/// The same error inside `sc_rpc_api::state::Error::UnsafeRpcCalled` (transparent, so the same
+/// text), which the state family maps to its catch-all code 4003 (`rpc-api/src/state/error.rs:52,67`):
+/// what the `state_*` methods of `sc-rpc` that call `check_if_safe` answer.
+pub const UNSAFE_IN_STATE: Refusal = Refusal {
+    code: 4003,
+    message: UNSAFE_RPC_MESSAGE,
+};
 
 /// What a call is, for metrics and for the retry rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +158,19 @@ use CacheRule::{Always, BlockHash, Never, RuntimeCall};
 use FeedKind::{BestHead, FinalizedHead, RuntimeVersion};
 use MethodClass::{Author, Read};
 use Reuse::{UntilNewHead, UntilRuntimeUpgrade};
-use Safety::{Safe, Unsafe};
+use Safety::Safe;
+
+/// The table's safety column: refused as a node refuses, with [`UNSAFE_RPC`] …
+const UNSAFE: Safety = Safety::Unsafe(UNSAFE_RPC);
+/// … or, for the state family, with [`UNSAFE_IN_STATE`] …
+const UNSAFE_STATE: Safety = Safety::Unsafe(UNSAFE_IN_STATE);
+/// … or only without keys: `sc-rpc`'s `subscribe_storage` checks `keys.is_none()` and rejects
+/// the subscription with the bare `UnsafeRpcError` (`state/state_full.rs:431-433`).
+const UNSAFE_WITHOUT_KEYS: Safety = Safety::UnsafeWithout {
+    at: 0,
+    name: "keys",
+    refusal: UNSAFE_RPC,
+};
 
 const fn row(
     name: &'static str,
@@ -167,101 +217,106 @@ const fn unsubscribe(feed: Option<FeedKind>) -> Option<Subscription> {
 /// Every method the gateway knows something of; anything else gets [`UNLISTED`].
 #[rustfmt::skip] // One row a line: the table is read as a table.
 pub const METHODS: &[(&str, Method)] = &[
-    //   name                                  safety  class   cache                                    subscription
+    //   name                                  safety               class   cache                                    subscription
     // chain
-    row("chain_getBlock",                      Safe,   Read,   at_block(0, "hash", UntilNewHead),       None),
-    row("chain_getHeader",                     Safe,   Read,   at_block(0, "hash", UntilNewHead),       None),
-    row("chain_getBlockHash",                  Safe,   Read,   BlockHash,                               None),
-    row("chain_getHead",                       Safe,   Read,   BlockHash,                               None),
-    row("chain_getFinalizedHead",              Safe,   Read,   Always(UntilNewHead),                    None),
-    row("chain_getFinalisedHead",              Safe,   Read,   Always(UntilNewHead),                    None),
-    row("chain_getRuntimeVersion",             Safe,   Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
-    row("chain_subscribeNewHeads",             Safe,   Read,   Never,  subscribe(Some(BestHead), "chain_unsubscribeNewHeads", "chain_newHead")),
-    row("chain_subscribeNewHead",              Safe,   Read,   Never,  subscribe(Some(BestHead), "chain_unsubscribeNewHead", "chain_newHead")),
-    row("subscribe_newHead",                   Safe,   Read,   Never,  subscribe(Some(BestHead), "unsubscribe_newHead", "chain_newHead")),
-    row("chain_unsubscribeNewHeads",           Safe,   Read,   Never,  unsubscribe(Some(BestHead))),
-    row("chain_unsubscribeNewHead",            Safe,   Read,   Never,  unsubscribe(Some(BestHead))),
-    row("unsubscribe_newHead",                 Safe,   Read,   Never,  unsubscribe(Some(BestHead))),
-    row("chain_subscribeFinalizedHeads",       Safe,   Read,   Never,  subscribe(Some(FinalizedHead), "chain_unsubscribeFinalizedHeads", "chain_finalizedHead")),
-    row("chain_subscribeFinalisedHeads",       Safe,   Read,   Never,  subscribe(Some(FinalizedHead), "chain_unsubscribeFinalisedHeads", "chain_finalizedHead")),
-    row("chain_unsubscribeFinalizedHeads",     Safe,   Read,   Never,  unsubscribe(Some(FinalizedHead))),
-    row("chain_unsubscribeFinalisedHeads",     Safe,   Read,   Never,  unsubscribe(Some(FinalizedHead))),
-    row("chain_subscribeAllHeads",             Safe,   Read,   Never,  subscribe(None, "chain_unsubscribeAllHeads", "chain_allHead")),
-    row("chain_unsubscribeAllHeads",           Safe,   Read,   Never,  unsubscribe(None)),
-    row("chain_subscribeRuntimeVersion",       Safe,   Read,   Never,  subscribe(Some(RuntimeVersion), "chain_unsubscribeRuntimeVersion", "state_runtimeVersion")),
-    row("chain_unsubscribeRuntimeVersion",     Safe,   Read,   Never,  unsubscribe(Some(RuntimeVersion))),
+    row("chain_getBlock",                      Safe,                Read,   at_block(0, "hash", UntilNewHead),       None),
+    row("chain_getHeader",                     Safe,                Read,   at_block(0, "hash", UntilNewHead),       None),
+    row("chain_getBlockHash",                  Safe,                Read,   BlockHash,                               None),
+    row("chain_getHead",                       Safe,                Read,   BlockHash,                               None),
+    row("chain_getFinalizedHead",              Safe,                Read,   Always(UntilNewHead),                    None),
+    row("chain_getFinalisedHead",              Safe,                Read,   Always(UntilNewHead),                    None),
+    row("chain_getRuntimeVersion",             Safe,                Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
+    row("chain_subscribeNewHeads",             Safe,                Read,   Never,  subscribe(Some(BestHead), "chain_unsubscribeNewHeads", "chain_newHead")),
+    row("chain_subscribeNewHead",              Safe,                Read,   Never,  subscribe(Some(BestHead), "chain_unsubscribeNewHead", "chain_newHead")),
+    row("subscribe_newHead",                   Safe,                Read,   Never,  subscribe(Some(BestHead), "unsubscribe_newHead", "chain_newHead")),
+    row("chain_unsubscribeNewHeads",           Safe,                Read,   Never,  unsubscribe(Some(BestHead))),
+    row("chain_unsubscribeNewHead",            Safe,                Read,   Never,  unsubscribe(Some(BestHead))),
+    row("unsubscribe_newHead",                 Safe,                Read,   Never,  unsubscribe(Some(BestHead))),
+    row("chain_subscribeFinalizedHeads",       Safe,                Read,   Never,  subscribe(Some(FinalizedHead), "chain_unsubscribeFinalizedHeads", "chain_finalizedHead")),
+    row("chain_subscribeFinalisedHeads",       Safe,                Read,   Never,  subscribe(Some(FinalizedHead), "chain_unsubscribeFinalisedHeads", "chain_finalizedHead")),
+    row("chain_unsubscribeFinalizedHeads",     Safe,                Read,   Never,  unsubscribe(Some(FinalizedHead))),
+    row("chain_unsubscribeFinalisedHeads",     Safe,                Read,   Never,  unsubscribe(Some(FinalizedHead))),
+    row("chain_subscribeAllHeads",             Safe,                Read,   Never,  subscribe(None, "chain_unsubscribeAllHeads", "chain_allHead")),
+    row("chain_unsubscribeAllHeads",           Safe,                Read,   Never,  unsubscribe(None)),
+    row("chain_subscribeRuntimeVersion",       Safe,                Read,   Never,  subscribe(Some(RuntimeVersion), "chain_unsubscribeRuntimeVersion", "state_runtimeVersion")),
+    row("chain_unsubscribeRuntimeVersion",     Safe,                Read,   Never,  unsubscribe(Some(RuntimeVersion))),
     // state
-    row("state_call",                          Safe,   Read,   RuntimeCall,                             None),
-    row("state_callAt",                        Safe,   Read,   RuntimeCall,                             None),
-    row("state_getStorage",                    Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getStorageAt",                  Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getStorageHash",                Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getStorageHashAt",              Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getStorageSize",                Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getStorageSizeAt",              Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_getKeys",                       Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_call",                          Safe,                Read,   RuntimeCall,                             None),
+    row("state_callAt",                        Safe,                Read,   RuntimeCall,                             None),
+    row("state_getStorage",                    Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getStorageAt",                  Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getStorageHash",                Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getStorageHashAt",              Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getStorageSize",                Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getStorageSizeAt",              Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_getKeys",                       Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
     // (prefix, count, start_key, hash)
-    row("state_getKeysPaged",                  Safe,   Read,   at_block(3, "hash", UntilNewHead),       None),
-    row("state_getKeysPagedAt",                Safe,   Read,   at_block(3, "hash", UntilNewHead),       None),
-    row("state_getReadProof",                  Safe,   Read,   at_block(1, "hash", UntilNewHead),       None),
-    row("state_queryStorageAt",                Safe,   Read,   at_block(1, "at", UntilNewHead),         None),
-    row("state_getMetadata",                   Safe,   Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
-    row("state_getRuntimeVersion",             Safe,   Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
+    row("state_getKeysPaged",                  Safe,                Read,   at_block(3, "hash", UntilNewHead),       None),
+    row("state_getKeysPagedAt",                Safe,                Read,   at_block(3, "hash", UntilNewHead),       None),
+    row("state_getReadProof",                  Safe,                Read,   at_block(1, "hash", UntilNewHead),       None),
+    row("state_queryStorageAt",                Safe,                Read,   at_block(1, "at", UntilNewHead),         None),
+    row("state_getMetadata",                   Safe,                Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
+    row("state_getRuntimeVersion",             Safe,                Read,   at_block(0, "hash", UntilRuntimeUpgrade), None),
     // (child_storage_key, …, hash)
-    row("state_getChildReadProof",             Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("state_getPairs",                      Unsafe, Read,   Never,                                   None),
-    row("state_traceBlock",                    Unsafe, Read,   Never,                                   None),
-    row("state_trieMigrationStatus",           Unsafe, Read,   Never,                                   None),
-    row("state_subscribeRuntimeVersion",       Safe,   Read,   Never,  subscribe(Some(RuntimeVersion), "state_unsubscribeRuntimeVersion", "state_runtimeVersion")),
-    row("state_unsubscribeRuntimeVersion",     Safe,   Read,   Never,  unsubscribe(Some(RuntimeVersion))),
-    row("state_subscribeStorage",              Safe,   Read,   Never,  subscribe(None, "state_unsubscribeStorage", "state_storage")),
-    row("state_unsubscribeStorage",            Safe,   Read,   Never,  unsubscribe(None)),
+    row("state_getChildReadProof",             Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("state_queryStorage",                  UNSAFE_STATE,        Read,   Never,                                   None),
+    row("state_getPairs",                      UNSAFE_STATE,        Read,   Never,                                   None),
+    row("state_traceBlock",                    UNSAFE_STATE,        Read,   Never,                                   None),
+    row("state_trieMigrationStatus",           UNSAFE,              Read,   Never,                                   None),
+    row("state_subscribeRuntimeVersion",       Safe,                Read,   Never,  subscribe(Some(RuntimeVersion), "state_unsubscribeRuntimeVersion", "state_runtimeVersion")),
+    row("state_unsubscribeRuntimeVersion",     Safe,                Read,   Never,  unsubscribe(Some(RuntimeVersion))),
+    row("state_subscribeStorage",              UNSAFE_WITHOUT_KEYS, Read,   Never,  subscribe(None, "state_unsubscribeStorage", "state_storage")),
+    row("state_unsubscribeStorage",            Safe,                Read,   Never,  unsubscribe(None)),
     // childstate: (child_storage_key, …, hash)
-    row("childstate_getStorage",               Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("childstate_getStorageHash",           Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("childstate_getStorageSize",           Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("childstate_getStorageEntries",        Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("childstate_getKeys",                  Safe,   Read,   at_block(2, "hash", UntilNewHead),       None),
-    row("childstate_getKeysPaged",             Safe,   Read,   at_block(4, "hash", UntilNewHead),       None),
+    row("childstate_getStorage",               Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("childstate_getStorageHash",           Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("childstate_getStorageSize",           Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("childstate_getStorageEntries",        Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("childstate_getKeys",                  Safe,                Read,   at_block(2, "hash", UntilNewHead),       None),
+    row("childstate_getKeysPaged",             Safe,                Read,   at_block(4, "hash", UntilNewHead),       None),
     // system
-    row("system_health",                       Safe,   Read,   Always(UntilNewHead),                    None),
-    row("system_chain",                        Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
-    row("system_chainType",                    Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
-    row("system_properties",                   Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
-    row("system_name",                         Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
-    row("system_version",                      Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
-    row("system_addLogFilter",                 Unsafe, Read,   Never,                                   None),
-    row("system_addReservedPeer",              Unsafe, Read,   Never,                                   None),
-    row("system_dryRun",                       Unsafe, Read,   Never,                                   None),
-    row("system_dryRunAt",                     Unsafe, Read,   Never,                                   None),
-    row("system_peers",                        Unsafe, Read,   Never,                                   None),
-    row("system_removeReservedPeer",           Unsafe, Read,   Never,                                   None),
-    row("system_resetLogFilter",               Unsafe, Read,   Never,                                   None),
-    row("system_unstable_networkState",        Unsafe, Read,   Never,                                   None),
-    row("rpc_methods",                         Safe,   Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_health",                       Safe,                Read,   Always(UntilNewHead),                    None),
+    row("system_chain",                        Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_chainType",                    Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_properties",                   Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_name",                         Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_version",                      Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
+    row("system_addLogFilter",                 UNSAFE,              Read,   Never,                                   None),
+    row("system_addReservedPeer",              UNSAFE,              Read,   Never,                                   None),
+    row("system_dryRun",                       UNSAFE,              Read,   Never,                                   None),
+    row("system_dryRunAt",                     UNSAFE,              Read,   Never,                                   None),
+    row("system_peers",                        UNSAFE,              Read,   Never,                                   None),
+    row("system_removeReservedPeer",           UNSAFE,              Read,   Never,                                   None),
+    row("system_resetLogFilter",               UNSAFE,              Read,   Never,                                   None),
+    row("system_unstable_networkState",        UNSAFE,              Read,   Never,                                   None),
+    row("rpc_methods",                         Safe,                Read,   Always(UntilRuntimeUpgrade),             None),
     // author
-    row("author_hasKey",                       Unsafe, Author, Never,                                   None),
-    row("author_hasSessionKeys",               Unsafe, Author, Never,                                   None),
-    row("author_insertKey",                    Unsafe, Author, Never,                                   None),
-    row("author_removeExtrinsic",              Unsafe, Author, Never,                                   None),
-    row("author_rotateKeys",                   Unsafe, Author, Never,                                   None),
-    row("author_submitAndWatchExtrinsic",      Safe,   Author, Never,  subscribe(None, "author_unwatchExtrinsic", "author_extrinsicUpdate")),
-    row("author_unwatchExtrinsic",             Safe,   Author, Never,  unsubscribe(None)),
+    row("author_hasKey",                       UNSAFE,              Author, Never,                                   None),
+    row("author_hasSessionKeys",               UNSAFE,              Author, Never,                                   None),
+    row("author_insertKey",                    UNSAFE,              Author, Never,                                   None),
+    row("author_removeExtrinsic",              UNSAFE,              Author, Never,                                   None),
+    row("author_rotateKeys",                   UNSAFE,              Author, Never,                                   None),
+    row("author_rotateKeysWithOwner",          UNSAFE,              Author, Never,                                   None),
+    row("author_submitAndWatchExtrinsic",      Safe,                Author, Never,  subscribe(None, "author_unwatchExtrinsic", "author_extrinsicUpdate")),
+    row("author_unwatchExtrinsic",             Safe,                Author, Never,  unsubscribe(None)),
     // dev, offchain
-    row("dev_getBlockStats",                   Unsafe, Read,   Never,                                   None),
-    row("offchain_localStorageClear",          Unsafe, Read,   Never,                                   None),
-    row("offchain_localStorageGet",            Unsafe, Read,   Never,                                   None),
-    row("offchain_localStorageSet",            Unsafe, Read,   Never,                                   None),
+    row("dev_getBlockStats",                   UNSAFE,              Read,   Never,                                   None),
+    row("offchain_localStorageClear",          UNSAFE,              Read,   Never,                                   None),
+    row("offchain_localStorageGet",            UNSAFE,              Read,   Never,                                   None),
+    row("offchain_localStorageSet",            UNSAFE,              Read,   Never,                                   None),
+    // babe (sc-consensus-babe-rpc), statement store (sc-rpc before 51)
+    row("babe_epochAuthorship",                UNSAFE,              Read,   Never,                                   None),
+    row("statement_dump",                      UNSAFE,              Read,   Never,                                   None),
     // the new JSON-RPC API (json-rpc-interface-spec)
-    row("chainHead_v1_follow",                 Safe,   Read,   Never,  subscribe(None, "chainHead_v1_unfollow", "chainHead_v1_followEvent")),
-    row("chainHead_v1_unfollow",               Safe,   Read,   Never,  unsubscribe(None)),
-    row("transactionWatch_v1_submitAndWatch",  Safe,   Read,   Never,  subscribe(None, "transactionWatch_v1_unwatch", "transactionWatch_v1_watchEvent")),
-    row("transactionWatch_v1_unwatch",         Safe,   Read,   Never,  unsubscribe(None)),
+    row("chainHead_v1_follow",                 Safe,                Read,   Never,  subscribe(None, "chainHead_v1_unfollow", "chainHead_v1_followEvent")),
+    row("chainHead_v1_unfollow",               Safe,                Read,   Never,  unsubscribe(None)),
+    row("transactionWatch_v1_submitAndWatch",  Safe,                Read,   Never,  subscribe(None, "transactionWatch_v1_unwatch", "transactionWatch_v1_watchEvent")),
+    row("transactionWatch_v1_unwatch",         Safe,                Read,   Never,  unsubscribe(None)),
     // finality gadgets
-    row("grandpa_subscribeJustifications",     Safe,   Read,   Never,  subscribe(None, "grandpa_unsubscribeJustifications", "grandpa_justifications")),
-    row("grandpa_unsubscribeJustifications",   Safe,   Read,   Never,  unsubscribe(None)),
-    row("beefy_subscribeJustifications",       Safe,   Read,   Never,  subscribe(None, "beefy_unsubscribeJustifications", "beefy_justifications")),
-    row("beefy_unsubscribeJustifications",     Safe,   Read,   Never,  unsubscribe(None)),
+    row("grandpa_subscribeJustifications",     Safe,                Read,   Never,  subscribe(None, "grandpa_unsubscribeJustifications", "grandpa_justifications")),
+    row("grandpa_unsubscribeJustifications",   Safe,                Read,   Never,  unsubscribe(None)),
+    row("beefy_subscribeJustifications",       Safe,                Read,   Never,  subscribe(None, "beefy_unsubscribeJustifications", "beefy_justifications")),
+    row("beefy_unsubscribeJustifications",     Safe,                Read,   Never,  unsubscribe(None)),
 ];
 
 /// What a method the table does not list gets.
@@ -314,7 +369,10 @@ mod tests {
         assert_eq!(lookup("author_submitExtrinsic").class, MethodClass::Author);
         assert_eq!(lookup("author_submitExtrinsic").cache, CacheRule::Never);
         assert_eq!(lookup("chain_getHeader").class, MethodClass::Read);
-        assert_eq!(lookup("author_rotateKeys").safety, Safety::Unsafe);
+        assert_eq!(
+            lookup("author_rotateKeys").safety,
+            Safety::Unsafe(UNSAFE_RPC)
+        );
     }
 
     #[test]

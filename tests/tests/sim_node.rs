@@ -364,7 +364,6 @@ async fn unsafe_methods_are_refused_as_a_safe_rpc_node_does() {
         "author_hasKey",
         "system_addReservedPeer",
         "system_removeReservedPeer",
-        "state_getPairs",
     ] {
         let answer = http_call(&node, method, json!([])).await;
         assert_eq!(
@@ -373,6 +372,13 @@ async fn unsafe_methods_are_refused_as_a_safe_rpc_node_does() {
             "{method}"
         );
     }
+    // The state API's unsafe methods answer inside its error type: code 4003
+    // (polkadot-sdk substrate/client/rpc-api/src/state/error.rs:52,67).
+    let answer = http_call(&node, "state_getPairs", json!([])).await;
+    assert_eq!(
+        answer["error"],
+        json!({ "code": 4003, "message": "RPC call is unsafe to be called externally" })
+    );
 }
 
 #[tokio::test]

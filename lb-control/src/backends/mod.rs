@@ -5,6 +5,11 @@
 //! effective states are recomputed, every Maglev table is rebuilt once and pushed to the kernel,
 //! the gateway's view is replaced, one line is logged and the metrics are updated. Nothing is
 //! changed in memory or in the kernel unless the store write succeeded.
+//!
+//! The kernel calls (BPF system calls, tens of milliseconds for a large table) run on tokio's
+//! blocking threads, never on an async worker: a backend change does not hold up the gateway.
+//! Changes still reach the kernel one at a time and in commit order: each kernel call is made
+//! holding the set's lock, from a task of its own that no caller can cancel.
 
 mod reload;
 pub mod rotation;
@@ -14,12 +19,16 @@ mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::Arc,
+    panic,
+    sync::{Arc, PoisonError},
 };
 
 use serde::Serialize;
 use thiserror::Error;
-use tokio::sync::{Mutex, watch};
+use tokio::{
+    sync::{Mutex, OwnedMutexGuard, watch},
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 use utoipa::ToSchema;
 
@@ -60,6 +69,54 @@ impl KernelTables for dataplane::Dataplane {
 
     fn detach(&mut self) -> Result<(), DataplaneError> {
         dataplane::Dataplane::detach(self)
+    }
+}
+
+/// The kernel tables, called on a blocking thread.
+///
+/// `spawn_blocking` rather than a kernel thread fed by a channel: the set's lock already orders
+/// every call (each is made holding it, and waited for before the lock is let go), so a
+/// thread's queue would add no ordering, and tokio's blocking pool is already there for the
+/// store's fsync. The std mutex is never contended; it lets the call borrow the tables from a
+/// `'static` closure, and a call that panicked leaves them usable for the next push.
+#[derive(Clone)]
+struct Kernel(Arc<std::sync::Mutex<Box<dyn KernelTables>>>);
+
+impl Kernel {
+    fn new(tables: Box<dyn KernelTables>) -> Kernel {
+        Kernel(Arc::new(std::sync::Mutex::new(tables)))
+    }
+
+    /// Runs `call` with the tables on a blocking thread and waits for it.
+    async fn call<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&mut dyn KernelTables) -> T + Send + 'static,
+    ) -> T {
+        let tables = self.0.clone();
+        finish(tokio::task::spawn_blocking(move || {
+            let mut tables = tables.lock().unwrap_or_else(PoisonError::into_inner);
+            call(tables.as_mut())
+        }))
+        .await
+    }
+
+    async fn apply(
+        &self,
+        settings: LbSettings,
+        services: Vec<ServiceSpec>,
+    ) -> Result<ApplyReport, DataplaneError> {
+        self.call(move |tables| tables.apply(&settings, &services))
+            .await
+    }
+}
+
+/// The outcome of a task the set spawned: its panic goes on in the caller.
+async fn finish<T>(task: JoinHandle<T>) -> T {
+    match task.await {
+        Ok(value) => value,
+        Err(error) if error.is_panic() => panic::resume_unwind(error.into_panic()),
+        // Only a runtime shutting down cancels a task, and then no caller is left waiting.
+        Err(error) => unreachable!("a backend set task was cancelled: {error}"),
     }
 }
 
@@ -174,7 +231,7 @@ pub struct BackendStatus {
 
 struct Inner {
     store: Store,
-    kernel: Box<dyn KernelTables>,
+    kernel: Kernel,
     settings: LbSettings,
     services: BTreeMap<ServiceId, Service>,
     backends: BTreeMap<BackendId, Backend>,
@@ -188,8 +245,9 @@ struct Inner {
 
 /// The one owner of the backend set. Cheap to share: every method takes `&self`.
 pub struct BackendSet {
-    inner: Mutex<Inner>,
-    view: watch::Sender<Arc<ClusterView>>,
+    /// Shared with the task that pushes a change to the kernel and publishes it.
+    inner: Arc<Mutex<Inner>>,
+    view: Arc<watch::Sender<Arc<ClusterView>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -208,17 +266,17 @@ impl BackendSet {
         let services = store.services()?;
         let backends = store.backends()?;
         let set = BackendSet {
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 store,
-                kernel,
+                kernel: Kernel::new(kernel),
                 settings,
                 services: services.into_iter().map(|s| (s.id, s)).collect(),
                 backends: backends.into_iter().map(|b| (b.id, b)).collect(),
                 health: Arc::default(),
                 placements: BTreeMap::new(),
                 kernel_in_sync: false,
-            }),
-            view: watch::Sender::new(Arc::default()),
+            })),
+            view: Arc::new(watch::Sender::new(Arc::default())),
             metrics,
         };
         set.commit(Cause::Config, "start", |draft, tx| {
@@ -376,21 +434,33 @@ impl BackendSet {
 
     /// Pushes the set to the kernel again if the last push failed.
     pub async fn resync_kernel(&self) -> Result<(), ChangeError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         if inner.kernel_in_sync {
             return Ok(());
         }
         let specs = inner.draft().specs(&inner.placements);
         let settings = inner.settings.clone();
-        inner.kernel.apply(&settings, &specs)?;
-        inner.kernel_in_sync = true;
-        info!("the kernel tables caught up with the backend set");
-        Ok(())
+        finish(tokio::spawn(async move {
+            inner.kernel.apply(settings, specs).await?;
+            inner.kernel_in_sync = true;
+            info!("the kernel tables caught up with the backend set");
+            Ok(())
+        }))
+        .await
     }
 
     /// Detaches the kernel program (a clean shutdown); the stored set stays for the next start.
     pub async fn detach_kernel(&self) -> Result<(), DataplaneError> {
-        self.inner.lock().await.kernel.detach()
+        let inner = self.lock().await;
+        finish(tokio::spawn(async move {
+            inner.kernel.call(|tables| tables.detach()).await
+        }))
+        .await
+    }
+
+    /// The set's lock, owned, so a task of its own can hold it through a kernel call.
+    async fn lock(&self) -> OwnedMutexGuard<Inner> {
+        self.inner.clone().lock_owned().await
     }
 
     /// The one change path. `edit` changes a draft of the set and writes the same change to
@@ -402,7 +472,7 @@ impl BackendSet {
         what: &str,
         edit: impl FnOnce(&mut Draft, &mut Tx<'_>) -> Result<T, ChangeError>,
     ) -> Result<T, ChangeError> {
-        let mut inner = self.inner.lock().await;
+        let mut inner = self.lock().await;
         let mut draft = inner.draft();
         let health = inner.health.clone();
         let before = inner.placements.clone();
@@ -431,94 +501,106 @@ impl BackendSet {
         inner.settings = draft.settings.clone();
         inner.services = draft.services.clone();
         inner.backends = draft.backends.clone();
+        // Until the push below succeeds (a panic in it included), the kernel is behind.
+        inner.kernel_in_sync = false;
         let specs = draft.specs(&placements);
-        let report = inner.kernel.apply(&draft.settings, &specs);
         let view = Arc::new(draft.view(&placements));
-        let previous_view = self.view.send_replace(view.clone());
-        self.update_metrics(&previous_view, &view, cause);
-        inner.placements = placements;
-        inner.kernel_in_sync = report.is_ok();
-        match report {
-            Ok(report) => {
-                info!(
-                    cause = cause.name(),
-                    services = report.services,
-                    backends = report.backends,
-                    flows_purged = report.flows_purged,
-                    "{what}; {}",
-                    describe_rotation(&self.view())
-                );
-                Ok(value)
-            }
-            Err(error) => {
-                error!(
-                    cause = cause.name(),
-                    "{what}: the kernel tables were not updated (retried every second): {error}"
-                );
-                Err(error.into())
-            }
-        }
-    }
-
-    fn update_metrics(&self, before: &ClusterView, view: &ClusterView, cause: Cause) {
-        self.metrics.backend_set_changes.inc();
-        // Backends and services that went away stop being reported.
-        for service in &before.services {
-            for backend in &service.backends {
-                if view.backend(backend.backend.id).is_none() {
-                    self.metrics.backend_in_rotation.remove(&BackendLabels {
-                        service: service.name.clone(),
-                        backend: backend.backend.def.address.to_string(),
-                    });
+        let (views, metrics, what) = (self.view.clone(), self.metrics.clone(), what.to_owned());
+        // The kernel first, then the view: the gateway and the health checker see a change
+        // only once the kernel has it. A task of its own, holding the lock throughout: a
+        // caller that stops waiting (an admin request whose client went away) cancels none of
+        // it, and the next change waits for it.
+        let pushed = tokio::spawn(async move {
+            let report = inner.kernel.apply(draft.settings, specs).await;
+            let previous_view = views.send_replace(view.clone());
+            update_metrics(&metrics, &previous_view, &view, cause);
+            inner.placements = placements;
+            inner.kernel_in_sync = report.is_ok();
+            match report {
+                Ok(report) => {
+                    info!(
+                        cause = cause.name(),
+                        services = report.services,
+                        backends = report.backends,
+                        flows_purged = report.flows_purged,
+                        "{what}; {}",
+                        describe_rotation(&view)
+                    );
+                    Ok(())
+                }
+                Err(error) => {
+                    error!(
+                        cause = cause.name(),
+                        "{what}: the kernel tables were not updated (retried every second): \
+                         {error}"
+                    );
+                    Err(error)
                 }
             }
-            if !view
-                .services
-                .iter()
-                .any(|s| s.service.id == service.service.id)
-            {
-                self.metrics.service_fallback.remove(&ServiceLabels {
+        });
+        finish(pushed).await?;
+        Ok(value)
+    }
+}
+
+fn update_metrics(metrics: &Metrics, before: &ClusterView, view: &ClusterView, cause: Cause) {
+    metrics.backend_set_changes.inc();
+    // Backends and services that went away stop being reported.
+    for service in &before.services {
+        for backend in &service.backends {
+            if view.backend(backend.backend.id).is_none() {
+                metrics.backend_in_rotation.remove(&BackendLabels {
                     service: service.name.clone(),
+                    backend: backend.backend.def.address.to_string(),
                 });
             }
         }
-        for service in &view.services {
-            let mut fallback = false;
-            for backend in &service.backends {
-                let labels = BackendLabels {
-                    service: service.name.clone(),
-                    backend: backend.backend.def.address.to_string(),
-                };
-                self.metrics
-                    .backend_in_rotation
-                    .get_or_create(&labels)
-                    .set(i64::from(backend.state == State::Up));
-                fallback |= backend.fallback;
-                let previous = before.backend(backend.backend.id).map(|(_, b)| b.state);
-                if previous != Some(backend.state) {
-                    self.metrics
-                        .backend_transitions
-                        .get_or_create(&TransitionLabels {
-                            service: labels.service,
-                            backend: labels.backend,
-                            to: backend.state.name().to_owned(),
-                            cause: cause.name().to_owned(),
-                        })
-                        .inc();
-                }
+        if !view
+            .services
+            .iter()
+            .any(|s| s.service.id == service.service.id)
+        {
+            metrics.service_fallback.remove(&ServiceLabels {
+                service: service.name.clone(),
+            });
+        }
+    }
+    for service in &view.services {
+        let mut fallback = false;
+        for backend in &service.backends {
+            let labels = BackendLabels {
+                service: service.name.clone(),
+                backend: backend.backend.def.address.to_string(),
+            };
+            metrics
+                .backend_in_rotation
+                .get_or_create(&labels)
+                .set(i64::from(backend.state == State::Up));
+            fallback |= backend.fallback;
+            let previous = before.backend(backend.backend.id).map(|(_, b)| b.state);
+            if previous != Some(backend.state) {
+                metrics
+                    .backend_transitions
+                    .get_or_create(&TransitionLabels {
+                        service: labels.service,
+                        backend: labels.backend,
+                        to: backend.state.name().to_owned(),
+                        cause: cause.name().to_owned(),
+                    })
+                    .inc();
             }
-            self.metrics
-                .service_fallback
-                .get_or_create(&ServiceLabels {
-                    service: service.name.clone(),
-                })
-                .set(i64::from(fallback));
-            if fallback {
-                error!(
-                    service = %service.name,
-                    "every backend of the service is unhealthy: keeping the least bad in rotation"
-                );
-            }
+        }
+        metrics
+            .service_fallback
+            .get_or_create(&ServiceLabels {
+                service: service.name.clone(),
+            })
+            .set(i64::from(fallback));
+        if fallback {
+            error!(
+                service = %service.name,
+                "every backend of the service is unhealthy: keeping the least bad in rotation"
+            );
         }
     }
 }

@@ -5,6 +5,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::registry::Registry;
@@ -349,4 +350,151 @@ async fn a_saturated_backend_stays_up_in_the_kernel_and_is_marked_in_the_view() 
 
     set.apply_health(snapshot(&healthy)).await.unwrap();
     assert!(!set.view().services[0].backends[1].saturated);
+}
+
+/// A kernel whose every push takes `SLOW_PUSH`, as a large table's BPF system calls can.
+#[derive(Clone, Default)]
+struct SlowKernel(RecordedKernel);
+
+const SLOW_PUSH: Duration = Duration::from_millis(300);
+
+impl KernelTables for SlowKernel {
+    fn apply(
+        &mut self,
+        settings: &LbSettings,
+        services: &[ServiceSpec],
+    ) -> Result<ApplyReport, DataplaneError> {
+        std::thread::sleep(SLOW_PUSH);
+        self.0.apply(settings, services)
+    }
+
+    fn detach(&mut self) -> Result<(), DataplaneError> {
+        std::thread::sleep(SLOW_PUSH);
+        self.0.detach()
+    }
+}
+
+impl SlowKernel {
+    fn weight_of(&self, address: &str) -> Option<u32> {
+        let address: SocketAddr = address.parse().unwrap();
+        self.0
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|service| service.backends.iter())
+            .find(|backend| backend.addr == address)
+            .map(|backend| backend.weight)
+    }
+}
+
+async fn start_slow(dir: &TempDir, declared: &Declared) -> (Arc<BackendSet>, SlowKernel) {
+    let kernel = SlowKernel::default();
+    let set = BackendSet::start(
+        dir.store(),
+        Box::new(kernel.clone()),
+        settings(),
+        declared,
+        Arc::new(Metrics::register(&mut Registry::default())),
+    )
+    .await
+    .unwrap();
+    (Arc::new(set), kernel)
+}
+
+/// The longest pause between the ticks of a task that ticks every 10 ms, until dropped.
+struct Ticker {
+    longest_gap: Arc<Mutex<Duration>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start() -> Ticker {
+        let longest_gap = Arc::new(Mutex::new(Duration::ZERO));
+        let gap = longest_gap.clone();
+        let task = tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let now = Instant::now();
+                let mut longest = gap.lock().unwrap();
+                *longest = (*longest).max(now - last);
+                last = now;
+            }
+        });
+        Ticker { longest_gap, task }
+    }
+
+    /// Checks that the ticks never paused for half a slow push, up to now.
+    async fn assert_never_paused_long(&self, during: &str) {
+        // A few more ticks, so a pause that just ended is measured.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let gap = *self.longest_gap.lock().unwrap();
+        assert!(
+            gap < SLOW_PUSH / 2,
+            "{during}: a task on the same runtime paused {gap:?} while the kernel was busy"
+        );
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// One worker: a kernel push made on it would stop every other task for as long as it takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn slow_kernel_push_does_not_stall_other_tasks() {
+    let dir = TempDir::new("slow-kernel");
+    let (set, kernel) = start_slow(&dir, &declared(&[A, B])).await;
+    let b = set.view().services[0].backends[1].backend.id;
+    let ticker = Ticker::start();
+    let began = Instant::now();
+    // Spawned, so the change runs on the worker (the test's own future does not).
+    let changing = set.clone();
+    let changed = tokio::spawn(async move { changing.set_weight(b, 3).await });
+    changed.await.unwrap().unwrap();
+    assert!(
+        began.elapsed() >= SLOW_PUSH,
+        "the change waits for its push"
+    );
+    assert_eq!(
+        kernel.weight_of(B),
+        Some(3),
+        "pushed before the change returns"
+    );
+    ticker.assert_never_paused_long("a change").await;
+    // Detaching is a kernel call too (and one that no store write precedes).
+    let detaching = set.clone();
+    tokio::spawn(async move { detaching.detach_kernel().await })
+        .await
+        .unwrap()
+        .unwrap();
+    ticker.assert_never_paused_long("detaching").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn change_whose_caller_stops_waiting_is_still_pushed_and_published_in_order() {
+    let dir = TempDir::new("cancelled-change");
+    let (set, kernel) = start_slow(&dir, &declared(&[A, B])).await;
+    let b = set.view().services[0].backends[1].backend.id;
+    let mut view = set.subscribe();
+    // The caller gives up while the kernel is busy with its change (an admin request whose
+    // client went away).
+    let gave_up = tokio::time::timeout(SLOW_PUSH / 3, set.set_weight(b, 3)).await;
+    assert!(gave_up.is_err(), "the push takes {SLOW_PUSH:?}");
+    // The change still reaches the kernel and the view, before the next change.
+    let weight_in_view = |view: &ClusterView| view.backend(b).map(|(_, b)| b.backend.def.weight);
+    tokio::time::timeout(SLOW_PUSH * 3, async {
+        while weight_in_view(&view.borrow_and_update()) != Some(3) {
+            view.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the view shows the change");
+    assert_eq!(kernel.weight_of(B), Some(3));
+    set.set_weight(b, 4).await.unwrap();
+    assert_eq!(kernel.weight_of(B), Some(4));
+    assert_eq!(weight_in_view(&set.view()), Some(4));
 }

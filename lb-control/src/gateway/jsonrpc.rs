@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::methods::Refusal;
+
 /// Codes of the JSON-RPC 2.0 specification and, for the gateway's own limits, the codes
 /// jsonrpsee (the node's server) uses for the same conditions.
 pub mod code {
@@ -29,9 +31,6 @@ pub mod code {
     /// jsonrpsee's `TOO_MANY_SUBSCRIPTIONS_CODE`.
     pub const TOO_MANY_SUBSCRIPTIONS: i32 = -32006;
 }
-
-/// `sc_rpc_api::UnsafeRpcError`'s message.
-const NODE_UNSAFE_MESSAGE: &str = "RPC call is unsafe to be called externally";
 
 /// A JSON-RPC error object made by the gateway.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -97,9 +96,10 @@ impl RpcError {
         )
     }
 
-    /// A method of the node's unsafe list: the node's own answer on a `--rpc-methods safe` port.
-    pub fn node_unsafe() -> Self {
-        RpcError::new(code::METHOD_NOT_FOUND, NODE_UNSAFE_MESSAGE)
+    /// A method of the node's unsafe list: the node's own answer on a `--rpc-methods safe`
+    /// port, as the method table records it.
+    pub fn node_refusal(refusal: Refusal) -> Self {
+        RpcError::new(refusal.code, refusal.message)
     }
 
     /// A method the config's `deny` list refuses.

@@ -216,7 +216,7 @@ impl Pipeline {
         let id = call.id.as_deref()?;
         // The one lookup of the method table for this call.
         let method = methods::lookup(&call.method);
-        let (outcome, label) = match self.policy.refusal_of(&call.method, method) {
+        let (outcome, label) = match self.policy.refusal_of(call, method) {
             Some(refusal) => (Outcome::from(refusal), "refused"),
             None => self.resolve(call, method, client).await,
         };

@@ -447,13 +447,7 @@ impl Session {
     }
 
     fn route(&self, call: &Call, method: &Method) -> Route {
-        if call.id.is_none()
-            || self
-                .pipeline
-                .policy
-                .refusal_of(&call.method, method)
-                .is_some()
-        {
+        if call.id.is_none() || self.pipeline.policy.refusal_of(call, method).is_some() {
             return Route::Pipeline;
         }
         match method.subscription {

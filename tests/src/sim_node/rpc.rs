@@ -29,19 +29,22 @@ type RpcResult<T> = Result<T, ErrorObjectOwned>;
 const CHAIN_NAME: &str = "Development";
 const CHAIN_TYPE: &str = "Development";
 
-/// Methods a node refuses on a `--rpc-methods safe` port (`check_if_safe` in `sc-rpc`).
+/// Methods a node refuses on a `--rpc-methods safe` port (the callers of `check_if_safe` in
+/// `sc-rpc` and the RPC crates beside it) with the bare `UnsafeRpcError` (-32601). Those a real
+/// node's `rpc_methods` lists; `state_subscribeStorage` refuses only without keys (below).
 const UNSAFE_METHODS: &[&str] = &[
     "author_hasKey",
     "author_hasSessionKeys",
     "author_insertKey",
     "author_removeExtrinsic",
     "author_rotateKeys",
+    "babe_epochAuthorship",
     "dev_getBlockStats",
     "offchain_localStorageClear",
     "offchain_localStorageGet",
     "offchain_localStorageSet",
-    "state_getPairs",
-    "state_traceBlock",
+    "state_trieMigrationStatus",
+    "statement_dump",
     "system_addLogFilter",
     "system_addReservedPeer",
     "system_dryRun",
@@ -51,6 +54,9 @@ const UNSAFE_METHODS: &[&str] = &[
     "system_resetLogFilter",
     "system_unstable_networkState",
 ];
+
+/// The unsafe methods of `sc-rpc`'s state API, refused inside its error type (4003).
+const UNSAFE_STATE_METHODS: &[&str] = &["state_getPairs", "state_queryStorage", "state_traceBlock"];
 
 #[derive(Debug, thiserror::Error)]
 #[error("registering a JSON-RPC method")]
@@ -73,6 +79,11 @@ pub fn build_module(
     for method in UNSAFE_METHODS {
         module.register_method(method, |_, _, _| -> RpcResult<()> {
             Err(rpc_errors::unsafe_method())
+        })?;
+    }
+    for method in UNSAFE_STATE_METHODS {
+        module.register_method(method, |_, _, _| -> RpcResult<()> {
+            Err(rpc_errors::unsafe_state_method())
         })?;
     }
     let mut methods: Vec<&str> = module.method_names().chain(["rpc_methods"]).collect();
@@ -364,7 +375,13 @@ fn register_subscriptions(module: &mut RpcModule<Arc<NodeState>>) -> Result<(), 
         "state_unsubscribeStorage",
         |params, pending, node, _| async move {
             let keys = match params.sequence().optional_next::<Vec<HexBytes>>() {
-                Ok(keys) => keys.unwrap_or_default(),
+                Ok(Some(keys)) => keys,
+                // Every storage change: unsafe, as `sc-rpc`'s `subscribe_storage` has it
+                // (`state/state_full.rs:431-433`).
+                Ok(None) => {
+                    pending.reject(rpc_errors::unsafe_method()).await;
+                    return Ok(());
+                }
                 Err(error) => {
                     pending.reject(error).await;
                     return Ok(());

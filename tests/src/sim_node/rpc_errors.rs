@@ -11,14 +11,23 @@ use super::runtime::RuntimeCallError;
 const CHAIN_BASE: i32 = 3000;
 const STATE_BASE: i32 = 4000;
 
-/// `sc_rpc_api::UnsafeRpcError`: what a node started with `--rpc-methods safe` (the default
-/// for an externally reachable RPC port) answers to an unsafe method.
+/// `sc_rpc_api::UnsafeRpcError`'s text (polkadot-sdk `substrate/client/rpc-api/src/policy.rs:61`).
+const UNSAFE_RPC_MESSAGE: &str = "RPC call is unsafe to be called externally";
+
+/// `sc_rpc_api::UnsafeRpcError` as is (`rpc-api/src/policy.rs:67-70`, jsonrpsee's "method not
+/// found" code): what a node started with `--rpc-methods safe` (the default for an externally
+/// reachable RPC port) answers to an unsafe author, system, offchain, dev, statement or babe
+/// method, `system_dryRun`, `state_trieMigrationStatus`, and `state_subscribeStorage` without
+/// keys.
 pub fn unsafe_method() -> ErrorObjectOwned {
-    ErrorObjectOwned::owned(
-        -32601,
-        "RPC call is unsafe to be called externally",
-        None::<()>,
-    )
+    ErrorObjectOwned::owned(-32601, UNSAFE_RPC_MESSAGE, None::<()>)
+}
+
+/// The same error inside `sc_rpc_api::state::Error::UnsafeRpcCalled` (code 4003,
+/// `rpc-api/src/state/error.rs:52,67`): what the unsafe `state_*` methods of `sc-rpc`
+/// (`state_getPairs`, `state_queryStorage`, `state_traceBlock`) answer.
+pub fn unsafe_state_method() -> ErrorObjectOwned {
+    ErrorObjectOwned::owned(STATE_BASE + 3, UNSAFE_RPC_MESSAGE, None::<()>)
 }
 
 /// `sc_rpc_api::chain::Error::Other` (code 3001), as for a block number beyond `u32`.

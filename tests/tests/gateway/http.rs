@@ -158,6 +158,113 @@ async fn unsafe_method_is_refused_with_the_node_error() {
     );
 }
 
+/// `sc_rpc_api::UnsafeRpcError`'s text (polkadot-sdk `substrate/client/rpc-api/src/policy.rs:61`).
+const UNSAFE_RPC: &str = "RPC call is unsafe to be called externally";
+
+/// Every method a node started with `--rpc-methods safe` refuses, with the code it answers,
+/// read from polkadot-sdk's source (paths under `substrate/`; commit d2321da0, the published
+/// `sc-rpc` 57.0.0 and `sc-rpc-api` 0.61.0, unless noted). Each is a caller of
+/// `sc_rpc_api::check_if_safe`; what code it answers depends on the error type it returns:
+/// `UnsafeRpcError` itself becomes -32601 (`client/rpc-api/src/policy.rs:67-70`).
+const NODE_REFUSALS: &[(&str, i64)] = &[
+    // client/rpc/src/author/mod.rs:145,155,165,171,185,200; author::Error passes it through
+    // (client/rpc-api/src/author/error.rs:181).
+    ("author_insertKey", -32601),
+    ("author_rotateKeys", -32601),
+    ("author_rotateKeysWithOwner", -32601),
+    ("author_hasSessionKeys", -32601),
+    ("author_hasKey", -32601),
+    ("author_removeExtrinsic", -32601),
+    // client/rpc/src/system/mod.rs:122,129,136,151,180,187; system::Error passes it through
+    // (client/rpc-api/src/system/error.rs:63).
+    ("system_peers", -32601),
+    ("system_unstable_networkState", -32601),
+    ("system_addReservedPeer", -32601),
+    ("system_removeReservedPeer", -32601),
+    ("system_addLogFilter", -32601),
+    ("system_resetLogFilter", -32601),
+    // client/rpc/src/offchain/mod.rs:59,75,92; client/rpc-api/src/offchain/error.rs:48.
+    ("offchain_localStorageSet", -32601),
+    ("offchain_localStorageClear", -32601),
+    ("offchain_localStorageGet", -32601),
+    // client/rpc/src/dev/mod.rs:72; client/rpc-api/src/dev/error.rs:58.
+    ("dev_getBlockStats", -32601),
+    // client/rpc/src/statement/mod.rs:47 (RpcResult) at commit ac2b0e3f (sc-rpc 50.0.0,
+    // sc-rpc-api 0.54.0); later releases dropped the method.
+    ("statement_dump", -32601),
+    // utils/frame/rpc/system/src/lib.rs:52 (the alias), :121 (RpcResult).
+    ("system_dryRun", -32601),
+    ("system_dryRunAt", -32601),
+    // utils/frame/rpc/state-trie-migration-rpc/src/lib.rs:139,168 (RpcResult): a state_ name
+    // outside the state API, so not its code.
+    ("state_trieMigrationStatus", -32601),
+    // client/consensus/babe/rpc/src/lib.rs:94,188.
+    ("babe_epochAuthorship", -32601),
+    // Without keys only: client/rpc/src/state/state_full.rs:431-433 rejects the subscription
+    // with `ErrorObject::from(UnsafeRpcError)`.
+    ("state_subscribeStorage", -32601),
+    // client/rpc/src/state/mod.rs:232,295,328 return state::Error, whose UnsafeRpcCalled
+    // (transparent: the same text) takes the state API's catch-all code 4003
+    // (client/rpc-api/src/state/error.rs:52,67).
+    ("state_getPairs", 4003),
+    ("state_queryStorage", 4003),
+    ("state_traceBlock", 4003),
+];
+
+/// Of [`NODE_REFUSALS`], what sim-node cannot be asked over HTTP: a method newer than the node
+/// it imitates, and a subscription (compared over WebSocket).
+const NOT_ASKED_OF_SIM_NODE: &[&str] = &["author_rotateKeysWithOwner", "state_subscribeStorage"];
+
+#[tokio::test]
+async fn every_method_a_safe_node_refuses_gets_the_node_code_and_never_reaches_a_node() {
+    let setup = Setup::start(1).await;
+    let before = setup.node_requests();
+    for (method, code) in NODE_REFUSALS {
+        let answer = setup.call(method, json!([])).await;
+        assert_eq!(
+            answer["error"],
+            json!({"code": code, "message": UNSAFE_RPC}),
+            "{method}"
+        );
+    }
+    assert_eq!(
+        setup.node_requests(),
+        before,
+        "a refused call reached a node"
+    );
+    // sim-node, asked directly, answers the same.
+    let client = reqwest::Client::new();
+    for (method, code) in NODE_REFUSALS {
+        if NOT_ASKED_OF_SIM_NODE.contains(method) {
+            continue;
+        }
+        let direct: Value = client
+            .post(setup.nodes[0].http_url())
+            .json(&request(1, method, json!([])))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            direct["error"],
+            json!({"code": code, "message": UNSAFE_RPC}),
+            "sim-node's {method}"
+        );
+    }
+    // Safe neighbours of the refused methods pass and are answered by the node.
+    for (method, params) in [
+        ("state_getStorage", json!(["0x3a636f6465"])),
+        ("state_queryStorageAt", json!([["0x3a636f6465"]])),
+        ("system_health", json!([])),
+        ("author_pendingExtrinsics", json!([])),
+    ] {
+        let answer = setup.call(method, params).await;
+        assert!(answer.get("result").is_some(), "{method}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn batch_is_answered_in_order_with_the_client_ids() {
     let setup = Setup::start(1).await;

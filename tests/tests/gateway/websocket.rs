@@ -133,6 +133,32 @@ async fn websocket_calls_get_the_cache_and_the_method_policy() {
 }
 
 #[tokio::test]
+async fn storage_subscription_is_refused_without_keys_as_the_node_does_and_served_with_keys() {
+    let setup = Setup::start(1).await;
+    let mut ws = setup.connect().await;
+    // polkadot-sdk substrate/client/rpc/src/state/state_full.rs:431-433: without keys (absent
+    // or null) the subscription is rejected with the bare `UnsafeRpcError`, code -32601.
+    let unsafe_rpc =
+        json!({"code": -32601, "message": "RPC call is unsafe to be called externally"});
+    for params in [json!([]), json!([null]), json!({}), json!({"keys": null})] {
+        let refused = ws.call("state_subscribeStorage", params.clone()).await;
+        assert_eq!(refused["error"], unsafe_rpc, "{params}");
+    }
+    assert_eq!(setup.count("state_subscribeStorage"), 0);
+    // sim-node, asked directly, answers the same.
+    let mut direct = WsClient::connect(&setup.nodes[0].ws_url()).await;
+    let answer = direct.call("state_subscribeStorage", json!([])).await;
+    assert_eq!(answer["error"], unsafe_rpc);
+    // With keys, the node serves it.
+    let code_key = "0x3a636f6465";
+    let subscribed = ws.call("state_subscribeStorage", json!([[code_key]])).await;
+    assert!(subscribed["result"].is_string(), "{subscribed}");
+    let change = ws.notification().await;
+    assert_eq!(change["method"], "state_storage", "{change}");
+    assert_eq!(change["params"]["subscription"], subscribed["result"]);
+}
+
+#[tokio::test]
 async fn head_and_runtime_subscriptions_are_shared_from_one_upstream_subscription_per_node() {
     let setup = Setup::start_with_blocks(2, Duration::from_millis(200), |_| {}).await;
     let mut clients = Vec::new();

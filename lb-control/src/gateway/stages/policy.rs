@@ -1,13 +1,16 @@
 //! Policy, per call: which methods never reach a node, and what a client is told.
 //!
 //! The base is the node's own unsafe list (the methods the method table marks
-//! [`Safety::Unsafe`]), refused with the node's own error, so a client sees what a node
-//! started with `--rpc-methods safe` would answer. The config adds `deny` entries and can
-//! `allow` methods back (an operator whose nodes expose an unsafe method on purpose). Unknown
-//! methods pass: the node is the judge of what it serves.
+//! [`Safety::Unsafe`], and [`Safety::UnsafeWithout`] when the call leaves the parameter out),
+//! refused with the code and message the table records for each, so a client sees what a node
+//! started with `--rpc-methods safe` would answer. The config adds `deny` entries (refused with
+//! the gateway's own error) and can `allow` methods back (an operator whose nodes expose an
+//! unsafe method on purpose). Unknown methods pass: the node is the judge of what it serves.
+
+use serde_json::value::RawValue;
 
 use crate::{
-    gateway::jsonrpc::RpcError,
+    gateway::jsonrpc::{Call, RpcError},
     methods::{self, Method, Safety},
 };
 
@@ -40,23 +43,56 @@ impl MethodPolicy {
         }
     }
 
-    /// None when `method` may go to a node; else the error the client gets.
-    pub fn refusal(&self, method: &str) -> Option<RpcError> {
-        self.refusal_of(method, methods::lookup(method))
+    /// None when a call of `method` with `params` may go to a node; else the error the client
+    /// gets.
+    pub fn refusal(&self, method: &str, params: Option<&RawValue>) -> Option<RpcError> {
+        self.refusal_by_name(method, params, methods::lookup(method))
     }
 
-    /// [`MethodPolicy::refusal`] of a method already looked up in the method table.
-    pub fn refusal_of(&self, name: &str, method: &Method) -> Option<RpcError> {
+    /// [`MethodPolicy::refusal`] of a call whose method was already looked up in the method
+    /// table.
+    pub fn refusal_of(&self, call: &Call, method: &Method) -> Option<RpcError> {
+        self.refusal_by_name(&call.method, call.params.as_deref(), method)
+    }
+
+    fn refusal_by_name(
+        &self,
+        name: &str,
+        params: Option<&RawValue>,
+        method: &Method,
+    ) -> Option<RpcError> {
         if self.allow.iter().any(|pattern| pattern.matches(name)) {
             return None;
         }
-        if method.safety == Safety::Unsafe {
-            return Some(RpcError::node_unsafe());
+        match method.safety {
+            Safety::Safe => {}
+            Safety::Unsafe(refusal) => return Some(RpcError::node_refusal(refusal)),
+            Safety::UnsafeWithout { at, name, refusal } => {
+                if lacks_param(params, at, name) {
+                    return Some(RpcError::node_refusal(refusal));
+                }
+            }
         }
         self.deny
             .iter()
             .any(|pattern| pattern.matches(name))
             .then(|| RpcError::not_served(name))
+    }
+}
+
+/// Does a call leave out its optional parameter at position `at` (or `name`, by name), as the
+/// node reads an `Option` parameter: absent or `null`. Params that are not an array or an
+/// object (the parse stage lets none through) count as present: the node rejects them itself.
+fn lacks_param(params: Option<&RawValue>, at: usize, name: &str) -> bool {
+    let Some(params) = params else {
+        return true;
+    };
+    match serde_json::from_str::<serde_json::Value>(params.get()) {
+        Ok(serde_json::Value::Array(items)) => items.get(at).is_none_or(serde_json::Value::is_null),
+        Ok(serde_json::Value::Object(members)) => {
+            members.get(name).is_none_or(serde_json::Value::is_null)
+        }
+        _ => false,
     }
 }
 
@@ -81,14 +117,52 @@ mod tests {
         items.iter().map(|item| (*item).to_owned()).collect()
     }
 
+    /// A refusal of `method` called without params.
+    fn refusal(policy: &MethodPolicy, method: &str) -> Option<RpcError> {
+        policy.refusal(method, None)
+    }
+
+    fn params(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
     #[test]
     fn node_unsafe_methods_get_the_node_error_and_unknown_methods_pass() {
         let policy = MethodPolicy::new(&[], &[]);
-        let error = policy.refusal("author_rotateKeys").expect("refused");
+        let error = refusal(&policy, "author_rotateKeys").expect("refused");
         assert_eq!(error.code, -32601);
         assert_eq!(error.message, "RPC call is unsafe to be called externally");
-        assert_eq!(policy.refusal("chain_getHeader"), None);
-        assert_eq!(policy.refusal("some_newMethod"), None);
+        let error = refusal(&policy, "state_getPairs").expect("refused");
+        assert_eq!(error.code, 4003);
+        assert_eq!(error.message, "RPC call is unsafe to be called externally");
+        assert_eq!(refusal(&policy, "chain_getHeader"), None);
+        assert_eq!(refusal(&policy, "some_newMethod"), None);
+    }
+
+    #[test]
+    fn storage_subscription_is_refused_only_without_keys() {
+        let policy = MethodPolicy::new(&[], &[]);
+        for without_keys in [
+            None,
+            Some("[]"),
+            Some("[null]"),
+            Some("{}"),
+            Some(r#"{"keys":null}"#),
+        ] {
+            let params = without_keys.map(params);
+            let error = policy
+                .refusal("state_subscribeStorage", params.as_deref())
+                .unwrap_or_else(|| panic!("{without_keys:?} is refused"));
+            assert_eq!(error.code, -32601, "{without_keys:?}");
+        }
+        for with_keys in [r#"[["0x26aa"]]"#, "[[]]", r#"{"keys":["0x26aa"]}"#] {
+            let params = params(with_keys);
+            assert_eq!(
+                policy.refusal("state_subscribeStorage", Some(&params)),
+                None,
+                "{with_keys}"
+            );
+        }
     }
 
     #[test]
@@ -97,11 +171,14 @@ mod tests {
             &strings(&["state_getKeys", "debug_*"]),
             &strings(&["author_hasKey", "debug_ok"]),
         );
-        assert!(policy.refusal("state_getKeys").is_some());
-        assert!(policy.refusal("debug_trace").is_some());
-        assert_eq!(policy.refusal("debug_ok"), None);
-        assert_eq!(policy.refusal("author_hasKey"), None);
-        assert!(policy.refusal("author_insertKey").is_some());
+        assert_eq!(
+            refusal(&policy, "state_getKeys").map(|error| error.code),
+            Some(-32601)
+        );
+        assert!(refusal(&policy, "debug_trace").is_some());
+        assert_eq!(refusal(&policy, "debug_ok"), None);
+        assert_eq!(refusal(&policy, "author_hasKey"), None);
+        assert!(refusal(&policy, "author_insertKey").is_some());
     }
 
     #[test]
