@@ -166,7 +166,7 @@ impl Daemon {
         tokio::spawn(follow_view(backends.clone(), targets_tx));
         tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
-        let keys = ApiKeys::new(store.clone());
+        let keys = ApiKeys::open(store.clone())?;
         // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
         let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();

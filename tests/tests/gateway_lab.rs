@@ -126,6 +126,78 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn cli_revoke_closes_a_subscription_only_websocket_with_1008_within_two_seconds()
+-> anyhow::Result<()> {
+    use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+    use lb_tests::ws_client::WsClient;
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    // Blocks every 200 ms keep the subscription's notifications coming.
+    let mut lab = common::start_lab(1, true, Duration::from_millis(200));
+    let gateway = GatewayLab::start(&mut lab, &[ServiceConf::tcp(VIP_V4, vec![up(0)])], "")?;
+    let keys = gateway
+        .lb_control
+        .cli_json(&lab, &["key", "list", "--json"])?;
+    let id = keys[0]["id"]
+        .as_u64()
+        .context("the lab key's id")?
+        .to_string();
+    let address = lab.lb().addr_v4;
+    let tcp = common::connect_from(
+        &lab.client().netns,
+        SocketAddr::from((address, GATEWAY_PORT)),
+    )?;
+    tcp.set_read_timeout(None)?;
+    tcp.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(&gateway.ca)?)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                ServerName::from(std::net::IpAddr::from(address)),
+                tokio::net::TcpStream::from_std(tcp)?,
+            )
+            .await?;
+        let (stream, _) = tokio_tungstenite::client_async(gateway.url("wss"), tls).await?;
+        let mut ws = WsClient::new(stream);
+        let subscribed = ws
+            .call("chain_subscribeNewHeads", serde_json::json!([]))
+            .await;
+        ensure!(subscribed["result"].is_string(), "{subscribed}");
+        let head = ws.notification().await;
+        ensure!(head["method"] == "chain_newHead", "{head}");
+        // From here the client only reads (tungstenite sends no ping of its own; the gateway's
+        // first ping is 30 s away).
+        gateway.lb_control.cli(&lab, &["key", "revoke", &id])?;
+        let revoked_at = Instant::now();
+        // Heads keep coming while the connection is open: the wait is bounded here.
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.closed())
+            .await
+            .context("still open and notified 10 s after the revoke")?
+            .context("no close frame")?;
+        let took = revoked_at.elapsed();
+        eprintln!("`lb-control key revoke` to close: {took:?}");
+        ensure!(frame.code == CloseCode::Policy, "{frame:?}");
+        ensure!(
+            took <= Duration::from_secs(2),
+            "closed {took:?} after the revoke"
+        );
+        Ok(())
+    })
+}
+
 /// A wrk script that POSTs `body` and tells apart, per response, a JSON-RPC result from
 /// anything else (an HTTP error, a JSON-RPC error): wrk itself counts only HTTP statuses and
 /// socket errors, and the gateway answers a failed call with HTTP 200 and an error object.

@@ -202,7 +202,7 @@ impl Gateway {
         ));
         // The first rotation is in place before the first request.
         upstream.apply(&ViewNodes::of(&context.view.borrow(), service))?;
-        let auth = Arc::new(Authenticator::new(context.keys, context.store));
+        let auth = Arc::new(Authenticator::new(&context.keys, context.store));
         let cache = ResponseCache::new(section.cache_bytes);
         let follower = cache::follow(upstream.watch_serving(), cache.clone());
         let failures = section

@@ -33,8 +33,9 @@ use crate::{
     cache::{
         CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify_by_rule,
     },
+    keys::LiveKey,
     methods::{self, Method},
-    model::{ApiKeyId, ApiKeyRecord},
+    model::ApiKeyId,
 };
 
 /// The request limits the pipeline enforces.
@@ -67,7 +68,7 @@ pub struct Pipeline {
 pub enum Rejection {
     /// HTTP: neither a POST nor a WebSocket upgrade.
     MethodNotAllowed,
-    /// Key check: no key, an unknown or revoked one, or the store could not be read.
+    /// Key check: no key, a malformed, unknown or revoked one.
     Key(AuthError),
     /// HTTP: a body over `max_body_bytes`.
     BodyTooBig,
@@ -89,9 +90,9 @@ pub enum Rejection {
 
 impl Pipeline {
     /// Key check of a new request (an HTTP call, a WebSocket upgrade), with the key as
-    /// [`find_key`](super::stages::auth::find_key) found it.
-    pub async fn check_key(&self, secret: Option<&str>) -> Result<ApiKeyRecord, Rejection> {
-        self.auth.check(secret).await.map_err(Rejection::Key)
+    /// [`find_key`](super::stages::auth::find_key) found it: the live key and its digest.
+    pub fn check_key(&self, secret: Option<&str>) -> Result<(Arc<LiveKey>, [u8; 32]), Rejection> {
+        self.auth.check(secret).map_err(Rejection::Key)
     }
 
     /// Parse of a body (an HTTP body, a WebSocket message).
@@ -100,7 +101,7 @@ impl Pipeline {
     }
 
     /// Rate limit: takes `body`'s calls from `key`'s allowance.
-    pub fn limit_rate(&self, key: &ApiKeyRecord, body: &Body) -> Result<(), Rejection> {
+    pub fn limit_rate(&self, key: &LiveKey, body: &Body) -> Result<(), Rejection> {
         self.rates.admit(key, body).map_err(Rejection::RateLimited)
     }
 
@@ -119,16 +120,11 @@ impl Pipeline {
                         reason: error.reason().to_owned(),
                     })
                     .inc();
-                match error {
-                    AuthError::Missing | AuthError::Unknown => {
-                        if let Some(failures) = &self.failures
-                            && failures.record(client)
-                        {
-                            warn!(%client, "repeated auth failures: blocking the address");
-                            self.metrics.rejected("auth_failures_blocked");
-                        }
-                    }
-                    AuthError::Store(_) => warn!("{error}"),
+                if let Some(failures) = &self.failures
+                    && failures.record(client)
+                {
+                    warn!(%client, "repeated auth failures: blocking the address");
+                    self.metrics.rejected("auth_failures_blocked");
                 }
                 RpcError::unauthorized(&error.to_string())
             }

@@ -19,7 +19,7 @@ use super::{
     jsonrpc,
     pipeline::{Pipeline, Rejection},
     server::ConnectionHold,
-    stages::auth::{AuthError, find_key},
+    stages::auth::find_key,
     websocket,
 };
 
@@ -38,8 +38,8 @@ pub async fn handle(
         return refused(pipeline, &Rejection::MethodNotAllowed, client);
     }
     let secret = find_key(request.uri(), request.headers()).map(str::to_owned);
-    let key = match pipeline.check_key(secret.as_deref()).await {
-        Ok(key) => key,
+    let (key, digest) = match pipeline.check_key(secret.as_deref()) {
+        Ok(checked) => checked,
         Err(rejection) => {
             let response = refused(pipeline, &rejection, client);
             // Read (and drop) what the client already sent: answering an HTTP/2 request
@@ -52,8 +52,7 @@ pub async fn handle(
         }
     };
     if upgrade {
-        let secret = secret.expect("a key was found");
-        return websocket::accept(pipeline.clone(), request, client, secret, key, hold).await;
+        return websocket::accept(pipeline.clone(), request, client, digest, key, hold).await;
     }
     let bytes = match Limited::new(request.into_body(), pipeline.limits.max_body_bytes)
         .collect()
@@ -91,9 +90,7 @@ pub fn refused(
     let error = pipeline.refuse(rejection, client);
     let status = match rejection {
         Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        Rejection::Key(AuthError::Store(_)) | Rejection::NoNode(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        Rejection::NoNode(_) => StatusCode::SERVICE_UNAVAILABLE,
         Rejection::Key(_) => StatusCode::UNAUTHORIZED,
         Rejection::BodyTooBig => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyUnreadable(_) | Rejection::Handshake(_) => StatusCode::BAD_REQUEST,

@@ -6,8 +6,12 @@
 //! subscription live on one node connection); the node is the client's Maglev pick, or the
 //! next one when that one cannot be reached.
 //!
-//! Each message from the client passes the pipeline's stages (key still valid, parse, rate
-//! limit), then per call:
+//! The session follows its key without waiting for the client: it watches the live keys and
+//! looks its own up again on every change, so a revocation closes it (1008) at once, even when
+//! the client only listens to notifications, and a new limit applies to its next message.
+//!
+//! Each message from the client passes the pipeline's stages (parse, rate limit), then per
+//! call:
 //! - `chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads` and
 //!   `state_subscribeRuntimeVersion` (and their aliases and unsubscribes) are served by the
 //!   gateway from its node's shared feeds: the chain follower's one subscription of each per
@@ -47,7 +51,7 @@ use hyper_tungstenite::{
 };
 use rand::{Rng, distr::Alphanumeric};
 use serde_json::value::RawValue;
-use tokio::{net::TcpStream, task::JoinSet, time::Instant};
+use tokio::{net::TcpStream, sync::watch, task::JoinSet, time::Instant};
 use tokio_stream::{StreamMap, wrappers::WatchStream};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, warn};
@@ -63,8 +67,9 @@ use super::{
 };
 use crate::{
     cache::Feed,
+    keys::LiveKey,
     methods::{self, FeedKind, Method, Subscription},
-    model::{ApiKeyId, ApiKeyRecord},
+    model::ApiKeyId,
 };
 
 /// Calls of one connection answered by the gateway at once; past this the client's messages
@@ -107,8 +112,8 @@ pub async fn accept(
     pipeline: Arc<Pipeline>,
     mut request: Request<Incoming>,
     client: IpAddr,
-    secret: String,
-    key: ApiKeyRecord,
+    digest: [u8; 32],
+    key: Arc<LiveKey>,
     hold: ConnectionHold,
 ) -> Response<Full<Bytes>> {
     let limits = pipeline.websocket;
@@ -139,11 +144,13 @@ pub async fn accept(
                 return;
             }
         };
+        let key_changes = pipeline.auth.watch();
         let session = Session {
             pipeline,
             client,
-            secret,
+            digest,
             key,
+            key_changes,
             node,
             hold,
             _key_slot: key_slot,
@@ -216,10 +223,13 @@ async fn open_node_socket(
 struct Session {
     pipeline: Arc<Pipeline>,
     client: IpAddr,
-    /// The key as the client gave it: checked again on every message, so a revoked key stops
-    /// working on open connections too (within the verdict cache's second).
-    secret: String,
-    key: ApiKeyRecord,
+    /// The digest of the client's key (never the secret itself): what the session looks its
+    /// key up by again when the live keys change.
+    digest: [u8; 32],
+    /// The key as it is now: its limit applies to the next message.
+    key: Arc<LiveKey>,
+    /// Moves on every change of the live keys.
+    key_changes: watch::Receiver<u64>,
     node: SocketAddr,
     hold: ConnectionHold,
     _key_slot: Slot<ApiKeyId>,
@@ -267,6 +277,8 @@ impl Session {
         let idle_timeout = self.pipeline.websocket.idle_timeout;
         let mut ping = tokio::time::interval(idle_timeout / 2);
         let mut heard = Instant::now();
+        // A change between the upgrade's key check and this session's start is looked at first.
+        self.key_changes.mark_changed();
         let ending = loop {
             tokio::select! {
                 message = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
@@ -338,6 +350,11 @@ impl Session {
                         break Ending::by_client();
                     }
                 }
+                Ok(()) = self.key_changes.changed() => {
+                    if let Err(ending) = self.follow_key() {
+                        break ending;
+                    }
+                }
                 changed = serving.changed() => {
                     if changed.is_err() || !serving.borrow_and_update().contains(&self.node) {
                         break Ending::with(
@@ -391,18 +408,12 @@ impl Session {
 
     /// One message of the client: the pipeline's stages, then where each call goes.
     async fn on_message(&mut self, text: String, node: &mut NodeSocket) -> Result<(), Ending> {
-        // A key revoked since the session opened ends it; that is counted as the session's
-        // end (`key_revoked`), not as an auth failure of a request.
-        self.key = match self.pipeline.auth.recheck(&self.secret, &self.key).await {
-            Ok(key) => key,
-            Err(error) => {
-                return Err(Ending::with(
-                    "key_revoked",
-                    CloseCode::Policy,
-                    error.to_string(),
-                ));
-            }
-        };
+        // A key change the select loop has not taken yet still applies to this message.
+        if self.key_changes.has_changed().unwrap_or(false) {
+            self.key_changes.mark_unchanged();
+            self.follow_key()?;
+        }
+        self.pipeline.auth.record_use(self.key.id);
         let body = match self.pipeline.parse(text.as_bytes()) {
             Ok(body) => body,
             Err(rejection) => {
@@ -444,6 +455,23 @@ impl Session {
             Route::Unsubscribe => self.unsubscribe(call),
         }
         Ok(())
+    }
+
+    /// Looks the session's key up again after a change of the live keys: its new limit, or the
+    /// session's end when it was revoked. That end is counted as the session's
+    /// (`key_revoked`), not as an auth failure of a request.
+    fn follow_key(&mut self) -> Result<(), Ending> {
+        match self.pipeline.auth.current(&self.digest) {
+            Some(key) => {
+                self.key = key;
+                Ok(())
+            }
+            None => Err(Ending::with(
+                "key_revoked",
+                CloseCode::Policy,
+                "the API key was revoked".to_owned(),
+            )),
+        }
     }
 
     fn route(&self, call: &Call, method: &Method) -> Route {

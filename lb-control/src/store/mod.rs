@@ -7,7 +7,8 @@
 //! the invariants even against a buggy caller or a hand edit.
 //!
 //! Every call blocks on disk I/O (a write waits for fsync): async callers run it on a blocking
-//! thread. Times are kept to the millisecond.
+//! thread. Times are kept to the millisecond. The store counts its calls ([`Store::calls`]), so
+//! a test can show that a path never reaches it.
 
 mod codec;
 mod schema;
@@ -17,7 +18,10 @@ mod tx;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -62,10 +66,25 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
 }
 
+/// How many calls a store served since it was opened: reads (queries) and writes
+/// (transactions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreCalls {
+    pub reads: u64,
+    pub writes: u64,
+}
+
+#[derive(Default)]
+struct CallCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
 /// A handle on the state store; clones share one connection.
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    calls: Arc<CallCounters>,
     path: Arc<Path>,
     /// [`EVENTS_KEPT`], lowered by tests so the cap is reachable.
     events_kept: i64,
@@ -83,6 +102,7 @@ impl Store {
         schema::migrate(&mut conn, path)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            calls: Arc::default(),
             path: path.into(),
             events_kept: EVENTS_KEPT,
         })
@@ -92,9 +112,17 @@ impl Store {
         &self.path
     }
 
+    /// The calls served so far, by every clone of this handle.
+    pub fn calls(&self) -> StoreCalls {
+        StoreCalls {
+            reads: self.calls.reads.load(Ordering::Relaxed),
+            writes: self.calls.writes.load(Ordering::Relaxed),
+        }
+    }
+
     /// Every service, ordered by id.
     pub fn services(&self) -> Result<Vec<Service>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_to_read();
         let mut stmt = conn.prepare(
             "SELECT id, vip, port, protocol, mode, health_check, origin FROM services ORDER BY id",
         )?;
@@ -108,7 +136,7 @@ impl Store {
 
     /// Every backend of every service, ordered by id.
     pub fn backends(&self) -> Result<Vec<Backend>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_to_read();
         let mut stmt = conn.prepare(
             "SELECT id, service_id, address, rpc_port, weight, admin, origin FROM backends \
              ORDER BY id",
@@ -127,7 +155,7 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.lock();
+        let mut conn = self.lock_to_write();
         // IMMEDIATE takes the write lock up front, so a transaction that reads before it writes
         // cannot fail half-way with SQLITE_BUSY when another process writes meanwhile.
         let tx = conn
@@ -142,7 +170,7 @@ impl Store {
 
     /// Every API key, revoked ones included, ordered by id.
     pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_to_read();
         let mut stmt = conn.prepare(&format!("{API_KEY_COLUMNS} ORDER BY id"))?;
         let mut rows = stmt.query([])?;
         let mut keys = Vec::new();
@@ -158,7 +186,7 @@ impl Store {
         &self,
         secret_sha256: &[u8; 32],
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_to_read();
         let mut stmt = conn.prepare(&format!("{API_KEY_COLUMNS} WHERE secret_sha256 = ?1"))?;
         let mut rows = stmt.query([&secret_sha256[..]])?;
         let Some(row) = rows.next()? else {
@@ -172,7 +200,7 @@ impl Store {
         if used.is_empty() {
             return Ok(());
         }
-        let mut conn = self.lock();
+        let mut conn = self.lock_to_write();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             // MAX: batches from different tasks may land out of order; last use never goes back.
@@ -211,7 +239,7 @@ impl Store {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<Event>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_to_read();
         let mut stmt = conn.prepare(sql)?;
         let mut rows = stmt.query(params)?;
         let mut events = Vec::new();
@@ -231,6 +259,16 @@ impl Store {
             table,
             id: row.get("id")?,
         })
+    }
+
+    fn lock_to_read(&self) -> MutexGuard<'_, Connection> {
+        self.calls.reads.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+    }
+
+    fn lock_to_write(&self) -> MutexGuard<'_, Connection> {
+        self.calls.writes.fetch_add(1, Ordering::Relaxed);
+        self.lock()
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {

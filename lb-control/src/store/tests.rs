@@ -629,3 +629,21 @@ fn connection_commits_durably_and_enforces_foreign_keys() {
     assert_eq!(int("synchronous"), 2, "synchronous is not FULL");
     assert_eq!(int("foreign_keys"), 1);
 }
+
+#[test]
+fn calls_are_counted_by_kind_across_clones() {
+    let dir = TempDir::new();
+    let store = open(&dir);
+    let start = store.calls();
+    let clone = store.clone();
+    let id = clone
+        .write(|tx| tx.insert_api_key("alice", &[1; 32], None, at(0)))
+        .expect("key");
+    clone.touch_api_keys(&[(id, at(1))]).expect("touch");
+    store.api_keys().expect("keys");
+    store.api_key_by_hash(&[1; 32]).expect("lookup");
+    store.events(None, 10).expect("events");
+    let calls = store.calls();
+    assert_eq!(calls.writes - start.writes, 2);
+    assert_eq!(calls.reads - start.reads, 3);
+}

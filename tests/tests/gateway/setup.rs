@@ -123,7 +123,7 @@ impl Setup {
         write_pem(&key, &leaf.key_pem).expect("key written");
 
         let store = Store::open(&dir.0.join("state.db")).expect("store opens");
-        let keys = ApiKeys::new(store.clone());
+        let keys = ApiKeys::open(store.clone()).expect("keys load");
         let secret = keys.create("client", None).expect("key created").secret;
         let (view_tx, view) = watch::channel(Arc::new(cluster_view(&nodes)));
         let mut registry = Registry::default();

@@ -363,7 +363,7 @@ async fn revoked_key_closes_its_open_connections() {
         .expect("WebSocket");
     assert!(ws.call(UNCACHED_READ, json!([])).await["result"].is_string());
     setup.keys.revoke(created.record.id).expect("revoked");
-    // Within the key cache's second, the next message ends the connection.
+    // The session is closed on the revocation; a message sent meanwhile gets no answer.
     let deadline = Instant::now() + Duration::from_secs(5);
     while ws.try_call(UNCACHED_READ, json!([])).await.is_some() {
         assert!(Instant::now() < deadline, "the revoked key still works");
@@ -371,4 +371,82 @@ async fn revoked_key_closes_its_open_connections() {
     }
     let frame = ws.closed().await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+}
+
+#[tokio::test]
+async fn subscription_only_connection_of_a_revoked_key_is_closed_with_1008_within_two_seconds() {
+    // Blocks every 200 ms keep notifications coming; the idle timeout (60 s, a ping every 30 s)
+    // is far beyond the test, so the gateway sends no ping the client would answer: after its
+    // subscription the client sends nothing at all (tungstenite never pings on its own).
+    let setup = Setup::start_with_blocks(1, Duration::from_millis(200), |_| {}).await;
+    let created = setup.keys.create("listener", None).expect("key");
+    let mut ws = setup
+        .websocket(&format!("/{}", created.secret))
+        .await
+        .expect("WebSocket");
+    let subscribed = ws.call("chain_subscribeNewHeads", json!([])).await;
+    assert!(subscribed["result"].is_string(), "{subscribed}");
+    let head = ws.notification().await;
+    assert_eq!(head["method"], "chain_newHead", "{head}");
+
+    // As the admin API's DELETE /v1/keys/{id} does it: the registry's revoke, on a blocking
+    // thread; the clock starts at its answer.
+    let keys = setup.keys.clone();
+    let id = created.record.id;
+    tokio::task::spawn_blocking(move || keys.revoke(id))
+        .await
+        .expect("the revoke call ran")
+        .expect("revoked");
+    let revoked_at = Instant::now();
+    // Only reading from here on. Heads keep coming while the connection is open, so the wait
+    // is bounded here, not by the client's patience for one message.
+    let frame = tokio::time::timeout(PATIENCE, ws.closed())
+        .await
+        .unwrap_or_else(|_| panic!("still open and notified {PATIENCE:?} after the revoke"))
+        .expect("a close frame");
+    let took = revoked_at.elapsed();
+    eprintln!("revoke to close: {took:?}");
+    assert_eq!(frame.code, CloseCode::Policy, "{frame:?}");
+    assert!(
+        took <= Duration::from_secs(2),
+        "closed {took:?} after the revoke"
+    );
+}
+
+#[tokio::test]
+async fn limit_change_reaches_an_open_websocket_at_its_next_call() {
+    let setup = Setup::start(1).await;
+    let created = setup.keys.create("changing", None).expect("key");
+    let mut ws = setup
+        .websocket(&format!("/{}", created.secret))
+        .await
+        .expect("WebSocket");
+    for _ in 0..5 {
+        let answer = ws.call(UNCACHED_READ, json!([])).await;
+        assert!(answer["result"].is_string(), "unlimited: {answer}");
+    }
+
+    let set_limit = |limit: Option<RateLimit>| {
+        let keys = setup.keys.clone();
+        let id = created.record.id;
+        async move {
+            tokio::task::spawn_blocking(move || keys.set_limit(id, limit))
+                .await
+                .expect("the limit call ran")
+                .expect("limit set")
+        }
+    };
+    // One call a second, one at once: of two calls in a row the second is over the limit.
+    set_limit(Some(RateLimit { rps: 1, burst: 1 })).await;
+    let first = ws.call(UNCACHED_READ, json!([])).await;
+    let second = ws.call(UNCACHED_READ, json!([])).await;
+    assert!(first["result"].is_string(), "{first}");
+    assert_eq!(error_code(&second), -32005, "{second}");
+
+    // Lifted: the same connection is served at once again.
+    set_limit(None).await;
+    for _ in 0..5 {
+        let answer = ws.call(UNCACHED_READ, json!([])).await;
+        assert!(answer["result"].is_string(), "limit lifted: {answer}");
+    }
 }

@@ -1,38 +1,34 @@
-//! Key check: where a client puts its API key, checking it against the store behind a
-//! short-lived cache, and last-used times written to the store in batches. A request's key is
-//! checked once ([`Authenticator::check`]); an open WebSocket session's key is checked again
-//! on every message ([`Authenticator::recheck`]), so a revoked key stops working there too.
+//! Key check: where a client puts its API key, checking it against the live keys in memory
+//! ([`KeySet`]), and last-used times written to the store in batches.
 //!
-//! Verdicts are cached for [`VERDICT_TTL`]: a flood of requests costs one store lookup per key
-//! per second, and a key revoked through the admin API stops working within that time.
-//! Unknown secrets are cached too, so guessing does not hammer the store either. A verdict in
-//! use is looked up again in the background once it is [`VERDICT_REFRESH`] old, so a busy key's
-//! requests never wait for the store: when every request waited at expiry, the store's
-//! once-a-second write (last-used times, fsync) stalled all of them at once, and each sent its
-//! own lookup (seen as tens of ms of p99 and a blocking thread per open connection).
+//! A check never reaches the store: a secret not of the key's form (`lbk_` and 64 hex digits)
+//! is refused before anything else, a well-formed one is hashed and looked up in the map of
+//! live keys, which follows every change of the registry. So a flood of made-up keys costs
+//! the store nothing, and a revoked key is refused from the moment its revocation commits.
+//! An open WebSocket session does not check its key per message: it watches the set
+//! ([`Authenticator::watch`]) and looks its key up again ([`Authenticator::current`]) when it
+//! changes, which ends it at once on a revocation.
+//!
+//! Last-used times are gathered in memory and written once per [`TOUCH_INTERVAL`], in one
+//! transaction: never a store write per request.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 
 use hyper::{HeaderMap, Uri, header::AUTHORIZATION};
 use thiserror::Error;
+use tokio::sync::watch;
 use tracing::warn;
 
 use crate::{
-    keys::{self, ApiKeys, KeyError},
-    model::{ApiKeyId, ApiKeyRecord},
+    keys::{self, ApiKeys, KeySet, LiveKey},
+    model::ApiKeyId,
     store::Store,
 };
 
-/// How long a key's verdict is trusted before the store is asked again.
-pub const VERDICT_TTL: Duration = Duration::from_secs(1);
-/// Age at which a verdict still in use is looked up again, in the background.
-const VERDICT_REFRESH: Duration = Duration::from_millis(500);
-/// Beyond this many cached verdicts the cache starts over (a flood of random secrets).
-const MAX_CACHED_VERDICTS: usize = 100_000;
 /// How often last-used times go to the store.
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -43,10 +39,13 @@ pub enum AuthError {
         "no API key: put it in the path (/<key>), ?apikey=, X-Api-Key or Authorization: Bearer"
     )]
     Missing,
+    #[error(
+        "not an API key: a key is {prefix} and 64 lowercase hex digits",
+        prefix = keys::SECRET_PREFIX
+    )]
+    Malformed,
     #[error("unknown or revoked API key")]
     Unknown,
-    #[error("checking the API key: {0}")]
-    Store(#[source] KeyError),
 }
 
 impl AuthError {
@@ -54,8 +53,8 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
             AuthError::Unknown => "unknown",
-            AuthError::Store(_) => "store",
         }
     }
 }
@@ -96,103 +95,48 @@ pub fn find_key<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
         .or_else(in_bearer)
 }
 
-struct Verdict {
-    at: Instant,
-    key: Option<ApiKeyRecord>,
-    /// A background lookup of this secret is under way.
-    refreshing: bool,
-}
-
 pub struct Authenticator {
-    keys: ApiKeys,
+    keys: KeySet,
     store: Store,
-    verdicts: Arc<Mutex<HashMap<[u8; 32], Verdict>>>,
     used: Mutex<HashMap<ApiKeyId, SystemTime>>,
 }
 
 impl Authenticator {
-    pub fn new(keys: ApiKeys, store: Store) -> Authenticator {
+    pub fn new(keys: &ApiKeys, store: Store) -> Authenticator {
         Authenticator {
-            keys,
+            keys: keys.live().clone(),
             store,
-            verdicts: Arc::default(),
             used: Mutex::default(),
         }
     }
 
     /// The key check of a request (an HTTP call, a WebSocket upgrade): the live key of
-    /// `secret`, the key as [`find_key`] found it.
-    pub async fn check(&self, secret: Option<&str>) -> Result<ApiKeyRecord, AuthError> {
-        match secret {
-            Some(secret) => self.authenticate(secret).await,
-            None => Err(AuthError::Missing),
+    /// `secret`, the key as [`find_key`] found it, and its digest (what a WebSocket session
+    /// keeps to look its key up again; never the secret). Memory only.
+    pub fn check(&self, secret: Option<&str>) -> Result<(Arc<LiveKey>, [u8; 32]), AuthError> {
+        let secret = secret.ok_or(AuthError::Missing)?;
+        if !keys::is_well_formed(secret) {
+            return Err(AuthError::Malformed);
         }
-    }
-
-    /// The key check of a message on an open WebSocket session, whose key was `current`: the
-    /// key as it is now. The store being unreadable is not the client's fault: the session
-    /// keeps `current`.
-    pub async fn recheck(
-        &self,
-        secret: &str,
-        current: &ApiKeyRecord,
-    ) -> Result<ApiKeyRecord, AuthError> {
-        match self.authenticate(secret).await {
-            Err(AuthError::Store(error)) => {
-                warn!("checking the API key of a WebSocket client: {error}");
-                Ok(current.clone())
-            }
-            checked => checked,
-        }
-    }
-
-    /// The live key `secret` belongs to.
-    pub async fn authenticate(&self, secret: &str) -> Result<ApiKeyRecord, AuthError> {
         let digest = keys::digest(secret);
-        let (cached, refresh) = {
-            let mut verdicts = lock(&self.verdicts);
-            match verdicts
-                .get_mut(&digest)
-                .filter(|verdict| verdict.at.elapsed() < VERDICT_TTL)
-            {
-                Some(verdict) => {
-                    let refresh = !verdict.refreshing && verdict.at.elapsed() >= VERDICT_REFRESH;
-                    verdict.refreshing |= refresh;
-                    (Some(verdict.key.clone()), refresh)
-                }
-                None => (None, false),
-            }
-        };
-        if refresh {
-            let (keys, verdicts, secret) =
-                (self.keys.clone(), self.verdicts.clone(), secret.to_owned());
-            tokio::spawn(async move {
-                let looked_up = tokio::task::spawn_blocking(move || keys.verify(&secret)).await;
-                // On failure the verdict expires as usual, and the next request looks the key up
-                // itself (and reports the store's error).
-                match looked_up {
-                    Ok(Ok(key)) => record_verdict(&verdicts, digest, key),
-                    Ok(Err(error)) => warn!("checking an API key again: {error}"),
-                    Err(error) => warn!("checking an API key again: {error}"),
-                }
-            });
-        }
-        let key = match cached {
-            Some(key) => key,
-            None => {
-                let keys = self.keys.clone();
-                let secret = secret.to_owned();
-                let key = tokio::task::spawn_blocking(move || keys.verify(&secret))
-                    .await
-                    .expect("the key lookup does not panic")
-                    .map_err(AuthError::Store)?;
-                record_verdict(&self.verdicts, digest, key.clone());
-                key
-            }
-        };
-        let key = key.ok_or(AuthError::Unknown)?;
-        lock(&self.used).insert(key.id, SystemTime::now());
-        Ok(key)
+        let key = self.current(&digest).ok_or(AuthError::Unknown)?;
+        self.record_use(key.id);
+        Ok((key, digest))
+    }
+
+    /// The live key whose secret has `digest`, as it is now; None once revoked.
+    pub fn current(&self, digest: &[u8; 32]) -> Option<Arc<LiveKey>> {
+        self.keys.find(digest)
+    }
+
+    /// Moves on every change of the live keys: a session looks its key up again then.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.keys.watch()
+    }
+
+    /// Notes that key `id` is in use now; written with the next batch.
+    pub fn record_use(&self, id: ApiKeyId) {
+        lock(&self.used).insert(id, SystemTime::now());
     }
 
     /// Writes the last-used times gathered since the last call.
@@ -211,27 +155,7 @@ impl Authenticator {
     }
 }
 
-/// Caches `key` as the verdict on the secret with this digest, from now.
-fn record_verdict(
-    verdicts: &Mutex<HashMap<[u8; 32], Verdict>>,
-    digest: [u8; 32],
-    key: Option<ApiKeyRecord>,
-) {
-    let mut verdicts = lock(verdicts);
-    if verdicts.len() >= MAX_CACHED_VERDICTS {
-        verdicts.clear();
-    }
-    verdicts.insert(
-        digest,
-        Verdict {
-            at: Instant::now(),
-            key,
-            refreshing: false,
-        },
-    );
-}
-
-/// The maps here hold no invariant a panicking holder could break.
+/// The map holds no invariant a panicking holder could break.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -254,27 +178,70 @@ mod tests {
         find_key(&uri, &map).map(str::to_owned)
     }
 
-    #[tokio::test]
-    async fn verdict_in_use_is_refreshed_before_it_expires() {
-        let dir = std::env::temp_dir().join(format!("lb-auth-{}-refresh", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("state.db")).unwrap();
-        let keys = ApiKeys::new(store.clone());
-        let created = keys.create("refresh", None).unwrap();
-        let auth = Authenticator::new(keys.clone(), store);
-        let first = Instant::now();
-        auth.authenticate(&created.secret).await.unwrap();
-        keys.revoke(created.record.id).unwrap();
-        tokio::time::sleep(VERDICT_REFRESH).await;
-        // The verdict is still fresh enough to answer, and a lookup starts behind it.
-        auth.authenticate(&created.secret).await.unwrap();
-        // That lookup lands before the verdict would have expired: the revocation shows early.
-        while auth.authenticate(&created.secret).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    struct TempStore(std::path::PathBuf);
+
+    impl TempStore {
+        fn new(name: &str) -> (TempStore, Store) {
+            let dir = std::env::temp_dir().join(format!("lb-auth-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let store = Store::open(&dir.join("state.db")).unwrap();
+            (TempStore(dir), store)
         }
-        assert!(first.elapsed() < VERDICT_TTL, "{:?}", first.elapsed());
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    impl Drop for TempStore {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn made_up_and_malformed_keys_are_refused_without_a_store_query() {
+        let (_dir, store) = TempStore::new("made-up");
+        let keys = ApiKeys::open(store.clone()).unwrap();
+        let created = keys.create("alice", None).unwrap();
+        let auth = Authenticator::new(&keys, store.clone());
+        let before = store.calls();
+        let made_up = format!("{}{}", keys::SECRET_PREFIX, "0f".repeat(32));
+        assert!(matches!(auth.check(None), Err(AuthError::Missing)));
+        assert!(matches!(
+            auth.check(Some("lbk_wrong")),
+            Err(AuthError::Malformed)
+        ));
+        assert!(matches!(
+            auth.check(Some(&made_up)),
+            Err(AuthError::Unknown)
+        ));
+        let (key, _) = auth.check(Some(&created.secret)).unwrap();
+        assert_eq!(key.id, created.record.id);
+        assert_eq!(store.calls(), before);
+        // Use is written in one batch, later.
+        auth.flush_usage().await;
+        assert_eq!(store.calls().writes, before.writes + 1);
+        assert!(store.api_keys().unwrap()[0].last_used.is_some());
+    }
+
+    #[test]
+    fn revocation_and_a_new_limit_reach_a_watcher_at_once() {
+        let (_dir, store) = TempStore::new("watch");
+        let keys = ApiKeys::open(store.clone()).unwrap();
+        let created = keys.create("alice", None).unwrap();
+        let auth = Authenticator::new(&keys, store);
+        let (_, digest) = auth.check(Some(&created.secret)).unwrap();
+        let mut watch = auth.watch();
+        let limit = crate::model::RateLimit { rps: 2, burst: 2 };
+        keys.set_limit(created.record.id, Some(limit)).unwrap();
+        assert!(watch.has_changed().unwrap());
+        watch.mark_unchanged();
+        assert_eq!(auth.current(&digest).unwrap().rate_limit, Some(limit));
+        keys.revoke(created.record.id).unwrap();
+        assert!(watch.has_changed().unwrap());
+        assert!(auth.current(&digest).is_none());
+        assert!(matches!(
+            auth.check(Some(&created.secret)),
+            Err(AuthError::Unknown)
+        ));
     }
 
     #[test]

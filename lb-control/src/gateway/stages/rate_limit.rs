@@ -15,7 +15,8 @@ use governor::{
 
 use crate::{
     gateway::jsonrpc::Body,
-    model::{ApiKeyId, ApiKeyRecord, RateLimit},
+    keys::LiveKey,
+    model::{ApiKeyId, RateLimit},
 };
 
 type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock>;
@@ -41,7 +42,7 @@ pub struct RateLimits {
 
 impl RateLimits {
     /// Takes `body`'s calls from `key`'s allowance (a batch counts each call).
-    pub fn admit(&self, key: &ApiKeyRecord, body: &Body) -> Result<(), RateLimited> {
+    pub fn admit(&self, key: &LiveKey, body: &Body) -> Result<(), RateLimited> {
         let Some(limit) = key.rate_limit else {
             return Ok(());
         };

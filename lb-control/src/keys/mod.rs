@@ -5,10 +5,20 @@
 //! copy of the state store gives no usable key. Each change records an event in the same
 //! transaction as the change itself.
 //!
-//! Every method blocks on the store (a write waits for fsync): async callers run them on a
-//! blocking thread.
+//! The live keys are also held in memory ([`KeySet`], in [`live`]): loaded at start, updated by
+//! every change made here right after its commit, and what [`ApiKeys::verify`] (the gateway's
+//! key check) reads. A check never touches the store: a made-up key costs a hash and a map
+//! read, a malformed one not even that.
+//!
+//! The changing methods block on the store (a write waits for fsync): async callers run them
+//! on a blocking thread.
 
-use std::time::SystemTime;
+mod live;
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::SystemTime,
+};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -18,10 +28,13 @@ use crate::{
     model::{ApiKeyId, ApiKeyRecord, RateLimit},
     store::{Store, StoreError},
 };
+pub use live::{KeyChange, KeySet, LiveKey};
 
 /// What every secret starts with: tells a leaked string for what it is (secret scanners).
 pub const SECRET_PREFIX: &str = "lbk_";
 const SECRET_BYTES: usize = 32;
+/// A secret's length: the prefix and two hex digits per byte.
+pub const SECRET_LEN: usize = SECRET_PREFIX.len() + 2 * SECRET_BYTES;
 pub const MAX_NAME_LEN: usize = 64;
 /// Far above what one node cluster serves; a typo (an extra digit) still fails.
 pub const MAX_RPS: u32 = 1_000_000;
@@ -56,15 +69,31 @@ pub struct CreatedKey {
     pub secret: String,
 }
 
-/// The registry of API keys, over the state store.
+/// The registry of API keys, over the state store and its live keys in memory; clones share
+/// both.
 #[derive(Clone)]
 pub struct ApiKeys {
     store: Store,
+    live: KeySet,
+    /// Held from a change's first read of the store until the live set has it, so the set
+    /// takes changes in the order the store committed them.
+    changing: Arc<Mutex<()>>,
 }
 
 impl ApiKeys {
-    pub fn new(store: Store) -> Self {
-        ApiKeys { store }
+    /// The registry over `store`, with its live keys loaded.
+    pub fn open(store: Store) -> Result<Self, KeyError> {
+        let live = KeySet::new(store.api_keys()?);
+        Ok(ApiKeys {
+            store,
+            live,
+            changing: Arc::default(),
+        })
+    }
+
+    /// The live keys in memory: what the gateway checks keys against and watches for changes.
+    pub fn live(&self) -> &KeySet {
+        &self.live
     }
 
     pub fn create(
@@ -82,6 +111,7 @@ impl ApiKeys {
         let secret = format!("{SECRET_PREFIX}{}", to_hex(&bytes));
         let secret_sha256 = digest(&secret);
         let created = SystemTime::now();
+        let _changing = self.lock_changes();
         let id = self.store.write(|tx| {
             let id = tx.insert_api_key(name, &secret_sha256, rate_limit, created)?;
             tx.record_event(
@@ -91,18 +121,17 @@ impl ApiKeys {
             )?;
             Ok::<_, KeyError>(id)
         })?;
-        Ok(CreatedKey {
-            record: ApiKeyRecord {
-                id,
-                name: name.to_owned(),
-                secret_sha256,
-                rate_limit,
-                created,
-                last_used: None,
-                revoked: None,
-            },
-            secret,
-        })
+        let record = ApiKeyRecord {
+            id,
+            name: name.to_owned(),
+            secret_sha256,
+            rate_limit,
+            created,
+            last_used: None,
+            revoked: None,
+        };
+        self.live.apply(KeyChange::Put(record.clone()));
+        Ok(CreatedKey { record, secret })
     }
 
     /// Every key, revoked ones included (their names stay taken), ordered by id.
@@ -113,6 +142,7 @@ impl ApiKeys {
     /// Revokes a key for good. A key revoked already is a conflict, not a silent success, so
     /// an operator who typed the wrong id learns it.
     pub fn revoke(&self, id: ApiKeyId) -> Result<ApiKeyRecord, KeyError> {
+        let _changing = self.lock_changes();
         let mut key = self.active(id)?;
         let at = SystemTime::now();
         self.store.write(|tx| {
@@ -124,6 +154,7 @@ impl ApiKeys {
             Ok(())
         })?;
         key.revoked = Some(at);
+        self.live.apply(KeyChange::Put(key.clone()));
         Ok(key)
     }
 
@@ -136,6 +167,7 @@ impl ApiKeys {
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
         }
+        let _changing = self.lock_changes();
         let mut key = self.active(id)?;
         self.store.write(|tx| {
             if !tx.set_api_key_limit(id, rate_limit)? {
@@ -153,16 +185,21 @@ impl ApiKeys {
             Ok(())
         })?;
         key.rate_limit = rate_limit;
+        self.live.apply(KeyChange::Put(key.clone()));
         Ok(key)
     }
 
-    /// The live key a client's secret belongs to; None for an unknown or revoked secret.
-    ///
-    /// The lookup is by the secret's SHA-256, so its timing tells an attacker about hashes of
-    /// their guesses, never about a stored secret.
-    pub fn verify(&self, secret: &str) -> Result<Option<ApiKeyRecord>, KeyError> {
-        let key = self.store.api_key_by_hash(&digest(secret))?;
-        Ok(key.filter(|key| key.revoked.is_none()))
+    /// The live key a client's secret belongs to; None for an unknown, revoked or malformed
+    /// secret. Memory only, never the store (see [`KeySet::find`]).
+    pub fn verify(&self, secret: &str) -> Option<Arc<LiveKey>> {
+        is_well_formed(secret)
+            .then(|| self.live.find(&digest(secret)))
+            .flatten()
+    }
+
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        // It guards no data: a panicking holder leaves nothing half done.
+        self.changing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Key `id`, unless it does not exist or is revoked.
@@ -177,6 +214,16 @@ impl ApiKeys {
         }
         Ok(key)
     }
+}
+
+/// Whether `secret` has the form of a key: [`SECRET_PREFIX`] and 64 lowercase hex digits.
+/// Anything else cannot be a key, and is refused before any lookup.
+pub fn is_well_formed(secret: &str) -> bool {
+    secret.len() == SECRET_LEN
+        && secret.strip_prefix(SECRET_PREFIX).is_some_and(|hex| {
+            hex.bytes()
+                .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
+        })
 }
 
 /// SHA-256 of a secret: what is stored and compared.
@@ -260,7 +307,7 @@ mod tests {
             let store = Store::open(&dir.join("state.db")).expect("store opens");
             TempStore {
                 dir,
-                keys: ApiKeys::new(store.clone()),
+                keys: ApiKeys::open(store.clone()).expect("keys load"),
                 store,
             }
         }
@@ -296,16 +343,67 @@ mod tests {
         let t = TempStore::new("verify");
         let limit = RateLimit { rps: 5, burst: 10 };
         let created = t.keys.create("alice", Some(limit)).expect("created");
-        let found = t
-            .keys
-            .verify(&created.secret)
-            .expect("verify")
-            .expect("live");
+        let found = t.keys.verify(&created.secret).expect("live");
         assert_eq!(found.id, created.record.id);
         assert_eq!(found.rate_limit, Some(limit));
-        assert!(t.keys.verify("lbk_00").expect("verify").is_none());
+        assert!(t.keys.verify("lbk_00").is_none());
         t.keys.revoke(created.record.id).expect("revoked");
-        assert!(t.keys.verify(&created.secret).expect("verify").is_none());
+        assert!(t.keys.verify(&created.secret).is_none());
+    }
+
+    #[test]
+    fn only_the_key_format_is_well_formed() {
+        let good = format!("{SECRET_PREFIX}{}", "0123456789abcdef".repeat(4));
+        assert!(is_well_formed(&good));
+        let bad = [
+            String::new(),
+            "lbk_".to_owned(),
+            "lbk_00".to_owned(),
+            good[..good.len() - 1].to_owned(),
+            format!("{good}0"),
+            good.to_uppercase(),
+            good.replacen("lbk_", "lbx_", 1),
+            good.replacen('a', "g", 1),
+            good.replacen('a', "A", 1),
+            format!("{SECRET_PREFIX}{}", "\u{e9}".repeat(SECRET_BYTES)),
+        ];
+        for bad in &bad {
+            assert!(!is_well_formed(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn checks_never_touch_the_store_and_a_change_is_seen_at_once() {
+        let t = TempStore::new("memory");
+        let created = t.keys.create("alice", None).expect("created");
+        let reads = t.store.calls().reads;
+        let made_up = format!("{SECRET_PREFIX}{}", "ab".repeat(SECRET_BYTES));
+        for _ in 0..1000 {
+            assert!(t.keys.verify(&created.secret).is_some());
+            assert!(t.keys.verify(&made_up).is_none());
+            assert!(t.keys.verify("lbk_short").is_none());
+        }
+        assert_eq!(t.store.calls().reads, reads);
+        let limit = RateLimit { rps: 3, burst: 1 };
+        t.keys
+            .set_limit(created.record.id, Some(limit))
+            .expect("limited");
+        let found = t.keys.verify(&created.secret).expect("live");
+        assert_eq!(found.rate_limit, Some(limit));
+        // Another registry over the same store (the next start) loads the same live keys.
+        let reopened = ApiKeys::open(t.store.clone()).expect("keys load");
+        assert_eq!(
+            reopened.verify(&created.secret).map(|key| key.rate_limit),
+            Some(Some(limit))
+        );
+        t.keys.revoke(created.record.id).expect("revoked");
+        assert!(t.keys.verify(&created.secret).is_none());
+        assert!(
+            ApiKeys::open(t.store.clone())
+                .expect("keys load")
+                .live()
+                .is_empty()
+        );
     }
 
     #[test]
