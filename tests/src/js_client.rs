@@ -17,12 +17,15 @@ const UNKNOWN_EXTENSION_WARNING: &str =
 /// What polkadot.js warns about a node whose `rpc_methods` lists methods it has no decoration
 /// for, as every Substrate node that serves the new JSON-RPC spec does.
 const UNDECORATED_WARNING: &str = "API/INIT: RPC methods not decorated: ";
-/// The new spec's method families (polkadot.js 16 decorates none of them).
-const NEW_SPEC_PREFIXES: [&str; 4] = [
+/// The method families a real node's `rpc_methods` lists and polkadot.js 16 decorates none of:
+/// the new spec's, and the statement store's (`statement_dump`, listed by the `node` runtime's
+/// real `rpc_methods`).
+const UNDECORATED_PREFIXES: [&str; 5] = [
     "chainHead_v1_",
     "chainSpec_v1_",
     "transaction_v1_",
     "transactionWatch_v1_",
+    "statement_",
 ];
 
 /// How long `npm ci` may take (a fresh install downloads every package).
@@ -89,7 +92,7 @@ pub fn summary_of(output: &Output) -> Value {
 
 /// Whether `warning` (as polkadot.js printed it, with or without its timestamp) is one it also
 /// prints against a real node serving sim-node's runtime: the unknown `AuthorizeCall` extension,
-/// or the new-spec methods of `rpc_methods` it cannot decorate. Anything else is a complaint
+/// or the methods of `rpc_methods` it cannot decorate (the new spec's, the statement store's). Anything else is a complaint
 /// about what sim-node serves.
 pub fn is_expected_polkadot_js_warning(warning: &str) -> bool {
     if warning.ends_with(UNKNOWN_EXTENSION_WARNING) {
@@ -99,7 +102,7 @@ pub fn is_expected_polkadot_js_warning(warning: &str) -> bool {
         .split_once(UNDECORATED_WARNING)
         .is_some_and(|(_, methods)| {
             methods.split(", ").all(|method| {
-                NEW_SPEC_PREFIXES
+                UNDECORATED_PREFIXES
                     .iter()
                     .any(|prefix| method.starts_with(prefix))
             })
@@ -117,6 +120,9 @@ mod tests {
         ));
         assert!(is_expected_polkadot_js_warning(
             "API/INIT: RPC methods not decorated: chainHead_v1_body, chainSpec_v1_chainName, transactionWatch_v1_unwatch, transaction_v1_stop"
+        ));
+        assert!(is_expected_polkadot_js_warning(
+            "API/INIT: RPC methods not decorated: chainHead_v1_body, statement_dump"
         ));
         assert!(!is_expected_polkadot_js_warning(
             "API/INIT: RPC methods not decorated: chainHead_v1_body, sim_secret"
