@@ -1082,6 +1082,43 @@ async fn write_until_refused(acknowledged: Arc<Mutex<Vec<Write>>>, failed: Arc<A
 }
 
 // ---------------------------------------------------------------------------------------------
+/// `lb-control` run as an operator runs it against the test's daemon (`--config`, no token in
+/// the environment).
+struct Cli<'a> {
+    config: &'a Path,
+}
+
+impl Cli<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_lb-control"))
+            .args(args)
+            .arg("--config")
+            .arg(self.config)
+            .env_remove("LB_ADMIN_TOKEN")
+            .output()
+            .expect("lb-control runs")
+    }
+
+    /// Runs a command that must succeed; its standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail (exit 1) saying `expected`.
+    fn fails(&self, args: &[&str], expected: &str) {
+        let output = self.run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
 // The CLI.
 
 #[test]
@@ -1091,46 +1128,24 @@ fn cli_drives_the_api_and_reports_its_errors() {
         daemon.ready().await;
     });
     let config = daemon.config();
-    let cli = |args: &[&str]| -> Output {
-        Command::new(env!("CARGO_BIN_EXE_lb-control"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("LB_ADMIN_TOKEN")
-            .output()
-            .expect("lb-control runs")
-    };
-    let ok = |args: &[&str]| -> String {
-        let output = cli(args);
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
-    let fails = |args: &[&str], expected: &str| {
-        let output = cli(args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-    };
+    let cli = Cli { config: &config };
 
-    let added = ok(&["backend", "add", "10.200.50.2:9944", "--weight", "2"]);
+    let added = cli.ok(&["backend", "add", "10.200.50.2:9944", "--weight", "2"]);
     assert!(
         added.contains("added backend 1 (10.200.50.2:9944) to 10.200.50.1:9944/tcp"),
         "{added}"
     );
-    assert!(ok(&["backend", "drain", "1"]).contains("now draining"));
-    let status = ok(&["status"]);
+    assert!(cli.ok(&["backend", "drain", "1"]).contains("now draining"));
+    let status = cli.ok(&["status"]);
     assert!(status.contains(SERVICE_NAME), "{status}");
     assert!(status.contains("10.200.50.2:9944"), "{status}");
     assert!(status.contains("draining"), "{status}");
-    let listed: Value = serde_json::from_str(&ok(&["backend", "list", "--json"])).expect("json");
+    let listed: Value =
+        serde_json::from_str(&cli.ok(&["backend", "list", "--json"])).expect("json");
     assert_eq!(listed[0]["weight"], 2);
     assert_eq!(listed[0]["state"], "draining");
 
-    let output = cli(&["key", "create", "--name", "cli-key", "--rps", "5"]);
+    let output = cli.run(&["key", "create", "--name", "cli-key", "--rps", "5"]);
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
     let secret = stdout
@@ -1139,23 +1154,26 @@ fn cli_drives_the_api_and_reports_its_errors() {
         .expect("the secret is printed");
     assert!(secret.starts_with("lbk_"), "{stdout}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot be shown again"));
-    let keys = ok(&["key", "list"]);
+    let keys = cli.ok(&["key", "list"]);
     assert!(
         keys.contains("cli-key") && keys.contains("5 rps, burst 5"),
         "{keys}"
     );
     assert!(!keys.contains(&secret[4..]), "{keys}");
-    assert!(ok(&["key", "limit", "1", "--unlimited"]).contains("unlimited"));
-    assert!(ok(&["events", "--limit", "50"]).contains("key.created"));
-    assert!(ok(&["health"]).contains("10.200.50.2:9944"));
+    assert!(
+        cli.ok(&["key", "limit", "1", "--unlimited"])
+            .contains("unlimited")
+    );
+    assert!(cli.ok(&["events", "--limit", "50"]).contains("key.created"));
+    assert!(cli.ok(&["health"]).contains("10.200.50.2:9944"));
 
-    fails(
+    cli.fails(
         &["backend", "remove", "99"],
         "error: backend 99 does not exist",
     );
-    fails(&["backend", "add", "10.200.50.2:9944"], "already exists");
-    fails(&["backend", "weight", "1", "0"], "weight");
-    fails(
+    cli.fails(&["backend", "add", "10.200.50.2:9944"], "already exists");
+    cli.fails(&["backend", "weight", "1", "0"], "weight");
+    cli.fails(
         &["status", "--admin", "http://127.0.0.1:9"],
         "is lb-control running? (admin API at http://127.0.0.1:9)",
     );
@@ -1499,41 +1517,18 @@ fn block_cli_goes_through_the_api() {
         daemon.ready().await;
     });
     let config = daemon.config();
-    let cli = |args: &[&str]| -> Output {
-        Command::new(env!("CARGO_BIN_EXE_lb-control"))
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env_remove("LB_ADMIN_TOKEN")
-            .output()
-            .expect("lb-control runs")
-    };
-    let ok = |args: &[&str]| -> String {
-        let output = cli(args);
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
-    let fails = |args: &[&str], expected: &str| {
-        let output = cli(args);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {stderr}");
-    };
+    let cli = Cli { config: &config };
 
-    assert_eq!(ok(&["block", "list"]), "the blocklist is empty\n");
+    assert_eq!(cli.ok(&["block", "list"]), "the blocklist is empty\n");
     assert_eq!(
-        ok(&["block", "add", "203.0.113.0/24", "--for", "10m"]),
+        cli.ok(&["block", "add", "203.0.113.0/24", "--for", "10m"]),
         "blocked 203.0.113.0/24 for 10m\n"
     );
     assert_eq!(
-        ok(&["block", "add", "2001:db8::/48"]),
+        cli.ok(&["block", "add", "2001:db8::/48"]),
         "blocked 2001:db8::/48 until removed\n"
     );
-    let listed = ok(&["block", "list"]);
+    let listed = cli.ok(&["block", "list"]);
     let lines: Vec<&str> = listed.lines().collect();
     assert_eq!(lines.len(), 3, "{listed}");
     assert!(
@@ -1547,7 +1542,7 @@ fn block_cli_goes_through_the_api() {
         lines[2].starts_with("2001:db8::/48 ") && lines[2].ends_with(" never"),
         "{listed}"
     );
-    let json: Value = serde_json::from_str(&ok(&["block", "list", "--json"])).expect("json");
+    let json: Value = serde_json::from_str(&cli.ok(&["block", "list", "--json"])).expect("json");
     assert_eq!(json[1]["prefix"], "2001:db8::/48");
     assert_eq!(json[1]["expires"], Value::Null);
     // The daemon wrote the kernel's maps.
@@ -1562,19 +1557,19 @@ fn block_cli_goes_through_the_api() {
     );
 
     assert_eq!(
-        ok(&["block", "remove", "203.0.113.0/24"]),
+        cli.ok(&["block", "remove", "203.0.113.0/24"]),
         "unblocked 203.0.113.0/24\n"
     );
     assert_eq!(
-        ok(&["block", "remove", "2001:db8::/48"]),
+        cli.ok(&["block", "remove", "2001:db8::/48"]),
         "unblocked 2001:db8::/48\n"
     );
-    fails(
+    cli.fails(
         &["block", "remove", "203.0.113.0/24"],
         "error: 203.0.113.0/24 is not on the blocklist (`lb-control block list`)",
     );
-    fails(&["block", "add", "203.0.113.0/33"], "is not an IP prefix");
-    fails(
+    cli.fails(&["block", "add", "203.0.113.0/33"], "is not an IP prefix");
+    cli.fails(
         &["block", "list", "--admin", "http://127.0.0.1:9"],
         "is lb-control running? (admin API at http://127.0.0.1:9)",
     );

@@ -170,30 +170,28 @@ fn describe(graph: &Graph) -> String {
         .join("\n")
 }
 
+fn assert_acyclic(graph: &Graph) {
+    if let Some(cycle) = find_cycle(graph) {
+        panic!(
+            "import cycle {}\nthe graph:\n{}",
+            cycle.join(" -> "),
+            describe(graph)
+        );
+    }
+}
+
 #[test]
 fn lb_control_modules_import_no_cycle() {
     let graph = module_graph(&workspace().join("lb-control/src"));
     assert!(graph.contains_key("backends") && graph.contains_key("store"));
-    if let Some(cycle) = find_cycle(&graph) {
-        panic!(
-            "import cycle {}\nthe graph:\n{}",
-            cycle.join(" -> "),
-            describe(&graph)
-        );
-    }
+    assert_acyclic(&graph);
 }
 
 #[test]
 fn lb_ebpf_modules_import_no_cycle() {
     let graph = module_graph(&workspace().join("lb-ebpf/src"));
     assert!(graph.len() > 3, "lb-ebpf's modules were not found");
-    if let Some(cycle) = find_cycle(&graph) {
-        panic!(
-            "import cycle {}\nthe graph:\n{}",
-            cycle.join(" -> "),
-            describe(&graph)
-        );
-    }
+    assert_acyclic(&graph);
 }
 
 #[test]
