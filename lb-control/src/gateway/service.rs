@@ -41,14 +41,15 @@ pub async fn handle(
     let (key, digest) = match pipeline.check_key(secret.as_deref()) {
         Ok(checked) => checked,
         Err(rejection) => {
-            let response = refused(pipeline, &rejection, client);
             // Read (and drop) what the client already sent: answering an HTTP/2 request
             // before its body ends resets the stream, and curl and others then report a
             // framing error instead of the 401. Bounded, never parsed, never forwarded.
+            // Before the refusal is counted: a count that blocks the source drops its
+            // packets in XDP at once, and a body still on its way would never arrive.
             let _ = Limited::new(request.into_body(), UNAUTHENTICATED_BODY_DRAIN)
                 .collect()
                 .await;
-            return response;
+            return refused(pipeline, &rejection, client);
         }
     };
     if upgrade {
