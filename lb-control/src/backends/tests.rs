@@ -118,7 +118,15 @@ fn declared(backends: &[&str]) -> Declared {
 }
 
 async fn start(dir: &TempDir, declared: &Declared) -> (BackendSet, RecordedKernel) {
-    let kernel = RecordedKernel::default();
+    start_on(dir, declared, RecordedKernel::default()).await
+}
+
+/// The backend set over `kernel`, which the test keeps a handle to.
+async fn start_on<K: KernelTables + Clone + 'static>(
+    dir: &TempDir,
+    declared: &Declared,
+    kernel: K,
+) -> (BackendSet, K) {
     let set = BackendSet::start(
         dir.store(),
         Box::new(kernel.clone()),
@@ -389,16 +397,7 @@ impl SlowKernel {
 }
 
 async fn start_slow(dir: &TempDir, declared: &Declared) -> (Arc<BackendSet>, SlowKernel) {
-    let kernel = SlowKernel::default();
-    let set = BackendSet::start(
-        dir.store(),
-        Box::new(kernel.clone()),
-        settings(),
-        declared,
-        Arc::new(Metrics::register(&mut Registry::default())),
-    )
-    .await
-    .unwrap();
+    let (set, kernel) = start_on(dir, declared, SlowKernel::default()).await;
     (Arc::new(set), kernel)
 }
 
