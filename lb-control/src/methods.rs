@@ -143,6 +143,13 @@ pub enum Subscription {
     },
     /// Ends one (of a shared `feed`, when the gateway serves those).
     Unsubscribe { feed: Option<FeedKind> },
+    /// Starts an operation with no notifications that lives on the node's connection until
+    /// `stop` ends it (`transaction_v1_broadcast`): held like a subscription.
+    Operation { stop: &'static str },
+    /// A call on a subscription of the connection, named by the call's first parameter
+    /// (`chainHead_v1_*` operations on their `followSubscription`): the node knows that
+    /// subscription on the connection that holds it only.
+    OnSubscription,
 }
 
 /// Everything the gateway knows of one method.
@@ -213,6 +220,8 @@ const fn subscribe(
 const fn unsubscribe(feed: Option<FeedKind>) -> Option<Subscription> {
     Some(Subscription::Unsubscribe { feed })
 }
+
+const ON_FOLLOW: Option<Subscription> = Some(Subscription::OnSubscription);
 
 /// Every method the gateway knows something of; anything else gets [`UNLISTED`].
 #[rustfmt::skip] // One row a line: the table is read as a table.
@@ -310,6 +319,15 @@ pub const METHODS: &[(&str, Method)] = &[
     // the new JSON-RPC API (json-rpc-interface-spec)
     row("chainHead_v1_follow",                 Safe,                Read,   Never,  subscribe(None, "chainHead_v1_unfollow", "chainHead_v1_followEvent")),
     row("chainHead_v1_unfollow",               Safe,                Read,   Never,  unsubscribe(None)),
+    row("chainHead_v1_header",                 Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_body",                   Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_storage",                Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_call",                   Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_unpin",                  Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_continue",               Safe,                Read,   Never,  ON_FOLLOW),
+    row("chainHead_v1_stopOperation",          Safe,                Read,   Never,  ON_FOLLOW),
+    row("transaction_v1_broadcast",            Safe,                Author, Never,  Some(Subscription::Operation { stop: "transaction_v1_stop" })),
+    row("transaction_v1_stop",                 Safe,                Author, Never,  unsubscribe(None)),
     row("transactionWatch_v1_submitAndWatch",  Safe,                Read,   Never,  subscribe(None, "transactionWatch_v1_unwatch", "transactionWatch_v1_watchEvent")),
     row("transactionWatch_v1_unwatch",         Safe,                Read,   Never,  unsubscribe(None)),
     // finality gadgets
@@ -318,6 +336,41 @@ pub const METHODS: &[(&str, Method)] = &[
     row("beefy_subscribeJustifications",       Safe,                Read,   Never,  subscribe(None, "beefy_unsubscribeJustifications", "beefy_justifications")),
     row("beefy_unsubscribeJustifications",     Safe,                Read,   Never,  unsubscribe(None)),
 ];
+
+/// Whether `result`, a notification of `method`, is the last of its subscription: the node
+/// ends the subscription after it (a chainHead_v1 `stop`, a transaction's final status), and
+/// the client will not unsubscribe.
+pub fn is_last_notification(method: &str, result: &str) -> bool {
+    /// A new-spec event: `{"event": "…", …}`.
+    #[derive(serde::Deserialize)]
+    struct Event<'a> {
+        #[serde(borrow)]
+        event: &'a str,
+    }
+    let event = || serde_json::from_str::<Event>(result).ok().map(|event| event.event);
+    match method {
+        "chainHead_v1_followEvent" => event() == Some("stop"),
+        "transactionWatch_v1_watchEvent" => {
+            matches!(event(), Some("finalized" | "error" | "invalid" | "dropped"))
+        }
+        // Substrate's `TransactionStatus` (sc-transaction-pool-api): a string for the unit
+        // variants, an object named by the variant otherwise.
+        "author_extrinsicUpdate" => {
+            let status = match serde_json::from_str::<serde_json::Value>(result) {
+                Ok(serde_json::Value::String(status)) => status,
+                Ok(serde_json::Value::Object(object)) => {
+                    object.keys().next().cloned().unwrap_or_default()
+                }
+                _ => return false,
+            };
+            matches!(
+                status.as_str(),
+                "finalized" | "finalityTimeout" | "usurped" | "dropped" | "invalid"
+            )
+        }
+        _ => false,
+    }
+}
 
 /// What a method the table does not list gets.
 pub const UNLISTED: Method = Method {
@@ -385,13 +438,40 @@ mod tests {
     }
 
     #[test]
+    fn final_notifications_end_their_subscription() {
+        assert!(is_last_notification(
+            "chainHead_v1_followEvent",
+            r#"{"event":"stop"}"#
+        ));
+        assert!(!is_last_notification(
+            "chainHead_v1_followEvent",
+            r#"{"event":"newBlock","blockHash":"0x00"}"#
+        ));
+        assert!(is_last_notification(
+            "transactionWatch_v1_watchEvent",
+            r#"{"event":"finalized","block":{"hash":"0x00","index":0}}"#
+        ));
+        assert!(is_last_notification(
+            "author_extrinsicUpdate",
+            r#"{"finalized":"0x00"}"#
+        ));
+        assert!(is_last_notification("author_extrinsicUpdate", r#""dropped""#));
+        assert!(!is_last_notification(
+            "author_extrinsicUpdate",
+            r#"{"inBlock":"0x00"}"#
+        ));
+        assert!(!is_last_notification("chain_newHead", r#"{"event":"stop"}"#));
+    }
+
+    #[test]
     fn every_subscription_is_ended_by_a_listed_unsubscribe_of_the_same_feed() {
         for (name, method) in METHODS {
-            let Some(Subscription::Subscribe {
-                feed, unsubscribe, ..
-            }) = method.subscription
-            else {
-                continue;
+            let (feed, unsubscribe) = match method.subscription {
+                Some(Subscription::Subscribe {
+                    feed, unsubscribe, ..
+                }) => (feed, unsubscribe),
+                Some(Subscription::Operation { stop }) => (None, stop),
+                _ => continue,
             };
             assert_eq!(
                 lookup(unsubscribe).subscription,

@@ -96,6 +96,23 @@ impl RpcError {
         )
     }
 
+    pub fn too_many_key_subscriptions(max: u32) -> Self {
+        RpcError::new(
+            code::TOO_MANY_SUBSCRIPTIONS,
+            format!("Too many subscriptions for this API key: at most {max} on the nodes"),
+        )
+    }
+
+    /// No connection to `node` may take another subscription.
+    pub fn node_full(node: std::net::SocketAddr) -> Self {
+        RpcError::new(
+            code::UPSTREAM_UNAVAILABLE,
+            format!(
+                "Node {node} holds as many subscriptions as the gateway gives it: try again later"
+            ),
+        )
+    }
+
     /// A method of the node's unsafe list: the node's own answer on a `--rpc-methods safe`
     /// port, as the method table records it.
     pub fn node_refusal(refusal: Refusal) -> Self {
@@ -117,7 +134,7 @@ impl RpcError {
         )
     }
 
-    fn to_raw(&self) -> Box<RawValue> {
+    pub fn to_raw(&self) -> Box<RawValue> {
         raw(self)
     }
 }
@@ -183,20 +200,21 @@ impl Outcome {
     }
 }
 
-/// The request a node gets for `method` and `params`: one fixed id, since the client's id is
-/// put back into the answer (and identical calls of different clients look alike upstream).
-pub fn upstream_request(method: &str, params: Option<&RawValue>) -> Vec<u8> {
+/// The request a node gets for `method` and `params` under the gateway's own `id` (over HTTP
+/// one fixed id: identical calls of different clients look alike upstream); the client's id is
+/// put back into the answer.
+pub fn upstream_request(id: u64, method: &str, params: Option<&RawValue>) -> String {
     #[derive(Serialize)]
     struct Request<'a> {
         jsonrpc: &'static str,
-        id: u32,
+        id: u64,
         method: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         params: Option<&'a RawValue>,
     }
-    serde_json::to_vec(&Request {
+    serde_json::to_string(&Request {
         jsonrpc: "2.0",
-        id: 0,
+        id,
         method,
         params,
     })
@@ -218,6 +236,15 @@ pub fn parse_upstream_answer(bytes: &[u8]) -> Result<Outcome, String> {
 
 /// One answer object, with the client's id.
 pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> Box<RawValue> {
+    let answer = match outcome {
+        Outcome::Result(result) => answer_text(id, Ok(result)),
+        Outcome::Error(error) => answer_text(id, Err(error)),
+    };
+    RawValue::from_string(answer).expect("an answer of raw JSON values is JSON")
+}
+
+/// An answer to `id` with a result (`Ok`) or an error (`Err`), both raw JSON, as text.
+pub fn answer_text(id: Option<&RawValue>, outcome: Result<&RawValue, &RawValue>) -> String {
     #[derive(Serialize)]
     struct Answer<'a> {
         jsonrpc: &'static str,
@@ -227,17 +254,17 @@ pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> Box<RawValue> {
         error: Option<&'a RawValue>,
         id: &'a RawValue,
     }
-    let null = RawValue::NULL;
     let (result, error) = match outcome {
-        Outcome::Result(result) => (Some(&**result), None),
-        Outcome::Error(error) => (None, Some(&**error)),
+        Ok(result) => (Some(result), None),
+        Err(error) => (None, Some(error)),
     };
-    raw(&Answer {
+    serde_json::to_string(&Answer {
         jsonrpc: "2.0",
         result,
         error,
-        id: id.unwrap_or(null),
+        id: id.unwrap_or(RawValue::NULL),
     })
+    .expect("an answer of raw JSON values serializes")
 }
 
 /// A subscription notification, as a node sends it.

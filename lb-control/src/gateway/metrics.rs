@@ -56,6 +56,14 @@ pub struct GatewayMetrics {
     pub websocket_closed: Family<ClosedLabels, Counter>,
     /// Head subscriptions served from the shared per-node feeds.
     pub shared_subscriptions: Gauge,
+    /// Open upstream WebSocket connections (links) per node, which client sessions share.
+    pub upstream_links: Family<UpstreamLabels, Gauge>,
+    /// Upstream links that failed (connect, send, receive, closed by the node).
+    pub upstream_link_failures: Family<UpstreamLabels, Counter>,
+    /// Client subscriptions held on a node's links.
+    pub upstream_subscriptions: Family<UpstreamLabels, Gauge>,
+    /// Bytes of answers and notifications waiting for WebSocket clients to read them.
+    pub queued_bytes: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +97,10 @@ impl GatewayMetrics {
             websocket_sessions: Gauge::default(),
             websocket_closed: Family::default(),
             shared_subscriptions: Gauge::default(),
+            upstream_links: Family::default(),
+            upstream_link_failures: Family::default(),
+            upstream_subscriptions: Family::default(),
+            queued_bytes: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb_gateway");
         registry.register(
@@ -150,6 +162,26 @@ impl GatewayMetrics {
             "shared_subscriptions",
             "Head subscriptions served from one upstream subscription per node",
             metrics.shared_subscriptions.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Open upstream WebSocket connections that client sessions share, by node",
+            metrics.upstream_links.clone(),
+        );
+        registry.register(
+            "upstream_connection_failures",
+            "Upstream WebSocket connections that failed, by node",
+            metrics.upstream_link_failures.clone(),
+        );
+        registry.register(
+            "upstream_subscriptions",
+            "Client subscriptions held on a node's upstream connections, by node",
+            metrics.upstream_subscriptions.clone(),
+        );
+        registry.register(
+            "queued_bytes",
+            "Bytes of answers and notifications waiting for WebSocket clients to read them",
+            metrics.queued_bytes.clone(),
         );
         metrics
     }

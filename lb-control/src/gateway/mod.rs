@@ -7,8 +7,9 @@
 //! - [`stages`]: one file per stage: [`stages::auth`] (key check), [`stages::parse`],
 //!   [`stages::rate_limit`], [`stages::policy`].
 //! - [`service`]: the HTTP transport: one request through the pipeline, framed as HTTP.
-//! - [`websocket`]: the WebSocket transport: each message through the pipeline, one node
-//!   connection per client, shared head subscriptions.
+//! - [`websocket`]: the WebSocket transport: each message through the pipeline, shared head
+//!   subscriptions, the rest on the node's shared connections.
+//! - [`links`]: the pools of upstream WebSocket connections per node that the sessions share.
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
 //! - [`slots`]: counted connections per address and per key.
@@ -20,6 +21,7 @@
 
 pub mod block;
 pub mod jsonrpc;
+pub mod links;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;
@@ -49,6 +51,7 @@ pub use self::{
     upstream::{Upstream, ViewNodes},
 };
 use self::{
+    links::{LinkLimits, Links, QueueBudget},
     pipeline::{BodyLimits, Pipeline},
     server::ConnectionLimits,
     slots::Slots,
@@ -118,6 +121,15 @@ pub struct GatewayContext {
     pub blocks: mpsc::UnboundedSender<BlockRequest>,
 }
 
+/// Calls in flight on every upstream WebSocket connection of a node before the gateway opens
+/// another: a Substrate node buffers 64 messages per connection
+/// (`--rpc-message-buffer-capacity-per-connection`).
+const CALLS_PER_LINK: u32 = 16;
+
+/// Largest message taken from a node: above Substrate's largest answer
+/// (`--rpc-max-response-size`, 15 MiB).
+const NODE_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Connections wait in the kernel's queue up to this many per listener.
 const LISTEN_BACKLOG: u32 = 1024;
 
@@ -150,8 +162,9 @@ pub struct Gateway {
     stop: watch::Sender<bool>,
     /// The serving threads, one per listener.
     serving: Vec<std::thread::JoinHandle<()>>,
-    /// Following the view and writing last-used times: stopped with the server.
-    helpers: [JoinHandle<()>; 2],
+    /// Following the view, dropping the links of nodes that left, writing last-used times:
+    /// stopped with the server.
+    helpers: [JoinHandle<()>; 3],
     /// Follows the nodes' heads and runtime versions for the response cache; stops when dropped.
     follower: ChainFollower,
 }
@@ -203,6 +216,17 @@ impl Gateway {
         // The first rotation is in place before the first request.
         upstream.apply(&ViewNodes::of(&context.view.borrow(), service))?;
         let auth = Arc::new(Authenticator::new(&context.keys, context.store));
+        let links = Arc::new(Links::new(
+            LinkLimits {
+                max_links_per_node: section.max_upstream_connections_per_node,
+                max_subscriptions_per_link: section.max_subscriptions_per_upstream,
+                max_follows_per_link: section.max_follows_per_upstream,
+                calls_per_link: CALLS_PER_LINK,
+                connect_timeout: section.upstream_timeout,
+                max_message_bytes: NODE_MAX_MESSAGE_BYTES,
+            },
+            context.metrics.clone(),
+        ));
         let cache = ResponseCache::new(section.cache_bytes);
         let follower = cache::follow(upstream.watch_serving(), cache.clone());
         let failures = section
@@ -224,9 +248,16 @@ impl Gateway {
                 max_message_bytes: section.max_body_bytes,
                 max_connections_per_key: section.max_connections_per_key,
                 max_subscriptions_per_connection: section.max_subscriptions_per_connection,
+                max_subscriptions_per_key: section.max_subscriptions_per_key,
                 idle_timeout: section.idle_timeout,
             },
             key_connections: Arc::default(),
+            key_subscriptions: Arc::default(),
+            links: links.clone(),
+            queue_budget: Arc::new(QueueBudget::new(
+                section.max_queued_bytes_per_connection,
+                section.max_queued_bytes,
+            )),
             feeds: follower.feeds(),
         });
         let limits = ConnectionLimits {
@@ -237,6 +268,7 @@ impl Gateway {
         let (stop, stopped) = watch::channel(false);
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
+            tokio::spawn(links::follow_serving(links, upstream.watch_serving())),
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(stages::auth::TOUCH_INTERVAL);
                 loop {

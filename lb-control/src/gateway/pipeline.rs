@@ -9,7 +9,10 @@
 //! statuses and headers; WebSocket ids, close codes, and the calls a session serves itself
 //! (shared head subscriptions) or hands to its node.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
@@ -18,6 +21,7 @@ use tracing::warn;
 use super::{
     block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError, code},
+    links::{Links, QueueBudget},
     metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
     slots::Slots,
     stages::{
@@ -58,6 +62,12 @@ pub struct Pipeline {
     pub websocket: WebSocketLimits,
     /// Open WebSocket connections per key.
     pub key_connections: Arc<Slots<ApiKeyId>>,
+    /// Subscriptions on the nodes per key.
+    pub key_subscriptions: Arc<Slots<ApiKeyId>>,
+    /// The nodes' shared WebSocket connections.
+    pub links: Arc<Links>,
+    /// What WebSocket clients may leave unread.
+    pub queue_budget: Arc<QueueBudget>,
     /// Each node's latest heads and runtime version, which WebSocket clients' subscriptions
     /// share.
     pub feeds: NodeFeeds,
@@ -86,6 +96,11 @@ pub enum Rejection {
     Handshake(String),
     /// WebSocket: the connection has `max_subscriptions_per_connection` open.
     SubscriptionLimit,
+    /// WebSocket: the key holds `max_subscriptions_per_key` subscriptions on the nodes.
+    KeySubscriptionLimit,
+    /// WebSocket: every upstream connection of the client's node holds as many subscriptions
+    /// as it may, and the pool may not grow.
+    NodeFull(SocketAddr),
 }
 
 impl Pipeline {
@@ -162,6 +177,15 @@ impl Pipeline {
             Rejection::SubscriptionLimit => {
                 self.metrics.rejected("subscription_limit");
                 RpcError::too_many_subscriptions(self.websocket.max_subscriptions_per_connection)
+            }
+            Rejection::KeySubscriptionLimit => {
+                self.metrics.rejected("key_subscription_limit");
+                RpcError::too_many_key_subscriptions(self.websocket.max_subscriptions_per_key)
+            }
+            Rejection::NodeFull(node) => {
+                warn!(%client, %node, "a subscription refused: the node's connections are full");
+                self.metrics.rejected("node_full");
+                RpcError::node_full(*node)
             }
         }
     }

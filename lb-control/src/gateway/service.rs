@@ -91,7 +91,7 @@ pub fn refused(
     let error = pipeline.refuse(rejection, client);
     let status = match rejection {
         Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        Rejection::NoNode(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::NoNode(_) | Rejection::NodeFull(_) => StatusCode::SERVICE_UNAVAILABLE,
         Rejection::Key(_) => StatusCode::UNAUTHORIZED,
         Rejection::BodyTooBig => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyUnreadable(_) | Rejection::Handshake(_) => StatusCode::BAD_REQUEST,
@@ -99,7 +99,8 @@ pub fn refused(
         Rejection::Parse(_) => StatusCode::OK,
         Rejection::RateLimited(_)
         | Rejection::KeyConnectionLimit
-        | Rejection::SubscriptionLimit => StatusCode::TOO_MANY_REQUESTS,
+        | Rejection::SubscriptionLimit
+        | Rejection::KeySubscriptionLimit => StatusCode::TOO_MANY_REQUESTS,
     };
     let mut response = rpc_response(status, jsonrpc::error_body(&error));
     match rejection {

@@ -46,10 +46,29 @@ pub struct GatewaySection {
     pub max_connections_per_ip: u32,
     /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
     pub max_connections_per_key: u32,
-    /// Head subscriptions (`chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads`) one
-    /// WebSocket connection may hold; the gateway serves these itself. The node limits the
-    /// other subscriptions on the connection's own upstream connection.
+    /// Subscriptions one WebSocket connection may hold: the head subscriptions the gateway
+    /// serves itself (`chain_subscribeNewHeads`, …) and those on the nodes together.
     pub max_subscriptions_per_connection: u32,
+    /// Subscriptions on the nodes (everything but the shared head subscriptions) one API key
+    /// may hold over all its connections.
+    pub max_subscriptions_per_key: u32,
+    /// Upstream WebSocket connections the gateway opens to one node, which every WebSocket
+    /// client of that node shares. Keep it well under the node's `--rpc-max-connections`
+    /// (Substrate: 100), which also serves the health checker, the chain follower, the HTTP
+    /// calls and a standby gateway.
+    pub max_upstream_connections_per_node: u32,
+    /// Subscriptions on one upstream connection; under the node's
+    /// `--rpc-max-subscriptions-per-connection` (Substrate: 1024).
+    pub max_subscriptions_per_upstream: u32,
+    /// `chainHead_v1_follow` subscriptions on one upstream connection: a Substrate node takes
+    /// 4 per connection.
+    pub max_follows_per_upstream: u32,
+    /// Bytes of answers and notifications one WebSocket client may leave unread; past it the
+    /// client is closed (1013) and its subscriptions end.
+    pub max_queued_bytes_per_connection: usize,
+    /// Bytes of unread answers and notifications of all WebSocket clients together; past it
+    /// the client that would add more is closed (1013).
+    pub max_queued_bytes: usize,
     /// Methods refused besides the node's unsafe ones: names, or prefixes ending in `*`.
     pub deny: Vec<String>,
     /// Methods let through even if unsafe or denied (allow wins).
@@ -96,6 +115,15 @@ impl Default for GatewaySection {
             max_connections_per_ip: 256,
             max_connections_per_key: 1024,
             max_subscriptions_per_connection: 1024,
+            // 1 % of what 3 nodes take under the defaults below (3 × 32 × 512 ≈ 49,000).
+            max_subscriptions_per_key: 512,
+            // A third of Substrate's 100: room for the HTTP pool, checks, follower, a standby.
+            max_upstream_connections_per_node: 32,
+            max_subscriptions_per_upstream: 512,
+            max_follows_per_upstream: 4,
+            // Above the largest answer a node sends (Substrate: 15 MiB).
+            max_queued_bytes_per_connection: 16 * 1024 * 1024,
+            max_queued_bytes: 512 * 1024 * 1024,
             deny: Vec::new(),
             allow: Vec::new(),
             auth_failures_block: None,
@@ -146,6 +174,27 @@ impl GatewaySection {
                 "max_subscriptions_per_connection",
                 self.max_subscriptions_per_connection as usize,
             ),
+            (
+                "max_subscriptions_per_key",
+                self.max_subscriptions_per_key as usize,
+            ),
+            (
+                "max_upstream_connections_per_node",
+                self.max_upstream_connections_per_node as usize,
+            ),
+            (
+                "max_subscriptions_per_upstream",
+                self.max_subscriptions_per_upstream as usize,
+            ),
+            (
+                "max_follows_per_upstream",
+                self.max_follows_per_upstream as usize,
+            ),
+            (
+                "max_queued_bytes_per_connection",
+                self.max_queued_bytes_per_connection,
+            ),
+            ("max_queued_bytes", self.max_queued_bytes),
         ] {
             if value == 0 {
                 report(field, "must be at least 1".to_owned());

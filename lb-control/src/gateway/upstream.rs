@@ -284,7 +284,7 @@ impl Upstream {
         params: Option<&RawValue>,
     ) -> Result<Outcome, UpstreamError> {
         let (first, second) = self.nodes_for(client).ok_or(UpstreamError::NoNode)?;
-        let body = Bytes::from(jsonrpc::upstream_request(method, params));
+        let body = Bytes::from(jsonrpc::upstream_request(0, method, params));
         let error = match self.call_node(first, body.clone()).await {
             Ok(outcome) => return Ok(outcome),
             Err(error) => error,

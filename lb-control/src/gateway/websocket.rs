@@ -2,9 +2,9 @@
 //!
 //! The upgrade request passes the same key check as an HTTP request (401 before the upgrade),
 //! then the key's WebSocket connection limit. Each client connection is a session bound to one
-//! node for its life, through its own upstream WebSocket (chainHead_v1 and every other
-//! subscription live on one node connection); the node is the client's Maglev pick, or the
-//! next one when that one cannot be reached.
+//! node for its life (its reads see one node's view of the chain): the client's Maglev pick,
+//! or the next node when the pick's upstream connections are full. The session's calls and
+//! subscriptions ride that node's shared upstream connections ([`links`](super::links)).
 //!
 //! The session follows its key without waiting for the client: it watches the live keys and
 //! looks its own up again on every change, so a revocation closes it (1008) at once, even when
@@ -19,18 +19,22 @@
 //! - calls the response cache may answer go through it, as over HTTP (a hit never touches the
 //!   node); so do refused and invalid calls, and batches (a subscription in a batch is not
 //!   served);
-//! - everything else is sent to the node as the client wrote it, and the node's messages come
-//!   back unchanged (the ids are the client's own: the upstream connection is the client's).
+//! - everything else goes to the node on one of its shared connections, the client's id put
+//!   back on the answer; a subscription (or `transaction_v1_broadcast` operation) stays on the
+//!   connection that opened it, and so do the calls on it (`chainHead_v1` operations,
+//!   unsubscribes). Subscriptions on the node are capped per key and per connection.
 //!
 //! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
-//! kernel keeps a draining backend's flows), or its node connection fails, so the client comes
-//! back to a live node; 1009 for a message over the size limit; 1008 when the key is revoked; 1001
-//! when the gateway stops; 1000 after `idle_timeout` without a frame (the gateway pings).
+//! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
+//! fails, so the client comes back to a live node; 1009 for a message over the size limit; 1008
+//! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
+//! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops; 1000
+//! after `idle_timeout` without a frame (the gateway pings).
 
 use std::{
     collections::{HashMap, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::Arc,
     time::Duration,
 };
@@ -51,13 +55,13 @@ use hyper_tungstenite::{
 };
 use rand::{Rng, distr::Alphanumeric};
 use serde_json::value::RawValue;
-use tokio::{net::TcpStream, sync::watch, task::JoinSet, time::Instant};
+use tokio::{sync::watch, task::JoinSet, time::Instant};
 use tokio_stream::{StreamMap, wrappers::WatchStream};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
     jsonrpc::{self, Body, Call, Entry, Outcome},
+    links::{self, ClientInbox, ClientQueue, Held, Inbound, Link, NodePool, RequestKind},
     metrics::ClosedLabels,
     pipeline::{Pipeline, Rejection},
     server::ConnectionHold,
@@ -86,6 +90,8 @@ pub struct WebSocketLimits {
     pub max_message_bytes: usize,
     pub max_connections_per_key: u32,
     pub max_subscriptions_per_connection: u32,
+    /// Subscriptions on the nodes (not the shared head feeds) one key may hold.
+    pub max_subscriptions_per_key: u32,
     pub idle_timeout: Duration,
 }
 
@@ -100,11 +106,9 @@ enum Route {
     Unsubscribe,
     /// Answered by the pipeline (cache, refusal, error), as over HTTP.
     Pipeline,
-    /// Sent to the node as written.
+    /// Sent to the node.
     Node,
 }
-
-type NodeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Takes an authenticated upgrade request: the key's connection limit, the node connection,
 /// then the upgrade. Any refusal is an HTTP answer with a JSON-RPC error body.
@@ -123,8 +127,8 @@ pub async fn accept(
     else {
         return refused(&pipeline, &Rejection::KeyConnectionLimit, client);
     };
-    let (node, node_socket) = match connect_node(&pipeline, client).await {
-        Ok(connected) => connected,
+    let pool = match pool_for(&pipeline, client) {
+        Ok(pool) => pool,
         Err(error) => return refused(&pipeline, &Rejection::NoNode(error), client),
     };
     let config = WebSocketConfig::default()
@@ -145,21 +149,24 @@ pub async fn accept(
             }
         };
         let key_changes = pipeline.auth.watch();
+        let (queue, inbox) = links::client_queue(pipeline.queue_budget.clone());
         let session = Session {
             pipeline,
             client,
             digest,
             key,
             key_changes,
-            node,
+            pool,
             hold,
             _key_slot: key_slot,
             shared: StreamMap::new(),
             notifications: HashMap::new(),
+            queue,
+            held: HashMap::new(),
             answering: JoinSet::new(),
             ready: VecDeque::new(),
         };
-        session.run(client_socket, node_socket).await;
+        session.run(client_socket, inbox).await;
     });
     response
 }
@@ -173,53 +180,26 @@ async fn deliver(client: &mut HyperWebsocketStream, message: Message, limit: Dur
     )
 }
 
-/// The client's node and a connection to it; the next node of the table when the first
-/// cannot be reached.
-async fn connect_node(
-    pipeline: &Pipeline,
-    client: IpAddr,
-) -> Result<(SocketAddr, NodeSocket), UpstreamError> {
+/// The pool of the client's node: its Maglev pick, or the next node of the table when the
+/// pick's connections cannot take another subscription (then the pick still, when the next is
+/// full too: its stateless calls are still served).
+fn pool_for(pipeline: &Pipeline, client: IpAddr) -> Result<Arc<NodePool>, UpstreamError> {
     let (first, second) = pipeline
         .upstream
         .nodes_for(client)
         .ok_or(UpstreamError::NoNode)?;
-    let error = match open_node_socket(pipeline, first).await {
-        Ok(socket) => return Ok((first, socket)),
-        Err(error) => error,
-    };
-    let Some(second) = second else {
-        return Err(error);
-    };
-    warn!("{error}; the WebSocket client goes to node {second}");
-    pipeline.upstream.count_retry(first);
-    Ok((second, open_node_socket(pipeline, second).await?))
-}
-
-async fn open_node_socket(
-    pipeline: &Pipeline,
-    node: SocketAddr,
-) -> Result<NodeSocket, UpstreamError> {
-    let timeout = pipeline.upstream.timeout();
-    let failed = |reason: String| UpstreamError::Node { node, reason };
-    match tokio::time::timeout(
-        timeout,
-        tokio_tungstenite::connect_async(format!("ws://{node}/")),
-    )
-    .await
+    let first = pipeline.links.pool(first);
+    if first.is_full()
+        && let Some(second) = second.map(|node| pipeline.links.pool(node))
+        && !second.is_full()
     {
-        Ok(Ok((socket, _))) => {
-            let _ = match socket.get_ref() {
-                MaybeTlsStream::Plain(tcp) => tcp.set_nodelay(true),
-                _ => Ok(()),
-            };
-            Ok(socket)
-        }
-        Ok(Err(error)) => Err(failed(format!("WebSocket: {error}"))),
-        Err(_) => Err(failed(format!("no WebSocket within {timeout:?}"))),
+        debug!(%client, node = %second.node(), "the client's node is full: the next one takes it");
+        return Ok(second);
     }
+    Ok(first)
 }
 
-/// One client connection and its node connection.
+/// One client connection.
 struct Session {
     pipeline: Arc<Pipeline>,
     client: IpAddr,
@@ -230,13 +210,18 @@ struct Session {
     key: Arc<LiveKey>,
     /// Moves on every change of the live keys.
     key_changes: watch::Receiver<u64>,
-    node: SocketAddr,
+    /// The connections of the client's node.
+    pool: Arc<NodePool>,
     hold: ConnectionHold,
     _key_slot: Slot<ApiKeyId>,
     /// The shared head subscriptions of this client, by the id it was given...
     shared: StreamMap<String, WatchStream<Option<Arc<RawValue>>>>,
     /// ... and the notification method of each.
     notifications: HashMap<String, &'static str>,
+    /// Where the node's answers and notifications for this client come in.
+    queue: ClientQueue,
+    /// The client's subscriptions on the node's connections, by id (raw JSON).
+    held: HashMap<Box<str>, Held>,
     /// Answers being made by the pipeline; each yields the text to send.
     answering: JoinSet<String>,
     /// Answers made at once, waiting to be sent.
@@ -269,7 +254,7 @@ impl Ending {
 }
 
 impl Session {
-    async fn run(mut self, mut client: HyperWebsocketStream, mut node: NodeSocket) {
+    async fn run(mut self, mut client: HyperWebsocketStream, mut inbox: ClientInbox) {
         let metrics = self.pipeline.metrics.clone();
         metrics.websocket_sessions.inc();
         let mut serving = self.pipeline.upstream.watch_serving();
@@ -308,23 +293,20 @@ impl Session {
                             break Ending::by_client();
                         }
                     };
-                    if let Err(ending) = self.on_message(text, &mut node).await {
+                    if let Err(ending) = self.on_message(text) {
                         break ending;
                     }
                 }
-                message = node.next() => match message {
-                    Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                        if !deliver(&mut client, message, idle_timeout).await {
-                            break Ending::by_client();
-                        }
+                Some(inbound) = inbox.next() => {
+                    let text = match self.take(inbound) {
+                        Ok(Some(text)) => text,
+                        Ok(None) => continue,
+                        Err(ending) => break ending,
+                    };
+                    if !deliver(&mut client, Message::text(text), idle_timeout).await {
+                        break Ending::by_client();
                     }
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => break Ending::with(
-                        "node_lost",
-                        CloseCode::Restart,
-                        "the node's connection was lost: reconnect".to_owned(),
-                    ),
-                    Some(Ok(_)) => {}
-                },
+                }
                 () = std::future::ready(()), if !self.ready.is_empty() => {
                     let answer = self.ready.pop_front().expect("not empty");
                     if !deliver(&mut client, Message::text(answer), idle_timeout).await {
@@ -356,7 +338,7 @@ impl Session {
                     }
                 }
                 changed = serving.changed() => {
-                    if changed.is_err() || !serving.borrow_and_update().contains(&self.node) {
+                    if changed.is_err() || !serving.borrow_and_update().contains(&self.pool.node()) {
                         break Ending::with(
                             "node_left",
                             CloseCode::Restart,
@@ -393,8 +375,10 @@ impl Session {
                 reason: ending.reason,
             })
             .inc();
-        debug!(client = %self.client, node = %self.node, reason = ending.reason, "WebSocket session ended");
-        let _ = node.close(None).await;
+        debug!(client = %self.client, node = %self.pool.node(), reason = ending.reason, "WebSocket session ended");
+        for (id, held) in self.held.drain() {
+            held.link.release(id, held.end);
+        }
         if let Some(frame) = ending.close {
             // Wait for the client's answering close frame, so it reads the code.
             if client.close(Some(frame)).await.is_ok() {
@@ -406,8 +390,45 @@ impl Session {
         }
     }
 
+    /// What the client gets for something a node connection brought: its text (if any), or
+    /// the session's end.
+    fn take(&mut self, inbound: Inbound) -> Result<Option<String>, Ending> {
+        self.pipeline
+            .metrics
+            .queued_bytes
+            .set(self.pipeline.queue_budget.queued() as i64);
+        match inbound {
+            Inbound::Message(text) => Ok(Some(text)),
+            Inbound::Opened { answer, held } => {
+                self.held.insert(held.id.clone(), held);
+                Ok(Some(answer))
+            }
+            Inbound::Ended { notification, id } => {
+                self.held.remove(&id);
+                Ok(Some(notification))
+            }
+            Inbound::Retry(request) => {
+                self.send_elsewhere(request);
+                Ok(None)
+            }
+            Inbound::Lost => Err(Ending::with(
+                "node_lost",
+                CloseCode::Restart,
+                "the node's connection was lost: reconnect".to_owned(),
+            )),
+            Inbound::Overflow => Err(Ending::with(
+                "too_slow",
+                CloseCode::Again,
+                format!(
+                    "the client read too slowly: more than {} bytes of answers waited",
+                    self.pipeline.queue_budget.per_client()
+                ),
+            )),
+        }
+    }
+
     /// One message of the client: the pipeline's stages, then where each call goes.
-    async fn on_message(&mut self, text: String, node: &mut NodeSocket) -> Result<(), Ending> {
+    fn on_message(&mut self, text: String) -> Result<(), Ending> {
         // A key change the select loop has not taken yet still applies to this message.
         if self.key_changes.has_changed().unwrap_or(false) {
             self.key_changes.mark_unchanged();
@@ -432,29 +453,142 @@ impl Session {
             return Ok(());
         }
         let call = match body {
-            Body::Batch(_) | Body::Single(Entry::Invalid { .. }) => {
+            Body::Single(Entry::Call(call)) => call,
+            body => {
                 self.through_pipeline(body);
                 return Ok(());
             }
-            Body::Single(Entry::Call(ref call)) => call,
         };
         let method = methods::lookup(&call.method);
-        match self.route(call, method) {
-            Route::Pipeline => self.through_pipeline(body),
-            Route::Node => {
-                self.pipeline.count(method.class.name(), "forwarded");
-                if node.send(Message::text(text)).await.is_err() {
-                    return Err(Ending::with(
-                        "node_lost",
-                        CloseCode::Restart,
-                        "the node's connection was lost: reconnect".to_owned(),
-                    ));
-                }
-            }
-            Route::Subscribe { kind, notification } => self.subscribe(call, kind, notification),
-            Route::Unsubscribe => self.unsubscribe(call),
+        match self.route(&call, method) {
+            Route::Pipeline => self.through_pipeline(Body::Single(Entry::Call(call))),
+            Route::Node => self.to_node(call, method),
+            Route::Subscribe { kind, notification } => self.subscribe(&call, kind, notification),
+            Route::Unsubscribe => self.unsubscribe(&call),
         }
         Ok(())
+    }
+
+    /// Sends `call` to the node on the connection it belongs on: a new subscription where
+    /// there is a place for it, a call on a subscription where that subscription is, anything
+    /// else on the least busy connection.
+    fn to_node(&mut self, call: Call, method: &Method) {
+        let Some(id) = call.id.clone() else {
+            return;
+        };
+        let kind = match method.subscription {
+            Some(Subscription::Subscribe { unsubscribe, .. }) => {
+                Some((unsubscribe, call.method == "chainHead_v1_follow"))
+            }
+            Some(Subscription::Operation { stop }) => Some((stop, false)),
+            _ => None,
+        };
+        let (link, kind) = match kind {
+            Some((end, follow)) => match self.place_for_subscription(follow) {
+                Ok((link, permit)) => (
+                    link,
+                    RequestKind::Open {
+                        end,
+                        follow,
+                        permit: Some(permit),
+                    },
+                ),
+                Err(rejection) => {
+                    self.refuse(Some(&id), &rejection);
+                    return;
+                }
+            },
+            None => {
+                let subject = subject_of(&call).filter(|subject| self.held.contains_key(*subject));
+                match (method.subscription, subject) {
+                    (Some(Subscription::Unsubscribe { .. }), Some(subject)) => {
+                        let held = self.held.remove(subject).expect("held");
+                        (held.link, RequestKind::End { id: held.id })
+                    }
+                    (_, Some(subject)) => (
+                        self.held[subject].link.clone(),
+                        RequestKind::Plain { retry: false },
+                    ),
+                    // Not one of the client's: the node answers as it does for an unknown id.
+                    _ => {
+                        self.pipeline.count(method.class.name(), "forwarded");
+                        let retry = method.class.is_retryable() && method.subscription.is_none();
+                        self.send_stateless(links::Request {
+                            client: self.queue.clone(),
+                            id,
+                            method: call.method,
+                            params: call.params,
+                            kind: RequestKind::Plain { retry },
+                        });
+                        return;
+                    }
+                }
+            }
+        };
+        self.pipeline.count(method.class.name(), "forwarded");
+        link.send(links::Request {
+            client: self.queue.clone(),
+            id,
+            method: call.method,
+            params: call.params,
+            kind,
+        });
+    }
+
+    /// Sends a call of no lasting state on the node's least busy connection; when the node
+    /// cannot be reached now, a call that may be sent twice goes to the next node.
+    fn send_stateless(&self, request: links::Request) {
+        match self.pool.for_call() {
+            Some(link) => link.send(request),
+            None => self.send_elsewhere(request),
+        }
+    }
+
+    /// Sends a call whose node failed it to the next node of the client's Maglev order (once:
+    /// it may not go further), or answers it with the failure.
+    fn send_elsewhere(&self, request: links::Request) {
+        let node = self.pool.node();
+        let retry = matches!(request.kind, RequestKind::Plain { retry: true });
+        let next = self
+            .pipeline
+            .upstream
+            .nodes_for(self.client)
+            .and_then(|(first, second)| [Some(first), second].into_iter().flatten().find(|other| *other != node))
+            .filter(|_| retry)
+            .and_then(|other| self.pipeline.links.pool(other).for_call());
+        match next {
+            Some(link) => {
+                self.pipeline.upstream.count_retry(node);
+                link.send(links::Request {
+                    kind: RequestKind::Plain { retry: false },
+                    ..request
+                });
+            }
+            None => links::fail(request, &links::lost_error(node)),
+        }
+    }
+
+    /// A place for one more subscription on the node: the key's and the connection's caps,
+    /// then a node connection with room.
+    fn place_for_subscription(
+        &mut self,
+        follow: bool,
+    ) -> Result<(Arc<Link>, Slot<ApiKeyId>), Rejection> {
+        let limits = self.pipeline.websocket;
+        if self.shared.len() + self.held.len() >= limits.max_subscriptions_per_connection as usize
+        {
+            return Err(Rejection::SubscriptionLimit);
+        }
+        let permit = self
+            .pipeline
+            .key_subscriptions
+            .claim(self.key.id, limits.max_subscriptions_per_key)
+            .ok_or(Rejection::KeySubscriptionLimit)?;
+        let link = self
+            .pool
+            .for_subscription(follow)
+            .ok_or(Rejection::NodeFull(self.pool.node()))?;
+        Ok((link, permit))
     }
 
     /// Looks the session's key up again after a change of the live keys: its new limit, or the
@@ -501,7 +635,7 @@ impl Session {
 
     fn subscribe(&mut self, call: &Call, kind: FeedKind, notification: &'static str) {
         let max = self.pipeline.websocket.max_subscriptions_per_connection;
-        let outcome = if self.shared.len() >= max as usize {
+        let outcome = if self.shared.len() + self.held.len() >= max as usize {
             Outcome::from(
                 self.pipeline
                     .refuse(&Rejection::SubscriptionLimit, self.client),
@@ -512,7 +646,7 @@ impl Session {
                 .take(SUBSCRIPTION_ID_LEN)
                 .map(char::from)
                 .collect();
-            let feed: Feed = self.pipeline.feeds.watch(self.node, kind);
+            let feed: Feed = self.pipeline.feeds.watch(self.pool.node(), kind);
             self.shared.insert(id.clone(), WatchStream::new(feed));
             self.notifications.insert(id.clone(), notification);
             self.pipeline.metrics.shared_subscriptions.inc();
@@ -545,7 +679,7 @@ impl Session {
         ));
     }
 
-    /// Answers a message the pipeline refused with its error for `rejection`, to `id`.
+    /// Answers a call the session refused with its error for `rejection`, to `id`.
     fn refuse(&mut self, id: Option<&RawValue>, rejection: &Rejection) {
         let error = self.pipeline.refuse(rejection, self.client);
         self.reply(jsonrpc::answer(id, &Outcome::from(error)));
@@ -554,5 +688,23 @@ impl Session {
     /// Queues an answer for the client.
     fn reply(&mut self, answer: impl AsRef<RawValue>) {
         self.ready.push_back(answer.as_ref().get().to_owned());
+    }
+}
+
+/// The subscription a call names: its first parameter, by position or by name.
+fn subject_of(call: &Call) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Params<'a> {
+        Positional(#[serde(borrow)] Vec<&'a RawValue>),
+        Named {
+            #[serde(borrow, alias = "followSubscription", alias = "operationId")]
+            subscription: &'a RawValue,
+        },
+    }
+    let params = call.params.as_deref()?;
+    match serde_json::from_str::<Params>(params.get()).ok()? {
+        Params::Positional(values) => values.first().map(|value| value.get()),
+        Params::Named { subscription } => Some(subscription.get()),
     }
 }

@@ -335,19 +335,28 @@ async fn draining_node_keeps_its_clients_and_a_down_node_sends_them_to_a_live_no
 }
 
 #[tokio::test]
-async fn node_dying_closes_its_clients_with_a_reconnect_code() {
+async fn node_dying_closes_the_clients_with_subscriptions_there_and_moves_the_others_calls() {
     let mut setup = Setup::start(2).await;
-    let mut ws = setup.connect().await;
-    let peer_id = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
+    // Both clients come from 127.0.0.1: the same node, the same shared connections.
+    let mut listening = setup.connect().await;
+    let mut calling = setup.connect().await;
+    let subscribed = listening
+        .call("state_subscribeStorage", json!([["0x3a636f6465"]]))
+        .await;
+    assert!(subscribed["result"].is_string(), "{subscribed}");
+    let peer_id = calling.call(UNCACHED_READ, json!([])).await["result"].clone();
     let index = setup
         .nodes
         .iter()
         .position(|node| peer_id == node.peer_id())
         .expect("the answering node");
     setup.nodes.remove(index).stop().await;
-    let frame = ws.closed().await.expect("a close frame");
+    // The subscriber's state was on the node: it is told to reconnect.
+    let frame = listening.closed().await.expect("a close frame");
     assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
-    // The control plane has not noticed yet; a new connection still gets the live node.
+    // The control plane has not noticed yet; the other client's reads go to the live node.
+    let answer = calling.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(answer["result"], setup.nodes[0].peer_id(), "{answer}");
     let mut again = setup.connect().await;
     let answer = again.call(UNCACHED_READ, json!([])).await;
     assert_eq!(answer["result"], setup.nodes[0].peer_id(), "{answer}");

@@ -1,0 +1,851 @@
+//! The WebSocket upstream: the calls and subscriptions of every WebSocket client ride a
+//! bounded pool of WebSocket connections per node ("links"), so a node carries a few
+//! connections whatever the number of clients (a Substrate node takes 100 by default, and
+//! 1024 subscriptions on each).
+//!
+//! - A link puts its own id (a counter) on each call and the client's id back on the answer.
+//!   Subscription ids are the node's own, unique on the link: notifications go unchanged to
+//!   the client that holds the subscription.
+//! - A pool grows on demand: a new link when every link has `calls_per_link` calls in flight
+//!   (or none has room for a subscription), up to `max_links_per_node`. A link takes at most
+//!   `max_subscriptions_per_link` subscriptions, of which at most `max_follows_per_link`
+//!   `chainHead_v1_follow`s (a node's limit per connection). Calls on a subscription
+//!   (`chainHead_v1` operations, unsubscribes, `transaction_v1_stop`) go on the link that holds
+//!   it: the session keeps which one.
+//! - A slow client cannot stall a link: its answers and notifications wait in its own queue,
+//!   bounded in bytes, as the queues of all clients together are; what does not fit is dropped
+//!   and the client told ([`Inbound::Overflow`]).
+//! - When a link fails, the clients with subscriptions on it are told ([`Inbound::Lost`]); its
+//!   calls in flight that may be sent twice go back to their sessions ([`Inbound::Retry`]),
+//!   which send them once to another node, as a failed read over HTTP goes; the others get an
+//!   error. A node whose link could not connect gets no new link for [`UNREACHABLE_FOR`]: its
+//!   calls go elsewhere at once instead of each waiting for a connect timeout.
+//! - When a client goes, its subscriptions are ended upstream ([`Link::release`]); answers to
+//!   its calls still in flight are dropped, and a subscription one of them opened is ended.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::{
+    net::TcpStream,
+    runtime::Handle,
+    sync::{mpsc, watch},
+};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, protocol::WebSocketConfig},
+};
+use tracing::{debug, warn};
+
+use super::{
+    jsonrpc::{self, RpcError},
+    metrics::{GatewayMetrics, UpstreamLabels},
+    slots::Slot,
+};
+use crate::{methods, model::ApiKeyId};
+
+/// The limits of the pools, from the gateway's config.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkLimits {
+    pub max_links_per_node: u32,
+    pub max_subscriptions_per_link: u32,
+    pub max_follows_per_link: u32,
+    /// Calls in flight on every link before the pool opens another.
+    pub calls_per_link: u32,
+    /// Time a node has to take a new link.
+    pub connect_timeout: Duration,
+    /// Largest message a node may send (its answers run to megabytes: metadata, blocks).
+    pub max_message_bytes: usize,
+}
+
+/// The byte budget of the client queues: per client and for all together.
+#[derive(Debug)]
+pub struct QueueBudget {
+    per_client: usize,
+    total: usize,
+    queued: AtomicUsize,
+}
+
+impl QueueBudget {
+    pub fn new(per_client: usize, total: usize) -> QueueBudget {
+        QueueBudget {
+            per_client,
+            total,
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes waiting in every client queue.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn per_client(&self) -> usize {
+        self.per_client
+    }
+}
+
+/// What a link hands a client session.
+pub enum Inbound {
+    /// An answer or a notification, as the client gets it.
+    Message(String),
+    /// The answer to a call that opened subscription (or operation) `id` on `link`, ended by
+    /// the method `end`.
+    Opened {
+        answer: String,
+        held: Held,
+    },
+    /// The node's last notification of subscription `id`: the node ended it.
+    Ended { notification: String, id: Box<str> },
+    /// A link that held subscriptions of the client failed.
+    Lost,
+    /// A call of the client that may be sent twice, whose link failed before it was answered.
+    Retry(Request),
+    /// The client's queue went over its budget; what did not fit was dropped.
+    Overflow,
+}
+
+impl Inbound {
+    fn bytes(&self) -> usize {
+        match self {
+            Inbound::Message(text)
+            | Inbound::Opened { answer: text, .. }
+            | Inbound::Ended {
+                notification: text,
+                ..
+            } => text.len(),
+            Inbound::Lost | Inbound::Overflow | Inbound::Retry(_) => 0,
+        }
+    }
+}
+
+/// A subscription a client holds on a link.
+pub struct Held {
+    pub id: Box<str>,
+    pub link: Arc<Link>,
+    /// The method that ends it.
+    pub end: &'static str,
+    /// The key's place for it, given back when it ends.
+    pub _permit: Option<Slot<ApiKeyId>>,
+}
+
+/// The sending side of a client's queue, which links push to.
+#[derive(Clone)]
+pub struct ClientQueue {
+    shared: Arc<QueueShared>,
+}
+
+struct QueueShared {
+    sender: mpsc::UnboundedSender<Inbound>,
+    queued: AtomicUsize,
+    overflowed: AtomicBool,
+    budget: Arc<QueueBudget>,
+}
+
+/// The session's side of its queue.
+pub struct ClientInbox {
+    receiver: mpsc::UnboundedReceiver<Inbound>,
+    shared: Arc<QueueShared>,
+}
+
+/// A new client queue under `budget`.
+pub fn client_queue(budget: Arc<QueueBudget>) -> (ClientQueue, ClientInbox) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let shared = Arc::new(QueueShared {
+        sender,
+        queued: AtomicUsize::new(0),
+        overflowed: AtomicBool::new(false),
+        budget,
+    });
+    (
+        ClientQueue {
+            shared: shared.clone(),
+        },
+        ClientInbox { receiver, shared },
+    )
+}
+
+impl ClientQueue {
+    /// Queues `inbound` for the client: false when the client is gone. Over the budget it is
+    /// dropped and the client told once.
+    fn push(&self, inbound: Inbound) -> bool {
+        let shared = &self.shared;
+        if shared.sender.is_closed() {
+            return false;
+        }
+        let bytes = inbound.bytes();
+        let budget = &shared.budget;
+        let over = shared.queued.load(Ordering::Relaxed) + bytes > budget.per_client
+            || budget.queued.load(Ordering::Relaxed) + bytes > budget.total;
+        if over && bytes > 0 {
+            if !shared.overflowed.swap(true, Ordering::Relaxed) {
+                let _ = shared.sender.send(Inbound::Overflow);
+            }
+            return true;
+        }
+        shared.queued.fetch_add(bytes, Ordering::Relaxed);
+        budget.queued.fetch_add(bytes, Ordering::Relaxed);
+        if shared.sender.send(inbound).is_err() {
+            shared.give_back(bytes);
+            return false;
+        }
+        true
+    }
+
+    fn is_gone(&self) -> bool {
+        self.shared.sender.is_closed()
+    }
+}
+
+impl QueueShared {
+    fn give_back(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+impl ClientInbox {
+    pub async fn next(&mut self) -> Option<Inbound> {
+        let inbound = self.receiver.recv().await?;
+        self.shared.give_back(inbound.bytes());
+        Some(inbound)
+    }
+}
+
+impl Drop for ClientInbox {
+    fn drop(&mut self) {
+        self.receiver.close();
+        while let Ok(inbound) = self.receiver.try_recv() {
+            self.shared.give_back(inbound.bytes());
+        }
+    }
+}
+
+/// A call for a node, from a client.
+pub struct Request {
+    pub client: ClientQueue,
+    /// The client's id, put back on the answer.
+    pub id: Box<RawValue>,
+    pub method: String,
+    pub params: Option<Box<RawValue>>,
+    pub kind: RequestKind,
+}
+
+pub enum RequestKind {
+    /// A call of no lasting state; `retry`: it may go to another link when its link fails.
+    Plain { retry: bool },
+    /// Opens a subscription or operation ended by `end` (a `chainHead_v1_follow` when
+    /// `follow`), on a link that has a place for it reserved.
+    Open {
+        end: &'static str,
+        follow: bool,
+        permit: Option<Slot<ApiKeyId>>,
+    },
+    /// Ends the client's subscription `id` on this link: none of its notifications follows
+    /// the answer.
+    End { id: Box<str> },
+}
+
+enum Command {
+    Call(Request),
+    /// Ends subscription `id` of a client that went (the answer is dropped).
+    Release { id: Box<str>, end: &'static str },
+}
+
+/// What a link carries now.
+#[derive(Debug, Default)]
+struct Load {
+    calls: AtomicU32,
+    subscriptions: AtomicU32,
+    follows: AtomicU32,
+    closed: AtomicBool,
+}
+
+/// One upstream WebSocket connection, shared by many clients.
+pub struct Link {
+    node: SocketAddr,
+    commands: mpsc::UnboundedSender<Command>,
+    load: Arc<Load>,
+}
+
+impl Link {
+    /// Sends a client's call on this link.
+    pub fn send(&self, request: Request) {
+        self.load.calls.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(Command::Call(request))) =
+            self.commands.send(Command::Call(request))
+        {
+            // The link ended between the pick and the send.
+            self.load.calls.fetch_sub(1, Ordering::Relaxed);
+            fail(request, &lost_error(self.node));
+        }
+    }
+
+    /// Ends subscription `id` of a client that went.
+    pub fn release(&self, id: Box<str>, end: &'static str) {
+        let _ = self.commands.send(Command::Release { id, end });
+    }
+
+    pub fn node(&self) -> SocketAddr {
+        self.node
+    }
+
+    fn is_open(&self) -> bool {
+        !self.load.closed.load(Ordering::Relaxed)
+    }
+
+}
+
+pub fn lost_error(node: SocketAddr) -> RpcError {
+    RpcError::upstream_unavailable(format!("node {node}: its connection was lost"))
+}
+
+/// Answers `request` with `error` (nothing when the client is gone).
+pub fn fail(request: Request, error: &RpcError) {
+    let error = error.to_raw();
+    request.client.push(Inbound::Message(jsonrpc::answer_text(
+        Some(&request.id),
+        Err(&error),
+    )));
+}
+
+/// The links of every node the gateway serves from.
+pub struct Links {
+    pools: Mutex<HashMap<SocketAddr, Arc<NodePool>>>,
+    limits: LinkLimits,
+    metrics: Arc<GatewayMetrics>,
+    /// Where the links' tasks run: the daemon's runtime, not a serving thread's (a link
+    /// outlives the session that opened it).
+    runtime: Handle,
+}
+
+impl Links {
+    /// Pools on the current runtime.
+    pub fn new(limits: LinkLimits, metrics: Arc<GatewayMetrics>) -> Links {
+        Links {
+            pools: Mutex::default(),
+            limits,
+            metrics,
+            runtime: Handle::current(),
+        }
+    }
+
+    /// The pool of `node`, made on first use.
+    pub fn pool(&self, node: SocketAddr) -> Arc<NodePool> {
+        lock(&self.pools)
+            .entry(node)
+            .or_insert_with(|| {
+                Arc::new(NodePool {
+                    node,
+                    limits: self.limits,
+                    links: Mutex::default(),
+                    unreachable_until: Mutex::default(),
+                    metrics: self.metrics.clone(),
+                    labels: UpstreamLabels {
+                        node: node.to_string(),
+                    },
+                    runtime: self.runtime.clone(),
+                })
+            })
+            .clone()
+    }
+
+    /// Drops the pools of nodes not in `serving`: their links close once their clients went
+    /// (the sessions of a node that left are closed).
+    pub fn retain(&self, serving: &[SocketAddr]) {
+        lock(&self.pools).retain(|node, _| serving.contains(node));
+    }
+}
+
+/// Drops the pools of nodes that leave `serving`, until its sender goes.
+pub async fn follow_serving(links: Arc<Links>, mut serving: watch::Receiver<Vec<SocketAddr>>) {
+    loop {
+        links.retain(&serving.borrow_and_update());
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long a node whose link could not connect gets no new link.
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(1);
+
+/// The links of one node.
+pub struct NodePool {
+    node: SocketAddr,
+    limits: LinkLimits,
+    links: Mutex<Vec<Arc<Link>>>,
+    /// Set when a link could not connect: no new link before then.
+    unreachable_until: Mutex<Option<Instant>>,
+    metrics: Arc<GatewayMetrics>,
+    labels: UpstreamLabels,
+    runtime: Handle,
+}
+
+impl NodePool {
+    pub fn node(&self) -> SocketAddr {
+        self.node
+    }
+
+    /// The link for a call of no lasting state: the least busy, or a new one when every link
+    /// is busy and the pool may grow. None when the node has no link and cannot be reached
+    /// now.
+    pub fn for_call(self: &Arc<Self>) -> Option<Arc<Link>> {
+        let mut links = self.open_links();
+        let least_busy = links
+            .iter()
+            .min_by_key(|link| link.load.calls.load(Ordering::Relaxed))
+            .cloned();
+        match least_busy {
+            Some(link)
+                if link.load.calls.load(Ordering::Relaxed) < self.limits.calls_per_link
+                    || links.len() >= self.limits.max_links_per_node as usize
+                    || self.is_unreachable() =>
+            {
+                Some(link)
+            }
+            _ if self.is_unreachable() => None,
+            _ => Some(self.open(&mut links)),
+        }
+    }
+
+    fn is_unreachable(&self) -> bool {
+        lock(&self.unreachable_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    fn mark_unreachable(&self) {
+        *lock(&self.unreachable_until) = Some(Instant::now() + UNREACHABLE_FOR);
+    }
+
+    /// A link with a place reserved for one more subscription (a `chainHead_v1_follow` when
+    /// `follow`); None when every link is full and the pool may not grow.
+    pub fn for_subscription(self: &Arc<Self>, follow: bool) -> Option<Arc<Link>> {
+        let mut links = self.open_links();
+        let link = match links.iter().find(|link| self.has_room(link, follow)) {
+            Some(link) => link.clone(),
+            None if links.len() < self.limits.max_links_per_node as usize
+                && !self.is_unreachable() =>
+            {
+                self.open(&mut links)
+            }
+            None => return None,
+        };
+        link.load.subscriptions.fetch_add(1, Ordering::Relaxed);
+        if follow {
+            link.load.follows.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(link)
+    }
+
+    /// True when no link may take another subscription and the pool may not grow: new
+    /// clients are better served by another node.
+    pub fn is_full(&self) -> bool {
+        let links = self.open_links();
+        links.len() >= self.limits.max_links_per_node as usize
+            && !links.iter().any(|link| self.has_room(link, false))
+    }
+
+    fn has_room(&self, link: &Link, follow: bool) -> bool {
+        link.load.subscriptions.load(Ordering::Relaxed) < self.limits.max_subscriptions_per_link
+            && (!follow
+                || link.load.follows.load(Ordering::Relaxed) < self.limits.max_follows_per_link)
+    }
+
+    /// The pool's links, closed ones left out (their tasks are ending).
+    fn open_links(&self) -> MutexGuard<'_, Vec<Arc<Link>>> {
+        let mut links = lock(&self.links);
+        links.retain(|link| link.is_open());
+        links
+    }
+
+    fn open(self: &Arc<Self>, links: &mut Vec<Arc<Link>>) -> Arc<Link> {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            node: self.node,
+            commands,
+            load: Arc::default(),
+        });
+        links.push(link.clone());
+        self.metrics
+            .upstream_links
+            .get_or_create(&self.labels)
+            .inc();
+        let task = LinkTask {
+            node: self.node,
+            link: Arc::downgrade(&link),
+            load: link.load.clone(),
+            pool: Arc::downgrade(self),
+            metrics: self.metrics.clone(),
+            labels: self.labels.clone(),
+            next_id: 0,
+            pending: HashMap::new(),
+            routes: HashMap::new(),
+        };
+        self.runtime
+            .spawn(task.run(receiver, self.limits.connect_timeout, self.limits));
+        link
+    }
+}
+
+/// The std mutexes here guard plain maps and lists, valid whatever a panicking holder did.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type NodeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A call sent on the link, waiting for its answer.
+enum Pending {
+    Client(Request),
+    /// A call of the gateway's own (ending a gone client's subscription): its answer is
+    /// dropped.
+    Own,
+}
+
+/// Where a subscription's notifications go.
+struct Route {
+    client: ClientQueue,
+    follow: bool,
+    end: &'static str,
+}
+
+/// The task that owns one link's socket.
+struct LinkTask {
+    node: SocketAddr,
+    /// Weak: the link ends when the pool and every session let go of it.
+    link: Weak<Link>,
+    load: Arc<Load>,
+    pool: Weak<NodePool>,
+    metrics: Arc<GatewayMetrics>,
+    labels: UpstreamLabels,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// The link's subscriptions by id (raw JSON, as the node wrote it).
+    routes: HashMap<Box<str>, Route>,
+}
+
+/// A message from the node: an answer (`id`) or a notification (`params.subscription`).
+#[derive(Deserialize)]
+struct FromNode<'a> {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(borrow, default)]
+    method: Option<&'a str>,
+    #[serde(borrow, default)]
+    params: Option<NotificationParams<'a>>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct NotificationParams<'a> {
+    #[serde(borrow)]
+    subscription: &'a RawValue,
+    #[serde(borrow)]
+    result: &'a RawValue,
+}
+
+impl LinkTask {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        connect_timeout: Duration,
+        limits: LinkLimits,
+    ) {
+        let failure = match connect(self.node, connect_timeout, limits.max_message_bytes).await {
+            Ok(mut socket) => {
+                let failure = self.serve(&mut socket, &mut commands).await;
+                let _ = socket.close(None).await;
+                failure
+            }
+            Err(failure) => {
+                if let Some(pool) = self.pool.upgrade() {
+                    pool.mark_unreachable();
+                }
+                Some(failure)
+            }
+        };
+        self.load.closed.store(true, Ordering::Relaxed);
+        self.metrics
+            .upstream_links
+            .get_or_create(&self.labels)
+            .dec();
+        if let Some(failure) = &failure {
+            warn!(node = %self.node, "upstream WebSocket connection ended: {failure}");
+            self.metrics
+                .upstream_link_failures
+                .get_or_create(&self.labels)
+                .inc();
+        }
+        // Nothing more comes in: what was sent for this link is answered or moved.
+        commands.close();
+        let mut unsent = Vec::new();
+        while let Ok(command) = commands.try_recv() {
+            if let Command::Call(request) = command {
+                unsent.push(request);
+            }
+        }
+        self.fail_all(unsent);
+    }
+
+    /// Carries commands and the node's messages until the link fails (the reason) or every
+    /// holder of the link let go (None).
+    async fn serve(
+        &mut self,
+        socket: &mut NodeSocket,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Option<String> {
+        loop {
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { return None };
+                    // Whatever else is waiting goes in the same write.
+                    let mut next = Some(command);
+                    while let Some(command) = next {
+                        if let Some(text) = self.outgoing(command) {
+                            if let Err(error) = socket.feed(Message::text(text)).await {
+                                return Some(format!("sending: {error}"));
+                            }
+                        }
+                        next = commands.try_recv().ok();
+                    }
+                    if let Err(error) = socket.flush().await {
+                        return Some(format!("sending: {error}"));
+                    }
+                }
+                message = socket.next() => match message {
+                    Some(Ok(Message::Text(text))) => self.incoming(text.as_str()),
+                    Some(Ok(Message::Binary(bytes))) => match std::str::from_utf8(&bytes) {
+                        Ok(text) => self.incoming(text),
+                        Err(_) => return Some("the node sent a binary frame that is not UTF-8".to_owned()),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        return Some(format!("the node closed it ({frame:?})"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return Some(format!("receiving: {error}")),
+                    None => return Some("the node closed it".to_owned()),
+                },
+            }
+        }
+    }
+
+    /// The text a command puts on the wire, if any.
+    fn outgoing(&mut self, command: Command) -> Option<String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        match command {
+            Command::Call(request) => {
+                if let RequestKind::End { id: subscription } = &request.kind {
+                    // The client's unsubscribe: nothing of the subscription after its answer.
+                    self.unroute(subscription);
+                }
+                let text = jsonrpc::upstream_request(
+                    id,
+                    &request.method,
+                    request.params.as_deref(),
+                );
+                self.pending.insert(id, Pending::Client(request));
+                Some(text)
+            }
+            Command::Release {
+                id: subscription,
+                end,
+            } => {
+                self.unroute(&subscription)?;
+                Some(self.own_call(id, end, &subscription))
+            }
+        }
+    }
+
+    /// A call of the gateway's own ending `subscription` with `end`, under `id`.
+    fn own_call(&mut self, id: u64, end: &str, subscription: &str) -> String {
+        self.pending.insert(id, Pending::Own);
+        let params = format!("[{subscription}]");
+        let params = RawValue::from_string(params).ok();
+        jsonrpc::upstream_request(id, end, params.as_deref())
+    }
+
+    /// Forgets subscription `id`, giving its place back.
+    fn unroute(&mut self, id: &str) -> Option<Route> {
+        let route = self.routes.remove(id)?;
+        self.give_back(route.follow);
+        self.metrics
+            .upstream_subscriptions
+            .get_or_create(&self.labels)
+            .dec();
+        Some(route)
+    }
+
+    /// Gives back a subscription's place on the link.
+    fn give_back(&self, follow: bool) {
+        self.load.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if follow {
+            self.load.follows.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn incoming(&mut self, text: &str) {
+        let message: FromNode = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(error) => {
+                debug!(node = %self.node, "a message from the node that is not JSON-RPC: {error}");
+                return;
+            }
+        };
+        match (message.id, message.params) {
+            (Some(id), _) => self.answer(id, message.result, message.error),
+            (None, Some(params)) => {
+                self.notification(text, message.method.unwrap_or_default(), &params);
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn answer(&mut self, id: u64, result: Option<&RawValue>, error: Option<&RawValue>) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return;
+        };
+        let Pending::Client(request) = pending else {
+            return;
+        };
+        self.load.calls.fetch_sub(1, Ordering::Relaxed);
+        let outcome = match (result, error) {
+            (Some(result), _) => Ok(result),
+            (None, Some(error)) => Err(error),
+            (None, None) => Err(RawValue::NULL),
+        };
+        let answer = jsonrpc::answer_text(Some(&request.id), outcome);
+        let RequestKind::Open {
+            end,
+            follow,
+            permit,
+        } = request.kind
+        else {
+            request.client.push(Inbound::Message(answer));
+            return;
+        };
+        // An operation may be refused with a null result (`transaction_v1_broadcast` over the
+        // node's limit): nothing opened.
+        let opened = result.filter(|result| result.get() != "null");
+        let (Some(subscription), Some(link)) = (opened, self.link.upgrade()) else {
+            self.give_back(follow);
+            request.client.push(Inbound::Message(answer));
+            return;
+        };
+        let id: Box<str> = subscription.get().into();
+        self.metrics
+            .upstream_subscriptions
+            .get_or_create(&self.labels)
+            .inc();
+        self.routes.insert(
+            id.clone(),
+            Route {
+                client: request.client.clone(),
+                follow,
+                end,
+            },
+        );
+        let held = Held {
+            id: id.clone(),
+            link,
+            end,
+            _permit: permit,
+        };
+        if !request.client.push(Inbound::Opened { answer, held }) {
+            // The client went while it was opened.
+            self.end_own(&id);
+        }
+    }
+
+    fn notification(&mut self, text: &str, method: &str, params: &NotificationParams) {
+        let id = params.subscription.get();
+        let Some(route) = self.routes.get(id) else {
+            return;
+        };
+        let last = methods::is_last_notification(method, params.result.get());
+        let delivered = if last {
+            let route = self.unroute(id).expect("routed");
+            route.client.push(Inbound::Ended {
+                notification: text.to_owned(),
+                id: id.into(),
+            })
+        } else {
+            route.client.push(Inbound::Message(text.to_owned()))
+        };
+        if !delivered && !last {
+            self.end_own(id);
+        }
+    }
+
+    /// Ends subscription `id` of a client that is gone; its call goes out with the next write.
+    fn end_own(&mut self, id: &str) {
+        if let Some(route) = self.routes.get(id)
+            && let Some(link) = self.link.upgrade()
+        {
+            link.release(id.into(), route.end);
+        }
+    }
+
+    /// The link is gone: its clients with subscriptions are told, its calls (those sent and
+    /// the `unsent`) answered or moved.
+    fn fail_all(&mut self, unsent: Vec<Request>) {
+        for (_, route) in self.routes.drain() {
+            self.metrics
+                .upstream_subscriptions
+                .get_or_create(&self.labels)
+                .dec();
+            route.client.push(Inbound::Lost);
+        }
+        let lost = lost_error(self.node);
+        let sent = self.pending.drain().filter_map(|(_, pending)| match pending {
+            Pending::Client(request) => Some(request),
+            Pending::Own => None,
+        });
+        for request in sent.chain(unsent) {
+            if request.client.is_gone() {
+                continue;
+            }
+            match request.kind {
+                RequestKind::Plain { retry: true } => {
+                    let client = request.client.clone();
+                    client.push(Inbound::Retry(request));
+                }
+                _ => fail(request, &lost),
+            }
+        }
+    }
+}
+
+/// A new WebSocket connection to `node`.
+async fn connect(
+    node: SocketAddr,
+    timeout: Duration,
+    max_message_bytes: usize,
+) -> Result<NodeSocket, String> {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes));
+    let connecting = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{node}/"),
+        Some(config),
+        true,
+    );
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok((socket, _))) => Ok(socket),
+        Ok(Err(error)) => Err(format!("connecting: {error}")),
+        Err(_) => Err(format!("no WebSocket within {timeout:?}")),
+    }
+}
