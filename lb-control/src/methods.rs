@@ -347,7 +347,11 @@ pub fn is_last_notification(method: &str, result: &str) -> bool {
         #[serde(borrow)]
         event: &'a str,
     }
-    let event = || serde_json::from_str::<Event>(result).ok().map(|event| event.event);
+    let event = || {
+        serde_json::from_str::<Event>(result)
+            .ok()
+            .map(|event| event.event)
+    };
     match method {
         "chainHead_v1_followEvent" => event() == Some("stop"),
         "transactionWatch_v1_watchEvent" => {
@@ -455,12 +459,18 @@ mod tests {
             "author_extrinsicUpdate",
             r#"{"finalized":"0x00"}"#
         ));
-        assert!(is_last_notification("author_extrinsicUpdate", r#""dropped""#));
+        assert!(is_last_notification(
+            "author_extrinsicUpdate",
+            r#""dropped""#
+        ));
         assert!(!is_last_notification(
             "author_extrinsicUpdate",
             r#"{"inBlock":"0x00"}"#
         ));
-        assert!(!is_last_notification("chain_newHead", r#"{"event":"stop"}"#));
+        assert!(!is_last_notification(
+            "chain_newHead",
+            r#"{"event":"stop"}"#
+        ));
     }
 
     #[test]

@@ -101,10 +101,7 @@ pub enum Inbound {
     Message(String),
     /// The answer to a call that opened subscription (or operation) `id` on `link`, ended by
     /// the method `end`.
-    Opened {
-        answer: String,
-        held: Held,
-    },
+    Opened { answer: String, held: Held },
     /// The node's last notification of subscription `id`: the node ended it.
     Ended { notification: String, id: Box<str> },
     /// A link that held subscriptions of the client failed.
@@ -121,8 +118,7 @@ impl Inbound {
             Inbound::Message(text)
             | Inbound::Opened { answer: text, .. }
             | Inbound::Ended {
-                notification: text,
-                ..
+                notification: text, ..
             } => text.len(),
             Inbound::Lost | Inbound::Overflow | Inbound::Retry(_) => 0,
         }
@@ -259,7 +255,10 @@ pub enum RequestKind {
 enum Command {
     Call(Request),
     /// Ends subscription `id` of a client that went (the answer is dropped).
-    Release { id: Box<str>, end: &'static str },
+    Release {
+        id: Box<str>,
+        end: &'static str,
+    },
 }
 
 /// What a link carries now.
@@ -303,7 +302,6 @@ impl Link {
     fn is_open(&self) -> bool {
         !self.load.closed.load(Ordering::Relaxed)
     }
-
 }
 
 pub fn lost_error(node: SocketAddr) -> RpcError {
@@ -499,7 +497,9 @@ impl NodePool {
 
 /// The std mutexes here guard plain maps and lists, valid whatever a panicking holder did.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 type NodeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -543,10 +543,17 @@ struct FromNode<'a> {
     method: Option<&'a str>,
     #[serde(borrow, default)]
     params: Option<NotificationParams<'a>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     result: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     error: Option<&'a RawValue>,
+}
+
+/// A member that is there, `null` included (serde reads a `null` Option as None).
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -610,14 +617,14 @@ impl LinkTask {
         loop {
             tokio::select! {
                 command = commands.recv() => {
-                    let Some(command) = command else { return None };
+                    let command = command?;
                     // Whatever else is waiting goes in the same write.
                     let mut next = Some(command);
                     while let Some(command) = next {
-                        if let Some(text) = self.outgoing(command) {
-                            if let Err(error) = socket.feed(Message::text(text)).await {
-                                return Some(format!("sending: {error}"));
-                            }
+                        if let Some(text) = self.outgoing(command)
+                            && let Err(error) = socket.feed(Message::text(text)).await
+                        {
+                            return Some(format!("sending: {error}"));
                         }
                         next = commands.try_recv().ok();
                     }
@@ -652,11 +659,8 @@ impl LinkTask {
                     // The client's unsubscribe: nothing of the subscription after its answer.
                     self.unroute(subscription);
                 }
-                let text = jsonrpc::upstream_request(
-                    id,
-                    &request.method,
-                    request.params.as_deref(),
-                );
+                let text =
+                    jsonrpc::upstream_request(id, &request.method, request.params.as_deref());
                 self.pending.insert(id, Pending::Client(request));
                 Some(text)
             }
@@ -810,10 +814,13 @@ impl LinkTask {
             route.client.push(Inbound::Lost);
         }
         let lost = lost_error(self.node);
-        let sent = self.pending.drain().filter_map(|(_, pending)| match pending {
-            Pending::Client(request) => Some(request),
-            Pending::Own => None,
-        });
+        let sent = self
+            .pending
+            .drain()
+            .filter_map(|(_, pending)| match pending {
+                Pending::Client(request) => Some(request),
+                Pending::Own => None,
+            });
         for request in sent.chain(unsent) {
             if request.client.is_gone() {
                 continue;
@@ -838,14 +845,54 @@ async fn connect(
     let config = WebSocketConfig::default()
         .max_message_size(Some(max_message_bytes))
         .max_frame_size(Some(max_message_bytes));
-    let connecting = tokio_tungstenite::connect_async_with_config(
-        format!("ws://{node}/"),
-        Some(config),
-        true,
-    );
+    let connecting =
+        tokio_tungstenite::connect_async_with_config(format!("ws://{node}/"), Some(config), true);
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok((socket, _))) => Ok(socket),
         Ok(Err(error)) => Err(format!("connecting: {error}")),
         Err(_) => Err(format!("no WebSocket within {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(bytes: usize) -> Inbound {
+        Inbound::Message("x".repeat(bytes))
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_budget_is_told_once_and_loses_only_what_did_not_fit() {
+        let budget = Arc::new(QueueBudget::new(100, 1000));
+        let (queue, mut inbox) = client_queue(budget.clone());
+        assert!(queue.push(message(60)));
+        assert!(
+            queue.push(message(60)),
+            "over: dropped, the client still there"
+        );
+        assert!(queue.push(message(60)));
+        assert_eq!(budget.queued(), 60);
+        assert!(matches!(inbox.next().await, Some(Inbound::Message(text)) if text.len() == 60));
+        assert!(matches!(inbox.next().await, Some(Inbound::Overflow)));
+        assert_eq!(budget.queued(), 0, "read bytes are given back");
+        drop(inbox);
+        assert!(!queue.push(message(1)), "the client is gone");
+    }
+
+    #[tokio::test]
+    async fn the_clients_together_stay_under_the_gateway_budget() {
+        let budget = Arc::new(QueueBudget::new(100, 150));
+        let (first, first_inbox) = client_queue(budget.clone());
+        let (second, mut second_inbox) = client_queue(budget.clone());
+        assert!(first.push(message(100)));
+        assert!(second.push(message(60)));
+        assert!(matches!(second_inbox.next().await, Some(Inbound::Overflow)));
+        drop(first_inbox);
+        assert_eq!(
+            budget.queued(),
+            0,
+            "a gone client's unread bytes are given back"
+        );
     }
 }

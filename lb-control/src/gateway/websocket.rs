@@ -462,7 +462,7 @@ impl Session {
         let method = methods::lookup(&call.method);
         match self.route(&call, method) {
             Route::Pipeline => self.through_pipeline(Body::Single(Entry::Call(call))),
-            Route::Node => self.to_node(call, method),
+            Route::Node => self.send_to_node(call, method),
             Route::Subscribe { kind, notification } => self.subscribe(&call, kind, notification),
             Route::Unsubscribe => self.unsubscribe(&call),
         }
@@ -472,7 +472,7 @@ impl Session {
     /// Sends `call` to the node on the connection it belongs on: a new subscription where
     /// there is a place for it, a call on a subscription where that subscription is, anything
     /// else on the least busy connection.
-    fn to_node(&mut self, call: Call, method: &Method) {
+    fn send_to_node(&mut self, call: Call, method: &Method) {
         let Some(id) = call.id.clone() else {
             return;
         };
@@ -553,7 +553,12 @@ impl Session {
             .pipeline
             .upstream
             .nodes_for(self.client)
-            .and_then(|(first, second)| [Some(first), second].into_iter().flatten().find(|other| *other != node))
+            .and_then(|(first, second)| {
+                [Some(first), second]
+                    .into_iter()
+                    .flatten()
+                    .find(|other| *other != node)
+            })
             .filter(|_| retry)
             .and_then(|other| self.pipeline.links.pool(other).for_call());
         match next {
@@ -575,8 +580,7 @@ impl Session {
         follow: bool,
     ) -> Result<(Arc<Link>, Slot<ApiKeyId>), Rejection> {
         let limits = self.pipeline.websocket;
-        if self.shared.len() + self.held.len() >= limits.max_subscriptions_per_connection as usize
-        {
+        if self.shared.len() + self.held.len() >= limits.max_subscriptions_per_connection as usize {
             return Err(Rejection::SubscriptionLimit);
         }
         let permit = self
@@ -694,17 +698,17 @@ impl Session {
 /// The subscription a call names: its first parameter, by position or by name.
 fn subject_of(call: &Call) -> Option<&str> {
     #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Params<'a> {
-        Positional(#[serde(borrow)] Vec<&'a RawValue>),
-        Named {
-            #[serde(borrow, alias = "followSubscription", alias = "operationId")]
-            subscription: &'a RawValue,
-        },
+    struct Named<'a> {
+        #[serde(borrow, alias = "followSubscription", alias = "operationId")]
+        subscription: &'a RawValue,
     }
-    let params = call.params.as_deref()?;
-    match serde_json::from_str::<Params>(params.get()).ok()? {
-        Params::Positional(values) => values.first().map(|value| value.get()),
-        Params::Named { subscription } => Some(subscription.get()),
+    let params = call.params.as_deref()?.get();
+    // Raw values borrow from the text only outside serde's untagged enums: look first.
+    if params.trim_start().starts_with('[') {
+        let values: Vec<&RawValue> = serde_json::from_str(params).ok()?;
+        values.first().map(|value| value.get())
+    } else {
+        let named: Named = serde_json::from_str(params).ok()?;
+        Some(named.subscription.get())
     }
 }

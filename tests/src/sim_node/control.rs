@@ -38,6 +38,9 @@ pub struct NodeStatus {
     /// JSON-RPC calls that reached the node, per method (batch entries counted one by one;
     /// `/health` counts as `system_health`).
     pub requests: BTreeMap<String, u64>,
+    /// JSON-RPC connections open now, and the most open at once since the node started.
+    pub connections: usize,
+    pub peak_connections: usize,
 }
 
 impl NodeStatus {
@@ -52,6 +55,8 @@ impl NodeStatus {
             chain_best: node.chain.clock().best_now(),
             faults: node.faults().to_list(),
             requests: node.request_counts(),
+            connections: node.connections(),
+            peak_connections: node.peak_connections(),
         }
     }
 

@@ -349,6 +349,16 @@ impl SimNodeHandle {
         self.node.reset_request_counts();
     }
 
+    /// JSON-RPC connections (HTTP and WebSocket) open at the node now.
+    pub fn connections(&self) -> usize {
+        self.node.connections()
+    }
+
+    /// The most JSON-RPC connections open at the node at once since it started.
+    pub fn peak_connections(&self) -> usize {
+        self.node.peak_connections()
+    }
+
     /// The node's best block (after faults).
     pub fn best_number(&self) -> BlockNumber {
         self.node.heads().best

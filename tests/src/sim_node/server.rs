@@ -112,7 +112,9 @@ pub async fn serve_rpc(
         let service =
             tower::service_fn(move |request| serve_request(rpc.clone(), node_id.clone(), request));
         let closed = generation.stop_handle.clone();
+        let counted = node.clone();
         tokio::spawn(async move {
+            let _open = counted.open_connection();
             tokio::select! {
                 // Errors here are the client's (bad HTTP, early close): nothing to report.
                 _ = jsonrpsee::server::serve(socket, service) => {}

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -45,6 +46,18 @@ pub struct NodeState {
     /// Updated by the block ticker whenever the best or finalized block moves.
     heads: watch::Sender<Heads>,
     requests: Mutex<BTreeMap<String, u64>>,
+    /// JSON-RPC connections (HTTP and WebSocket) open now, and the most open at once.
+    connections: AtomicUsize,
+    peak_connections: AtomicUsize,
+}
+
+/// One open JSON-RPC connection, counted while it lives.
+pub struct OpenConnection<'a>(&'a NodeState);
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl NodeState {
@@ -68,6 +81,8 @@ impl NodeState {
             faults: watch::Sender::new(ActiveFaults::default()),
             heads: watch::Sender::new(Heads::default()),
             requests: Mutex::new(BTreeMap::new()),
+            connections: AtomicUsize::new(0),
+            peak_connections: AtomicUsize::new(0),
         };
         state.refresh_heads();
         state
@@ -146,6 +161,23 @@ impl NodeState {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// Counts a connection the node accepted until the returned guard drops.
+    pub fn open_connection(&self) -> OpenConnection<'_> {
+        let open = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_connections.fetch_max(open, Ordering::Relaxed);
+        OpenConnection(self)
+    }
+
+    /// JSON-RPC connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The most JSON-RPC connections open at once since the node started.
+    pub fn peak_connections(&self) -> usize {
+        self.peak_connections.load(Ordering::Relaxed)
     }
 
     pub fn reset_request_counts(&self) {

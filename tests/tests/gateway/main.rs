@@ -5,8 +5,10 @@
 //!
 //! - [`http`]: JSON-RPC over HTTPS.
 //! - [`websocket`]: JSON-RPC over `wss://`, shared head subscriptions, node exits.
+//! - [`upstream_pool`]: many WebSocket clients over the nodes' few shared connections.
 //! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
 
 mod http;
 mod setup;
+mod upstream_pool;
 mod websocket;

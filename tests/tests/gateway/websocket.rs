@@ -19,7 +19,7 @@ use super::setup::*;
 type Client = WsClient<TlsStream<TcpStream>>;
 
 impl Setup {
-    async fn connect(&self) -> Client {
+    pub async fn connect(&self) -> Client {
         self.websocket(&format!("/{}", self.secret))
             .await
             .expect("WebSocket with a valid key")

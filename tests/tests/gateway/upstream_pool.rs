@@ -1,0 +1,147 @@
+//! WebSocket clients over the nodes' shared upstream connections: many clients, few node
+//! connections (counted at the node), ids and subscriptions kept apart per client, the pool's
+//! caps with their errors, chainHead_v1 operations on the connection of their follow, and
+//! subscriptions ended at the node when their client goes.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lb_tests::poll;
+use serde_json::{Value, json};
+
+use super::setup::*;
+
+/// `System.Number` (twox128("System") ++ twox128("Number")): changes with every block.
+const SYSTEM_NUMBER: &str = "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
+const BLOCK_TIME: Duration = Duration::from_millis(200);
+
+#[tokio::test]
+async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_own_answers() {
+    const CLIENTS: usize = 100;
+    let setup = Setup::start_with_blocks(1, BLOCK_TIME, |section| {
+        section.max_upstream_connections_per_node = 3;
+        section.max_subscriptions_per_upstream = 40;
+        section.max_connections_per_key = 1000;
+        section.max_subscriptions_per_key = 1000;
+    })
+    .await;
+    let node = &setup.nodes[0];
+    // The gateway's chain follower has its own connection.
+    let before = node.connections();
+
+    let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
+    // Every client subscribes at once; each gets its own subscription and its own changes.
+    let subscriptions: Vec<Value> = join_all(
+        clients
+            .iter_mut()
+            .map(|client| client.call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))),
+    )
+    .await
+    .into_iter()
+    .map(|answer| answer["result"].clone())
+    .collect();
+    for (client, subscription) in clients.iter_mut().zip(&subscriptions) {
+        assert!(subscription.is_string(), "{subscription}");
+        let change = client.notification().await;
+        assert_eq!(change["method"], "state_storage", "{change}");
+        assert_eq!(change["params"]["subscription"], *subscription, "{change}");
+    }
+    let mut distinct = subscriptions.clone();
+    distinct.sort_by_key(Value::to_string);
+    distinct.dedup();
+    assert_eq!(distinct.len(), CLIENTS, "subscription ids are per client");
+
+    // Calls in flight together come back to their own client under its own id.
+    let answers = join_all(
+        clients
+            .iter_mut()
+            .map(|client| client.call(UNCACHED_READ, json!([]))),
+    )
+    .await;
+    for answer in &answers {
+        assert_eq!(answer["result"], node.peer_id(), "{answer}");
+    }
+
+    // 3 connections × 40 places: 20 more subscriptions fit, the next is refused.
+    for client in clients.iter_mut().take(20) {
+        let answer = client
+            .call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))
+            .await;
+        assert!(answer["result"].is_string(), "{answer}");
+    }
+    let refused = clients[0]
+        .call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))
+        .await;
+    assert_eq!(refused["error"]["code"], -32000, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("as many subscriptions"), "{refused}");
+
+    assert!(
+        node.peak_connections() <= before + 3,
+        "the node saw {} connections at once: {before} before the clients, a pool of 3",
+        node.peak_connections()
+    );
+    assert!(
+        setup
+            .metrics_text()
+            .contains("lb_gateway_upstream_connections{node=")
+    );
+
+    // Clients that go end their subscriptions at the node.
+    let unsubscribed = node.request_count("state_unsubscribeStorage");
+    let leaving = clients.split_off(CLIENTS / 2);
+    drop(leaving);
+    poll::until(
+        "the gone clients' subscriptions are ended at the node",
+        || async {
+            node.request_count("state_unsubscribeStorage") >= unsubscribed + (CLIENTS / 2) as u64
+        },
+    )
+    .await;
+    // The others still get their changes.
+    let change = clients[0].notification().await;
+    assert_eq!(change["method"], "state_storage", "{change}");
+}
+
+#[tokio::test]
+async fn chain_head_operations_go_on_the_connection_of_their_follow() {
+    let setup = Setup::start_with_blocks(1, BLOCK_TIME, |section| {
+        section.max_upstream_connections_per_node = 2;
+    })
+    .await;
+    let node = &setup.nodes[0];
+    let before = node.connections();
+    // A node takes 4 follows per connection: 8 clients fill the pool of 2.
+    let mut clients = join_all((0..8).map(|_| setup.connect())).await;
+    for client in &mut clients {
+        let follow = client.call("chainHead_v1_follow", json!([false])).await;
+        let subscription = follow["result"].clone();
+        assert!(subscription.is_string(), "{follow}");
+        let initialized = client.notification().await;
+        assert_eq!(initialized["params"]["result"]["event"], "initialized");
+        let finalized = initialized["params"]["result"]["finalizedBlockHashes"][0].clone();
+        // Known only on the connection that holds the follow: a wrong connection answers
+        // with an error or null.
+        let header = client
+            .call("chainHead_v1_header", json!([subscription, finalized]))
+            .await;
+        assert!(header["result"].is_string(), "{header}");
+        let unpinned = client
+            .call("chainHead_v1_unpin", json!([subscription, finalized]))
+            .await;
+        assert_eq!(unpinned["result"], Value::Null, "{unpinned}");
+    }
+    let ninth = clients[0].call("chainHead_v1_follow", json!([false])).await;
+    assert_eq!(ninth["error"]["code"], -32000, "{ninth}");
+    assert!(node.peak_connections() <= before + 2);
+
+    // An unfollow frees its place for another client.
+    let follows = node.request_count("chainHead_v1_unfollow");
+    drop(clients.remove(0));
+    poll::until("the gone client's follow ends at the node", || async {
+        node.request_count("chainHead_v1_unfollow") > follows
+    })
+    .await;
+    let again = clients[0].call("chainHead_v1_follow", json!([false])).await;
+    assert!(again["result"].is_string(), "{again}");
+}
