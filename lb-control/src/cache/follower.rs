@@ -75,6 +75,8 @@ type FeedSender = watch::Sender<Option<Arc<RawValue>>>;
 #[derive(Clone, Default)]
 pub struct NodeFeeds {
     nodes: Arc<Mutex<HashMap<(SocketAddr, FeedKind), FeedSender>>>,
+    /// Each node's best block number, from its latest new head.
+    best: Arc<Mutex<HashMap<SocketAddr, u64>>>,
 }
 
 impl NodeFeeds {
@@ -85,6 +87,11 @@ impl NodeFeeds {
             .entry((node, kind))
             .or_insert_with(|| watch::channel(None).0)
             .subscribe()
+    }
+
+    /// `node`'s best block number as it last reported it; None before its first head.
+    pub fn best_number(&self, node: SocketAddr) -> Option<u64> {
+        lock(&self.best).get(&node).copied()
     }
 
     fn publish(&self, node: SocketAddr, kind: FeedKind, value: &RawValue) {
@@ -98,6 +105,7 @@ impl NodeFeeds {
     /// Ends the feeds of nodes no longer followed.
     fn retain(&self, followed: &HashSet<SocketAddr>) {
         lock(&self.nodes).retain(|(node, _), _| followed.contains(node));
+        lock(&self.best).retain(|node, _| followed.contains(node));
     }
 }
 
@@ -284,6 +292,7 @@ impl Cluster {
         };
         let number = header.number().map_err(bad)?;
         self.feeds.publish(node, FeedKind::BestHead, raw);
+        lock(&self.feeds.best).insert(node, number);
         let mut best = lock(&self.best);
         let counts = match *best {
             None => true,
