@@ -9,7 +9,7 @@ use axum::{
 use tracing::error;
 
 use super::model::{ErrorBody, ErrorCode, ErrorDetail};
-use crate::{backends::ChangeError, keys::KeyError};
+use crate::{backends::ChangeError, keys::KeyError, store::StoreError};
 
 #[derive(Debug)]
 pub struct ApiError(pub ErrorDetail);
@@ -36,6 +36,18 @@ impl ApiError {
         ApiError::invalid(Some(field.to_owned()), message)
     }
 
+    /// A store that cannot take writes now: the message names it (etcd, its endpoints) and says
+    /// that serving goes on.
+    pub fn store(error: &StoreError) -> Self {
+        if error.is_unavailable() {
+            let message = format!("state store: {error}");
+            error!("admin API: {message}");
+            ApiError::new(ErrorCode::Unavailable, message)
+        } else {
+            ApiError::internal(format!("state store: {error}"))
+        }
+    }
+
     /// A failure of the store or the kernel: logged here, since the client may not be watching.
     pub fn internal(message: impl Into<String>) -> Self {
         let message = message.into();
@@ -51,6 +63,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -75,7 +88,8 @@ impl From<ChangeError> for ApiError {
             ChangeError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, error.to_string()),
             ChangeError::Conflict { .. } => ApiError::new(ErrorCode::Conflict, error.to_string()),
             ChangeError::Invalid { field, reason } => ApiError::invalid(Some(field), reason),
-            ChangeError::Store(_) | ChangeError::Kernel(_) => ApiError::internal(error.to_string()),
+            ChangeError::Store(store) => ApiError::store(&store),
+            ChangeError::Kernel(_) => ApiError::internal(error.to_string()),
         }
     }
 }
@@ -88,7 +102,7 @@ impl From<KeyError> for ApiError {
                 ApiError::new(ErrorCode::Conflict, error.to_string())
             }
             KeyError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
-            KeyError::Store(_) => ApiError::internal(error.to_string()),
+            KeyError::Store(store) => ApiError::store(&store),
         }
     }
 }
