@@ -106,3 +106,27 @@ impl From<KeyError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EtcdError;
+
+    #[test]
+    fn a_store_without_quorum_answers_503_naming_etcd_and_its_endpoints() {
+        let unavailable = StoreError::Etcd(EtcdError::Unavailable {
+            endpoints: "http://10.0.0.1:2379,http://10.0.0.2:2379".to_owned(),
+            detail: "etcdserver: no leader".to_owned(),
+        });
+        let error = ApiError::from(KeyError::Store(unavailable));
+        assert_eq!(status_of(error.0.code), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            error.0.message.starts_with(
+                "state store: etcd (http://10.0.0.1:2379,http://10.0.0.2:2379) is unavailable: \
+                 etcdserver: no leader; no majority of its members answers"
+            ),
+            "{}",
+            error.0.message
+        );
+    }
+}

@@ -169,6 +169,8 @@ struct Inner {
     layout: Layout,
     /// The endpoints, comma-separated, for messages.
     endpoints: String,
+    /// How many endpoints there are.
+    members: usize,
     changes: Arc<tokio_watch::Sender<StoreChanges>>,
     /// One write at a time from this process: its writes never race each other.
     writing: Mutex<()>,
@@ -196,7 +198,7 @@ impl EtcdStore {
         let layout = Layout {
             prefix: settings.normalized_prefix(),
         };
-        let (client, local, revision) = runtime.block_on({
+        let (client, local, revision) = wait_for(&runtime, {
             let endpoints = endpoints.clone();
             let urls = settings.endpoints.clone();
             let ids = layout.ids();
@@ -212,6 +214,12 @@ impl EtcdStore {
                 let response = client.get(ids, None).await.map_err(unreachable)?;
                 Ok::<_, EtcdError>((client, local, header_revision(response.header())))
             }
+        })
+        .unwrap_or_else(|| {
+            Err(EtcdError::Unavailable {
+                endpoints: endpoints.clone(),
+                detail: "the client's runtime stopped".to_owned(),
+            })
         })?;
         let changes = Arc::new(tokio_watch::Sender::new(StoreChanges::default()));
         runtime.spawn(watch::follow(
@@ -228,6 +236,7 @@ impl EtcdStore {
                 local,
                 layout,
                 endpoints,
+                members: settings.endpoints.len(),
                 changes,
                 writing: Mutex::new(()),
             }),
@@ -250,12 +259,8 @@ impl EtcdStore {
         &self,
         request: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     ) -> Result<T, EtcdError> {
-        let (done, result) = std::sync::mpsc::sync_channel(1);
         let runtime = self.inner.runtime.as_ref().expect("held until the drop");
-        runtime.spawn(async move {
-            let _ = done.send(request.await);
-        });
-        let result = result.recv().map_err(|_| EtcdError::Unavailable {
+        let result = wait_for(runtime, request).ok_or_else(|| EtcdError::Unavailable {
             endpoints: self.inner.endpoints.clone(),
             detail: "the client's runtime stopped".to_owned(),
         })?;
@@ -273,15 +278,20 @@ impl EtcdStore {
         match linearizable {
             Ok((revision, kvs)) => Ok((kvs, revision)),
             Err(error) if error.is_unavailable() => {
-                let mut client = self.inner.local.clone();
-                let local = self.run(async move {
-                    let mut response = client.get(key, Some(options.with_serializable())).await?;
-                    Ok((header_revision(response.header()), response.take_kvs()))
-                });
-                // The member's copy, if it answers at all; else the first error says more.
-                local
-                    .map(|(revision, kvs)| (kvs, revision))
-                    .map_err(|_| error)
+                // The balancer may first pick a member that is down: each member gets a turn.
+                for _ in 0..2 * self.inner.members {
+                    let (mut client, key) = (self.inner.local.clone(), key.clone());
+                    let options = options.clone().with_serializable();
+                    let local = self.run(async move {
+                        let mut response = client.get(key, Some(options)).await?;
+                        Ok((header_revision(response.header()), response.take_kvs()))
+                    });
+                    if let Ok((revision, kvs)) = local {
+                        return Ok((kvs, revision));
+                    }
+                }
+                // No member answers at all: the first error says more.
+                Err(error)
             }
             Err(error) => Err(error),
         }
@@ -518,6 +528,20 @@ impl EtcdStore {
             endpoints: self.inner.endpoints.clone(),
         }
     }
+}
+
+/// Runs `future` on `runtime` and blocks this thread until it is done; None if the runtime
+/// dropped it. Unlike `Runtime::block_on`, this works from any thread, an async worker of
+/// another runtime included (the daemon opens the store from one).
+fn wait_for<T: Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    future: impl Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = done.send(future.await);
+    });
+    result.recv().ok()
 }
 
 fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, UnreadableFile> {
