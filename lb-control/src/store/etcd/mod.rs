@@ -52,7 +52,7 @@ pub(super) use tx::EtcdTx;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a write runs again after losing a race with another lb-control.
-const WRITE_ATTEMPTS: usize = 8;
+const WRITE_ATTEMPTS: usize = 16;
 /// Records per Txn when importing: below etcd's default `--max-txn-ops` (128).
 const IMPORT_BATCH: usize = 100;
 
@@ -352,7 +352,7 @@ impl EtcdStore {
     /// reads again.
     pub(super) fn touch_api_keys(&self, used: &[(ApiKeyId, SystemTime)]) -> Result<(), StoreError> {
         let layout = &self.inner.layout;
-        for _ in 0..WRITE_ATTEMPTS {
+        for attempt in 0..WRITE_ATTEMPTS {
             let (kvs, _) = self.range(layout.dir(Dir::KeyUsed), GetOptions::new().with_prefix())?;
             let mut stored: BTreeMap<ApiKeyId, (i64, i64)> = BTreeMap::new();
             for kv in &kvs {
@@ -441,12 +441,13 @@ impl EtcdStore {
             .writing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for _ in 0..WRITE_ATTEMPTS {
+        for attempt in 0..WRITE_ATTEMPTS {
             let mut etcd_tx = EtcdTx::begin(self.clone(), events_kept)?;
             let value = f(&mut Tx(TxEngine::Etcd(&mut etcd_tx)))?;
             if etcd_tx.commit()? {
                 return Ok(value);
             }
+            back_off(attempt);
         }
         Err(StoreError::from(self.contended()).into())
     }
@@ -528,6 +529,13 @@ impl EtcdStore {
             endpoints: self.inner.endpoints.clone(),
         }
     }
+}
+
+/// After a lost race: a random pause growing with the attempt, so two lb-controls that keep
+/// colliding fall out of step.
+fn back_off(attempt: usize) {
+    let most = 5 * (attempt as u64 + 1);
+    std::thread::sleep(Duration::from_millis(rand::random_range(0..=most)));
 }
 
 /// Runs `future` on `runtime` and blocks this thread until it is done; None if the runtime
