@@ -388,6 +388,7 @@ impl EtcdStore {
             {
                 return Ok(());
             }
+            back_off(attempt);
         }
         Err(self.contended().into())
     }
