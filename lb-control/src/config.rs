@@ -20,6 +20,7 @@ use crate::{
     gateway::GatewaySection,
     health::HealthSettings,
     section::Problem,
+    store::StoreSection,
 };
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -44,6 +45,8 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub gateway: GatewaySection,
+    #[serde(default)]
+    pub store: StoreSection,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -72,6 +75,7 @@ impl Default for Config {
             services: Vec::new(),
             log: LogSection::default(),
             gateway: GatewaySection::default(),
+            store: StoreSection::default(),
         }
     }
 }
@@ -138,6 +142,7 @@ impl Config {
         problems.extend(self.health.problems());
         problems.extend(self.gateway.problems());
         problems.extend(self.admin.problems());
+        problems.extend(self.store.problems());
         if !self.state_dir.is_absolute() {
             problems.push(Problem::new(
                 "state_dir",

@@ -2,7 +2,11 @@
 //!
 //! config → state store → data plane → backend set ← health checker, admin API; the backend set
 //! pushes every change to the kernel and publishes the view the health checker and the gateway
-//! follow.
+//! follow. A shared store (etcd) also tells of changes other lb-controls made
+//! ([`follow_shared_store`]): the backend set and the live API keys re-read their part.
+//!
+//! A shared store must answer at start (lb-control keeps no local copy to start from); once
+//! running, the data plane and the gateway serve from memory and never wait for it.
 //!
 //! [`Daemon::start`] wires the parts; [`Daemon::serve`] is the event loop, whose steps (a
 //! reload, housekeeping) are named methods; [`Daemon::stop`] takes it down.
@@ -10,7 +14,7 @@
 use std::{
     fs,
     os::unix::fs::DirBuilderExt,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -33,16 +37,14 @@ use crate::{
     health,
     keys::ApiKeys,
     metrics::Metrics,
-    store::Store,
+    store::{Store, StoreChanges},
 };
 
 /// How often expired blocklist entries are removed and a failed kernel push is retried.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The state store's file in the state directory.
-pub fn store_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("state.db")
-}
+/// How long to wait before re-reading a shared store that did not answer.
+const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGINT/SIGTERM (clean shutdown: detach) or SIGQUIT (exit, leaving the
 /// program attached for the next start). `reload` re-reads the config on SIGHUP.
@@ -133,7 +135,10 @@ impl Daemon {
         dataplane::require_root()?;
         prepare_state_dir(&config.state_dir)?;
         let token = config.admin.token(&config.state_dir)?;
-        let store = Store::open(&store_path(&config.state_dir))?;
+        let store = Store::open_configured(&config.store, &config.state_dir).context(
+            "lb-control does not start without its state store: for etcd, check the endpoints \
+             and that a majority of the members is up",
+        )?;
         // Bound before the data plane starts, so a taken port fails fast and changes nothing.
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
@@ -167,6 +172,9 @@ impl Daemon {
         tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
         let keys = ApiKeys::open(store.clone())?;
+        if let Some(changes) = store.changes() {
+            tokio::spawn(follow_shared_store(changes, backends.clone(), keys.clone()));
+        }
         // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
         let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
@@ -210,7 +218,7 @@ impl Daemon {
             pin_dir = %pin_dir.display(),
             admin = %admin_address,
             gateway = ?gateway.as_ref().map(Gateway::local_addr),
-            store = %store.path().display(),
+            store = %store.location(),
             "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
              restart (the program keeps forwarding)"
         );
@@ -297,6 +305,9 @@ impl Daemon {
         }
         self.declared = after;
         self.checker.update_settings(new.health.clone());
+        if new.store != self.config.store {
+            warn!("store settings changed: they take effect at the next start");
+        }
         if new.admin != self.config.admin {
             warn!("admin API settings changed: they take effect at the next start");
         }
@@ -354,6 +365,60 @@ async fn follow_health(
         let snapshot = snapshots.borrow_and_update().clone();
         if let Err(error) = backends.apply_health(snapshot).await {
             error!("applying health changes: {error}");
+        }
+    }
+}
+
+/// Applies the changes other lb-controls make to the shared store: the backend set (kernel
+/// tables, gateway rotation) and the live API keys re-read their part when it moves. A store
+/// that does not answer (no quorum) is asked again every second; meanwhile everything serves
+/// from the last state read.
+pub async fn follow_shared_store(
+    mut changes: watch::Receiver<StoreChanges>,
+    backends: Arc<BackendSet>,
+    keys: ApiKeys,
+) {
+    // Both read once more at the start: they loaded before this task began to listen.
+    let mut applied = StoreChanges {
+        backends: u64::MAX,
+        keys: u64::MAX,
+    };
+    loop {
+        let wanted = *changes.borrow_and_update();
+        let mut behind = false;
+        if wanted.backends != applied.backends {
+            match backends.follow_store().await {
+                Ok(()) => applied.backends = wanted.backends,
+                Err(error) => {
+                    behind = true;
+                    warn!("following the shared store's backends: {error}");
+                }
+            }
+        }
+        if wanted.keys != applied.keys {
+            let keys = keys.clone();
+            match tokio::task::spawn_blocking(move || keys.reload()).await {
+                Ok(Ok(())) => applied.keys = wanted.keys,
+                Ok(Err(error)) => {
+                    behind = true;
+                    warn!("following the shared store's API keys: {error}");
+                }
+                Err(error) => {
+                    behind = true;
+                    error!("following the shared store's API keys: {error}");
+                }
+            }
+        }
+        let ended = if behind {
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_RETRY) => false,
+                changed = changes.changed() => changed.is_err(),
+            }
+        } else {
+            changes.changed().await.is_err()
+        };
+        if ended {
+            return;
         }
     }
 }

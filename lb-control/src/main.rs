@@ -9,6 +9,7 @@ use lb_control::{
     dataplane::{self, AttachMode, Stats},
     netns,
     section::Problem,
+    store::{Store, snapshot::Snapshot},
 };
 
 #[derive(Debug, Parser)]
@@ -38,8 +39,45 @@ enum Command {
         /// The config file to check.
         file: PathBuf,
     },
+    /// Move the whole state (services, backends, API keys, events) between stores, e.g. from
+    /// one host's SQLite file into etcd: `store export > state.json`, then with the etcd
+    /// config, `store import state.json`.
+    #[command(subcommand)]
+    Store(StoreCommand),
     #[command(flatten)]
     Admin(cli::AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Write the store's state as JSON (stdout, or --output).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Write here instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Load a state written by `store export`, ids included, into an empty store.
+    Import {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The file `store export` wrote.
+        file: PathBuf,
+        /// Drop what the store holds first, instead of refusing a store that is not empty.
+        #[arg(long)]
+        replace: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Config file (TOML): its `[store]` section, else SQLite in its `state_dir`.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The SQLite store's directory; replaces the config's `state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -150,10 +188,57 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 lb_control::gateway::Certificates::load(cert, key)
                     .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
             }
+            if let Some(etcd) = &config.store.etcd {
+                // The TLS and password files too, read as a start reads them.
+                etcd.read_files()
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            }
             println!("{}: ok", file.display());
             Ok(())
         }
+        Command::Store(command) => run_store_command(command),
         Command::Admin(command) => cli::run(command),
+    }
+}
+
+fn run_store_command(command: StoreCommand) -> anyhow::Result<()> {
+    let open = |args: &StoreArgs| -> anyhow::Result<Store> {
+        let mut config = match &args.config {
+            Some(file) => Config::load(file)?,
+            None => Config::default(),
+        };
+        if let Some(state_dir) = &args.state_dir {
+            config.state_dir = state_dir.clone();
+        }
+        Ok(Store::open_configured(&config.store, &config.state_dir)?)
+    };
+    match command {
+        StoreCommand::Export { store, output } => {
+            let store = open(&store)?;
+            let snapshot = store.export()?;
+            let text = serde_json::to_string_pretty(&snapshot)? + "\n";
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?,
+                None => print!("{text}"),
+            }
+            eprintln!("exported {} from {}", snapshot.summary(), store.location());
+            Ok(())
+        }
+        StoreCommand::Import {
+            store,
+            file,
+            replace,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            let snapshot = Snapshot::parse(&text)
+                .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
+            let store = open(&store)?;
+            store.import(&snapshot, replace)?;
+            println!("imported {} into {}", snapshot.summary(), store.location());
+            Ok(())
+        }
     }
 }
 

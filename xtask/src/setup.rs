@@ -29,6 +29,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("nftables", "nft"),
     ("haproxy", "haproxy"),
+    // The shared state store: the members the tests start, etcdctl to inspect them, and
+    // protoc, which the etcd-client crate's build script needs.
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    ("protobuf-compiler", "protoc"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

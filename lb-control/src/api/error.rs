@@ -9,7 +9,7 @@ use axum::{
 use tracing::error;
 
 use super::model::{ErrorBody, ErrorCode, ErrorDetail};
-use crate::{backends::ChangeError, keys::KeyError};
+use crate::{backends::ChangeError, keys::KeyError, store::StoreError};
 
 #[derive(Debug)]
 pub struct ApiError(pub ErrorDetail);
@@ -36,6 +36,18 @@ impl ApiError {
         ApiError::invalid(Some(field.to_owned()), message)
     }
 
+    /// A store that cannot take writes now: the message names it (etcd, its endpoints) and says
+    /// that serving goes on.
+    pub fn store(error: &StoreError) -> Self {
+        if error.is_unavailable() {
+            let message = format!("state store: {error}");
+            error!("admin API: {message}");
+            ApiError::new(ErrorCode::Unavailable, message)
+        } else {
+            ApiError::internal(format!("state store: {error}"))
+        }
+    }
+
     /// A failure of the store or the kernel: logged here, since the client may not be watching.
     pub fn internal(message: impl Into<String>) -> Self {
         let message = message.into();
@@ -51,6 +63,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -75,7 +88,8 @@ impl From<ChangeError> for ApiError {
             ChangeError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, error.to_string()),
             ChangeError::Conflict { .. } => ApiError::new(ErrorCode::Conflict, error.to_string()),
             ChangeError::Invalid { field, reason } => ApiError::invalid(Some(field), reason),
-            ChangeError::Store(_) | ChangeError::Kernel(_) => ApiError::internal(error.to_string()),
+            ChangeError::Store(store) => ApiError::store(&store),
+            ChangeError::Kernel(_) => ApiError::internal(error.to_string()),
         }
     }
 }
@@ -88,7 +102,31 @@ impl From<KeyError> for ApiError {
                 ApiError::new(ErrorCode::Conflict, error.to_string())
             }
             KeyError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
-            KeyError::Store(_) => ApiError::internal(error.to_string()),
+            KeyError::Store(store) => ApiError::store(&store),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EtcdError;
+
+    #[test]
+    fn a_store_without_quorum_answers_503_naming_etcd_and_its_endpoints() {
+        let unavailable = StoreError::Etcd(EtcdError::Unavailable {
+            endpoints: "http://10.0.0.1:2379,http://10.0.0.2:2379".to_owned(),
+            detail: "etcdserver: no leader".to_owned(),
+        });
+        let error = ApiError::from(KeyError::Store(unavailable));
+        assert_eq!(status_of(error.0.code), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            error.0.message.starts_with(
+                "state store: etcd (http://10.0.0.1:2379,http://10.0.0.2:2379) is unavailable: \
+                 etcdserver: no leader; no majority of its members answers"
+            ),
+            "{}",
+            error.0.message
+        );
     }
 }

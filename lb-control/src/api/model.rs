@@ -87,6 +87,9 @@ pub enum ErrorCode {
     /// 409: a record with the same identity exists, or the record is in a state that forbids
     /// the change (a revoked key).
     Conflict,
+    /// 503: the state store cannot take the change now (etcd without quorum); nothing was
+    /// changed, and what was committed before keeps being served.
+    Unavailable,
     /// 500: the state store or the kernel failed.
     Internal,
 }

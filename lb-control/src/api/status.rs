@@ -105,7 +105,7 @@ pub async fn events(
             Some(after) => store.events(Some(after), limit),
             None => store.recent_events(limit),
         }
-        .map_err(|error| ApiError::internal(format!("event log: {error}")))
+        .map_err(|error| ApiError::store(&error))
     })
     .await?;
     Ok(Json(events.into_iter().map(EventInfo::from).collect()))

@@ -10,6 +10,11 @@
 //! blocking threads, never on an async worker: a backend change does not hold up the gateway.
 //! Changes still reach the kernel one at a time and in commit order: each kernel call is made
 //! holding the set's lock, from a task of its own that no caller can cancel.
+//!
+//! The store is the truth, the set in memory follows it: a change starts from the set as the
+//! store's transaction reads it (another lb-control may have changed a shared store), and a
+//! change another lb-control made arrives through [`BackendSet::follow_store`], which takes
+//! the stored set as it is and pushes it the same way.
 
 mod reload;
 pub mod rotation;
@@ -150,6 +155,8 @@ pub enum Cause {
     Api,
     Health,
     Config,
+    /// Another lb-control changed the shared store.
+    Peer,
 }
 
 impl Cause {
@@ -158,6 +165,7 @@ impl Cause {
             Cause::Api => "api",
             Cause::Health => "health",
             Cause::Config => "config",
+            Cause::Peer => "peer",
         }
     }
 }
@@ -263,15 +271,14 @@ impl BackendSet {
         declared: &Declared,
         metrics: Arc<Metrics>,
     ) -> Result<BackendSet, ChangeError> {
-        let services = store.services()?;
-        let backends = store.backends()?;
+        // Empty until the first commit below reads the stored set.
         let set = BackendSet {
             inner: Arc::new(Mutex::new(Inner {
                 store,
                 kernel: Kernel::new(kernel),
                 settings,
-                services: services.into_iter().map(|s| (s.id, s)).collect(),
-                backends: backends.into_iter().map(|b| (b.id, b)).collect(),
+                services: BTreeMap::new(),
+                backends: BTreeMap::new(),
                 health: Arc::default(),
                 placements: BTreeMap::new(),
                 kernel_in_sync: false,
@@ -330,7 +337,7 @@ impl BackendSet {
     pub async fn add_service(&self, def: ServiceDef) -> Result<Service, ChangeError> {
         let name = def.key().to_string();
         self.commit(Cause::Api, &format!("service {name} added"), |draft, tx| {
-            draft.add_service(tx, def, Origin::Api)
+            draft.add_service(tx, def.clone(), Origin::Api)
         })
         .await
     }
@@ -352,7 +359,7 @@ impl BackendSet {
         self.commit(
             Cause::Api,
             &format!("backend {address} added to service {service}"),
-            |draft, tx| draft.add_backend(tx, service, def, Origin::Api),
+            |draft, tx| draft.add_backend(tx, service, def.clone(), Origin::Api),
         )
         .await
     }
@@ -399,7 +406,7 @@ impl BackendSet {
         after: &Declared,
     ) -> Result<(), ChangeError> {
         self.commit(Cause::Config, "config reloaded", |draft, tx| {
-            draft.settings = settings;
+            draft.settings = settings.clone();
             reload::apply_diff(draft, tx, before, after)
         })
         .await
@@ -463,23 +470,49 @@ impl BackendSet {
         self.inner.clone().lock_owned().await
     }
 
-    /// The one change path. `edit` changes a draft of the set and writes the same change to
-    /// the store; the draft replaces the set only after the store commit, and then the
-    /// kernel, the view, the log and the metrics follow.
+    /// Takes the services and backends as the store holds them now, after another lb-control
+    /// changed them; pushes to the kernel only if they differ from the set in memory.
+    pub async fn follow_store(&self) -> Result<(), ChangeError> {
+        let inner = self.lock().await;
+        let store = inner.store.clone();
+        let stored = tokio::task::block_in_place(|| {
+            Ok::<_, StoreError>((store.services()?, store.backends()?))
+        })?;
+        let mut draft = inner.draft();
+        draft.take_stored(stored.0, stored.1);
+        if draft.services == inner.services && draft.backends == inner.backends {
+            return Ok(());
+        }
+        let placements = draft.placements(&inner.health);
+        self.publish(
+            inner,
+            draft,
+            placements,
+            Cause::Peer,
+            "the shared store changed",
+        )
+        .await
+    }
+
+    /// The one change path. `edit` changes a draft of the set, as the store's transaction reads
+    /// it, and writes the same change to the store; the draft replaces the set only after the
+    /// store commit, and then the kernel, the view, the log and the metrics follow. `edit` runs
+    /// again if the store runs the transaction again (see [`Store::write`]).
     async fn commit<T>(
         &self,
         cause: Cause,
         what: &str,
-        edit: impl FnOnce(&mut Draft, &mut Tx<'_>) -> Result<T, ChangeError>,
+        mut edit: impl FnMut(&mut Draft, &mut Tx<'_>) -> Result<T, ChangeError>,
     ) -> Result<T, ChangeError> {
-        let mut inner = self.lock().await;
-        let mut draft = inner.draft();
+        let inner = self.lock().await;
         let health = inner.health.clone();
         let before = inner.placements.clone();
         let store = inner.store.clone();
         // A durable commit waits for fsync: keep it off the async worker's hot path.
-        let (value, placements) = tokio::task::block_in_place(|| {
+        let (value, draft, placements) = tokio::task::block_in_place(|| {
             store.write(|tx| {
+                let mut draft = inner.draft();
+                draft.take_stored(tx.services()?, tx.backends()?);
                 let value = edit(&mut draft, tx)?;
                 let placements = draft.placements(&health);
                 // The kernel's limits are checked before anything is committed.
@@ -495,9 +528,23 @@ impl BackendSet {
                     });
                 }
                 record_transitions(tx, &draft, &before, &placements, cause)?;
-                Ok((value, placements))
+                Ok((value, draft, placements))
             })
         })?;
+        self.publish(inner, draft, placements, cause, what).await?;
+        Ok(value)
+    }
+
+    /// Makes `draft` the set (it is in the store already) and pushes it: the kernel first,
+    /// then the view, the log and the metrics.
+    async fn publish(
+        &self,
+        mut inner: OwnedMutexGuard<Inner>,
+        draft: Draft,
+        placements: BTreeMap<BackendId, Placement>,
+        cause: Cause,
+        what: &str,
+    ) -> Result<(), ChangeError> {
         inner.settings = draft.settings.clone();
         inner.services = draft.services.clone();
         inner.backends = draft.backends.clone();
@@ -539,7 +586,7 @@ impl BackendSet {
             }
         });
         finish(pushed).await?;
-        Ok(value)
+        Ok(())
     }
 }
 
@@ -627,6 +674,12 @@ pub(crate) struct Draft {
 }
 
 impl Draft {
+    /// Takes the records as the store holds them; the settings stay.
+    fn take_stored(&mut self, services: Vec<Service>, backends: Vec<Backend>) {
+        self.services = services.into_iter().map(|s| (s.id, s)).collect();
+        self.backends = backends.into_iter().map(|b| (b.id, b)).collect();
+    }
+
     fn placements(&self, health: &HealthSnapshot) -> BTreeMap<BackendId, Placement> {
         self.services
             .values()
@@ -864,7 +917,7 @@ impl Draft {
         tx: &mut Tx<'_>,
         id: BackendId,
         cause: Cause,
-        change: impl FnOnce(&mut BackendDef),
+        change: impl Fn(&mut BackendDef),
     ) -> Result<Backend, ChangeError> {
         let backend = self
             .backends

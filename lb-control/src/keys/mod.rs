@@ -10,6 +10,9 @@
 //! key check) reads. A check never touches the store: a made-up key costs a hash and a map
 //! read, a malformed one not even that.
 //!
+//! Changes another lb-control makes to a shared store reach the live keys through
+//! [`ApiKeys::reload`], which the daemon calls when the store's watch says the keys changed.
+//!
 //! The changing methods block on the store (a write waits for fsync): async callers run them
 //! on a blocking thread.
 
@@ -89,6 +92,14 @@ impl ApiKeys {
             live,
             changing: Arc::default(),
         })
+    }
+
+    /// Takes the keys as the store holds them now (another lb-control changed them): new keys
+    /// are accepted, revoked ones refused and their connections closed, new limits applied.
+    pub fn reload(&self) -> Result<(), KeyError> {
+        let _changing = self.lock_changes();
+        self.live.replace(self.store.api_keys()?);
+        Ok(())
     }
 
     /// The live keys in memory: what the gateway checks keys against and watches for changes.

@@ -1,42 +1,54 @@
-//! The persistent state store: services, backends, API keys and the event log, in one SQLite
-//! file.
+//! The persistent state store: services, backends, API keys and the event log.
 //!
-//! Why SQLite: operators can inspect and repair the state with the `sqlite3` CLI; the schema is
-//! versioned with `PRAGMA user_version`; WAL with `synchronous=FULL` makes a change durable once
-//! its commit returns; and the constraints (UNIQUE, foreign keys with ON DELETE CASCADE) keep
-//! the invariants even against a buggy caller or a hand edit.
+//! One interface, two engines: SQLite ([`sqlite`], one file, the embedded default for one
+//! host) and etcd ([`etcd`], shared by every lb-control of a cluster, chosen by
+//! `[store] etcd = { … }`). Nothing outside this module knows which is behind a [`Store`].
 //!
-//! Every call blocks on disk I/O (a write waits for fsync): async callers run it on a blocking
-//! thread. Times are kept to the millisecond. The store counts its calls ([`Store::calls`]), so
-//! a test can show that a path never reaches it.
+//! Why an enum of two engines rather than a trait object: [`Store::write`] is generic over its
+//! closure and [`Tx`] borrows the engine's transaction, neither of which a `dyn` trait can
+//! express without boxing every call; and the set of engines is closed.
+//!
+//! Every call blocks (a write waits for fsync, or for etcd's quorum): async callers run it on
+//! a blocking thread. Times are kept to the millisecond. The store counts its calls
+//! ([`Store::calls`]), so a test can show that a path never reaches it.
+//!
+//! A write is acknowledged only once its engine committed it. Its closure may run more than
+//! once: on etcd, a write that raced another lb-control's is run again on the new state (see
+//! [`etcd`]), so the closure must not act outside the transaction it is given.
 
-mod codec;
-mod schema;
+mod etcd;
+mod record;
+pub mod settings;
+pub mod snapshot;
+mod sqlite;
+#[cfg(any(test, feature = "test-harness"))]
+pub mod test_etcd;
 #[cfg(test)]
 mod tests;
-mod tx;
 
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
-use rusqlite::{Connection, TransactionBehavior, ffi, params};
+use tokio::sync::watch;
 
-use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, Service};
-use codec::{RowDecoder, unix_ms};
-pub use tx::Tx;
+use crate::model::{
+    ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, Event, Origin, RateLimit, Service,
+    ServiceDef, ServiceId,
+};
+pub use etcd::EtcdError;
+use etcd::{EtcdStore, EtcdTx};
+pub use settings::{EtcdSettings, StoreSection};
+use snapshot::Snapshot;
+use sqlite::{SqliteStore, SqliteTx};
 
 /// How many events the log keeps; the oldest go first.
 const EVENTS_KEPT: i64 = 100_000;
-
-/// How long a write waits for another process holding the write lock (the `sqlite3` CLI, a
-/// second lb-control) before it fails.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,10 +72,28 @@ pub enum StoreError {
     },
     #[error("{what} already exists")]
     Conflict { what: String },
-    #[error("state store {what}; repair it with the sqlite3 CLI or restore a backup")]
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    /// `what` ends with how to repair it, which depends on the engine.
+    #[error("state store {what}")]
     Corrupt { what: String },
+    #[error(
+        "state store {location} is not empty; import only into an empty store, or pass \
+         --replace to drop what it holds"
+    )]
+    NotEmpty { location: String },
     #[error("state store: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+}
+
+impl StoreError {
+    /// The store cannot take writes now (etcd without quorum or unreachable): the caller may
+    /// try again later, and everything already committed keeps being served.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Etcd(error) if error.is_unavailable())
+    }
 }
 
 /// How many calls a store served since it was opened: reads (queries) and writes
@@ -80,36 +110,66 @@ struct CallCounters {
     writes: AtomicU64,
 }
 
+/// Moves whenever another process changed the shared store: each field is a generation that
+/// moves with a change of its part. The backend set re-reads services and backends when
+/// `backends` moves, the key registry its keys when `keys` moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreChanges {
+    pub backends: u64,
+    pub keys: u64,
+}
+
 /// A handle on the state store; clones share one connection.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    engine: Engine,
     calls: Arc<CallCounters>,
-    path: Arc<Path>,
     /// [`EVENTS_KEPT`], lowered by tests so the cap is reachable.
     events_kept: i64,
 }
 
+#[derive(Clone)]
+enum Engine {
+    Sqlite(SqliteStore),
+    Etcd(EtcdStore),
+}
+
 impl Store {
-    /// Opens or creates the database at `path` (parent directory must exist), applies migrations.
+    /// Opens or creates the SQLite store at `path` (parent directory must exist), applies
+    /// migrations.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let open_error = |source| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let mut conn = Connection::open(path).map_err(open_error)?;
-        configure(&conn).map_err(open_error)?;
-        schema::migrate(&mut conn, path)?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            calls: Arc::default(),
-            path: path.into(),
-            events_kept: EVENTS_KEPT,
-        })
+        Ok(Store::over(Engine::Sqlite(SqliteStore::open(path)?)))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connects to the etcd cluster `settings` name and starts watching its prefix. Fails if
+    /// no member answers: lb-control keeps no local copy to start from.
+    pub fn open_etcd(settings: &EtcdSettings) -> Result<Store, StoreError> {
+        Ok(Store::over(Engine::Etcd(EtcdStore::open(settings)?)))
+    }
+
+    /// The store the config's `[store]` section chooses: etcd when set, else SQLite in
+    /// `state_dir`.
+    pub fn open_configured(section: &StoreSection, state_dir: &Path) -> Result<Store, StoreError> {
+        match &section.etcd {
+            Some(etcd) => Store::open_etcd(etcd),
+            None => Store::open(&sqlite_path(state_dir)),
+        }
+    }
+
+    fn over(engine: Engine) -> Store {
+        Store {
+            engine,
+            calls: Arc::default(),
+            events_kept: EVENTS_KEPT,
+        }
+    }
+
+    /// Where the state is, for logs and messages: a file, or etcd's endpoints and prefix.
+    pub fn location(&self) -> String {
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.path().display().to_string(),
+            Engine::Etcd(etcd) => etcd.location(),
+        }
     }
 
     /// The calls served so far, by every clone of this handle.
@@ -120,64 +180,53 @@ impl Store {
         }
     }
 
+    /// Changes other processes make, for a store that others write (etcd); None for one only
+    /// this process writes (SQLite).
+    pub fn changes(&self) -> Option<watch::Receiver<StoreChanges>> {
+        match &self.engine {
+            Engine::Sqlite(_) => None,
+            Engine::Etcd(etcd) => Some(etcd.changes()),
+        }
+    }
+
     /// Every service, ordered by id.
     pub fn services(&self) -> Result<Vec<Service>, StoreError> {
-        let conn = self.lock_to_read();
-        let mut stmt = conn.prepare(
-            "SELECT id, vip, port, protocol, mode, health_check, origin FROM services ORDER BY id",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut services = Vec::new();
-        while let Some(row) = rows.next()? {
-            services.push(self.decoder("services", row)?.service(row)?);
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.services(),
+            Engine::Etcd(etcd) => etcd.services(),
         }
-        Ok(services)
     }
 
     /// Every backend of every service, ordered by id.
     pub fn backends(&self) -> Result<Vec<Backend>, StoreError> {
-        let conn = self.lock_to_read();
-        let mut stmt = conn.prepare(
-            "SELECT id, service_id, address, rpc_port, weight, admin, origin FROM backends \
-             ORDER BY id",
-        )?;
-        let mut rows = stmt.query([])?;
-        let mut backends = Vec::new();
-        while let Some(row) = rows.next()? {
-            backends.push(self.decoder("backends", row)?.backend(row)?);
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.backends(),
+            Engine::Etcd(etcd) => etcd.backends(),
         }
-        Ok(backends)
     }
 
-    /// Runs `f` in one transaction (BEGIN IMMEDIATE) and commits; returns only after the commit is
-    /// durable (fsync'd). On error, rolls back.
+    /// Runs `f` in one transaction and commits; returns only after the commit is durable. On
+    /// error nothing is written. `f` may run more than once (see the module's doc).
     pub fn write<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
+        f: impl FnMut(&mut Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.lock_to_write();
-        // IMMEDIATE takes the write lock up front, so a transaction that reads before it writes
-        // cannot fail half-way with SQLITE_BUSY when another process writes meanwhile.
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(StoreError::from)?;
-        let mut tx = Tx::new(tx, self.events_kept);
-        // On error the transaction is dropped, which rolls it back.
-        let value = f(&mut tx)?;
-        tx.commit().map_err(StoreError::from)?;
-        Ok(value)
+        self.calls.writes.fetch_add(1, Ordering::Relaxed);
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.write(self.events_kept, f),
+            Engine::Etcd(etcd) => etcd.write(self.events_kept, f),
+        }
     }
 
     /// Every API key, revoked ones included, ordered by id.
     pub fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
-        let conn = self.lock_to_read();
-        let mut stmt = conn.prepare(&format!("{API_KEY_COLUMNS} ORDER BY id"))?;
-        let mut rows = stmt.query([])?;
-        let mut keys = Vec::new();
-        while let Some(row) = rows.next()? {
-            keys.push(self.decoder("api_keys", row)?.api_key(row)?);
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.api_keys(),
+            Engine::Etcd(etcd) => etcd.api_keys(),
         }
-        Ok(keys)
     }
 
     /// The key whose secret hashes to `secret_sha256`, revoked or not: the caller decides what a
@@ -186,121 +235,212 @@ impl Store {
         &self,
         secret_sha256: &[u8; 32],
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let conn = self.lock_to_read();
-        let mut stmt = conn.prepare(&format!("{API_KEY_COLUMNS} WHERE secret_sha256 = ?1"))?;
-        let mut rows = stmt.query([&secret_sha256[..]])?;
-        let Some(row) = rows.next()? else {
-            return Ok(None);
-        };
-        Ok(Some(self.decoder("api_keys", row)?.api_key(row)?))
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.api_key_by_hash(secret_sha256),
+            Engine::Etcd(etcd) => etcd.api_key_by_hash(secret_sha256),
+        }
     }
 
     /// Records last-used times in one transaction (batched by the caller; not an event).
+    /// Last use never goes back: an older time than the stored one is ignored.
     pub fn touch_api_keys(&self, used: &[(ApiKeyId, SystemTime)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
         }
-        let mut conn = self.lock_to_write();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            // MAX: batches from different tasks may land out of order; last use never goes back.
-            let mut stmt = tx.prepare(
-                "UPDATE api_keys SET last_used_ms = MAX(COALESCE(last_used_ms, ?2), ?2) \
-                 WHERE id = ?1",
-            )?;
-            for &(id, at) in used {
-                stmt.execute(params![id, unix_ms(at)])?;
-            }
+        self.calls.writes.fetch_add(1, Ordering::Relaxed);
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.touch_api_keys(used),
+            Engine::Etcd(etcd) => etcd.touch_api_keys(used),
         }
-        tx.commit()?;
-        Ok(())
     }
 
     /// Events with id > `after` (all when None), oldest first, at most `limit`.
     pub fn events(&self, after: Option<i64>, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.query_events(
-            "SELECT id, at_ms, kind, subject, detail FROM events WHERE id > ?1 ORDER BY id \
-             LIMIT ?2",
-            params![after.unwrap_or(i64::MIN), sql_limit(limit)],
-        )
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.events(after, limit),
+            Engine::Etcd(etcd) => etcd.events(after, limit),
+        }
     }
 
     /// The newest `limit` events, oldest first.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
-        self.query_events(
-            "SELECT id, at_ms, kind, subject, detail FROM \
-             (SELECT * FROM events ORDER BY id DESC LIMIT ?1) ORDER BY id",
-            params![sql_limit(limit)],
-        )
-    }
-
-    fn query_events(
-        &self,
-        sql: &str,
-        params: impl rusqlite::Params,
-    ) -> Result<Vec<Event>, StoreError> {
-        let conn = self.lock_to_read();
-        let mut stmt = conn.prepare(sql)?;
-        let mut rows = stmt.query(params)?;
-        let mut events = Vec::new();
-        while let Some(row) = rows.next()? {
-            events.push(self.decoder("events", row)?.event(row)?);
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.recent_events(limit),
+            Engine::Etcd(etcd) => etcd.recent_events(limit),
         }
-        Ok(events)
     }
 
-    fn decoder<'a>(
-        &'a self,
-        table: &'static str,
-        row: &rusqlite::Row<'_>,
-    ) -> Result<RowDecoder<'a>, StoreError> {
-        Ok(RowDecoder {
-            path: &self.path,
-            table,
-            id: row.get("id")?,
-        })
+    /// The whole state, for `lb-control store export`.
+    pub fn export(&self) -> Result<Snapshot, StoreError> {
+        Ok(Snapshot::new(
+            self.services()?,
+            self.backends()?,
+            self.api_keys()?,
+            self.events(None, usize::MAX)?,
+        ))
     }
 
-    fn lock_to_read(&self) -> MutexGuard<'_, Connection> {
-        self.calls.reads.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-    }
-
-    fn lock_to_write(&self) -> MutexGuard<'_, Connection> {
+    /// Loads `snapshot` with its ids, for `lb-control store import`. Refused unless the store is
+    /// empty or `replace` is set, in which case what the store held goes first.
+    pub fn import(&self, snapshot: &Snapshot, replace: bool) -> Result<(), StoreError> {
+        if !replace && !self.is_empty()? {
+            return Err(StoreError::NotEmpty {
+                location: self.location(),
+            });
+        }
         self.calls.writes.fetch_add(1, Ordering::Relaxed);
-        self.lock()
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.restore(snapshot),
+            Engine::Etcd(etcd) => etcd.restore(snapshot),
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while the lock was held (in a `write` closure, say) dropped its transaction,
-        // which rolled it back: the connection is still sound.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.services()?.is_empty()
+            && self.backends()?.is_empty()
+            && self.api_keys()?.is_empty()
+            && self.events(None, 1)?.is_empty())
+    }
+
+    fn count_read(&self) {
+        self.calls.reads.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-const API_KEY_COLUMNS: &str = "SELECT id, name, secret_sha256, rps, burst, created_ms, \
-                               last_used_ms, revoked_ms FROM api_keys";
-
-fn configure(conn: &Connection) -> rusqlite::Result<()> {
-    // Checked, not assumed: SQLite keeps the old journal mode when it cannot switch (e.g. on a
-    // file system without shared memory), and rollback mode would change the durability story.
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(rusqlite::Error::SqliteFailure(
-            ffi::Error::new(ffi::SQLITE_CANTOPEN),
-            Some(format!("journal mode stays {mode}, WAL is required")),
-        ));
-    }
-    // FULL: in WAL mode, NORMAL may lose the last commits on power loss; FULL fsyncs the WAL
-    // at every commit.
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    // Off by default in SQLite, per connection: without it the CASCADE and REFERENCES clauses
-    // are ignored.
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(BUSY_TIMEOUT)
+/// The SQLite store's file in the state directory.
+pub fn sqlite_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("state.db")
 }
 
-/// SQLite's LIMIT takes an i64; a larger usize means "all of them" anyway.
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
+/// One open write transaction; see [`Store::write`].
+pub struct Tx<'a>(TxEngine<'a>);
+
+enum TxEngine<'a> {
+    Sqlite(SqliteTx<'a>),
+    Etcd(&'a mut EtcdTx),
+}
+
+impl Tx<'_> {
+    /// Every service as this transaction sees it, ordered by id.
+    pub fn services(&mut self) -> Result<Vec<Service>, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.services(),
+            TxEngine::Etcd(tx) => tx.services(),
+        }
+    }
+
+    /// Every backend as this transaction sees it, ordered by id.
+    pub fn backends(&mut self) -> Result<Vec<Backend>, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.backends(),
+            TxEngine::Etcd(tx) => tx.backends(),
+        }
+    }
+
+    pub fn insert_service(
+        &mut self,
+        def: &ServiceDef,
+        origin: Origin,
+    ) -> Result<ServiceId, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.insert_service(def, origin),
+            TxEngine::Etcd(tx) => tx.insert_service(def, origin),
+        }
+    }
+
+    /// Replaces the definition of service `id`; false if there is none. The origin stays.
+    pub fn update_service(&mut self, id: ServiceId, def: &ServiceDef) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.update_service(id, def),
+            TxEngine::Etcd(tx) => tx.update_service(id, def),
+        }
+    }
+
+    /// Deletes service `id` and its backends; false if there is none.
+    pub fn delete_service(&mut self, id: ServiceId) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.delete_service(id),
+            TxEngine::Etcd(tx) => tx.delete_service(id),
+        }
+    }
+
+    /// Adds a backend to `service`, which must exist (else [`StoreError::NotFound`]).
+    pub fn insert_backend(
+        &mut self,
+        service: ServiceId,
+        def: &BackendDef,
+        origin: Origin,
+    ) -> Result<BackendId, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.insert_backend(service, def, origin),
+            TxEngine::Etcd(tx) => tx.insert_backend(service, def, origin),
+        }
+    }
+
+    /// Replaces the definition of backend `id`; false if there is none. Its service and origin
+    /// stay.
+    pub fn update_backend(&mut self, id: BackendId, def: &BackendDef) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.update_backend(id, def),
+            TxEngine::Etcd(tx) => tx.update_backend(id, def),
+        }
+    }
+
+    pub fn delete_backend(&mut self, id: BackendId) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.delete_backend(id),
+            TxEngine::Etcd(tx) => tx.delete_backend(id),
+        }
+    }
+
+    /// Adds a key; its name and its secret must both be new.
+    pub fn insert_api_key(
+        &mut self,
+        name: &str,
+        secret_sha256: &[u8; 32],
+        rate_limit: Option<RateLimit>,
+        created: SystemTime,
+    ) -> Result<ApiKeyId, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.insert_api_key(name, secret_sha256, rate_limit, created),
+            TxEngine::Etcd(tx) => tx.insert_api_key(name, secret_sha256, rate_limit, created),
+        }
+    }
+
+    /// Revokes key `id` as of `at`; false if there is no such key or it is already revoked (the
+    /// first revocation time stays).
+    pub fn revoke_api_key(&mut self, id: ApiKeyId, at: SystemTime) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.revoke_api_key(id, at),
+            TxEngine::Etcd(tx) => tx.revoke_api_key(id, at),
+        }
+    }
+
+    /// Sets key `id`'s rate limit (None: unlimited); false if there is no such key.
+    pub fn set_api_key_limit(
+        &mut self,
+        id: ApiKeyId,
+        rate_limit: Option<RateLimit>,
+    ) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.set_api_key_limit(id, rate_limit),
+            TxEngine::Etcd(tx) => tx.set_api_key_limit(id, rate_limit),
+        }
+    }
+
+    /// Appends an event stamped now and returns its id; the oldest events beyond the cap go.
+    pub fn record_event(
+        &mut self,
+        kind: &str,
+        subject: &str,
+        detail: &str,
+    ) -> Result<i64, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.record_event(kind, subject, detail),
+            TxEngine::Etcd(tx) => tx.record_event(kind, subject, detail),
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{Store, StoreError, schema::SCHEMA_VERSION};
+use super::{Engine, EtcdSettings, Store, StoreError, sqlite::schema::SCHEMA_VERSION, test_etcd};
 use crate::model::{
     AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol,
     RateLimit, Service, ServiceDef,
@@ -41,6 +41,70 @@ fn open(dir: &TempDir) -> Store {
     Store::open(&dir.db()).expect("opening the store")
 }
 
+/// Where a test's store lives: a fresh SQLite file, or a fresh prefix on the test process's
+/// etcd member. Opening it again is a restart (SQLite) or another lb-control (etcd).
+enum Place {
+    Sqlite(TempDir),
+    Etcd(EtcdSettings),
+}
+
+impl Place {
+    fn sqlite() -> Place {
+        Place::Sqlite(TempDir::new())
+    }
+
+    fn etcd() -> Place {
+        Place::Etcd(EtcdSettings::plain(
+            vec![test_etcd::shared().to_owned()],
+            &test_etcd::unique_prefix("store"),
+        ))
+    }
+
+    fn open(&self) -> Store {
+        match self {
+            Place::Sqlite(dir) => open(dir),
+            Place::Etcd(settings) => Store::open_etcd(settings).expect("connecting to etcd"),
+        }
+    }
+}
+
+/// Each test named runs twice, as `sqlite::NAME` and `etcd::NAME`: one suite, both engines.
+macro_rules! on_both_engines {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $test() {
+                super::$test(&super::Place::sqlite());
+            })*
+        }
+        mod etcd {
+            $(#[test]
+            fn $test() {
+                super::$test(&super::Place::etcd());
+            })*
+        }
+    };
+}
+
+on_both_engines!(
+    every_record_round_trips_and_survives_reopen,
+    updates_replace_the_definition_and_keep_origin,
+    ids_are_never_reused_after_delete_even_across_reopen,
+    deleting_a_service_cascades_its_backends,
+    duplicate_service_is_a_conflict_naming_it,
+    duplicate_backend_is_a_conflict_naming_it,
+    backend_of_a_missing_service_is_refused,
+    duplicate_key_name_or_secret_is_a_conflict_naming_it,
+    failed_write_leaves_nothing_behind,
+    api_key_by_hash_finds_the_key,
+    key_revocation_and_limit_changes_apply_once_to_existing_keys,
+    touch_api_keys_updates_last_used_and_never_moves_it_back,
+    events_are_ordered_and_capped,
+    calls_are_counted_by_kind_across_clones,
+    an_export_imports_into_an_empty_store_as_the_same_state,
+    import_into_a_store_with_state_is_refused_unless_replacing,
+);
+
 /// A time the store keeps exactly: whole milliseconds.
 fn at(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(1_700_000_000_000 + ms)
@@ -72,10 +136,8 @@ fn conflict_message(result: Result<impl std::fmt::Debug, StoreError>) -> String 
     }
 }
 
-#[test]
-fn every_record_round_trips_and_survives_reopen() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn every_record_round_trips_and_survives_reopen(place: &Place) {
+    let store = place.open();
     let v4 = ServiceDef {
         vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
         port: 9944,
@@ -205,14 +267,12 @@ fn every_record_round_trips_and_survives_reopen() {
     };
     let events = check(&store);
     drop(store);
-    let reopened = open(&dir);
+    let reopened = place.open();
     assert_eq!(check(&reopened), events, "events differ after reopen");
 }
 
-#[test]
-fn updates_replace_the_definition_and_keep_origin() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn updates_replace_the_definition_and_keep_origin(place: &Place) {
+    let store = place.open();
     let (service, backend) = store
         .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Config)?;
@@ -250,10 +310,8 @@ fn updates_replace_the_definition_and_keep_origin() {
     );
 }
 
-#[test]
-fn ids_are_never_reused_after_delete_even_across_reopen() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn ids_are_never_reused_after_delete_even_across_reopen(place: &Place) {
+    let store = place.open();
     let (service, backend) = store
         .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
@@ -271,7 +329,7 @@ fn ids_are_never_reused_after_delete_even_across_reopen() {
         })
         .expect("delete");
     drop(store);
-    let store = open(&dir);
+    let store = place.open();
     let (service2, backend2) = store
         .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
@@ -289,10 +347,8 @@ fn ids_are_never_reused_after_delete_even_across_reopen() {
     );
 }
 
-#[test]
-fn deleting_a_service_cascades_its_backends() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn deleting_a_service_cascades_its_backends(place: &Place) {
+    let store = place.open();
     let kept_service = store
         .write(|tx| -> Result<_, StoreError> {
             let gone = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
@@ -309,10 +365,8 @@ fn deleting_a_service_cascades_its_backends() {
     assert_eq!(backends[0].service, kept_service);
 }
 
-#[test]
-fn duplicate_service_is_a_conflict_naming_it() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn duplicate_service_is_a_conflict_naming_it(place: &Place) {
+    let store = place.open();
     let other = store
         .write(|tx| -> Result<_, StoreError> {
             tx.insert_service(&service_def("10.0.0.1", 80), Origin::Config)?;
@@ -339,10 +393,8 @@ fn duplicate_service_is_a_conflict_naming_it() {
     );
 }
 
-#[test]
-fn duplicate_backend_is_a_conflict_naming_it() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn duplicate_backend_is_a_conflict_naming_it(place: &Place) {
+    let store = place.open();
     let (service, other) = store
         .write(|tx| -> Result<_, StoreError> {
             let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
@@ -369,21 +421,19 @@ fn duplicate_backend_is_a_conflict_naming_it() {
     );
 }
 
-#[test]
-fn backend_of_a_missing_service_is_refused() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn backend_of_a_missing_service_is_refused(place: &Place) {
+    let store = place.open();
     let result = store.write(|tx| tx.insert_backend(42, &backend_def("10.0.0.1:80"), Origin::Api));
-    assert!(
-        matches!(result, Err(StoreError::Sql(_))),
-        "expected a foreign key error, got {result:?}"
-    );
+    match result {
+        Err(error @ StoreError::NotFound { .. }) => {
+            assert_eq!(error.to_string(), "service 42 does not exist");
+        }
+        other => panic!("expected service 42 not to exist, got {other:?}"),
+    }
 }
 
-#[test]
-fn duplicate_key_name_or_secret_is_a_conflict_naming_it() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn duplicate_key_name_or_secret_is_a_conflict_naming_it(place: &Place) {
+    let store = place.open();
     store
         .write(|tx| tx.insert_api_key("alice", &[1; 32], None, at(0)))
         .expect("first key");
@@ -397,10 +447,8 @@ fn duplicate_key_name_or_secret_is_a_conflict_naming_it() {
     );
 }
 
-#[test]
-fn failed_write_leaves_nothing_behind() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn failed_write_leaves_nothing_behind(place: &Place) {
+    let store = place.open();
     let result: Result<(), _> = store.write(|tx| -> Result<_, StoreError> {
         let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
         tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
@@ -414,7 +462,7 @@ fn failed_write_leaves_nothing_behind() {
         "{result:?}"
     );
     drop(store);
-    let store = open(&dir);
+    let store = place.open();
     assert_eq!(store.services().expect("services"), []);
     assert_eq!(store.backends().expect("backends"), []);
     assert_eq!(store.api_keys().expect("keys"), []);
@@ -459,10 +507,8 @@ fn new_file_is_at_the_current_schema_version() {
     drop(open(&dir));
 }
 
-#[test]
-fn api_key_by_hash_finds_the_key() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn api_key_by_hash_finds_the_key(place: &Place) {
+    let store = place.open();
     let id = store
         .write(|tx| -> Result<_, StoreError> {
             tx.insert_api_key("alice", &[1; 32], None, at(0))?;
@@ -477,10 +523,8 @@ fn api_key_by_hash_finds_the_key() {
     assert_eq!(store.api_key_by_hash(&[3; 32]).expect("lookup"), None);
 }
 
-#[test]
-fn key_revocation_and_limit_changes_apply_once_to_existing_keys() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn key_revocation_and_limit_changes_apply_once_to_existing_keys(place: &Place) {
+    let store = place.open();
     let limit = RateLimit { rps: 5, burst: 10 };
     let id = store
         .write(|tx| tx.insert_api_key("alice", &[1; 32], None, at(0)))
@@ -510,10 +554,8 @@ fn key_revocation_and_limit_changes_apply_once_to_existing_keys() {
     assert_eq!(key.rate_limit, None);
 }
 
-#[test]
-fn touch_api_keys_updates_last_used_and_never_moves_it_back() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn touch_api_keys_updates_last_used_and_never_moves_it_back(place: &Place) {
+    let store = place.open();
     let (alice, bob) = store
         .write(|tx| -> Result<_, StoreError> {
             Ok((
@@ -535,10 +577,8 @@ fn touch_api_keys_updates_last_used_and_never_moves_it_back() {
     assert_eq!(last_used, [Some(at(10)), Some(at(20))]);
 }
 
-#[test]
-fn events_are_ordered_and_capped() {
-    let dir = TempDir::new();
-    let mut store = open(&dir);
+fn events_are_ordered_and_capped(place: &Place) {
+    let mut store = place.open();
     store.events_kept = 3;
     let ids = store
         .write(|tx| -> Result<_, StoreError> {
@@ -617,7 +657,10 @@ fn corrupt_value_names_table_row_and_column() {
 fn connection_commits_durably_and_enforces_foreign_keys() {
     let dir = TempDir::new();
     let store = open(&dir);
-    let conn = store.lock();
+    let Engine::Sqlite(sqlite) = &store.engine else {
+        unreachable!("opened on SQLite")
+    };
+    let conn = sqlite.lock();
     let journal_mode: String = conn
         .pragma_query_value(None, "journal_mode", |row| row.get(0))
         .expect("journal_mode");
@@ -630,10 +673,8 @@ fn connection_commits_durably_and_enforces_foreign_keys() {
     assert_eq!(int("foreign_keys"), 1);
 }
 
-#[test]
-fn calls_are_counted_by_kind_across_clones() {
-    let dir = TempDir::new();
-    let store = open(&dir);
+fn calls_are_counted_by_kind_across_clones(place: &Place) {
+    let store = place.open();
     let start = store.calls();
     let clone = store.clone();
     let id = clone
@@ -646,4 +687,145 @@ fn calls_are_counted_by_kind_across_clones() {
     let calls = store.calls();
     assert_eq!(calls.writes - start.writes, 2);
     assert_eq!(calls.reads - start.reads, 3);
+}
+
+/// Some state of every kind, written through the store's ordinary interface.
+fn fill(store: &Store) {
+    let (service, key) = store
+        .write(|tx| -> Result<_, StoreError> {
+            let service = tx.insert_service(&service_def("192.0.2.1", 443), Origin::Config)?;
+            tx.insert_backend(service, &backend_def("10.0.0.1:443"), Origin::Config)?;
+            let key = tx.insert_api_key(
+                "alice",
+                &[7; 32],
+                Some(RateLimit { rps: 5, burst: 9 }),
+                at(1),
+            )?;
+            tx.insert_api_key("bob", &[8; 32], None, at(2))?;
+            tx.record_event("service.added", "service 1", "config")?;
+            Ok((service, key))
+        })
+        .expect("filling the store");
+    store
+        .write(|tx| -> Result<_, StoreError> {
+            tx.insert_backend(service, &backend_def("10.0.0.2:443"), Origin::Api)?;
+            tx.revoke_api_key(key + 1, at(3))?;
+            tx.record_event("key.revoked", "key 2 (bob)", "api")
+        })
+        .expect("changing the store");
+    store
+        .touch_api_keys(&[(key, at(4))])
+        .expect("touching a key");
+}
+
+/// State as a user sees it: ids and all, events without their (wall-clock) times.
+fn state_of(store: &Store) -> impl PartialEq + std::fmt::Debug {
+    let snapshot = store.export().expect("export");
+    let events: Vec<_> = snapshot
+        .events
+        .iter()
+        .map(|event| (event.id, event.kind.clone(), event.subject.clone()))
+        .collect();
+    (
+        snapshot.services,
+        snapshot.backends,
+        snapshot.api_keys,
+        events,
+    )
+}
+
+fn an_export_imports_into_an_empty_store_as_the_same_state(place: &Place) {
+    let source = Place::sqlite();
+    let from = source.open();
+    fill(&from);
+    let text = serde_json::to_string(&from.export().expect("export")).expect("JSON");
+    let into = place.open();
+    let snapshot = super::snapshot::Snapshot::parse(&text).expect("parses back");
+    into.import(&snapshot, false)
+        .expect("import into an empty store");
+    assert_eq!(state_of(&into), state_of(&from));
+    // Ids go on from the imported ones: nothing issued again.
+    let next = into
+        .write(|tx| tx.insert_service(&service_def("192.0.2.9", 443), Origin::Api))
+        .expect("a new service");
+    assert!(next > from.services().expect("services")[0].id);
+}
+
+fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
+    let store = place.open();
+    fill(&store);
+    let empty = super::snapshot::Snapshot::new(Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let refused = store
+        .import(&empty, false)
+        .expect_err("the store has state");
+    assert!(
+        matches!(refused, StoreError::NotEmpty { .. }),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("--replace"), "{refused}");
+    store.import(&empty, true).expect("replacing");
+    assert_eq!(store.services().expect("services"), []);
+    assert_eq!(store.api_keys().expect("keys"), []);
+    assert_eq!(store.events(None, 10).expect("events"), []);
+}
+
+#[test]
+fn two_etcd_writers_never_issue_the_same_id() {
+    let place = Place::etcd();
+    let (first, second) = (place.open(), place.open());
+    let create = |store: Store, name: &'static str| {
+        std::thread::spawn(move || {
+            (0..10)
+                .map(|n| {
+                    store
+                        .write(|tx| {
+                            tx.insert_api_key(
+                                &format!("{name}{n}"),
+                                &[n as u8 + if name == "a" { 0 } else { 100 }; 32],
+                                None,
+                                at(0),
+                            )
+                        })
+                        .expect("a key")
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let a = create(first, "a");
+    let b = create(second, "b");
+    let mut ids: Vec<_> = a
+        .join()
+        .expect("writer a")
+        .into_iter()
+        .chain(b.join().expect("writer b"))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "ids issued twice: {ids:?}");
+    assert_eq!(place.open().api_keys().expect("keys").len(), 20);
+}
+
+#[test]
+fn an_etcd_store_sees_another_writers_changes_through_its_watch() {
+    let place = Place::etcd();
+    let (watching, writing) = (place.open(), place.open());
+    let mut changes = watching.changes().expect("etcd is shared");
+    let before = *changes.borrow_and_update();
+    writing
+        .write(|tx| tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api))
+        .expect("a service");
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while changes.borrow().backends == before.backends {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no change seen within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        changes.borrow().keys,
+        before.keys,
+        "a service is not a key change"
+    );
+    assert_eq!(watching.services().expect("services").len(), 1);
 }

@@ -1,31 +1,49 @@
-//! Writes, inside the one transaction of [`Store::write`](super::Store::write).
+//! Writes, inside the one transaction of [`Store::write`](crate::store::Store::write).
 
-use std::time::SystemTime;
+use std::{path::Path, time::SystemTime};
 
 use rusqlite::{OptionalExtension as _, Transaction, ffi, params};
 
-use super::{
-    StoreError,
-    codec::{SerdeText, unix_ms},
+use super::codec::SerdeText;
+use crate::{
+    model::{
+        ApiKeyId, Backend, BackendDef, BackendId, Origin, RateLimit, Service, ServiceDef, ServiceId,
+    },
+    store::{
+        StoreError,
+        record::{EventEntry, KeyEntry, unix_ms},
+    },
 };
-use crate::model::{ApiKeyId, BackendDef, BackendId, Origin, RateLimit, ServiceDef, ServiceId};
 
-/// One open write transaction; see [`Store::write`](super::Store::write).
-pub struct Tx<'a> {
+/// One open SQLite write transaction.
+pub(in crate::store) struct SqliteTx<'a> {
     tx: Transaction<'a>,
+    path: &'a Path,
     events_kept: i64,
 }
 
-impl<'a> Tx<'a> {
-    pub(super) fn new(tx: Transaction<'a>, events_kept: i64) -> Self {
-        Tx { tx, events_kept }
+impl<'a> SqliteTx<'a> {
+    pub(super) fn new(tx: Transaction<'a>, path: &'a Path, events_kept: i64) -> Self {
+        SqliteTx {
+            tx,
+            path,
+            events_kept,
+        }
     }
 
     pub(super) fn commit(self) -> rusqlite::Result<()> {
         self.tx.commit()
     }
 
-    pub fn insert_service(
+    pub(in crate::store) fn services(&mut self) -> Result<Vec<Service>, StoreError> {
+        super::services(&self.tx, self.path)
+    }
+
+    pub(in crate::store) fn backends(&mut self) -> Result<Vec<Backend>, StoreError> {
+        super::backends(&self.tx, self.path)
+    }
+
+    pub(in crate::store) fn insert_service(
         &mut self,
         def: &ServiceDef,
         origin: Origin,
@@ -48,7 +66,11 @@ impl<'a> Tx<'a> {
     }
 
     /// Replaces the definition of service `id`; false if there is none. The origin stays.
-    pub fn update_service(&mut self, id: ServiceId, def: &ServiceDef) -> Result<bool, StoreError> {
+    pub(in crate::store) fn update_service(
+        &mut self,
+        id: ServiceId,
+        def: &ServiceDef,
+    ) -> Result<bool, StoreError> {
         let changed = self
             .tx
             .execute(
@@ -69,7 +91,7 @@ impl<'a> Tx<'a> {
 
     /// Deletes service `id` and, by the foreign key's cascade, its backends; false if there is
     /// none.
-    pub fn delete_service(&mut self, id: ServiceId) -> Result<bool, StoreError> {
+    pub(in crate::store) fn delete_service(&mut self, id: ServiceId) -> Result<bool, StoreError> {
         Ok(self
             .tx
             .execute("DELETE FROM services WHERE id = ?1", [id])?
@@ -77,7 +99,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Adds a backend to `service`, which must exist (else a foreign key error).
-    pub fn insert_backend(
+    pub(in crate::store) fn insert_backend(
         &mut self,
         service: ServiceId,
         def: &BackendDef,
@@ -96,13 +118,26 @@ impl<'a> Tx<'a> {
                     SerdeText(&origin),
                 ],
             )
-            .map_err(|error| unique_conflict(error, || backend_what(service, def)))?;
+            .map_err(|error| match error.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::ConstraintViolation)
+                    if error.to_string().contains("FOREIGN KEY") =>
+                {
+                    StoreError::NotFound {
+                        what: format!("service {service}"),
+                    }
+                }
+                _ => unique_conflict(error, || backend_what(service, def)),
+            })?;
         Ok(self.tx.last_insert_rowid())
     }
 
     /// Replaces the definition of backend `id`; false if there is none. Its service and origin
     /// stay.
-    pub fn update_backend(&mut self, id: BackendId, def: &BackendDef) -> Result<bool, StoreError> {
+    pub(in crate::store) fn update_backend(
+        &mut self,
+        id: BackendId,
+        def: &BackendDef,
+    ) -> Result<bool, StoreError> {
         let service: Option<ServiceId> = self
             .tx
             .query_row(
@@ -130,7 +165,7 @@ impl<'a> Tx<'a> {
         Ok(true)
     }
 
-    pub fn delete_backend(&mut self, id: BackendId) -> Result<bool, StoreError> {
+    pub(in crate::store) fn delete_backend(&mut self, id: BackendId) -> Result<bool, StoreError> {
         Ok(self
             .tx
             .execute("DELETE FROM backends WHERE id = ?1", [id])?
@@ -138,7 +173,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Adds a key; its name and its secret must both be new.
-    pub fn insert_api_key(
+    pub(in crate::store) fn insert_api_key(
         &mut self,
         name: &str,
         secret_sha256: &[u8; 32],
@@ -173,7 +208,11 @@ impl<'a> Tx<'a> {
 
     /// Revokes key `id` as of `at`; false if there is no such key or it is already revoked (the
     /// first revocation time stays).
-    pub fn revoke_api_key(&mut self, id: ApiKeyId, at: SystemTime) -> Result<bool, StoreError> {
+    pub(in crate::store) fn revoke_api_key(
+        &mut self,
+        id: ApiKeyId,
+        at: SystemTime,
+    ) -> Result<bool, StoreError> {
         let changed = self.tx.execute(
             "UPDATE api_keys SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
             params![id, unix_ms(at)],
@@ -182,7 +221,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Sets key `id`'s rate limit (None: unlimited); false if there is no such key.
-    pub fn set_api_key_limit(
+    pub(in crate::store) fn set_api_key_limit(
         &mut self,
         id: ApiKeyId,
         rate_limit: Option<RateLimit>,
@@ -199,7 +238,7 @@ impl<'a> Tx<'a> {
     }
 
     /// Appends an event stamped now and returns its id; the oldest events beyond the cap go.
-    pub fn record_event(
+    pub(in crate::store) fn record_event(
         &mut self,
         kind: &str,
         subject: &str,
@@ -216,6 +255,81 @@ impl<'a> Tx<'a> {
         self.tx
             .execute("DELETE FROM events WHERE id <= ?1", [id - self.events_kept])?;
         Ok(id)
+    }
+}
+
+/// `lb-control store import`: records with the ids they had. AUTOINCREMENT's counters follow
+/// the largest id inserted, so ids stay never reused.
+impl SqliteTx<'_> {
+    pub(super) fn restore_service(&mut self, service: &Service) -> Result<(), StoreError> {
+        let def = &service.def;
+        self.tx.execute(
+            "INSERT INTO services (id, vip, port, protocol, mode, health_check, origin) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                service.id,
+                def.vip.to_string(),
+                def.port,
+                SerdeText(&def.protocol),
+                SerdeText(&def.mode),
+                SerdeText(&def.check),
+                SerdeText(&service.origin),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn restore_backend(&mut self, backend: &Backend) -> Result<(), StoreError> {
+        let def = &backend.def;
+        self.tx.execute(
+            "INSERT INTO backends (id, service_id, address, rpc_port, weight, admin, origin) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                backend.id,
+                backend.service,
+                def.address.to_string(),
+                def.rpc_port,
+                def.weight,
+                SerdeText(&def.admin),
+                SerdeText(&backend.origin),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn restore_api_key(&mut self, key: &KeyEntry) -> Result<(), StoreError> {
+        let record = key.to_record().map_err(|problem| StoreError::Corrupt {
+            what: format!("import: API key {}: {problem}", key.id),
+        })?;
+        self.tx.execute(
+            "INSERT INTO api_keys (id, name, secret_sha256, rps, burst, created_ms, \
+             last_used_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                record.id,
+                record.name,
+                &record.secret_sha256[..],
+                record.rate_limit.map(|limit| limit.rps),
+                record.rate_limit.map(|limit| limit.burst),
+                key.created_ms,
+                key.last_used_ms,
+                key.revoked_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn restore_event(&mut self, event: &EventEntry) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO events (id, at_ms, kind, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                event.id,
+                event.at_ms,
+                event.kind,
+                event.subject,
+                event.detail
+            ],
+        )?;
+        Ok(())
     }
 }
 

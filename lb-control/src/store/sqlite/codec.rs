@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
     str::FromStr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::SystemTime,
 };
 
 use rusqlite::{
@@ -18,8 +18,8 @@ use rusqlite::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::StoreError;
 use crate::model::{ApiKeyRecord, Backend, BackendDef, Event, RateLimit, Service, ServiceDef};
+use crate::store::{StoreError, record::from_unix_ms};
 
 /// An enum bound as its serde name.
 pub(super) struct SerdeText<'a, T>(pub(super) &'a T);
@@ -36,24 +36,6 @@ impl<T: Serialize> ToSql for SerdeText<'_, T> {
     }
 }
 
-/// Milliseconds since the Unix epoch, negative before it; saturates ~292 million years out.
-pub(super) fn unix_ms(time: SystemTime) -> i64 {
-    let millis = |duration: Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => millis(after),
-        Err(before) => -millis(before.duration()),
-    }
-}
-
-fn from_unix_ms(ms: i64) -> Option<SystemTime> {
-    let offset = Duration::from_millis(ms.unsigned_abs());
-    if ms >= 0 {
-        UNIX_EPOCH.checked_add(offset)
-    } else {
-        UNIX_EPOCH.checked_sub(offset)
-    }
-}
-
 /// Decodes one row of `table`; a value that does not decode names the file, table, row and
 /// column, so an operator can find it with `sqlite3`.
 pub(super) struct RowDecoder<'a> {
@@ -62,7 +44,19 @@ pub(super) struct RowDecoder<'a> {
     pub(super) id: i64,
 }
 
-impl RowDecoder<'_> {
+impl<'a> RowDecoder<'a> {
+    pub(super) fn of(
+        path: &'a Path,
+        table: &'static str,
+        row: &Row<'_>,
+    ) -> Result<RowDecoder<'a>, StoreError> {
+        Ok(RowDecoder {
+            path,
+            table,
+            id: row.get("id")?,
+        })
+    }
+
     pub(super) fn service(&self, row: &Row<'_>) -> Result<Service, StoreError> {
         Ok(Service {
             id: self.id,
@@ -176,7 +170,8 @@ impl RowDecoder<'_> {
     fn corrupt(&self, column: &str, problem: fmt::Arguments<'_>) -> StoreError {
         StoreError::Corrupt {
             what: format!(
-                "{}: table {}, row {}, column {column}: {problem}",
+                "{}: table {}, row {}, column {column}: {problem}; repair it with the sqlite3 \
+                 CLI or restore a backup",
                 self.path.display(),
                 self.table,
                 self.id

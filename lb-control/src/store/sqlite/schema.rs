@@ -59,7 +59,7 @@ const MIGRATIONS: &[&str] = &["
 "];
 
 /// The schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+pub(in crate::store) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the file at `path` to [`SCHEMA_VERSION`], all steps in one transaction: a crash
 /// mid-way leaves the file at its old version, never between two.

@@ -1,0 +1,91 @@
+//! The whole state as one JSON document: what `lb-control store export` writes and `import`
+//! reads, so state moves between engines (one host on SQLite growing into a pair on etcd).
+//!
+//! Ids are kept: backends name their service by id, and an id in an old log line or event
+//! still means the same record after the move.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{EventEntry, KeyEntry};
+use crate::model::{ApiKeyRecord, Backend, Event, Service};
+
+/// What [`Snapshot::format`] says, so a wrong file is refused by name.
+pub const FORMAT: &str = "lb-control-state";
+/// Bumped when a field changes meaning; a newer file is refused.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    pub format: String,
+    pub version: u32,
+    pub services: Vec<Service>,
+    pub backends: Vec<Backend>,
+    pub api_keys: Vec<KeyEntry>,
+    pub events: Vec<EventEntry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not an lb-control state export: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("format {found:?} is not {FORMAT:?}: not an lb-control state export")]
+    Format { found: String },
+    #[error("version {found} is newer than this lb-control reads ({VERSION}); use a newer one")]
+    Version { found: u32 },
+    #[error("backend {backend} belongs to service {service}, which the file does not hold")]
+    Orphan { backend: i64, service: i64 },
+}
+
+impl Snapshot {
+    pub fn new(
+        services: Vec<Service>,
+        backends: Vec<Backend>,
+        api_keys: Vec<ApiKeyRecord>,
+        events: Vec<Event>,
+    ) -> Snapshot {
+        Snapshot {
+            format: FORMAT.to_owned(),
+            version: VERSION,
+            services,
+            backends,
+            api_keys: api_keys.iter().map(KeyEntry::from_record).collect(),
+            events: events.iter().map(EventEntry::from_event).collect(),
+        }
+    }
+
+    /// Reads an export, checking what an import relies on.
+    pub fn parse(text: &str) -> Result<Snapshot, SnapshotError> {
+        let snapshot: Snapshot = serde_json::from_str(text)?;
+        if snapshot.format != FORMAT {
+            return Err(SnapshotError::Format {
+                found: snapshot.format,
+            });
+        }
+        if snapshot.version > VERSION {
+            return Err(SnapshotError::Version {
+                found: snapshot.version,
+            });
+        }
+        for backend in &snapshot.backends {
+            if !snapshot.services.iter().any(|s| s.id == backend.service) {
+                return Err(SnapshotError::Orphan {
+                    backend: backend.id,
+                    service: backend.service,
+                });
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// `2 services, 5 backends, 3 API keys, 120 events`
+    pub fn summary(&self) -> String {
+        format!(
+            "{} services, {} backends, {} API keys, {} events",
+            self.services.len(),
+            self.backends.len(),
+            self.api_keys.len(),
+            self.events.len()
+        )
+    }
+}
