@@ -254,37 +254,49 @@ impl EtcdStore {
         self.inner.changes.subscribe()
     }
 
-    /// Runs `request` on the store's runtime and waits for it, from any thread.
-    fn run<T: Send + 'static>(
-        &self,
-        request: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-    ) -> Result<T, EtcdError> {
+    /// Runs `request` on the store's runtime and waits for it, from any thread. A request
+    /// that could not reach a member (the balancer picked one that is down) is made again,
+    /// each member getting a turn: it never left, so sending it again is safe.
+    fn run<T: Send + 'static, F>(&self, request: impl Fn() -> F) -> Result<T, EtcdError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
         let runtime = self.inner.runtime.as_ref().expect("held until the drop");
-        let result = wait_for(runtime, request).ok_or_else(|| EtcdError::Unavailable {
-            endpoints: self.inner.endpoints.clone(),
-            detail: "the client's runtime stopped".to_owned(),
-        })?;
-        result.map_err(|error| classify(&self.inner.endpoints, error))
+        let mut turns = 2 * self.inner.members;
+        loop {
+            let result = wait_for(runtime, request()).ok_or_else(|| EtcdError::Unavailable {
+                endpoints: self.inner.endpoints.clone(),
+                detail: "the client's runtime stopped".to_owned(),
+            })?;
+            match result {
+                Err(error) if never_sent(&error) && turns > 1 => turns -= 1,
+                result => return result.map_err(|error| classify(&self.inner.endpoints, error)),
+            }
+        }
     }
 
     /// A range of keys: linearizable, or when no quorum answers, this member's own copy.
     fn range(&self, key: String, options: GetOptions) -> Result<(Vec<KeyValue>, i64), EtcdError> {
-        let mut client = self.inner.client.clone();
-        let (first_key, first_options) = (key.clone(), options.clone());
-        let linearizable = self.run(async move {
-            let mut response = client.get(first_key, Some(first_options)).await?;
-            Ok((header_revision(response.header()), response.take_kvs()))
+        let linearizable = self.run(|| {
+            let (mut client, key, options) =
+                (self.inner.client.clone(), key.clone(), options.clone());
+            async move {
+                let mut response = client.get(key, Some(options)).await?;
+                Ok((header_revision(response.header()), response.take_kvs()))
+            }
         });
         match linearizable {
             Ok((revision, kvs)) => Ok((kvs, revision)),
             Err(error) if error.is_unavailable() => {
                 // The balancer may first pick a member that is down: each member gets a turn.
                 for _ in 0..2 * self.inner.members {
-                    let (mut client, key) = (self.inner.local.clone(), key.clone());
-                    let options = options.clone().with_serializable();
-                    let local = self.run(async move {
-                        let mut response = client.get(key, Some(options)).await?;
-                        Ok((header_revision(response.header()), response.take_kvs()))
+                    let local = self.run(|| {
+                        let (mut client, key) = (self.inner.local.clone(), key.clone());
+                        let options = options.clone().with_serializable();
+                        async move {
+                            let mut response = client.get(key, Some(options)).await?;
+                            Ok((header_revision(response.header()), response.take_kvs()))
+                        }
                     });
                     if let Ok((revision, kvs)) = local {
                         return Ok((kvs, revision));
@@ -516,12 +528,14 @@ impl EtcdStore {
 
     /// Sends `txn`; Some(revision) if it committed, None if a compare failed (a race).
     fn commit(&self, txn: Txn) -> Result<Option<i64>, EtcdError> {
-        let mut client = self.inner.client.clone();
-        self.run(async move {
-            let response = client.txn(txn).await?;
-            Ok(response
-                .succeeded()
-                .then(|| header_revision(response.header())))
+        self.run(|| {
+            let (mut client, txn) = (self.inner.client.clone(), txn.clone());
+            async move {
+                let response = client.txn(txn).await?;
+                Ok(response
+                    .succeeded()
+                    .then(|| header_revision(response.header())))
+            }
         })
     }
 
@@ -571,6 +585,18 @@ fn connect_options(settings: &EtcdSettings) -> Result<ConnectOptions, Unreadable
         options = options.with_user(user, password);
     }
     Ok(options)
+}
+
+/// Whether `error` says the request found no connection to a member (tonic's "tcp connect
+/// error" when the balancer picked a member that is down), so it reached no member.
+fn never_sent(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable && status.message().contains("connect")
+        }
+        _ => false,
+    }
 }
 
 /// Unavailable (no quorum, no member reachable, too slow) or refused (anything else, e.g. a
