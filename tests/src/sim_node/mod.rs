@@ -345,8 +345,15 @@ impl SimNodeHandle {
         self.node.request_counts()
     }
 
+    /// Zeroes the request counts, and the most calls in flight to those in flight now.
     pub fn reset_request_counts(&self) {
         self.node.reset_request_counts();
+    }
+
+    /// The most JSON-RPC calls the node was answering at once (a batch counts once), since
+    /// the start or the last [`SimNodeHandle::reset_request_counts`].
+    pub fn most_calls_in_flight(&self) -> u64 {
+        self.node.most_calls_in_flight()
     }
 
     /// The node's best block (after faults).

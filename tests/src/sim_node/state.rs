@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -45,6 +46,21 @@ pub struct NodeState {
     /// Updated by the block ticker whenever the best or finalized block moves.
     heads: watch::Sender<Heads>,
     requests: Mutex<BTreeMap<String, u64>>,
+    /// Calls being answered now (a batch counts once: it is one request).
+    in_flight: AtomicU64,
+    /// The most calls answered at once since the start or the last reset of the counts.
+    most_in_flight: AtomicU64,
+}
+
+/// One call being answered; it ends when dropped.
+pub struct CallInFlight<'a> {
+    node: &'a NodeState,
+}
+
+impl Drop for CallInFlight<'_> {
+    fn drop(&mut self) {
+        self.node.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl NodeState {
@@ -68,6 +84,8 @@ impl NodeState {
             faults: watch::Sender::new(ActiveFaults::default()),
             heads: watch::Sender::new(Heads::default()),
             requests: Mutex::new(BTreeMap::new()),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
         };
         state.refresh_heads();
         state
@@ -141,6 +159,17 @@ impl NodeState {
         *requests.entry(method.to_owned()).or_default() += 1;
     }
 
+    /// Counts a call in flight until the returned guard drops.
+    pub fn start_call(&self) -> CallInFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        CallInFlight { node: self }
+    }
+
+    pub fn most_calls_in_flight(&self) -> u64 {
+        self.most_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
         self.requests
             .lock()
@@ -153,5 +182,7 @@ impl NodeState {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
+        self.most_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }
