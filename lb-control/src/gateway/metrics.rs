@@ -30,7 +30,8 @@ pub struct UpstreamLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectedLabels {
     /// `body_too_big`, `batch_too_big`, `parse_error`, `invalid_request`, `method_not_allowed`,
-    /// `connection_limit`, `key_connection_limit` (WebSocket connections of one key),
+    /// `connection_limit` (connections of one client), `total_connection_limit` (connections
+    /// of the gateway), `key_connection_limit` (WebSocket connections of one key),
     /// `subscription_limit`, `no_node`, `auth_failures_blocked` (a source address sent to the
     /// blocklist).
     pub reason: String,
@@ -50,6 +51,8 @@ pub struct GatewayMetrics {
     pub cache_lookups: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_entries: Gauge,
+    /// Open client connections, HTTP and WebSocket.
+    pub connections: Gauge,
     /// Open WebSocket connections.
     pub websocket_sessions: Gauge,
     /// WebSocket connections ended, by who or what ended them.
@@ -86,6 +89,7 @@ impl GatewayMetrics {
             cache_lookups: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
+            connections: Gauge::default(),
             websocket_sessions: Gauge::default(),
             websocket_closed: Family::default(),
             shared_subscriptions: Gauge::default(),
@@ -135,6 +139,11 @@ impl GatewayMetrics {
             "cache_entries",
             "Answers the response cache holds",
             metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections (HTTP and WebSocket)",
+            metrics.connections.clone(),
         );
         registry.register(
             "websocket_sessions",

@@ -1,6 +1,7 @@
 //! The JSON-RPC gateway: what the public talks to (`https://…/<key>`) in front of the nodes.
 //!
-//! - [`server`]: accepting, per-address connection limit, TLS, HTTP/1.1 and HTTP/2.
+//! - [`server`]: accepting, TLS, HTTP/1.1 and HTTP/2.
+//! - [`admission`]: the connection limits, in all and per client (IPv4 address, IPv6 /64).
 //! - [`tls`]: certificates from PEM files, ALPN, reload on SIGHUP.
 //! - [`pipeline`]: the stages in order, each call's answer (policy, cache, node), and the one
 //!   mapping of a refusal to its JSON-RPC error and metric; both transports run it.
@@ -11,13 +12,14 @@
 //!   connection per client, shared head subscriptions.
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
-//! - [`slots`]: counted connections per address and per key.
+//! - [`slots`]: counted connections per client and per key.
 //! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
 //!
 //! What the gateway knows of each method (safety, cache rule, subscription, retry) is one
 //! table, [`crate::methods`].
 
+pub mod admission;
 pub mod block;
 pub mod jsonrpc;
 pub mod metrics;
@@ -40,6 +42,13 @@ use tokio::{
     task::JoinHandle,
 };
 
+use self::{
+    admission::{Admission, AdmissionLimits},
+    pipeline::{BodyLimits, Pipeline},
+    server::ConnectionLimits,
+    stages::{auth::Authenticator, rate_limit::RateLimits},
+    websocket::WebSocketLimits,
+};
 pub use self::{
     block::BlockRequest,
     metrics::GatewayMetrics,
@@ -47,13 +56,6 @@ pub use self::{
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
     upstream::{Upstream, ViewNodes},
-};
-use self::{
-    pipeline::{BodyLimits, Pipeline},
-    server::ConnectionLimits,
-    slots::Slots,
-    stages::{auth::Authenticator, rate_limit::RateLimits},
-    websocket::WebSocketLimits,
 };
 use crate::{
     backends::ClusterView,
@@ -205,9 +207,9 @@ impl Gateway {
         let auth = Arc::new(Authenticator::new(&context.keys, context.store));
         let cache = ResponseCache::new(section.cache_bytes);
         let follower = cache::follow(upstream.watch_serving(), cache.clone());
-        let failures = section
-            .auth_failures_block
-            .map(|policy| block::FailureTracker::new(policy, context.blocks));
+        let failures = section.auth_failures_block.map(|policy| {
+            block::FailureTracker::new(policy, section.ipv6_prefix_len, context.blocks)
+        });
         let pipeline = Arc::new(Pipeline {
             auth: auth.clone(),
             failures,
@@ -215,7 +217,7 @@ impl Gateway {
             policy: MethodPolicy::new(&section.deny, &section.allow),
             upstream: upstream.clone(),
             cache,
-            metrics: context.metrics,
+            metrics: context.metrics.clone(),
             limits: BodyLimits {
                 max_body_bytes: section.max_body_bytes,
                 max_batch: section.max_batch,
@@ -232,8 +234,15 @@ impl Gateway {
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,
             idle_timeout: section.idle_timeout,
-            max_connections_per_ip: section.max_connections_per_ip,
         };
+        let admission = Arc::new(Admission::new(
+            AdmissionLimits {
+                max_connections: section.max_connections,
+                max_connections_per_ip: section.max_connections_per_ip,
+                ipv6_prefix_len: section.ipv6_prefix_len,
+            },
+            context.metrics,
+        ));
         let (stop, stopped) = watch::channel(false);
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
@@ -245,7 +254,6 @@ impl Gateway {
                 }
             }),
         ];
-        let counts = Arc::new(Slots::default());
         let mut serving = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let serve = server::serve_on(
@@ -253,7 +261,7 @@ impl Gateway {
                 certificates.clone(),
                 pipeline.clone(),
                 limits,
-                counts.clone(),
+                admission.clone(),
                 stopped.clone(),
             );
             let thread = std::thread::Builder::new()

@@ -123,7 +123,7 @@ impl Pipeline {
                 if let Some(failures) = &self.failures
                     && failures.record(client)
                 {
-                    warn!(%client, "repeated auth failures: blocking the address");
+                    warn!(%client, "repeated auth failures: blocking the address (IPv6: its prefix)");
                     self.metrics.rejected("auth_failures_blocked");
                 }
                 RpcError::unauthorized(&error.to_string())

@@ -42,8 +42,16 @@ pub struct GatewaySection {
     /// Time a node has to answer one call; a read that runs out goes to another node.
     #[serde(deserialize_with = "parse_duration")]
     pub upstream_timeout: Duration,
-    /// Open connections one client address may hold; more are closed at once.
+    /// Open client connections of the whole gateway (every serving thread's together); more
+    /// are closed at once.
+    pub max_connections: u32,
+    /// Open connections one client may hold; more are closed at once. A client is an IPv4
+    /// address, or an IPv6 prefix of `ipv6_prefix_len` bits.
     pub max_connections_per_ip: u32,
+    /// The IPv6 prefix counted as one client, by `max_connections_per_ip` and by
+    /// `auth_failures_block` (which blocks the whole prefix): 64, what one subscriber or
+    /// server gets, so a client cannot take a fresh address of its own prefix per connection.
+    pub ipv6_prefix_len: u8,
     /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
     pub max_connections_per_key: u32,
     /// Head subscriptions (`chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads`) one
@@ -71,6 +79,16 @@ pub struct AuthFailureBlock {
     pub block_for: Duration,
 }
 
+/// Connections are bounded by the gateway's memory and file descriptors, not by the nodes
+/// (which see the upstream connections only): at the goal of 32 KiB per connected client,
+/// 20,000 take some 640 MiB; each takes a file descriptor (two while a WebSocket client has a
+/// node connection of its own), within dist/lb-control.service's `LimitNOFILE`. Twice the
+/// 10,000 WebSocket clients the gateway is measured with.
+const DEFAULT_MAX_CONNECTIONS: u32 = 20_000;
+
+/// IPv6 prefixes shorter than this would count whole providers' customers as one client.
+const SHORTEST_IPV6_PREFIX: u8 = 32;
+
 fn default_block_within() -> Duration {
     Duration::from_secs(60)
 }
@@ -93,7 +111,9 @@ impl Default for GatewaySection {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 256,
+            ipv6_prefix_len: 64,
             max_connections_per_key: 1024,
             max_subscriptions_per_connection: 1024,
             deny: Vec::new(),
@@ -134,6 +154,7 @@ impl GatewaySection {
             ("max_body_bytes", self.max_body_bytes),
             ("max_batch", self.max_batch),
             ("cache_bytes", self.cache_bytes as usize),
+            ("max_connections", self.max_connections as usize),
             (
                 "max_connections_per_ip",
                 self.max_connections_per_ip as usize,
@@ -150,6 +171,16 @@ impl GatewaySection {
             if value == 0 {
                 report(field, "must be at least 1".to_owned());
             }
+        }
+        if !(SHORTEST_IPV6_PREFIX..=128).contains(&self.ipv6_prefix_len) {
+            report(
+                "ipv6_prefix_len",
+                format!(
+                    "{} is not a prefix length from {SHORTEST_IPV6_PREFIX} to 128 (64: one \
+                     subscriber's network)",
+                    self.ipv6_prefix_len
+                ),
+            );
         }
         for (field, value) in [
             ("header_timeout", self.header_timeout),

@@ -1,7 +1,7 @@
 //! JSON-RPC over HTTPS.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -576,6 +576,68 @@ async fn connections_beyond_the_per_address_limit_are_closed() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_gateway_limit_are_closed_whatever_their_address() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections = 2;
+    })
+    .await;
+    let source = |last: u8| IpAddr::from([127, 0, 0, last]);
+    let first = setup
+        .tls_over(setup.tcp_from(source(1)).await)
+        .await
+        .expect("first connection");
+    let _second = setup
+        .tls_over(setup.tcp_from(source(2)).await)
+        .await
+        .expect("second connection, another address");
+    let mut third = setup.tcp_from(source(3)).await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains("lb_gateway_rejected_total{reason=\"total_connection_limit\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lb_gateway_connections 2"), "{metrics}");
+    drop(first);
+    poll::until("the freed place is given to a new client", || async {
+        let tcp = setup.tcp_from(source(4)).await;
+        let Ok(mut stream) = setup.tls_over(tcp).await else {
+            return false;
+        };
+        if stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(stream.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 405"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ipv6_connections_beyond_the_per_client_limit_are_closed() {
+    let setup = Setup::start_with(1, |section| {
+        section.listen = Some("[::1]:0".parse().unwrap());
+        section.max_connections_per_ip = 2;
+    })
+    .await;
+    let _first = setup.tls().await.expect("first connection over IPv6");
+    let _second = setup.tls().await.expect("second connection over IPv6");
+    let mut third = setup.tcp().await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains("lb_gateway_rejected_total{reason=\"connection_limit\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
     let mut setup = Setup::start_with(1, |section| {
         section.auth_failures_block = Some(AuthFailureBlock {
@@ -606,7 +668,7 @@ async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
         .await
         .expect("a block request")
         .expect("the channel is open");
-    assert_eq!(request.address, LOCALHOST);
+    assert_eq!(request.prefix.to_string(), "127.0.0.1/32");
     assert!(request.until > std::time::SystemTime::now() + Duration::from_secs(590));
 }
 
