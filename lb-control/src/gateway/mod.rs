@@ -234,6 +234,7 @@ impl Gateway {
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,
             idle_timeout: section.idle_timeout,
+            http2_max_concurrent_streams: section.http2_max_concurrent_streams,
         };
         let admission = Arc::new(Admission::new(
             AdmissionLimits {

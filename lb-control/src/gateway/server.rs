@@ -51,6 +51,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// The body of a serving thread: a single-threaded runtime serving `listener` until `stop`
@@ -202,7 +203,10 @@ impl Connection {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_timeout);
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.http2_max_concurrent_streams);
         let connection = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
         let idle_timeout = self.limits.idle_timeout;

@@ -52,6 +52,9 @@ pub struct GatewaySection {
     /// `auth_failures_block` (which blocks the whole prefix): 64, what one subscriber or
     /// server gets, so a client cannot take a fresh address of its own prefix per connection.
     pub ipv6_prefix_len: u8,
+    /// Requests one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    /// a client queues the rest.
+    pub http2_max_concurrent_streams: u32,
     /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
     pub max_connections_per_key: u32,
     /// Head subscriptions (`chain_subscribeNewHeads`, `chain_subscribeFinalizedHeads`) one
@@ -114,6 +117,10 @@ impl Default for GatewaySection {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 256,
             ipv6_prefix_len: 64,
+            // nginx's http2_max_concurrent_streams is 128, most servers' 100: enough for a
+            // browser or a client library's parallel calls, while one connection cannot queue
+            // unbounded work (hyper's own default is 200).
+            http2_max_concurrent_streams: 100,
             max_connections_per_key: 1024,
             max_subscriptions_per_connection: 1024,
             deny: Vec::new(),
@@ -155,6 +162,10 @@ impl GatewaySection {
             ("max_batch", self.max_batch),
             ("cache_bytes", self.cache_bytes as usize),
             ("max_connections", self.max_connections as usize),
+            (
+                "http2_max_concurrent_streams",
+                self.http2_max_concurrent_streams as usize,
+            ),
             (
                 "max_connections_per_ip",
                 self.max_connections_per_ip as usize,

@@ -419,6 +419,58 @@ async fn http2_and_http1_both_work() {
 }
 
 #[tokio::test]
+async fn http2_connection_gets_its_stream_limit_and_cannot_exceed_it() {
+    let setup = Setup::start_with(1, |section| {
+        section.http2_max_concurrent_streams = 3;
+    })
+    .await;
+    let tls = setup
+        .tls_with_alpn(setup.tcp().await, b"h2")
+        .await
+        .expect("TLS with ALPN h2");
+    let (sender, connection) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    poll::until("the gateway's SETTINGS arrive", || {
+        let streams = sender.current_max_send_streams();
+        async move { streams == 3 }
+    })
+    .await;
+
+    // Six slow calls at once on the one connection: the client queues what the limit holds
+    // back, and the node never has more than three of them.
+    setup.nodes[0].set_fault(Fault::Slow { delay_ms: 200 });
+    let body = serde_json::to_vec(&request(1, UNCACHED_READ, json!([]))).unwrap();
+    let calls = (0..6).map(|_| {
+        let sender = sender.clone();
+        let body = body.clone();
+        let url = setup.url(&format!("/{}", setup.secret));
+        async move {
+            let mut sender = sender.ready().await.expect("a stream");
+            let request = hyper::Request::post(url)
+                .header("content-type", "application/json")
+                .body(())
+                .unwrap();
+            let (response, mut stream) = sender.send_request(request, false).expect("sent");
+            stream.send_data(body.into(), true).expect("body sent");
+            let response = response.await.expect("an answer");
+            assert_eq!(response.status(), StatusCode::OK);
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("body");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        assert!(answer["result"].is_string(), "{answer}");
+    }
+    assert_eq!(setup.nodes[0].most_calls_in_flight(), 3);
+}
+
+#[tokio::test]
 async fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
     let setup = Setup::start(1).await;
     let url = setup.url(&format!("/{}", setup.secret));

@@ -286,6 +286,15 @@ impl Setup {
 
     /// [`Setup::tls`] over a given TCP connection.
     pub async fn tls_over(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        self.tls_with_alpn(tcp, b"http/1.1").await
+    }
+
+    /// A TLS connection that asks for `protocol` by ALPN (`h2`, `http/1.1`).
+    pub async fn tls_with_alpn(
+        &self,
+        tcp: TcpStream,
+        protocol: &[u8],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
         let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
             .expect("CA PEM");
@@ -296,7 +305,7 @@ impl Setup {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![protocol.to_vec()];
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
