@@ -7,7 +7,8 @@ use prometheus_client::{
 };
 
 /// A call by its method class (`read`, `author`) and what became of it: `ok`, `error` (the
-/// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`.
+/// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`, `busy` (no
+/// place at its node in time).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     // Static: the labels of every call are looked up on the hot path, without allocating.
@@ -44,8 +45,11 @@ pub struct GatewayMetrics {
     pub rate_limited: Counter,
     pub rejected: Family<RejectedLabels, Counter>,
     pub upstream_seconds: Family<UpstreamLabels, Histogram>,
-    /// Calls sent to a second node after `node` failed them.
+    /// Calls sent to a second node after `node` failed them or had no place for them.
     pub retries: Family<UpstreamLabels, Counter>,
+    /// Calls answered "upstream busy": `node` (the last one tried) had its budget of calls in
+    /// flight for as long as a call waits.
+    pub upstream_busy: Family<UpstreamLabels, Counter>,
     /// Response cache lookups by result: `hit`, `miss`, `coalesced` (shared another caller's
     /// upstream call), `uncacheable`.
     pub cache_lookups: Family<CacheLabels, Counter>,
@@ -86,6 +90,7 @@ impl GatewayMetrics {
                 ])
             }),
             retries: Family::default(),
+            upstream_busy: Family::default(),
             cache_lookups: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
@@ -122,8 +127,13 @@ impl GatewayMetrics {
         );
         registry.register(
             "retries",
-            "Reads sent to another node after this node failed them",
+            "Reads sent to another node after this node failed them or had no place for them",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "upstream_busy",
+            "Calls answered upstream busy: the node had max_upstream_http_calls_per_node in flight",
+            metrics.upstream_busy.clone(),
         );
         registry.register(
             "cache_lookups",

@@ -13,7 +13,8 @@
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
 //! - [`slots`]: counted connections per client and per key.
-//! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
+//! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls within each node's
+//!   budget, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
 //!
 //! What the gateway knows of each method (safety, cache rule, subscription, retry) is one
@@ -200,6 +201,7 @@ impl Gateway {
         let upstream = Arc::new(Upstream::new(
             context.maglev_table_size,
             section.upstream_timeout,
+            section.call_budget(),
             context.metrics.clone(),
         ));
         // The first rotation is in place before the first request.

@@ -9,7 +9,10 @@
 //! statuses and headers; WebSocket ids, close codes, and the calls a session serves itself
 //! (shared head subscriptions) or hands to its node.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
@@ -18,7 +21,7 @@ use tracing::warn;
 use super::{
     block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError, code},
-    metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
+    metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics, UpstreamLabels},
     slots::Slots,
     stages::{
         auth::{AuthError, Authenticator},
@@ -86,6 +89,9 @@ pub enum Rejection {
     Handshake(String),
     /// WebSocket: the connection has `max_subscriptions_per_connection` open.
     SubscriptionLimit,
+    /// A call: its node had `max_upstream_http_calls_per_node` in flight for
+    /// `upstream_queue_timeout` (and so had the next node, for a read).
+    NodeBusy { node: SocketAddr, in_flight: u32 },
 }
 
 impl Pipeline {
@@ -163,6 +169,15 @@ impl Pipeline {
                 self.metrics.rejected("subscription_limit");
                 RpcError::too_many_subscriptions(self.websocket.max_subscriptions_per_connection)
             }
+            Rejection::NodeBusy { node, in_flight } => {
+                self.metrics
+                    .upstream_busy
+                    .get_or_create(&UpstreamLabels {
+                        node: node.to_string(),
+                    })
+                    .inc();
+                RpcError::upstream_busy(*node, *in_flight)
+            }
         }
     }
 
@@ -239,6 +254,9 @@ impl Pipeline {
             {
                 Ok(Outcome::Result(result)) => Ok(UpstreamAnswer::Result(result)),
                 Ok(Outcome::Error(error)) => Ok(UpstreamAnswer::Error(error)),
+                Err(UpstreamError::Busy { node, in_flight }) => {
+                    Err(FetchError::Busy { node, in_flight })
+                }
                 Err(error) => Err(FetchError::Unreachable(error.to_string())),
             }
         };
@@ -268,6 +286,11 @@ impl Pipeline {
                 (Outcome::Result(RawValue::to_owned(&result)), "ok")
             }
             Err(FetchError::Rpc(error)) => (Outcome::Error(RawValue::to_owned(&error)), "error"),
+            // Every caller sharing the call hears it: each is counted.
+            Err(FetchError::Busy { node, in_flight }) => (
+                Outcome::from(self.refuse(&Rejection::NodeBusy { node, in_flight }, client)),
+                "busy",
+            ),
             Err(error) => {
                 warn!(method = %call.method, "{error}");
                 (

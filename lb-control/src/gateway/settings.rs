@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::validate_pattern;
+use super::{upstream::CallBudget, validate_pattern};
 use crate::{
     model::ServiceKey,
     section::{Problem, parse_duration},
@@ -42,6 +42,12 @@ pub struct GatewaySection {
     /// Time a node has to answer one call; a read that runs out goes to another node.
     #[serde(deserialize_with = "parse_duration")]
     pub upstream_timeout: Duration,
+    /// HTTP calls (HTTP requests' calls, cache misses) one node gets at once; beyond them a
+    /// call waits for `upstream_queue_timeout`, then is answered "upstream busy" (-32000).
+    pub max_upstream_http_calls_per_node: u32,
+    /// How long a call waits for a place at its node; 0: not at all.
+    #[serde(deserialize_with = "parse_duration")]
+    pub upstream_queue_timeout: Duration,
     /// Open client connections of the whole gateway (every serving thread's together); more
     /// are closed at once.
     pub max_connections: u32,
@@ -114,6 +120,8 @@ impl Default for GatewaySection {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
+            max_upstream_http_calls_per_node: CallBudget::default().max_calls_per_node,
+            upstream_queue_timeout: CallBudget::default().queue_timeout,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 256,
             ipv6_prefix_len: 64,
@@ -131,6 +139,14 @@ impl Default for GatewaySection {
 }
 
 impl GatewaySection {
+    /// The nodes' budget of HTTP calls.
+    pub fn call_budget(&self) -> CallBudget {
+        CallBudget {
+            max_calls_per_node: self.max_upstream_http_calls_per_node,
+            queue_timeout: self.upstream_queue_timeout,
+        }
+    }
+
     /// The service the gateway is limited to, if any.
     pub fn service_key(&self) -> Result<Option<ServiceKey>, String> {
         self.service.as_deref().map(str::parse).transpose()
@@ -162,6 +178,10 @@ impl GatewaySection {
             ("max_batch", self.max_batch),
             ("cache_bytes", self.cache_bytes as usize),
             ("max_connections", self.max_connections as usize),
+            (
+                "max_upstream_http_calls_per_node",
+                self.max_upstream_http_calls_per_node as usize,
+            ),
             (
                 "http2_max_concurrent_streams",
                 self.http2_max_concurrent_streams as usize,

@@ -396,6 +396,131 @@ async fn reads_are_retried_on_another_node_when_the_clients_node_dies() {
     );
 }
 
+/// Waits until the chain follower's subscriptions reached every node, then zeroes the nodes'
+/// counts: what they count from then on is the clients'.
+async fn count_from_here(setup: &Setup) {
+    poll::until("the follower subscribed at every node", || async {
+        setup.nodes.iter().all(|node| {
+            FOLLOWER_SUBSCRIPTIONS
+                .iter()
+                .all(|method| node.request_count(method) > 0)
+        })
+    })
+    .await;
+    for node in &setup.nodes {
+        node.reset_request_counts();
+    }
+}
+
+/// `count` concurrent calls of `method`, each on its own connection.
+async fn concurrent_calls(setup: &Setup, method: &str, count: usize) -> Vec<Value> {
+    futures_util::future::join_all((0..count).map(|_| setup.call(method, json!([])))).await
+}
+
+/// The answers that are results, and the busy errors' messages.
+fn results_and_busy(answers: &[Value]) -> (usize, Vec<String>) {
+    let results = answers
+        .iter()
+        .filter(|answer| answer.get("result").is_some());
+    let busy = answers
+        .iter()
+        .filter(|answer| answer.get("result").is_none())
+        .map(|answer| {
+            assert_eq!(error_code(answer), -32000, "{answer}");
+            answer["error"]["message"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    (results.count(), busy)
+}
+
+#[tokio::test]
+async fn calls_beyond_a_nodes_budget_wait_then_get_busy_and_the_node_never_has_more() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_upstream_http_calls_per_node = 4;
+        section.upstream_queue_timeout = Duration::from_millis(200);
+    })
+    .await;
+    count_from_here(&setup).await;
+    let node = &setup.nodes[0];
+    // Slower than the wait: the calls beyond the first four cannot get a place in time.
+    node.set_fault(Fault::Slow { delay_ms: 1000 });
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 10).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 4, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 4 calls in flight; try again",
+        node.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected; 6]);
+    assert_eq!(node.most_calls_in_flight(), 4);
+    assert_eq!(node.request_count(UNCACHED_READ), 4);
+    let metrics = setup.metrics_text();
+    for line in [
+        format!(
+            "lb_gateway_upstream_busy_total{{node=\"{}\"}} 6",
+            node.rpc_addr()
+        ),
+        "lb_gateway_calls_total{class=\"read\",outcome=\"busy\"} 6".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
+    }
+
+    // Calls that wait less than the wait get their place in turn.
+    node.set_fault(Fault::None);
+    node.set_fault(Fault::Slow { delay_ms: 20 });
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 10).await;
+    assert_eq!(results_and_busy(&answers), (10, Vec::new()));
+    assert_eq!(node.most_calls_in_flight(), 4);
+}
+
+#[tokio::test]
+async fn a_busy_nodes_reads_go_to_the_next_node_and_author_calls_never_do() {
+    let setup = Setup::start_with(2, |section| {
+        section.max_upstream_http_calls_per_node = 2;
+        section.upstream_queue_timeout = Duration::from_millis(200);
+    })
+    .await;
+    count_from_here(&setup).await;
+    let own = predicted_node(&setup.nodes, Ipv4Addr::LOCALHOST);
+    let (own, next) = if setup.nodes[0].rpc_addr() == own {
+        (&setup.nodes[0], &setup.nodes[1])
+    } else {
+        (&setup.nodes[1], &setup.nodes[0])
+    };
+    for node in &setup.nodes {
+        node.set_fault(Fault::Slow { delay_ms: 1000 });
+    }
+    // Two on the client's node, two on the next one, two busy (named after the next node,
+    // the last one tried).
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 6).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 4, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 2 calls in flight; try again",
+        next.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected; 2]);
+    for node in [own, next] {
+        assert_eq!(node.request_count(UNCACHED_READ), 2, "{}", node.rpc_addr());
+        assert_eq!(node.most_calls_in_flight(), 2, "{}", node.rpc_addr());
+    }
+    let metrics = setup.metrics_text();
+    let line = format!("lb_gateway_retries_total{{node=\"{}\"}} 4", own.rpc_addr());
+    assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
+
+    // author_* calls are never sent to a second node, busy or not.
+    let answers = concurrent_calls(&setup, "author_pendingExtrinsics", 3).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 2, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 2 calls in flight; try again",
+        own.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected]);
+    assert_eq!(own.request_count("author_pendingExtrinsics"), 2);
+    assert_eq!(next.request_count("author_pendingExtrinsics"), 0);
+}
+
 #[tokio::test]
 async fn http2_and_http1_both_work() {
     let setup = Setup::start(1).await;
