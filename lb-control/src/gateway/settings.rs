@@ -129,7 +129,10 @@ impl Default for GatewaySection {
             // browser or a client library's parallel calls, while one connection cannot queue
             // unbounded work (hyper's own default is 200).
             http2_max_concurrent_streams: 100,
-            max_connections_per_key: 1024,
+            // A dApp's backend, an indexer or a wallet service needs a few to a few dozen; at
+            // 100 one key holds at most 1/200 of max_connections, and, while every WebSocket
+            // client has a node connection of its own, no more than one node's 100.
+            max_connections_per_key: 100,
             max_subscriptions_per_connection: 1024,
             deny: Vec::new(),
             allow: Vec::new(),
