@@ -5,6 +5,9 @@
 //!
 //! A connection's place is held by its [`Admitted`] for the connection's life (a WebSocket
 //! session keeps it after the HTTP exchange that opened it).
+//!
+//! At start, [`raise_open_files_limit`] makes room for `max_connections` under the process's
+//! limit of open files.
 
 use std::{
     net::IpAddr,
@@ -25,6 +28,56 @@ use super::{
 
 /// A full gateway is logged at most this often, with the count of connections refused since.
 const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Open files the daemon holds besides client and node connections: listeners, the store, BPF
+/// maps and links, the health checker's and the chain follower's connections.
+const OTHER_OPEN_FILES: u64 = 1024;
+
+/// Raises the soft limit of open files, within the hard limit, to what `max_connections` need
+/// (a descriptor per client connection, and one per node connection of WebSocket clients that
+/// have their own), as Go programs raise theirs at start: a shell's or systemd's default soft
+/// limit (1024) would otherwise stop the gateway at `accept` long before its cap. Warns, with
+/// the fix, when the hard limit is lower.
+pub fn raise_open_files_limit(max_connections: u32) {
+    let wanted = 2 * u64::from(max_connections) + OTHER_OPEN_FILES;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        tracing::warn!(
+            "gateway: reading the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if limit.rlim_cur >= wanted {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: wanted.min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: `raised` is a valid rlimit within the hard limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        tracing::warn!(
+            "gateway: raising the open files limit to {}: {}",
+            raised.rlim_cur,
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    if raised.rlim_cur < wanted {
+        tracing::warn!(
+            "gateway: gateway.max_connections = {max_connections} needs up to {wanted} open \
+             files and the process may open {}: connections beyond that fail at accept; raise \
+             the hard limit (systemd: LimitNOFILE=; a shell: ulimit -Hn) or lower \
+             gateway.max_connections",
+            raised.rlim_cur
+        );
+    }
+}
 
 /// What one client is, for its connection limit and for the auth-failure blocker: its IPv4
 /// address (IPv4-mapped IPv6 counts as IPv4), or the IPv6 prefix of `ipv6_prefix_len` bits its

@@ -172,6 +172,7 @@ impl Gateway {
             Some(Arc::new(Certificates::load(cert, key)?))
         };
         let service = section.service_key().map_err(GatewayError::Service)?;
+        admission::raise_open_files_limit(section.max_connections);
         let listen_error = |source| GatewayError::Listen { address, source };
         let first = reuseport_listener(address).map_err(listen_error)?;
         // With port 0 the first socket's port is the one the others share.
