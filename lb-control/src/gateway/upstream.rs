@@ -63,11 +63,10 @@ pub enum UpstreamError {
 ///
 /// A Substrate node takes 100 RPC connections (`--rpc-max-connections`), and each call in
 /// flight holds one pooled connection. Of the 100: 48 for these calls, 32 for the WebSocket
-/// pool (`max_upstream_connections_per_node`), 1 for the health checker and 1 for the chain
-/// follower leave 18 for the connections hyper opens while a finished one is on its way back to
-/// the pool (kept idle within the same cap), and for operators' own tools. 48 calls at once is
-/// more than a node's RPC workers run in parallel: beyond it calls would only queue inside the
-/// node.
+/// pool (its `max_upstream_connections_per_node`, issue 20), 1 for the health checker and 1
+/// for the chain follower leave 18 for the connections hyper opens while a finished one is on
+/// its way back to the pool (kept idle within the same cap), and for operators' own tools. 48
+/// calls at once keep a node's cores busy; more would only queue inside the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallBudget {
     pub max_calls_per_node: u32,
@@ -173,7 +172,6 @@ pub fn client_flow_key(client: IpAddr) -> FlowKey {
 }
 
 /// A live node and its places for calls in flight.
-#[derive(Clone)]
 struct RotationNode {
     endpoint: SocketAddr,
     calls: Arc<Semaphore>,
@@ -359,14 +357,12 @@ impl Upstream {
         method: &str,
         params: Option<&RawValue>,
     ) -> Result<Outcome, UpstreamError> {
-        let (first, second) = {
-            let rotation = self.rotation.load();
-            let (first, second) = rotation.pick(client).ok_or(UpstreamError::NoNode)?;
-            (first.clone(), second.cloned())
-        };
+        // Kept for the call: a node that leaves the rotation meanwhile keeps its places.
+        let rotation = self.rotation.load_full();
+        let (first, second) = rotation.pick(client).ok_or(UpstreamError::NoNode)?;
         let body = Bytes::from(jsonrpc::upstream_request(method, params));
         let error = match self
-            .call_node(&first, body.clone(), self.budget.queue_timeout)
+            .call_node(first, body.clone(), self.budget.queue_timeout)
             .await
         {
             Ok(outcome) => return Ok(outcome),
@@ -387,7 +383,7 @@ impl Upstream {
             self.budget.queue_timeout
         };
         self.count_retry(first.endpoint);
-        self.call_node(&second, body, wait).await
+        self.call_node(second, body, wait).await
     }
 
     /// Counts a call or connection moved off `node` after it failed there.
