@@ -322,6 +322,8 @@ mod tests {
             listen = "0.0.0.0:443"
             service = "10.0.0.1/tcp"
             max_batch = 0
+            max_connections = 0
+            ipv6_prefix_len = 16
             header_timeout = "0s"
             deny = ["bad name"]
             auth_failures_block = { after = 0 }
@@ -334,6 +336,8 @@ mod tests {
             "gateway.tls_cert: required to serve TLS",
             "gateway.tls_key: required to serve TLS",
             "gateway.max_batch: must be at least 1",
+            "gateway.max_connections: must be at least 1",
+            "gateway.ipv6_prefix_len: 16 is not a prefix length from 32 to 128",
             "gateway.header_timeout: must be longer than 0",
             "gateway.deny[0]: \"bad name\" is not a method name",
             "gateway.auth_failures_block.after: must be at least 1",

@@ -643,6 +643,23 @@ async fn slow_fault_delays_every_answer() {
 }
 
 #[tokio::test]
+async fn concurrent_calls_are_counted_while_in_flight() {
+    let node = start_node("busy", STEADY_BLOCK_TIME).await;
+    node.set_fault(Fault::Slow { delay_ms: 300 });
+    let calls = (0..5).map(|_| http_call(&node, "system_health", json!([])));
+    futures_util::future::join_all(calls).await;
+    assert_eq!(node.most_calls_in_flight(), 5);
+    node.reset_request_counts();
+    assert_eq!(
+        node.most_calls_in_flight(),
+        0,
+        "none in flight after the reset"
+    );
+    http_call(&node, "system_health", json!([])).await;
+    assert_eq!(node.most_calls_in_flight(), 1);
+}
+
+#[tokio::test]
 async fn stall_fault_stops_the_head_while_the_chain_moves_on() {
     let stalled = start_node("stalled", FAST_BLOCK_TIME).await;
     let healthy = start_node("healthy", FAST_BLOCK_TIME).await;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -85,6 +86,10 @@ pub enum FetchError {
     Timeout(String),
     #[error("upstream sent a bad answer: {0}")]
     BadAnswer(String),
+    /// The node had as many calls in flight as the gateway gives it, for as long as a call
+    /// waits: nothing is wrong, the client should try again shortly.
+    #[error("node {node} has {in_flight} calls in flight")]
+    Busy { node: SocketAddr, in_flight: u32 },
     /// The node answered with a JSON-RPC error object: pass it on to the client as it is.
     #[error("node answered with error {0}")]
     Rpc(Arc<RawValue>),

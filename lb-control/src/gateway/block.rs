@@ -1,10 +1,14 @@
-//! Repeated auth failures from one source address put it on the kernel blocklist for a while
+//! Repeated auth failures from one client put it on the kernel blocklist for a while
 //! (`[gateway.auth_failures_block]`, off by default): a key-guessing client is then dropped in
 //! XDP before it costs a TLS handshake.
 //!
-//! Failures are counted per address in fixed windows of `within`; the `after`-th failure in a
-//! window sends a [`BlockRequest`] (the serving threads never wait on the kernel), which
-//! [`apply_requests`] carries out through the blocklist's owner, for `block_for`.
+//! A client is what the connection limit counts as one
+//! ([`client_group`](super::admission::client_group)): an IPv4 address, or an IPv6 prefix (a
+//! /64 by default), so a guesser cannot move to the next address of its prefix; the whole
+//! prefix is blocked. Failures are counted per client in fixed windows of `within`; the
+//! `after`-th failure in a window sends a [`BlockRequest`] (the serving threads never wait on
+//! the kernel), which [`apply_requests`] carries out through the blocklist's owner, for
+//! `block_for`.
 
 use std::{
     collections::HashMap,
@@ -17,16 +21,16 @@ use ipnet::IpNet;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::AuthFailureBlock;
+use super::{AuthFailureBlock, admission::client_group};
 use crate::dataplane::BlocklistHandle;
 
-/// Beyond this many tracked addresses, windows that ended are dropped.
+/// Beyond this many tracked clients, windows that ended are dropped.
 const MAX_TRACKED: usize = 100_000;
 
-/// A source address to block until `until`.
+/// A client (an IPv4 address as a /32, an IPv6 prefix) to block until `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockRequest {
-    pub address: IpAddr,
+    pub prefix: IpNet,
     pub until: SystemTime,
 }
 
@@ -37,22 +41,29 @@ struct Window {
 
 pub struct FailureTracker {
     policy: AuthFailureBlock,
-    windows: Mutex<HashMap<IpAddr, Window>>,
+    /// The IPv6 prefix counted as one client.
+    ipv6_prefix_len: u8,
+    windows: Mutex<HashMap<IpNet, Window>>,
     blocks: mpsc::UnboundedSender<BlockRequest>,
 }
 
 impl FailureTracker {
-    pub fn new(policy: AuthFailureBlock, blocks: mpsc::UnboundedSender<BlockRequest>) -> Self {
+    pub fn new(
+        policy: AuthFailureBlock,
+        ipv6_prefix_len: u8,
+        blocks: mpsc::UnboundedSender<BlockRequest>,
+    ) -> Self {
         FailureTracker {
             policy,
+            ipv6_prefix_len,
             windows: Mutex::default(),
             blocks,
         }
     }
 
-    /// Counts one auth failure of `address`; true when it asked for the address to be blocked.
+    /// Counts one auth failure from `address`; true when it asked for its client to be blocked.
     pub fn record(&self, address: IpAddr) -> bool {
-        let address = address.to_canonical();
+        let client = client_group(address, self.ipv6_prefix_len);
         let now = Instant::now();
         let mut windows = self
             .windows
@@ -61,7 +72,7 @@ impl FailureTracker {
         if windows.len() >= MAX_TRACKED {
             windows.retain(|_, window| now.duration_since(window.start) < self.policy.within);
         }
-        let window = windows.entry(address).or_insert(Window {
+        let window = windows.entry(client).or_insert(Window {
             start: now,
             failures: 0,
         });
@@ -75,24 +86,24 @@ impl FailureTracker {
         if window.failures < self.policy.after {
             return false;
         }
-        windows.remove(&address);
+        windows.remove(&client);
         // The applier may be gone at shutdown: nothing left to block then.
         let _ = self.blocks.send(BlockRequest {
-            address,
+            prefix: client,
             until: SystemTime::now() + self.policy.block_for,
         });
         true
     }
 }
 
-/// Puts each requested address on the kernel blocklist through its owner, until every sender
+/// Puts each requested prefix on the kernel blocklist through its owner, until every sender
 /// is gone.
 pub async fn apply_requests(
     mut requests: mpsc::UnboundedReceiver<BlockRequest>,
     blocklist: BlocklistHandle,
 ) {
     while let Some(request) = requests.recv().await {
-        let prefix = IpNet::from(request.address);
+        let prefix = request.prefix;
         match blocklist.block(prefix, Some(request.until)).await {
             Ok(_) => warn!(
                 %prefix,
@@ -121,6 +132,7 @@ mod tests {
                 within: Duration::from_millis(200),
                 block_for: Duration::from_secs(600),
             },
+            64,
             sender,
         );
         let guesser: IpAddr = "192.0.2.7".parse().unwrap();
@@ -130,11 +142,32 @@ mod tests {
         assert!(!tracker.record(guesser));
         assert!(tracker.record(guesser));
         let request = requests.try_recv().expect("a block request");
-        assert_eq!(request.address, guesser);
+        assert_eq!(request.prefix, IpNet::from(guesser));
         assert!(request.until > SystemTime::now() + Duration::from_secs(590));
         assert!(requests.try_recv().is_err());
 
         std::thread::sleep(Duration::from_millis(250));
         assert!(!tracker.record(other), "the window of `other` ended");
+    }
+
+    #[test]
+    fn failures_from_addresses_of_one_ipv6_prefix_block_the_prefix() {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        let policy = AuthFailureBlock {
+            after: 3,
+            within: Duration::from_secs(60),
+            block_for: Duration::from_secs(600),
+        };
+        let tracker = FailureTracker::new(policy, 64, sender);
+        let address = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(!tracker.record(address("2001:db8:0:7::1")));
+        assert!(!tracker.record(address("2001:db8:0:8::1")), "another /64");
+        assert!(!tracker.record(address("2001:db8:0:7::2")));
+        assert!(tracker.record(address("2001:db8:0:7:ffff::3")));
+        let request = requests.try_recv().expect("a block request");
+        assert_eq!(
+            request.prefix,
+            "2001:db8:0:7::/64".parse::<IpNet>().unwrap()
+        );
     }
 }

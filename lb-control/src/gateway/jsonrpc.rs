@@ -5,7 +5,7 @@
 //! Parameters and results stay raw JSON text: the gateway never needs their values, and a
 //! metadata blob (megabytes of hex) is copied, not parsed into a tree.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -18,7 +18,7 @@ pub mod code {
     pub const PARSE_ERROR: i32 = -32700;
     pub const INVALID_REQUEST: i32 = -32600;
     pub const METHOD_NOT_FOUND: i32 = -32601;
-    /// The gateway could not get an answer from any node.
+    /// The gateway could not get an answer from any node, or the node was busy.
     pub const UPSTREAM_UNAVAILABLE: i32 = -32000;
     /// Missing, unknown or revoked API key.
     pub const UNAUTHORIZED: i32 = -32001;
@@ -131,6 +131,14 @@ impl RpcError {
         RpcError::new(
             code::UPSTREAM_UNAVAILABLE,
             format!("No node could answer: {detail}"),
+        )
+    }
+
+    /// The node had the gateway's budget of calls in flight for as long as a call waits.
+    pub fn upstream_busy(node: SocketAddr, in_flight: u32) -> Self {
+        RpcError::new(
+            code::UPSTREAM_UNAVAILABLE,
+            format!("Upstream busy: node {node} has {in_flight} calls in flight; try again"),
         )
     }
 

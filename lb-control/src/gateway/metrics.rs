@@ -7,7 +7,8 @@ use prometheus_client::{
 };
 
 /// A call by its method class (`read`, `author`) and what became of it: `ok`, `error` (the
-/// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`.
+/// node's JSON-RPC error), `refused` (method policy), `invalid`, `upstream_failed`, `busy` (no
+/// place at its node in time).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
     // Static: the labels of every call are looked up on the hot path, without allocating.
@@ -30,7 +31,8 @@ pub struct UpstreamLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectedLabels {
     /// `body_too_big`, `batch_too_big`, `parse_error`, `invalid_request`, `method_not_allowed`,
-    /// `connection_limit`, `key_connection_limit` (WebSocket connections of one key),
+    /// `connection_limit` (connections of one client), `total_connection_limit` (connections
+    /// of the gateway), `key_connection_limit` (WebSocket connections of one key),
     /// `subscription_limit`, `no_node`, `auth_failures_blocked` (a source address sent to the
     /// blocklist).
     pub reason: String,
@@ -43,13 +45,18 @@ pub struct GatewayMetrics {
     pub rate_limited: Counter,
     pub rejected: Family<RejectedLabels, Counter>,
     pub upstream_seconds: Family<UpstreamLabels, Histogram>,
-    /// Calls sent to a second node after `node` failed them.
+    /// Calls sent to a second node after `node` failed them or had no place for them.
     pub retries: Family<UpstreamLabels, Counter>,
+    /// Calls answered "upstream busy": `node` (the last one tried) had its budget of calls in
+    /// flight for as long as a call waits.
+    pub upstream_busy: Family<UpstreamLabels, Counter>,
     /// Response cache lookups by result: `hit`, `miss`, `coalesced` (shared another caller's
     /// upstream call), `uncacheable`.
     pub cache_lookups: Family<CacheLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_entries: Gauge,
+    /// Open client connections, HTTP and WebSocket.
+    pub connections: Gauge,
     /// Open WebSocket connections.
     pub websocket_sessions: Gauge,
     /// WebSocket connections ended, by who or what ended them.
@@ -91,9 +98,11 @@ impl GatewayMetrics {
                 ])
             }),
             retries: Family::default(),
+            upstream_busy: Family::default(),
             cache_lookups: Family::default(),
             cache_bytes: Gauge::default(),
             cache_entries: Gauge::default(),
+            connections: Gauge::default(),
             websocket_sessions: Gauge::default(),
             websocket_closed: Family::default(),
             shared_subscriptions: Gauge::default(),
@@ -130,8 +139,13 @@ impl GatewayMetrics {
         );
         registry.register(
             "retries",
-            "Reads sent to another node after this node failed them",
+            "Reads sent to another node after this node failed them or had no place for them",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "upstream_busy",
+            "Calls answered upstream busy: the node had max_upstream_http_calls_per_node in flight",
+            metrics.upstream_busy.clone(),
         );
         registry.register(
             "cache_lookups",
@@ -147,6 +161,11 @@ impl GatewayMetrics {
             "cache_entries",
             "Answers the response cache holds",
             metrics.cache_entries.clone(),
+        );
+        registry.register(
+            "connections",
+            "Open client connections (HTTP and WebSocket)",
+            metrics.connections.clone(),
         );
         registry.register(
             "websocket_sessions",

@@ -1,6 +1,7 @@
 //! The JSON-RPC gateway: what the public talks to (`https://…/<key>`) in front of the nodes.
 //!
-//! - [`server`]: accepting, per-address connection limit, TLS, HTTP/1.1 and HTTP/2.
+//! - [`server`]: accepting, TLS, HTTP/1.1 and HTTP/2.
+//! - [`admission`]: the connection limits, in all and per client (IPv4 address, IPv6 /64).
 //! - [`tls`]: certificates from PEM files, ALPN, reload on SIGHUP.
 //! - [`pipeline`]: the stages in order, each call's answer (policy, cache, node), and the one
 //!   mapping of a refusal to its JSON-RPC error and metric; both transports run it.
@@ -12,13 +13,15 @@
 //! - [`links`]: the pools of upstream WebSocket connections per node that the sessions share.
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
-//! - [`slots`]: counted connections per address and per key.
-//! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls, the retry of reads.
+//! - [`slots`]: counted connections per client and per key.
+//! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls within each node's
+//!   budget, the retry of reads.
 //! - [`metrics`]: the gateway's metric families.
 //!
 //! What the gateway knows of each method (safety, cache rule, subscription, retry) is one
 //! table, [`crate::methods`].
 
+pub mod admission;
 pub mod block;
 pub mod jsonrpc;
 pub mod links;
@@ -42,6 +45,14 @@ use tokio::{
     task::JoinHandle,
 };
 
+use self::{
+    admission::{Admission, AdmissionLimits},
+    links::{LinkLimits, Links, QueueBudget},
+    pipeline::{BodyLimits, Pipeline},
+    server::ConnectionLimits,
+    stages::{auth::Authenticator, rate_limit::RateLimits},
+    websocket::WebSocketLimits,
+};
 pub use self::{
     block::BlockRequest,
     metrics::GatewayMetrics,
@@ -49,14 +60,6 @@ pub use self::{
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
     upstream::{Upstream, ViewNodes},
-};
-use self::{
-    links::{LinkLimits, Links, QueueBudget},
-    pipeline::{BodyLimits, Pipeline},
-    server::ConnectionLimits,
-    slots::Slots,
-    stages::{auth::Authenticator, rate_limit::RateLimits},
-    websocket::WebSocketLimits,
 };
 use crate::{
     backends::ClusterView,
@@ -182,6 +185,7 @@ impl Gateway {
             Some(Arc::new(Certificates::load(cert, key)?))
         };
         let service = section.service_key().map_err(GatewayError::Service)?;
+        admission::raise_open_files_limit(section.max_connections);
         let listen_error = |source| GatewayError::Listen { address, source };
         let first = reuseport_listener(address).map_err(listen_error)?;
         // With port 0 the first socket's port is the one the others share.
@@ -211,6 +215,7 @@ impl Gateway {
         let upstream = Arc::new(Upstream::new(
             context.maglev_table_size,
             section.upstream_timeout,
+            section.call_budget(),
             context.metrics.clone(),
         ));
         // The first rotation is in place before the first request.
@@ -229,9 +234,9 @@ impl Gateway {
         ));
         let cache = ResponseCache::new(section.cache_bytes);
         let follower = cache::follow(upstream.watch_serving(), cache.clone());
-        let failures = section
-            .auth_failures_block
-            .map(|policy| block::FailureTracker::new(policy, context.blocks));
+        let failures = section.auth_failures_block.map(|policy| {
+            block::FailureTracker::new(policy, section.ipv6_prefix_len, context.blocks)
+        });
         let pipeline = Arc::new(Pipeline {
             auth: auth.clone(),
             failures,
@@ -239,7 +244,7 @@ impl Gateway {
             policy: MethodPolicy::new(&section.deny, &section.allow),
             upstream: upstream.clone(),
             cache,
-            metrics: context.metrics,
+            metrics: context.metrics.clone(),
             limits: BodyLimits {
                 max_body_bytes: section.max_body_bytes,
                 max_batch: section.max_batch,
@@ -263,8 +268,16 @@ impl Gateway {
         let limits = ConnectionLimits {
             header_timeout: section.header_timeout,
             idle_timeout: section.idle_timeout,
-            max_connections_per_ip: section.max_connections_per_ip,
+            http2_max_concurrent_streams: section.http2_max_concurrent_streams,
         };
+        let admission = Arc::new(Admission::new(
+            AdmissionLimits {
+                max_connections: section.max_connections,
+                max_connections_per_ip: section.max_connections_per_ip,
+                ipv6_prefix_len: section.ipv6_prefix_len,
+            },
+            context.metrics,
+        ));
         let (stop, stopped) = watch::channel(false);
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
@@ -277,7 +290,6 @@ impl Gateway {
                 }
             }),
         ];
-        let counts = Arc::new(Slots::default());
         let mut serving = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let serve = server::serve_on(
@@ -285,7 +297,7 @@ impl Gateway {
                 certificates.clone(),
                 pipeline.clone(),
                 limits,
-                counts.clone(),
+                admission.clone(),
                 stopped.clone(),
             );
             let thread = std::thread::Builder::new()

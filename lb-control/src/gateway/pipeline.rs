@@ -22,7 +22,7 @@ use super::{
     block::FailureTracker,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError, code},
     links::{Links, QueueBudget},
-    metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics},
+    metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics, UpstreamLabels},
     slots::Slots,
     stages::{
         auth::{AuthError, Authenticator},
@@ -101,6 +101,9 @@ pub enum Rejection {
     /// WebSocket: every upstream connection of the client's node holds as many subscriptions
     /// as it may, and the pool may not grow.
     NodeFull(SocketAddr),
+    /// A call: its node had `max_upstream_http_calls_per_node` in flight for
+    /// `upstream_queue_timeout` (and so had the next node, for a read).
+    NodeBusy { node: SocketAddr, in_flight: u32 },
 }
 
 impl Pipeline {
@@ -138,7 +141,7 @@ impl Pipeline {
                 if let Some(failures) = &self.failures
                     && failures.record(client)
                 {
-                    warn!(%client, "repeated auth failures: blocking the address");
+                    warn!(%client, "repeated auth failures: blocking the address (IPv6: its prefix)");
                     self.metrics.rejected("auth_failures_blocked");
                 }
                 RpcError::unauthorized(&error.to_string())
@@ -186,6 +189,15 @@ impl Pipeline {
                 warn!(%client, %node, "a subscription refused: the node's connections are full");
                 self.metrics.rejected("node_full");
                 RpcError::node_full(*node)
+            }
+            Rejection::NodeBusy { node, in_flight } => {
+                self.metrics
+                    .upstream_busy
+                    .get_or_create(&UpstreamLabels {
+                        node: node.to_string(),
+                    })
+                    .inc();
+                RpcError::upstream_busy(*node, *in_flight)
             }
         }
     }
@@ -263,6 +275,9 @@ impl Pipeline {
             {
                 Ok(Outcome::Result(result)) => Ok(UpstreamAnswer::Result(result)),
                 Ok(Outcome::Error(error)) => Ok(UpstreamAnswer::Error(error)),
+                Err(UpstreamError::Busy { node, in_flight }) => {
+                    Err(FetchError::Busy { node, in_flight })
+                }
                 Err(error) => Err(FetchError::Unreachable(error.to_string())),
             }
         };
@@ -292,6 +307,11 @@ impl Pipeline {
                 (Outcome::Result(RawValue::to_owned(&result)), "ok")
             }
             Err(FetchError::Rpc(error)) => (Outcome::Error(RawValue::to_owned(&error)), "error"),
+            // Every caller sharing the call hears it: each is counted.
+            Err(FetchError::Busy { node, in_flight }) => (
+                Outcome::from(self.refuse(&Rejection::NodeBusy { node, in_flight }, client)),
+                "busy",
+            ),
             Err(error) => {
                 warn!(method = %call.method, "{error}");
                 (

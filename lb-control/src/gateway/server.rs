@@ -1,5 +1,5 @@
-//! The listening side: accepts TCP connections, holds each client address to its connection
-//! limit, terminates TLS (with the certificate in force when the connection came), and serves
+//! The listening side: accepts TCP connections, admits them under the gateway's and the
+//! client's connection limits ([`admission`](super::admission)), terminates TLS (with the certificate in force when the connection came), and serves
 //! HTTP/1.1 or HTTP/2 on it (hyper-util's auto server, with upgrades: WebSocket sessions start
 //! from HTTP/1.1 requests on the same port and keep the connection's [`ConnectionHold`]).
 //!
@@ -11,7 +11,7 @@ use std::{
     convert::Infallible,
     future::Future,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
@@ -38,9 +38,9 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use super::{
+    admission::{Admission, Admitted},
     pipeline::Pipeline,
     service,
-    slots::{Slot, Slots},
     tls::Certificates,
 };
 
@@ -51,7 +51,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
-    pub max_connections_per_ip: u32,
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// The body of a serving thread: a single-threaded runtime serving `listener` until `stop`
@@ -61,7 +61,7 @@ pub fn serve_on(
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
-    counts: Arc<Slots<IpAddr>>,
+    admission: Arc<Admission>,
     mut stop: watch::Receiver<bool>,
 ) -> impl FnOnce() + Send + 'static {
     move || {
@@ -86,19 +86,19 @@ pub fn serve_on(
             let stopped = async move {
                 let _ = stop.wait_for(|stop| *stop).await;
             };
-            serve(listener, tls, pipeline, limits, counts, stopped).await;
+            serve(listener, tls, pipeline, limits, admission, stopped).await;
         });
     }
 }
 
-/// Serves until `shutdown` resolves, then lets open requests finish for a while. `counts` are
-/// the open connections per address, shared by every listener of the gateway.
+/// Serves until `shutdown` resolves, then lets open requests finish for a while. `admission`
+/// counts the open connections, shared by every listener of the gateway.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
-    counts: Arc<Slots<IpAddr>>,
+    admission: Arc<Admission>,
     shutdown: impl Future<Output = ()>,
 ) {
     // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
@@ -118,10 +118,12 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Some(slot) = counts.claim(peer.ip(), limits.max_connections_per_ip) else {
-            pipeline.metrics.rejected("connection_limit");
-            debug!(%peer, "gateway: connection limit of the address reached");
-            continue;
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                debug!(%peer, "gateway: connection closed at once: {refused}");
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let connection = Connection {
@@ -129,7 +131,7 @@ pub async fn serve(
             peer,
             limits,
             hold: ConnectionHold {
-                _slot: Arc::new(slot),
+                _admitted: Arc::new(admitted),
                 stop: stop.subscribe(),
             },
         };
@@ -149,8 +151,8 @@ pub async fn serve(
 /// opened it and keeps these for its life.
 #[derive(Clone)]
 pub struct ConnectionHold {
-    /// The connection's place under the per-address limit.
-    _slot: Arc<Slot<IpAddr>>,
+    /// The connection's place under the gateway's and its client's connection limits.
+    _admitted: Arc<Admitted>,
     /// Changes when the gateway stops.
     pub stop: watch::Receiver<()>,
 }
@@ -201,7 +203,10 @@ impl Connection {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_timeout);
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.limits.http2_max_concurrent_streams);
         let connection = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(connection);
         let idle_timeout = self.limits.idle_timeout;

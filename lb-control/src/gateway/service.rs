@@ -91,7 +91,9 @@ pub fn refused(
     let error = pipeline.refuse(rejection, client);
     let status = match rejection {
         Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        Rejection::NoNode(_) | Rejection::NodeFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Rejection::NoNode(_) | Rejection::NodeFull(_) | Rejection::NodeBusy { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         Rejection::Key(_) => StatusCode::UNAUTHORIZED,
         Rejection::BodyTooBig => StatusCode::PAYLOAD_TOO_LARGE,
         Rejection::BodyUnreadable(_) | Rejection::Handshake(_) => StatusCode::BAD_REQUEST,

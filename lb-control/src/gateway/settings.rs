@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::validate_pattern;
+use super::{upstream::CallBudget, validate_pattern};
 use crate::{
     model::ServiceKey,
     section::{Problem, parse_duration},
@@ -42,8 +42,25 @@ pub struct GatewaySection {
     /// Time a node has to answer one call; a read that runs out goes to another node.
     #[serde(deserialize_with = "parse_duration")]
     pub upstream_timeout: Duration,
-    /// Open connections one client address may hold; more are closed at once.
+    /// HTTP calls (HTTP requests' calls, cache misses) one node gets at once; beyond them a
+    /// call waits for `upstream_queue_timeout`, then is answered "upstream busy" (-32000).
+    pub max_upstream_http_calls_per_node: u32,
+    /// How long a call waits for a place at its node; 0: not at all.
+    #[serde(deserialize_with = "parse_duration")]
+    pub upstream_queue_timeout: Duration,
+    /// Open client connections of the whole gateway (every serving thread's together); more
+    /// are closed at once.
+    pub max_connections: u32,
+    /// Open connections one client may hold; more are closed at once. A client is an IPv4
+    /// address, or an IPv6 prefix of `ipv6_prefix_len` bits.
     pub max_connections_per_ip: u32,
+    /// The IPv6 prefix counted as one client, by `max_connections_per_ip` and by
+    /// `auth_failures_block` (which blocks the whole prefix): 64, what one subscriber or
+    /// server gets, so a client cannot take a fresh address of its own prefix per connection.
+    pub ipv6_prefix_len: u8,
+    /// Requests one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS):
+    /// a client queues the rest.
+    pub http2_max_concurrent_streams: u32,
     /// Open WebSocket connections one API key may hold; more are refused (HTTP 429).
     pub max_connections_per_key: u32,
     /// Subscriptions one WebSocket connection may hold: the head subscriptions the gateway
@@ -90,6 +107,16 @@ pub struct AuthFailureBlock {
     pub block_for: Duration,
 }
 
+/// Connections are bounded by the gateway's memory and file descriptors, not by the nodes
+/// (which see the upstream connections only): at the goal of 32 KiB per connected client,
+/// 20,000 take some 640 MiB; each takes a file descriptor (the nodes' shared connections a few
+/// more), within dist/lb-control.service's `LimitNOFILE`. Twice the
+/// 10,000 WebSocket clients the gateway is measured with.
+const DEFAULT_MAX_CONNECTIONS: u32 = 20_000;
+
+/// IPv6 prefixes shorter than this would count whole providers' customers as one client.
+const SHORTEST_IPV6_PREFIX: u8 = 32;
+
 fn default_block_within() -> Duration {
     Duration::from_secs(60)
 }
@@ -112,8 +139,19 @@ impl Default for GatewaySection {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
+            max_upstream_http_calls_per_node: CallBudget::default().max_calls_per_node,
+            upstream_queue_timeout: CallBudget::default().queue_timeout,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: 256,
-            max_connections_per_key: 1024,
+            ipv6_prefix_len: 64,
+            // nginx's http2_max_concurrent_streams is 128, most servers' 100: enough for a
+            // browser or a client library's parallel calls, while one connection cannot queue
+            // unbounded work (hyper's own default is 200).
+            http2_max_concurrent_streams: 100,
+            // A dApp's backend, an indexer or a wallet service needs a few to a few dozen; at
+            // 100 one key holds at most 1/200 of max_connections, and, while every WebSocket
+            // client has a node connection of its own, no more than one node's 100.
+            max_connections_per_key: 100,
             max_subscriptions_per_connection: 1024,
             // 1 % of what 3 nodes take under the defaults below (3 × 32 × 512 ≈ 49,000).
             max_subscriptions_per_key: 512,
@@ -132,6 +170,14 @@ impl Default for GatewaySection {
 }
 
 impl GatewaySection {
+    /// The nodes' budget of HTTP calls.
+    pub fn call_budget(&self) -> CallBudget {
+        CallBudget {
+            max_calls_per_node: self.max_upstream_http_calls_per_node,
+            queue_timeout: self.upstream_queue_timeout,
+        }
+    }
+
     /// The service the gateway is limited to, if any.
     pub fn service_key(&self) -> Result<Option<ServiceKey>, String> {
         self.service.as_deref().map(str::parse).transpose()
@@ -162,6 +208,15 @@ impl GatewaySection {
             ("max_body_bytes", self.max_body_bytes),
             ("max_batch", self.max_batch),
             ("cache_bytes", self.cache_bytes as usize),
+            ("max_connections", self.max_connections as usize),
+            (
+                "max_upstream_http_calls_per_node",
+                self.max_upstream_http_calls_per_node as usize,
+            ),
+            (
+                "http2_max_concurrent_streams",
+                self.http2_max_concurrent_streams as usize,
+            ),
             (
                 "max_connections_per_ip",
                 self.max_connections_per_ip as usize,
@@ -199,6 +254,16 @@ impl GatewaySection {
             if value == 0 {
                 report(field, "must be at least 1".to_owned());
             }
+        }
+        if !(SHORTEST_IPV6_PREFIX..=128).contains(&self.ipv6_prefix_len) {
+            report(
+                "ipv6_prefix_len",
+                format!(
+                    "{} is not a prefix length from {SHORTEST_IPV6_PREFIX} to 128 (64: one \
+                     subscriber's network)",
+                    self.ipv6_prefix_len
+                ),
+            );
         }
         for (field, value) in [
             ("header_timeout", self.header_timeout),

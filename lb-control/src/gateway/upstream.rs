@@ -8,6 +8,13 @@
 //! node refuses new connections: "too many connections") while any is not. A read that fails on
 //! its node (connect error, dropped connection, timeout) is sent once to the next node of the
 //! table.
+//!
+//! A node gets at most `max_upstream_http_calls_per_node` calls at once ([`CallBudget`]), so
+//! the pool never opens more connections to it than that, whatever the clients send: a call
+//! beyond it waits for a place, in the order calls came, up to `upstream_queue_timeout`, then
+//! fails as busy ([`UpstreamError::Busy`]). A read its node is too busy for goes to the next node
+//! of the table if that one has a place at once (it has waited its turn already); `author_*`
+//! calls never go to a second node.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -28,8 +35,8 @@ use lb_common::{
 };
 use serde_json::value::RawValue;
 use thiserror::Error;
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
+use tracing::{debug, info, warn};
 
 use super::{
     jsonrpc::{self, Outcome},
@@ -41,15 +48,40 @@ use crate::{
     model::ServiceKey,
 };
 
-/// Idle pooled connections per node kept open.
-const MAX_IDLE_PER_NODE: usize = 64;
-
 #[derive(Debug, Error)]
 pub enum UpstreamError {
     #[error("no node is up")]
     NoNode,
     #[error("node {node}: {reason}")]
     Node { node: SocketAddr, reason: String },
+    /// The node had its budget of calls in flight for as long as a call waits.
+    #[error("node {node} has {in_flight} calls in flight")]
+    Busy { node: SocketAddr, in_flight: u32 },
+}
+
+/// How many HTTP calls one node gets at once, and how long a call waits for a place.
+///
+/// A Substrate node takes 100 RPC connections (`--rpc-max-connections`), and each call in
+/// flight holds one pooled connection. Of the 100: 48 for these calls, 32 for the WebSocket
+/// pool (its `max_upstream_connections_per_node`, issue 20), 1 for the health checker and 1
+/// for the chain follower leave 18 for the connections hyper opens while a finished one is on
+/// its way back to the pool (kept idle within the same cap), and for operators' own tools. 48
+/// calls at once keep a node's cores busy; more would only queue inside the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallBudget {
+    pub max_calls_per_node: u32,
+    pub queue_timeout: Duration,
+}
+
+impl Default for CallBudget {
+    fn default() -> Self {
+        CallBudget {
+            max_calls_per_node: 48,
+            // Long enough to ride out a burst, short against a client's own timeout (polkadot.js
+            // waits 60 s, subxt 30 s): a busy error sooner tells it to back off.
+            queue_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// A node the gateway may call.
@@ -139,15 +171,27 @@ pub fn client_flow_key(client: IpAddr) -> FlowKey {
     }
 }
 
+/// A live node and its places for calls in flight.
+struct RotationNode {
+    endpoint: SocketAddr,
+    calls: Arc<Semaphore>,
+}
+
 /// The live nodes and their Maglev table (entries index `nodes`).
 #[derive(Default)]
 struct Rotation {
-    nodes: Vec<SocketAddr>,
+    nodes: Vec<RotationNode>,
     table: Vec<u32>,
 }
 
 impl Rotation {
-    fn build(nodes: &[NodeSpec], table_size: u32) -> Result<Rotation, MaglevError> {
+    /// A node that stays from `previous` keeps its places, and with them its calls in flight.
+    fn build(
+        nodes: &[NodeSpec],
+        table_size: u32,
+        max_calls_per_node: u32,
+        previous: &Rotation,
+    ) -> Result<Rotation, MaglevError> {
         let backends: Vec<MaglevBackend> = nodes
             .iter()
             .zip(0u32..)
@@ -162,15 +206,28 @@ impl Rotation {
         } else {
             maglev::build_table(&backends, table_size)?
         };
-        Ok(Rotation {
-            nodes: nodes.iter().map(|node| node.endpoint).collect(),
-            table,
-        })
+        let nodes = nodes
+            .iter()
+            .map(|node| {
+                let kept = previous
+                    .nodes
+                    .iter()
+                    .find(|kept| kept.endpoint == node.endpoint);
+                RotationNode {
+                    endpoint: node.endpoint,
+                    calls: kept.map_or_else(
+                        || Arc::new(Semaphore::new(max_calls_per_node as usize)),
+                        |kept| kept.calls.clone(),
+                    ),
+                }
+            })
+            .collect();
+        Ok(Rotation { nodes, table })
     }
 
     /// The client's node, and the node a failed read goes to next (the next other node along
     /// the table, so the retries of one failed node spread over the others).
-    fn pick(&self, client: IpAddr) -> Option<(SocketAddr, Option<SocketAddr>)> {
+    fn pick(&self, client: IpAddr) -> Option<(&RotationNode, Option<&RotationNode>)> {
         if self.table.is_empty() {
             return None;
         }
@@ -180,8 +237,8 @@ impl Rotation {
             .map(|step| self.table[(slot + step) % self.table.len()])
             .find(|id| *id != first);
         Some((
-            self.nodes[first as usize],
-            second.map(|id| self.nodes[id as usize]),
+            &self.nodes[first as usize],
+            second.map(|id| &self.nodes[id as usize]),
         ))
     }
 }
@@ -195,16 +252,23 @@ pub struct Upstream {
     table_size: u32,
     client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    budget: CallBudget,
     metrics: Arc<GatewayMetrics>,
 }
 
 impl Upstream {
-    pub fn new(table_size: u32, timeout: Duration, metrics: Arc<GatewayMetrics>) -> Upstream {
+    pub fn new(
+        table_size: u32,
+        timeout: Duration,
+        budget: CallBudget,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
+        // No node has more calls at once than its budget, so no more idle connections either.
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(MAX_IDLE_PER_NODE)
+            .pool_max_idle_per_host(budget.max_calls_per_node as usize)
             .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
@@ -212,14 +276,20 @@ impl Upstream {
             table_size,
             client,
             timeout,
+            budget,
             metrics,
         }
     }
 
     /// Takes a view's nodes. On error (a table too small for them) nothing changes.
     pub fn apply(&self, nodes: &ViewNodes) -> Result<(), MaglevError> {
-        self.rotation
-            .store(Arc::new(Rotation::build(&nodes.rotation, self.table_size)?));
+        let rotation = Rotation::build(
+            &nodes.rotation,
+            self.table_size,
+            self.budget.max_calls_per_node,
+            &self.rotation.load(),
+        )?;
+        self.rotation.store(Arc::new(rotation));
         self.serving.send_if_modified(|current| {
             let changed = *current != nodes.serving;
             current.clone_from(&nodes.serving);
@@ -269,32 +339,51 @@ impl Upstream {
 
     /// The node `client` is sent to now, and the one it goes to when that one fails.
     pub fn nodes_for(&self, client: IpAddr) -> Option<(SocketAddr, Option<SocketAddr>)> {
-        self.rotation.load().pick(client)
+        self.rotation
+            .load()
+            .pick(client)
+            .map(|(first, second)| (first.endpoint, second.map(|node| node.endpoint)))
     }
 
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// Calls `method` on the client's node; a read that fails there goes once to another node.
+    /// Calls `method` on the client's node; a read that fails there, or finds no place there
+    /// in time, goes once to another node.
     pub async fn call(
         &self,
         client: IpAddr,
         method: &str,
         params: Option<&RawValue>,
     ) -> Result<Outcome, UpstreamError> {
-        let (first, second) = self.nodes_for(client).ok_or(UpstreamError::NoNode)?;
+        // Kept for the call: a node that leaves the rotation meanwhile keeps its places.
+        let rotation = self.rotation.load_full();
+        let (first, second) = rotation.pick(client).ok_or(UpstreamError::NoNode)?;
         let body = Bytes::from(jsonrpc::upstream_request(0, method, params));
-        let error = match self.call_node(first, body.clone()).await {
+        let error = match self
+            .call_node(first, body.clone(), self.budget.queue_timeout)
+            .await
+        {
             Ok(outcome) => return Ok(outcome),
             Err(error) => error,
         };
         let Some(second) = second.filter(|_| methods::lookup(method).class.is_retryable()) else {
             return Err(error);
         };
-        warn!("{error}; retrying {method} on node {second}");
-        self.count_retry(first);
-        self.call_node(second, body).await
+        // A busy node is no fault (and may be every call of a burst): not worth a warning.
+        let wait = if matches!(error, UpstreamError::Busy { .. }) {
+            debug!(
+                "{error}; {method} goes to node {} if it has room",
+                second.endpoint
+            );
+            Duration::ZERO
+        } else {
+            warn!("{error}; retrying {method} on node {}", second.endpoint);
+            self.budget.queue_timeout
+        };
+        self.count_retry(first.endpoint);
+        self.call_node(second, body, wait).await
     }
 
     /// Counts a call or connection moved off `node` after it failed there.
@@ -307,7 +396,21 @@ impl Upstream {
             .inc();
     }
 
-    async fn call_node(&self, node: SocketAddr, body: Bytes) -> Result<Outcome, UpstreamError> {
+    /// One call to `target` once it has a place for it, waiting up to `wait` for one.
+    async fn call_node(
+        &self,
+        target: &RotationNode,
+        body: Bytes,
+        wait: Duration,
+    ) -> Result<Outcome, UpstreamError> {
+        let node = target.endpoint;
+        // Held until the answer is read: the connection is busy until then.
+        let _place = claim_place(&target.calls, wait)
+            .await
+            .ok_or(UpstreamError::Busy {
+                node,
+                in_flight: self.budget.max_calls_per_node,
+            })?;
         let failed = |reason: String| UpstreamError::Node { node, reason };
         let request = Request::post(format!("http://{node}/"))
             .header(header::CONTENT_TYPE, "application/json")
@@ -343,6 +446,18 @@ impl Upstream {
             .observe(started.elapsed().as_secs_f64());
         outcome
     }
+}
+
+/// A place among a node's calls in flight: at once, or within `wait` in the order the calls
+/// came (tokio's semaphore is fair: one that comes later never takes a place first).
+async fn claim_place(calls: &Semaphore, wait: Duration) -> Option<SemaphorePermit<'_>> {
+    if let Ok(place) = calls.try_acquire() {
+        return Some(place);
+    }
+    if wait.is_zero() {
+        return None;
+    }
+    tokio::time::timeout(wait, calls.acquire()).await.ok()?.ok()
 }
 
 /// hyper-util's error with its cause chain ("client error (Connect): tcp connect error:
@@ -435,26 +550,78 @@ mod tests {
         }
     }
 
+    fn rotation(nodes: &[NodeSpec]) -> Rotation {
+        Rotation::build(nodes, 251, 4, &Rotation::default()).unwrap()
+    }
+
+    /// The endpoints [`Rotation::pick`] gives `client`.
+    fn pick(rotation: &Rotation, client: IpAddr) -> Option<(SocketAddr, Option<SocketAddr>)> {
+        rotation
+            .pick(client)
+            .map(|(first, second)| (first.endpoint, second.map(|node| node.endpoint)))
+    }
+
     #[test]
     fn client_keeps_its_node_and_retries_elsewhere() {
-        let rotation = Rotation::build(&[node(1), node(2), node(3)], 251).unwrap();
+        let rotation = rotation(&[node(1), node(2), node(3)]);
         let client = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
-        let (first, second) = rotation.pick(client).unwrap();
-        assert_eq!(rotation.pick(client).unwrap().0, first);
+        let (first, second) = pick(&rotation, client).unwrap();
+        assert_eq!(pick(&rotation, client).unwrap().0, first);
         assert_ne!(second, Some(first));
         assert!(second.is_some());
         let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
-        assert_eq!(rotation.pick(mapped).unwrap().0, first);
+        assert_eq!(pick(&rotation, mapped).unwrap().0, first);
     }
 
     #[test]
     fn empty_rotation_has_no_node() {
-        let rotation = Rotation::build(&[], 251).unwrap();
-        assert!(rotation.pick(IpAddr::V4(Ipv4Addr::LOCALHOST)).is_none());
-        let single = Rotation::build(&[node(1)], 251).unwrap();
+        let rotation = rotation(&[]);
+        assert!(pick(&rotation, IpAddr::V4(Ipv4Addr::LOCALHOST)).is_none());
+        let single = self::rotation(&[node(1)]);
         assert_eq!(
-            single.pick(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            pick(&single, IpAddr::V4(Ipv4Addr::LOCALHOST)),
             Some((node(1).endpoint, None))
+        );
+    }
+
+    #[test]
+    fn a_node_keeps_its_calls_in_flight_across_rotations() {
+        let before = rotation(&[node(1), node(2)]);
+        let _in_flight = before.nodes[0].calls.try_acquire_many(3).unwrap();
+        let after = Rotation::build(&[node(1), node(3)], 251, 4, &before).unwrap();
+        assert_eq!(after.nodes[0].endpoint, node(1).endpoint);
+        assert_eq!(
+            after.nodes[0].calls.available_permits(),
+            1,
+            "node 1's three calls still count"
+        );
+        assert_eq!(after.nodes[1].calls.available_permits(), 4, "a new node");
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_for_a_place_in_turn_and_gives_up_after_its_wait() {
+        let calls = Semaphore::new(1);
+        let held = claim_place(&calls, Duration::ZERO)
+            .await
+            .expect("a free place");
+        assert!(claim_place(&calls, Duration::ZERO).await.is_none());
+        assert!(
+            claim_place(&calls, Duration::from_millis(20))
+                .await
+                .is_none()
+        );
+        let waiting = claim_place(&calls, Duration::from_secs(10));
+        tokio::pin!(waiting);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), waiting.as_mut())
+                .await
+                .is_err(),
+            "no place yet"
+        );
+        drop(held);
+        assert!(
+            waiting.await.is_some(),
+            "the waiting call takes the freed place"
         );
     }
 }

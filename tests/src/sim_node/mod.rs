@@ -345,6 +345,7 @@ impl SimNodeHandle {
         self.node.request_counts()
     }
 
+    /// Zeroes the request counts, and the most calls in flight to those in flight now.
     pub fn reset_request_counts(&self) {
         self.node.reset_request_counts();
     }
@@ -357,6 +358,12 @@ impl SimNodeHandle {
     /// The most JSON-RPC connections open at the node at once since it started.
     pub fn peak_connections(&self) -> usize {
         self.node.peak_connections()
+    }
+
+    /// The most JSON-RPC calls the node was answering at once (a batch counts once), since
+    /// the start or the last [`SimNodeHandle::reset_request_counts`].
+    pub fn most_calls_in_flight(&self) -> u64 {
+        self.node.most_calls_in_flight()
     }
 
     /// The node's best block (after faults).

@@ -1,5 +1,5 @@
-//! JSON-RPC middleware: counts every call that reaches the node, then applies the
-//! `unresponsive` and `slow` faults before the call is answered.
+//! JSON-RPC middleware: counts every call that reaches the node and the calls it is answering
+//! at once, then applies the `unresponsive` and `slow` faults before the call is answered.
 //!
 //! It runs for HTTP and WebSocket alike, and for `/health` (proxied to `system_health`), so a
 //! fault looks the same on every path and the counts show exactly what reached the node.
@@ -45,6 +45,7 @@ where
         let node = self.node.clone();
         async move {
             node.record_request(request.method_name());
+            let _in_flight = node.start_call();
             delay_by_faults(&node).await;
             inner.call(request).await
         }
@@ -62,6 +63,7 @@ where
                 node.record_request(method);
             }
             // One delay for the whole batch: the batch is one HTTP request / WS message.
+            let _in_flight = node.start_call();
             delay_by_faults(&node).await;
             inner.batch(batch).await
         }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -49,6 +49,10 @@ pub struct NodeState {
     /// JSON-RPC connections (HTTP and WebSocket) open now, and the most open at once.
     connections: AtomicUsize,
     peak_connections: AtomicUsize,
+    /// Calls being answered now (a batch counts once: it is one request).
+    in_flight: AtomicU64,
+    /// The most calls answered at once since the start or the last reset of the counts.
+    most_in_flight: AtomicU64,
 }
 
 /// One open JSON-RPC connection, counted while it lives.
@@ -57,6 +61,17 @@ pub struct OpenConnection<'a>(&'a NodeState);
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One call being answered; it ends when dropped.
+pub struct CallInFlight<'a> {
+    node: &'a NodeState,
+}
+
+impl Drop for CallInFlight<'_> {
+    fn drop(&mut self) {
+        self.node.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -83,6 +98,8 @@ impl NodeState {
             requests: Mutex::new(BTreeMap::new()),
             connections: AtomicUsize::new(0),
             peak_connections: AtomicUsize::new(0),
+            in_flight: AtomicU64::new(0),
+            most_in_flight: AtomicU64::new(0),
         };
         state.refresh_heads();
         state
@@ -156,6 +173,17 @@ impl NodeState {
         *requests.entry(method.to_owned()).or_default() += 1;
     }
 
+    /// Counts a call in flight until the returned guard drops.
+    pub fn start_call(&self) -> CallInFlight<'_> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        CallInFlight { node: self }
+    }
+
+    pub fn most_calls_in_flight(&self) -> u64 {
+        self.most_in_flight.load(Ordering::SeqCst)
+    }
+
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
         self.requests
             .lock()
@@ -185,5 +213,7 @@ impl NodeState {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clear();
+        self.most_in_flight
+            .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 }

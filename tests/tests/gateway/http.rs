@@ -1,7 +1,7 @@
 //! JSON-RPC over HTTPS.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
@@ -396,6 +396,131 @@ async fn reads_are_retried_on_another_node_when_the_clients_node_dies() {
     );
 }
 
+/// Waits until the chain follower's subscriptions reached every node, then zeroes the nodes'
+/// counts: what they count from then on is the clients'.
+async fn count_from_here(setup: &Setup) {
+    poll::until("the follower subscribed at every node", || async {
+        setup.nodes.iter().all(|node| {
+            FOLLOWER_SUBSCRIPTIONS
+                .iter()
+                .all(|method| node.request_count(method) > 0)
+        })
+    })
+    .await;
+    for node in &setup.nodes {
+        node.reset_request_counts();
+    }
+}
+
+/// `count` concurrent calls of `method`, each on its own connection.
+async fn concurrent_calls(setup: &Setup, method: &str, count: usize) -> Vec<Value> {
+    futures_util::future::join_all((0..count).map(|_| setup.call(method, json!([])))).await
+}
+
+/// The answers that are results, and the busy errors' messages.
+fn results_and_busy(answers: &[Value]) -> (usize, Vec<String>) {
+    let results = answers
+        .iter()
+        .filter(|answer| answer.get("result").is_some());
+    let busy = answers
+        .iter()
+        .filter(|answer| answer.get("result").is_none())
+        .map(|answer| {
+            assert_eq!(error_code(answer), -32000, "{answer}");
+            answer["error"]["message"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    (results.count(), busy)
+}
+
+#[tokio::test]
+async fn calls_beyond_a_nodes_budget_wait_then_get_busy_and_the_node_never_has_more() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_upstream_http_calls_per_node = 4;
+        section.upstream_queue_timeout = Duration::from_millis(200);
+    })
+    .await;
+    count_from_here(&setup).await;
+    let node = &setup.nodes[0];
+    // Slower than the wait: the calls beyond the first four cannot get a place in time.
+    node.set_fault(Fault::Slow { delay_ms: 1000 });
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 10).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 4, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 4 calls in flight; try again",
+        node.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected; 6]);
+    assert_eq!(node.most_calls_in_flight(), 4);
+    assert_eq!(node.request_count(UNCACHED_READ), 4);
+    let metrics = setup.metrics_text();
+    for line in [
+        format!(
+            "lb_gateway_upstream_busy_total{{node=\"{}\"}} 6",
+            node.rpc_addr()
+        ),
+        "lb_gateway_calls_total{class=\"read\",outcome=\"busy\"} 6".to_owned(),
+    ] {
+        assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
+    }
+
+    // Calls that wait less than the wait get their place in turn.
+    node.set_fault(Fault::None);
+    node.set_fault(Fault::Slow { delay_ms: 20 });
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 10).await;
+    assert_eq!(results_and_busy(&answers), (10, Vec::new()));
+    assert_eq!(node.most_calls_in_flight(), 4);
+}
+
+#[tokio::test]
+async fn a_busy_nodes_reads_go_to_the_next_node_and_author_calls_never_do() {
+    let setup = Setup::start_with(2, |section| {
+        section.max_upstream_http_calls_per_node = 2;
+        section.upstream_queue_timeout = Duration::from_millis(200);
+    })
+    .await;
+    count_from_here(&setup).await;
+    let own = predicted_node(&setup.nodes, Ipv4Addr::LOCALHOST);
+    let (own, next) = if setup.nodes[0].rpc_addr() == own {
+        (&setup.nodes[0], &setup.nodes[1])
+    } else {
+        (&setup.nodes[1], &setup.nodes[0])
+    };
+    for node in &setup.nodes {
+        node.set_fault(Fault::Slow { delay_ms: 1000 });
+    }
+    // Two on the client's node, two on the next one, two busy (named after the next node,
+    // the last one tried).
+    let answers = concurrent_calls(&setup, UNCACHED_READ, 6).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 4, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 2 calls in flight; try again",
+        next.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected; 2]);
+    for node in [own, next] {
+        assert_eq!(node.request_count(UNCACHED_READ), 2, "{}", node.rpc_addr());
+        assert_eq!(node.most_calls_in_flight(), 2, "{}", node.rpc_addr());
+    }
+    let metrics = setup.metrics_text();
+    let line = format!("lb_gateway_retries_total{{node=\"{}\"}} 4", own.rpc_addr());
+    assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
+
+    // author_* calls are never sent to a second node, busy or not.
+    let answers = concurrent_calls(&setup, "author_pendingExtrinsics", 3).await;
+    let (results, busy) = results_and_busy(&answers);
+    assert_eq!(results, 2, "{answers:#?}");
+    let expected = format!(
+        "Upstream busy: node {} has 2 calls in flight; try again",
+        own.rpc_addr()
+    );
+    assert_eq!(busy, vec![expected]);
+    assert_eq!(own.request_count("author_pendingExtrinsics"), 2);
+    assert_eq!(next.request_count("author_pendingExtrinsics"), 0);
+}
+
 #[tokio::test]
 async fn http2_and_http1_both_work() {
     let setup = Setup::start(1).await;
@@ -416,6 +541,58 @@ async fn http2_and_http1_both_work() {
         .unwrap();
     assert_eq!(h1.version(), Version::HTTP_11);
     assert_eq!(h1.json::<Value>().await.unwrap()["result"], "Development");
+}
+
+#[tokio::test]
+async fn http2_connection_gets_its_stream_limit_and_cannot_exceed_it() {
+    let setup = Setup::start_with(1, |section| {
+        section.http2_max_concurrent_streams = 3;
+    })
+    .await;
+    let tls = setup
+        .tls_with_alpn(setup.tcp().await, b"h2")
+        .await
+        .expect("TLS with ALPN h2");
+    let (sender, connection) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    poll::until("the gateway's SETTINGS arrive", || {
+        let streams = sender.current_max_send_streams();
+        async move { streams == 3 }
+    })
+    .await;
+
+    // Six slow calls at once on the one connection: the client queues what the limit holds
+    // back, and the node never has more than three of them.
+    setup.nodes[0].set_fault(Fault::Slow { delay_ms: 200 });
+    let body = serde_json::to_vec(&request(1, UNCACHED_READ, json!([]))).unwrap();
+    let calls = (0..6).map(|_| {
+        let sender = sender.clone();
+        let body = body.clone();
+        let url = setup.url(&format!("/{}", setup.secret));
+        async move {
+            let mut sender = sender.ready().await.expect("a stream");
+            let request = hyper::Request::post(url)
+                .header("content-type", "application/json")
+                .body(())
+                .unwrap();
+            let (response, mut stream) = sender.send_request(request, false).expect("sent");
+            stream.send_data(body.into(), true).expect("body sent");
+            let response = response.await.expect("an answer");
+            assert_eq!(response.status(), StatusCode::OK);
+            let mut body = response.into_body();
+            let mut bytes = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.expect("body");
+                let _ = body.flow_control().release_capacity(chunk.len());
+                bytes.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice::<Value>(&bytes).expect("JSON")
+        }
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        assert!(answer["result"].is_string(), "{answer}");
+    }
+    assert_eq!(setup.nodes[0].most_calls_in_flight(), 3);
 }
 
 #[tokio::test]
@@ -576,6 +753,68 @@ async fn connections_beyond_the_per_address_limit_are_closed() {
 }
 
 #[tokio::test]
+async fn connections_beyond_the_gateway_limit_are_closed_whatever_their_address() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections = 2;
+    })
+    .await;
+    let source = |last: u8| IpAddr::from([127, 0, 0, last]);
+    let first = setup
+        .tls_over(setup.tcp_from(source(1)).await)
+        .await
+        .expect("first connection");
+    let _second = setup
+        .tls_over(setup.tcp_from(source(2)).await)
+        .await
+        .expect("second connection, another address");
+    let mut third = setup.tcp_from(source(3)).await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains("lb_gateway_rejected_total{reason=\"total_connection_limit\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("lb_gateway_connections 2"), "{metrics}");
+    drop(first);
+    poll::until("the freed place is given to a new client", || async {
+        let tcp = setup.tcp_from(source(4)).await;
+        let Ok(mut stream) = setup.tls_over(tcp).await else {
+            return false;
+        };
+        if stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        matches!(stream.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 405"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ipv6_connections_beyond_the_per_client_limit_are_closed() {
+    let setup = Setup::start_with(1, |section| {
+        section.listen = Some("[::1]:0".parse().unwrap());
+        section.max_connections_per_ip = 2;
+    })
+    .await;
+    let _first = setup.tls().await.expect("first connection over IPv6");
+    let _second = setup.tls().await.expect("second connection over IPv6");
+    let mut third = setup.tcp().await;
+    let (received, _) = read_until_closed(&mut third).await;
+    assert!(received.is_empty(), "the third connection got an answer");
+    let metrics = setup.metrics_text();
+    assert!(
+        metrics.contains("lb_gateway_rejected_total{reason=\"connection_limit\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
     let mut setup = Setup::start_with(1, |section| {
         section.auth_failures_block = Some(AuthFailureBlock {
@@ -606,7 +845,7 @@ async fn repeated_auth_failures_ask_for_the_source_to_be_blocked() {
         .await
         .expect("a block request")
         .expect("the channel is open");
-    assert_eq!(request.address, LOCALHOST);
+    assert_eq!(request.prefix.to_string(), "127.0.0.1/32");
     assert!(request.until > std::time::SystemTime::now() + Duration::from_secs(590));
 }
 

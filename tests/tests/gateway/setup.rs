@@ -267,8 +267,34 @@ impl Setup {
             .expect("TCP connect")
     }
 
+    /// A TCP connection from `source` (any of 127.0.0.0/8 is a local address).
+    pub async fn tcp_from(&self, source: IpAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        socket
+            .connect(self.gateway.local_addr())
+            .await
+            .expect("TCP connect")
+    }
+
     /// A raw TLS connection speaking HTTP/1.1 (ALPN), for clients that misbehave on purpose.
     pub async fn tls(&self) -> std::io::Result<TlsStream<TcpStream>> {
+        self.tls_over(self.tcp().await).await
+    }
+
+    /// [`Setup::tls`] over a given TCP connection.
+    pub async fn tls_over(&self, tcp: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        self.tls_with_alpn(tcp, b"http/1.1").await
+    }
+
+    /// A TLS connection that asks for `protocol` by ALPN (`h2`, `http/1.1`).
+    pub async fn tls_with_alpn(
+        &self,
+        tcp: TcpStream,
+        protocol: &[u8],
+    ) -> std::io::Result<TlsStream<TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
         let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
             .expect("CA PEM");
@@ -279,10 +305,10 @@ impl Setup {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![protocol.to_vec()];
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         TlsConnector::from(Arc::new(config))
-            .connect(name, self.tcp().await)
+            .connect(name, tcp)
             .await
     }
 }

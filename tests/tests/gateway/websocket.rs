@@ -245,9 +245,25 @@ async fn websocket_limits_answer_with_their_errors() {
     let mut first = setup.connect().await;
     let _second = setup.connect().await;
     match setup.websocket(&format!("/{}", setup.secret)).await {
-        Err(WsError::Http(response)) => assert_eq!(response.status(), 429),
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            let body = response.body().as_deref().expect("a body");
+            let answer: Value = serde_json::from_slice(body).expect("a JSON-RPC error");
+            assert_eq!(
+                answer["error"],
+                json!({
+                    "code": -32005,
+                    "message": "Too many WebSocket connections for this API key: at most 2"
+                })
+            );
+        }
         other => panic!("a third connection of the key: {:?}", other.err()),
     }
+    assert!(
+        setup
+            .metrics_text()
+            .contains("lb_gateway_rejected_total{reason=\"key_connection_limit\"} 1")
+    );
     assert!(first.call("chain_subscribeNewHeads", json!([])).await["result"].is_string());
     let over = first.call("chain_subscribeFinalizedHeads", json!([])).await;
     assert_eq!(error_code(&over), -32006, "{over}");
