@@ -299,6 +299,11 @@ impl ResponseCache {
         lock(&self.inner.head).clone()
     }
 
+    /// The number of the head recorded last.
+    pub fn head_number(&self) -> Option<u64> {
+        lock(&self.inner.head).as_ref().map(|head| head.number)
+    }
+
     /// The runtime version recorded last.
     pub fn runtime(&self) -> Option<RuntimeVersion> {
         *lock(&self.inner.runtime)

@@ -284,9 +284,9 @@ impl Link {
         if let Err(mpsc::error::SendError(Command::Call(request))) =
             self.commands.send(Command::Call(request))
         {
-            // The link ended between the pick and the send.
+            // The link ended between the pick and the send: as for a call it had in flight.
             self.load.calls.fetch_sub(1, Ordering::Relaxed);
-            fail(request, &lost_error(self.node));
+            give_back_unsent(request, self.node);
         }
     }
 
@@ -306,6 +306,18 @@ impl Link {
 
 pub fn lost_error(node: SocketAddr) -> RpcError {
     RpcError::upstream_unavailable(format!("node {node}: its connection was lost"))
+}
+
+/// A call its link could not carry to the end: back to its session to be sent elsewhere when
+/// it may be sent twice, else answered with the loss.
+fn give_back_unsent(request: Request, node: SocketAddr) {
+    match request.kind {
+        RequestKind::Plain { retry: true } => {
+            let client = request.client.clone();
+            client.push(Inbound::Retry(request));
+        }
+        _ => fail(request, &lost_error(node)),
+    }
 }
 
 /// Answers `request` with `error` (nothing when the client is gone).
@@ -813,7 +825,6 @@ impl LinkTask {
                 .dec();
             route.client.push(Inbound::Lost);
         }
-        let lost = lost_error(self.node);
         let sent = self
             .pending
             .drain()
@@ -825,13 +836,7 @@ impl LinkTask {
             if request.client.is_gone() {
                 continue;
             }
-            match request.kind {
-                RequestKind::Plain { retry: true } => {
-                    let client = request.client.clone();
-                    client.push(Inbound::Retry(request));
-                }
-                _ => fail(request, &lost),
-            }
+            give_back_unsent(request, self.node);
         }
     }
 }

@@ -228,18 +228,36 @@ impl Rotation {
     /// The client's node, and the node a failed read goes to next (the next other node along
     /// the table, so the retries of one failed node spread over the others).
     fn pick(&self, client: IpAddr) -> Option<(&RotationNode, Option<&RotationNode>)> {
+        self.pick_where(client, |_| true)
+    }
+
+    /// [`Rotation::pick`] among the nodes that `fit`: the first of them in the client's order
+    /// along the table, and the next; the plain pick when none fits.
+    fn pick_where(
+        &self,
+        client: IpAddr,
+        fit: impl Fn(SocketAddr) -> bool,
+    ) -> Option<(&RotationNode, Option<&RotationNode>)> {
         if self.table.is_empty() {
             return None;
         }
         let slot = flow_hash(&client_flow_key(client)) as usize % self.table.len();
-        let first = self.table[slot];
-        let second = (1..self.table.len())
-            .map(|step| self.table[(slot + step) % self.table.len()])
-            .find(|id| *id != first);
-        Some((
-            &self.nodes[first as usize],
-            second.map(|id| &self.nodes[id as usize]),
-        ))
+        // Each node once, in the order the table meets it from the client's slot.
+        let mut seen = vec![false; self.nodes.len()];
+        let order = (0..self.table.len())
+            .map(|step| self.table[(slot + step) % self.table.len()] as usize)
+            .filter(move |&id| !std::mem::replace(&mut seen[id], true))
+            // Stops once every node came (a Maglev table meets them all within a few slots).
+            .take(self.nodes.len())
+            .map(|id| &self.nodes[id]);
+        let mut fitting = order.clone().filter(|node| fit(node.endpoint));
+        match fitting.next() {
+            Some(first) => Some((first, fitting.next())),
+            None => {
+                let mut order = order;
+                order.next().map(|first| (first, order.next()))
+            }
+        }
     }
 }
 
@@ -349,17 +367,21 @@ impl Upstream {
         self.timeout
     }
 
-    /// Calls `method` on the client's node; a read that fails there, or finds no place there
-    /// in time, goes once to another node.
+    /// Calls `method` on the client's node, or on the first node in the client's order that
+    /// `fits` (a node at the chain's head, for an answer that depends on it); a read that
+    /// fails there, or finds no place there in time, goes once to another node.
     pub async fn call(
         &self,
         client: IpAddr,
         method: &str,
         params: Option<&RawValue>,
+        fits: impl Fn(SocketAddr) -> bool,
     ) -> Result<Outcome, UpstreamError> {
         // Kept for the call: a node that leaves the rotation meanwhile keeps its places.
         let rotation = self.rotation.load_full();
-        let (first, second) = rotation.pick(client).ok_or(UpstreamError::NoNode)?;
+        let (first, second) = rotation
+            .pick_where(client, fits)
+            .ok_or(UpstreamError::NoNode)?;
         let body = Bytes::from(jsonrpc::upstream_request(0, method, params));
         let error = match self
             .call_node(first, body.clone(), self.budget.queue_timeout)

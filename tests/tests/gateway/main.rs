@@ -3,11 +3,13 @@
 //! policy, batches, body limits, stickiness to the node the shared Maglev table predicts,
 //! failover of reads, HTTP/2 and HTTP/1.1, and a certificate reload.
 //!
+//! - [`head`]: a lagging node never makes a client's view go backwards.
 //! - [`http`]: JSON-RPC over HTTPS.
 //! - [`websocket`]: JSON-RPC over `wss://`, shared head subscriptions, node exits.
 //! - [`upstream_pool`]: many WebSocket clients over the nodes' few shared connections.
 //! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
 
+mod head;
 mod http;
 mod setup;
 mod upstream_pool;
