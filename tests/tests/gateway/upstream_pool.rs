@@ -11,8 +11,6 @@ use serde_json::{Value, json};
 
 use super::setup::*;
 
-/// `System.Number` (twox128("System") ++ twox128("Number")): changes with every block.
-const SYSTEM_NUMBER: &str = "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
 const BLOCK_TIME: Duration = Duration::from_millis(200);
 
 #[tokio::test]
@@ -27,7 +25,7 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     .await;
     let node = &setup.nodes[0];
     // The gateway's chain follower has its own connection.
-    let before = node.connections();
+    let before = follower_websockets(node).await;
 
     let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
     // Every client subscribes at once; each gets its own subscription and its own changes.
@@ -77,9 +75,9 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     assert!(message.contains("as many subscriptions"), "{refused}");
 
     assert!(
-        node.peak_connections() <= before + 3,
-        "the node saw {} connections at once: {before} before the clients, a pool of 3",
-        node.peak_connections()
+        node.peak_websockets() <= before + 3,
+        "the node saw {} WebSockets at once: {before} before the clients, a pool of 3",
+        node.peak_websockets()
     );
     assert!(
         setup
@@ -110,7 +108,7 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     })
     .await;
     let node = &setup.nodes[0];
-    let before = node.connections();
+    let before = follower_websockets(node).await;
     // A node takes 4 follows per connection: 8 clients fill the pool of 2.
     let mut clients = join_all((0..8).map(|_| setup.connect())).await;
     for client in &mut clients {
@@ -133,7 +131,11 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     }
     let ninth = clients[0].call("chainHead_v1_follow", json!([false])).await;
     assert_eq!(ninth["error"]["code"], -32000, "{ninth}");
-    assert!(node.peak_connections() <= before + 2);
+    assert!(
+        node.peak_websockets() <= before + 2,
+        "the node saw {} WebSockets at once: {before} before the clients, a pool of 2",
+        node.peak_websockets()
+    );
 
     // An unfollow frees its place for another client.
     let follows = node.request_count("chainHead_v1_unfollow");
