@@ -240,6 +240,10 @@ fn check_balances(summary: &Value) -> anyhow::Result<()> {
 /// block and saw it succeed; that block is on node 0's chain and holds the transaction (asked of
 /// the node itself); the balances moved; and papi submitted it with the new JSON-RPC spec.
 fn check_papi_transfer(lab: &Lab, summary: &Value) -> anyhow::Result<()> {
+    println!(
+        "papi's transfer: {}; methods papi sent: {}",
+        summary["statuses"], summary["methods"]
+    );
     ensure!(summary["ok"] == true, "papi saw it succeed: {summary}");
     let events = summary["events"].as_array().context("events")?;
     for event in ["Balances.Transfer", "System.ExtrinsicSuccess"] {

@@ -1,6 +1,7 @@
 //! WebSocket clients over the nodes' shared upstream connections: many clients, few node
 //! connections (counted at the node), ids and subscriptions kept apart per client, the pool's
-//! caps with their errors, chainHead_v1 operations on the connection of their follow, and
+//! caps with their errors, chainHead_v1 operations on the connection of their follow,
+//! `transaction_v1` operations stopped and `transactionWatch_v1` watches ended on theirs, and
 //! subscriptions ended at the node when their client goes.
 
 use std::time::Duration;
@@ -146,4 +147,58 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     .await;
     let again = clients[0].call("chainHead_v1_follow", json!([false])).await;
     assert!(again["result"].is_string(), "{again}");
+}
+
+#[tokio::test]
+async fn transactions_broadcast_and_watched_over_shared_connections_end_on_their_own() {
+    /// A decodable extrinsic: length 3, format version 4 unsigned, then call bytes.
+    const EXTRINSIC: &str = "0x0c040300";
+    const CLIENTS: usize = 6;
+    let setup = Setup::start_with_blocks(1, BLOCK_TIME, |section| {
+        section.max_upstream_connections_per_node = 2;
+        // 4 + 2 broadcasts: both connections carry some.
+        section.max_subscriptions_per_upstream = 4;
+    })
+    .await;
+    let node = &setup.nodes[0];
+    let before = follower_websockets(node).await;
+    let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
+
+    let mut operations = Vec::new();
+    for client in &mut clients {
+        let broadcast = client
+            .call("transaction_v1_broadcast", json!([EXTRINSIC]))
+            .await;
+        assert!(broadcast["result"].is_string(), "{broadcast}");
+        operations.push(broadcast["result"].clone());
+    }
+    assert_eq!(
+        node.peak_websockets(),
+        before + 2,
+        "the broadcasts filled one connection and went on to the next"
+    );
+    // A node knows an operation only on the connection that started it: a stop anywhere else
+    // is "Invalid operation id".
+    for (client, operation) in clients.iter_mut().zip(&operations) {
+        let stopped = client.call("transaction_v1_stop", json!([operation])).await;
+        assert_eq!(stopped["result"], Value::Null, "{stopped}");
+        assert!(stopped.get("error").is_none(), "{stopped}");
+    }
+
+    for client in &mut clients {
+        let watched = client
+            .call("transactionWatch_v1_submitAndWatch", json!([EXTRINSIC]))
+            .await;
+        let subscription = watched["result"].clone();
+        assert!(subscription.is_string(), "{watched}");
+        let event = client.notification().await;
+        assert_eq!(event["method"], "transactionWatch_v1_watchEvent", "{event}");
+        assert_eq!(event["params"]["subscription"], subscription, "{event}");
+        assert_eq!(event["params"]["result"], json!({ "event": "validated" }));
+        let unwatched = client
+            .call("transactionWatch_v1_unwatch", json!([subscription]))
+            .await;
+        assert_eq!(unwatched["result"], true, "{unwatched}");
+    }
+    assert!(node.peak_websockets() <= before + 2);
 }
