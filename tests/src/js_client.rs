@@ -1,14 +1,17 @@
 //! Running the pinned JavaScript clients of tests/js (polkadot.js, polkadot-api) against a
 //! sim-node from a test: install them when their node_modules is missing, run a script, read the
-//! one-line JSON summary it prints last.
+//! one-line JSON summary it prints last, and check what papi-check.mjs reports against the node
+//! it ran against (straight or through the gateway).
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::lab::js_dir;
+use crate::sim_node::{BlockNumber, SimNodeHandle};
 
 /// What polkadot.js 16.5.6 warns about for the `node` runtime on a real node too: its metadata
 /// uses a transaction extension polkadot.js does not know.
@@ -34,8 +37,20 @@ const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 /// Runs `program args` in `dir`, panicking (with what to install) when it cannot start or does
 /// not finish within `timeout`.
 pub async fn run(program: &str, args: &[&str], dir: &Path, timeout: Duration) -> Output {
+    run_with_env(program, args, &[], dir, timeout).await
+}
+
+/// [`run`] with `env` added to the environment (e.g. `NODE_EXTRA_CA_CERTS`).
+pub async fn run_with_env(
+    program: &str,
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    dir: &Path,
+    timeout: Duration,
+) -> Output {
     let child = tokio::process::Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .kill_on_drop(true)
         .output();
@@ -107,6 +122,101 @@ pub fn is_expected_polkadot_js_warning(warning: &str) -> bool {
                     .any(|prefix| method.starts_with(prefix))
             })
         })
+}
+
+/// The new JSON-RPC spec's calls papi-check.mjs makes polkadot-api send: the chain spec, the
+/// follow subscription, the metadata (a runtime call) and the storage read.
+pub const PAPI_NEW_SPEC_CALLS: [&str; 6] = [
+    "rpc_methods",
+    "chainSpec_v1_chainName",
+    "chainSpec_v1_genesisHash",
+    "chainHead_v1_follow",
+    "chainHead_v1_call",
+    "chainHead_v1_storage",
+];
+/// The legacy calls that would do the same reads: papi must not fall back on them.
+pub const PAPI_LEGACY_READS: [&str; 2] = ["state_call", "state_getStorage"];
+
+fn papi_block_number(block: &Value) -> BlockNumber {
+    block["number"]
+        .as_u64()
+        .and_then(|number| BlockNumber::try_from(number).ok())
+        .unwrap_or_else(|| panic!("no block number in {block}"))
+}
+
+/// The block papi reported is `node`'s block of that number, with its parent.
+fn assert_is_node_block(node: &SimNodeHandle, block: &Value) {
+    let number = papi_block_number(block);
+    assert_eq!(block["hash"], json!(node.block_hash(number)), "{block}");
+    assert_eq!(
+        block["parent"],
+        json!(node.block_hash(number - 1)),
+        "{block}"
+    );
+}
+
+/// Checks what papi-check.mjs reported as a user would, against the sim-node `node` it read
+/// (straight or through the gateway): the chain spec, the runtime version from the decoded
+/// metadata, the finalized block and `System.Number` read at it, three best blocks of the node
+/// moving forward, and no complaint from papi.
+pub fn assert_papi_summary_matches_node(node: &SimNodeHandle, summary: &Value) {
+    assert_eq!(summary["chainName"], "Development", "{summary}");
+    assert_eq!(
+        summary["genesisHash"],
+        json!(node.block_hash(0)),
+        "{summary}"
+    );
+    assert_eq!(summary["properties"]["ss58Format"], 42, "{summary}");
+    assert_eq!(summary["specName"], "node", "metadata decoded: {summary}");
+    assert_eq!(summary["specVersion"], 268, "{summary}");
+
+    let finalized = &summary["finalized"];
+    assert_is_node_block(node, finalized);
+    assert_eq!(
+        summary["systemNumber"],
+        json!(papi_block_number(finalized)),
+        "System.Number read at the finalized block: {summary}"
+    );
+
+    let best: Vec<&Value> = summary["bestBlocks"]
+        .as_array()
+        .expect("best blocks")
+        .iter()
+        .collect();
+    assert_eq!(best.len(), 3, "{summary}");
+    for block in &best {
+        assert_is_node_block(node, block);
+    }
+    assert!(
+        best.windows(2)
+            .all(|pair| papi_block_number(pair[0]) < papi_block_number(pair[1])),
+        "best blocks move forward: {summary}"
+    );
+    assert!(
+        papi_block_number(best[0]) >= papi_block_number(finalized),
+        "best is not below finalized: {summary}"
+    );
+    assert_eq!(summary["warnings"], json!([]), "papi complained: {summary}");
+}
+
+/// papi took the new API at `node`: each of [`PAPI_NEW_SPEC_CALLS`] reached it, none of
+/// [`PAPI_LEGACY_READS`].
+pub fn assert_papi_took_the_new_spec(node: &SimNodeHandle) {
+    for method in PAPI_NEW_SPEC_CALLS {
+        assert!(
+            node.request_count(method) >= 1,
+            "{method} never called: {:?}",
+            node.request_counts()
+        );
+    }
+    for legacy in PAPI_LEGACY_READS {
+        assert_eq!(
+            node.request_count(legacy),
+            0,
+            "{legacy}: {:?}",
+            node.request_counts()
+        );
+    }
 }
 
 #[cfg(test)]

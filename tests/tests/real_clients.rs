@@ -2,7 +2,9 @@
 //! (`@polkadot/api` 16.5.6, tests/js) runs in the client namespace with an API key made with the
 //! CLI and trusts the lab's throwaway CA (`NODE_EXTRA_CA_CERTS`), so every connection makes a
 //! real TLS handshake with lb-control's gateway. Behind it: sim-nodes, or chopsticks (a real
-//! runtime) where a signed transfer must really execute.
+//! runtime) where a signed transfer must really execute, sent with polkadot.js and with
+//! polkadot-api (`polkadot-api` 2.2.2: the new JSON-RPC spec, `transaction_v1_broadcast` and a
+//! `chainHead_v1` follow).
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries
 //! (`cargo build --bins` first) and Node.js 20 with tests/js installed (`cargo xtask setup`).
@@ -12,6 +14,7 @@ mod common;
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use anyhow::{Context, ensure};
+use blake2::{Blake2b, Digest, digest::consts::U32};
 use common::{GatewayLab, ServiceConf, VIP_V4, node_status, start_lab, up};
 use lb_tests::js_client::is_expected_polkadot_js_warning;
 use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, command_in_netns, js_dir, run_checked};
@@ -37,7 +40,24 @@ fn start_gateway(lab: &mut Lab, nodes: &[usize]) -> anyhow::Result<GatewayLab> {
 /// in `ca`; returns the JSON summary it prints last, failing with the error it reports. The
 /// scripts bound their own run time.
 fn run_js(lab: &Lab, ca: &Path, script: &str, args: &[&str]) -> anyhow::Result<Value> {
+    run_node(lab, ca, &[], script, args)
+}
+
+/// [`run_js`] for a polkadot-api script: papi's WebSocket provider uses the global WebSocket,
+/// which Node.js 20 has only behind a flag.
+fn run_papi_js(lab: &Lab, ca: &Path, script: &str, args: &[&str]) -> anyhow::Result<Value> {
+    run_node(lab, ca, &["--experimental-websocket"], script, args)
+}
+
+fn run_node(
+    lab: &Lab,
+    ca: &Path,
+    node_flags: &[&str],
+    script: &str,
+    args: &[&str],
+) -> anyhow::Result<Value> {
     let output = command_in_netns(&lab.client().netns, "node")?
+        .args(node_flags)
         .arg(script)
         .args(args)
         .current_dir(js_dir())
@@ -172,15 +192,9 @@ fn start_chopsticks_lab() -> anyhow::Result<Lab> {
     Ok(lab)
 }
 
-/// What a user checks after a transfer: it reached a block, that block holds it, Bob got the
-/// amount and Alice paid it plus a fee.
+/// What a user checks after a transfer (polkadot.js's): it reached a block, that block holds
+/// it, Bob got the amount and Alice paid it plus a fee.
 fn check_transfer(summary: &Value) -> anyhow::Result<()> {
-    let balance = |who: &str, when: &str| -> anyhow::Result<u128> {
-        summary[when][who]
-            .as_str()
-            .and_then(|text| text.parse().ok())
-            .with_context(|| format!("{who}'s balance {when}: {summary}"))
-    };
     ensure!(
         summary["statuses"]
             .as_array()
@@ -199,6 +213,18 @@ fn check_transfer(summary: &Value) -> anyhow::Result<()> {
             .is_some_and(|events| events.contains(&json!("system.ExtrinsicSuccess"))),
         "{summary}"
     );
+    check_balances(summary)
+}
+
+/// Bob got the amount and Alice paid it plus a fee, by the balances a transfer script read
+/// before and at the block that holds the transfer.
+fn check_balances(summary: &Value) -> anyhow::Result<()> {
+    let balance = |who: &str, when: &str| -> anyhow::Result<u128> {
+        summary[when][who]
+            .as_str()
+            .and_then(|text| text.parse().ok())
+            .with_context(|| format!("{who}'s balance {when}: {summary}"))
+    };
     ensure!(
         balance("bob", "after")? == balance("bob", "before")? + TRANSFER_AMOUNT,
         "Bob got the amount: {summary}"
@@ -208,6 +234,59 @@ fn check_transfer(summary: &Value) -> anyhow::Result<()> {
         "Alice paid the amount and a fee: {summary}"
     );
     Ok(())
+}
+
+/// What a user checks after a transfer with papi (papi-transfer.mjs): papi found it in a best
+/// block and saw it succeed; that block is on node 0's chain and holds the transaction (asked of
+/// the node itself); the balances moved; and papi submitted it with the new JSON-RPC spec.
+fn check_papi_transfer(lab: &Lab, summary: &Value) -> anyhow::Result<()> {
+    println!(
+        "papi's transfer: {}; methods papi sent: {}",
+        summary["statuses"], summary["methods"]
+    );
+    ensure!(summary["ok"] == true, "papi saw it succeed: {summary}");
+    let events = summary["events"].as_array().context("events")?;
+    for event in ["Balances.Transfer", "System.ExtrinsicSuccess"] {
+        ensure!(events.contains(&json!(event)), "{event}: {summary}");
+    }
+    let block = &summary["block"]["hash"];
+    let number = number(&summary["block"]["number"])?;
+    ensure!(
+        node_rpc(lab, 0, "chain_getBlockHash", json!([number]))? == *block,
+        "the block is the node's block {number}: {summary}"
+    );
+    let extrinsics = node_rpc(lab, 0, "chain_getBlock", json!([block]))?["block"]["extrinsics"]
+        .as_array()
+        .context("the block's extrinsics")?
+        .iter()
+        .map(|extrinsic| extrinsic.as_str().and_then(extrinsic_hash))
+        .collect::<Option<Vec<String>>>()
+        .context("extrinsics as hex")?;
+    ensure!(
+        summary["txHash"]
+            .as_str()
+            .is_some_and(|hash| extrinsics.iter().any(|other| other == hash)),
+        "the node's block holds the transaction: {summary}; hashes in the block: {extrinsics:?}"
+    );
+    check_balances(summary)?;
+    let methods = summary["methods"].as_array().context("methods")?;
+    ensure!(
+        [
+            "transaction_v1_broadcast",
+            "transactionWatch_v1_submitAndWatch"
+        ]
+        .iter()
+        .any(|method| methods.contains(&json!(method)))
+            && methods.contains(&json!("chainHead_v1_follow")),
+        "papi took the new spec: {summary}"
+    );
+    Ok(())
+}
+
+/// A transaction's hash as clients give it: blake2-256 of its bytes (`0x…` hex in and out).
+fn extrinsic_hash(extrinsic: &str) -> Option<String> {
+    let bytes = hex::decode(extrinsic.strip_prefix("0x")?).ok()?;
+    Some(format!("0x{}", hex::encode(Blake2b::<U32>::digest(bytes))))
 }
 
 #[test]
@@ -235,6 +314,33 @@ fn signed_transfer_through_wss_to_chopsticks_reaches_in_block() -> anyhow::Resul
         &[&gateway.url("wss"), &TRANSFER_AMOUNT.to_string()],
     )?;
     check_transfer(&summary)
+}
+
+#[test]
+fn papi_transfer_straight_to_chopsticks_reaches_a_block() -> anyhow::Result<()> {
+    let lab = start_chopsticks_lab()?;
+    let url = format!("ws://{}:{SIM_NODE_RPC_PORT}", lab.node(0).addr_v4);
+    // No TLS here: the CA path only has to exist.
+    let summary = run_papi_js(
+        &lab,
+        Path::new("/dev/null"),
+        "papi-transfer.mjs",
+        &[&url, &TRANSFER_AMOUNT.to_string()],
+    )?;
+    check_papi_transfer(&lab, &summary)
+}
+
+#[test]
+fn papi_transfer_through_wss_to_chopsticks_reaches_a_block() -> anyhow::Result<()> {
+    let mut lab = start_chopsticks_lab()?;
+    let gateway = start_gateway(&mut lab, &[0])?;
+    let summary = run_papi_js(
+        &lab,
+        &gateway.ca,
+        "papi-transfer.mjs",
+        &[&gateway.url("wss"), &TRANSFER_AMOUNT.to_string()],
+    )?;
+    check_papi_transfer(&lab, &summary)
 }
 
 /// What every node has answered so far, per method, summed over the nodes.

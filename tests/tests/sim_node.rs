@@ -1506,6 +1506,49 @@ async fn the_101st_connection_is_refused_as_substrate_does() {
 }
 
 #[tokio::test]
+async fn open_connections_and_websockets_are_counted_until_they_close() {
+    let node = start_node("connection-count", STEADY_BLOCK_TIME).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut ws = WsClient::connect(&node.ws_url()).await;
+        // Answered: the connection is past its upgrade.
+        let health = ws.call("system_health", json!([])).await;
+        assert!(health["result"].is_object(), "{health}");
+        held.push(ws);
+    }
+    assert_eq!(node.connections(), 3, "open WebSockets");
+    assert_eq!(node.peak_connections(), 3);
+    assert_eq!((node.websockets(), node.peak_websockets()), (3, 3));
+    // A connection that has not upgraded is a connection, not a WebSocket.
+    let control = ControlClient::new(node.control_addr().expect("control API"));
+    let http = TcpStream::connect(node.rpc_addr()).await.expect("TCP");
+    poll::until("the HTTP connection is counted", || async {
+        node.connections() == 4
+    })
+    .await;
+    let status = control.status().await.expect("GET /status");
+    assert_eq!(
+        (status.connections, status.peak_connections),
+        (4, 4),
+        "{status:?}"
+    );
+    assert_eq!(
+        (status.websockets, status.peak_websockets),
+        (3, 3),
+        "{status:?}"
+    );
+
+    drop(http);
+    held.truncate(1);
+    poll::until("closed connections leave the count", || async {
+        node.connections() == 1 && node.websockets() == 1
+    })
+    .await;
+    assert_eq!(node.peak_connections(), 4, "the peak stays");
+    assert_eq!(node.peak_websockets(), 3, "the peak stays");
+}
+
+#[tokio::test]
 async fn transaction_broadcast_returns_an_operation_id_that_only_its_connection_stops() {
     let node = start_node("broadcast", STEADY_BLOCK_TIME).await;
     let mut ws = WsClient::connect(&node.ws_url()).await;

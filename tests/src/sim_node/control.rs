@@ -41,6 +41,9 @@ pub struct NodeStatus {
     /// JSON-RPC connections open now, and the most open at once since the node started.
     pub connections: usize,
     pub peak_connections: usize,
+    /// Of those, WebSockets (connections past their upgrade): open now, and the most at once.
+    pub websockets: usize,
+    pub peak_websockets: usize,
 }
 
 impl NodeStatus {
@@ -57,6 +60,8 @@ impl NodeStatus {
             requests: node.request_counts(),
             connections: node.connections(),
             peak_connections: node.peak_connections(),
+            websockets: node.websockets(),
+            peak_websockets: node.peak_websockets(),
         }
     }
 

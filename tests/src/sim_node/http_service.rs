@@ -3,6 +3,8 @@
 //! the way Substrate's `NodeHealthProxyLayer` does: by calling `system_health` through the
 //! JSON-RPC stack (so faults and request counts apply) and translating the answer.
 
+use std::sync::Arc;
+
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
@@ -12,7 +14,7 @@ use jsonrpsee::server::HttpBody;
 use serde::Deserialize;
 use tower::Service;
 
-use super::state::Health;
+use super::state::{Health, OpenConnection};
 
 /// The response header naming the node that answered.
 pub const NODE_ID_HEADER: HeaderName = HeaderName::from_static("x-sim-node");
@@ -42,10 +44,12 @@ impl HealthEndpoint {
     }
 }
 
-/// Serves one HTTP request with `rpc`, the connection's jsonrpsee service.
+/// Serves one HTTP request with `rpc`, the connection's jsonrpsee service; an accepted
+/// WebSocket upgrade counts `open` as a WebSocket.
 pub async fn serve_request<S>(
     mut rpc: S,
     node_id: HeaderValue,
+    open: Arc<OpenConnection>,
     request: Request<Incoming>,
 ) -> Result<Response<HttpBody>, BoxError>
 where
@@ -86,6 +90,9 @@ where
             }
         }
     };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        open.mark_websocket();
+    }
     response.headers_mut().insert(NODE_ID_HEADER, node_id);
     Ok(response)
 }

@@ -366,6 +366,16 @@ impl SimNodeHandle {
         self.node.most_calls_in_flight()
     }
 
+    /// WebSocket connections open at the node now (a part of [`SimNodeHandle::connections`]).
+    pub fn websockets(&self) -> usize {
+        self.node.websockets()
+    }
+
+    /// The most WebSocket connections open at the node at once since it started.
+    pub fn peak_websockets(&self) -> usize {
+        self.node.peak_websockets()
+    }
+
     /// The node's best block (after faults).
     pub fn best_number(&self) -> BlockNumber {
         self.node.heads().best

@@ -2,8 +2,8 @@
 //! faults, and how many requests of each method reached it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -53,14 +53,33 @@ pub struct NodeState {
     in_flight: AtomicU64,
     /// The most calls answered at once since the start or the last reset of the counts.
     most_in_flight: AtomicU64,
+    /// Of those, the upgraded ones (WebSockets).
+    websockets: AtomicUsize,
+    peak_websockets: AtomicUsize,
 }
 
-/// One open JSON-RPC connection, counted while it lives.
-pub struct OpenConnection<'a>(&'a NodeState);
+/// One open JSON-RPC connection, counted while it lives, and as a WebSocket too once upgraded.
+pub struct OpenConnection {
+    node: Arc<NodeState>,
+    websocket: AtomicBool,
+}
 
-impl Drop for OpenConnection<'_> {
+impl OpenConnection {
+    /// Counts the connection as a WebSocket as well (once), until it closes.
+    pub fn mark_websocket(&self) {
+        if !self.websocket.swap(true, Ordering::Relaxed) {
+            let open = self.node.websockets.fetch_add(1, Ordering::Relaxed) + 1;
+            self.node.peak_websockets.fetch_max(open, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        if self.websocket.load(Ordering::Relaxed) {
+            self.node.websockets.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -100,6 +119,8 @@ impl NodeState {
             peak_connections: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
             most_in_flight: AtomicU64::new(0),
+            websockets: AtomicUsize::new(0),
+            peak_websockets: AtomicUsize::new(0),
         };
         state.refresh_heads();
         state
@@ -192,10 +213,13 @@ impl NodeState {
     }
 
     /// Counts a connection the node accepted until the returned guard drops.
-    pub fn open_connection(&self) -> OpenConnection<'_> {
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
         let open = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_connections.fetch_max(open, Ordering::Relaxed);
-        OpenConnection(self)
+        OpenConnection {
+            node: self.clone(),
+            websocket: AtomicBool::new(false),
+        }
     }
 
     /// JSON-RPC connections open now.
@@ -206,6 +230,16 @@ impl NodeState {
     /// The most JSON-RPC connections open at once since the node started.
     pub fn peak_connections(&self) -> usize {
         self.peak_connections.load(Ordering::Relaxed)
+    }
+
+    /// WebSocket connections open now.
+    pub fn websockets(&self) -> usize {
+        self.websockets.load(Ordering::Relaxed)
+    }
+
+    /// The most WebSocket connections open at once since the node started.
+    pub fn peak_websockets(&self) -> usize {
+        self.peak_websockets.load(Ordering::Relaxed)
     }
 
     pub fn reset_request_counts(&self) {

@@ -90,6 +90,23 @@ pub const FOLLOWER_SUBSCRIPTIONS: [&str; 3] = [
     "state_subscribeRuntimeVersion",
 ];
 
+/// `System.Number` (twox128("System") ++ twox128("Number")): changes with every block; its
+/// value is the block's number (SCALE `u32`).
+pub const SYSTEM_NUMBER: &str =
+    "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
+
+/// The WebSockets the gateway's own chain follower holds at `node`, once it has subscribed
+/// there: what a node carries before any client comes.
+pub async fn follower_websockets(node: &SimNodeHandle) -> usize {
+    lb_tests::poll::until("the chain follower subscribes at the node", || async {
+        FOLLOWER_SUBSCRIPTIONS
+            .iter()
+            .all(|method| node.request_count(method) >= 1)
+    })
+    .await;
+    node.websockets()
+}
+
 /// A safe read the gateway never caches (it is not in the cache's method table), answered
 /// differently by each node: what the routing tests count.
 pub const UNCACHED_READ: &str = "system_localPeerId";

@@ -1,6 +1,7 @@
 //! WebSocket clients over the nodes' shared upstream connections: many clients, few node
 //! connections (counted at the node), ids and subscriptions kept apart per client, the pool's
-//! caps with their errors, chainHead_v1 operations on the connection of their follow, and
+//! caps with their errors, chainHead_v1 operations on the connection of their follow,
+//! `transaction_v1` operations stopped and `transactionWatch_v1` watches ended on theirs, and
 //! subscriptions ended at the node when their client goes.
 
 use std::time::Duration;
@@ -11,8 +12,6 @@ use serde_json::{Value, json};
 
 use super::setup::*;
 
-/// `System.Number` (twox128("System") ++ twox128("Number")): changes with every block.
-const SYSTEM_NUMBER: &str = "0x26aa394eea5630e07c48ae0c9558cef702a5c1b19ab7a04f536c519aca4983ac";
 const BLOCK_TIME: Duration = Duration::from_millis(200);
 
 #[tokio::test]
@@ -27,7 +26,7 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     .await;
     let node = &setup.nodes[0];
     // The gateway's chain follower has its own connection.
-    let before = node.connections();
+    let before = follower_websockets(node).await;
 
     let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
     // Every client subscribes at once; each gets its own subscription and its own changes.
@@ -77,9 +76,9 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     assert!(message.contains("as many subscriptions"), "{refused}");
 
     assert!(
-        node.peak_connections() <= before + 3,
-        "the node saw {} connections at once: {before} before the clients, a pool of 3",
-        node.peak_connections()
+        node.peak_websockets() <= before + 3,
+        "the node saw {} WebSockets at once: {before} before the clients, a pool of 3",
+        node.peak_websockets()
     );
     assert!(
         setup
@@ -110,7 +109,7 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     })
     .await;
     let node = &setup.nodes[0];
-    let before = node.connections();
+    let before = follower_websockets(node).await;
     // A node takes 4 follows per connection: 8 clients fill the pool of 2.
     let mut clients = join_all((0..8).map(|_| setup.connect())).await;
     for client in &mut clients {
@@ -133,7 +132,11 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     }
     let ninth = clients[0].call("chainHead_v1_follow", json!([false])).await;
     assert_eq!(ninth["error"]["code"], -32000, "{ninth}");
-    assert!(node.peak_connections() <= before + 2);
+    assert!(
+        node.peak_websockets() <= before + 2,
+        "the node saw {} WebSockets at once: {before} before the clients, a pool of 2",
+        node.peak_websockets()
+    );
 
     // An unfollow frees its place for another client.
     let follows = node.request_count("chainHead_v1_unfollow");
@@ -144,4 +147,58 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     .await;
     let again = clients[0].call("chainHead_v1_follow", json!([false])).await;
     assert!(again["result"].is_string(), "{again}");
+}
+
+#[tokio::test]
+async fn transactions_broadcast_and_watched_over_shared_connections_end_on_their_own() {
+    /// A decodable extrinsic: length 3, format version 4 unsigned, then call bytes.
+    const EXTRINSIC: &str = "0x0c040300";
+    const CLIENTS: usize = 6;
+    let setup = Setup::start_with_blocks(1, BLOCK_TIME, |section| {
+        section.max_upstream_connections_per_node = 2;
+        // 4 + 2 broadcasts: both connections carry some.
+        section.max_subscriptions_per_upstream = 4;
+    })
+    .await;
+    let node = &setup.nodes[0];
+    let before = follower_websockets(node).await;
+    let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
+
+    let mut operations = Vec::new();
+    for client in &mut clients {
+        let broadcast = client
+            .call("transaction_v1_broadcast", json!([EXTRINSIC]))
+            .await;
+        assert!(broadcast["result"].is_string(), "{broadcast}");
+        operations.push(broadcast["result"].clone());
+    }
+    assert_eq!(
+        node.peak_websockets(),
+        before + 2,
+        "the broadcasts filled one connection and went on to the next"
+    );
+    // A node knows an operation only on the connection that started it: a stop anywhere else
+    // is "Invalid operation id".
+    for (client, operation) in clients.iter_mut().zip(&operations) {
+        let stopped = client.call("transaction_v1_stop", json!([operation])).await;
+        assert_eq!(stopped["result"], Value::Null, "{stopped}");
+        assert!(stopped.get("error").is_none(), "{stopped}");
+    }
+
+    for client in &mut clients {
+        let watched = client
+            .call("transactionWatch_v1_submitAndWatch", json!([EXTRINSIC]))
+            .await;
+        let subscription = watched["result"].clone();
+        assert!(subscription.is_string(), "{watched}");
+        let event = client.notification().await;
+        assert_eq!(event["method"], "transactionWatch_v1_watchEvent", "{event}");
+        assert_eq!(event["params"]["subscription"], subscription, "{event}");
+        assert_eq!(event["params"]["result"], json!({ "event": "validated" }));
+        let unwatched = client
+            .call("transactionWatch_v1_unwatch", json!([subscription]))
+            .await;
+        assert_eq!(unwatched["result"], true, "{unwatched}");
+    }
+    assert!(node.peak_websockets() <= before + 2);
 }
