@@ -357,3 +357,50 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     );
     Ok(())
 }
+
+/// `GET /health` on the gateway's port, no key, as a DNS provider's monitor asks it: the
+/// status line and the body.
+fn health(lab: &Lab, gateway: &GatewayLab) -> anyhow::Result<(String, serde_json::Value)> {
+    let url = format!("https://{}:{GATEWAY_PORT}/health", lab.lb().addr_v4);
+    let (body, status) = curl(lab, &gateway.ca, &url, &[])?;
+    let body = serde_json::from_str(&body).with_context(|| format!("not JSON: {body}"))?;
+    Ok((status, body))
+}
+
+#[test]
+fn health_endpoint_answers_503_within_the_fall_time_once_every_node_is_down() -> anyhow::Result<()>
+{
+    let mut lab = common::start_lab(2, true, Duration::from_secs(1));
+    let gateway = GatewayLab::start(
+        &mut lab,
+        &[ServiceConf::checked(VIP_V4, vec![up(0), up(1)])],
+        "",
+    )?;
+    wait_for("both nodes up behind the gateway", || {
+        let (status, body) = health(&lab, &gateway)?;
+        Ok(status.starts_with("200") && body["nodes"] == 2)
+    })?;
+    let (_, body) = health(&lab, &gateway)?;
+    ensure!(body["status"] == "ok", "{body}");
+
+    lab.kill_sim_node(0)?;
+    lab.kill_sim_node(1)?;
+    let killed = std::time::Instant::now();
+    wait_for("503 from /health", || {
+        Ok(health(&lab, &gateway)?.0.starts_with("503"))
+    })?;
+    let took = killed.elapsed();
+    let (_, body) = health(&lab, &gateway)?;
+    ensure!(
+        body == serde_json::json!({"status": "unavailable", "nodes": 0}),
+        "{body}"
+    );
+    eprintln!("/health answered 503 {took:?} after the last node died");
+    // The checker's defaults: a dead node is out after interval + (fall - 1) × fast_interval
+    // plus a check's timeout, about 2.2 s; twice that leaves room for a loaded machine.
+    ensure!(
+        took < Duration::from_millis(4400),
+        "503 took {took:?}, beyond the health checker's fall time"
+    );
+    Ok(())
+}

@@ -5,6 +5,10 @@
 //!
 //! Nothing reaches a node before the key is known good: the body of an unauthenticated request
 //! is only drained (at most [`UNAUTHENTICATED_BODY_DRAIN`] bytes), never parsed.
+//!
+//! One request needs no key: `GET /health` (or `HEAD`), for a DNS provider's or load
+//! balancer's health monitor: 200 while some node is up to serve, 503 when none is, with a
+//! small JSON body.
 
 use std::{net::IpAddr, sync::Arc};
 
@@ -23,6 +27,9 @@ use super::{
     websocket,
 };
 
+/// Where a health monitor asks whether this gateway can serve.
+pub const HEALTH_PATH: &str = "/health";
+
 /// How much of an unauthenticated request's body is read (and dropped) before the 401.
 pub const UNAUTHENTICATED_BODY_DRAIN: usize = 64 * 1024;
 
@@ -33,6 +40,11 @@ pub async fn handle(
     client: IpAddr,
     hold: ConnectionHold,
 ) -> Response<Full<Bytes>> {
+    if request.uri().path() == HEALTH_PATH
+        && matches!(*request.method(), Method::GET | Method::HEAD)
+    {
+        return health(pipeline);
+    }
     let upgrade = hyper_tungstenite::is_upgrade_request(&request);
     if request.method() != Method::POST && !upgrade {
         return refused(pipeline, &Rejection::MethodNotAllowed, client);
@@ -79,6 +91,29 @@ pub async fn handle(
         return refused(pipeline, &rejection, client);
     }
     rpc_response(StatusCode::OK, pipeline.answer_body(body, client).await)
+}
+
+/// `GET /health`: 200 `{"status":"ok","nodes":N}` while N > 0 healthy nodes take clients,
+/// else 503 `{"status":"unavailable","nodes":0}` (the "least bad" nodes a service keeps while
+/// none is healthy do not count: a monitor should steer clients to another site then).
+fn health(pipeline: &Pipeline) -> Response<Full<Bytes>> {
+    let nodes = pipeline.upstream.healthy_nodes();
+    let (status, word) = if nodes > 0 {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    };
+    let body = serde_json::json!({ "status": word, "nodes": nodes }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The HTTP answer to a refusal: the pipeline's JSON-RPC error (to id `null`) with the status

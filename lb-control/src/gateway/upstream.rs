@@ -18,7 +18,10 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -142,19 +145,30 @@ fn backends_of(
         .flat_map(|service| &service.backends)
 }
 
-/// What a view gives the gateway: the rotation new clients are spread over, and the nodes
-/// that may keep the clients they have.
+/// What a view gives the gateway: the rotation new clients are spread over, the nodes that
+/// may keep the clients they have, and how many of the rotation's nodes are healthy (the
+/// others are the "least bad" kept while none is).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ViewNodes {
     pub rotation: Vec<NodeSpec>,
     pub serving: Vec<SocketAddr>,
+    pub healthy: usize,
 }
 
 impl ViewNodes {
     pub fn of(view: &ClusterView, service: Option<ServiceKey>) -> ViewNodes {
+        let healthy = live_nodes(view, service)
+            .into_iter()
+            .filter(|node| {
+                backends_of(view, service).any(|backend| {
+                    backend.backend.def.rpc_endpoint() == node.endpoint && !backend.fallback
+                })
+            })
+            .count();
         ViewNodes {
             rotation: live_nodes(view, service),
             serving: serving_endpoints(view, service),
+            healthy,
         }
     }
 }
@@ -264,6 +278,8 @@ impl Rotation {
 /// The upstream side: the rotation and the connection pool.
 pub struct Upstream {
     rotation: ArcSwap<Rotation>,
+    /// [`ViewNodes::healthy`] of the rotation in force.
+    healthy: AtomicUsize,
     /// The nodes that may keep clients ([`serving_endpoints`]), for whoever follows them: the
     /// chain follower, and WebSocket sessions bound to a node.
     serving: watch::Sender<Vec<SocketAddr>>,
@@ -290,6 +306,7 @@ impl Upstream {
             .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
+            healthy: AtomicUsize::new(0),
             serving: watch::Sender::new(Vec::new()),
             table_size,
             client,
@@ -308,6 +325,7 @@ impl Upstream {
             &self.rotation.load(),
         )?;
         self.rotation.store(Arc::new(rotation));
+        self.healthy.store(nodes.healthy, Ordering::Relaxed);
         self.serving.send_if_modified(|current| {
             let changed = *current != nodes.serving;
             current.clone_from(&nodes.serving);
@@ -361,6 +379,12 @@ impl Upstream {
             .load()
             .pick(client)
             .map(|(first, second)| (first.endpoint, second.map(|node| node.endpoint)))
+    }
+
+    /// How many healthy nodes new clients may go to now (not counting the "least bad" ones
+    /// kept while none is healthy).
+    pub fn healthy_nodes(&self) -> usize {
+        self.healthy.load(Ordering::Relaxed)
     }
 
     pub fn timeout(&self) -> Duration {

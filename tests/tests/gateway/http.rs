@@ -981,3 +981,35 @@ async fn made_up_and_malformed_keys_get_401_without_a_store_query_while_valid_ke
         assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
     }
 }
+
+#[tokio::test]
+async fn health_needs_no_key_and_says_whether_a_node_can_serve() {
+    let setup = Setup::start(2).await;
+    let client = setup.client();
+    let health = || async {
+        let response = client
+            .get(setup.url("/health"))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status();
+        (status, response.json::<Value>().await.expect("JSON"))
+    };
+    assert_eq!(
+        health().await,
+        (StatusCode::OK, json!({"status": "ok", "nodes": 2}))
+    );
+    assert_eq!(setup.node_requests(), 0, "a health probe reaches no node");
+    setup.set_states(|_| Some(lb_control::backends::State::Down));
+    poll::until("the gateway has no node left", || async {
+        health().await.0 == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    assert_eq!(
+        health().await,
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unavailable", "nodes": 0})
+        )
+    );
+}

@@ -238,9 +238,14 @@ impl Setup {
 
     /// Publishes a view with `node` in `state` and the others up, as the control plane does.
     pub fn set_state(&self, node: SocketAddr, state: State) {
+        self.set_states(|address| (address == node).then_some(state));
+    }
+
+    /// The view with each node in the state `state_of` gives it (Up when None).
+    pub fn set_states(&self, state_of: impl Fn(SocketAddr) -> Option<State>) {
         let mut view = cluster_view(&self.nodes);
         for backend in &mut view.services[0].backends {
-            if backend.backend.def.address == node {
+            if let Some(state) = state_of(backend.backend.def.address) {
                 backend.state = state;
             }
         }
