@@ -10,9 +10,9 @@ use thiserror::Error;
 
 use crate::{
     api::model::{
-        BackendInfo, BlockInfo, ClusterHealth, ErrorBody, ErrorDetail, EventInfo, KeyCreated,
-        KeyInfo, LimitChange, NewBackend, NewBlock, NewKey, NewService, ServiceInfo, StatsReport,
-        WeightChange,
+        BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
+        ErrorDetail, EventInfo, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock, NewKey,
+        NewService, ServiceInfo, StatsReport, WeightChange,
     },
     model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
 };
@@ -128,6 +128,29 @@ impl AdminClient {
     pub async fn remove_backend(&self, id: BackendId) -> Result<Backend, ClientError> {
         self.call(Method::DELETE, &format!("/v1/backends/{id}"), None::<&()>)
             .await
+    }
+
+    /// What a backend still carries: open kernel flows and gateway WebSocket clients.
+    pub async fn backend_connections(
+        &self,
+        id: BackendId,
+    ) -> Result<BackendConnections, ClientError> {
+        self.call(
+            Method::GET,
+            &format!("/v1/backends/{id}/connections"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Closes the gateway's WebSocket clients of a backend's node (1012: reconnect).
+    pub async fn close_backend_clients(&self, id: BackendId) -> Result<ClosedClients, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/backends/{id}/close-clients"),
+            None::<&()>,
+        )
+        .await
     }
 
     /// Drains, enables or disables a backend.

@@ -33,7 +33,7 @@ use crate::{
     backends::{BackendSet, Declared},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
-    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -182,6 +182,7 @@ impl Daemon {
             block_requests,
             blocklist.clone(),
         ));
+        let gateway_clients = Arc::new(NodeClients::default());
         let gateway = match gateway_bound {
             Some(bound) => Some(Gateway::start(
                 bound,
@@ -192,6 +193,7 @@ impl Daemon {
                     metrics: gateway_metrics,
                     maglev_table_size: config.dataplane.maglev_table_size,
                     blocks,
+                    clients: gateway_clients.clone(),
                 },
             )?),
             None => None,
@@ -206,6 +208,7 @@ impl Daemon {
             metrics: metrics.clone(),
             blocklist: blocklist.clone(),
             pin_dir: pin_dir.clone(),
+            gateway_clients,
             token,
         };
         let admin_address = listener.local_addr()?;

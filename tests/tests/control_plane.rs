@@ -433,3 +433,68 @@ fn api_backend(
             )
         })
 }
+
+#[test]
+fn drain_wait_returns_once_the_backend_s_last_flow_closes_and_fails_at_its_timeout()
+-> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+
+    let mut lab = start_lab(2);
+    let service = service(0..2);
+    let lb_control = LbControl::start(&mut lab, std::slice::from_ref(&service))?;
+    wait_until_checked(&lab, 0..2)?;
+    let connection = common::KeepAlive::open(&lab.client().netns, service.target())?;
+    let node = common::node_index(&connection.node)?;
+    let address = backend_addr(&lab, node, service.vip);
+    let listed = api_backend(&lb_control, &lab, &["backend", "list"], address)?;
+    let id = listed["id"]
+        .as_i64()
+        .with_context(|| format!("no id in {listed:#}"))?
+        .to_string();
+
+    // The connection stays open: the wait runs out and says what is left.
+    let error = lb_control
+        .cli(
+            &lab,
+            &["backend", "drain", &id, "--wait", "--timeout", "1s"],
+        )
+        .expect_err("a drain with an open flow cannot finish in 1 s");
+    ensure!(
+        format!("{error:#}").contains("still has 1 open flows"),
+        "{error:#}"
+    );
+
+    // Waiting again, the operator's way; the client closes its connection meanwhile.
+    let mut waiting = lab
+        .exec(&lab.lb().netns, lb_tests::lab::binary_path("lb-control")?)?
+        .args(["backend", "drain", &id, "--wait", "--timeout", "30s"])
+        .env("LB_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting lb-control backend drain --wait")?;
+    let mut lines = BufReader::new(waiting.stdout.take().context("stdout")?).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        let counted = line.contains("1 open flows, 0 WebSocket clients");
+        printed.push(line);
+        if counted {
+            break;
+        }
+    }
+    ensure!(
+        printed.iter().any(|line| line.contains("1 open flows")),
+        "the wait never showed the open flow: {printed:?}"
+    );
+    drop(connection);
+    printed.extend(lines.map_while(Result::ok));
+    let status = waiting.wait()?;
+    ensure!(status.success(), "the drain failed: {printed:?}");
+    ensure!(
+        printed
+            .last()
+            .is_some_and(|line| line.ends_with("is drained")),
+        "{printed:?}"
+    );
+    Ok(())
+}

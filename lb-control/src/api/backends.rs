@@ -6,10 +6,16 @@ use super::{
     Context,
     error::{ApiError, ApiResult},
     extract::{Body, Id, Query},
-    model::{BackendFilter, BackendInfo, ErrorBody, NewBackend, WeightChange},
+    model::{
+        BackendConnections, BackendFilter, BackendInfo, ClosedClients, ErrorBody, NewBackend,
+        WeightChange,
+    },
     services::service_not_found,
 };
-use crate::model::{AdminState, Backend, BackendDef, BackendId, ServiceId};
+use crate::{
+    dataplane::open_flows_to,
+    model::{AdminState, Backend, BackendDef, BackendId, ServiceId},
+};
 
 /// Every backend with its state and health.
 #[utoipa::path(
@@ -128,6 +134,59 @@ pub async fn remove(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
 )]
 pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
     set_admin(&context, id, AdminState::Draining).await
+}
+
+/// What a backend still carries: its open kernel flows and its gateway WebSocket clients. A
+/// drained backend is empty, ready for its upgrade, when both are 0.
+#[utoipa::path(
+    get,
+    path = "/v1/backends/{id}/connections",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Its connections now", body = BackendConnections),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The kernel's flow table could not be read",
+         body = ErrorBody),
+    )
+)]
+pub async fn connections(
+    State(context): State<Context>,
+    Id(id): Id,
+) -> ApiResult<Json<BackendConnections>> {
+    let backend = context.backends.backend_status(id).await?.view.backend;
+    let (pin_dir, address) = (context.pin_dir.clone(), backend.def.address);
+    let flows = tokio::task::spawn_blocking(move || open_flows_to(&pin_dir, address))
+        .await
+        .map_err(|error| ApiError::internal(format!("counting flows: {error}")))?
+        .map_err(|error| ApiError::internal(format!("counting flows: {error}")))?;
+    Ok(Json(BackendConnections {
+        flows,
+        websocket_clients: context.gateway_clients.count(backend.def.rpc_endpoint()),
+    }))
+}
+
+/// Closes the gateway's WebSocket clients of a backend's node with 1012 (service restart), so
+/// they reconnect to another node: the end of a drain that ran out of time.
+#[utoipa::path(
+    post,
+    path = "/v1/backends/{id}/close-clients",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "The clients told to reconnect", body = ClosedClients),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+    )
+)]
+pub async fn close_clients(
+    State(context): State<Context>,
+    Id(id): Id,
+) -> ApiResult<Json<ClosedClients>> {
+    let backend = context.backends.backend_status(id).await?.view.backend;
+    let closed = context.gateway_clients.close(backend.def.rpc_endpoint());
+    Ok(Json(ClosedClients { closed }))
 }
 
 /// Enables a backend: in rotation while healthy.

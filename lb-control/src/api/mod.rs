@@ -52,7 +52,8 @@ use self::{
     model::ErrorCode,
 };
 use crate::{
-    backends::BackendSet, dataplane::BlocklistHandle, keys::ApiKeys, metrics::Metrics, store::Store,
+    backends::BackendSet, dataplane::BlocklistHandle, gateway::NodeClients, keys::ApiKeys,
+    metrics::Metrics, store::Store,
 };
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
@@ -68,6 +69,8 @@ pub struct AdminContext {
     pub blocklist: BlocklistHandle,
     /// The instance's pinned maps: the kernel counters.
     pub pin_dir: PathBuf,
+    /// The gateway's WebSocket clients per node (none without a gateway: the counts stay 0).
+    pub gateway_clients: Arc<NodeClients>,
     /// The bearer token of the `/v1` routes.
     pub token: String,
 }
@@ -82,6 +85,7 @@ struct Shared {
     /// Holds only the collector of the kernel counters.
     kernel_registry: Registry,
     pin_dir: PathBuf,
+    gateway_clients: Arc<NodeClients>,
 }
 
 type Context = Arc<Shared>;
@@ -115,6 +119,7 @@ pub fn router(context: AdminContext) -> Router {
         registry: context.registry,
         kernel_registry: metrics::kernel_registry(context.pin_dir.clone()),
         pin_dir: context.pin_dir,
+        gateway_clients: context.gateway_clients,
     });
     router
         .with_state(shared)
@@ -136,6 +141,8 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(backends::list, backends::add))
         .routes(routes!(backends::get, backends::remove))
         .routes(routes!(backends::drain))
+        .routes(routes!(backends::connections))
+        .routes(routes!(backends::close_clients))
         .routes(routes!(backends::enable))
         .routes(routes!(backends::disable))
         .routes(routes!(backends::set_weight))

@@ -190,6 +190,21 @@ pub struct WeightChange {
     pub weight: u32,
 }
 
+/// What a backend still carries (`GET /v1/backends/{id}/connections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackendConnections {
+    /// Open kernel flows to it (no FIN or RST seen), over every service.
+    pub flows: u64,
+    /// The gateway's WebSocket clients on its node.
+    pub websocket_clients: usize,
+}
+
+/// `POST /v1/backends/{id}/close-clients`: how many clients were told to reconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClosedClients {
+    pub closed: usize,
+}
+
 /// A backend with its effective state and its health.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct BackendInfo {

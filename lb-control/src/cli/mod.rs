@@ -127,7 +127,17 @@ pub enum BackendAction {
     /// Remove a backend: its flows move to the other backends.
     Remove { id: BackendId },
     /// Keep a backend's flows, give it no new ones.
-    Drain { id: BackendId },
+    Drain {
+        id: BackendId,
+        /// Return only once the backend holds no open flow and no gateway WebSocket client
+        /// (printing the counts as they fall), ready for its upgrade.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long to wait; then its remaining WebSocket clients are closed
+        /// with 1012 (they reconnect to another node) and the command fails if flows remain.
+        #[arg(long, default_value = "10m", requires = "wait")]
+        timeout: humantime::Duration,
+    },
     /// Put a backend in rotation (while healthy).
     Enable { id: BackendId },
     /// Take a backend out of rotation at once.
@@ -185,6 +195,51 @@ pub enum BlockAction {
     Remove { prefix: String },
     /// List blocked prefixes and their expiry.
     List,
+}
+
+/// How often a drain's wait looks at the backend's connections.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Waits until backend `id` holds no open flow and no WebSocket client, printing the counts
+/// whenever they change; past `timeout`, closes its WebSocket clients (1012) and fails if
+/// flows remain.
+async fn wait_until_empty(
+    client: &AdminClient,
+    id: BackendId,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let now = client.backend_connections(id).await?;
+        if last != Some(now) {
+            println!(
+                "backend {id}: {} open flows, {} WebSocket clients",
+                now.flows, now.websocket_clients
+            );
+            last = Some(now);
+        }
+        if now.flows == 0 && now.websocket_clients == 0 {
+            println!("backend {id} is drained");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let closed = client.close_backend_clients(id).await?.closed;
+            println!(
+                "backend {id}: {} elapsed; closed {closed} WebSocket clients (1012: they reconnect \
+                 to another node)",
+                humantime::format_duration(timeout)
+            );
+            anyhow::ensure!(
+                now.flows == 0,
+                "backend {id} still has {} open flows after {}",
+                now.flows,
+                humantime::format_duration(timeout)
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 pub fn run(command: AdminCommand) -> anyhow::Result<()> {
@@ -306,11 +361,16 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
                 println!("removed backend {id} ({})", backend.def.address);
             })?;
         }
-        BackendAction::Drain { id } => show(
-            api,
-            &client.set_admin(id, AdminState::Draining).await?,
-            changed("drained"),
-        )?,
+        BackendAction::Drain { id, wait, timeout } => {
+            show(
+                api,
+                &client.set_admin(id, AdminState::Draining).await?,
+                changed("drained"),
+            )?;
+            if wait {
+                wait_until_empty(&client, id, timeout.into()).await?;
+            }
+        }
         BackendAction::Enable { id } => show(
             api,
             &client.set_admin(id, AdminState::Enabled).await?,

@@ -45,7 +45,7 @@ pub use self::{
         validate as validate_services,
     },
     settings::{DataplaneSection, FragmentPolicy},
-    stats::{BackendCounters, ServiceCounters, Stats, read_pinned_stats},
+    stats::{BackendCounters, ServiceCounters, Stats, open_flows_to, read_pinned_stats},
 };
 // BPF_PROG_TEST_RUN for the packet fixtures and the XDP benchmark: test-only.
 #[cfg(feature = "test-harness")]

@@ -5,8 +5,12 @@ use std::{collections::BTreeMap, net::SocketAddr, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
 use lb_common::{
+    flow::FlowKey,
     map_names,
-    maps::{Backend, BackendStats, DropReason, MAX_BACKENDS, Service, ServiceKey, ServiceStats},
+    maps::{
+        Backend, BackendStats, DropReason, FLOW_CLOSING, Flow, MAX_BACKENDS, Service, ServiceKey,
+        ServiceStats,
+    },
 };
 
 use crate::model::Protocol;
@@ -132,6 +136,41 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
         services: service_rows,
         backends: backend_rows,
     })
+}
+
+/// Open flows to `backend` (a node's address and port) over every service: tracked flows
+/// that saw no FIN or RST yet. What a drain waits for.
+pub fn open_flows_to(pin_dir: &Path, backend: SocketAddr) -> Result<u64, DataplaneError> {
+    let backends: Array<MapData, Backend> = open_pinned(pin_dir, map_names::BACKENDS)?;
+    let mut ids = Vec::new();
+    for id in 0..MAX_BACKENDS {
+        let entry = backends
+            .get(&id, 0)
+            .map_err(map_error(map_names::BACKENDS))?;
+        if entry.family != 0
+            && SocketAddr::new(
+                addr_from_bytes(&entry.addr, entry.family),
+                u16::from_be(entry.port_be),
+            ) == backend
+        {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let flows: HashMap<MapData, FlowKey, Flow> = open_pinned(pin_dir, map_names::FLOWS)?;
+    let mut open = 0;
+    super::batch::for_each(&flows, |_, flow: &Flow| {
+        if ids.contains(&flow.backend_id) && flow.flags & FLOW_CLOSING == 0 {
+            open += 1;
+        }
+    })
+    .map_err(|source| DataplaneError::MapBatch {
+        name: map_names::FLOWS,
+        source,
+    })?;
+    Ok(open)
 }
 
 fn describe_service(key: &ServiceKey) -> String {

@@ -76,6 +76,7 @@ pub struct GatewayMetrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClosedLabels {
     /// `client`, `node_left` (out of rotation), `node_lost` (its connection failed),
+    /// `node_upgrading` (closed for a drain's end), `too_slow` (over its queue budget),
     /// `message_too_big`, `idle`, `gateway_stopping`.
     pub reason: &'static str,
 }

@@ -10,6 +10,7 @@
 //! - [`service`]: the HTTP transport: one request through the pipeline, framed as HTTP.
 //! - [`websocket`]: the WebSocket transport: each message through the pipeline, shared head
 //!   subscriptions, the rest on the node's shared connections.
+//! - [`clients`]: the WebSocket clients of each node, counted and closed for rolling upgrades.
 //! - [`links`]: the pools of upstream WebSocket connections per node that the sessions share.
 //! - [`block`]: repeated auth failures of a source address → the kernel blocklist.
 //! - [`jsonrpc`]: framing, and every JSON-RPC error the gateway makes.
@@ -23,6 +24,7 @@
 
 pub mod admission;
 pub mod block;
+pub mod clients;
 pub mod jsonrpc;
 pub mod links;
 pub mod metrics;
@@ -55,6 +57,7 @@ use self::{
 };
 pub use self::{
     block::BlockRequest,
+    clients::NodeClients,
     metrics::GatewayMetrics,
     settings::{AuthFailureBlock, GatewaySection},
     stages::policy::{MethodPolicy, validate_pattern},
@@ -122,6 +125,8 @@ pub struct GatewayContext {
     /// Where block requests go ([`block::apply_requests`] carries them out), when
     /// `[gateway.auth_failures_block]` is set.
     pub blocks: mpsc::UnboundedSender<BlockRequest>,
+    /// The WebSocket clients per node, which the admin API reads and closes.
+    pub clients: Arc<NodeClients>,
 }
 
 /// Calls in flight on every upstream WebSocket connection of a node before the gateway opens
@@ -258,6 +263,7 @@ impl Gateway {
             },
             key_connections: Arc::default(),
             key_subscriptions: Arc::default(),
+            clients: context.clients,
             links: links.clone(),
             queue_budget: Arc::new(QueueBudget::new(
                 section.max_queued_bytes_per_connection,

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use super::{
     block::FailureTracker,
+    clients::NodeClients,
     jsonrpc::{self, Body, Call, Entry, Outcome, RpcError, code},
     links::{Links, QueueBudget},
     metrics::{AuthFailureLabels, CacheLabels, CallLabels, GatewayMetrics, UpstreamLabels},
@@ -64,6 +65,8 @@ pub struct Pipeline {
     pub key_connections: Arc<Slots<ApiKeyId>>,
     /// Subscriptions on the nodes per key.
     pub key_subscriptions: Arc<Slots<ApiKeyId>>,
+    /// WebSocket clients per node.
+    pub clients: Arc<NodeClients>,
     /// The nodes' shared WebSocket connections.
     pub links: Arc<Links>,
     /// What WebSocket clients may leave unread.

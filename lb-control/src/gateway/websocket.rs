@@ -60,6 +60,7 @@ use tokio_stream::{StreamMap, wrappers::WatchStream};
 use tracing::debug;
 
 use super::{
+    clients::Seat,
     jsonrpc::{self, Body, Call, Entry, Outcome},
     links::{self, ClientInbox, ClientQueue, Held, Inbound, Link, NodePool, RequestKind},
     metrics::ClosedLabels,
@@ -150,6 +151,7 @@ pub async fn accept(
         };
         let key_changes = pipeline.auth.watch();
         let (queue, inbox) = links::client_queue(pipeline.queue_budget.clone());
+        let seat = pipeline.clients.seat(pool.node());
         let session = Session {
             pipeline,
             client,
@@ -157,6 +159,7 @@ pub async fn accept(
             key,
             key_changes,
             pool,
+            seat,
             hold,
             _key_slot: key_slot,
             shared: StreamMap::new(),
@@ -212,6 +215,8 @@ struct Session {
     key_changes: watch::Receiver<u64>,
     /// The connections of the client's node.
     pool: Arc<NodePool>,
+    /// The session's place among its node's clients.
+    seat: Seat,
     hold: ConnectionHold,
     _key_slot: Slot<ApiKeyId>,
     /// The shared head subscriptions of this client, by the id it was given...
@@ -346,6 +351,11 @@ impl Session {
                         );
                     }
                 }
+                () = self.seat.told_to_close() => break Ending::with(
+                    "node_upgrading",
+                    CloseCode::Restart,
+                    "the node is being taken out for maintenance: reconnect".to_owned(),
+                ),
                 _ = stop.changed() => break Ending::with(
                     "gateway_stopping",
                     CloseCode::Away,

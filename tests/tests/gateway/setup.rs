@@ -16,7 +16,7 @@ use lb_common::{
 };
 use lb_control::{
     backends::{BackendView, ClusterView, ServiceView, State},
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection},
+    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection, NodeClients},
     keys::ApiKeys,
     model::{
         AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,
@@ -71,6 +71,8 @@ impl Drop for TempDir {
 /// Sim-nodes, a gateway in front of them, a key, and a client that trusts the lab CA.
 pub struct Setup {
     pub nodes: Vec<SimNodeHandle>,
+    /// The gateway's WebSocket clients per node, as the admin API reads and closes them.
+    pub clients: Arc<NodeClients>,
     pub gateway: Gateway,
     pub keys: ApiKeys,
     pub store: Store,
@@ -157,6 +159,7 @@ impl Setup {
         adjust(&mut section);
         let bound = Gateway::bind(&section).expect("gateway binds");
         let (blocks_tx, blocks) = mpsc::unbounded_channel();
+        let clients = Arc::new(NodeClients::default());
         let gateway = Gateway::start(
             bound,
             GatewayContext {
@@ -166,10 +169,12 @@ impl Setup {
                 metrics,
                 maglev_table_size: TABLE_SIZE,
                 blocks: blocks_tx,
+                clients: clients.clone(),
             },
         )
         .expect("gateway starts");
         Setup {
+            clients,
             nodes,
             gateway,
             keys,

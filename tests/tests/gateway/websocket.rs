@@ -475,3 +475,33 @@ async fn limit_change_reaches_an_open_websocket_at_its_next_call() {
         assert!(answer["result"].is_string(), "limit lifted: {answer}");
     }
 }
+
+#[tokio::test]
+async fn a_node_s_clients_are_counted_and_closed_with_1012_at_a_drain_s_end() {
+    let setup = Setup::start(2).await;
+    let mut ws = setup.connect().await;
+    let peer_id = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
+    let node = setup.node_with_peer_id(&peer_id).rpc_addr();
+    let other = setup
+        .nodes
+        .iter()
+        .map(SimNodeHandle::rpc_addr)
+        .find(|address| *address != node)
+        .expect("another node");
+    assert_eq!(
+        (setup.clients.count(node), setup.clients.count(other)),
+        (1, 0)
+    );
+    assert_eq!(
+        setup.clients.close(other),
+        0,
+        "another node's close leaves it"
+    );
+    assert_eq!(setup.clients.close(node), 1);
+    let frame = ws.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
+    poll::until("the closed session is no longer counted", || async {
+        setup.clients.count(node) == 0
+    })
+    .await;
+}
