@@ -4,7 +4,8 @@
 //! router and its `#[utoipa::path]` to the OpenAPI document in one step: the document served at
 //! `/openapi.json` and the routes cannot disagree.
 //!
-//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events;
+//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events,
+//!   the HA role;
 //! - `/metrics`, `/healthz`, `/openapi.json`: no token.
 //!
 //! A change answers only after the backend set or the key registry returned, i.e. after the
@@ -19,6 +20,7 @@ mod backends;
 mod blocklist;
 mod error;
 mod extract;
+mod ha;
 mod keys;
 mod metrics;
 pub mod model;
@@ -52,7 +54,8 @@ use self::{
     model::ErrorCode,
 };
 use crate::{
-    backends::BackendSet, dataplane::BlocklistHandle, keys::ApiKeys, metrics::Metrics, store::Store,
+    backends::BackendSet, dataplane::BlocklistHandle, ha::Ha, keys::ApiKeys, metrics::Metrics,
+    store::Store,
 };
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
@@ -68,6 +71,8 @@ pub struct AdminContext {
     pub blocklist: BlocklistHandle,
     /// The instance's pinned maps: the kernel counters.
     pub pin_dir: PathBuf,
+    /// This lb-control's role in its HA pair.
+    pub ha: Arc<Ha>,
     /// The bearer token of the `/v1` routes.
     pub token: String,
 }
@@ -82,6 +87,7 @@ struct Shared {
     /// Holds only the collector of the kernel counters.
     kernel_registry: Registry,
     pin_dir: PathBuf,
+    ha: Arc<Ha>,
 }
 
 type Context = Arc<Shared>;
@@ -115,6 +121,7 @@ pub fn router(context: AdminContext) -> Router {
         registry: context.registry,
         kernel_registry: metrics::kernel_registry(context.pin_dir.clone()),
         pin_dir: context.pin_dir,
+        ha: context.ha,
     });
     router
         .with_state(shared)
@@ -147,6 +154,8 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(status::stats))
         .routes(routes!(status::health))
         .routes(routes!(status::events))
+        .routes(routes!(ha::status))
+        .routes(routes!(ha::set_role))
         .route_layer(middleware::from_fn_with_state(
             auth::TokenDigest::new(token),
             auth::require_token,
@@ -175,6 +184,7 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         (name = "keys", description = "API keys of the JSON-RPC gateway"),
         (name = "blocklist", description = "Source prefixes dropped in XDP, with their expiry"),
         (name = "status", description = "Counters, health and the event log"),
+        (name = "ha", description = "This lb-control's role in its HA pair, set by keepalived"),
         (name = "metrics", description = "Prometheus and liveness"),
     )
 )]

@@ -16,7 +16,7 @@ use lb_common::{
 };
 use lb_control::{
     backends::{BackendView, ClusterView, ServiceView, State},
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection},
+    gateway::{Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection},
     keys::ApiKeys,
     model::{
         AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,
@@ -138,7 +138,7 @@ impl Setup {
             ..GatewaySection::default()
         };
         adjust(&mut section);
-        let bound = Gateway::bind(&section).expect("gateway binds");
+        let bound = Gateway::bind(&section, Bind::LocalAddress).expect("gateway binds");
         let (blocks_tx, blocks) = mpsc::unbounded_channel();
         let gateway = Gateway::start(
             bound,
