@@ -11,9 +11,10 @@ use thiserror::Error;
 use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock, NewKey,
-        NewService, ServiceInfo, StatsReport, WeightChange,
+        ErrorDetail, EventInfo, HaStatus, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock,
+        NewKey, NewService, RoleChange, ServiceInfo, StatsReport, WeightChange,
     },
+    ha::Role,
     model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
 };
 
@@ -244,6 +245,17 @@ impl AdminClient {
             None => format!("/v1/events?limit={limit}"),
         };
         self.call(Method::GET, &path, None::<&()>).await
+    }
+
+    /// This lb-control's role in its HA pair.
+    pub async fn ha_status(&self) -> Result<HaStatus, ClientError> {
+        self.call(Method::GET, "/v1/ha", None::<&()>).await
+    }
+
+    /// Tells the daemon the role keepalived gave this host.
+    pub async fn set_role(&self, role: Role) -> Result<HaStatus, ClientError> {
+        self.call(Method::POST, "/v1/ha/role", Some(&RoleChange { role }))
+            .await
     }
 
     /// The Prometheus text of `/metrics`.

@@ -5,7 +5,10 @@
 //! to `api`, `[health]` to `health`, `[[services]]` to `backends`, `[gateway]` to `gateway`),
 //! which reports that section's problems; this module parses the file and collects them.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -18,6 +21,7 @@ use crate::{
     },
     dataplane::{DataplaneSection, LbSettings},
     gateway::GatewaySection,
+    ha::HaSection,
     health::HealthSettings,
     section::Problem,
     store::StoreSection,
@@ -47,6 +51,9 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub store: StoreSection,
+    /// One of an HA pair: the floating addresses keepalived moves, role hooks.
+    #[serde(default)]
+    pub ha: Option<HaSection>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -76,6 +83,7 @@ impl Default for Config {
             log: LogSection::default(),
             gateway: GatewaySection::default(),
             store: StoreSection::default(),
+            ha: None,
         }
     }
 }
@@ -143,11 +151,57 @@ impl Config {
         problems.extend(self.gateway.problems());
         problems.extend(self.admin.problems());
         problems.extend(self.store.problems());
+        if let Some(ha) = &self.ha {
+            problems.extend(ha.problems());
+            problems.extend(self.pair_problems(ha));
+        }
         if !self.state_dir.is_absolute() {
             problems.push(Problem::new(
                 "state_dir",
                 format!("\"{}\" is not an absolute path", self.state_dir.display()),
             ));
+        }
+        problems
+    }
+
+    /// What must float for a takeover to carry the traffic: the gateway's address (unless it
+    /// listens on every address) and the NAT source, to which the nodes answer.
+    fn pair_problems(&self, ha: &HaSection) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Some(listen) = self.gateway.listen
+            && !listen.ip().is_unspecified()
+            && !ha.floats(listen.ip())
+        {
+            problems.push(Problem::new(
+                "gateway.listen",
+                format!(
+                    "{} is not in ha.floating_addresses: clients reach the pair at a floating                      address, and only that one is bound ahead of a takeover",
+                    listen.ip()
+                ),
+            ));
+        }
+        let nat_sources = [
+            (
+                "dataplane.nat_source_v4",
+                self.dataplane.nat_source_v4.map(IpAddr::from),
+            ),
+            (
+                "dataplane.nat_source_v6",
+                self.dataplane.nat_source_v6.map(IpAddr::from),
+            ),
+        ];
+        for (field, source) in nat_sources {
+            if let Some(source) = source
+                && !ha.floats(source)
+            {
+                problems.push(Problem::new(
+                    field,
+                    format!(
+                        "{source} is not in ha.floating_addresses: the nodes answer NAT flows \
+                         to it, so it must move with the master"
+                    ),
+                ));
+            }
         }
         problems
     }
@@ -356,6 +410,41 @@ mod tests {
                 protocol: Protocol::Tcp,
             }))
         );
+    }
+
+    #[test]
+    fn a_pair_floats_the_gateway_address_and_the_nat_source() {
+        let pair = r#"
+            [dataplane]
+            nat_source_v4 = "10.0.1.1"
+            [gateway]
+            listen = "10.0.0.1:443"
+            plain_http = true
+            [ha]
+            name = "lb-a"
+            floating_addresses = ["10.0.0.1", "10.0.1.1"]
+            hooks = { master = ["/usr/local/bin/move-floating-ip", "--to", "me"] }
+            "#;
+        let config = parse(pair).expect("a valid pair member");
+        let ha = config.ha.expect("[ha]");
+        assert_eq!(ha.name.as_deref(), Some("lb-a"));
+        assert!(ha.floats("10.0.1.1".parse().unwrap()));
+        let message = parse(&pair.replace("[\"10.0.0.1\", \"10.0.1.1\"]", "[\"10.0.9.9\"]"))
+            .expect_err("neither floats")
+            .to_string();
+        for expected in [
+            "gateway.listen: 10.0.0.1 is not in ha.floating_addresses",
+            "dataplane.nat_source_v4: 10.0.1.1 is not in ha.floating_addresses",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected:?} missing from:\n{message}"
+            );
+        }
+        let everywhere = pair
+            .replace("10.0.0.1:443", "0.0.0.0:443")
+            .replace("[\"10.0.0.1\", ", "[");
+        parse(&everywhere).expect("a gateway on every address takes the floating ones too");
     }
 
     #[test]

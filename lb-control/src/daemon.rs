@@ -33,7 +33,8 @@ use crate::{
     backends::{BackendSet, Declared},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
-    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients},
+    gateway::{self, Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients},
+    ha::{Ha, RoleState},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -145,7 +146,15 @@ impl Daemon {
             .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
         // Likewise the gateway's port and certificate.
         let gateway_bound = match config.gateway.listen {
-            Some(_) => Some(Gateway::bind(&config.gateway)?),
+            Some(listen) => {
+                let floats = config.ha.as_ref().is_some_and(|ha| ha.floats(listen.ip()));
+                let bind = if floats {
+                    Bind::AheadOfFloatingAddress
+                } else {
+                    Bind::LocalAddress
+                };
+                Some(Gateway::bind(&config.gateway, bind)?)
+            }
             None => None,
         };
 
@@ -165,6 +174,10 @@ impl Daemon {
             )
             .await?,
         );
+
+        let ha = Ha::start(config.ha.clone(), store.clone(), metrics.clone());
+        backends.record_health(ha.current().role.records_health());
+        tokio::spawn(follow_role(ha.subscribe(), backends.clone()));
 
         let (targets_tx, targets_rx) = watch::channel(backends.view().health_targets());
         let checker = health::spawn(config.health.clone(), targets_rx, metrics.clone());
@@ -209,6 +222,7 @@ impl Daemon {
             blocklist: blocklist.clone(),
             pin_dir: pin_dir.clone(),
             gateway_clients,
+            ha: ha.clone(),
             token,
         };
         let admin_address = listener.local_addr()?;
@@ -222,6 +236,7 @@ impl Daemon {
             admin = %admin_address,
             gateway = ?gateway.as_ref().map(Gateway::local_addr),
             store = %store.location(),
+            role = %ha.current().role,
             "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
              restart (the program keeps forwarding)"
         );
@@ -314,6 +329,9 @@ impl Daemon {
         if new.admin != self.config.admin {
             warn!("admin API settings changed: they take effect at the next start");
         }
+        if new.ha != self.config.ha {
+            warn!("ha settings changed: they take effect at the next start");
+        }
         if new.gateway != self.config.gateway {
             warn!(
                 "gateway settings changed: they take effect at the next start (certificates \
@@ -356,6 +374,15 @@ async fn follow_view(backends: Arc<BackendSet>, targets: watch::Sender<Vec<healt
             *current = wanted;
             changed
         });
+    }
+}
+
+/// Keeps the backend set's recording of health transitions to what the role allows: a backup
+/// leaves the record to its master.
+async fn follow_role(mut role: watch::Receiver<RoleState>, backends: Arc<BackendSet>) {
+    while role.changed().await.is_ok() {
+        let current = role.borrow_and_update().role;
+        backends.record_health(current.records_health());
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`health`]: the chain-aware health checker (syncing, peers, lag, stalls, rise/fall).
 //! - [`metrics`]: the Prometheus metric families.
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
+//! - [`ha`]: this lb-control's role in an HA pair (master, backup, fault), from keepalived.
 //! - [`netns`]: entering a named network namespace.
 //! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod gateway;
+pub mod ha;
 pub mod health;
 pub mod keys;
 pub mod methods;

@@ -51,6 +51,12 @@ pub struct AdminRequestLabels {
     pub status: u16,
 }
 
+/// This lb-control's role in an HA pair: `standalone`, `master`, `backup` or `fault`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    pub role: String,
+}
+
 /// Every metric family of the control plane, registered once.
 #[derive(Debug)]
 pub struct Metrics {
@@ -71,6 +77,8 @@ pub struct Metrics {
     pub admin_requests: Family<AdminRequestLabels, Counter>,
     /// Source prefixes on the kernel blocklist (kept by its owner, the blocklist handle).
     pub blocklist_entries: Gauge,
+    /// 1 for the role this lb-control has now, 0 for the others.
+    pub ha_role: Family<RoleLabels, Gauge>,
 }
 
 impl Metrics {
@@ -93,6 +101,7 @@ impl Metrics {
             node_saturated: Family::default(),
             admin_requests: Family::default(),
             blocklist_entries: Gauge::default(),
+            ha_role: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb");
         registry.register(
@@ -154,6 +163,11 @@ impl Metrics {
             "blocklist_entries",
             "Source prefixes on the kernel blocklist",
             metrics.blocklist_entries.clone(),
+        );
+        registry.register(
+            "ha_role",
+            "1 for this lb-control's role in its HA pair (standalone, master, backup, fault)",
+            metrics.ha_role.clone(),
         );
         metrics
     }

@@ -198,12 +198,23 @@ fn lb_ebpf_modules_import_no_cycle() {
 fn the_store_and_the_vocabulary_import_none_of_their_users() {
     let graph = module_graph(&workspace().join("lb-control/src"));
     let store = &graph["store"];
-    for user in ["backends", "dataplane", "gateway", "health", "api"] {
+    for user in ["backends", "dataplane", "gateway", "health", "api", "ha"] {
         assert!(!store.contains(user), "store imports {user}: {store:?}");
     }
     for leaf in ["model", "section", "methods"] {
         let deps = graph.get(leaf).cloned().unwrap_or_default();
         assert!(deps.is_empty(), "{leaf} imports {deps:?}");
+    }
+}
+
+#[test]
+fn the_ha_role_knows_nothing_of_what_follows_it() {
+    // The daemon tells the backend set what the role allows; the role's module stays below
+    // the parts it steers, so a role change cannot reach back into them.
+    let graph = module_graph(&workspace().join("lb-control/src"));
+    let ha = &graph["ha"];
+    for part in ["backends", "gateway", "health", "api", "daemon"] {
+        assert!(!ha.contains(part), "ha imports {part}: {ha:?}");
     }
 }
 

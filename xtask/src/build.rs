@@ -15,7 +15,7 @@ pub fn release() -> anyhow::Result<()> {
 /// Builds what it runs in release mode (not the benchmarks: release builds are whole-program
 /// optimised, a few minutes per binary on a small machine), then replaces this process with
 /// the lab or with lb-control, so that Ctrl-C reaches it directly and its cleanup runs.
-pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
+pub fn run(config: Option<PathBuf>, nodes: usize, ha: bool) -> anyhow::Result<()> {
     require_root("running the load balancer")?;
     cargo(&[
         "build",
@@ -37,6 +37,9 @@ pub fn run(config: Option<PathBuf>, nodes: usize) -> anyhow::Result<()> {
         None => {
             let mut command = Command::new(bin_dir.join("lab"));
             command.args(["up", "--nodes", &nodes.to_string()]);
+            if ha {
+                command.arg("--ha");
+            }
             command
         }
     };

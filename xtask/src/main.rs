@@ -26,7 +26,8 @@ enum Command {
     /// Build everything in release mode.
     Build,
     /// Without arguments: start the lab (3 simulated nodes and the load balancer in network
-    /// namespaces) until Ctrl-C. With --config: run lb-control on this host with that file.
+    /// namespaces) until Ctrl-C; with --ha, the HA lab (a pair of load balancers). With
+    /// --config: run lb-control on this host with that file.
     Run {
         /// Run lb-control on the host with this config file instead of starting the lab.
         #[arg(long)]
@@ -34,6 +35,10 @@ enum Command {
         /// Number of simulated nodes in the lab.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Start the HA lab instead: two LBs (lb-control and keepalived each) sharing the
+        /// client's and the nodes' segments, etcd on both and on a fallback site.
+        #[arg(long, conflicts_with = "config")]
+        ha: bool,
     },
     /// Build and run every test, unit and integration (root, BPF and namespace tests included).
     Test {
@@ -105,7 +110,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(),
         Command::Build => setup::run().and_then(|()| build::release()),
-        Command::Run { config, nodes } => setup::run().and_then(|()| build::run(config, nodes)),
+        Command::Run { config, nodes, ha } => {
+            setup::run().and_then(|()| build::run(config, nodes, ha))
+        }
         Command::Test { cargo_args } => setup::run().and_then(|()| build::test(&cargo_args)),
         Command::Bench {
             which: Bench::Xdp { args },

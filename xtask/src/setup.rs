@@ -32,6 +32,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The shared state store: the members the tests start, etcdctl to inspect them, and
     // protoc, which the etcd-client crate's build script needs.
     ("etcd-server", "etcd"),
+    // The HA lab (`cargo xtask run --ha`) and its tests: VRRP moves the floating addresses.
+    ("keepalived", "keepalived"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
 ];

@@ -4,7 +4,8 @@
 //! router and its `#[utoipa::path]` to the OpenAPI document in one step: the document served at
 //! `/openapi.json` and the routes cannot disagree.
 //!
-//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events;
+//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events,
+//!   the HA role;
 //! - `/metrics`, `/healthz`, `/openapi.json`: no token.
 //!
 //! A change answers only after the backend set or the key registry returned, i.e. after the
@@ -19,6 +20,7 @@ mod backends;
 mod blocklist;
 mod error;
 mod extract;
+mod ha;
 mod keys;
 mod metrics;
 pub mod model;
@@ -52,7 +54,7 @@ use self::{
     model::ErrorCode,
 };
 use crate::{
-    backends::BackendSet, dataplane::BlocklistHandle, gateway::NodeClients, keys::ApiKeys,
+    backends::BackendSet, dataplane::BlocklistHandle, gateway::NodeClients, ha::Ha, keys::ApiKeys,
     metrics::Metrics, store::Store,
 };
 
@@ -71,6 +73,8 @@ pub struct AdminContext {
     pub pin_dir: PathBuf,
     /// The gateway's WebSocket clients per node (none without a gateway: the counts stay 0).
     pub gateway_clients: Arc<NodeClients>,
+    /// This lb-control's role in its HA pair.
+    pub ha: Arc<Ha>,
     /// The bearer token of the `/v1` routes.
     pub token: String,
 }
@@ -86,6 +90,7 @@ struct Shared {
     kernel_registry: Registry,
     pin_dir: PathBuf,
     gateway_clients: Arc<NodeClients>,
+    ha: Arc<Ha>,
 }
 
 type Context = Arc<Shared>;
@@ -120,6 +125,7 @@ pub fn router(context: AdminContext) -> Router {
         kernel_registry: metrics::kernel_registry(context.pin_dir.clone()),
         pin_dir: context.pin_dir,
         gateway_clients: context.gateway_clients,
+        ha: context.ha,
     });
     router
         .with_state(shared)
@@ -154,6 +160,8 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(status::stats))
         .routes(routes!(status::health))
         .routes(routes!(status::events))
+        .routes(routes!(ha::status))
+        .routes(routes!(ha::set_role))
         .route_layer(middleware::from_fn_with_state(
             auth::TokenDigest::new(token),
             auth::require_token,
@@ -182,6 +190,7 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         (name = "keys", description = "API keys of the JSON-RPC gateway"),
         (name = "blocklist", description = "Source prefixes dropped in XDP, with their expiry"),
         (name = "status", description = "Counters, health and the event log"),
+        (name = "ha", description = "This lb-control's role in its HA pair, set by keepalived"),
         (name = "metrics", description = "Prometheus and liveness"),
     )
 )]

@@ -22,6 +22,7 @@ use utoipa::{
 use crate::{
     backends::{BackendStatus, State},
     dataplane::{BlockEntry, Stats},
+    ha::Role,
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
@@ -577,4 +578,39 @@ impl From<&Stats> for StatsReport {
             gateway: BTreeMap::new(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// High availability.
+
+/// Body of `POST /v1/ha/role`: the role keepalived's notify hook reports.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleChange {
+    /// `master`, `backup` or `fault`.
+    pub role: Role,
+}
+
+/// `GET /v1/ha`: this lb-control's role in its pair.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HaStatus {
+    /// This host's name in the pair (`[ha] name`, else the host name).
+    pub name: String,
+    /// `standalone` without an `[ha]` section.
+    pub role: Role,
+    /// When it took this role (or started).
+    #[schema(value_type = String, format = DateTime)]
+    pub since: Timestamp,
+    /// Whether health transitions seen here are recorded in the store (not on a backup).
+    pub records_health: bool,
+    /// The floating addresses of `[ha]`, and whether this host holds each now.
+    pub floating_addresses: Vec<FloatingAddress>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FloatingAddress {
+    #[schema(value_type = String)]
+    pub address: IpAddr,
+    /// keepalived has put it on an interface of this host.
+    pub held: bool,
 }

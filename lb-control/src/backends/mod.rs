@@ -25,7 +25,10 @@ mod tests;
 use std::{
     collections::{BTreeMap, BTreeSet},
     panic,
-    sync::{Arc, PoisonError},
+    sync::{
+        Arc, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use serde::Serialize;
@@ -257,6 +260,8 @@ pub struct BackendSet {
     inner: Arc<Mutex<Inner>>,
     view: Arc<watch::Sender<Arc<ClusterView>>>,
     metrics: Arc<Metrics>,
+    /// Whether health transitions are recorded in the store (see [`BackendSet::record_health`]).
+    records_health: AtomicBool,
 }
 
 impl BackendSet {
@@ -285,6 +290,7 @@ impl BackendSet {
             })),
             view: Arc::new(watch::Sender::new(Arc::default())),
             metrics,
+            records_health: AtomicBool::new(true),
         };
         set.commit(Cause::Config, "start", |draft, tx| {
             reload::merge_at_start(draft, tx, declared)
@@ -435,8 +441,31 @@ impl BackendSet {
             return Ok(());
         }
         drop(inner);
-        self.commit(Cause::Health, "health changed", |_, _| Ok(()))
-            .await
+        if self.records_health.load(Ordering::Relaxed) {
+            return self
+                .commit(Cause::Health, "health changed", |_, _| Ok(()))
+                .await;
+        }
+        // The same push as a commit's, from the set in memory (which follows the store), with
+        // no transaction: nothing to record.
+        let inner = self.lock().await;
+        let draft = inner.draft();
+        let placements = draft.placements(&inner.health);
+        self.publish(
+            inner,
+            draft,
+            placements,
+            Cause::Health,
+            "health changed (not recorded: a backup leaves the record to its master)",
+        )
+        .await
+    }
+
+    /// Whether this set records health transitions in the store (events `backend.state`).
+    /// On by default; an HA backup turns it off, as its master records the same transitions
+    /// (see `ha`). Its own kernel tables and view follow health either way.
+    pub fn record_health(&self, record: bool) {
+        self.records_health.store(record, Ordering::Relaxed);
     }
 
     /// Pushes the set to the kernel again if the last push failed.

@@ -12,10 +12,11 @@ use lb_control::{
     admin_client::{AdminClient, ClientError, admin_url},
     api::ADMIN_TOKEN_ENV,
     api::model::{
-        BackendInfo, BlockInfo, EventInfo, HealthInfo, KeyInfo, LimitChange, NewBackend, NewBlock,
-        NewKey, NewService, ServiceInfo, parse_prefix,
+        BackendInfo, BlockInfo, EventInfo, HaStatus, HealthInfo, KeyInfo, LimitChange, NewBackend,
+        NewBlock, NewKey, NewService, ServiceInfo, parse_prefix,
     },
     config::Config,
+    ha::Role,
     model::{
         AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol,
         RateLimit, ServiceId,
@@ -72,6 +73,13 @@ pub enum AdminCommand {
     },
     /// The cluster's best block and every node's health.
     Health(ApiArgs),
+    /// This lb-control's role in its HA pair; keepalived's notify hooks call `ha notify`.
+    Ha {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: HaAction,
+    },
     /// The newest events: every change of services, backends and keys.
     Events {
         #[command(flatten)]
@@ -178,6 +186,18 @@ pub enum KeyAction {
         burst: Option<u32>,
         #[arg(long)]
         unlimited: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HaAction {
+    /// The role, since when, and which floating addresses this host holds.
+    Status,
+    /// Tell the daemon the role keepalived gave this host: `notify_master "lb-control ha
+    /// notify master --config /etc/lb-control/lb.toml"`, likewise backup and fault.
+    Notify {
+        #[arg(value_enum)]
+        role: Role,
     },
 }
 
@@ -306,6 +326,14 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
                 }
                 print_health(&health.nodes);
             })?;
+        }
+        AdminCommand::Ha { api, action } => {
+            let client = client(&api)?;
+            let status = match action {
+                HaAction::Status => client.ha_status().await?,
+                HaAction::Notify { role } => client.set_role(role).await?,
+            };
+            show(&api, &status, print_ha)?;
         }
         AdminCommand::Events { api, limit } => {
             show(&api, &client(&api)?.events(None, limit).await?, |e| {
@@ -698,5 +726,27 @@ fn variant_name<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(name)) => name,
         _ => "?".to_owned(),
+    }
+}
+
+fn print_ha(status: &HaStatus) {
+    println!(
+        "{}: {} since {}{}",
+        status.name,
+        status.role,
+        status.since,
+        if status.records_health {
+            ""
+        } else {
+            " (health transitions left to the master's record)"
+        }
+    );
+    for floating in &status.floating_addresses {
+        let held = if floating.held {
+            "held here"
+        } else {
+            "not here"
+        };
+        println!("  {:<40} {held}", floating.address);
     }
 }

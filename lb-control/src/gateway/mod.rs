@@ -149,8 +149,18 @@ fn serving_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
+/// Whether the listen address must be on this host when the gateway binds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bind {
+    /// It must: a `listen` address the host does not have fails the start.
+    LocalAddress,
+    /// A floating address of an HA pair (`[ha] floating_addresses`): bound before keepalived
+    /// moves it here (`IP_FREEBIND`), so a backup answers the moment the address arrives.
+    AheadOfFloatingAddress,
+}
+
 /// A listening socket on `address` that more sockets may share (`SO_REUSEPORT`).
-fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+fn reuseport_listener(address: SocketAddr, bind: Bind) -> std::io::Result<std::net::TcpListener> {
     let socket = if address.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -158,8 +168,33 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
     };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
+    if bind == Bind::AheadOfFloatingAddress {
+        set_freebind(&socket)?;
+    }
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)?.into_std()
+}
+
+/// `IP_FREEBIND`: binding an address this host does not hold (yet). At `SOL_IP` it covers IPv6
+/// sockets too.
+fn set_freebind(socket: &TcpSocket) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            libc::IP_FREEBIND,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::stop`].
@@ -179,7 +214,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Loads the certificate and binds `section.listen`.
-    pub fn bind(section: &GatewaySection) -> Result<Bound, GatewayError> {
+    pub fn bind(section: &GatewaySection, bind: Bind) -> Result<Bound, GatewayError> {
         let address = section.listen.ok_or(GatewayError::NoListen)?;
         let certificates = if section.plain_http {
             None
@@ -192,12 +227,12 @@ impl Gateway {
         let service = section.service_key().map_err(GatewayError::Service)?;
         admission::raise_open_files_limit(section.max_connections);
         let listen_error = |source| GatewayError::Listen { address, source };
-        let first = reuseport_listener(address).map_err(listen_error)?;
+        let first = reuseport_listener(address, bind).map_err(listen_error)?;
         // With port 0 the first socket's port is the one the others share.
         let address = first.local_addr().map_err(listen_error)?;
         let mut listeners = vec![first];
         for _ in 1..serving_threads() {
-            listeners.push(reuseport_listener(address).map_err(listen_error)?);
+            listeners.push(reuseport_listener(address, bind).map_err(listen_error)?);
         }
         Ok(Bound {
             section: section.clone(),

@@ -9,7 +9,8 @@ use std::{
 
 use clap::{Parser, Subcommand};
 use lb_tests::lab::{
-    self, Lab, LabConfig, LabError, SIM_NODE_RPC_PORT,
+    self, GATEWAY_V4, Lab, LabConfig, LabError, Member, NAT_SOURCE_V4, PairConfig, PairLab,
+    SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4,
     certs::{LabCa, trust_hint, write_pem},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -39,6 +40,13 @@ enum Command {
         /// Route client traffic through the LB namespace without lb-control.
         #[arg(long)]
         no_lb_control: bool,
+        /// The HA lab instead: two LBs, each running lb-control and keepalived, on the
+        /// client's and the nodes' segments (bridges), etcd on both and on a fallback site.
+        #[arg(long, conflicts_with_all = ["no_lb_control", "lb_control_args"])]
+        ha: bool,
+        /// keepalived's preempt_delay in the HA lab, in seconds.
+        #[arg(long, default_value_t = 5, requires = "ha")]
+        preempt_delay_s: u64,
         /// Arguments for `lb-control run` (after `--`) instead of the lab's own: by default
         /// lb-control balances the VIPs 10.200.0.10 and fd00:200::10 (port 9944) over every
         /// node.
@@ -61,8 +69,20 @@ fn main() -> ExitCode {
         Command::Up {
             nodes,
             block_time_ms,
+            ha: true,
+            preempt_delay_s,
+            ..
+        } => up_pair(PairConfig {
+            nodes,
+            block_time: Duration::from_millis(block_time_ms),
+            preempt_delay: Duration::from_secs(preempt_delay_s),
+        }),
+        Command::Up {
+            nodes,
+            block_time_ms,
             no_lb_control,
             lb_control_args,
+            ..
         } => up(
             LabConfig {
                 nodes,
@@ -82,22 +102,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// Ctrl-C, SIGTERM and SIGHUP, caught on a runtime of their own.
+struct Signals {
+    runtime: tokio::runtime::Runtime,
+    signals: [tokio::signal::unix::Signal; 3],
+}
+
+impl Signals {
+    /// Installed before the first namespace exists, so a Ctrl-C during start-up also ends in
+    /// the cleanup instead of killing the process with things left behind.
+    fn install() -> Result<Signals, LabError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(LabError::io("starting the signal-handling runtime"))?;
+        let signals = runtime.block_on(async {
+            let install = |kind| {
+                signal(kind).map_err(LabError::io(format!("installing a handler for {kind:?}")))
+            };
+            Ok::<_, LabError>([
+                install(SignalKind::interrupt())?,
+                install(SignalKind::terminate())?,
+                install(SignalKind::hangup())?,
+            ])
+        })?;
+        Ok(Signals { runtime, signals })
+    }
+
+    /// Waits for a signal, running `watch` every [`WATCH_INTERVAL`]; names the signal.
+    fn wait(
+        &mut self,
+        mut watch: impl FnMut() -> Result<(), LabError>,
+    ) -> Result<&'static str, LabError> {
+        let [interrupt, terminate, hangup] = &mut self.signals;
+        self.runtime.block_on(async {
+            let mut ticks = tokio::time::interval(WATCH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = interrupt.recv() => return Ok("Ctrl-C"),
+                    _ = terminate.recv() => return Ok("SIGTERM"),
+                    _ = hangup.recv() => return Ok("SIGHUP"),
+                    _ = ticks.tick() => watch()?,
+                }
+            }
+        })
+    }
+}
+
 fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), LabError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(LabError::io("starting the signal-handling runtime"))?;
-    // Signals are caught from before the first namespace exists, so a Ctrl-C during start-up
-    // also ends in the cleanup below instead of killing the process with things left behind.
-    let mut signals = runtime.block_on(async {
-        let install =
-            |kind| signal(kind).map_err(LabError::io(format!("installing a handler for {kind:?}")));
-        Ok::<_, LabError>([
-            install(SignalKind::interrupt())?,
-            install(SignalKind::terminate())?,
-            install(SignalKind::hangup())?,
-        ])
-    })?;
+    let mut signals = Signals::install()?;
     let mut lab = Lab::start(config)?;
     let lb_config = match &lb_control_args {
         Some(args) if args.is_empty() => {
@@ -118,18 +171,7 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), Lab
         None => None,
     };
     print_usage(&lab, lb_control_args.is_some(), lb_config.as_deref());
-    let outcome = runtime.block_on(async {
-        let [interrupt, terminate, hangup] = &mut signals;
-        let mut watch = tokio::time::interval(WATCH_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = interrupt.recv() => return Ok("Ctrl-C"),
-                _ = terminate.recv() => return Ok("SIGTERM"),
-                _ = hangup.recv() => return Ok("SIGHUP"),
-                _ = watch.tick() => lab.check_processes()?,
-            }
-        }
-    });
+    let outcome = signals.wait(|| lab.check_processes());
     match &outcome {
         Ok(reason) => println!("\n{reason}: stopping lab {}", lab.prefix()),
         Err(error) => eprintln!("lab: {error}\nstopping lab {}", lab.prefix()),
@@ -137,6 +179,103 @@ fn up(config: LabConfig, lb_control_args: Option<Vec<String>>) -> Result<(), Lab
     let teardown = lab.shutdown()?;
     println!("{teardown}");
     outcome.map(drop)
+}
+
+/// The HA lab until a signal. Its LBs' processes are the user's to kill and restart, so
+/// nothing is watched.
+fn up_pair(config: PairConfig) -> Result<(), LabError> {
+    let mut signals = Signals::install()?;
+    let lab = PairLab::start(config)?;
+    print_pair_usage(&lab);
+    let outcome = signals.wait(|| Ok(()));
+    match &outcome {
+        Ok(reason) => println!("\n{reason}: stopping lab {}", lab.prefix()),
+        Err(error) => eprintln!("lab: {error}\nstopping lab {}", lab.prefix()),
+    }
+    println!("{}", lab.shutdown()?);
+    outcome.map(drop)
+}
+
+fn print_pair_usage(lab: &PairLab) {
+    let lb_control = lab::binary_path("lb-control").map_or_else(
+        |_| "lb-control".to_owned(),
+        |path| path.display().to_string(),
+    );
+    println!("HA lab {} is up: LB a is master", lab.prefix());
+    let client = lab.client();
+    println!(
+        "  client    netns {:<24} {} {}",
+        client.netns, client.iface, client.addr_v4
+    );
+    for member in [Member::A, Member::B] {
+        let lb = lab.lb(member);
+        println!(
+            "  lb-{}      netns {:<24} client0 {}, nodes0 {}, private0 {} (etcd)",
+            member.name(),
+            lb.netns,
+            lb.client_v4,
+            lb.node_v4,
+            lb.private_v4
+        );
+        println!(
+            "            lb-control {}, keepalived {}",
+            lab.config_path(member).display(),
+            lab.keepalived_config_path(member).display()
+        );
+    }
+    for node in lab.nodes() {
+        println!(
+            "  node      netns {:<24} {} {}",
+            node.netns, node.iface, node.addr_v4
+        );
+    }
+    let fallback = lab.fallback();
+    println!(
+        "  fallback  netns {:<24} {} {} (the third etcd member)",
+        fallback.netns, fallback.iface, fallback.addr_v4
+    );
+    println!(
+        "  floating (keepalived, VRRPv3 every 100 ms): gateway {GATEWAY_V4}, L4 VIP {PAIR_VIP_V4}, \
+         NAT source {NAT_SOURCE_V4}; preempt_delay {:?}",
+        lab.preempt_delay()
+    );
+    println!("  logs in {}", lab.log_dir().display());
+    let (a, b) = (lab.lb(Member::A), lab.lb(Member::B));
+    let cli = |lb: &lab::PairLb, member: Member, args: &str| {
+        format!(
+            "ip netns exec {} {lb_control} {args} --config {}",
+            lb.netns,
+            lab.config_path(member).display()
+        )
+    };
+    println!("\nRoles and the floating addresses:");
+    println!("  {}", cli(a, Member::A, "ha status"));
+    println!("  {}", cli(b, Member::B, "ha status"));
+    println!(
+        "\nCall the gateway at the floating address with a key (made on either LB, kept in etcd):"
+    );
+    println!("  {}", cli(a, Member::A, "key create --name demo"));
+    let health = r#"'{"id":1,"jsonrpc":"2.0","method":"system_health"}'"#;
+    println!(
+        "  while sleep 0.2; do ip netns exec {} curl -s --max-time 1 --cacert {} \
+         -H 'content-type: application/json' -d {health} {}; echo; done",
+        client.netns,
+        lab.ca().display(),
+        lab.gateway_url("<key>")
+    );
+    println!("\nKill the master (lb-control and keepalived, as a crash) and watch LB b take over:");
+    println!(
+        "  ip netns pids {} | xargs -r ps -o pid=,comm= -p | grep -E 'lb-control|keepalived'",
+        a.netns
+    );
+    println!("  kill -9 <those pids>; then `ha status` on LB b says master within a second");
+    println!(
+        "Hand over by hand: stop keepalived on the master (kill <keepalived pid>): it gives the \
+         addresses up and LB b takes them. LB a takes them back {:?} after its keepalived \
+         returns (planned handover without failed requests is not built yet).",
+        lab.preempt_delay()
+    );
+    println!("\nCtrl-C stops everything and removes it.");
 }
 
 /// The VIPs the lab's lb-control balances over every node, by default.

@@ -56,28 +56,25 @@ impl Lab {
             format!("--port={SIM_NODE_RPC_PORT}"),
         ];
         let id = format!("node{index}");
-        let log = self.log_dir.join(format!("chopsticks-{id}.log"));
-        let process = LabProcess::spawn(
-            format!("chopsticks {id}"),
+        let process = self.run.spawn_process(
+            &format!("chopsticks {id}"),
             &node.netns,
             &program,
             &args,
-            log,
+            &format!("chopsticks-{id}"),
         )?;
-        self.processes.push(process);
         let rpc = SocketAddr::from((node.addr_v4, SIM_NODE_RPC_PORT));
-        let process = self.last_process();
         process.wait_ready(
             &format!("{rpc} to answer system_health"),
             CHOPSTICKS_READY_TIMEOUT,
             || in_netns(&node.netns, || answers_system_health(rpc)),
         )?;
-        Ok(process)
+        Ok(&*process)
     }
 
     /// Writes [`CHOPSTICKS_CHAIN`]'s chain spec into the log directory (once per lab).
     fn write_chain_spec(&self) -> Result<PathBuf, LabError> {
-        let path = self.log_dir.join(format!("{CHOPSTICKS_CHAIN}.json"));
+        let path = self.log_dir().join(format!("{CHOPSTICKS_CHAIN}.json"));
         if !path.is_file() {
             run_checked(
                 std::process::Command::new("node")

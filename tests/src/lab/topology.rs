@@ -131,17 +131,7 @@ impl Topology {
     /// has an XDP program. Each is recorded in `attached` as soon as it exists.
     pub fn attach_peer_programs(&self, attached: &mut Vec<PeerProgram>) -> Result<(), LabError> {
         for host in std::iter::once(&self.client).chain(&self.nodes) {
-            let program = netns::in_netns(&host.netns, || PassProgram::attach(&host.iface))?
-                .map_err(|source| LabError::PassProgram {
-                    netns: host.netns.clone(),
-                    iface: host.iface.clone(),
-                    source: Box::new(source),
-                })?;
-            attached.push(PeerProgram {
-                netns: host.netns.clone(),
-                iface: host.iface.clone(),
-                program,
-            });
+            attached.push(PeerProgram::attach(&host.netns, &host.iface)?);
         }
         Ok(())
     }
@@ -214,6 +204,22 @@ pub(crate) struct PeerProgram {
 }
 
 impl PeerProgram {
+    /// Attaches an XDP_PASS program to `iface` in `netns`.
+    pub fn attach(netns: &str, iface: &str) -> Result<PeerProgram, LabError> {
+        let program = netns::in_netns(netns, || PassProgram::attach(iface))?.map_err(|source| {
+            LabError::PassProgram {
+                netns: netns.to_owned(),
+                iface: iface.to_owned(),
+                source: Box::new(source),
+            }
+        })?;
+        Ok(PeerProgram {
+            netns: netns.to_owned(),
+            iface: iface.to_owned(),
+            program,
+        })
+    }
+
     /// Detaches it from inside its namespace, where its interface index means its interface.
     pub fn detach(self) -> Result<(), LabError> {
         let PeerProgram { netns, program, .. } = self;
@@ -250,15 +256,7 @@ fn ipv6_in_subnet(subnet: u8, host: u16) -> Ipv6Addr {
 }
 
 fn add_addresses(netns: &str, iface: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), LabError> {
-    run_ip(&[
-        "-n",
-        netns,
-        "addr",
-        "add",
-        &format!("{v4}/24"),
-        "dev",
-        iface,
-    ])?;
+    add_addresses_v4(netns, iface, v4)?;
     // nodad: the address is usable at once instead of after duplicate address detection.
     run_ip(&[
         "-n",
@@ -273,20 +271,33 @@ fn add_addresses(netns: &str, iface: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result
     ])
 }
 
+/// `v4/24` on `iface`.
+pub(crate) fn add_addresses_v4(netns: &str, iface: &str, v4: Ipv4Addr) -> Result<(), LabError> {
+    run_ip(&[
+        "-n",
+        netns,
+        "addr",
+        "add",
+        &format!("{v4}/24"),
+        "dev",
+        iface,
+    ])
+}
+
 /// A queue per CPU on each end of every link, as on a multi-queue NIC: a single-queue veth
 /// with XDP receives through one NAPI instance, so one CPU at a time serves all of its traffic.
-fn queues_per_link() -> usize {
+pub(crate) fn queues_per_link() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
-fn disable_tx_offload(netns: &str, iface: &str, also: &[&str]) -> Result<(), LabError> {
+pub(crate) fn disable_tx_offload(netns: &str, iface: &str, also: &[&str]) -> Result<(), LabError> {
     let mut ethtool = command_in_netns(netns, "ethtool")?;
     ethtool.args(["-K", iface, "tx", "off"]).args(also);
     run_checked(&mut ethtool).map(drop)
 }
 
 /// Makes the LB namespace a router for both address families.
-fn enable_forwarding(netns: &str) -> Result<(), LabError> {
+pub(crate) fn enable_forwarding(netns: &str) -> Result<(), LabError> {
     netns::in_netns(netns, || {
         // /proc/sys/net shows the namespace of the thread that opens it.
         for sysctl in [

@@ -16,7 +16,9 @@ use lb_common::{
 };
 use lb_control::{
     backends::{BackendView, ClusterView, ServiceView, State},
-    gateway::{BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection, NodeClients},
+    gateway::{
+        Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, GatewaySection, NodeClients,
+    },
     keys::ApiKeys,
     model::{
         AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,
@@ -157,7 +159,7 @@ impl Setup {
             ..GatewaySection::default()
         };
         adjust(&mut section);
-        let bound = Gateway::bind(&section).expect("gateway binds");
+        let bound = Gateway::bind(&section, Bind::LocalAddress).expect("gateway binds");
         let (blocks_tx, blocks) = mpsc::unbounded_channel();
         let clients = Arc::new(NodeClients::default());
         let gateway = Gateway::start(

@@ -1,0 +1,199 @@
+//! The HA pair in the lab, with real keepalived, a real three-member etcd and real lb-control
+//! processes: the master crashes (lb-control and keepalived killed with SIGKILL) and the
+//! standby answers the gateway's clients at the floating address within a bounded time, with
+//! every admin write acknowledged before the crash; the old master returns as backup and takes
+//! the addresses back only after `preempt_delay`.
+//!
+//! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
+//! so `cargo build --bins` first.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use lb_tests::lab::{LabError, Member, PairConfig, PairLab, command_in_netns, run_checked};
+
+/// The goal is a second (the issue's); a test asserts a generous bound, the benchmark measures.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(3);
+const PREEMPT_DELAY: Duration = Duration::from_secs(5);
+const CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"}"#;
+
+/// One gateway call from the client namespace with tight timeouts (a new connection, as a
+/// client retrying would): the JSON-RPC answer, or why there was none.
+fn call_gateway(lab: &PairLab, key: &str) -> anyhow::Result<String> {
+    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    command
+        .args([
+            "-sS",
+            "--fail",
+            "--connect-timeout",
+            "0.2",
+            "--max-time",
+            "0.5",
+        ])
+        .arg("--cacert")
+        .arg(lab.ca())
+        .args(["-H", "content-type: application/json", "-d", CALL])
+        .arg(lab.gateway_url(key));
+    let output = run_checked(&mut command)?;
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// `lb-control … --json` on `member`, parsed.
+fn cli_json(lab: &PairLab, member: Member, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let mut args = args.to_vec();
+    args.push("--json");
+    let output = lab
+        .cli(member, &args)
+        .with_context(|| format!("`lb-control {}` on LB {}", args.join(" "), member.name()))?;
+    Ok(serde_json::from_str(&output)?)
+}
+
+fn role(lab: &PairLab, member: Member) -> anyhow::Result<String> {
+    let status = cli_json(lab, member, &["ha", "status"])?;
+    Ok(status["role"].as_str().context("no role")?.to_owned())
+}
+
+/// Polls `condition` every 20 ms for up to `within`; fails naming `what`.
+fn wait_until(
+    what: &str,
+    within: Duration,
+    mut condition: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while !condition()? {
+        if start.elapsed() > within {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(start.elapsed())
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(2000);
+    format!(
+        "{}:\n{}",
+        path.display(),
+        &text[text.floor_char_boundary(start)..]
+    )
+}
+
+#[test]
+fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
+-> anyhow::Result<()> {
+    let mut lab = PairLab::start(PairConfig {
+        nodes: 2,
+        block_time: Duration::from_secs(2),
+        preempt_delay: PREEMPT_DELAY,
+    })
+    .map_err(|error: LabError| anyhow::anyhow!("starting the HA lab: {error}"))?;
+    let (a, b) = (Member::A, Member::B);
+    wait_until(
+        "LB a master and LB b backup, as keepalived told them",
+        Duration::from_secs(5),
+        || Ok(role(&lab, a)? == "master" && role(&lab, b)? == "backup"),
+    )?;
+
+    // Admin writes through the master, acknowledged before it dies: a key and a weight.
+    let created = lab.cli(a, &["key", "create", "--name", "before-the-crash"])?;
+    let key = created
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .context("`key create` printed no secret")?
+        .to_owned();
+    let backends = cli_json(&lab, a, &["backend", "list"])?;
+    let id = backends[0]["id"].clone();
+    let id_arg = id.to_string();
+    lab.cli(a, &["backend", "weight", &id_arg, "3"])?;
+    let answer = call_gateway(&lab, &key)?;
+    ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
+    ensure!(
+        lab.client_reaches()? == Some(a),
+        "the client reaches LB a first"
+    );
+
+    // The crash: no notify, no goodbye advert.
+    let killed = Instant::now();
+    lab.kill(a)?;
+    let mut vip_moved = None;
+    wait_until(
+        "the gateway answering at the floating address after the master's crash",
+        Duration::from_secs(10),
+        || {
+            if vip_moved.is_none() && lab.holders()?.contains(&b) {
+                vip_moved = Some(killed.elapsed());
+            }
+            Ok(call_gateway(&lab, &key).is_ok())
+        },
+    )
+    .with_context(|| lab.keepalived_log(b))?;
+    let answered = killed.elapsed();
+    eprintln!(
+        "takeover: floating addresses on LB b {:?} after the kill, first answered request {:?}",
+        vip_moved, answered
+    );
+    ensure!(
+        answered <= TAKEOVER_BOUND,
+        "the standby answered {answered:?} after the kill (bound {TAKEOVER_BOUND:?})"
+    );
+    ensure!(lab.client_reaches()? == Some(b), "the client reaches LB b");
+    ensure!(role(&lab, b)? == "master", "LB b's lb-control is master");
+    // The key worked through LB b above; the weight is there too.
+    let backends = cli_json(&lab, b, &["backend", "list"])?;
+    let weight = backends
+        .as_array()
+        .context("a list")?
+        .iter()
+        .find(|backend| backend["id"] == id)
+        .map(|backend| backend["weight"].clone());
+    ensure!(
+        weight == Some(serde_json::json!(3)),
+        "backend {id}'s weight on LB b: {weight:?}\n{backends:#}"
+    );
+
+    // The old master returns: a backup until preempt_delay has passed, then master again.
+    let returned = Instant::now();
+    lab.restart(a)
+        .with_context(|| log_tail(&lab.lb_control_log_path(a)))?;
+    wait_until(
+        "LB a's lb-control back as backup",
+        Duration::from_secs(3),
+        || Ok(role(&lab, a)? == "backup"),
+    )
+    .with_context(|| lab.keepalived_log(a))?;
+    let quiet = PREEMPT_DELAY - Duration::from_secs(1);
+    while returned.elapsed() < quiet {
+        ensure!(
+            lab.client_reaches()? == Some(b),
+            "the floating address flapped back to LB a {:?} after it returned, within \
+             preempt_delay {PREEMPT_DELAY:?}",
+            returned.elapsed()
+        );
+        ensure!(role(&lab, b)? == "master", "LB b stays master");
+        call_gateway(&lab, &key).context("the gateway answers while LB a returns")?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let preempted = wait_until(
+        "LB a master again after preempt_delay",
+        PREEMPT_DELAY + Duration::from_secs(5),
+        || Ok(lab.client_reaches()? == Some(a) && role(&lab, a)? == "master"),
+    )
+    .with_context(|| lab.keepalived_log(a))?;
+    eprintln!(
+        "LB a preempted {:?} after its return (preempt_delay {PREEMPT_DELAY:?})",
+        quiet + preempted
+    );
+    wait_until("LB b backup again", Duration::from_secs(3), || {
+        Ok(role(&lab, b)? == "backup")
+    })?;
+    wait_until(
+        "the gateway answering through LB a",
+        Duration::from_secs(3),
+        || Ok(call_gateway(&lab, &key).is_ok()),
+    )?;
+    Ok(())
+}
