@@ -33,7 +33,7 @@ use crate::{
     backends::{BackendSet, Declared},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
-    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics},
+    gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics, StopReason},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -324,7 +324,7 @@ impl Daemon {
     /// program unless the daemon exits for a restart.
     async fn stop(self, ending: Ending) -> anyhow::Result<()> {
         if let Some(gateway) = self.gateway {
-            gateway.stop().await;
+            gateway.stop(StopReason::Shutdown).await;
         }
         // Admin requests in flight finish; new ones are refused.
         let _ = self.admin.stop.send(());
