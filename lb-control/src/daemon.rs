@@ -33,7 +33,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminContext},
-    backends::{BackendSet, Declared},
+    backends::{BackendSet, Declared, Paused},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
     gateway::{self, BlockRequest, Gateway, GatewayContext, GatewayMetrics, StopReason},
@@ -128,12 +128,18 @@ struct Daemon {
     checker: health::Checker,
     gateway: Option<Gateway>,
     blocklist: BlocklistHandle,
+    /// Writes the gateway's block requests to the kernel blocklist; stopped when a new process
+    /// takes over (the blocklist's version is read, changed and written: one writer).
+    block_applier: JoinHandle<()>,
     /// None while a new process takes over.
     admin: Option<AdminServer>,
     /// The admin API's listening socket, kept to hand over in an upgrade (and to serve on
     /// again if that fails).
     admin_listener: std::net::TcpListener,
     admin_context: AdminContext,
+    /// Held from the moment a new process takes the kernel tables over until this one exits:
+    /// no change of this process reaches them after the new one wrote them.
+    handed_over: Option<Paused>,
 }
 
 /// The admin API's server task and what stops it.
@@ -250,7 +256,7 @@ impl Daemon {
         // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
         let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
-        tokio::spawn(gateway::block::apply_requests(
+        let block_applier = tokio::spawn(gateway::block::apply_requests(
             block_requests,
             blocklist.clone(),
         ));
@@ -303,9 +309,11 @@ impl Daemon {
             checker,
             gateway,
             blocklist,
+            block_applier,
             admin: Some(admin),
             admin_listener,
             admin_context,
+            handed_over: None,
         })
     }
 
@@ -380,11 +388,15 @@ impl Daemon {
             successor.serving().await
         };
         match handed_over.await {
-            Ok(()) => Ok(Upgraded {
-                pid: successor.pid(),
-                previous_pid: std::process::id(),
-                took_ms: started.elapsed().as_millis() as u64,
-            }),
+            Ok(()) => {
+                self.block_applier.abort();
+                self.handed_over = Some(paused);
+                Ok(Upgraded {
+                    pid: successor.pid(),
+                    previous_pid: std::process::id(),
+                    took_ms: started.elapsed().as_millis() as u64,
+                })
+            }
             Err(error) => {
                 self.resume(paused).await;
                 Err(error)
@@ -393,7 +405,7 @@ impl Daemon {
     }
 
     /// After a failed upgrade: writes the kernel tables again and serves the admin API.
-    async fn resume(&mut self, paused: crate::backends::Paused) {
+    async fn resume(&mut self, paused: Paused) {
         if let Err(error) = self.backends.resume(paused).await {
             error!("resuming after the failed upgrade: {error}; retried every second");
         }

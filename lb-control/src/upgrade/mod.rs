@@ -34,10 +34,12 @@
 //!
 //! During the overlap (steps 1 to 4, about a second) both processes run health checks (a node
 //! sees both for a moment: harmless); the SQLite store is open in both (SQLite serializes the
-//! writes; the old one writes only its gateway's key last-used times); the kernel blocklist
-//! has no userspace copy, so both gateways may add to it. A key created or revoked through the
-//! new admin API is not seen by the old gateway, whose HTTP connections serve at most one more
-//! request each and whose WebSocket sessions close at step 4.
+//! writes; the old one writes only its gateway's key last-used times); the old gateway stops
+//! adding to the kernel blocklist once the new one serves (a change reads and writes back the
+//! blocklist's version: one writer), and its backend set stays held back until it exits. A
+//! key created or revoked through the new admin API is not seen by the old gateway, whose HTTP
+//! connections serve at most one more request each and whose WebSocket sessions close at
+//! step 4.
 
 mod inherit;
 pub mod systemd;
