@@ -63,9 +63,16 @@ pub fn run(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyho
         let mut signals = Signals::install()?;
         let predecessor = Predecessor::inherited()?;
         let mut daemon = Daemon::start(config, predecessor).await?;
-        // Only once this process serves: until then the old one takes the requests.
-        let upgrades = Upgrades::listen(&daemon.config.state_dir)?;
-        let ending = daemon.serve(&mut signals, &upgrades, reload).await;
+        // Only once this process serves: until then the old one takes the requests. Not
+        // fatal: after an upgrade, the old process is on its way out.
+        let upgrades = Upgrades::listen(&daemon.config.state_dir)
+            .inspect_err(|error| {
+                error!(
+                    "{error}: `lb-control upgrade` cannot reach this process; restart it instead"
+                );
+            })
+            .ok();
+        let ending = daemon.serve(&mut signals, upgrades.as_ref(), reload).await;
         daemon.stop(ending).await
     })
 }
@@ -321,7 +328,7 @@ impl Daemon {
     async fn serve(
         &mut self,
         signals: &mut Signals,
-        upgrades: &Upgrades,
+        upgrades: Option<&Upgrades>,
         reload: impl Fn() -> anyhow::Result<Config>,
     ) -> Ending {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -338,7 +345,7 @@ impl Daemon {
                     }
                     Request::Reload => self.reload(&reload).await,
                 },
-                request = upgrades.next() => {
+                (upgrades, request) = next_upgrade(upgrades) => {
                     if self.upgrade(upgrades, request).await {
                         return Ending::Upgraded;
                     }
@@ -495,6 +502,14 @@ impl Daemon {
             info!("detached");
         }
         Ok(())
+    }
+}
+
+/// The next upgrade request, if this process takes them.
+async fn next_upgrade(upgrades: Option<&Upgrades>) -> (&Upgrades, UpgradeRequest) {
+    match upgrades {
+        Some(upgrades) => (upgrades, upgrades.next().await),
+        None => std::future::pending().await,
     }
 }
 
