@@ -9,14 +9,17 @@
 //! running, the data plane and the gateway serve from memory and never wait for it.
 //!
 //! [`Daemon::start`] wires the parts; [`Daemon::serve`] is the event loop, whose steps (a
-//! reload, housekeeping) are named methods; [`Daemon::stop`] takes it down.
+//! reload, housekeeping, an upgrade) are named methods; [`Daemon::stop`] takes it down.
+//!
+//! An upgrade ([`crate::upgrade`]) starts a new process that takes the listening sockets over:
+//! [`Daemon::start`] is its side of the handover, [`Daemon::upgrade`] the old process's.
 
 use std::{
     fs,
     os::unix::fs::DirBuilderExt,
     path::Path,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context;
@@ -30,15 +33,18 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminContext},
-    backends::{BackendSet, Declared},
+    backends::{BackendSet, Declared, Paused},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
-    gateway::{self, Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients},
+    gateway::{
+        self, Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients, StopReason,
+    },
     ha::{Ha, RoleState},
     health,
     keys::ApiKeys,
     metrics::Metrics,
     store::{Store, StoreChanges},
+    upgrade::{self, Predecessor, UpgradeError, UpgradeRequest, Upgraded, Upgrades},
 };
 
 /// How often expired blocklist entries are removed and a failed kernel push is retried.
@@ -47,8 +53,10 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 /// How long to wait before re-reading a shared store that did not answer.
 const FOLLOW_RETRY: Duration = Duration::from_secs(1);
 
-/// Runs the daemon until SIGINT/SIGTERM (clean shutdown: detach) or SIGQUIT (exit, leaving the
-/// program attached for the next start). `reload` re-reads the config on SIGHUP.
+/// Runs the daemon until SIGINT/SIGTERM (clean shutdown: detach), SIGQUIT (exit, leaving the
+/// program attached for the next start) or an upgrade (a new process serves: exit the same
+/// way). `reload` re-reads the config on SIGHUP. Started by an lb-control that upgrades, it
+/// takes over from that one.
 pub fn run(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -56,8 +64,18 @@ pub fn run(config: Config, reload: impl Fn() -> anyhow::Result<Config>) -> anyho
     runtime.block_on(async {
         // Installed first, so a signal during start-up still gets a clean shutdown.
         let mut signals = Signals::install()?;
-        let mut daemon = Daemon::start(config).await?;
-        let ending = daemon.serve(&mut signals, reload).await;
+        let predecessor = Predecessor::inherited()?;
+        let mut daemon = Daemon::start(config, predecessor).await?;
+        // Only once this process serves: until then the old one takes the requests. Not
+        // fatal: after an upgrade, the old process is on its way out.
+        let upgrades = Upgrades::listen(&daemon.config.state_dir)
+            .inspect_err(|error| {
+                error!(
+                    "{error}: `lb-control upgrade` cannot reach this process; restart it instead"
+                );
+            })
+            .ok();
+        let ending = daemon.serve(&mut signals, upgrades.as_ref(), reload).await;
         daemon.stop(ending).await
     })
 }
@@ -107,6 +125,8 @@ enum Ending {
     Stop,
     /// Leave the XDP program attached for the next start.
     Restart,
+    /// A new process serves: finish the requests in flight, leave the XDP program attached.
+    Upgraded,
 }
 
 /// The running parts.
@@ -118,7 +138,18 @@ struct Daemon {
     checker: health::Checker,
     gateway: Option<Gateway>,
     blocklist: BlocklistHandle,
-    admin: AdminServer,
+    /// Writes the gateway's block requests to the kernel blocklist; stopped when a new process
+    /// takes over (the blocklist's version is read, changed and written: one writer).
+    block_applier: JoinHandle<()>,
+    /// None while a new process takes over.
+    admin: Option<AdminServer>,
+    /// The admin API's listening socket, kept to hand over in an upgrade (and to serve on
+    /// again if that fails).
+    admin_listener: std::net::TcpListener,
+    admin_context: AdminContext,
+    /// Held from the moment a new process takes the kernel tables over until this one exits:
+    /// no change of this process reaches them after the new one wrote them.
+    handed_over: Option<Paused>,
 }
 
 /// The admin API's server task and what stops it.
@@ -127,11 +158,40 @@ struct AdminServer {
     task: JoinHandle<std::io::Result<()>>,
 }
 
+impl AdminServer {
+    /// Serves the admin API on (a handle of) `listener`.
+    fn start(
+        listener: &std::net::TcpListener,
+        context: AdminContext,
+    ) -> anyhow::Result<AdminServer> {
+        let listener = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(api::serve(listener, context, async {
+            let _ = stopped.await;
+        }));
+        Ok(AdminServer { stop, task })
+    }
+
+    /// Stops accepting and lets the requests in flight finish; the listening socket stays
+    /// open where it was kept.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => error!("admin API: {error}"),
+            Err(error) => error!("admin API task: {error}"),
+        }
+    }
+}
+
 impl Daemon {
     /// Wires the parts together: store, data plane, backend set, health checker, gateway, admin
     /// API. Whatever can fail for a reason the operator must fix (root, a taken port, a bad
     /// certificate) fails before the data plane changes.
-    async fn start(config: Config) -> anyhow::Result<Daemon> {
+    ///
+    /// With a `predecessor`, on its listening sockets, and the kernel tables are written only
+    /// once it has stopped writing them.
+    async fn start(config: Config, mut predecessor: Option<Predecessor>) -> anyhow::Result<Daemon> {
         // Before anything is written: without root nothing here can work.
         dataplane::require_root()?;
         prepare_state_dir(&config.state_dir)?;
@@ -141,12 +201,25 @@ impl Daemon {
              and that a majority of the members is up",
         )?;
         // Bound before the data plane starts, so a taken port fails fast and changes nothing.
-        let listener = tokio::net::TcpListener::bind(config.admin.listen)
-            .await
-            .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?;
+        let taken_over = predecessor
+            .as_mut()
+            .and_then(Predecessor::take_admin_listener)
+            // A changed admin.listen gets a socket of its own.
+            .filter(|listener| is_listening_on(listener, config.admin.listen));
+        let admin_listener = match taken_over {
+            Some(listener) => listener,
+            None => std::net::TcpListener::bind(config.admin.listen)
+                .with_context(|| format!("admin API: cannot listen on {}", config.admin.listen))?,
+        };
+        admin_listener.set_nonblocking(true)?;
         // Likewise the gateway's port and certificate.
-        let gateway_bound = match config.gateway.listen {
-            Some(listen) => {
+        let taken_over = predecessor
+            .as_mut()
+            .map(Predecessor::take_gateway_listeners)
+            .filter(|listeners| !listeners.is_empty());
+        let gateway_bound = match (config.gateway.listen, taken_over) {
+            (Some(_), Some(listeners)) => Some(Gateway::take_over(&config.gateway, listeners)?),
+            (Some(listen), None) => {
                 let floats = config.ha.as_ref().is_some_and(|ha| ha.floats(listen.ip()));
                 let bind = if floats {
                     Bind::AheadOfFloatingAddress
@@ -155,10 +228,24 @@ impl Daemon {
                 };
                 Some(Gateway::bind(&config.gateway, bind)?)
             }
-            None => None,
+            (None, taken_over) => {
+                if taken_over.is_some() {
+                    warn!(
+                        "the config has no [gateway] listen any more: the running gateway's \
+                         sockets close with it"
+                    );
+                }
+                None
+            }
         };
 
-        let dataplane = Dataplane::start(&config.dataplane.start_config(&config.instance))?;
+        let mut dataplane = Dataplane::start(&config.dataplane.start_config(&config.instance))?;
+        if let Some(predecessor) = &mut predecessor {
+            predecessor.stop_writing().await?;
+            // Its last writes came after this program's start read the kernel.
+            dataplane.reread_kernel_state()?;
+            info!("the running lb-control stopped writing: taking the kernel tables over");
+        }
         let pin_dir = dataplane.pin_dir().to_owned();
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
@@ -191,7 +278,7 @@ impl Daemon {
         // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
         let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
-        tokio::spawn(gateway::block::apply_requests(
+        let block_applier = tokio::spawn(gateway::block::apply_requests(
             block_requests,
             blocklist.clone(),
         ));
@@ -212,8 +299,7 @@ impl Daemon {
             None => None,
         };
 
-        let (stop_api, api_stopped) = oneshot::channel::<()>();
-        let context = AdminContext {
+        let admin_context = AdminContext {
             backends: backends.clone(),
             keys: Arc::new(keys),
             store: store.clone(),
@@ -225,10 +311,12 @@ impl Daemon {
             ha: ha.clone(),
             token,
         };
-        let admin_address = listener.local_addr()?;
-        let api_task = tokio::spawn(api::serve(listener, context, async {
-            let _ = api_stopped.await;
-        }));
+        let admin_address = admin_listener.local_addr()?;
+        let admin = AdminServer::start(&admin_listener, admin_context.clone())?;
+        if let Some(predecessor) = predecessor {
+            predecessor.serving().await?;
+        }
+        upgrade::systemd::notify_ready();
 
         info!(
             instance = %config.instance,
@@ -238,7 +326,8 @@ impl Daemon {
             store = %store.location(),
             role = %ha.current().role,
             "running; SIGHUP reloads the config, SIGINT or SIGTERM stops, SIGQUIT exits for a \
-             restart (the program keeps forwarding)"
+             restart (the program keeps forwarding), `lb-control upgrade` hands over to a new \
+             process"
         );
         Ok(Daemon {
             config,
@@ -247,10 +336,11 @@ impl Daemon {
             checker,
             gateway,
             blocklist,
-            admin: AdminServer {
-                stop: stop_api,
-                task: api_task,
-            },
+            block_applier,
+            admin: Some(admin),
+            admin_listener,
+            admin_context,
+            handed_over: None,
         })
     }
 
@@ -258,6 +348,7 @@ impl Daemon {
     async fn serve(
         &mut self,
         signals: &mut Signals,
+        upgrades: Option<&Upgrades>,
         reload: impl Fn() -> anyhow::Result<Config>,
     ) -> Ending {
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
@@ -274,8 +365,80 @@ impl Daemon {
                     }
                     Request::Reload => self.reload(&reload).await,
                 },
+                (upgrades, request) = next_upgrade(upgrades) => {
+                    if self.upgrade(upgrades, request).await {
+                        return Ending::Upgraded;
+                    }
+                }
                 _ = housekeeping.tick() => self.housekeeping().await,
             }
+        }
+    }
+
+    /// Hands over to a new process (see [`crate::upgrade`]); true once it serves. When it
+    /// fails, this process carries on as before and the requester is told why.
+    async fn upgrade(&mut self, upgrades: &Upgrades, request: UpgradeRequest) -> bool {
+        let started = Instant::now();
+        let outcome = self.hand_over(upgrades, started).await;
+        match &outcome {
+            Ok(upgraded) => info!(
+                pid = upgraded.pid,
+                took_ms = upgraded.took_ms,
+                "upgrade: the new lb-control serves; finishing the requests in flight and exiting"
+            ),
+            Err(error) => error!("upgrade failed: {error}"),
+        }
+        request.answer(&outcome).await;
+        outcome.is_ok()
+    }
+
+    async fn hand_over(
+        &mut self,
+        upgrades: &Upgrades,
+        started: Instant,
+    ) -> Result<Upgraded, UpgradeError> {
+        let gateway_listeners = self.gateway.as_ref().map_or(&[][..], Gateway::listeners);
+        let mut successor = upgrades.start_successor(gateway_listeners, &self.admin_listener)?;
+        info!(
+            pid = successor.pid(),
+            "upgrade: started the new lb-control on this one's listening sockets"
+        );
+        successor.ready_to_write().await?;
+        // One writer of the kernel tables at a time: this one stops here for good, unless the
+        // new one fails before it serves.
+        if let Some(admin) = self.admin.take() {
+            admin.stop().await;
+        }
+        let paused = self.backends.pause().await;
+        let handed_over = async {
+            successor.stopped_writing().await?;
+            successor.serving().await
+        };
+        match handed_over.await {
+            Ok(()) => {
+                self.block_applier.abort();
+                self.handed_over = Some(paused);
+                Ok(Upgraded {
+                    pid: successor.pid(),
+                    previous_pid: std::process::id(),
+                    took_ms: started.elapsed().as_millis() as u64,
+                })
+            }
+            Err(error) => {
+                self.resume(paused).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// After a failed upgrade: writes the kernel tables again and serves the admin API.
+    async fn resume(&mut self, paused: Paused) {
+        if let Err(error) = self.backends.resume(paused).await {
+            error!("resuming after the failed upgrade: {error}; retried every second");
+        }
+        match AdminServer::start(&self.admin_listener, self.admin_context.clone()) {
+            Ok(admin) => self.admin = Some(admin),
+            Err(error) => error!("resuming the admin API after the failed upgrade: {error}"),
         }
     }
 
@@ -342,17 +505,18 @@ impl Daemon {
     }
 
     /// Stops the gateway and the admin API (requests in flight finish), then detaches the XDP
-    /// program unless the daemon exits for a restart.
+    /// program unless the daemon exits for a restart or an upgrade.
     async fn stop(self, ending: Ending) -> anyhow::Result<()> {
         if let Some(gateway) = self.gateway {
-            gateway.stop().await;
+            let reason = match ending {
+                Ending::Upgraded => StopReason::Upgrade,
+                Ending::Stop | Ending::Restart => StopReason::Shutdown,
+            };
+            gateway.stop(reason).await;
         }
         // Admin requests in flight finish; new ones are refused.
-        let _ = self.admin.stop.send(());
-        match self.admin.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => error!("admin API: {error}"),
-            Err(error) => error!("admin API task: {error}"),
+        if let Some(admin) = self.admin {
+            admin.stop().await;
         }
         drop(self.checker);
         if ending == Ending::Stop {
@@ -361,6 +525,14 @@ impl Daemon {
             info!("detached");
         }
         Ok(())
+    }
+}
+
+/// The next upgrade request, if this process takes them.
+async fn next_upgrade(upgrades: Option<&Upgrades>) -> (&Upgrades, UpgradeRequest) {
+    match upgrades {
+        Some(upgrades) => (upgrades, upgrades.next().await),
+        None => std::future::pending().await,
     }
 }
 
@@ -451,6 +623,13 @@ pub async fn follow_shared_store(
             return;
         }
     }
+}
+
+/// Whether `listener` listens where `wanted` says (any port, if it says port 0).
+fn is_listening_on(listener: &std::net::TcpListener, wanted: std::net::SocketAddr) -> bool {
+    listener.local_addr().is_ok_and(|address| {
+        address.ip() == wanted.ip() && (wanted.port() == 0 || address.port() == wanted.port())
+    })
 }
 
 /// Creates the state directory, private to root: it holds the admin token.

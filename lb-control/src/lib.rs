@@ -20,6 +20,8 @@
 //! - [`keys`]: the gateway's API keys.
 //! - [`gateway`]: the JSON-RPC gateway (TLS, API keys, rate limits, method policy, upstream).
 //! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
+//! - [`upgrade`]: `lb-control upgrade`, a new process taking the listening sockets over from
+//!   the running one.
 //! - [`methods`]: what the gateway knows of each JSON-RPC method (safety, cache rule,
 //!   subscription, retry), one table that the gateway and the cache both read.
 
@@ -40,3 +42,4 @@ pub mod model;
 pub mod netns;
 pub mod section;
 pub mod store;
+pub mod upgrade;

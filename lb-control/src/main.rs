@@ -44,6 +44,10 @@ enum Command {
     /// config, `store import state.json`.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Hand over to a new lb-control process (the binary now installed at the running one's
+    /// path, with its arguments): it takes the listening sockets over, the running one
+    /// finishes its requests, closes WebSockets with 1012 and exits. No gateway request fails.
+    Upgrade(UpgradeArgs),
     #[command(flatten)]
     Admin(cli::AdminCommand),
 }
@@ -78,6 +82,19 @@ struct StoreArgs {
     /// The SQLite store's directory; replaces the config's `state_dir`.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    /// Config file (TOML) of the running lb-control: its `state_dir`.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The running lb-control's state directory; replaces the config's `state_dir`.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print JSON instead of a sentence.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -197,6 +214,26 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Store(command) => run_store_command(command),
+        Command::Upgrade(args) => {
+            let mut config = match &args.config {
+                Some(file) => Config::load(file)?,
+                None => Config::default(),
+            };
+            if let Some(state_dir) = args.state_dir {
+                config.state_dir = state_dir;
+            }
+            let upgraded = lb_control::upgrade::request(&config.state_dir)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&upgraded)?);
+            } else {
+                println!(
+                    "upgraded in {} ms: lb-control pid {} serves; pid {} finishes its requests \
+                     in flight and exits",
+                    upgraded.took_ms, upgraded.pid, upgraded.previous_pid
+                );
+            }
+            Ok(())
+        }
         Command::Admin(command) => cli::run(command),
     }
 }

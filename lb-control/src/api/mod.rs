@@ -59,6 +59,7 @@ use crate::{
 };
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
+#[derive(Clone)]
 pub struct AdminContext {
     pub backends: Arc<BackendSet>,
     pub keys: Arc<ApiKeys>,

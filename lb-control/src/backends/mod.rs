@@ -64,6 +64,13 @@ pub trait KernelTables: Send {
 
     /// A clean shutdown: traffic to the services stops being balanced.
     fn detach(&mut self) -> Result<(), DataplaneError>;
+
+    /// Forgets what this process wrote and reads the tables back: another process wrote them
+    /// meanwhile (an upgrade that failed halfway). Tables kept only in memory have nothing to
+    /// read back.
+    fn reread(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl KernelTables for dataplane::Dataplane {
@@ -77,6 +84,10 @@ impl KernelTables for dataplane::Dataplane {
 
     fn detach(&mut self) -> Result<(), DataplaneError> {
         dataplane::Dataplane::detach(self)
+    }
+
+    fn reread(&mut self) -> Result<(), DataplaneError> {
+        dataplane::Dataplane::reread_kernel_state(self)
     }
 }
 
@@ -253,6 +264,10 @@ struct Inner {
     /// pushes again.
     kernel_in_sync: bool,
 }
+
+/// The backend set while another lb-control takes its kernel tables over: no change gets
+/// through (each waits) until it is resumed or, once the other serves, the process exits.
+pub struct Paused(OwnedMutexGuard<Inner>);
 
 /// The one owner of the backend set. Cheap to share: every method takes `&self`.
 pub struct BackendSet {
@@ -492,6 +507,22 @@ impl BackendSet {
             inner.kernel.call(|tables| tables.detach()).await
         }))
         .await
+    }
+
+    /// Holds every change back (API, health, config, a peer's) until [`BackendSet::resume`]:
+    /// another lb-control takes the kernel tables over, and they have one writer at a time.
+    pub async fn pause(&self) -> Paused {
+        Paused(self.lock().await)
+    }
+
+    /// Lets changes through again after a takeover that failed: the other process may have
+    /// written the kernel tables, so they are read back and written whole.
+    pub async fn resume(&self, paused: Paused) -> Result<(), ChangeError> {
+        let mut inner = paused.0;
+        inner.kernel_in_sync = false;
+        inner.kernel.call(|tables| tables.reread()).await?;
+        drop(inner);
+        self.resync_kernel().await
     }
 
     /// The set's lock, owned, so a task of its own can hold it through a kernel call.

@@ -192,6 +192,13 @@ impl Dataplane {
         services::apply(&mut maps, &mut self.known, settings, wanted)
     }
 
+    /// Reads back the ids of the services and backends in the kernel and forgets the tables
+    /// this process wrote: another lb-control wrote them since (an upgrade).
+    pub fn reread_kernel_state(&mut self) -> Result<(), DataplaneError> {
+        self.known = services::KernelState::recover(&service_maps(&mut self.ebpf)?)?;
+        Ok(())
+    }
+
     /// Interfaces the program is attached to.
     pub fn attached(&self) -> &[Attachment] {
         &self.attached

@@ -59,6 +59,7 @@ pub use self::{
     block::BlockRequest,
     clients::NodeClients,
     metrics::GatewayMetrics,
+    server::StopReason,
     settings::{AuthFailureBlock, GatewaySection},
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
@@ -94,6 +95,11 @@ pub enum GatewayError {
     Rotation(#[from] lb_common::maglev::MaglevError),
     #[error("gateway: starting a serving thread: {0}")]
     Thread(#[source] std::io::Error),
+    #[error(
+        "gateway: the listening sockets taken over from the running lb-control: {0}; is \
+         gateway.listen the same in both?"
+    )]
+    TakenOver(String),
 }
 
 /// The gateway's sockets and certificate, made before anything else starts: a taken port or a
@@ -202,7 +208,10 @@ pub struct Gateway {
     address: SocketAddr,
     certificates: Option<Arc<Certificates>>,
     upstream: Arc<Upstream>,
-    stop: watch::Sender<bool>,
+    /// The listening sockets the serving threads accept on (the same sockets, not new ones
+    /// on the same port), for an upgrade to hand over.
+    listeners: Vec<std::net::TcpListener>,
+    stop: watch::Sender<Option<StopReason>>,
     /// The serving threads, one per listener.
     serving: Vec<std::thread::JoinHandle<()>>,
     /// Following the view, dropping the links of nodes that left, writing last-used times:
@@ -216,16 +225,7 @@ impl Gateway {
     /// Loads the certificate and binds `section.listen`.
     pub fn bind(section: &GatewaySection, bind: Bind) -> Result<Bound, GatewayError> {
         let address = section.listen.ok_or(GatewayError::NoListen)?;
-        let certificates = if section.plain_http {
-            None
-        } else {
-            let (Some(cert), Some(key)) = (&section.tls_cert, &section.tls_key) else {
-                return Err(GatewayError::NoCertificate);
-            };
-            Some(Arc::new(Certificates::load(cert, key)?))
-        };
-        let service = section.service_key().map_err(GatewayError::Service)?;
-        admission::raise_open_files_limit(section.max_connections);
+        let (certificates, service) = Gateway::prepare(section)?;
         let listen_error = |source| GatewayError::Listen { address, source };
         let first = reuseport_listener(address, bind).map_err(listen_error)?;
         // With port 0 the first socket's port is the one the others share.
@@ -241,6 +241,54 @@ impl Gateway {
             certificates,
             service,
         })
+    }
+
+    /// Like [`Gateway::bind`], on the listening sockets of the lb-control this one upgrades
+    /// (one per serving thread there): connections waiting in their queues are served here.
+    pub fn take_over(
+        section: &GatewaySection,
+        listeners: Vec<std::net::TcpListener>,
+    ) -> Result<Bound, GatewayError> {
+        let taken_over = |problem: String| GatewayError::TakenOver(problem);
+        let wanted = section.listen.ok_or(GatewayError::NoListen)?;
+        let first = listeners
+            .first()
+            .ok_or_else(|| taken_over("none came".to_owned()))?;
+        let address = first
+            .local_addr()
+            .map_err(|error| taken_over(error.to_string()))?;
+        // Port 0 asks for any port: the one the running lb-control got is as good.
+        if wanted.ip() != address.ip() || (wanted.port() != 0 && wanted.port() != address.port()) {
+            return Err(taken_over(format!(
+                "they listen on {address}, the config says {wanted}"
+            )));
+        }
+        let (certificates, service) = Gateway::prepare(section)?;
+        Ok(Bound {
+            section: section.clone(),
+            listeners,
+            address,
+            certificates,
+            service,
+        })
+    }
+
+    /// What a start needs besides the sockets: the certificate, the service, room for the
+    /// connections.
+    fn prepare(
+        section: &GatewaySection,
+    ) -> Result<(Option<Arc<Certificates>>, Option<ServiceKey>), GatewayError> {
+        let certificates = if section.plain_http {
+            None
+        } else {
+            let (Some(cert), Some(key)) = (&section.tls_cert, &section.tls_key) else {
+                return Err(GatewayError::NoCertificate);
+            };
+            Some(Arc::new(Certificates::load(cert, key)?))
+        };
+        let service = section.service_key().map_err(GatewayError::Service)?;
+        admission::raise_open_files_limit(section.max_connections);
+        Ok((certificates, service))
     }
 
     /// Serves on the bound socket until [`Gateway::stop`].
@@ -319,7 +367,12 @@ impl Gateway {
             },
             context.metrics,
         ));
-        let (stop, stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(None);
+        let handover = listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| GatewayError::Listen { address, source })?;
         let helpers = [
             tokio::spawn(upstream.clone().follow(context.view, service)),
             tokio::spawn(links::follow_serving(links, upstream.watch_serving())),
@@ -351,6 +404,7 @@ impl Gateway {
             address,
             certificates,
             upstream,
+            listeners: handover,
             stop,
             serving,
             helpers,
@@ -360,6 +414,11 @@ impl Gateway {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.address
+    }
+
+    /// The listening sockets, for the lb-control that takes over from this one.
+    pub fn listeners(&self) -> &[std::net::TcpListener] {
+        &self.listeners
     }
 
     /// Re-reads the certificate files; connections open now keep their certificate.
@@ -375,9 +434,10 @@ impl Gateway {
         self.upstream.node_for(client)
     }
 
-    /// Stops accepting, lets open requests finish (a few seconds at most), stops the rest.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
+    /// Stops accepting, lets open requests finish (a few seconds at most), stops the rest;
+    /// WebSocket clients are told `reason`.
+    pub async fn stop(self, reason: StopReason) {
+        let _ = self.stop.send(Some(reason));
         let threads = self.serving;
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {

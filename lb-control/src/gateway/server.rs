@@ -6,6 +6,12 @@
 //! A slow client cannot hold a connection past `header_timeout`: it bounds the TLS handshake
 //! and the reading of each HTTP/1.1 request's headers. A connection with no bytes either way
 //! for `idle_timeout` is closed (gracefully: an HTTP/2 client gets GOAWAY).
+//!
+//! When the gateway stops, no request is cut off: an HTTP/2 connection gets GOAWAY at once
+//! (the client sends its next requests on a new connection), an HTTP/1.1 connection answers
+//! its next request with `Connection: close` and is closed after it, or once it has been
+//! quiet for [`QUIET_BEFORE_CLOSE`]. Closing a quiet HTTP/1.1 connection at once would race
+//! with the request its client may be sending that moment: it would meet a closed socket.
 
 use std::{
     convert::Infallible,
@@ -15,13 +21,15 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use hyper::{
+    Version,
+    header::{CONNECTION, HeaderValue},
     rt::{Read, Write},
     service::service_fn,
 };
@@ -47,6 +55,21 @@ use super::{
 /// How long open requests may finish after the gateway is told to stop.
 const DRAIN_TIME: Duration = Duration::from_secs(5);
 
+/// A stopping gateway closes an HTTP/1.1 connection that sent nothing for this long: longer
+/// than a busy client's pause between an answer and its next request, which then gets
+/// `Connection: close` instead; well within [`DRAIN_TIME`].
+const QUIET_BEFORE_CLOSE: Duration = Duration::from_secs(1);
+
+/// Why the gateway stops: what its WebSocket clients are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// lb-control stops: WebSocket sessions close with 1001 (going away).
+    Shutdown,
+    /// A new lb-control process serves on the same sockets: sessions close with 1012 (service
+    /// restart), so clients reconnect, to the new process.
+    Upgrade,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
@@ -62,7 +85,7 @@ pub fn serve_on(
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
     admission: Arc<Admission>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Option<StopReason>>,
 ) -> impl FnOnce() + Send + 'static {
     move || {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -84,7 +107,11 @@ pub fn serve_on(
                 }
             };
             let stopped = async move {
-                let _ = stop.wait_for(|stop| *stop).await;
+                match stop.wait_for(Option::is_some).await {
+                    Ok(reason) => reason.unwrap_or(StopReason::Shutdown),
+                    // The gateway is gone without a word: as good as a shutdown.
+                    Err(_) => StopReason::Shutdown,
+                }
             };
             serve(listener, tls, pipeline, limits, admission, stopped).await;
         });
@@ -93,19 +120,22 @@ pub fn serve_on(
 
 /// Serves until `shutdown` resolves, then lets open requests finish for a while. `admission`
 /// counts the open connections, shared by every listener of the gateway.
+///
+/// The listener is dropped on return; on an upgrade the new process holds the same socket
+/// already, so the connections still in its queue are accepted there.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
     admission: Arc<Admission>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = StopReason>,
 ) {
     // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
     // the last one has.
-    let (stop, _) = watch::channel(());
+    let (stop, _) = watch::channel(None);
     tokio::pin!(shutdown);
-    loop {
+    let reason = loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -116,7 +146,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            reason = &mut shutdown => break reason,
         };
         let admitted = match admission.admit(peer.ip()) {
             Ok(admitted) => admitted,
@@ -137,8 +167,8 @@ pub async fn serve(
         };
         let tls = tls.clone();
         tokio::spawn(connection.run(tcp, tls));
-    }
-    let _ = stop.send(());
+    };
+    let _ = stop.send(Some(reason));
     if tokio::time::timeout(DRAIN_TIME, stop.closed())
         .await
         .is_err()
@@ -153,8 +183,8 @@ pub async fn serve(
 pub struct ConnectionHold {
     /// The connection's place under the gateway's and its client's connection limits.
     _admitted: Arc<Admitted>,
-    /// Changes when the gateway stops.
-    pub stop: watch::Receiver<()>,
+    /// Says why once the gateway stops.
+    pub stop: watch::Receiver<Option<StopReason>>,
 }
 
 struct Connection {
@@ -190,14 +220,30 @@ impl Connection {
         let pipeline = self.pipeline;
         let hold = self.hold;
         let mut stop = hold.stop.clone();
-        let service = service_fn(move |request| {
-            let pipeline = pipeline.clone();
-            let hold = hold.clone();
-            async move {
-                let response = service::handle(&pipeline, request, client, hold).await;
-                Ok::<_, Infallible>(response)
-            }
-        });
+        let speaks_http2 = Arc::new(AtomicBool::new(false));
+        let service = {
+            let speaks_http2 = speaks_http2.clone();
+            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let pipeline = pipeline.clone();
+                let hold = hold.clone();
+                let version = request.version();
+                if version == Version::HTTP_2 {
+                    speaks_http2.store(true, Ordering::Relaxed);
+                }
+                async move {
+                    let stop = hold.stop.clone();
+                    let mut response = service::handle(&pipeline, request, client, hold).await;
+                    // The answer to the last request of a stopping HTTP/1.x connection says so;
+                    // hyper closes the connection once it is written.
+                    if stop.borrow().is_some() && version < Version::HTTP_2 {
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -211,7 +257,14 @@ impl Connection {
         tokio::pin!(connection);
         let idle_timeout = self.limits.idle_timeout;
         let mut closing = false;
+        let mut stopping = false;
         loop {
+            // A stopping gateway waits less for a quiet HTTP/1.1 connection.
+            let quiet_for = if stopping {
+                QUIET_BEFORE_CLOSE
+            } else {
+                idle_timeout
+            };
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
@@ -219,13 +272,17 @@ impl Connection {
                     }
                     return;
                 }
-                _ = stop.changed(), if !closing => {
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
+                _ = stop.changed(), if !stopping => {
+                    stopping = true;
+                    // HTTP/2 has GOAWAY, which no request in flight can cross: send it now.
+                    if speaks_http2.load(Ordering::Relaxed) {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
-                () = tokio::time::sleep_until(activity.last() + idle_timeout), if !closing => {
-                    if activity.last().elapsed() >= idle_timeout {
-                        debug!(peer = %self.peer, "gateway: closing a connection idle for {idle_timeout:?}");
+                () = tokio::time::sleep_until(activity.last() + quiet_for), if !closing => {
+                    if activity.last().elapsed() >= quiet_for {
+                        debug!(peer = %self.peer, "gateway: closing a connection quiet for {quiet_for:?}");
                         connection.as_mut().graceful_shutdown();
                         closing = true;
                     }

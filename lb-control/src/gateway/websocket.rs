@@ -29,8 +29,9 @@
 //! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
 //! fails, so the client comes back to a live node; 1009 for a message over the size limit; 1008
 //! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
-//! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops; 1000
-//! after `idle_timeout` without a frame (the gateway pings).
+//! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops, 1012
+//! when it stops for an upgrade (the new process serves the reconnecting client); 1000 after
+//! `idle_timeout` without a frame (the gateway pings).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -65,7 +66,7 @@ use super::{
     links::{self, ClientInbox, ClientQueue, Held, Inbound, Link, NodePool, RequestKind},
     metrics::ClosedLabels,
     pipeline::{Pipeline, Rejection},
-    server::ConnectionHold,
+    server::{ConnectionHold, StopReason},
     service::refused,
     slots::Slot,
     upstream::UpstreamError,
@@ -356,11 +357,18 @@ impl Session {
                     CloseCode::Restart,
                     "the node is being taken out for maintenance: reconnect".to_owned(),
                 ),
-                _ = stop.changed() => break Ending::with(
-                    "gateway_stopping",
-                    CloseCode::Away,
-                    "the gateway is stopping".to_owned(),
-                ),
+                _ = stop.changed() => break match *stop.borrow() {
+                    Some(StopReason::Upgrade) => Ending::with(
+                        "gateway_upgrading",
+                        CloseCode::Restart,
+                        "lb-control is being upgraded: reconnect".to_owned(),
+                    ),
+                    _ => Ending::with(
+                        "gateway_stopping",
+                        CloseCode::Away,
+                        "the gateway is stopping".to_owned(),
+                    ),
+                },
                 _ = ping.tick() => {
                     if heard.elapsed() >= idle_timeout {
                         break Ending::with(

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::unix::fs::DirBuilderExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -210,6 +210,8 @@ pub struct LbControl {
     sections: String,
     pid: u32,
     log_path: PathBuf,
+    /// The process is not the lab's (an upgrade started it): this stops it when dropped.
+    adopted: bool,
 }
 
 impl LbControl {
@@ -237,6 +239,7 @@ impl LbControl {
             sections: sections.to_owned(),
             pid: 0,
             log_path: PathBuf::new(),
+            adopted: false,
         };
         lb_control.spawn(lab)?;
         Ok(lb_control)
@@ -253,6 +256,7 @@ impl LbControl {
         }
         let process = lab.spawn_lb_control(&args)?;
         self.pid = process.pid();
+        self.adopted = false;
         self.log_path = process.log_path().to_owned();
         wait_for("lb-control to run", || Ok(self.log().contains(RUNNING_LOG)))
             .with_context(|| self.log_tail())
@@ -297,9 +301,31 @@ impl LbControl {
     }
 
     pub fn signal(&self, signal: libc::c_int) {
-        // SAFETY: plain kill(2) of lb-control, a child of this process that is not reaped
-        // before the lab is dropped, so its pid cannot have been reused.
+        // SAFETY: plain kill(2) of lb-control: a child of this process that is not reaped
+        // before the lab is dropped, or one an upgrade started, which is stopped only here.
         unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The config file it runs on (and an upgrade's new process reads).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// `lb-control upgrade`: a new process takes over, and this follows it from then on.
+    pub fn upgrade(&mut self, lab: &Lab) -> anyhow::Result<lb_control::upgrade::Upgraded> {
+        let state_dir = lab.state_dir();
+        let state_dir = state_dir.to_str().context("utf-8 state directory")?;
+        let output = self.cli(lab, &["upgrade", "--state-dir", state_dir, "--json"])?;
+        let upgraded: lb_control::upgrade::Upgraded = serde_json::from_str(&output)
+            .with_context(|| format!("`lb-control upgrade` printed {output:?}"))?;
+        ensure!(upgraded.previous_pid == self.pid, "{upgraded:?}");
+        self.pid = upgraded.pid;
+        self.adopted = true;
+        Ok(upgraded)
     }
 
     /// Stops lb-control with `signal`, waits until it has exited, and starts a new one with
@@ -334,8 +360,25 @@ impl LbControl {
     }
 }
 
-/// Whether process `pid`, a child of ours, has exited (it stays a zombie until reaped).
-fn has_exited(pid: u32) -> bool {
+impl Drop for LbControl {
+    /// The lab stops the processes it started; one an upgrade started is stopped here, before
+    /// the lab's namespaces go.
+    fn drop(&mut self) {
+        if !self.adopted || has_exited(self.pid) {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let stopped = wait_for("the upgraded lb-control to stop", || {
+            Ok(has_exited(self.pid))
+        });
+        if stopped.is_err() {
+            self.signal(libc::SIGKILL);
+        }
+    }
+}
+
+/// Whether process `pid` has exited (a child of ours stays a zombie until reaped).
+pub fn has_exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses.
         Ok(stat) => stat
