@@ -1,7 +1,10 @@
 //! The JSON-RPC listener: HTTP and WebSocket on one port, served by jsonrpsee behind our own
 //! accept loop, so the `close_connections` fault can drop live connections and new ones.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::header::HeaderValue;
@@ -10,12 +13,13 @@ use jsonrpsee::core::middleware::RpcServiceBuilder;
 use jsonrpsee::server::{
     RandomStringIdProvider, ServerConfig, ServerHandle, StopHandle, stop_channel,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::http_service::serve_request;
 use super::rpc_middleware::FaultInjection;
-use super::state::NodeState;
+use super::state::{NodeState, OpenConnection};
 
 /// Substrate's defaults for the RPC server (`--rpc-max-request-size` and friends).
 const MAX_BODY_BYTES: u32 = 15 * 1024 * 1024;
@@ -112,9 +116,13 @@ pub async fn serve_rpc(
         let service =
             tower::service_fn(move |request| serve_request(rpc.clone(), node_id.clone(), request));
         let closed = generation.stop_handle.clone();
-        let counted = node.clone();
+        // Counted for as long as the socket lives: an upgraded WebSocket outlives `serve`,
+        // which hands the socket to jsonrpsee's WebSocket task and returns.
+        let socket = CountedSocket {
+            socket,
+            _open: node.open_connection(),
+        };
         tokio::spawn(async move {
-            let _open = counted.open_connection();
             tokio::select! {
                 // Errors here are the client's (bad HTTP, early close): nothing to report.
                 _ = jsonrpsee::server::serve(socket, service) => {}
@@ -123,6 +131,52 @@ pub async fn serve_rpc(
         });
     }
     generation.close();
+}
+
+/// An accepted socket that counts as one of the node's open connections until it is dropped.
+struct CountedSocket {
+    socket: TcpStream,
+    _open: OpenConnection,
+}
+
+impl AsyncRead for CountedSocket {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedSocket {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.socket).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.socket.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
 }
 
 /// Drops a connection with a TCP reset, so the client sees a hard connection error.

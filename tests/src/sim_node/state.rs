@@ -2,8 +2,8 @@
 //! faults, and how many requests of each method reached it.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -52,9 +52,9 @@ pub struct NodeState {
 }
 
 /// One open JSON-RPC connection, counted while it lives.
-pub struct OpenConnection<'a>(&'a NodeState);
+pub struct OpenConnection(Arc<NodeState>);
 
-impl Drop for OpenConnection<'_> {
+impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
@@ -164,10 +164,10 @@ impl NodeState {
     }
 
     /// Counts a connection the node accepted until the returned guard drops.
-    pub fn open_connection(&self) -> OpenConnection<'_> {
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
         let open = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_connections.fetch_max(open, Ordering::Relaxed);
-        OpenConnection(self)
+        OpenConnection(self.clone())
     }
 
     /// JSON-RPC connections open now.

@@ -26,7 +26,11 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     })
     .await;
     let node = &setup.nodes[0];
-    // The gateway's chain follower has its own connection.
+    // The gateway's chain follower has its own connection, counted once it is open.
+    poll::until("the chain follower's connection is open", || async {
+        node.connections() == 1
+    })
+    .await;
     let before = node.connections();
 
     let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
@@ -110,6 +114,10 @@ async fn chain_head_operations_go_on_the_connection_of_their_follow() {
     })
     .await;
     let node = &setup.nodes[0];
+    poll::until("the chain follower's connection is open", || async {
+        node.connections() == 1
+    })
+    .await;
     let before = node.connections();
     // A node takes 4 follows per connection: 8 clients fill the pool of 2.
     let mut clients = join_all((0..8).map(|_| setup.connect())).await;
