@@ -17,7 +17,7 @@ use tokio::{net::TcpSocket, time::Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::{
     WebSocketStream,
-    tungstenite::{self, Message},
+    tungstenite::{self, Message, protocol::WebSocketConfig},
 };
 
 use super::{Phase, Shared};
@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing client waits for the gateway's answer to its close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Each client's WebSocket read buffer (the gateway's messages to it are small).
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// The longest body of a refusal kept for the report.
 const MAX_KEPT_BODY: usize = 300;
 
@@ -155,7 +157,11 @@ async fn connect(shared: &Shared, source: IpAddr) -> Result<Socket, Admission> {
     .and_then(|handshake| handshake.map_err(|error| error.to_string()))
     .map_err(failed("tls"))?;
     let url = format!("wss://{}/{}", plan.gateway, plan.key);
-    let upgraded = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::client_async(url, tls))
+    // A small read buffer: tungstenite's default keeps 128 KiB resident per connection, which
+    // for thousands of clients is the crowd's own memory, not the gateway's.
+    let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES);
+    let upgrade = tokio_tungstenite::client_async_with_config(url, tls, Some(config));
+    let upgraded = tokio::time::timeout(CONNECT_TIMEOUT, upgrade)
         .await
         .map_err(|_| failed("websocket")(format!("no upgrade within {CONNECT_TIMEOUT:?}")))?;
     match upgraded {
