@@ -58,9 +58,9 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises this process's open-file limit (soft and, if needed, hard: root may) to at least
-/// `at_least`, for tools that hold thousands of connections; the programs it starts inherit
-/// it. Returns the new soft limit.
+/// Raises this process's open-file limit to at least `at_least` (the soft limit, and the hard
+/// one when it is lower: root with CAP_SYS_RESOURCE may), for tools that hold thousands of
+/// connections; the programs it starts inherit it. Returns the new soft limit.
 pub fn raise_open_files_limit(at_least: u64) -> anyhow::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,

@@ -1468,6 +1468,7 @@ async fn the_101st_connection_is_refused_as_substrate_does() {
     // Open WebSockets count for as long as they are open, not just while upgrading.
     assert_eq!(node.connections(), 100);
     assert_eq!(node.peak_connections(), 100);
+    assert_eq!(node.websocket_connections(), 100);
     match tokio_tungstenite::connect_async(node.ws_url()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 429, "too many connections");
@@ -1491,7 +1492,7 @@ async fn the_101st_connection_is_refused_as_substrate_does() {
     .await;
     drop(held);
     poll::until("closed WebSockets no longer count", || async {
-        node.connections() == 0
+        node.connections() == 0 && node.websocket_connections() == 0
     })
     .await;
 }

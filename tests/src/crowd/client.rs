@@ -12,6 +12,7 @@ use std::{
 use futures_util::{SinkExt, StreamExt};
 use rand::Rng;
 use rustls::pki_types::ServerName;
+use serde::{Deserialize, de::IgnoredAny};
 use serde_json::{Value, json};
 use tokio::{net::TcpSocket, time::Instant};
 use tokio_rustls::client::TlsStream;
@@ -92,6 +93,34 @@ pub struct ClientTally {
 }
 
 type Socket = WebSocketStream<TlsStream<tokio::net::TcpStream>>;
+
+/// A message from the gateway: an answer (`id`, `result` or `error`) or a notification
+/// (`method`, `params.result`); everything else is skipped unread.
+#[derive(Deserialize)]
+struct FromGateway<'a> {
+    #[serde(default)]
+    id: Option<u64>,
+    /// Present and not null: the call succeeded.
+    #[serde(default)]
+    result: Option<IgnoredAny>,
+    #[serde(borrow, default)]
+    method: Option<&'a str>,
+    #[serde(borrow, default)]
+    params: Option<NotificationParams<'a>>,
+}
+
+#[derive(Deserialize)]
+struct NotificationParams<'a> {
+    #[serde(borrow)]
+    result: NotificationResult<'a>,
+}
+
+/// A header's `number` (a storage change has none).
+#[derive(Deserialize)]
+struct NotificationResult<'a> {
+    #[serde(borrow, default)]
+    number: Option<&'a str>,
+}
 
 /// What a call in flight was.
 #[derive(Debug, Clone, Copy)]
@@ -297,30 +326,34 @@ impl Session<'_> {
             .to_string()
     }
 
-    /// An answer or a notification from the gateway.
+    /// An answer or a notification from the gateway, read into only the fields the crowd
+    /// needs (a whole JSON tree per message would make the crowd, not the gateway, what its
+    /// clients wait on).
     fn take(&mut self, text: &str) {
-        let Ok(message) = serde_json::from_str::<Value>(text) else {
-            self.call_failed(None, format!("not JSON: {text}"));
+        let received = SystemTime::now();
+        let Ok(message) = serde_json::from_str::<FromGateway>(text) else {
+            self.call_failed(None, format!("not JSON-RPC: {text}"));
             return;
         };
-        if let Some(id) = message["id"].as_u64() {
-            self.answer(id, &message);
+        if let Some(id) = message.id {
+            self.answer(id, message.result.is_some(), text);
             return;
         }
-        match message["method"].as_str() {
-            Some("chain_newHead") => self.head(&message["params"]["result"]),
+        match message.method {
+            Some("chain_newHead") => {
+                let number = message.params.and_then(|params| params.result.number);
+                self.head(number, received);
+            }
             Some("state_storage") => self.tally.storage_notifications += 1,
             _ => {}
         }
     }
 
-    fn answer(&mut self, id: u64, message: &Value) {
+    /// The answer to call `id`: `ok` when it has a (non-null) result, else `text` is the error.
+    fn answer(&mut self, id: u64, ok: bool, text: &str) {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
-        let ok = message
-            .get("result")
-            .is_some_and(|result| !result.is_null());
         match pending {
             Pending::SubscribeHeads | Pending::SubscribeStorage => {
                 if ok {
@@ -332,7 +365,7 @@ impl Session<'_> {
                     self.tally.subscription_errors += 1;
                     self.tally
                         .first_subscription_error
-                        .get_or_insert_with(|| message.to_string());
+                        .get_or_insert_with(|| text.to_owned());
                 }
                 if !self.pending.values().any(|pending| {
                     matches!(pending, Pending::SubscribeHeads | Pending::SubscribeStorage)
@@ -348,30 +381,29 @@ impl Session<'_> {
                         .latencies_us
                         .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 } else {
-                    self.call_failed(Some(pending), message.to_string());
+                    self.call_failed(Some(pending), text.to_owned());
                 }
             }
         }
     }
 
-    /// A `chain_newHead` notification: counted, and in the steady phase its delay from when
-    /// the node made the block.
-    fn head(&mut self, header: &Value) {
+    /// A `chain_newHead` notification (of block `number`, hex) received at `received`:
+    /// counted, and in the steady phase its delay from when the node made the block.
+    fn head(&mut self, number: Option<&str>, received: SystemTime) {
         self.tally.heads += 1;
         if self.shared.phase() != Phase::Steady {
             return;
         }
         self.tally.heads_in_steady += 1;
-        let Some(number) = header["number"]
-            .as_str()
-            .and_then(|hex| u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok())
+        let Some(number) =
+            number.and_then(|hex| u64::from_str_radix(hex.trim_start_matches("0x"), 16).ok())
         else {
             return;
         };
         let plan = &self.shared.plan;
         // Block `number` is made (and announced) when the wall clock reaches its slot.
         let made_us = (plan.genesis_unix_ms + number * plan.block_time_ms) * 1000;
-        let now_us = SystemTime::now()
+        let now_us = received
             .duration_since(UNIX_EPOCH)
             .map_or(0, |now| now.as_micros() as u64);
         let delay = now_us.saturating_sub(made_us).min(u64::from(u32::MAX));

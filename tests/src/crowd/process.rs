@@ -68,6 +68,11 @@ impl CrowdProcess {
         })
     }
 
+    /// The crowd's process id (its CPU time is the load generator's share of the machine).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until every client is in place (or failed).
     pub fn steady(&mut self) -> anyhow::Result<Steady> {
         // The ramp, then as long as the crowd itself waits for the last clients, and a margin.

@@ -41,6 +41,9 @@ pub struct NodeStatus {
     /// JSON-RPC connections open now, and the most open at once since the node started.
     pub connections: usize,
     pub peak_connections: usize,
+    /// Of those, the ones upgraded to a WebSocket (for their life), now and the most at once.
+    pub websocket_connections: usize,
+    pub peak_websocket_connections: usize,
     /// The chain's schedule: block `n` is made at `genesis_unix_ms + n × block_time_ms` (Unix
     /// ms), when the node announces it; a client on the same machine compares that with when
     /// a head reaches it.
@@ -63,6 +66,8 @@ impl NodeStatus {
             requests: node.request_counts(),
             connections: node.connections(),
             peak_connections: node.peak_connections(),
+            websocket_connections: node.websockets(),
+            peak_websocket_connections: node.peak_websockets(),
             genesis_unix_ms: clock.genesis_unix_ms(),
             block_time_ms: clock.block_time_ms(),
         }

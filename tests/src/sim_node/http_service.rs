@@ -12,7 +12,9 @@ use jsonrpsee::server::HttpBody;
 use serde::Deserialize;
 use tower::Service;
 
-use super::state::Health;
+use std::sync::Arc;
+
+use super::state::{Health, OpenConnection};
 
 /// The response header naming the node that answered.
 pub const NODE_ID_HEADER: HeaderName = HeaderName::from_static("x-sim-node");
@@ -42,10 +44,12 @@ impl HealthEndpoint {
     }
 }
 
-/// Serves one HTTP request with `rpc`, the connection's jsonrpsee service.
+/// Serves one HTTP request with `rpc`, the connection's jsonrpsee service; an accepted
+/// WebSocket upgrade marks `connection` as a WebSocket.
 pub async fn serve_request<S>(
     mut rpc: S,
     node_id: HeaderValue,
+    connection: Arc<OpenConnection>,
     request: Request<Incoming>,
 ) -> Result<Response<HttpBody>, BoxError>
 where
@@ -86,6 +90,9 @@ where
             }
         }
     };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        connection.upgraded();
+    }
     response.headers_mut().insert(NODE_ID_HEADER, node_id);
     Ok(response)
 }

@@ -359,6 +359,16 @@ impl SimNodeHandle {
         self.node.peak_connections()
     }
 
+    /// WebSocket connections open now (counted from their upgrade).
+    pub fn websocket_connections(&self) -> usize {
+        self.node.websockets()
+    }
+
+    /// The most WebSocket connections open at once since the node started.
+    pub fn peak_websocket_connections(&self) -> usize {
+        self.node.peak_websockets()
+    }
+
     /// The node's best block (after faults).
     pub fn best_number(&self) -> BlockNumber {
         self.node.heads().best

@@ -113,14 +113,17 @@ pub async fn serve_rpc(
             .clone()
             .build(methods.clone(), generation.stop_handle.clone());
         let node_id = node_id.clone();
-        let service =
-            tower::service_fn(move |request| serve_request(rpc.clone(), node_id.clone(), request));
-        let closed = generation.stop_handle.clone();
         // Counted for as long as the socket lives: an upgraded WebSocket outlives `serve`,
         // which hands the socket to jsonrpsee's WebSocket task and returns.
+        let open = Arc::new(node.open_connection());
+        let connection = open.clone();
+        let service = tower::service_fn(move |request| {
+            serve_request(rpc.clone(), node_id.clone(), connection.clone(), request)
+        });
+        let closed = generation.stop_handle.clone();
         let socket = CountedSocket {
             socket,
-            _open: node.open_connection(),
+            _open: open,
         };
         tokio::spawn(async move {
             tokio::select! {
@@ -136,7 +139,7 @@ pub async fn serve_rpc(
 /// An accepted socket that counts as one of the node's open connections until it is dropped.
 struct CountedSocket {
     socket: TcpStream,
-    _open: OpenConnection,
+    _open: Arc<OpenConnection>,
 }
 
 impl AsyncRead for CountedSocket {

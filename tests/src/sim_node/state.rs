@@ -2,7 +2,7 @@
 //! faults, and how many requests of each method reached it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -49,14 +49,33 @@ pub struct NodeState {
     /// JSON-RPC connections (HTTP and WebSocket) open now, and the most open at once.
     connections: AtomicUsize,
     peak_connections: AtomicUsize,
+    /// The connections upgraded to a WebSocket, open now and the most at once.
+    websockets: AtomicUsize,
+    peak_websockets: AtomicUsize,
 }
 
-/// One open JSON-RPC connection, counted while it lives.
-pub struct OpenConnection(Arc<NodeState>);
+/// One open JSON-RPC connection, counted while it lives; a WebSocket too from its upgrade on.
+pub struct OpenConnection {
+    node: Arc<NodeState>,
+    websocket: AtomicBool,
+}
+
+impl OpenConnection {
+    /// The connection's upgrade to a WebSocket was accepted.
+    pub fn upgraded(&self) {
+        if !self.websocket.swap(true, Ordering::Relaxed) {
+            let open = self.node.websockets.fetch_add(1, Ordering::Relaxed) + 1;
+            self.node.peak_websockets.fetch_max(open, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.node.connections.fetch_sub(1, Ordering::Relaxed);
+        if self.websocket.load(Ordering::Relaxed) {
+            self.node.websockets.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -83,6 +102,8 @@ impl NodeState {
             requests: Mutex::new(BTreeMap::new()),
             connections: AtomicUsize::new(0),
             peak_connections: AtomicUsize::new(0),
+            websockets: AtomicUsize::new(0),
+            peak_websockets: AtomicUsize::new(0),
         };
         state.refresh_heads();
         state
@@ -167,7 +188,20 @@ impl NodeState {
     pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
         let open = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_connections.fetch_max(open, Ordering::Relaxed);
-        OpenConnection(self.clone())
+        OpenConnection {
+            node: self.clone(),
+            websocket: AtomicBool::new(false),
+        }
+    }
+
+    /// WebSocket connections open now.
+    pub fn websockets(&self) -> usize {
+        self.websockets.load(Ordering::Relaxed)
+    }
+
+    /// The most WebSocket connections open at once since the node started.
+    pub fn peak_websockets(&self) -> usize {
+        self.peak_websockets.load(Ordering::Relaxed)
     }
 
     /// JSON-RPC connections open now.

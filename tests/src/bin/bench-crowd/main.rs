@@ -21,15 +21,15 @@ use lb_tests::{
         check_interrupted, find_command, install_interrupt_handler, load_average,
         raise_open_files_limit, write_report,
     },
+    cpu,
     crowd::{CrowdPlan, CrowdProcess},
     lab::MAX_EXTRA_CLIENT_ADDRESSES,
+    proc_usage,
 };
 
 use setup::Setup;
 
-/// Descriptors lb-control needs beside its clients' (nodes, store, admin API, XDP maps); the
-/// clients' own count twice (the crowd's end of each connection is in another process, but
-/// both inherit this limit).
+/// Descriptors lb-control needs beside one per client (nodes, store, admin API, XDP maps).
 const SPARE_FILES: u64 = 4096;
 
 #[derive(Debug, Parser)]
@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = settings(&cli)?;
     preflight()?;
     // lb-control, started by the lab from this process, inherits the limit.
-    raise_open_files_limit(settings.clients as u64 * 2 + SPARE_FILES)?;
+    raise_open_files_limit(settings.clients as u64 + SPARE_FILES)?;
     install_interrupt_handler();
     let started = Instant::now();
     let load_before = load_average();
@@ -121,12 +121,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut crowd = CrowdProcess::start(&setup.lab.client().netns, &plan, &setup.crowd_log())?;
     let steady = crowd.steady()?;
     let at_steady = setup.snapshot()?;
+    let (crowd_cpu_at_steady, machine_at_steady) =
+        (proc_usage::cpu_seconds(crowd.pid())?, cpu::sample()?);
     eprintln!(
         "bench-crowd: {} connected after {:.1} s; holding {} s",
         steady.connected, steady.ramp_seconds, settings.hold_seconds
     );
     crowd.closing()?;
     let at_close = setup.snapshot()?;
+    let hold_wall = at_close.at.duration_since(at_steady.at).as_secs_f64();
+    let crowd_cores =
+        (proc_usage::cpu_seconds(crowd.pid())? - crowd_cpu_at_steady) / hold_wall.max(1e-9);
+    let machine = cpu::sample()?.since(&machine_at_steady);
     let summary = crowd.summary()?;
     let after = setup.snapshot()?;
 
@@ -139,6 +145,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         at_steady: &at_steady,
         at_close: &at_close,
         after: &after,
+        crowd_cores,
+        machine,
         load_before,
         load_after: load_average(),
         elapsed: started.elapsed(),

@@ -3,7 +3,10 @@
 
 use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
-use lb_tests::crowd::{CrowdSummary, Steady, summary::Percentiles};
+use lb_tests::{
+    cpu::Usage,
+    crowd::{CrowdSummary, Steady, summary::Percentiles},
+};
 
 use crate::{
     Settings,
@@ -13,6 +16,8 @@ use crate::{
 /// Goals of the issue: resident memory per connected client, and the heads' p99 delay.
 const RSS_PER_CLIENT_GOAL_KIB: f64 = 32.0;
 const HEAD_DELAY_P99_GOAL_MS: f64 = 100.0;
+/// A Substrate node's `--rpc-max-connections` default, which sim-node keeps.
+const SUBSTRATE_MAX_CONNECTIONS: usize = 100;
 
 pub struct Context<'a> {
     pub settings: &'a Settings,
@@ -27,9 +32,30 @@ pub struct Context<'a> {
     pub at_close: &'a Snapshot,
     /// After every client closed.
     pub after: &'a Snapshot,
+    /// The crowd's own CPU during the hold, in cores, and the whole machine's.
+    pub crowd_cores: f64,
+    pub machine: Usage,
     pub load_before: f64,
     pub load_after: f64,
     pub elapsed: Duration,
+}
+
+/// lb-control's connections to one node, all of them and those upgraded to a WebSocket: before
+/// the crowd, at the end of the hold, and the most at once (since the node started).
+struct NodeConnections {
+    before: usize,
+    at_close: usize,
+    peak: usize,
+    websockets_before: usize,
+    websockets_at_close: usize,
+    websockets_peak: usize,
+}
+
+impl NodeConnections {
+    /// WebSockets the crowd added at the node at most: the gateway's upstream links.
+    fn links_added(&self) -> usize {
+        self.websockets_peak.saturating_sub(self.websockets_before)
+    }
 }
 
 /// The figures the report is about, worked out once.
@@ -37,9 +63,8 @@ struct Figures {
     /// Backends that moved out of `up`, or are out of rotation at the end.
     left_rotation: Vec<String>,
     dropped: usize,
-    /// Per node: lb-control's connections at the node before the crowd, at the end of the
-    /// hold, and the most at once since the node started.
-    connections: Vec<(usize, usize, usize)>,
+    /// Per node, as the node counted them.
+    connections: Vec<NodeConnections>,
     rss_per_client_kib: f64,
     cpu_us_per_notification: f64,
     /// lb-control's CPU during the hold, in cores.
@@ -67,12 +92,13 @@ fn figures(context: &Context<'_>) -> Figures {
         }
     }
     let connections = (0..NODES)
-        .map(|index| {
-            (
-                before.nodes[index].connections,
-                context.at_close.nodes[index].connections,
-                after.nodes[index].peak_connections,
-            )
+        .map(|index| NodeConnections {
+            before: before.nodes[index].connections,
+            at_close: context.at_close.nodes[index].connections,
+            peak: after.nodes[index].peak_connections,
+            websockets_before: before.nodes[index].websocket_connections,
+            websockets_at_close: context.at_close.nodes[index].websocket_connections,
+            websockets_peak: after.nodes[index].peak_websocket_connections,
         })
         .collect();
     let connected = context.summary.connected.max(1) as f64;
@@ -158,7 +184,13 @@ fn write_goals(out: &mut String, context: &Context<'_>, figures: &Figures) {
     let most_added = figures
         .connections
         .iter()
-        .map(|(before, _, peak)| peak.saturating_sub(*before))
+        .map(NodeConnections::links_added)
+        .max()
+        .unwrap_or(0);
+    let most_at_a_node = figures
+        .connections
+        .iter()
+        .map(|node| node.peak)
         .max()
         .unwrap_or(0);
     let met = |ok: bool| if ok { "yes" } else { "**no**" };
@@ -178,15 +210,17 @@ fn write_goals(out: &mut String, context: &Context<'_>, figures: &Figures) {
          |---|---:|---:|:-:|\n\
          | nodes that left the rotation | 0 | {left} | {} |\n\
          | clients dropped by the gateway | 0 | {} of {} connected | {} |\n\
-         | upstream connections the crowd added at a node (peak − before), most of any node | ≤ {UPSTREAM_CAP} | {most_added} | {} |\n\
+         | upstream WebSocket connections the crowd added at a node (peak − before), most of any node | ≤ {UPSTREAM_CAP} | {most_added} | {} |\n\
+         | lb-control's connections at a node at once (all kinds), most of any node | ≤ {SUBSTRATE_MAX_CONNECTIONS} | {most_at_a_node} | {} |\n\
          | lb-control RSS per connected client | ≤ {RSS_PER_CLIENT_GOAL_KIB:.0} KiB | {:.1} KiB | {} |\n\
          | head delay node → client, p99 | ≤ {HEAD_DELAY_P99_GOAL_MS:.0} ms | {:.1} ms (p50 {:.1} ms) | {} |\n\
-         | lb-control CPU per head notification | — | {:.1} µs ({:.2} cores during the hold) | — |\n",
+         | lb-control CPU per head notification | — | {:.1} µs ({:.2} cores during the hold; the crowd {:.2}, the machine {:.0} % busy) | — |\n",
         met(figures.left_rotation.is_empty()),
         figures.dropped,
         summary.connected,
         met(figures.dropped == 0),
         met(most_added <= UPSTREAM_CAP as usize),
+        met(most_at_a_node <= SUBSTRATE_MAX_CONNECTIONS),
         figures.rss_per_client_kib,
         met(figures.rss_per_client_kib <= RSS_PER_CLIENT_GOAL_KIB),
         summary.head_delay.p99_ms,
@@ -194,6 +228,8 @@ fn write_goals(out: &mut String, context: &Context<'_>, figures: &Figures) {
         met(summary.head_delay.samples > 0 && summary.head_delay.p99_ms <= HEAD_DELAY_P99_GOAL_MS),
         figures.cpu_us_per_notification,
         figures.cpu_cores,
+        context.crowd_cores,
+        context.machine.busy_fraction * 100.0,
     );
 }
 
@@ -201,15 +237,18 @@ fn write_nodes(out: &mut String, context: &Context<'_>, figures: &Figures) {
     let _ = writeln!(
         out,
         "## Connections at the nodes (sim-node's own count)\n\n\
-         lb-control's connections to each node: before the crowd (health checker, chain \
-         follower), at the end of the hold, and the most at once (sim-node's peak since it \
-         started); beside it the gateway's own count of its upstream WebSocket connections at \
-         the end of the hold. Substrate's limit is 100.\n\n\
-         | node | before | end of hold | peak | peak − before | gateway's upstream connections |\n\
-         |---|---:|---:|---:|---:|---:|"
+         lb-control's connections to each node as the node counts them, all kinds and those \
+         upgraded to a WebSocket: before the crowd (the health checker's held WebSocket, the \
+         chain follower's), at the end of the hold, and the most at once (since the node \
+         started). The crowd's WebSockets at a node are the gateway's upstream links; its other \
+         connections are HTTP (cache misses, the health checker's probe of a fresh connection). \
+         Beside them the gateway's own count of its upstream links at the end of the hold. \
+         Substrate's limit is {SUBSTRATE_MAX_CONNECTIONS} connections.\n\n\
+         | node | all: before / end of hold / peak | WebSockets: before / end of hold / peak | WebSockets added (peak − before) | gateway's upstream links |\n\
+         |---|---:|---:|---:|---:|"
     );
     let gateway = context.at_close.gateway_upstream_connections();
-    for (index, (before, at_close, peak)) in figures.connections.iter().enumerate() {
+    for (index, node) in figures.connections.iter().enumerate() {
         let address = context.nodes[index].to_string();
         let upstream = gateway
             .iter()
@@ -217,9 +256,15 @@ fn write_nodes(out: &mut String, context: &Context<'_>, figures: &Figures) {
             .map_or("—".to_owned(), |(_, count)| format!("{count:.0}"));
         let _ = writeln!(
             out,
-            "| {} ({address}) | {before} | {at_close} | {peak} | {} | {upstream} |",
+            "| {} ({address}) | {} / {} / {} | {} / {} / {} | {} | {upstream} |",
             context.before.nodes[index].id,
-            peak.saturating_sub(*before)
+            node.before,
+            node.at_close,
+            node.peak,
+            node.websockets_before,
+            node.websockets_at_close,
+            node.websockets_peak,
+            node.links_added(),
         );
     }
     let failed: Vec<String> = context
@@ -273,7 +318,9 @@ fn write_crowd(out: &mut String, context: &Context<'_>, figures: &Figures) {
          - `system_localPeerId` (uncached): {} answered, {} failed, {} open at the close; {}.\n\
          - Connected clients without an answer of each kind: {}.\n\
          - lb-control: RSS {:.1} MiB before the crowd, {:.1} MiB at the end of the hold, {:.1} \
-         MiB after the clients left (peak {:.1} MiB); CPU {:.2} cores during the hold.\n",
+         MiB after the clients left (peak {:.1} MiB); CPU {:.2} cores during the hold. The \
+         crowd itself (the load generator, on the same cores): {:.2} cores; the whole machine \
+         {:.0} % busy during the hold.\n",
         summary.connected,
         summary.clients,
         context.steady.ramp_seconds,
@@ -315,6 +362,8 @@ fn write_crowd(out: &mut String, context: &Context<'_>, figures: &Figures) {
         mebibytes(context.after.memory.rss_kib),
         mebibytes(context.after.memory.hwm_kib),
         figures.cpu_cores,
+        context.crowd_cores,
+        context.machine.busy_fraction * 100.0,
     );
     for (what, error) in [
         ("first failure to connect", &summary.first_failure),
