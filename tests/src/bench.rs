@@ -58,6 +58,35 @@ pub fn check_interrupted() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises this process's open-file limit to at least `at_least` (the soft limit, and the hard
+/// one when it is lower: root with CAP_SYS_RESOURCE may), for tools that hold thousands of
+/// connections; the programs it starts inherit it. Returns the new soft limit.
+pub fn raise_open_files_limit(at_least: u64) -> anyhow::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the open-file limit");
+    }
+    if limit.rlim_cur >= at_least {
+        return Ok(limit.rlim_cur);
+    }
+    limit.rlim_cur = at_least;
+    limit.rlim_max = limit.rlim_max.max(at_least);
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "raising the open-file limit to {at_least} (as root, or under a hard limit that \
+                 high: `ulimit -Hn`)"
+            )
+        });
+    }
+    Ok(at_least)
+}
+
 /// The 1-minute load average, or NaN when /proc/loadavg cannot be read.
 pub fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")

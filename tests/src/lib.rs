@@ -7,17 +7,23 @@
 //!   [`load`] keeps many such requests going and records each one's outcome;
 //!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition;
 //!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test.
+//! - [`crowd`] is many WebSocket clients over TLS to the gateway from several addresses (the
+//!   `crowd` binary), for the crowd benchmark and its lighter lab tests.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
-//!   [`cpu`] (the machine's busy time) and [`wrk`] (load from a lab namespace) and
+//!   [`cpu`] (the machine's busy time), [`proc_usage`] (one process's memory and CPU time),
+//!   [`prometheus`] (lb-control's metrics read back), [`wrk`] (load from a lab namespace) and
 //!   [`nginx`] (a reference server or proxy in a lab namespace).
 
 pub mod bench;
 pub mod cpu;
+pub mod crowd;
 pub mod js_client;
 pub mod lab;
 pub mod load;
 pub mod nginx;
 pub mod poll;
+pub mod proc_usage;
+pub mod prometheus;
 pub mod rpc_client;
 pub mod sim_node;
 pub mod wrk;

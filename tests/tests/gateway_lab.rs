@@ -129,10 +129,10 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
 #[test]
 fn cli_revoke_closes_a_subscription_only_websocket_with_1008_within_two_seconds()
 -> anyhow::Result<()> {
-    use std::{net::SocketAddr, sync::Arc, time::Instant};
+    use std::{net::SocketAddr, time::Instant};
 
-    use lb_tests::ws_client::WsClient;
-    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use lb_tests::{lab::certs::trusting_client, ws_client::WsClient};
+    use rustls::pki_types::ServerName;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     // Blocks every 200 ms keep the subscription's notifications coming.
@@ -156,15 +156,7 @@ fn cli_revoke_closes_a_subscription_only_websocket_with_1008_within_two_seconds(
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(&gateway.ca)?)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = tokio_rustls::TlsConnector::from(trusting_client(&gateway.ca)?)
             .connect(
                 ServerName::from(std::net::IpAddr::from(address)),
                 tokio::net::TcpStream::from_std(tcp)?,

@@ -1482,6 +1482,10 @@ async fn the_101st_connection_is_refused_as_substrate_does() {
     for _ in 0..100 {
         held.push(WsClient::connect(&node.ws_url()).await);
     }
+    // Open WebSockets count for as long as they are open, not just while upgrading.
+    assert_eq!(node.connections(), 100);
+    assert_eq!(node.peak_connections(), 100);
+    assert_eq!(node.websockets(), 100);
     match tokio_tungstenite::connect_async(node.ws_url()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 429, "too many connections");
@@ -1501,6 +1505,11 @@ async fn the_101st_connection_is_refused_as_substrate_does() {
         tokio_tungstenite::connect_async(node.ws_url())
             .await
             .is_ok()
+    })
+    .await;
+    drop(held);
+    poll::until("closed WebSockets no longer count", || async {
+        node.connections() == 0 && node.websockets() == 0
     })
     .await;
 }

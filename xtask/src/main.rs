@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | run | test | bench`: the project's one-command workflows.
 
 mod bench;
+mod bench_crowd;
 mod bench_failover;
 mod bench_gateway;
 mod bench_l4;
@@ -103,6 +104,21 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// A crowd of WebSocket clients over TLS through the gateway to 3 sim-nodes (Substrate's
+    /// limits, health checker on).
+    ///
+    /// 10,000 clients from 20 source addresses, each subscribed to new heads and to one
+    /// storage key, calling a cached and an uncached method every 5 s; reports nodes that left
+    /// the rotation, clients dropped, connections at each node against the gateway's cap,
+    /// lb-control's RSS per client, head delay p50/p99 and CPU per notification; writes
+    /// target/bench/crowd.md. Arguments go to the bench-crowd binary: --clients (10000),
+    /// --sources (20), --ramp-per-second (500), --hold-seconds (60), --call-interval-ms (5000),
+    /// --block-time-ms (2000) (`cargo xtask bench crowd -- --help`).
+    Crowd {
+        /// Arguments for bench-crowd.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -126,6 +142,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: Bench::Gateway { args },
         } => setup::run().and_then(|()| bench_gateway::run(&args)),
+        Command::Bench {
+            which: Bench::Crowd { args },
+        } => setup::run().and_then(|()| bench_crowd::run(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,12 +6,14 @@ use std::{
     fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
     SanType,
 };
+use rustls::pki_types::{CertificateDer, pem::PemObject};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
@@ -22,6 +24,18 @@ pub enum CertError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("reading the CA certificate {}: {source}", path.display())]
+    ReadCa {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("a TLS client trusting {}: {source}", path.display())]
+    Client {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
     },
 }
 
@@ -72,12 +86,70 @@ impl LabCa {
     }
 }
 
+/// A gateway's certificate files from a new lab CA: what the gateway serves and what its
+/// clients trust.
+#[derive(Debug, Clone)]
+pub struct GatewayCerts {
+    /// The CA's certificate, which clients trust.
+    pub ca: PathBuf,
+    /// The gateway's leaf certificate and key (a test may renew them in place).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl GatewayCerts {
+    /// Makes a CA and a leaf certificate for `addresses`, and writes `<prefix>-ca.crt`,
+    /// `<prefix>.crt` and `<prefix>.key` to `dir`.
+    pub fn write(
+        dir: &Path,
+        prefix: &str,
+        addresses: &[IpAddr],
+    ) -> Result<GatewayCerts, CertError> {
+        let authority = LabCa::new()?;
+        let leaf = authority.issue(addresses)?;
+        let certs = GatewayCerts {
+            ca: dir.join(format!("{prefix}-ca.crt")),
+            cert: dir.join(format!("{prefix}.crt")),
+            key: dir.join(format!("{prefix}.key")),
+        };
+        write_pem(&certs.ca, &authority.cert_pem())?;
+        write_pem(&certs.cert, &leaf.cert_pem)?;
+        write_pem(&certs.key, &leaf.key_pem)?;
+        Ok(certs)
+    }
+}
+
 /// Writes `text` to `path` (creating or replacing it).
 pub fn write_pem(path: &Path, text: &str) -> Result<(), CertError> {
     fs::write(path, text).map_err(|source| CertError::Write {
         path: path.to_owned(),
         source,
     })
+}
+
+/// A TLS client (rustls, ring) that trusts only the CA in `ca_file` and offers HTTP/1.1, the
+/// protocol of a WebSocket upgrade.
+pub fn trusting_client(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    let read_error = |source| CertError::ReadCa {
+        path: ca_file.to_owned(),
+        source,
+    };
+    let client_error = |source| CertError::Client {
+        path: ca_file.to_owned(),
+        source,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca_file).map_err(read_error)?)
+        .map_err(client_error)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(client_error)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// How to make common clients trust the lab CA in `ca_file`.

@@ -69,6 +69,12 @@ pub enum LabError {
         #[source]
         source: io::Error,
     },
+    #[error("node{index}: {source}")]
+    NodeControl {
+        index: usize,
+        #[source]
+        source: crate::sim_node::ControlClientError,
+    },
     #[error(transparent)]
     Cert(#[from] super::certs::CertError),
     #[error("cleanup left things behind:\n  {}", .0.join("\n  "))]

@@ -13,6 +13,7 @@
 //! pinned-map directory `/sys/fs/bpf/<prefix>` and its log directory. What a crashed run left
 //! behind is swept by the next [`Lab::start`] (or by [`sweep_stale`]).
 
+mod admin;
 mod binaries;
 pub mod certs;
 mod chopsticks;
@@ -31,7 +32,7 @@ mod topology;
 use std::{
     ffi::OsStr,
     fmt,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -46,7 +47,7 @@ pub use netns::{command_in_netns, in_netns, run_checked};
 pub use pair::{GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
 pub use process::LabProcess;
 pub use sweep::{SweepReport, sweep_stale};
-pub use topology::{Host, LbHost, MAX_NODES};
+pub use topology::{Host, LbHost, MAX_EXTRA_CLIENT_ADDRESSES, MAX_NODES};
 
 use run::Run;
 use topology::Topology;
@@ -146,6 +147,12 @@ impl Lab {
     /// Node `index`'s sim-node control endpoint.
     pub fn node_control_addr(&self, index: usize) -> SocketAddr {
         SocketAddr::from((self.node(index).addr_v4, SIM_NODE_CONTROL_PORT))
+    }
+
+    /// Adds `count` source addresses to the client (see
+    /// [`MAX_EXTRA_CLIENT_ADDRESSES`]), for loads that come from several addresses.
+    pub fn add_client_addresses(&self, count: usize) -> Result<Vec<Ipv4Addr>, LabError> {
+        self.topology.add_client_addresses(count)
     }
 
     /// Where lb-control (instance = this lab's prefix) pins its maps.

@@ -30,6 +30,11 @@ const CLIENT_SUBNET: u8 = 1;
 const FIRST_NODE_SUBNET: u8 = 10;
 /// Node links use third octets `FIRST_NODE_SUBNET..=255`.
 pub const MAX_NODES: usize = (u8::MAX - FIRST_NODE_SUBNET) as usize + 1;
+/// Extra client addresses (many clients from several sources) take the host part from here
+/// up in the client's /24, clear of the client (.2) and the LB (.1).
+const FIRST_EXTRA_CLIENT_HOST: u8 = 10;
+/// How many extra client addresses the client's /24 has room for.
+pub const MAX_EXTRA_CLIENT_ADDRESSES: usize = (u8::MAX - FIRST_EXTRA_CLIENT_HOST) as usize;
 
 /// A client or node namespace and its link to the LB.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +129,34 @@ impl Topology {
             self.connect(host)?;
         }
         Ok(())
+    }
+
+    /// Adds `count` more IPv4 addresses to the client's interface, in its /24 (so the LB
+    /// reaches them on-link, with no route to add): clients bound to them come from several
+    /// sources, as a crowd does. Returns them in order.
+    pub fn add_client_addresses(&self, count: usize) -> Result<Vec<Ipv4Addr>, LabError> {
+        if count > MAX_EXTRA_CLIENT_ADDRESSES {
+            return Err(LabError::Config(format!(
+                "{count} extra client addresses: the client's /24 holds at most \
+                 {MAX_EXTRA_CLIENT_ADDRESSES}"
+            )));
+        }
+        let [a, b, c, _] = self.client.addr_v4.octets();
+        let addresses: Vec<Ipv4Addr> = (0..count)
+            .map(|index| Ipv4Addr::new(a, b, c, FIRST_EXTRA_CLIENT_HOST + index as u8))
+            .collect();
+        for address in &addresses {
+            run_ip(&[
+                "-n",
+                &self.client.netns,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                &self.client.iface,
+            ])?;
+        }
+        Ok(addresses)
     }
 
     /// Attaches an XDP_PASS program to the client's and every node's end of its link: in

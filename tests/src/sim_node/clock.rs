@@ -33,11 +33,11 @@ impl ChainClock {
         }
     }
 
-    fn block_time_ms(&self) -> u64 {
+    pub fn block_time_ms(&self) -> u64 {
         (self.block_time.as_millis() as u64).max(1)
     }
 
-    fn genesis_unix_ms(&self) -> u64 {
+    pub fn genesis_unix_ms(&self) -> u64 {
         self.genesis
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)

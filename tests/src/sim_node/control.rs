@@ -44,24 +44,32 @@ pub struct NodeStatus {
     /// Of those, WebSockets (connections past their upgrade): open now, and the most at once.
     pub websockets: usize,
     pub peak_websockets: usize,
+    /// The chain's schedule: block `n` is made at `genesis_unix_ms + n × block_time_ms` (Unix
+    /// ms), when the node announces it; a client on the same machine compares that with when
+    /// a head reaches it.
+    pub genesis_unix_ms: u64,
+    pub block_time_ms: u64,
 }
 
 impl NodeStatus {
     pub fn of(node: &NodeState, rpc_addr: SocketAddr) -> Self {
         let heads = node.heads();
+        let clock = node.chain.clock();
         Self {
             id: node.id.clone(),
             peer_id: node.peer_id.clone(),
             rpc_addr,
             best: heads.best,
             finalized: heads.finalized,
-            chain_best: node.chain.clock().best_now(),
+            chain_best: clock.best_now(),
             faults: node.faults().to_list(),
             requests: node.request_counts(),
             connections: node.connections(),
             peak_connections: node.peak_connections(),
             websockets: node.websockets(),
             peak_websockets: node.peak_websockets(),
+            genesis_unix_ms: clock.genesis_unix_ms(),
+            block_time_ms: clock.block_time_ms(),
         }
     }
 

@@ -17,9 +17,7 @@ use anyhow::{Context, bail, ensure};
 use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
     lab::{
-        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path,
-        certs::{LabCa, write_pem},
-        in_netns, run_checked,
+        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, certs::GatewayCerts, in_netns, run_checked,
     },
     rpc_client::RpcConnection,
     sim_node::{ControlClient, Fault, NodeStatus},
@@ -413,8 +411,7 @@ pub fn set_fault(lab: &Lab, index: usize, fault: Fault) -> anyhow::Result<NodeSt
 
 /// Node `index`'s status: best block, faults, JSON-RPC calls per method.
 pub fn node_status(lab: &Lab, index: usize) -> anyhow::Result<NodeStatus> {
-    let control = ControlClient::new(lab.node_control_addr(index));
-    on_lb_host(lab, control.status()).with_context(|| format!("node{index}: status"))
+    Ok(lab.node_status(index)?)
 }
 
 /// Runs a control request from the LB's namespace, which routes to every node.
@@ -558,17 +555,9 @@ impl GatewayLab {
         services: &[ServiceConf],
         gateway_options: &str,
     ) -> anyhow::Result<GatewayLab> {
-        let ca = LabCa::new()?;
-        let (ca_path, cert, key) = (
-            lab.log_dir().join("gateway-ca.crt"),
-            lab.log_dir().join("gateway.crt"),
-            lab.log_dir().join("gateway.key"),
-        );
         let address = lab.lb().addr_v4;
-        let leaf = ca.issue(&[address.into()])?;
-        write_pem(&ca_path, &ca.cert_pem())?;
-        write_pem(&cert, &leaf.cert_pem)?;
-        write_pem(&key, &leaf.key_pem)?;
+        let GatewayCerts { ca, cert, key } =
+            GatewayCerts::write(lab.log_dir(), "gateway", &[address.into()])?;
         let section = format!(
             "[gateway]\nlisten = \"{address}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
              tls_key = \"{}\"\n{gateway_options}\n",
@@ -576,15 +565,10 @@ impl GatewayLab {
             key.display()
         );
         let lb_control = LbControl::start_with(lab, services, &section)?;
-        let created = lb_control.cli(lab, &["key", "create", "--name", "lab"])?;
-        let secret = created
-            .lines()
-            .find_map(|line| line.strip_prefix("secret: "))
-            .context("`key create` printed no secret")?
-            .to_owned();
+        let secret = lab.create_api_key("lab")?;
         Ok(GatewayLab {
             lb_control,
-            ca: ca_path,
+            ca,
             cert,
             key,
             secret,
@@ -599,10 +583,6 @@ impl GatewayLab {
 
     /// lb-control's Prometheus metrics, scraped from inside the LB namespace.
     pub fn metrics(&self, lab: &Lab) -> anyhow::Result<String> {
-        let output = run_checked(
-            lab.exec(&lab.lb().netns, "curl")?
-                .args(["-sS", "http://127.0.0.1:9900/metrics"]),
-        )?;
-        Ok(String::from_utf8(output.stdout)?)
+        Ok(lab.lb_control_metrics()?)
     }
 }

@@ -12,12 +12,10 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use lb_tests::{
-    lab::{
-        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path,
-        certs::{LabCa, write_pem},
-        command_in_netns, run_checked,
-    },
-    nginx, wrk,
+    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, certs::GatewayCerts, command_in_netns, run_checked},
+    nginx,
+    proc_usage::{ProcessMemory, children},
+    prometheus, wrk,
 };
 
 use crate::{CACHED_CALL, NODES, Settings, Target, UNCACHED_CALL};
@@ -28,8 +26,6 @@ const GATEWAY_PORT: u16 = 8443;
 const NGINX_PROXY_PORT: u16 = 9443;
 /// nginx terminating TLS with `proxy_cache` on POST bodies.
 const NGINX_CACHE_PORT: u16 = 9444;
-/// lb-control's admin API in the LB namespace (its default), for `/metrics`.
-const METRICS_URL: &str = "http://127.0.0.1:9900/metrics";
 /// nginx's header saying whether its cache answered.
 const CACHE_STATUS_HEADER: &str = "X-Cache-Status";
 /// How long the gateway and nginx get to answer their first request.
@@ -57,23 +53,17 @@ impl Setup {
             ..LabConfig::default()
         })?;
         let dir = lab.log_dir().to_owned();
-        let (ca, cert, key) = (
-            dir.join("ca.crt"),
-            dir.join("gateway.crt"),
-            dir.join("gateway.key"),
-        );
-        let authority = LabCa::new()?;
-        let leaf = authority.issue(&[lab.lb().addr_v4.into()])?;
-        write_pem(&ca, &authority.cert_pem())?;
-        write_pem(&cert, &leaf.cert_pem)?;
-        write_pem(&key, &leaf.key_pem)?;
+        let GatewayCerts { ca, cert, key } =
+            GatewayCerts::write(&dir, "gateway", &[lab.lb().addr_v4.into()])?;
 
         let config = dir.join("lb-control.toml");
         std::fs::write(&config, lb_control_config(&lab, &cert, &key))
             .with_context(|| format!("writing {}", config.display()))?;
         let config = config.to_str().context("the lab's path is not UTF-8")?;
         let lb_control = lab.spawn_lb_control(&["--config", config])?.pid();
-        let secret = create_key(&lab).context("creating an API key with lb-control")?;
+        let secret = lab
+            .create_api_key("bench")
+            .context("creating an API key with lb-control")?;
 
         let (lb_netns, lb_addr) = (lab.lb().netns.clone(), lab.lb().addr_v4);
         let nodes: Vec<Ipv4Addr> = lab.nodes().iter().map(|node| node.addr_v4).collect();
@@ -131,17 +121,17 @@ impl Setup {
 
     /// The gateway's cache lookups so far, from lb-control's `/metrics`.
     pub fn cache_lookups(&self) -> anyhow::Result<CacheLookups> {
-        let mut command = command_in_netns(&self.lab.lb().netns, "curl")?;
-        command.args(["-sS", "--max-time", "5", METRICS_URL]);
-        let output = run_checked(&mut command)?;
-        let text = String::from_utf8_lossy(&output.stdout);
-        Ok(CacheLookups::parse(&text))
+        Ok(CacheLookups::parse(&self.lab.lb_control_metrics()?))
     }
 
     /// lb-control's and nginx's (master, then workers) resident memory now.
     pub fn memory(&self) -> anyhow::Result<Memory> {
         let mut nginx = vec![ProcessMemory::read(self.nginx)?];
-        for worker in children(self.nginx)? {
+        let workers = children(self.nginx)?;
+        if workers.is_empty() {
+            bail!("nginx (pid {}) has no worker processes", self.nginx);
+        }
+        for worker in workers {
             nginx.push(ProcessMemory::read(worker)?);
         }
         Ok(Memory {
@@ -268,24 +258,6 @@ fn nginx_http(lb: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path, cert: &Path, key: &P
     )
 }
 
-/// `lb-control key create` in the LB namespace with the admin token lb-control generated;
-/// returns the printed secret.
-fn create_key(lab: &Lab) -> anyhow::Result<String> {
-    let token_file = lab.state_dir().join("admin.token");
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("reading {}", token_file.display()))?;
-    let mut command = command_in_netns(&lab.lb().netns, binary_path("lb-control")?)?;
-    command
-        .env("LB_ADMIN_TOKEN", token.trim())
-        .args(["key", "create", "--name", "bench"]);
-    let output = run_checked(&mut command)?;
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find_map(|line| line.strip_prefix("secret: "))
-        .map(str::to_owned)
-        .context("`lb-control key create` printed no `secret: ` line")
-}
-
 /// The gateway's response cache lookups by result (`lb_gateway_cache_lookups_total`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CacheLookups {
@@ -296,23 +268,16 @@ pub struct CacheLookups {
 
 impl CacheLookups {
     fn parse(metrics: &str) -> CacheLookups {
-        let mut lookups = CacheLookups::default();
-        for line in metrics.lines() {
-            let Some(rest) = line.strip_prefix("lb_gateway_cache_lookups_total{result=\"") else {
-                continue;
-            };
-            let Some((result, value)) = rest.split_once("\"} ") else {
-                continue;
-            };
-            let value = value.trim().parse().unwrap_or(0);
-            match result {
-                "hit" => lookups.hit = value,
-                "miss" => lookups.miss = value,
-                "coalesced" => lookups.coalesced = value,
-                _ => {}
-            }
+        let lookups = |result: &str| {
+            prometheus::sum(metrics, "lb_gateway_cache_lookups_total", |sample| {
+                sample.label("result") == Some(result)
+            }) as u64
+        };
+        CacheLookups {
+            hit: lookups("hit"),
+            miss: lookups("miss"),
+            coalesced: lookups("coalesced"),
         }
-        lookups
     }
 
     pub fn since(&self, earlier: &CacheLookups) -> CacheLookups {
@@ -331,32 +296,6 @@ impl fmt::Display for CacheLookups {
             "hits {}, misses {}, coalesced {}",
             self.hit, self.miss, self.coalesced
         )
-    }
-}
-
-/// One process's resident memory from `/proc/<pid>/status`, in KiB.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ProcessMemory {
-    /// `VmRSS`: resident now.
-    pub rss_kib: u64,
-    /// `VmHWM`: the most it has been resident.
-    pub hwm_kib: u64,
-}
-
-impl ProcessMemory {
-    fn read(pid: u32) -> anyhow::Result<ProcessMemory> {
-        let path = format!("/proc/{pid}/status");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let field = |name: &str| -> anyhow::Result<u64> {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
-                .with_context(|| format!("{path} has no {name} in kB"))
-        };
-        Ok(ProcessMemory {
-            rss_kib: field("VmRSS")?,
-            hwm_kib: field("VmHWM")?,
-        })
     }
 }
 
@@ -383,34 +322,6 @@ impl fmt::Display for Memory {
             self.nginx_rss_kib() as f64 / 1024.0
         )
     }
-}
-
-/// The pids whose parent is `parent` (nginx's workers), from `/proc/*/stat`.
-fn children(parent: u32) -> anyhow::Result<Vec<u32>> {
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
-        let name = entry.context("listing /proc")?.file_name();
-        let Some(pid) = name.to_str().and_then(|name| name.parse::<u32>().ok()) else {
-            continue;
-        };
-        // A process may exit between the listing and the read: skip it.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid …`; comm may hold spaces and parentheses, so split at the last
-        // `)`.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            children.push(pid);
-        }
-    }
-    if children.is_empty() {
-        bail!("nginx (pid {parent}) has no worker processes");
-    }
-    children.sort_unstable();
-    Ok(children)
 }
 
 #[cfg(test)]

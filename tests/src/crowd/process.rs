@@ -1,0 +1,144 @@
+//! The `crowd` binary as a child process in a lab namespace: started with a plan, its events
+//! read line by line from its stdout as they come, its stderr kept in a log file.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+use super::{CrowdPlan, CrowdSummary, Event};
+use crate::lab::{binary_path, command_in_netns};
+
+/// How much of the crowd's log an error quotes.
+const LOG_TAIL_BYTES: usize = 2000;
+
+/// A running crowd.
+pub struct CrowdProcess {
+    child: Child,
+    events: mpsc::Receiver<anyhow::Result<Event>>,
+    log: PathBuf,
+    plan: CrowdPlan,
+}
+
+/// The crowd in place: what [`Event::Steady`] says.
+#[derive(Debug, Clone, Copy)]
+pub struct Steady {
+    pub connected: usize,
+    pub unsettled: usize,
+    pub ramp_seconds: f64,
+}
+
+impl CrowdProcess {
+    /// Starts `crowd` with `plan` inside `netns`, its stderr to `log`.
+    pub fn start(netns: &str, plan: &CrowdPlan, log: &Path) -> anyhow::Result<CrowdProcess> {
+        let errors =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = command_in_netns(netns, binary_path("crowd")?)?;
+        command
+            .args(plan.to_args())
+            .env(super::API_KEY_ENV, &plan.key)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(errors);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting crowd in {netns}"))?;
+        let stdout = child.stdout.take().context("crowd's stdout")?;
+        let (sender, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let event = line.context("reading crowd's output").and_then(|line| {
+                    serde_json::from_str(&line).with_context(|| format!("crowd printed {line:?}"))
+                });
+                if sender.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(CrowdProcess {
+            child,
+            events,
+            log: log.to_owned(),
+            plan: plan.clone(),
+        })
+    }
+
+    /// The crowd's process id (its CPU time is the load generator's share of the machine).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until every client is in place (or failed).
+    pub fn steady(&mut self) -> anyhow::Result<Steady> {
+        // The ramp, then as long as the crowd itself waits for the last clients, and a margin.
+        let patience = self.plan.ramp() + super::SETTLE_TIMEOUT + Duration::from_secs(30);
+        match self.next(patience)? {
+            Event::Steady {
+                connected,
+                unsettled,
+                ramp_seconds,
+            } => Ok(Steady {
+                connected,
+                unsettled,
+                ramp_seconds,
+            }),
+            other => bail!("crowd: expected the steady phase, got {other:?}"),
+        }
+    }
+
+    /// Waits until the hold is over (the clients are still connected).
+    pub fn closing(&mut self) -> anyhow::Result<()> {
+        let patience = Duration::from_secs(self.plan.hold_seconds + 30);
+        match self.next(patience)? {
+            Event::Closing => Ok(()),
+            other => bail!("crowd: expected the end of the hold, got {other:?}"),
+        }
+    }
+
+    /// Waits for the summary and for the process to exit.
+    pub fn summary(mut self) -> anyhow::Result<CrowdSummary> {
+        let summary = match self.next(Duration::from_secs(60))? {
+            Event::Summary(summary) => *summary,
+            other => bail!("crowd: expected the summary, got {other:?}"),
+        };
+        let status = self.child.wait().context("waiting for crowd to exit")?;
+        if !status.success() {
+            bail!("crowd exited with {status}: {}", self.log_tail());
+        }
+        Ok(summary)
+    }
+
+    fn next(&mut self, patience: Duration) -> anyhow::Result<Event> {
+        match self.events.recv_timeout(patience) {
+            Ok(event) => event.with_context(|| self.log_tail()),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                bail!("crowd: nothing within {patience:?}; {}", self.log_tail())
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait().ok();
+                bail!("crowd ended ({status:?}) early; {}", self.log_tail())
+            }
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = log.floor_char_boundary(log.len().saturating_sub(LOG_TAIL_BYTES));
+        format!("crowd's log {}:\n{}", self.log.display(), &log[start..])
+    }
+}
+
+impl Drop for CrowdProcess {
+    /// A caller that fails early leaves no crowd running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
