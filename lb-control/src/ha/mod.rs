@@ -17,6 +17,7 @@
 //! Without an `[ha]` section an lb-control is standalone and records everything, as before.
 
 mod addresses;
+pub mod flow_sync;
 pub mod settings;
 
 use std::{
