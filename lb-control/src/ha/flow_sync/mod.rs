@@ -1,9 +1,9 @@
 //! L4 flow sync: the master of a pair streams its tracked flows to the backup over the private
 //! link, so the NAT and DSR connections through the VIPs carry on after a takeover.
 //!
-//! The master walks its flow table every 250 ms ([`sender::WALK_INTERVAL`]) and sends the
+//! The master walks its flow table every 250 ms (`sender::WALK_INTERVAL`) and sends the
 //! flows that are new or changed since the walk before and the keys of those that ended, in
-//! signed batches ([`wire`]); on every connection and every 30 s it sends the whole table, which
+//! signed batches (`wire`); on every connection and every 30 s it sends the whole table, which
 //! the backup then holds exactly (a restarted backup catches up so). The backup writes them into
 //! its own pinned maps (`dataplane::FlowTable`: backend by address, its clock by age). A flow
 //! is on the backup within a walk interval and the time to send it; a younger one, at a
