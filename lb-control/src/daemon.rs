@@ -39,7 +39,7 @@ use crate::{
     gateway::{
         self, Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients, StopReason,
     },
-    ha::{Ha, RoleState},
+    ha::{Ha, RoleState, flow_sync},
     health,
     keys::ApiKeys,
     metrics::Metrics,
@@ -264,6 +264,11 @@ impl Daemon {
 
         let ha = Ha::start(config.ha.clone(), store.clone(), metrics.clone());
         backends.record_health(ha.current().role.records_health());
+        if let Some(flow_sync) = config.ha.as_ref().and_then(|ha| ha.flow_sync.as_ref()) {
+            flow_sync::start(flow_sync, pin_dir.clone(), ha.subscribe(), metrics.clone())
+                .await
+                .context("the HA flow sync")?;
+        }
         tokio::spawn(follow_role(ha.subscribe(), backends.clone()));
 
         let (targets_tx, targets_rx) = watch::channel(backends.view().health_targets());

@@ -1,6 +1,8 @@
 //! Prometheus metrics of the control plane. Each module records into the families here; the
 //! admin API's `/metrics` encodes the registry (plus the kernel counters, read at scrape time).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -79,6 +81,17 @@ pub struct Metrics {
     pub blocklist_entries: Gauge,
     /// 1 for the role this lb-control has now, 0 for the others.
     pub ha_role: Family<RoleLabels, Gauge>,
+    /// Flows (new, changed or ended) the master sent to the backup.
+    pub ha_flows_sent: Counter,
+    /// Flows (new, changed or ended) the backup received in authenticated batches.
+    pub ha_flows_received: Counter,
+    /// Flows the backup wrote into its flow table.
+    pub ha_flows_installed: Counter,
+    /// 1 while the flow sync's link to the other host is up.
+    pub ha_flow_sync_connected: Gauge,
+    /// When the last batch was sent (master) or installed (backup), as Unix seconds: its age
+    /// is `time() - lb_ha_flow_sync_last_success_timestamp_seconds`.
+    pub ha_flow_sync_last_success: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -102,6 +115,11 @@ impl Metrics {
             admin_requests: Family::default(),
             blocklist_entries: Gauge::default(),
             ha_role: Family::default(),
+            ha_flows_sent: Counter::default(),
+            ha_flows_received: Counter::default(),
+            ha_flows_installed: Counter::default(),
+            ha_flow_sync_connected: Gauge::default(),
+            ha_flow_sync_last_success: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb");
         registry.register(
@@ -168,6 +186,31 @@ impl Metrics {
             "ha_role",
             "1 for this lb-control's role in its HA pair (standalone, master, backup, fault)",
             metrics.ha_role.clone(),
+        );
+        registry.register(
+            "ha_flows_sent",
+            "L4 flows (new, changed or ended) the master sent to the backup",
+            metrics.ha_flows_sent.clone(),
+        );
+        registry.register(
+            "ha_flows_received",
+            "L4 flows (new, changed or ended) the backup received in authenticated batches",
+            metrics.ha_flows_received.clone(),
+        );
+        registry.register(
+            "ha_flows_installed",
+            "L4 flows the backup wrote into its flow table",
+            metrics.ha_flows_installed.clone(),
+        );
+        registry.register(
+            "ha_flow_sync_connected",
+            "1 while the flow sync's link to the other host is up",
+            metrics.ha_flow_sync_connected.clone(),
+        );
+        registry.register(
+            "ha_flow_sync_last_success_timestamp_seconds",
+            "When the last flow batch was sent (master) or installed (backup)",
+            metrics.ha_flow_sync_last_success.clone(),
         );
         metrics
     }

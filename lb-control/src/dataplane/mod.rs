@@ -6,6 +6,7 @@ mod batch;
 mod blocklist;
 mod bpffs;
 mod error;
+mod flow_table;
 #[cfg(feature = "test-harness")]
 mod harness;
 mod services;
@@ -40,6 +41,7 @@ pub use self::{
     blocklist::{BlockEntry, Blocklist, BlocklistHandle, latest_block_expiry},
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
+    flow_table::{FlowTable, InstallReport, PortableFlow},
     services::{
         ApplyReport, BackendSpec, LbSettings, ProblemSubject, ServiceSpec, SpecProblem,
         validate as validate_services,

@@ -10,12 +10,16 @@
 //! health change rewrote every service's whole table before.
 
 use std::{
+    borrow::BorrowMut,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     ops::RangeInclusive,
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
+
+use std::os::fd::AsRawFd as _;
 
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::{
@@ -407,7 +411,7 @@ pub(super) fn apply(
             report.backends_removed += 1;
         }
     }
-    warm_neighbours(wanted_backends.keys().copied());
+    warm_neighbours(wanted_backends.keys().map(SocketAddr::ip));
     Ok(report)
 }
 
@@ -601,26 +605,57 @@ fn purge_flows(maps: &mut Maps<'_>, backend_ids: &[u32]) -> Result<usize, Datapl
     Ok(purged)
 }
 
-/// Voids every copy in the kernel's flow cache. Userspace is the counter's only writer, so
-/// reading and writing it back is safe; the kernel reads it before it copies a flow.
-fn bump_flow_cache_epoch(epoch: &mut Array<&mut MapData, u64>) -> Result<(), DataplaneError> {
+/// Voids every copy in the kernel's flow cache. Userspace is the counter's only writer (the
+/// kernel reads it before it copies a flow), but within lb-control both `apply` and the HA flow
+/// sync's installs bump it: the lock keeps their reads and writes back from interleaving, where
+/// two bumps could write one value and the second leave copies filled under the first valid.
+pub(super) fn bump_flow_cache_epoch<T: BorrowMut<MapData>>(
+    epoch: &mut Array<T, u64>,
+) -> Result<(), DataplaneError> {
+    static WRITER: Mutex<()> = Mutex::new(());
+    let _writing = WRITER.lock().unwrap_or_else(PoisonError::into_inner);
     let error = map_error(map_names::FLOW_CACHE_EPOCH);
     let current = epoch.get(&0, 0).map_err(&error)?;
     epoch.set(0, current.wrapping_add(1), 0).map_err(error)
 }
 
-/// Sends one datagram to each backend's discard port, so the kernel resolves its neighbour
-/// entry: the XDP program's FIB lookup needs the next hop's MAC address and drops until it is
-/// known.
-fn warm_neighbours(backends: impl Iterator<Item = SocketAddr>) {
-    for backend in backends {
-        let local: SocketAddr = match backend {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let discard = SocketAddr::new(backend.ip(), 9);
-        if let Err(error) = UdpSocket::bind(local).and_then(|socket| socket.send_to(&[], discard)) {
-            debug!(%backend, %error, "could not prompt neighbour resolution");
+/// Sends one empty datagram towards each address's discard port, so the kernel resolves the
+/// neighbour entry of its next hop: the XDP program's FIB lookup needs the next hop's MAC address
+/// and drops until it is known. With a hop limit of 1 the datagram goes no further than that
+/// next hop (the address itself when it is on the link, else the router towards it).
+pub(super) fn warm_neighbours(addresses: impl Iterator<Item = IpAddr>) {
+    for address in addresses {
+        if let Err(error) = send_to_next_hop(address) {
+            debug!(%address, %error, "could not prompt neighbour resolution");
         }
     }
+}
+
+fn send_to_next_hop(address: IpAddr) -> std::io::Result<()> {
+    let socket = match address {
+        IpAddr::V4(_) => {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.set_ttl(1)?;
+            socket
+        }
+        IpAddr::V6(_) => {
+            let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+            let hops: libc::c_int = 1;
+            // SAFETY: a valid socket, and an option value of the size given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_UNICAST_HOPS,
+                    std::ptr::from_ref(&hops).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            socket
+        }
+    };
+    socket.send_to(&[], SocketAddr::new(address, 9)).map(drop)
 }

@@ -14,9 +14,13 @@
 //! Operator writes through either host's admin API go to the shared store as always (etcd
 //! orders them), and a role change is itself an event of the log.
 //!
+//! The role also decides the direction of the L4 flow sync ([`flow_sync`], with `[ha]
+//! flow_sync`): a master sends its tracked flows to the other host, a backup installs them.
+//!
 //! Without an `[ha]` section an lb-control is standalone and records everything, as before.
 
 mod addresses;
+pub mod flow_sync;
 pub mod settings;
 
 use std::{

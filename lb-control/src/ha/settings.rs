@@ -1,7 +1,10 @@
 //! The `[ha]` section: this lb-control is one of a pair whose floating addresses keepalived
 //! moves, and learns its role from keepalived's notify hooks (`lb-control ha notify …`).
 
-use std::net::IpAddr;
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use serde::Deserialize;
 
@@ -23,6 +26,70 @@ pub struct HaSection {
     /// call on `master`), with `LB_HA_ROLE` and `LB_HA_PREVIOUS_ROLE` set.
     #[serde(default)]
     pub hooks: RoleHooks,
+    /// The L4 flow sync over the private link (see `ha::flow_sync`); without it a takeover
+    /// breaks the established L4 connections through the VIPs.
+    #[serde(default)]
+    pub flow_sync: Option<FlowSyncSection>,
+}
+
+/// `[ha] flow_sync = { listen = "10.0.0.1:7946", peer = "10.0.0.2:7946", secret_file = … }`:
+/// the master sends its flows to `peer`; a backup takes them on `listen`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSyncSection {
+    /// This host's address on the private link and the port the other host sends to.
+    pub listen: SocketAddr,
+    /// The other host's `listen`.
+    pub peer: SocketAddr,
+    /// A file holding the secret both hosts share (at least 32 bytes, e.g. `openssl rand -hex
+    /// 32`): every batch carries an HMAC-SHA-256 under it, and a backup installs only batches
+    /// that check out.
+    pub secret_file: PathBuf,
+}
+
+/// The shortest shared secret: HMAC-SHA-256's own key strength.
+pub const MIN_SECRET_LEN: usize = 32;
+
+impl FlowSyncSection {
+    /// The secret, its surrounding whitespace (a trailing newline) trimmed; or why it cannot
+    /// be used.
+    pub fn read_secret(&self) -> Result<Vec<u8>, String> {
+        let text = std::fs::read(&self.secret_file)
+            .map_err(|error| format!("{}: {error}", self.secret_file.display()))?;
+        let secret = text.trim_ascii().to_vec();
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(format!(
+                "{}: the secret has {} bytes, use at least {MIN_SECRET_LEN} (e.g. `openssl rand \
+                 -hex 32`), the same on both hosts",
+                self.secret_file.display(),
+                secret.len()
+            ));
+        }
+        Ok(secret)
+    }
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        if let Err(reason) = self.read_secret() {
+            problems.push(Problem::new("ha.flow_sync.secret_file", reason));
+        }
+        if self.peer.ip().is_unspecified() || self.peer.port() == 0 {
+            problems.push(Problem::new(
+                "ha.flow_sync.peer",
+                format!(
+                    "{}: name the other host's address on the private link and its port",
+                    self.peer
+                ),
+            ));
+        }
+        if self.listen.port() == 0 {
+            problems.push(Problem::new(
+                "ha.flow_sync.listen",
+                "give the port the other host sends its flows to",
+            ));
+        }
+        problems
+    }
 }
 
 /// A command per role: the program (an absolute path) and its arguments.
@@ -86,6 +153,9 @@ impl HaSection {
                 )),
             }
         }
+        if let Some(flow_sync) = &self.flow_sync {
+            problems.extend(flow_sync.problems());
+        }
         problems
     }
 }
@@ -119,6 +189,27 @@ mod tests {
                  [\"/usr/local/bin/move-floating-ip\"]",
             ]
         );
+        let short_secret =
+            std::env::temp_dir().join(format!("short-secret-{}", std::process::id()));
+        std::fs::write(&short_secret, "0123456789\n").unwrap();
+        let flow_sync = parse(&format!(
+            r#"
+            floating_addresses = ["10.0.0.1"]
+            flow_sync = {{ listen = "10.0.2.1:0", peer = "0.0.0.0:7946", secret_file = {:?} }}
+            "#,
+            short_secret.display()
+        ));
+        let problems: Vec<String> = flow_sync
+            .problems()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        std::fs::remove_file(&short_secret).unwrap();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("ha.flow_sync.secret_file: "));
+        assert!(problems[0].contains("has 10 bytes, use at least 32"));
+        assert!(problems[1].starts_with("ha.flow_sync.peer: 0.0.0.0:7946: name the other host"));
+        assert!(problems[2].starts_with("ha.flow_sync.listen: give the port"));
         assert!(
             parse("floating_addresses = []").problems()[0]
                 .to_string()

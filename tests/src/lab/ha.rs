@@ -7,7 +7,7 @@
 //! and back `preempt_delay` after it returns.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -34,6 +34,10 @@ use super::{
 pub const PAIR_GATEWAY_PORT: u16 = 8443;
 /// Both lb-controls' admin token (the CLI reads it from their config files).
 const ADMIN_TOKEN: &str = "ha-lab-admin-token-0123456789abcdef";
+/// The flow sync's port on each LB's private address.
+const FLOW_SYNC_PORT: u16 = 7946;
+/// The flow sync's shared secret, in a file both config files name.
+const FLOW_SYNC_SECRET: &str = "ha-lab-flow-sync-secret-0123456789abcdef";
 /// What lb-control logs once it serves.
 const RUNNING_LOG: &str = "running; SIGHUP reloads the config";
 const LB_CONTROL_RUNNING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -205,12 +209,18 @@ impl PairLab {
     /// neighbour entry for that address holds (what gratuitous ARP moves). None before the
     /// client has resolved it.
     pub fn client_reaches(&self) -> Result<Option<Member>, LabError> {
+        self.client_sends_to(GATEWAY_V4)
+    }
+
+    /// The LB the client sends packets for the floating `address` to now, as
+    /// [`PairLab::client_reaches`] for the gateway's.
+    pub fn client_sends_to(&self, address: Ipv4Addr) -> Result<Option<Member>, LabError> {
         let neighbour = ip_output(&[
             "-n",
             &self.topology.client.netns,
             "neigh",
             "show",
-            &GATEWAY_V4.to_string(),
+            &address.to_string(),
         ])?;
         let Some(mac) = word_after(&neighbour, "lladdr") else {
             return Ok(None);
@@ -336,6 +346,9 @@ impl PairLab {
             .collect::<Vec<_>>()
             .join(", ");
         let dir = self.run.log_dir.display();
+        let secret_file = self.run.log_dir.join("flow-sync.secret");
+        std::fs::write(&secret_file, FLOW_SYNC_SECRET)
+            .map_err(LabError::io(format!("writing {}", secret_file.display())))?;
         let lb_control = format!(
             "# Written by the HA lab for LB {name}; LB {other} has the same but for [ha] name.\n\
              [dataplane]\n\
@@ -355,9 +368,14 @@ impl PairLab {
              etcd = {{ endpoints = [{endpoints}], prefix = \"/lb-pair/\" }}\n\n\
              [ha]\n\
              name = \"lb-{name}\"\n\
-             floating_addresses = [\"{GATEWAY_V4}\", \"{VIP_V4}\", \"{NAT_SOURCE_V4}\"]\n",
+             floating_addresses = [\"{GATEWAY_V4}\", \"{VIP_V4}\", \"{NAT_SOURCE_V4}\"]\n\
+             flow_sync = {{ listen = \"{own}:{FLOW_SYNC_PORT}\", peer = \"{peer}:{FLOW_SYNC_PORT}\", \
+             secret_file = \"{secret}\" }}\n",
             name = member.name(),
             other = member.other().name(),
+            own = self.lb(member).private_v4,
+            peer = self.lb(member.other()).private_v4,
+            secret = secret_file.display(),
         );
         let path = self.config_path(member);
         std::fs::write(&path, lb_control)
