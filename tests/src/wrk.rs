@@ -208,3 +208,83 @@ mod tests {
         assert!(text.contains("wrk.headers[\"Connection\"] = \"close\"\n"));
     }
 }
+
+/// A wrk script that POSTs `body` and tells apart, per response, a JSON-RPC result from
+/// anything else (an HTTP error, a JSON-RPC error: the gateway answers a failed call with HTTP
+/// 200 and an error object, which wrk alone would count as a success). It prints one line,
+/// `rpc answered=… failed=… connect=… read=… write=… timeout=… max_latency_ms=…
+/// first_failure=…`, that [`CountedReads`] reads.
+pub fn counting_script(body: &str) -> String {
+    format!(
+        r#"wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) answered = 0; failed = 0; first_failure = "" end
+function response(status, headers, body)
+  if status == 200 and string.find(body, '"result"', 1, true) then
+    answered = answered + 1
+  else
+    failed = failed + 1
+    if first_failure == "" then first_failure = status .. " " .. body end
+  end
+end
+function done(summary, latency, requests)
+  local answered, failed, first = 0, 0, ""
+  for _, thread in ipairs(threads) do
+    answered = answered + thread:get("answered")
+    failed = failed + thread:get("failed")
+    if first == "" then first = thread:get("first_failure") end
+  end
+  local e = summary.errors
+  io.write(string.format("rpc answered=%d failed=%d connect=%d read=%d write=%d timeout=%d max_latency_ms=%.1f first_failure=%s\n",
+    answered, failed, e.connect, e.read, e.write, e.timeout, latency.max / 1000, first))
+end
+"#
+    )
+}
+
+/// What a run of [`counting_script`] printed.
+#[derive(Debug, Clone)]
+pub struct CountedReads {
+    line: String,
+}
+
+impl CountedReads {
+    /// The summary line in wrk's standard output.
+    pub fn from_output(stdout: &str) -> anyhow::Result<CountedReads> {
+        let line = stdout
+            .lines()
+            .find(|line| line.starts_with("rpc "))
+            .with_context(|| format!("no summary from wrk: {stdout}"))?;
+        Ok(CountedReads {
+            line: line.to_owned(),
+        })
+    }
+
+    /// A count of the line: `answered`, `failed`, `connect`, `read`, `write`, `timeout`.
+    pub fn count(&self, name: &str) -> anyhow::Result<u64> {
+        self.line
+            .split(' ')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .with_context(|| format!("{name} missing: {}", self.line))?
+            .parse()
+            .with_context(|| format!("{name}: {}", self.line))
+    }
+
+    /// Requests that met a socket error: connect, read (a reset, a connection closed under a
+    /// request), write, timeout.
+    pub fn socket_errors(&self) -> anyhow::Result<u64> {
+        ["connect", "read", "write", "timeout"]
+            .iter()
+            .map(|name| self.count(name))
+            .sum()
+    }
+}
+
+impl fmt::Display for CountedReads {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(&self.line)
+    }
+}

@@ -20,6 +20,7 @@ use lb_tests::{
         command_in_netns, run_checked,
     },
     sim_node::faults::Fault,
+    wrk,
 };
 
 /// `curl` from the client namespace: the body and the last line (`-w`) apart.
@@ -190,40 +191,6 @@ fn cli_revoke_closes_a_subscription_only_websocket_with_1008_within_two_seconds(
     })
 }
 
-/// A wrk script that POSTs `body` and tells apart, per response, a JSON-RPC result from
-/// anything else (an HTTP error, a JSON-RPC error): wrk itself counts only HTTP statuses and
-/// socket errors, and the gateway answers a failed call with HTTP 200 and an error object.
-fn counting_script(body: &str) -> String {
-    format!(
-        r#"wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-local threads = {{}}
-function setup(thread) table.insert(threads, thread) end
-function init(args) answered = 0; failed = 0; first_failure = "" end
-function response(status, headers, body)
-  if status == 200 and string.find(body, '"result"', 1, true) then
-    answered = answered + 1
-  else
-    failed = failed + 1
-    if first_failure == "" then first_failure = status .. " " .. body end
-  end
-end
-function done(summary, latency, requests)
-  local answered, failed, first = 0, 0, ""
-  for _, thread in ipairs(threads) do
-    answered = answered + thread:get("answered")
-    failed = failed + thread:get("failed")
-    if first == "" then first = thread:get("first_failure") end
-  end
-  local e = summary.errors
-  io.write(string.format("rpc answered=%d failed=%d socket_errors=%d first_failure=%s\n",
-    answered, failed, e.connect + e.read + e.write + e.timeout, first))
-end
-"#
-    )
-}
-
 /// The lab node (index) whose sim-node has `peer_id`.
 fn node_with_peer_id(lab: &Lab, peer_id: &str) -> anyhow::Result<usize> {
     (0..lab.nodes().len())
@@ -259,7 +226,7 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     let first = node_with_peer_id(&lab, &peer_of(&lab)?)?;
 
     let script = lab.log_dir().join("reads.lua");
-    std::fs::write(&script, counting_script(NODE_READ))?;
+    std::fs::write(&script, wrk::counting_script(NODE_READ))?;
     let mut wrk = command_in_netns(&lab.client().netns, "wrk")?;
     wrk.args(["-t2", "-c16", "-d8s", "--timeout", "5s", "-s"])
         .arg(&script)
@@ -286,22 +253,14 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
         "wrk failed: {text}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary = text
-        .lines()
-        .find(|line| line.starts_with("rpc "))
-        .with_context(|| format!("no summary from wrk: {text}"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        summary
-            .split(' ')
-            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
-            .with_context(|| format!("{name} missing: {summary}"))?
-            .parse()
-            .with_context(|| format!("{name}: {summary}"))
-    };
+    let summary = wrk::CountedReads::from_output(&text)?;
     eprintln!("wrk through the gateway while node{first} died: {summary}");
-    ensure!(field("failed")? == 0, "reads failed: {summary}");
-    ensure!(field("socket_errors")? == 0, "socket errors: {summary}");
-    ensure!(field("answered")? > 1000, "too few reads: {summary}");
+    ensure!(summary.count("failed")? == 0, "reads failed: {summary}");
+    ensure!(summary.socket_errors()? == 0, "socket errors: {summary}");
+    ensure!(
+        summary.count("answered")? > 1000,
+        "too few reads: {summary}"
+    );
     let metrics = gateway.metrics(&lab)?;
     ensure!(
         metrics

@@ -92,21 +92,28 @@ fn log_tail(path: &Path) -> String {
     )
 }
 
-#[test]
-fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
--> anyhow::Result<()> {
-    let mut lab = PairLab::start(PairConfig {
-        nodes: 2,
+/// The HA lab with `nodes` sim-nodes, once LB a is master and LB b backup, as keepalived told
+/// them.
+fn start_pair(nodes: usize) -> anyhow::Result<PairLab> {
+    let lab = PairLab::start(PairConfig {
+        nodes,
         block_time: Duration::from_secs(2),
         preempt_delay: PREEMPT_DELAY,
     })
     .map_err(|error: LabError| anyhow::anyhow!("starting the HA lab: {error}"))?;
-    let (a, b) = (Member::A, Member::B);
     wait_until(
         "LB a master and LB b backup, as keepalived told them",
         Duration::from_secs(5),
-        || Ok(role(&lab, a)? == "master" && role(&lab, b)? == "backup"),
+        || Ok(role(&lab, Member::A)? == "master" && role(&lab, Member::B)? == "backup"),
     )?;
+    Ok(lab)
+}
+
+#[test]
+fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(2)?;
+    let (a, b) = (Member::A, Member::B);
 
     // Admin writes through the master, acknowledged before it dies: a key and a weight.
     let created = lab.cli(a, &["key", "create", "--name", "before-the-crash"])?;
@@ -266,18 +273,8 @@ fn broken_connections(connections: &mut [KeepAlive]) -> Vec<String> {
 #[test]
 fn l4_connections_a_second_old_carry_on_through_the_standby_after_the_master_is_killed()
 -> anyhow::Result<()> {
-    let mut lab = PairLab::start(PairConfig {
-        nodes: 3,
-        block_time: Duration::from_secs(2),
-        preempt_delay: PREEMPT_DELAY,
-    })
-    .map_err(|error: LabError| anyhow::anyhow!("starting the HA lab: {error}"))?;
+    let mut lab = start_pair(3)?;
     let (a, b) = (Member::A, Member::B);
-    wait_until(
-        "LB a master and LB b backup, as keepalived told them",
-        Duration::from_secs(5),
-        || Ok(role(&lab, a)? == "master" && role(&lab, b)? == "backup"),
-    )?;
     let client = lab.client().netns.clone();
     let mut old: Vec<KeepAlive> = (0..OLD_CONNECTIONS)
         .map(|_| KeepAlive::open(&client, lab.vip()))

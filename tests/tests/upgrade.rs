@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, ensure};
 use common::{GATEWAY_PORT, GatewayLab, KeepAlive, ServiceConf, VIP_V4, up, wait_for};
-use lb_tests::{lab::command_in_netns, ws_client::WsClient};
+use lb_tests::{lab::command_in_netns, wrk, ws_client::WsClient};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -82,40 +82,6 @@ async fn send_reads_over_http2(
         }
     }
     tally
-}
-
-/// A wrk script that counts, per response, a JSON-RPC result apart from anything else (an
-/// HTTP error, a JSON-RPC error), and prints both with wrk's socket errors (connect, read,
-/// write, timeout: a reset or a connection closed under a request is a read error).
-fn counting_script() -> String {
-    format!(
-        r#"wrk.method = "POST"
-wrk.body = '{NODE_READ}'
-wrk.headers["Content-Type"] = "application/json"
-local threads = {{}}
-function setup(thread) table.insert(threads, thread) end
-function init(args) answered = 0; failed = 0; first_failure = "" end
-function response(status, headers, body)
-  if status == 200 and string.find(body, '"result"', 1, true) then
-    answered = answered + 1
-  else
-    failed = failed + 1
-    if first_failure == "" then first_failure = status .. " " .. body end
-  end
-end
-function done(summary, latency, requests)
-  local answered, failed, first = 0, 0, ""
-  for _, thread in ipairs(threads) do
-    answered = answered + thread:get("answered")
-    failed = failed + thread:get("failed")
-    if first == "" then first = thread:get("first_failure") end
-  end
-  local e = summary.errors
-  io.write(string.format("rpc answered=%d failed=%d connect=%d read=%d write=%d timeout=%d max_latency_ms=%.1f first_failure=%s\n",
-    answered, failed, e.connect, e.read, e.write, e.timeout, latency.max / 1000, first))
-end
-"#
-    )
 }
 
 /// How one WebSocket client went through the upgrade.
@@ -236,7 +202,7 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     let mut l4 = KeepAlive::open(&client_netns, service.target())?;
 
     let script = lab.log_dir().join("reads.lua");
-    std::fs::write(&script, counting_script())?;
+    std::fs::write(&script, wrk::counting_script(NODE_READ))?;
     let mut wrk = command_in_netns(&client_netns, "wrk")?;
     wrk.args(["-t2", "-c32", "-d14s", "--timeout", "5s", "-s"])
         .arg(&script)
@@ -330,18 +296,7 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
         "wrk failed: {text}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary = text
-        .lines()
-        .find(|line| line.starts_with("rpc "))
-        .with_context(|| format!("no summary from wrk: {text}"))?;
-    let field = |name: &str| -> anyhow::Result<u64> {
-        summary
-            .split(' ')
-            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
-            .with_context(|| format!("{name} missing: {summary}"))?
-            .parse()
-            .with_context(|| format!("{name}: {summary}"))
-    };
+    let summary = wrk::CountedReads::from_output(&text)?;
 
     let spread = |of: fn(&Reconnect) -> Duration| {
         let mut took: Vec<Duration> = reconnects.iter().map(of).collect();
@@ -367,10 +322,12 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
         spread(|reconnect| reconnect.first_head)
     );
 
-    for name in ["failed", "connect", "read", "write", "timeout"] {
-        ensure!(field(name)? == 0, "{name}: {summary}");
-    }
-    ensure!(field("answered")? > 1000, "too few reads: {summary}");
+    ensure!(summary.count("failed")? == 0, "failed: {summary}");
+    ensure!(summary.socket_errors()? == 0, "socket errors: {summary}");
+    ensure!(
+        summary.count("answered")? > 1000,
+        "too few reads: {summary}"
+    );
     ensure!(http2.failed == 0, "HTTP/2 reads failed: {http2:?}");
     ensure!(http2.answered > 100, "too few HTTP/2 reads: {http2:?}");
     for reconnect in &reconnects {

@@ -739,15 +739,7 @@ async fn connections_beyond_the_per_address_limit_are_closed() {
         let Ok(mut stream) = setup.tls().await else {
             return false;
         };
-        if stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        matches!(stream.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 405"))
+        answers_a_get(&mut stream).await
     })
     .await;
 }
@@ -782,15 +774,7 @@ async fn connections_beyond_the_gateway_limit_are_closed_whatever_their_address(
         let Ok(mut stream) = setup.tls_over(tcp).await else {
             return false;
         };
-        if stream
-            .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await
-            .is_err()
-        {
-            return false;
-        }
-        let mut buf = [0u8; 64];
-        matches!(stream.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 405"))
+        answers_a_get(&mut stream).await
     })
     .await;
 }
@@ -1012,4 +996,17 @@ async fn health_needs_no_key_and_says_whether_a_node_can_serve() {
             json!({"status": "unavailable", "nodes": 0})
         )
     );
+}
+
+/// Whether the gateway answers a GET on `stream` (405: JSON-RPC takes POST), i.e. serves it.
+async fn answers_a_get(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) -> bool {
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(stream.read(&mut buf).await, Ok(n) if buf[..n].starts_with(b"HTTP/1.1 405"))
 }
