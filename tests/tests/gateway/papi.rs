@@ -60,19 +60,8 @@ async fn papi_follows_the_chain_through_wss_while_a_hundred_clients_share_its_up
     let node = &setup.nodes[0];
     let before = follower_websockets(node).await;
 
-    let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
-    let subscriptions: Vec<Value> = join_all(
-        clients
-            .iter_mut()
-            .map(|client| client.call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))),
-    )
-    .await
-    .into_iter()
-    .map(|answer| {
-        assert!(answer["result"].is_string(), "{answer}");
-        answer["result"].clone()
-    })
-    .collect();
+    let (mut clients, subscriptions) =
+        super::upstream_pool::storage_subscribers(&setup, CLIENTS).await;
 
     let ca = setup.dir.0.join("ca.pem");
     std::fs::write(&ca, &setup.ca_pem).expect("CA written");

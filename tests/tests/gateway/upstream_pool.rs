@@ -10,9 +10,28 @@ use futures_util::future::join_all;
 use lb_tests::poll;
 use serde_json::{Value, json};
 
-use super::setup::*;
+use super::{setup::*, websocket::WsTlsClient};
 
 const BLOCK_TIME: Duration = Duration::from_millis(200);
+
+/// `count` WebSocket clients, connected and subscribed to `System.Number` all at once, and
+/// the subscription id each got.
+pub async fn storage_subscribers(setup: &Setup, count: usize) -> (Vec<WsTlsClient>, Vec<Value>) {
+    let mut clients = join_all((0..count).map(|_| setup.connect())).await;
+    let subscriptions = join_all(
+        clients
+            .iter_mut()
+            .map(|client| client.call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))),
+    )
+    .await
+    .into_iter()
+    .map(|answer| {
+        assert!(answer["result"].is_string(), "{answer}");
+        answer["result"].clone()
+    })
+    .collect();
+    (clients, subscriptions)
+}
 
 #[tokio::test]
 async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_own_answers() {
@@ -28,17 +47,8 @@ async fn a_hundred_clients_share_the_capped_upstream_connections_each_with_its_o
     // The gateway's chain follower has its own connection.
     let before = follower_websockets(node).await;
 
-    let mut clients = join_all((0..CLIENTS).map(|_| setup.connect())).await;
     // Every client subscribes at once; each gets its own subscription and its own changes.
-    let subscriptions: Vec<Value> = join_all(
-        clients
-            .iter_mut()
-            .map(|client| client.call("state_subscribeStorage", json!([[SYSTEM_NUMBER]]))),
-    )
-    .await
-    .into_iter()
-    .map(|answer| answer["result"].clone())
-    .collect();
+    let (mut clients, subscriptions) = storage_subscribers(&setup, CLIENTS).await;
     for (client, subscription) in clients.iter_mut().zip(&subscriptions) {
         assert!(subscription.is_string(), "{subscription}");
         let change = client.notification().await;

@@ -16,10 +16,11 @@ use lb_tests::poll;
 
 use super::setup::*;
 
-type Client = WsClient<TlsStream<TcpStream>>;
+/// A JSON-RPC WebSocket client of the gateway, over TLS.
+pub type WsTlsClient = WsClient<TlsStream<TcpStream>>;
 
 impl Setup {
-    pub async fn connect(&self) -> Client {
+    pub async fn connect(&self) -> WsTlsClient {
         self.websocket(&format!("/{}", self.secret))
             .await
             .expect("WebSocket with a valid key")
