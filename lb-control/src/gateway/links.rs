@@ -62,8 +62,9 @@ pub struct LinkLimits {
     pub max_follows_per_link: u32,
     /// Calls in flight on every link before the pool opens another.
     pub calls_per_link: u32,
-    /// Time a node has to take a new link.
-    pub connect_timeout: Duration,
+    /// Time a node has to take a new link, and to answer each call: past it the call goes to
+    /// the next node (a read) or is answered with the timeout, as over HTTP.
+    pub timeout: Duration,
     /// Largest message a node may send (its answers run to megabytes: metadata, blocks).
     pub max_message_bytes: usize,
 }
@@ -286,7 +287,7 @@ impl Link {
         {
             // The link ended between the pick and the send: as for a call it had in flight.
             self.load.calls.fetch_sub(1, Ordering::Relaxed);
-            give_back_unsent(request, self.node);
+            give_back_unsent(request, &lost_error(self.node));
         }
     }
 
@@ -309,14 +310,14 @@ pub fn lost_error(node: SocketAddr) -> RpcError {
 }
 
 /// A call its link could not carry to the end: back to its session to be sent elsewhere when
-/// it may be sent twice, else answered with the loss.
-fn give_back_unsent(request: Request, node: SocketAddr) {
+/// it may be sent twice, else answered with `error`.
+fn give_back_unsent(request: Request, error: &RpcError) {
     match request.kind {
         RequestKind::Plain { retry: true } => {
             let client = request.client.clone();
             client.push(Inbound::Retry(request));
         }
-        _ => fail(request, &lost_error(node)),
+        _ => fail(request, error),
     }
 }
 
@@ -501,8 +502,7 @@ impl NodePool {
             pending: HashMap::new(),
             routes: HashMap::new(),
         };
-        self.runtime
-            .spawn(task.run(receiver, self.limits.connect_timeout, self.limits));
+        self.runtime.spawn(task.run(receiver, self.limits));
         link
     }
 }
@@ -518,7 +518,10 @@ type NodeSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A call sent on the link, waiting for its answer.
 enum Pending {
-    Client(Request),
+    Client {
+        request: Request,
+        sent: Instant,
+    },
     /// A call of the gateway's own (ending a gone client's subscription): its answer is
     /// dropped.
     Own,
@@ -577,15 +580,10 @@ struct NotificationParams<'a> {
 }
 
 impl LinkTask {
-    async fn run(
-        mut self,
-        mut commands: mpsc::UnboundedReceiver<Command>,
-        connect_timeout: Duration,
-        limits: LinkLimits,
-    ) {
-        let failure = match connect(self.node, connect_timeout, limits.max_message_bytes).await {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, limits: LinkLimits) {
+        let failure = match connect(self.node, limits.timeout, limits.max_message_bytes).await {
             Ok(mut socket) => {
-                let failure = self.serve(&mut socket, &mut commands).await;
+                let failure = self.serve(&mut socket, &mut commands, limits.timeout).await;
                 let _ = socket.close(None).await;
                 failure
             }
@@ -625,9 +623,13 @@ impl LinkTask {
         &mut self,
         socket: &mut NodeSocket,
         commands: &mut mpsc::UnboundedReceiver<Command>,
+        timeout: Duration,
     ) -> Option<String> {
+        let mut deadlines = tokio::time::interval(timeout / 4);
+        deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = deadlines.tick() => self.expire(timeout),
                 command = commands.recv() => {
                     let command = command?;
                     // Whatever else is waiting goes in the same write.
@@ -673,7 +675,13 @@ impl LinkTask {
                 }
                 let text =
                     jsonrpc::upstream_request(id, &request.method, request.params.as_deref());
-                self.pending.insert(id, Pending::Client(request));
+                self.pending.insert(
+                    id,
+                    Pending::Client {
+                        request,
+                        sent: Instant::now(),
+                    },
+                );
                 Some(text)
             }
             Command::Release {
@@ -734,7 +742,7 @@ impl LinkTask {
         let Some(pending) = self.pending.remove(&id) else {
             return;
         };
-        let Pending::Client(request) = pending else {
+        let Pending::Client { request, .. } = pending else {
             return;
         };
         self.load.calls.fetch_sub(1, Ordering::Relaxed);
@@ -815,6 +823,39 @@ impl LinkTask {
         }
     }
 
+    /// Takes back the calls the node has not answered within `timeout` (a node that hangs
+    /// keeps its connection open): as when the link fails, a read goes to the next node and
+    /// anything else gets the timeout. A subscription the node opens after that is not routed
+    /// and ends with the link.
+    fn expire(&mut self, timeout: Duration) {
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| {
+                matches!(pending, Pending::Client { sent, .. } if sent.elapsed() >= timeout)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if late.is_empty() {
+            return;
+        }
+        warn!(node = %self.node, calls = late.len(), "no answer within {timeout:?}");
+        let error = RpcError::upstream_unavailable(format!(
+            "node {}: no answer within {timeout:?}",
+            self.node
+        ));
+        for id in late {
+            let Some(Pending::Client { request, .. }) = self.pending.remove(&id) else {
+                continue;
+            };
+            self.load.calls.fetch_sub(1, Ordering::Relaxed);
+            if let RequestKind::Open { follow, .. } = request.kind {
+                self.give_back(follow);
+            }
+            give_back_unsent(request, &error);
+        }
+    }
+
     /// The link is gone: its clients with subscriptions are told, its calls (those sent and
     /// the `unsent`) answered or moved.
     fn fail_all(&mut self, unsent: Vec<Request>) {
@@ -829,14 +870,14 @@ impl LinkTask {
             .pending
             .drain()
             .filter_map(|(_, pending)| match pending {
-                Pending::Client(request) => Some(request),
+                Pending::Client { request, .. } => Some(request),
                 Pending::Own => None,
             });
         for request in sent.chain(unsent) {
             if request.client.is_gone() {
                 continue;
             }
-            give_back_unsent(request, self.node);
+            give_back_unsent(request, &lost_error(self.node));
         }
     }
 }

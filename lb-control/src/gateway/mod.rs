@@ -315,7 +315,7 @@ impl Gateway {
                 max_subscriptions_per_link: section.max_subscriptions_per_upstream,
                 max_follows_per_link: section.max_follows_per_upstream,
                 calls_per_link: CALLS_PER_LINK,
-                connect_timeout: section.upstream_timeout,
+                timeout: section.upstream_timeout,
                 max_message_bytes: NODE_MAX_MESSAGE_BYTES,
             },
             context.metrics.clone(),

@@ -212,3 +212,38 @@ async fn transactions_broadcast_and_watched_over_shared_connections_end_on_their
     }
     assert!(node.peak_websockets() <= before + 2);
 }
+
+#[tokio::test]
+async fn a_read_a_hanging_node_does_not_answer_goes_to_the_next_node_after_the_timeout() {
+    let setup = Setup::start_with(2, |section| {
+        section.upstream_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut client = setup.connect().await;
+    let first = client.call(UNCACHED_READ, json!([])).await["result"].clone();
+    let hanging = setup
+        .nodes
+        .iter()
+        .find(|node| first == node.peer_id())
+        .expect("the client's node");
+    let other = setup
+        .nodes
+        .iter()
+        .find(|node| first != node.peer_id())
+        .expect("the other node");
+    // The node keeps its connection open and answers nothing in time.
+    hanging.set_fault(lb_tests::sim_node::faults::Fault::Slow { delay_ms: 5_000 });
+    let started = std::time::Instant::now();
+    let answer = client.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(answer["result"], other.peer_id(), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the read waited for the hanging node: {:?}",
+        started.elapsed()
+    );
+    // A call that may not be sent twice gets the timeout instead.
+    let refused = client.call("author_pendingExtrinsics", json!([])).await;
+    assert_eq!(refused["error"]["code"], -32000, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no answer within"), "{refused}");
+}
