@@ -56,7 +56,7 @@ use hyper_tungstenite::{
 };
 use rand::{Rng, distr::Alphanumeric};
 use serde_json::value::RawValue;
-use tokio::{sync::watch, task::JoinSet, time::Instant};
+use tokio::{io::AsyncReadExt, sync::watch, task::JoinSet, time::Instant};
 use tokio_stream::{StreamMap, wrappers::WatchStream};
 use tracing::debug;
 
@@ -403,14 +403,22 @@ impl Session {
         for (id, held) in self.held.drain() {
             held.link.release(id, held.end);
         }
+        // The session's places are free from here on: the closing below may take a while.
+        drop((self._key_slot, self.seat));
         if let Some(frame) = ending.close {
-            // Wait for the client's answering close frame, so it reads the code.
-            if client.close(Some(frame)).await.is_ok() {
-                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+            let closing = async move {
+                // Wait for the client's answering close frame, so it reads the code.
+                if client.close(Some(frame)).await.is_ok() {
                     while let Some(Ok(_)) = client.next().await {}
-                })
-                .await;
-            }
+                }
+                // Then read and drop what it still sends (the rest of a message too big) until
+                // it closes: a socket closed with unread bytes resets the connection, and the
+                // client would lose the close frame.
+                let mut rest = client.into_inner();
+                let mut sink = [0u8; 4096];
+                while matches!(rest.read(&mut sink).await, Ok(read) if read > 0) {}
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
         }
     }
 
