@@ -10,6 +10,7 @@ use super::{
         BackendConnections, BackendFilter, BackendInfo, ClosedClients, ErrorBody, NewBackend,
         WeightChange,
     },
+    run_blocking,
     services::service_not_found,
 };
 use crate::{
@@ -157,10 +158,11 @@ pub async fn connections(
 ) -> ApiResult<Json<BackendConnections>> {
     let backend = context.backends.backend_status(id).await?.view.backend;
     let (pin_dir, address) = (context.pin_dir.clone(), backend.def.address);
-    let flows = tokio::task::spawn_blocking(move || open_flows_to(&pin_dir, address))
-        .await
-        .map_err(|error| ApiError::internal(format!("counting flows: {error}")))?
-        .map_err(|error| ApiError::internal(format!("counting flows: {error}")))?;
+    let flows = run_blocking(move || {
+        open_flows_to(&pin_dir, address)
+            .map_err(|error| ApiError::internal(format!("counting flows: {error}")))
+    })
+    .await?;
     Ok(Json(BackendConnections {
         flows,
         websocket_clients: context.gateway_clients.count(backend.def.rpc_endpoint()),

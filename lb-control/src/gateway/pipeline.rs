@@ -270,20 +270,20 @@ impl Pipeline {
     ) -> (Outcome, &'static str) {
         let params = params_of(call);
         let policy = classify_by_rule(method.cache, &params, self.cache.finalized());
-        // An answer that depends on the head comes from a node at the cluster's head, so a
-        // lagging node never puts an older answer in the cache (or before a client that saw a
-        // newer one).
-        let head = (policy == CachePolicy::UntilNewHead)
-            .then(|| self.cache.head_number())
-            .flatten();
-        let at_head = |node| {
-            head.is_none_or(|head| {
-                self.feeds
-                    .best_number(node)
-                    .is_some_and(|best| best >= head)
-            })
-        };
         let fetch = || async {
+            // An answer that depends on the head comes from a node at the cluster's head, so a
+            // lagging node never puts an older answer in the cache (or before a client that
+            // saw a newer one). Looked up on a miss only: a hit needs no node.
+            let head = (policy == CachePolicy::UntilNewHead)
+                .then(|| self.cache.head_number())
+                .flatten();
+            let at_head = |node| {
+                head.is_none_or(|head| {
+                    self.feeds
+                        .best_number(node)
+                        .is_some_and(|best| best >= head)
+                })
+            };
             match self
                 .upstream
                 .call(client, &call.method, call.params.as_deref(), at_head)

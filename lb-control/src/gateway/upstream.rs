@@ -157,8 +157,9 @@ pub struct ViewNodes {
 
 impl ViewNodes {
     pub fn of(view: &ClusterView, service: Option<ServiceKey>) -> ViewNodes {
-        let healthy = live_nodes(view, service)
-            .into_iter()
+        let rotation = live_nodes(view, service);
+        let healthy = rotation
+            .iter()
             .filter(|node| {
                 backends_of(view, service).any(|backend| {
                     backend.backend.def.rpc_endpoint() == node.endpoint && !backend.fallback
@@ -166,7 +167,7 @@ impl ViewNodes {
             })
             .count();
         ViewNodes {
-            rotation: live_nodes(view, service),
+            rotation,
             serving: serving_endpoints(view, service),
             healthy,
         }
