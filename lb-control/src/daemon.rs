@@ -42,7 +42,7 @@ use crate::{
     ha::{Ha, RoleState, flow_sync},
     health,
     keys::ApiKeys,
-    metrics::Metrics,
+    metrics::{Metrics, StoreCallsCollector},
     store::{Store, StoreChanges},
     upgrade::{self, Predecessor, UpgradeError, UpgradeRequest, Upgraded, Upgrades},
 };
@@ -250,6 +250,9 @@ impl Daemon {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::register(&mut registry));
         let gateway_metrics = Arc::new(GatewayMetrics::register(&mut registry));
+        registry
+            .sub_registry_with_prefix("lb")
+            .register_collector(Box::new(StoreCallsCollector(store.clone())));
         let declared = config.declared();
         let backends = Arc::new(
             BackendSet::start(

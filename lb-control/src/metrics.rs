@@ -4,10 +4,13 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::store::Store;
 
 /// A backend, as metrics label it: `service="10.200.0.10:9944/tcp", backend="10.200.11.2:9944"`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -213,5 +216,36 @@ impl Metrics {
             metrics.ha_flow_sync_last_success.clone(),
         );
         metrics
+    }
+}
+
+/// The state store's calls (`lb_store_calls_total{kind="read"|"write"}`), read from the store's
+/// own counters at scrape time: an operator sees whether anything on the request path (a
+/// flood of made-up API keys, say) reaches the store.
+pub struct StoreCallsCollector(pub Store);
+
+impl std::fmt::Debug for StoreCallsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StoreCallsCollector")
+            .field(&self.0.location())
+            .finish()
+    }
+}
+
+impl Collector for StoreCallsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let calls = self.0.calls();
+        let mut family = encoder.encode_descriptor(
+            "store_calls",
+            "Calls to the state store (SQLite or etcd), by kind: read, or write (a transaction)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (kind, count) in [("read", calls.reads), ("write", calls.writes)] {
+            family
+                .encode_family(&[("kind", kind)])?
+                .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+        }
+        Ok(())
     }
 }

@@ -904,6 +904,18 @@ fn metrics_show_control_plane_and_kernel_families() {
         ] {
             assert!(text.contains(expected), "{expected:?} missing:\n{text}");
         }
+        // The backend added above was written to the store.
+        let store_writes: u64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("lb_store_calls_total{kind=\"write\"} "))
+            .expect("lb_store_calls_total{kind=\"write\"}")
+            .parse()
+            .expect("a count");
+        assert!(store_writes >= 1, "{text}");
+        assert!(
+            text.contains("lb_store_calls_total{kind=\"read\"}"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
     });

@@ -3,7 +3,9 @@
 
 use std::{
     path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
     sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -112,6 +114,32 @@ pub fn find_command(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin".into(), "/sbin".into()])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// Runs `command` (`name` in messages) to its end and returns what it printed; kills it when
+/// it runs past `limit`.
+pub fn output_within(command: &mut Command, name: &str, limit: Duration) -> anyhow::Result<Output> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let deadline = Instant::now() + limit;
+    while child
+        .try_wait()
+        .with_context(|| format!("waiting for {name}"))?
+        .is_none()
+    {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{name} ran past {limit:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+        .wait_with_output()
+        .with_context(|| format!("reading {name}'s output"))
 }
 
 /// Writes the markdown report, creating its directory.

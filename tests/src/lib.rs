@@ -28,3 +28,4 @@ pub mod rpc_client;
 pub mod sim_node;
 pub mod wrk;
 pub mod ws_client;
+pub mod ws_load;

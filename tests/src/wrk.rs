@@ -2,22 +2,16 @@
 //! in a form [`run`] parses, and what one run measured. The lab benchmarks drive every load
 //! that wrk can make through here.
 
-use std::{
-    fmt,
-    path::Path,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::{fmt, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
 
-use crate::lab::Lab;
+use crate::{bench::output_within, lab::Lab};
 
 /// wrk's own per-request timeout; a request slower than this counts as a timeout error.
 pub const REQUEST_TIMEOUT: &str = "2s";
 /// How long past its duration wrk may take before it is killed.
 const OVERRUN: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(50);
 /// The line the Lua hook prints.
 const RESULT_TAG: &str = "wrk-result";
 
@@ -28,11 +22,42 @@ pub fn script(body: &str, headers: &[(&str, &str)]) -> String {
         .iter()
         .map(|(name, value)| format!("wrk.headers[\"{name}\"] = \"{value}\"\n"))
         .collect();
+    format!("{}{headers}{}", post_body(body), summary_hook())
+}
+
+/// A wrk script like [`script`] whose every request carries a different made-up API key in
+/// its path: well-formed (`lbk_` and 64 lowercase hex digits, so the gateway must look it up)
+/// and unique across wrk's threads. What a flood of guessed keys looks like.
+pub fn made_up_keys_script(body: &str) -> String {
     format!(
-        r#"wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-{headers}
+        r#"{}
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("thread_id", threads)
+end
+local sent = 0
+request = function()
+  sent = sent + 1
+  return wrk.format(nil, string.format("/lbk_%048x%08x%08x", 0, thread_id, sent))
+end
+{}"#,
+        post_body(body),
+        summary_hook()
+    )
+}
+
+/// The lines of a script that make every request a JSON POST of `body`.
+fn post_body(body: &str) -> String {
+    format!(
+        "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+    )
+}
+
+/// The `done` hook that prints the summary line [`parse`] reads.
+fn summary_hook() -> String {
+    format!(
+        r#"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -119,26 +144,12 @@ pub fn run(lab: &Lab, load: &Load<'_>) -> anyhow::Result<WrkResult> {
         .args(["--timeout", REQUEST_TIMEOUT, "-s"])
         .arg(load.script)
         .arg(load.url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().context("starting wrk")?;
-    let deadline = Instant::now() + Duration::from_secs(load.seconds) + OVERRUN;
-    loop {
-        if child.try_wait().context("waiting for wrk")?.is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "wrk ran {OVERRUN:?} past its {} s and was killed",
-                load.seconds
-            );
-        }
-        std::thread::sleep(POLL);
-    }
-    let output = child.wait_with_output().context("reading wrk's output")?;
+        .stdin(Stdio::null());
+    let output = output_within(
+        &mut command,
+        "wrk",
+        Duration::from_secs(load.seconds) + OVERRUN,
+    )?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(
@@ -216,10 +227,7 @@ mod tests {
 /// first_failure=…`, that [`CountedReads`] reads.
 pub fn counting_script(body: &str) -> String {
     format!(
-        r#"wrk.method = "POST"
-wrk.body = '{body}'
-wrk.headers["Content-Type"] = "application/json"
-local threads = {{}}
+        r#"{}local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) answered = 0; failed = 0; first_failure = "" end
 function response(status, headers, body)
@@ -241,7 +249,8 @@ function done(summary, latency, requests)
   io.write(string.format("rpc answered=%d failed=%d connect=%d read=%d write=%d timeout=%d max_latency_ms=%.1f first_failure=%s\n",
     answered, failed, e.connect, e.read, e.write, e.timeout, latency.max / 1000, first))
 end
-"#
+"#,
+        post_body(body)
     )
 }
 

@@ -1,7 +1,6 @@
 //! The response cache: answers by key in a moka cache bounded by bytes, identical in-flight
 //! requests coalesced into one upstream call, and the chain's epochs that age answers.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -61,10 +61,22 @@ impl UpstreamAnswer {
     /// Reads a node's answer to one call (not a batch), keeping `result` or `error` as the
     /// node wrote it; `"result": null` stays a result.
     pub fn from_response(body: &[u8]) -> Result<Self, FetchError> {
-        // Members as raw text: a typed `Option` would turn a null result into "no result".
-        let mut members: HashMap<String, &RawValue> = serde_json::from_slice(body)
+        // A member that is there, even `null`: a plain `Option` would read a null result as
+        // no result.
+        fn present<'de, D: Deserializer<'de>>(value: D) -> Result<Option<&'de RawValue>, D::Error> {
+            <&RawValue>::deserialize(value).map(Some)
+        }
+        // Borrowed from the body: only the member kept is copied (this runs on every miss).
+        #[derive(Deserialize)]
+        struct Members<'a> {
+            #[serde(borrow, default, deserialize_with = "present")]
+            result: Option<&'a RawValue>,
+            #[serde(borrow, default, deserialize_with = "present")]
+            error: Option<&'a RawValue>,
+        }
+        let members: Members = serde_json::from_slice(body)
             .map_err(|error| FetchError::BadAnswer(format!("not a JSON-RPC response: {error}")))?;
-        match (members.remove("result"), members.remove("error")) {
+        match (members.result, members.error) {
             (Some(result), None) => Ok(UpstreamAnswer::Result(result.to_owned())),
             (None, Some(error)) => Ok(UpstreamAnswer::Error(error.to_owned())),
             (Some(_), Some(_)) => Err(FetchError::BadAnswer(

@@ -5,12 +5,12 @@
 //! Parameters and results stay raw JSON text: the gateway never needs their values, and a
 //! metadata blob (megabytes of hex) is copied, not parsed into a tree.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::methods::Refusal;
+use crate::{cache::UpstreamAnswer, methods::Refusal};
 
 /// Codes of the JSON-RPC 2.0 specification and, for the gateway's own limits, the codes
 /// jsonrpsee (the node's server) uses for the same conditions.
@@ -231,24 +231,20 @@ pub fn upstream_request(id: u64, method: &str, params: Option<&RawValue>) -> Str
 
 /// Reads a node's answer to one call.
 pub fn parse_upstream_answer(bytes: &[u8]) -> Result<Outcome, String> {
-    let mut members: BTreeMap<String, Box<RawValue>> =
-        serde_json::from_slice(bytes).map_err(|error| format!("not a JSON-RPC answer: {error}"))?;
-    if let Some(result) = members.remove("result") {
-        return Ok(Outcome::Result(result));
+    match UpstreamAnswer::from_response(bytes) {
+        Ok(UpstreamAnswer::Result(result)) => Ok(Outcome::Result(result)),
+        Ok(UpstreamAnswer::Error(error)) => Ok(Outcome::Error(error)),
+        Err(error) => Err(error.to_string()),
     }
-    if let Some(error) = members.remove("error") {
-        return Ok(Outcome::Error(error));
-    }
-    Err("a JSON-RPC answer without result or error".to_owned())
 }
 
-/// One answer object, with the client's id.
-pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> Box<RawValue> {
-    let answer = match outcome {
+/// One answer object, with the client's id, as text (JSON by construction from raw JSON
+/// values: not parsed again, which for a metadata answer is megabytes).
+pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> String {
+    match outcome {
         Outcome::Result(result) => answer_text(id, Ok(result)),
         Outcome::Error(error) => answer_text(id, Err(error)),
-    };
-    RawValue::from_string(answer).expect("an answer of raw JSON values is JSON")
+    }
 }
 
 /// An answer to `id` with a result (`Ok`) or an error (`Err`), both raw JSON, as text.
@@ -306,15 +302,12 @@ pub fn string_value(text: &str) -> Box<RawValue> {
 
 /// The answer to a body that could not be taken apart into calls.
 pub fn error_body(error: &RpcError) -> Vec<u8> {
-    answer(None, &Outcome::from(error.clone()))
-        .get()
-        .as_bytes()
-        .to_vec()
+    answer(None, &Outcome::from(error.clone())).into_bytes()
 }
 
 /// The body answering a batch: the answers in the order of the calls, notifications left out.
-pub fn batch_body(answers: &[Box<RawValue>]) -> Vec<u8> {
-    serde_json::to_vec(answers).expect("raw JSON values serialize")
+pub fn batch_body(answers: &[String]) -> String {
+    format!("[{}]", answers.join(","))
 }
 
 fn raw(value: &impl Serialize) -> Box<RawValue> {
@@ -341,7 +334,7 @@ mod tests {
             .expect("an answer");
         let id = RawValue::from_string("\"x\"".to_owned()).unwrap();
         assert_eq!(
-            answer(Some(&id), &outcome).get(),
+            answer(Some(&id), &outcome),
             r#"{"jsonrpc":"2.0","result":{"a":1},"id":"x"}"#
         );
         assert_eq!(

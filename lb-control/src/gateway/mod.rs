@@ -304,6 +304,7 @@ impl Gateway {
             context.maglev_table_size,
             section.upstream_timeout,
             section.call_budget(),
+            listeners.len(),
             context.metrics.clone(),
         ));
         // The first rotation is in place before the first request.

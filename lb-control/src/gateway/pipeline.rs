@@ -207,15 +207,12 @@ impl Pipeline {
 
     /// The answer to a parsed body that passed the key and rate checks, each call through the
     /// method policy, then [`Pipeline::resolve`]: empty when it held only notifications.
-    pub async fn answer_body(&self, body: Body, client: IpAddr) -> Vec<u8> {
+    pub async fn answer_body(&self, body: Body, client: IpAddr) -> String {
         let answer = match &body {
             // The common case without join_all's vector of futures (measurable on cache hits).
-            Body::Single(entry) => self
-                .answer_entry(entry, client)
-                .await
-                .map(|answer| answer.get().as_bytes().to_vec()),
+            Body::Single(entry) => self.answer_entry(entry, client).await,
             Body::Batch(entries) => {
-                let answers: Vec<Box<RawValue>> =
+                let answers: Vec<String> =
                     join_all(entries.iter().map(|entry| self.answer_entry(entry, client)))
                         .await
                         .into_iter()
@@ -235,7 +232,7 @@ impl Pipeline {
     }
 
     /// The answer to one entry; None for a notification.
-    async fn answer_entry(&self, entry: &Entry, client: IpAddr) -> Option<Box<RawValue>> {
+    async fn answer_entry(&self, entry: &Entry, client: IpAddr) -> Option<String> {
         let call = match entry {
             Entry::Invalid { id, error } => {
                 self.count("invalid", "invalid");

@@ -90,7 +90,10 @@ pub async fn handle(
     if let Err(rejection) = pipeline.limit_rate(&key, &body) {
         return refused(pipeline, &rejection, client);
     }
-    rpc_response(StatusCode::OK, pipeline.answer_body(body, client).await)
+    rpc_response(
+        StatusCode::OK,
+        pipeline.answer_body(body, client).await.into_bytes(),
+    )
 }
 
 /// `GET /health`: 200 `{"status":"ok","nodes":N}` while N > 0 healthy nodes take clients,

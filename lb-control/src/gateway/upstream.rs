@@ -27,7 +27,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode, body::Bytes, header};
+use hyper::{Request, StatusCode, Uri, body::Bytes, header};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -36,8 +36,10 @@ use lb_common::{
     flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, flow_hash},
     maglev::{self, MaglevBackend, MaglevError},
 };
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::value::RawValue;
 use thiserror::Error;
+use thread_local::ThreadLocal;
 use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tracing::{debug, info, warn};
 
@@ -186,10 +188,14 @@ pub fn client_flow_key(client: IpAddr) -> FlowKey {
     }
 }
 
-/// A live node and its places for calls in flight.
+/// A live node, its places for calls in flight, and what each call to it needs ready (made
+/// once per node, not per call).
 struct RotationNode {
     endpoint: SocketAddr,
     calls: Arc<Semaphore>,
+    uri: Uri,
+    /// Its `lb_gateway_upstream_seconds` histogram.
+    seconds: Histogram,
 }
 
 /// The live nodes and their Maglev table (entries index `nodes`).
@@ -206,6 +212,7 @@ impl Rotation {
         table_size: u32,
         max_calls_per_node: u32,
         previous: &Rotation,
+        metrics: &GatewayMetrics,
     ) -> Result<Rotation, MaglevError> {
         let backends: Vec<MaglevBackend> = nodes
             .iter()
@@ -234,6 +241,14 @@ impl Rotation {
                         || Arc::new(Semaphore::new(max_calls_per_node as usize)),
                         |kept| kept.calls.clone(),
                     ),
+                    uri: Uri::try_from(format!("http://{}/", node.endpoint))
+                        .expect("a socket address makes a URI"),
+                    seconds: metrics
+                        .upstream_seconds
+                        .get_or_create(&UpstreamLabels {
+                            node: node.endpoint.to_string(),
+                        })
+                        .clone(),
                 }
             })
             .collect();
@@ -285,32 +300,35 @@ pub struct Upstream {
     /// chain follower, and WebSocket sessions bound to a node.
     serving: watch::Sender<Vec<SocketAddr>>,
     table_size: u32,
-    client: Client<HttpConnector, Full<Bytes>>,
+    /// One client (and pool) per serving thread: a call and the pooled connection it takes
+    /// run on the same thread, so a miss never wakes another thread (a shared pool gave the
+    /// connections one thread opened to the other's calls).
+    clients: ThreadLocal<Client<HttpConnector, Full<Bytes>>>,
+    /// Idle connections each thread's pool keeps per node: together within the node's budget.
+    idle_per_thread: usize,
     timeout: Duration,
     budget: CallBudget,
     metrics: Arc<GatewayMetrics>,
 }
 
 impl Upstream {
+    /// `threads`: the serving threads that make calls.
     pub fn new(
         table_size: u32,
         timeout: Duration,
         budget: CallBudget,
+        threads: usize,
         metrics: Arc<GatewayMetrics>,
     ) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        // No node has more calls at once than its budget, so no more idle connections either.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(budget.max_calls_per_node as usize)
-            .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
             healthy: AtomicUsize::new(0),
             serving: watch::Sender::new(Vec::new()),
             table_size,
-            client,
+            clients: ThreadLocal::new(),
+            // No node has more calls at once than its budget, so no more idle connections
+            // either, over all threads.
+            idle_per_thread: (budget.max_calls_per_node as usize).div_ceil(threads.max(1)),
             timeout,
             budget,
             metrics,
@@ -324,6 +342,7 @@ impl Upstream {
             self.table_size,
             self.budget.max_calls_per_node,
             &self.rotation.load(),
+            &self.metrics,
         )?;
         self.rotation.store(Arc::new(rotation));
         self.healthy.store(nodes.healthy, Ordering::Relaxed);
@@ -390,6 +409,18 @@ impl Upstream {
 
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// This thread's client.
+    fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
+        self.clients.get_or(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(self.timeout));
+            Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(self.idle_per_thread)
+                .build(connector)
+        })
     }
 
     /// Calls `method` on the client's node, or on the first node in the client's order that
@@ -459,14 +490,14 @@ impl Upstream {
                 in_flight: self.budget.max_calls_per_node,
             })?;
         let failed = |reason: String| UpstreamError::Node { node, reason };
-        let request = Request::post(format!("http://{node}/"))
+        let request = Request::post(target.uri.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .map_err(|error| failed(format!("building the request: {error}")))?;
         let started = Instant::now();
         let exchange = async {
             let response = self
-                .client
+                .client()
                 .request(request)
                 .await
                 .map_err(|error| failed(describe_client_error(&error)))?;
@@ -485,12 +516,7 @@ impl Upstream {
         let outcome = tokio::time::timeout(self.timeout, exchange)
             .await
             .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?;
-        self.metrics
-            .upstream_seconds
-            .get_or_create(&UpstreamLabels {
-                node: node.to_string(),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        target.seconds.observe(started.elapsed().as_secs_f64());
         outcome
     }
 }
@@ -523,6 +549,8 @@ fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use prometheus_client::registry::Registry;
 
     use super::*;
     use crate::{
@@ -598,7 +626,13 @@ mod tests {
     }
 
     fn rotation(nodes: &[NodeSpec]) -> Rotation {
-        Rotation::build(nodes, 251, 4, &Rotation::default()).unwrap()
+        rotation_after(nodes, &Rotation::default())
+    }
+
+    /// A rotation of `nodes` (4 places each) that follows `previous`.
+    fn rotation_after(nodes: &[NodeSpec], previous: &Rotation) -> Rotation {
+        let metrics = GatewayMetrics::register(&mut Registry::default());
+        Rotation::build(nodes, 251, 4, previous, &metrics).unwrap()
     }
 
     /// The endpoints [`Rotation::pick`] gives `client`.
@@ -635,7 +669,7 @@ mod tests {
     fn a_node_keeps_its_calls_in_flight_across_rotations() {
         let before = rotation(&[node(1), node(2)]);
         let _in_flight = before.nodes[0].calls.try_acquire_many(3).unwrap();
-        let after = Rotation::build(&[node(1), node(3)], 251, 4, &before).unwrap();
+        let after = rotation_after(&[node(1), node(3)], &before);
         assert_eq!(after.nodes[0].endpoint, node(1).endpoint);
         assert_eq!(
             after.nodes[0].calls.available_permits(),

@@ -664,9 +664,8 @@ impl Session {
     fn through_pipeline(&mut self, body: Body) {
         let pipeline = self.pipeline.clone();
         let client = self.client;
-        self.answering.spawn(async move {
-            String::from_utf8_lossy(&pipeline.answer_body(body, client).await).into_owned()
-        });
+        self.answering
+            .spawn(async move { pipeline.answer_body(body, client).await });
     }
 
     fn subscribe(&mut self, call: &Call, kind: FeedKind, notification: &'static str) {
@@ -722,8 +721,8 @@ impl Session {
     }
 
     /// Queues an answer for the client.
-    fn reply(&mut self, answer: impl AsRef<RawValue>) {
-        self.ready.push_back(answer.as_ref().get().to_owned());
+    fn reply(&mut self, answer: String) {
+        self.ready.push_back(answer);
     }
 }
 

@@ -10,8 +10,10 @@
 //! caches; the report gives medians over the repeats, the ratios the goals name, and the
 //! resident memory of lb-control and nginx.
 
+mod flood;
 mod report;
 mod setup;
+mod websocket;
 
 use std::{
     path::PathBuf,
@@ -26,18 +28,38 @@ use lb_tests::{
         check_interrupted, find_command, install_interrupt_handler, load_average, write_report,
     },
     cpu,
-    wrk::{self, Load},
+    wrk::{self, Load, WrkResult},
 };
 
 use report::Run;
 use setup::Setup;
 
-/// A call the gateway caches until the runtime changes and nginx caches by its body.
-pub const CACHED_CALL: &str =
-    r#"{"jsonrpc":"2.0","id":1,"method":"state_getRuntimeVersion","params":[]}"#;
-/// A call nobody caches (the node's own peer id): every request reaches a node.
-pub const UNCACHED_CALL: &str =
-    r#"{"jsonrpc":"2.0","id":1,"method":"system_localPeerId","params":[]}"#;
+/// The body of a call of `$method` with no parameters.
+macro_rules! call_of {
+    ($method:expr) => {
+        concat!(
+            r#"{"jsonrpc":"2.0","id":1,"method":""#,
+            $method,
+            r#"","params":[]}"#
+        )
+    };
+}
+/// A method the gateway caches until the runtime changes and nginx caches by the call's body.
+macro_rules! cached_method {
+    () => {
+        "state_getRuntimeVersion"
+    };
+}
+/// A method nobody caches (the node's own peer id): every call reaches a node.
+macro_rules! uncached_method {
+    () => {
+        "system_localPeerId"
+    };
+}
+pub const CACHED_METHOD: &str = cached_method!();
+pub const CACHED_CALL: &str = call_of!(cached_method!());
+pub const UNCACHED_METHOD: &str = uncached_method!();
+pub const UNCACHED_CALL: &str = call_of!(uncached_method!());
 /// Nodes behind the gateway and nginx.
 pub const NODES: usize = 2;
 /// Pause between runs, so one run's closing connections do not land in the next.
@@ -63,6 +85,21 @@ pub enum Target {
     GatewayMissSerial,
     /// [`Target::Node`] on one connection: the reference for [`Target::GatewayMissSerial`].
     NodeSerial,
+    /// [`Target::GatewayHit`] on a few connections (`--light-connections`): a valid key's
+    /// latency while the gateway has room, the reference for [`Target::GatewayHitUnderFlood`].
+    GatewayHitLight,
+    /// [`Target::GatewayHitLight`] while a second wrk (`--flood-connections`) floods the
+    /// gateway with made-up API keys, a new one on every request.
+    GatewayHitUnderFlood,
+    /// The gateway over `wss://`, the cached call: `--ws-connections` connections, each with
+    /// `--ws-in-flight` calls in flight, answered from its cache.
+    GatewayWsHit,
+    /// The same load, the uncached call: every call rides the gateway's shared upstream
+    /// WebSocket connections to a node.
+    GatewayWsMiss,
+    /// nginx passing WebSockets through (TLS ended there) to the nodes, the cached call (the
+    /// node answers it): a WebSocket connection to a node per client.
+    NginxWs,
 }
 
 impl Target {
@@ -75,22 +112,56 @@ impl Target {
             Target::Node => "straight to the node",
             Target::GatewayMissSerial => "gateway, cache miss, 1 connection",
             Target::NodeSerial => "straight to the node, 1 connection",
+            Target::GatewayHitLight => "gateway, cache hit, light load",
+            Target::GatewayHitUnderFlood => "gateway, cache hit, light load, made-up key flood",
+            Target::GatewayWsHit => "gateway WebSocket, cache hit",
+            Target::GatewayWsMiss => "gateway WebSocket, cache miss",
+            Target::NginxWs => "nginx WebSocket pass-through",
         }
     }
 
-    /// Runs on one connection, one request at a time, instead of the configured load.
-    pub fn is_serial(self) -> bool {
-        matches!(self, Target::GatewayMissSerial | Target::NodeSerial)
+    /// Runs over WebSocket connections (`ws-load`) rather than HTTP (wrk).
+    pub fn is_websocket(self) -> bool {
+        matches!(
+            self,
+            Target::GatewayWsHit | Target::GatewayWsMiss | Target::NginxWs
+        )
+    }
+
+    /// wrk's threads and connections for this target: one request at a time for the serial
+    /// targets, a light load for the flood's pair, else the configured load.
+    pub fn threads_and_connections(self, settings: &Settings) -> (usize, usize) {
+        match self {
+            Target::GatewayMissSerial | Target::NodeSerial => (1, 1),
+            Target::GatewayHitLight | Target::GatewayHitUnderFlood => {
+                (1, settings.light_connections)
+            }
+            _ => (settings.threads, settings.connections),
+        }
     }
 
     pub fn is_cached_call(self) -> bool {
-        matches!(self, Target::GatewayHit | Target::NginxHit)
+        matches!(
+            self,
+            Target::GatewayHit
+                | Target::NginxHit
+                | Target::GatewayHitLight
+                | Target::GatewayHitUnderFlood
+                | Target::GatewayWsHit
+                | Target::NginxWs
+        )
     }
 
     pub fn is_gateway(self) -> bool {
         matches!(
             self,
-            Target::GatewayHit | Target::GatewayMiss | Target::GatewayMissSerial
+            Target::GatewayHit
+                | Target::GatewayMiss
+                | Target::GatewayMissSerial
+                | Target::GatewayHitLight
+                | Target::GatewayHitUnderFlood
+                | Target::GatewayWsHit
+                | Target::GatewayWsMiss
         )
     }
 
@@ -99,6 +170,15 @@ impl Target {
             CACHED_CALL
         } else {
             UNCACHED_CALL
+        }
+    }
+
+    /// The method [`Target::call`] calls.
+    pub fn method(self) -> &'static str {
+        if self.is_cached_call() {
+            CACHED_METHOD
+        } else {
+            UNCACHED_METHOD
         }
     }
 }
@@ -131,6 +211,18 @@ struct Cli {
     /// nginx worker processes (one per core, as `worker_processes auto` would pick).
     #[arg(long, default_value_t = 2)]
     nginx_workers: usize,
+    /// Connections of the light load the made-up key flood is measured against (one thread).
+    #[arg(long, default_value_t = 8)]
+    light_connections: usize,
+    /// Connections of the made-up key flood (one thread); each request carries a new key.
+    #[arg(long, default_value_t = 32)]
+    flood_connections: usize,
+    /// WebSocket connections of the WebSocket runs.
+    #[arg(long, default_value_t = 64)]
+    ws_connections: usize,
+    /// Calls each WebSocket connection keeps in flight.
+    #[arg(long, default_value_t = 4)]
+    ws_in_flight: usize,
     /// Targets to run, comma-separated; default all.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Target>,
@@ -148,6 +240,10 @@ pub struct Settings {
     pub connections: usize,
     pub threads: usize,
     pub nginx_workers: usize,
+    pub light_connections: usize,
+    pub flood_connections: usize,
+    pub ws_connections: usize,
+    pub ws_in_flight: usize,
     pub targets: Vec<Target>,
 }
 
@@ -209,7 +305,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// One measured wrk run after an unmeasured warm-up, with the machine's CPU time and the
-/// gateway's cache lookups around it.
+/// gateway's cache lookups around it; for [`Target::GatewayHitUnderFlood`], with the flood of
+/// made-up keys running around the whole measured run.
 fn measure(
     setup: &mut Setup,
     settings: &Settings,
@@ -217,27 +314,41 @@ fn measure(
     repeat: usize,
 ) -> anyhow::Result<Run> {
     let url = setup.url(target);
-    let (threads, connections) = if target.is_serial() {
-        (1, 1)
-    } else {
-        (settings.threads, settings.connections)
-    };
-    let load = |seconds| Load {
-        netns: &setup.lab.client().netns,
-        threads,
-        connections,
-        seconds,
-        script: setup.script(target),
-        url: &url,
+    let (threads, connections) = target.threads_and_connections(settings);
+    let load = |seconds| -> anyhow::Result<WrkResult> {
+        if target.is_websocket() {
+            return websocket::run(setup, settings, target, seconds);
+        }
+        wrk::run(
+            &setup.lab,
+            &Load {
+                netns: &setup.lab.client().netns,
+                threads,
+                connections,
+                seconds,
+                script: setup.script(target),
+                url: &url,
+            },
+        )
     };
     if settings.warmup > 0 {
-        wrk::run(&setup.lab, &load(settings.warmup)).context("warm-up")?;
+        load(settings.warmup).context("warm-up")?;
     }
-    let lookups_before = setup.cache_lookups()?;
-    let cpu_before = cpu::sample()?;
-    let result = wrk::run(&setup.lab, &load(settings.seconds))?;
-    let cpu_after = cpu::sample()?;
-    let lookups = setup.cache_lookups()?.since(&lookups_before);
+    let measured = || -> anyhow::Result<_> {
+        let lookups_before = setup.cache_lookups()?;
+        let cpu_before = cpu::sample()?;
+        let result = load(settings.seconds)?;
+        let cpu = cpu::sample()?.since(&cpu_before);
+        Ok((result, cpu, setup.cache_lookups()?.since(&lookups_before)))
+    };
+    let (result, cpu, lookups, flood) = if target == Target::GatewayHitUnderFlood {
+        let (measured, flood) = flood::around(setup, settings, measured)?;
+        let (result, cpu, lookups) = measured?;
+        (result, cpu, lookups, Some(flood))
+    } else {
+        let (result, cpu, lookups) = measured()?;
+        (result, cpu, lookups, None)
+    };
     if result.requests == 0 {
         bail!("wrk completed no request: {}", result.errors_line());
     }
@@ -245,8 +356,9 @@ fn measure(
         repeat,
         target,
         wrk: result,
-        cpu: cpu_after.since(&cpu_before),
+        cpu,
         cache: target.is_gateway().then_some(lookups),
+        flood,
         memory: setup.memory()?,
     })
 }
@@ -260,6 +372,19 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
             "--connections {} < --threads {}: wrk needs a connection per thread",
             cli.connections,
             cli.threads
+        );
+    }
+    if [
+        cli.light_connections,
+        cli.flood_connections,
+        cli.ws_connections,
+        cli.ws_in_flight,
+    ]
+    .contains(&0)
+    {
+        bail!(
+            "--light-connections, --flood-connections, --ws-connections and --ws-in-flight \
+             must be at least 1"
         );
     }
     if cli.nginx_workers == 0 {
@@ -282,6 +407,10 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         connections: cli.connections,
         threads: cli.threads,
         nginx_workers: cli.nginx_workers,
+        light_connections: cli.light_connections,
+        flood_connections: cli.flood_connections,
+        ws_connections: cli.ws_connections,
+        ws_in_flight: cli.ws_in_flight,
         targets,
     })
 }

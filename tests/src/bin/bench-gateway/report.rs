@@ -6,6 +6,7 @@ use lb_tests::{bench::median, cpu::Usage, wrk::WrkResult};
 
 use crate::{
     CACHED_CALL, NODES, Settings, Target, UNCACHED_CALL,
+    flood::Flood,
     setup::{CacheLookups, Memory},
 };
 
@@ -21,6 +22,8 @@ pub struct Run {
     pub cpu: Usage,
     /// The gateway's cache lookups during the run (gateway runs only).
     pub cache: Option<CacheLookups>,
+    /// The made-up key flood around the run ([`Target::GatewayHitUnderFlood`] only).
+    pub flood: Option<Flood>,
     /// Resident memory right after the run.
     pub memory: Memory,
 }
@@ -45,6 +48,16 @@ impl fmt::Display for Run {
         if let Some(cache) = &self.cache {
             write!(f, ", cache {cache}")?;
         }
+        if let Some(flood) = &self.flood {
+            write!(
+                f,
+                ", flood {:.0} made-up keys/s ({} refused, store reads {} writes {})",
+                flood.wrk.requests_per_second(),
+                flood.refused,
+                flood.store_reads,
+                flood.store_writes
+            )?;
+        }
         write!(f, ", {}", self.memory)
     }
 }
@@ -61,11 +74,14 @@ pub struct Context<'a> {
 
 /// What a goal compares.
 enum Measure {
-    /// Requests/s of the first target ÷ the second's: at least `.0`.
-    ThroughputRatio(f64),
+    /// Requests/s of the first target ÷ the second's: at least `.0` (`None`: no goal, shown
+    /// for comparison).
+    ThroughputRatio(Option<f64>),
     /// p50 of the first target − the second's, in ms: at most `.0` (`None`: no goal, shown
     /// for comparison).
     AddedLatency(Option<f64>),
+    /// p99 of the first target ÷ the second's: at most `.0`.
+    P99Ratio(f64),
 }
 
 struct Goal {
@@ -78,12 +94,32 @@ const GOALS: &[Goal] = &[
     Goal {
         ours: Target::GatewayHit,
         other: Target::NginxProxy,
-        measure: Measure::ThroughputRatio(2.0),
+        measure: Measure::ThroughputRatio(Some(2.0)),
     },
     Goal {
         ours: Target::GatewayHit,
         other: Target::NginxHit,
-        measure: Measure::ThroughputRatio(1.2),
+        measure: Measure::ThroughputRatio(Some(1.3)),
+    },
+    Goal {
+        ours: Target::GatewayMiss,
+        other: Target::NginxProxy,
+        measure: Measure::ThroughputRatio(Some(1.1)),
+    },
+    Goal {
+        ours: Target::GatewayWsHit,
+        other: Target::NginxWs,
+        measure: Measure::ThroughputRatio(None),
+    },
+    Goal {
+        ours: Target::GatewayWsMiss,
+        other: Target::NginxWs,
+        measure: Measure::ThroughputRatio(None),
+    },
+    Goal {
+        ours: Target::GatewayHitUnderFlood,
+        other: Target::GatewayHitLight,
+        measure: Measure::P99Ratio(2.0),
     },
     Goal {
         ours: Target::GatewayMiss,
@@ -124,6 +160,7 @@ pub fn markdown(context: &Context<'_>) -> String {
     write_setup(&mut out, context);
     write_medians(&mut out, context);
     write_goals(&mut out, context);
+    write_flood(&mut out, context);
     write_calibration(&mut out, context);
     write_memory(&mut out, context);
     write_runs(&mut out, context);
@@ -140,7 +177,11 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
          - Load: `wrk -t{} -c{} -d{}s --timeout 2s` from the client, keep-alive, HTTP/1.1, one \
          JSON-RPC POST repeated; {} s unmeasured warm-up first (it also fills the caches). The \
          \"1 connection\" runs use `wrk -t1 -c1`: one request at a time, so their latency is the \
-         path's own, without the queueing that dominates p50 on a saturated machine.\n\
+         path's own, without the queueing that dominates p50 on a saturated machine. The \
+         WebSocket runs use `ws-load` from the client: {} connections over TLS, each keeping {} \
+         calls in flight (a new call as each answer comes); nginx passes each client's \
+         WebSocket through to a node, the gateway carries the misses on its shared upstream \
+         connections.\n\
          - Cached call `{CACHED_CALL}` (the gateway keeps it until the runtime changes); \
          uncached call `{UNCACHED_CALL}` (never cached: every request reaches a node).\n\
          - Gateway: lb-control's gateway, TLS (rustls, ring) on the LB's address, API key in the \
@@ -159,6 +200,8 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
         settings.connections,
         settings.seconds,
         settings.warmup,
+        settings.ws_connections,
+        settings.ws_in_flight,
         settings.nginx_workers,
         settings.repeats,
         context.load_before,
@@ -277,6 +320,7 @@ fn goal_row(runs: &[Run], goal: &Goal) -> Option<String> {
             |ours, other| ours.requests_per_second() / other.requests_per_second()
         }
         Measure::AddedLatency(_) => |ours, other| milliseconds(ours.p50) - milliseconds(other.p50),
+        Measure::P99Ratio(_) => |ours, other| ours.p99.as_secs_f64() / other.p99.as_secs_f64(),
     };
     let paired: Vec<f64> = runs
         .iter()
@@ -296,10 +340,10 @@ fn goal_row(runs: &[Run], goal: &Goal) -> Option<String> {
             let ratio = ours.requests_per_second / other.requests_per_second;
             (
                 format!("{} ÷ {} req/s", goal.ours.label(), goal.other.label()),
-                format!("≥ {at_least:.1}×"),
+                at_least.map_or("—".to_owned(), |at_least| format!("≥ {at_least:.1}×")),
                 format!("{ratio:.2}×"),
                 format!("{low:.2}–{high:.2}"),
-                Some(ratio >= at_least),
+                at_least.map(|at_least| ratio >= at_least),
             )
         }
         Measure::AddedLatency(at_most) => {
@@ -312,6 +356,16 @@ fn goal_row(runs: &[Run], goal: &Goal) -> Option<String> {
                 at_most.map(|at_most| added <= at_most),
             )
         }
+        Measure::P99Ratio(at_most) => {
+            let ratio = ours.p99_ms / other.p99_ms;
+            (
+                format!("{} ÷ {} p99", goal.ours.label(), goal.other.label()),
+                format!("≤ {at_most:.1}×"),
+                format!("{ratio:.2}×"),
+                format!("{low:.2}–{high:.2}"),
+                Some(ratio <= at_most),
+            )
+        }
     };
     let met = match met {
         Some(true) => "yes",
@@ -321,6 +375,46 @@ fn goal_row(runs: &[Run], goal: &Goal) -> Option<String> {
     Some(format!(
         "| {what} | {goal_text} | {measured} | {range} | {met} |"
     ))
+}
+
+fn write_flood(out: &mut String, context: &Context<'_>) {
+    let floods: Vec<(&Run, &Flood)> = context
+        .runs
+        .iter()
+        .filter_map(|run| Some((run, run.flood.as_ref()?)))
+        .collect();
+    if floods.is_empty() {
+        return;
+    }
+    let settings = context.settings;
+    let _ = writeln!(
+        out,
+        "## Made-up key flood\n\n\
+         A second wrk (`-t1 -c{}`) sends the cached call with a new well-formed made-up key in \
+         the path of every request (`lbk_` + 64 hex digits), from before the gateway's first \
+         refusal until after the measured run of the valid key (`-t1 -c{}`, the cached call) \
+         that starts then; \"{}\" is the same valid load without the flood. The store's calls \
+         are lb-control's own count (`lb_store_calls_total`) over the flood.\n\n\
+         | repeat | made-up keys sent | keys/s | refused (401) | store reads | store writes | valid p99 ms |\n\
+         |---:|---:|---:|---:|---:|---:|---:|",
+        settings.flood_connections,
+        settings.light_connections,
+        Target::GatewayHitLight.label(),
+    );
+    for (run, flood) in floods {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {:.3} |",
+            run.repeat + 1,
+            flood.wrk.requests,
+            flood.wrk.requests_per_second(),
+            flood.refused,
+            flood.store_reads,
+            flood.store_writes,
+            milliseconds(run.wrk.p99),
+        );
+    }
+    out.push('\n');
 }
 
 fn write_calibration(out: &mut String, context: &Context<'_>) {

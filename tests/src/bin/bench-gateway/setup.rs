@@ -5,7 +5,7 @@
 
 use std::{
     fmt,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -26,6 +26,8 @@ const GATEWAY_PORT: u16 = 8443;
 const NGINX_PROXY_PORT: u16 = 9443;
 /// nginx terminating TLS with `proxy_cache` on POST bodies.
 const NGINX_CACHE_PORT: u16 = 9444;
+/// nginx terminating TLS and passing WebSockets through to the nodes.
+const NGINX_WEBSOCKET_PORT: u16 = 9445;
 /// nginx's header saying whether its cache answered.
 const CACHE_STATUS_HEADER: &str = "X-Cache-Status";
 /// How long the gateway and nginx get to answer their first request.
@@ -41,6 +43,7 @@ pub struct Setup {
     nginx: u32,
     cached_script: PathBuf,
     uncached_script: PathBuf,
+    flood_script: PathBuf,
 }
 
 impl Setup {
@@ -71,14 +74,17 @@ impl Setup {
             nginx_http(lb_addr, &nodes, dir, &cert, &key)
         })?;
 
-        let (cached_script, uncached_script) =
-            (dir.join("wrk-cached.lua"), dir.join("wrk-uncached.lua"));
-        for (path, call) in [
-            (&cached_script, CACHED_CALL),
-            (&uncached_script, UNCACHED_CALL),
+        let (cached_script, uncached_script, flood_script) = (
+            dir.join("wrk-cached.lua"),
+            dir.join("wrk-uncached.lua"),
+            dir.join("wrk-made-up-keys.lua"),
+        );
+        for (path, script) in [
+            (&cached_script, wrk::script(CACHED_CALL, &[])),
+            (&uncached_script, wrk::script(UNCACHED_CALL, &[])),
+            (&flood_script, wrk::made_up_keys_script(CACHED_CALL)),
         ] {
-            std::fs::write(path, wrk::script(call, &[]))
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
         }
         let setup = Setup {
             lab,
@@ -88,6 +94,7 @@ impl Setup {
             nginx,
             cached_script,
             uncached_script,
+            flood_script,
         };
         for &target in &settings.targets {
             setup
@@ -97,17 +104,37 @@ impl Setup {
         Ok(setup)
     }
 
-    /// Where `target`'s requests go.
+    /// Where `target`'s requests go (a WebSocket target's server and path, over HTTPS: its
+    /// answer is checked with a POST).
     pub fn url(&self, target: Target) -> String {
-        let lb = self.lab.lb().addr_v4;
-        match target {
-            Target::GatewayHit | Target::GatewayMiss | Target::GatewayMissSerial => {
-                format!("https://{lb}:{GATEWAY_PORT}/{}", self.secret)
-            }
-            Target::NginxProxy => format!("https://{lb}:{NGINX_PROXY_PORT}/"),
-            Target::NginxHit => format!("https://{lb}:{NGINX_CACHE_PORT}/"),
-            Target::Node | Target::NodeSerial => self.lab.node_rpc_url(0) + "/",
+        match self.server(target) {
+            Some((server, path)) => format!("https://{server}{path}"),
+            None => self.lab.node_rpc_url(0) + "/",
         }
+    }
+
+    /// The TLS server on the LB and the request path of `target`; None for the node's own.
+    pub fn server(&self, target: Target) -> Option<(SocketAddr, String)> {
+        let lb = self.lab.lb().addr_v4;
+        let (port, path) = match target {
+            Target::GatewayHit
+            | Target::GatewayMiss
+            | Target::GatewayMissSerial
+            | Target::GatewayHitLight
+            | Target::GatewayHitUnderFlood
+            | Target::GatewayWsHit
+            | Target::GatewayWsMiss => (GATEWAY_PORT, format!("/{}", self.secret)),
+            Target::NginxProxy => (NGINX_PROXY_PORT, "/".to_owned()),
+            Target::NginxHit => (NGINX_CACHE_PORT, "/".to_owned()),
+            Target::NginxWs => (NGINX_WEBSOCKET_PORT, "/".to_owned()),
+            Target::Node | Target::NodeSerial => return None,
+        };
+        Some((SocketAddr::from((lb, port)), path))
+    }
+
+    /// The lab CA's certificate, which the clients trust.
+    pub fn ca(&self) -> &Path {
+        &self.ca
     }
 
     /// The wrk script sending `target`'s call.
@@ -117,6 +144,33 @@ impl Setup {
         } else {
             &self.uncached_script
         }
+    }
+
+    /// Where the made-up key flood goes: the gateway (its script puts a key in every path).
+    pub fn flood_url(&self) -> String {
+        format!("https://{}:{GATEWAY_PORT}/", self.lab.lb().addr_v4)
+    }
+
+    /// The wrk script of the made-up key flood.
+    pub fn flood_script(&self) -> &Path {
+        &self.flood_script
+    }
+
+    /// lb-control's state store calls so far (`lb_store_calls_total`): reads, writes.
+    pub fn store_calls(&self) -> anyhow::Result<(u64, u64)> {
+        let metrics = self.lab.lb_control_metrics()?;
+        let calls = |kind: &str| {
+            prometheus::sum(&metrics, "lb_store_calls_total", |sample| {
+                sample.label("kind") == Some(kind)
+            }) as u64
+        };
+        Ok((calls("read"), calls("write")))
+    }
+
+    /// Key checks the gateway refused so far (`lb_gateway_auth_failures_total`).
+    pub fn auth_failures(&self) -> anyhow::Result<u64> {
+        let metrics = self.lab.lb_control_metrics()?;
+        Ok(prometheus::sum(&metrics, "lb_gateway_auth_failures_total", |_| true) as u64)
     }
 
     /// The gateway's cache lookups so far, from lb-control's `/metrics`.
@@ -170,7 +224,10 @@ impl Setup {
                 )),
                 "nginx did not answer the second call from its cache: {second:?}"
             ),
-            Target::GatewayHit => ensure!(
+            Target::GatewayHit
+            | Target::GatewayHitLight
+            | Target::GatewayHitUnderFlood
+            | Target::GatewayWsHit => ensure!(
                 self.cache_lookups()?.hit > gateway_hits,
                 "the gateway did not answer the second call from its cache"
             ),
@@ -178,7 +235,9 @@ impl Setup {
             | Target::GatewayMiss
             | Target::Node
             | Target::GatewayMissSerial
-            | Target::NodeSerial => {}
+            | Target::NodeSerial
+            | Target::GatewayWsMiss
+            | Target::NginxWs => {}
         }
         Ok(())
     }
@@ -218,9 +277,10 @@ fn lb_control_config(lab: &Lab, cert: &Path, key: &Path) -> String {
 }
 
 /// nginx's `http` directives: the nodes as an upstream with idle keep-alive connections, and
-/// two TLS servers with the gateway's certificate, one proxying, one caching POST answers by
+/// three TLS servers with the gateway's certificate, one proxying, one caching POST answers by
 /// their body (`$request_body` is set because the body is read into the buffer before
-/// proxying; `client_body_buffer_size` keeps it in memory).
+/// proxying; `client_body_buffer_size` keeps it in memory), one passing WebSocket upgrades
+/// through (`Upgrade`/`Connection` forwarded, as nginx's WebSocket proxying documents).
 fn nginx_http(lb: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path, cert: &Path, key: &Path) -> String {
     let servers: String = nodes
         .iter()
@@ -232,6 +292,10 @@ fn nginx_http(lb: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path, cert: &Path, key: &P
     format!(
         r#"    upstream nodes {{
 {servers}        keepalive 64;
+    }}
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' "";
     }}
     proxy_cache_path {dir}/cache levels=1:2 keys_zone=rpc:10m max_size=64m inactive=1h use_temp_path=off;
     ssl_certificate {cert};
@@ -252,6 +316,16 @@ fn nginx_http(lb: Ipv4Addr, nodes: &[Ipv4Addr], dir: &Path, cert: &Path, key: &P
             proxy_cache_key "$request_uri|$request_body";
             proxy_cache_valid 200 1h;
             add_header {CACHE_STATUS_HEADER} $upstream_cache_status;
+        }}
+    }}
+    server {{
+        listen {lb}:{NGINX_WEBSOCKET_PORT} ssl reuseport backlog=4096;
+        location / {{
+            proxy_pass http://nodes;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 1h;
         }}
     }}
 "#
