@@ -8,7 +8,7 @@
 //! - [`websocket`]: JSON-RPC over `wss://`, shared head subscriptions, node exits.
 //! - [`upstream_pool`]: many WebSocket clients over the nodes' few shared connections.
 //! - [`papi`]: polkadot-api (Node.js) over `wss://` beside a hundred clients on one node
-//!   connection, with [`shared_upstream`].
+//!   connection; [`subxt`]: subxt (Rust) the same way; [`shared_upstream`]: what both share.
 //! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
 
 mod head;
@@ -16,5 +16,6 @@ mod http;
 mod papi;
 mod setup;
 mod shared_upstream;
+mod subxt;
 mod upstream_pool;
 mod websocket;
