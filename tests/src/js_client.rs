@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::lab::js_dir;
+use crate::new_spec::assert_took_the_new_spec;
 use crate::sim_node::{BlockNumber, SimNodeHandle};
 
 /// What polkadot.js 16.5.6 warns about for the `node` runtime on a real node too: its metadata
@@ -134,8 +135,6 @@ pub const PAPI_NEW_SPEC_CALLS: [&str; 6] = [
     "chainHead_v1_call",
     "chainHead_v1_storage",
 ];
-/// The legacy calls that would do the same reads: papi must not fall back on them.
-pub const PAPI_LEGACY_READS: [&str; 2] = ["state_call", "state_getStorage"];
 
 fn papi_block_number(block: &Value) -> BlockNumber {
     block["number"]
@@ -199,24 +198,10 @@ pub fn assert_papi_summary_matches_node(node: &SimNodeHandle, summary: &Value) {
     assert_eq!(summary["warnings"], json!([]), "papi complained: {summary}");
 }
 
-/// papi took the new API at `node`: each of [`PAPI_NEW_SPEC_CALLS`] reached it, none of
-/// [`PAPI_LEGACY_READS`].
+/// papi took the new API at `node`: each of [`PAPI_NEW_SPEC_CALLS`] reached it, and no legacy
+/// read.
 pub fn assert_papi_took_the_new_spec(node: &SimNodeHandle) {
-    for method in PAPI_NEW_SPEC_CALLS {
-        assert!(
-            node.request_count(method) >= 1,
-            "{method} never called: {:?}",
-            node.request_counts()
-        );
-    }
-    for legacy in PAPI_LEGACY_READS {
-        assert_eq!(
-            node.request_count(legacy),
-            0,
-            "{legacy}: {:?}",
-            node.request_counts()
-        );
-    }
+    assert_took_the_new_spec(node, &PAPI_NEW_SPEC_CALLS);
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! - [`rpc_client`] sends JSON-RPC over HTTP/1.1 to sim-nodes and tells which node answered;
 //!   [`load`] keeps many such requests going and records each one's outcome;
 //!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition;
-//!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test.
+//!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test;
+//!   [`new_spec`] tells from a sim-node's counts whether a client took the new JSON-RPC spec.
 //! - [`crowd`] is many WebSocket clients over TLS to the gateway from several addresses (the
 //!   `crowd` binary), for the crowd benchmark and its lighter lab tests.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
@@ -20,6 +21,7 @@ pub mod crowd;
 pub mod js_client;
 pub mod lab;
 pub mod load;
+pub mod new_spec;
 pub mod nginx;
 pub mod poll;
 pub mod proc_usage;

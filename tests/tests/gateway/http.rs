@@ -141,15 +141,7 @@ async fn unsafe_method_is_refused_with_the_node_error() {
         json!({"code": -32601, "message": "RPC call is unsafe to be called externally"})
     );
     // The gateway answers exactly what the node would.
-    let direct: Value = reqwest::Client::new()
-        .post(setup.nodes[0].http_url())
-        .json(&request(1, "author_rotateKeys", json!([])))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let direct = call_straight(&setup.nodes[0], "author_rotateKeys", json!([])).await;
     assert_eq!(answer["error"], direct["error"]);
     assert_eq!(
         setup.nodes[0].request_count("author_rotateKeys"),
@@ -233,20 +225,11 @@ async fn every_method_a_safe_node_refuses_gets_the_node_code_and_never_reaches_a
         "a refused call reached a node"
     );
     // sim-node, asked directly, answers the same.
-    let client = reqwest::Client::new();
     for (method, code) in NODE_REFUSALS {
         if NOT_ASKED_OF_SIM_NODE.contains(method) {
             continue;
         }
-        let direct: Value = client
-            .post(setup.nodes[0].http_url())
-            .json(&request(1, method, json!([])))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let direct = call_straight(&setup.nodes[0], method, json!([])).await;
         assert_eq!(
             direct["error"],
             json!({"code": code, "message": UNSAFE_RPC}),

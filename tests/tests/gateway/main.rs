@@ -8,12 +8,14 @@
 //! - [`websocket`]: JSON-RPC over `wss://`, shared head subscriptions, node exits.
 //! - [`upstream_pool`]: many WebSocket clients over the nodes' few shared connections.
 //! - [`papi`]: polkadot-api (Node.js) over `wss://` beside a hundred clients on one node
-//!   connection.
+//!   connection; [`subxt`]: subxt (Rust) the same way; [`shared_upstream`]: what both share.
 //! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
 
 mod head;
 mod http;
 mod papi;
 mod setup;
+mod shared_upstream;
+mod subxt;
 mod upstream_pool;
 mod websocket;

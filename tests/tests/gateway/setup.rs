@@ -318,22 +318,27 @@ impl Setup {
         self.tls_with_alpn(tcp, b"http/1.1").await
     }
 
+    /// TLS client settings that trust the lab CA alone, and check the gateway's certificate.
+    pub fn tls_client_config(&self) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .expect("CA PEM");
+        roots.add(ca).expect("CA added");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
     /// A TLS connection that asks for `protocol` by ALPN (`h2`, `http/1.1`).
     pub async fn tls_with_alpn(
         &self,
         tcp: TcpStream,
         protocol: &[u8],
     ) -> std::io::Result<TlsStream<TcpStream>> {
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
-            .expect("CA PEM");
-        roots.add(ca).expect("CA added");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config = self.tls_client_config();
         config.alpn_protocols = vec![protocol.to_vec()];
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         TlsConnector::from(Arc::new(config))
@@ -359,6 +364,20 @@ pub async fn read_until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> (Vec
 
 pub fn request(id: impl Into<Value>, method: &str, params: Value) -> Value {
     json!({ "jsonrpc": "2.0", "id": id.into(), "method": method, "params": params })
+}
+
+/// `node`'s own answer to a call over plain HTTP, past the gateway: what the gateway's answers
+/// are checked against.
+pub async fn call_straight(node: &SimNodeHandle, method: &str, params: Value) -> Value {
+    reqwest::Client::new()
+        .post(node.http_url())
+        .json(&request(1, method, params))
+        .send()
+        .await
+        .unwrap_or_else(|error| panic!("{method} straight to the node: {error}"))
+        .json()
+        .await
+        .unwrap_or_else(|error| panic!("{method} straight to the node, the answer: {error}"))
 }
 
 /// One service with every node as an `Up` backend, as the backend set publishes it.
