@@ -44,6 +44,7 @@ use crate::{
     keys::ApiKeys,
     metrics::Metrics,
     store::{Store, StoreChanges},
+    tokens::JoinTokens,
     upgrade::{self, Predecessor, UpgradeError, UpgradeRequest, Upgraded, Upgrades},
 };
 
@@ -307,6 +308,7 @@ impl Daemon {
         let admin_context = AdminContext {
             backends: backends.clone(),
             keys: Arc::new(keys),
+            tokens: JoinTokens::new(store.clone()),
             store: store.clone(),
             registry: Arc::new(registry),
             metrics: metrics.clone(),

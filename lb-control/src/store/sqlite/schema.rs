@@ -56,6 +56,16 @@ const MIGRATIONS: &[&str] = &["
         subject TEXT NOT NULL,
         detail TEXT NOT NULL
     ) STRICT;
+", "
+    -- services: a JSON array of service keys (\"192.0.2.10:9944/tcp\").
+    CREATE TABLE join_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        secret_sha256 BLOB NOT NULL UNIQUE CHECK (length(secret_sha256) = 32),
+        services TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    ) STRICT;
 "];
 
 /// The schema version this build writes.
