@@ -12,7 +12,7 @@
 //!
 //! The methods block on the store: async callers run them on a blocking thread.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 
@@ -90,7 +90,7 @@ impl JoinTokens {
         }
         let secret = new_secret(SECRET_PREFIX);
         let secret_sha256 = digest(&secret);
-        let created = SystemTime::now();
+        let created = now_in_millis();
         let id = self.store.write(|tx| {
             let id = tx.insert_join_token(name, &secret_sha256, services, created)?;
             tx.record_event(
@@ -126,7 +126,7 @@ impl JoinTokens {
             .into_iter()
             .find(|token| token.id == id)
             .ok_or(TokenError::NotFound { id })?;
-        let at = SystemTime::now();
+        let at = now_in_millis();
         self.store.write(|tx| {
             if !tx.revoke_join_token(id, at)? {
                 return Err(TokenError::Revoked { id });
@@ -150,6 +150,14 @@ impl JoinTokens {
             .into_iter()
             .find(|token| crate::keys::digests_equal(&token.secret_sha256, &wanted)))
     }
+}
+
+/// Now, to the millisecond as the store keeps times: a record answered is the one stored.
+fn now_in_millis() -> SystemTime {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    UNIX_EPOCH + Duration::from_millis(since_epoch.as_millis() as u64)
 }
 
 /// A token as logs and the event log name it: `join token 3 (eu-west)`.

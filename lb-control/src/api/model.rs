@@ -397,7 +397,9 @@ pub struct KeyCreated {
 // Join tokens and joins.
 
 /// What a token may do. One scope so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenScope {
     /// Add its holder's own address as a backend of the token's services (`POST /v1/join`),

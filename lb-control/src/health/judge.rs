@@ -868,6 +868,7 @@ mod tests {
     fn only_shown_changes_count_as_changes() {
         let mut bench = healthy_pair();
         bench.advance(STEP);
+        assert!(bench.check(1, at_block(100)).changed, "rise passes reached");
         assert!(!bench.check(1, at_block(100)).changed);
         assert!(bench.check(1, at_block(101)).changed);
         assert!(bench.check(2, refused()).changed, "a new last error");
