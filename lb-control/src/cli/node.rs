@@ -97,8 +97,7 @@ pub async fn run(action: NodeAction) -> anyhow::Result<()> {
                 );
             }
             if wait && joined.backend.def.admin == AdminState::Joining {
-                let up = wait::until_up(&client, joined.backend.id, timeout.into()).await?;
-                println!("backend {} is in rotation", up.backend.id);
+                wait::until_up(&client, joined.backend.id, timeout.into()).await?;
             }
         }
         NodeAction::Leave { node, timeout } => {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use lb_control::{
-    admin_client::AdminClient, api::model::BackendInfo, backends::State, model::BackendId,
+    admin_client::AdminClient, api::model::BackendInfo, backends::State, health::Verdict,
+    model::BackendId,
 };
 use tokio::time::Instant;
 
@@ -57,7 +58,7 @@ pub async fn until_up(
     client: &AdminClient,
     id: BackendId,
     timeout: Duration,
-) -> anyhow::Result<BackendInfo> {
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
@@ -66,12 +67,15 @@ pub async fn until_up(
             backend.state,
             backend.health.as_ref().map(|health| health.passes),
         );
-        if last != Some(progress) {
-            println!("backend {id}: {}", describe_joining(&backend));
-            last = Some(progress);
-        }
         match backend.state {
-            State::Up => return Ok(backend),
+            State::Up => {
+                println!("backend {id} is in rotation");
+                return Ok(());
+            }
+            State::Joining if last != Some(progress) => {
+                println!("backend {id}: {}", describe_joining(&backend));
+                last = Some(progress);
+            }
             State::Joining => {}
             other => bail!(
                 "backend {id} is {} now, not joining: someone else changed it",
@@ -90,9 +94,14 @@ pub async fn until_up(
     }
 }
 
-/// `joining: 1 check passed in a row`, `joining: unhealthy: connect: Connection refused`.
+/// `joining: 1 check passed in a row`, `joining: connect: Connection refused`, `joining: not
+/// checked yet`.
 pub fn describe_joining(backend: &BackendInfo) -> String {
-    let Some(health) = &backend.health else {
+    let Some(health) = backend
+        .health
+        .as_ref()
+        .filter(|health| health.verdict != Verdict::Unknown)
+    else {
         return format!("{}: not checked yet", backend.state.name());
     };
     let passes = match health.passes {

@@ -27,7 +27,8 @@
 //! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
 //! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
-//! fails, so the client comes back to a live node; 1009 for a message over the size limit; 1008
+//! fails, so the client comes back to a live node; also 1012 when a drain of its node runs out
+//! of time, once the calls it has in flight are answered (it reads no new ones meanwhile); 1009 for a message over the size limit; 1008
 //! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
 //! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops, 1012
 //! when it stops for an upgrade (the new process serves the reconnecting client); 1000 after
@@ -83,6 +84,9 @@ use crate::{
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a closing client gets to answer the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a session told to leave its node (a drain ran out of time) waits for the answers
+/// to the calls it has in flight before it closes: an answered call is not a lost one.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// The read buffer of each client's WebSocket. tungstenite fills its whole read buffer with
 /// zeros before every read (128 KiB by default), so the default made every connection resident
 /// for 128 KiB: most of a client's memory in a crowd of 10,000. Client messages are small
@@ -276,9 +280,22 @@ impl Session {
         let mut heard = Instant::now();
         // A change between the upgrade's key check and this session's start is looked at first.
         self.key_changes.mark_changed();
+        // Set when the session is told to leave its node: from then on it reads no more calls,
+        // and closes once those in flight are answered, or at this time.
+        let mut leaving_by: Option<Instant> = None;
         let ending = loop {
+            if let Some(by) = leaving_by
+                && ((self.answering.is_empty() && self.ready.is_empty() && inbox.is_settled())
+                    || Instant::now() >= by)
+            {
+                break Ending::with(
+                    "node_upgrading",
+                    CloseCode::Restart,
+                    "the node is being taken out for maintenance: reconnect".to_owned(),
+                );
+            }
             tokio::select! {
-                message = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
+                message = client.next(), if self.answering.len() < MAX_IN_FLIGHT && leaving_by.is_none() => {
                     heard = Instant::now();
                     let text = match message {
                         None => break Ending::by_client(),
@@ -358,11 +375,10 @@ impl Session {
                         );
                     }
                 }
-                () = self.seat.told_to_close() => break Ending::with(
-                    "node_upgrading",
-                    CloseCode::Restart,
-                    "the node is being taken out for maintenance: reconnect".to_owned(),
-                ),
+                () = self.seat.told_to_close(), if leaving_by.is_none() => {
+                    leaving_by = Some(Instant::now() + ANSWER_GRACE);
+                }
+                () = tokio::time::sleep_until(leaving_by.unwrap_or_else(Instant::now)), if leaving_by.is_some() => {}
                 _ = stop.changed() => break match *stop.borrow() {
                     Some(StopReason::Upgrade) => Ending::with(
                         "gateway_upgrading",
@@ -551,6 +567,7 @@ impl Session {
                             method: call.method,
                             params: call.params,
                             kind: RequestKind::Plain { retry },
+                            in_flight: self.queue.call_in_flight(),
                         });
                         return;
                     }
@@ -564,6 +581,7 @@ impl Session {
             method: call.method,
             params: call.params,
             kind,
+            in_flight: self.queue.call_in_flight(),
         });
     }
 
