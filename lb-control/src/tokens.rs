@@ -186,8 +186,7 @@ mod tests {
 
     impl TempStore {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("lb-tokens-{}-{name}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("lb-tokens-{}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("temp dir");
             let store = Store::open(&dir.join("state.db")).expect("store opens");
@@ -213,9 +212,17 @@ mod tests {
     fn a_token_is_found_by_its_secret_only_and_stays_found_revoked() {
         let t = TempStore::new("find");
         let created = t.tokens.create("eu", &services()).expect("created");
-        assert!(created.secret.starts_with(SECRET_PREFIX), "{}", created.secret);
+        assert!(
+            created.secret.starts_with(SECRET_PREFIX),
+            "{}",
+            created.secret
+        );
         assert!(has_secret_form(SECRET_PREFIX, &created.secret));
-        let found = t.tokens.find(&created.secret).expect("lookup").expect("found");
+        let found = t
+            .tokens
+            .find(&created.secret)
+            .expect("lookup")
+            .expect("found");
         assert_eq!(found, created.record);
         assert_eq!(found.secret_sha256, digest(&created.secret));
 
@@ -224,13 +231,21 @@ mod tests {
         for not_a_token in ["", "lbj_00", api_key.as_str(), "Bearer lbj_"] {
             assert_eq!(t.tokens.find(not_a_token).expect("lookup"), None);
         }
-        assert_eq!(t.store.calls().reads, reads, "malformed secrets skip the store");
+        assert_eq!(
+            t.store.calls().reads,
+            reads,
+            "malformed secrets skip the store"
+        );
         let unknown = new_secret(SECRET_PREFIX);
         assert_eq!(t.tokens.find(&unknown).expect("lookup"), None);
 
         let revoked = t.tokens.revoke(created.record.id).expect("revoked");
         assert!(revoked.revoked.is_some());
-        let found = t.tokens.find(&created.secret).expect("lookup").expect("found");
+        let found = t
+            .tokens
+            .find(&created.secret)
+            .expect("lookup")
+            .expect("found");
         assert_eq!(found.revoked, revoked.revoked);
         assert!(matches!(
             t.tokens.revoke(created.record.id),
@@ -264,7 +279,11 @@ mod tests {
         for (name, services, field) in [
             ("has space", service.clone(), "name"),
             ("eu", Vec::new(), "services"),
-            ("eu", [service.clone(), service.clone()].concat(), "services"),
+            (
+                "eu",
+                [service.clone(), service.clone()].concat(),
+                "services",
+            ),
         ] {
             let error = t.tokens.create(name, &services).expect_err("refused");
             assert!(

@@ -291,7 +291,10 @@ fn new_token(name: &str, services: &[&str]) -> NewToken {
     NewToken {
         name: name.to_owned(),
         scope: TokenScope::Join,
-        services: services.iter().map(|service| (*service).to_owned()).collect(),
+        services: services
+            .iter()
+            .map(|service| (*service).to_owned())
+            .collect(),
     }
 }
 
@@ -778,8 +781,8 @@ fn key_secret_is_shown_once_and_never_listed() {
 
 /// What a join token can see of the state: every backend (with its admin state) and event.
 async fn backends_and_events(client: &AdminClient) -> (Value, usize) {
-    let backends = serde_json::to_value(client.backends(None).await.expect("backends"))
-        .expect("JSON");
+    let backends =
+        serde_json::to_value(client.backends(None).await.expect("backends")).expect("JSON");
     let events = client.events(None, 1000).await.expect("events").len();
     (backends, events)
 }
@@ -845,7 +848,13 @@ fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
         let wrong = format!("lbj_{}", "0".repeat(64));
         for token in [wrong.as_str(), "not-a-token"] {
             assert_error(
-                &raw(Method::POST, "/v1/join", Some(token), Some(&join(SERVICE_NAME))).await,
+                &raw(
+                    Method::POST,
+                    "/v1/join",
+                    Some(token),
+                    Some(&join(SERVICE_NAME)),
+                )
+                .await,
                 401,
                 "unauthorized",
                 None,
@@ -854,19 +863,45 @@ fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
         // Out of scope: another service, the admin routes, another node's backend: 403.
         let secret = Some(created.secret.as_str());
         let forbidden = [
-            raw(Method::POST, "/v1/join", secret, Some(&join("10.200.50.9:9944"))).await,
+            raw(
+                Method::POST,
+                "/v1/join",
+                secret,
+                Some(&join("10.200.50.9:9944")),
+            )
+            .await,
             raw(Method::GET, "/v1/keys", secret, None).await,
             raw(Method::GET, "/v1/tokens", secret, None).await,
-            raw(Method::POST, "/v1/backends", secret, Some(r#"{"address": "127.0.0.1:1"}"#))
-                .await,
+            raw(
+                Method::POST,
+                "/v1/backends",
+                secret,
+                Some(r#"{"address": "127.0.0.1:1"}"#),
+            )
+            .await,
             raw(Method::POST, "/v1/services", secret, Some("{}")).await,
             raw(Method::GET, "/v1/events", secret, None).await,
-            raw(Method::POST, &format!("/v1/backends/{}/enable", other.backend.id), secret, None)
-                .await,
-            raw(Method::POST, &format!("/v1/backends/{}/drain", other.backend.id), secret, None)
-                .await,
-            raw(Method::DELETE, &format!("/v1/backends/{}", other.backend.id), secret, None)
-                .await,
+            raw(
+                Method::POST,
+                &format!("/v1/backends/{}/enable", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
+            raw(
+                Method::POST,
+                &format!("/v1/backends/{}/drain", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
+            raw(
+                Method::DELETE,
+                &format!("/v1/backends/{}", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
         ];
         for answer in &forbidden {
             assert_error(answer, 403, "forbidden", None);
@@ -879,7 +914,10 @@ fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
             forbidden[0].1
         );
         // A join token sees only its own backends: none yet.
-        assert_eq!(raw(Method::GET, "/v1/backends", secret, None).await.1, Value::Array(vec![]));
+        assert_eq!(
+            raw(Method::GET, "/v1/backends", secret, None).await.1,
+            Value::Array(vec![])
+        );
         assert_eq!(backends_and_events(&admin).await, before, "nothing changed");
 
         // In scope: its own address (127.0.0.1 here) joins; the event names the token.
@@ -893,7 +931,10 @@ fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
             .join(&serde_json::from_str(&join(SERVICE_NAME)).expect("request"))
             .await
             .expect("joined again");
-        assert_eq!(again.backend.id, joined.backend.id, "joining again changes nothing");
+        assert_eq!(
+            again.backend.id, joined.backend.id,
+            "joining again changes nothing"
+        );
         let own: Vec<i64> = node
             .backends(None)
             .await

@@ -100,9 +100,15 @@ fn lb_node_log(lab: &Lab, index: usize, action: &str) -> String {
 }
 
 /// Waits until `child` exits; fails unless it succeeded.
-fn exited_successfully(child: &mut Child, what: &str, log: impl Fn() -> String) -> anyhow::Result<()> {
-    wait_for(&format!("{what} to return"), || Ok(child.try_wait()?.is_some()))
-        .with_context(|| log())?;
+fn exited_successfully(
+    child: &mut Child,
+    what: &str,
+    log: impl Fn() -> String,
+) -> anyhow::Result<()> {
+    wait_for(&format!("{what} to return"), || {
+        Ok(child.try_wait()?.is_some())
+    })
+    .with_context(&log)?;
     let status = child.wait()?;
     ensure!(status.success(), "{what} failed ({status}): {}", log());
     Ok(())
@@ -148,8 +154,12 @@ fn a_node_joins_with_its_token_gets_traffic_only_once_its_checks_pass_and_leaves
 -> anyhow::Result<()> {
     let mut lab = common::start_lab(3, true, Duration::from_secs(1));
     let service = ServiceConf::checked(VIP_V4, vec![up(0), up(1)]);
-    let gateway =
-        GatewayLab::start_with(&mut lab, std::slice::from_ref(&service), "", ADMIN_ON_EVERY_LINK)?;
+    let gateway = GatewayLab::start_with(
+        &mut lab,
+        std::slice::from_ref(&service),
+        "",
+        ADMIN_ON_EVERY_LINK,
+    )?;
     let lb = &gateway.lb_control;
     wait_for("node0 and node1 behind the gateway", || {
         Ok(gateway.health(&lab)?.1["nodes"] == 2)
@@ -169,31 +179,58 @@ fn a_node_joins_with_its_token_gets_traffic_only_once_its_checks_pass_and_leaves
     let joining = backend_of(&lab, lb, 2)?.context("node2's backend")?;
     ensure!(joining["state"] == "joining", "{joining}");
     ensure!(joining["admin"] == "joining", "{joining}");
-    ensure!(kernel_state_of(&lab, 2)? == Some("down"), "out of the kernel table");
+    ensure!(
+        kernel_state_of(&lab, 2)? == Some("down"),
+        "out of the kernel table"
+    );
     let spread = spread_of_new_connections(&lab, service.target(), 60)?;
-    ensure!(!spread.contains_key("node2"), "a connection reached the joining node: {spread:?}");
-    ensure!(gateway.health(&lab)?.1["nodes"] == 2, "the gateway counts only node0 and node1");
-    ensure!(join.try_wait()?.is_none(), "lb-node join returned early: {}", log());
+    ensure!(
+        !spread.contains_key("node2"),
+        "a connection reached the joining node: {spread:?}"
+    );
+    ensure!(
+        gateway.health(&lab)?.1["nodes"] == 2,
+        "the gateway counts only node0 and node1"
+    );
+    ensure!(
+        join.try_wait()?.is_none(),
+        "lb-node join returned early: {}",
+        log()
+    );
 
     // Its node catches up: it passes its checks, enters, and lb-node returns.
     set_fault(&lab, 2, Fault::None)?;
     exited_successfully(&mut join, "lb-node join", log)?;
     let joined = backend_of(&lab, lb, 2)?.context("node2's backend")?;
-    ensure!(joined["state"] == "up" && joined["admin"] == "enabled", "{joined}");
+    ensure!(
+        joined["state"] == "up" && joined["admin"] == "enabled",
+        "{joined}"
+    );
     ensure!(kernel_state_of(&lab, 2)? == Some("up"));
     let spread = spread_of_new_connections(&lab, service.target(), 60)?;
-    ensure!(spread.get("node2").is_some_and(|count| *count > 0), "{spread:?}");
+    ensure!(
+        spread.get("node2").is_some_and(|count| *count > 0),
+        "{spread:?}"
+    );
     ensure!(gateway.health(&lab)?.1["nodes"] == 3);
-    let subject = format!("backend {} ({})", joined["id"], joined["address"].as_str().unwrap_or_default());
+    let subject = format!(
+        "backend {} ({})",
+        joined["id"],
+        joined["address"].as_str().unwrap_or_default()
+    );
     let logged = events(&lab, lb)?;
     ensure!(
-        logged.iter().any(|(kind, subject_, detail)| kind == "backend.added"
-            && subject_.starts_with(&subject)
-            && detail == "join token 1 (lab-nodes)"),
+        logged
+            .iter()
+            .any(|(kind, subject_, detail)| kind == "backend.added"
+                && subject_.starts_with(&subject)
+                && detail == "join token 1 (lab-nodes)"),
         "the event log names the token: {logged:?}"
     );
     ensure!(
-        logged.iter().any(|(kind, subject_, _)| kind == "backend.joined" && *subject_ == subject),
+        logged
+            .iter()
+            .any(|(kind, subject_, _)| kind == "backend.joined" && *subject_ == subject),
         "{logged:?}"
     );
 
@@ -215,15 +252,24 @@ fn a_node_joins_with_its_token_gets_traffic_only_once_its_checks_pass_and_leaves
     }
     let spread = spread_of_new_connections(&lab, service.target(), 30)?;
     ensure!(!spread.contains_key("node2"), "{spread:?}");
-    ensure!(leave.try_wait()?.is_none(), "lb-node leave did not wait: {}", log());
+    ensure!(
+        leave.try_wait()?.is_none(),
+        "lb-node leave did not wait: {}",
+        log()
+    );
     drop(held);
     exited_successfully(&mut leave, "lb-node leave", log)?;
-    ensure!(backend_of(&lab, lb, 2)?.is_none(), "node2 is still a backend");
+    ensure!(
+        backend_of(&lab, lb, 2)?.is_none(),
+        "node2 is still a backend"
+    );
     let logged = events(&lab, lb)?;
     ensure!(
-        logged.iter().any(|(kind, subject_, detail)| kind == "backend.removed"
-            && *subject_ == subject
-            && detail == "join token 1 (lab-nodes)"),
+        logged
+            .iter()
+            .any(|(kind, subject_, detail)| kind == "backend.removed"
+                && *subject_ == subject
+                && detail == "join token 1 (lab-nodes)"),
         "{logged:?}"
     );
     Ok(())
@@ -241,7 +287,9 @@ fn write_restart_script(lab: &Lab) -> anyhow::Result<PathBuf> {
             node.addr_v4,
             node.netns,
             lab.sim_node_args(index).join(" "),
-            lab.log_dir().join(format!("sim-node-node{index}.log")).display()
+            lab.log_dir()
+                .join(format!("sim-node-node{index}.log"))
+                .display()
         );
     }
     let script = format!(
@@ -322,13 +370,18 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
             ready.to_str().context("utf-8 log directory")?,
         ],
     )?;
-    wait_for("the polkadot.js clients to follow heads", || Ok(ready.exists()))?;
+    wait_for("the polkadot.js clients to follow heads", || {
+        Ok(ready.exists())
+    })?;
 
     // wrk through the kernel's L4 service (a connection per request, so a drained node empties)
     // and through the gateway (keep-alive).
     let client_netns = lab.client().netns.clone();
     let l4_script = lab.log_dir().join("l4-reads.lua");
-    std::fs::write(&l4_script, wrk::counting_script(NODE_READ, &[("Connection", "close")]))?;
+    std::fs::write(
+        &l4_script,
+        wrk::counting_script(NODE_READ, &[("Connection", "close")]),
+    )?;
     let gateway_script = lab.log_dir().join("gateway-reads.lua");
     std::fs::write(&gateway_script, wrk::counting_script(NODE_READ, &[]))?;
     let l4_url = format!("http://{}", service.target());
@@ -404,10 +457,23 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
     }
     for (what, reads) in [("L4", &l4), ("gateway", &through_gateway)] {
         ensure!(reads.count("failed")? == 0, "{what}: failed reads: {reads}");
-        ensure!(reads.socket_errors()? == 0, "{what}: socket errors: {reads}");
-        ensure!(reads.count("answered")? > 1000, "{what}: too few reads: {reads}");
+        ensure!(
+            reads.socket_errors()? == 0,
+            "{what}: socket errors: {reads}"
+        );
+        ensure!(
+            reads.count("answered")? > 1000,
+            "{what}: too few reads: {reads}"
+        );
     }
-    ensure!(js["errorAnswers"] == 0, "a client saw an error answer: {js}");
+    ensure!(
+        js["errorAnswers"] == 0,
+        "a client saw an error answer: {js}"
+    );
+    ensure!(
+        js["cutOff"] == 0,
+        "a client's call was cut off by its close: {js}"
+    );
     ensure!(
         js["reconnected"] == JS_CLIENTS && js["followingAfterReconnect"] == JS_CLIENTS,
         "every client was moved off its node and followed heads again: {js}"
@@ -416,6 +482,9 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
         .into_iter()
         .filter(|(kind, _, _)| kind == "backend.joined")
         .count();
-    ensure!(joined == 3, "each node came back through its checks: {joined} joined");
+    ensure!(
+        joined == 3,
+        "each node came back through its checks: {joined} joined"
+    );
     Ok(())
 }

@@ -112,19 +112,17 @@ impl Caller {
     /// [`Caller::owns`], as a 403 naming the backend when it does not.
     pub fn must_own(&self, service: &str, backend: &Backend) -> ApiResult<()> {
         match self {
-            Caller::Node { token, address } if !self.owns(service, backend) => {
-                Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "{} from {address} may not touch backend {} ({} of {service}): only its \
+            Caller::Node { token, address } if !self.owns(service, backend) => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{} from {address} may not touch backend {} ({} of {service}): only its \
                          own address's backends of {}",
-                        tokens::describe(token.id, &token.name),
-                        backend.id,
-                        backend.def.address,
-                        tokens::list(&token.services)
-                    ),
-                ))
-            }
+                    tokens::describe(token.id, &token.name),
+                    backend.id,
+                    backend.def.address,
+                    tokens::list(&token.services)
+                ),
+            )),
             _ => Ok(()),
         }
     }

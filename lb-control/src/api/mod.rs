@@ -113,7 +113,7 @@ pub async fn serve(
         router(context).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-        .await
+    .await
 }
 
 pub fn router(context: AdminContext) -> Router {

@@ -487,9 +487,7 @@ impl BackendSet {
         self.commit(
             Cause::Api,
             &format!("backend {id} weight set to {weight}"),
-            |draft, tx| {
-                draft.update_backend(tx, id, Cause::Api.name(), |def| def.weight = weight)
-            },
+            |draft, tx| draft.update_backend(tx, id, Cause::Api.name(), |def| def.weight = weight),
         )
         .await
     }

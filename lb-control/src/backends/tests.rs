@@ -198,7 +198,9 @@ async fn config_seeds_the_store_and_runtime_changes_survive_a_restart() {
     assert_eq!(kernel.states().len(), 2);
     let b = set.view().services[0].backends[1].backend.id;
     set.set_weight(b, 3).await.unwrap();
-    set.set_admin(b, AdminState::Draining, &Requester::Operator).await.unwrap();
+    set.set_admin(b, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     drop(set);
 
     // The file now also declares C: it is added; B keeps its runtime weight and drain.
@@ -227,7 +229,9 @@ async fn reload_applies_only_what_the_file_changed() {
     let before = declared(&[A, B]);
     let (set, kernel) = start(&dir, &before).await;
     let a = set.view().services[0].backends[0].backend.id;
-    set.set_admin(a, AdminState::Disabled, &Requester::Operator).await.unwrap();
+    set.set_admin(a, AdminState::Disabled, &Requester::Operator)
+        .await
+        .unwrap();
 
     let mut after = declared(&[B, C]);
     after.services[0].1[0].weight = 5;
@@ -243,7 +247,9 @@ async fn reload_applies_only_what_the_file_changed() {
 
     // A field the file did not change keeps its runtime value.
     let b = backends[0].backend.id;
-    set.set_admin(b, AdminState::Draining, &Requester::Operator).await.unwrap();
+    set.set_admin(b, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     let mut again = after.clone();
     again.services[0].1[0].weight = 6;
     set.reload(settings(), &after, &again).await.unwrap();
@@ -263,7 +269,11 @@ async fn a_joining_backend_enters_once_its_node_has_risen_and_events_name_the_to
         panic!("B was not a backend yet");
     };
     assert_eq!(joined.def.admin, AdminState::Joining);
-    assert_eq!(kernel.state_of(B), Some(BackendState::Down), "out until it has risen");
+    assert_eq!(
+        kernel.state_of(B),
+        Some(BackendState::Down),
+        "out until it has risen"
+    );
     let checked = Target {
         endpoint: SocketAddr::new(joined.def.address.ip(), DEFAULT_RPC_PORT),
         check: HealthCheck::Substrate,
@@ -274,12 +284,19 @@ async fn a_joining_backend_enters_once_its_node_has_risen_and_events_name_the_to
     // Healthy after one check, but not yet `rise` checks in a row: still out.
     set.apply_health(joining_snapshot(B, 1)).await.unwrap();
     assert_eq!(kernel.state_of(B), Some(BackendState::Down));
-    assert_eq!(set.view().backend(joined.id).unwrap().1.state, State::Joining);
+    assert_eq!(
+        set.view().backend(joined.id).unwrap().1.state,
+        State::Joining
+    );
 
     set.apply_health(joining_snapshot(B, 2)).await.unwrap();
     assert_eq!(kernel.state_of(B), Some(BackendState::Up));
     let stored = dir.store().backends().unwrap();
-    assert_eq!(stored[1].def.admin, AdminState::Enabled, "admitted for good");
+    assert_eq!(
+        stored[1].def.admin,
+        AdminState::Enabled,
+        "admitted for good"
+    );
     // Its node is checked as usual from now on.
     assert!(!set.view().health_targets().contains(&checked));
 
@@ -370,7 +387,9 @@ async fn health_moves_backends_and_keeps_the_least_bad_when_all_fail() {
 
     // A draining backend that fails goes down (its node cannot serve its flows anyway).
     let c = set.view().services[0].backends[2].backend.id;
-    set.set_admin(c, AdminState::Draining, &Requester::Operator).await.unwrap();
+    set.set_admin(c, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     assert_eq!(kernel.state_of(C), Some(BackendState::Draining));
 
     // Every enabled backend unhealthy: the least bad (answering, fewest blocks behind) stays.

@@ -245,7 +245,9 @@ pub enum TokenAction {
     },
     List,
     /// Revoke a token for good (the nodes it joined stay).
-    Revoke { id: JoinTokenId },
+    Revoke {
+        id: JoinTokenId,
+    },
 }
 
 #[derive(Debug, Subcommand)]

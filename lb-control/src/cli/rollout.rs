@@ -176,7 +176,10 @@ mod tests {
             health: None,
         };
         assert_eq!(
-            fill_in("ssh root@{ip} 'systemctl restart polkadot' # {id} {address}", &node),
+            fill_in(
+                "ssh root@{ip} 'systemctl restart polkadot' # {id} {address}",
+                &node
+            ),
             "ssh root@10.200.12.2 'systemctl restart polkadot' # 7 10.200.12.2:9944"
         );
     }

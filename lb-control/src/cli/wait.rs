@@ -13,8 +13,12 @@ use tokio::time::Instant;
 
 /// How often a drain's wait looks at the backend's connections.
 const DRAIN_POLL: Duration = Duration::from_millis(500);
-/// How often a join's wait looks at the backend's state: a check passes every second or so.
-const JOIN_POLL: Duration = Duration::from_millis(200);
+/// How often a join's wait looks at the backend's state (a check passes every second or so),
+/// and a drain's at its closed clients leaving.
+const STATE_POLL: Duration = Duration::from_millis(200);
+/// How long closed WebSocket clients may take to leave: the gateway's grace for their calls in
+/// flight, and a margin.
+const CLIENTS_LEAVE: Duration = Duration::from_secs(3);
 
 /// Waits until backend `id` holds no open flow and no WebSocket client, printing the counts
 /// whenever they change; past `timeout`, closes its WebSocket clients (1012: they reconnect to
@@ -42,11 +46,23 @@ pub async fn until_empty(
         if Instant::now() >= deadline {
             let closed = client.close_backend_clients(id).await?.closed;
             println!(
-                "backend {id}: {} elapsed; closed {closed} WebSocket clients (1012: they reconnect \
-                 to another node)",
+                "backend {id}: {} elapsed; closing {closed} WebSocket clients (1012: they \
+                 reconnect to another node)",
                 humantime::format_duration(timeout)
             );
-            return Ok(now.flows);
+            // Each closes once its calls in flight are answered (the gateway gives it 2 s):
+            // the node serves them until then.
+            let gone_by = Instant::now() + CLIENTS_LEAVE;
+            let mut left = client.backend_connections(id).await?;
+            while left.websocket_clients > 0 && Instant::now() < gone_by {
+                tokio::time::sleep(STATE_POLL).await;
+                left = client.backend_connections(id).await?;
+            }
+            println!(
+                "backend {id}: {} open flows, {} WebSocket clients",
+                left.flows, left.websocket_clients
+            );
+            return Ok(left.flows);
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
@@ -90,7 +106,7 @@ pub async fn until_up(
                 describe_joining(&backend)
             );
         }
-        tokio::time::sleep(JOIN_POLL).await;
+        tokio::time::sleep(STATE_POLL).await;
     }
 }
 

@@ -555,7 +555,10 @@ mod tests {
         assert!(second.changed, "reaching rise is news to a joining backend");
         assert_eq!(bench.health(1).passes, 2);
         let third = bench.check(1, at_block(100));
-        assert!(!third.changed, "a risen node's next pass changes nothing shown");
+        assert!(
+            !third.changed,
+            "a risen node's next pass changes nothing shown"
+        );
         assert_eq!(bench.health(1).passes, 2);
         // One failure starts the count again, though the verdict holds until `fall`.
         bench.check(1, refused());

@@ -774,12 +774,16 @@ fn fill(store: &Store) {
                 at(1),
             )?;
             tx.insert_api_key("bob", &[8; 32], None, at(2))?;
-            let eu = tx.insert_join_token("eu", &[9; 32], &[service_key("192.0.2.1:443")], at(2))?;
+            let eu =
+                tx.insert_join_token("eu", &[9; 32], &[service_key("192.0.2.1:443")], at(2))?;
             tx.revoke_join_token(eu, at(3))?;
             tx.insert_join_token(
                 "us",
                 &[10; 32],
-                &[service_key("192.0.2.1:443"), service_key("[2001:db8::1]:443/udp")],
+                &[
+                    service_key("192.0.2.1:443"),
+                    service_key("[2001:db8::1]:443/udp"),
+                ],
                 at(4),
             )?;
             tx.record_event("service.added", "service 1", "config")?;
@@ -835,13 +839,8 @@ fn an_export_imports_into_an_empty_store_as_the_same_state(place: &Place) {
 fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
     let store = place.open();
     fill(&store);
-    let empty = super::snapshot::Snapshot::new(
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let empty =
+        super::snapshot::Snapshot::new(Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let refused = store
         .import(&empty, false)
         .expect_err("the store has state");

@@ -643,7 +643,11 @@ pub fn spawn_js(
 }
 
 /// The JSON summary `script` printed as its last line, failing with the error it reports.
-pub fn js_summary(script: &str, args: &[&str], output: &Output) -> anyhow::Result<serde_json::Value> {
+pub fn js_summary(
+    script: &str,
+    args: &[&str],
+    output: &Output,
+) -> anyhow::Result<serde_json::Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let summary: serde_json::Value = stdout
         .lines()
