@@ -449,7 +449,8 @@ impl Daemon {
         }
     }
 
-    /// Expires blocklist entries and retries a kernel push that failed.
+    /// Expires blocklist entries, retries a kernel push that failed, and admits joining
+    /// backends whose admission did not happen with their last health change.
     async fn housekeeping(&mut self) {
         match self.blocklist.expire(SystemTime::now()).await {
             Ok(expired) => {
@@ -461,6 +462,9 @@ impl Daemon {
         }
         if let Err(error) = self.backends.resync_kernel().await {
             error!("the kernel tables are behind the backend set: {error}");
+        }
+        if let Err(error) = self.backends.admit_risen().await {
+            error!("admitting joining backends whose checks passed: {error}");
         }
     }
 

@@ -556,9 +556,18 @@ impl BackendSet {
         .await
     }
 
-    /// Enables every joining backend whose node has risen, in one change.
-    async fn admit_risen(&self) -> Result<(), ChangeError> {
+    /// Enables every joining backend whose node has risen, in one change. Called with each
+    /// health snapshot, and every second by the daemon: an admission that failed (a store
+    /// without quorum), or one a backup left to its master before it became the master, is
+    /// made then.
+    pub async fn admit_risen(&self) -> Result<(), ChangeError> {
+        if !self.records_health.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let health = self.health().await;
+        if self.inner.lock().await.draft().risen(&health).is_empty() {
+            return Ok(());
+        }
         self.commit(Cause::Health, "joining backends admitted", |draft, tx| {
             for id in draft.risen(&health) {
                 draft.admit(tx, id, health.rise)?;

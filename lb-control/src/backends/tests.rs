@@ -329,6 +329,31 @@ async fn a_joining_backend_enters_once_its_node_has_risen_and_events_name_the_to
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_backup_leaves_admission_to_its_master_and_admits_once_it_records() {
+    let dir = TempDir::new("admit");
+    let (set, kernel) = start(&dir, &declared(&[A])).await;
+    let service = set.view().services[0].service.def.key();
+    set.join(service, backend(B), &Requester::Operator)
+        .await
+        .unwrap();
+    set.record_health(false);
+    set.apply_health(joining_snapshot(B, 2)).await.unwrap();
+    assert_eq!(
+        kernel.state_of(B),
+        Some(BackendState::Down),
+        "a backup admits nothing"
+    );
+    // Become the one that records (the master): the daemon's next housekeeping admits it.
+    set.record_health(true);
+    set.admit_risen().await.unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Up));
+    assert_eq!(
+        dir.store().backends().unwrap()[1].def.admin,
+        AdminState::Enabled
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn api_errors_name_what_is_wrong() {
     let dir = TempDir::new("errors");
     let (set, _) = start(&dir, &declared(&[A])).await;
