@@ -11,11 +11,12 @@ use thiserror::Error;
 use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, HaStatus, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock,
-        NewKey, NewService, RoleChange, ServiceInfo, StatsReport, WeightChange,
+        ErrorDetail, EventInfo, HaStatus, JoinRequest, KeyCreated, KeyInfo, LimitChange,
+        NewBackend, NewBlock, NewKey, NewService, NewToken, RoleChange, ServiceInfo, StatsReport,
+        TokenCreated, TokenInfo, WeightChange,
     },
     ha::Role,
-    model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
+    model::{AdminState, ApiKeyId, Backend, BackendId, JoinTokenId, Service, ServiceId},
 };
 
 #[derive(Debug, Error)]
@@ -154,7 +155,7 @@ impl AdminClient {
         .await
     }
 
-    /// Drains, enables or disables a backend.
+    /// Drains, enables, disables a backend, or puts it back through the join gate.
     pub async fn set_admin(
         &self,
         id: BackendId,
@@ -164,6 +165,7 @@ impl AdminClient {
             AdminState::Enabled => "enable",
             AdminState::Draining => "drain",
             AdminState::Disabled => "disable",
+            AdminState::Joining => "rejoin",
         };
         self.call(
             Method::POST,
@@ -202,6 +204,24 @@ impl AdminClient {
     ) -> Result<KeyInfo, ClientError> {
         self.call(Method::PUT, &format!("/v1/keys/{id}/limit"), Some(change))
             .await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        self.call(Method::GET, "/v1/tokens", None::<&()>).await
+    }
+
+    pub async fn create_token(&self, new: &NewToken) -> Result<TokenCreated, ClientError> {
+        self.call(Method::POST, "/v1/tokens", Some(new)).await
+    }
+
+    pub async fn revoke_token(&self, id: JoinTokenId) -> Result<TokenInfo, ClientError> {
+        self.call(Method::DELETE, &format!("/v1/tokens/{id}"), None::<&()>)
+            .await
+    }
+
+    /// Adds this host's own address as a joining backend (a join token's one change).
+    pub async fn join(&self, request: &JoinRequest) -> Result<BackendInfo, ClientError> {
+        self.call(Method::POST, "/v1/join", Some(request)).await
     }
 
     /// Every blocked prefix with its expiry.

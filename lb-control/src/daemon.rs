@@ -44,6 +44,7 @@ use crate::{
     keys::ApiKeys,
     metrics::{Metrics, StoreCallsCollector},
     store::{Store, StoreChanges},
+    tokens::JoinTokens,
     upgrade::{self, Predecessor, UpgradeError, UpgradeRequest, Upgraded, Upgrades},
 };
 
@@ -310,6 +311,7 @@ impl Daemon {
         let admin_context = AdminContext {
             backends: backends.clone(),
             keys: Arc::new(keys),
+            tokens: JoinTokens::new(store.clone()),
             store: store.clone(),
             registry: Arc::new(registry),
             metrics: metrics.clone(),
@@ -450,7 +452,8 @@ impl Daemon {
         }
     }
 
-    /// Expires blocklist entries and retries a kernel push that failed.
+    /// Expires blocklist entries, retries a kernel push that failed, and admits joining
+    /// backends whose admission did not happen with their last health change.
     async fn housekeeping(&mut self) {
         match self.blocklist.expire(SystemTime::now()).await {
             Ok(expired) => {
@@ -462,6 +465,9 @@ impl Daemon {
         }
         if let Err(error) = self.backends.resync_kernel().await {
             error!("the kernel tables are behind the backend set: {error}");
+        }
+        if let Err(error) = self.backends.admit_risen().await {
+            error!("admitting joining backends whose checks passed: {error}");
         }
     }
 

@@ -15,9 +15,10 @@
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`ha`]: this lb-control's role in an HA pair (master, backup, fault), from keepalived.
 //! - [`netns`]: entering a named network namespace.
-//! - [`store`]: the persistent state (services, backends, API keys, events) in SQLite.
+//! - [`store`]: the persistent state (services, backends, API keys, join tokens, events).
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
 //! - [`keys`]: the gateway's API keys.
+//! - [`tokens`]: join tokens, the admin API credentials of nodes that register themselves.
 //! - [`gateway`]: the JSON-RPC gateway (TLS, API keys, rate limits, method policy, upstream).
 //! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
 //! - [`upgrade`]: `lb-control upgrade`, a new process taking the listening sockets over from
@@ -42,4 +43,5 @@ pub mod model;
 pub mod netns;
 pub mod section;
 pub mod store;
+pub mod tokens;
 pub mod upgrade;

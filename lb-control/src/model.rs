@@ -87,6 +87,10 @@ pub enum AdminState {
     Draining,
     /// Out of rotation: its flows move to other backends.
     Disabled,
+    /// Health-checked from scratch and out of rotation until its node has passed `rise` checks
+    /// in a row; then enabled by itself. A node that joins with a join token starts here, and
+    /// a rollout puts a node back through it after its upgrade.
+    Joining,
 }
 
 /// Where a record came from: config-file records follow the file on reload; API records are
@@ -247,6 +251,22 @@ pub struct ApiKeyRecord {
     pub rate_limit: Option<RateLimit>,
     pub created: SystemTime,
     pub last_used: Option<SystemTime>,
+    pub revoked: Option<SystemTime>,
+}
+
+/// Store-assigned id of a join token (never reused).
+pub type JoinTokenId = i64;
+
+/// A join token as stored: an admin API credential that may add its holder's own address as
+/// a backend of `services`, and remove it, and nothing else. Only its secret's SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    pub id: JoinTokenId,
+    pub name: String,
+    pub secret_sha256: [u8; 32],
+    /// The services its holder may join, by key.
+    pub services: Vec<ServiceKey>,
+    pub created: SystemTime,
     pub revoked: Option<SystemTime>,
 }
 

@@ -29,7 +29,10 @@ use lb_common::{
 };
 use lb_control::{
     admin_client::{AdminClient, ClientError},
-    api::model::{ErrorCode, LimitChange, NewBackend, NewBlock, NewKey, NewService},
+    api::model::{
+        ErrorCode, JoinRequest, LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken,
+        TokenScope,
+    },
     backends::State,
     model::{AdminState, ForwardingMode, HealthCheck, Protocol, RateLimit},
 };
@@ -281,6 +284,17 @@ fn new_key(name: &str, rps: Option<u32>) -> NewKey {
         name: name.to_owned(),
         rps,
         burst: None,
+    }
+}
+
+fn new_token(name: &str, services: &[&str]) -> NewToken {
+    NewToken {
+        name: name.to_owned(),
+        scope: TokenScope::Join,
+        services: services
+            .iter()
+            .map(|service| (*service).to_owned())
+            .collect(),
     }
 }
 
@@ -763,6 +777,202 @@ fn key_secret_is_shown_once_and_never_listed() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Join tokens.
+
+/// What a join token can see of the state: every backend (with its admin state) and event.
+async fn backends_and_events(client: &AdminClient) -> (Value, usize) {
+    let backends =
+        serde_json::to_value(client.backends(None).await.expect("backends")).expect("JSON");
+    let events = client.events(None, 1000).await.expect("events").len();
+    (backends, events)
+}
+
+#[test]
+fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let admin = daemon.ready().await;
+        // A second service, which the token does not name, and another node's backend.
+        admin
+            .add_service(&NewService {
+                vip: "10.200.50.9".parse().expect("VIP"),
+                port: 9944,
+                protocol: Protocol::Tcp,
+                mode: ForwardingMode::Nat,
+                check: HealthCheck::None,
+            })
+            .await
+            .expect("second service");
+        let other = admin
+            .add_backend(&NewBackend {
+                service: Some(admin.services().await.expect("services")[0].service.id),
+                ..new_backend("10.200.50.2:9944")
+            })
+            .await
+            .expect("another node's backend");
+
+        let created = admin
+            .create_token(&new_token("eu", &[SERVICE_NAME]))
+            .await
+            .expect("token");
+        assert!(created.secret.starts_with("lbj_"), "{}", created.secret);
+        let listed = admin.tokens().await.expect("tokens");
+        assert_eq!(listed.len(), 1);
+        let listed_json = serde_json::to_string(&listed).expect("JSON");
+        assert!(!listed_json.contains(&created.secret), "{listed_json}");
+        // A token for a service that does not exist is refused, naming it.
+        assert_error(
+            &raw(
+                Method::POST,
+                "/v1/tokens",
+                Some(TOKEN),
+                Some(r#"{"name": "x", "services": ["10.200.50.77:9944"]}"#),
+            )
+            .await,
+            400,
+            "invalid",
+            Some("services[0]"),
+        );
+
+        let join = |service: &str| {
+            serde_json::to_string(&JoinRequest {
+                service: service.to_owned(),
+                port: 9944,
+                rpc_port: 9944,
+                weight: 1,
+            })
+            .expect("JSON")
+        };
+        let before = backends_and_events(&admin).await;
+        // Wrong: 401.
+        let wrong = format!("lbj_{}", "0".repeat(64));
+        for token in [wrong.as_str(), "not-a-token"] {
+            assert_error(
+                &raw(
+                    Method::POST,
+                    "/v1/join",
+                    Some(token),
+                    Some(&join(SERVICE_NAME)),
+                )
+                .await,
+                401,
+                "unauthorized",
+                None,
+            );
+        }
+        // Out of scope: another service, the admin routes, another node's backend: 403.
+        let secret = Some(created.secret.as_str());
+        let forbidden = [
+            raw(
+                Method::POST,
+                "/v1/join",
+                secret,
+                Some(&join("10.200.50.9:9944")),
+            )
+            .await,
+            raw(Method::GET, "/v1/keys", secret, None).await,
+            raw(Method::GET, "/v1/tokens", secret, None).await,
+            raw(
+                Method::POST,
+                "/v1/backends",
+                secret,
+                Some(r#"{"address": "127.0.0.1:1"}"#),
+            )
+            .await,
+            raw(Method::POST, "/v1/services", secret, Some("{}")).await,
+            raw(Method::GET, "/v1/events", secret, None).await,
+            raw(
+                Method::POST,
+                &format!("/v1/backends/{}/enable", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
+            raw(
+                Method::POST,
+                &format!("/v1/backends/{}/drain", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
+            raw(
+                Method::DELETE,
+                &format!("/v1/backends/{}", other.backend.id),
+                secret,
+                None,
+            )
+            .await,
+        ];
+        for answer in &forbidden {
+            assert_error(answer, 403, "forbidden", None);
+        }
+        assert!(
+            forbidden[0].1["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("join token 1 (eu) may not join 10.200.50.9:9944")),
+            "{}",
+            forbidden[0].1
+        );
+        // A join token sees only its own backends: none yet.
+        assert_eq!(
+            raw(Method::GET, "/v1/backends", secret, None).await.1,
+            Value::Array(vec![])
+        );
+        assert_eq!(backends_and_events(&admin).await, before, "nothing changed");
+
+        // In scope: its own address (127.0.0.1 here) joins; the event names the token.
+        let node = AdminClient::new(ADMIN, &created.secret);
+        let joined = node
+            .join(&serde_json::from_str(&join(SERVICE_NAME)).expect("request"))
+            .await
+            .expect("joined");
+        assert_eq!(joined.backend.def.address.to_string(), "127.0.0.1:9944");
+        let again = node
+            .join(&serde_json::from_str(&join(SERVICE_NAME)).expect("request"))
+            .await
+            .expect("joined again");
+        assert_eq!(
+            again.backend.id, joined.backend.id,
+            "joining again changes nothing"
+        );
+        let own: Vec<i64> = node
+            .backends(None)
+            .await
+            .expect("own backends")
+            .iter()
+            .map(|backend| backend.backend.id)
+            .collect();
+        assert_eq!(own, [joined.backend.id]);
+        let added = admin.events(None, 1000).await.expect("events");
+        let added = added
+            .iter()
+            .rfind(|event| event.kind == "backend.added")
+            .expect("an added event");
+        assert_eq!(added.detail, "join token 1 (eu)");
+
+        // Revoked: 401, and its backend stays.
+        admin.revoke_token(created.token.id).await.expect("revoked");
+        let before = backends_and_events(&admin).await;
+        let revoked = raw(
+            Method::DELETE,
+            &format!("/v1/backends/{}", joined.backend.id),
+            secret,
+            None,
+        )
+        .await;
+        assert_error(&revoked, 401, "unauthorized", None);
+        assert!(
+            revoked.1["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("join token 1 (eu) is revoked")),
+            "{}",
+            revoked.1
+        );
+        assert_eq!(backends_and_events(&admin).await, before, "nothing changed");
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
 // The document and the metrics.
 
 #[test]
@@ -782,12 +992,18 @@ fn openapi_document_is_valid_and_matches_the_routes() {
             .create_key(&new_key("probe", None))
             .await
             .expect("key");
+        let token = client
+            .create_token(&new_token("probe", &[SERVICE_NAME]))
+            .await
+            .expect("token");
         let service = client.services().await.expect("services")[0].service.id;
         let path_for = |template: &str| {
             let id = if template.starts_with("/v1/services/") {
                 service
             } else if template.starts_with("/v1/backends/") {
                 backend.backend.id
+            } else if template.starts_with("/v1/tokens/") {
+                token.token.id
             } else {
                 key.id
             };

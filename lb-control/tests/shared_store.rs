@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_control::{
-    backends::{BackendSet, Declared, KernelTables, State},
+    backends::{BackendSet, Declared, KernelTables, Requester, State},
     daemon::follow_shared_store,
     dataplane::{ApplyReport, DataplaneError, DataplaneSection, LbSettings, ServiceSpec},
     keys::ApiKeys,
@@ -176,7 +176,7 @@ async fn a_backend_drained_through_one_lb_control_is_draining_in_the_others_kern
 
     first
         .backends
-        .set_admin(added.id, AdminState::Draining)
+        .set_admin(added.id, AdminState::Draining, &Requester::Operator)
         .await
         .expect("drained");
     eventually(

@@ -18,11 +18,12 @@ const RESULT_TAG: &str = "wrk-result";
 /// A wrk script that POSTs `body` as JSON with `headers` on every request, and whose `done`
 /// hook prints the summary [`run`] parses. `body` must not contain `'` (it is a Lua string).
 pub fn script(body: &str, headers: &[(&str, &str)]) -> String {
-    let headers: String = headers
-        .iter()
-        .map(|(name, value)| format!("wrk.headers[\"{name}\"] = \"{value}\"\n"))
-        .collect();
-    format!("{}{headers}{}", post_body(body), summary_hook())
+    format!(
+        "{}{}{}",
+        post_body(body),
+        header_lines(headers),
+        summary_hook()
+    )
 }
 
 /// A wrk script like [`script`] whose every request carries a different made-up API key in
@@ -45,6 +46,14 @@ end
         post_body(body),
         summary_hook()
     )
+}
+
+/// The lines of a script that add `headers` to every request.
+fn header_lines(headers: &[(&str, &str)]) -> String {
+    headers
+        .iter()
+        .map(|(name, value)| format!("wrk.headers[\"{name}\"] = \"{value}\"\n"))
+        .collect()
 }
 
 /// The lines of a script that make every request a JSON POST of `body`.
@@ -220,14 +229,15 @@ mod tests {
     }
 }
 
-/// A wrk script that POSTs `body` and tells apart, per response, a JSON-RPC result from
-/// anything else (an HTTP error, a JSON-RPC error: the gateway answers a failed call with HTTP
-/// 200 and an error object, which wrk alone would count as a success). It prints one line,
-/// `rpc answered=… failed=… connect=… read=… write=… timeout=… max_latency_ms=…
-/// first_failure=…`, that [`CountedReads`] reads.
-pub fn counting_script(body: &str) -> String {
+/// A wrk script that POSTs `body` with `headers` and tells apart, per response, a JSON-RPC
+/// result from anything else (an HTTP error, a JSON-RPC error: the gateway answers a failed
+/// call with HTTP 200 and an error object, which wrk alone would count as a success). It prints
+/// one line, `rpc answered=… failed=… connect=… read=… write=… timeout=… max_latency_ms=…
+/// first_failure=…`, that [`CountedReads`] reads. `("Connection", "close")` makes each request
+/// a connection of its own.
+pub fn counting_script(body: &str, headers: &[(&str, &str)]) -> String {
     format!(
-        r#"{}local threads = {{}}
+        r#"{}{}local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) answered = 0; failed = 0; first_failure = "" end
 function response(status, headers, body)
@@ -250,8 +260,50 @@ function done(summary, latency, requests)
     answered, failed, e.connect, e.read, e.write, e.timeout, latency.max / 1000, first))
 end
 "#,
-        post_body(body)
+        post_body(body),
+        header_lines(headers)
     )
+}
+
+/// wrk running [`counting_script`] in the background (its own `--timeout 5s`, so a slow answer
+/// under load is not a failure), while the test acts; [`CountingRun::finish`] waits for it.
+pub struct CountingRun {
+    child: std::process::Child,
+}
+
+impl CountingRun {
+    /// Starts `wrk -t<threads> -c<connections> -d<seconds>s` with `script` against `url`
+    /// from `netns`.
+    pub fn start(lab: &Lab, load: &Load<'_>) -> anyhow::Result<CountingRun> {
+        let mut command = lab.exec(load.netns, "wrk")?;
+        command
+            .arg(format!("-t{}", load.threads))
+            .arg(format!("-c{}", load.connections))
+            .arg(format!("-d{}s", load.seconds))
+            .args(["--timeout", "5s", "-s"])
+            .arg(load.script)
+            .arg(load.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().context("starting wrk")?;
+        Ok(CountingRun { child })
+    }
+
+    /// Waits for wrk to end and reads its summary.
+    pub fn finish(self) -> anyhow::Result<CountedReads> {
+        let output = self.child.wait_with_output().context("waiting for wrk")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "wrk failed ({}): {}{}",
+                output.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        CountedReads::from_output(&stdout)
+    }
 }
 
 /// What a run of [`counting_script`] printed.

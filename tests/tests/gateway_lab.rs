@@ -226,7 +226,7 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     let first = node_with_peer_id(&lab, &peer_of(&lab)?)?;
 
     let script = lab.log_dir().join("reads.lua");
-    std::fs::write(&script, wrk::counting_script(NODE_READ))?;
+    std::fs::write(&script, wrk::counting_script(NODE_READ, &[]))?;
     let mut wrk = command_in_netns(&lab.client().netns, "wrk")?;
     wrk.args(["-t2", "-c16", "-d8s", "--timeout", "5s", "-s"])
         .arg(&script)
@@ -288,7 +288,7 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
         Ok(common::kernel_states(&lab)?
             .iter()
             .any(|(backend, state)| backend.ip() == lagging && *state == "down")
-            && health(&lab, &gateway)?.1["nodes"] == 1)
+            && gateway.health(&lab)?.1["nodes"] == 1)
     })?;
     let reads_before = common::node_status(&lab, second)?
         .requests
@@ -312,15 +312,6 @@ fn reads_under_wrk_survive_a_node_dying_and_leave_a_lagging_node() -> anyhow::Re
     Ok(())
 }
 
-/// `GET /health` on the gateway's port, no key, as a DNS provider's monitor asks it: the
-/// status line and the body.
-fn health(lab: &Lab, gateway: &GatewayLab) -> anyhow::Result<(String, serde_json::Value)> {
-    let url = format!("https://{}:{GATEWAY_PORT}/health", lab.lb().addr_v4);
-    let (body, status) = curl(lab, &gateway.ca, &url, &[])?;
-    let body = serde_json::from_str(&body).with_context(|| format!("not JSON: {body}"))?;
-    Ok((status, body))
-}
-
 #[test]
 fn health_endpoint_answers_503_within_the_fall_time_once_every_node_is_down() -> anyhow::Result<()>
 {
@@ -331,20 +322,20 @@ fn health_endpoint_answers_503_within_the_fall_time_once_every_node_is_down() ->
         "",
     )?;
     wait_for("both nodes up behind the gateway", || {
-        let (status, body) = health(&lab, &gateway)?;
+        let (status, body) = gateway.health(&lab)?;
         Ok(status.starts_with("200") && body["nodes"] == 2)
     })?;
-    let (_, body) = health(&lab, &gateway)?;
+    let (_, body) = gateway.health(&lab)?;
     ensure!(body["status"] == "ok", "{body}");
 
     lab.kill_sim_node(0)?;
     lab.kill_sim_node(1)?;
     let killed = std::time::Instant::now();
     wait_for("503 from /health", || {
-        Ok(health(&lab, &gateway)?.0.starts_with("503"))
+        Ok(gateway.health(&lab)?.0.starts_with("503"))
     })?;
     let took = killed.elapsed();
-    let (_, body) = health(&lab, &gateway)?;
+    let (_, body) = gateway.health(&lab)?;
     ensure!(
         body == serde_json::json!({"status": "unavailable", "nodes": 0}),
         "{body}"

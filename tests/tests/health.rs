@@ -145,6 +145,7 @@ fn substrate(endpoint: SocketAddr) -> Target {
     Target {
         endpoint,
         check: HealthCheck::Substrate,
+        joining: false,
     }
 }
 
@@ -344,11 +345,13 @@ async fn checker_follows_the_target_list() {
     let tcp = Target {
         endpoint: cluster.nodes[1].rpc_addr(),
         check: HealthCheck::Tcp,
+        joining: false,
     };
     // Nothing listens on port 9 of 127.0.0.1, and nothing is asked of an unchecked target.
     let unchecked = Target {
         endpoint: SocketAddr::from(([127, 0, 0, 1], 9)),
         check: HealthCheck::None,
+        joining: false,
     };
     cluster.targets.send_replace(vec![kept, tcp, unchecked]);
     let snapshot = cluster

@@ -17,7 +17,7 @@ use anyhow::{Context, ensure};
 use blake2::{Blake2b, Digest, digest::consts::U32};
 use common::{GatewayLab, ServiceConf, VIP_V4, node_status, start_lab, up};
 use lb_tests::js_client::is_expected_polkadot_js_warning;
-use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, command_in_netns, js_dir, run_checked};
+use lb_tests::lab::{Lab, SIM_NODE_RPC_PORT, command_in_netns, run_checked};
 use serde_json::{Value, json};
 
 /// The well-known development account `//Alice` (sr25519, generic SS58 prefix): the sender of
@@ -56,30 +56,8 @@ fn run_node(
     script: &str,
     args: &[&str],
 ) -> anyhow::Result<Value> {
-    let output = command_in_netns(&lab.client().netns, "node")?
-        .args(node_flags)
-        .arg(script)
-        .args(args)
-        .current_dir(js_dir())
-        .env("NODE_EXTRA_CA_CERTS", ca)
-        .output()
-        .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary: Value = stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .with_context(|| {
-            format!(
-                "node {script} printed no JSON summary; stdout: {stdout}; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })?;
-    ensure!(
-        output.status.success() && summary.get("error").is_none(),
-        "node {script} {args:?} failed: {summary}"
-    );
-    Ok(summary)
+    let output = common::spawn_js(lab, ca, node_flags, script, args)?.wait_with_output()?;
+    common::js_summary(script, args, &output)
 }
 
 /// Posts one JSON-RPC call straight to node `index` with curl (chopsticks answers chunked),

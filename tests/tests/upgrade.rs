@@ -202,7 +202,7 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     let mut l4 = KeepAlive::open(&client_netns, service.target())?;
 
     let script = lab.log_dir().join("reads.lua");
-    std::fs::write(&script, wrk::counting_script(NODE_READ))?;
+    std::fs::write(&script, wrk::counting_script(NODE_READ, &[]))?;
     let mut wrk = command_in_netns(&client_netns, "wrk")?;
     wrk.args(["-t2", "-c32", "-d14s", "--timeout", "5s", "-s"])
         .arg(&script)

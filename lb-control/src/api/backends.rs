@@ -1,9 +1,10 @@
 //! `/v1/backends`: the nodes behind each service, their admin state and weight.
 
-use axum::{Json, extract::State, http::StatusCode};
+use axum::{Extension, Json, extract::State, http::StatusCode};
 
 use super::{
     Context,
+    auth::Caller,
     error::{ApiError, ApiResult},
     extract::{Body, Id, Query},
     model::{
@@ -14,11 +15,12 @@ use super::{
     services::service_not_found,
 };
 use crate::{
+    backends::{BackendStatus, Requester},
     dataplane::open_flows_to,
     model::{AdminState, Backend, BackendDef, BackendId, ServiceId},
 };
 
-/// Every backend with its state and health.
+/// Every backend with its state and health; a join token sees only its own.
 #[utoipa::path(
     get,
     path = "/v1/backends",
@@ -33,6 +35,7 @@ use crate::{
 )]
 pub async fn list(
     State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
     Query(filter): Query<BackendFilter>,
 ) -> ApiResult<Json<Vec<BackendInfo>>> {
     if let Some(service) = filter.service {
@@ -46,6 +49,7 @@ pub async fn list(
                 filter
                     .service
                     .is_none_or(|service| status.view.backend.service == service)
+                    && caller.owns(&status.service_name, &status.view.backend)
             })
             .map(BackendInfo::from)
             .collect(),
@@ -96,11 +100,17 @@ pub async fn add(
     responses(
         (status = 200, description = "The backend", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A join token asked for another node's backend",
+         body = ErrorBody),
         (status = 404, description = "No such backend", body = ErrorBody),
     )
 )]
-pub async fn get(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
-    status_of(&context, id).await
+pub async fn get(
+    State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
+    Id(id): Id,
+) -> ApiResult<Json<BackendInfo>> {
+    Ok(Json(owned(&context, &caller, id).await?.into()))
 }
 
 /// Removes a backend: its flows move to the service's other backends.
@@ -112,12 +122,24 @@ pub async fn get(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<B
     responses(
         (status = 200, description = "Removed; the backend as it was", body = Backend),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A join token asked for another node's backend",
+         body = ErrorBody),
         (status = 404, description = "No such backend", body = ErrorBody),
         (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
     )
 )]
-pub async fn remove(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<Backend>> {
-    Ok(Json(context.backends.remove_backend(id).await?))
+pub async fn remove(
+    State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
+    Id(id): Id,
+) -> ApiResult<Json<Backend>> {
+    owned(&context, &caller, id).await?;
+    Ok(Json(
+        context
+            .backends
+            .remove_backend(id, &caller.requester())
+            .await?,
+    ))
 }
 
 /// Drains a backend: it keeps its established flows and gets no new ones.
@@ -129,12 +151,19 @@ pub async fn remove(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
     responses(
         (status = 200, description = "Draining", body = BackendInfo),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A join token asked for another node's backend",
+         body = ErrorBody),
         (status = 404, description = "No such backend", body = ErrorBody),
         (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
     )
 )]
-pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
-    set_admin(&context, id, AdminState::Draining).await
+pub async fn drain(
+    State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
+    Id(id): Id,
+) -> ApiResult<Json<BackendInfo>> {
+    owned(&context, &caller, id).await?;
+    set_admin(&context, id, AdminState::Draining, &caller.requester()).await
 }
 
 /// What a backend still carries: its open kernel flows and its gateway WebSocket clients. A
@@ -147,6 +176,8 @@ pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json
     responses(
         (status = 200, description = "Its connections now", body = BackendConnections),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A join token asked for another node's backend",
+         body = ErrorBody),
         (status = 404, description = "No such backend", body = ErrorBody),
         (status = 500, description = "The kernel's flow table could not be read",
          body = ErrorBody),
@@ -154,9 +185,10 @@ pub async fn drain(State(context): State<Context>, Id(id): Id) -> ApiResult<Json
 )]
 pub async fn connections(
     State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
     Id(id): Id,
 ) -> ApiResult<Json<BackendConnections>> {
-    let backend = context.backends.backend_status(id).await?.view.backend;
+    let backend = owned(&context, &caller, id).await?.view.backend;
     let (pin_dir, address) = (context.pin_dir.clone(), backend.def.address);
     let flows = run_blocking(move || {
         open_flows_to(&pin_dir, address)
@@ -179,14 +211,17 @@ pub async fn connections(
     responses(
         (status = 200, description = "The clients told to reconnect", body = ClosedClients),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 403, description = "A join token asked for another node's backend",
+         body = ErrorBody),
         (status = 404, description = "No such backend", body = ErrorBody),
     )
 )]
 pub async fn close_clients(
     State(context): State<Context>,
+    Extension(caller): Extension<Caller>,
     Id(id): Id,
 ) -> ApiResult<Json<ClosedClients>> {
-    let backend = context.backends.backend_status(id).await?.view.backend;
+    let backend = owned(&context, &caller, id).await?.view.backend;
     let closed = context.gateway_clients.close(backend.def.rpc_endpoint());
     Ok(Json(ClosedClients { closed }))
 }
@@ -205,7 +240,26 @@ pub async fn close_clients(
     )
 )]
 pub async fn enable(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
-    set_admin(&context, id, AdminState::Enabled).await
+    set_admin(&context, id, AdminState::Enabled, &Requester::Operator).await
+}
+
+/// Puts a backend back through the join gate: out of rotation at once, health-checked from
+/// scratch, and enabled by itself once its node has passed `rise` checks in a row (the last
+/// step of a node's upgrade in a rollout).
+#[utoipa::path(
+    post,
+    path = "/v1/backends/{id}/rejoin",
+    tag = "backends",
+    params(Id),
+    responses(
+        (status = 200, description = "Joining", body = BackendInfo),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn rejoin(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
+    set_admin(&context, id, AdminState::Joining, &Requester::Operator).await
 }
 
 /// Disables a backend: out of rotation at once, its flows move to other backends.
@@ -222,7 +276,7 @@ pub async fn enable(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
     )
 )]
 pub async fn disable(State(context): State<Context>, Id(id): Id) -> ApiResult<Json<BackendInfo>> {
-    set_admin(&context, id, AdminState::Disabled).await
+    set_admin(&context, id, AdminState::Disabled, &Requester::Operator).await
 }
 
 /// Sets a backend's weight: its relative share of new flows.
@@ -253,9 +307,17 @@ async fn set_admin(
     context: &Context,
     id: BackendId,
     admin: AdminState,
+    by: &Requester,
 ) -> ApiResult<Json<BackendInfo>> {
-    context.backends.set_admin(id, admin).await?;
+    context.backends.set_admin(id, admin, by).await?;
     status_of(context, id).await
+}
+
+/// Backend `id`, if the caller may see and change it (403 otherwise).
+async fn owned(context: &Context, caller: &Caller, id: BackendId) -> ApiResult<BackendStatus> {
+    let status = context.backends.backend_status(id).await?;
+    caller.must_own(&status.service_name, &status.view.backend)?;
+    Ok(status)
 }
 
 async fn status_of(context: &Context, id: BackendId) -> ApiResult<Json<BackendInfo>> {

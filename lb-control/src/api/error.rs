@@ -9,7 +9,7 @@ use axum::{
 use tracing::error;
 
 use super::model::{ErrorBody, ErrorCode, ErrorDetail};
-use crate::{backends::ChangeError, keys::KeyError, store::StoreError};
+use crate::{backends::ChangeError, keys::KeyError, store::StoreError, tokens::TokenError};
 
 #[derive(Debug)]
 pub struct ApiError(pub ErrorDetail);
@@ -60,6 +60,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::Invalid => StatusCode::BAD_REQUEST,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Conflict => StatusCode::CONFLICT,
@@ -103,6 +104,19 @@ impl From<KeyError> for ApiError {
             }
             KeyError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
             KeyError::Store(store) => ApiError::store(&store),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, error.to_string()),
+            TokenError::Revoked { .. } | TokenError::Conflict { .. } => {
+                ApiError::new(ErrorCode::Conflict, error.to_string())
+            }
+            TokenError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
+            TokenError::Store(store) => ApiError::store(&store),
         }
     }
 }

@@ -4,8 +4,8 @@
 //! router and its `#[utoipa::path]` to the OpenAPI document in one step: the document served at
 //! `/openapi.json` and the routes cannot disagree.
 //!
-//! - `/v1/…` (bearer token): services, backends, API keys, the blocklist, stats, health, events,
-//!   the HA role;
+//! - `/v1/…` (bearer token): services, backends, API keys, join tokens, the blocklist, stats,
+//!   health, events, the HA role; a join token reaches only its own backends (see `auth`);
 //! - `/metrics`, `/healthz`, `/openapi.json`: no token.
 //!
 //! A change answers only after the backend set or the key registry returned, i.e. after the
@@ -21,14 +21,16 @@ mod blocklist;
 mod error;
 mod extract;
 mod ha;
+mod join;
 mod keys;
 mod metrics;
 pub mod model;
 mod services;
 mod settings;
 mod status;
+mod tokens;
 
-use std::{future::Future, path::PathBuf, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use axum::{
     Extension, Router,
@@ -55,7 +57,7 @@ use self::{
 };
 use crate::{
     backends::BackendSet, dataplane::BlocklistHandle, gateway::NodeClients, ha::Ha, keys::ApiKeys,
-    metrics::Metrics, store::Store,
+    metrics::Metrics, store::Store, tokens::JoinTokens,
 };
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
@@ -63,6 +65,7 @@ use crate::{
 pub struct AdminContext {
     pub backends: Arc<BackendSet>,
     pub keys: Arc<ApiKeys>,
+    pub tokens: JoinTokens,
     /// The event log.
     pub store: Store,
     /// The control plane's metrics, encoded at `/metrics`.
@@ -84,6 +87,7 @@ pub struct AdminContext {
 struct Shared {
     backends: Arc<BackendSet>,
     keys: Arc<ApiKeys>,
+    tokens: JoinTokens,
     store: Store,
     blocklist: BlocklistHandle,
     registry: Arc<Registry>,
@@ -97,20 +101,24 @@ struct Shared {
 type Context = Arc<Shared>;
 
 /// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
-/// flight.
+/// flight. Handlers see each connection's source address (a join is of its own address).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     context: AdminContext,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     info!(address = %listener.local_addr()?, "admin API listening");
-    axum::serve(listener, router(context))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(context).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 pub fn router(context: AdminContext) -> Router {
-    let (router, document) = documented_routes(&context.token).split_for_parts();
+    let credentials = auth::Credentials::new(&context.token, context.tokens.clone());
+    let (router, document) = documented_routes(credentials).split_for_parts();
     // Serialized once: the document is fixed for the life of the process.
     let document = OpenApiJson(Bytes::from(
         document
@@ -120,6 +128,7 @@ pub fn router(context: AdminContext) -> Router {
     let shared = Arc::new(Shared {
         backends: context.backends,
         keys: context.keys,
+        tokens: context.tokens,
         store: context.store,
         blocklist: context.blocklist,
         registry: context.registry,
@@ -141,7 +150,7 @@ pub fn router(context: AdminContext) -> Router {
 }
 
 /// Every route, each with its documentation.
-fn documented_routes(token: &str) -> OpenApiRouter<Context> {
+fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
     let v1 = OpenApiRouter::new()
         .routes(routes!(services::list, services::add))
         .routes(routes!(services::get, services::remove))
@@ -151,11 +160,15 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(backends::connections))
         .routes(routes!(backends::close_clients))
         .routes(routes!(backends::enable))
+        .routes(routes!(backends::rejoin))
+        .routes(routes!(join::join))
         .routes(routes!(backends::disable))
         .routes(routes!(backends::set_weight))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limit))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
         .routes(routes!(blocklist::list, blocklist::add))
         .routes(routes!(blocklist::remove))
         .routes(routes!(status::stats))
@@ -164,8 +177,8 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(ha::status))
         .routes(routes!(ha::set_role))
         .route_layer(middleware::from_fn_with_state(
-            auth::TokenDigest::new(token),
-            auth::require_token,
+            credentials,
+            auth::authenticate,
         ));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(v1)
@@ -178,9 +191,11 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
 #[openapi(
     info(
         title = "lb-control admin API",
-        description = "Services, backends, API keys, the source blocklist, counters, health \
-                       and events of an lb-control instance. Every /v1 route needs \
-                       `Authorization: Bearer <token>`. Errors are \
+        description = "Services, backends, API keys, join tokens, the source blocklist, \
+                       counters, health and events of an lb-control instance. Every /v1 route \
+                       needs `Authorization: Bearer <token>`: the admin token, or a join token, \
+                       which reaches only POST /v1/join and its own backends (403 elsewhere). \
+                       Errors are \
                        `{ \"error\": { \"code\", \"message\", \"field\" } }`."
     ),
     modifiers(&BearerToken),
@@ -189,6 +204,7 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         (name = "services", description = "L4 services: VIP, port, protocol"),
         (name = "backends", description = "The nodes behind each service"),
         (name = "keys", description = "API keys of the JSON-RPC gateway"),
+        (name = "tokens", description = "Join tokens: nodes that register themselves"),
         (name = "blocklist", description = "Source prefixes dropped in XDP, with their expiry"),
         (name = "status", description = "Counters, health and the event log"),
         (name = "ha", description = "This lb-control's role in its HA pair, set by keepalived"),

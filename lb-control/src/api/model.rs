@@ -26,7 +26,8 @@ use crate::{
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
-        HealthCheck, Protocol, RateLimit, Service, ServiceDef, ServiceId,
+        HealthCheck, JoinTokenId, JoinTokenRecord, Protocol, RateLimit, Service, ServiceDef,
+        ServiceId,
     },
 };
 
@@ -79,8 +80,10 @@ pub struct ErrorDetail {
 pub enum ErrorCode {
     /// 400: a field is missing, malformed or out of range.
     Invalid,
-    /// 401: no bearer token, or a wrong one.
+    /// 401: no bearer token, a wrong one, or a revoked join token.
     Unauthorized,
+    /// 403: a join token asked for what its scope does not cover.
+    Forbidden,
     /// 404: no such record (or no such route).
     NotFound,
     /// 405: the route exists, the method does not.
@@ -255,6 +258,9 @@ pub struct HealthInfo {
     /// connections" (HTTP 429): every connection slot is taken.
     #[serde(default)]
     pub saturated: bool,
+    /// Checks passed in a row, counted up to `rise` (what a joining backend waits for).
+    #[serde(default)]
+    pub passes: u32,
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_checked: Option<Timestamp>,
 }
@@ -270,6 +276,7 @@ impl From<NodeHealth> for HealthInfo {
             genesis: health.genesis,
             last_error: health.last_error,
             saturated: health.saturated,
+            passes: health.passes,
             last_checked: health.last_checked.map(Timestamp),
         }
     }
@@ -384,6 +391,92 @@ pub struct KeyCreated {
     pub rate_limit: Option<RateLimit>,
     #[schema(value_type = String, format = DateTime)]
     pub created: Timestamp,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Join tokens and joins.
+
+/// What a token may do. One scope so far.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenScope {
+    /// Add its holder's own address as a backend of the token's services (`POST /v1/join`),
+    /// see, drain and remove that backend; nothing else.
+    #[default]
+    Join,
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// 1 to 64 letters, digits, `_`, `.` or `-`; unique among all join tokens.
+    #[schema(example = "eu-west-nodes")]
+    pub name: String,
+    #[serde(default)]
+    pub scope: TokenScope,
+    /// The services its holder may join, as `VIP:port` or `VIP:port/protocol`; each must exist.
+    #[schema(example = json!(["192.0.2.10:9944"]))]
+    pub services: Vec<String>,
+}
+
+/// A join token as listed: never its secret nor its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub id: JoinTokenId,
+    pub name: String,
+    pub scope: TokenScope,
+    /// `192.0.2.10:9944/tcp`, …
+    pub services: Vec<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub created: Timestamp,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked: Option<Timestamp>,
+}
+
+impl From<JoinTokenRecord> for TokenInfo {
+    fn from(token: JoinTokenRecord) -> Self {
+        TokenInfo {
+            id: token.id,
+            name: token.name,
+            scope: TokenScope::Join,
+            services: token.services.iter().map(ToString::to_string).collect(),
+            created: Timestamp(token.created),
+            revoked: token.revoked.map(Timestamp),
+        }
+    }
+}
+
+/// A token just created, with its secret: the only answer that ever carries it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub token: TokenInfo,
+    /// `lbj_` and 64 hex digits. Store it now: it cannot be shown again.
+    pub secret: String,
+}
+
+/// Body of `POST /v1/join`: the caller's own address (the one its request comes from) joins
+/// `service` with the service's `port` on it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The service to join: `VIP:port` or `VIP:port/protocol`.
+    #[schema(example = "192.0.2.10:9944")]
+    pub service: String,
+    /// The port the service's packets go to on the node.
+    #[serde(default = "default_rpc_port")]
+    #[schema(default = 9944)]
+    pub port: u16,
+    /// The node's JSON-RPC port (health checks, gateway).
+    #[serde(default = "default_rpc_port")]
+    #[schema(default = 9944)]
+    pub rpc_port: u16,
+    #[serde(default = "default_weight")]
+    #[schema(default = 1)]
+    pub weight: u32,
 }
 
 // ---------------------------------------------------------------------------------------------

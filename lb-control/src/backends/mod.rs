@@ -50,7 +50,10 @@ use crate::{
     },
     health::{HealthSnapshot, NodeHealth, Target},
     metrics::{BackendLabels, Metrics, ServiceLabels, TransitionLabels},
-    model::{AdminState, Backend, BackendDef, BackendId, Origin, Service, ServiceDef, ServiceId},
+    model::{
+        AdminState, Backend, BackendDef, BackendId, Origin, Service, ServiceDef, ServiceId,
+        ServiceKey,
+    },
     store::{Store, StoreError, Tx},
 };
 
@@ -182,6 +185,31 @@ impl Cause {
             Cause::Peer => "peer",
         }
     }
+}
+
+/// Who asked for a change through the admin API: the operator (the admin token) or a node
+/// with a join token. The event log names which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requester {
+    Operator,
+    /// The token as the event log names it: `join token 3 (eu-west)`.
+    JoinToken(String),
+}
+
+impl Requester {
+    fn describe(&self) -> &str {
+        match self {
+            Requester::Operator => Cause::Api.name(),
+            Requester::JoinToken(token) => token,
+        }
+    }
+}
+
+/// What a join found: the node added as a joining backend, or there already (left as it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Joined {
+    Added(Backend),
+    Present(Backend),
 }
 
 /// A backend as the gateway and the health checker see it.
@@ -385,9 +413,53 @@ impl BackendSet {
         .await
     }
 
-    pub async fn remove_backend(&self, id: BackendId) -> Result<Backend, ChangeError> {
+    /// Adds `def` to the service `service` as a joining backend (whatever admin state `def`
+    /// names): out of rotation until its node has passed `rise` checks. A backend of the
+    /// service at the same address is left as it is.
+    pub async fn join(
+        &self,
+        service: ServiceKey,
+        def: BackendDef,
+        by: &Requester,
+    ) -> Result<Joined, ChangeError> {
+        let def = BackendDef {
+            admin: AdminState::Joining,
+            ..def
+        };
+        let address = def.address;
+        self.commit(
+            Cause::Api,
+            &format!("backend {address} joins {service} ({})", by.describe()),
+            |draft, tx| {
+                let id = draft
+                    .services
+                    .values()
+                    .find(|s| s.def.key() == service)
+                    .map(|s| s.id)
+                    .ok_or_else(|| ChangeError::NotFound {
+                        what: format!("service {service}"),
+                    })?;
+                if let Some(present) = draft
+                    .backends_of(id)
+                    .find(|backend| backend.def.address == address)
+                {
+                    return Ok(Joined::Present(present.clone()));
+                }
+                draft
+                    .add_backend_by(tx, id, def.clone(), Origin::Api, by.describe())
+                    .map(Joined::Added)
+            },
+        )
+        .await
+    }
+
+    pub async fn remove_backend(
+        &self,
+        id: BackendId,
+        by: &Requester,
+    ) -> Result<Backend, ChangeError> {
         self.commit(Cause::Api, &format!("backend {id} removed"), |draft, tx| {
-            draft.remove_backend(tx, id, Cause::Api)
+            draft.remove_backend(tx, id, Cause::Api, by.describe())
         })
         .await
     }
@@ -396,6 +468,7 @@ impl BackendSet {
         &self,
         id: BackendId,
         admin: AdminState,
+        by: &Requester,
     ) -> Result<Backend, ChangeError> {
         let label = serde_json::to_value(admin)
             .ok()
@@ -404,7 +477,7 @@ impl BackendSet {
         self.commit(
             Cause::Api,
             &format!("backend {id} set {label}"),
-            |draft, tx| draft.update_backend(tx, id, Cause::Api, |def| def.admin = admin),
+            |draft, tx| draft.update_backend(tx, id, by.describe(), |def| def.admin = admin),
         )
         .await
     }
@@ -414,7 +487,7 @@ impl BackendSet {
         self.commit(
             Cause::Api,
             &format!("backend {id} weight set to {weight}"),
-            |draft, tx| draft.update_backend(tx, id, Cause::Api, |def| def.weight = weight),
+            |draft, tx| draft.update_backend(tx, id, Cause::Api.name(), |def| def.weight = weight),
         )
         .await
     }
@@ -439,6 +512,13 @@ impl BackendSet {
     pub async fn apply_health(&self, snapshot: Arc<HealthSnapshot>) -> Result<(), ChangeError> {
         let mut inner = self.inner.lock().await;
         inner.health = snapshot;
+        // A backup leaves the admission to its master, whose change reaches it through the store.
+        if self.records_health.load(Ordering::Relaxed)
+            && !inner.draft().risen(&inner.health).is_empty()
+        {
+            drop(inner);
+            return self.admit_risen().await;
+        }
         let placements = inner.placements_now();
         if placements == inner.placements && inner.kernel_in_sync {
             return Ok(());
@@ -473,6 +553,27 @@ impl BackendSet {
             Cause::Health,
             "health changed (not recorded: a backup leaves the record to its master)",
         )
+        .await
+    }
+
+    /// Enables every joining backend whose node has risen, in one change. Called with each
+    /// health snapshot, and every second by the daemon: an admission that failed (a store
+    /// without quorum), or one a backup left to its master before it became the master, is
+    /// made then.
+    pub async fn admit_risen(&self) -> Result<(), ChangeError> {
+        if !self.records_health.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let health = self.health().await;
+        if self.inner.lock().await.draft().risen(&health).is_empty() {
+            return Ok(());
+        }
+        self.commit(Cause::Health, "joining backends admitted", |draft, tx| {
+            for id in draft.risen(&health) {
+                draft.admit(tx, id, health.rise)?;
+            }
+            Ok(())
+        })
         .await
     }
 
@@ -811,6 +912,36 @@ impl Draft {
         }
     }
 
+    /// The joining backends whose nodes have risen: ready to enter.
+    fn risen(&self, health: &HealthSnapshot) -> Vec<BackendId> {
+        self.backends
+            .values()
+            .filter(|backend| backend.def.admin == AdminState::Joining)
+            .filter(|backend| {
+                self.services
+                    .get(&backend.service)
+                    .is_some_and(|service| rotation::has_risen(service, backend, health))
+            })
+            .map(|backend| backend.id)
+            .collect()
+    }
+
+    /// Enables joining backend `id`, whose node has passed `rise` checks in a row.
+    fn admit(&mut self, tx: &mut Tx<'_>, id: BackendId, rise: u32) -> Result<(), ChangeError> {
+        let backend = self
+            .backends
+            .get_mut(&id)
+            .ok_or_else(|| not_found_backend(id))?;
+        backend.def.admin = AdminState::Enabled;
+        tx.update_backend(id, &backend.def)?;
+        tx.record_event(
+            "backend.joined",
+            &format!("backend {id} ({})", backend.def.address),
+            &format!("passed {rise} health checks in a row: in rotation"),
+        )?;
+        Ok(())
+    }
+
     fn service_name(&self, id: ServiceId) -> String {
         self.services
             .get(&id)
@@ -891,6 +1022,18 @@ impl Draft {
         def: BackendDef,
         origin: Origin,
     ) -> Result<Backend, ChangeError> {
+        self.add_backend_by(tx, service, def, origin, origin_name(origin))
+    }
+
+    /// [`Draft::add_backend`], its event naming `by` as who added it.
+    fn add_backend_by(
+        &mut self,
+        tx: &mut Tx<'_>,
+        service: ServiceId,
+        def: BackendDef,
+        origin: Origin,
+        by: &str,
+    ) -> Result<Backend, ChangeError> {
         let owner = self
             .services
             .get(&service)
@@ -934,7 +1077,7 @@ impl Draft {
                 def.address,
                 self.service_name(service)
             ),
-            origin_name(origin),
+            by,
         )?;
         let backend = Backend {
             id,
@@ -946,11 +1089,13 @@ impl Draft {
         Ok(backend)
     }
 
+    /// Removes backend `id`, its event naming `by` as who removed it.
     pub(crate) fn remove_backend(
         &mut self,
         tx: &mut Tx<'_>,
         id: BackendId,
         cause: Cause,
+        by: &str,
     ) -> Result<Backend, ChangeError> {
         let backend = self
             .backends
@@ -960,7 +1105,7 @@ impl Draft {
         tx.record_event(
             "backend.removed",
             &format!("backend {id} ({})", backend.def.address),
-            cause.name(),
+            by,
         )?;
         if backend.origin == Origin::Config && cause == Cause::Api {
             warn!(
@@ -972,11 +1117,12 @@ impl Draft {
         Ok(backend)
     }
 
+    /// Changes backend `id`'s definition, its event naming `by` as who changed it.
     pub(crate) fn update_backend(
         &mut self,
         tx: &mut Tx<'_>,
         id: BackendId,
-        cause: Cause,
+        by: &str,
         change: impl Fn(&mut BackendDef),
     ) -> Result<Backend, ChangeError> {
         let backend = self
@@ -991,8 +1137,7 @@ impl Draft {
                 "backend.changed",
                 &format!("backend {id} ({})", backend.def.address),
                 &format!(
-                    "{}: weight {} -> {}, admin {:?} -> {:?}, rpc port {} -> {}",
-                    cause.name(),
+                    "{by}: weight {} -> {}, admin {:?} -> {:?}, rpc port {} -> {}",
                     before.weight,
                     backend.def.weight,
                     before.admin,

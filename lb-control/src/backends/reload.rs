@@ -66,7 +66,7 @@ pub(super) fn apply_diff(
                     draft.add_backend(tx, service, backend_def.clone(), Origin::Config)?;
                 }
                 (Some(id), Some(old_def)) if old_def != backend_def => {
-                    draft.update_backend(tx, id, Cause::Config, |def| {
+                    draft.update_backend(tx, id, Cause::Config.name(), |def| {
                         apply_changed_fields(def, old_def, backend_def);
                     })?;
                 }
@@ -119,7 +119,7 @@ fn remove_undeclared(
         .map(|backend| backend.id)
         .collect();
     for id in undeclared_backends {
-        draft.remove_backend(tx, id, Cause::Config)?;
+        draft.remove_backend(tx, id, Cause::Config, Cause::Config.name())?;
     }
     Ok(())
 }

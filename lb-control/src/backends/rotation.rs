@@ -24,6 +24,9 @@ pub enum State {
     Draining,
     /// Admin: out, its flows move to other backends.
     Disabled,
+    /// Out until its node has passed `rise` checks in a row (counted from when it started
+    /// joining); then enabled.
+    Joining,
 }
 
 impl State {
@@ -33,6 +36,7 @@ impl State {
             State::Down => "down",
             State::Draining => "draining",
             State::Disabled => "disabled",
+            State::Joining => "joining",
         }
     }
 
@@ -40,7 +44,7 @@ impl State {
         match self {
             State::Up => BackendState::Up,
             State::Draining => BackendState::Draining,
-            State::Down | State::Disabled => BackendState::Down,
+            State::Down | State::Disabled | State::Joining => BackendState::Down,
         }
     }
 }
@@ -65,7 +69,20 @@ pub fn health_target(service: &Service, backend: &Backend) -> Target {
     Target {
         endpoint,
         check: service.def.check,
+        joining: backend.def.admin == AdminState::Joining,
     }
+}
+
+/// Whether a joining backend of `service` may enter: its node, judged from when it started
+/// joining, has passed `rise` checks in a row (at once for a service without checks).
+pub fn has_risen(service: &Service, backend: &Backend, health: &HealthSnapshot) -> bool {
+    if service.def.check == HealthCheck::None {
+        return true;
+    }
+    health
+        .nodes
+        .get(&health_target(service, backend))
+        .is_some_and(|node| node.verdict == Verdict::Healthy && node.passes >= health.rise.max(1))
 }
 
 /// The placement of each backend of `service`.
@@ -92,6 +109,8 @@ pub fn place<'a>(
         let failure = judged(backend);
         let state = match (backend.def.admin, &failure) {
             (AdminState::Disabled, _) => State::Disabled,
+            // Enabled by the backend set once it has risen, never before.
+            (AdminState::Joining, _) => State::Joining,
             (_, Some(_)) => State::Down,
             (AdminState::Draining, None) => State::Draining,
             (AdminState::Enabled, None) => State::Up,

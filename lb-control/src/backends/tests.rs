@@ -150,6 +150,7 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
                     Target {
                         endpoint: SocketAddr::new(address.ip(), DEFAULT_RPC_PORT),
                         check: HealthCheck::Substrate,
+                        joining: false,
                     },
                     NodeHealth {
                         verdict: *verdict,
@@ -164,6 +165,7 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
                         genesis: None,
                         last_error: None,
                         saturated: false,
+                        passes: 0,
                         last_checked: None,
                     },
                 )
@@ -171,6 +173,18 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
             .collect(),
         ..HealthSnapshot::default()
     })
+}
+
+/// A snapshot in which the joining node at `address` is healthy with `passes` checks passed
+/// in a row, judged with rise 2.
+fn joining_snapshot(address: &str, passes: u32) -> Arc<HealthSnapshot> {
+    let mut snapshot = (*snapshot(&[(address, Verdict::Healthy, Condition::Healthy, 0)])).clone();
+    let (mut target, mut health) = snapshot.nodes.pop_first().unwrap();
+    target.joining = true;
+    health.passes = passes;
+    snapshot.nodes.insert(target, health);
+    snapshot.rise = 2;
+    Arc::new(snapshot)
 }
 
 const A: &str = "198.51.100.1:30333";
@@ -184,7 +198,9 @@ async fn config_seeds_the_store_and_runtime_changes_survive_a_restart() {
     assert_eq!(kernel.states().len(), 2);
     let b = set.view().services[0].backends[1].backend.id;
     set.set_weight(b, 3).await.unwrap();
-    set.set_admin(b, AdminState::Draining).await.unwrap();
+    set.set_admin(b, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     drop(set);
 
     // The file now also declares C: it is added; B keeps its runtime weight and drain.
@@ -213,7 +229,9 @@ async fn reload_applies_only_what_the_file_changed() {
     let before = declared(&[A, B]);
     let (set, kernel) = start(&dir, &before).await;
     let a = set.view().services[0].backends[0].backend.id;
-    set.set_admin(a, AdminState::Disabled).await.unwrap();
+    set.set_admin(a, AdminState::Disabled, &Requester::Operator)
+        .await
+        .unwrap();
 
     let mut after = declared(&[B, C]);
     after.services[0].1[0].weight = 5;
@@ -229,7 +247,9 @@ async fn reload_applies_only_what_the_file_changed() {
 
     // A field the file did not change keeps its runtime value.
     let b = backends[0].backend.id;
-    set.set_admin(b, AdminState::Draining).await.unwrap();
+    set.set_admin(b, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     let mut again = after.clone();
     again.services[0].1[0].weight = 6;
     set.reload(settings(), &after, &again).await.unwrap();
@@ -237,6 +257,100 @@ async fn reload_applies_only_what_the_file_changed() {
     let b = &view.backend(b).unwrap().1;
     assert_eq!(b.backend.def.weight, 6);
     assert_eq!(b.state, State::Draining);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_joining_backend_enters_once_its_node_has_risen_and_events_name_the_token() {
+    let dir = TempDir::new("join");
+    let (set, kernel) = start(&dir, &declared(&[A])).await;
+    let service = set.view().services[0].service.def.key();
+    let token = Requester::JoinToken("join token 1 (eu)".to_owned());
+    let Joined::Added(joined) = set.join(service, backend(B), &token).await.unwrap() else {
+        panic!("B was not a backend yet");
+    };
+    assert_eq!(joined.def.admin, AdminState::Joining);
+    assert_eq!(
+        kernel.state_of(B),
+        Some(BackendState::Down),
+        "out until it has risen"
+    );
+    let checked = Target {
+        endpoint: SocketAddr::new(joined.def.address.ip(), DEFAULT_RPC_PORT),
+        check: HealthCheck::Substrate,
+        joining: true,
+    };
+    assert!(set.view().health_targets().contains(&checked));
+
+    // Healthy after one check, but not yet `rise` checks in a row: still out.
+    set.apply_health(joining_snapshot(B, 1)).await.unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Down));
+    assert_eq!(
+        set.view().backend(joined.id).unwrap().1.state,
+        State::Joining
+    );
+
+    set.apply_health(joining_snapshot(B, 2)).await.unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Up));
+    let stored = dir.store().backends().unwrap();
+    assert_eq!(
+        stored[1].def.admin,
+        AdminState::Enabled,
+        "admitted for good"
+    );
+    // Its node is checked as usual from now on.
+    assert!(!set.view().health_targets().contains(&checked));
+
+    // Joining again changes nothing.
+    assert_eq!(
+        set.join(service, backend(B), &token).await.unwrap(),
+        Joined::Present(stored[1].clone())
+    );
+    set.remove_backend(joined.id, &token).await.unwrap();
+    let events: Vec<(String, String)> = dir
+        .store()
+        .recent_events(100)
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.subject.starts_with(&format!("backend {}", joined.id)))
+        .filter(|event| event.kind != "backend.state")
+        .map(|event| (event.kind, event.detail))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("backend.added".to_owned(), "join token 1 (eu)".to_owned()),
+            (
+                "backend.joined".to_owned(),
+                "passed 2 health checks in a row: in rotation".to_owned()
+            ),
+            ("backend.removed".to_owned(), "join token 1 (eu)".to_owned()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_leaves_admission_to_its_master_and_admits_once_it_records() {
+    let dir = TempDir::new("admit");
+    let (set, kernel) = start(&dir, &declared(&[A])).await;
+    let service = set.view().services[0].service.def.key();
+    set.join(service, backend(B), &Requester::Operator)
+        .await
+        .unwrap();
+    set.record_health(false);
+    set.apply_health(joining_snapshot(B, 2)).await.unwrap();
+    assert_eq!(
+        kernel.state_of(B),
+        Some(BackendState::Down),
+        "a backup admits nothing"
+    );
+    // Become the one that records (the master): the daemon's next housekeeping admits it.
+    set.record_health(true);
+    set.admit_risen().await.unwrap();
+    assert_eq!(kernel.state_of(B), Some(BackendState::Up));
+    assert_eq!(
+        dir.store().backends().unwrap()[1].def.admin,
+        AdminState::Enabled
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -298,7 +412,9 @@ async fn health_moves_backends_and_keeps_the_least_bad_when_all_fail() {
 
     // A draining backend that fails goes down (its node cannot serve its flows anyway).
     let c = set.view().services[0].backends[2].backend.id;
-    set.set_admin(c, AdminState::Draining).await.unwrap();
+    set.set_admin(c, AdminState::Draining, &Requester::Operator)
+        .await
+        .unwrap();
     assert_eq!(kernel.state_of(C), Some(BackendState::Draining));
 
     // Every enabled backend unhealthy: the least bad (answering, fewest blocks behind) stays.

@@ -1,8 +1,12 @@
 //! The subcommands that drive a running instance through its admin API: status, services,
-//! backends, API keys, the blocklist, health, events. Each prints a table, or the API's JSON
-//! with `--json`.
+//! backends, API keys, join tokens, the blocklist, health, events, rollouts; and, on a node
+//! host with a join token, `node join | leave`. Each prints a table or sentences, or the API's
+//! JSON with `--json`.
 
+mod node;
+mod rollout;
 mod table;
+mod wait;
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -13,13 +17,14 @@ use lb_control::{
     api::ADMIN_TOKEN_ENV,
     api::model::{
         BackendInfo, BlockInfo, EventInfo, HaStatus, HealthInfo, KeyInfo, LimitChange, NewBackend,
-        NewBlock, NewKey, NewService, ServiceInfo, parse_prefix,
+        NewBlock, NewKey, NewService, NewToken, ServiceInfo, TokenInfo, TokenScope, parse_prefix,
     },
+    backends::State,
     config::Config,
     ha::Role,
     model::{
-        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol,
-        RateLimit, ServiceId,
+        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck,
+        JoinTokenId, Protocol, RateLimit, ServiceId, ServiceKey,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -63,6 +68,37 @@ pub enum AdminCommand {
         api: ApiArgs,
         #[command(subcommand)]
         action: KeyAction,
+    },
+    /// Create, list or revoke join tokens: nodes that register themselves with `node join`.
+    Token {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// On a node host, with a join token: add this host to a service, or take it out.
+    #[command(subcommand)]
+    Node(node::NodeAction),
+    /// Upgrade a service's nodes one at a time: drain each until empty, run a command for it,
+    /// and put it back once its health checks pass; stop at the first failure.
+    Rollout {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The service: VIP:PORT or VIP:PORT/PROTOCOL.
+        #[arg(long)]
+        service: ServiceKey,
+        /// Shell command run for each node once it is drained, e.g. `ssh root@{ip} systemctl
+        /// restart polkadot`; {address}, {ip} and {id} stand for the node's. A non-zero exit
+        /// stops the rollout.
+        #[arg(long, value_name = "COMMAND")]
+        exec: String,
+        /// How long a node may take to drain; then its WebSocket clients are closed with 1012
+        /// (they reconnect to another node), and open L4 flows stop the rollout.
+        #[arg(long, default_value = "10m")]
+        timeout: humantime::Duration,
+        /// How long a node may take to pass its health checks after the command.
+        #[arg(long, default_value = "10m")]
+        health_timeout: humantime::Duration,
     },
     /// Manage the source blocklist of an instance (dropped in XDP before any other work).
     Block {
@@ -148,6 +184,9 @@ pub enum BackendAction {
     },
     /// Put a backend in rotation (while healthy).
     Enable { id: BackendId },
+    /// Put a backend back once its node has passed its health checks, counted from now (after
+    /// an upgrade).
+    Rejoin { id: BackendId },
     /// Take a backend out of rotation at once.
     Disable { id: BackendId },
     /// Set a backend's weight.
@@ -190,6 +229,28 @@ pub enum KeyAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token; its secret is printed once.
+    Create {
+        /// 1 to 64 letters, digits, '_', '.' or '-'; unique.
+        #[arg(long)]
+        name: String,
+        /// What the token may do: join (add its holder's own address to the services, and
+        /// remove it).
+        #[arg(long, value_enum, default_value = "join")]
+        scope: TokenScope,
+        /// A service its holder may join (VIP:PORT or VIP:PORT/PROTOCOL); repeat for several.
+        #[arg(long = "service", required = true)]
+        services: Vec<ServiceKey>,
+    },
+    List,
+    /// Revoke a token for good (the nodes it joined stay).
+    Revoke {
+        id: JoinTokenId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HaAction {
     /// The role, since when, and which floating addresses this host holds.
     Status,
@@ -215,51 +276,6 @@ pub enum BlockAction {
     Remove { prefix: String },
     /// List blocked prefixes and their expiry.
     List,
-}
-
-/// How often a drain's wait looks at the backend's connections.
-const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Waits until backend `id` holds no open flow and no WebSocket client, printing the counts
-/// whenever they change; past `timeout`, closes its WebSocket clients (1012) and fails if
-/// flows remain.
-async fn wait_until_empty(
-    client: &AdminClient,
-    id: BackendId,
-    timeout: std::time::Duration,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = None;
-    loop {
-        let now = client.backend_connections(id).await?;
-        if last != Some(now) {
-            println!(
-                "backend {id}: {} open flows, {} WebSocket clients",
-                now.flows, now.websocket_clients
-            );
-            last = Some(now);
-        }
-        if now.flows == 0 && now.websocket_clients == 0 {
-            println!("backend {id} is drained");
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            let closed = client.close_backend_clients(id).await?.closed;
-            println!(
-                "backend {id}: {} elapsed; closed {closed} WebSocket clients (1012: they reconnect \
-                 to another node)",
-                humantime::format_duration(timeout)
-            );
-            anyhow::ensure!(
-                now.flows == 0,
-                "backend {id} still has {} open flows after {}",
-                now.flows,
-                humantime::format_duration(timeout)
-            );
-            return Ok(());
-        }
-        tokio::time::sleep(DRAIN_POLL).await;
-    }
 }
 
 pub fn run(command: AdminCommand) -> anyhow::Result<()> {
@@ -316,6 +332,23 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Backend { api, action } => backend(&api, action).await?,
         AdminCommand::Key { api, action } => key(&api, action).await?,
+        AdminCommand::Token { api, action } => token(&api, action).await?,
+        AdminCommand::Node(action) => node::run(action).await?,
+        AdminCommand::Rollout {
+            api,
+            service,
+            exec,
+            timeout,
+            health_timeout,
+        } => {
+            let plan = rollout::Plan {
+                service,
+                exec,
+                drain_timeout: timeout.into(),
+                health_timeout: health_timeout.into(),
+            };
+            rollout::run(&client(&api)?, &plan).await?;
+        }
         AdminCommand::Block { api, action } => block(&api, action).await?,
         AdminCommand::Health(api) => {
             let health = client(&api)?.health().await?;
@@ -396,13 +429,22 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
                 changed("drained"),
             )?;
             if wait {
-                wait_until_empty(&client, id, timeout.into()).await?;
+                let left = wait::until_empty(&client, id, timeout.into()).await?;
+                anyhow::ensure!(
+                    left == 0,
+                    "backend {id} still has {left} open flows after {timeout}"
+                );
             }
         }
         BackendAction::Enable { id } => show(
             api,
             &client.set_admin(id, AdminState::Enabled).await?,
             changed("enabled"),
+        )?,
+        BackendAction::Rejoin { id } => show(
+            api,
+            &client.set_admin(id, AdminState::Joining).await?,
+            changed("rejoining"),
         )?,
         BackendAction::Disable { id } => show(
             api,
@@ -453,6 +495,42 @@ async fn key(api: &ApiArgs, action: KeyAction) -> anyhow::Result<()> {
                 );
             })?;
         }
+    }
+    Ok(())
+}
+
+async fn token(api: &ApiArgs, action: TokenAction) -> anyhow::Result<()> {
+    let client = client(api)?;
+    match action {
+        TokenAction::Create {
+            name,
+            scope,
+            services,
+        } => {
+            let new = NewToken {
+                name,
+                scope,
+                services: services.iter().map(ToString::to_string).collect(),
+            };
+            let created = client.create_token(&new).await?;
+            show(api, &created, |created| {
+                println!(
+                    "created join token {} ({}) for {}",
+                    created.token.id,
+                    created.token.name,
+                    created.token.services.join(", ")
+                );
+                println!("secret: {}", created.secret);
+            })?;
+            eprintln!(
+                "warning: store the secret now (on the nodes, e.g. /etc/lb-node/join.token): it \
+                 cannot be shown again (only its hash is kept)"
+            );
+        }
+        TokenAction::List => show(api, &client.tokens().await?, |tokens| print_tokens(tokens))?,
+        TokenAction::Revoke { id } => show(api, &client.revoke_token(id).await?, |token| {
+            println!("revoked join token {id} ({})", token.name);
+        })?,
     }
     Ok(())
 }
@@ -655,6 +733,30 @@ fn print_keys(keys: &[KeyInfo]) {
     table.print();
 }
 
+fn print_tokens(tokens: &[TokenInfo]) {
+    if tokens.is_empty() {
+        println!(
+            "no join tokens: create one with `lb-control token create --scope join --service \
+             VIP:PORT --name NAME`"
+        );
+        return;
+    }
+    let mut table = Table::new(&["ID", "NAME", "SCOPE", "SERVICES", "CREATED", "STATUS"]);
+    for token in tokens {
+        table.row(vec![
+            token.id.to_string(),
+            token.name.clone(),
+            variant_name(&token.scope),
+            token.services.join(", "),
+            token.created.to_string(),
+            token
+                .revoked
+                .map_or_else(|| "active".to_owned(), |at| format!("revoked {at}")),
+        ]);
+    }
+    table.print();
+}
+
 fn print_events(events: &[EventInfo]) {
     let mut table = Table::new(&["ID", "TIME", "KIND", "SUBJECT", "DETAIL"]);
     for event in events {
@@ -685,8 +787,12 @@ fn print_blocklist(entries: &[BlockInfo]) {
 }
 
 /// `up`, `up (fallback)` for a backend kept in rotation only because its whole service is
-/// unhealthy, `up (saturated)` for one whose node refuses new connections.
+/// unhealthy, `up (saturated)` for one whose node refuses new connections, `joining: 1 check
+/// passed in a row` for one waiting for its checks.
 fn describe_state(backend: &BackendInfo) -> String {
+    if backend.state == State::Joining {
+        return wait::describe_joining(backend);
+    }
     let mut text = backend.state.name().to_owned();
     if backend.fallback {
         text.push_str(" (fallback)");

@@ -144,6 +144,8 @@ pub struct ClientQueue {
 
 struct QueueShared {
     sender: mpsc::UnboundedSender<Inbound>,
+    /// The client's calls at nodes, not answered yet (see [`CallInFlight`]).
+    calls: AtomicUsize,
     queued: AtomicUsize,
     overflowed: AtomicBool,
     budget: Arc<QueueBudget>,
@@ -160,6 +162,7 @@ pub fn client_queue(budget: Arc<QueueBudget>) -> (ClientQueue, ClientInbox) {
     let (sender, receiver) = mpsc::unbounded_channel();
     let shared = Arc::new(QueueShared {
         sender,
+        calls: AtomicUsize::new(0),
         queued: AtomicUsize::new(0),
         overflowed: AtomicBool::new(false),
         budget,
@@ -202,6 +205,26 @@ impl ClientQueue {
     fn is_gone(&self) -> bool {
         self.shared.sender.is_closed()
     }
+
+    /// Counts a call of the client going to a node until the guard drops, which its
+    /// [`Request`] does once the answer (or the failure) is queued.
+    pub fn call_in_flight(&self) -> CallInFlight {
+        self.shared.calls.fetch_add(1, Ordering::Relaxed);
+        CallInFlight {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// One call of a client at a node: counted while it lives (in its [`Request`]).
+pub struct CallInFlight {
+    shared: Arc<QueueShared>,
+}
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        self.shared.calls.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl QueueShared {
@@ -212,6 +235,12 @@ impl QueueShared {
 }
 
 impl ClientInbox {
+    /// Whether every call the client sent to a node has its answer here, and every answer
+    /// has been taken: nothing of the client's is on its way.
+    pub fn is_settled(&self) -> bool {
+        self.shared.calls.load(Ordering::Relaxed) == 0 && self.receiver.is_empty()
+    }
+
     pub async fn next(&mut self) -> Option<Inbound> {
         let inbound = self.receiver.recv().await?;
         self.shared.give_back(inbound.bytes());
@@ -236,6 +265,8 @@ pub struct Request {
     pub method: String,
     pub params: Option<Box<RawValue>>,
     pub kind: RequestKind,
+    /// Dropped with the request, after its answer is queued.
+    pub in_flight: CallInFlight,
 }
 
 pub enum RequestKind {

@@ -27,7 +27,8 @@
 //! The session ends with a close code the client can act on: 1012 (service restart: reconnect)
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
 //! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
-//! fails, so the client comes back to a live node; 1009 for a message over the size limit; 1008
+//! fails, so the client comes back to a live node; also 1012 when a drain of its node runs out
+//! of time, at the first moment none of its calls is in flight (at most `ANSWER_GRACE` later); 1009 for a message over the size limit; 1008
 //! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
 //! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops, 1012
 //! when it stops for an upgrade (the new process serves the reconnecting client); 1000 after
@@ -40,7 +41,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http_body_util::Full;
 use hyper::{
     Request, Response,
@@ -83,6 +84,9 @@ use crate::{
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a closing client gets to answer the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How long a session told to leave its node (a drain ran out of time) may wait for a moment
+/// when none of its calls is in flight, to close then: an answered call is not a lost one.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// The read buffer of each client's WebSocket. tungstenite fills its whole read buffer with
 /// zeros before every read (128 KiB by default), so the default made every connection resident
 /// for 128 KiB: most of a client's memory in a crowd of 10,000. Client messages are small
@@ -276,36 +280,35 @@ impl Session {
         let mut heard = Instant::now();
         // A change between the upgrade's key check and this session's start is looked at first.
         self.key_changes.mark_changed();
+        // Set when the session is told to leave its node: it closes at the first moment nothing
+        // of the client's is on its way (no call in flight, no answer unsent, nothing unread),
+        // or at this time.
+        let mut leaving_by: Option<Instant> = None;
         let ending = loop {
-            tokio::select! {
-                message = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
+            if let Some(by) = leaving_by
+                && ((self.answering.is_empty() && self.ready.is_empty() && inbox.is_settled())
+                    || Instant::now() >= by)
+            {
+                // A call the client has sent meanwhile is taken first: it gets its answer.
+                if Instant::now() < by
+                    && let Some(frame) = client.next().now_or_never()
+                {
                     heard = Instant::now();
-                    let text = match message {
-                        None => break Ending::by_client(),
-                        Some(Ok(Message::Text(text))) => text.to_string(),
-                        Some(Ok(Message::Binary(bytes))) => match String::from_utf8(bytes.to_vec()) {
-                            Ok(text) => text,
-                            Err(_) => break Ending::with(
-                                "client",
-                                CloseCode::Unsupported,
-                                "JSON-RPC messages are UTF-8 text".to_owned(),
-                            ),
-                        },
-                        Some(Ok(Message::Close(_))) => break Ending::by_client(),
-                        Some(Ok(_)) => continue,
-                        Some(Err(tungstenite::Error::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                            break Ending::with(
-                                "message_too_big",
-                                CloseCode::Size,
-                                format!("message of {size} bytes: this gateway takes at most {max_size}"),
-                            );
-                        }
-                        Some(Err(error)) => {
-                            debug!(client = %self.client, "WebSocket client: {error}");
-                            break Ending::by_client();
-                        }
-                    };
-                    if let Err(ending) = self.on_message(text) {
+                    match self.on_frame(frame) {
+                        Ok(()) => continue,
+                        Err(ending) => break ending,
+                    }
+                }
+                break Ending::with(
+                    "node_upgrading",
+                    CloseCode::Restart,
+                    "the node is being taken out for maintenance: reconnect".to_owned(),
+                );
+            }
+            tokio::select! {
+                frame = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
+                    heard = Instant::now();
+                    if let Err(ending) = self.on_frame(frame) {
                         break ending;
                     }
                 }
@@ -358,11 +361,10 @@ impl Session {
                         );
                     }
                 }
-                () = self.seat.told_to_close() => break Ending::with(
-                    "node_upgrading",
-                    CloseCode::Restart,
-                    "the node is being taken out for maintenance: reconnect".to_owned(),
-                ),
+                () = self.seat.told_to_close(), if leaving_by.is_none() => {
+                    leaving_by = Some(Instant::now() + ANSWER_GRACE);
+                }
+                () = tokio::time::sleep_until(leaving_by.unwrap_or_else(Instant::now)), if leaving_by.is_some() => {}
                 _ = stop.changed() => break match *stop.borrow() {
                     Some(StopReason::Upgrade) => Ending::with(
                         "gateway_upgrading",
@@ -420,6 +422,44 @@ impl Session {
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
         }
+    }
+
+    /// What the client sent (a frame, an error, or its end): a message taken, or the session's
+    /// end.
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tungstenite::Error>>,
+    ) -> Result<(), Ending> {
+        let text = match frame {
+            None | Some(Ok(Message::Close(_))) => return Err(Ending::by_client()),
+            Some(Ok(Message::Text(text))) => text.to_string(),
+            Some(Ok(Message::Binary(bytes))) => match String::from_utf8(bytes.to_vec()) {
+                Ok(text) => text,
+                Err(_) => {
+                    return Err(Ending::with(
+                        "client",
+                        CloseCode::Unsupported,
+                        "JSON-RPC messages are UTF-8 text".to_owned(),
+                    ));
+                }
+            },
+            Some(Ok(_)) => return Ok(()),
+            Some(Err(tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+                size,
+                max_size,
+            }))) => {
+                return Err(Ending::with(
+                    "message_too_big",
+                    CloseCode::Size,
+                    format!("message of {size} bytes: this gateway takes at most {max_size}"),
+                ));
+            }
+            Some(Err(error)) => {
+                debug!(client = %self.client, "WebSocket client: {error}");
+                return Err(Ending::by_client());
+            }
+        };
+        self.on_message(text)
     }
 
     /// What the client gets for something a node connection brought: its text (if any), or
@@ -551,6 +591,7 @@ impl Session {
                             method: call.method,
                             params: call.params,
                             kind: RequestKind::Plain { retry },
+                            in_flight: self.queue.call_in_flight(),
                         });
                         return;
                     }
@@ -564,6 +605,7 @@ impl Session {
             method: call.method,
             params: call.params,
             kind,
+            in_flight: self.queue.call_in_flight(),
         });
     }
 

@@ -216,9 +216,8 @@ impl Judge {
             record.progress,
             now,
         );
-        let new_verdict = record.count(finding.passed, &self.settings);
-
         let before = record.health.clone();
+        let new_verdict = record.count(finding.passed, &self.settings);
         record.apply(observation, &finding, chain_best, checked_at);
         let new_saturated =
             (record.health.saturated != before.saturated).then_some(record.health.saturated);
@@ -243,6 +242,7 @@ impl Judge {
             _ => None,
         };
         HealthSnapshot {
+            rise: self.settings.rise,
             nodes: self
                 .nodes
                 .iter()
@@ -294,6 +294,12 @@ impl NodeRecord {
     /// passed nor failed (`None`: a saturated node the checker cannot ask) leaves an unhealthy
     /// node as it is and counts as passed otherwise: the node is alive.
     fn count(&mut self, passed: Option<bool>, settings: &HealthSettings) -> Option<Verdict> {
+        // Capped, so a node that has long risen shows no change with every check.
+        self.health.passes = match passed {
+            Some(true) => (self.health.passes + 1).min(settings.rise),
+            Some(false) => 0,
+            None => self.health.passes,
+        };
         let new_verdict = match (self.health.verdict, passed) {
             (Verdict::Unhealthy, None) => None,
             (Verdict::Unknown, Some(true) | None) => Some(Verdict::Healthy),
@@ -474,6 +480,7 @@ mod tests {
         Target {
             endpoint: SocketAddr::from(([127, 0, 0, 1], port)),
             check: HealthCheck::Substrate,
+            joining: false,
         }
     }
 
@@ -534,6 +541,32 @@ mod tests {
         bench.check(1, at_block(100));
         bench.check(2, at_block(100));
         bench
+    }
+
+    #[test]
+    fn passes_count_checks_passed_in_a_row_up_to_rise_and_are_published_until_then() {
+        let mut bench = Bench::new(HealthSettings::default(), 2);
+        bench.check(2, at_block(100));
+        // The first pass decides the verdict; rise (2) passes in a row make the node risen.
+        let first = bench.check(1, at_block(100));
+        assert_eq!(first.new_verdict, Some(Verdict::Healthy));
+        assert_eq!(bench.health(1).passes, 1);
+        let second = bench.check(1, at_block(100));
+        assert!(second.changed, "reaching rise is news to a joining backend");
+        assert_eq!(bench.health(1).passes, 2);
+        let third = bench.check(1, at_block(100));
+        assert!(
+            !third.changed,
+            "a risen node's next pass changes nothing shown"
+        );
+        assert_eq!(bench.health(1).passes, 2);
+        // One failure starts the count again, though the verdict holds until `fall`.
+        bench.check(1, refused());
+        assert_eq!(bench.health(1).verdict, Verdict::Healthy);
+        assert_eq!(bench.health(1).passes, 0);
+        bench.check(1, at_block(100));
+        assert_eq!(bench.health(1).passes, 1);
+        assert_eq!(bench.judge.snapshot().rise, 2);
     }
 
     #[test]
@@ -838,6 +871,7 @@ mod tests {
     fn only_shown_changes_count_as_changes() {
         let mut bench = healthy_pair();
         bench.advance(STEP);
+        assert!(bench.check(1, at_block(100)).changed, "rise passes reached");
         assert!(!bench.check(1, at_block(100)).changed);
         assert!(bench.check(1, at_block(101)).changed);
         assert!(bench.check(2, refused()).changed, "a new last error");

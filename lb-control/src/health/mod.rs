@@ -40,6 +40,10 @@ use crate::model::HealthCheck;
 pub struct Target {
     pub endpoint: SocketAddr,
     pub check: HealthCheck,
+    /// Judged from scratch, apart from the node's usual target: a backend joining (or rejoining
+    /// after a rollout restarted its node) must pass `rise` checks made from then on, whatever
+    /// the node's earlier checks found.
+    pub joining: bool,
 }
 
 /// The node as logs and metrics name it: its endpoint.
@@ -106,6 +110,9 @@ pub struct NodeHealth {
     /// connections" (HTTP 429): every connection slot is taken. It is not down for that: it
     /// stays in the kernel's table and keeps its clients, but gets no new gateway clients.
     pub saturated: bool,
+    /// Checks passed in a row (none failed since), counted up to `rise`: a node at `rise` has
+    /// risen, which a joining backend waits for.
+    pub passes: u32,
     /// When the last check finished (RFC 3339).
     #[serde(serialize_with = "serialize_time")]
     #[schema(value_type = Option<String>, example = "2026-11-25T15:20:00.123Z")]
@@ -137,6 +144,7 @@ impl NodeHealth {
             genesis: None,
             last_error: None,
             saturated: false,
+            passes: 0,
             last_checked: None,
         }
     }
@@ -162,4 +170,7 @@ pub struct HealthSnapshot {
     /// The best block of each chain, by genesis hash; a node's lag is measured against its own
     /// chain's, so one load balancer can serve Polkadot and Kusama nodes side by side.
     pub chains: BTreeMap<String, u64>,
+    /// The `rise` these verdicts were judged with: a joining backend enters once its node has
+    /// passed this many checks in a row.
+    pub rise: u32,
 }

@@ -478,6 +478,7 @@ mod tests {
             Target {
                 endpoint: self.address,
                 check: HealthCheck::Substrate,
+                joining: false,
             }
         }
 

@@ -116,10 +116,7 @@ impl ApiKeys {
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
         }
-        let mut bytes = [0u8; SECRET_BYTES];
-        // ThreadRng is a CSPRNG seeded from the OS.
-        rand::rng().fill_bytes(&mut bytes);
-        let secret = format!("{SECRET_PREFIX}{}", to_hex(&bytes));
+        let secret = new_secret(SECRET_PREFIX);
         let secret_sha256 = digest(&secret);
         let created = SystemTime::now();
         let _changing = self.lock_changes();
@@ -230,8 +227,22 @@ impl ApiKeys {
 /// Whether `secret` has the form of a key: [`SECRET_PREFIX`] and 64 lowercase hex digits.
 /// Anything else cannot be a key, and is refused before any lookup.
 pub fn is_well_formed(secret: &str) -> bool {
-    secret.len() == SECRET_LEN
-        && secret.strip_prefix(SECRET_PREFIX).is_some_and(|hex| {
+    has_secret_form(SECRET_PREFIX, secret)
+}
+
+/// A new secret: `prefix` and 32 random bytes in lowercase hex. Join tokens are made the same
+/// way, under their own prefix.
+pub fn new_secret(prefix: &str) -> String {
+    let mut bytes = [0u8; SECRET_BYTES];
+    // ThreadRng is a CSPRNG seeded from the OS.
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{prefix}{}", to_hex(&bytes))
+}
+
+/// Whether `secret` is `prefix` and 64 lowercase hex digits, the form [`new_secret`] makes.
+pub fn has_secret_form(prefix: &str, secret: &str) -> bool {
+    secret.len() == prefix.len() + 2 * SECRET_BYTES
+        && secret.strip_prefix(prefix).is_some_and(|hex| {
             hex.bytes()
                 .all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'))
         })
@@ -264,6 +275,15 @@ fn describe_limit(limit: Option<RateLimit>) -> String {
 
 /// Names show in logs, metrics labels and tables: a short, plain alphabet.
 pub fn validate_name(name: &str) -> Result<(), KeyError> {
+    check_name("key", name).map_err(|reason| KeyError::Invalid {
+        field: "name",
+        reason,
+    })
+}
+
+/// Whether `name` is a name of a `what` (key, join token): 1 to [`MAX_NAME_LEN`] letters,
+/// digits, '_', '.' or '-'; else why not.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     let valid = (1..=MAX_NAME_LEN).contains(&name.len())
         && name
             .chars()
@@ -271,13 +291,10 @@ pub fn validate_name(name: &str) -> Result<(), KeyError> {
     if valid {
         Ok(())
     } else {
-        Err(KeyError::Invalid {
-            field: "name",
-            reason: format!(
-                "\"{name}\" is not a key name: use 1 to {MAX_NAME_LEN} letters, digits, '_', '.' \
-                 or '-'"
-            ),
-        })
+        Err(format!(
+            "\"{name}\" is not a {what} name: use 1 to {MAX_NAME_LEN} letters, digits, '_', '.' \
+             or '-'"
+        ))
     }
 }
 

@@ -1,4 +1,4 @@
-//! The persistent state store: services, backends, API keys and the event log.
+//! The persistent state store: services, backends, API keys, join tokens and the event log.
 //!
 //! One interface, two engines: SQLite ([`sqlite`], one file, the embedded default for one
 //! host) and etcd ([`etcd`], shared by every lb-control of a cluster, chosen by
@@ -38,8 +38,8 @@ use std::{
 use tokio::sync::watch;
 
 use crate::model::{
-    ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, Event, Origin, RateLimit, Service,
-    ServiceDef, ServiceId,
+    ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, Event, JoinTokenId, JoinTokenRecord,
+    Origin, RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
 };
 pub use etcd::EtcdError;
 use etcd::{EtcdStore, EtcdTx};
@@ -242,6 +242,15 @@ impl Store {
         }
     }
 
+    /// Every join token, revoked ones included, ordered by id.
+    pub fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.join_tokens(),
+            Engine::Etcd(etcd) => etcd.join_tokens(),
+        }
+    }
+
     /// Records last-used times in one transaction (batched by the caller; not an event).
     /// Last use never goes back: an older time than the stored one is ignored.
     pub fn touch_api_keys(&self, used: &[(ApiKeyId, SystemTime)]) -> Result<(), StoreError> {
@@ -279,6 +288,7 @@ impl Store {
             self.services()?,
             self.backends()?,
             self.api_keys()?,
+            self.join_tokens()?,
             self.events(None, usize::MAX)?,
         ))
     }
@@ -302,6 +312,7 @@ impl Store {
         Ok(self.services()?.is_empty()
             && self.backends()?.is_empty()
             && self.api_keys()?.is_empty()
+            && self.join_tokens()?.is_empty()
             && self.events(None, 1)?.is_empty())
     }
 
@@ -428,6 +439,33 @@ impl Tx<'_> {
         match &mut self.0 {
             TxEngine::Sqlite(tx) => tx.set_api_key_limit(id, rate_limit),
             TxEngine::Etcd(tx) => tx.set_api_key_limit(id, rate_limit),
+        }
+    }
+
+    /// Adds a join token; its name and its secret must both be new among join tokens.
+    pub fn insert_join_token(
+        &mut self,
+        name: &str,
+        secret_sha256: &[u8; 32],
+        services: &[ServiceKey],
+        created: SystemTime,
+    ) -> Result<JoinTokenId, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.insert_join_token(name, secret_sha256, services, created),
+            TxEngine::Etcd(tx) => tx.insert_join_token(name, secret_sha256, services, created),
+        }
+    }
+
+    /// Revokes join token `id` as of `at`; false if there is no such token or it is already
+    /// revoked (the first revocation time stays).
+    pub fn revoke_join_token(
+        &mut self,
+        id: JoinTokenId,
+        at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.revoke_join_token(id, at),
+            TxEngine::Etcd(tx) => tx.revoke_join_token(id, at),
         }
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ApiKeyId, ApiKeyRecord, Event, RateLimit};
+use crate::model::{ApiKeyId, ApiKeyRecord, Event, JoinTokenId, JoinTokenRecord, RateLimit};
 
 /// Milliseconds since the Unix epoch, negative before it; saturates ~292 million years out.
 pub(super) fn unix_ms(time: SystemTime) -> i64 {
@@ -85,6 +85,66 @@ impl KeyEntry {
                 .transpose()?,
         })
     }
+}
+
+/// A join token as JSON: its services by key (`192.0.2.10:9944/tcp`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub id: JoinTokenId,
+    pub name: String,
+    /// Lowercase hex of the secret's SHA-256.
+    pub secret_sha256: String,
+    pub services: Vec<String>,
+    pub created_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<i64>,
+}
+
+impl TokenEntry {
+    pub(super) fn from_record(record: &JoinTokenRecord) -> TokenEntry {
+        TokenEntry {
+            id: record.id,
+            name: record.name.clone(),
+            secret_sha256: hex::encode(record.secret_sha256),
+            services: record.services.iter().map(ToString::to_string).collect(),
+            created_ms: unix_ms(record.created),
+            revoked_ms: record.revoked.map(unix_ms),
+        }
+    }
+
+    /// The record, or what is wrong with this entry.
+    pub(super) fn to_record(&self) -> Result<JoinTokenRecord, String> {
+        let mut secret_sha256 = [0u8; 32];
+        hex::decode_to_slice(&self.secret_sha256, &mut secret_sha256).map_err(|_| {
+            format!(
+                "secret_sha256 {:?} is not 64 hex digits",
+                self.secret_sha256
+            )
+        })?;
+        Ok(JoinTokenRecord {
+            id: self.id,
+            name: self.name.clone(),
+            secret_sha256,
+            services: parse_services(&self.services)?,
+            created: time("created_ms", self.created_ms)?,
+            revoked: self
+                .revoked_ms
+                .map(|ms| time("revoked_ms", ms))
+                .transpose()?,
+        })
+    }
+}
+
+/// Service keys as stored, or which one is not a key.
+pub(super) fn parse_services(services: &[String]) -> Result<Vec<crate::model::ServiceKey>, String> {
+    services
+        .iter()
+        .map(|service| {
+            service
+                .parse()
+                .map_err(|problem| format!("services: {problem}"))
+        })
+        .collect()
 }
 
 /// One event as JSON.

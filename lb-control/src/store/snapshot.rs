@@ -6,13 +6,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{EventEntry, KeyEntry};
-use crate::model::{ApiKeyRecord, Backend, Event, Service};
+use super::record::{EventEntry, KeyEntry, TokenEntry};
+use crate::model::{ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
 
 /// What [`Snapshot::format`] says, so a wrong file is refused by name.
 pub const FORMAT: &str = "lb-control-state";
-/// Bumped when a field changes meaning; a newer file is refused.
-pub const VERSION: u32 = 1;
+/// Bumped when a field changes meaning or is added; a newer file is refused. Version 2 added
+/// `join_tokens` (a version 1 file has none).
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +23,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     pub backends: Vec<Backend>,
     pub api_keys: Vec<KeyEntry>,
+    #[serde(default)]
+    pub join_tokens: Vec<TokenEntry>,
     pub events: Vec<EventEntry>,
 }
 
@@ -42,6 +45,7 @@ impl Snapshot {
         services: Vec<Service>,
         backends: Vec<Backend>,
         api_keys: Vec<ApiKeyRecord>,
+        join_tokens: Vec<JoinTokenRecord>,
         events: Vec<Event>,
     ) -> Snapshot {
         Snapshot {
@@ -50,6 +54,7 @@ impl Snapshot {
             services,
             backends,
             api_keys: api_keys.iter().map(KeyEntry::from_record).collect(),
+            join_tokens: join_tokens.iter().map(TokenEntry::from_record).collect(),
             events: events.iter().map(EventEntry::from_event).collect(),
         }
     }
@@ -78,13 +83,14 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    /// `2 services, 5 backends, 3 API keys, 120 events`
+    /// `2 services, 5 backends, 3 API keys, 1 join tokens, 120 events`
     pub fn summary(&self) -> String {
         format!(
-            "{} services, {} backends, {} API keys, {} events",
+            "{} services, {} backends, {} API keys, {} join tokens, {} events",
             self.services.len(),
             self.backends.len(),
             self.api_keys.len(),
+            self.join_tokens.len(),
             self.events.len()
         )
     }

@@ -7,8 +7,8 @@ use std::{
 
 use super::{Engine, EtcdSettings, Store, StoreError, sqlite::schema::SCHEMA_VERSION, test_etcd};
 use crate::model::{
-    AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol,
-    RateLimit, Service, ServiceDef,
+    AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, JoinTokenRecord,
+    Origin, Protocol, RateLimit, Service, ServiceDef, ServiceKey,
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
@@ -99,6 +99,8 @@ on_both_engines!(
     api_key_by_hash_finds_the_key,
     key_revocation_and_limit_changes_apply_once_to_existing_keys,
     touch_api_keys_updates_last_used_and_never_moves_it_back,
+    join_tokens_round_trip_and_are_revoked_once,
+    duplicate_join_token_name_or_secret_is_a_conflict_naming_it,
     events_are_ordered_and_capped,
     calls_are_counted_by_kind_across_clones,
     an_export_imports_into_an_empty_store_as_the_same_state,
@@ -466,6 +468,7 @@ fn failed_write_leaves_nothing_behind(place: &Place) {
     assert_eq!(store.services().expect("services"), []);
     assert_eq!(store.backends().expect("backends"), []);
     assert_eq!(store.api_keys().expect("keys"), []);
+    assert_eq!(store.join_tokens().expect("join tokens"), []);
     assert_eq!(store.events(None, 10).expect("events"), []);
 }
 
@@ -552,6 +555,75 @@ fn key_revocation_and_limit_changes_apply_once_to_existing_keys(place: &Place) {
         .expect("lookup")
         .expect("key");
     assert_eq!(key.rate_limit, None);
+}
+
+fn service_key(text: &str) -> ServiceKey {
+    text.parse().expect("test service key")
+}
+
+fn join_tokens_round_trip_and_are_revoked_once(place: &Place) {
+    let store = place.open();
+    let services = [
+        service_key("192.0.2.10:9944"),
+        service_key("[2001:db8::10]:30333/udp"),
+    ];
+    let (eu, us) = store
+        .write(|tx| -> Result<_, StoreError> {
+            Ok((
+                tx.insert_join_token("eu", &[1; 32], &services, at(1))?,
+                tx.insert_join_token("us", &[2; 32], &services[..1], at(2))?,
+            ))
+        })
+        .expect("tokens");
+    store
+        .write(|tx| -> Result<_, StoreError> {
+            assert!(tx.revoke_join_token(eu, at(3))?);
+            assert!(!tx.revoke_join_token(eu, at(4))?, "already revoked");
+            assert!(!tx.revoke_join_token(us + 1, at(4))?, "no such token");
+            Ok(())
+        })
+        .expect("revoking");
+    let expected = vec![
+        JoinTokenRecord {
+            id: eu,
+            name: "eu".to_owned(),
+            secret_sha256: [1; 32],
+            services: services.to_vec(),
+            created: at(1),
+            revoked: Some(at(3)),
+        },
+        JoinTokenRecord {
+            id: us,
+            name: "us".to_owned(),
+            secret_sha256: [2; 32],
+            services: services[..1].to_vec(),
+            created: at(2),
+            revoked: None,
+        },
+    ];
+    assert_eq!(store.join_tokens().expect("tokens"), expected);
+    // Another handle (a restart, or another lb-control) reads the same.
+    assert_eq!(place.open().join_tokens().expect("tokens"), expected);
+}
+
+fn duplicate_join_token_name_or_secret_is_a_conflict_naming_it(place: &Place) {
+    let store = place.open();
+    let services = [service_key("192.0.2.10:9944")];
+    store
+        .write(|tx| tx.insert_join_token("eu", &[1; 32], &services, at(0)))
+        .expect("first token");
+    assert_eq!(
+        conflict_message(store.write(|tx| tx.insert_join_token("eu", &[2; 32], &services, at(0)))),
+        "a join token named eu already exists"
+    );
+    assert_eq!(
+        conflict_message(store.write(|tx| tx.insert_join_token("us", &[1; 32], &services, at(0)))),
+        "a join token with this secret already exists"
+    );
+    // Join tokens and API keys are apart: a key may share a token's name.
+    store
+        .write(|tx| tx.insert_api_key("eu", &[3; 32], None, at(0)))
+        .expect("a key named like a token");
 }
 
 fn touch_api_keys_updates_last_used_and_never_moves_it_back(place: &Place) {
@@ -702,6 +774,18 @@ fn fill(store: &Store) {
                 at(1),
             )?;
             tx.insert_api_key("bob", &[8; 32], None, at(2))?;
+            let eu =
+                tx.insert_join_token("eu", &[9; 32], &[service_key("192.0.2.1:443")], at(2))?;
+            tx.revoke_join_token(eu, at(3))?;
+            tx.insert_join_token(
+                "us",
+                &[10; 32],
+                &[
+                    service_key("192.0.2.1:443"),
+                    service_key("[2001:db8::1]:443/udp"),
+                ],
+                at(4),
+            )?;
             tx.record_event("service.added", "service 1", "config")?;
             Ok((service, key))
         })
@@ -730,6 +814,7 @@ fn state_of(store: &Store) -> impl PartialEq + std::fmt::Debug {
         snapshot.services,
         snapshot.backends,
         snapshot.api_keys,
+        snapshot.join_tokens,
         events,
     )
 }
@@ -754,7 +839,8 @@ fn an_export_imports_into_an_empty_store_as_the_same_state(place: &Place) {
 fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
     let store = place.open();
     fill(&store);
-    let empty = super::snapshot::Snapshot::new(Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let empty =
+        super::snapshot::Snapshot::new(Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let refused = store
         .import(&empty, false)
         .expect_err("the store has state");
@@ -766,6 +852,7 @@ fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
     store.import(&empty, true).expect("replacing");
     assert_eq!(store.services().expect("services"), []);
     assert_eq!(store.api_keys().expect("keys"), []);
+    assert_eq!(store.join_tokens().expect("join tokens"), []);
     assert_eq!(store.events(None, 10).expect("events"), []);
 }
 

@@ -90,6 +90,8 @@ impl Default for LabConfig {
 pub struct Lab {
     run: Run,
     topology: Topology,
+    /// sim-node's block interval.
+    block_time: Duration,
 }
 
 impl Lab {
@@ -108,7 +110,11 @@ impl Lab {
                 .collect();
             run.start_sim_nodes(&nodes, config.block_time)?;
         }
-        Ok(Lab { run, topology })
+        Ok(Lab {
+            run,
+            topology,
+            block_time: config.block_time,
+        })
     }
 
     /// The run prefix `lbt-<pid>-<seq>`: every namespace name starts with it, and it is
@@ -147,6 +153,12 @@ impl Lab {
     /// Node `index`'s sim-node control endpoint.
     pub fn node_control_addr(&self, index: usize) -> SocketAddr {
         SocketAddr::from((self.node(index).addr_v4, SIM_NODE_CONTROL_PORT))
+    }
+
+    /// The arguments sim-node runs with in node `index`'s namespace, as the lab starts it: for
+    /// a test that restarts it the way an operator restarts a node.
+    pub fn sim_node_args(&self, index: usize) -> Vec<String> {
+        run::sim_node_args(index, self.block_time)
     }
 
     /// Adds `count` source addresses to the client (see

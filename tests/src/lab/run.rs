@@ -170,17 +170,7 @@ impl Run {
         let program = binary_path("sim-node")?;
         for (index, (netns, _)) in nodes.iter().enumerate() {
             let id = format!("node{index}");
-            let args = [
-                // [::] takes IPv4 too (bindv6only is off in new namespaces).
-                "--listen".to_owned(),
-                format!("[::]:{SIM_NODE_RPC_PORT}"),
-                "--control".to_owned(),
-                format!("[::]:{SIM_NODE_CONTROL_PORT}"),
-                "--id".to_owned(),
-                id.clone(),
-                "--block-time-ms".to_owned(),
-                block_time.as_millis().to_string(),
-            ];
+            let args = sim_node_args(index, block_time);
             let log = self.log_dir.join(format!("sim-node-{id}.log"));
             let process = LabProcess::spawn(format!("sim-node {id}"), netns, &program, &args, log)?;
             self.processes.push(process);
@@ -263,6 +253,21 @@ impl Run {
             .map(|entry| entry.path())
             .collect()
     }
+}
+
+/// sim-node's arguments in node `index`'s namespace.
+pub(crate) fn sim_node_args(index: usize, block_time: Duration) -> Vec<String> {
+    vec![
+        // [::] takes IPv4 too (bindv6only is off in new namespaces).
+        "--listen".to_owned(),
+        format!("[::]:{SIM_NODE_RPC_PORT}"),
+        "--control".to_owned(),
+        format!("[::]:{SIM_NODE_CONTROL_PORT}"),
+        "--id".to_owned(),
+        format!("node{index}"),
+        "--block-time-ms".to_owned(),
+        block_time.as_millis().to_string(),
+    ]
 }
 
 impl Drop for Run {

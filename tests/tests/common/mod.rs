@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,8 @@ use anyhow::{Context, bail, ensure};
 use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
     lab::{
-        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, certs::GatewayCerts, in_netns, run_checked,
+        Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, certs::GatewayCerts, command_in_netns,
+        in_netns, js_dir, run_checked,
     },
     rpc_client::RpcConnection,
     sim_node::{ControlClient, Fault, NodeStatus},
@@ -555,12 +556,22 @@ impl GatewayLab {
         services: &[ServiceConf],
         gateway_options: &str,
     ) -> anyhow::Result<GatewayLab> {
+        GatewayLab::start_with(lab, services, gateway_options, "")
+    }
+
+    /// [`GatewayLab::start`] with `sections` (more TOML tables, e.g. `[admin]`) in the config.
+    pub fn start_with(
+        lab: &mut Lab,
+        services: &[ServiceConf],
+        gateway_options: &str,
+        sections: &str,
+    ) -> anyhow::Result<GatewayLab> {
         let address = lab.lb().addr_v4;
         let GatewayCerts { ca, cert, key } =
             GatewayCerts::write(lab.log_dir(), "gateway", &[address.into()])?;
         let section = format!(
             "[gateway]\nlisten = \"{address}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\n\
-             tls_key = \"{}\"\n{gateway_options}\n",
+             tls_key = \"{}\"\n{gateway_options}\n{sections}\n",
             cert.display(),
             key.display()
         );
@@ -585,4 +596,72 @@ impl GatewayLab {
     pub fn metrics(&self, lab: &Lab) -> anyhow::Result<String> {
         Ok(lab.lb_control_metrics()?)
     }
+
+    /// `GET /health` on the gateway's port, no key, as a DNS provider's monitor asks it: the
+    /// status line (`200 2`: code and HTTP version) and the body.
+    pub fn health(&self, lab: &Lab) -> anyhow::Result<(String, serde_json::Value)> {
+        let mut curl = command_in_netns(&lab.client().netns, "curl")?;
+        curl.args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .args(["-w", "\n%{http_code} %{http_version}"])
+            .arg(format!("https://{}:{GATEWAY_PORT}/health", self.address));
+        let text = String::from_utf8(run_checked(&mut curl)?.stdout)?;
+        let (body, status) = text
+            .rsplit_once('\n')
+            .context("curl printed no status line")?;
+        let body = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+        Ok((status.to_owned(), body))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// JavaScript clients (tests/js)
+// ---------------------------------------------------------------------------------------------
+
+/// Starts `node FLAGS SCRIPT ARGS…` (a script in tests/js) in the client namespace, trusting
+/// the lab CA in `ca`; its output is piped, for [`js_summary`]. The scripts bound their own
+/// run time.
+pub fn spawn_js(
+    lab: &Lab,
+    ca: &Path,
+    node_flags: &[&str],
+    script: &str,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    command_in_netns(&lab.client().netns, "node")?
+        .args(node_flags)
+        .arg(script)
+        .args(args)
+        .current_dir(js_dir())
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        // A script that runs until told may wait for its standard input to close.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))
+}
+
+/// The JSON summary `script` printed as its last line, failing with the error it reports.
+pub fn js_summary(
+    script: &str,
+    args: &[&str],
+    output: &Output,
+) -> anyhow::Result<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: serde_json::Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .with_context(|| {
+            format!(
+                "node {script} printed no JSON summary; stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    ensure!(
+        output.status.success() && summary.get("error").is_none(),
+        "node {script} {args:?} failed: {summary}"
+    );
+    Ok(summary)
 }

@@ -6,7 +6,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use lb_control::{backends::State, model::RateLimit};
-use lb_tests::{sim_node::SimNodeHandle, ws_client::WsClient};
+use lb_tests::{
+    sim_node::{Fault, SimNodeHandle},
+    ws_client::WsClient,
+};
 use serde_json::{Value, json};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_rustls::client::TlsStream;
@@ -505,4 +508,25 @@ async fn a_node_s_clients_are_counted_and_closed_with_1012_at_a_drain_s_end() {
         setup.clients.count(node) == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_call_in_flight_at_a_drain_s_end_is_answered_before_the_1012_close() {
+    let setup = Setup::start(2).await;
+    let mut ws = setup.connect().await;
+    let peer_id = ws.call(UNCACHED_READ, json!([])).await["result"].clone();
+    let node = setup.node_with_peer_id(&peer_id);
+    node.set_fault(Fault::Slow { delay_ms: 500 });
+    let sent_before = node.request_count(UNCACHED_READ);
+    ws.send_text(request(41, UNCACHED_READ, json!([])).to_string())
+        .await;
+    poll::until("the slow call to reach the node", || async {
+        node.request_count(UNCACHED_READ) > sent_before
+    })
+    .await;
+    assert_eq!(setup.clients.close(node.rpc_addr()), 1);
+    let answer = ws.answer(41).await.expect("answered before the close");
+    assert_eq!(answer["result"], peer_id, "{answer}");
+    let frame = ws.closed().await.expect("a close frame");
+    assert_eq!(frame.code, CloseCode::Restart, "{frame:?}");
 }

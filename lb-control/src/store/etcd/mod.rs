@@ -6,6 +6,7 @@
 //! P/services/<id>   a service (JSON)        P/keys/<id>       an API key, without last use
 //! P/backends/<id>   a backend (JSON)        P/key-used/<id>   its last use (ms), apart
 //! P/events/<id>     an event (JSON)         P/ids             the last id of each kind
+//! P/join-tokens/<id>  a join token (JSON)
 //! ```
 //!
 //! A write is optimistic and serializable: its transaction reads at one revision, and commits
@@ -40,11 +41,11 @@ use tokio::sync::watch as tokio_watch;
 
 use super::{
     StoreChanges, StoreError, Tx, TxEngine,
-    record::{EventEntry, KeyEntry, unix_ms},
+    record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
     settings::{EtcdSettings, UnreadableFile},
     snapshot::Snapshot,
 };
-use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, Service};
+use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
 pub(super) use tx::EtcdTx;
 
 /// How long one request may take. A member without a leader refuses at once; this bounds a
@@ -90,6 +91,7 @@ enum Dir {
     Backends,
     Keys,
     KeyUsed,
+    JoinTokens,
     Events,
 }
 
@@ -100,6 +102,7 @@ impl Dir {
             Dir::Backends => "backends",
             Dir::Keys => "keys",
             Dir::KeyUsed => "key-used",
+            Dir::JoinTokens => "join-tokens",
             Dir::Events => "events",
         }
     }
@@ -133,6 +136,7 @@ impl Layout {
             Dir::Backends,
             Dir::Keys,
             Dir::KeyUsed,
+            Dir::JoinTokens,
             Dir::Events,
         ]
         .into_iter()
@@ -149,6 +153,9 @@ struct Ids {
     services: i64,
     backends: i64,
     api_keys: i64,
+    /// Absent before join tokens existed.
+    #[serde(default)]
+    join_tokens: i64,
     events: i64,
 }
 
@@ -349,6 +356,21 @@ impl EtcdStore {
             .collect()
     }
 
+    pub(super) fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let (kvs, _) = self.range(
+            self.inner.layout.dir(Dir::JoinTokens),
+            GetOptions::new().with_prefix(),
+        )?;
+        kvs.iter()
+            .map(|kv| {
+                let entry: TokenEntry = self.decode(kv)?;
+                entry
+                    .to_record()
+                    .map_err(|problem| corrupt(&self.inner.endpoints, kv, &problem))
+            })
+            .collect()
+    }
+
     pub(super) fn api_key_by_hash(
         &self,
         secret_sha256: &[u8; 32],
@@ -474,6 +496,7 @@ impl EtcdStore {
             services: last(&mut snapshot.services.iter().map(|s| s.id)),
             backends: last(&mut snapshot.backends.iter().map(|b| b.id)),
             api_keys: last(&mut snapshot.api_keys.iter().map(|k| k.id)),
+            join_tokens: last(&mut snapshot.join_tokens.iter().map(|t| t.id)),
             events: last(&mut snapshot.events.iter().map(|e| e.id)),
         };
         let wipe = [TxnOp::delete(
@@ -508,6 +531,13 @@ impl EtcdStore {
             puts.push(TxnOp::put(
                 layout.key(Dir::Keys, key.id),
                 encode(&entry),
+                None,
+            ));
+        }
+        for token in &snapshot.join_tokens {
+            puts.push(TxnOp::put(
+                layout.key(Dir::JoinTokens, token.id),
+                encode(token),
                 None,
             ));
         }

@@ -10,11 +10,12 @@ use serde::de::DeserializeOwned;
 use super::{Dir, EtcdStore, Ids, encode};
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, Origin, RateLimit, Service, ServiceDef, ServiceId,
+        ApiKeyId, Backend, BackendDef, BackendId, JoinTokenId, Origin, RateLimit, Service,
+        ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
-        record::{EventEntry, KeyEntry, unix_ms},
+        record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
     },
 };
 
@@ -30,6 +31,7 @@ pub(in crate::store) struct EtcdTx {
     services: Option<BTreeMap<ServiceId, Service>>,
     backends: Option<BTreeMap<BackendId, Backend>>,
     keys: Option<BTreeMap<ApiKeyId, KeyEntry>>,
+    tokens: Option<BTreeMap<JoinTokenId, TokenEntry>>,
     /// What the commit writes: a key's new value, or None to delete it. A map, because etcd
     /// refuses a Txn that writes one key twice.
     writes: BTreeMap<String, Option<Vec<u8>>>,
@@ -51,6 +53,7 @@ impl EtcdTx {
             services: None,
             backends: None,
             keys: None,
+            tokens: None,
             writes: BTreeMap::new(),
         })
     }
@@ -129,6 +132,13 @@ impl EtcdTx {
             self.keys = Some(self.load(Dir::Keys, |k: &KeyEntry| k.id)?);
         }
         Ok(self.keys.get_or_insert_default())
+    }
+
+    fn tokens_mut(&mut self) -> Result<&mut BTreeMap<JoinTokenId, TokenEntry>, StoreError> {
+        if self.tokens.is_none() {
+            self.tokens = Some(self.load(Dir::JoinTokens, |t: &TokenEntry| t.id)?);
+        }
+        Ok(self.tokens.get_or_insert_default())
     }
 
     fn put(&mut self, dir: Dir, id: i64, value: &impl serde::Serialize) {
@@ -352,6 +362,56 @@ impl EtcdTx {
             entry.rate_limit = rate_limit;
             true
         })
+    }
+
+    pub(in crate::store) fn insert_join_token(
+        &mut self,
+        name: &str,
+        secret_sha256: &[u8; 32],
+        services: &[ServiceKey],
+        created: SystemTime,
+    ) -> Result<JoinTokenId, StoreError> {
+        let secret = hex::encode(secret_sha256);
+        let tokens = self.tokens_mut()?;
+        if tokens.values().any(|token| token.name == name) {
+            return Err(StoreError::Conflict {
+                what: format!("a join token named {name}"),
+            });
+        }
+        if tokens.values().any(|token| token.secret_sha256 == secret) {
+            return Err(StoreError::Conflict {
+                what: "a join token with this secret".to_owned(),
+            });
+        }
+        self.ids.join_tokens += 1;
+        let entry = TokenEntry {
+            id: self.ids.join_tokens,
+            name: name.to_owned(),
+            secret_sha256: secret,
+            services: services.iter().map(ToString::to_string).collect(),
+            created_ms: unix_ms(created),
+            revoked_ms: None,
+        };
+        self.put(Dir::JoinTokens, entry.id, &entry);
+        self.tokens_mut()?.insert(entry.id, entry);
+        Ok(self.ids.join_tokens)
+    }
+
+    pub(in crate::store) fn revoke_join_token(
+        &mut self,
+        id: JoinTokenId,
+        at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let Some(entry) = self.tokens_mut()?.get_mut(&id) else {
+            return Ok(false);
+        };
+        if entry.revoked_ms.is_some() {
+            return Ok(false);
+        }
+        entry.revoked_ms = Some(unix_ms(at));
+        let entry = entry.clone();
+        self.put(Dir::JoinTokens, id, &entry);
+        Ok(true)
     }
 
     pub(in crate::store) fn record_event(

@@ -80,8 +80,9 @@ async fn watch_from(
             match event.kv().and_then(|kv| layout.dir_of(kv.key())) {
                 Some(Dir::Services | Dir::Backends) => backends = true,
                 Some(Dir::Keys) => keys = true,
-                // Last use and events change nothing anyone serves from.
-                Some(Dir::KeyUsed | Dir::Events) | None => {}
+                // Last use and events change nothing anyone serves from; join tokens are read
+                // from the store at each use.
+                Some(Dir::KeyUsed | Dir::JoinTokens | Dir::Events) | None => {}
             }
         }
         if backends || keys {

@@ -18,8 +18,13 @@ use rusqlite::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::model::{ApiKeyRecord, Backend, BackendDef, Event, RateLimit, Service, ServiceDef};
-use crate::store::{StoreError, record::from_unix_ms};
+use crate::model::{
+    ApiKeyRecord, Backend, BackendDef, Event, JoinTokenRecord, RateLimit, Service, ServiceDef,
+};
+use crate::store::{
+    StoreError,
+    record::{from_unix_ms, parse_services},
+};
 
 /// An enum bound as its serde name.
 pub(super) struct SerdeText<'a, T>(pub(super) &'a T);
@@ -108,6 +113,29 @@ impl<'a> RowDecoder<'a> {
             rate_limit,
             created: self.time(row, "created_ms")?,
             last_used: self.optional_time(row, "last_used_ms")?,
+            revoked: self.optional_time(row, "revoked_ms")?,
+        })
+    }
+
+    pub(super) fn join_token(&self, row: &Row<'_>) -> Result<JoinTokenRecord, StoreError> {
+        let secret: Vec<u8> = row.get("secret_sha256")?;
+        let secret_sha256 = secret.as_slice().try_into().map_err(|_| {
+            self.corrupt(
+                "secret_sha256",
+                format_args!("{} bytes, not a 32-byte SHA-256", secret.len()),
+            )
+        })?;
+        let services: String = row.get("services")?;
+        let services = serde_json::from_str::<Vec<String>>(&services)
+            .map_err(|error| error.to_string())
+            .and_then(|services| parse_services(&services))
+            .map_err(|problem| self.corrupt("services", format_args!("{problem}")))?;
+        Ok(JoinTokenRecord {
+            id: self.id,
+            name: row.get("name")?,
+            secret_sha256,
+            services,
+            created: self.time(row, "created_ms")?,
             revoked: self.optional_time(row, "revoked_ms")?,
         })
     }

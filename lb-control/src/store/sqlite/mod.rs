@@ -18,7 +18,7 @@ use std::{
 use rusqlite::{Connection, TransactionBehavior, ffi, params};
 
 use super::{StoreError, Tx, TxEngine, record::unix_ms, snapshot::Snapshot};
-use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, Service};
+use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
 use codec::RowDecoder;
 pub(super) use tx::SqliteTx;
 
@@ -91,7 +91,10 @@ impl SqliteStore {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Backends go with their services (ON DELETE CASCADE).
-        tx.execute_batch("DELETE FROM services; DELETE FROM api_keys; DELETE FROM events;")?;
+        tx.execute_batch(
+            "DELETE FROM services; DELETE FROM api_keys; DELETE FROM join_tokens; \
+             DELETE FROM events;",
+        )?;
         let mut tx = SqliteTx::new(tx, &self.path, i64::MAX);
         for service in &snapshot.services {
             tx.restore_service(service)?;
@@ -101,6 +104,9 @@ impl SqliteStore {
         }
         for key in &snapshot.api_keys {
             tx.restore_api_key(key)?;
+        }
+        for token in &snapshot.join_tokens {
+            tx.restore_join_token(token)?;
         }
         for event in &snapshot.events {
             tx.restore_event(event)?;
@@ -134,6 +140,21 @@ impl SqliteStore {
             return Ok(None);
         };
         Ok(Some(self.decoder("api_keys", row)?.api_key(row)?))
+    }
+
+    /// Every join token, revoked ones included, ordered by id.
+    pub(super) fn join_tokens(&self) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare(
+            "SELECT id, name, secret_sha256, services, created_ms, revoked_ms FROM join_tokens \
+             ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut tokens = Vec::new();
+        while let Some(row) = rows.next()? {
+            tokens.push(self.decoder("join_tokens", row)?.join_token(row)?);
+        }
+        Ok(tokens)
     }
 
     /// Records last-used times in one transaction.

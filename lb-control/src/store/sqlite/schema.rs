@@ -12,7 +12,8 @@ use super::StoreError;
 
 /// STRICT: a hand edit cannot put text in an integer column. AUTOINCREMENT: ids are never
 /// reused, so an id in a log line or an event always means one record.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         vip TEXT NOT NULL,
@@ -56,7 +57,19 @@ const MIGRATIONS: &[&str] = &["
         subject TEXT NOT NULL,
         detail TEXT NOT NULL
     ) STRICT;
-"];
+",
+    "
+    -- services: a JSON array of service keys (\"192.0.2.10:9944/tcp\").
+    CREATE TABLE join_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        secret_sha256 BLOB NOT NULL UNIQUE CHECK (length(secret_sha256) = 32),
+        services TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+    ) STRICT;
+",
+];
 
 /// The schema version this build writes.
 pub(in crate::store) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

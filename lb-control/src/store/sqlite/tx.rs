@@ -7,11 +7,12 @@ use rusqlite::{OptionalExtension as _, Transaction, ffi, params};
 use super::codec::SerdeText;
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, Origin, RateLimit, Service, ServiceDef, ServiceId,
+        ApiKeyId, Backend, BackendDef, BackendId, JoinTokenId, Origin, RateLimit, Service,
+        ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
-        record::{EventEntry, KeyEntry, unix_ms},
+        record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
     },
 };
 
@@ -237,6 +238,52 @@ impl<'a> SqliteTx<'a> {
         Ok(changed > 0)
     }
 
+    /// Adds a join token; its name and its secret must both be new.
+    pub(in crate::store) fn insert_join_token(
+        &mut self,
+        name: &str,
+        secret_sha256: &[u8; 32],
+        services: &[ServiceKey],
+        created: SystemTime,
+    ) -> Result<JoinTokenId, StoreError> {
+        self.tx
+            .execute(
+                "INSERT INTO join_tokens (name, secret_sha256, services, created_ms) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    name,
+                    &secret_sha256[..],
+                    services_json(services),
+                    unix_ms(created),
+                ],
+            )
+            .map_err(|error| {
+                let on_secret = error.to_string().contains("join_tokens.secret_sha256");
+                unique_conflict(error, || {
+                    if on_secret {
+                        "a join token with this secret".to_owned()
+                    } else {
+                        format!("a join token named {name}")
+                    }
+                })
+            })?;
+        Ok(self.tx.last_insert_rowid())
+    }
+
+    /// Revokes join token `id` as of `at`; false if there is no such token or it is already
+    /// revoked.
+    pub(in crate::store) fn revoke_join_token(
+        &mut self,
+        id: JoinTokenId,
+        at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let changed = self.tx.execute(
+            "UPDATE join_tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![id, unix_ms(at)],
+        )?;
+        Ok(changed > 0)
+    }
+
     /// Appends an event stamped now and returns its id; the oldest events beyond the cap go.
     pub(in crate::store) fn record_event(
         &mut self,
@@ -318,6 +365,25 @@ impl SqliteTx<'_> {
         Ok(())
     }
 
+    pub(super) fn restore_join_token(&mut self, token: &TokenEntry) -> Result<(), StoreError> {
+        let record = token.to_record().map_err(|problem| StoreError::Corrupt {
+            what: format!("import: join token {}: {problem}", token.id),
+        })?;
+        self.tx.execute(
+            "INSERT INTO join_tokens (id, name, secret_sha256, services, created_ms, revoked_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                record.id,
+                record.name,
+                &record.secret_sha256[..],
+                services_json(&record.services),
+                token.created_ms,
+                token.revoked_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
     pub(super) fn restore_event(&mut self, event: &EventEntry) -> Result<(), StoreError> {
         self.tx.execute(
             "INSERT INTO events (id, at_ms, kind, subject, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -331,6 +397,12 @@ impl SqliteTx<'_> {
         )?;
         Ok(())
     }
+}
+
+/// A join token's services as its column holds them: a JSON array of service keys.
+fn services_json(services: &[ServiceKey]) -> String {
+    let keys: Vec<String> = services.iter().map(ToString::to_string).collect();
+    serde_json::to_string(&keys).expect("strings serialize")
 }
 
 fn service_what(def: &ServiceDef) -> String {
