@@ -12,10 +12,10 @@ use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
         ErrorDetail, EventInfo, HaStatus, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock,
-        NewKey, NewService, RoleChange, ServiceInfo, StatsReport, WeightChange,
+        NewKey, NewService, RoleChange, ServiceInfo, StatsReport, TierChange, WeightChange,
     },
     ha::Role,
-    model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId},
+    model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId, Tier},
 };
 
 #[derive(Debug, Error)]
@@ -178,6 +178,15 @@ impl AdminClient {
             Method::PUT,
             &format!("/v1/backends/{id}/weight"),
             Some(&WeightChange { weight }),
+        )
+        .await
+    }
+
+    pub async fn set_tier(&self, id: BackendId, tier: Tier) -> Result<BackendInfo, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/backends/{id}/tier"),
+            Some(&TierChange { tier }),
         )
         .await
     }

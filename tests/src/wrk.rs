@@ -215,11 +215,21 @@ mod tests {
 /// `rpc answered=… failed=… connect=… read=… write=… timeout=… max_latency_ms=…
 /// first_failure=…`, that [`CountedReads`] reads.
 pub fn counting_script(body: &str) -> String {
+    counting_script_with_headers(body, &[])
+}
+
+/// [`counting_script`] with `headers` on every request (`Connection: close` makes each request
+/// a new connection, a new flow through the kernel path).
+pub fn counting_script_with_headers(body: &str, headers: &[(&str, &str)]) -> String {
+    let headers: String = headers
+        .iter()
+        .map(|(name, value)| format!("wrk.headers[\"{name}\"] = \"{value}\"\n"))
+        .collect();
     format!(
         r#"wrk.method = "POST"
 wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
-local threads = {{}}
+{headers}local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) answered = 0; failed = 0; first_failure = "" end
 function response(status, headers, body)
@@ -286,5 +296,65 @@ impl CountedReads {
 impl fmt::Display for CountedReads {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.line)
+    }
+}
+
+/// wrk running a [`counting_script`] in the background from a lab namespace until
+/// [`Background::stop`]; killed if dropped before.
+pub struct Background {
+    child: Option<std::process::Child>,
+}
+
+impl Background {
+    /// Starts `wrk -t<threads> -c<connections> --timeout 5s -s <script> <url>` in `netns`, for
+    /// at most `longest` (a bound: [`Background::stop`] ends it).
+    pub fn start(
+        netns: &str,
+        threads: usize,
+        connections: usize,
+        longest: Duration,
+        script: &Path,
+        url: &str,
+    ) -> anyhow::Result<Background> {
+        let mut command = crate::lab::command_in_netns(netns, "wrk")?;
+        command
+            .arg(format!("-t{threads}"))
+            .arg(format!("-c{connections}"))
+            .arg(format!("-d{}s", longest.as_secs()))
+            .args(["--timeout", "5s", "-s"])
+            .arg(script)
+            .arg(url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().context("starting wrk")?;
+        Ok(Background { child: Some(child) })
+    }
+
+    /// Stops wrk (SIGINT: it ends its run and prints its summary) and reads the summary.
+    pub fn stop(mut self) -> anyhow::Result<CountedReads> {
+        let child = self.child.take().context("wrk was stopped already")?;
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: plain kill(2) of our own child, not reaped yet: its pid cannot be reused.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        let output = child.wait_with_output().context("waiting for wrk")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        CountedReads::from_output(&stdout).with_context(|| {
+            format!(
+                "wrk ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )
+        })
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

@@ -153,6 +153,7 @@ fn documented_routes(token: &str) -> OpenApiRouter<Context> {
         .routes(routes!(backends::enable))
         .routes(routes!(backends::disable))
         .routes(routes!(backends::set_weight))
+        .routes(routes!(backends::set_tier))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limit))

@@ -26,7 +26,7 @@ use crate::{
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
-        HealthCheck, Protocol, RateLimit, Service, ServiceDef, ServiceId,
+        HealthCheck, Protocol, RateLimit, Service, ServiceDef, ServiceId, Tier,
     },
 };
 
@@ -152,6 +152,10 @@ pub struct ServiceInfo {
     pub service: Service,
     /// `192.0.2.10:9944/tcp`
     pub name: String,
+    /// The tier new flows go to: the lowest with a backend up (0 = the primaries); null while
+    /// no backend is in rotation.
+    #[serde(default)]
+    pub serving_tier: Option<Tier>,
     pub backends: Vec<BackendInfo>,
 }
 
@@ -174,6 +178,11 @@ pub struct NewBackend {
     pub weight: u32,
     #[serde(default)]
     pub admin: AdminState,
+    /// 0 = primary; 1, 2, … = backups, which get new flows only while every lower tier is
+    /// down.
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub tier: Tier,
 }
 
 fn default_rpc_port() -> u16 {
@@ -189,6 +198,14 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct WeightChange {
     pub weight: u32,
+}
+
+/// Body of `PUT /v1/backends/{id}/tier`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierChange {
+    /// 0 = primary; 1, 2, … = backups.
+    pub tier: Tier,
 }
 
 /// What a backend still carries (`GET /v1/backends/{id}/connections`).

@@ -19,7 +19,7 @@ use lb_control::{
     ha::Role,
     model::{
         AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Protocol,
-        RateLimit, ServiceId,
+        RateLimit, ServiceId, Tier,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -131,6 +131,10 @@ pub enum BackendAction {
         /// Relative share of new connections.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// 0 = primary; 1, 2, … = backups, which get new connections only while every lower
+        /// tier is down.
+        #[arg(long, default_value_t = 0)]
+        tier: Tier,
     },
     /// Remove a backend: its flows move to the other backends.
     Remove { id: BackendId },
@@ -152,6 +156,8 @@ pub enum BackendAction {
     Disable { id: BackendId },
     /// Set a backend's weight.
     Weight { id: BackendId, weight: u32 },
+    /// Move a backend to another tier (0 = primary).
+    Tier { id: BackendId, tier: Tier },
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,7 +352,8 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
 
 async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
     let client = client(api)?;
-    let changed = |verb: &'static str| {
+    let changed = |verb: &str| {
+        let verb = verb.to_owned();
         move |backend: &BackendInfo| {
             println!(
                 "backend {} ({}) {verb}: now {}",
@@ -365,6 +372,7 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
             service,
             rpc_port,
             weight,
+            tier,
         } => {
             let new = NewBackend {
                 address,
@@ -372,6 +380,7 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
                 rpc_port,
                 weight,
                 admin: AdminState::Enabled,
+                tier,
             };
             let backend = client.add_backend(&new).await?;
             show(api, &backend, |backend| {
@@ -413,6 +422,11 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
             api,
             &client.set_weight(id, weight).await?,
             changed("re-weighted"),
+        )?,
+        BackendAction::Tier { id, tier } => show(
+            api,
+            &client.set_tier(id, tier).await?,
+            changed(&format!("moved to tier {tier}")),
         )?,
     }
     Ok(())
@@ -548,7 +562,7 @@ fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
     for service in services {
         println!();
         println!(
-            "service {}  {}  mode {}  check {}  ({} of {} backends up)",
+            "service {}  {}  mode {}  check {}  ({} of {} backends up; {})",
             service.service.id,
             service.name,
             variant_name(&service.service.def.mode),
@@ -558,11 +572,21 @@ fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
                 .iter()
                 .filter(|backend| backend.state.name() == "up")
                 .count(),
-            service.backends.len()
+            service.backends.len(),
+            describe_serving_tier(service.serving_tier)
         );
         if !service.backends.is_empty() {
             print_backends(&service.backends);
         }
+    }
+}
+
+/// Which tier serves a service: its primaries, a backup tier, or none.
+fn describe_serving_tier(tier: Option<Tier>) -> String {
+    match tier {
+        Some(0) => "served by tier 0 (primaries)".to_owned(),
+        Some(tier) => format!("served by backup tier {tier}"),
+        None => "no tier serving".to_owned(),
     }
 }
 
@@ -583,7 +607,7 @@ fn print_services(services: &[ServiceInfo]) {
 
 fn print_backends(backends: &[BackendInfo]) {
     let mut table = Table::new(&[
-        "ID", "SERVICE", "ADDRESS", "RPC", "WEIGHT", "ADMIN", "STATE", "HEALTH",
+        "ID", "SERVICE", "ADDRESS", "RPC", "TIER", "WEIGHT", "ADMIN", "STATE", "HEALTH",
     ]);
     for backend in backends {
         table.row(vec![
@@ -591,6 +615,7 @@ fn print_backends(backends: &[BackendInfo]) {
             backend.service_name.clone(),
             backend.backend.def.address.to_string(),
             backend.backend.def.rpc_port.to_string(),
+            backend.backend.def.tier.to_string(),
             backend.backend.def.weight.to_string(),
             variant_name(&backend.backend.def.admin),
             describe_state(backend),

@@ -97,14 +97,18 @@ pub struct NodeSpec {
 
 /// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
 /// per RPC endpoint (the highest weight wins), ordered by endpoint. New clients go to these.
-/// Saturated nodes are left out (their new clients go to the next node of their Maglev order),
-/// unless every live node is saturated: then nowhere is better, and pooled connections to them
-/// may still serve.
+/// Across services the backend set's rule holds too: healthy nodes before the "least bad" kept
+/// as a fallback, then the lowest tier. Saturated nodes are left out (their new clients go to
+/// the next node of their Maglev order), unless every live node is saturated: then nowhere is
+/// better, and pooled connections to them may still serve.
 fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
-    let up = || {
+    let rank = |backend: &BackendView| (backend.fallback, backend.backend.def.tier);
+    let candidates = || {
         backends_of(view, service)
             .filter(|backend| backend.state == State::Up && backend.backend.def.weight > 0)
     };
+    let best = candidates().map(rank).min();
+    let up = || candidates().filter(|backend| Some(rank(backend)) == best);
     let any_unsaturated = up().any(|backend| !backend.saturated);
     let mut nodes: Vec<NodeSpec> = Vec::new();
     for backend in up() {
@@ -122,12 +126,13 @@ fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> 
     nodes
 }
 
-/// The RPC endpoints that may keep the clients they have: `Up` and `Draining` backends (a
-/// draining node takes no new client, and its WebSocket clients stay until it goes down or is
-/// disabled). Ordered, once each.
+/// The RPC endpoints that may keep the clients they have: `Up`, `Draining` and `Standby`
+/// backends (a draining node, or one of a backup tier while a lower tier serves, takes no new
+/// client, and its WebSocket clients stay until it goes down or is disabled). Ordered, once
+/// each.
 fn serving_endpoints(view: &ClusterView, service: Option<ServiceKey>) -> Vec<SocketAddr> {
     let mut endpoints: Vec<SocketAddr> = backends_of(view, service)
-        .filter(|backend| matches!(backend.state, State::Up | State::Draining))
+        .filter(|backend| backend.state.keeps_connections())
         .map(|backend| backend.backend.def.rpc_endpoint())
         .collect();
     endpoints.sort();
@@ -558,6 +563,7 @@ mod tests {
                         rpc_port: port,
                         weight: 1,
                         admin: AdminState::Enabled,
+                        tier: 0,
                     },
                     origin: Origin::Config,
                 },
@@ -570,6 +576,7 @@ mod tests {
             services: vec![ServiceView {
                 service,
                 name: "192.0.2.10:9944/tcp".to_owned(),
+                serving_tier: Some(0),
                 backends,
             }],
         }
@@ -588,6 +595,42 @@ mod tests {
         // Every live node full: none is better than another.
         let view = view_of(&[(State::Up, true), (State::Down, false), (State::Up, true)]);
         assert_eq!(ViewNodes::of(&view, None).rotation, vec![node(1), node(3)]);
+    }
+
+    #[test]
+    fn new_clients_go_to_the_lowest_tier_and_healthy_nodes_before_the_least_bad() {
+        // Nodes 1 and 2 primaries of one service, 3 a backup up in another service (whose
+        // primaries are down), 4 a backup standing by: the primaries take new clients, every
+        // node keeps the ones it has.
+        let mut view = view_of(&[
+            (State::Up, false),
+            (State::Up, false),
+            (State::Up, false),
+            (State::Standby, false),
+        ]);
+        for backend in &mut view.services[0].backends[2..] {
+            backend.backend.def.tier = 1;
+        }
+        let nodes = ViewNodes::of(&view, None);
+        assert_eq!(nodes.rotation, vec![node(1), node(2)]);
+        assert_eq!(nodes.healthy, 2);
+        assert_eq!(
+            nodes.serving,
+            vec![
+                node(1).endpoint,
+                node(2).endpoint,
+                node(3).endpoint,
+                node(4).endpoint
+            ]
+        );
+
+        // The primaries kept only as the least bad: the healthy backup takes the new clients.
+        for backend in &mut view.services[0].backends[..2] {
+            backend.fallback = true;
+        }
+        let nodes = ViewNodes::of(&view, None);
+        assert_eq!(nodes.rotation, vec![node(3)]);
+        assert_eq!(nodes.healthy, 1);
     }
 
     fn node(port: u16) -> NodeSpec {

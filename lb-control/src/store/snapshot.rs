@@ -11,8 +11,10 @@ use crate::model::{ApiKeyRecord, Backend, Event, Service};
 
 /// What [`Snapshot::format`] says, so a wrong file is refused by name.
 pub const FORMAT: &str = "lb-control-state";
-/// Bumped when a field changes meaning; a newer file is refused.
-pub const VERSION: u32 = 1;
+/// Bumped when a field changes meaning or is added; a newer file is refused. 2: backends have
+/// a `tier` (a version 1 file's backends read as primaries, tier 0; a version 1 reader would
+/// have taken backups for primaries).
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

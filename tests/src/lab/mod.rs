@@ -90,6 +90,8 @@ impl Default for LabConfig {
 pub struct Lab {
     run: Run,
     topology: Topology,
+    /// sim-node's block interval, for nodes started again.
+    block_time: Duration,
 }
 
 impl Lab {
@@ -108,7 +110,11 @@ impl Lab {
                 .collect();
             run.start_sim_nodes(&nodes, config.block_time)?;
         }
-        Ok(Lab { run, topology })
+        Ok(Lab {
+            run,
+            topology,
+            block_time: config.block_time,
+        })
     }
 
     /// The run prefix `lbt-<pid>-<seq>`: every namespace name starts with it, and it is
@@ -223,6 +229,14 @@ impl Lab {
             .process(&format!("sim-node node{index}"))?
             .signal(libc::SIGKILL);
         Ok(())
+    }
+
+    /// Starts node `index`'s sim-node again after [`Lab::kill_sim_node`], as a node that comes
+    /// back (at the chain's head), and waits until it accepts connections.
+    pub fn restart_sim_node(&mut self, index: usize) -> Result<(), LabError> {
+        let node = &self.topology.nodes[index];
+        self.run
+            .restart_sim_node(index, &node.netns, node.addr_v4, self.block_time)
     }
 
     /// Fails naming the first process that has exited; the lab binary calls it while it waits.

@@ -167,35 +167,47 @@ impl Run {
         nodes: &[(String, std::net::Ipv4Addr)],
         block_time: Duration,
     ) -> Result<(), LabError> {
-        let program = binary_path("sim-node")?;
         for (index, (netns, _)) in nodes.iter().enumerate() {
-            let id = format!("node{index}");
-            let args = [
-                // [::] takes IPv4 too (bindv6only is off in new namespaces).
-                "--listen".to_owned(),
-                format!("[::]:{SIM_NODE_RPC_PORT}"),
-                "--control".to_owned(),
-                format!("[::]:{SIM_NODE_CONTROL_PORT}"),
-                "--id".to_owned(),
-                id.clone(),
-                "--block-time-ms".to_owned(),
-                block_time.as_millis().to_string(),
-            ];
-            let log = self.log_dir.join(format!("sim-node-{id}.log"));
-            let process = LabProcess::spawn(format!("sim-node {id}"), netns, &program, &args, log)?;
+            let log = self.log_dir.join(format!("sim-node-node{index}.log"));
+            let process = spawn_sim_node(index, netns, block_time, log)?;
             self.processes.push(process);
         }
         // All were started first, so they come up in parallel.
         let first = self.processes.len() - nodes.len();
         for ((netns, addr), process) in nodes.iter().zip(&mut self.processes[first..]) {
-            let rpc = SocketAddr::from((*addr, SIM_NODE_RPC_PORT));
-            process.wait_ready(&format!("{rpc} to accept"), SIM_NODE_READY_TIMEOUT, || {
-                in_netns(netns, || {
-                    TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
-                })
-            })?;
+            wait_until_sim_node_accepts(process, netns, *addr)?;
         }
         Ok(())
+    }
+
+    /// Starts node `index`'s sim-node (at `netns`, `addr`) again after its process ended (a
+    /// test killed it): the node comes back at the chain's head, since sim-node's chain follows
+    /// the clock. Waits until it answers.
+    pub fn restart_sim_node(
+        &mut self,
+        index: usize,
+        netns: &str,
+        addr: std::net::Ipv4Addr,
+        block_time: Duration,
+    ) -> Result<(), LabError> {
+        let name = format!("sim-node node{index}");
+        let position = self
+            .processes
+            .iter()
+            .position(|process| process.name() == name)
+            .ok_or_else(|| LabError::Config(format!("the lab runs no {name}")))?;
+        let mut ended = [self.processes.remove(position)];
+        // Reaps it (and stops it first if it still runs).
+        let problems = process::stop_all(&mut ended, STOP_GRACE);
+        if !problems.is_empty() {
+            return Err(LabError::Cleanup(problems));
+        }
+        let log = self
+            .log_dir
+            .join(format!("sim-node-node{index}-after-{}.log", ended[0].pid()));
+        self.processes
+            .push(spawn_sim_node(index, netns, block_time, log)?);
+        wait_until_sim_node_accepts(self.last_process(), netns, addr)
     }
 
     fn last_process(&mut self) -> &mut LabProcess {
@@ -285,4 +297,46 @@ fn delete_netns_and_strays(netns: &str) -> Result<(), LabError> {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     netns::delete_netns(netns)
+}
+
+/// Starts lab node `index`'s sim-node in `netns`, its output in `log`.
+fn spawn_sim_node(
+    index: usize,
+    netns: &str,
+    block_time: Duration,
+    log: PathBuf,
+) -> Result<LabProcess, LabError> {
+    let id = format!("node{index}");
+    let args = [
+        // [::] takes IPv4 too (bindv6only is off in new namespaces).
+        "--listen".to_owned(),
+        format!("[::]:{SIM_NODE_RPC_PORT}"),
+        "--control".to_owned(),
+        format!("[::]:{SIM_NODE_CONTROL_PORT}"),
+        "--id".to_owned(),
+        id.clone(),
+        "--block-time-ms".to_owned(),
+        block_time.as_millis().to_string(),
+    ];
+    LabProcess::spawn(
+        format!("sim-node {id}"),
+        netns,
+        &binary_path("sim-node")?,
+        &args,
+        log,
+    )
+}
+
+/// Waits until the sim-node `process` at `addr` in `netns` accepts RPC connections.
+fn wait_until_sim_node_accepts(
+    process: &mut LabProcess,
+    netns: &str,
+    addr: std::net::Ipv4Addr,
+) -> Result<(), LabError> {
+    let rpc = SocketAddr::from((addr, SIM_NODE_RPC_PORT));
+    process.wait_ready(&format!("{rpc} to accept"), SIM_NODE_READY_TIMEOUT, || {
+        in_netns(netns, || {
+            TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
+        })
+    })
 }

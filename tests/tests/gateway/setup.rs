@@ -386,6 +386,7 @@ pub fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
                     rpc_port: node.rpc_addr().port(),
                     weight: 1,
                     admin: AdminState::Enabled,
+                    tier: 0,
                 },
                 origin: Origin::Config,
             },
@@ -398,6 +399,7 @@ pub fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
         services: vec![ServiceView {
             service,
             name: "192.0.2.10:9944/tcp".to_owned(),
+            serving_tier: Some(0),
             backends,
         }],
     }

@@ -12,7 +12,8 @@ use super::StoreError;
 
 /// STRICT: a hand edit cannot put text in an integer column. AUTOINCREMENT: ids are never
 /// reused, so an id in a log line or an event always means one record.
-const MIGRATIONS: &[&str] = &["
+pub(in crate::store) const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         vip TEXT NOT NULL,
@@ -56,7 +57,12 @@ const MIGRATIONS: &[&str] = &["
         subject TEXT NOT NULL,
         detail TEXT NOT NULL
     ) STRICT;
-"];
+",
+    "
+    -- Backend tiers: every backend stored before them is a primary.
+    ALTER TABLE backends ADD COLUMN tier INTEGER NOT NULL DEFAULT 0;
+",
+];
 
 /// The schema version this build writes.
 pub(in crate::store) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
