@@ -11,8 +11,9 @@ use thiserror::Error;
 use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, HaStatus, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock,
-        NewKey, NewService, RoleChange, ServiceInfo, StatsReport, TierChange, WeightChange,
+        ErrorDetail, EventInfo, GatewayInfo, HaStatus, KeyCreated, KeyInfo, LimitChange,
+        NewBackend, NewBlock, NewKey, NewService, RoleChange, ServiceInfo, StatsReport, TierChange,
+        WeightChange,
     },
     ha::Role,
     model::{AdminState, ApiKeyId, Backend, BackendId, Service, ServiceId, Tier},
@@ -257,6 +258,10 @@ impl AdminClient {
     }
 
     /// This lb-control's role in its HA pair.
+    pub async fn gateway(&self) -> Result<GatewayInfo, ClientError> {
+        self.call(Method::GET, "/v1/gateway", None::<&()>).await
+    }
+
     pub async fn ha_status(&self) -> Result<HaStatus, ClientError> {
         self.call(Method::GET, "/v1/ha", None::<&()>).await
     }

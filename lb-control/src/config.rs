@@ -389,6 +389,11 @@ mod tests {
             header_timeout = "0s"
             deny = ["bad name"]
             auth_failures_block = { after = 0 }
+            [[gateway.remotes]]
+            url = "http://fallback.example.org"
+            key_file = "/etc/lb-control/fallback.key"
+            ca_file = "/etc/lb-control/fallback-ca.pem"
+            tier = 12
             "#,
         )
         .expect_err("invalid gateway")
@@ -403,6 +408,9 @@ mod tests {
             "gateway.header_timeout: must be longer than 0",
             "gateway.deny[0]: \"bad name\" is not a method name",
             "gateway.auth_failures_block.after: must be at least 1",
+            "gateway.remotes[0].url: \"http://fallback.example.org\": the remote is called over \
+             TLS",
+            "gateway.remotes[0].tier: tier: 12 is not a tier",
         ] {
             assert!(
                 message.contains(expected),

@@ -2,6 +2,8 @@
 //! request, so each request is a new flow) and through the gateway at once: the backup tier
 //! gets no new flow and no gateway request while a primary is up, takes both over when every
 //! primary dies (the failover time is printed), and gets none again once a primary returns.
+//! The same through the gateway with another site's gateway (a second lb-control in another
+//! namespace, over https and wss with its own key and CA) as the last tier.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
@@ -16,7 +18,11 @@ use std::{
 
 use anyhow::{Context, ensure};
 use common::{GatewayLab, ServiceConf, VIP_V4, backend_addr, backup, up, wait_for};
-use lb_tests::{lab::Lab, wrk};
+use lb_tests::{
+    lab::Lab,
+    prometheus::{samples, sum},
+    wrk,
+};
 
 const PRIMARIES: [usize; 2] = [0, 1];
 const BACKUP: usize = 2;
@@ -31,6 +37,8 @@ const STEADY: u64 = 200;
 /// node out after interval + (fall - 1) × fast_interval plus a check's timeout, about 2.2 s;
 /// twice that leaves room for a machine that wrk (and other work) keeps busy.
 const FAILOVER_WITHIN: Duration = Duration::from_millis(4400);
+/// A bound on a load's run: the test stops it when it has seen enough.
+const LONGEST_LOAD: Duration = Duration::from_secs(120);
 
 /// Calls of `method` node `index` has answered since its sim-node started.
 fn answered(lab: &Lab, index: usize, method: &str) -> anyhow::Result<u64> {
@@ -85,6 +93,30 @@ fn read(method: &str) -> String {
     format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}"}}"#)
 }
 
+/// wrk through the gateway, keep-alive, asking [`GATEWAY_METHOD`].
+fn load_through_gateway(lab: &Lab, gateway: &GatewayLab) -> anyhow::Result<wrk::Background> {
+    let script = write_script(
+        lab,
+        "gateway.lua",
+        &wrk::counting_script(&read(GATEWAY_METHOD)),
+    )?;
+    wrk::Background::start(
+        &lab.client().netns,
+        1,
+        8,
+        LONGEST_LOAD,
+        &script,
+        &gateway.url("https"),
+    )
+}
+
+/// The tier the gateway's new clients go to, as `lb_gateway_serving_tier` says.
+fn gateway_serving_tier(metrics: &str) -> Option<f64> {
+    samples(metrics, "lb_gateway_serving_tier")
+        .next()
+        .map(|sample| sample.value)
+}
+
 #[test]
 fn backup_tier_serves_only_while_every_primary_is_down_under_wrk() -> anyhow::Result<()> {
     let mut lab = common::start_lab(3, true, Duration::from_millis(500));
@@ -104,29 +136,15 @@ fn backup_tier_serves_only_while_every_primary_is_down_under_wrk() -> anyhow::Re
         "l4.lua",
         &wrk::counting_script_with_headers(&read(L4_METHOD), &[("Connection", "close")]),
     )?;
-    let gateway_script = write_script(
-        &lab,
-        "gateway.lua",
-        &wrk::counting_script(&read(GATEWAY_METHOD)),
-    )?;
-    let client = lab.client().netns.clone();
-    let longest = Duration::from_secs(120);
     let l4 = wrk::Background::start(
-        &client,
+        &lab.client().netns,
         1,
         4,
-        longest,
+        LONGEST_LOAD,
         &l4_script,
         &format!("http://{}/", service.target()),
     )?;
-    let through_gateway = wrk::Background::start(
-        &client,
-        1,
-        8,
-        longest,
-        &gateway_script,
-        &gateway.url("https"),
-    )?;
+    let through_gateway = load_through_gateway(&lab, &gateway)?;
 
     // Primaries up: the backup gets nothing new, by either path.
     wait_for("both loads answered by the primaries", || {
@@ -248,5 +266,117 @@ fn backup_tier_serves_only_while_every_primary_is_down_under_wrk() -> anyhow::Re
     let through_gateway = through_gateway.stop()?;
     println!("wrk through the kernel path (a connection per request): {l4}");
     println!("wrk through the gateway (keep-alive): {through_gateway}");
+    Ok(())
+}
+
+/// The node whose namespace is the other site.
+const SITE_NODE: usize = 2;
+
+#[test]
+fn a_remote_gateway_serves_as_the_last_tier_only_while_every_local_node_is_down()
+-> anyhow::Result<()> {
+    let mut lab = common::start_lab(3, true, Duration::from_millis(500));
+    let site = lab.start_remote_site(SITE_NODE)?;
+    let service = ServiceConf::checked(VIP_V4, vec![up(0), up(1)]);
+    let gateway = GatewayLab::start(
+        &mut lab,
+        std::slice::from_ref(&service),
+        &site.gateway_remote(1),
+    )?;
+    // The health checker and the gateway name the remote by its relay's address.
+    let metrics = gateway.metrics(&lab)?;
+    let relay = samples(&metrics, "lb_gateway_remote_info")
+        .find(|sample| sample.label("remote") == Some(site.url.as_str()))
+        .and_then(|sample| sample.label("node"))
+        .with_context(|| format!("no lb_gateway_remote_info for {}:\n{metrics}", site.url))?
+        .to_owned();
+    wait_for(
+        "the remote checked healthy and the primaries serving",
+        || {
+            let metrics = gateway.metrics(&lab)?;
+            let checked = sum(&metrics, "lb_health_checks_total", |sample| {
+                sample.label("node") == Some(relay.as_str()) && sample.label("result") == Some("ok")
+            });
+            Ok(checked >= 2.0 && gateway_serving_tier(&metrics) == Some(0.0))
+        },
+    )
+    .with_context(|| gateway.lb_control.log_tail())?;
+
+    let load = load_through_gateway(&lab, &gateway)?;
+    wait_for("the load answered by the primaries", || {
+        Ok(answered_by_primaries(&lab, GATEWAY_METHOD)? >= STEADY)
+    })?;
+    let by_site = |lab: &Lab| answered(lab, SITE_NODE, GATEWAY_METHOD);
+    ensure!(
+        by_site(&lab)? == 0,
+        "the other site answered {} requests while both local nodes were up",
+        by_site(&lab)?
+    );
+
+    // Every local node dies: the other site serves the gateway's clients.
+    for index in PRIMARIES {
+        lab.kill_sim_node(index)?;
+    }
+    let killed = Instant::now();
+    wait_for("the other site to answer the load", || {
+        Ok(by_site(&lab)? > 0)
+    })
+    .with_context(|| gateway.lb_control.log_tail())?;
+    let took = killed.elapsed();
+    println!(
+        "failover to the remote gateway after every local node was killed: first request \
+         answered by the other site after {took:?}"
+    );
+    ensure!(
+        took <= FAILOVER_WITHIN,
+        "the other site answered {took:?} after the local nodes died (at most \
+         {FAILOVER_WITHIN:?})\n{}",
+        gateway.lb_control.log_tail()
+    );
+    wait_for("the load answered by the other site", || {
+        Ok(by_site(&lab)? >= STEADY)
+    })?;
+    let metrics = gateway.metrics(&lab)?;
+    ensure!(
+        gateway_serving_tier(&metrics) == Some(1.0),
+        "lb_gateway_serving_tier is not 1 while the other site serves:\n{metrics}"
+    );
+    let status = gateway.lb_control.cli_json(&lab, &["status", "--json"])?;
+    let shown = &status["gateway"];
+    ensure!(
+        shown["serving_tier"] == 1
+            && shown["remotes"][0]["url"] == site.url.as_str()
+            && shown["remotes"][0]["health"]["verdict"] == "healthy",
+        "`lb-control status` does not show the other site serving: {shown:#}"
+    );
+    let text = gateway.lb_control.cli(&lab, &["status"])?;
+    ensure!(
+        text.contains("new clients served by backup tier 1") && text.contains(&site.url),
+        "{text}"
+    );
+
+    // The local nodes return: the other site gets nothing new.
+    for index in PRIMARIES {
+        lab.restart_sim_node(index)?;
+    }
+    wait_for("the primaries serving the gateway again", || {
+        Ok(gateway_serving_tier(&gateway.metrics(&lab)?) == Some(0.0))
+    })
+    .with_context(|| gateway.lb_control.log_tail())?;
+    wait_for("the load answered by the primaries again", || {
+        Ok(answered_by_primaries(&lab, GATEWAY_METHOD)? >= STEADY / 2)
+    })?;
+    let before = by_site(&lab)?;
+    let base = answered_by_primaries(&lab, GATEWAY_METHOD)?;
+    wait_for("more of the load answered by the primaries", || {
+        Ok(answered_by_primaries(&lab, GATEWAY_METHOD)? >= base + STEADY)
+    })?;
+    let after = by_site(&lab)?;
+    ensure!(
+        after == before,
+        "with the local nodes back, the other site still got requests: {before} -> {after}"
+    );
+    let load = load.stop()?;
+    println!("wrk through the gateway (keep-alive): {load}");
     Ok(())
 }

@@ -302,6 +302,33 @@ pub struct ClusterHealth {
     pub nodes: Vec<BackendInfo>,
 }
 
+/// `GET /v1/gateway`: what the gateway serves from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct GatewayInfo {
+    /// False without a gateway (`[gateway] listen` unset): the rest is empty then.
+    pub enabled: bool,
+    /// The tier new clients go to (a remote gateway's included); null while no node takes
+    /// them.
+    pub serving_tier: Option<Tier>,
+    /// Healthy nodes taking new clients (the "least bad" kept while none is healthy do not
+    /// count).
+    pub healthy_nodes: usize,
+    pub remotes: Vec<RemoteInfo>,
+}
+
+/// Another site's gateway, an upstream of its tier.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RemoteInfo {
+    /// Its URL as configured, without the key.
+    pub url: String,
+    pub tier: Tier,
+    /// The relay address it is checked and called at: its `node` label in the metrics.
+    #[schema(value_type = String, example = "127.0.0.1:41234")]
+    pub node: SocketAddr,
+    /// None until its first check.
+    pub health: Option<HealthInfo>,
+}
+
 #[derive(Debug, Clone, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]

@@ -12,8 +12,8 @@ use lb_control::{
     admin_client::{AdminClient, ClientError, admin_url},
     api::ADMIN_TOKEN_ENV,
     api::model::{
-        BackendInfo, BlockInfo, EventInfo, HaStatus, HealthInfo, KeyInfo, LimitChange, NewBackend,
-        NewBlock, NewKey, NewService, ServiceInfo, parse_prefix,
+        BackendInfo, BlockInfo, EventInfo, GatewayInfo, HaStatus, HealthInfo, KeyInfo, LimitChange,
+        NewBackend, NewBlock, NewKey, NewService, ServiceInfo, parse_prefix,
     },
     config::Config,
     ha::Role,
@@ -281,10 +281,16 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
             let client = client(&api)?;
             let services = client.services().await?;
             let health = client.health().await?;
+            let gateway = client.gateway().await?;
             if api.json {
-                print_json(&serde_json::json!({ "services": services, "health": health }))?;
+                print_json(&serde_json::json!({
+                    "services": services,
+                    "health": health,
+                    "gateway": gateway,
+                }))?;
             } else {
                 print_status(&services, health.cluster_best);
+                print_gateway(&gateway);
             }
         }
         AdminCommand::Service { api, action } => {
@@ -579,6 +585,32 @@ fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
             print_backends(&service.backends);
         }
     }
+}
+
+/// The tier the gateway's new clients go to, and its remote gateways with their health.
+fn print_gateway(gateway: &GatewayInfo) {
+    if !gateway.enabled {
+        return;
+    }
+    println!();
+    println!(
+        "gateway  new clients {}  ({} healthy nodes)",
+        describe_serving_tier(gateway.serving_tier),
+        gateway.healthy_nodes
+    );
+    if gateway.remotes.is_empty() {
+        return;
+    }
+    let mut table = Table::new(&["REMOTE", "TIER", "NODE", "HEALTH"]);
+    for remote in &gateway.remotes {
+        table.row(vec![
+            remote.url.clone(),
+            remote.tier.to_string(),
+            remote.node.to_string(),
+            describe_health(remote.health.as_ref()),
+        ]);
+    }
+    table.print();
 }
 
 /// Which tier serves a service: its primaries, a backup tier, or none.

@@ -26,6 +26,7 @@ mod netns;
 mod pair;
 mod process;
 mod run;
+mod site;
 mod sweep;
 mod topology;
 
@@ -46,6 +47,7 @@ pub use ha::{PAIR_GATEWAY_PORT, PairConfig, PairLab};
 pub use netns::{command_in_netns, in_netns, run_checked};
 pub use pair::{GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
 pub use process::LabProcess;
+pub use site::RemoteSite;
 pub use sweep::{SweepReport, sweep_stale};
 pub use topology::{Host, LbHost, MAX_EXTRA_CLIENT_ADDRESSES, MAX_NODES};
 

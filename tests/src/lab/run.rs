@@ -25,9 +25,8 @@ const SIM_NODE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const LB_CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long processes get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-/// What lb-control pins once its program is attached to the client interface: its readiness
-/// signal (maps are pinned earlier, at load).
-const LB_CONTROL_READY_PIN: &str = "link-client0";
+/// What lb-control logs once it serves (admin API, gateway, health checker).
+pub(crate) const LB_CONTROL_RUNNING_LOG: &str = "running; SIGHUP reloads the config";
 
 /// Sequence number of the next lab in this process: tests run labs in parallel threads.
 static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
@@ -108,7 +107,9 @@ impl Run {
         let log = self.log_dir.join(format!("{log_name}.log"));
         let process = LabProcess::spawn(log_name.to_owned(), netns, &program, &args, log)?;
         self.processes.push(process);
-        let ready_pin = Run::pin_dir(instance).join(LB_CONTROL_READY_PIN);
+        // What lb-control pins once its program is attached to the interface: its readiness
+        // signal (maps are pinned earlier, at load).
+        let ready_pin = Run::pin_dir(instance).join(format!("link-{iface}"));
         let process = self.last_process();
         process.wait_ready(
             &format!("{} to appear", ready_pin.display()),
@@ -210,7 +211,7 @@ impl Run {
         wait_until_sim_node_accepts(self.last_process(), netns, addr)
     }
 
-    fn last_process(&mut self) -> &mut LabProcess {
+    pub(crate) fn last_process(&mut self) -> &mut LabProcess {
         let last = self.processes.len() - 1;
         &mut self.processes[last]
     }

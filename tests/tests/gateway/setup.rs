@@ -172,6 +172,8 @@ impl Setup {
                 maglev_table_size: TABLE_SIZE,
                 blocks: blocks_tx,
                 clients: clients.clone(),
+                // No remote gateways here: nothing to judge.
+                health: watch::channel(Arc::default()).1,
             },
         )
         .expect("gateway starts");
