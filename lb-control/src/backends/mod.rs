@@ -733,16 +733,16 @@ fn update_metrics(metrics: &Metrics, before: &ClusterView, view: &ClusterView, c
             .services
             .iter()
             .find(|s| s.service.id == service.service.id)
-            .map(|s| s.serving_tier);
-        if was.is_some_and(|was| was != service.serving_tier) {
-            match service.serving_tier {
-                Some(0) => info!(service = %service.name, "served by its primaries (tier 0) again"),
-                Some(tier) => warn!(
-                    service = %service.name,
-                    "no backend of a lower tier is up: served by backup tier {tier}"
-                ),
-                None => {}
+            .and_then(|s| s.serving_tier);
+        match (was, service.serving_tier) {
+            (Some(was), Some(0)) if was > 0 => {
+                info!(service = %service.name, "served by its primaries (tier 0) again");
             }
+            (was, Some(tier)) if tier > 0 && was != Some(tier) => warn!(
+                service = %service.name,
+                "no backend of a lower tier is up: served by backup tier {tier}"
+            ),
+            _ => {}
         }
         if fallback {
             error!(

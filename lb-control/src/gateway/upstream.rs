@@ -4,10 +4,11 @@
 //! A client is kept on one node by a Maglev table over the live nodes (the kernel's
 //! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
 //! its reads see one node's view of the chain. The table is rebuilt whenever the backend set's
-//! view changes; only `Up` backends are in it, and of those only the ones not saturated (their
-//! node refuses new connections: "too many connections") while any is not. A read that fails on
-//! its node (connect error, dropped connection, timeout) is sent once to the next node of the
-//! table.
+//! view (or a remote gateway's health) changes; in it are the `Up` backends and the healthy
+//! remote gateways of the best rank (healthy before the "least bad", then the lowest tier), and
+//! of those only the ones not saturated (their node refuses new connections: "too many
+//! connections") while any is not. A read that fails on its node (connect error, dropped
+//! connection, timeout) is sent once to the next node of the table.
 //!
 //! A node gets at most `max_upstream_http_calls_per_node` calls at once ([`CallBudget`]), so
 //! the pool never opens more connections to it than that, whatever the clients send: a call

@@ -6,7 +6,9 @@
 //! `10.200.(10+i).1`. Every veth has TX checksum offload off; the client's and nodes' ends
 //! have GRO on and an XDP_PASS program attached, so native-mode XDP on the LB's ends can
 //! redirect and `XDP_TX` into them. The lab can run sim-node (or chopsticks, a real runtime) in
-//! the node namespaces and lb-control in the LB namespace.
+//! the node namespaces and lb-control in the LB namespace; a node's namespace can also host
+//! another site, a second lb-control whose gateway fronts that node ([`Lab::start_remote_site`]),
+//! and a killed sim-node can come back ([`Lab::restart_sim_node`]).
 //!
 //! Everything a lab makes is named with its run prefix `lbt-<pid>-<seq>` and removed when the
 //! `Lab` is dropped, on panic too: its processes, its namespaces (with their veths), the
