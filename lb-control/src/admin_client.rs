@@ -11,12 +11,12 @@ use thiserror::Error;
 use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, HaStatus, JoinRequest, KeyCreated, KeyInfo, LimitChange,
-        NewBackend, NewBlock, NewKey, NewService, NewToken, RoleChange, ServiceInfo, StatsReport,
-        TokenCreated, TokenInfo, WeightChange,
+        ErrorDetail, EventInfo, GatewayInfo, HaStatus, JoinRequest, KeyCreated, KeyInfo,
+        LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken, RoleChange, ServiceInfo,
+        StatsReport, TierChange, TokenCreated, TokenInfo, WeightChange,
     },
     ha::Role,
-    model::{AdminState, ApiKeyId, Backend, BackendId, JoinTokenId, Service, ServiceId},
+    model::{AdminState, ApiKeyId, Backend, BackendId, JoinTokenId, Service, ServiceId, Tier},
 };
 
 #[derive(Debug, Error)]
@@ -184,6 +184,15 @@ impl AdminClient {
         .await
     }
 
+    pub async fn set_tier(&self, id: BackendId, tier: Tier) -> Result<BackendInfo, ClientError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/backends/{id}/tier"),
+            Some(&TierChange { tier }),
+        )
+        .await
+    }
+
     pub async fn keys(&self) -> Result<Vec<KeyInfo>, ClientError> {
         self.call(Method::GET, "/v1/keys", None::<&()>).await
     }
@@ -268,6 +277,10 @@ impl AdminClient {
     }
 
     /// This lb-control's role in its HA pair.
+    pub async fn gateway(&self) -> Result<GatewayInfo, ClientError> {
+        self.call(Method::GET, "/v1/gateway", None::<&()>).await
+    }
+
     pub async fn ha_status(&self) -> Result<HaStatus, ClientError> {
         self.call(Method::GET, "/v1/ha", None::<&()>).await
     }

@@ -258,6 +258,7 @@ mod tests {
         let config = parse(include_str!("../../examples/lb.toml")).expect("examples/lb.toml");
         assert_eq!(config.services.len(), 1);
         assert_eq!(config.services[0].backends[2].admin, AdminState::Draining);
+        assert_eq!(config.services[0].backends[3].tier, 1);
     }
 
     #[test]
@@ -304,10 +305,17 @@ mod tests {
             [[services]]
             vip = "10.0.0.2"
             port = 0
+            backends = [{ address = "10.0.0.3:80", tier = 10 }]
             "#,
         )
-        .expect_err("port 0, table size not a prime")
+        .expect_err("port 0, table size not a prime, tier 10")
         .to_string();
+        assert!(
+            message.contains(
+                "services[1].backends[0].tier: tier: 10 is not a tier: use 0 (primary) to 9"
+            ),
+            "{message}"
+        );
         assert!(
             message.contains("services[1]: service 10.0.0.2:0: port 0"),
             "{message}"
@@ -381,6 +389,11 @@ mod tests {
             header_timeout = "0s"
             deny = ["bad name"]
             auth_failures_block = { after = 0 }
+            [[gateway.remotes]]
+            url = "http://fallback.example.org"
+            key_file = "/etc/lb-control/fallback.key"
+            ca_file = "/etc/lb-control/fallback-ca.pem"
+            tier = 12
             "#,
         )
         .expect_err("invalid gateway")
@@ -395,6 +408,9 @@ mod tests {
             "gateway.header_timeout: must be longer than 0",
             "gateway.deny[0]: \"bad name\" is not a method name",
             "gateway.auth_failures_block.after: must be at least 1",
+            "gateway.remotes[0].url: \"http://fallback.example.org\": the remote is called over \
+             TLS",
+            "gateway.remotes[0].tier: tier: 12 is not a tier",
         ] {
             assert!(
                 message.contains(expected),

@@ -33,11 +33,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, AdminContext},
-    backends::{BackendSet, Declared, Paused},
+    backends::{BackendSet, ClusterView, Declared, Paused},
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
     gateway::{
-        self, Bind, BlockRequest, Gateway, GatewayContext, GatewayMetrics, NodeClients, StopReason,
+        self, Bind, BlockRequest, Bound, Gateway, GatewayContext, GatewayMetrics, NodeClients,
+        StopReason,
     },
     ha::{Ha, RoleState, flow_sync},
     health,
@@ -275,9 +276,15 @@ impl Daemon {
         }
         tokio::spawn(follow_role(ha.subscribe(), backends.clone()));
 
-        let (targets_tx, targets_rx) = watch::channel(backends.view().health_targets());
+        // The remote gateways' relays are checked like the backends' nodes.
+        let remote_targets = gateway_bound
+            .as_ref()
+            .map(Bound::remote_targets)
+            .unwrap_or_default();
+        let (targets_tx, targets_rx) =
+            watch::channel(health_targets(&backends.view(), &remote_targets));
         let checker = health::spawn(config.health.clone(), targets_rx, metrics.clone());
-        tokio::spawn(follow_view(backends.clone(), targets_tx));
+        tokio::spawn(follow_view(backends.clone(), targets_tx, remote_targets));
         tokio::spawn(follow_health(backends.clone(), checker.snapshots()));
 
         let keys = ApiKeys::open(store.clone())?;
@@ -303,6 +310,7 @@ impl Daemon {
                     maglev_table_size: config.dataplane.maglev_table_size,
                     blocks,
                     clients: gateway_clients.clone(),
+                    health: checker.snapshots(),
                 },
             )?),
             None => None,
@@ -318,6 +326,7 @@ impl Daemon {
             blocklist: blocklist.clone(),
             pin_dir: pin_dir.clone(),
             gateway_clients,
+            gateway: gateway.as_ref().map(Gateway::state),
             ha: ha.clone(),
             token,
         };
@@ -550,11 +559,23 @@ async fn next_upgrade(upgrades: Option<&Upgrades>) -> (&Upgrades, UpgradeRequest
     }
 }
 
-/// Keeps the health checker's targets equal to the backend set's nodes.
-async fn follow_view(backends: Arc<BackendSet>, targets: watch::Sender<Vec<health::Target>>) {
+/// What the health checker checks: the backend set's nodes and the gateway's `remotes`.
+fn health_targets(view: &ClusterView, remotes: &[health::Target]) -> Vec<health::Target> {
+    let mut targets = view.health_targets();
+    targets.extend_from_slice(remotes);
+    targets
+}
+
+/// Keeps the health checker's targets equal to the backend set's nodes and the gateway's
+/// `remotes`.
+async fn follow_view(
+    backends: Arc<BackendSet>,
+    targets: watch::Sender<Vec<health::Target>>,
+    remotes: Vec<health::Target>,
+) {
     let mut view = backends.subscribe();
     while view.changed().await.is_ok() {
-        let wanted = view.borrow_and_update().health_targets();
+        let wanted = health_targets(&view.borrow_and_update(), &remotes);
         targets.send_if_modified(|current| {
             let changed = *current != wanted;
             *current = wanted;

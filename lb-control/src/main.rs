@@ -205,6 +205,11 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 lb_control::gateway::Certificates::load(cert, key)
                     .map_err(|error| anyhow::anyhow!("{}: {error}", file.display()))?;
             }
+            for remote in &gateway.remotes {
+                remote
+                    .read_files()
+                    .map_err(|error| anyhow::anyhow!("{}: gateway: {error}", file.display()))?;
+            }
             if let Some(etcd) = &config.store.etcd {
                 // The TLS and password files too, read as a start reads them.
                 etcd.read_files()

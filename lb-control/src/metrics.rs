@@ -72,6 +72,9 @@ pub struct Metrics {
     pub backend_set_changes: Counter,
     /// 1 while every backend of the service is unhealthy and the least-bad ones are kept.
     pub service_fallback: Family<ServiceLabels, Gauge>,
+    /// The tier new flows of the service go to (0 = its primaries); -1 while none is in
+    /// rotation.
+    pub service_serving_tier: Family<ServiceLabels, Gauge>,
     pub health_checks: Family<CheckLabels, Counter>,
     pub health_check_seconds: Family<NodeLabels, Histogram>,
     pub node_best_block: Family<NodeLabels, Gauge>,
@@ -105,6 +108,7 @@ impl Metrics {
             backend_transitions: Family::default(),
             backend_set_changes: Counter::default(),
             service_fallback: Family::default(),
+            service_serving_tier: Family::default(),
             health_checks: Family::default(),
             health_check_seconds: Family::new_with_constructor(|| {
                 Histogram::new([
@@ -144,6 +148,11 @@ impl Metrics {
             "service_fallback",
             "1 while every backend of the service is unhealthy and the least-bad ones are kept in rotation",
             metrics.service_fallback.clone(),
+        );
+        registry.register(
+            "service_serving_tier",
+            "The tier new flows of the service go to: the lowest with a backend up (0 = primaries); -1 while none is",
+            metrics.service_serving_tier.clone(),
         );
         registry.register(
             "health_checks",

@@ -16,6 +16,8 @@ use utoipa::ToSchema;
 pub type ServiceId = i64;
 /// Store-assigned id of a backend (never reused).
 pub type BackendId = i64;
+/// A backend's tier: 0 = primary, higher = a backup used only while every lower tier is down.
+pub type Tier = u32;
 
 /// The port Substrate nodes serve JSON-RPC on by default.
 pub const DEFAULT_RPC_PORT: u16 = 9944;
@@ -211,6 +213,11 @@ pub struct BackendDef {
     /// Relative share of new connections (1 or more).
     pub weight: u32,
     pub admin: AdminState,
+    /// 0 for a primary (the default), 1, 2, … for backups (another region, a fallback site):
+    /// new flows go to the lowest tier that has a backend up. Records written before tiers
+    /// existed read as 0.
+    #[serde(default)]
+    pub tier: Tier,
 }
 
 impl BackendDef {

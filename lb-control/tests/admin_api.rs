@@ -276,6 +276,7 @@ fn new_backend(address: &str) -> NewBackend {
         rpc_port: 9944,
         weight: 1,
         admin: AdminState::Enabled,
+        tier: 0,
     }
 }
 
@@ -405,6 +406,16 @@ fn every_error_class_has_its_status_code_and_field() {
             400,
             "invalid",
             Some("weight"),
+        );
+        assert_error(
+            &post(
+                "/v1/backends",
+                r#"{"address": "10.200.50.2:9944", "tier": 10}"#,
+            )
+            .await,
+            400,
+            "invalid",
+            Some("tier"),
         );
         assert_error(
             &post("/v1/services", r#"{"vip": "10.200.51.1", "port": 0}"#).await,
@@ -676,6 +687,100 @@ fn backend_round_trip_reaches_the_store_and_the_kernel() {
 }
 
 #[test]
+fn the_lowest_tier_with_a_backend_up_gets_new_flows_and_the_others_stand_by() {
+    let mut daemon = Daemon::start();
+    block_on(async {
+        let client = daemon.ready().await;
+        let primary = client
+            .add_backend(&new_backend("10.200.50.2:9944"))
+            .await
+            .expect("primary");
+        let backup = client
+            .add_backend(&NewBackend {
+                tier: 1,
+                ..new_backend("10.200.50.3:9944")
+            })
+            .await
+            .expect("backup");
+        assert_eq!(backup.backend.def.tier, 1);
+        assert_eq!((primary.state, backup.state), (State::Up, State::Standby));
+        let kernel_states = || async {
+            client
+                .stats()
+                .await
+                .expect("stats")
+                .backends
+                .iter()
+                .map(|row| (row.backend.to_string(), row.state.clone()))
+                .collect::<Vec<(String, String)>>()
+        };
+        // Standing by, the backup keeps what flows it has and gets no new ones.
+        assert_eq!(
+            kernel_states().await,
+            [
+                ("10.200.50.2:9944".to_owned(), "up".to_owned()),
+                ("10.200.50.3:9944".to_owned(), "draining".to_owned()),
+            ]
+        );
+        let serving = || async { client.services().await.expect("services")[0].serving_tier };
+        assert_eq!(serving().await, Some(0));
+
+        // The primary out: the backup tier serves, as the kernel, the API and the metrics say.
+        client
+            .set_admin(primary.backend.id, AdminState::Disabled)
+            .await
+            .expect("disable");
+        assert_eq!(
+            client.backend(backup.backend.id).await.expect("get").state,
+            State::Up
+        );
+        assert_eq!(
+            kernel_states().await,
+            [
+                ("10.200.50.2:9944".to_owned(), "down".to_owned()),
+                ("10.200.50.3:9944".to_owned(), "up".to_owned()),
+            ]
+        );
+        assert_eq!(serving().await, Some(1));
+        let metrics = client.metrics_text().await.expect("metrics");
+        assert!(
+            metrics.contains(&format!(
+                "lb_service_serving_tier{{service=\"{SERVICE_NAME}\"}} 1"
+            )),
+            "{metrics}"
+        );
+
+        // Moved to tier 0 itself, the backup is a primary: it stays up whatever tier 1 does.
+        let moved = client.set_tier(backup.backend.id, 0).await.expect("tier");
+        assert_eq!((moved.backend.def.tier, moved.state), (0, State::Up));
+        client
+            .set_admin(primary.backend.id, AdminState::Enabled)
+            .await
+            .expect("enable");
+        assert_eq!(serving().await, Some(0));
+        assert_eq!(
+            api_error(client.set_tier(backup.backend.id, 10).await),
+            (StatusCode::BAD_REQUEST, ErrorCode::Invalid)
+        );
+
+        let events = client.events(None, 1000).await.expect("events");
+        let tiers: Vec<&str> = events
+            .iter()
+            .filter(|event| event.kind == "service.tier")
+            .map(|event| event.detail.as_str())
+            .collect();
+        assert_eq!(
+            tiers,
+            [
+                "served by no tier -> tier 0 (api)",
+                "served by tier 0 -> tier 1 (api)",
+                "served by tier 1 -> tier 0 (api)"
+            ]
+        );
+    });
+}
+
+#[test]
 fn key_secret_is_shown_once_and_never_listed() {
     let mut daemon = Daemon::start();
     block_on(async {
@@ -840,6 +945,7 @@ fn join_tokens_reach_only_their_own_backends_and_bad_ones_change_nothing() {
                 port: 9944,
                 rpc_port: 9944,
                 weight: 1,
+                tier: 0,
             })
             .expect("JSON")
         };
@@ -1363,15 +1469,31 @@ fn cli_drives_the_api_and_reports_its_errors() {
         added.contains("added backend 1 (10.200.50.2:9944) to 10.200.50.1:9944/tcp"),
         "{added}"
     );
+    let backup = cli.ok(&["backend", "add", "10.200.50.3:9944", "--tier", "1"]);
+    assert!(backup.ends_with(": standby\n"), "{backup}");
     assert!(cli.ok(&["backend", "drain", "1"]).contains("now draining"));
+    // Tier 0's only backend draining: the backup tier serves.
     let status = cli.ok(&["status"]);
     assert!(status.contains(SERVICE_NAME), "{status}");
     assert!(status.contains("10.200.50.2:9944"), "{status}");
     assert!(status.contains("draining"), "{status}");
+    assert!(
+        status.contains("(1 of 2 backends up; served by backup tier 1)"),
+        "{status}"
+    );
     let listed: Value =
         serde_json::from_str(&cli.ok(&["backend", "list", "--json"])).expect("json");
     assert_eq!(listed[0]["weight"], 2);
     assert_eq!(listed[0]["state"], "draining");
+    assert_eq!(
+        (listed[1]["tier"].as_u64(), listed[1]["state"].as_str()),
+        (Some(1), Some("up"))
+    );
+    assert!(
+        cli.ok(&["backend", "tier", "2", "0"])
+            .contains("backend 2 (10.200.50.3:9944) moved to tier 0: now up")
+    );
+    cli.ok(&["backend", "remove", "2"]);
 
     let output = cli.run(&["key", "create", "--name", "cli-key", "--rps", "5"]);
     assert!(output.status.success());
@@ -1401,6 +1523,10 @@ fn cli_drives_the_api_and_reports_its_errors() {
     );
     cli.fails(&["backend", "add", "10.200.50.2:9944"], "already exists");
     cli.fails(&["backend", "weight", "1", "0"], "weight");
+    cli.fails(
+        &["backend", "tier", "1", "12"],
+        "error: 12 is not a tier: use 0 (primary) to 9",
+    );
     cli.fails(
         &["status", "--admin", "http://127.0.0.1:9"],
         "is lb-control running? (admin API at http://127.0.0.1:9)",

@@ -105,6 +105,7 @@ fn backend(address: &str) -> BackendDef {
         rpc_port: 9944,
         weight: 1,
         admin: AdminState::Enabled,
+        tier: 0,
     }
 }
 

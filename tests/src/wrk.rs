@@ -234,7 +234,7 @@ mod tests {
 /// call with HTTP 200 and an error object, which wrk alone would count as a success). It prints
 /// one line, `rpc answered=… failed=… connect=… read=… write=… timeout=… max_latency_ms=…
 /// first_failure=…`, that [`CountedReads`] reads. `("Connection", "close")` makes each request
-/// a connection of its own.
+/// a connection of its own (a new flow through the kernel path).
 pub fn counting_script(body: &str, headers: &[(&str, &str)]) -> String {
     format!(
         r#"{}{}local threads = {{}}
@@ -263,47 +263,6 @@ end
         post_body(body),
         header_lines(headers)
     )
-}
-
-/// wrk running [`counting_script`] in the background (its own `--timeout 5s`, so a slow answer
-/// under load is not a failure), while the test acts; [`CountingRun::finish`] waits for it.
-pub struct CountingRun {
-    child: std::process::Child,
-}
-
-impl CountingRun {
-    /// Starts `wrk -t<threads> -c<connections> -d<seconds>s` with `script` against `url`
-    /// from `netns`.
-    pub fn start(lab: &Lab, load: &Load<'_>) -> anyhow::Result<CountingRun> {
-        let mut command = lab.exec(load.netns, "wrk")?;
-        command
-            .arg(format!("-t{}", load.threads))
-            .arg(format!("-c{}", load.connections))
-            .arg(format!("-d{}s", load.seconds))
-            .args(["--timeout", "5s", "-s"])
-            .arg(load.script)
-            .arg(load.url)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let child = command.spawn().context("starting wrk")?;
-        Ok(CountingRun { child })
-    }
-
-    /// Waits for wrk to end and reads its summary.
-    pub fn finish(self) -> anyhow::Result<CountedReads> {
-        let output = self.child.wait_with_output().context("waiting for wrk")?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            bail!(
-                "wrk failed ({}): {}{}",
-                output.status,
-                stdout.trim(),
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        CountedReads::from_output(&stdout)
-    }
 }
 
 /// What a run of [`counting_script`] printed.
@@ -347,5 +306,70 @@ impl CountedReads {
 impl fmt::Display for CountedReads {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.line)
+    }
+}
+
+/// wrk running a [`counting_script`] in the background (its own `--timeout 5s`, so a slow
+/// answer under load is not a failure) while a test acts: [`Background::finish`] waits for its
+/// end, [`Background::stop`] ends it early; killed if dropped before either.
+pub struct Background {
+    child: Option<std::process::Child>,
+}
+
+impl Background {
+    /// Starts `wrk -t<threads> -c<connections> -d<seconds>s --timeout 5s -s <script> <url>`
+    /// from `load.netns`.
+    pub fn start(load: &Load<'_>) -> anyhow::Result<Background> {
+        let mut command = crate::lab::command_in_netns(load.netns, "wrk")?;
+        command
+            .arg(format!("-t{}", load.threads))
+            .arg(format!("-c{}", load.connections))
+            .arg(format!("-d{}s", load.seconds))
+            .args(["--timeout", "5s", "-s"])
+            .arg(load.script)
+            .arg(load.url)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().context("starting wrk")?;
+        Ok(Background { child: Some(child) })
+    }
+
+    /// Waits for wrk to end its run and reads its summary.
+    pub fn finish(mut self) -> anyhow::Result<CountedReads> {
+        let child = self.child.take().context("wrk was stopped already")?;
+        summary_of(child)
+    }
+
+    /// Stops wrk (SIGINT: it ends its run and prints its summary) and reads the summary.
+    pub fn stop(mut self) -> anyhow::Result<CountedReads> {
+        let child = self.child.take().context("wrk was stopped already")?;
+        if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+            // SAFETY: plain kill(2) of our own child, not reaped yet: its pid cannot be reused.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        summary_of(child)
+    }
+}
+
+/// The summary of a wrk `child` running a [`counting_script`], once it ends.
+fn summary_of(child: std::process::Child) -> anyhow::Result<CountedReads> {
+    let output = child.wait_with_output().context("waiting for wrk")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    CountedReads::from_output(&stdout).with_context(|| {
+        format!(
+            "wrk ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    })
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }

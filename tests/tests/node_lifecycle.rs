@@ -386,28 +386,22 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
     std::fs::write(&gateway_script, wrk::counting_script(NODE_READ, &[]))?;
     let l4_url = format!("http://{}", service.target());
     let gateway_url = gateway.url("https");
-    let l4 = wrk::CountingRun::start(
-        &lab,
-        &wrk::Load {
-            netns: &client_netns,
-            threads: 1,
-            connections: 4,
-            seconds: LOAD_SECONDS,
-            script: &l4_script,
-            url: &l4_url,
-        },
-    )?;
-    let through_gateway = wrk::CountingRun::start(
-        &lab,
-        &wrk::Load {
-            netns: &client_netns,
-            threads: 1,
-            connections: 8,
-            seconds: LOAD_SECONDS,
-            script: &gateway_script,
-            url: &gateway_url,
-        },
-    )?;
+    let l4 = wrk::Background::start(&wrk::Load {
+        netns: &client_netns,
+        threads: 1,
+        connections: 4,
+        seconds: LOAD_SECONDS,
+        script: &l4_script,
+        url: &l4_url,
+    })?;
+    let through_gateway = wrk::Background::start(&wrk::Load {
+        netns: &client_netns,
+        threads: 1,
+        connections: 8,
+        seconds: LOAD_SECONDS,
+        script: &gateway_script,
+        url: &gateway_url,
+    })?;
     let load_started = Instant::now();
     wait_for("the load to reach the nodes", || {
         Ok(lb_tests::prometheus::sum(

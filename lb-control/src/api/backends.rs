@@ -9,7 +9,7 @@ use super::{
     extract::{Body, Id, Query},
     model::{
         BackendConnections, BackendFilter, BackendInfo, ClosedClients, ErrorBody, NewBackend,
-        WeightChange,
+        TierChange, WeightChange,
     },
     run_blocking,
     services::service_not_found,
@@ -86,6 +86,7 @@ pub async fn add(
         rpc_port: new.rpc_port,
         weight: new.weight,
         admin: new.admin,
+        tier: new.tier,
     };
     let backend = context.backends.add_backend(service, def).await?;
     Ok((StatusCode::CREATED, status_of(&context, backend.id).await?))
@@ -300,6 +301,30 @@ pub async fn set_weight(
     Body(change): Body<WeightChange>,
 ) -> ApiResult<Json<BackendInfo>> {
     context.backends.set_weight(id, change.weight).await?;
+    status_of(&context, id).await
+}
+
+/// Moves a backend to another tier: new flows go to the lowest tier that has a backend up.
+#[utoipa::path(
+    put,
+    path = "/v1/backends/{id}/tier",
+    tag = "backends",
+    params(Id),
+    request_body = TierChange,
+    responses(
+        (status = 200, description = "Tier set", body = BackendInfo),
+        (status = 400, description = "Not a tier", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such backend", body = ErrorBody),
+        (status = 500, description = "The state store or the kernel failed", body = ErrorBody),
+    )
+)]
+pub async fn set_tier(
+    State(context): State<Context>,
+    Id(id): Id,
+    Body(change): Body<TierChange>,
+) -> ApiResult<Json<BackendInfo>> {
+    context.backends.set_tier(id, change.tier).await?;
     status_of(&context, id).await
 }
 

@@ -58,6 +58,7 @@ pub async fn join(
         rpc_port: request.rpc_port,
         weight: request.weight,
         admin: AdminState::Joining,
+        tier: request.tier,
     };
     let (status, backend) = match context
         .backends

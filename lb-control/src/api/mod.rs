@@ -5,7 +5,8 @@
 //! `/openapi.json` and the routes cannot disagree.
 //!
 //! - `/v1/…` (bearer token): services, backends, API keys, join tokens, the blocklist, stats,
-//!   health, events, the HA role; a join token reaches only its own backends (see `auth`);
+//!   health, events, the gateway's nodes, the HA role; a join token reaches only its own
+//!   backends (see `auth`);
 //! - `/metrics`, `/healthz`, `/openapi.json`: no token.
 //!
 //! A change answers only after the backend set or the key registry returned, i.e. after the
@@ -20,6 +21,7 @@ mod backends;
 mod blocklist;
 mod error;
 mod extract;
+mod gateway;
 mod ha;
 mod join;
 mod keys;
@@ -56,8 +58,14 @@ use self::{
     model::ErrorCode,
 };
 use crate::{
-    backends::BackendSet, dataplane::BlocklistHandle, gateway::NodeClients, ha::Ha, keys::ApiKeys,
-    metrics::Metrics, store::Store, tokens::JoinTokens,
+    backends::BackendSet,
+    dataplane::BlocklistHandle,
+    gateway::{GatewayState, NodeClients},
+    ha::Ha,
+    keys::ApiKeys,
+    metrics::Metrics,
+    store::Store,
+    tokens::JoinTokens,
 };
 
 /// What the admin API serves from. (`AdminState` is the backends' admin state.)
@@ -77,6 +85,8 @@ pub struct AdminContext {
     pub pin_dir: PathBuf,
     /// The gateway's WebSocket clients per node (none without a gateway: the counts stay 0).
     pub gateway_clients: Arc<NodeClients>,
+    /// What the gateway serves from; None without a gateway.
+    pub gateway: Option<GatewayState>,
     /// This lb-control's role in its HA pair.
     pub ha: Arc<Ha>,
     /// The bearer token of the `/v1` routes.
@@ -95,6 +105,7 @@ struct Shared {
     kernel_registry: Registry,
     pin_dir: PathBuf,
     gateway_clients: Arc<NodeClients>,
+    gateway: Option<GatewayState>,
     ha: Arc<Ha>,
 }
 
@@ -135,6 +146,7 @@ pub fn router(context: AdminContext) -> Router {
         kernel_registry: metrics::kernel_registry(context.pin_dir.clone()),
         pin_dir: context.pin_dir,
         gateway_clients: context.gateway_clients,
+        gateway: context.gateway,
         ha: context.ha,
     });
     router
@@ -164,6 +176,7 @@ fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
         .routes(routes!(join::join))
         .routes(routes!(backends::disable))
         .routes(routes!(backends::set_weight))
+        .routes(routes!(backends::set_tier))
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limit))
@@ -174,6 +187,7 @@ fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
         .routes(routes!(status::stats))
         .routes(routes!(status::health))
         .routes(routes!(status::events))
+        .routes(routes!(gateway::status))
         .routes(routes!(ha::status))
         .routes(routes!(ha::set_role))
         .route_layer(middleware::from_fn_with_state(

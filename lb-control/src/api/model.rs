@@ -27,7 +27,7 @@ use crate::{
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
         HealthCheck, JoinTokenId, JoinTokenRecord, Protocol, RateLimit, Service, ServiceDef,
-        ServiceId,
+        ServiceId, Tier,
     },
 };
 
@@ -155,6 +155,10 @@ pub struct ServiceInfo {
     pub service: Service,
     /// `192.0.2.10:9944/tcp`
     pub name: String,
+    /// The tier new flows go to: the lowest with a backend up (0 = the primaries); null while
+    /// no backend is in rotation.
+    #[serde(default)]
+    pub serving_tier: Option<Tier>,
     pub backends: Vec<BackendInfo>,
 }
 
@@ -177,6 +181,11 @@ pub struct NewBackend {
     pub weight: u32,
     #[serde(default)]
     pub admin: AdminState,
+    /// 0 = primary; 1, 2, … = backups, which get new flows only while every lower tier is
+    /// down.
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub tier: Tier,
 }
 
 fn default_rpc_port() -> u16 {
@@ -192,6 +201,14 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct WeightChange {
     pub weight: u32,
+}
+
+/// Body of `PUT /v1/backends/{id}/tier`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TierChange {
+    /// 0 = primary; 1, 2, … = backups.
+    pub tier: Tier,
 }
 
 /// What a backend still carries (`GET /v1/backends/{id}/connections`).
@@ -290,6 +307,33 @@ pub struct ClusterHealth {
     pub cluster_best: Option<u64>,
     /// Every backend of every service, with its state and health.
     pub nodes: Vec<BackendInfo>,
+}
+
+/// `GET /v1/gateway`: what the gateway serves from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct GatewayInfo {
+    /// False without a gateway (`[gateway] listen` unset): the rest is empty then.
+    pub enabled: bool,
+    /// The tier new clients go to (a remote gateway's included); null while no node takes
+    /// them.
+    pub serving_tier: Option<Tier>,
+    /// Healthy nodes taking new clients (the "least bad" kept while none is healthy do not
+    /// count).
+    pub healthy_nodes: usize,
+    pub remotes: Vec<RemoteInfo>,
+}
+
+/// Another site's gateway, an upstream of its tier.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RemoteInfo {
+    /// Its URL as configured, without the key.
+    pub url: String,
+    pub tier: Tier,
+    /// The relay address it is checked and called at: its `node` label in the metrics.
+    #[schema(value_type = String, example = "127.0.0.1:41234")]
+    pub node: SocketAddr,
+    /// None until its first check.
+    pub health: Option<HealthInfo>,
 }
 
 #[derive(Debug, Clone, Deserialize, IntoParams)]
@@ -477,6 +521,10 @@ pub struct JoinRequest {
     #[serde(default = "default_weight")]
     #[schema(default = 1)]
     pub weight: u32,
+    /// 0 = primary; 1, 2, … = backups (a node of another region, of the fallback site).
+    #[serde(default)]
+    #[schema(default = 0)]
+    pub tier: Tier,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ pub async fn add(
         Json(ServiceInfo {
             service,
             name,
+            serving_tier: None,
             backends: Vec::new(),
         }),
     ))
@@ -108,6 +109,7 @@ pub async fn service_infos(context: &Context) -> Vec<ServiceInfo> {
         .map(|service| ServiceInfo {
             service: service.service.clone(),
             name: service.name.clone(),
+            serving_tier: service.serving_tier,
             backends: statuses
                 .iter()
                 .filter(|status| status.view.backend.service == service.service.id)

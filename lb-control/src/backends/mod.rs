@@ -52,7 +52,7 @@ use crate::{
     metrics::{BackendLabels, Metrics, ServiceLabels, TransitionLabels},
     model::{
         AdminState, Backend, BackendDef, BackendId, Origin, Service, ServiceDef, ServiceId,
-        ServiceKey,
+        ServiceKey, Tier,
     },
     store::{Store, StoreError, Tx},
 };
@@ -231,6 +231,9 @@ pub struct ServiceView {
     pub service: Service,
     /// `192.0.2.10:9944/tcp`
     pub name: String,
+    /// The tier new flows go to: the lowest with a backend up (0 = the primaries); null while
+    /// no backend is in rotation.
+    pub serving_tier: Option<Tier>,
     pub backends: Vec<BackendView>,
 }
 
@@ -492,6 +495,17 @@ impl BackendSet {
         .await
     }
 
+    /// Moves a backend to another tier: new flows go to the lowest tier with a backend up.
+    pub async fn set_tier(&self, id: BackendId, tier: Tier) -> Result<Backend, ChangeError> {
+        validate_tier(tier)?;
+        self.commit(
+            Cause::Api,
+            &format!("backend {id} moved to tier {tier}"),
+            |draft, tx| draft.update_backend(tx, id, Cause::Api.name(), |def| def.tier = tier),
+        )
+        .await
+    }
+
     /// Applies what the config file now declares, diffed against what it declared before.
     pub async fn reload(
         &self,
@@ -668,6 +682,8 @@ impl BackendSet {
         let inner = self.lock().await;
         let health = inner.health.clone();
         let before = inner.placements.clone();
+        // Published with `before`: the lock is held from a publish to the next commit.
+        let before_view = self.view();
         let store = inner.store.clone();
         // A durable commit waits for fsync: keep it off the async worker's hot path.
         let (value, draft, placements) = tokio::task::block_in_place(|| {
@@ -689,6 +705,7 @@ impl BackendSet {
                     });
                 }
                 record_transitions(tx, &draft, &before, &placements, cause)?;
+                record_serving_tiers(tx, &draft, &before_view, &placements, cause)?;
                 Ok((value, draft, placements))
             })
         })?;
@@ -768,9 +785,11 @@ fn update_metrics(metrics: &Metrics, before: &ClusterView, view: &ClusterView, c
             .iter()
             .any(|s| s.service.id == service.service.id)
         {
-            metrics.service_fallback.remove(&ServiceLabels {
+            let labels = ServiceLabels {
                 service: service.name.clone(),
-            });
+            };
+            metrics.service_fallback.remove(&labels);
+            metrics.service_serving_tier.remove(&labels);
         }
     }
     for service in &view.services {
@@ -798,12 +817,32 @@ fn update_metrics(metrics: &Metrics, before: &ClusterView, view: &ClusterView, c
                     .inc();
             }
         }
+        let labels = ServiceLabels {
+            service: service.name.clone(),
+        };
         metrics
             .service_fallback
-            .get_or_create(&ServiceLabels {
-                service: service.name.clone(),
-            })
+            .get_or_create(&labels)
             .set(i64::from(fallback));
+        metrics
+            .service_serving_tier
+            .get_or_create(&labels)
+            .set(service.serving_tier.map_or(-1, i64::from));
+        let was = before
+            .services
+            .iter()
+            .find(|s| s.service.id == service.service.id)
+            .and_then(|s| s.serving_tier);
+        match (was, service.serving_tier) {
+            (Some(was), Some(0)) if was > 0 => {
+                info!(service = %service.name, "served by its primaries (tier 0) again");
+            }
+            (was, Some(tier)) if tier > 0 && was != Some(tier) => warn!(
+                service = %service.name,
+                "no backend of a lower tier is up: served by backup tier {tier}"
+            ),
+            _ => {}
+        }
         if fallback {
             error!(
                 service = %service.name,
@@ -890,6 +929,7 @@ impl Draft {
                 .map(|service| ServiceView {
                     service: service.clone(),
                     name: service.def.key().to_string(),
+                    serving_tier: rotation::serving_tier(self.backends_of(service.id), placements),
                     backends: self
                         .backends_of(service.id)
                         .map(|backend| {
@@ -1041,6 +1081,7 @@ impl Draft {
                 what: format!("service {service}"),
             })?;
         validate_weight(def.weight)?;
+        validate_tier(def.tier)?;
         if def.address.is_ipv4() != owner.def.vip.is_ipv4() {
             return Err(ChangeError::Invalid {
                 field: "address".to_owned(),
@@ -1137,13 +1178,15 @@ impl Draft {
                 "backend.changed",
                 &format!("backend {id} ({})", backend.def.address),
                 &format!(
-                    "{by}: weight {} -> {}, admin {:?} -> {:?}, rpc port {} -> {}",
+                    "{by}: weight {} -> {}, admin {:?} -> {:?}, rpc port {} -> {}, tier {} -> {}",
                     before.weight,
                     backend.def.weight,
                     before.admin,
                     backend.def.admin,
                     before.rpc_port,
-                    backend.def.rpc_port
+                    backend.def.rpc_port,
+                    before.tier,
+                    backend.def.tier
                 ),
             )?;
         }
@@ -1183,6 +1226,46 @@ fn record_transitions(
     Ok(())
 }
 
+/// An event per service whose serving tier changed.
+fn record_serving_tiers(
+    tx: &mut Tx<'_>,
+    draft: &Draft,
+    before: &ClusterView,
+    after: &BTreeMap<BackendId, Placement>,
+    cause: Cause,
+) -> Result<(), StoreError> {
+    for service in draft.services.values() {
+        // A new service (or the start) has none: its backends' events tell.
+        let Some(was) = before
+            .services
+            .iter()
+            .find(|known| known.service.id == service.id)
+            .map(|known| known.serving_tier)
+        else {
+            continue;
+        };
+        let is = rotation::serving_tier(draft.backends_of(service.id), after);
+        if was != is {
+            tx.record_event(
+                "service.tier",
+                &format!("service {} ({})", service.id, service.def.key()),
+                &format!(
+                    "served by {} -> {} ({})",
+                    describe_tier(was),
+                    describe_tier(is),
+                    cause.name()
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `tier 0`, or `no tier` when no backend is in rotation.
+fn describe_tier(tier: Option<Tier>) -> String {
+    tier.map_or_else(|| "no tier".to_owned(), |tier| format!("tier {tier}"))
+}
+
 fn origin_name(origin: Origin) -> &'static str {
     match origin {
         Origin::Config => "config",
@@ -1198,6 +1281,23 @@ fn not_found_backend(id: BackendId) -> ChangeError {
 
 /// Weights are relative shares; a cap keeps one backend from crowding the table's fill.
 pub const MAX_WEIGHT: u32 = 1000;
+
+/// Tiers are an order of preference (primaries, another region, a fallback site, …): a few
+/// suffice, and a cap catches a typo such as a weight given as a tier.
+pub const MAX_TIER: Tier = 9;
+
+pub fn validate_tier(tier: Tier) -> Result<(), ChangeError> {
+    if tier <= MAX_TIER {
+        Ok(())
+    } else {
+        Err(ChangeError::Invalid {
+            field: "tier".to_owned(),
+            reason: format!(
+                "{tier} is not a tier: use 0 (primary) to {MAX_TIER}, lower tiers first"
+            ),
+        })
+    }
+}
 
 pub fn validate_weight(weight: u32) -> Result<(), ChangeError> {
     if (1..=MAX_WEIGHT).contains(&weight) {

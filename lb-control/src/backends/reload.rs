@@ -88,6 +88,9 @@ fn apply_changed_fields(running: &mut BackendDef, old: &BackendDef, new: &Backen
     if old.admin != new.admin {
         running.admin = new.admin;
     }
+    if old.tier != new.tier {
+        running.tier = new.tier;
+    }
 }
 
 /// Removes config-file services and backends that `declared` no longer holds.

@@ -1,6 +1,7 @@
-//! Which backends are in rotation: admin state and health combined, with the "keep the least
-//! bad" fallback when a service has no healthy backend left, and which of them are saturated.
-//! Pure, so every rule is testable.
+//! Which backends are in rotation: admin state and health combined, tiers (new flows go to the
+//! lowest tier with a backend up; the healthy backends of higher tiers stand by), the "keep the
+//! least bad" fallback when a service has no healthy backend left in any tier, and which of
+//! them are saturated. Pure, so every rule is testable.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::{
     health::{Badness, HealthSnapshot, Target, Verdict},
-    model::{AdminState, Backend, BackendId, BackendState, HealthCheck, Service},
+    model::{AdminState, Backend, BackendId, BackendState, HealthCheck, Service, Tier},
 };
 
 /// A backend's effective state: what the kernel and the gateway act on.
@@ -27,6 +28,9 @@ pub enum State {
     /// Out until its node has passed `rise` checks in a row (counted from when it started
     /// joining); then enabled.
     Joining,
+    /// Healthy and enabled, in a backup tier while a lower tier has a backend up: keeps the
+    /// flows and clients it has (as a draining backend does), gets no new ones.
+    Standby,
 }
 
 impl State {
@@ -37,15 +41,21 @@ impl State {
             State::Draining => "draining",
             State::Disabled => "disabled",
             State::Joining => "joining",
+            State::Standby => "standby",
         }
     }
 
     pub fn kernel(self) -> BackendState {
         match self {
             State::Up => BackendState::Up,
-            State::Draining => BackendState::Draining,
+            State::Draining | State::Standby => BackendState::Draining,
             State::Down | State::Disabled | State::Joining => BackendState::Down,
         }
+    }
+
+    /// Whether its node keeps the flows and clients it has.
+    pub fn keeps_connections(self) -> bool {
+        matches!(self, State::Up | State::Draining | State::Standby)
     }
 }
 
@@ -85,12 +95,15 @@ pub fn has_risen(service: &Service, backend: &Backend, health: &HealthSnapshot) 
         .is_some_and(|node| node.verdict == Verdict::Healthy && node.passes >= health.rise.max(1))
 }
 
-/// The placement of each backend of `service`.
+/// The placement of each backend of `service`: healthy enabled backends of the lowest tier
+/// that has one are up, those of higher tiers stand by; with none healthy in any tier, the
+/// least bad (of the lowest tier among equally bad) are up as a fallback.
 pub fn place<'a>(
     service: &Service,
     backends: impl IntoIterator<Item = &'a Backend>,
     health: &HealthSnapshot,
 ) -> BTreeMap<BackendId, Placement> {
+    let backends: Vec<&Backend> = backends.into_iter().collect();
     // A backend not judged yet counts as healthy: a new backend takes traffic at once, and its
     // first check (which decides directly) takes it out if it is dead.
     let judged = |backend: &Backend| -> Option<Badness> {
@@ -103,6 +116,11 @@ pub fn place<'a>(
             .get(&health_target(service, backend))
             .is_some_and(|node| node.saturated)
     };
+    let serving_tier = backends
+        .iter()
+        .filter(|backend| backend.def.admin == AdminState::Enabled && judged(backend).is_none())
+        .map(|backend| backend.def.tier)
+        .min();
     let mut placements = BTreeMap::new();
     let mut unhealthy = Vec::new();
     for backend in backends {
@@ -113,30 +131,30 @@ pub fn place<'a>(
             (AdminState::Joining, _) => State::Joining,
             (_, Some(_)) => State::Down,
             (AdminState::Draining, None) => State::Draining,
-            (AdminState::Enabled, None) => State::Up,
+            (AdminState::Enabled, None) if Some(backend.def.tier) == serving_tier => State::Up,
+            (AdminState::Enabled, None) => State::Standby,
         };
         if let (AdminState::Enabled, Some(badness)) = (backend.def.admin, failure) {
-            unhealthy.push((badness, backend.id, is_saturated(backend)));
+            unhealthy.push((
+                (badness, backend.def.tier),
+                backend.id,
+                is_saturated(backend),
+            ));
         }
         placements.insert(
             backend.id,
             Placement {
                 state,
                 fallback: false,
-                saturated: matches!(state, State::Up | State::Draining) && is_saturated(backend),
+                saturated: state.keeps_connections() && is_saturated(backend),
             },
         );
     }
-    let any_up = placements.values().any(|p| p.state == State::Up);
-    if !any_up
-        && let Some(least) = unhealthy
-            .iter()
-            .map(|(badness, _, _)| badness)
-            .min()
-            .copied()
+    if serving_tier.is_none()
+        && let Some(least) = unhealthy.iter().map(|(rank, _, _)| rank).min().copied()
     {
-        for (badness, id, saturated) in &unhealthy {
-            if *badness == least {
+        for (rank, id, saturated) in &unhealthy {
+            if *rank == least {
                 placements.insert(
                     *id,
                     Placement {
@@ -149,4 +167,17 @@ pub fn place<'a>(
         }
     }
     placements
+}
+
+/// The tier new flows of a service go to: that of its backends up (the fallback's included);
+/// None while none is.
+pub fn serving_tier<'a>(
+    backends: impl IntoIterator<Item = &'a Backend>,
+    placements: &BTreeMap<BackendId, Placement>,
+) -> Option<Tier> {
+    backends
+        .into_iter()
+        .filter(|backend| placements.get(&backend.id).map(|p| p.state) == Some(State::Up))
+        .map(|backend| backend.def.tier)
+        .min()
 }

@@ -9,12 +9,12 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{Declared, Draft, validate_weight};
+use super::{Declared, Draft, validate_tier, validate_weight};
 use crate::{
     dataplane::{LbSettings, ProblemSubject},
     model::{
         AdminState, Backend, BackendDef, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck, Origin,
-        Protocol, Service, ServiceDef,
+        Protocol, Service, ServiceDef, Tier,
     },
     section::Problem,
 };
@@ -45,6 +45,9 @@ pub struct BackendSection {
     pub weight: u32,
     #[serde(default)]
     pub admin: AdminState,
+    /// 0 = primary; 1, 2, … = backups, used only while every lower tier is down.
+    #[serde(default)]
+    pub tier: Tier,
 }
 
 /// The services and backends the file declares, for the backend set.
@@ -73,6 +76,7 @@ fn backend_defs(service: &ServiceSection) -> impl Iterator<Item = BackendDef> + 
         rpc_port: backend.rpc_port,
         weight: backend.weight,
         admin: backend.admin,
+        tier: backend.tier,
     })
 }
 
@@ -85,6 +89,9 @@ pub fn problems(services: &[ServiceSection], settings: &LbSettings) -> Vec<Probl
             let field = |name: &str| format!("services[{i}].backends[{j}].{name}");
             if let Err(error) = validate_weight(backend.weight) {
                 problems.push(Problem::new(field("weight"), error.to_string()));
+            }
+            if let Err(error) = validate_tier(backend.tier) {
+                problems.push(Problem::new(field("tier"), error.to_string()));
             }
             if backend.rpc_port == 0 {
                 problems.push(Problem::new(

@@ -105,6 +105,7 @@ fn backend(address: &str) -> BackendDef {
         rpc_port: DEFAULT_RPC_PORT,
         weight: 1,
         admin: AdminState::Enabled,
+        tier: 0,
     }
 }
 
@@ -474,6 +475,96 @@ async fn a_saturated_backend_stays_up_in_the_kernel_and_is_marked_in_the_view() 
 
     set.apply_health(snapshot(&healthy)).await.unwrap();
     assert!(!set.view().services[0].backends[1].saturated);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_tier_stands_by_until_every_primary_is_down_and_hands_back() {
+    let dir = TempDir::new("tiers");
+    // A and B primaries, C a backup.
+    let mut tiers = declared(&[A, B, C]);
+    tiers.services[0].1[2].tier = 1;
+    let (set, kernel) = start(&dir, &tiers).await;
+    let states = || {
+        let view = set.view();
+        let states: Vec<State> = view.services[0].backends.iter().map(|b| b.state).collect();
+        (states, view.services[0].serving_tier)
+    };
+    assert_eq!(
+        states(),
+        (vec![State::Up, State::Up, State::Standby], Some(0))
+    );
+    assert_eq!(kernel.state_of(C), Some(BackendState::Draining));
+
+    let healthy = |address| (address, Verdict::Healthy, Condition::Healthy, 0);
+    let dead = |address| (address, Verdict::Unhealthy, Condition::Unreachable, 0);
+    set.apply_health(snapshot(&[dead(A), healthy(B), healthy(C)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(),
+        (vec![State::Down, State::Up, State::Standby], Some(0)),
+        "one primary up is enough"
+    );
+
+    set.apply_health(snapshot(&[dead(A), dead(B), healthy(C)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(),
+        (vec![State::Down, State::Down, State::Up], Some(1))
+    );
+    assert_eq!(kernel.state_of(C), Some(BackendState::Up));
+    assert!(!set.view().services[0].backends[2].fallback);
+
+    // Every tier down: the least bad serve, the lower tier first among equals.
+    let behind = |address, blocks| (address, Verdict::Unhealthy, Condition::Answering, blocks);
+    set.apply_health(snapshot(&[behind(A, 9), behind(B, 7), behind(C, 7)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(),
+        (vec![State::Down, State::Up, State::Down], Some(0))
+    );
+    assert!(set.view().services[0].backends[1].fallback);
+    set.apply_health(snapshot(&[behind(A, 9), behind(B, 8), behind(C, 7)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(),
+        (vec![State::Down, State::Down, State::Up], Some(1))
+    );
+
+    // A primary back: new flows go to it, the backup keeps its flows.
+    set.apply_health(snapshot(&[healthy(A), dead(B), healthy(C)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        states(),
+        (vec![State::Up, State::Down, State::Standby], Some(0))
+    );
+    assert_eq!(kernel.state_of(C), Some(BackendState::Draining));
+
+    let events = dir.store().recent_events(100).unwrap();
+    let tiers: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "service.tier")
+        .map(|e| e.detail.as_str())
+        .collect();
+    assert_eq!(
+        tiers,
+        [
+            "served by tier 0 -> tier 1 (health)",
+            "served by tier 1 -> tier 0 (health)",
+            "served by tier 0 -> tier 1 (health)",
+            "served by tier 1 -> tier 0 (health)",
+        ]
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "backend.state" && e.detail == "up -> standby (health)"),
+        "{events:#?}"
+    );
 }
 
 /// A kernel whose every push takes `SLOW_PUSH`, as a large table's BPF system calls can.

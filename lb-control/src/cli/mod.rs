@@ -16,15 +16,16 @@ use lb_control::{
     admin_client::{AdminClient, ClientError, admin_url},
     api::ADMIN_TOKEN_ENV,
     api::model::{
-        BackendInfo, BlockInfo, EventInfo, HaStatus, HealthInfo, KeyInfo, LimitChange, NewBackend,
-        NewBlock, NewKey, NewService, NewToken, ServiceInfo, TokenInfo, TokenScope, parse_prefix,
+        BackendInfo, BlockInfo, EventInfo, GatewayInfo, HaStatus, HealthInfo, KeyInfo, LimitChange,
+        NewBackend, NewBlock, NewKey, NewService, NewToken, ServiceInfo, TokenInfo, TokenScope,
+        parse_prefix,
     },
     backends::State,
     config::Config,
     ha::Role,
     model::{
         AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck,
-        JoinTokenId, Protocol, RateLimit, ServiceId, ServiceKey,
+        JoinTokenId, Protocol, RateLimit, ServiceId, ServiceKey, Tier,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -167,6 +168,10 @@ pub enum BackendAction {
         /// Relative share of new connections.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// 0 = primary; 1, 2, … = backups, which get new connections only while every lower
+        /// tier is down.
+        #[arg(long, default_value_t = 0)]
+        tier: Tier,
     },
     /// Remove a backend: its flows move to the other backends.
     Remove { id: BackendId },
@@ -191,6 +196,8 @@ pub enum BackendAction {
     Disable { id: BackendId },
     /// Set a backend's weight.
     Weight { id: BackendId, weight: u32 },
+    /// Move a backend to another tier (0 = primary).
+    Tier { id: BackendId, tier: Tier },
 }
 
 #[derive(Debug, Subcommand)]
@@ -291,10 +298,16 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
             let client = client(&api)?;
             let services = client.services().await?;
             let health = client.health().await?;
+            let gateway = client.gateway().await?;
             if api.json {
-                print_json(&serde_json::json!({ "services": services, "health": health }))?;
+                print_json(&serde_json::json!({
+                    "services": services,
+                    "health": health,
+                    "gateway": gateway,
+                }))?;
             } else {
                 print_status(&services, health.cluster_best);
+                print_gateway(&gateway);
             }
         }
         AdminCommand::Service { api, action } => {
@@ -379,7 +392,8 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
 
 async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
     let client = client(api)?;
-    let changed = |verb: &'static str| {
+    let changed = |verb: &str| {
+        let verb = verb.to_owned();
         move |backend: &BackendInfo| {
             println!(
                 "backend {} ({}) {verb}: now {}",
@@ -398,6 +412,7 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
             service,
             rpc_port,
             weight,
+            tier,
         } => {
             let new = NewBackend {
                 address,
@@ -405,6 +420,7 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
                 rpc_port,
                 weight,
                 admin: AdminState::Enabled,
+                tier,
             };
             let backend = client.add_backend(&new).await?;
             show(api, &backend, |backend| {
@@ -455,6 +471,11 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
             api,
             &client.set_weight(id, weight).await?,
             changed("re-weighted"),
+        )?,
+        BackendAction::Tier { id, tier } => show(
+            api,
+            &client.set_tier(id, tier).await?,
+            changed(&format!("moved to tier {tier}")),
         )?,
     }
     Ok(())
@@ -626,7 +647,7 @@ fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
     for service in services {
         println!();
         println!(
-            "service {}  {}  mode {}  check {}  ({} of {} backends up)",
+            "service {}  {}  mode {}  check {}  ({} of {} backends up; {})",
             service.service.id,
             service.name,
             variant_name(&service.service.def.mode),
@@ -636,11 +657,47 @@ fn print_status(services: &[ServiceInfo], cluster_best: Option<u64>) {
                 .iter()
                 .filter(|backend| backend.state.name() == "up")
                 .count(),
-            service.backends.len()
+            service.backends.len(),
+            describe_serving_tier(service.serving_tier)
         );
         if !service.backends.is_empty() {
             print_backends(&service.backends);
         }
+    }
+}
+
+/// The tier the gateway's new clients go to, and its remote gateways with their health.
+fn print_gateway(gateway: &GatewayInfo) {
+    if !gateway.enabled {
+        return;
+    }
+    println!();
+    println!(
+        "gateway  new clients {}  ({} healthy nodes)",
+        describe_serving_tier(gateway.serving_tier),
+        gateway.healthy_nodes
+    );
+    if gateway.remotes.is_empty() {
+        return;
+    }
+    let mut table = Table::new(&["REMOTE", "TIER", "NODE", "HEALTH"]);
+    for remote in &gateway.remotes {
+        table.row(vec![
+            remote.url.clone(),
+            remote.tier.to_string(),
+            remote.node.to_string(),
+            describe_health(remote.health.as_ref()),
+        ]);
+    }
+    table.print();
+}
+
+/// Which tier serves a service: its primaries, a backup tier, or none.
+fn describe_serving_tier(tier: Option<Tier>) -> String {
+    match tier {
+        Some(0) => "served by tier 0 (primaries)".to_owned(),
+        Some(tier) => format!("served by backup tier {tier}"),
+        None => "no tier serving".to_owned(),
     }
 }
 
@@ -661,7 +718,7 @@ fn print_services(services: &[ServiceInfo]) {
 
 fn print_backends(backends: &[BackendInfo]) {
     let mut table = Table::new(&[
-        "ID", "SERVICE", "ADDRESS", "RPC", "WEIGHT", "ADMIN", "STATE", "HEALTH",
+        "ID", "SERVICE", "ADDRESS", "RPC", "TIER", "WEIGHT", "ADMIN", "STATE", "HEALTH",
     ]);
     for backend in backends {
         table.row(vec![
@@ -669,6 +726,7 @@ fn print_backends(backends: &[BackendInfo]) {
             backend.service_name.clone(),
             backend.backend.def.address.to_string(),
             backend.backend.def.rpc_port.to_string(),
+            backend.backend.def.tier.to_string(),
             backend.backend.def.weight.to_string(),
             variant_name(&backend.backend.def.admin),
             describe_state(backend),

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 use lb_control::{
     admin_client::AdminClient,
     api::model::{BackendInfo, JoinRequest},
-    model::{AdminState, DEFAULT_RPC_PORT, ServiceKey},
+    model::{AdminState, DEFAULT_RPC_PORT, ServiceKey, Tier},
 };
 
 use super::{print_json, wait};
@@ -50,6 +50,10 @@ pub enum NodeAction {
         /// Relative share of new connections.
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// 0 = primary; 1, 2, … = backups, which get new connections only while every lower
+        /// tier is down.
+        #[arg(long, default_value_t = 0)]
+        tier: Tier,
         /// Return only once the node is in rotation, printing its checks as they pass.
         #[arg(long)]
         wait: bool,
@@ -74,6 +78,7 @@ pub async fn run(action: NodeAction) -> anyhow::Result<()> {
             node,
             rpc_port,
             weight,
+            tier,
             wait,
             timeout,
         } => {
@@ -83,6 +88,7 @@ pub async fn run(action: NodeAction) -> anyhow::Result<()> {
                 port: node.port,
                 rpc_port,
                 weight,
+                tier,
             };
             let joined = client.join(&request).await?;
             if node.json {

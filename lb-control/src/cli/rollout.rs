@@ -166,6 +166,7 @@ mod tests {
                     rpc_port: 9944,
                     weight: 1,
                     admin: AdminState::Enabled,
+                    tier: 0,
                 },
                 origin: Origin::Api,
             },

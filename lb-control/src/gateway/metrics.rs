@@ -71,6 +71,19 @@ pub struct GatewayMetrics {
     pub upstream_subscriptions: Family<UpstreamLabels, Gauge>,
     /// Bytes of answers and notifications waiting for WebSocket clients to read them.
     pub queued_bytes: Gauge,
+    /// The tier new clients go to: the lowest with a node up, a remote gateway's included;
+    /// -1 while no node is.
+    pub serving_tier: Gauge,
+    /// 1 for each remote gateway, labelled with its URL, tier and the relay address that logs
+    /// and the `node` labels name it by.
+    pub remote_info: Family<RemoteLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RemoteLabels {
+    pub remote: String,
+    pub tier: String,
+    pub node: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +124,8 @@ impl GatewayMetrics {
             upstream_link_failures: Family::default(),
             upstream_subscriptions: Family::default(),
             queued_bytes: Gauge::default(),
+            serving_tier: Gauge::default(),
+            remote_info: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb_gateway");
         registry.register(
@@ -202,6 +217,16 @@ impl GatewayMetrics {
             "queued_bytes",
             "Bytes of answers and notifications waiting for WebSocket clients to read them",
             metrics.queued_bytes.clone(),
+        );
+        registry.register(
+            "serving_tier",
+            "The tier new clients go to: the lowest with a node up, remote gateways included; -1 while none is",
+            metrics.serving_tier.clone(),
+        );
+        registry.register(
+            "remote_info",
+            "1 per remote gateway: its URL, tier, and the relay address that node labels name it by",
+            metrics.remote_info.clone(),
         );
         metrics
     }

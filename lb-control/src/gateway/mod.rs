@@ -17,6 +17,8 @@
 //! - [`slots`]: counted connections per client and per key.
 //! - [`upstream`]: live nodes, the Maglev pick per client, pooled calls within each node's
 //!   budget, the retry of reads.
+//! - [`remote`]: other sites' gateways as upstreams of a tier, each relayed from a loopback
+//!   port so that the rest sees one more node.
 //! - [`metrics`]: the gateway's metric families.
 //!
 //! What the gateway knows of each method (safety, cache rule, subscription, retry) is one
@@ -29,6 +31,7 @@ pub mod jsonrpc;
 pub mod links;
 pub mod metrics;
 pub mod pipeline;
+pub mod remote;
 pub mod server;
 pub mod service;
 mod settings;
@@ -46,6 +49,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
+use tracing::info;
 
 use self::{
     admission::{Admission, AdmissionLimits},
@@ -63,13 +67,18 @@ pub use self::{
     settings::{AuthFailureBlock, GatewaySection},
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
-    upstream::{Upstream, ViewNodes},
+    upstream::{RemoteNode, Upstream, ViewNodes},
+};
+use self::{
+    metrics::RemoteLabels,
+    remote::{Remote, RemoteError},
 };
 use crate::{
     backends::ClusterView,
     cache::{self, ChainFollower, ResponseCache},
+    health::{HealthSnapshot, Target},
     keys::ApiKeys,
-    model::ServiceKey,
+    model::{ServiceKey, Tier},
     store::Store,
 };
 
@@ -93,6 +102,8 @@ pub enum GatewayError {
     },
     #[error("gateway: the first rotation: {0}")]
     Rotation(#[from] lb_common::maglev::MaglevError),
+    #[error("gateway: {0}")]
+    Remote(#[from] RemoteError),
     #[error("gateway: starting a serving thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error(
@@ -112,12 +123,61 @@ pub struct Bound {
     address: SocketAddr,
     certificates: Option<Arc<Certificates>>,
     service: Option<ServiceKey>,
+    /// Other sites' gateways, relayed: running already, so the health checker can check them
+    /// before the gateway serves.
+    remotes: Vec<Remote>,
 }
 
 impl Bound {
     pub fn local_addr(&self) -> SocketAddr {
         self.address
     }
+
+    /// What the health checker checks of the remote gateways: their relays, as nodes.
+    pub fn remote_targets(&self) -> Vec<Target> {
+        self.remotes
+            .iter()
+            .map(|remote| Target::substrate(remote.endpoint()))
+            .collect()
+    }
+}
+
+/// What a running gateway serves from, as the admin API shows it.
+#[derive(Clone)]
+pub struct GatewayState {
+    upstream: Arc<Upstream>,
+    remotes: Arc<[RemoteEntry]>,
+}
+
+/// A remote gateway: its URL, its tier, and the relay address it is checked and called at.
+#[derive(Debug, Clone)]
+pub struct RemoteEntry {
+    pub url: String,
+    pub tier: Tier,
+    pub node: SocketAddr,
+}
+
+impl GatewayState {
+    /// The tier new clients go to now; None while no node takes them.
+    pub fn serving_tier(&self) -> Option<Tier> {
+        self.upstream.serving_tier()
+    }
+
+    /// How many healthy nodes take new clients now (the "least bad" not counted).
+    pub fn healthy_nodes(&self) -> usize {
+        self.upstream.healthy_nodes()
+    }
+
+    pub fn remotes(&self) -> &[RemoteEntry] {
+        &self.remotes
+    }
+}
+
+/// What [`Gateway::prepare`] makes for a [`Bound`].
+struct Prepared {
+    certificates: Option<Arc<Certificates>>,
+    service: Option<ServiceKey>,
+    remotes: Vec<Remote>,
 }
 
 /// What the gateway runs on besides its config section.
@@ -133,6 +193,9 @@ pub struct GatewayContext {
     pub blocks: mpsc::UnboundedSender<BlockRequest>,
     /// The WebSocket clients per node, which the admin API reads and closes.
     pub clients: Arc<NodeClients>,
+    /// The health checker's snapshots: how the remote gateways fare (the view carries the
+    /// backends' health).
+    pub health: watch::Receiver<Arc<HealthSnapshot>>,
 }
 
 /// Calls in flight on every upstream WebSocket connection of a node before the gateway opens
@@ -219,13 +282,19 @@ pub struct Gateway {
     helpers: [JoinHandle<()>; 3],
     /// Follows the nodes' heads and runtime versions for the response cache; stops when dropped.
     follower: ChainFollower,
+    /// The remote gateways' relays: they stop when dropped, after the serving threads.
+    remotes: Vec<Remote>,
 }
 
 impl Gateway {
     /// Loads the certificate and binds `section.listen`.
     pub fn bind(section: &GatewaySection, bind: Bind) -> Result<Bound, GatewayError> {
         let address = section.listen.ok_or(GatewayError::NoListen)?;
-        let (certificates, service) = Gateway::prepare(section)?;
+        let Prepared {
+            certificates,
+            service,
+            remotes,
+        } = Gateway::prepare(section)?;
         let listen_error = |source| GatewayError::Listen { address, source };
         let first = reuseport_listener(address, bind).map_err(listen_error)?;
         // With port 0 the first socket's port is the one the others share.
@@ -240,6 +309,7 @@ impl Gateway {
             address,
             certificates,
             service,
+            remotes,
         })
     }
 
@@ -263,21 +333,24 @@ impl Gateway {
                 "they listen on {address}, the config says {wanted}"
             )));
         }
-        let (certificates, service) = Gateway::prepare(section)?;
+        let Prepared {
+            certificates,
+            service,
+            remotes,
+        } = Gateway::prepare(section)?;
         Ok(Bound {
             section: section.clone(),
             listeners,
             address,
             certificates,
             service,
+            remotes,
         })
     }
 
-    /// What a start needs besides the sockets: the certificate, the service, room for the
-    /// connections.
-    fn prepare(
-        section: &GatewaySection,
-    ) -> Result<(Option<Arc<Certificates>>, Option<ServiceKey>), GatewayError> {
+    /// What a start needs besides the sockets: the certificate, the service, the remote
+    /// gateways' relays, room for the connections.
+    fn prepare(section: &GatewaySection) -> Result<Prepared, GatewayError> {
         let certificates = if section.plain_http {
             None
         } else {
@@ -287,8 +360,17 @@ impl Gateway {
             Some(Arc::new(Certificates::load(cert, key)?))
         };
         let service = section.service_key().map_err(GatewayError::Service)?;
+        let remotes = section
+            .remotes
+            .iter()
+            .map(|remote| Remote::start(remote.read_files()?, section.upstream_timeout))
+            .collect::<Result<Vec<_>, _>>()?;
         admission::raise_open_files_limit(section.max_connections);
-        Ok((certificates, service))
+        Ok(Prepared {
+            certificates,
+            service,
+            remotes,
+        })
     }
 
     /// Serves on the bound socket until [`Gateway::stop`].
@@ -299,6 +381,7 @@ impl Gateway {
             address,
             certificates,
             service,
+            remotes,
         } = bound;
         let upstream = Arc::new(Upstream::new(
             context.maglev_table_size,
@@ -307,8 +390,35 @@ impl Gateway {
             listeners.len(),
             context.metrics.clone(),
         ));
+        let remote_nodes: Vec<_> = remotes
+            .iter()
+            .map(|remote| {
+                info!(
+                    remote = remote.url(),
+                    tier = remote.tier(),
+                    node = %remote.endpoint(),
+                    "gateway: a remote gateway serves its tier, checked and called as node {} \
+                     (its relay)",
+                    remote.endpoint()
+                );
+                context
+                    .metrics
+                    .remote_info
+                    .get_or_create(&RemoteLabels {
+                        remote: remote.url().to_owned(),
+                        tier: remote.tier().to_string(),
+                        node: remote.endpoint().to_string(),
+                    })
+                    .set(1);
+                (remote.endpoint(), remote.tier())
+            })
+            .collect();
         // The first rotation is in place before the first request.
-        upstream.apply(&ViewNodes::of(&context.view.borrow(), service))?;
+        upstream.apply(&ViewNodes::of(
+            &context.view.borrow(),
+            service,
+            &RemoteNode::judged(&remote_nodes, &context.health.borrow()),
+        ))?;
         let auth = Arc::new(Authenticator::new(&context.keys, context.store));
         let links = Arc::new(Links::new(
             LinkLimits {
@@ -375,7 +485,12 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| GatewayError::Listen { address, source })?;
         let helpers = [
-            tokio::spawn(upstream.clone().follow(context.view, service)),
+            tokio::spawn(upstream.clone().follow(
+                context.view,
+                context.health,
+                service,
+                remote_nodes,
+            )),
             tokio::spawn(links::follow_serving(links, upstream.watch_serving())),
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(stages::auth::TOUCH_INTERVAL);
@@ -410,6 +525,7 @@ impl Gateway {
             serving,
             helpers,
             follower,
+            remotes,
         })
     }
 
@@ -427,6 +543,22 @@ impl Gateway {
         match &self.certificates {
             Some(certificates) => certificates.reload(),
             None => Ok(()),
+        }
+    }
+
+    /// What it serves from now, for the admin API.
+    pub fn state(&self) -> GatewayState {
+        GatewayState {
+            upstream: self.upstream.clone(),
+            remotes: self
+                .remotes
+                .iter()
+                .map(|remote| RemoteEntry {
+                    url: remote.url().to_owned(),
+                    tier: remote.tier(),
+                    node: remote.endpoint(),
+                })
+                .collect(),
         }
     }
 
@@ -450,5 +582,6 @@ impl Gateway {
             task.abort();
         }
         drop(self.follower);
+        drop(self.remotes);
     }
 }

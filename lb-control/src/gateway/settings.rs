@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
-use super::{upstream::CallBudget, validate_pattern};
+use super::{remote::RemoteSection, upstream::CallBudget, validate_pattern};
 use crate::{
     model::ServiceKey,
     section::{Problem, parse_duration},
@@ -93,6 +93,9 @@ pub struct GatewaySection {
     /// Put a source address on the kernel blocklist after repeated auth failures; off when
     /// absent.
     pub auth_failures_block: Option<AuthFailureBlock>,
+    /// Other sites' gateways (`[[gateway.remotes]]`), each an upstream of its tier: used only
+    /// while no local node of a lower tier is up.
+    pub remotes: Vec<RemoteSection>,
 }
 
 /// `[gateway.auth_failures_block]`: `after` failures (missing, unknown or revoked key) within
@@ -165,6 +168,7 @@ impl Default for GatewaySection {
             deny: Vec::new(),
             allow: Vec::new(),
             auth_failures_block: None,
+            remotes: Vec::new(),
         }
     }
 }
@@ -293,6 +297,9 @@ impl GatewaySection {
                     report(&format!("{list}[{i}]"), reason);
                 }
             }
+        }
+        for (i, remote) in self.remotes.iter().enumerate() {
+            problems.extend(remote.problems(&format!("gateway.remotes[{i}]")));
         }
         problems
     }

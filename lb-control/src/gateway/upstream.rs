@@ -4,10 +4,11 @@
 //! A client is kept on one node by a Maglev table over the live nodes (the kernel's
 //! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
 //! its reads see one node's view of the chain. The table is rebuilt whenever the backend set's
-//! view changes; only `Up` backends are in it, and of those only the ones not saturated (their
-//! node refuses new connections: "too many connections") while any is not. A read that fails on
-//! its node (connect error, dropped connection, timeout) is sent once to the next node of the
-//! table.
+//! view (or a remote gateway's health) changes; in it are the `Up` backends and the healthy
+//! remote gateways of the best rank (healthy before the "least bad", then the lowest tier), and
+//! of those only the ones not saturated (their node refuses new connections: "too many
+//! connections") while any is not. A read that fails on its node (connect error, dropped
+//! connection, timeout) is sent once to the next node of the table.
 //!
 //! A node gets at most `max_upstream_http_calls_per_node` calls at once ([`CallBudget`]), so
 //! the pool never opens more connections to it than that, whatever the clients send: a call
@@ -19,7 +20,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -49,8 +50,9 @@ use super::{
 };
 use crate::{
     backends::{BackendView, ClusterView, State},
+    health::{HealthSnapshot, Target, Verdict},
     methods,
-    model::ServiceKey,
+    model::{ServiceKey, Tier},
 };
 
 #[derive(Debug, Error)]
@@ -97,40 +99,137 @@ pub struct NodeSpec {
     pub weight: u32,
 }
 
-/// The live nodes of `view`: `Up` backends of `service` (of every service when None), once
-/// per RPC endpoint (the highest weight wins), ordered by endpoint. New clients go to these.
-/// Saturated nodes are left out (their new clients go to the next node of their Maglev order),
-/// unless every live node is saturated: then nowhere is better, and pooled connections to them
-/// may still serve.
-fn live_nodes(view: &ClusterView, service: Option<ServiceKey>) -> Vec<NodeSpec> {
-    let up = || {
-        backends_of(view, service)
-            .filter(|backend| backend.state == State::Up && backend.backend.def.weight > 0)
-    };
-    let any_unsaturated = up().any(|backend| !backend.saturated);
+/// A remote gateway ([`super::remote`]) as the rotation sees it: its relay's endpoint, its
+/// tier, and what the health checker last found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub endpoint: SocketAddr,
+    pub tier: Tier,
+    /// Not judged unhealthy (a remote not checked yet counts as healthy, as a backend does).
+    pub healthy: bool,
+    /// It answered "too many connections" (or its site's gateway did).
+    pub saturated: bool,
+}
+
+impl RemoteNode {
+    /// Each of `remotes` (relay endpoint, tier) as the health snapshot judges it.
+    pub fn judged(remotes: &[(SocketAddr, Tier)], health: &HealthSnapshot) -> Vec<RemoteNode> {
+        remotes
+            .iter()
+            .map(|&(endpoint, tier)| {
+                let node = health.nodes.get(&Target::substrate(endpoint));
+                RemoteNode {
+                    endpoint,
+                    tier,
+                    healthy: node.is_none_or(|node| node.verdict != Verdict::Unhealthy),
+                    saturated: node.is_some_and(|node| node.saturated),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A node new clients may go to: an `Up` backend or a healthy remote gateway.
+struct Candidate {
+    endpoint: SocketAddr,
+    weight: u32,
+    /// Kept only as the "least bad" of a service with no healthy backend.
+    fallback: bool,
+    tier: Tier,
+    saturated: bool,
+}
+
+impl Candidate {
+    /// Lower first: healthy nodes before the least bad, then the lower tier.
+    fn rank(&self) -> (bool, Tier) {
+        (self.fallback, self.tier)
+    }
+}
+
+fn candidates<'a>(
+    view: &'a ClusterView,
+    service: Option<ServiceKey>,
+    remotes: &'a [RemoteNode],
+) -> impl Iterator<Item = Candidate> + 'a {
+    let backends = backends_of(view, service)
+        .filter(|backend| backend.state == State::Up && backend.backend.def.weight > 0)
+        .map(|backend| Candidate {
+            endpoint: backend.backend.def.rpc_endpoint(),
+            weight: backend.backend.def.weight,
+            fallback: backend.fallback,
+            tier: backend.backend.def.tier,
+            saturated: backend.saturated,
+        });
+    let remotes = remotes
+        .iter()
+        .filter(|remote| remote.healthy)
+        .map(|remote| Candidate {
+            endpoint: remote.endpoint,
+            weight: 1,
+            fallback: false,
+            tier: remote.tier,
+            saturated: remote.saturated,
+        });
+    backends.chain(remotes)
+}
+
+/// The live nodes: of the `Up` backends of `service` (of every service when None) and the
+/// healthy remote gateways, those of the best rank (the backend set's rule across services:
+/// healthy nodes before the "least bad" kept as a fallback, then the lowest tier), once per
+/// RPC endpoint (the highest weight wins), ordered by endpoint, and that rank. New clients go
+/// to these. Saturated nodes are left out (their new clients go to the next node of their
+/// Maglev order), unless every live node is saturated: then nowhere is better, and pooled
+/// connections to them may still serve.
+fn live_nodes(
+    view: &ClusterView,
+    service: Option<ServiceKey>,
+    remotes: &[RemoteNode],
+) -> (Vec<NodeSpec>, Option<(bool, Tier)>) {
+    let best = candidates(view, service, remotes)
+        .map(|candidate| candidate.rank())
+        .min();
+    let up: Vec<Candidate> = candidates(view, service, remotes)
+        .filter(|candidate| Some(candidate.rank()) == best)
+        .collect();
+    let any_unsaturated = up.iter().any(|candidate| !candidate.saturated);
     let mut nodes: Vec<NodeSpec> = Vec::new();
-    for backend in up() {
-        if backend.saturated && any_unsaturated {
+    for candidate in up {
+        if candidate.saturated && any_unsaturated {
             continue;
         }
-        let endpoint = backend.backend.def.rpc_endpoint();
-        let weight = backend.backend.def.weight;
-        match nodes.iter_mut().find(|node| node.endpoint == endpoint) {
-            Some(node) => node.weight = node.weight.max(weight),
-            None => nodes.push(NodeSpec { endpoint, weight }),
+        match nodes
+            .iter_mut()
+            .find(|node| node.endpoint == candidate.endpoint)
+        {
+            Some(node) => node.weight = node.weight.max(candidate.weight),
+            None => nodes.push(NodeSpec {
+                endpoint: candidate.endpoint,
+                weight: candidate.weight,
+            }),
         }
     }
     nodes.sort_by_key(|node| node.endpoint);
-    nodes
+    (nodes, best)
 }
 
-/// The RPC endpoints that may keep the clients they have: `Up` and `Draining` backends (a
-/// draining node takes no new client, and its WebSocket clients stay until it goes down or is
-/// disabled). Ordered, once each.
-fn serving_endpoints(view: &ClusterView, service: Option<ServiceKey>) -> Vec<SocketAddr> {
+/// The RPC endpoints that may keep the clients they have: `Up`, `Draining` and `Standby`
+/// backends (a draining node, or one of a backup tier while a lower tier serves, takes no new
+/// client, and its WebSocket clients stay until it goes down or is disabled) and the healthy
+/// remote gateways. Ordered, once each.
+fn serving_endpoints(
+    view: &ClusterView,
+    service: Option<ServiceKey>,
+    remotes: &[RemoteNode],
+) -> Vec<SocketAddr> {
     let mut endpoints: Vec<SocketAddr> = backends_of(view, service)
-        .filter(|backend| matches!(backend.state, State::Up | State::Draining))
+        .filter(|backend| backend.state.keeps_connections())
         .map(|backend| backend.backend.def.rpc_endpoint())
+        .chain(
+            remotes
+                .iter()
+                .filter(|remote| remote.healthy)
+                .map(|remote| remote.endpoint),
+        )
         .collect();
     endpoints.sort();
     endpoints.dedup();
@@ -147,30 +246,34 @@ fn backends_of(
         .flat_map(|service| &service.backends)
 }
 
-/// What a view gives the gateway: the rotation new clients are spread over, the nodes that
-/// may keep the clients they have, and how many of the rotation's nodes are healthy (the
-/// others are the "least bad" kept while none is).
+/// What a view (and the remote gateways' health) gives the gateway: the rotation new clients
+/// are spread over and its tier, the nodes that may keep the clients they have, and how many
+/// of the rotation's nodes are healthy (none when the rotation is the "least bad" kept while
+/// no node is).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ViewNodes {
     pub rotation: Vec<NodeSpec>,
+    /// The tier of the rotation's nodes; None while it is empty.
+    pub tier: Option<Tier>,
     pub serving: Vec<SocketAddr>,
     pub healthy: usize,
 }
 
 impl ViewNodes {
-    pub fn of(view: &ClusterView, service: Option<ServiceKey>) -> ViewNodes {
-        let rotation = live_nodes(view, service);
-        let healthy = rotation
-            .iter()
-            .filter(|node| {
-                backends_of(view, service).any(|backend| {
-                    backend.backend.def.rpc_endpoint() == node.endpoint && !backend.fallback
-                })
-            })
-            .count();
+    pub fn of(
+        view: &ClusterView,
+        service: Option<ServiceKey>,
+        remotes: &[RemoteNode],
+    ) -> ViewNodes {
+        let (rotation, rank) = live_nodes(view, service, remotes);
+        let healthy = match rank {
+            Some((false, _)) => rotation.len(),
+            _ => 0,
+        };
         ViewNodes {
             rotation,
-            serving: serving_endpoints(view, service),
+            tier: rank.map(|(_, tier)| tier),
+            serving: serving_endpoints(view, service, remotes),
             healthy,
         }
     }
@@ -296,6 +399,8 @@ pub struct Upstream {
     rotation: ArcSwap<Rotation>,
     /// [`ViewNodes::healthy`] of the rotation in force.
     healthy: AtomicUsize,
+    /// [`ViewNodes::tier`] of the rotation in force.
+    tier: std::sync::Mutex<Option<Tier>>,
     /// The nodes that may keep clients ([`serving_endpoints`]), for whoever follows them: the
     /// chain follower, and WebSocket sessions bound to a node.
     serving: watch::Sender<Vec<SocketAddr>>,
@@ -323,6 +428,7 @@ impl Upstream {
         Upstream {
             rotation: ArcSwap::default(),
             healthy: AtomicUsize::new(0),
+            tier: std::sync::Mutex::new(None),
             serving: watch::Sender::new(Vec::new()),
             table_size,
             clients: ThreadLocal::new(),
@@ -346,6 +452,10 @@ impl Upstream {
         )?;
         self.rotation.store(Arc::new(rotation));
         self.healthy.store(nodes.healthy, Ordering::Relaxed);
+        *self.tier.lock().unwrap_or_else(PoisonError::into_inner) = nodes.tier;
+        self.metrics
+            .serving_tier
+            .set(nodes.tier.map_or(-1, i64::from));
         self.serving.send_if_modified(|current| {
             let changed = *current != nodes.serving;
             current.clone_from(&nodes.serving);
@@ -359,20 +469,27 @@ impl Upstream {
         self.serving.subscribe()
     }
 
-    /// Keeps the rotation and the serving nodes equal to the view's until the view's sender
-    /// goes.
+    /// Keeps the rotation and the serving nodes equal to what the view and the health of the
+    /// `remotes` (relay endpoint, tier) give, until the view's sender goes.
     pub async fn follow(
         self: Arc<Self>,
         mut view: watch::Receiver<Arc<ClusterView>>,
+        mut health: watch::Receiver<Arc<HealthSnapshot>>,
         service: Option<ServiceKey>,
+        remotes: Vec<(SocketAddr, Tier)>,
     ) {
         let mut current = ViewNodes::default();
+        // The snapshot judges only the remotes here (the view carries the backends' health):
+        // without remotes its changes change nothing.
+        let mut follow_health = !remotes.is_empty();
         loop {
-            let wanted = ViewNodes::of(&view.borrow_and_update(), service);
+            let remotes = RemoteNode::judged(&remotes, &health.borrow_and_update());
+            let wanted = ViewNodes::of(&view.borrow_and_update(), service, &remotes);
             if wanted != current {
                 match self.apply(&wanted) {
                     Ok(()) => {
                         info!(
+                            tier = ?wanted.tier,
                             rotation = ?wanted.rotation.iter().map(|node| node.endpoint).collect::<Vec<_>>(),
                             serving = ?wanted.serving,
                             "gateway nodes updated"
@@ -382,8 +499,13 @@ impl Upstream {
                     Err(error) => warn!("gateway rotation unchanged: {error}"),
                 }
             }
-            if view.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = view.changed() => if changed.is_err() {
+                    return;
+                },
+                changed = health.changed(), if follow_health => if changed.is_err() {
+                    follow_health = false;
+                },
             }
         }
     }
@@ -405,6 +527,11 @@ impl Upstream {
     /// kept while none is healthy).
     pub fn healthy_nodes(&self) -> usize {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The tier new clients go to now; None while no node takes them.
+    pub fn serving_tier(&self) -> Option<Tier> {
+        *self.tier.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub fn timeout(&self) -> Duration {
@@ -586,6 +713,7 @@ mod tests {
                         rpc_port: port,
                         weight: 1,
                         admin: AdminState::Enabled,
+                        tier: 0,
                     },
                     origin: Origin::Config,
                 },
@@ -598,6 +726,7 @@ mod tests {
             services: vec![ServiceView {
                 service,
                 name: "192.0.2.10:9944/tcp".to_owned(),
+                serving_tier: Some(0),
                 backends,
             }],
         }
@@ -606,7 +735,7 @@ mod tests {
     #[test]
     fn saturated_nodes_keep_their_clients_and_get_no_new_ones_while_another_node_can() {
         let view = view_of(&[(State::Up, false), (State::Up, true), (State::Up, false)]);
-        let nodes = ViewNodes::of(&view, None);
+        let nodes = ViewNodes::of(&view, None, &[]);
         assert_eq!(nodes.rotation, vec![node(1), node(3)]);
         assert_eq!(
             nodes.serving,
@@ -615,7 +744,80 @@ mod tests {
 
         // Every live node full: none is better than another.
         let view = view_of(&[(State::Up, true), (State::Down, false), (State::Up, true)]);
-        assert_eq!(ViewNodes::of(&view, None).rotation, vec![node(1), node(3)]);
+        assert_eq!(
+            ViewNodes::of(&view, None, &[]).rotation,
+            vec![node(1), node(3)]
+        );
+    }
+
+    #[test]
+    fn new_clients_go_to_the_lowest_tier_and_healthy_nodes_before_the_least_bad() {
+        // Nodes 1 and 2 primaries of one service, 3 a backup up in another service (whose
+        // primaries are down), 4 a backup standing by: the primaries take new clients, every
+        // node keeps the ones it has.
+        let mut view = view_of(&[
+            (State::Up, false),
+            (State::Up, false),
+            (State::Up, false),
+            (State::Standby, false),
+        ]);
+        for backend in &mut view.services[0].backends[2..] {
+            backend.backend.def.tier = 1;
+        }
+        let nodes = ViewNodes::of(&view, None, &[]);
+        assert_eq!(nodes.rotation, vec![node(1), node(2)]);
+        assert_eq!(nodes.healthy, 2);
+        assert_eq!(
+            nodes.serving,
+            vec![
+                node(1).endpoint,
+                node(2).endpoint,
+                node(3).endpoint,
+                node(4).endpoint
+            ]
+        );
+
+        // The primaries kept only as the least bad: the healthy backup takes the new clients.
+        for backend in &mut view.services[0].backends[..2] {
+            backend.fallback = true;
+        }
+        let nodes = ViewNodes::of(&view, None, &[]);
+        assert_eq!(nodes.rotation, vec![node(3)]);
+        assert_eq!(nodes.healthy, 1);
+    }
+
+    #[test]
+    fn a_remote_gateway_takes_new_clients_only_while_no_local_node_of_a_lower_tier_is_up() {
+        let remote = |healthy| RemoteNode {
+            endpoint: node(9).endpoint,
+            tier: 2,
+            healthy,
+            saturated: false,
+        };
+        // A primary up: the remote keeps what clients it has, gets none new.
+        let mut view = view_of(&[(State::Up, false), (State::Standby, false)]);
+        view.services[0].backends[1].backend.def.tier = 1;
+        let nodes = ViewNodes::of(&view, None, &[remote(true)]);
+        assert_eq!((nodes.rotation, nodes.tier), (vec![node(1)], Some(0)));
+        assert!(nodes.serving.contains(&node(9).endpoint));
+
+        // Only the least bad left locally: the healthy remote serves, and counts as healthy.
+        view.services[0].backends[0].fallback = true;
+        view.services[0].backends[1].state = State::Down;
+        let nodes = ViewNodes::of(&view, None, &[remote(true)]);
+        assert_eq!(
+            (nodes.rotation, nodes.tier, nodes.healthy),
+            (vec![node(9)], Some(2), 1)
+        );
+
+        // The remote unhealthy too: the least bad serve, and nothing counts as healthy; the
+        // remote keeps no clients.
+        let nodes = ViewNodes::of(&view, None, &[remote(false)]);
+        assert_eq!(
+            (nodes.rotation, nodes.tier, nodes.healthy),
+            (vec![node(1)], Some(0), 0)
+        );
+        assert!(!nodes.serving.contains(&node(9).endpoint));
     }
 
     fn node(port: u16) -> NodeSpec {

@@ -46,6 +46,17 @@ pub struct Target {
     pub joining: bool,
 }
 
+impl Target {
+    /// A node's JSON-RPC endpoint checked as a Substrate node (a remote gateway's relay).
+    pub fn substrate(endpoint: SocketAddr) -> Target {
+        Target {
+            endpoint,
+            check: HealthCheck::Substrate,
+            joining: false,
+        }
+    }
+}
+
 /// The node as logs and metrics name it: its endpoint.
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -11,9 +11,10 @@ use crate::model::{ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
 
 /// What [`Snapshot::format`] says, so a wrong file is refused by name.
 pub const FORMAT: &str = "lb-control-state";
-/// Bumped when a field changes meaning or is added; a newer file is refused. Version 2 added
-/// `join_tokens` (a version 1 file has none).
-pub const VERSION: u32 = 2;
+/// Bumped when a field changes meaning or is added; a newer file is refused. 2: `join_tokens`
+/// (a version 1 file has none). 3: backends have a `tier` (an older file's backends read as
+/// primaries, tier 0; an older reader would have taken backups for primaries).
+pub const VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

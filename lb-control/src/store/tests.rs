@@ -5,7 +5,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use super::{Engine, EtcdSettings, Store, StoreError, sqlite::schema::SCHEMA_VERSION, test_etcd};
+use super::{
+    Engine, EtcdSettings, Store, StoreError,
+    sqlite::schema::{MIGRATIONS, SCHEMA_VERSION},
+    test_etcd,
+};
 use crate::model::{
     AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, JoinTokenRecord,
     Origin, Protocol, RateLimit, Service, ServiceDef, ServiceKey,
@@ -104,6 +108,7 @@ on_both_engines!(
     events_are_ordered_and_capped,
     calls_are_counted_by_kind_across_clones,
     an_export_imports_into_an_empty_store_as_the_same_state,
+    an_export_from_before_tiers_imports_with_its_backends_as_primaries,
     import_into_a_store_with_state_is_refused_unless_replacing,
 );
 
@@ -128,6 +133,7 @@ fn backend_def(address: &str) -> BackendDef {
         rpc_port: 9944,
         weight: 1,
         admin: AdminState::Enabled,
+        tier: 0,
     }
 }
 
@@ -159,12 +165,14 @@ fn every_record_round_trips_and_survives_reopen(place: &Place) {
         rpc_port: 9944,
         weight: 3,
         admin: AdminState::Draining,
+        tier: 0,
     };
     let b2 = BackendDef {
         address: "[2001:db8::11]:30333".parse().expect("address"),
         rpc_port: 9945,
         weight: u32::MAX,
         admin: AdminState::Disabled,
+        tier: 2,
     };
     let tcp = ServiceDef {
         check: HealthCheck::Tcp,
@@ -289,6 +297,7 @@ fn updates_replace_the_definition_and_keep_origin(place: &Place) {
     let new_backend = BackendDef {
         weight: 7,
         admin: AdminState::Draining,
+        tier: 1,
         ..backend_def("10.0.0.2:80")
     };
     store
@@ -496,6 +505,54 @@ fn newer_schema_is_refused_naming_both_versions() {
             dir.db().display()
         )
     );
+}
+
+#[test]
+fn a_file_from_before_tiers_migrates_with_its_backends_as_primaries() {
+    let dir = TempDir::new();
+    {
+        let conn = rusqlite::Connection::open(dir.db()).expect("creating a version 1 file");
+        conn.execute_batch(MIGRATIONS[0])
+            .and_then(|()| conn.pragma_update(None, "user_version", 1))
+            .expect("the version 1 schema");
+        conn.execute_batch(
+            "INSERT INTO services (vip, port, protocol, mode, health_check, origin) \
+             VALUES ('192.0.2.1', 443, 'tcp', 'nat', 'substrate', 'config');
+             INSERT INTO backends (service_id, address, rpc_port, weight, admin, origin) \
+             VALUES (1, '10.0.0.1:443', 9944, 2, 'draining', 'api');",
+        )
+        .expect("a version 1 backend");
+    }
+    let store = open(&dir);
+    let backends = store.backends().expect("backends");
+    assert_eq!(
+        backends,
+        [Backend {
+            id: 1,
+            service: 1,
+            def: BackendDef {
+                weight: 2,
+                admin: AdminState::Draining,
+                ..backend_def("10.0.0.1:443")
+            },
+            origin: Origin::Api,
+        }]
+    );
+    assert_eq!(backends[0].def.tier, 0);
+    // The migrated file takes tiers like a new one.
+    store
+        .write(|tx| {
+            tx.update_backend(
+                1,
+                &BackendDef {
+                    tier: 3,
+                    ..backends[0].def.clone()
+                },
+            )
+        })
+        .expect("setting a tier");
+    drop(store);
+    assert_eq!(open(&dir).backends().expect("backends")[0].def.tier, 3);
 }
 
 #[test]
@@ -834,6 +891,26 @@ fn an_export_imports_into_an_empty_store_as_the_same_state(place: &Place) {
         .write(|tx| tx.insert_service(&service_def("192.0.2.9", 443), Origin::Api))
         .expect("a new service");
     assert!(next > from.services().expect("services")[0].id);
+}
+
+fn an_export_from_before_tiers_imports_with_its_backends_as_primaries(place: &Place) {
+    let text = r#"{"format": "lb-control-state", "version": 1,
+        "services": [{"id": 4, "vip": "192.0.2.1", "port": 443, "protocol": "tcp",
+                      "mode": "nat", "check": "substrate", "origin": "config"}],
+        "backends": [{"id": 7, "service": 4, "address": "10.0.0.1:443", "rpc_port": 9944,
+                      "weight": 1, "admin": "enabled", "origin": "config"}],
+        "api_keys": [], "events": []}"#;
+    let snapshot = super::snapshot::Snapshot::parse(text).expect("a version 1 export");
+    let store = place.open();
+    store.import(&snapshot, false).expect("import");
+    let backends = store.backends().expect("backends");
+    assert_eq!(
+        backends
+            .iter()
+            .map(|b| (b.id, b.def.tier))
+            .collect::<Vec<_>>(),
+        [(7, 0)]
+    );
 }
 
 fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {

@@ -2,6 +2,8 @@
 //! Prometheus metrics, API keys made with its CLI (as an operator would), and the sim-nodes'
 //! own status, asked from the LB namespace (which routes to every node).
 
+use std::path::Path;
+
 use crate::sim_node::{ControlClient, NodeStatus};
 
 use super::{Lab, LabError, binary_path, command_in_netns, in_netns, run_checked};
@@ -24,21 +26,7 @@ impl Lab {
     /// `lb-control key create --name NAME` in the LB namespace with the admin token from the
     /// state directory; the secret it printed.
     pub fn create_api_key(&self, name: &str) -> Result<String, LabError> {
-        let token_file = self.state_dir().join(ADMIN_TOKEN_FILE);
-        let token = std::fs::read_to_string(&token_file)
-            .map_err(LabError::io(format!("reading {}", token_file.display())))?;
-        let mut command = command_in_netns(&self.lb().netns, binary_path("lb-control")?)?;
-        command
-            .env("LB_ADMIN_TOKEN", token.trim())
-            .args(["key", "create", "--name", name]);
-        let output = run_checked(&mut command)?;
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .find_map(|line| line.strip_prefix("secret: "))
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                LabError::Config("`lb-control key create` printed no `secret: ` line".to_owned())
-            })
+        create_api_key(&self.lb().netns, &self.state_dir(), name)
     }
 
     /// Node `index`'s sim-node status (best block, calls per method, connections, the chain's
@@ -57,4 +45,28 @@ impl Lab {
                 .map_err(|source| LabError::NodeControl { index, source })
         })?
     }
+}
+
+/// `lb-control key create --name NAME` in `netns`, whose lb-control keeps its admin token in
+/// `state_dir`; the secret it printed.
+pub(super) fn create_api_key(
+    netns: &str,
+    state_dir: &Path,
+    name: &str,
+) -> Result<String, LabError> {
+    let token_file = state_dir.join(ADMIN_TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(LabError::io(format!("reading {}", token_file.display())))?;
+    let mut command = command_in_netns(netns, binary_path("lb-control")?)?;
+    command
+        .env("LB_ADMIN_TOKEN", token.trim())
+        .args(["key", "create", "--name", name]);
+    let output = run_checked(&mut command)?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            LabError::Config("`lb-control key create` printed no `secret: ` line".to_owned())
+        })
 }

@@ -26,7 +26,7 @@ use super::{
         CLIENT_IFACE, GATEWAY_V4, Member, NAT_SOURCE_V4, NODE_IFACE, PairLb, PairTopology, Station,
         VIP_V4,
     },
-    run::Run,
+    run::{LB_CONTROL_RUNNING_LOG, Run},
     run_checked,
 };
 
@@ -38,8 +38,6 @@ const ADMIN_TOKEN: &str = "ha-lab-admin-token-0123456789abcdef";
 const FLOW_SYNC_PORT: u16 = 7946;
 /// The flow sync's shared secret, in a file both config files name.
 const FLOW_SYNC_SECRET: &str = "ha-lab-flow-sync-secret-0123456789abcdef";
-/// What lb-control logs once it serves.
-const RUNNING_LOG: &str = "running; SIGHUP reloads the config";
 const LB_CONTROL_RUNNING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the first election may take: the adverts' timeout, then `preempt_delay`.
 const ELECTION_SLACK: Duration = Duration::from_secs(10);
@@ -414,7 +412,7 @@ impl PairLab {
         let deadline = Instant::now() + LB_CONTROL_RUNNING_TIMEOUT;
         while !std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains(RUNNING_LOG)
+            .contains(LB_CONTROL_RUNNING_LOG)
         {
             if Instant::now() >= deadline {
                 return Err(LabError::NotReady {

@@ -6,7 +6,9 @@
 //! `10.200.(10+i).1`. Every veth has TX checksum offload off; the client's and nodes' ends
 //! have GRO on and an XDP_PASS program attached, so native-mode XDP on the LB's ends can
 //! redirect and `XDP_TX` into them. The lab can run sim-node (or chopsticks, a real runtime) in
-//! the node namespaces and lb-control in the LB namespace.
+//! the node namespaces and lb-control in the LB namespace; a node's namespace can also host
+//! another site, a second lb-control whose gateway fronts that node ([`Lab::start_remote_site`]),
+//! and a killed sim-node can come back ([`Lab::restart_sim_node`]).
 //!
 //! Everything a lab makes is named with its run prefix `lbt-<pid>-<seq>` and removed when the
 //! `Lab` is dropped, on panic too: its processes, its namespaces (with their veths), the
@@ -26,6 +28,7 @@ mod netns;
 mod pair;
 mod process;
 mod run;
+mod site;
 mod sweep;
 mod topology;
 
@@ -46,6 +49,7 @@ pub use ha::{PAIR_GATEWAY_PORT, PairConfig, PairLab};
 pub use netns::{command_in_netns, in_netns, run_checked};
 pub use pair::{GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
 pub use process::LabProcess;
+pub use site::RemoteSite;
 pub use sweep::{SweepReport, sweep_stale};
 pub use topology::{Host, LbHost, MAX_EXTRA_CLIENT_ADDRESSES, MAX_NODES};
 
@@ -90,7 +94,7 @@ impl Default for LabConfig {
 pub struct Lab {
     run: Run,
     topology: Topology,
-    /// sim-node's block interval.
+    /// sim-node's block interval, for nodes started again.
     block_time: Duration,
 }
 
@@ -235,6 +239,14 @@ impl Lab {
             .process(&format!("sim-node node{index}"))?
             .signal(libc::SIGKILL);
         Ok(())
+    }
+
+    /// Starts node `index`'s sim-node again after [`Lab::kill_sim_node`], as a node that comes
+    /// back (at the chain's head), and waits until it accepts connections.
+    pub fn restart_sim_node(&mut self, index: usize) -> Result<(), LabError> {
+        let node = &self.topology.nodes[index];
+        self.run
+            .restart_sim_node(index, &node.netns, node.addr_v4, self.block_time)
     }
 
     /// Fails naming the first process that has exited; the lab binary calls it while it waits.

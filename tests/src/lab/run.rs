@@ -25,9 +25,8 @@ const SIM_NODE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 const LB_CONTROL_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long processes get to exit after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-/// What lb-control pins once its program is attached to the client interface: its readiness
-/// signal (maps are pinned earlier, at load).
-const LB_CONTROL_READY_PIN: &str = "link-client0";
+/// What lb-control logs once it serves (admin API, gateway, health checker).
+pub(crate) const LB_CONTROL_RUNNING_LOG: &str = "running; SIGHUP reloads the config";
 
 /// Sequence number of the next lab in this process: tests run labs in parallel threads.
 static NEXT_RUN: AtomicU32 = AtomicU32::new(0);
@@ -108,7 +107,9 @@ impl Run {
         let log = self.log_dir.join(format!("{log_name}.log"));
         let process = LabProcess::spawn(log_name.to_owned(), netns, &program, &args, log)?;
         self.processes.push(process);
-        let ready_pin = Run::pin_dir(instance).join(LB_CONTROL_READY_PIN);
+        // What lb-control pins once its program is attached to the interface: its readiness
+        // signal (maps are pinned earlier, at load).
+        let ready_pin = Run::pin_dir(instance).join(format!("link-{iface}"));
         let process = self.last_process();
         process.wait_ready(
             &format!("{} to appear", ready_pin.display()),
@@ -167,28 +168,50 @@ impl Run {
         nodes: &[(String, std::net::Ipv4Addr)],
         block_time: Duration,
     ) -> Result<(), LabError> {
-        let program = binary_path("sim-node")?;
         for (index, (netns, _)) in nodes.iter().enumerate() {
-            let id = format!("node{index}");
-            let args = sim_node_args(index, block_time);
-            let log = self.log_dir.join(format!("sim-node-{id}.log"));
-            let process = LabProcess::spawn(format!("sim-node {id}"), netns, &program, &args, log)?;
+            let log = self.log_dir.join(format!("sim-node-node{index}.log"));
+            let process = spawn_sim_node(index, netns, block_time, log)?;
             self.processes.push(process);
         }
         // All were started first, so they come up in parallel.
         let first = self.processes.len() - nodes.len();
         for ((netns, addr), process) in nodes.iter().zip(&mut self.processes[first..]) {
-            let rpc = SocketAddr::from((*addr, SIM_NODE_RPC_PORT));
-            process.wait_ready(&format!("{rpc} to accept"), SIM_NODE_READY_TIMEOUT, || {
-                in_netns(netns, || {
-                    TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
-                })
-            })?;
+            wait_until_sim_node_accepts(process, netns, *addr)?;
         }
         Ok(())
     }
 
-    fn last_process(&mut self) -> &mut LabProcess {
+    /// Starts node `index`'s sim-node (at `netns`, `addr`) again after its process ended (a
+    /// test killed it): the node comes back at the chain's head, since sim-node's chain follows
+    /// the clock. Waits until it answers.
+    pub fn restart_sim_node(
+        &mut self,
+        index: usize,
+        netns: &str,
+        addr: std::net::Ipv4Addr,
+        block_time: Duration,
+    ) -> Result<(), LabError> {
+        let name = format!("sim-node node{index}");
+        let position = self
+            .processes
+            .iter()
+            .position(|process| process.name() == name)
+            .ok_or_else(|| LabError::Config(format!("the lab runs no {name}")))?;
+        let mut ended = [self.processes.remove(position)];
+        // Reaps it (and stops it first if it still runs).
+        let problems = process::stop_all(&mut ended, STOP_GRACE);
+        if !problems.is_empty() {
+            return Err(LabError::Cleanup(problems));
+        }
+        let log = self
+            .log_dir
+            .join(format!("sim-node-node{index}-after-{}.log", ended[0].pid()));
+        self.processes
+            .push(spawn_sim_node(index, netns, block_time, log)?);
+        wait_until_sim_node_accepts(self.last_process(), netns, addr)
+    }
+
+    pub(crate) fn last_process(&mut self) -> &mut LabProcess {
         let last = self.processes.len() - 1;
         &mut self.processes[last]
     }
@@ -290,4 +313,34 @@ fn delete_netns_and_strays(netns: &str) -> Result<(), LabError> {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     netns::delete_netns(netns)
+}
+
+/// Starts lab node `index`'s sim-node in `netns`, its output in `log`.
+fn spawn_sim_node(
+    index: usize,
+    netns: &str,
+    block_time: Duration,
+    log: PathBuf,
+) -> Result<LabProcess, LabError> {
+    LabProcess::spawn(
+        format!("sim-node node{index}"),
+        netns,
+        &binary_path("sim-node")?,
+        &sim_node_args(index, block_time),
+        log,
+    )
+}
+
+/// Waits until the sim-node `process` at `addr` in `netns` accepts RPC connections.
+fn wait_until_sim_node_accepts(
+    process: &mut LabProcess,
+    netns: &str,
+    addr: std::net::Ipv4Addr,
+) -> Result<(), LabError> {
+    let rpc = SocketAddr::from((addr, SIM_NODE_RPC_PORT));
+    process.wait_ready(&format!("{rpc} to accept"), SIM_NODE_READY_TIMEOUT, || {
+        in_netns(netns, || {
+            TcpStream::connect_timeout(&rpc, PORT_PROBE_TIMEOUT).is_ok()
+        })
+    })
 }

@@ -91,23 +91,30 @@ pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 10);
 // lb-control's config file and process
 // ---------------------------------------------------------------------------------------------
 
-/// One backend of a service: a lab node and its admin state (`enabled`, `draining`,
-/// `disabled`).
+/// One backend of a service: a lab node, its admin state (`enabled`, `draining`,
+/// `disabled`) and its tier (0 = primary).
 #[derive(Debug, Clone, Copy)]
 pub struct BackendConf {
     pub node: usize,
     pub admin: &'static str,
+    pub tier: u32,
 }
 
 pub fn up(node: usize) -> BackendConf {
-    BackendConf {
-        node,
-        admin: "enabled",
-    }
+    with_admin(node, "enabled")
 }
 
 pub fn with_admin(node: usize, admin: &'static str) -> BackendConf {
-    BackendConf { node, admin }
+    BackendConf {
+        node,
+        admin,
+        tier: 0,
+    }
+}
+
+/// An enabled backend in backup tier `tier`.
+pub fn backup(node: usize, tier: u32) -> BackendConf {
+    BackendConf { tier, ..up(node) }
 }
 
 /// A `[[services]]` entry.
@@ -175,7 +182,10 @@ pub fn render_config(lab: &Lab, services: &[ServiceConf], sections: &str) -> Str
             .map(|backend| {
                 let mut addr = backend_addr(lab, backend.node, service.vip);
                 addr.set_port(service.port);
-                format!("{{ address = \"{addr}\", admin = \"{}\" }}", backend.admin)
+                format!(
+                    "{{ address = \"{addr}\", admin = \"{}\", tier = {} }}",
+                    backend.admin, backend.tier
+                )
             })
             .collect();
         text += &format!(

@@ -9,11 +9,13 @@
 //! - [`upstream_pool`]: many WebSocket clients over the nodes' few shared connections.
 //! - [`papi`]: polkadot-api (Node.js) over `wss://` beside a hundred clients on one node
 //!   connection; [`subxt`]: subxt (Rust) the same way; [`shared_upstream`]: what both share.
+//! - [`remote`]: another site's gateway as the upstream of a gateway with no node of its own.
 //! - [`setup`]: the sim-nodes, the gateway and the clients the tests share.
 
 mod head;
 mod http;
 mod papi;
+mod remote;
 mod setup;
 mod shared_upstream;
 mod subxt;

@@ -172,6 +172,8 @@ impl Setup {
                 maglev_table_size: TABLE_SIZE,
                 blocks: blocks_tx,
                 clients: clients.clone(),
+                // No remote gateways here: nothing to judge.
+                health: watch::channel(Arc::default()).1,
             },
         )
         .expect("gateway starts");
@@ -405,6 +407,7 @@ pub fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
                     rpc_port: node.rpc_addr().port(),
                     weight: 1,
                     admin: AdminState::Enabled,
+                    tier: 0,
                 },
                 origin: Origin::Config,
             },
@@ -417,6 +420,7 @@ pub fn cluster_view(nodes: &[SimNodeHandle]) -> ClusterView {
         services: vec![ServiceView {
             service,
             name: "192.0.2.10:9944/tcp".to_owned(),
+            serving_tier: Some(0),
             backends,
         }],
     }

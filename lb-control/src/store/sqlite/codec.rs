@@ -85,6 +85,7 @@ impl<'a> RowDecoder<'a> {
                 rpc_port: self.int(row, "rpc_port")?,
                 weight: self.int(row, "weight")?,
                 admin: self.serde_enum(row, "admin")?,
+                tier: self.int(row, "tier")?,
             },
             origin: self.serde_enum(row, "origin")?,
         })

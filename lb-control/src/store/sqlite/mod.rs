@@ -243,7 +243,7 @@ fn services(conn: &Connection, path: &Path) -> Result<Vec<Service>, StoreError> 
 /// Every backend, read through `conn` (a connection or an open transaction).
 fn backends(conn: &Connection, path: &Path) -> Result<Vec<Backend>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT id, service_id, address, rpc_port, weight, admin, origin FROM backends \
+        "SELECT id, service_id, address, rpc_port, weight, admin, origin, tier FROM backends \
          ORDER BY id",
     )?;
     let mut rows = stmt.query([])?;

@@ -12,7 +12,7 @@ use super::StoreError;
 
 /// STRICT: a hand edit cannot put text in an integer column. AUTOINCREMENT: ids are never
 /// reused, so an id in a log line or an event always means one record.
-const MIGRATIONS: &[&str] = &[
+pub(in crate::store) const MIGRATIONS: &[&str] = &[
     "
     CREATE TABLE services (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -68,6 +68,10 @@ const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL,
         revoked_ms INTEGER
     ) STRICT;
+",
+    "
+    -- Backend tiers: every backend stored before them is a primary.
+    ALTER TABLE backends ADD COLUMN tier INTEGER NOT NULL DEFAULT 0;
 ",
 ];
 

@@ -108,8 +108,8 @@ impl<'a> SqliteTx<'a> {
     ) -> Result<BackendId, StoreError> {
         self.tx
             .execute(
-                "INSERT INTO backends (service_id, address, rpc_port, weight, admin, origin) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO backends (service_id, address, rpc_port, weight, admin, origin, \
+                 tier) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     service,
                     def.address.to_string(),
@@ -117,6 +117,7 @@ impl<'a> SqliteTx<'a> {
                     def.weight,
                     SerdeText(&def.admin),
                     SerdeText(&origin),
+                    def.tier,
                 ],
             )
             .map_err(|error| match error.sqlite_error_code() {
@@ -152,14 +153,15 @@ impl<'a> SqliteTx<'a> {
         };
         self.tx
             .execute(
-                "UPDATE backends SET address = ?2, rpc_port = ?3, weight = ?4, admin = ?5 \
-                 WHERE id = ?1",
+                "UPDATE backends SET address = ?2, rpc_port = ?3, weight = ?4, admin = ?5, \
+                 tier = ?6 WHERE id = ?1",
                 params![
                     id,
                     def.address.to_string(),
                     def.rpc_port,
                     def.weight,
                     SerdeText(&def.admin),
+                    def.tier,
                 ],
             )
             .map_err(|error| unique_conflict(error, || backend_what(service, def)))?;
@@ -329,8 +331,8 @@ impl SqliteTx<'_> {
     pub(super) fn restore_backend(&mut self, backend: &Backend) -> Result<(), StoreError> {
         let def = &backend.def;
         self.tx.execute(
-            "INSERT INTO backends (id, service_id, address, rpc_port, weight, admin, origin) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO backends (id, service_id, address, rpc_port, weight, admin, origin, \
+             tier) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 backend.id,
                 backend.service,
@@ -339,6 +341,7 @@ impl SqliteTx<'_> {
                 def.weight,
                 SerdeText(&def.admin),
                 SerdeText(&backend.origin),
+                def.tier,
             ],
         )?;
         Ok(())
