@@ -366,6 +366,12 @@ impl SimNodeHandle {
         self.node.most_calls_in_flight()
     }
 
+    /// The most calls of `method` answered at once (the gateway's own background calls, its
+    /// chain follower's, are other methods).
+    pub fn most_calls_in_flight_of(&self, method: &str) -> u64 {
+        self.node.most_calls_in_flight_of(method)
+    }
+
     /// WebSocket connections open at the node now (a part of [`SimNodeHandle::connections`]).
     pub fn websockets(&self) -> usize {
         self.node.websockets()

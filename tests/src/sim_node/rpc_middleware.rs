@@ -45,7 +45,7 @@ where
         let node = self.node.clone();
         async move {
             node.record_request(request.method_name());
-            let _in_flight = node.start_call();
+            let _in_flight = node.start_call(request.method_name());
             delay_by_faults(&node).await;
             inner.call(request).await
         }
@@ -63,7 +63,7 @@ where
                 node.record_request(method);
             }
             // One delay for the whole batch: the batch is one HTTP request / WS message.
-            let _in_flight = node.start_call();
+            let _in_flight = node.start_call("batch");
             delay_by_faults(&node).await;
             inner.batch(batch).await
         }

@@ -53,6 +53,9 @@ pub struct NodeState {
     in_flight: AtomicU64,
     /// The most calls answered at once since the start or the last reset of the counts.
     most_in_flight: AtomicU64,
+    /// The same per method (a batch counts under "batch"): a test's own calls, apart from
+    /// what the gateway's chain follower and health checker ask meanwhile.
+    in_flight_by_method: Mutex<BTreeMap<String, InFlight>>,
     /// Of those, the upgraded ones (WebSockets).
     websockets: AtomicUsize,
     peak_websockets: AtomicUsize,
@@ -86,12 +89,23 @@ impl Drop for OpenConnection {
 /// One call being answered; it ends when dropped.
 pub struct CallInFlight<'a> {
     node: &'a NodeState,
+    method: String,
 }
 
 impl Drop for CallInFlight<'_> {
     fn drop(&mut self) {
         self.node.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(calls) = self.node.by_method().get_mut(&self.method) {
+            calls.now -= 1;
+        }
     }
+}
+
+/// Calls of one method being answered now, and the most at once.
+#[derive(Debug, Clone, Copy, Default)]
+struct InFlight {
+    now: u64,
+    most: u64,
 }
 
 impl NodeState {
@@ -119,6 +133,7 @@ impl NodeState {
             peak_connections: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
             most_in_flight: AtomicU64::new(0),
+            in_flight_by_method: Mutex::default(),
             websockets: AtomicUsize::new(0),
             peak_websockets: AtomicUsize::new(0),
         };
@@ -195,14 +210,32 @@ impl NodeState {
     }
 
     /// Counts a call in flight until the returned guard drops.
-    pub fn start_call(&self) -> CallInFlight<'_> {
+    pub fn start_call(&self, method: &str) -> CallInFlight<'_> {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_in_flight.fetch_max(now, Ordering::SeqCst);
-        CallInFlight { node: self }
+        let mut by_method = self.by_method();
+        let calls = by_method.entry(method.to_owned()).or_default();
+        calls.now += 1;
+        calls.most = calls.most.max(calls.now);
+        CallInFlight {
+            node: self,
+            method: method.to_owned(),
+        }
     }
 
     pub fn most_calls_in_flight(&self) -> u64 {
         self.most_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most calls of `method` answered at once.
+    pub fn most_calls_in_flight_of(&self, method: &str) -> u64 {
+        self.by_method().get(method).map_or(0, |calls| calls.most)
+    }
+
+    fn by_method(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, InFlight>> {
+        self.in_flight_by_method
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn request_counts(&self) -> BTreeMap<String, u64> {
@@ -249,5 +282,8 @@ impl NodeState {
             .clear();
         self.most_in_flight
             .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+        for calls in self.by_method().values_mut() {
+            calls.most = calls.now;
+        }
     }
 }

@@ -435,7 +435,7 @@ async fn calls_beyond_a_nodes_budget_wait_then_get_busy_and_the_node_never_has_m
         node.rpc_addr()
     );
     assert_eq!(busy, vec![expected; 6]);
-    assert_eq!(node.most_calls_in_flight(), 4);
+    assert_eq!(node.most_calls_in_flight_of(UNCACHED_READ), 4);
     assert_eq!(node.request_count(UNCACHED_READ), 4);
     let metrics = setup.metrics_text();
     for line in [
@@ -453,7 +453,7 @@ async fn calls_beyond_a_nodes_budget_wait_then_get_busy_and_the_node_never_has_m
     node.set_fault(Fault::Slow { delay_ms: 20 });
     let answers = concurrent_calls(&setup, UNCACHED_READ, 10).await;
     assert_eq!(results_and_busy(&answers), (10, Vec::new()));
-    assert_eq!(node.most_calls_in_flight(), 4);
+    assert_eq!(node.most_calls_in_flight_of(UNCACHED_READ), 4);
 }
 
 #[tokio::test]
@@ -485,7 +485,12 @@ async fn a_busy_nodes_reads_go_to_the_next_node_and_author_calls_never_do() {
     assert_eq!(busy, vec![expected; 2]);
     for node in [own, next] {
         assert_eq!(node.request_count(UNCACHED_READ), 2, "{}", node.rpc_addr());
-        assert_eq!(node.most_calls_in_flight(), 2, "{}", node.rpc_addr());
+        assert_eq!(
+            node.most_calls_in_flight_of(UNCACHED_READ),
+            2,
+            "{}",
+            node.rpc_addr()
+        );
     }
     let metrics = setup.metrics_text();
     let line = format!("lb_gateway_retries_total{{node=\"{}\"}} 4", own.rpc_addr());
@@ -575,7 +580,7 @@ async fn http2_connection_gets_its_stream_limit_and_cannot_exceed_it() {
     for answer in futures_util::future::join_all(calls).await {
         assert!(answer["result"].is_string(), "{answer}");
     }
-    assert_eq!(setup.nodes[0].most_calls_in_flight(), 3);
+    assert_eq!(setup.nodes[0].most_calls_in_flight_of(UNCACHED_READ), 3);
 }
 
 #[tokio::test]
