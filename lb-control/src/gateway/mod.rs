@@ -387,7 +387,6 @@ impl Gateway {
             context.maglev_table_size,
             section.upstream_timeout,
             section.call_budget(),
-            listeners.len(),
             context.metrics.clone(),
         ));
         let remote_nodes: Vec<_> = remotes

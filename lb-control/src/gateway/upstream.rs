@@ -40,7 +40,6 @@ use lb_common::{
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::value::RawValue;
 use thiserror::Error;
-use thread_local::ThreadLocal;
 use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tracing::{debug, info, warn};
 
@@ -405,36 +404,36 @@ pub struct Upstream {
     /// chain follower, and WebSocket sessions bound to a node.
     serving: watch::Sender<Vec<SocketAddr>>,
     table_size: u32,
-    /// One client (and pool) per serving thread: a call and the pooled connection it takes
-    /// run on the same thread, so a miss never wakes another thread (a shared pool gave the
-    /// connections one thread opened to the other's calls).
-    clients: ThreadLocal<Client<HttpConnector, Full<Bytes>>>,
-    /// Idle connections each thread's pool keeps per node: together within the node's budget.
-    idle_per_thread: usize,
+    client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
     budget: CallBudget,
     metrics: Arc<GatewayMetrics>,
 }
 
 impl Upstream {
-    /// `threads`: the serving threads that make calls.
     pub fn new(
         table_size: u32,
         timeout: Duration,
         budget: CallBudget,
-        threads: usize,
         metrics: Arc<GatewayMetrics>,
     ) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        // No node has more calls at once than its budget, so no more idle connections either.
+        // One pool for every serving thread: pools per thread, each within a share of the
+        // budget, churned connections when a client's calls all came on one thread (measured:
+        // misses at 0.67x nginx proxying, against 0.8x with one pool).
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(budget.max_calls_per_node as usize)
+            .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
             healthy: AtomicUsize::new(0),
             tier: std::sync::Mutex::new(None),
             serving: watch::Sender::new(Vec::new()),
             table_size,
-            clients: ThreadLocal::new(),
-            // No node has more calls at once than its budget, so no more idle connections
-            // either, over all threads.
-            idle_per_thread: (budget.max_calls_per_node as usize).div_ceil(threads.max(1)),
+            client,
             timeout,
             budget,
             metrics,
@@ -538,18 +537,6 @@ impl Upstream {
         self.timeout
     }
 
-    /// This thread's client.
-    fn client(&self) -> &Client<HttpConnector, Full<Bytes>> {
-        self.clients.get_or(|| {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(self.timeout));
-            Client::builder(TokioExecutor::new())
-                .pool_max_idle_per_host(self.idle_per_thread)
-                .build(connector)
-        })
-    }
-
     /// Calls `method` on the client's node, or on the first node in the client's order that
     /// `fits` (a node at the chain's head, for an answer that depends on it); a read that
     /// fails there, or finds no place there in time, goes once to another node.
@@ -624,7 +611,7 @@ impl Upstream {
         let started = Instant::now();
         let exchange = async {
             let response = self
-                .client()
+                .client
                 .request(request)
                 .await
                 .map_err(|error| failed(describe_client_error(&error)))?;
