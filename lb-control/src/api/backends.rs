@@ -345,7 +345,7 @@ async fn owned(context: &Context, caller: &Caller, id: BackendId) -> ApiResult<B
     Ok(status)
 }
 
-async fn status_of(context: &Context, id: BackendId) -> ApiResult<Json<BackendInfo>> {
+pub(super) async fn status_of(context: &Context, id: BackendId) -> ApiResult<Json<BackendInfo>> {
     Ok(Json(context.backends.backend_status(id).await?.into()))
 }
 

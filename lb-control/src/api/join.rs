@@ -12,6 +12,7 @@ use axum::{
 use super::{
     Context,
     auth::Caller,
+    backends::status_of,
     error::{ApiError, ApiResult},
     extract::Body,
     model::{BackendInfo, ErrorBody, JoinRequest},
@@ -68,6 +69,5 @@ pub async fn join(
         Joined::Added(backend) => (StatusCode::CREATED, backend),
         Joined::Present(backend) => (StatusCode::OK, backend),
     };
-    let status_now = context.backends.backend_status(backend.id).await?;
-    Ok((status, Json(status_now.into())))
+    Ok((status, status_of(&context, backend.id).await?))
 }

@@ -336,13 +336,7 @@ impl PairLab {
             .map(|member| format!("\"{}\"", member.client_url()))
             .collect::<Vec<_>>()
             .join(", ");
-        let backends = self
-            .topology
-            .nodes
-            .iter()
-            .map(|node| format!("{{ address = \"{}:{SIM_NODE_RPC_PORT}\" }}", node.addr_v4))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let backends = super::backends_toml(self.topology.nodes.iter().map(|node| node.addr_v4));
         let dir = self.run.log_dir.display();
         let secret_file = self.run.log_dir.join("flow-sync.secret");
         std::fs::write(&secret_file, FLOW_SYNC_SECRET)

@@ -66,6 +66,15 @@ const PORT_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// sim-node's JSON-RPC port (HTTP and WebSocket), as on a Polkadot node.
 pub const SIM_NODE_RPC_PORT: u16 = 9944;
+
+/// The `backends = [ … ]` entries of an lb-control config for the sim-nodes at `nodes`.
+pub fn backends_toml(nodes: impl IntoIterator<Item = std::net::Ipv4Addr>) -> String {
+    nodes
+        .into_iter()
+        .map(|node| format!("{{ address = \"{node}:{SIM_NODE_RPC_PORT}\" }}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 /// sim-node's control port, where tests switch faults.
 pub const SIM_NODE_CONTROL_PORT: u16 = 9945;
 

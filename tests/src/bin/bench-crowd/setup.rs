@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use lb_tests::{
-    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, certs::GatewayCerts, command_in_netns, run_checked},
+    lab::{
+        Lab, LabConfig, SIM_NODE_RPC_PORT, backends_toml, certs::GatewayCerts, command_in_netns,
+        run_checked,
+    },
     proc_usage::{self, ProcessMemory},
     prometheus,
     sim_node::NodeStatus,
@@ -145,11 +148,6 @@ impl Setup {
 /// gateway with limits that admit the whole crowd (one key, a share of it per address).
 fn lb_control_config(lab: &Lab, certs: &GatewayCerts, settings: &Settings) -> String {
     let lb = lab.lb().addr_v4;
-    let backends: Vec<String> = lab
-        .nodes()
-        .iter()
-        .map(|node| format!("{{ address = \"{}:{SIM_NODE_RPC_PORT}\" }}", node.addr_v4))
-        .collect();
     let per_address = settings.clients.div_ceil(settings.sources) + 64;
     let whole_crowd = settings.clients + 64;
     format!(
@@ -160,7 +158,7 @@ fn lb_control_config(lab: &Lab, certs: &GatewayCerts, settings: &Settings) -> St
          max_connections_per_ip = {per_address}\nmax_connections_per_key = {whole_crowd}\n\
          max_subscriptions_per_key = {whole_crowd}\n\
          max_upstream_connections_per_node = {UPSTREAM_CAP}\n",
-        backends.join(", "),
+        backends_toml(lab.nodes().iter().map(|node| node.addr_v4)),
         certs.cert.display(),
         certs.key.display(),
     )

@@ -34,32 +34,15 @@ use lb_tests::{
 use report::Run;
 use setup::Setup;
 
-/// The body of a call of `$method` with no parameters.
-macro_rules! call_of {
-    ($method:expr) => {
-        concat!(
-            r#"{"jsonrpc":"2.0","id":1,"method":""#,
-            $method,
-            r#"","params":[]}"#
-        )
-    };
-}
 /// A method the gateway caches until the runtime changes and nginx caches by the call's body.
-macro_rules! cached_method {
-    () => {
-        "state_getRuntimeVersion"
-    };
-}
+pub const CACHED_METHOD: &str = "state_getRuntimeVersion";
 /// A method nobody caches (the node's own peer id): every call reaches a node.
-macro_rules! uncached_method {
-    () => {
-        "system_localPeerId"
-    };
+pub const UNCACHED_METHOD: &str = "system_localPeerId";
+
+/// The body of a call of `method` with no parameters.
+pub fn call_of(method: &str) -> String {
+    format!(r#"{{"jsonrpc":"2.0","id":1,"method":"{method}","params":[]}}"#)
 }
-pub const CACHED_METHOD: &str = cached_method!();
-pub const CACHED_CALL: &str = call_of!(cached_method!());
-pub const UNCACHED_METHOD: &str = uncached_method!();
-pub const UNCACHED_CALL: &str = call_of!(uncached_method!());
 /// Nodes behind the gateway and nginx.
 pub const NODES: usize = 2;
 /// Pause between runs, so one run's closing connections do not land in the next.
@@ -165,12 +148,8 @@ impl Target {
         )
     }
 
-    pub fn call(self) -> &'static str {
-        if self.is_cached_call() {
-            CACHED_CALL
-        } else {
-            UNCACHED_CALL
-        }
+    pub fn call(self) -> String {
+        call_of(self.method())
     }
 
     /// The method [`Target::call`] calls.

@@ -5,7 +5,7 @@ use std::{fmt, fmt::Write as _, time::Duration};
 use lb_tests::{bench::median, cpu::Usage, wrk::WrkResult};
 
 use crate::{
-    CACHED_CALL, NODES, Settings, Target, UNCACHED_CALL,
+    CACHED_METHOD, NODES, Settings, Target, UNCACHED_METHOD, call_of,
     flood::Flood,
     setup::{CacheLookups, Memory},
 };
@@ -182,8 +182,8 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
          calls in flight (a new call as each answer comes); nginx passes each client's \
          WebSocket through to a node, the gateway carries the misses on its shared upstream \
          connections.\n\
-         - Cached call `{CACHED_CALL}` (the gateway keeps it until the runtime changes); \
-         uncached call `{UNCACHED_CALL}` (never cached: every request reaches a node).\n\
+         - Cached call `{}` (the gateway keeps it until the runtime changes); \
+         uncached call `{}` (never cached: every request reaches a node).\n\
          - Gateway: lb-control's gateway, TLS (rustls, ring) on the LB's address, API key in the \
          path; its node for a client comes from the Maglev table (one client address: one node).\n\
          - nginx: {} worker(s), TLS with the same certificate on the same address; upstream the \
@@ -202,6 +202,8 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
         settings.warmup,
         settings.ws_connections,
         settings.ws_in_flight,
+        call_of(CACHED_METHOD),
+        call_of(UNCACHED_METHOD),
         settings.nginx_workers,
         settings.repeats,
         context.load_before,

@@ -12,13 +12,16 @@ use std::{
 
 use anyhow::{Context, bail, ensure};
 use lb_tests::{
-    lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, certs::GatewayCerts, command_in_netns, run_checked},
+    lab::{
+        Lab, LabConfig, SIM_NODE_RPC_PORT, backends_toml, certs::GatewayCerts, command_in_netns,
+        run_checked,
+    },
     nginx,
     proc_usage::{ProcessMemory, children},
     prometheus, wrk,
 };
 
-use crate::{CACHED_CALL, NODES, Settings, Target, UNCACHED_CALL};
+use crate::{CACHED_METHOD, NODES, Settings, Target, UNCACHED_METHOD, call_of};
 
 /// The gateway's TLS port, on the LB's client-side address.
 const GATEWAY_PORT: u16 = 8443;
@@ -80,9 +83,15 @@ impl Setup {
             dir.join("wrk-made-up-keys.lua"),
         );
         for (path, script) in [
-            (&cached_script, wrk::script(CACHED_CALL, &[])),
-            (&uncached_script, wrk::script(UNCACHED_CALL, &[])),
-            (&flood_script, wrk::made_up_keys_script(CACHED_CALL)),
+            (&cached_script, wrk::script(&call_of(CACHED_METHOD), &[])),
+            (
+                &uncached_script,
+                wrk::script(&call_of(UNCACHED_METHOD), &[]),
+            ),
+            (
+                &flood_script,
+                wrk::made_up_keys_script(&call_of(CACHED_METHOD)),
+            ),
         ] {
             std::fs::write(path, script).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -117,17 +126,11 @@ impl Setup {
     pub fn server(&self, target: Target) -> Option<(SocketAddr, String)> {
         let lb = self.lab.lb().addr_v4;
         let (port, path) = match target {
-            Target::GatewayHit
-            | Target::GatewayMiss
-            | Target::GatewayMissSerial
-            | Target::GatewayHitLight
-            | Target::GatewayHitUnderFlood
-            | Target::GatewayWsHit
-            | Target::GatewayWsMiss => (GATEWAY_PORT, format!("/{}", self.secret)),
+            gateway if gateway.is_gateway() => (GATEWAY_PORT, format!("/{}", self.secret)),
             Target::NginxProxy => (NGINX_PROXY_PORT, "/".to_owned()),
             Target::NginxHit => (NGINX_CACHE_PORT, "/".to_owned()),
             Target::NginxWs => (NGINX_WEBSOCKET_PORT, "/".to_owned()),
-            Target::Node | Target::NodeSerial => return None,
+            _ => return None,
         };
         Some((SocketAddr::from((lb, port)), path))
     }
@@ -249,7 +252,7 @@ impl Setup {
         command
             .args(["-sS", "-i", "--http1.1", "--max-time", "5", "--cacert"])
             .arg(&self.ca)
-            .args(["-H", "Content-Type: application/json", "-d", target.call()])
+            .args(["-H", "Content-Type: application/json", "-d", &target.call()])
             .arg(self.url(target));
         let output = run_checked(&mut command)?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
@@ -260,17 +263,12 @@ impl Setup {
 /// gateway on the LB's client-side address.
 fn lb_control_config(lab: &Lab, cert: &Path, key: &Path) -> String {
     let lb = lab.lb().addr_v4;
-    let backends: Vec<String> = lab
-        .nodes()
-        .iter()
-        .map(|node| format!("{{ address = \"{}:{SIM_NODE_RPC_PORT}\" }}", node.addr_v4))
-        .collect();
     format!(
         "[dataplane]\nnat_source_v4 = \"{lb}\"\n\n\
          [[services]]\nvip = \"10.200.0.10\"\nport = {SIM_NODE_RPC_PORT}\ncheck = \"none\"\n\
          backends = [{}]\n\n\
          [gateway]\nlisten = \"{lb}:{GATEWAY_PORT}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
-        backends.join(", "),
+        backends_toml(lab.nodes().iter().map(|node| node.addr_v4)),
         cert.display(),
         key.display(),
     )
