@@ -15,7 +15,7 @@
 //!
 //! Use from the gateway, per call:
 //! `cache.get_or_fetch(method, params, classify(method, params, cache.finalized()), fetch)`,
-//! with `fetch` making the upstream call and [`UpstreamAnswer::from_response`] reading it.
+//! with `fetch` making the upstream call.
 
 pub mod follower;
 mod header;

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use moka::Expiry;
 use moka::future::Cache;
-use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -57,38 +56,6 @@ pub enum UpstreamAnswer {
     Error(Box<RawValue>),
 }
 
-impl UpstreamAnswer {
-    /// Reads a node's answer to one call (not a batch), keeping `result` or `error` as the
-    /// node wrote it; `"result": null` stays a result.
-    pub fn from_response(body: &[u8]) -> Result<Self, FetchError> {
-        // A member that is there, even `null`: a plain `Option` would read a null result as
-        // no result.
-        fn present<'de, D: Deserializer<'de>>(value: D) -> Result<Option<&'de RawValue>, D::Error> {
-            <&RawValue>::deserialize(value).map(Some)
-        }
-        // Borrowed from the body: only the member kept is copied (this runs on every miss).
-        #[derive(Deserialize)]
-        struct Members<'a> {
-            #[serde(borrow, default, deserialize_with = "present")]
-            result: Option<&'a RawValue>,
-            #[serde(borrow, default, deserialize_with = "present")]
-            error: Option<&'a RawValue>,
-        }
-        let members: Members = serde_json::from_slice(body)
-            .map_err(|error| FetchError::BadAnswer(format!("not a JSON-RPC response: {error}")))?;
-        match (members.result, members.error) {
-            (Some(result), None) => Ok(UpstreamAnswer::Result(result.to_owned())),
-            (None, Some(error)) => Ok(UpstreamAnswer::Error(error.to_owned())),
-            (Some(_), Some(_)) => Err(FetchError::BadAnswer(
-                "a JSON-RPC response with both result and error".to_owned(),
-            )),
-            (None, None) => Err(FetchError::BadAnswer(
-                "a JSON-RPC response with neither result nor error".to_owned(),
-            )),
-        }
-    }
-}
-
 /// Why [`ResponseCache::get_or_fetch`] has no result for the client.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
@@ -96,8 +63,6 @@ pub enum FetchError {
     Unreachable(String),
     #[error("upstream timed out: {0}")]
     Timeout(String),
-    #[error("upstream sent a bad answer: {0}")]
-    BadAnswer(String),
     /// The node had as many calls in flight as the gateway gives it, for as long as a call
     /// waits: nothing is wrong, the client should try again shortly.
     #[error("node {node} has {in_flight} calls in flight")]
@@ -831,53 +796,5 @@ mod tests {
         )
         .await;
         assert_eq!(lookup, Lookup::Hit);
-    }
-
-    #[test]
-    fn upstream_answer_is_read_from_a_response() {
-        let read = |body: &str| UpstreamAnswer::from_response(body.as_bytes());
-        let Ok(UpstreamAnswer::Result(result)) =
-            read(r#"{"jsonrpc":"2.0","id":7,"result":{"b":1, "a":[2]}}"#)
-        else {
-            panic!("a result")
-        };
-        assert_eq!(
-            result.get(),
-            r#"{"b":1, "a":[2]}"#,
-            "kept as the node wrote it"
-        );
-        let Ok(UpstreamAnswer::Result(result)) = read(r#"{"jsonrpc":"2.0","id":7,"result":null}"#)
-        else {
-            panic!("a null result")
-        };
-        assert_eq!(result.get(), "null");
-        let Ok(UpstreamAnswer::Error(error)) = read(
-            r#"{"jsonrpc":"2.0","id":7,"error":{"code":-32601,"message":"Method not found"}}"#,
-        ) else {
-            panic!("an error")
-        };
-        assert_eq!(
-            error.get(),
-            r#"{"code":-32601,"message":"Method not found"}"#
-        );
-        for bad in [
-            r#"{"jsonrpc":"2.0","id":7}"#,
-            "[]",
-            "<html>",
-            r#"{"result":1,"error":{}}"#,
-        ] {
-            assert!(matches!(read(bad), Err(FetchError::BadAnswer(_))), "{bad}");
-        }
-    }
-
-    #[test]
-    fn finalized_only_moves_forward() {
-        let cache = ResponseCache::new(DEFAULT_MAX_BYTES);
-        assert_eq!(cache.finalized(), None);
-        cache.set_finalized(0);
-        assert_eq!(cache.finalized(), Some(0));
-        cache.set_finalized(10);
-        cache.set_finalized(7);
-        assert_eq!(cache.finalized(), Some(10));
     }
 }

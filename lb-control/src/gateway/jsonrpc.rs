@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::{cache::UpstreamAnswer, methods::Refusal};
+use crate::methods::Refusal;
 
 /// Codes of the JSON-RPC 2.0 specification and, for the gateway's own limits, the codes
 /// jsonrpsee (the node's server) uses for the same conditions.
@@ -229,15 +229,6 @@ pub fn upstream_request(id: u64, method: &str, params: Option<&RawValue>) -> Str
     .expect("a request of raw JSON values serializes")
 }
 
-/// Reads a node's answer to one call.
-pub fn parse_upstream_answer(bytes: &[u8]) -> Result<Outcome, String> {
-    match UpstreamAnswer::from_response(bytes) {
-        Ok(UpstreamAnswer::Result(result)) => Ok(Outcome::Result(result)),
-        Ok(UpstreamAnswer::Error(error)) => Ok(Outcome::Error(error)),
-        Err(error) => Err(error.to_string()),
-    }
-}
-
 /// One answer object, with the client's id, as text (JSON by construction from raw JSON
 /// values: not parsed again, which for a metadata answer is megabytes).
 pub fn answer(id: Option<&RawValue>, outcome: &Outcome) -> String {
@@ -330,8 +321,7 @@ mod tests {
 
     #[test]
     fn answer_carries_the_client_id() {
-        let outcome = parse_upstream_answer(br#"{"jsonrpc":"2.0","result":{"a":1},"id":0}"#)
-            .expect("an answer");
+        let outcome = Outcome::Result(RawValue::from_string(r#"{"a":1}"#.to_owned()).unwrap());
         let id = RawValue::from_string("\"x\"".to_owned()).unwrap();
         assert_eq!(
             answer(Some(&id), &outcome),

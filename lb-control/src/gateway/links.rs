@@ -39,7 +39,7 @@ use serde_json::value::RawValue;
 use tokio::{
     net::TcpStream,
     runtime::Handle,
-    sync::{mpsc, watch},
+    sync::{mpsc, oneshot, watch},
 };
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
@@ -48,7 +48,7 @@ use tokio_tungstenite::{
 use tracing::{debug, warn};
 
 use super::{
-    jsonrpc::{self, RpcError},
+    jsonrpc::{self, Outcome, RpcError},
     metrics::{GatewayMetrics, UpstreamLabels},
     slots::Slot,
 };
@@ -286,6 +286,13 @@ pub enum RequestKind {
 
 enum Command {
     Call(Request),
+    /// A call of no lasting state whose outcome goes back whole to the one caller waiting for
+    /// it ([`Link::call`]).
+    Once {
+        method: Box<str>,
+        params: Option<Box<RawValue>>,
+        reply: oneshot::Sender<Result<Outcome, String>>,
+    },
     /// Ends subscription `id` of a client that went (the answer is dropped).
     Release {
         id: Box<str>,
@@ -322,6 +329,24 @@ impl Link {
         }
     }
 
+    /// Makes a call of no lasting state for a caller that waits for it (an HTTP client's call,
+    /// a cache miss): the node's result or error, or why there is none (the link was lost, or
+    /// the node did not answer within the link's timeout).
+    pub async fn call(&self, method: &str, params: Option<&RawValue>) -> Result<Outcome, String> {
+        let (reply, outcome) = oneshot::channel();
+        self.load.calls.fetch_add(1, Ordering::Relaxed);
+        let once = Command::Once {
+            method: method.into(),
+            params: params.map(RawValue::to_owned),
+            reply,
+        };
+        if self.commands.send(once).is_err() {
+            self.load.calls.fetch_sub(1, Ordering::Relaxed);
+            return Err(LOST.to_owned());
+        }
+        outcome.await.unwrap_or_else(|_| Err(LOST.to_owned()))
+    }
+
     /// Ends subscription `id` of a client that went.
     pub fn release(&self, id: Box<str>, end: &'static str) {
         let _ = self.commands.send(Command::Release { id, end });
@@ -336,8 +361,11 @@ impl Link {
     }
 }
 
+/// Why a link's call has no answer when the link failed under it.
+const LOST: &str = "its connection was lost";
+
 pub fn lost_error(node: SocketAddr) -> RpcError {
-    RpcError::upstream_unavailable(format!("node {node}: its connection was lost"))
+    RpcError::upstream_unavailable(format!("node {node}: {LOST}"))
 }
 
 /// A call its link could not carry to the end: back to its session to be sent elsewhere when
@@ -553,9 +581,24 @@ enum Pending {
         request: Request,
         sent: Instant,
     },
+    /// A [`Command::Once`] call.
+    Once {
+        reply: oneshot::Sender<Result<Outcome, String>>,
+        sent: Instant,
+    },
     /// A call of the gateway's own (ending a gone client's subscription): its answer is
     /// dropped.
     Own,
+}
+
+impl Pending {
+    /// When a caller's call went to the node (None for the gateway's own).
+    fn sent(&self) -> Option<Instant> {
+        match self {
+            Pending::Client { sent, .. } | Pending::Once { sent, .. } => Some(*sent),
+            Pending::Own => None,
+        }
+    }
 }
 
 /// Where a subscription's notifications go.
@@ -630,6 +673,11 @@ impl LinkTask {
             .upstream_links
             .get_or_create(&self.labels)
             .dec();
+        // What the callers waiting on the link are told (the refusal of a node that would not
+        // take it, say).
+        let lost = failure
+            .as_ref()
+            .map_or_else(|| LOST.to_owned(), |failure| format!("{LOST}: {failure}"));
         if let Some(failure) = &failure {
             warn!(node = %self.node, "upstream WebSocket connection ended: {failure}");
             self.metrics
@@ -641,11 +689,15 @@ impl LinkTask {
         commands.close();
         let mut unsent = Vec::new();
         while let Ok(command) = commands.try_recv() {
-            if let Command::Call(request) = command {
-                unsent.push(request);
+            match command {
+                Command::Call(request) => unsent.push(request),
+                Command::Once { reply, .. } => {
+                    let _ = reply.send(Err(lost.clone()));
+                }
+                Command::Release { .. } => {}
             }
         }
-        self.fail_all(unsent);
+        self.fail_all(unsent, &lost);
     }
 
     /// Carries commands and the node's messages until the link fails (the reason) or every
@@ -715,6 +767,21 @@ impl LinkTask {
                 );
                 Some(text)
             }
+            Command::Once {
+                method,
+                params,
+                reply,
+            } => {
+                let text = jsonrpc::upstream_request(id, &method, params.as_deref());
+                self.pending.insert(
+                    id,
+                    Pending::Once {
+                        reply,
+                        sent: Instant::now(),
+                    },
+                );
+                Some(text)
+            }
             Command::Release {
                 id: subscription,
                 end,
@@ -770,18 +837,25 @@ impl LinkTask {
     }
 
     fn answer(&mut self, id: u64, result: Option<&RawValue>, error: Option<&RawValue>) {
-        let Some(pending) = self.pending.remove(&id) else {
-            return;
-        };
-        let Pending::Client { request, .. } = pending else {
-            return;
-        };
-        self.load.calls.fetch_sub(1, Ordering::Relaxed);
         let outcome = match (result, error) {
             (Some(result), _) => Ok(result),
             (None, Some(error)) => Err(error),
             (None, None) => Err(RawValue::NULL),
         };
+        let request = match self.pending.remove(&id) {
+            Some(Pending::Client { request, .. }) => request,
+            Some(Pending::Once { reply, .. }) => {
+                self.load.calls.fetch_sub(1, Ordering::Relaxed);
+                let outcome = match outcome {
+                    Ok(result) => Outcome::Result(result.to_owned()),
+                    Err(error) => Outcome::Error(error.to_owned()),
+                };
+                let _ = reply.send(Ok(outcome));
+                return;
+            }
+            Some(Pending::Own) | None => return,
+        };
+        self.load.calls.fetch_sub(1, Ordering::Relaxed);
         let answer = jsonrpc::answer_text(Some(&request.id), outcome);
         let RequestKind::Open {
             end,
@@ -862,9 +936,7 @@ impl LinkTask {
         let late: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, pending)| {
-                matches!(pending, Pending::Client { sent, .. } if sent.elapsed() >= timeout)
-            })
+            .filter(|(_, pending)| pending.sent().is_some_and(|sent| sent.elapsed() >= timeout))
             .map(|(id, _)| *id)
             .collect();
         if late.is_empty() {
@@ -876,8 +948,14 @@ impl LinkTask {
             self.node
         ));
         for id in late {
-            let Some(Pending::Client { request, .. }) = self.pending.remove(&id) else {
-                continue;
+            let request = match self.pending.remove(&id) {
+                Some(Pending::Client { request, .. }) => request,
+                Some(Pending::Once { reply, .. }) => {
+                    self.load.calls.fetch_sub(1, Ordering::Relaxed);
+                    let _ = reply.send(Err(format!("no answer within {timeout:?}")));
+                    continue;
+                }
+                Some(Pending::Own) | None => continue,
             };
             self.load.calls.fetch_sub(1, Ordering::Relaxed);
             if let RequestKind::Open { follow, .. } = request.kind {
@@ -887,9 +965,9 @@ impl LinkTask {
         }
     }
 
-    /// The link is gone: its clients with subscriptions are told, its calls (those sent and
-    /// the `unsent`) answered or moved.
-    fn fail_all(&mut self, unsent: Vec<Request>) {
+    /// The link is gone (`lost` says why): its clients with subscriptions are told, its calls
+    /// (those sent and the `unsent`) answered or moved.
+    fn fail_all(&mut self, unsent: Vec<Request>, lost: &str) {
         for (_, route) in self.routes.drain() {
             self.metrics
                 .upstream_subscriptions
@@ -902,6 +980,10 @@ impl LinkTask {
             .drain()
             .filter_map(|(_, pending)| match pending {
                 Pending::Client { request, .. } => Some(request),
+                Pending::Once { reply, .. } => {
+                    let _ = reply.send(Err(lost.to_owned()));
+                    None
+                }
                 Pending::Own => None,
             });
         for request in sent.chain(unsent) {

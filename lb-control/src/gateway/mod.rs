@@ -383,9 +383,20 @@ impl Gateway {
             service,
             remotes,
         } = bound;
+        let links = Arc::new(Links::new(
+            LinkLimits {
+                max_links_per_node: section.max_upstream_connections_per_node,
+                max_subscriptions_per_link: section.max_subscriptions_per_upstream,
+                max_follows_per_link: section.max_follows_per_upstream,
+                calls_per_link: CALLS_PER_LINK,
+                timeout: section.upstream_timeout,
+                max_message_bytes: NODE_MAX_MESSAGE_BYTES,
+            },
+            context.metrics.clone(),
+        ));
         let upstream = Arc::new(Upstream::new(
             context.maglev_table_size,
-            section.upstream_timeout,
+            links.clone(),
             section.call_budget(),
             context.metrics.clone(),
         ));
@@ -419,17 +430,6 @@ impl Gateway {
             &RemoteNode::judged(&remote_nodes, &context.health.borrow()),
         ))?;
         let auth = Arc::new(Authenticator::new(&context.keys, context.store));
-        let links = Arc::new(Links::new(
-            LinkLimits {
-                max_links_per_node: section.max_upstream_connections_per_node,
-                max_subscriptions_per_link: section.max_subscriptions_per_upstream,
-                max_follows_per_link: section.max_follows_per_upstream,
-                calls_per_link: CALLS_PER_LINK,
-                timeout: section.upstream_timeout,
-                max_message_bytes: NODE_MAX_MESSAGE_BYTES,
-            },
-            context.metrics.clone(),
-        ));
         let cache = ResponseCache::new(section.cache_bytes);
         let follower = cache::follow(upstream.watch_serving(), cache.clone());
         let failures = section.auth_failures_block.map(|policy| {

@@ -1,5 +1,6 @@
-//! The nodes behind the gateway: which ones are live, which one a client gets, and the pooled
-//! HTTP/1.1 calls to them.
+//! The nodes behind the gateway: which ones are live, which one a client gets, and the calls
+//! made for HTTP clients (and for cache misses) on the nodes' shared WebSocket links
+//! ([`super::links`]).
 //!
 //! A client is kept on one node by a Maglev table over the live nodes (the kernel's
 //! `build_table`), indexed by the flow hash of the client's address alone (`client_key`), so
@@ -10,8 +11,13 @@
 //! connections") while any is not. A read that fails on its node (connect error, dropped
 //! connection, timeout) is sent once to the next node of the table.
 //!
-//! A node gets at most `max_upstream_http_calls_per_node` calls at once ([`CallBudget`]), so
-//! the pool never opens more connections to it than that, whatever the clients send: a call
+//! These calls go over the same links as the WebSocket clients' (not HTTP/1.1 connections of
+//! their own): a link carries many calls at once, each write and read of it several, so a miss
+//! costs the gateway and the node a frame on an open connection rather than a request of its
+//! own (measured in `bench gateway`: misses at 0.84x nginx proxying over pooled HTTP/1.1).
+//!
+//! A node gets at most `max_upstream_http_calls_per_node` of these calls at once
+//! ([`CallBudget`]), whatever the clients send: a call
 //! beyond it waits for a place, in the order calls came, up to `upstream_queue_timeout`, then
 //! fails as busy ([`UpstreamError::Busy`]). A read its node is too busy for goes to the next node
 //! of the table if that one has a place at once (it has waited its turn already); `author_*`
@@ -27,12 +33,6 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode, Uri, body::Bytes, header};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use lb_common::{
     flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey, flow_hash},
     maglev::{self, MaglevBackend, MaglevError},
@@ -44,7 +44,8 @@ use tokio::sync::{Semaphore, SemaphorePermit, watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    jsonrpc::{self, Outcome},
+    jsonrpc::Outcome,
+    links::Links,
     metrics::{GatewayMetrics, UpstreamLabels},
 };
 use crate::{
@@ -65,14 +66,9 @@ pub enum UpstreamError {
     Busy { node: SocketAddr, in_flight: u32 },
 }
 
-/// How many HTTP calls one node gets at once, and how long a call waits for a place.
-///
-/// A Substrate node takes 100 RPC connections (`--rpc-max-connections`), and each call in
-/// flight holds one pooled connection. Of the 100: 48 for these calls, 32 for the WebSocket
-/// pool (its `max_upstream_connections_per_node`, issue 20), 1 for the health checker and 1
-/// for the chain follower leave 18 for the connections hyper opens while a finished one is on
-/// its way back to the pool (kept idle within the same cap), and for operators' own tools. 48
-/// calls at once keep a node's cores busy; more would only queue inside the node.
+/// How many calls for HTTP clients one node gets at once, and how long a call waits for a
+/// place. 48 calls at once keep a node's cores busy; more would only queue inside the node
+/// (the connections they ride are bounded by the links' `max_upstream_connections_per_node`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallBudget {
     pub max_calls_per_node: u32,
@@ -290,12 +286,11 @@ pub fn client_flow_key(client: IpAddr) -> FlowKey {
     }
 }
 
-/// A live node, its places for calls in flight, and what each call to it needs ready (made
-/// once per node, not per call).
+/// A live node, its places for calls in flight, and its histogram (looked up once per node,
+/// not per call).
 struct RotationNode {
     endpoint: SocketAddr,
     calls: Arc<Semaphore>,
-    uri: Uri,
     /// Its `lb_gateway_upstream_seconds` histogram.
     seconds: Histogram,
 }
@@ -343,8 +338,6 @@ impl Rotation {
                         || Arc::new(Semaphore::new(max_calls_per_node as usize)),
                         |kept| kept.calls.clone(),
                     ),
-                    uri: Uri::try_from(format!("http://{}/", node.endpoint))
-                        .expect("a socket address makes a URI"),
                     seconds: metrics
                         .upstream_seconds
                         .get_or_create(&UpstreamLabels {
@@ -393,7 +386,7 @@ impl Rotation {
     }
 }
 
-/// The upstream side: the rotation and the connection pool.
+/// The upstream side: the rotation, and the calls made on the nodes' links.
 pub struct Upstream {
     rotation: ArcSwap<Rotation>,
     /// [`ViewNodes::healthy`] of the rotation in force.
@@ -404,8 +397,7 @@ pub struct Upstream {
     /// chain follower, and WebSocket sessions bound to a node.
     serving: watch::Sender<Vec<SocketAddr>>,
     table_size: u32,
-    client: Client<HttpConnector, Full<Bytes>>,
-    timeout: Duration,
+    links: Arc<Links>,
     budget: CallBudget,
     metrics: Arc<GatewayMetrics>,
 }
@@ -413,28 +405,17 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(
         table_size: u32,
-        timeout: Duration,
+        links: Arc<Links>,
         budget: CallBudget,
         metrics: Arc<GatewayMetrics>,
     ) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout));
-        // No node has more calls at once than its budget, so no more idle connections either.
-        // One pool for every serving thread: pools per thread, each within a share of the
-        // budget, churned connections when a client's calls all came on one thread (measured:
-        // misses at 0.67x nginx proxying, against 0.8x with one pool).
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(budget.max_calls_per_node as usize)
-            .build(connector);
         Upstream {
             rotation: ArcSwap::default(),
             healthy: AtomicUsize::new(0),
             tier: std::sync::Mutex::new(None),
             serving: watch::Sender::new(Vec::new()),
             table_size,
-            client,
-            timeout,
+            links,
             budget,
             metrics,
         }
@@ -533,10 +514,6 @@ impl Upstream {
         *self.tier.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// Calls `method` on the client's node, or on the first node in the client's order that
     /// `fits` (a node at the chain's head, for an answer that depends on it); a read that
     /// fails there, or finds no place there in time, goes once to another node.
@@ -552,9 +529,8 @@ impl Upstream {
         let (first, second) = rotation
             .pick_where(client, fits)
             .ok_or(UpstreamError::NoNode)?;
-        let body = Bytes::from(jsonrpc::upstream_request(0, method, params));
         let error = match self
-            .call_node(first, body.clone(), self.budget.queue_timeout)
+            .call_node(first, method, params, self.budget.queue_timeout)
             .await
         {
             Ok(outcome) => return Ok(outcome),
@@ -575,7 +551,7 @@ impl Upstream {
             self.budget.queue_timeout
         };
         self.count_retry(first.endpoint);
-        self.call_node(second, body, wait).await
+        self.call_node(second, method, params, wait).await
     }
 
     /// Counts a call or connection moved off `node` after it failed there.
@@ -592,11 +568,12 @@ impl Upstream {
     async fn call_node(
         &self,
         target: &RotationNode,
-        body: Bytes,
+        method: &str,
+        params: Option<&RawValue>,
         wait: Duration,
     ) -> Result<Outcome, UpstreamError> {
         let node = target.endpoint;
-        // Held until the answer is read: the connection is busy until then.
+        // Held until the answer is in.
         let _place = claim_place(&target.calls, wait)
             .await
             .ok_or(UpstreamError::Busy {
@@ -604,34 +581,14 @@ impl Upstream {
                 in_flight: self.budget.max_calls_per_node,
             })?;
         let failed = |reason: String| UpstreamError::Node { node, reason };
-        let request = Request::post(target.uri.clone())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|error| failed(format!("building the request: {error}")))?;
+        let link =
+            self.links.pool(node).for_call().ok_or_else(|| {
+                failed("unreachable: its last connection attempt failed".to_owned())
+            })?;
         let started = Instant::now();
-        let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|error| failed(describe_client_error(&error)))?;
-            let status = response.status();
-            let bytes = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|error| failed(format!("reading the answer: {error}")))?
-                .to_bytes();
-            if status != StatusCode::OK {
-                return Err(failed(format!("HTTP {status}")));
-            }
-            jsonrpc::parse_upstream_answer(&bytes).map_err(failed)
-        };
-        let outcome = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| failed(format!("no answer within {:?}", self.timeout)))?;
+        let outcome = link.call(method, params).await.map_err(failed)?;
         target.seconds.observe(started.elapsed().as_secs_f64());
-        outcome
+        Ok(outcome)
     }
 }
 
@@ -645,19 +602,6 @@ async fn claim_place(calls: &Semaphore, wait: Duration) -> Option<SemaphorePermi
         return None;
     }
     tokio::time::timeout(wait, calls.acquire()).await.ok()?.ok()
-}
-
-/// hyper-util's error with its cause chain ("client error (Connect): tcp connect error:
-/// Connection refused").
-fn describe_client_error(error: &hyper_util::client::legacy::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -55,12 +55,12 @@ async fn a_gateway_without_nodes_serves_https_and_wss_clients_through_the_remote
     assert_eq!(changes["method"], "state_storage", "{changes}");
 
     // Both calls and the subscription reached the node, through the other site's gateway,
-    // under its key.
+    // under its key (on the WebSocket connections this gateway keeps to its nodes).
     assert_eq!(node.request_count(UNCACHED_READ), 2);
     assert_eq!(node.request_count("state_subscribeStorage"), 1);
     let site_metrics = site.metrics_text();
     assert!(
-        site_metrics.contains("lb_gateway_calls_total{class=\"read\",outcome=\"ok\"}"),
+        site_metrics.contains("lb_gateway_calls_total{class=\"read\",outcome=\"forwarded\"}"),
         "{site_metrics}"
     );
     let local_metrics = local.metrics_text();

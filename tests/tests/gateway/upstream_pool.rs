@@ -241,9 +241,21 @@ async fn a_read_a_hanging_node_does_not_answer_goes_to_the_next_node_after_the_t
         "the read waited for the hanging node: {:?}",
         started.elapsed()
     );
-    // A call that may not be sent twice gets the timeout instead.
+    // The same over HTTP, whose calls ride the same links.
+    let started = std::time::Instant::now();
+    let answer = setup.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(answer["result"], other.peer_id(), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the HTTP read waited for the hanging node: {:?}",
+        started.elapsed()
+    );
+    // A call that may not be sent twice gets the timeout instead, on either.
     let refused = client.call("author_pendingExtrinsics", json!([])).await;
-    assert_eq!(refused["error"]["code"], -32000, "{refused}");
-    let message = refused["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("no answer within"), "{refused}");
+    let over_http = setup.call("author_pendingExtrinsics", json!([])).await;
+    for refused in [refused, over_http] {
+        assert_eq!(refused["error"]["code"], -32000, "{refused}");
+        let message = refused["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("no answer within"), "{refused}");
+    }
 }
