@@ -11,7 +11,7 @@ use lb_control::cache::{
 };
 use lb_tests::poll::{self, PATIENCE};
 use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
-use serde_json::{Value, json};
+use serde_json::{Value, json, value::RawValue};
 use tokio::sync::watch;
 
 /// Fast blocks, so the head moves several times a second.
@@ -135,7 +135,7 @@ async fn follower_reconnects_after_the_node_drops_its_connections() {
     assert!(after > before);
 }
 
-/// What the gateway does on a miss: one JSON-RPC call over HTTP.
+/// A miss's call to the node (over HTTP here; the gateway's ride its WebSocket links).
 async fn fetch_from(
     node: &SimNodeHandle,
     method: &str,
@@ -148,11 +148,16 @@ async fn fetch_from(
         .send()
         .await
         .map_err(|error| FetchError::Unreachable(error.to_string()))?;
-    let body = response
-        .bytes()
+    let answer: Value = response
+        .json()
         .await
         .map_err(|error| FetchError::Unreachable(error.to_string()))?;
-    UpstreamAnswer::from_response(&body)
+    let raw = |value: &Value| RawValue::from_string(value.to_string()).expect("JSON");
+    match (answer.get("result"), answer.get("error")) {
+        (Some(result), None) => Ok(UpstreamAnswer::Result(raw(result))),
+        (None, Some(error)) => Ok(UpstreamAnswer::Error(raw(error))),
+        _ => Err(FetchError::Unreachable(format!("not an answer: {answer}"))),
+    }
 }
 
 /// One call through the cache, classified as the gateway classifies it.

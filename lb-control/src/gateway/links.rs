@@ -22,6 +22,8 @@
 //!   calls go elsewhere at once instead of each waiting for a connect timeout.
 //! - When a client goes, its subscriptions are ended upstream ([`Link::release`]); answers to
 //!   its calls still in flight are dropped, and a subscription one of them opened is ended.
+//! - A link with no call and no subscription for `idle_timeout` leaves its pool (no new call
+//!   picks it), and closes once nothing it was given in the meantime is still in flight.
 
 use std::{
     collections::HashMap,
@@ -65,6 +67,8 @@ pub struct LinkLimits {
     /// Time a node has to take a new link, and to answer each call: past it the call goes to
     /// the next node (a read) or is answered with the timeout, as over HTTP.
     pub timeout: Duration,
+    /// A link with no call and no subscription for this long closes.
+    pub idle_timeout: Duration,
     /// Largest message a node may send (its answers run to megabytes: metadata, blocks).
     pub max_message_bytes: usize,
 }
@@ -657,7 +661,14 @@ impl LinkTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, limits: LinkLimits) {
         let failure = match connect(self.node, limits.timeout, limits.max_message_bytes).await {
             Ok(mut socket) => {
-                let failure = self.serve(&mut socket, &mut commands, limits.timeout).await;
+                let failure = self
+                    .serve(
+                        &mut socket,
+                        &mut commands,
+                        limits.timeout,
+                        limits.idle_timeout,
+                    )
+                    .await;
                 let _ = socket.close(None).await;
                 failure
             }
@@ -707,12 +718,25 @@ impl LinkTask {
         socket: &mut NodeSocket,
         commands: &mut mpsc::UnboundedReceiver<Command>,
         timeout: Duration,
+        idle_timeout: Duration,
     ) -> Option<String> {
-        let mut deadlines = tokio::time::interval(timeout / 4);
+        let mut deadlines = tokio::time::interval(timeout.min(idle_timeout) / 4);
         deadlines.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut busy_at = Instant::now();
         loop {
             tokio::select! {
-                _ = deadlines.tick() => self.expire(timeout),
+                _ = deadlines.tick() => {
+                    self.expire(timeout);
+                    if !self.is_quiet() {
+                        busy_at = Instant::now();
+                    } else if !self.is_open() {
+                        // Left its pool a tick ago or more, and a call picked just before
+                        // that has been answered.
+                        return None;
+                    } else if busy_at.elapsed() >= idle_timeout {
+                        self.leave_pool();
+                    }
+                }
                 command = commands.recv() => {
                     let command = command?;
                     // Whatever else is waiting goes in the same write.
@@ -744,6 +768,29 @@ impl LinkTask {
                 },
             }
         }
+    }
+
+    /// No call in flight, no subscription held.
+    fn is_quiet(&self) -> bool {
+        self.pending.is_empty()
+            && self.load.calls.load(Ordering::Relaxed) == 0
+            && self.load.subscriptions.load(Ordering::Relaxed) == 0
+    }
+
+    fn is_open(&self) -> bool {
+        !self.load.closed.load(Ordering::Relaxed)
+    }
+
+    /// Takes the link out of its pool, under the pool's lock, so no call picks it from now on.
+    fn leave_pool(&self) {
+        match self.pool.upgrade() {
+            Some(pool) => {
+                let _links = pool.open_links();
+                self.load.closed.store(true, Ordering::Relaxed);
+            }
+            None => self.load.closed.store(true, Ordering::Relaxed),
+        }
+        debug!(node = %self.node, "an upstream WebSocket connection closes, idle");
     }
 
     /// The text a command puts on the wire, if any.

@@ -390,6 +390,7 @@ impl Gateway {
                 max_follows_per_link: section.max_follows_per_upstream,
                 calls_per_link: CALLS_PER_LINK,
                 timeout: section.upstream_timeout,
+                idle_timeout: section.upstream_idle_timeout,
                 max_message_bytes: NODE_MAX_MESSAGE_BYTES,
             },
             context.metrics.clone(),

@@ -42,6 +42,10 @@ pub struct GatewaySection {
     /// Time a node has to answer one call; a read that runs out goes to another node.
     #[serde(deserialize_with = "parse_duration")]
     pub upstream_timeout: Duration,
+    /// An upstream WebSocket connection that carried no call and held no subscription for this
+    /// long is closed: a node gets back the connections of a past burst.
+    #[serde(deserialize_with = "parse_duration")]
+    pub upstream_idle_timeout: Duration,
     /// HTTP calls (HTTP requests' calls, cache misses) one node gets at once; beyond them a
     /// call waits for `upstream_queue_timeout`, then is answered "upstream busy" (-32000).
     pub max_upstream_http_calls_per_node: u32,
@@ -142,6 +146,7 @@ impl Default for GatewaySection {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             upstream_timeout: Duration::from_secs(10),
+            upstream_idle_timeout: Duration::from_secs(60),
             max_upstream_http_calls_per_node: CallBudget::default().max_calls_per_node,
             upstream_queue_timeout: CallBudget::default().queue_timeout,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -273,6 +278,7 @@ impl GatewaySection {
             ("header_timeout", self.header_timeout),
             ("idle_timeout", self.idle_timeout),
             ("upstream_timeout", self.upstream_timeout),
+            ("upstream_idle_timeout", self.upstream_idle_timeout),
         ] {
             if value.is_zero() {
                 report(field, "must be longer than 0".to_owned());

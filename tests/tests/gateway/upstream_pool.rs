@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use lb_tests::poll;
+use lb_tests::{poll, sim_node::faults::Fault};
 use serde_json::{Value, json};
 
 use super::{setup::*, websocket::WsTlsClient};
@@ -258,4 +258,39 @@ async fn a_read_a_hanging_node_does_not_answer_goes_to_the_next_node_after_the_t
         let message = refused["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("no answer within"), "{refused}");
     }
+}
+
+#[tokio::test]
+async fn upstream_connections_a_burst_opened_close_once_idle_and_calls_go_on() {
+    let setup = Setup::start_with(1, |section| {
+        section.upstream_idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    let node = &setup.nodes[0];
+    let before = follower_websockets(node).await;
+
+    // A burst of HTTP calls a slow node keeps in flight together opens more than one upstream
+    // connection.
+    node.set_fault(Fault::Slow { delay_ms: 200 });
+    let answers = join_all((0..64).map(|_| setup.call(UNCACHED_READ, json!([])))).await;
+    node.clear_faults();
+    for answer in &answers {
+        assert_eq!(answer["result"], node.peer_id(), "{answer}");
+    }
+    assert!(
+        node.peak_websockets() > before + 1,
+        "64 calls at once rode one connection: {} at the peak, {before} before",
+        node.peak_websockets()
+    );
+
+    // Once quiet, the node gets its connections back, down to the chain follower's.
+    poll::until(
+        "the idle upstream connections close at the node",
+        || async { node.websockets() == before },
+    )
+    .await;
+
+    // The next call opens a connection again.
+    let answer = setup.call(UNCACHED_READ, json!([])).await;
+    assert_eq!(answer["result"], node.peer_id(), "{answer}");
 }
