@@ -3,12 +3,14 @@
 // system_chain every CALL_MS while connected, until standard input closes (at most MAX_SECONDS).
 // Prints one JSON line: how often the clients were disconnected and got back in (with heads
 // again after their last reconnect), the calls answered, the error answers (JSON-RPC errors)
-// and the calls a disconnect cut off. tests/tests/node_lifecycle.rs runs it through a rollout.
+// and the calls a disconnect cut off, and for each reconnect the milliseconds from the
+// disconnect to connected again (reconnectMs) and to its first head after it (headAfterReconnectMs). tests/tests/node_lifecycle.rs runs it through a rollout.
 //
 // Usage: node follow-restarts.mjs wss://HOST:PORT/KEY CLIENTS MAX_SECONDS READY_FILE
-// READY_FILE is written once every client has started and heard a head.
+// READY_FILE is written once every client has started and heard a head, and a line "back" is
+// added to it once every client has reconnected and heard a head on its new connection.
 
-import { writeFileSync } from 'node:fs';
+import { appendFileSync, writeFileSync } from 'node:fs';
 import { ApiPromise, WsProvider } from '@polkadot/api';
 
 const [url, clientsArg, maxSecondsArg, readyFile] = process.argv.slice(2);
@@ -43,21 +45,32 @@ function isDisconnect(error) {
 }
 
 let following = 0;
+let back = 0;
 
 async function runClient(totals) {
   const provider = new WsProvider(url, RECONNECT_MS);
   const api = await ApiPromise.create({ provider, throwOnConnect: true });
-  const client = { disconnects: 0, reconnects: 0, heads: 0, headsSinceReconnect: 0 };
-  provider.on('disconnected', () => { client.disconnects += 1; });
+  const client = { disconnects: 0, reconnects: 0, heads: 0, headsSinceReconnect: 0, disconnectedAt: 0 };
+  provider.on('disconnected', () => {
+    client.disconnects += 1;
+    client.disconnectedAt = Date.now();
+  });
   provider.on('connected', () => {
     if (client.disconnects > client.reconnects) {
       client.reconnects += 1;
       client.headsSinceReconnect = 0;
+      totals.reconnectMs.push(Date.now() - client.disconnectedAt);
     }
   });
   const unsubscribe = await api.rpc.chain.subscribeNewHeads(() => {
     client.heads += 1;
     client.headsSinceReconnect += 1;
+    if (client.reconnects > 0 && client.headsSinceReconnect === 1) {
+      totals.headAfterReconnectMs.push(Date.now() - client.disconnectedAt);
+      if (client.reconnects === 1 && ++back === CLIENTS) {
+        appendFileSync(readyFile, 'back\n');
+      }
+    }
     if (client.heads === 1 && ++following === CLIENTS) {
       writeFileSync(readyFile, `${CLIENTS} clients following heads\n`);
     }
@@ -86,7 +99,10 @@ async function runClient(totals) {
 }
 
 async function main() {
-  const totals = { answered: 0, errorAnswers: 0, cutOff: 0, firstErrorAnswer: null, firstCutOff: null };
+  const totals = {
+    answered: 0, errorAnswers: 0, cutOff: 0, firstErrorAnswer: null, firstCutOff: null,
+    reconnectMs: [], headAfterReconnectMs: [],
+  };
   const clients = await Promise.all(Array.from({ length: CLIENTS }, () => runClient(totals)));
   const summary = {
     clients: clients.length,

@@ -1,9 +1,9 @@
 //! `lb-control upgrade` in the lab, under load: a new lb-control process takes the gateway's
 //! listening sockets over while wrk keeps HTTPS keep-alive connections busy (HTTP/1.1), Rust
-//! clients keep HTTP/2 connections busy, WebSocket clients follow new heads and an L4
-//! connection goes through the kernel path. No HTTP request fails,
-//! every WebSocket client is closed with 1012 and gets back in, and the L4 connection carries
-//! on.
+//! clients keep HTTP/2 connections busy, WebSocket clients (Rust, and polkadot.js calling as
+//! they follow) follow new heads and an L4 connection goes through the kernel path. No HTTP
+//! request fails, every WebSocket client is closed with 1012 and gets back in (polkadot.js
+//! sees no error), and the L4 connection carries on.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins --features lb-control/test-harness` first.
@@ -32,6 +32,10 @@ const NODE_READ: &str = r#"{"jsonrpc":"2.0","id":1,"method":"system_localPeerId"
 
 /// WebSocket clients following new heads across the upgrade.
 const WEBSOCKET_CLIENTS: usize = 20;
+
+/// polkadot.js clients (tests/js/follow-restarts.mjs) following heads and calling across the
+/// upgrade.
+const JS_CLIENTS: usize = 4;
 
 /// HTTP/2 clients, each sending one read after another on its own connection.
 const HTTP2_CLIENTS: usize = 4;
@@ -255,6 +259,22 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     wait_for("the WebSocket clients to follow heads", || {
         Ok(subscribed.load(Ordering::SeqCst) == WEBSOCKET_CLIENTS)
     })?;
+    let js_ready = lab.log_dir().join("js-clients.ready");
+    let mut js_clients = common::spawn_js(
+        &lab,
+        &gateway.ca,
+        &[],
+        "follow-restarts.mjs",
+        &[
+            &gateway.url("wss"),
+            &JS_CLIENTS.to_string(),
+            "120",
+            js_ready.to_str().context("utf-8 log directory")?,
+        ],
+    )?;
+    wait_for("the polkadot.js clients to follow heads", || {
+        Ok(js_ready.exists())
+    })?;
 
     let old_pid = gateway.lb_control.pid();
     let asked = Instant::now();
@@ -278,6 +298,13 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
         }
         anyhow::Ok(reconnects)
     })?;
+
+    // Until each polkadot.js client is back and has heard a head on its new connection.
+    wait_for("the polkadot.js clients to follow heads again", || {
+        Ok(std::fs::read_to_string(&js_ready)?.contains("back"))
+    })?;
+    drop(js_clients.stdin.take());
+    let js = common::js_summary("follow-restarts.mjs", &[], &js_clients.wait_with_output()?)?;
 
     let output = wrk.wait_with_output()?;
     stop_http2.store(true, Ordering::SeqCst);
@@ -321,6 +348,11 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
         spread(|reconnect| reconnect.subscribed),
         spread(|reconnect| reconnect.first_head)
     );
+    eprintln!(
+        "{JS_CLIENTS} polkadot.js clients: from the close to connected again {} ms, to the first \
+         head after it {} ms; {js}",
+        js["reconnectMs"], js["headAfterReconnectMs"]
+    );
 
     ensure!(summary.count("failed")? == 0, "failed: {summary}");
     ensure!(summary.socket_errors()? == 0, "socket errors: {summary}");
@@ -337,6 +369,14 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
             reconnect.close_code
         );
     }
+    ensure!(
+        js["errorAnswers"] == 0 && js["cutOff"] == 0,
+        "a polkadot.js call failed across the upgrade: {js}"
+    );
+    ensure!(
+        js["reconnected"] == JS_CLIENTS && js["followingAfterReconnect"] == JS_CLIENTS,
+        "every polkadot.js client was moved to the new process and followed heads again: {js}"
+    );
     // The new process serves what came after: the gateway, the admin API, and the kernel
     // path, where the L4 connection went on all along.
     l4.check_same_node()?;
