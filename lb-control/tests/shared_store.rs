@@ -13,6 +13,7 @@ use lb_control::{
     backends::{BackendSet, Declared, KernelTables, Requester, State},
     daemon::follow_shared_store,
     dataplane::{ApplyReport, DataplaneError, DataplaneSection, LbSettings, ServiceSpec},
+    health::{Badness, Condition, HealthSnapshot, NodeHealth, Target, Verdict},
     keys::ApiKeys,
     metrics::Metrics,
     model::{
@@ -202,11 +203,17 @@ async fn a_backend_drained_through_one_lb_control_is_draining_in_the_others_kern
 async fn without_quorum_writes_fail_naming_etcd_and_the_last_state_keeps_serving() {
     let mut cluster = EtcdCluster::start(3);
     let lb = LbControl::start(&cluster, "/quorum/").await;
-    let service = lb.backends.add_service(service()).await.expect("service");
-    lb.backends
-        .add_backend(service.id, backend("10.0.0.1:9944"))
-        .await
-        .expect("backend");
+    let checked = ServiceDef {
+        check: HealthCheck::Tcp,
+        ..service()
+    };
+    let service = lb.backends.add_service(checked).await.expect("service");
+    for address in ["10.0.0.1:9944", "10.0.0.2:9944"] {
+        lb.backends
+            .add_backend(service.id, backend(address))
+            .await
+            .expect("backend");
+    }
     let keys = lb.keys.clone();
     let alice = tokio::task::spawn_blocking(move || keys.create("alice", None))
         .await
@@ -252,4 +259,47 @@ async fn without_quorum_writes_fail_naming_etcd_and_the_last_state_keeps_serving
         .expect("task")
         .expect("the member's last state is read");
     assert_eq!(listed.len(), 2, "alice and bob, as committed");
+
+    // A node that dies meanwhile still leaves this host's kernel table: only its event waits
+    // for the store.
+    let dead: SocketAddr = "10.0.0.2:9944".parse().expect("address");
+    lb.backends
+        .apply_health(unreachable(dead))
+        .await
+        .expect("a health change applies without quorum");
+    assert_eq!(lb.kernel.state_of(dead), Some(BackendState::Down));
+    assert_eq!(
+        lb.kernel
+            .state_of("10.0.0.1:9944".parse().expect("address")),
+        Some(BackendState::Up)
+    );
+}
+
+/// A health snapshot in which the TCP check of `address` finds nothing listening.
+fn unreachable(address: SocketAddr) -> Arc<HealthSnapshot> {
+    let target = Target {
+        endpoint: address,
+        check: HealthCheck::Tcp,
+        joining: false,
+    };
+    let health = NodeHealth {
+        verdict: Verdict::Unhealthy,
+        badness: Badness {
+            condition: Condition::Unreachable,
+            blocks_behind: 0,
+        },
+        reason: Some("connect: Connection refused (os error 111)".to_owned()),
+        best: None,
+        finalized: None,
+        lag: None,
+        genesis: None,
+        last_error: None,
+        saturated: false,
+        passes: 0,
+        last_checked: None,
+    };
+    Arc::new(HealthSnapshot {
+        nodes: [(target, health)].into(),
+        ..HealthSnapshot::default()
+    })
 }

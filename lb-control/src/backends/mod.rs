@@ -550,24 +550,29 @@ impl BackendSet {
             return Ok(());
         }
         drop(inner);
-        if self.records_health.load(Ordering::Relaxed) {
-            return self
+        let unrecorded = if self.records_health.load(Ordering::Relaxed) {
+            match self
                 .commit(Cause::Health, "health changed", |_, _| Ok(()))
-                .await;
-        }
+                .await
+            {
+                // A node that dies while etcd has no quorum still leaves this host's kernel
+                // table and rotation; only the event is missing.
+                Err(ChangeError::Store(error)) if error.is_unavailable() => {
+                    warn!("health changed while the store takes no writes ({error})");
+                    "health changed (not recorded: the store takes no writes)"
+                }
+                committed => return committed,
+            }
+        } else {
+            "health changed (not recorded: a backup leaves the record to its master)"
+        };
         // The same push as a commit's, from the set in memory (which follows the store), with
-        // no transaction: nothing to record.
+        // no transaction: nothing recorded.
         let inner = self.lock().await;
         let draft = inner.draft();
         let placements = draft.placements(&inner.health);
-        self.publish(
-            inner,
-            draft,
-            placements,
-            Cause::Health,
-            "health changed (not recorded: a backup leaves the record to its master)",
-        )
-        .await
+        self.publish(inner, draft, placements, Cause::Health, unrecorded)
+            .await
     }
 
     /// Enables every joining backend whose node has risen, in one change. Called with each
