@@ -289,14 +289,7 @@ fn unreachable(address: SocketAddr) -> Arc<HealthSnapshot> {
             blocks_behind: 0,
         },
         reason: Some("connect: Connection refused (os error 111)".to_owned()),
-        best: None,
-        finalized: None,
-        lag: None,
-        genesis: None,
-        last_error: None,
-        saturated: false,
-        passes: 0,
-        last_checked: None,
+        ..NodeHealth::unchecked()
     };
     Arc::new(HealthSnapshot {
         nodes: [(target, health)].into(),

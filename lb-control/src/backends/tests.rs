@@ -159,15 +159,7 @@ fn snapshot(nodes: &[(&str, Verdict, Condition, u64)]) -> Arc<HealthSnapshot> {
                             condition: *condition,
                             blocks_behind: *behind,
                         },
-                        reason: None,
-                        best: None,
-                        finalized: None,
-                        lag: None,
-                        genesis: None,
-                        last_error: None,
-                        saturated: false,
-                        passes: 0,
-                        last_checked: None,
+                        ..NodeHealth::unchecked()
                     },
                 )
             })

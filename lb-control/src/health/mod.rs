@@ -141,7 +141,8 @@ fn serialize_time<S: serde::Serializer>(
 }
 
 impl NodeHealth {
-    fn unchecked() -> Self {
+    /// A node not checked yet: what a snapshot says of it before its first check.
+    pub fn unchecked() -> Self {
         NodeHealth {
             verdict: Verdict::Unknown,
             badness: Badness {
