@@ -28,11 +28,13 @@
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
 //! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
 //! fails, so the client comes back to a live node; also 1012 when a drain of its node runs out
-//! of time, at the first moment none of its calls is in flight (at most `ANSWER_GRACE` later); 1009 for a message over the size limit; 1008
-//! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
-//! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops, 1012
-//! when it stops for an upgrade (the new process serves the reconnecting client); 1000 after
-//! `idle_timeout` without a frame (the gateway pings).
+//! of time; 1001 when the gateway stops, 1012 when it stops for an upgrade (the new process
+//! serves the reconnecting client) or drains for a planned handover (the other host of the
+//! pair serves it). Those four close at the first moment none of the client's calls is in
+//! flight (at most `ANSWER_GRACE` later): an answered call is not a lost one. 1009 for a
+//! message over the size limit; 1008 when the key is revoked; 1013 (try again later) when the
+//! client reads too slowly and its unread answers pass `max_queued_bytes_per_connection`; 1000
+//! after `idle_timeout` without a frame (the gateway pings).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -84,8 +86,9 @@ use crate::{
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a closing client gets to answer the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// How long a session told to leave its node (a drain ran out of time) may wait for a moment
-/// when none of its calls is in flight, to close then: an answered call is not a lost one.
+/// How long a session told to leave (its node's drain ran out of time, the gateway stops or
+/// hands over) may wait for a moment when none of its calls is in flight, to close then: an
+/// answered call is not a lost one.
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
 /// The read buffer of each client's WebSocket. tungstenite fills its whole read buffer with
 /// zeros before every read (128 KiB by default), so the default made every connection resident
@@ -250,6 +253,42 @@ struct Ending {
     close: Option<CloseFrame>,
 }
 
+/// Why a session leaves, once nothing of its client's is on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// A drain of its node ran out of time.
+    Node,
+    /// The gateway stops, or drains for a handover.
+    Gateway(StopReason),
+}
+
+impl Leave {
+    fn ending(self) -> Ending {
+        match self {
+            Leave::Node => Ending::with(
+                "node_upgrading",
+                CloseCode::Restart,
+                "the node is being taken out for maintenance: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Upgrade) => Ending::with(
+                "gateway_upgrading",
+                CloseCode::Restart,
+                "lb-control is being upgraded: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Handover) => Ending::with(
+                "gateway_handover",
+                CloseCode::Restart,
+                "this load balancer hands over to the other of its pair: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Shutdown) => Ending::with(
+                "gateway_stopping",
+                CloseCode::Away,
+                "the gateway is stopping".to_owned(),
+            ),
+        }
+    }
+}
+
 impl Ending {
     fn by_client() -> Ending {
         Ending {
@@ -280,12 +319,14 @@ impl Session {
         let mut heard = Instant::now();
         // A change between the upgrade's key check and this session's start is looked at first.
         self.key_changes.mark_changed();
-        // Set when the session is told to leave its node: it closes at the first moment nothing
-        // of the client's is on its way (no call in flight, no answer unsent, nothing unread),
-        // or at this time.
-        let mut leaving_by: Option<Instant> = None;
+        // Set when the session is told to leave: it closes at the first moment nothing of the
+        // client's is on its way (no call in flight, no answer unsent, nothing unread), or at
+        // this time. A session that starts while the gateway drains leaves at once so.
+        let mut leaving: Option<(Instant, Leave)> = stop
+            .borrow_and_update()
+            .map(|reason| (Instant::now() + ANSWER_GRACE, Leave::Gateway(reason)));
         let ending = loop {
-            if let Some(by) = leaving_by
+            if let Some((by, leave)) = leaving
                 && ((self.answering.is_empty() && self.ready.is_empty() && inbox.is_settled())
                     || Instant::now() >= by)
             {
@@ -299,11 +340,7 @@ impl Session {
                         Err(ending) => break ending,
                     }
                 }
-                break Ending::with(
-                    "node_upgrading",
-                    CloseCode::Restart,
-                    "the node is being taken out for maintenance: reconnect".to_owned(),
-                );
+                break leave.ending();
             }
             tokio::select! {
                 frame = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
@@ -361,22 +398,18 @@ impl Session {
                         );
                     }
                 }
-                () = self.seat.told_to_close(), if leaving_by.is_none() => {
-                    leaving_by = Some(Instant::now() + ANSWER_GRACE);
+                () = self.seat.told_to_close(), if leaving.is_none() => {
+                    leaving = Some((Instant::now() + ANSWER_GRACE, Leave::Node));
                 }
-                () = tokio::time::sleep_until(leaving_by.unwrap_or_else(Instant::now)), if leaving_by.is_some() => {}
-                _ = stop.changed() => break match *stop.borrow() {
-                    Some(StopReason::Upgrade) => Ending::with(
-                        "gateway_upgrading",
-                        CloseCode::Restart,
-                        "lb-control is being upgraded: reconnect".to_owned(),
-                    ),
-                    _ => Ending::with(
-                        "gateway_stopping",
-                        CloseCode::Away,
-                        "the gateway is stopping".to_owned(),
-                    ),
-                },
+                () = tokio::time::sleep_until(leaving.map_or_else(Instant::now, |(by, _)| by)), if leaving.is_some() => {}
+                Ok(()) = stop.changed() => {
+                    // The gateway's reason comes first (the client is told the gateway's
+                    // news); the time to close stays the earlier one.
+                    if let Some(reason) = *stop.borrow_and_update() {
+                        let by = leaving.map_or(Instant::now() + ANSWER_GRACE, |(by, _)| by);
+                        leaving = Some((by, Leave::Gateway(reason)));
+                    }
+                }
                 _ = ping.tick() => {
                     if heard.elapsed() >= idle_timeout {
                         break Ending::with(
