@@ -237,19 +237,28 @@ impl Link<'_> {
                 _ = walks.tick() => None,
                 Some(request) = requests.recv() => Some(request),
             };
-            let full = handover.is_some();
-            table = self.send_walk(table, &mut signer, full).await?;
             let Some(request) = handover else {
+                table = self.send_walk(table, &mut signer, false).await?;
                 continue;
             };
-            let confirmed = self
+            // A failure ends the link: its state is unknown after a failed exchange.
+            let fail = |request: HandoverRequest, error: FlowSyncError| {
+                let reason = error.to_string();
+                let _ = request.done.send(Err(error));
+                FlowSyncError::Handover(reason)
+            };
+            table = match self.send_walk(table, &mut signer, true).await {
+                Ok(walked) => walked,
+                Err(error) => return Err(fail(request, error)),
+            };
+            match self
                 .hand_over(request.drain, &mut signer, &mut answers)
-                .await;
-            let failed = confirmed.as_ref().err().map(ToString::to_string);
-            let _ = request.done.send(confirmed);
-            if let Some(reason) = failed {
-                // The link's state is unknown after a failed exchange: start afresh.
-                return Err(FlowSyncError::Handover(reason));
+                .await
+            {
+                Ok(()) => {
+                    let _ = request.done.send(Ok(()));
+                }
+                Err(error) => return Err(fail(request, error)),
             }
         }
     }
