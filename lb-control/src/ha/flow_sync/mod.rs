@@ -66,6 +66,11 @@ pub enum FlowSyncError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// How long a handover waits for a flow sync link that is down (the sender reconnects every
+/// second), and how often it asks again.
+const LINK_WAIT: Duration = Duration::from_secs(5);
+const LINK_POLL: Duration = Duration::from_millis(200);
+
 /// The running flow sync, for a planned handover.
 #[derive(Clone)]
 pub struct FlowSync {
@@ -77,15 +82,27 @@ impl FlowSync {
     /// Sends the whole flow table to the backup now, then asks it to send the segments of
     /// this host's gateway connections back here (second chance) for `drain`; Ok once the
     /// backup has installed the table and armed second chance.
+    ///
+    /// A link that is down (the sender reconnects every second) is waited for up to
+    /// [`LINK_WAIT`].
     pub async fn hand_over(&self, drain: Duration) -> Result<(), FlowSyncError> {
-        let (done, answer) = oneshot::channel();
-        self.handovers
-            .send(HandoverRequest { drain, done })
-            .await
-            .map_err(|_| FlowSyncError::Handover("the flow sync has stopped".to_owned()))?;
-        answer
-            .await
-            .map_err(|_| FlowSyncError::Handover("the flow sync has stopped".to_owned()))?
+        let deadline = tokio::time::Instant::now() + LINK_WAIT;
+        loop {
+            let (done, answer) = oneshot::channel();
+            let stopped = || FlowSyncError::Handover("the flow sync has stopped".to_owned());
+            self.handovers
+                .send(HandoverRequest { drain, done })
+                .await
+                .map_err(|_| stopped())?;
+            match answer.await.map_err(|_| stopped())? {
+                Err(FlowSyncError::NotConnected { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(LINK_POLL).await;
+                }
+                answered => return answered,
+            }
+        }
     }
 
     /// Counts the connections the other host opened here as master: it changes when the other
