@@ -775,7 +775,11 @@ pub struct HandoverInfo {
     pub drain_ms: u64,
     /// The gateway's connections still open here.
     pub open_connections: u32,
-    /// Milliseconds from the start until the floating addresses left this host.
+    /// Milliseconds from the start until the other host had the flows and armed second
+    /// chance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_after_ms: Option<u64>,
+    /// ... until the floating addresses left this host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub released_after_ms: Option<u64>,
     /// ... until the other host connected here as master.
@@ -797,6 +801,7 @@ impl From<HandoverState> for HandoverInfo {
             started: Timestamp(state.started),
             drain_ms: millis(state.drain),
             open_connections: state.open_connections,
+            synced_after_ms: state.synced_after.map(millis),
             released_after_ms: state.released_after.map(millis),
             peer_master_after_ms: state.peer_master_after.map(millis),
             drained_after_ms: state.drained_after.map(millis),

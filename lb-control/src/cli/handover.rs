@@ -61,6 +61,7 @@ pub async fn run(client: &AdminClient, drain: Duration, json: bool) -> anyhow::R
 #[derive(Default)]
 struct Shown {
     phase: Option<Phase>,
+    synced: bool,
     released: bool,
     peer_master: bool,
     open: Option<u32>,
@@ -68,6 +69,10 @@ struct Shown {
 
 impl Shown {
     fn print_news(&mut self, progress: &HandoverInfo) {
+        if let (false, Some(ms)) = (self.synced, progress.synced_after_ms) {
+            println!("the other host has the flows and second chance after {ms} ms");
+            self.synced = true;
+        }
         if self.phase != Some(progress.phase) {
             match progress.phase {
                 Phase::Syncing => println!(

@@ -308,7 +308,7 @@ impl PairLab {
     }
 
     /// lb-control's state directory on `member`.
-    fn state_dir(&self, member: Member) -> PathBuf {
+    pub fn state_dir(&self, member: Member) -> PathBuf {
         self.run.log_dir.join(format!("lb-state-{}", member.name()))
     }
 

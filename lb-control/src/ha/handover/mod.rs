@@ -113,7 +113,9 @@ pub struct HandoverState {
     pub drain: Duration,
     /// The gateway's open connections (at the last look, while draining or after).
     pub open_connections: u32,
-    /// From the start until the floating addresses left this host.
+    /// From the start until the other host had the flows and armed second chance.
+    pub synced_after: Option<Duration>,
+    /// ... until the floating addresses left this host.
     pub released_after: Option<Duration>,
     /// ... until the other host connected here as master.
     pub peer_master_after: Option<Duration>,
@@ -238,6 +240,7 @@ impl Handover {
             started: SystemTime::now(),
             drain,
             open_connections: self.open_connections(),
+            synced_after: None,
             released_after: None,
             peer_master_after: None,
             drained_after: None,
@@ -335,7 +338,10 @@ impl Handover {
             }
             return Err(HandoverError::Sync(error));
         }
-        self.update(|state| state.phase = Phase::Releasing);
+        self.update(|state| {
+            state.phase = Phase::Releasing;
+            state.synced_after = Some(started.elapsed());
+        });
         let mut masters = flow_sync.masters();
         masters.borrow_and_update();
         self.write_track_file("1")?;
