@@ -17,6 +17,10 @@
 //! The role also decides the direction of the L4 flow sync ([`flow_sync`], with `[ha]
 //! flow_sync`): a master sends its tracked flows to the other host, a backup installs them.
 //!
+//! A master hands its addresses over on purpose with [`handover`] (`lb-control ha handover`):
+//! keepalived gives them up when lb-control writes its track file, and the gateway's
+//! connections finish here through the other host's second chance.
+//!
 //! Without an `[ha]` section an lb-control is standalone and records everything, as before.
 
 mod addresses;

@@ -201,11 +201,6 @@ impl Handover {
     /// no other host pass; its progress is in [`Handover::state`].
     pub fn begin(self: &Arc<Self>, drain: Duration) -> Result<HandoverState, HandoverError> {
         let section = self.ha.section().ok_or(HandoverError::NotConfigured)?;
-        let flow_sync_section = section
-            .flow_sync
-            .as_ref()
-            .ok_or(HandoverError::NoFlowSync)?;
-        let flow_sync = self.flow_sync.clone().ok_or(HandoverError::NoFlowSync)?;
         let role = self.ha.current().role;
         if role != Role::Master {
             return Err(HandoverError::NotMaster(role));
@@ -213,6 +208,11 @@ impl Handover {
         if !(Duration::from_secs(1)..=MAX_DRAIN).contains(&drain) {
             return Err(HandoverError::DrainOutOfRange(drain));
         }
+        let flow_sync_section = section
+            .flow_sync
+            .as_ref()
+            .ok_or(HandoverError::NoFlowSync)?;
+        let flow_sync = self.flow_sync.clone().ok_or(HandoverError::NoFlowSync)?;
         let private = flow_sync_section.listen.ip();
         let interface = interface_of(private)
             .map_err(HandoverError::Interfaces)?
@@ -458,5 +458,58 @@ impl Handover {
                 change(state);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::{ha::HaSection, metrics::Metrics, store::Store};
+
+    /// A handover of an lb-control with `section` and no flow sync running, on a fresh store.
+    fn handover(section: Option<HaSection>, dir: &Path) -> Arc<Handover> {
+        let store = Store::open(&dir.join("state.db")).expect("store opens");
+        let metrics = Arc::new(Metrics::register(&mut Registry::default()));
+        Handover::new(Ha::start(section, store, metrics), None, None, dir)
+    }
+
+    #[tokio::test]
+    async fn a_handover_that_cannot_be_is_refused_naming_why() {
+        let dir = std::env::temp_dir().join(format!("lb-handover-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let refusal = |handover: &Arc<Handover>, drain| {
+            handover.begin(drain).err().map(|error| error.to_string())
+        };
+
+        let standalone = handover(None, &dir);
+        assert!(
+            refusal(&standalone, DEFAULT_DRAIN)
+                .is_some_and(|error| error.contains("no [ha] section")),
+        );
+
+        let section: HaSection =
+            toml::from_str(r#"floating_addresses = ["192.0.2.10"]"#).expect("an [ha] section");
+        let pair = handover(Some(section), &dir);
+        // This host holds no floating address: it starts as backup.
+        assert_eq!(
+            refusal(&pair, DEFAULT_DRAIN).as_deref(),
+            Some("this host is backup: hand over from the master")
+        );
+        pair.ha
+            .take(Role::Master)
+            .expect("a pair member takes a role");
+        assert_eq!(
+            refusal(&pair, Duration::from_secs(3600)).as_deref(),
+            Some("a drain time of 3600s is out of range: give 1 s to 10 min")
+        );
+        assert!(
+            refusal(&pair, DEFAULT_DRAIN)
+                .is_some_and(|error| error.starts_with("a handover needs [ha] flow_sync")),
+        );
+        assert_eq!(pair.state(), None, "no handover began");
+        std::fs::remove_dir_all(&dir).expect("removing the temp dir");
     }
 }
