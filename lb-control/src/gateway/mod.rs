@@ -224,8 +224,9 @@ fn serving_threads() -> usize {
 pub enum Bind {
     /// It must: a `listen` address the host does not have fails the start.
     LocalAddress,
-    /// A floating address of an HA pair (`[ha] floating_addresses`): bound before keepalived
-    /// moves it here (`IP_FREEBIND`), so a backup answers the moment the address arrives; and
+    /// A floating address of an HA pair (`[ha] floating_addresses`), or every address of a
+    /// pair member (the floating ones too): bound before keepalived moves it here
+    /// (`IP_FREEBIND`), so a backup answers the moment the address arrives; and
     /// its connections keep sending from it once it is gone again (`IP_TRANSPARENT`: in a
     /// planned handover this host finishes them through second chance, and the kernel routes
     /// nothing from an address the host does not hold otherwise).

@@ -33,10 +33,10 @@
 //! pair serves it). Those four close at the first moment none of the client's calls is in
 //! flight and the client is calm (its last call just answered, or nothing sent for
 //! `LEAVE_QUIET`), at most `ANSWER_GRACE` later: an answered call is not a lost one, and a
-//! close that crosses a call on its way would cut that one off. 1009 for a
-//! message over the size limit; 1008 when the key is revoked; 1013 (try again later) when the
-//! client reads too slowly and its unread answers pass `max_queued_bytes_per_connection`; 1000
-//! after `idle_timeout` without a frame (the gateway pings).
+//! close that crosses a call on its way would cut that one off. 1009 for a message over the
+//! size limit; 1008 when the key is revoked; 1013 (try again later) when the client reads too
+//! slowly and its unread answers pass `max_queued_bytes_per_connection`; 1000 after
+//! `idle_timeout` without a frame (the gateway pings).
 
 use std::{
     collections::{HashMap, VecDeque},
