@@ -34,6 +34,10 @@ pub mod map_names {
     /// program skips the tries while it is 0, and for a tracked flow whose source was found
     /// unblocked under the current version.
     pub const BLOCKLIST_VERSION: &str = "BLOCKLIST_VERSION";
+    /// The second chance of a planned handover, one entry (see `maps::SecondChance`).
+    pub const SECOND_CHANCE: &str = "SECOND_CHANCE";
+    /// Packets second chance sent to the previous owner, one per-CPU counter.
+    pub const SECOND_CHANCE_PACKETS: &str = "SECOND_CHANCE_PACKETS";
 }
 
 /// Names of the XDP programs.

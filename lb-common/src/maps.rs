@@ -187,6 +187,29 @@ impl LbConfig {
     }
 }
 
+/// Second chance for the gateway's open connections during a planned handover (GitHub GLB's
+/// model): the one entry of `SECOND_CHANCE`. Until `until_ns`, a TCP segment to the gateway
+/// (`addr`, `port_be`) that opens no connection and that this host has no socket for goes to
+/// `peer`, the host that held the gateway's address before, over the private link; that host
+/// still answers it while it drains.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SecondChance {
+    /// The gateway's address; all zero for any address of `family` (a gateway listening on
+    /// `0.0.0.0` or `[::]`).
+    pub addr: [u8; 16],
+    /// The previous owner's address on the private link.
+    pub peer: [u8; 16],
+    /// `bpf_ktime_get_ns()` until which packets go to `peer`; 0: off.
+    pub until_ns: u64,
+    pub port_be: u16,
+    pub family: u8,
+    pub peer_family: u8,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<SecondChance>() == 48);
+
 /// Why a packet was dropped. Each reason has its own counter.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -279,4 +302,5 @@ mod pod {
     unsafe impl aya::Pod for super::LbConfig {}
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::SecondChance {}
 }

@@ -11,9 +11,9 @@ use thiserror::Error;
 use crate::{
     api::model::{
         BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, GatewayInfo, HaStatus, JoinRequest, KeyCreated, KeyInfo,
-        LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken, RoleChange, ServiceInfo,
-        StatsReport, TierChange, TokenCreated, TokenInfo, WeightChange,
+        ErrorDetail, EventInfo, GatewayInfo, HaStatus, HandoverInfo, HandoverRequest, JoinRequest,
+        KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken,
+        RoleChange, ServiceInfo, StatsReport, TierChange, TokenCreated, TokenInfo, WeightChange,
     },
     ha::Role,
     model::{AdminState, ApiKeyId, Backend, BackendId, JoinTokenId, Service, ServiceId, Tier},
@@ -288,6 +288,12 @@ impl AdminClient {
     /// Tells the daemon the role keepalived gave this host.
     pub async fn set_role(&self, role: Role) -> Result<HaStatus, ClientError> {
         self.call(Method::POST, "/v1/ha/role", Some(&RoleChange { role }))
+            .await
+    }
+
+    /// Starts a planned handover to the other host of the pair (see `ha::handover`).
+    pub async fn hand_over(&self, request: &HandoverRequest) -> Result<HandoverInfo, ClientError> {
+        self.call(Method::POST, "/v1/ha/handover", Some(request))
             .await
     }
 

@@ -40,7 +40,10 @@ use crate::{
         self, Bind, BlockRequest, Bound, Gateway, GatewayContext, GatewayMetrics, NodeClients,
         StopReason,
     },
-    ha::{Ha, RoleState, flow_sync},
+    ha::{
+        Ha, RoleState, flow_sync,
+        handover::{DrainedGateway, Handover},
+    },
     health,
     keys::ApiKeys,
     metrics::{Metrics, StoreCallsCollector},
@@ -219,17 +222,22 @@ impl Daemon {
             .as_mut()
             .map(Predecessor::take_gateway_listeners)
             .filter(|listeners| !listeners.is_empty());
+        // Listening on a floating address, or on every address (the floating ones too).
+        let serves_floating = |listen: std::net::SocketAddr| {
+            config
+                .ha
+                .as_ref()
+                .is_some_and(|ha| ha.floats(listen.ip()) || listen.ip().is_unspecified())
+        };
+        let bind = match config.gateway.listen {
+            Some(listen) if serves_floating(listen) => Bind::AheadOfFloatingAddress,
+            _ => Bind::LocalAddress,
+        };
         let gateway_bound = match (config.gateway.listen, taken_over) {
-            (Some(_), Some(listeners)) => Some(Gateway::take_over(&config.gateway, listeners)?),
-            (Some(listen), None) => {
-                let floats = config.ha.as_ref().is_some_and(|ha| ha.floats(listen.ip()));
-                let bind = if floats {
-                    Bind::AheadOfFloatingAddress
-                } else {
-                    Bind::LocalAddress
-                };
-                Some(Gateway::bind(&config.gateway, bind)?)
+            (Some(_), Some(listeners)) => {
+                Some(Gateway::take_over(&config.gateway, listeners, bind)?)
             }
+            (Some(_), None) => Some(Gateway::bind(&config.gateway, bind)?),
             (None, taken_over) => {
                 if taken_over.is_some() {
                     warn!(
@@ -269,11 +277,20 @@ impl Daemon {
 
         let ha = Ha::start(config.ha.clone(), store.clone(), metrics.clone());
         backends.record_health(ha.current().role.records_health());
-        if let Some(flow_sync) = config.ha.as_ref().and_then(|ha| ha.flow_sync.as_ref()) {
-            flow_sync::start(flow_sync, pin_dir.clone(), ha.subscribe(), metrics.clone())
+        let flow_sync = match config.ha.as_ref().and_then(|ha| ha.flow_sync.as_ref()) {
+            Some(section) => Some(
+                flow_sync::start(
+                    section,
+                    pin_dir.clone(),
+                    ha.subscribe(),
+                    metrics.clone(),
+                    gateway_bound.as_ref().map(Bound::local_addr),
+                )
                 .await
-                .context("the HA flow sync")?;
-        }
+                .context("the HA flow sync")?,
+            ),
+            None => None,
+        };
         tokio::spawn(follow_role(ha.subscribe(), backends.clone()));
 
         // The remote gateways' relays are checked like the backends' nodes.
@@ -316,6 +333,11 @@ impl Daemon {
             None => None,
         };
 
+        let drained_gateway = gateway.as_ref().map(|gateway| DrainedGateway {
+            listen: gateway.local_addr(),
+            connections: Arc::new(gateway.connections()),
+        });
+        let handover = Handover::new(ha.clone(), flow_sync, drained_gateway, &config.state_dir);
         let admin_context = AdminContext {
             backends: backends.clone(),
             keys: Arc::new(keys),
@@ -328,6 +350,7 @@ impl Daemon {
             gateway_clients,
             gateway: gateway.as_ref().map(Gateway::state),
             ha: ha.clone(),
+            handover,
             token,
         };
         let admin_address = admin_listener.local_addr()?;

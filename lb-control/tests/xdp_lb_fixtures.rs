@@ -16,7 +16,10 @@
 //! - IPv6 extension headers are not followed: such packets go to the stack;
 //! - fragments to a VIP are dropped (counted `fragment`) or passed by setting, never forwarded,
 //!   and neither is the first fragment of a backend's reply;
-//! - TTL/hop limit 1 is dropped (`ttl_exceeded`), never forwarded with 0.
+//! - TTL/hop limit 1 is dropped (`ttl_exceeded`), never forwarded with 0;
+//! - during a handover's second chance, a gateway segment that opens no connection and has no
+//!   socket here (the listener does not count) goes to the previous owner with only its MACs
+//!   changed, unless it came from that side.
 
 mod fixtures;
 
@@ -24,6 +27,7 @@ use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
+    time::Duration,
 };
 
 use etherparse::{
@@ -38,7 +42,7 @@ use lb_common::{
 use lb_control::{
     dataplane::{
         ApplyReport, BackendSpec, Blocklist, DEFAULT_BPFFS, LbSettings, ProgramHarness,
-        ServiceSpec, TestVerdict, XdpAction,
+        SecondChanceMap, ServiceSpec, TestVerdict, XdpAction, read_second_chance_packets,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -2208,4 +2212,99 @@ fn service_key_helpers_agree_with_the_program() {
     assert_eq!(key.vip[..4], VIP_V4.octets());
     assert_eq!(u16::from_be(key.port_be), RPC_PORT);
     assert_eq!(key.proto, 6);
+}
+
+/// The gateway's port in the second chance rows.
+const GATEWAY_PORT: u16 = 8443;
+
+#[test]
+fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chance() {
+    lab("second", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        // The gateway listens on the LB's client address, and one connection to it is this
+        // host's own: a socket of the fixture namespace.
+        let gateway = v4(LB_CLIENT_V4, GATEWAY_PORT);
+        let listener = std::net::TcpListener::bind(gateway).expect("the gateway's listener");
+        let own = std::net::TcpStream::connect(gateway).expect("a connection of this host's own");
+        let own_client = own.local_addr().expect("its client address");
+        // The previous owner, reached over the backend link (backend 3's neighbour entry).
+        let previous_owner = b4(3).ip();
+        let pin_dir = pin_dir("second");
+        let mut second_chance = SecondChanceMap::open(&pin_dir).expect("the SECOND_CHANCE map");
+        let segment = Packet::tcp(client(40000), gateway);
+        lab.passed(
+            "before a handover, a gateway segment without a socket goes to the stack",
+            CLIENT_LINK,
+            segment.bytes(),
+        );
+
+        second_chance
+            .arm(gateway, previous_owner, Duration::from_secs(60))
+            .expect("arming second chance");
+        let (action, lb_mac, owner_mac) = next_hop(previous_owner);
+        lab.row(Row {
+            description: "a gateway segment of a connection this host has no socket for (only \
+                          the listener) goes to the previous owner, unchanged but for its MACs"
+                .into(),
+            link: CLIENT_LINK,
+            input: segment.bytes(),
+            expect: Expect::Forward(action, segment.clone().macs(lb_mac, owner_mac).bytes()),
+            counted: Counted::Nothing,
+        });
+        lab.passed(
+            "a SYN to the gateway opens a connection here",
+            CLIENT_LINK,
+            Packet::syn(client(40001), gateway).bytes(),
+        );
+        lab.passed(
+            "a segment of this host's own connection to the gateway stays here",
+            CLIENT_LINK,
+            Packet::tcp(own_client, gateway).bytes(),
+        );
+        lab.passed(
+            "a segment to another port of the gateway's address goes to the stack",
+            CLIENT_LINK,
+            Packet::tcp(client(40000), v4(LB_CLIENT_V4, 22)).bytes(),
+        );
+        lab.passed(
+            "a gateway segment that came from the previous owner's side is not sent back there",
+            BACKEND_LINK,
+            segment.clone().sent_by_backend(3).bytes(),
+        );
+
+        let gateway6 = v6(Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 1), GATEWAY_PORT);
+        second_chance
+            .arm(gateway6, b6(3).ip(), Duration::from_secs(60))
+            .expect("arming second chance for IPv6");
+        let segment6 = Packet::tcp(client6(40000), gateway6);
+        let (action, lb_mac, owner_mac) = next_hop(b6(3).ip());
+        lab.row(Row {
+            description: "an IPv6 gateway segment without a socket goes to the previous owner"
+                .into(),
+            link: CLIENT_LINK,
+            input: segment6.bytes(),
+            expect: Expect::Forward(action, segment6.clone().macs(lb_mac, owner_mac).bytes()),
+            counted: Counted::Nothing,
+        });
+        lab.passed(
+            "an IPv4 segment to the port goes to the stack while second chance is for IPv6",
+            CLIENT_LINK,
+            segment.bytes(),
+        );
+
+        second_chance
+            .arm(gateway, previous_owner, Duration::ZERO)
+            .expect("arming an expired second chance");
+        lab.passed(
+            "once second chance has ended, the segment goes to the stack (which resets it)",
+            CLIENT_LINK,
+            segment.bytes(),
+        );
+        assert_eq!(
+            read_second_chance_packets(&pin_dir).expect("SECOND_CHANCE_PACKETS"),
+            2,
+            "the segments sent to the previous owner are counted"
+        );
+        drop((own, listener));
+    });
 }

@@ -83,6 +83,25 @@ pub fn to_next_hop(
     send(ctx, ingress, &cached.egress)
 }
 
+/// Sends the frame, unchanged but for its MAC addresses, towards `scratch.hop.dst` by a FIB
+/// lookup of its own (no route cache: second chance's packets are few and last seconds).
+/// `Ok(None)` when that route leads back out of the device the frame came in on: the frame is
+/// not bounced back where it came from.
+#[inline(always)]
+pub fn to_neighbour(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+) -> Result<Option<Verdict>, DropReason> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    if !fib_lookup(ctx, scratch, ingress) {
+        return Err(DropReason::NoRoute);
+    }
+    if scratch.route.egress.ifindex == ingress {
+        return Ok(None);
+    }
+    send(ctx, ingress, &scratch.route.egress).map(Some)
+}
+
 /// A client address's slot in `CLIENT_ROUTES`: its words mixed (Fibonacci hashing).
 #[inline(always)]
 fn client_slot(addr: &[u8; 16]) -> u32 {

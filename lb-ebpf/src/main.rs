@@ -5,8 +5,9 @@
 //!
 //! Pipeline: parse → count → blocklist → NAT reply → tracked flow (this CPU's flow cache, whose
 //! copy carries backend, mode and route; else `FLOWS`, its service checked by id)
-//! → else service → fragments → flow (conntrack or Maglev) → NAT or DSR rewrite → next hop
-//! (the flow-cache copy's route, else the route cache, else FIB) → XDP_TX / redirect.
+//! → else service (none: second chance, else the stack) → fragments → flow (conntrack or
+//! Maglev) → NAT or DSR rewrite → next hop (the flow-cache copy's route, else the route cache,
+//! else FIB) → XDP_TX / redirect.
 //!
 //! Rules the verifier and the code generator impose, learned the hard way:
 //! - The established path is one function: every call of a subprogram costs a frame setup and
@@ -43,6 +44,7 @@ mod lookup;
 mod maps;
 mod nat;
 mod parse;
+mod second_chance;
 mod stats;
 mod types;
 
@@ -92,7 +94,7 @@ fn try_lb_xdp(ctx: &XdpContext) -> Step<Verdict> {
         Some(mode) => mode,
         None => {
             drop_blocked_source(scratch, check_blocklist)?;
-            let service = lookup_service(scratch, config)?;
+            let service = lookup_service(ctx, scratch, config)?;
             flow::select_backend(scratch, service, config)
                 .map_err(|reason| Verdict::Drop(reason, service.id))?;
             service.mode
@@ -187,14 +189,20 @@ fn reverse_nat_reply(
 }
 
 /// The packet's service, by key: for packets the established-flow path did not settle.
-/// Fragments, packets to no service, and packets that cannot be forwarded go no further.
+/// Fragments, packets to no service, and packets that cannot be forwarded go no further; a
+/// packet to no service goes to the stack, or to the previous owner of the gateway's address
+/// during a handover (second chance).
 #[inline(always)]
-fn lookup_service(scratch: &mut Scratch, config: &LbConfig) -> Step<&'static Service> {
+fn lookup_service(
+    ctx: &XdpContext,
+    scratch: &mut Scratch,
+    config: &LbConfig,
+) -> Step<&'static Service> {
     let Some(service) = lookup::service_of(scratch) else {
         if scratch.ip.is_fragment && lookup::is_vip(scratch) {
             return Err(flow::fragment_verdict(config, NO_SERVICE));
         }
-        return Err(Verdict::pass());
+        return Err(second_chance::verdict(ctx, scratch));
     };
     let ip = &scratch.ip;
     if ip.is_fragment {

@@ -12,7 +12,7 @@ use lb_common::{
     maps::{
         Backend, BackendStats, BlockV4, BlockV6, DEFAULT_MAX_FLOWS, DropReason,
         FLOW_CACHE_SLOTS_PER_CPU, Flow, LbConfig, MAX_BACKENDS, MAX_SERVICES, NatKey, NatValue,
-        Service, ServiceKey, ServiceSlot, ServiceStats, VipKey,
+        SecondChance, Service, ServiceKey, ServiceSlot, ServiceStats, VipKey,
     },
     stats::{Counters, ProtoSlot},
 };
@@ -126,3 +126,13 @@ pub static BLOCKLIST_V6: LpmTrie<BlockV6, u32> = LpmTrie::pinned(65_536, BPF_F_N
 /// its source once per version.
 #[map]
 pub static BLOCKLIST_VERSION: Array<u32> = Array::pinned(1, 0);
+
+/// The second chance of a planned handover (see `second_chance`), one entry: userspace arms it
+/// when the other host of the pair hands its gateway address over to this one. Pinned, so a
+/// restarted lb-control leaves it in force until its `until_ns`.
+#[map]
+pub static SECOND_CHANCE: Array<SecondChance> = Array::pinned(1, 0);
+
+/// Packets second chance sent to the previous owner, one counter per CPU.
+#[map]
+pub static SECOND_CHANCE_PACKETS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

@@ -4,7 +4,7 @@
 //! stays with the step it belongs to (`impl` blocks in `flow`, `forward`, `flow_cache`).
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibLookup, xdp_action},
+    bindings::{bpf_fib_lookup as FibLookup, bpf_sock_tuple, xdp_action},
     maps::lpm_trie::Key,
 };
 use lb_common::{
@@ -147,4 +147,6 @@ pub struct Scratch {
     /// DSR's outer headers while they are built.
     pub outer_v4: [u8; IPV4_HEADER_LEN],
     pub outer_v6: [u8; IPV6_HEADER_LEN],
+    /// The socket lookup's key (second chance).
+    pub sock_tuple: bpf_sock_tuple,
 }

@@ -3,7 +3,9 @@
 //! standby answers the gateway's clients at the floating address within a bounded time, with
 //! every admin write acknowledged before the crash; the old master returns as backup and takes
 //! the addresses back only after `preempt_delay`. L4 connections through the VIP that are a
-//! second old carry on through the standby with the flows the master synced to it.
+//! second old carry on through the standby with the flows the master synced to it. A planned
+//! handover (`lb-control ha handover`) under load fails no request: the old master's gateway
+//! connections finish through second chance, WebSocket clients come back within a second.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
@@ -13,17 +15,29 @@ mod common;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::Path,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
-use common::{KeepAlive, count_by_node};
-use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to};
-use lb_tests::lab::{
-    LabError, Member, PairConfig, PairLab, SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4, binary_path,
-    command_in_netns, run_checked,
+use common::{
+    KeepAlive, count_by_node,
+    wss::{Reconnect, WssConnector, spread},
 };
+use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to, read_second_chance_packets};
+use lb_tests::{
+    js_client::is_expected_polkadot_js_warning,
+    lab::{
+        GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab, SIM_NODE_RPC_PORT,
+        VIP_V4 as PAIR_VIP_V4, binary_path, command_in_netns, run_checked,
+    },
+    wrk,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The goal is a second (the issue's); a test asserts a generous bound, the benchmark measures.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(3);
@@ -59,6 +73,16 @@ fn cli_json(lab: &PairLab, member: Member, args: &[&str]) -> anyhow::Result<serd
         .cli(member, &args)
         .with_context(|| format!("`lb-control {}` on LB {}", args.join(" "), member.name()))?;
     Ok(serde_json::from_str(&output)?)
+}
+
+/// `lb-control key create --name NAME` on `member`: the key's secret.
+fn create_key(lab: &PairLab, member: Member, name: &str) -> anyhow::Result<String> {
+    let created = lab.cli(member, &["key", "create", "--name", name])?;
+    Ok(created
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .context("`key create` printed no secret")?
+        .to_owned())
 }
 
 fn role(lab: &PairLab, member: Member) -> anyhow::Result<String> {
@@ -116,12 +140,7 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
     let (a, b) = (Member::A, Member::B);
 
     // Admin writes through the master, acknowledged before it dies: a key and a weight.
-    let created = lab.cli(a, &["key", "create", "--name", "before-the-crash"])?;
-    let key = created
-        .lines()
-        .find_map(|line| line.strip_prefix("secret: "))
-        .context("`key create` printed no secret")?
-        .to_owned();
+    let key = create_key(&lab, a, "before-the-crash")?;
     let backends = cli_json(&lab, a, &["backend", "list"])?;
     let id = backends[0]["id"].clone();
     let id_arg = id.to_string();
@@ -342,6 +361,237 @@ fn l4_connections_a_second_old_carry_on_through_the_standby_after_the_master_is_
         log_tail(&lab.lb_control_log_path(b)),
         kernel_stats(&lab, b),
         kernel_stats(&lab, a),
+    );
+    Ok(())
+}
+
+/// The read wrk sends: answered by a node (never cached), so the load reaches the nodes.
+const NODE_READ: &str = r#"{"jsonrpc":"2.0","id":1,"method":"system_localPeerId"}"#;
+/// WebSocket clients following new heads through the handover, and polkadot.js clients.
+const HANDOVER_WEBSOCKETS: usize = 10;
+const HANDOVER_JS_CLIENTS: usize = 4;
+/// Long-lived L4 connections held through the handover.
+const HANDOVER_L4_CONNECTIONS: usize = 10;
+/// The issue's figure: a client closed with 1012 is subscribed again within a second.
+const RECONNECT_BOUND: Duration = Duration::from_secs(1);
+/// How long each wrk may run at most; stopped once the other host has served a while.
+const HANDOVER_LOAD_SECONDS: u64 = 60;
+/// Calls the gateway answers before and after the handover: the load is flowing.
+const CALLS_FLOWING: f64 = 300.0;
+
+/// What polkadot.js prints against a real node too, or its note of the handover's close.
+fn is_expected_or_the_close(warning: &str) -> bool {
+    is_expected_polkadot_js_warning(warning)
+        || (warning.starts_with("API-WS: disconnected from ") && warning.contains(": 1012::"))
+}
+
+/// `lb_gateway_calls_total{outcome="ok"}` of `member`'s gateway.
+fn gateway_calls(lab: &PairLab, member: Member) -> anyhow::Result<f64> {
+    Ok(lb_tests::prometheus::sum(
+        &lab.lb_control_metrics(member)?,
+        "lb_gateway_calls_total",
+        |sample| sample.label("outcome") == Some("ok"),
+    ))
+}
+
+#[test]
+fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> anyhow::Result<()> {
+    let lab = start_pair(3)?;
+    let (a, b) = (Member::A, Member::B);
+    let key = create_key(&lab, a, "handover")?;
+    let client = lab.client().netns.clone();
+    let gateway = SocketAddr::from((GATEWAY_V4, PAIR_GATEWAY_PORT));
+    let wss_url = lab.gateway_url(&key).replacen("https", "wss", 1);
+
+    // polkadot.js clients that follow heads and call every 500 ms, reconnecting by themselves.
+    let ready = lab.log_dir().join("js-clients.ready");
+    let mut js = common::spawn_js(
+        &client,
+        lab.ca(),
+        &[],
+        "follow-restarts.mjs",
+        &[
+            &wss_url,
+            &HANDOVER_JS_CLIENTS.to_string(),
+            "120",
+            ready.to_str().context("utf-8 log directory")?,
+        ],
+    )?;
+    wait_until(
+        "the polkadot.js clients following heads",
+        Duration::from_secs(60),
+        || Ok(ready.exists()),
+    )?;
+    // WebSocket clients that follow heads through the close and time their way back.
+    let connector = Arc::new(WssConnector::new(lab.ca(), wss_url, &client, gateway)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let following = Arc::new(AtomicUsize::new(0));
+    let websockets: Vec<_> = (0..HANDOVER_WEBSOCKETS)
+        .map(|_| {
+            let (connector, following) = (connector.clone(), following.clone());
+            runtime.spawn(async move { connector.follow_through_close(following).await })
+        })
+        .collect();
+    wait_until(
+        "the WebSocket clients following heads",
+        Duration::from_secs(20),
+        || Ok(following.load(Ordering::SeqCst) == HANDOVER_WEBSOCKETS),
+    )?;
+    // Long-lived connections through the L4 service.
+    let mut held: Vec<KeepAlive> = (0..HANDOVER_L4_CONNECTIONS)
+        .map(|_| KeepAlive::open(&client, lab.vip()))
+        .collect::<anyhow::Result<_>>()?;
+
+    // wrk over the gateway (HTTPS keep-alive) and through the L4 NAT service (keep-alive, and a
+    // connection per request).
+    let script = |name: &str, headers: &[(&str, &str)]| -> anyhow::Result<PathBuf> {
+        let path = lab.log_dir().join(name);
+        std::fs::write(&path, wrk::counting_script(NODE_READ, headers))?;
+        Ok(path)
+    };
+    let keep_alive = script("reads.lua", &[])?;
+    let one_each = script("reads-close.lua", &[("Connection", "close")])?;
+    let gateway_url = lab.gateway_url(&key);
+    let l4_url = format!("http://{}", lab.vip());
+    let load = |connections, script: &PathBuf, url: &str| {
+        wrk::Background::start(&wrk::Load {
+            netns: &client,
+            threads: 1,
+            connections,
+            seconds: HANDOVER_LOAD_SECONDS,
+            script,
+            url,
+        })
+    };
+    let through_gateway = load(16, &keep_alive, &gateway_url)?;
+    let through_l4 = load(4, &keep_alive, &l4_url)?;
+    let through_l4_new = load(2, &one_each, &l4_url)?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_FLOWING),
+    )?;
+
+    let started = Instant::now();
+    let handed_over = lab
+        .cli(a, &["ha", "handover", "--drain", "10s"])
+        .with_context(|| log_tail(&lab.lb_control_log_path(a)))?;
+    let took = started.elapsed();
+    let progress = cli_json(&lab, a, &["ha", "status"])?["handover"].clone();
+    let reconnects: Vec<Reconnect> = runtime.block_on(async {
+        let mut reconnects = Vec::new();
+        for websocket in websockets {
+            reconnects.push(websocket.await??);
+        }
+        anyhow::Ok(reconnects)
+    })?;
+    let served_by_b = gateway_calls(&lab, b)?;
+    wait_until(
+        "the load reaching LB b's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_FLOWING),
+    )?;
+    let through_gateway = through_gateway.stop()?;
+    let through_l4 = through_l4.stop()?;
+    let through_l4_new = through_l4_new.stop()?;
+    drop(js.stdin.take());
+    let js = common::js_summary("follow-restarts.mjs", &[], &js.wait_with_output()?)?;
+    let broken = broken_connections(&mut held);
+    let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
+    let second_chance = read_second_chance_packets(&pin_dir_b)?;
+
+    eprintln!("{handed_over}");
+    eprintln!("`lb-control ha handover` took {took:?}; its progress: {progress}");
+    eprintln!("second chance: {second_chance} packets from LB b to LB a");
+    eprintln!("wrk over the gateway: {through_gateway}");
+    eprintln!("wrk through the L4 service, keep-alive: {through_l4}");
+    eprintln!("wrk through the L4 service, a connection per request: {through_l4_new}");
+    eprintln!(
+        "{HANDOVER_L4_CONNECTIONS} held L4 connections: {} broken",
+        broken.len()
+    );
+    eprintln!(
+        "{HANDOVER_WEBSOCKETS} WebSocket clients, from the close to subscribed again: {}; to \
+         the first head: {}",
+        spread(&reconnects, |reconnect| reconnect.subscribed),
+        spread(&reconnects, |reconnect| reconnect.first_head)
+    );
+    eprintln!("polkadot.js clients: {js}");
+
+    ensure!(
+        handed_over.contains("every gateway connection here finished"),
+        "{handed_over}"
+    );
+    for (what, reads, enough) in [
+        ("gateway", &through_gateway, 500),
+        ("L4 keep-alive", &through_l4, 500),
+        ("L4 connection per request", &through_l4_new, 100),
+    ] {
+        ensure!(reads.count("failed")? == 0, "{what}: failed reads: {reads}");
+        ensure!(
+            reads.socket_errors()? == 0,
+            "{what}: socket errors: {reads}"
+        );
+        ensure!(
+            reads.count("answered")? > enough,
+            "{what}: too few reads: {reads}"
+        );
+    }
+    ensure!(
+        broken.is_empty(),
+        "held L4 connections broke or moved:\n{}",
+        broken.join("\n")
+    );
+    for reconnect in &reconnects {
+        ensure!(
+            reconnect.close_code == Some(CloseCode::Restart),
+            "a WebSocket client was closed with {:?}, not 1012",
+            reconnect.close_code
+        );
+        ensure!(
+            reconnect.subscribed <= RECONNECT_BOUND,
+            "a WebSocket client was subscribed again {:?} after its close (bound \
+             {RECONNECT_BOUND:?})",
+            reconnect.subscribed
+        );
+    }
+    ensure!(
+        js["errorAnswers"] == 0,
+        "polkadot.js saw an error answer: {js}"
+    );
+    ensure!(js["cutOff"] == 0, "a polkadot.js call was cut off: {js}");
+    ensure!(
+        js["followingAfterReconnect"] == HANDOVER_JS_CLIENTS,
+        "every polkadot.js client reconnected and follows heads again: {js}"
+    );
+    let warnings = js["warnings"].as_array().context("warnings")?;
+    ensure!(
+        warnings
+            .iter()
+            .all(|warning| warning.as_str().is_some_and(is_expected_or_the_close)),
+        "polkadot.js complained: {js}"
+    );
+    ensure!(
+        second_chance > 0,
+        "LB b sent no segment to LB a: the connections finished without second chance"
+    );
+    // LB b holds the addresses and serves; LB a is out of the way, its gateway drained.
+    ensure!(
+        lab.holders()? == [b],
+        "the floating addresses are on LB b alone"
+    );
+    ensure!(lab.client_reaches()? == Some(b), "the client reaches LB b");
+    ensure!(role(&lab, b)? == "master", "LB b's lb-control is master");
+    ensure!(
+        role(&lab, a)? == "fault",
+        "LB a's lb-control is fault (handed over)"
+    );
+    ensure!(
+        progress["phase"] == "handed_over" && progress["open_connections"] == 0,
+        "{progress}"
     );
     Ok(())
 }

@@ -359,7 +359,7 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
     // address), which the rollout drains in its turn.
     let ready = lab.log_dir().join("clients.ready");
     let mut clients = common::spawn_js(
-        &lab,
+        &lab.client().netns,
         &gateway.ca,
         &[],
         "follow-restarts.mjs",

@@ -56,7 +56,8 @@ fn run_node(
     script: &str,
     args: &[&str],
 ) -> anyhow::Result<Value> {
-    let output = common::spawn_js(lab, ca, node_flags, script, args)?.wait_with_output()?;
+    let output =
+        common::spawn_js(&lab.client().netns, ca, node_flags, script, args)?.wait_with_output()?;
     common::js_summary(script, args, &output)
 }
 

@@ -21,9 +21,11 @@ use std::{
 };
 
 use anyhow::{Context, ensure};
-use common::{GATEWAY_PORT, GatewayLab, KeepAlive, ServiceConf, VIP_V4, up, wait_for};
-use lb_tests::{lab::command_in_netns, wrk, ws_client::WsClient};
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use common::{
+    GATEWAY_PORT, GatewayLab, KeepAlive, ServiceConf, VIP_V4, up, wait_for,
+    wss::{Reconnect, WssConnector, spread},
+};
+use lb_tests::{lab::command_in_netns, wrk};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The read wrk sends: answered by a node (never cached), so the load reaches the nodes
@@ -88,111 +90,6 @@ async fn send_reads_over_http2(
     tally
 }
 
-/// How one WebSocket client went through the upgrade.
-#[derive(Debug)]
-struct Reconnect {
-    close_code: Option<CloseCode>,
-    /// From the close frame to the subscription's answer on the new connection.
-    subscribed: Duration,
-    /// From the close frame to the first head on the new connection (heads come every 500 ms).
-    first_head: Duration,
-}
-
-/// A `wss://` client from the lab's client namespace.
-struct WssConnector {
-    netns: String,
-    address: SocketAddr,
-    url: String,
-    tls: tokio_rustls::TlsConnector,
-}
-
-type Wss = WsClient<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
-impl WssConnector {
-    fn new(gateway: &GatewayLab, netns: &str, address: SocketAddr) -> anyhow::Result<Self> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(&gateway.ca)?)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(WssConnector {
-            netns: netns.to_owned(),
-            address,
-            url: gateway.url("wss"),
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })
-    }
-
-    /// Connects and subscribes to new heads.
-    async fn subscribe(&self) -> anyhow::Result<Wss> {
-        let (netns, address) = (self.netns.clone(), self.address);
-        let tcp =
-            tokio::task::spawn_blocking(move || common::connect_from(&netns, address)).await??;
-        tcp.set_read_timeout(None)?;
-        tcp.set_nonblocking(true)?;
-        let tls = self
-            .tls
-            .connect(
-                ServerName::from(self.address.ip()),
-                tokio::net::TcpStream::from_std(tcp)?,
-            )
-            .await?;
-        let (stream, _) = tokio_tungstenite::client_async(&self.url, tls).await?;
-        let mut ws = WsClient::new(stream);
-        let subscribed = ws
-            .try_call("chain_subscribeNewHeads", serde_json::json!([]))
-            .await
-            .context("closed before subscribing")?;
-        ensure!(subscribed["result"].is_string(), "{subscribed}");
-        Ok(ws)
-    }
-
-    /// Waits for a head on a subscribed connection.
-    async fn first_head(ws: &mut Wss) -> anyhow::Result<()> {
-        let head = ws.next_message().await.context("closed before a head")?;
-        ensure!(head["method"] == "chain_newHead", "{head}");
-        Ok(())
-    }
-
-    /// Follows heads until the gateway closes the connection, then reconnects until a new
-    /// connection brings a head.
-    async fn follow_through_upgrade(
-        &self,
-        subscribed: Arc<AtomicUsize>,
-    ) -> anyhow::Result<Reconnect> {
-        let mut ws = self.subscribe().await?;
-        WssConnector::first_head(&mut ws).await?;
-        subscribed.fetch_add(1, Ordering::SeqCst);
-        let frame = tokio::time::timeout(Duration::from_secs(60), ws.closed())
-            .await
-            .context("not closed within 60 s")?;
-        let closed_at = Instant::now();
-        loop {
-            match self.subscribe().await {
-                Ok(mut ws) => {
-                    let subscribed = closed_at.elapsed();
-                    WssConnector::first_head(&mut ws).await?;
-                    return Ok(Reconnect {
-                        close_code: frame.map(|frame| frame.code),
-                        subscribed,
-                        first_head: closed_at.elapsed(),
-                    });
-                }
-                Err(error) => {
-                    ensure!(
-                        closed_at.elapsed() < Duration::from_secs(10),
-                        "no way back in 10 s after the close: {error}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
 -> anyhow::Result<()> {
@@ -244,7 +141,12 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let address = SocketAddr::new(IpAddr::from(lab.lb().addr_v4), GATEWAY_PORT);
-    let connector = Arc::new(WssConnector::new(&gateway, &client_netns, address)?);
+    let connector = Arc::new(WssConnector::new(
+        &gateway.ca,
+        gateway.url("wss"),
+        &client_netns,
+        address,
+    )?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -253,7 +155,7 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     let clients: Vec<_> = (0..WEBSOCKET_CLIENTS)
         .map(|_| {
             let (connector, subscribed) = (connector.clone(), subscribed.clone());
-            runtime.spawn(async move { connector.follow_through_upgrade(subscribed).await })
+            runtime.spawn(async move { connector.follow_through_close(subscribed).await })
         })
         .collect();
     wait_for("the WebSocket clients to follow heads", || {
@@ -325,16 +227,6 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     );
     let summary = wrk::CountedReads::from_output(&text)?;
 
-    let spread = |of: fn(&Reconnect) -> Duration| {
-        let mut took: Vec<Duration> = reconnects.iter().map(of).collect();
-        took.sort();
-        format!(
-            "min {:?}, median {:?}, max {:?}",
-            took[0],
-            took[took.len() / 2],
-            took[took.len() - 1]
-        )
-    };
     eprintln!(
         "upgrade: `lb-control upgrade` answered after {answered:?} (the new process served \
          {} ms after the request), the old process exited after {old_exited:?}",
@@ -345,8 +237,8 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     eprintln!(
         "{WEBSOCKET_CLIENTS} WebSocket clients, from the close to subscribed again: {}; to \
          the first head on the new connection: {}",
-        spread(|reconnect| reconnect.subscribed),
-        spread(|reconnect| reconnect.first_head)
+        spread(&reconnects, |reconnect| reconnect.subscribed),
+        spread(&reconnects, |reconnect| reconnect.first_head)
     );
     eprintln!(
         "{JS_CLIENTS} polkadot.js clients: from the close to connected again {} ms, to the first \

@@ -1,17 +1,25 @@
 //! `/v1/ha`: this lb-control's role in its HA pair. keepalived's notify hooks set it
-//! (`lb-control ha notify master|backup|fault` posts to `/v1/ha/role`).
+//! (`lb-control ha notify master|backup|fault` posts to `/v1/ha/role`); `lb-control ha
+//! handover` posts to `/v1/ha/handover` and follows its progress in `/v1/ha`.
 
 use std::collections::BTreeSet;
 
-use axum::{Json, extract::State};
+use axum::{Json, extract::State, http::StatusCode};
 
 use super::{
     Context,
     error::{ApiError, ApiResult},
     extract::Body,
-    model::{ErrorBody, ErrorCode, FloatingAddress, HaStatus, RoleChange, Timestamp},
+    model::{
+        ErrorBody, ErrorCode, FloatingAddress, HaStatus, HandoverInfo, HandoverRequest, RoleChange,
+        Timestamp,
+    },
 };
-use crate::ha::{Ha, HaError, local_addresses};
+use crate::ha::{
+    Ha, HaError,
+    handover::{DEFAULT_DRAIN, Handover, HandoverError},
+    local_addresses,
+};
 
 /// The role, since when, and which floating addresses this host holds.
 #[utoipa::path(
@@ -25,7 +33,7 @@ use crate::ha::{Ha, HaError, local_addresses};
     )
 )]
 pub async fn status(State(context): State<Context>) -> ApiResult<Json<HaStatus>> {
-    status_of(&context.ha).map(Json)
+    status_of(&context.ha, &context.handover).map(Json)
 }
 
 /// Takes the role keepalived reports (its notify hooks call `lb-control ha notify ROLE`). The
@@ -50,10 +58,44 @@ pub async fn set_role(
         HaError::NotConfigured => ApiError::new(ErrorCode::Conflict, error.to_string()),
         HaError::StandaloneInPair => ApiError::invalid_field("role", error.to_string()),
     })?;
-    status_of(&context.ha).map(Json)
+    status_of(&context.ha, &context.handover).map(Json)
 }
 
-fn status_of(ha: &Ha) -> ApiResult<HaStatus> {
+/// Starts a planned handover of the floating addresses to the other host of the pair (this
+/// host's OS update): the flows and second chance to the other host, keepalived gives the
+/// addresses up, the gateway's connections here finish. Answers once it has begun; `GET
+/// /v1/ha` follows it.
+#[utoipa::path(
+    post,
+    path = "/v1/ha/handover",
+    tag = "ha",
+    request_body = HandoverRequest,
+    responses(
+        (status = 202, description = "Begun; its progress", body = HandoverInfo),
+        (status = 400, description = "`drain` is not a duration from 1s to 10m", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 409, description = "Not possible here now: no [ha] or flow_sync, not master, \
+            one under way, the private link's interface not found or filtering strictly", body = ErrorBody),
+    )
+)]
+pub async fn hand_over(
+    State(context): State<Context>,
+    Body(request): Body<HandoverRequest>,
+) -> ApiResult<(StatusCode, Json<HandoverInfo>)> {
+    let drain = match request.drain.as_deref() {
+        None => DEFAULT_DRAIN,
+        Some(text) => humantime::parse_duration(text)
+            .map_err(|error| ApiError::invalid_field("drain", format!("{text:?}: {error}")))?,
+    };
+    let state = context.handover.begin(drain).map_err(|error| match error {
+        HandoverError::DrainOutOfRange(_) => ApiError::invalid_field("drain", error.to_string()),
+        HandoverError::Interfaces(_) => ApiError::internal(error.to_string()),
+        _ => ApiError::new(ErrorCode::Conflict, error.to_string()),
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(state.into())))
+}
+
+fn status_of(ha: &Ha, handover: &Handover) -> ApiResult<HaStatus> {
     let state = ha.current();
     let floating = ha
         .section()
@@ -78,5 +120,6 @@ fn status_of(ha: &Ha) -> ApiResult<HaStatus> {
                 held: held.contains(&address),
             })
             .collect(),
+        handover: handover.state().map(HandoverInfo::from),
     })
 }

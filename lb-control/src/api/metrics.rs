@@ -166,6 +166,16 @@ fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), st
             .map(|(reason, count)| ([("reason", *reason)], *count)),
     )?;
 
+    encoder
+        .encode_descriptor(
+            "xdp_second_chance_packets",
+            "Gateway segments a planned handover's second chance sent to the host that held the \
+             gateway's address before",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&stats.second_chance_packets, None)?;
+
     let service = |name: &str| [("service", name.to_owned())];
     encode_counters(
         encoder,

@@ -61,7 +61,7 @@ use crate::{
     backends::BackendSet,
     dataplane::BlocklistHandle,
     gateway::{GatewayState, NodeClients},
-    ha::Ha,
+    ha::{Ha, handover::Handover},
     keys::ApiKeys,
     metrics::Metrics,
     store::Store,
@@ -89,6 +89,8 @@ pub struct AdminContext {
     pub gateway: Option<GatewayState>,
     /// This lb-control's role in its HA pair.
     pub ha: Arc<Ha>,
+    /// Its planned handover to the other host.
+    pub handover: Arc<Handover>,
     /// The bearer token of the `/v1` routes.
     pub token: String,
 }
@@ -107,6 +109,7 @@ struct Shared {
     gateway_clients: Arc<NodeClients>,
     gateway: Option<GatewayState>,
     ha: Arc<Ha>,
+    handover: Arc<Handover>,
 }
 
 type Context = Arc<Shared>;
@@ -148,6 +151,7 @@ pub fn router(context: AdminContext) -> Router {
         gateway_clients: context.gateway_clients,
         gateway: context.gateway,
         ha: context.ha,
+        handover: context.handover,
     });
     router
         .with_state(shared)
@@ -190,6 +194,7 @@ fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
         .routes(routes!(gateway::status))
         .routes(routes!(ha::status))
         .routes(routes!(ha::set_role))
+        .routes(routes!(ha::hand_over))
         .route_layer(middleware::from_fn_with_state(
             credentials,
             auth::authenticate,
@@ -221,7 +226,7 @@ fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
         (name = "tokens", description = "Join tokens: nodes that register themselves"),
         (name = "blocklist", description = "Source prefixes dropped in XDP, with their expiry"),
         (name = "status", description = "Counters, health and the event log"),
-        (name = "ha", description = "This lb-control's role in its HA pair, set by keepalived"),
+        (name = "ha", description = "This lb-control's role in its HA pair, set by keepalived; a planned handover"),
         (name = "metrics", description = "Prometheus and liveness"),
     )
 )]

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use ipnet::IpNet;
@@ -22,7 +22,10 @@ use utoipa::{
 use crate::{
     backends::{BackendStatus, State},
     dataplane::{BlockEntry, Stats},
-    ha::Role,
+    ha::{
+        Role,
+        handover::{HandoverState, Phase as HandoverPhase},
+    },
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
@@ -746,6 +749,65 @@ pub struct HaStatus {
     pub records_health: bool,
     /// The floating addresses of `[ha]`, and whether this host holds each now.
     pub floating_addresses: Vec<FloatingAddress>,
+    /// The last handover from this host (`lb-control ha handover`), if there was one since it
+    /// started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandoverInfo>,
+}
+
+/// `POST /v1/ha/handover`: hand the floating addresses over to the other host of the pair,
+/// failing no request (for this host's OS update).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct HandoverRequest {
+    /// How long the gateway's connections may take to finish: `10s` (the default) up to `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "10s")]
+    pub drain: Option<String>,
+}
+
+/// A handover's progress.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HandoverInfo {
+    pub phase: HandoverPhase,
+    #[schema(value_type = String, format = DateTime)]
+    pub started: Timestamp,
+    /// The drain time, in milliseconds.
+    pub drain_ms: u64,
+    /// The gateway's connections still open here.
+    pub open_connections: u32,
+    /// Milliseconds from the start until the other host had the flows and armed second
+    /// chance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_after_ms: Option<u64>,
+    /// ... until the floating addresses left this host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released_after_ms: Option<u64>,
+    /// ... until the other host connected here as master.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_master_after_ms: Option<u64>,
+    /// ... until the gateway's last connection here finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained_after_ms: Option<u64>,
+    /// Why it failed (phase `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl From<HandoverState> for HandoverInfo {
+    fn from(state: HandoverState) -> Self {
+        let millis = |duration: Duration| u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        HandoverInfo {
+            phase: state.phase,
+            started: Timestamp(state.started),
+            drain_ms: millis(state.drain),
+            open_connections: state.open_connections,
+            synced_after_ms: state.synced_after.map(millis),
+            released_after_ms: state.released_after.map(millis),
+            peer_master_after_ms: state.peer_master_after.map(millis),
+            drained_after_ms: state.drained_after.map(millis),
+            error: state.error,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

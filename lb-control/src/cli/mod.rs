@@ -3,6 +3,7 @@
 //! host with a join token, `node join | leave`. Each prints a table or sentences, or the API's
 //! JSON with `--json`.
 
+mod handover;
 mod node;
 mod rollout;
 mod table;
@@ -267,6 +268,14 @@ pub enum HaAction {
         #[arg(value_enum)]
         role: Role,
     },
+    /// Hand the floating addresses over to the other host without failing a request (for this
+    /// host's OS update): the L4 flows go there, keepalived gives the addresses up, and this
+    /// host's gateway connections finish through second chance. Waits until none is left.
+    Handover {
+        /// How long the gateway's connections may take to finish (1s to 10m).
+        #[arg(long, default_value = "10s")]
+        drain: humantime::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,6 +387,9 @@ async fn dispatch(command: AdminCommand) -> anyhow::Result<()> {
             let status = match action {
                 HaAction::Status => client.ha_status().await?,
                 HaAction::Notify { role } => client.set_role(role).await?,
+                HaAction::Handover { drain } => {
+                    return handover::run(&client, drain.into(), api.json).await;
+                }
             };
             show(&api, &status, print_ha)?;
         }
@@ -912,5 +924,18 @@ fn print_ha(status: &HaStatus) {
             "not here"
         };
         println!("  {:<40} {held}", floating.address);
+    }
+    if let Some(handover) = &status.handover {
+        println!(
+            "handover started {}: {}, {} gateway connections open here{}",
+            handover.started,
+            variant_name(&handover.phase),
+            handover.open_connections,
+            handover
+                .error
+                .as_deref()
+                .map(|error| format!(" ({error})"))
+                .unwrap_or_default()
+        );
     }
 }

@@ -241,7 +241,7 @@ fn nat_key_of(flow: &PortableFlow) -> NatKey {
 }
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns()`, in nanoseconds.
-fn monotonic_clock_ns() -> u64 {
+pub(super) fn monotonic_clock_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

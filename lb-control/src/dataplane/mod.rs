@@ -9,6 +9,7 @@ mod error;
 mod flow_table;
 #[cfg(feature = "test-harness")]
 mod harness;
+mod second_chance;
 mod services;
 mod settings;
 mod stats;
@@ -42,6 +43,7 @@ pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     flow_table::{FlowTable, InstallReport, PortableFlow},
+    second_chance::{SecondChanceMap, read_second_chance_packets},
     services::{
         ApplyReport, BackendSpec, LbSettings, ProblemSubject, ServiceSpec, SpecProblem,
         validate as validate_services,

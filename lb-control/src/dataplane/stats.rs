@@ -17,7 +17,7 @@ use crate::model::Protocol;
 
 use super::{
     DataplaneError, ProtoStats, map_error, open_pinned, read_pinned_proto_stats,
-    services::addr_from_bytes,
+    read_second_chance_packets, services::addr_from_bytes,
 };
 
 /// Everything `lb-control stats` shows.
@@ -28,6 +28,8 @@ pub struct Stats {
     pub drops: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceCounters>,
     pub backends: Vec<BackendCounters>,
+    /// Gateway segments a handover's second chance sent to the previous owner.
+    pub second_chance_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +137,7 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
         drops,
         services: service_rows,
         backends: backend_rows,
+        second_chance_packets: read_second_chance_packets(pin_dir)?,
     })
 }
 

@@ -138,6 +138,11 @@ impl Admission {
         }
     }
 
+    /// The connections open now, in all.
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
     /// A place for a connection from `peer`, or why there is none (counted under
     /// `lb_gateway_rejected_total`; a full gateway also logged, at most every
     /// [`FULL_LOG_INTERVAL`]).

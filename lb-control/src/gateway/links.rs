@@ -242,7 +242,12 @@ impl ClientInbox {
     /// Whether every call the client sent to a node has its answer here, and every answer
     /// has been taken: nothing of the client's is on its way.
     pub fn is_settled(&self) -> bool {
-        self.shared.calls.load(Ordering::Relaxed) == 0 && self.receiver.is_empty()
+        !self.has_calls_in_flight() && self.receiver.is_empty()
+    }
+
+    /// Whether a call the client sent to a node still waits for its answer.
+    pub fn has_calls_in_flight(&self) -> bool {
+        self.shared.calls.load(Ordering::Relaxed) > 0
     }
 
     pub async fn next(&mut self) -> Option<Inbound> {

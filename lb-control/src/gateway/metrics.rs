@@ -90,7 +90,7 @@ pub struct RemoteLabels {
 pub struct ClosedLabels {
     /// `client`, `node_left` (out of rotation), `node_lost` (its connection failed),
     /// `node_upgrading` (closed for a drain's end), `too_slow` (over its queue budget),
-    /// `message_too_big`, `idle`, `gateway_stopping`.
+    /// `message_too_big`, `idle`, `gateway_stopping`, `gateway_upgrading`, `gateway_handover`.
     pub reason: &'static str,
 }
 

@@ -63,7 +63,7 @@ pub use self::{
     block::BlockRequest,
     clients::NodeClients,
     metrics::GatewayMetrics,
-    server::StopReason,
+    server::{Mode, StopReason},
     settings::{AuthFailureBlock, GatewaySection},
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
@@ -76,6 +76,7 @@ use self::{
 use crate::{
     backends::ClusterView,
     cache::{self, ChainFollower, ResponseCache},
+    ha::handover::Connections,
     health::{HealthSnapshot, Target},
     keys::ApiKeys,
     model::{ServiceKey, Tier},
@@ -223,8 +224,12 @@ fn serving_threads() -> usize {
 pub enum Bind {
     /// It must: a `listen` address the host does not have fails the start.
     LocalAddress,
-    /// A floating address of an HA pair (`[ha] floating_addresses`): bound before keepalived
-    /// moves it here (`IP_FREEBIND`), so a backup answers the moment the address arrives.
+    /// A floating address of an HA pair (`[ha] floating_addresses`), or every address of a
+    /// pair member (the floating ones too): bound before keepalived moves it here
+    /// (`IP_FREEBIND`), so a backup answers the moment the address arrives; and
+    /// its connections keep sending from it once it is gone again (`IP_TRANSPARENT`: in a
+    /// planned handover this host finishes them through second chance, and the kernel routes
+    /// nothing from an address the host does not hold otherwise).
     AheadOfFloatingAddress,
 }
 
@@ -238,23 +243,23 @@ fn reuseport_listener(address: SocketAddr, bind: Bind) -> std::io::Result<std::n
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     if bind == Bind::AheadOfFloatingAddress {
-        set_freebind(&socket)?;
+        set_ip_option(&socket, libc::IP_FREEBIND)?;
+        set_ip_option(&socket, libc::IP_TRANSPARENT)?;
     }
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
-/// `IP_FREEBIND`: binding an address this host does not hold (yet). At `SOL_IP` it covers IPv6
-/// sockets too.
-fn set_freebind(socket: &TcpSocket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+/// Turns on the `SOL_IP` option `option` (`IP_FREEBIND`, `IP_TRANSPARENT`); at `SOL_IP` they
+/// cover IPv6 sockets too. The connections a listener accepts inherit them.
+fn set_ip_option(socket: &impl std::os::fd::AsRawFd, option: libc::c_int) -> std::io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: a valid socket and an int option of the size given.
     let result = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_IP,
-            libc::IP_FREEBIND,
+            option,
             (&raw const on).cast(),
             std::mem::size_of_val(&on) as libc::socklen_t,
         )
@@ -266,6 +271,30 @@ fn set_freebind(socket: &TcpSocket) -> std::io::Result<()> {
     }
 }
 
+/// The gateway's connections as a planned handover drains them: this host gave its address
+/// up, and what still reaches it comes through second chance.
+pub struct GatewayConnections {
+    mode: Arc<watch::Sender<Mode>>,
+    admission: Arc<Admission>,
+}
+
+impl Connections for GatewayConnections {
+    /// Every open connection finishes as at an upgrade (WebSocket clients get 1012), and every
+    /// new one after its first answer, while the listeners keep accepting.
+    fn drain(&self) {
+        self.mode.send_replace(Mode::Draining(StopReason::Handover));
+    }
+
+    fn serve_again(&self) {
+        self.mode.send_replace(Mode::Serving);
+    }
+
+    /// WebSocket sessions included.
+    fn open(&self) -> u32 {
+        self.admission.open()
+    }
+}
+
 /// A running gateway. Dropping it does not stop it: call [`Gateway::stop`].
 pub struct Gateway {
     address: SocketAddr,
@@ -274,7 +303,9 @@ pub struct Gateway {
     /// The listening sockets the serving threads accept on (the same sockets, not new ones
     /// on the same port), for an upgrade to hand over.
     listeners: Vec<std::net::TcpListener>,
-    stop: watch::Sender<Option<StopReason>>,
+    mode: Arc<watch::Sender<Mode>>,
+    /// The open connections, in all.
+    admission: Arc<Admission>,
     /// The serving threads, one per listener.
     serving: Vec<std::thread::JoinHandle<()>>,
     /// Following the view, dropping the links of nodes that left, writing last-used times:
@@ -318,6 +349,7 @@ impl Gateway {
     pub fn take_over(
         section: &GatewaySection,
         listeners: Vec<std::net::TcpListener>,
+        bind: Bind,
     ) -> Result<Bound, GatewayError> {
         let taken_over = |problem: String| GatewayError::TakenOver(problem);
         let wanted = section.listen.ok_or(GatewayError::NoListen)?;
@@ -332,6 +364,13 @@ impl Gateway {
             return Err(taken_over(format!(
                 "they listen on {address}, the config says {wanted}"
             )));
+        }
+        // An older lb-control may have made them without it.
+        if bind == Bind::AheadOfFloatingAddress {
+            for listener in &listeners {
+                set_ip_option(listener, libc::IP_TRANSPARENT)
+                    .map_err(|source| GatewayError::Listen { address, source })?;
+            }
         }
         let Prepared {
             certificates,
@@ -478,7 +517,7 @@ impl Gateway {
             },
             context.metrics,
         ));
-        let (stop, stopped) = watch::channel(None);
+        let (mode, serving_mode) = watch::channel(Mode::Serving);
         let handover = listeners
             .iter()
             .map(std::net::TcpListener::try_clone)
@@ -508,7 +547,7 @@ impl Gateway {
                 pipeline.clone(),
                 limits,
                 admission.clone(),
-                stopped.clone(),
+                serving_mode.clone(),
             );
             let thread = std::thread::Builder::new()
                 .name(format!("gateway-{index}"))
@@ -521,7 +560,8 @@ impl Gateway {
             certificates,
             upstream,
             listeners: handover,
-            stop,
+            mode: Arc::new(mode),
+            admission,
             serving,
             helpers,
             follower,
@@ -567,10 +607,18 @@ impl Gateway {
         self.upstream.node_for(client)
     }
 
+    /// Its connections, for a planned handover to drain.
+    pub fn connections(&self) -> GatewayConnections {
+        GatewayConnections {
+            mode: self.mode.clone(),
+            admission: self.admission.clone(),
+        }
+    }
+
     /// Stops accepting, lets open requests finish (a few seconds at most), stops the rest;
     /// WebSocket clients are told `reason`.
     pub async fn stop(self, reason: StopReason) {
-        let _ = self.stop.send(Some(reason));
+        self.mode.send_replace(Mode::Stopped(reason));
         let threads = self.serving;
         let _ = tokio::task::spawn_blocking(move || {
             for thread in threads {

@@ -12,23 +12,27 @@
 //! its next request with `Connection: close` and is closed after it, or once it has been
 //! quiet for [`QUIET_BEFORE_CLOSE`]. Closing a quiet HTTP/1.1 connection at once would race
 //! with the request its client may be sending that moment: it would meet a closed socket.
+//!
+//! A draining gateway ([`Mode::Draining`], a planned handover) finishes its connections the
+//! same way but keeps accepting: a connection whose handshake this host began before its
+//! address moved completes here (its segments come back through second chance), and finishes
+//! after its first answer.
 
 use std::{
     convert::Infallible,
-    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
 };
 
 use hyper::{
-    Version,
+    StatusCode, Version,
     header::{CONNECTION, HeaderValue},
     rt::{Read, Write},
     service::service_fn,
@@ -60,7 +64,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// `Connection: close` instead; well within [`DRAIN_TIME`].
 const QUIET_BEFORE_CLOSE: Duration = Duration::from_secs(1);
 
-/// Why the gateway stops: what its WebSocket clients are told.
+/// Why the gateway's connections finish: what its WebSocket clients are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     /// lb-control stops: WebSocket sessions close with 1001 (going away).
@@ -68,6 +72,21 @@ pub enum StopReason {
     /// A new lb-control process serves on the same sockets: sessions close with 1012 (service
     /// restart), so clients reconnect, to the new process.
     Upgrade,
+    /// This host handed its addresses over to the other of its pair: sessions close with
+    /// 1012, so clients reconnect, to the other host.
+    Handover,
+}
+
+/// What the serving threads do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serving,
+    /// Every connection finishes (`Connection: close`, GOAWAY, WebSockets closed once their
+    /// calls are answered), new ones after their first answer, while the listeners keep
+    /// accepting.
+    Draining(StopReason),
+    /// Stop accepting; open connections finish within [`DRAIN_TIME`].
+    Stopped(StopReason),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,15 +96,16 @@ pub struct ConnectionLimits {
     pub http2_max_concurrent_streams: u32,
 }
 
-/// The body of a serving thread: a single-threaded runtime serving `listener` until `stop`
-/// turns true. Connections, their requests and their WebSocket sessions stay on this thread.
+/// The body of a serving thread: a single-threaded runtime serving `listener` as `mode` says,
+/// until it says stop. Connections, their requests and their WebSocket sessions stay on this
+/// thread.
 pub fn serve_on(
     listener: std::net::TcpListener,
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
     admission: Arc<Admission>,
-    mut stop: watch::Receiver<Option<StopReason>>,
+    mode: watch::Receiver<Mode>,
 ) -> impl FnOnce() + Send + 'static {
     move || {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -106,35 +126,29 @@ pub fn serve_on(
                     return;
                 }
             };
-            let stopped = async move {
-                match stop.wait_for(Option::is_some).await {
-                    Ok(reason) => reason.unwrap_or(StopReason::Shutdown),
-                    // The gateway is gone without a word: as good as a shutdown.
-                    Err(_) => StopReason::Shutdown,
-                }
-            };
-            serve(listener, tls, pipeline, limits, admission, stopped).await;
+            serve(listener, tls, pipeline, limits, admission, mode).await;
         });
     }
 }
 
-/// Serves until `shutdown` resolves, then lets open requests finish for a while. `admission`
-/// counts the open connections, shared by every listener of the gateway.
+/// Serves as `mode` says until it says stop, then lets open requests finish for a while.
+/// `admission` counts the open connections, shared by every listener of the gateway.
 ///
 /// The listener is dropped on return; on an upgrade the new process holds the same socket
 /// already, so the connections still in its queue are accepted there.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     tls: Option<Arc<Certificates>>,
     pipeline: Arc<Pipeline>,
     limits: ConnectionLimits,
     admission: Arc<Admission>,
-    shutdown: impl Future<Output = StopReason>,
+    mut mode: watch::Receiver<Mode>,
 ) {
     // Every connection holds a receiver: a send asks them to finish, and `closed()` tells when
     // the last one has.
     let (stop, _) = watch::channel(None);
-    tokio::pin!(shutdown);
+    // A mode set before this thread started counts too.
+    mode.mark_changed();
     let reason = loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -146,7 +160,19 @@ pub async fn serve(
                     continue;
                 }
             },
-            reason = &mut shutdown => break reason,
+            changed = mode.changed() => {
+                // The gateway gone without a word is as good as a shutdown.
+                let now = match changed {
+                    Ok(()) => *mode.borrow_and_update(),
+                    Err(_) => Mode::Stopped(StopReason::Shutdown),
+                };
+                match now {
+                    Mode::Serving => stop.send_replace(None),
+                    Mode::Draining(reason) => stop.send_replace(Some(reason)),
+                    Mode::Stopped(reason) => break reason,
+                };
+                continue;
+            }
         };
         let admitted = match admission.admit(peer.ip()) {
             Ok(admitted) => admitted,
@@ -220,30 +246,33 @@ impl Connection {
         let pipeline = self.pipeline;
         let hold = self.hold;
         let mut stop = hold.stop.clone();
-        let speaks_http2 = Arc::new(AtomicBool::new(false));
-        let service = {
-            let speaks_http2 = speaks_http2.clone();
-            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let pipeline = pipeline.clone();
-                let hold = hold.clone();
-                let version = request.version();
-                if version == Version::HTTP_2 {
-                    speaks_http2.store(true, Ordering::Relaxed);
+        // Turns true with the first HTTP/2 request: such a connection finishes by GOAWAY.
+        let (http2_seen, mut http2) = watch::channel(false);
+        let http2_seen = Arc::new(http2_seen);
+        let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let pipeline = pipeline.clone();
+            let hold = hold.clone();
+            let version = request.version();
+            if version == Version::HTTP_2 {
+                http2_seen.send_if_modified(|seen| !std::mem::replace(seen, true));
+            }
+            async move {
+                let stop = hold.stop.clone();
+                let mut response = service::handle(&pipeline, request, client, hold).await;
+                // The answer to the last request of a stopping HTTP/1.x connection says so;
+                // hyper closes the connection once it is written. Not a WebSocket
+                // upgrade's answer, whose session finishes by a close frame.
+                if stop.borrow().is_some()
+                    && version < Version::HTTP_2
+                    && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    response
+                        .headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
                 }
-                async move {
-                    let stop = hold.stop.clone();
-                    let mut response = service::handle(&pipeline, request, client, hold).await;
-                    // The answer to the last request of a stopping HTTP/1.x connection says so;
-                    // hyper closes the connection once it is written.
-                    if stop.borrow().is_some() && version < Version::HTTP_2 {
-                        response
-                            .headers_mut()
-                            .insert(CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            })
-        };
+                Ok::<_, Infallible>(response)
+            }
+        });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -257,8 +286,15 @@ impl Connection {
         tokio::pin!(connection);
         let idle_timeout = self.limits.idle_timeout;
         let mut closing = false;
-        let mut stopping = false;
+        // A connection accepted while the gateway drains finishes from the start.
+        let mut stopping = stop.borrow_and_update().is_some();
         loop {
+            // HTTP/2 has GOAWAY, which no request in flight can cross: send it as soon as both
+            // are known.
+            if stopping && !closing && *http2.borrow_and_update() {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
             // A stopping gateway waits less for a quiet HTTP/1.1 connection.
             let quiet_for = if stopping {
                 QUIET_BEFORE_CLOSE
@@ -272,14 +308,10 @@ impl Connection {
                     }
                     return;
                 }
-                _ = stop.changed(), if !stopping => {
-                    stopping = true;
-                    // HTTP/2 has GOAWAY, which no request in flight can cross: send it now.
-                    if speaks_http2.load(Ordering::Relaxed) {
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
+                Ok(()) = stop.changed(), if !stopping => {
+                    stopping = stop.borrow_and_update().is_some();
                 }
+                Ok(()) = http2.changed(), if !closing => {}
                 () = tokio::time::sleep_until(activity.last() + quiet_for), if !closing => {
                     if activity.last().elapsed() >= quiet_for {
                         debug!(peer = %self.peer, "gateway: closing a connection quiet for {quiet_for:?}");

@@ -28,10 +28,14 @@
 //! when its node goes down, is disabled or removed (a draining node keeps its clients, as the
 //! kernel keeps a draining backend's flows), or a node connection holding its subscriptions
 //! fails, so the client comes back to a live node; also 1012 when a drain of its node runs out
-//! of time, at the first moment none of its calls is in flight (at most `ANSWER_GRACE` later); 1009 for a message over the size limit; 1008
-//! when the key is revoked; 1013 (try again later) when the client reads too slowly and its
-//! unread answers pass `max_queued_bytes_per_connection`; 1001 when the gateway stops, 1012
-//! when it stops for an upgrade (the new process serves the reconnecting client); 1000 after
+//! of time; 1001 when the gateway stops, 1012 when it stops for an upgrade (the new process
+//! serves the reconnecting client) or drains for a planned handover (the other host of the
+//! pair serves it). Those four close at the first moment none of the client's calls is in
+//! flight and the client is calm (its last call just answered, or nothing sent for
+//! `LEAVE_QUIET`), at most `ANSWER_GRACE` later: an answered call is not a lost one, and a
+//! close that crosses a call on its way would cut that one off. 1009 for a message over the
+//! size limit; 1008 when the key is revoked; 1013 (try again later) when the client reads too
+//! slowly and its unread answers pass `max_queued_bytes_per_connection`; 1000 after
 //! `idle_timeout` without a frame (the gateway pings).
 
 use std::{
@@ -84,9 +88,13 @@ use crate::{
 const MAX_IN_FLIGHT: usize = 256;
 /// How long a closing client gets to answer the close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// How long a session told to leave its node (a drain ran out of time) may wait for a moment
-/// when none of its calls is in flight, to close then: an answered call is not a lost one.
+/// How long a session told to leave (its node's drain ran out of time, the gateway stops or
+/// hands over) may wait for a moment when none of its calls is in flight, to close then: an
+/// answered call is not a lost one.
 const ANSWER_GRACE: Duration = Duration::from_secs(2);
+/// A client told to leave that sends no call is calm (closing it crosses no call) once it has
+/// sent nothing for this long.
+const LEAVE_QUIET: Duration = Duration::from_secs(1);
 /// The read buffer of each client's WebSocket. tungstenite fills its whole read buffer with
 /// zeros before every read (128 KiB by default), so the default made every connection resident
 /// for 128 KiB: most of a client's memory in a crowd of 10,000. Client messages are small
@@ -250,6 +258,56 @@ struct Ending {
     close: Option<CloseFrame>,
 }
 
+/// When a leaving session looks again whether it may close: when its client has been quiet
+/// for [`LEAVE_QUIET`] if that is still to come, else at the latest time to close.
+fn leave_check(leaving: Option<(Instant, Leave)>, heard: Instant) -> Instant {
+    let Some((by, _)) = leaving else {
+        return Instant::now();
+    };
+    let quiet = heard + LEAVE_QUIET;
+    if quiet > Instant::now() {
+        quiet.min(by)
+    } else {
+        by
+    }
+}
+
+/// Why a session leaves, once nothing of its client's is on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// A drain of its node ran out of time.
+    Node,
+    /// The gateway stops, or drains for a handover.
+    Gateway(StopReason),
+}
+
+impl Leave {
+    fn ending(self) -> Ending {
+        match self {
+            Leave::Node => Ending::with(
+                "node_upgrading",
+                CloseCode::Restart,
+                "the node is being taken out for maintenance: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Upgrade) => Ending::with(
+                "gateway_upgrading",
+                CloseCode::Restart,
+                "lb-control is being upgraded: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Handover) => Ending::with(
+                "gateway_handover",
+                CloseCode::Restart,
+                "this load balancer hands over to the other of its pair: reconnect".to_owned(),
+            ),
+            Leave::Gateway(StopReason::Shutdown) => Ending::with(
+                "gateway_stopping",
+                CloseCode::Away,
+                "the gateway is stopping".to_owned(),
+            ),
+        }
+    }
+}
+
 impl Ending {
     fn by_client() -> Ending {
         Ending {
@@ -280,30 +338,38 @@ impl Session {
         let mut heard = Instant::now();
         // A change between the upgrade's key check and this session's start is looked at first.
         self.key_changes.mark_changed();
-        // Set when the session is told to leave its node: it closes at the first moment nothing
-        // of the client's is on its way (no call in flight, no answer unsent, nothing unread),
-        // or at this time.
-        let mut leaving_by: Option<Instant> = None;
+        // Set when the session is told to leave: it closes at the first moment nothing of the
+        // client's is on its way (no call in flight, no answer unsent, nothing unread) and the
+        // client is calm, or at this time. A session that starts while the gateway drains
+        // leaves so from its start.
+        let mut leaving: Option<(Instant, Leave)> = stop
+            .borrow_and_update()
+            .map(|reason| (Instant::now() + ANSWER_GRACE, Leave::Gateway(reason)));
+        // Whether a call of the client's was on its way since it was told to leave. Once that
+        // is answered the client is calm: it reads the answer before it sends its next call,
+        // so the close crosses none. (Closed the moment nothing was in flight, a client calling
+        // every half second had a call cut off by the close about once in a hundred closes.)
+        let mut called_since_told = false;
         let ending = loop {
-            if let Some(by) = leaving_by
-                && ((self.answering.is_empty() && self.ready.is_empty() && inbox.is_settled())
-                    || Instant::now() >= by)
-            {
-                // A call the client has sent meanwhile is taken first: it gets its answer.
-                if Instant::now() < by
-                    && let Some(frame) = client.next().now_or_never()
-                {
-                    heard = Instant::now();
-                    match self.on_frame(frame) {
-                        Ok(()) => continue,
-                        Err(ending) => break ending,
+            if let Some((by, leave)) = leaving {
+                let calls = !self.answering.is_empty()
+                    || !self.ready.is_empty()
+                    || inbox.has_calls_in_flight();
+                called_since_told |= calls;
+                let calm = called_since_told || heard.elapsed() >= LEAVE_QUIET;
+                if (!calls && inbox.is_settled() && calm) || Instant::now() >= by {
+                    // A call the client has sent meanwhile is taken first: it gets its answer.
+                    if Instant::now() < by
+                        && let Some(frame) = client.next().now_or_never()
+                    {
+                        heard = Instant::now();
+                        match self.on_frame(frame) {
+                            Ok(()) => continue,
+                            Err(ending) => break ending,
+                        }
                     }
+                    break leave.ending();
                 }
-                break Ending::with(
-                    "node_upgrading",
-                    CloseCode::Restart,
-                    "the node is being taken out for maintenance: reconnect".to_owned(),
-                );
             }
             tokio::select! {
                 frame = client.next(), if self.answering.len() < MAX_IN_FLIGHT => {
@@ -361,22 +427,18 @@ impl Session {
                         );
                     }
                 }
-                () = self.seat.told_to_close(), if leaving_by.is_none() => {
-                    leaving_by = Some(Instant::now() + ANSWER_GRACE);
+                () = self.seat.told_to_close(), if leaving.is_none() => {
+                    leaving = Some((Instant::now() + ANSWER_GRACE, Leave::Node));
                 }
-                () = tokio::time::sleep_until(leaving_by.unwrap_or_else(Instant::now)), if leaving_by.is_some() => {}
-                _ = stop.changed() => break match *stop.borrow() {
-                    Some(StopReason::Upgrade) => Ending::with(
-                        "gateway_upgrading",
-                        CloseCode::Restart,
-                        "lb-control is being upgraded: reconnect".to_owned(),
-                    ),
-                    _ => Ending::with(
-                        "gateway_stopping",
-                        CloseCode::Away,
-                        "the gateway is stopping".to_owned(),
-                    ),
-                },
+                () = tokio::time::sleep_until(leave_check(leaving, heard)), if leaving.is_some() => {}
+                Ok(()) = stop.changed() => {
+                    // The gateway's reason comes first (the client is told the gateway's
+                    // news); the time to close stays the earlier one.
+                    if let Some(reason) = *stop.borrow_and_update() {
+                        let by = leaving.map_or(Instant::now() + ANSWER_GRACE, |(by, _)| by);
+                        leaving = Some((by, Leave::Gateway(reason)));
+                    }
+                }
                 _ = ping.tick() => {
                     if heard.elapsed() >= idle_timeout {
                         break Ending::with(

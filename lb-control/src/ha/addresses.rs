@@ -1,5 +1,5 @@
 //! The addresses this host (its network namespace) holds now: which floating addresses
-//! keepalived has put here.
+//! keepalived has put here, and which interface is the private link.
 
 use std::{
     collections::BTreeSet,
@@ -9,19 +9,37 @@ use std::{
 
 /// Every address configured on an interface of this network namespace (`getifaddrs(3)`).
 pub fn local_addresses() -> io::Result<BTreeSet<IpAddr>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .map(|(_, address)| address)
+        .collect())
+}
+
+/// The interface `address` is configured on, if any.
+pub fn interface_of(address: IpAddr) -> io::Result<Option<String>> {
+    Ok(interface_addresses()?
+        .into_iter()
+        .find_map(|(interface, held)| (held == address).then_some(interface)))
+}
+
+/// Every (interface, address) pair of this network namespace.
+fn interface_addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list we free below.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut addresses = BTreeSet::new();
+    let mut addresses = Vec::new();
     let mut entry = list;
     while !entry.is_null() {
         // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
-        let (address, next) = unsafe { ((*entry).ifa_addr, (*entry).ifa_next) };
+        let (name, address, next) =
+            unsafe { ((*entry).ifa_name, (*entry).ifa_addr, (*entry).ifa_next) };
         // SAFETY: a non-null `ifa_addr` points to a sockaddr of the family it names.
         if let Some(address) = unsafe { address.as_ref() }.and_then(|_| unsafe { ip_of(address) }) {
-            addresses.insert(address);
+            // SAFETY: `ifa_name` is a NUL-terminated string of the same node.
+            let name = unsafe { std::ffi::CStr::from_ptr(name) };
+            addresses.push((name.to_string_lossy().into_owned(), address));
         }
         entry = next;
     }
@@ -56,11 +74,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_is_held() {
+    fn loopback_is_held_on_lo() {
         let addresses = local_addresses().expect("getifaddrs");
         assert!(
             addresses.contains(&IpAddr::from(Ipv4Addr::LOCALHOST)),
             "{addresses:?}"
+        );
+        assert_eq!(
+            interface_of(Ipv4Addr::LOCALHOST.into()).expect("getifaddrs"),
+            Some("lo".to_owned())
+        );
+        assert_eq!(
+            interface_of(Ipv4Addr::new(192, 0, 2, 77).into()).expect("getifaddrs"),
+            None
         );
     }
 }

@@ -17,10 +17,15 @@
 //! The role also decides the direction of the L4 flow sync ([`flow_sync`], with `[ha]
 //! flow_sync`): a master sends its tracked flows to the other host, a backup installs them.
 //!
+//! A master hands its addresses over on purpose with [`handover`] (`lb-control ha handover`):
+//! keepalived gives them up when lb-control writes its track file, and the gateway's
+//! connections finish here through the other host's second chance.
+//!
 //! Without an `[ha]` section an lb-control is standalone and records everything, as before.
 
 mod addresses;
 pub mod flow_sync;
+pub mod handover;
 pub mod settings;
 
 use std::{
@@ -188,7 +193,10 @@ impl Ha {
         self.state.send_replace(now);
         self.show_in_metrics(role);
         info!(name = %self.name, from = %previous.role, to = %role, "ha: now {role}");
-        self.record(previous.role, role);
+        self.record(
+            "ha.role",
+            format!("{} -> {role} (keepalived)", previous.role),
+        );
         let hook = match role {
             Role::Master => section.hooks.master.clone(),
             Role::Backup => section.hooks.backup.clone(),
@@ -212,18 +220,17 @@ impl Ha {
         }
     }
 
-    /// Appends the change to the event log, off the caller's path: keepalived's hook gets its
-    /// answer at once, and a store without quorum (a partitioned host) only costs the record.
-    fn record(&self, from: Role, to: Role) {
+    /// Appends an event of this host (`kind`: `ha.role`, `ha.handover`) to the event log, off
+    /// the caller's path: keepalived's hook gets its answer at once, and a store without quorum
+    /// (a partitioned host) only costs the record.
+    fn record(&self, kind: &'static str, detail: String) {
         let store = self.store.clone();
         let subject = format!("lb-control {}", self.name);
-        let detail = format!("{from} -> {to} (keepalived)");
         tokio::task::spawn_blocking(move || {
-            let written = store.write::<_, StoreError>(|tx| {
-                tx.record_event("ha.role", &subject, &detail).map(drop)
-            });
+            let written = store
+                .write::<_, StoreError>(|tx| tx.record_event(kind, &subject, &detail).map(drop));
             if let Err(error) = written {
-                error!("event log: recording ha.role of {subject} ({detail}): {error}");
+                error!("event log: recording {kind} of {subject} ({detail}): {error}");
             }
         });
     }

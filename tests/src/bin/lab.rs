@@ -8,6 +8,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use lb_control::ha::handover::track_file;
 use lb_tests::lab::{
     self, GATEWAY_V4, Lab, LabConfig, LabError, Member, NAT_SOURCE_V4, PairConfig, PairLab,
     SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4,
@@ -269,10 +270,12 @@ fn print_pair_usage(lab: &PairLab) {
         a.netns
     );
     println!("  kill -9 <those pids>; then `ha status` on LB b says master within a second");
+    println!("\nHand over without failing a request (as for LB a's OS update), and watch LB b:");
+    println!("  {}", cli(a, Member::A, "ha handover"));
     println!(
-        "Hand over by hand: stop keepalived on the master (kill <keepalived pid>): it gives the \
-         addresses up and LB b takes them. LB a takes them back {:?} after its keepalived \
-         returns (planned handover without failed requests is not built yet).",
+        "  LB a stays in FAULT; `echo 0 > {}` on it makes it a backup again, which takes the \
+         addresses back {:?} later (its preempt_delay)",
+        track_file(&lab.state_dir(Member::A)).display(),
         lab.preempt_delay()
     );
     println!("\nCtrl-C stops everything and removes it.");

@@ -17,10 +17,7 @@ const ADMIN_TOKEN_FILE: &str = "admin.token";
 impl Lab {
     /// lb-control's Prometheus metrics, scraped with curl inside the LB namespace.
     pub fn lb_control_metrics(&self) -> Result<String, LabError> {
-        let mut curl = command_in_netns(&self.lb().netns, "curl")?;
-        curl.args(["-sS", "--max-time", "5", METRICS_URL]);
-        let output = run_checked(&mut curl)?;
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        lb_control_metrics_in(&self.lb().netns)
     }
 
     /// `lb-control key create --name NAME` in the LB namespace with the admin token from the
@@ -69,4 +66,12 @@ pub(super) fn create_api_key(
         .ok_or_else(|| {
             LabError::Config("`lb-control key create` printed no `secret: ` line".to_owned())
         })
+}
+
+/// The Prometheus metrics of the lb-control in `netns`, scraped with curl there.
+pub(crate) fn lb_control_metrics_in(netns: &str) -> Result<String, LabError> {
+    let mut curl = command_in_netns(netns, "curl")?;
+    curl.args(["-sS", "--max-time", "5", METRICS_URL]);
+    let output = run_checked(&mut curl)?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

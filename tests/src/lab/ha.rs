@@ -12,10 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_control::ha::local_addresses;
+use lb_control::ha::{handover::track_file, local_addresses};
 
 use super::{
     LabError, SIM_NODE_RPC_PORT, Teardown,
+    admin::lb_control_metrics_in,
     binaries::binary_path,
     certs::{LabCa, write_pem},
     command_in_netns,
@@ -232,6 +233,11 @@ impl PairLab {
         Ok(None)
     }
 
+    /// `member`'s lb-control's Prometheus metrics.
+    pub fn lb_control_metrics(&self, member: Member) -> Result<String, LabError> {
+        lb_control_metrics_in(&self.lb(member).netns)
+    }
+
     /// Runs `lb-control ARGS… --config <member's config>` in `member`'s namespace, as
     /// keepalived's hooks and an operator do; returns its standard output.
     pub fn cli(&self, member: Member, args: &[&str]) -> Result<String, LabError> {
@@ -299,6 +305,11 @@ impl PairLab {
         self.run
             .log_dir
             .join(format!("{}.log", self.log_name(program, member)))
+    }
+
+    /// lb-control's state directory on `member`.
+    pub fn state_dir(&self, member: Member) -> PathBuf {
+        self.run.log_dir.join(format!("lb-state-{}", member.name()))
     }
 
     /// The three etcd members: one on each LB and one at the fallback site.
@@ -379,6 +390,9 @@ impl PairLab {
             preempt_delay: self.config.preempt_delay,
             notify: format!("{} ha notify", binary_path("lb-control")?.display()),
             notify_args: format!("--config {}", path.display()),
+            handover_file: track_file(&self.state_dir(member))
+                .to_string_lossy()
+                .into_owned(),
         };
         let path = self.keepalived_config_path(member);
         std::fs::write(&path, vrrp.render())
@@ -389,7 +403,7 @@ impl PairLab {
         self.members[member as usize].starts += 1;
         let config = self.config_path(member);
         let config = config.to_string_lossy();
-        let state_dir = self.run.log_dir.join(format!("lb-state-{}", member.name()));
+        let state_dir = self.state_dir(member);
         let (netns, instance) = (self.lb(member).netns.clone(), self.instance(member));
         let log_name = self.log_name("lb-control", member);
         let process = self.run.spawn_lb_control(

@@ -24,6 +24,9 @@ pub struct VrrpInstance {
     pub notify: String,
     /// What follows the role: `--config /etc/lb-control/lb.toml`.
     pub notify_args: String,
+    /// lb-control's track file (`<state_dir>/ha-handover`): `lb-control ha handover` writes 1
+    /// into it to make keepalived give the addresses up.
+    pub handover_file: String,
 }
 
 impl VrrpInstance {
@@ -44,6 +47,12 @@ impl VrrpInstance {
              \x20   script_user root\n\
              }}\n\
              \n\
+             track_file lb_handover {{\n\
+             \x20   file \"{handover_file}\"\n\
+             \x20   weight 0\n\
+             \x20   init_file 0 overwrite\n\
+             }}\n\
+             \n\
              vrrp_instance lb_pair {{\n\
              \x20   state BACKUP\n\
              \x20   interface {CLIENT_IFACE}\n\
@@ -57,6 +66,9 @@ impl VrrpInstance {
              \x20   }}\n\
              \x20   track_interface {{\n\
              \x20       {NODE_IFACE}\n\
+             \x20   }}\n\
+             \x20   track_file {{\n\
+             \x20       lb_handover\n\
              \x20   }}\n\
              \x20   virtual_ipaddress {{\n\
              \x20       {GATEWAY_V4}/32 dev {CLIENT_IFACE}\n\
@@ -77,6 +89,7 @@ impl VrrpInstance {
             master = notify("master"),
             backup = notify("backup"),
             fault = notify("fault"),
+            handover_file = self.handover_file,
         )
     }
 }
@@ -124,6 +137,7 @@ mod tests {
             preempt_delay: Duration::from_secs(60),
             notify: "/usr/bin/lb-control ha notify".to_owned(),
             notify_args: "--config /etc/lb-control/lb.toml".to_owned(),
+            handover_file: "/var/lib/lb-control/ha-handover".to_owned(),
         };
         assert_eq!(directives(example), directives(&lab_a.render()));
     }

@@ -174,7 +174,8 @@ impl PairTopology {
     /// Creates the namespaces, bridges, links, addresses and routes; each namespace is
     /// recorded in `created` as soon as it exists. The switch ends towards the LBs get an
     /// XDP_PASS program (recorded in `attached`): native-mode redirects and `XDP_TX` into an
-    /// LB's veth deliver only when its peer has one.
+    /// LB's veth deliver only when its peer has one (on the private segment: second chance's
+    /// redirects towards the other LB).
     pub fn build(
         &self,
         created: &mut Vec<String>,
@@ -213,10 +214,8 @@ impl PairTopology {
                 (&PRIVATE_SEGMENT, PRIVATE_IFACE, lb.private_v4),
             ] {
                 let port = self.join(segment, &lb.netns, iface, addr)?;
-                if segment.bridge != PRIVATE_SEGMENT.bridge {
-                    disable_tx_offload(&self.switch, &port, &["gro", "on"])?;
-                    attached.push(PeerProgram::attach(&self.switch, &port)?);
-                }
+                disable_tx_offload(&self.switch, &port, &["gro", "on"])?;
+                attached.push(PeerProgram::attach(&self.switch, &port)?);
             }
         }
         for node in &self.nodes {

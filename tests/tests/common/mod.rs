@@ -4,6 +4,8 @@
     reason = "each test binary includes this module and uses a different subset of it"
 )]
 
+pub mod wss;
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
@@ -628,17 +630,17 @@ impl GatewayLab {
 // JavaScript clients (tests/js)
 // ---------------------------------------------------------------------------------------------
 
-/// Starts `node FLAGS SCRIPT ARGS…` (a script in tests/js) in the client namespace, trusting
-/// the lab CA in `ca`; its output is piped, for [`js_summary`]. The scripts bound their own
-/// run time.
+/// Starts `node FLAGS SCRIPT ARGS…` (a script in tests/js) in the namespace `netns` (a lab's
+/// client), trusting the lab CA in `ca`; its output is piped, for [`js_summary`]. The scripts
+/// bound their own run time.
 pub fn spawn_js(
-    lab: &Lab,
+    netns: &str,
     ca: &Path,
     node_flags: &[&str],
     script: &str,
     args: &[&str],
 ) -> anyhow::Result<Child> {
-    command_in_netns(&lab.client().netns, "node")?
+    command_in_netns(netns, "node")?
         .args(node_flags)
         .arg(script)
         .args(args)

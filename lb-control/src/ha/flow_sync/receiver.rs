@@ -2,12 +2,21 @@
 //! signature, and writes its flows into this host's flow table. A newer connection replaces
 //! an older one (a master that restarted, or a connection whose master died silently); a host
 //! that is master takes no flows.
+//!
+//! A master that hands its addresses over (`Message::Handover`) gets second chance here: for
+//! its drain time, the segments of gateway connections this host has no socket for go to it.
 
-use std::{collections::HashSet, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use lb_common::flow::FlowKey;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -16,22 +25,29 @@ use tracing::{debug, info, warn};
 
 use super::{
     FlowSyncError, unix_seconds_now,
-    wire::{Batch, BatchKind, CHALLENGE_LEN, MAX_BATCH_LEN, Signer, TAG_LEN, WireError},
+    wire::{self, Batch, BatchKind, CHALLENGE_LEN, Direction, Message, Signer},
 };
 use crate::{
-    dataplane::FlowTable,
+    dataplane::{FlowTable, SecondChanceMap, read_second_chance_packets},
     ha::{Role, RoleState},
     metrics::Metrics,
 };
 
+/// What the receiver works with besides its connections.
+pub struct Receiving {
+    pub secret: Arc<[u8]>,
+    pub pin_dir: PathBuf,
+    pub role: watch::Receiver<RoleState>,
+    pub metrics: Arc<Metrics>,
+    /// The gateway's listening address, whose connections a handing-over master finishes.
+    pub gateway: Option<SocketAddr>,
+    /// Counts the connections a master opened here: the other host became master.
+    pub masters: watch::Sender<u64>,
+}
+
 /// Takes connections on `listener` until the process ends.
-pub async fn run(
-    listener: TcpListener,
-    secret: Arc<[u8]>,
-    pin_dir: PathBuf,
-    role: watch::Receiver<RoleState>,
-    metrics: Arc<Metrics>,
-) {
+pub async fn run(listener: TcpListener, receiving: Receiving) {
+    let receiving = Arc::new(receiving);
     let mut current: Option<JoinHandle<()>> = None;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -41,24 +57,21 @@ pub async fn run(
                 continue;
             }
         };
-        if role.borrow().role == Role::Master {
+        // Only a master connects: whatever this host is, the other one is master now.
+        receiving.masters.send_modify(|count| *count += 1);
+        if receiving.role.borrow().role == Role::Master {
             info!("flow sync: refused {peer}: this host is master and takes no flows");
             continue;
         }
         if let Some(previous) = current.take() {
             previous.abort();
         }
-        let (secret, pin_dir, role, metrics) = (
-            secret.clone(),
-            pin_dir.clone(),
-            role.clone(),
-            metrics.clone(),
-        );
+        let receiving = receiving.clone();
         current = Some(tokio::spawn(async move {
             info!("flow sync: the master at {peer} connected");
-            metrics.ha_flow_sync_connected.set(1);
-            let ended = receive_while_backup(stream, &secret, pin_dir, role, &metrics).await;
-            metrics.ha_flow_sync_connected.set(0);
+            receiving.metrics.ha_flow_sync_connected.set(1);
+            let ended = receive_while_backup(stream, peer, &receiving).await;
+            receiving.metrics.ha_flow_sync_connected.set(0);
             match ended {
                 Ok(()) => info!("flow sync: this host is master now; closed the link from {peer}"),
                 Err(error) => warn!("flow sync: the master at {peer} disconnected: {error}"),
@@ -70,27 +83,39 @@ pub async fn run(
 /// Installs batches until this host becomes master (`Ok`) or the connection fails.
 async fn receive_while_backup(
     mut stream: TcpStream,
-    secret: &[u8],
-    pin_dir: PathBuf,
-    mut role: watch::Receiver<RoleState>,
-    metrics: &Metrics,
+    peer: SocketAddr,
+    receiving: &Receiving,
 ) -> Result<(), FlowSyncError> {
     let challenge: [u8; CHALLENGE_LEN] = rand::random();
     stream.write_all(&challenge).await?;
-    let mut signer = Signer::new(secret, &challenge);
+    let mut from_master = Signer::new(&receiving.secret, &challenge, Direction::ToBackup);
+    let mut to_master = Signer::new(&receiving.secret, &challenge, Direction::ToMaster);
     let mut applier = Applier {
-        table: FlowTable::open(&pin_dir)?,
+        table: FlowTable::open(&receiving.pin_dir)?,
         snapshot: HashSet::new(),
     };
+    let mut role = receiving.role.clone();
+    let metrics = &receiving.metrics;
     loop {
-        let batch = tokio::select! {
+        let message = tokio::select! {
             changed = role.changed() => {
                 if changed.is_err() || role.borrow().role == Role::Master {
                     return Ok(());
                 }
                 continue;
             }
-            batch = read_batch(&mut stream, &mut signer) => batch?,
+            message = wire::read_message(&mut stream, &mut from_master) => message?,
+        };
+        let batch = match message {
+            Message::Batch(batch) => batch,
+            Message::Handover { drain } => {
+                arm_second_chance(receiving, peer.ip(), drain)?;
+                wire::write_message(&mut stream, &mut to_master, &Message::HandoverReady).await?;
+                continue;
+            }
+            Message::HandoverReady => {
+                return Err(wire::WireError::Malformed("a backup's answer from the master").into());
+            }
         };
         metrics
             .ha_flows_received
@@ -106,18 +131,36 @@ async fn receive_while_backup(
     }
 }
 
-/// Reads the next frame and checks its signature; a frame that fails ends the connection.
-async fn read_batch(stream: &mut TcpStream, signer: &mut Signer) -> Result<Batch, FlowSyncError> {
-    let len = stream.read_u32().await? as usize;
-    if len > MAX_BATCH_LEN {
-        return Err(WireError::TooLong(len).into());
-    }
-    let mut bytes = vec![0; len];
-    stream.read_exact(&mut bytes).await?;
-    let mut tag = [0; TAG_LEN];
-    stream.read_exact(&mut tag).await?;
-    signer.verify(&bytes, &tag)?;
-    Ok(Batch::decode(&bytes)?)
+/// For `drain`, sends the segments of gateway connections this host has no socket for to the
+/// master at `peer`, which hands its addresses over; logs when that ends.
+fn arm_second_chance(
+    receiving: &Receiving,
+    peer: IpAddr,
+    drain: Duration,
+) -> Result<(), FlowSyncError> {
+    let Some(gateway) = receiving.gateway else {
+        info!(
+            "flow sync: the master at {peer} hands over; this host has no gateway to give second chance for"
+        );
+        return Ok(());
+    };
+    SecondChanceMap::open(&receiving.pin_dir)?.arm(gateway, peer, drain)?;
+    let pin_dir = receiving.pin_dir.clone();
+    let before = read_second_chance_packets(&pin_dir).unwrap_or_default();
+    info!(
+        "ha: the master at {peer} hands over: for {drain:?}, segments to the gateway ({gateway}) of \
+         connections this host has no socket for go to it (second chance)"
+    );
+    // The entry ends itself at its deadline (the XDP program reads it), also if this process
+    // does not live that long.
+    tokio::spawn(async move {
+        tokio::time::sleep(drain).await;
+        let sent = read_second_chance_packets(&pin_dir)
+            .unwrap_or_default()
+            .saturating_sub(before);
+        info!("ha: second chance to {peer} ended; {sent} packets went there");
+    });
+    Ok(())
 }
 
 /// This host's flow table and the snapshot being received.

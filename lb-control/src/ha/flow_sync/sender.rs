@@ -1,6 +1,7 @@
 //! The master's half: walks its flow table every [`WALK_INTERVAL`] and sends the backup what
 //! changed since the walk before, and the whole table on every (re)connection and every
-//! [`FULL_RESYNC_INTERVAL`].
+//! [`FULL_RESYNC_INTERVAL`]. A planned handover ([`HandoverRequest`]) sends the whole table at
+//! once and asks the backup for second chance.
 
 use std::{
     collections::HashMap,
@@ -12,15 +13,18 @@ use std::{
 
 use lb_common::flow::FlowKey;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncReadExt as _,
     net::TcpStream,
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
 };
 use tracing::{info, warn};
 
 use super::{
     FlowSyncError, unix_seconds_now,
-    wire::{Batch, BatchKind, CHALLENGE_LEN, Challenge, MAX_FLOWS_PER_BATCH, Signer},
+    wire::{
+        self, Batch, BatchKind, CHALLENGE_LEN, Challenge, Direction, MAX_FLOWS_PER_BATCH, Message,
+        Signer,
+    },
 };
 use crate::{
     dataplane::{FlowTable, PortableFlow},
@@ -36,6 +40,16 @@ pub const WALK_INTERVAL: Duration = Duration::from_millis(250);
 const FULL_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How long the master waits for the backup to connect or to answer before it tries again.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a handover waits for the backup to have installed the whole table and armed
+/// second chance.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A planned handover's request: send the whole table now, then ask the backup to give this
+/// host's gateway connections second chance for `drain`; answered once it has.
+pub struct HandoverRequest {
+    pub drain: Duration,
+    pub done: oneshot::Sender<Result<(), FlowSyncError>>,
+}
 
 /// The flows as the backup was last sent them.
 #[derive(Debug, Default)]
@@ -107,22 +121,28 @@ impl SentFlows {
     }
 }
 
-/// Sends flows to `peer` whenever this host is master, until the process ends.
+/// Sends flows to `peer` whenever this host is master, until the process ends; takes
+/// handover requests while connected.
 pub async fn run(
     peer: SocketAddr,
     secret: Arc<[u8]>,
     pin_dir: PathBuf,
     mut role: watch::Receiver<RoleState>,
     metrics: Arc<Metrics>,
+    mut requests: mpsc::Receiver<HandoverRequest>,
 ) {
     let mut unreachable_logged = false;
     loop {
-        if role
-            .wait_for(|state| state.role == Role::Master)
-            .await
-            .is_err()
-        {
-            return;
+        tokio::select! {
+            master = role.wait_for(|state| state.role == Role::Master) => {
+                if master.is_err() {
+                    return;
+                }
+            }
+            Some(request) = requests.recv() => {
+                let _ = request.done.send(Err(FlowSyncError::NotConnected { peer }));
+                continue;
+            }
         }
         let stream = match connect(peer).await {
             Ok(stream) => stream,
@@ -133,6 +153,7 @@ pub async fn run(
                     );
                     unreachable_logged = true;
                 }
+                refuse_waiting(&mut requests, peer);
                 tokio::time::sleep(PEER_TIMEOUT).await;
                 continue;
             }
@@ -140,15 +161,32 @@ pub async fn run(
         unreachable_logged = false;
         info!("flow sync: connected to the backup at {peer}");
         metrics.ha_flow_sync_connected.set(1);
-        let ended = send_while_master(stream, &secret, &pin_dir, &mut role, &metrics).await;
+        let mut link = Link {
+            stream,
+            pin_dir: &pin_dir,
+            metrics: &metrics,
+            sent: SentFlows::default(),
+            last_full: None,
+        };
+        let ended = link
+            .send_while_master(&secret, &mut role, &mut requests)
+            .await;
         metrics.ha_flow_sync_connected.set(0);
         match ended {
             Ok(()) => info!("flow sync: no longer master; disconnected from {peer}"),
             Err(error) => {
                 warn!("flow sync: lost the backup at {peer}: {error}");
+                refuse_waiting(&mut requests, peer);
                 tokio::time::sleep(PEER_TIMEOUT).await;
             }
         }
+    }
+}
+
+/// Answers the handover requests waiting now: there is no link to hand over on.
+fn refuse_waiting(requests: &mut mpsc::Receiver<HandoverRequest>, peer: SocketAddr) {
+    while let Ok(request) = requests.try_recv() {
+        let _ = request.done.send(Err(FlowSyncError::NotConnected { peer }));
     }
 }
 
@@ -164,58 +202,123 @@ async fn connect(peer: SocketAddr) -> Result<(TcpStream, Challenge), FlowSyncErr
     Ok((stream, challenge))
 }
 
-/// Walks and sends until this host is no longer master (`Ok`) or the connection fails.
-async fn send_while_master(
-    (mut stream, challenge): (TcpStream, Challenge),
-    secret: &[u8],
-    pin_dir: &Path,
-    role: &mut watch::Receiver<RoleState>,
-    metrics: &Metrics,
-) -> Result<(), FlowSyncError> {
-    let mut signer = Signer::new(secret, &challenge);
-    let mut table = FlowTable::open(pin_dir)?;
-    let mut sent = SentFlows::default();
-    let mut last_full: Option<Instant> = None;
-    let mut walks = tokio::time::interval(WALK_INTERVAL);
-    walks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            changed = role.changed() => {
-                if changed.is_err() || role.borrow().role != Role::Master {
-                    return Ok(());
+/// One connection to the backup, and what it was sent.
+struct Link<'a> {
+    stream: (TcpStream, Challenge),
+    pin_dir: &'a Path,
+    metrics: &'a Metrics,
+    sent: SentFlows,
+    last_full: Option<Instant>,
+}
+
+impl Link<'_> {
+    /// Walks and sends (and hands over, when asked) until this host is no longer master
+    /// (`Ok`) or the connection fails.
+    async fn send_while_master(
+        &mut self,
+        secret: &[u8],
+        role: &mut watch::Receiver<RoleState>,
+        requests: &mut mpsc::Receiver<HandoverRequest>,
+    ) -> Result<(), FlowSyncError> {
+        let challenge = self.stream.1;
+        let mut signer = Signer::new(secret, &challenge, Direction::ToBackup);
+        let mut answers = Signer::new(secret, &challenge, Direction::ToMaster);
+        let mut table = FlowTable::open(self.pin_dir)?;
+        let mut walks = tokio::time::interval(WALK_INTERVAL);
+        walks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let handover = tokio::select! {
+                changed = role.changed() => {
+                    if changed.is_err() || role.borrow().role != Role::Master {
+                        return Ok(());
+                    }
+                    continue;
                 }
+                _ = walks.tick() => None,
+                Some(request) = requests.recv() => Some(request),
+            };
+            let Some(request) = handover else {
+                table = self.send_walk(table, &mut signer, false).await?;
                 continue;
+            };
+            // A failure ends the link: its state is unknown after a failed exchange.
+            let fail = |request: HandoverRequest, error: FlowSyncError| {
+                let reason = error.to_string();
+                let _ = request.done.send(Err(error));
+                FlowSyncError::Handover(reason)
+            };
+            table = match self.send_walk(table, &mut signer, true).await {
+                Ok(walked) => walked,
+                Err(error) => return Err(fail(request, error)),
+            };
+            match self
+                .hand_over(request.drain, &mut signer, &mut answers)
+                .await
+            {
+                Ok(()) => {
+                    let _ = request.done.send(Ok(()));
+                }
+                Err(error) => return Err(fail(request, error)),
             }
-            _ = walks.tick() => {}
         }
+    }
+
+    /// Reads the flow table and sends what changed, or the whole of it when due or `full`.
+    async fn send_walk(
+        &mut self,
+        table: FlowTable,
+        signer: &mut Signer,
+        full: bool,
+    ) -> Result<FlowTable, FlowSyncError> {
         // The walk is a few hundred system calls for a full table: off the async workers.
-        let (walked, read) = tokio::task::spawn_blocking(move || {
+        let (table, read) = tokio::task::spawn_blocking(move || {
             let read = table.read_all();
             (table, read)
         })
         .await?;
-        table = walked;
         let (flows, clock_ns) = read?;
-        let full_due = last_full.is_none_or(|at| at.elapsed() >= FULL_RESYNC_INTERVAL);
+        let full_due = full
+            || self
+                .last_full
+                .is_none_or(|at| at.elapsed() >= FULL_RESYNC_INTERVAL);
         let batches = if full_due {
-            last_full = Some(Instant::now());
-            sent.snapshot(flows, clock_ns)
+            self.last_full = Some(Instant::now());
+            self.sent.snapshot(flows, clock_ns)
         } else {
-            sent.delta(flows, clock_ns)
+            self.sent.delta(flows, clock_ns)
         };
         for batch in batches {
-            let bytes = batch.encode();
-            let tag = signer.sign(&bytes);
-            let mut frame = Vec::with_capacity(4 + bytes.len() + tag.len());
-            frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&bytes);
-            frame.extend_from_slice(&tag);
-            stream.write_all(&frame).await?;
-            metrics
-                .ha_flows_sent
-                .inc_by((batch.changed.len() + batch.ended.len()) as u64);
+            let flows = batch.changed.len() + batch.ended.len();
+            wire::write_message(&mut self.stream.0, signer, &Message::Batch(batch)).await?;
+            self.metrics.ha_flows_sent.inc_by(flows as u64);
         }
-        metrics.ha_flow_sync_last_success.set(unix_seconds_now());
+        self.metrics
+            .ha_flow_sync_last_success
+            .set(unix_seconds_now());
+        Ok(table)
+    }
+
+    /// Asks the backup for second chance for `drain` (after the whole table) and waits for its
+    /// answer.
+    async fn hand_over(
+        &mut self,
+        drain: Duration,
+        signer: &mut Signer,
+        answers: &mut Signer,
+    ) -> Result<(), FlowSyncError> {
+        let stream = &mut self.stream.0;
+        wire::write_message(stream, signer, &Message::Handover { drain }).await?;
+        let answer = tokio::time::timeout(HANDOVER_TIMEOUT, wire::read_message(stream, answers))
+            .await
+            .map_err(|_| {
+                FlowSyncError::Timeout("waiting for the backup to confirm the handover")
+            })??;
+        match answer {
+            Message::HandoverReady => Ok(()),
+            _ => Err(
+                wire::WireError::Malformed("the backup answered a handover with a batch").into(),
+            ),
+        }
     }
 }
 

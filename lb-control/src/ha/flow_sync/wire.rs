@@ -12,12 +12,22 @@
 //! keys of ended flows (u32 count, then each), and new or changed flows (u32 count, then each).
 //! Every integer is big-endian, except the `_be` fields of keys, which go as the kernel holds
 //! them (network order already).
+//!
+//! A planned handover adds one exchange ([`Message`]): the master sends `Handover` (kind 3,
+//! the drain time in milliseconds as a u32) after a full snapshot, and the backup answers
+//! `HandoverReady` (kind 4) in a frame of its own, signed under the same secret and challenge
+//! but apart from the master's frames (its own frame count, and a label), so neither side's
+//! frames can be played back as the other's.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use hmac::{Hmac, Mac};
 use lb_common::flow::{FAMILY_IPV4, FAMILY_IPV6, FlowKey};
 use sha2::Sha256;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::dataplane::PortableFlow;
 
@@ -36,6 +46,97 @@ pub const MAX_BATCH_LEN: usize = HEADER_LEN + 8 + MAX_FLOWS_PER_BATCH * FLOW_LEN
 const KEY_LEN: usize = 16 + 16 + 2 + 2 + 1 + 1;
 const FLOW_LEN: usize = KEY_LEN + 16 + 2 + 1 + 2 + 4 + 1 + 8;
 const HEADER_LEN: usize = 1 + 8;
+
+/// The kinds of the handover's messages, after the batches' 0 to 2.
+const KIND_HANDOVER: u8 = 3;
+const KIND_HANDOVER_READY: u8 = 4;
+
+/// Which way a frame goes: each way is signed apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The master's frames: batches and the handover.
+    ToBackup,
+    /// The backup's answers.
+    ToMaster,
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Batch(Batch),
+    /// The master gives its addresses up (a planned handover): for `drain`, the backup sends
+    /// the segments of gateway connections it has no socket for to the master, which finishes
+    /// them (second chance).
+    Handover {
+        drain: Duration,
+    },
+    /// The backup's answer to `Handover`: every batch before it is installed and second
+    /// chance is armed.
+    HandoverReady,
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Message::Batch(batch) => batch.encode(),
+            Message::Handover { drain } => {
+                let millis = u32::try_from(drain.as_millis()).unwrap_or(u32::MAX);
+                let mut out = vec![KIND_HANDOVER];
+                out.extend_from_slice(&millis.to_be_bytes());
+                out
+            }
+            Message::HandoverReady => vec![KIND_HANDOVER_READY],
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+        match bytes {
+            [KIND_HANDOVER, millis @ ..] => {
+                let millis: [u8; 4] = millis
+                    .try_into()
+                    .map_err(|_| WireError::Malformed("a handover of the wrong length"))?;
+                Ok(Message::Handover {
+                    drain: Duration::from_millis(u64::from(u32::from_be_bytes(millis))),
+                })
+            }
+            [KIND_HANDOVER_READY] => Ok(Message::HandoverReady),
+            _ => Batch::decode(bytes).map(Message::Batch),
+        }
+    }
+}
+
+/// Writes `message` as the next frame under `signer`.
+pub async fn write_message(
+    stream: &mut tokio::net::TcpStream,
+    signer: &mut Signer,
+    message: &Message,
+) -> std::io::Result<()> {
+    let bytes = message.encode();
+    let tag = signer.sign(&bytes);
+    let mut frame = Vec::with_capacity(4 + bytes.len() + tag.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bytes);
+    frame.extend_from_slice(&tag);
+    stream.write_all(&frame).await
+}
+
+/// Reads the next frame and checks its signature under `signer`; a frame that fails ends the
+/// connection.
+pub async fn read_message(
+    stream: &mut tokio::net::TcpStream,
+    signer: &mut Signer,
+) -> Result<Message, super::FlowSyncError> {
+    let len = stream.read_u32().await? as usize;
+    if len > MAX_BATCH_LEN {
+        return Err(WireError::TooLong(len).into());
+    }
+    let mut bytes = vec![0; len];
+    stream.read_exact(&mut bytes).await?;
+    let mut tag = [0; TAG_LEN];
+    stream.read_exact(&mut tag).await?;
+    signer.verify(&bytes, &tag)?;
+    Ok(Message::decode(&bytes)?)
+}
 
 /// What a batch is part of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +177,14 @@ pub struct Signer {
 }
 
 impl Signer {
-    pub fn new(secret: &[u8], challenge: &Challenge) -> Signer {
+    /// The signer of one connection's frames going `direction`.
+    pub fn new(secret: &[u8], challenge: &Challenge, direction: Direction) -> Signer {
         // HMAC takes a key of any length.
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");
         mac.update(challenge);
+        if direction == Direction::ToMaster {
+            mac.update(b"to-master");
+        }
         Signer { mac, next_frame: 0 }
     }
 
@@ -315,33 +420,60 @@ mod tests {
     fn frames_verify_only_in_order_under_the_same_secret_and_challenge() {
         let challenge = [7; CHALLENGE_LEN];
         let (first, second) = (b"first batch".as_slice(), b"second batch".as_slice());
-        let mut sender = Signer::new(SECRET, &challenge);
+        let mut sender = Signer::new(SECRET, &challenge, Direction::ToBackup);
         let tags = [sender.sign(first), sender.sign(second)];
 
-        let mut receiver = Signer::new(SECRET, &challenge);
+        let mut receiver = Signer::new(SECRET, &challenge, Direction::ToBackup);
         assert_eq!(receiver.verify(first, &tags[0]), Ok(()));
         assert_eq!(receiver.verify(second, &tags[1]), Ok(()));
 
-        // Replayed out of order, on another connection, under another secret, or altered.
-        let mut receiver = Signer::new(SECRET, &challenge);
+        // Replayed out of order, on another connection, under another secret, altered, or sent
+        // back the other way.
+        let mut receiver = Signer::new(SECRET, &challenge, Direction::ToBackup);
         assert_eq!(
             receiver.verify(second, &tags[1]),
             Err(WireError::BadSignature)
         );
-        let mut other_connection = Signer::new(SECRET, &[8; CHALLENGE_LEN]);
+        let mut other_connection = Signer::new(SECRET, &[8; CHALLENGE_LEN], Direction::ToBackup);
         assert_eq!(
             other_connection.verify(first, &tags[0]),
             Err(WireError::BadSignature)
         );
-        let mut other_secret = Signer::new(b"another secret, also 32 bytes!!!", &challenge);
+        let mut other_secret = Signer::new(
+            b"another secret, also 32 bytes!!!",
+            &challenge,
+            Direction::ToBackup,
+        );
         assert_eq!(
             other_secret.verify(first, &tags[0]),
             Err(WireError::BadSignature)
         );
-        let mut receiver = Signer::new(SECRET, &challenge);
+        let mut receiver = Signer::new(SECRET, &challenge, Direction::ToBackup);
         assert_eq!(
             receiver.verify(b"first batcH", &tags[0]),
             Err(WireError::BadSignature)
+        );
+        let mut reflected = Signer::new(SECRET, &challenge, Direction::ToMaster);
+        assert_eq!(
+            reflected.verify(first, &tags[0]),
+            Err(WireError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn handover_messages_decode_to_what_was_encoded() {
+        for message in [
+            Message::Handover {
+                drain: Duration::from_millis(12_345),
+            },
+            Message::HandoverReady,
+            Message::Batch(sample()),
+        ] {
+            assert_eq!(Message::decode(&message.encode()), Ok(message));
+        }
+        assert_eq!(
+            Message::decode(&[KIND_HANDOVER, 0, 0]),
+            Err(WireError::Malformed("a handover of the wrong length"))
         );
     }
 }
