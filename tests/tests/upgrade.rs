@@ -163,7 +163,7 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     })?;
     let js_ready = lab.log_dir().join("js-clients.ready");
     let mut js_clients = common::spawn_js(
-        &lab,
+        &lab.client().netns,
         &gateway.ca,
         &[],
         "follow-restarts.mjs",
