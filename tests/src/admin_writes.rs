@@ -245,34 +245,48 @@ async fn write_until_stopped(
                 .context("the write loop ran out of backend ports")?;
             Write::Backend(SocketAddr::from((target.backend_host, port)))
         };
-        let answer = tokio::time::timeout(target.answer_timeout, send(&client, &write, service));
-        let outcome = answer.await;
-        let at = Instant::now();
-        let mut log = shared.log.lock().expect("write log");
-        match outcome {
-            Ok(Ok(())) => log.acknowledged.push(Acknowledged { write, at }),
-            Ok(Err(error)) => log.refused.push(Refused {
-                write,
-                at,
-                status: match &error {
-                    ClientError::Api { status, .. } | ClientError::Unexpected { status, .. } => {
-                        Some(status.as_u16())
-                    }
-                    _ => None,
-                },
-                error: error.to_string(),
-            }),
-            Err(_) => log.refused.push(Refused {
-                write,
-                at,
-                status: None,
-                error: format!("no answer within {:?}", target.answer_timeout),
-            }),
-        }
-        drop(log);
+        let outcome =
+            match tokio::time::timeout(target.answer_timeout, send(&client, &write, service)).await
+            {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err((status_of(&error), error.to_string())),
+                Err(_) => Err((
+                    None,
+                    format!("no answer within {:?}", target.answer_timeout),
+                )),
+            };
+        shared.record(write, outcome);
         tokio::time::sleep(target.pace).await;
     }
     bail!("the write loop ran out of write numbers")
+}
+
+/// The HTTP status of an error answer from the API; None when there was no answer.
+fn status_of(error: &ClientError) -> Option<u16> {
+    match error {
+        ClientError::Api { status, .. } | ClientError::Unexpected { status, .. } => {
+            Some(status.as_u16())
+        }
+        ClientError::Unreachable { .. } | ClientError::Http { .. } => None,
+    }
+}
+
+impl Shared {
+    /// Logs `write` as acknowledged now, or as refused (with the API's status, if it answered,
+    /// and why).
+    fn record(&self, write: Write, outcome: Result<(), (Option<u16>, String)>) {
+        let at = Instant::now();
+        let mut log = self.log.lock().expect("write log");
+        match outcome {
+            Ok(()) => log.acknowledged.push(Acknowledged { write, at }),
+            Err((status, error)) => log.refused.push(Refused {
+                write,
+                at,
+                status,
+                error,
+            }),
+        }
+    }
 }
 
 async fn send(client: &AdminClient, write: &Write, service: ServiceId) -> Result<(), ClientError> {

@@ -246,7 +246,8 @@ mod tests {
         // No pause at all: the first step from the event on.
         let steps: Vec<u64> = (990..1200).collect();
         assert_eq!(
-            timeline(&steps).answered_again(event + Duration::from_millis(4), Duration::from_secs(1)),
+            timeline(&steps)
+                .answered_again(event + Duration::from_millis(4), Duration::from_secs(1)),
             Some(Duration::ZERO)
         );
     }
@@ -331,8 +332,11 @@ end
                 per_second = 1000 / step_ms,
                 step_ns = step_ms * 1_000_000,
             ),
-            format!("function delay() return {} end
-", pace.as_millis()),
+            format!(
+                "function delay() return {} end
+",
+                pace.as_millis()
+            ),
             "    local at = step()
     answered_at[at] = (answered_at[at] or 0) + 1
 ",

@@ -328,7 +328,10 @@ fn writes_go_on_without_one_etcd_member_are_refused_clearly_without_two_and_none
     ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
     let node = common::system_health_from(&lab.client().netns, lab.vip())
         .context("the L4 VIP without etcd's majority")?;
-    ensure!(node.0.is_some(), "a node answered through the VIP: {node:?}");
+    ensure!(
+        node.0.is_some(),
+        "a node answered through the VIP: {node:?}"
+    );
     wait_until(
         "a few more writes refused while the majority is lost",
         Duration::from_secs(15),

@@ -180,11 +180,18 @@ impl Loads {
 
     /// Stops every load and reads what it saw.
     pub fn stop(self) -> anyhow::Result<LoadResults> {
-        let Loads { wrks, mut js, writes } = self;
+        let Loads {
+            wrks,
+            mut js,
+            writes,
+        } = self;
         let http = wrks
             .into_iter()
             .zip(HttpKind::ALL)
-            .map(|(load, kind)| load.stop().with_context(|| format!("wrk ({})", kind.name())))
+            .map(|(load, kind)| {
+                load.stop()
+                    .with_context(|| format!("wrk ({})", kind.name()))
+            })
             .collect::<anyhow::Result<_>>()?;
         // The script stops when its standard input closes.
         drop(js.stdin.take());
@@ -313,8 +320,11 @@ impl LongLived {
             .iter()
             .map(|(opened, _)| event.saturating_duration_since(*opened))
             .collect();
-        let mut connections: Vec<KeepAlive> =
-            self.connections.drain(..).map(|(_, connection)| connection).collect();
+        let mut connections: Vec<KeepAlive> = self
+            .connections
+            .drain(..)
+            .map(|(_, connection)| connection)
+            .collect();
         let checks = KeepAlive::check_all_same_node(&mut connections);
         ages.into_iter()
             .zip(checks)
@@ -334,8 +344,9 @@ pub fn wait_until_instant(moment: Instant) -> anyhow::Result<()> {
 
 /// Now in wall-clock milliseconds since the Unix epoch: the polkadot.js clients' clock.
 pub fn epoch_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
 }
 
 #[cfg(test)]

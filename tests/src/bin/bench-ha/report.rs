@@ -98,7 +98,13 @@ impl Run {
     pub fn line(&self) -> String {
         let again: Vec<String> = HttpKind::ALL
             .iter()
-            .map(|kind| format!("{} {}", kind.name(), ms_or_never(self.http(*kind).answered_again)))
+            .map(|kind| {
+                format!(
+                    "{} {}",
+                    kind.name(),
+                    ms_or_never(self.http(*kind).answered_again)
+                )
+            })
             .collect();
         let broken: Vec<String> = self
             .flows
@@ -134,7 +140,10 @@ pub const UNPLANNED_GOALS: [Goal; 3] = [
     Goal {
         what: "the standby answers ≤ 1 s after the event (gateway, median of the runs)",
         figure: |runs| ms_or_never(median_again(runs, HttpKind::Gateway)),
-        met: |runs| median_again(runs, HttpKind::Gateway).is_some_and(|again| again <= Duration::from_secs(1)),
+        met: |runs| {
+            median_again(runs, HttpKind::Gateway)
+                .is_some_and(|again| again <= Duration::from_secs(1))
+        },
     },
     Goal {
         what: "0 L4 connections older than 1 s broken (all runs)",
@@ -326,11 +335,16 @@ fn write_scenario(out: &mut String, scenario: Scenario, runs: &[&Run]) {
 
 /// `median | min | max` of `values`, NaN ones shown as "never" and left out of the median.
 fn spread(values: &[f64]) -> String {
-    let known: Vec<f64> = values.iter().copied().filter(|value| !value.is_nan()).collect();
+    let known: Vec<f64> = values
+        .iter()
+        .copied()
+        .filter(|value| !value.is_nan())
+        .collect();
     let never = values.len() - known.len();
     let min = known.iter().copied().reduce(f64::min);
     let max = known.iter().copied().reduce(f64::max);
-    let show = |value: Option<f64>| value.map_or_else(|| "—".to_owned(), |value| format!("{value:.0}"));
+    let show =
+        |value: Option<f64>| value.map_or_else(|| "—".to_owned(), |value| format!("{value:.0}"));
     let median = show((!known.is_empty()).then(|| median(known.clone())));
     let never = if never > 0 {
         format!(" ({never} never)")
@@ -407,7 +421,10 @@ fn write_quoted(out: &mut String, runs: &[Run]) {
         let tag = format!("{} run {}", run.scenario.name(), run.index + 1);
         for (kind, http) in HttpKind::ALL.iter().zip(&run.http) {
             if let Some(failure) = &http.first_failure {
-                lines.push(format!("- {tag}, {}: first failed answer: {failure}", kind.name()));
+                lines.push(format!(
+                    "- {tag}, {}: first failed answer: {failure}",
+                    kind.name()
+                ));
             }
         }
         for broken in &run.broken {
@@ -439,7 +456,10 @@ fn max_ms(durations: &[Duration]) -> f64 {
 }
 
 fn ms_or_never(duration: Option<Duration>) -> String {
-    duration.map_or_else(|| "never".to_owned(), |duration| format!("{:.0} ms", ms(duration)))
+    duration.map_or_else(
+        || "never".to_owned(),
+        |duration| format!("{:.0} ms", ms(duration)),
+    )
 }
 
 pub fn ms(duration: Duration) -> f64 {
