@@ -229,26 +229,32 @@ mod tests {
     }
 
     #[test]
-    fn answers_come_again_at_the_end_of_the_longest_pause_after_the_event() {
+    fn the_longest_pause_after_the_event_is_found() {
+        let ms = Duration::from_millis;
         // Answers every step, a 3-step pause from 1002, another of 40 steps from 1010.
         let steps: Vec<u64> = (990..1002).chain(1005..1010).chain(1050..1100).collect();
-        let event = Duration::from_millis(10_000);
+        let event = ms(10_000);
         assert_eq!(
-            timeline(&steps).answered_again(event, Duration::from_secs(1)),
-            Some(Duration::from_millis(500))
+            timeline(&steps).longest_pause(event, Duration::from_secs(1)),
+            Some(Pause {
+                began: ms(100),
+                ended: ms(500)
+            })
         );
-        // Nothing after the pause: never again within the window.
+        // Nothing after the pause: no answer again within the window.
         let steps: Vec<u64> = (990..1005).collect();
         assert_eq!(
-            timeline(&steps).answered_again(event, Duration::from_secs(1)),
+            timeline(&steps).longest_pause(event, Duration::from_secs(1)),
             None
         );
-        // No pause at all: the first step from the event on.
+        // No pause at all: nothing, at the first step from the event on.
         let steps: Vec<u64> = (990..1200).collect();
         assert_eq!(
-            timeline(&steps)
-                .answered_again(event + Duration::from_millis(4), Duration::from_secs(1)),
-            Some(Duration::ZERO)
+            timeline(&steps).longest_pause(event + ms(4), Duration::from_secs(1)),
+            Some(Pause {
+                began: Duration::ZERO,
+                ended: Duration::ZERO
+            })
         );
     }
 
@@ -414,14 +420,17 @@ impl Timeline {
         Ok(Timeline { answered })
     }
 
-    /// When answers came again after `event` (a [`monotonic_now`] reading), counted from it:
-    /// the first step with answers after the longest stretch of steps without any that begins
-    /// within `window` of it. When answers never stopped, the first step with answers from the
-    /// event on; None when none came within the window, or none after the stretch.
-    pub fn answered_again(&self, event: Duration, window: Duration) -> Option<Duration> {
+    /// The longest stretch of steps without answers that begins within `window` after `event`
+    /// (a [`monotonic_now`] reading), counted from the event: from its first step to the first
+    /// step with answers after it, when they came again. When answers never stopped, a pause
+    /// of nothing at the first step with answers from the event on. None when no answer came
+    /// within the window, or none after the stretch.
+    pub fn longest_pause(&self, event: Duration, window: Duration) -> Option<Pause> {
         let step_of = |at: Duration| {
             u64::try_from(at.as_millis() / TIMELINE_STEP.as_millis()).unwrap_or(u64::MAX)
         };
+        let since_event =
+            |step: u64| Some((TIMELINE_STEP * u32::try_from(step).ok()?).saturating_sub(event));
         let (first, last) = (step_of(event), step_of(event + window));
         // The longest stretch without answers: (its first step, its length).
         let (mut longest, mut current) = ((first, 0), None);
@@ -435,11 +444,21 @@ impl Timeline {
                 }
             }
         }
-        let from = longest.0 + longest.1;
-        let again = *self.answered.range(from..).next()?.0;
-        let again = TIMELINE_STEP * u32::try_from(again).ok()?;
-        Some(again.saturating_sub(event))
+        let again = *self.answered.range(longest.0 + longest.1..).next()?.0;
+        let began = if longest.1 == 0 { again } else { longest.0 };
+        Some(Pause {
+            began: since_event(began)?,
+            ended: since_event(again)?,
+        })
     }
+}
+
+/// A stretch without answers in a [`Timeline`], counted from an event: from when it began to
+/// when answers came again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pause {
+    pub began: Duration,
+    pub ended: Duration,
 }
 
 /// What a run of [`counting_script`] (or [`paced_timeline_script`]) printed.

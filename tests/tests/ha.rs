@@ -218,7 +218,7 @@ const WRITES_GOING_ON: usize = 5;
 const SERVING_PACE: Duration = Duration::from_millis(20);
 const SERVING_SECONDS: u64 = 120;
 
-/// wrk from the client at a steady, light load (`connections` connections) on `url`, every
+/// wrk from the client at a steady, light load (two connections) on `url`, every
 /// answer counted.
 fn serving_load(
     lab: &PairLab,

@@ -240,9 +240,9 @@ fn figures(
                 + reads.count("write")?
                 + reads.count("timeout")?;
             Ok(HttpFigures {
-                answered_again: reads
+                pause: reads
                     .timeline()?
-                    .answered_again(event.monotonic, settings.after),
+                    .longest_pause(event.monotonic, settings.after),
                 answered: reads.count("answered")?,
                 failed,
                 refused_connects: reads.count("connect")?,

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use lb_tests::bench::median;
+use lb_tests::{bench::median, wrk::Pause};
 
 use crate::{
     NODES, Settings,
@@ -14,9 +14,9 @@ use crate::{
 /// One HTTP load's figures in a run.
 #[derive(Debug, Clone, Default)]
 pub struct HttpFigures {
-    /// From the event to the first answer after the longest pause in answers (None: no answer
-    /// came again before the load stopped).
-    pub answered_again: Option<Duration>,
+    /// The longest pause in answers after the event; when it ended, answers came again (None:
+    /// they did not before the load stopped).
+    pub pause: Option<Pause>,
     pub answered: u64,
     /// Requests sent and lost: an error answer, a reset or closed connection, a timeout.
     pub failed: u64,
@@ -75,6 +75,13 @@ pub struct Run {
     pub broken: Vec<String>,
 }
 
+impl HttpFigures {
+    /// From the event until answers came again.
+    fn answered_again(&self) -> Option<Duration> {
+        self.pause.map(|pause| pause.ended)
+    }
+}
+
 impl Run {
     fn http(&self, kind: HttpKind) -> &HttpFigures {
         let index = HttpKind::ALL
@@ -96,15 +103,9 @@ impl Run {
 
     /// A line for the console while the benchmark runs.
     pub fn line(&self) -> String {
-        let again: Vec<String> = HttpKind::ALL
+        let pauses: Vec<String> = HttpKind::ALL
             .iter()
-            .map(|kind| {
-                format!(
-                    "{} {}",
-                    kind.name(),
-                    ms_or_never(self.http(*kind).answered_again)
-                )
-            })
+            .map(|kind| format!("{} {}", kind.name(), pause_text(self.http(*kind).pause)))
             .collect();
         let broken: Vec<String> = self
             .flows
@@ -112,13 +113,13 @@ impl Run {
             .map(|flows| format!("{}/{}", flows.broken, flows.connections))
             .collect();
         format!(
-            "{} run {}: VIP on the standby {:.0} ms; answered again: {}; WebSocket reconnect max \
+            "{} run {}: VIP on the standby {:.0} ms; longest pause in answers: {}; WebSocket reconnect max \
              {}; write acknowledged again {}; L4 connections broken by age {}; {} acknowledged \
              writes lost",
             self.scenario.name(),
             self.index + 1,
             ms(self.vip_on_standby),
-            again.join(", "),
+            pauses.join(", "),
             ms_or_never(self.websocket.reconnect.iter().max().copied()),
             ms_or_never(self.writes.acknowledged_again),
             broken.join(" "),
@@ -161,7 +162,7 @@ pub const UNPLANNED_GOALS: [Goal; 3] = [
 fn median_again(runs: &[&Run], kind: HttpKind) -> Option<Duration> {
     let agains: Option<Vec<f64>> = runs
         .iter()
-        .map(|run| run.http(kind).answered_again.map(ms))
+        .map(|run| run.http(kind).answered_again().map(ms))
         .collect();
     let median = median(agains?);
     (!median.is_nan()).then(|| Duration::from_secs_f64(median / 1e3))
@@ -276,7 +277,7 @@ fn write_scenario(out: &mut String, scenario: Scenario, runs: &[&Run]) {
     for kind in HttpKind::ALL {
         rows.push((
             format!("{}: answered again, ms", kind.name()),
-            Box::new(move |run: &Run| run.http(kind).answered_again.map_or(f64::NAN, ms)),
+            Box::new(move |run: &Run| run.http(kind).answered_again().map_or(f64::NAN, ms)),
         ));
     }
     rows.push((
@@ -360,10 +361,11 @@ fn write_runs(out: &mut String, runs: &[Run]) {
     let _ = writeln!(
         out,
         "## Every run\n\n\
-         Answered again, and failed requests / refused connects / answered requests, for: {}. \
+         The longest pause in answers after the event (from–to, counted from the event), and \
+         failed requests / refused connects / answered requests, for: {}. \
          WebSocket clients reconnected / heard heads again / all. L4 connections broken / \
          opened by age: {}.\n\n\
-         | scenario | run | VIP on standby, ms | answered again | failed / refused / answered | \
+         | scenario | run | VIP on standby, ms | longest pause | failed / refused / answered | \
          WebSocket reconnect p50 / max, ms | WebSocket clients | write acknowledged again | \
          writes acknowledged / refused / lost | L4 connections broken |\n\
          |---|---:|---:|---|---|---|---|---:|---|---|",
@@ -371,11 +373,7 @@ fn write_runs(out: &mut String, runs: &[Run]) {
         ages.join(", "),
     );
     for run in runs {
-        let again: Vec<String> = run
-            .http
-            .iter()
-            .map(|http| ms_or_never(http.answered_again))
-            .collect();
+        let pauses: Vec<String> = run.http.iter().map(|http| pause_text(http.pause)).collect();
         let failed: Vec<String> = run
             .http
             .iter()
@@ -397,7 +395,7 @@ fn write_runs(out: &mut String, runs: &[Run]) {
             run.scenario.name(),
             run.index + 1,
             ms(run.vip_on_standby),
-            again.join("; "),
+            pauses.join("; "),
             failed.join("; "),
             median_ms(&run.websocket.reconnect),
             max_ms(&run.websocket.reconnect),
@@ -453,6 +451,14 @@ fn median_ms(durations: &[Duration]) -> f64 {
 /// The longest of `durations` in ms; NaN for none.
 fn max_ms(durations: &[Duration]) -> f64 {
     durations.iter().max().map_or(f64::NAN, |max| ms(*max))
+}
+
+/// `from–to ms` after the event, or that answers did not come again.
+fn pause_text(pause: Option<Pause>) -> String {
+    pause.map_or_else(
+        || "no answer again".to_owned(),
+        |pause| format!("{:.0}–{:.0} ms", ms(pause.began), ms(pause.ended)),
+    )
 }
 
 fn ms_or_never(duration: Option<Duration>) -> String {
