@@ -75,10 +75,21 @@ pub struct Run {
     pub broken: Vec<String>,
 }
 
+/// A shorter pause in answers is the load's own jitter (at the default pace each wrk load is
+/// answered several times per 10 ms step), not an interruption.
+const NOTICEABLE_PAUSE: Duration = Duration::from_millis(50);
+
 impl HttpFigures {
-    /// From the event until answers came again.
+    /// From the event until answers came again after a pause of [`NOTICEABLE_PAUSE`] or more;
+    /// zero when they never paused that long.
     fn answered_again(&self) -> Option<Duration> {
-        self.pause.map(|pause| pause.ended)
+        self.pause.map(|pause| {
+            if pause.ended - pause.began >= NOTICEABLE_PAUSE {
+                pause.ended
+            } else {
+                Duration::ZERO
+            }
+        })
     }
 }
 
@@ -230,7 +241,8 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
          after.\n\
          - Figures per run, then medians over the runs: the floating addresses on the standby \
          (read every 5 ms); \"answered again\": from the event to the first answer after the \
-         longest pause in answers that begins after it (10 ms steps); failed requests (an \
+         longest pause in answers that begins after it (10 ms steps), 0 when answers never \
+         paused for {} ms or more; failed requests (an \
          error answer, a reset, a timeout) apart from connections refused before a request; \
          L4 connections broken (an error, or another node answering) after {} s, by their age \
          at the event; WebSocket reconnections (disconnect → connected, event → connected, \
@@ -242,6 +254,7 @@ fn write_setup(out: &mut String, context: &Context<'_>) {
         settings.l4_connections,
         ages.join(", "),
         AGE_BUCKETS[0].from.as_secs_f64(),
+        NOTICEABLE_PAUSE.as_millis(),
         settings.after.as_secs(),
         context.load_before,
         context.load_after,
