@@ -3,8 +3,10 @@
 // system_chain every CALL_MS while connected, until standard input closes (at most MAX_SECONDS).
 // Prints one JSON line: how often the clients were disconnected and got back in (with heads
 // again after their last reconnect), the calls answered, the error answers (JSON-RPC errors)
-// and the calls a disconnect cut off, and for each reconnect the milliseconds from the
-// disconnect to connected again (reconnectMs) and to its first head after it (headAfterReconnectMs). tests/tests/node_lifecycle.rs runs it through a rollout.
+// and the calls a disconnect cut off, and when each reconnection happened (`reconnections`:
+// wall-clock ms of the disconnect, of being connected again and of the first head after it).
+// tests/tests/node_lifecycle.rs runs it through a rollout; `cargo xtask bench ha` through a
+// takeover of the floating address.
 //
 // Usage: node follow-restarts.mjs wss://HOST:PORT/KEY CLIENTS MAX_SECONDS READY_FILE
 // READY_FILE is written once every client has started and heard a head, and a line "back" is
@@ -46,27 +48,37 @@ function isDisconnect(error) {
 
 let following = 0;
 let back = 0;
+const reconnections = [];
 
 async function runClient(totals) {
   const provider = new WsProvider(url, RECONNECT_MS);
   const api = await ApiPromise.create({ provider, throwOnConnect: true });
-  const client = { disconnects: 0, reconnects: 0, heads: 0, headsSinceReconnect: 0, disconnectedAt: 0 };
+  const client = { disconnects: 0, reconnects: 0, heads: 0, headsSinceReconnect: 0 };
+  // The reconnection under way: when the connection dropped (each failed attempt to reconnect
+  // emits 'disconnected' again), then when it was back.
+  let reconnection = null;
   provider.on('disconnected', () => {
     client.disconnects += 1;
-    client.disconnectedAt = Date.now();
+    if (!reconnection || reconnection.up) {
+      reconnection = { down: Date.now(), up: null, head: null };
+    }
   });
   provider.on('connected', () => {
     if (client.disconnects > client.reconnects) {
       client.reconnects += 1;
       client.headsSinceReconnect = 0;
-      totals.reconnectMs.push(Date.now() - client.disconnectedAt);
+    }
+    if (reconnection) {
+      reconnection.up = Date.now();
+      reconnections.push(reconnection);
     }
   });
   const unsubscribe = await api.rpc.chain.subscribeNewHeads(() => {
     client.heads += 1;
     client.headsSinceReconnect += 1;
-    if (client.reconnects > 0 && client.headsSinceReconnect === 1) {
-      totals.headAfterReconnectMs.push(Date.now() - client.disconnectedAt);
+    if (reconnection?.up) {
+      reconnection.head = Date.now();
+      reconnection = null;
       if (client.reconnects === 1 && ++back === CLIENTS) {
         appendFileSync(readyFile, 'back\n');
       }
@@ -99,10 +111,7 @@ async function runClient(totals) {
 }
 
 async function main() {
-  const totals = {
-    answered: 0, errorAnswers: 0, cutOff: 0, firstErrorAnswer: null, firstCutOff: null,
-    reconnectMs: [], headAfterReconnectMs: [],
-  };
+  const totals = { answered: 0, errorAnswers: 0, cutOff: 0, firstErrorAnswer: null, firstCutOff: null };
   const clients = await Promise.all(Array.from({ length: CLIENTS }, () => runClient(totals)));
   const summary = {
     clients: clients.length,
@@ -111,6 +120,7 @@ async function main() {
     // Got back in: heads again after its last reconnect (the subscription was made anew).
     followingAfterReconnect: clients.filter((client) => client.reconnects > 0 && client.headsSinceReconnect > 0).length,
     heads: clients.reduce((sum, client) => sum + client.heads, 0),
+    reconnections,
     ...totals,
     warnings: [...warnings],
   };

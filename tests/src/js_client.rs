@@ -5,12 +5,13 @@
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
+use anyhow::{Context, ensure};
 use serde_json::{Value, json};
 
-use crate::lab::js_dir;
+use crate::lab::{command_in_netns, js_dir};
 use crate::new_spec::assert_took_the_new_spec;
 use crate::sim_node::{BlockNumber, SimNodeHandle};
 
@@ -82,6 +83,50 @@ pub async fn ensure_installed(package: &str) {
         dir.display(),
         String::from_utf8_lossy(&npm.stderr)
     );
+}
+
+/// Starts `node FLAGS SCRIPT ARGS…` (a script in tests/js) in the lab namespace `netns`,
+/// trusting the lab CA in `ca`; its output is piped, for [`summary`]. The scripts bound their
+/// own run time; one that runs until told waits for its standard input to close.
+pub fn spawn_in(
+    netns: &str,
+    ca: &Path,
+    node_flags: &[&str],
+    script: &str,
+    args: &[&str],
+) -> anyhow::Result<Child> {
+    command_in_netns(netns, "node")?
+        .args(node_flags)
+        .arg(script)
+        .args(args)
+        .current_dir(js_dir())
+        .env("NODE_EXTRA_CA_CERTS", ca)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))
+}
+
+/// The JSON summary `script` (run with `args`) printed as its last line, failing with the error
+/// it reports.
+pub fn summary(script: &str, args: &[&str], output: &Output) -> anyhow::Result<Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .with_context(|| {
+            format!(
+                "node {script} printed no JSON summary; stdout: {stdout}; stderr: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    ensure!(
+        output.status.success() && summary.get("error").is_none(),
+        "node {script} {args:?} failed: {summary}"
+    );
+    Ok(summary)
 }
 
 /// The JSON summary a script printed as its last line, after checking the script succeeded

@@ -8,6 +8,8 @@
 //!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition;
 //!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test;
 //!   [`new_spec`] tells from a sim-node's counts whether a client took the new JSON-RPC spec.
+//! - [`admin_writes`] writes keys and backends through the admin API in a loop and checks
+//!   afterwards that every acknowledged write is there (the HA tests and `bench ha`).
 //! - [`crowd`] is many WebSocket clients over TLS to the gateway from several addresses (the
 //!   `crowd` binary), for the crowd benchmark and its lighter lab tests.
 //! - [`bench`] is what the benchmark binaries share (Ctrl-C, load average, report file), with
@@ -15,6 +17,7 @@
 //!   [`prometheus`] (lb-control's metrics read back), [`wrk`] (load from a lab namespace) and
 //!   [`nginx`] (a reference server or proxy in a lab namespace).
 
+pub mod admin_writes;
 pub mod bench;
 pub mod cpu;
 pub mod crowd;

@@ -4,7 +4,7 @@
 //! the balancer sent it).
 //!
 //! It connects from the calling thread's network namespace: wrap [`RpcConnection::connect`] in
-//! [`in_netns`](crate::lab::in_netns) to connect from a lab host. I/O errors stay in the error
+//! [`in_netns`] to connect from a lab host ([`KeepAlive::open`] does). I/O errors stay in the error
 //! chain, so a caller can tell a timeout from a reset.
 
 use std::{
@@ -14,6 +14,8 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+
+use crate::lab::in_netns;
 
 /// The request every user of this client sends: cheap for the node, and what the health
 /// checker and real clients send too.
@@ -134,5 +136,73 @@ impl RpcConnection {
         let mut body = vec![0; length.context("no content-length")?];
         self.reader.read_exact(&mut body)?;
         Ok(Answer { node, body })
+    }
+}
+
+/// How long a [`KeepAlive`] waits to connect and for an answer.
+const KEEP_ALIVE_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A keep-alive HTTP/1.1 connection from a lab host to a service, and the node that answered
+/// its first request: what a test checks a long-lived L4 connection with.
+pub struct KeepAlive {
+    connection: RpcConnection,
+    pub node: String,
+}
+
+impl KeepAlive {
+    /// Connects from `netns` and sends a first request, which decides the node.
+    pub fn open(netns: &str, target: SocketAddr) -> anyhow::Result<KeepAlive> {
+        let connection = in_netns(netns, || {
+            RpcConnection::connect(target, KEEP_ALIVE_IO_TIMEOUT)
+        })?
+        .with_context(|| format!("from {netns}"))?;
+        let mut keep_alive = KeepAlive {
+            connection,
+            node: String::new(),
+        };
+        keep_alive.node = keep_alive.system_health()?;
+        Ok(keep_alive)
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        self.connection.stream()
+    }
+
+    /// Posts `system_health` on this connection; returns the node that answered.
+    pub fn system_health(&mut self) -> anyhow::Result<String> {
+        Ok(self.connection.system_health()?.node()?.to_owned())
+    }
+
+    /// The next request must be answered by the node of the first one.
+    pub fn check_same_node(&mut self) -> anyhow::Result<()> {
+        let local = self.stream().local_addr()?;
+        let node = self
+            .system_health()
+            .with_context(|| format!("connection {local} (on {})", self.node))?;
+        ensure!(
+            node == self.node,
+            "connection {local} moved from {} to {node}",
+            self.node
+        );
+        Ok(())
+    }
+
+    /// [`KeepAlive::check_same_node`] on every connection at once (a broken one costs its I/O
+    /// timeout): each one's outcome, in order.
+    pub fn check_all_same_node(connections: &mut [KeepAlive]) -> Vec<anyhow::Result<()>> {
+        std::thread::scope(|scope| {
+            let checks: Vec<_> = connections
+                .iter_mut()
+                .map(|connection| scope.spawn(move || connection.check_same_node()))
+                .collect();
+            checks
+                .into_iter()
+                .map(|check| {
+                    check
+                        .join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the check panicked")))
+                })
+                .collect()
+        })
     }
 }

@@ -2,7 +2,7 @@
 //! in a form [`run`] parses, and what one run measured. The lab benchmarks drive every load
 //! that wrk can make through here.
 
-use std::{fmt, path::Path, process::Stdio, time::Duration};
+use std::{collections::BTreeMap, fmt, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
 
@@ -221,6 +221,71 @@ mod tests {
         assert_eq!(result.p99, Duration::from_micros(1200));
     }
 
+    /// A timeline with answers in the given 10 ms steps.
+    fn timeline(steps: &[u64]) -> Timeline {
+        Timeline {
+            answered: steps.iter().map(|&step| (step, 1)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_longest_pause_after_the_event_is_found() {
+        let ms = Duration::from_millis;
+        // Answers every step, a 3-step pause from 1002, another of 40 steps from 1010.
+        let steps: Vec<u64> = (990..1002).chain(1005..1010).chain(1050..1100).collect();
+        let event = ms(10_000);
+        assert_eq!(
+            timeline(&steps).longest_pause(event, Duration::from_secs(1)),
+            Some(Pause {
+                began: ms(100),
+                ended: ms(500)
+            })
+        );
+        // Nothing after the pause: no answer again within the window.
+        let steps: Vec<u64> = (990..1005).collect();
+        assert_eq!(
+            timeline(&steps).longest_pause(event, Duration::from_secs(1)),
+            None
+        );
+        // No pause at all: nothing, at the first step from the event on.
+        let steps: Vec<u64> = (990..1200).collect();
+        assert_eq!(
+            timeline(&steps).longest_pause(event + ms(4), Duration::from_secs(1)),
+            Some(Pause {
+                began: Duration::ZERO,
+                ended: Duration::ZERO
+            })
+        );
+    }
+
+    #[test]
+    fn timeline_line_parses() {
+        let reads = CountedReads::from_output(
+            "rpc answered=3 failed=0 connect=0 read=0 write=0 timeout=0 max_latency_ms=1.0 \
+             first_failure=\ntimeline answered=100:2,103:1\n",
+        )
+        .unwrap();
+        assert_eq!(reads.first_failure(), None);
+        let timeline = reads.timeline().unwrap();
+        assert_eq!(timeline.answered.get(&100), Some(&2));
+        assert_eq!(timeline.answered.get(&103), Some(&1));
+        assert!(
+            CountedReads::from_output("rpc answered=0\n")
+                .unwrap()
+                .timeline()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn paced_script_waits_between_requests_and_counts_answers_per_step() {
+        let text = paced_timeline_script(r#"{"id":1}"#, &[], Duration::from_millis(20));
+        assert!(text.contains("function delay() return 20 end"));
+        assert!(text.contains("answered_at[at]"));
+        assert!(text.contains("timeline answered="));
+        assert!(!counting_script(r#"{"id":1}"#, &[]).contains("delay"));
+    }
+
     #[test]
     fn script_sets_body_and_extra_headers() {
         let text = script(r#"{"id":1}"#, &[("Connection", "close")]);
@@ -236,14 +301,68 @@ mod tests {
 /// first_failure=…`, that [`CountedReads`] reads. `("Connection", "close")` makes each request
 /// a connection of its own (a new flow through the kernel path).
 pub fn counting_script(body: &str, headers: &[(&str, &str)]) -> String {
+    counting_lua(body, headers, None)
+}
+
+/// [`counting_script`] at a steady, light load that also tells when answers came: each
+/// connection waits `pace` after an answer before its next request, and a second line,
+/// `timeline answered=STEP:COUNT,…`, gives the answers per [`TIMELINE_STEP`] of
+/// `CLOCK_MONOTONIC` (LuaJIT's FFI reads it), which [`CountedReads::timeline`] reads and
+/// [`monotonic_now`] compares with.
+pub fn paced_timeline_script(body: &str, headers: &[(&str, &str)], pace: Duration) -> String {
+    counting_lua(body, headers, Some(pace))
+}
+
+/// The steps of a [`paced_timeline_script`]'s timeline.
+pub const TIMELINE_STEP: Duration = Duration::from_millis(10);
+
+/// The Lua of [`counting_script`], paced and with a timeline when `pace` is given.
+fn counting_lua(body: &str, headers: &[(&str, &str)], pace: Option<Duration>) -> String {
+    let step_ms = TIMELINE_STEP.as_millis();
+    let (clock, pacing, count_answer, print_timeline) = match pace {
+        None => Default::default(),
+        Some(pace) => (
+            format!(
+                r#"local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} lb_timespec;
+int clock_gettime(int clock, lb_timespec *now);
+]]
+local now = ffi.new("lb_timespec")
+local CLOCK_MONOTONIC = 1
+local function step()
+  ffi.C.clock_gettime(CLOCK_MONOTONIC, now)
+  return tonumber(now.tv_sec) * {per_second} + math.floor(tonumber(now.tv_nsec) / {step_ns})
+end
+"#,
+                per_second = 1000 / step_ms,
+                step_ns = step_ms * 1_000_000,
+            ),
+            format!(
+                "function delay() return {} end
+",
+                pace.as_millis()
+            ),
+            "    local at = step()
+    answered_at[at] = (answered_at[at] or 0) + 1
+",
+            r#"  local merged, steps = {}, {}
+  for _, thread in ipairs(threads) do
+    for at, count in pairs(thread:get("answered_at")) do merged[at] = (merged[at] or 0) + count end
+  end
+  for at, count in pairs(merged) do table.insert(steps, string.format("%d:%d", at, count)) end
+  io.write("timeline answered=" .. table.concat(steps, ",") .. "\n")
+"#,
+        ),
+    };
     format!(
-        r#"{}{}local threads = {{}}
+        r#"{}{}{clock}{pacing}local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
-function init(args) answered = 0; failed = 0; first_failure = "" end
+function init(args) answered = 0; failed = 0; first_failure = ""; answered_at = {{}} end
 function response(status, headers, body)
   if status == 200 and string.find(body, '"result"', 1, true) then
     answered = answered + 1
-  else
+{count_answer}  else
     failed = failed + 1
     if first_failure == "" then first_failure = status .. " " .. body end
   end
@@ -258,29 +377,118 @@ function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("rpc answered=%d failed=%d connect=%d read=%d write=%d timeout=%d max_latency_ms=%.1f first_failure=%s\n",
     answered, failed, e.connect, e.read, e.write, e.timeout, latency.max / 1000, first))
-end
+{print_timeline}end
 "#,
         post_body(body),
         header_lines(headers)
     )
 }
 
-/// What a run of [`counting_script`] printed.
+/// `CLOCK_MONOTONIC` now, the clock of a [`Timeline`].
+pub fn monotonic_now() -> Duration {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    Duration::new(
+        u64::try_from(now.tv_sec).unwrap_or_default(),
+        u32::try_from(now.tv_nsec).unwrap_or_default(),
+    )
+}
+
+/// When a [`paced_timeline_script`]'s answers came: how many in each [`TIMELINE_STEP`] of
+/// `CLOCK_MONOTONIC`.
+#[derive(Debug, Clone, Default)]
+pub struct Timeline {
+    answered: BTreeMap<u64, u64>,
+}
+
+impl Timeline {
+    fn parse(line: &str) -> anyhow::Result<Timeline> {
+        let steps = line
+            .strip_prefix("timeline answered=")
+            .with_context(|| format!("not a timeline: {line}"))?;
+        let mut answered = BTreeMap::new();
+        for entry in steps.split(',').filter(|entry| !entry.is_empty()) {
+            let (step, count) = entry
+                .split_once(':')
+                .with_context(|| format!("timeline entry {entry:?} is not STEP:COUNT"))?;
+            answered.insert(step.parse()?, count.parse()?);
+        }
+        Ok(Timeline { answered })
+    }
+
+    /// The longest stretch of steps without answers that begins within `window` after `event`
+    /// (a [`monotonic_now`] reading), counted from the event: from its first step to the first
+    /// step with answers after it, when they came again. When answers never stopped, a pause
+    /// of nothing at the first step with answers from the event on. None when no answer came
+    /// within the window, or none after the stretch.
+    pub fn longest_pause(&self, event: Duration, window: Duration) -> Option<Pause> {
+        let step_of = |at: Duration| {
+            u64::try_from(at.as_millis() / TIMELINE_STEP.as_millis()).unwrap_or(u64::MAX)
+        };
+        let since_event =
+            |step: u64| Some((TIMELINE_STEP * u32::try_from(step).ok()?).saturating_sub(event));
+        let (first, last) = (step_of(event), step_of(event + window));
+        // The longest stretch without answers: (its first step, its length).
+        let (mut longest, mut current) = ((first, 0), None);
+        for step in first..=last {
+            if self.answered.contains_key(&step) {
+                current = None;
+            } else {
+                let start = *current.get_or_insert(step);
+                if step - start + 1 > longest.1 {
+                    longest = (start, step - start + 1);
+                }
+            }
+        }
+        let again = *self.answered.range(longest.0 + longest.1..).next()?.0;
+        let began = if longest.1 == 0 { again } else { longest.0 };
+        Some(Pause {
+            began: since_event(began)?,
+            ended: since_event(again)?,
+        })
+    }
+}
+
+/// A stretch without answers in a [`Timeline`], counted from an event: from when it began to
+/// when answers came again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pause {
+    pub began: Duration,
+    pub ended: Duration,
+}
+
+/// What a run of [`counting_script`] (or [`paced_timeline_script`]) printed.
 #[derive(Debug, Clone)]
 pub struct CountedReads {
     line: String,
+    timeline: Option<String>,
 }
 
 impl CountedReads {
-    /// The summary line in wrk's standard output.
+    /// The summary line (and the timeline, if any) in wrk's standard output.
     pub fn from_output(stdout: &str) -> anyhow::Result<CountedReads> {
         let line = stdout
             .lines()
             .find(|line| line.starts_with("rpc "))
             .with_context(|| format!("no summary from wrk: {stdout}"))?;
+        let timeline = stdout.lines().find(|line| line.starts_with("timeline "));
         Ok(CountedReads {
             line: line.to_owned(),
+            timeline: timeline.map(str::to_owned),
         })
+    }
+
+    /// When the answers came, from a [`paced_timeline_script`].
+    pub fn timeline(&self) -> anyhow::Result<Timeline> {
+        let line = self
+            .timeline
+            .as_deref()
+            .context("wrk printed no timeline: run a paced_timeline_script")?;
+        Timeline::parse(line)
     }
 
     /// A count of the line: `answered`, `failed`, `connect`, `read`, `write`, `timeout`.
@@ -291,6 +499,12 @@ impl CountedReads {
             .with_context(|| format!("{name} missing: {}", self.line))?
             .parse()
             .with_context(|| format!("{name}: {}", self.line))
+    }
+
+    /// The first answer that was not a result (status and body), if any.
+    pub fn first_failure(&self) -> Option<&str> {
+        let failure = self.line.split_once(" first_failure=")?.1.trim();
+        (!failure.is_empty()).then_some(failure)
     }
 
     /// Requests that met a socket error: connect, read (a reset, a connection closed under a

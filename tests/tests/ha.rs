@@ -5,7 +5,10 @@
 //! the addresses back only after `preempt_delay`. L4 connections through the VIP that are a
 //! second old carry on through the standby with the flows the master synced to it. A planned
 //! handover (`lb-control ha handover`) under load fails no request: the old master's gateway
-//! connections finish through second chance, WebSocket clients come back within a second.
+//! connections finish through second chance, WebSocket clients come back within a second. etcd
+//! loses members under a loop of admin writes: with one of three gone writes go on, with two
+//! gone they are refused with an answer that says why while the gateway and the kernel path
+//! serve on, and once the members are back writes resume and every acknowledged one is there.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
@@ -23,18 +26,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use common::{
     KeepAlive, count_by_node,
     wss::{Reconnect, WssConnector, spread},
 };
 use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to, read_second_chance_packets};
 use lb_tests::{
+    admin_writes::{self, WriteLoop, WriteTarget},
     js_client::is_expected_polkadot_js_warning,
     lab::{
-        GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab, SIM_NODE_RPC_PORT,
-        VIP_V4 as PAIR_VIP_V4, binary_path, command_in_netns, run_checked,
+        EtcdSite, GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab,
+        SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4, binary_path, command_in_netns, run_checked,
     },
+    poll::wait_until,
+    rpc_client::SYSTEM_HEALTH,
     wrk,
 };
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -86,24 +92,7 @@ fn create_key(lab: &PairLab, member: Member, name: &str) -> anyhow::Result<Strin
 }
 
 fn role(lab: &PairLab, member: Member) -> anyhow::Result<String> {
-    let status = cli_json(lab, member, &["ha", "status"])?;
-    Ok(status["role"].as_str().context("no role")?.to_owned())
-}
-
-/// Polls `condition` every 20 ms for up to `within`; fails naming `what`.
-fn wait_until(
-    what: &str,
-    within: Duration,
-    mut condition: impl FnMut() -> anyhow::Result<bool>,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    while !condition()? {
-        if start.elapsed() > within {
-            bail!("{what}: not within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(start.elapsed())
+    Ok(lab.role(member)?.name().to_owned())
 }
 
 fn log_tail(path: &Path) -> String {
@@ -234,6 +223,174 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
     Ok(())
 }
 
+/// The admin write loop's pause between writes, and how long a write may wait for its answer
+/// (longer than lb-control takes to give up on etcd, so a refusal is the API's answer).
+const WRITE_PACE: Duration = Duration::from_millis(50);
+const WRITE_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes acknowledged that show writes going on.
+const WRITES_GOING_ON: usize = 5;
+/// Light load through the gateway and the kernel path while etcd loses members: each
+/// connection's pause between requests, and how long wrk may run (it is stopped before).
+const SERVING_PACE: Duration = Duration::from_millis(20);
+const SERVING_SECONDS: u64 = 120;
+
+/// wrk from the client at a steady, light load (two connections) on `url`, every
+/// answer counted.
+fn serving_load(
+    lab: &PairLab,
+    name: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<wrk::Background> {
+    let script = lab.log_dir().join(format!("{name}.lua"));
+    std::fs::write(
+        &script,
+        wrk::paced_timeline_script(body, headers, SERVING_PACE),
+    )?;
+    wrk::Background::start(&wrk::Load {
+        netns: &lab.client().netns,
+        threads: 1,
+        connections: 2,
+        seconds: SERVING_SECONDS,
+        script: &script,
+        url,
+    })
+}
+
+/// What wrk counted: every request answered with a result, none failed.
+fn ensure_served_throughout(what: &str, reads: wrk::CountedReads) -> anyhow::Result<()> {
+    eprintln!("{what}: {reads}");
+    ensure!(
+        reads.count("answered")? > 0 && reads.count("failed")? == 0 && reads.socket_errors()? == 0,
+        "{what} did not answer every request while etcd lost and regained members: {reads}"
+    );
+    Ok(())
+}
+
+/// Whether `writes` acknowledged [`WRITES_GOING_ON`] writes since `since`.
+fn writes_go_on(writes: &WriteLoop, since: Instant) -> anyhow::Result<bool> {
+    Ok(writes.log().acknowledged_since(since) >= WRITES_GOING_ON)
+}
+
+#[test]
+fn writes_go_on_without_one_etcd_member_are_refused_clearly_without_two_and_none_acknowledged_is_lost()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(2)?;
+    let key = lab.cli(Member::A, &["key", "create", "--name", "served"])?;
+    let key = key
+        .lines()
+        .find_map(|line| line.strip_prefix("secret: "))
+        .context("`key create` printed no secret")?
+        .to_owned();
+    let gateway = serving_load(&lab, "gateway", &lab.gateway_url(&key), CALL, &[])?;
+    let l4 = serving_load(
+        &lab,
+        "l4",
+        &format!("http://{}", lab.vip()),
+        SYSTEM_HEALTH,
+        &[("Connection", "close")],
+    )?;
+    let writes = WriteLoop::start(WriteTarget::pair_floating_address(
+        &lab,
+        WRITE_PACE,
+        WRITE_ANSWER_TIMEOUT,
+    ))?;
+    let started = Instant::now();
+    wait_until("writes acknowledged", Duration::from_secs(10), || {
+        writes_go_on(&writes, started)
+    })?;
+
+    // One of three members killed: a majority is left, and writes go on.
+    lab.kill_etcd(EtcdSite::Fallback)?;
+    let one_down = Instant::now();
+    let took = wait_until(
+        "writes acknowledged with one of three etcd members killed",
+        Duration::from_secs(10),
+        || writes_go_on(&writes, one_down),
+    )?;
+    eprintln!("one etcd member killed: {WRITES_GOING_ON} writes acknowledged within {took:?}");
+
+    // Two killed: no majority. Writes are refused with an answer that says why.
+    lab.kill_etcd(EtcdSite::Lb(Member::B))?;
+    let two_down = Instant::now();
+    let refused_clearly = || {
+        writes
+            .log()
+            .refused_since(two_down)
+            .find(|refused| refused.status == Some(503))
+            .cloned()
+    };
+    wait_until(
+        "a write refused with 503 after two of three etcd members were killed",
+        Duration::from_secs(15),
+        || Ok(refused_clearly().is_some()),
+    )
+    .with_context(|| format!("{:?}", writes.log().refused_since(two_down).last()))?;
+    let refusal = refused_clearly().context("the refusal seen")?;
+    eprintln!(
+        "two etcd members killed: {} refused {:?} after the second kill: {}",
+        refusal.write,
+        refusal.at - two_down,
+        refusal.error
+    );
+    ensure!(
+        refusal.error.contains("etcd (") && refusal.error.contains("no majority"),
+        "the refusal names etcd and the lost majority: {}",
+        refusal.error
+    );
+    // The gateway (with a key created before) and the kernel path serve from what they have.
+    let answer = call_gateway(&lab, &key).context("the gateway without etcd's majority")?;
+    ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
+    let node = common::system_health_from(&lab.client().netns, lab.vip())
+        .context("the L4 VIP without etcd's majority")?;
+    ensure!(
+        node.0.is_some(),
+        "a node answered through the VIP: {node:?}"
+    );
+    wait_until(
+        "a few more writes refused while the majority is lost",
+        Duration::from_secs(15),
+        || Ok(writes.log().refused_since(refusal.at).count() >= 2),
+    )?;
+    ensure!(
+        writes.log().acknowledged_since(refusal.at) == 0,
+        "a write was acknowledged without etcd's majority"
+    );
+
+    // Both back: writes are acknowledged again.
+    lab.restart_etcd(&[EtcdSite::Lb(Member::B), EtcdSite::Fallback])?;
+    let back = Instant::now();
+    let took = wait_until(
+        "writes acknowledged again once the members are back",
+        Duration::from_secs(20),
+        || writes_go_on(&writes, back),
+    )?;
+    eprintln!("etcd members back: {WRITES_GOING_ON} writes acknowledged within {took:?}");
+    let service = writes.service();
+    let log = writes.stop()?;
+
+    // Nothing acknowledged is lost, on either LB.
+    for member in [Member::A, Member::B] {
+        let missing = admin_writes::missing_on(&lab, member, service, &log)?;
+        ensure!(
+            missing.is_empty(),
+            "{} of {} acknowledged writes missing on LB {}: {missing:?}",
+            missing.len(),
+            log.acknowledged.len(),
+            member.name()
+        );
+    }
+    eprintln!(
+        "{} writes acknowledged, {} refused, none lost",
+        log.acknowledged.len(),
+        log.refused.len()
+    );
+    ensure_served_throughout("the gateway", gateway.stop()?)?;
+    ensure_served_throughout("the L4 VIP (a connection per request)", l4.stop()?)?;
+    Ok(())
+}
+
 /// Connections checked after the kill: a second old (the goal) and just opened.
 const OLD_CONNECTIONS: usize = 30;
 const YOUNG_CONNECTIONS: usize = 10;
@@ -273,20 +430,10 @@ fn kernel_stats(lab: &PairLab, member: Member) -> String {
 /// Asks every connection for its next answer in parallel (a broken one costs its I/O timeout):
 /// the errors of those that broke or moved.
 fn broken_connections(connections: &mut [KeepAlive]) -> Vec<String> {
-    std::thread::scope(|scope| {
-        let checks: Vec<_> = connections
-            .iter_mut()
-            .map(|connection| scope.spawn(move || connection.check_same_node()))
-            .collect();
-        checks
-            .into_iter()
-            .filter_map(|check| match check.join() {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(format!("{error:#}")),
-                Err(_) => Some("the check panicked".to_owned()),
-            })
-            .collect()
-    })
+    KeepAlive::check_all_same_node(connections)
+        .into_iter()
+        .filter_map(|check| check.err().map(|error| format!("{error:#}")))
+        .collect()
 }
 
 #[test]

@@ -4,6 +4,7 @@ mod bench;
 mod bench_crowd;
 mod bench_failover;
 mod bench_gateway;
+mod bench_ha;
 mod bench_l4;
 mod build;
 mod setup;
@@ -104,6 +105,23 @@ enum Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The HA pair's master fails under load: kill -9 of its lb-control and keepalived, and its
+    /// links cut.
+    ///
+    /// Each run is a fresh HA lab (`cargo xtask run --ha`) loaded from the client: wrk through
+    /// the gateway (HTTPS keep-alive) and the L4 NAT service (keep-alive, new connection each),
+    /// polkadot.js clients following heads, an admin write loop, long-lived L4 connections of
+    /// ages 0.1-10 s. Reports the time to the floating addresses on the standby and to the
+    /// first answer per kind, failed requests, L4 connections broken by age, WebSocket
+    /// reconnect times and acknowledged writes lost, medians over the runs and the issue's
+    /// goals; writes target/bench/ha.md. Arguments go to the bench-ha binary: --runs (5),
+    /// --scenarios kill,cut-links, --pace-ms (10), --ws-clients (10), --l4-connections (32),
+    /// --after (5) (`cargo xtask bench ha -- --help`). A smoke run: `--runs 1`.
+    Ha {
+        /// Arguments for bench-ha.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// A crowd of WebSocket clients over TLS through the gateway to 3 sim-nodes (Substrate's
     /// limits, health checker on).
     ///
@@ -142,6 +160,9 @@ fn main() -> ExitCode {
         Command::Bench {
             which: Bench::Gateway { args },
         } => setup::run().and_then(|()| bench_gateway::run(&args)),
+        Command::Bench {
+            which: Bench::Ha { args },
+        } => setup::run().and_then(|()| bench_ha::run(&args)),
         Command::Bench {
             which: Bench::Crowd { args },
         } => setup::run().and_then(|()| bench_crowd::run(&args)),

@@ -253,6 +253,13 @@ fn print_pair_usage(lab: &PairLab) {
     println!("  {}", cli(a, Member::A, "ha status"));
     println!("  {}", cli(b, Member::B, "ha status"));
     println!(
+        "  the master's admin API from the client: ip netns exec {} curl -s -H 'authorization: \
+         Bearer {}' {}/v1/ha",
+        client.netns,
+        lab.admin_token(),
+        lab.floating_admin_url()
+    );
+    println!(
         "\nCall the gateway at the floating address with a key (made on either LB, kept in etcd):"
     );
     println!("  {}", cli(a, Member::A, "key create --name demo"));

@@ -34,57 +34,105 @@ impl EtcdMember {
 /// Starts every member (data under the run's log directory), then waits until each reports
 /// itself healthy (a leader elected).
 pub(crate) fn start_cluster(run: &mut Run, members: &[EtcdMember]) -> Result<(), LabError> {
-    let initial_cluster = members
+    for member in members {
+        spawn_member(run, member, members, &format!("etcd-{}", member.name))?;
+    }
+    wait_until_healthy(run, members)
+}
+
+/// SIGKILL to `member`'s etcd, as a crash of its host would be; the lab reaps it when it
+/// starts it again or at teardown.
+pub(crate) fn kill_member(run: &Run, member: &EtcdMember) -> Result<(), LabError> {
+    run.process(&process_name(member))?.signal(libc::SIGKILL);
+    Ok(())
+}
+
+/// Starts the killed `members` of the cluster `cluster` again, on their data directories (so
+/// they rejoin with what they had), and waits until each reports itself healthy: with a
+/// majority of the cluster back, that is once they have caught up with the leader.
+pub(crate) fn restart_members(
+    run: &mut Run,
+    members: &[EtcdMember],
+    cluster: &[EtcdMember],
+) -> Result<(), LabError> {
+    for member in members {
+        let killed = run.reap_ended(&process_name(member))?;
+        let log_name = format!("etcd-{}-after-{killed}", member.name);
+        spawn_member(run, member, cluster, &log_name)?;
+    }
+    wait_until_healthy(run, members)
+}
+
+fn process_name(member: &EtcdMember) -> String {
+    format!("etcd {}", member.name)
+}
+
+/// Starts `member` of `cluster`; its data directory is kept across restarts.
+fn spawn_member(
+    run: &mut Run,
+    member: &EtcdMember,
+    cluster: &[EtcdMember],
+    log_name: &str,
+) -> Result<(), LabError> {
+    let initial_cluster = cluster
         .iter()
         .map(|member| format!("{}={}", member.name, member.peer_url()))
         .collect::<Vec<_>>()
         .join(",");
     let token = run.prefix.clone();
+    let data_dir = run.log_dir.join(format!("etcd-{}", member.name));
+    let (client, peer) = (member.client_url(), member.peer_url());
+    let args = [
+        "--name",
+        &member.name,
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        // Read at the first start only: a member that restarts on its data directory rejoins
+        // the cluster it belonged to.
+        "--initial-cluster",
+        &initial_cluster,
+        "--initial-cluster-state",
+        "new",
+        "--initial-cluster-token",
+        &token,
+        // Elections within a second: a lost member shows quickly.
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+        // A change of many backends is one transaction.
+        "--max-txn-ops",
+        "4096",
+        "--logger",
+        "zap",
+        "--log-level",
+        "warn",
+    ];
+    run.spawn_process(
+        &process_name(member),
+        &member.netns,
+        "etcd",
+        &args,
+        log_name,
+    )
+    .map(drop)
+}
+
+/// Waits until each of `members` answers its health check with a leader known.
+fn wait_until_healthy<'a>(
+    run: &mut Run,
+    members: impl IntoIterator<Item = &'a EtcdMember>,
+) -> Result<(), LabError> {
     for member in members {
-        let data_dir = run.log_dir.join(format!("etcd-{}", member.name));
-        let (client, peer) = (member.client_url(), member.peer_url());
-        let args = [
-            "--name",
-            &member.name,
-            "--data-dir",
-            &data_dir.to_string_lossy(),
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-            "--initial-cluster",
-            &initial_cluster,
-            "--initial-cluster-state",
-            "new",
-            "--initial-cluster-token",
-            &token,
-            // Elections within a second: a lost member shows quickly.
-            "--heartbeat-interval",
-            "100",
-            "--election-timeout",
-            "1000",
-            // A change of many backends is one transaction.
-            "--max-txn-ops",
-            "4096",
-            "--logger",
-            "zap",
-            "--log-level",
-            "warn",
-        ];
-        run.spawn_process(
-            &format!("etcd {}", member.name),
-            &member.netns,
-            "etcd",
-            &args,
-            &format!("etcd-{}", member.name),
-        )?;
-    }
-    for member in members {
-        let name = format!("etcd {}", member.name);
+        let name = process_name(member);
         let index = run
             .processes
             .iter()

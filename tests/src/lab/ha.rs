@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_control::ha::{handover::track_file, local_addresses};
+use lb_control::{
+    api::model::HaStatus,
+    ha::{Role, handover::track_file, local_addresses},
+};
 
 use super::{
     LabError, SIM_NODE_RPC_PORT, Teardown,
@@ -33,6 +36,10 @@ use super::{
 
 /// The gateway's HTTPS port on the floating gateway address.
 pub const PAIR_GATEWAY_PORT: u16 = 8443;
+/// The admin API's port. lb-control's admin API listens on every address of its LB, so the
+/// client reaches the master's at the floating gateway address, as an operator's tooling
+/// would, and each LB's at its own address.
+pub const PAIR_ADMIN_PORT: u16 = 9900;
 /// Both lb-controls' admin token (the CLI reads it from their config files).
 const ADMIN_TOKEN: &str = "ha-lab-admin-token-0123456789abcdef";
 /// The flow sync's port on each LB's private address.
@@ -42,6 +49,13 @@ const FLOW_SYNC_SECRET: &str = "ha-lab-flow-sync-secret-0123456789abcdef";
 const LB_CONTROL_RUNNING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the first election may take: the adverts' timeout, then `preempt_delay`.
 const ELECTION_SLACK: Duration = Duration::from_secs(10);
+
+/// Where an etcd member of the HA lab runs: on one of the LBs, or at the fallback site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdSite {
+    Lb(Member),
+    Fallback,
+}
 
 #[derive(Debug, Clone)]
 pub struct PairConfig {
@@ -160,6 +174,21 @@ impl PairLab {
         self.config.preempt_delay
     }
 
+    /// `http://10.200.1.1:9900`: the admin API of the LB that holds the floating addresses.
+    pub fn floating_admin_url(&self) -> String {
+        format!("http://{GATEWAY_V4}:{PAIR_ADMIN_PORT}")
+    }
+
+    /// `member`'s own admin API, at its own address on the client segment.
+    pub fn admin_url(&self, member: Member) -> String {
+        format!("http://{}:{PAIR_ADMIN_PORT}", self.lb(member).client_v4)
+    }
+
+    /// The admin API's bearer token, the same on both LBs.
+    pub fn admin_token(&self) -> &'static str {
+        ADMIN_TOKEN
+    }
+
     /// `https://10.200.1.1:8443/<key>`: the gateway at its floating address.
     pub fn gateway_url(&self, key: &str) -> String {
         format!("https://{GATEWAY_V4}:{PAIR_GATEWAY_PORT}/{key}")
@@ -250,6 +279,18 @@ impl PairLab {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// `member`'s role, as its lb-control reports it (`lb-control ha status`).
+    pub fn role(&self, member: Member) -> Result<Role, LabError> {
+        let output = self.cli(member, &["ha", "status", "--json"])?;
+        let status: HaStatus = serde_json::from_str(&output).map_err(|error| {
+            LabError::io(format!(
+                "reading `lb-control ha status --json` on LB {}",
+                member.name()
+            ))(error.into())
+        })?;
+        Ok(status.role)
+    }
+
     /// SIGKILL to `member`'s lb-control and keepalived (each with its children), as a crash
     /// would: keepalived gets no say, so the floating addresses stay on its interfaces. Both
     /// are reaped, so a restarted keepalived does not take its old pid file for a live one.
@@ -266,6 +307,26 @@ impl PairLab {
         }
         pids.into_iter()
             .try_for_each(|pid| self.run.stop_process(pid))
+    }
+
+    /// Cuts `member` off its clients and the other LB (see
+    /// [`PairTopology::cut_client_and_private_links`]): its processes run on, isolated, and
+    /// its etcd member is cut off from the other two.
+    pub fn cut_links(&self, member: Member) -> Result<(), LabError> {
+        self.topology.cut_client_and_private_links(member)
+    }
+
+    /// SIGKILL to the etcd member at `site`, as a crash would.
+    pub fn kill_etcd(&self, site: EtcdSite) -> Result<(), LabError> {
+        etcd::kill_member(&self.run, &self.etcd_member(site))
+    }
+
+    /// Starts the etcd members at `sites` again after [`PairLab::kill_etcd`], on their data
+    /// directories, and waits until each reports itself healthy (which needs a majority).
+    pub fn restart_etcd(&mut self, sites: &[EtcdSite]) -> Result<(), LabError> {
+        let cluster = self.etcd_members();
+        let members: Vec<EtcdMember> = sites.iter().map(|&site| self.etcd_member(site)).collect();
+        etcd::restart_members(&mut self.run, &members, &cluster)
     }
 
     /// Starts `member`'s lb-control and keepalived again after [`PairLab::kill`]; keepalived
@@ -312,7 +373,16 @@ impl PairLab {
         self.run.log_dir.join(format!("lb-state-{}", member.name()))
     }
 
-    /// The three etcd members: one on each LB and one at the fallback site.
+    /// The etcd member at `site`.
+    fn etcd_member(&self, site: EtcdSite) -> EtcdMember {
+        let index = match site {
+            EtcdSite::Lb(member) => member as usize,
+            EtcdSite::Fallback => 2,
+        };
+        self.etcd_members().swap_remove(index)
+    }
+
+    /// The three etcd members: one on each LB and one at the fallback site, in that order.
     fn etcd_members(&self) -> Vec<EtcdMember> {
         self.topology
             .lbs
@@ -366,6 +436,7 @@ impl PairLab {
              tls_key = \"{dir}/gateway.key\"\n\
              service = \"{VIP_V4}:{SIM_NODE_RPC_PORT}/tcp\"\n\n\
              [admin]\n\
+             listen = \"0.0.0.0:{PAIR_ADMIN_PORT}\"\n\
              token = \"{ADMIN_TOKEN}\"\n\n\
              [store]\n\
              etcd = {{ endpoints = [{endpoints}], prefix = \"/lb-pair/\" }}\n\n\

@@ -45,7 +45,7 @@ pub use binaries::{binary_path, js_dir};
 pub use chopsticks::CHOPSTICKS_CHAIN;
 pub use dsr::{DSR_TUN_IFACE, DsrNode};
 pub use error::LabError;
-pub use ha::{PAIR_GATEWAY_PORT, PairConfig, PairLab};
+pub use ha::{EtcdSite, PAIR_ADMIN_PORT, PAIR_GATEWAY_PORT, PairConfig, PairLab};
 pub use netns::{command_in_netns, in_netns, run_checked};
 pub use pair::{GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
 pub use process::LabProcess;

@@ -241,8 +241,7 @@ impl PairTopology {
         iface: &str,
         addr: Ipv4Addr,
     ) -> Result<String, LabError> {
-        let suffix = netns.rsplit('-').next().unwrap_or(netns);
-        let port = format!("{}-{suffix}", segment.port_tag);
+        let port = switch_port(segment, netns);
         let queues = queues_per_link().to_string();
         run_ip(&[
             "-n",
@@ -282,6 +281,28 @@ impl PairTopology {
         run_ip(&["-n", netns, "link", "set", iface, "up"])?;
         Ok(port)
     }
+}
+
+impl PairTopology {
+    /// Sets the switch ends of `member`'s links to the client segment and the private segment
+    /// down, as if their cables were pulled: the LB's own ends lose their carrier too, so it
+    /// neither hears nor reaches the clients, the other LB or the etcd members elsewhere. Its
+    /// link to the nodes stays up.
+    pub fn cut_client_and_private_links(&self, member: Member) -> Result<(), LabError> {
+        let netns = &self.lb(member).netns;
+        for segment in [&CLIENT_SEGMENT, &PRIVATE_SEGMENT] {
+            let port = switch_port(segment, netns);
+            run_ip(&["-n", &self.switch, "link", "set", &port, "down"])?;
+        }
+        Ok(())
+    }
+}
+
+/// The switch end of `netns`'s link to `segment`: the segment's tag and the namespace's suffix,
+/// e.g. `c-lba`.
+fn switch_port(segment: &Segment, netns: &str) -> String {
+    let suffix = netns.rsplit('-').next().unwrap_or(netns);
+    format!("{}-{suffix}", segment.port_tag)
 }
 
 fn route_default(netns: &str, via: Ipv4Addr) -> Result<(), LabError> {

@@ -191,24 +191,29 @@ impl Run {
         addr: std::net::Ipv4Addr,
         block_time: Duration,
     ) -> Result<(), LabError> {
-        let name = format!("sim-node node{index}");
+        let ended = self.reap_ended(&format!("sim-node node{index}"))?;
+        let log = self
+            .log_dir
+            .join(format!("sim-node-node{index}-after-{ended}.log"));
+        self.processes
+            .push(spawn_sim_node(index, netns, block_time, log)?);
+        wait_until_sim_node_accepts(self.last_process(), netns, addr)
+    }
+
+    /// Forgets the process named `name`, which a test killed, once reaped (stopped first if it
+    /// still runs), so it can be started again; returns its pid, which names the next log.
+    pub(crate) fn reap_ended(&mut self, name: &str) -> Result<u32, LabError> {
         let position = self
             .processes
             .iter()
             .position(|process| process.name() == name)
             .ok_or_else(|| LabError::Config(format!("the lab runs no {name}")))?;
         let mut ended = [self.processes.remove(position)];
-        // Reaps it (and stops it first if it still runs).
         let problems = process::stop_all(&mut ended, STOP_GRACE);
         if !problems.is_empty() {
             return Err(LabError::Cleanup(problems));
         }
-        let log = self
-            .log_dir
-            .join(format!("sim-node-node{index}-after-{}.log", ended[0].pid()));
-        self.processes
-            .push(spawn_sim_node(index, netns, block_time, log)?);
-        wait_until_sim_node_accepts(self.last_process(), netns, addr)
+        Ok(ended[0].pid())
     }
 
     pub(crate) fn last_process(&mut self) -> &mut LabProcess {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests that run in the lab.
 #![allow(
     dead_code,
+    unused_imports,
     reason = "each test binary includes this module and uses a different subset of it"
 )]
 
@@ -11,7 +12,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -20,7 +21,7 @@ use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
     lab::{
         Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, certs::GatewayCerts, command_in_netns,
-        in_netns, js_dir, run_checked,
+        in_netns, run_checked,
     },
     rpc_client::RpcConnection,
     sim_node::{ControlClient, Fault, NodeStatus},
@@ -447,49 +448,7 @@ fn on_lb_host<T: Send, E: std::error::Error + Send + Sync + 'static>(
 // HTTP through the VIP
 // ---------------------------------------------------------------------------------------------
 
-/// A keep-alive HTTP/1.1 connection from a lab host to a service, and the node that answered
-/// its first request.
-pub struct KeepAlive {
-    connection: RpcConnection,
-    pub node: String,
-}
-
-impl KeepAlive {
-    /// Connects from `netns` and sends a first request, which decides the node.
-    pub fn open(netns: &str, target: SocketAddr) -> anyhow::Result<KeepAlive> {
-        let connection = in_netns(netns, || RpcConnection::connect(target, IO_TIMEOUT))?
-            .with_context(|| format!("from {netns}"))?;
-        let mut keep_alive = KeepAlive {
-            connection,
-            node: String::new(),
-        };
-        keep_alive.node = keep_alive.system_health()?;
-        Ok(keep_alive)
-    }
-
-    pub fn stream(&self) -> &TcpStream {
-        self.connection.stream()
-    }
-
-    /// Posts `system_health` on this connection; returns the node that answered.
-    pub fn system_health(&mut self) -> anyhow::Result<String> {
-        Ok(self.connection.system_health()?.node()?.to_owned())
-    }
-
-    /// The next request must be answered by the node of the first one.
-    pub fn check_same_node(&mut self) -> anyhow::Result<()> {
-        let local = self.stream().local_addr()?;
-        let node = self
-            .system_health()
-            .with_context(|| format!("connection {local} (on {})", self.node))?;
-        ensure!(
-            node == self.node,
-            "connection {local} moved from {} to {node}",
-            self.node
-        );
-        Ok(())
-    }
-}
+pub use lb_tests::rpc_client::KeepAlive;
 
 /// A TCP connection to `target` from inside `netns`, given at most `timeout` to connect.
 pub fn connect(netns: &str, target: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
@@ -630,50 +589,6 @@ impl GatewayLab {
 // JavaScript clients (tests/js)
 // ---------------------------------------------------------------------------------------------
 
-/// Starts `node FLAGS SCRIPT ARGS…` (a script in tests/js) in the namespace `netns` (a lab's
-/// client), trusting the lab CA in `ca`; its output is piped, for [`js_summary`]. The scripts
-/// bound their own run time.
-pub fn spawn_js(
-    netns: &str,
-    ca: &Path,
-    node_flags: &[&str],
-    script: &str,
-    args: &[&str],
-) -> anyhow::Result<Child> {
-    command_in_netns(netns, "node")?
-        .args(node_flags)
-        .arg(script)
-        .args(args)
-        .current_dir(js_dir())
-        .env("NODE_EXTRA_CA_CERTS", ca)
-        // A script that runs until told may wait for its standard input to close.
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))
-}
-
-/// The JSON summary `script` printed as its last line, failing with the error it reports.
-pub fn js_summary(
-    script: &str,
-    args: &[&str],
-    output: &Output,
-) -> anyhow::Result<serde_json::Value> {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary: serde_json::Value = stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .with_context(|| {
-            format!(
-                "node {script} printed no JSON summary; stdout: {stdout}; stderr: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })?;
-    ensure!(
-        output.status.success() && summary.get("error").is_none(),
-        "node {script} {args:?} failed: {summary}"
-    );
-    Ok(summary)
-}
+/// `spawn_js(netns, ca, flags, script, args)` starts a tests/js script in a lab namespace;
+/// `js_summary` reads the JSON line it ends with.
+pub use lb_tests::js_client::{spawn_in as spawn_js, summary as js_summary};
