@@ -115,7 +115,7 @@ enum Bench {
     /// first answer per kind, failed requests, L4 connections broken by age, WebSocket
     /// reconnect times and acknowledged writes lost, medians over the runs and the issue's
     /// goals; writes target/bench/ha.md. Arguments go to the bench-ha binary: --runs (5),
-    /// --scenarios kill,cut-links, --pace-ms (10), --ws-clients (10), --l4-connections (32),
+    /// --scenarios kill,cut-links,handover, --pace-ms (10), --ws-clients (10), --l4-connections (32),
     /// --after (5) (`cargo xtask bench ha -- --help`). A smoke run: `--runs 1`.
     Ha {
         /// Arguments for bench-ha.

@@ -60,7 +60,8 @@ const QUOTED_BROKEN: usize = 3;
                   through the gateway and the L4 NAT service, polkadot.js clients following \
                   heads, an admin write loop, long-lived L4 connections of ages 0.1-10 s), then \
                   the scenario's event on the master (kill: SIGKILL of its lb-control and \
-                  keepalived; cut-links: its client and private links down). Reports every run, \
+                  keepalived; cut-links: its client and private links down; handover: \
+                  lb-control ha handover on it). Reports every run, \
                   medians per scenario and the issue's goals. Needs root."
 )]
 struct Cli {
@@ -300,7 +301,7 @@ fn settings(cli: &Cli) -> anyhow::Result<Settings> {
         bail!("--runs must be at least 1");
     }
     if cli.scenarios.is_empty() {
-        bail!("--scenarios names none: give kill, cut-links or both");
+        bail!("--scenarios names none: give kill, cut-links, handover or several");
     }
     if cli.pace_ms == 0 {
         bail!("--pace-ms must be at least 1: without a pause wrk takes every CPU from the pair");

@@ -169,6 +169,60 @@ pub const UNPLANNED_GOALS: [Goal; 3] = [
     },
 ];
 
+/// What the issue asks of a planned handover.
+pub const PLANNED_GOALS: [Goal; 3] = [
+    Goal {
+        what: "0 failed HTTP requests, connections refused included (every kind, all runs)",
+        figure: |runs| failed_requests(runs).to_string(),
+        met: |runs| failed_requests(runs) == 0,
+    },
+    Goal {
+        what: "0 L4 connections broken, any age (all runs)",
+        figure: |runs| broken_older_than(runs, Duration::ZERO).to_string(),
+        met: |runs| broken_older_than(runs, Duration::ZERO) == 0,
+    },
+    Goal {
+        what: "polkadot.js: every client back ≤ 1 s after its close, no call failed (all runs)",
+        figure: |runs| {
+            format!(
+                "slowest {}, {} failed calls",
+                ms_or_never(slowest_reconnect(runs)),
+                failed_js_calls(runs)
+            )
+        },
+        met: |runs| {
+            slowest_reconnect(runs).is_some_and(|slowest| slowest <= Duration::from_secs(1))
+                && failed_js_calls(runs) == 0
+        },
+    },
+];
+
+fn failed_requests(runs: &[&Run]) -> u64 {
+    runs.iter()
+        .flat_map(|run| &run.http)
+        .map(|http| http.failed + http.refused_connects)
+        .sum()
+}
+
+fn broken_older_than(runs: &[&Run], age: Duration) -> usize {
+    runs.iter().map(|run| run.broken_older_than(age)).sum()
+}
+
+/// The slowest reconnection of every run; None when a run had none (no client was moved).
+fn slowest_reconnect(runs: &[&Run]) -> Option<Duration> {
+    runs.iter()
+        .map(|run| run.websocket.reconnect.iter().max().copied())
+        .collect::<Option<Vec<_>>>()?
+        .into_iter()
+        .max()
+}
+
+fn failed_js_calls(runs: &[&Run]) -> u64 {
+    runs.iter()
+        .map(|run| run.websocket.cut_off + run.websocket.error_answers)
+        .sum()
+}
+
 /// The median over `runs` of when `kind` was answered again; None if in any run it never was.
 fn median_again(runs: &[&Run], kind: HttpKind) -> Option<Duration> {
     let agains: Option<Vec<f64>> = runs
@@ -180,9 +234,7 @@ fn median_again(runs: &[&Run], kind: HttpKind) -> Option<Duration> {
 }
 
 fn broken_older_than_a_second(runs: &[&Run]) -> usize {
-    runs.iter()
-        .map(|run| run.broken_older_than(Duration::from_secs(1)))
-        .sum()
+    broken_older_than(runs, Duration::from_secs(1))
 }
 
 fn lost_writes(runs: &[&Run]) -> usize {
@@ -201,7 +253,7 @@ pub fn markdown(context: &Context<'_>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "# HA benchmark: the master of the pair fails under load\n"
+        "# HA benchmark: the master of the pair fails, or hands over, under load\n"
     );
     write_setup(&mut out, context);
     for scenario in &context.settings.scenarios {
