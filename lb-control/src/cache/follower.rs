@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jsonrpsee_core::client::{Subscription, SubscriptionClientT};
 use jsonrpsee_core::rpc_params;
@@ -63,11 +63,19 @@ pub fn follow(nodes: watch::Receiver<Vec<SocketAddr>>, cache: ResponseCache) -> 
     }
 }
 
-/// A node's latest notification of one kind, as the node sent it (raw JSON); None until one
-/// came.
-pub type Feed = watch::Receiver<Option<Arc<RawValue>>>;
+/// A node's latest notification of one kind; None until one came.
+pub type Feed = watch::Receiver<Option<FeedItem>>;
 
-type FeedSender = watch::Sender<Option<Arc<RawValue>>>;
+type FeedSender = watch::Sender<Option<FeedItem>>;
+
+/// A notification on a feed.
+#[derive(Debug, Clone)]
+pub struct FeedItem {
+    /// As the node sent it (raw JSON).
+    pub value: Arc<RawValue>,
+    /// When the follower received it: what the gateway's delivery delay is counted from.
+    pub received: Instant,
+}
 
 /// Each followed node's latest best and finalized headers and runtime version. A watch per node
 /// and kind: a subscriber that falls behind skips to the latest one instead of queueing old
@@ -95,11 +103,14 @@ impl NodeFeeds {
     }
 
     fn publish(&self, node: SocketAddr, kind: FeedKind, value: &RawValue) {
-        let value = Arc::from(value.to_owned());
+        let item = FeedItem {
+            value: Arc::from(value.to_owned()),
+            received: Instant::now(),
+        };
         lock(&self.nodes)
             .entry((node, kind))
             .or_insert_with(|| watch::channel(None).0)
-            .send_replace(Some(value));
+            .send_replace(Some(item));
     }
 
     /// Ends the feeds of nodes no longer followed.
@@ -428,7 +439,11 @@ mod tests {
         cluster.on_head(b, &header(9, 0)).unwrap();
         cluster.on_finalized(b, &header(8, 0)).unwrap();
         assert!(best_a.has_changed().unwrap());
-        let text = |feed: &Feed| feed.borrow().as_ref().map(|header| header.get().to_owned());
+        let text = |feed: &Feed| {
+            feed.borrow()
+                .as_ref()
+                .map(|item| item.value.get().to_owned())
+        };
         assert_eq!(text(&best_a), Some(header(10, 0).get().to_owned()));
         best_a.mark_unchanged();
         assert_eq!(
@@ -463,7 +478,10 @@ mod tests {
         assert_eq!(cluster.cache.runtime(), Some(version(269)));
         let feed_b = cluster.feeds.watch(b, FeedKind::RuntimeVersion);
         assert_eq!(
-            feed_b.borrow().as_ref().map(|raw| raw.get().to_owned()),
+            feed_b
+                .borrow()
+                .as_ref()
+                .map(|item| item.value.get().to_owned()),
             Some(notification(268).get().to_owned())
         );
         cluster.on_runtime(b, &notification(270)).unwrap();

@@ -23,7 +23,7 @@ mod key;
 pub mod policy;
 pub mod store;
 
-pub use follower::{ChainFollower, Feed, NodeFeeds, follow};
+pub use follower::{ChainFollower, Feed, FeedItem, NodeFeeds, follow};
 pub use policy::{CachePolicy, classify, classify_by_rule};
 pub use store::{
     CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache,

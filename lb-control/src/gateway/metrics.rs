@@ -63,6 +63,9 @@ pub struct GatewayMetrics {
     pub websocket_closed: Family<ClosedLabels, Counter>,
     /// Head subscriptions served from the shared per-node feeds.
     pub shared_subscriptions: Gauge,
+    /// From the chain follower receiving a node's head (or runtime version) to its notification
+    /// written to a subscribed client: how far behind the fan-out to the clients runs.
+    pub feed_delivery_seconds: Histogram,
     /// Open upstream WebSocket connections (links) per node, which client sessions share.
     pub upstream_links: Family<UpstreamLabels, Gauge>,
     /// Upstream links that failed (connect, send, receive, closed by the node).
@@ -120,6 +123,9 @@ impl GatewayMetrics {
             websocket_sessions: Gauge::default(),
             websocket_closed: Family::default(),
             shared_subscriptions: Gauge::default(),
+            feed_delivery_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             upstream_links: Family::default(),
             upstream_link_failures: Family::default(),
             upstream_subscriptions: Family::default(),
@@ -197,6 +203,12 @@ impl GatewayMetrics {
             "shared_subscriptions",
             "Head subscriptions served from one upstream subscription per node",
             metrics.shared_subscriptions.clone(),
+        );
+        registry.register(
+            "feed_delivery_seconds",
+            "Time from a node's head notification reaching the gateway to its copy written to \
+             each subscribed client",
+            metrics.feed_delivery_seconds.clone(),
         );
         registry.register(
             "upstream_connections",

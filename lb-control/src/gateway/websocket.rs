@@ -77,7 +77,7 @@ use super::{
     upstream::UpstreamError,
 };
 use crate::{
-    cache::Feed,
+    cache::{Feed, FeedItem},
     keys::LiveKey,
     methods::{self, FeedKind, Method, Subscription},
     model::ApiKeyId,
@@ -239,7 +239,7 @@ struct Session {
     hold: ConnectionHold,
     _key_slot: Slot<ApiKeyId>,
     /// The shared head subscriptions of this client, by the id it was given...
-    shared: StreamMap<String, WatchStream<Option<Arc<RawValue>>>>,
+    shared: StreamMap<String, WatchStream<Option<FeedItem>>>,
     /// ... and the notification method of each.
     notifications: HashMap<String, &'static str>,
     /// Where the node's answers and notifications for this client come in.
@@ -404,14 +404,15 @@ impl Session {
                         break Ending::by_client();
                     }
                 }
-                Some((subscription, value)) = self.shared.next(), if !self.shared.is_empty() => {
-                    let (Some(value), Some(method)) = (value, self.notifications.get(&subscription)) else {
+                Some((subscription, item)) = self.shared.next(), if !self.shared.is_empty() => {
+                    let (Some(item), Some(method)) = (item, self.notifications.get(&subscription)) else {
                         continue;
                     };
-                    let notification = jsonrpc::notification(method, &subscription, &value);
+                    let notification = jsonrpc::notification(method, &subscription, &item.value);
                     if !deliver(&mut client, Message::text(notification), idle_timeout).await {
                         break Ending::by_client();
                     }
+                    metrics.feed_delivery_seconds.observe(item.received.elapsed().as_secs_f64());
                 }
                 Ok(()) = self.key_changes.changed() => {
                     if let Err(ending) = self.follow_key() {

@@ -237,6 +237,14 @@ async fn head_and_runtime_subscriptions_are_shared_from_one_upstream_subscriptio
         metrics.contains("lb_gateway_shared_subscriptions 8"),
         "{metrics}"
     );
+    // Every notification read above went through the delivery histogram: 4 clients × (3 best
+    // + 1 finalized) and the runtime version, at the least.
+    let delivered =
+        lb_tests::prometheus::sum(&metrics, "lb_gateway_feed_delivery_seconds_count", |_| true);
+    assert!(
+        delivered >= 17.0,
+        "{delivered} deliveries counted: {metrics}"
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 use lb_tests::{
     cpu::Usage,
     crowd::{CrowdSummary, Steady, summary::Percentiles},
+    prometheus,
 };
 
 use crate::{
@@ -69,6 +70,10 @@ struct Figures {
     cpu_us_per_notification: f64,
     /// lb-control's CPU during the hold, in cores.
     cpu_cores: f64,
+    /// The gateway's own part of the heads' delay during the hold, p50 and p99 in ms: from the
+    /// chain follower receiving a head to its copy written to each client
+    /// (`lb_gateway_feed_delivery_seconds`).
+    gateway_delivery_ms: Option<(f64, f64)>,
 }
 
 fn figures(context: &Context<'_>) -> Figures {
@@ -116,7 +121,18 @@ fn figures(context: &Context<'_>) -> Figures {
         rss_per_client_kib: rss_added / connected,
         cpu_us_per_notification: hold_cpu * 1e6 / context.summary.heads_in_steady.max(1) as f64,
         cpu_cores: hold_cpu / hold_wall.max(f64::EPSILON),
+        gateway_delivery_ms: gateway_delivery_ms(context.at_steady, context.at_close),
     }
+}
+
+fn gateway_delivery_ms(from: &Snapshot, to: &Snapshot) -> Option<(f64, f64)> {
+    const METRIC: &str = "lb_gateway_feed_delivery_seconds";
+    let (before, after) = (
+        prometheus::buckets(&from.metrics, METRIC),
+        prometheus::buckets(&to.metrics, METRIC),
+    );
+    let ms = |q| prometheus::quantile_between(&before, &after, q).map(|seconds| seconds * 1e3);
+    Some((ms(0.5)?, ms(0.99)?))
 }
 
 pub fn markdown(context: &Context<'_>) -> String {
@@ -214,6 +230,7 @@ fn write_goals(out: &mut String, context: &Context<'_>, figures: &Figures) {
          | lb-control's connections at a node at once (all kinds), most of any node | ≤ {SUBSTRATE_MAX_CONNECTIONS} | {most_at_a_node} | {} |\n\
          | lb-control RSS per connected client | ≤ {RSS_PER_CLIENT_GOAL_KIB:.0} KiB | {:.1} KiB | {} |\n\
          | head delay node → client, p99 | ≤ {HEAD_DELAY_P99_GOAL_MS:.0} ms | {:.1} ms (p50 {:.1} ms) | {} |\n\
+         | of which in the gateway (head received → written to the client), p99 | — | {} | — |\n\
          | lb-control CPU per head notification | — | {:.1} µs ({:.2} cores during the hold; the crowd {:.2}, the machine {:.0} % busy) | — |\n",
         met(figures.left_rotation.is_empty()),
         figures.dropped,
@@ -226,6 +243,9 @@ fn write_goals(out: &mut String, context: &Context<'_>, figures: &Figures) {
         summary.head_delay.p99_ms,
         summary.head_delay.p50_ms,
         met(summary.head_delay.samples > 0 && summary.head_delay.p99_ms <= HEAD_DELAY_P99_GOAL_MS),
+        figures.gateway_delivery_ms.map_or("—".to_owned(), |(p50, p99)| {
+            format!("{p99:.1} ms (p50 {p50:.1} ms; `lb_gateway_feed_delivery_seconds`, estimated from its buckets)")
+        }),
         figures.cpu_us_per_notification,
         figures.cpu_cores,
         context.crowd_cores,
