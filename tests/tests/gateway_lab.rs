@@ -130,10 +130,9 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
     let state_dir = state_dir.to_str().context("utf-8 state directory")?;
     let client = format!("{}/32", lab.client().addr_v4);
     wait_for("the block in the state store", || {
-        let export = gateway.lb_control.cli_json(
-            &lab,
-            &["store", "export", "--state-dir", state_dir],
-        )?;
+        let export = gateway
+            .lb_control
+            .cli_json(&lab, &["store", "export", "--state-dir", state_dir])?;
         Ok(export["blocklist"].as_array().is_some_and(|blocks| {
             blocks.iter().any(|block| {
                 block["prefix"] == client.as_str() && block["source"] == "auth-failure"

@@ -433,6 +433,19 @@ fn writes_go_on_without_one_etcd_member_are_refused_clearly_without_two_and_none
         node.0.is_some(),
         "a node answered through the VIP: {node:?}"
     );
+    // A block is a write like the others: refused naming etcd, and in no kernel.
+    let refused = match lab.cli(Member::A, &["block", "add", "203.0.113.0/24"]) {
+        Ok(output) => anyhow::bail!("a block acknowledged without etcd's majority: {output}"),
+        Err(error) => error.to_string(),
+    };
+    ensure!(
+        refused.contains("etcd (") && refused.contains("no majority"),
+        "the refused block names etcd and the lost majority: {refused}"
+    );
+    ensure!(
+        kernel_blocklist(&lab, Member::A)?.is_empty(),
+        "a refused block reached LB a's kernel"
+    );
     wait_until(
         "a few more writes refused while the majority is lost",
         Duration::from_secs(15),
