@@ -3,7 +3,8 @@
 //! config → state store → data plane → backend set ← health checker, admin API; the backend set
 //! pushes every change to the kernel and publishes the view the health checker and the gateway
 //! follow. A shared store (etcd) also tells of changes other lb-controls made
-//! ([`follow_shared_store`]): the backend set and the live API keys re-read their part.
+//! ([`follow_shared_store`], [`follow_shared_blocklist`]): the backend set, the live API keys
+//! and the kernel blocklist re-read their part.
 //!
 //! A shared store must answer at start (lb-control keeps no local copy to start from); once
 //! running, the data plane and the gateway serve from memory and never wait for it.
@@ -34,6 +35,7 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AdminContext},
     backends::{BackendSet, ClusterView, Declared, Paused},
+    blocklist::StoredBlocklist,
     config::Config,
     dataplane::{self, BlocklistHandle, Dataplane},
     gateway::{
@@ -142,9 +144,9 @@ struct Daemon {
     backends: Arc<BackendSet>,
     checker: health::Checker,
     gateway: Option<Gateway>,
-    blocklist: BlocklistHandle,
-    /// Writes the gateway's block requests to the kernel blocklist; stopped when a new process
-    /// takes over (the blocklist's version is read, changed and written: one writer).
+    blocklist: StoredBlocklist,
+    /// Writes the gateway's block requests to the blocklist; stopped when a new process takes
+    /// over (the kernel blocklist's version is read, changed and written: one writer).
     block_applier: JoinHandle<()>,
     /// None while a new process takes over.
     admin: Option<AdminServer>,
@@ -291,7 +293,21 @@ impl Daemon {
             ),
             None => None,
         };
-        tokio::spawn(follow_role(ha.subscribe(), backends.clone()));
+        // The kernel blocklist's one writer: the gateway, the admin API, the expiry sweep and
+        // the store's changes all go through it.
+        let blocklist = StoredBlocklist::start(
+            store.clone(),
+            BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?,
+            &config.state_dir,
+        )
+        .await
+        .context("the source blocklist")?;
+        blocklist.set_deletes_expired(ha.current().role.records_health());
+        tokio::spawn(follow_role(
+            ha.subscribe(),
+            backends.clone(),
+            blocklist.clone(),
+        ));
 
         // The remote gateways' relays are checked like the backends' nodes.
         let remote_targets = gateway_bound
@@ -306,10 +322,9 @@ impl Daemon {
 
         let keys = ApiKeys::open(store.clone())?;
         if let Some(changes) = store.changes() {
+            tokio::spawn(follow_shared_blocklist(changes.clone(), blocklist.clone()));
             tokio::spawn(follow_shared_store(changes, backends.clone(), keys.clone()));
         }
-        // The kernel blocklist's one writer: the gateway, the admin API and the expiry sweep.
-        let blocklist = BlocklistHandle::open(&pin_dir, metrics.blocklist_entries.clone())?;
         let (blocks, block_requests) = mpsc::unbounded_channel::<BlockRequest>();
         let block_applier = tokio::spawn(gateway::block::apply_requests(
             block_requests,
@@ -484,17 +499,11 @@ impl Daemon {
         }
     }
 
-    /// Expires blocklist entries, retries a kernel push that failed, and admits joining
-    /// backends whose admission did not happen with their last health change.
+    /// Expires blocklist entries (and records automatic blocks the store refused before),
+    /// retries a kernel push that failed, and admits joining backends whose admission did not
+    /// happen with their last health change.
     async fn housekeeping(&mut self) {
-        match self.blocklist.expire(SystemTime::now()).await {
-            Ok(expired) => {
-                for prefix in expired {
-                    info!(%prefix, "blocklist entry expired");
-                }
-            }
-            Err(error) => error!("expiring blocklist entries: {error}"),
-        }
+        self.blocklist.housekeeping(SystemTime::now()).await;
         if let Err(error) = self.backends.resync_kernel().await {
             error!("the kernel tables are behind the backend set: {error}");
         }
@@ -607,12 +616,17 @@ async fn follow_view(
     }
 }
 
-/// Keeps the backend set's recording of health transitions to what the role allows: a backup
-/// leaves the record to its master.
-async fn follow_role(mut role: watch::Receiver<RoleState>, backends: Arc<BackendSet>) {
+/// Keeps the backend set's recording of health transitions, and the blocklist's deletion of
+/// expired entries, to what the role allows: a backup leaves the record to its master.
+async fn follow_role(
+    mut role: watch::Receiver<RoleState>,
+    backends: Arc<BackendSet>,
+    blocklist: StoredBlocklist,
+) {
     while role.changed().await.is_ok() {
         let current = role.borrow_and_update().role;
         backends.record_health(current.records_health());
+        blocklist.set_deletes_expired(current.records_health());
     }
 }
 
@@ -634,38 +648,79 @@ async fn follow_health(
 /// that does not answer (no quorum) is asked again every second; meanwhile everything serves
 /// from the last state read.
 pub async fn follow_shared_store(
-    mut changes: watch::Receiver<StoreChanges>,
+    changes: watch::Receiver<StoreChanges>,
     backends: Arc<BackendSet>,
     keys: ApiKeys,
 ) {
-    // Both read once more at the start: they loaded before this task began to listen.
-    let mut applied = StoreChanges {
-        backends: u64::MAX,
-        keys: u64::MAX,
-    };
-    loop {
-        let wanted = *changes.borrow_and_update();
-        let mut behind = false;
-        if wanted.backends != applied.backends {
-            match backends.follow_store().await {
-                Ok(()) => applied.backends = wanted.backends,
-                Err(error) => {
-                    behind = true;
-                    warn!("following the shared store's backends: {error}");
+    let follow_backends = follow_part(
+        changes.clone(),
+        "backends",
+        |changes| changes.backends,
+        move || {
+            let backends = backends.clone();
+            async move { backends.follow_store().await.map_err(|e| e.to_string()) }
+        },
+    );
+    let follow_keys = follow_part(
+        changes,
+        "API keys",
+        |changes| changes.keys,
+        move || {
+            let keys = keys.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || keys.reload()).await {
+                    Ok(reloaded) => reloaded.map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
                 }
             }
-        }
-        if wanted.keys != applied.keys {
-            let keys = keys.clone();
-            match tokio::task::spawn_blocking(move || keys.reload()).await {
-                Ok(Ok(())) => applied.keys = wanted.keys,
-                Ok(Err(error)) => {
-                    behind = true;
-                    warn!("following the shared store's API keys: {error}");
-                }
+        },
+    );
+    tokio::join!(follow_backends, follow_keys);
+}
+
+/// Keeps this host's kernel blocklist following the shared store's: the blocks and unblocks
+/// another lb-control made, and the expiry its master deleted.
+pub async fn follow_shared_blocklist(
+    changes: watch::Receiver<StoreChanges>,
+    blocklist: StoredBlocklist,
+) {
+    follow_part(
+        changes,
+        "blocklist",
+        |changes| changes.blocklist,
+        move || {
+            let blocklist = blocklist.clone();
+            async move {
+                blocklist
+                    .follow_store()
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+}
+
+/// Runs `follow` whenever `part` of the store's changes moves, and once at the start (the
+/// follower loaded before this task began to listen); while it fails, again every second.
+/// Returns when the store is gone.
+async fn follow_part<F: Future<Output = Result<(), String>>>(
+    mut changes: watch::Receiver<StoreChanges>,
+    what: &str,
+    part: impl Fn(&StoreChanges) -> u64,
+    mut follow: impl FnMut() -> F,
+) {
+    let mut applied = None;
+    loop {
+        let wanted = part(&changes.borrow_and_update());
+        let mut behind = false;
+        if applied != Some(wanted) {
+            match follow().await {
+                Ok(()) => applied = Some(wanted),
                 Err(error) => {
                     behind = true;
-                    error!("following the shared store's API keys: {error}");
+                    warn!("following the shared store's {what}: {error}");
                 }
             }
         }

@@ -15,9 +15,11 @@
 //! - [`daemon`]: `lb-control run`, wiring the parts together.
 //! - [`ha`]: this lb-control's role in an HA pair (master, backup, fault), from keepalived.
 //! - [`netns`]: entering a named network namespace.
-//! - [`store`]: the persistent state (services, backends, API keys, join tokens, events).
+//! - [`store`]: the persistent state (services, backends, API keys, join tokens, the blocklist,
+//!   events).
 //! - [`api`]: the admin REST API and `/metrics`; [`admin_client`]: its typed client.
 //! - [`keys`]: the gateway's API keys.
+//! - [`blocklist`]: the source blocklist, kept in the store, with the kernel map following it.
 //! - [`tokens`]: join tokens, the admin API credentials of nodes that register themselves.
 //! - [`gateway`]: the JSON-RPC gateway (TLS, API keys, rate limits, method policy, upstream).
 //! - [`cache`]: the gateway's Substrate-aware response cache and the chain follower feeding it.
@@ -29,6 +31,7 @@
 pub mod admin_client;
 pub mod api;
 pub mod backends;
+pub mod blocklist;
 pub mod cache;
 pub mod config;
 pub mod daemon;

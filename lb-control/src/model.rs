@@ -261,6 +261,48 @@ pub struct ApiKeyRecord {
     pub revoked: Option<SystemTime>,
 }
 
+/// Who put a prefix on the source blocklist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockSource {
+    /// An operator, through the admin API or `lb-control block`.
+    Admin,
+    /// The gateway, after repeated auth failures of one client (`[gateway.auth_failures_block]`).
+    AuthFailure,
+    /// Found in the kernel when this lb-control first stored its blocklist: blocked by an
+    /// lb-control that kept its blocklist in the kernel only.
+    Adopted,
+}
+
+impl BlockSource {
+    /// Its name on the wire and in the store: `admin`, `auth-failure`, `adopted`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockSource::Admin => "admin",
+            BlockSource::AuthFailure => "auth-failure",
+            BlockSource::Adopted => "adopted",
+        }
+    }
+}
+
+/// A blocked source prefix as stored: its packets are dropped in XDP until `until` (None:
+/// until removed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// Without host bits.
+    pub prefix: ipnet::IpNet,
+    pub until: Option<SystemTime>,
+    pub source: BlockSource,
+    pub created: SystemTime,
+}
+
+impl BlockRecord {
+    /// Whether the block has ended at `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.until.is_some_and(|until| until <= now)
+    }
+}
+
 /// Store-assigned id of a join token (never reused).
 pub type JoinTokenId = i64;
 

@@ -34,7 +34,9 @@ use lb_control::{
         TokenScope,
     },
     backends::State,
-    model::{AdminState, ForwardingMode, HealthCheck, Protocol, RateLimit},
+    blocklist::ADOPTED_MARKER,
+    dataplane::Blocklist,
+    model::{AdminState, BlockSource, ForwardingMode, HealthCheck, Protocol, RateLimit},
 };
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -1801,6 +1803,121 @@ fn blocklist_round_trip_reaches_the_kernel() {
     });
 }
 
+/// The prefixes of the kernel's blocklist.
+fn kernel_prefixes(pin_dir: &Path) -> Vec<IpNet> {
+    kernel_blocklist(pin_dir)
+        .entries
+        .iter()
+        .map(|(prefix, _)| *prefix)
+        .collect()
+}
+
+#[test]
+fn blocks_come_back_from_the_store_after_a_restart_that_lost_the_pinned_maps() {
+    let mut daemon = Daemon::start();
+    let pin_dir = daemon.pin_dir();
+    block_on(async {
+        let client = daemon.ready().await;
+        let for_an_hour = client
+            .block(&NewBlock {
+                prefix: "203.0.113.0/24".to_owned(),
+                duration: Some("1h".to_owned()),
+            })
+            .await
+            .expect("blocked");
+        client
+            .block(&NewBlock {
+                prefix: "2001:db8:7::/48".to_owned(),
+                duration: None,
+            })
+            .await
+            .expect("blocked");
+        let before = kernel_blocklist(&pin_dir).entries;
+
+        // A reboot: lb-control stopped, the BPF file system and its pinned maps gone.
+        daemon.signal(libc::SIGINT);
+        fs::remove_dir_all(&pin_dir).expect("removing the pinned maps");
+        daemon.spawn();
+        let client = daemon.ready().await;
+        assert_eq!(
+            kernel_blocklist(&pin_dir).entries,
+            before,
+            "the kernel has the blocks again, with their expiries"
+        );
+        let listed = client.blocklist().await.expect("list");
+        let described: Vec<_> = listed
+            .iter()
+            .map(|entry| (entry.prefix.to_string(), entry.expires, entry.source))
+            .collect();
+        assert_eq!(
+            described,
+            [
+                (
+                    "203.0.113.0/24".to_owned(),
+                    for_an_hour.expires,
+                    Some(BlockSource::Admin)
+                ),
+                ("2001:db8:7::/48".to_owned(), None, Some(BlockSource::Admin)),
+            ]
+        );
+    });
+}
+
+#[test]
+fn the_first_start_adopts_the_kernels_blocks_and_later_starts_drop_what_the_store_lacks() {
+    let mut daemon = Daemon::start();
+    let pin_dir = daemon.pin_dir();
+    let marker = daemon.dir.join("state").join(ADOPTED_MARKER);
+    block_on(async {
+        daemon.ready().await;
+    });
+    assert!(marker.exists(), "the first start marks the adoption done");
+
+    // As an older lb-control leaves things when it hands its pinned maps over: a block in the
+    // kernel only, and no mark in the state directory. (SIGQUIT leaves the program attached.)
+    daemon.signal(libc::SIGQUIT);
+    let older = prefix("198.51.100.0/24");
+    Blocklist::open(&pin_dir)
+        .expect("the pinned blocklist")
+        .block(older, None)
+        .expect("blocked in the kernel");
+    fs::remove_file(&marker).expect("removing the mark");
+    daemon.spawn();
+    block_on(async {
+        let client = daemon.ready().await;
+        let listed = client.blocklist().await.expect("list");
+        assert_eq!(
+            listed
+                .iter()
+                .map(|entry| (entry.prefix, entry.source))
+                .collect::<Vec<_>>(),
+            [(older, Some(BlockSource::Adopted))]
+        );
+        let adopted: Vec<_> = client
+            .events(None, 100)
+            .await
+            .expect("events")
+            .into_iter()
+            .filter(|event| event.kind == "blocklist.added")
+            .map(|event| event.subject)
+            .collect();
+        assert_eq!(adopted, ["prefix 198.51.100.0/24"]);
+    });
+
+    // From now on the store decides: a block written into the maps behind lb-control's back is
+    // gone at the next start, the adopted one stays.
+    daemon.signal(libc::SIGQUIT);
+    Blocklist::open(&pin_dir)
+        .expect("the pinned blocklist")
+        .block(prefix("192.0.2.0/24"), None)
+        .expect("blocked in the kernel");
+    daemon.spawn();
+    block_on(async {
+        daemon.ready().await;
+    });
+    assert_eq!(kernel_prefixes(&pin_dir), [older]);
+}
+
 #[test]
 fn blocklist_refuses_bad_input_naming_the_field() {
     let mut daemon = Daemon::start();
@@ -1885,12 +2002,14 @@ fn block_cli_goes_through_the_api() {
     let listed = cli.ok(&["block", "list"]);
     let lines: Vec<&str> = listed.lines().collect();
     assert_eq!(lines.len(), 3, "{listed}");
-    assert!(
-        lines[0].starts_with("PREFIX ") && lines[0].ends_with(" EXPIRES"),
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["PREFIX", "SOURCE", "EXPIRES"],
         "{listed}"
     );
-    assert!(lines[1].starts_with("203.0.113.0/24 "), "{listed}");
-    let expiry = lines[1].split_whitespace().nth(1).expect("an expiry");
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..2], ["203.0.113.0/24", "admin"], "{listed}");
+    let expiry = row[2];
     assert!(humantime::parse_rfc3339(expiry).is_ok(), "{listed}");
     assert!(
         lines[2].starts_with("2001:db8::/48 ") && lines[2].ends_with(" never"),

@@ -124,6 +124,21 @@ fn gateway_serves_https_from_the_daemon_with_a_cli_key() -> anyhow::Result<()> {
             .contains("blocked after repeated gateway auth failures"),
         "lb-control did not log the block"
     );
+    // The block is in the state store too (after the kernel: serving never waits for it), so
+    // a restart that lost the pinned maps, or a pair's other host, has it.
+    let state_dir = lab.state_dir();
+    let state_dir = state_dir.to_str().context("utf-8 state directory")?;
+    let client = format!("{}/32", lab.client().addr_v4);
+    wait_for("the block in the state store", || {
+        let export = gateway
+            .lb_control
+            .cli_json(&lab, &["store", "export", "--state-dir", state_dir])?;
+        Ok(export["blocklist"].as_array().is_some_and(|blocks| {
+            blocks.iter().any(|block| {
+                block["prefix"] == client.as_str() && block["source"] == "auth-failure"
+            })
+        }))
+    })?;
     Ok(())
 }
 

@@ -9,6 +9,8 @@
 //! loses members under a loop of admin writes: with one of three gone writes go on, with two
 //! gone they are refused with an answer that says why while the gateway and the kernel path
 //! serve on, and once the members are back writes resume and every acknowledged one is there.
+//! A source blocked through the master's admin API is dropped by the backup's XDP too within a
+//! second (the blocklist is in etcd, and each host's kernel follows it), and so is an unblock.
 //!
 //! These tests need root: run them as root or via `cargo xtask test`. They run the binaries,
 //! so `cargo build --bins` first.
@@ -223,6 +225,89 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
     Ok(())
 }
 
+/// How soon the backup's kernel follows a block or an unblock made through the master.
+const BLOCKLIST_FOLLOW_BOUND: Duration = Duration::from_secs(1);
+
+/// Whether a plain HTTP call from the client reaches `member`'s own admin API (at the LB's own
+/// address, not a floating one): whether that LB's XDP lets the client's packets through.
+fn client_reaches_admin_api(lab: &PairLab, member: Member) -> anyhow::Result<bool> {
+    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    command
+        .args(["-sS", "-o", "/dev/null", "--fail"])
+        .args(["--connect-timeout", "0.3", "--max-time", "0.5"])
+        .arg(format!("{}/healthz", lab.admin_url(member)));
+    Ok(command.output()?.status.success())
+}
+
+/// The prefixes `member`'s kernel blocklist holds, with who blocked each, as `lb-control block
+/// list` shows them.
+fn kernel_blocklist(lab: &PairLab, member: Member) -> anyhow::Result<Vec<(String, String)>> {
+    let listed = cli_json(lab, member, &["block", "list"])?;
+    Ok(listed
+        .as_array()
+        .context("a list")?
+        .iter()
+        .map(|entry| {
+            (
+                entry["prefix"].as_str().unwrap_or_default().to_owned(),
+                entry["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn a_block_through_the_master_drops_the_client_at_the_backup_within_a_second_and_so_does_the_unblock()
+-> anyhow::Result<()> {
+    let lab = start_pair(1)?;
+    let (a, b) = (Member::A, Member::B);
+    let client = format!("{}/32", lab.client().addr_v4);
+    for member in [a, b] {
+        ensure!(
+            client_reaches_admin_api(&lab, member)?,
+            "the client does not reach LB {} before the block",
+            member.name()
+        );
+    }
+
+    let blocking = Instant::now();
+    lab.cli(a, &["block", "add", &client, "--for", "10m"])?;
+    let acknowledged = blocking.elapsed();
+    let on_b = wait_until(
+        "LB b's kernel blocklist holding the block made through LB a",
+        BLOCKLIST_FOLLOW_BOUND,
+        || Ok(kernel_blocklist(&lab, b)?.contains(&(client.clone(), "admin".to_owned()))),
+    )
+    .with_context(|| log_tail(&lab.lb_control_log_path(b)))?;
+    eprintln!(
+        "block: acknowledged by LB a after {acknowledged:?}, in LB b's kernel {on_b:?} later"
+    );
+    for member in [b, a] {
+        ensure!(
+            !client_reaches_admin_api(&lab, member)?,
+            "LB {}'s XDP lets the blocked client through",
+            member.name()
+        );
+    }
+
+    lab.cli(a, &["block", "remove", &client])?;
+    let off_b = wait_until(
+        "LB b's kernel blocklist without the prefix unblocked through LB a",
+        BLOCKLIST_FOLLOW_BOUND,
+        || Ok(kernel_blocklist(&lab, b)?.is_empty()),
+    )
+    .with_context(|| log_tail(&lab.lb_control_log_path(b)))?;
+    eprintln!("unblock: out of LB b's kernel {off_b:?} after LB a acknowledged it");
+    for member in [b, a] {
+        ensure!(
+            client_reaches_admin_api(&lab, member)?,
+            "LB {} still drops the unblocked client",
+            member.name()
+        );
+    }
+    Ok(())
+}
+
 /// The admin write loop's pause between writes, and how long a write may wait for its answer
 /// (longer than lb-control takes to give up on etcd, so a refusal is the API's answer).
 const WRITE_PACE: Duration = Duration::from_millis(50);
@@ -347,6 +432,19 @@ fn writes_go_on_without_one_etcd_member_are_refused_clearly_without_two_and_none
     ensure!(
         node.0.is_some(),
         "a node answered through the VIP: {node:?}"
+    );
+    // A block is a write like the others: refused naming etcd, and in no kernel.
+    let refused = match lab.cli(Member::A, &["block", "add", "203.0.113.0/24"]) {
+        Ok(output) => anyhow::bail!("a block acknowledged without etcd's majority: {output}"),
+        Err(error) => error.to_string(),
+    };
+    ensure!(
+        refused.contains("etcd (") && refused.contains("no majority"),
+        "the refused block names etcd and the lost majority: {refused}"
+    );
+    ensure!(
+        kernel_blocklist(&lab, Member::A)?.is_empty(),
+        "a refused block reached LB a's kernel"
     );
     wait_until(
         "a few more writes refused while the majority is lost",

@@ -1,11 +1,10 @@
 //! `/v1/blocklist`: source prefixes dropped in XDP before any other work, with their expiry.
-//! Changes go through the blocklist's one owner, the same the gateway's auth-failure blocks and
-//! the expiry sweep use; each is recorded in the event log as an operator action.
+//! Changes go to the state store first (with their event), then to this host's kernel; on a
+//! shared store the other lb-controls' kernels follow (see [`crate::blocklist`]).
 
 use std::time::SystemTime;
 
 use axum::{Json, extract::State, http::StatusCode};
-use tracing::error;
 
 use super::{
     Context,
@@ -13,12 +12,9 @@ use super::{
     extract::{Body, PrefixParam},
     model::{BlockInfo, ErrorBody, ErrorCode, NewBlock, parse_prefix},
 };
-use crate::{
-    dataplane::{BlockEntry, DataplaneError, latest_block_expiry},
-    store::{Store, StoreError},
-};
+use crate::{blocklist::BlocklistError, dataplane::latest_block_expiry};
 
-/// Every blocked prefix with its expiry, in prefix order.
+/// Every prefix this host's kernel drops, with its expiry and who blocked it, in prefix order.
 #[utoipa::path(
     get,
     path = "/v1/blocklist",
@@ -30,23 +26,27 @@ use crate::{
     )
 )]
 pub async fn list(State(context): State<Context>) -> ApiResult<Json<Vec<BlockInfo>>> {
-    let entries = context.blocklist.list().await.map_err(kernel_error)?;
+    let entries = context.blocklist.list().await.map_err(blocklist_error)?;
     Ok(Json(entries.into_iter().map(BlockInfo::from).collect()))
 }
 
-/// Blocks a source prefix, for a while (`for`) or until removed. Blocking a blocked prefix
-/// again replaces its expiry.
+/// Blocks a source prefix, for a while (`for`) or until removed: in the state store (on etcd,
+/// on every lb-control sharing it), then in this host's kernel. Blocking a blocked prefix again
+/// replaces its expiry.
 #[utoipa::path(
     post,
     path = "/v1/blocklist",
     tag = "blocklist",
     request_body = NewBlock,
     responses(
-        (status = 201, description = "Blocked in the kernel; the entry as stored",
+        (status = 201, description = "Blocked in the store and the kernel; the entry as stored",
          body = BlockInfo),
         (status = 400, description = "`prefix` or `for` is invalid", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
-        (status = 500, description = "The kernel maps could not be written", body = ErrorBody),
+        (status = 500, description = "The store or the kernel maps could not be written",
+         body = ErrorBody),
+        (status = 503, description = "The state store takes no writes now (etcd without a \
+         majority): nothing was blocked", body = ErrorBody),
     )
 )]
 pub async fn add(
@@ -60,20 +60,16 @@ pub async fn add(
         .as_deref()
         .map(|text| expiry_after(text, SystemTime::now()))
         .transpose()?;
-    let entry = context
+    let record = context
         .blocklist
-        .block(prefix, expires)
+        .add(prefix, expires)
         .await
-        .map_err(kernel_error)?;
-    let detail = match entry.expires {
-        Some(expires) => format!("api: until {}", humantime::format_rfc3339_seconds(expires)),
-        None => "api: until removed".to_owned(),
-    };
-    record_event(&context.store, "blocklist.added", &entry, detail).await;
-    Ok((StatusCode::CREATED, Json(entry.into())))
+        .map_err(blocklist_error)?;
+    Ok((StatusCode::CREATED, Json(record.into())))
 }
 
-/// Unblocks exactly this prefix (a covering or covered prefix stays).
+/// Unblocks exactly this prefix (a covering or covered prefix stays): out of the state store,
+/// then out of this host's kernel.
 #[utoipa::path(
     delete,
     path = "/v1/blocklist/{prefix}",
@@ -84,32 +80,28 @@ pub async fn add(
         (status = 400, description = "Not a prefix", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 404, description = "The prefix is not on the blocklist", body = ErrorBody),
-        (status = 500, description = "The kernel maps could not be written", body = ErrorBody),
+        (status = 500, description = "The store or the kernel maps could not be written",
+         body = ErrorBody),
+        (status = 503, description = "The state store takes no writes now (etcd without a \
+         majority): nothing was unblocked", body = ErrorBody),
     )
 )]
 pub async fn remove(
     State(context): State<Context>,
     PrefixParam(prefix): PrefixParam,
 ) -> ApiResult<Json<BlockInfo>> {
-    let Some(entry) = context
+    let Some(record) = context
         .blocklist
-        .unblock(prefix)
+        .remove(prefix)
         .await
-        .map_err(kernel_error)?
+        .map_err(blocklist_error)?
     else {
         return Err(ApiError::new(
             ErrorCode::NotFound,
             format!("{} is not on the blocklist", prefix.trunc()),
         ));
     };
-    record_event(
-        &context.store,
-        "blocklist.removed",
-        &entry,
-        "api".to_owned(),
-    )
-    .await;
-    Ok(Json(entry.into()))
+    Ok(Json(record.into()))
 }
 
 /// When a block given `for` (`10m`) ends, counted from `now`.
@@ -141,25 +133,11 @@ fn expiry_after(text: &str, now: SystemTime) -> ApiResult<SystemTime> {
         })
 }
 
-fn kernel_error(error: DataplaneError) -> ApiError {
-    ApiError::internal(format!("the kernel blocklist: {error}"))
-}
-
-/// Records an operator's change in the event log. The kernel has the change already, so a
-/// failed record is logged and the request still succeeds.
-async fn record_event(store: &Store, kind: &'static str, entry: &BlockEntry, detail: String) {
-    let store = store.clone();
-    let subject = format!("prefix {}", entry.prefix);
-    let written = tokio::task::spawn_blocking(move || {
-        store.write::<_, StoreError>(|tx| tx.record_event(kind, &subject, &detail).map(drop))
-    })
-    .await;
-    let error = match written {
-        Ok(Ok(())) => return,
-        Ok(Err(error)) => error.to_string(),
-        Err(error) => error.to_string(),
-    };
-    error!("event log: recording {kind} of {}: {error}", entry.prefix);
+fn blocklist_error(error: BlocklistError) -> ApiError {
+    match error.store() {
+        Some(store) => ApiError::store(store),
+        None => ApiError::internal(format!("the blocklist: {error}")),
+    }
 }
 
 #[cfg(test)]

@@ -59,7 +59,7 @@ use self::{
 };
 use crate::{
     backends::BackendSet,
-    dataplane::BlocklistHandle,
+    blocklist::StoredBlocklist,
     gateway::{GatewayState, NodeClients},
     ha::{Ha, handover::Handover},
     keys::ApiKeys,
@@ -79,8 +79,8 @@ pub struct AdminContext {
     /// The control plane's metrics, encoded at `/metrics`.
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// The kernel blocklist's owner.
-    pub blocklist: BlocklistHandle,
+    /// The source blocklist: the store's, and this host's kernel map following it.
+    pub blocklist: StoredBlocklist,
     /// The instance's pinned maps: the kernel counters.
     pub pin_dir: PathBuf,
     /// The gateway's WebSocket clients per node (none without a gateway: the counts stay 0).
@@ -101,7 +101,7 @@ struct Shared {
     keys: Arc<ApiKeys>,
     tokens: JoinTokens,
     store: Store,
-    blocklist: BlocklistHandle,
+    blocklist: StoredBlocklist,
     registry: Arc<Registry>,
     /// Holds only the collector of the kernel counters.
     kernel_registry: Registry,

@@ -21,16 +21,17 @@ use utoipa::{
 
 use crate::{
     backends::{BackendStatus, State},
-    dataplane::{BlockEntry, Stats},
+    blocklist::ListedBlock,
+    dataplane::Stats,
     ha::{
         Role,
         handover::{HandoverState, Phase as HandoverPhase},
     },
     health::{NodeHealth, Verdict},
     model::{
-        AdminState, ApiKeyId, ApiKeyRecord, Backend, DEFAULT_RPC_PORT, Event, ForwardingMode,
-        HealthCheck, JoinTokenId, JoinTokenRecord, Protocol, RateLimit, Service, ServiceDef,
-        ServiceId, Tier,
+        AdminState, ApiKeyId, ApiKeyRecord, Backend, BlockRecord, BlockSource, DEFAULT_RPC_PORT,
+        Event, ForwardingMode, HealthCheck, JoinTokenId, JoinTokenRecord, Protocol, RateLimit,
+        Service, ServiceDef, ServiceId, Tier,
     },
 };
 
@@ -556,13 +557,33 @@ pub struct BlockInfo {
     /// When the entry expires (to the second); null: blocked until removed.
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires: Option<Timestamp>,
+    /// Who blocked it; absent for an entry of the kernel map that no record describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<BlockSource>,
+    /// When it was blocked; absent with `source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub created: Option<Timestamp>,
 }
 
-impl From<BlockEntry> for BlockInfo {
-    fn from(entry: BlockEntry) -> Self {
+impl From<ListedBlock> for BlockInfo {
+    fn from(listed: ListedBlock) -> Self {
         BlockInfo {
-            prefix: entry.prefix,
-            expires: entry.expires.map(Timestamp),
+            prefix: listed.entry.prefix,
+            expires: listed.entry.expires.map(Timestamp),
+            source: listed.source,
+            created: listed.created.map(Timestamp),
+        }
+    }
+}
+
+impl From<BlockRecord> for BlockInfo {
+    fn from(record: BlockRecord) -> Self {
+        BlockInfo {
+            prefix: record.prefix,
+            expires: record.until.map(Timestamp),
+            source: Some(record.source),
+            created: Some(Timestamp(record.created)),
         }
     }
 }

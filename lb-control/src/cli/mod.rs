@@ -25,8 +25,8 @@ use lb_control::{
     config::Config,
     ha::Role,
     model::{
-        AdminState, ApiKeyId, BackendId, DEFAULT_RPC_PORT, ForwardingMode, HealthCheck,
-        JoinTokenId, Protocol, RateLimit, ServiceId, ServiceKey, Tier,
+        AdminState, ApiKeyId, BackendId, BlockSource, DEFAULT_RPC_PORT, ForwardingMode,
+        HealthCheck, JoinTokenId, Protocol, RateLimit, ServiceId, ServiceKey, Tier,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -846,13 +846,14 @@ fn print_blocklist(entries: &[BlockInfo]) {
         println!("the blocklist is empty");
         return;
     }
-    println!("{:<44} EXPIRES", "PREFIX");
+    println!("{:<44} {:<12} EXPIRES", "PREFIX", "SOURCE");
     for entry in entries {
         let expires = entry.expires.map_or_else(
             || "never".to_owned(),
             |expires| humantime::format_rfc3339_seconds(expires.0).to_string(),
         );
-        println!("{:<44} {expires}", entry.prefix.to_string());
+        let source = entry.source.map_or("-", BlockSource::name);
+        println!("{:<44} {source:<12} {expires}", entry.prefix.to_string());
     }
 }
 

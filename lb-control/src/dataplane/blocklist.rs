@@ -2,10 +2,11 @@
 //! their expiry (Unix seconds, 0 for never) as the trie value; userspace removes expired ones.
 //!
 //! [`Blocklist`] works on the pinned maps. In a running daemon it has one owner,
-//! [`BlocklistHandle`]: the gateway's auth-failure blocks, the admin API (and through it
-//! `lb-control block`) and the expiry of old entries all go through it, so the version's
-//! read-modify-write has one writer. Tests and harnesses without a daemon open [`Blocklist`]
-//! themselves.
+//! [`BlocklistHandle`], held by the stored blocklist ([`crate::blocklist`]): the gateway's
+//! auth-failure blocks, the admin API (and through it `lb-control block`), the expiry of old
+//! entries and the state store's blocklist, which the maps follow, all go through it, so the
+//! version's read-modify-write has one writer. Tests and harnesses without a daemon open
+//! [`Blocklist`] themselves.
 
 use std::{
     net::IpAddr,
@@ -39,6 +40,20 @@ pub fn latest_block_expiry() -> SystemTime {
 pub struct BlockEntry {
     pub prefix: IpNet,
     pub expires: Option<SystemTime>,
+}
+
+/// What [`Blocklist::replace`] changed: prefixes blocked or given a new expiry, and prefixes
+/// unblocked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlocklistChanges {
+    pub written: Vec<IpNet>,
+    pub removed: Vec<IpNet>,
+}
+
+impl BlocklistChanges {
+    pub fn is_empty(&self) -> bool {
+        self.written.is_empty() && self.removed.is_empty()
+    }
 }
 
 pub struct Blocklist {
@@ -105,6 +120,17 @@ impl Blocklist {
         prefix: IpNet,
         expires: Option<SystemTime>,
     ) -> Result<BlockEntry, DataplaneError> {
+        let entry = self.insert(prefix, expires)?;
+        self.update_version()?;
+        Ok(entry)
+    }
+
+    /// Puts `prefix` in its trie, leaving the version alone; returns the entry as stored.
+    fn insert(
+        &mut self,
+        prefix: IpNet,
+        expires: Option<SystemTime>,
+    ) -> Result<BlockEntry, DataplaneError> {
         let value = expires.map_or(0, unix_seconds);
         let prefix = prefix.trunc();
         match prefix.addr() {
@@ -125,12 +151,41 @@ impl Blocklist {
                 )
                 .map_err(map_error(map_names::BLOCKLIST_V6))?,
         }
-        self.update_version()?;
         Ok(block_entry(
             prefix.addr(),
             prefix.prefix_len().into(),
             value,
         ))
+    }
+
+    /// Makes the tries hold exactly `wanted` (the expiry of each rounded up to a second), with
+    /// one new version if anything changed; returns what changed.
+    pub fn replace(&mut self, wanted: &[BlockEntry]) -> Result<BlocklistChanges, DataplaneError> {
+        let current = self.list()?;
+        let wanted: Vec<BlockEntry> = wanted
+            .iter()
+            .map(|entry| BlockEntry {
+                prefix: entry.prefix.trunc(),
+                expires: entry.expires.map(round_up_to_second),
+            })
+            .collect();
+        let mut changes = BlocklistChanges::default();
+        for entry in &current {
+            if !wanted.iter().any(|want| want.prefix == entry.prefix) {
+                self.remove(entry.prefix)?;
+                changes.removed.push(entry.prefix);
+            }
+        }
+        for entry in &wanted {
+            if !current.contains(entry) {
+                self.insert(entry.prefix, entry.expires)?;
+                changes.written.push(entry.prefix);
+            }
+        }
+        if !changes.is_empty() {
+            self.update_version()?;
+        }
+        Ok(changes)
     }
 
     /// Unblocks exactly `prefix`; returns whether it was blocked.
@@ -206,8 +261,9 @@ impl Blocklist {
     }
 }
 
-/// The one owner of a running daemon's kernel blocklist; clones share it. The gateway's
-/// auth-failure blocks, the admin API and the expiry sweep all write through it.
+/// The one owner of a running daemon's kernel blocklist; clones share it. The stored blocklist
+/// writes through it: the gateway's auth-failure blocks, the admin API, the expiry sweep and
+/// the store's changes.
 ///
 /// A mutex, not a task fed by a channel: every caller is async and awaits the outcome (the admin
 /// API answers after the kernel write, the gateway's applier logs it), changes are rare (operator
@@ -255,28 +311,24 @@ impl BlocklistHandle {
         .await
     }
 
-    /// Unblocks exactly `prefix` (host bits ignored): the entry as it was, None when it was not
-    /// blocked.
-    pub async fn unblock(&self, prefix: IpNet) -> Result<Option<BlockEntry>, DataplaneError> {
-        self.with(move |blocklist, entries| {
-            let prefix = prefix.trunc();
-            let Some(entry) = blocklist
-                .list()?
-                .into_iter()
-                .find(|entry| entry.prefix == prefix)
-            else {
-                return Ok(None);
-            };
-            blocklist.unblock(prefix)?;
-            recount(blocklist, entries);
-            Ok(Some(entry))
-        })
-        .await
-    }
-
     /// Every blocked prefix with its expiry, in prefix order.
     pub async fn list(&self) -> Result<Vec<BlockEntry>, DataplaneError> {
         self.with(|blocklist, _| blocklist.list()).await
+    }
+
+    /// Makes the kernel blocklist hold exactly `wanted`; returns what changed.
+    pub async fn replace(
+        &self,
+        wanted: Vec<BlockEntry>,
+    ) -> Result<BlocklistChanges, DataplaneError> {
+        self.with(move |blocklist, entries| {
+            let changes = blocklist.replace(&wanted)?;
+            if !changes.is_empty() {
+                recount(blocklist, entries);
+            }
+            Ok(changes)
+        })
+        .await
     }
 
     /// Removes the entries whose expiry has passed at `now`; returns them.
@@ -346,10 +398,15 @@ fn block_entry(addr: IpAddr, prefix_len: u32, value: u32) -> BlockEntry {
     BlockEntry { prefix, expires }
 }
 
+/// Rounded up, so an entry never expires early (a whole second stays as it is, so a time read
+/// back from the trie is stored again unchanged); saturating far in the future.
 fn unix_seconds(time: SystemTime) -> u32 {
-    let seconds = time
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
-    // Rounded up, so an entry never expires early; saturating far in the future.
-    u32::try_from(seconds + 1).unwrap_or(u32::MAX)
+    let elapsed = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = elapsed.as_secs() + u64::from(elapsed.subsec_nanos() > 0);
+    u32::try_from(seconds).unwrap_or(u32::MAX)
+}
+
+/// `time` as the trie keeps it: rounded up to a whole second.
+pub fn round_up_to_second(time: SystemTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(unix_seconds(time).into())
 }

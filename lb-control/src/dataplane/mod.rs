@@ -39,7 +39,10 @@ use lb_common::{
 use tracing::{info, warn};
 
 pub use self::{
-    blocklist::{BlockEntry, Blocklist, BlocklistHandle, latest_block_expiry},
+    blocklist::{
+        BlockEntry, Blocklist, BlocklistChanges, BlocklistHandle, latest_block_expiry,
+        round_up_to_second,
+    },
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     flow_table::{FlowTable, InstallReport, PortableFlow},

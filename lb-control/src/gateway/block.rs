@@ -7,8 +7,8 @@
 //! /64 by default), so a guesser cannot move to the next address of its prefix; the whole
 //! prefix is blocked. Failures are counted per client in fixed windows of `within`; the
 //! `after`-th failure in a window sends a [`BlockRequest`] (the serving threads never wait on
-//! the kernel), which [`apply_requests`] carries out through the blocklist's owner, for
-//! `block_for`.
+//! the kernel), which [`apply_requests`] carries out through the blocklist, for `block_for`:
+//! into this host's kernel at once, into the state store batched (see [`crate::blocklist`]).
 
 use std::{
     collections::HashMap,
@@ -19,13 +19,14 @@ use std::{
 
 use ipnet::IpNet;
 use tokio::sync::mpsc;
-use tracing::{error, warn};
 
 use super::{AuthFailureBlock, admission::client_group};
-use crate::dataplane::BlocklistHandle;
+use crate::blocklist::StoredBlocklist;
 
 /// Beyond this many tracked clients, windows that ended are dropped.
 const MAX_TRACKED: usize = 100_000;
+/// The most block requests carried out together: one store transaction for all of them.
+const MAX_BATCH: usize = 1024;
 
 /// A client (an IPv4 address as a /32, an IPv6 prefix) to block until `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,24 +97,19 @@ impl FailureTracker {
     }
 }
 
-/// Puts each requested prefix on the kernel blocklist through its owner, until every sender
-/// is gone.
+/// Puts the requested prefixes on the blocklist until every sender is gone: those queued while
+/// the previous ones were written go together, in one store transaction.
 pub async fn apply_requests(
     mut requests: mpsc::UnboundedReceiver<BlockRequest>,
-    blocklist: BlocklistHandle,
+    blocklist: StoredBlocklist,
 ) {
-    while let Some(request) = requests.recv().await {
-        let prefix = request.prefix;
-        match blocklist.block(prefix, Some(request.until)).await {
-            Ok(_) => warn!(
-                %prefix,
-                until = %humantime::format_rfc3339_seconds(request.until),
-                "blocked after repeated gateway auth failures"
-            ),
-            Err(error) => {
-                error!("blocking {prefix} after repeated gateway auth failures: {error}")
-            }
-        }
+    let mut batch = Vec::new();
+    while requests.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let blocks = batch
+            .drain(..)
+            .map(|request| (request.prefix, request.until))
+            .collect();
+        blocklist.add_auth_failure_blocks(blocks).await;
     }
 }
 

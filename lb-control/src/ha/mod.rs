@@ -11,6 +11,8 @@
 //! check the same nodes and would record each transition twice, racing for the same etcd
 //! transaction; the master's record is the cluster's. A backup still acts on them in its own
 //! kernel tables and gateway rotation (health is never shared, each host judges for itself).
+//! Nor does it delete expired blocklist entries from the store (it removes them from its own
+//! kernel, as the master does): the master's deletion reaches it through the watch.
 //! Operator writes through either host's admin API go to the shared store as always (etcd
 //! orders them), and a role change is itself an event of the log.
 //!

@@ -1,4 +1,5 @@
-//! The persistent state store: services, backends, API keys, join tokens and the event log.
+//! The persistent state store: services, backends, API keys, join tokens, the source blocklist
+//! and the event log.
 //!
 //! One interface, two engines: SQLite ([`sqlite`], one file, the embedded default for one
 //! host) and etcd ([`etcd`], shared by every lb-control of a cluster, chosen by
@@ -37,9 +38,11 @@ use std::{
 
 use tokio::sync::watch;
 
+use ipnet::IpNet;
+
 use crate::model::{
-    ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, Event, JoinTokenId, JoinTokenRecord,
-    Origin, RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
+    ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, BlockRecord, Event, JoinTokenId,
+    JoinTokenRecord, Origin, RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
 };
 pub use etcd::EtcdError;
 use etcd::{EtcdStore, EtcdTx};
@@ -112,11 +115,13 @@ struct CallCounters {
 
 /// Moves whenever another process changed the shared store: each field is a generation that
 /// moves with a change of its part. The backend set re-reads services and backends when
-/// `backends` moves, the key registry its keys when `keys` moves.
+/// `backends` moves, the key registry its keys when `keys` moves, the blocklist its entries
+/// when `blocklist` moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StoreChanges {
     pub backends: u64,
     pub keys: u64,
+    pub blocklist: u64,
 }
 
 /// A handle on the state store; clones share one connection.
@@ -251,6 +256,15 @@ impl Store {
         }
     }
 
+    /// Every blocked prefix, expired ones included until they are deleted, in prefix order.
+    pub fn blocklist(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        self.count_read();
+        match &self.engine {
+            Engine::Sqlite(sqlite) => sqlite.blocklist(),
+            Engine::Etcd(etcd) => etcd.blocklist(),
+        }
+    }
+
     /// Records last-used times in one transaction (batched by the caller; not an event).
     /// Last use never goes back: an older time than the stored one is ignored.
     pub fn touch_api_keys(&self, used: &[(ApiKeyId, SystemTime)]) -> Result<(), StoreError> {
@@ -289,6 +303,7 @@ impl Store {
             self.backends()?,
             self.api_keys()?,
             self.join_tokens()?,
+            self.blocklist()?,
             self.events(None, usize::MAX)?,
         ))
     }
@@ -313,6 +328,7 @@ impl Store {
             && self.backends()?.is_empty()
             && self.api_keys()?.is_empty()
             && self.join_tokens()?.is_empty()
+            && self.blocklist()?.is_empty()
             && self.events(None, 1)?.is_empty())
     }
 
@@ -466,6 +482,35 @@ impl Tx<'_> {
         match &mut self.0 {
             TxEngine::Sqlite(tx) => tx.revoke_join_token(id, at),
             TxEngine::Etcd(tx) => tx.revoke_join_token(id, at),
+        }
+    }
+
+    /// Every blocked prefix as this transaction sees it, in prefix order.
+    pub fn blocklist(&mut self) -> Result<Vec<BlockRecord>, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.blocklist(),
+            TxEngine::Etcd(tx) => tx.blocklist(),
+        }
+    }
+
+    /// Blocks `record.prefix` (without host bits), replacing what a record of that prefix held.
+    pub fn put_block(&mut self, record: &BlockRecord) -> Result<(), StoreError> {
+        let record = BlockRecord {
+            prefix: record.prefix.trunc(),
+            ..record.clone()
+        };
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.put_block(&record),
+            TxEngine::Etcd(tx) => tx.put_block(&record),
+        }
+    }
+
+    /// Deletes the record of exactly `prefix` (host bits ignored): the record as it was, None
+    /// when there was none.
+    pub fn delete_block(&mut self, prefix: IpNet) -> Result<Option<BlockRecord>, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.delete_block(prefix.trunc()),
+            TxEngine::Etcd(tx) => tx.delete_block(prefix.trunc()),
         }
     }
 

@@ -1,15 +1,20 @@
 //! Records as JSON: the values of etcd's keys and the lines of an export file share these
 //! forms, so an export reads like what `etcdctl get` shows.
 //!
-//! Services and backends are the model's own serde forms; API keys and events get a form here
-//! because their times are milliseconds since the Unix epoch (as in SQLite) and a key's hash is
-//! hex.
+//! Services and backends are the model's own serde forms; API keys, join tokens, blocklist
+//! entries and events get a form here because their times are milliseconds since the Unix epoch
+//! (as in SQLite) and a key's hash is hex.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ApiKeyId, ApiKeyRecord, Event, JoinTokenId, JoinTokenRecord, RateLimit};
+use ipnet::IpNet;
+
+use crate::model::{
+    ApiKeyId, ApiKeyRecord, BlockRecord, BlockSource, Event, JoinTokenId, JoinTokenRecord,
+    RateLimit,
+};
 
 /// Milliseconds since the Unix epoch, negative before it; saturates ~292 million years out.
 pub(super) fn unix_ms(time: SystemTime) -> i64 {
@@ -145,6 +150,40 @@ pub(super) fn parse_services(services: &[String]) -> Result<Vec<crate::model::Se
                 .map_err(|problem| format!("services: {problem}"))
         })
         .collect()
+}
+
+/// A blocked source prefix as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlocklistEntry {
+    pub prefix: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<i64>,
+    pub source: BlockSource,
+    pub created_ms: i64,
+}
+
+impl BlocklistEntry {
+    pub(super) fn from_record(record: &BlockRecord) -> BlocklistEntry {
+        BlocklistEntry {
+            prefix: record.prefix,
+            until_ms: record.until.map(unix_ms),
+            source: record.source,
+            created_ms: unix_ms(record.created),
+        }
+    }
+
+    /// The record, or what is wrong with this entry.
+    pub(super) fn to_record(&self) -> Result<BlockRecord, String> {
+        if self.prefix != self.prefix.trunc() {
+            return Err(format!("prefix {} has host bits set", self.prefix));
+        }
+        Ok(BlockRecord {
+            prefix: self.prefix,
+            until: self.until_ms.map(|ms| time("until_ms", ms)).transpose()?,
+            source: self.source,
+            created: time("created_ms", self.created_ms)?,
+        })
+    }
 }
 
 /// One event as JSON.

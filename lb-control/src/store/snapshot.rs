@@ -6,15 +6,16 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{EventEntry, KeyEntry, TokenEntry};
-use crate::model::{ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
+use super::record::{BlocklistEntry, EventEntry, KeyEntry, TokenEntry};
+use crate::model::{ApiKeyRecord, Backend, BlockRecord, Event, JoinTokenRecord, Service};
 
 /// What [`Snapshot::format`] says, so a wrong file is refused by name.
 pub const FORMAT: &str = "lb-control-state";
 /// Bumped when a field changes meaning or is added; a newer file is refused. 2: `join_tokens`
 /// (a version 1 file has none). 3: backends have a `tier` (an older file's backends read as
-/// primaries, tier 0; an older reader would have taken backups for primaries).
-pub const VERSION: u32 = 3;
+/// primaries, tier 0; an older reader would have taken backups for primaries). 4: `blocklist`
+/// (an older file has none; an older reader would have dropped the blocks).
+pub const VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +27,8 @@ pub struct Snapshot {
     pub api_keys: Vec<KeyEntry>,
     #[serde(default)]
     pub join_tokens: Vec<TokenEntry>,
+    #[serde(default)]
+    pub blocklist: Vec<BlocklistEntry>,
     pub events: Vec<EventEntry>,
 }
 
@@ -47,6 +50,7 @@ impl Snapshot {
         backends: Vec<Backend>,
         api_keys: Vec<ApiKeyRecord>,
         join_tokens: Vec<JoinTokenRecord>,
+        blocklist: Vec<BlockRecord>,
         events: Vec<Event>,
     ) -> Snapshot {
         Snapshot {
@@ -56,6 +60,7 @@ impl Snapshot {
             backends,
             api_keys: api_keys.iter().map(KeyEntry::from_record).collect(),
             join_tokens: join_tokens.iter().map(TokenEntry::from_record).collect(),
+            blocklist: blocklist.iter().map(BlocklistEntry::from_record).collect(),
             events: events.iter().map(EventEntry::from_event).collect(),
         }
     }
@@ -84,14 +89,16 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    /// `2 services, 5 backends, 3 API keys, 1 join tokens, 120 events`
+    /// `2 services, 5 backends, 3 API keys, 1 join tokens, 4 blocked prefixes, 120 events`
     pub fn summary(&self) -> String {
         format!(
-            "{} services, {} backends, {} API keys, {} join tokens, {} events",
+            "{} services, {} backends, {} API keys, {} join tokens, {} blocked prefixes, {} \
+             events",
             self.services.len(),
             self.backends.len(),
             self.api_keys.len(),
             self.join_tokens.len(),
+            self.blocklist.len(),
             self.events.len()
         )
     }

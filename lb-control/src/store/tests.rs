@@ -11,8 +11,8 @@ use super::{
     test_etcd,
 };
 use crate::model::{
-    AdminState, ApiKeyRecord, Backend, BackendDef, ForwardingMode, HealthCheck, JoinTokenRecord,
-    Origin, Protocol, RateLimit, Service, ServiceDef, ServiceKey,
+    AdminState, ApiKeyRecord, Backend, BackendDef, BlockRecord, BlockSource, ForwardingMode,
+    HealthCheck, JoinTokenRecord, Origin, Protocol, RateLimit, Service, ServiceDef, ServiceKey,
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
@@ -105,6 +105,7 @@ on_both_engines!(
     touch_api_keys_updates_last_used_and_never_moves_it_back,
     join_tokens_round_trip_and_are_revoked_once,
     duplicate_join_token_name_or_secret_is_a_conflict_naming_it,
+    blocks_are_kept_by_prefix_replaced_and_deleted_and_survive_reopen,
     events_are_ordered_and_capped,
     calls_are_counted_by_kind_across_clones,
     an_export_imports_into_an_empty_store_as_the_same_state,
@@ -464,6 +465,7 @@ fn failed_write_leaves_nothing_behind(place: &Place) {
         let service = tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
         tx.insert_backend(service, &backend_def("10.0.0.1:80"), Origin::Api)?;
         tx.insert_api_key("alice", &[1; 32], None, at(0))?;
+        tx.put_block(&block("203.0.113.0/24", None, BlockSource::Admin))?;
         tx.record_event("service.added", "service 1", "api")?;
         tx.insert_service(&service_def("192.0.2.1", 80), Origin::Api)?;
         Ok(())
@@ -478,7 +480,96 @@ fn failed_write_leaves_nothing_behind(place: &Place) {
     assert_eq!(store.backends().expect("backends"), []);
     assert_eq!(store.api_keys().expect("keys"), []);
     assert_eq!(store.join_tokens().expect("join tokens"), []);
+    assert_eq!(store.blocklist().expect("blocklist"), []);
     assert_eq!(store.events(None, 10).expect("events"), []);
+}
+
+/// A block of `prefix` created at `at(0)`, until `until` (ms after `at(0)`; None: forever).
+fn block(prefix: &str, until: Option<u64>, source: BlockSource) -> BlockRecord {
+    BlockRecord {
+        prefix: prefix.parse().expect("test prefix"),
+        until: until.map(at),
+        source,
+        created: at(0),
+    }
+}
+
+fn blocks_are_kept_by_prefix_replaced_and_deleted_and_survive_reopen(place: &Place) {
+    let store = place.open();
+    let admin = block("203.0.113.0/24", None, BlockSource::Admin);
+    let guesser = block("2001:db8:0:7::/64", Some(600_000), BlockSource::AuthFailure);
+    let address = block("198.51.100.7/32", Some(5_000), BlockSource::Adopted);
+    // Written with host bits, kept without them.
+    let with_host_bits = BlockRecord {
+        prefix: "10.1.2.3/8".parse().expect("prefix"),
+        ..block("10.0.0.0/8", Some(1_000), BlockSource::Admin)
+    };
+    store
+        .write(|tx| -> Result<_, StoreError> {
+            for record in [&admin, &guesser, &address, &with_host_bits] {
+                tx.put_block(record)?;
+            }
+            assert_eq!(
+                tx.blocklist()?.len(),
+                4,
+                "the transaction sees its own writes"
+            );
+            tx.record_event("blocklist.added", "prefix 203.0.113.0/24", "api")
+        })
+        .expect("blocks");
+    let ten = block("10.0.0.0/8", Some(1_000), BlockSource::Admin);
+    // In prefix order (IPv4 first, numerically), after a reopen.
+    drop(store);
+    let store = place.open();
+    assert_eq!(
+        store.blocklist().expect("blocklist"),
+        [ten.clone(), address.clone(), admin.clone(), guesser.clone()]
+    );
+
+    // Blocking a blocked prefix again replaces its record.
+    let longer = block("198.51.100.7/32", None, BlockSource::Admin);
+    store
+        .write(|tx| tx.put_block(&longer))
+        .expect("blocked again");
+    // Deleting gives the record as it was, host bits ignored; a prefix not blocked gives None,
+    // and a covering prefix does not delete a covered one.
+    let (deleted, missing, covering) = store
+        .write(|tx| -> Result<_, StoreError> {
+            Ok((
+                tx.delete_block("203.0.113.77/24".parse().expect("prefix"))?,
+                tx.delete_block("192.0.2.0/24".parse().expect("prefix"))?,
+                tx.delete_block("198.51.100.0/24".parse().expect("prefix"))?,
+            ))
+        })
+        .expect("deleted");
+    assert_eq!(deleted, Some(admin));
+    assert_eq!((missing, covering), (None, None));
+    drop(store);
+    assert_eq!(
+        place.open().blocklist().expect("blocklist"),
+        [ten, longer, guesser]
+    );
+}
+
+#[test]
+fn a_file_from_before_the_blocklist_migrates_with_an_empty_one() {
+    let dir = TempDir::new();
+    {
+        let mut conn = rusqlite::Connection::open(dir.db()).expect("creating a version 3 file");
+        let tx = conn.transaction().expect("a transaction");
+        for step in &MIGRATIONS[..3] {
+            tx.execute_batch(step).expect("a version 3 schema step");
+        }
+        tx.pragma_update(None, "user_version", 3)
+            .and_then(|()| tx.commit())
+            .expect("the version 3 schema");
+    }
+    let store = open(&dir);
+    assert_eq!(store.blocklist().expect("blocklist"), []);
+    let record = block("203.0.113.0/24", Some(1), BlockSource::Admin);
+    store.write(|tx| tx.put_block(&record)).expect("a block");
+    drop(store);
+    assert_eq!(open(&dir).blocklist().expect("blocklist"), [record]);
 }
 
 #[test]
@@ -843,6 +934,12 @@ fn fill(store: &Store) {
                 ],
                 at(4),
             )?;
+            tx.put_block(&block("203.0.113.0/24", None, BlockSource::Admin))?;
+            tx.put_block(&block(
+                "2001:db8:0:7::/64",
+                Some(600_000),
+                BlockSource::AuthFailure,
+            ))?;
             tx.record_event("service.added", "service 1", "config")?;
             Ok((service, key))
         })
@@ -872,6 +969,7 @@ fn state_of(store: &Store) -> impl PartialEq + std::fmt::Debug {
         snapshot.backends,
         snapshot.api_keys,
         snapshot.join_tokens,
+        snapshot.blocklist,
         events,
     )
 }
@@ -911,13 +1009,21 @@ fn an_export_from_before_tiers_imports_with_its_backends_as_primaries(place: &Pl
             .collect::<Vec<_>>(),
         [(7, 0)]
     );
+    // Nor had it a blocklist.
+    assert_eq!(store.blocklist().expect("blocklist"), []);
 }
 
 fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
     let store = place.open();
     fill(&store);
-    let empty =
-        super::snapshot::Snapshot::new(Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let empty = super::snapshot::Snapshot::new(
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let refused = store
         .import(&empty, false)
         .expect_err("the store has state");
@@ -928,6 +1034,7 @@ fn import_into_a_store_with_state_is_refused_unless_replacing(place: &Place) {
     assert!(refused.to_string().contains("--replace"), "{refused}");
     store.import(&empty, true).expect("replacing");
     assert_eq!(store.services().expect("services"), []);
+    assert_eq!(store.blocklist().expect("blocklist"), []);
     assert_eq!(store.api_keys().expect("keys"), []);
     assert_eq!(store.join_tokens().expect("join tokens"), []);
     assert_eq!(store.events(None, 10).expect("events"), []);
@@ -992,4 +1099,41 @@ fn an_etcd_store_sees_another_writers_changes_through_its_watch() {
         "a service is not a key change"
     );
     assert_eq!(watching.services().expect("services").len(), 1);
+}
+
+#[test]
+fn an_etcd_store_sees_another_writers_blocks_through_its_watch() {
+    let place = Place::etcd();
+    let (watching, writing) = (place.open(), place.open());
+    let changes = watching.changes().expect("etcd is shared");
+    let before = *changes.borrow();
+    // Waits until the blocklist's generation moves past `seen`'s.
+    let moved_past = |seen: super::StoreChanges| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while changes.borrow().blocklist == seen.blocklist {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no blocklist change seen within 1 s"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *changes.borrow()
+    };
+    let record = block("203.0.113.0/24", None, BlockSource::Admin);
+    writing.write(|tx| tx.put_block(&record)).expect("a block");
+    let blocked = moved_past(before);
+    assert_eq!(
+        watching.blocklist().expect("blocklist"),
+        std::slice::from_ref(&record)
+    );
+    assert_eq!(
+        (blocked.backends, blocked.keys),
+        (before.backends, before.keys),
+        "a block is neither a backend nor a key change"
+    );
+    writing
+        .write(|tx| tx.delete_block(record.prefix))
+        .expect("an unblock");
+    moved_past(blocked);
+    assert_eq!(watching.blocklist().expect("blocklist"), []);
 }

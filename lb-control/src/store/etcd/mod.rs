@@ -6,7 +6,8 @@
 //! P/services/<id>   a service (JSON)        P/keys/<id>       an API key, without last use
 //! P/backends/<id>   a backend (JSON)        P/key-used/<id>   its last use (ms), apart
 //! P/events/<id>     an event (JSON)         P/ids             the last id of each kind
-//! P/join-tokens/<id>  a join token (JSON)
+//! P/join-tokens/<id>  a join token (JSON)   P/blocklist/<prefix>  a blocked prefix (JSON),
+//!                                             e.g. P/blocklist/203.0.113.0/24
 //! ```
 //!
 //! A write is optimistic and serializable: its transaction reads at one revision, and commits
@@ -41,11 +42,11 @@ use tokio::sync::watch as tokio_watch;
 
 use super::{
     StoreChanges, StoreError, Tx, TxEngine,
-    record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
+    record::{BlocklistEntry, EventEntry, KeyEntry, TokenEntry, unix_ms},
     settings::{EtcdSettings, UnreadableFile},
     snapshot::Snapshot,
 };
-use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
+use crate::model::{ApiKeyId, ApiKeyRecord, Backend, BlockRecord, Event, JoinTokenRecord, Service};
 pub(super) use tx::EtcdTx;
 
 /// How long one request may take. A member without a leader refuses at once; this bounds a
@@ -92,6 +93,7 @@ enum Dir {
     Keys,
     KeyUsed,
     JoinTokens,
+    Blocklist,
     Events,
 }
 
@@ -103,6 +105,7 @@ impl Dir {
             Dir::Keys => "keys",
             Dir::KeyUsed => "key-used",
             Dir::JoinTokens => "join-tokens",
+            Dir::Blocklist => "blocklist",
             Dir::Events => "events",
         }
     }
@@ -124,6 +127,11 @@ impl Layout {
         format!("{}{}/{id:020}", self.prefix, dir.name())
     }
 
+    /// A record keyed by name rather than id (a blocked prefix).
+    fn named_key(&self, dir: Dir, name: &str) -> String {
+        format!("{}{}/{name}", self.prefix, dir.name())
+    }
+
     fn ids(&self) -> String {
         format!("{}ids", self.prefix)
     }
@@ -137,6 +145,7 @@ impl Layout {
             Dir::Keys,
             Dir::KeyUsed,
             Dir::JoinTokens,
+            Dir::Blocklist,
             Dir::Events,
         ]
         .into_iter()
@@ -371,6 +380,14 @@ impl EtcdStore {
             .collect()
     }
 
+    pub(super) fn blocklist(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        let (kvs, _) = self.range(
+            self.inner.layout.dir(Dir::Blocklist),
+            GetOptions::new().with_prefix(),
+        )?;
+        decode_blocklist(&self.inner.endpoints, &kvs)
+    }
+
     pub(super) fn api_key_by_hash(
         &self,
         secret_sha256: &[u8; 32],
@@ -541,6 +558,13 @@ impl EtcdStore {
                 None,
             ));
         }
+        for entry in &snapshot.blocklist {
+            puts.push(TxnOp::put(
+                layout.named_key(Dir::Blocklist, &entry.prefix.to_string()),
+                encode(entry),
+                None,
+            ));
+        }
         for event in &snapshot.events {
             puts.push(TxnOp::put(
                 layout.key(Dir::Events, event.id),
@@ -679,6 +703,21 @@ fn encode(value: &impl Serialize) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(endpoints: &str, kv: &KeyValue) -> Result<T, StoreError> {
     serde_json::from_slice(kv.value()).map_err(|error| corrupt(endpoints, kv, &error.to_string()))
+}
+
+/// Blocklist records as stored under `P/blocklist/`, in prefix order.
+fn decode_blocklist(endpoints: &str, kvs: &[KeyValue]) -> Result<Vec<BlockRecord>, StoreError> {
+    let mut records = kvs
+        .iter()
+        .map(|kv| {
+            let entry: BlocklistEntry = decode(endpoints, kv)?;
+            entry
+                .to_record()
+                .map_err(|problem| corrupt(endpoints, kv, &problem))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    records.sort_by_key(|record| record.prefix);
+    Ok(records)
 }
 
 fn id_of(endpoints: &str, kv: &KeyValue) -> Result<i64, StoreError> {

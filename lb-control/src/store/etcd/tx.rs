@@ -7,15 +7,17 @@ use std::{collections::BTreeMap, time::SystemTime};
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 use serde::de::DeserializeOwned;
 
-use super::{Dir, EtcdStore, Ids, encode};
+use ipnet::IpNet;
+
+use super::{Dir, EtcdStore, Ids, decode_blocklist, encode};
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, JoinTokenId, Origin, RateLimit, Service,
-        ServiceDef, ServiceId, ServiceKey,
+        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, Origin, RateLimit,
+        Service, ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
-        record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
+        record::{BlocklistEntry, EventEntry, KeyEntry, TokenEntry, unix_ms},
     },
 };
 
@@ -32,6 +34,7 @@ pub(in crate::store) struct EtcdTx {
     backends: Option<BTreeMap<BackendId, Backend>>,
     keys: Option<BTreeMap<ApiKeyId, KeyEntry>>,
     tokens: Option<BTreeMap<JoinTokenId, TokenEntry>>,
+    blocklist: Option<BTreeMap<IpNet, BlockRecord>>,
     /// What the commit writes: a key's new value, or None to delete it. A map, because etcd
     /// refuses a Txn that writes one key twice.
     writes: BTreeMap<String, Option<Vec<u8>>>,
@@ -54,6 +57,7 @@ impl EtcdTx {
             backends: None,
             keys: None,
             tokens: None,
+            blocklist: None,
             writes: BTreeMap::new(),
         })
     }
@@ -139,6 +143,30 @@ impl EtcdTx {
             self.tokens = Some(self.load(Dir::JoinTokens, |t: &TokenEntry| t.id)?);
         }
         Ok(self.tokens.get_or_insert_default())
+    }
+
+    fn blocklist_mut(&mut self) -> Result<&mut BTreeMap<IpNet, BlockRecord>, StoreError> {
+        if self.blocklist.is_none() {
+            let options = GetOptions::new().with_prefix().with_revision(self.revision);
+            let (kvs, _) = self
+                .store
+                .range(self.store.inner.layout.dir(Dir::Blocklist), options)?;
+            let records = decode_blocklist(&self.store.inner.endpoints, &kvs)?;
+            self.blocklist = Some(
+                records
+                    .into_iter()
+                    .map(|record| (record.prefix, record))
+                    .collect(),
+            );
+        }
+        Ok(self.blocklist.get_or_insert_default())
+    }
+
+    fn block_key(&self, prefix: IpNet) -> String {
+        self.store
+            .inner
+            .layout
+            .named_key(Dir::Blocklist, &prefix.to_string())
     }
 
     fn put(&mut self, dir: Dir, id: i64, value: &impl serde::Serialize) {
@@ -412,6 +440,30 @@ impl EtcdTx {
         let entry = entry.clone();
         self.put(Dir::JoinTokens, id, &entry);
         Ok(true)
+    }
+
+    pub(in crate::store) fn blocklist(&mut self) -> Result<Vec<BlockRecord>, StoreError> {
+        Ok(self.blocklist_mut()?.values().cloned().collect())
+    }
+
+    pub(in crate::store) fn put_block(&mut self, record: &BlockRecord) -> Result<(), StoreError> {
+        self.blocklist_mut()?.insert(record.prefix, record.clone());
+        let key = self.block_key(record.prefix);
+        self.writes
+            .insert(key, Some(encode(&BlocklistEntry::from_record(record))));
+        Ok(())
+    }
+
+    pub(in crate::store) fn delete_block(
+        &mut self,
+        prefix: IpNet,
+    ) -> Result<Option<BlockRecord>, StoreError> {
+        let removed = self.blocklist_mut()?.remove(&prefix);
+        if removed.is_some() {
+            let key = self.block_key(prefix);
+            self.writes.insert(key, None);
+        }
+        Ok(removed)
     }
 
     pub(in crate::store) fn record_event(

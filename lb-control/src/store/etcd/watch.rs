@@ -1,10 +1,11 @@
-//! Watches the prefix and moves [`StoreChanges`] with every change of services, backends or
-//! API keys, whoever made it; the backend set and the key registry re-read their part then.
+//! Watches the prefix and moves [`StoreChanges`] with every change of services, backends, API
+//! keys or the blocklist, whoever made it; the backend set, the key registry and the blocklist
+//! re-read their part then.
 //!
 //! The watch only says *that* something changed: the reader re-reads the state as it is, so
 //! a lost or compacted watch costs nothing but a re-read. After a watch error (a member gone,
-//! the revision compacted) the watch is made again from the current revision and both parts
-//! move, so their readers re-list whatever happened meanwhile.
+//! the revision compacted) the watch is made again from the current revision and every part
+//! moves, so their readers re-list whatever happened meanwhile.
 
 use std::{sync::Arc, time::Duration};
 
@@ -46,6 +47,7 @@ pub(super) async fn follow(
         changes.send_modify(|changes| {
             changes.backends += 1;
             changes.keys += 1;
+            changes.blocklist += 1;
         });
         info!("etcd ({endpoints}): watching {} again", layout.prefix);
     }
@@ -75,20 +77,22 @@ async fn watch_from(
                 compacted => format!("revision {from} is compacted (up to {compacted})"),
             };
         }
-        let (mut backends, mut keys) = (false, false);
+        let (mut backends, mut keys, mut blocklist) = (false, false, false);
         for event in response.events() {
             match event.kv().and_then(|kv| layout.dir_of(kv.key())) {
                 Some(Dir::Services | Dir::Backends) => backends = true,
                 Some(Dir::Keys) => keys = true,
+                Some(Dir::Blocklist) => blocklist = true,
                 // Last use and events change nothing anyone serves from; join tokens are read
                 // from the store at each use.
                 Some(Dir::KeyUsed | Dir::JoinTokens | Dir::Events) | None => {}
             }
         }
-        if backends || keys {
+        if backends || keys || blocklist {
             changes.send_modify(|changes| {
                 changes.backends += u64::from(backends);
                 changes.keys += u64::from(keys);
+                changes.blocklist += u64::from(blocklist);
             });
         }
     }

@@ -18,8 +18,11 @@ use rusqlite::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
+use ipnet::IpNet;
+
 use crate::model::{
-    ApiKeyRecord, Backend, BackendDef, Event, JoinTokenRecord, RateLimit, Service, ServiceDef,
+    ApiKeyRecord, Backend, BackendDef, BlockRecord, Event, JoinTokenRecord, RateLimit, Service,
+    ServiceDef,
 };
 use crate::store::{
     StoreError,
@@ -138,6 +141,19 @@ impl<'a> RowDecoder<'a> {
             services,
             created: self.time(row, "created_ms")?,
             revoked: self.optional_time(row, "revoked_ms")?,
+        })
+    }
+
+    pub(super) fn block(&self, row: &Row<'_>) -> Result<BlockRecord, StoreError> {
+        let prefix = self.parse::<IpNet>(row, "prefix", "an IP prefix")?;
+        if prefix != prefix.trunc() {
+            return Err(self.corrupt("prefix", format_args!("{prefix} has host bits set")));
+        }
+        Ok(BlockRecord {
+            prefix,
+            until: self.optional_time(row, "until_ms")?,
+            source: self.serde_enum(row, "source")?,
+            created: self.time(row, "created_ms")?,
         })
     }
 

@@ -1,4 +1,5 @@
-//! The SQLite engine: services, backends, API keys and the event log in one file.
+//! The SQLite engine: services, backends, API keys, join tokens, the blocklist and the event log
+//! in one file.
 //!
 //! Why SQLite: operators can inspect and repair the state with the `sqlite3` CLI; the schema is
 //! versioned with `PRAGMA user_version`; WAL with `synchronous=FULL` makes a change durable once
@@ -18,7 +19,7 @@ use std::{
 use rusqlite::{Connection, TransactionBehavior, ffi, params};
 
 use super::{StoreError, Tx, TxEngine, record::unix_ms, snapshot::Snapshot};
-use crate::model::{ApiKeyId, ApiKeyRecord, Backend, Event, JoinTokenRecord, Service};
+use crate::model::{ApiKeyId, ApiKeyRecord, Backend, BlockRecord, Event, JoinTokenRecord, Service};
 use codec::RowDecoder;
 pub(super) use tx::SqliteTx;
 
@@ -93,7 +94,7 @@ impl SqliteStore {
         // Backends go with their services (ON DELETE CASCADE).
         tx.execute_batch(
             "DELETE FROM services; DELETE FROM api_keys; DELETE FROM join_tokens; \
-             DELETE FROM events;",
+             DELETE FROM blocklist; DELETE FROM events;",
         )?;
         let mut tx = SqliteTx::new(tx, &self.path, i64::MAX);
         for service in &snapshot.services {
@@ -107,6 +108,9 @@ impl SqliteStore {
         }
         for token in &snapshot.join_tokens {
             tx.restore_join_token(token)?;
+        }
+        for entry in &snapshot.blocklist {
+            tx.restore_block(entry)?;
         }
         for event in &snapshot.events {
             tx.restore_event(event)?;
@@ -155,6 +159,11 @@ impl SqliteStore {
             tokens.push(self.decoder("join_tokens", row)?.join_token(row)?);
         }
         Ok(tokens)
+    }
+
+    /// Every blocked prefix, in prefix order.
+    pub(super) fn blocklist(&self) -> Result<Vec<BlockRecord>, StoreError> {
+        blocklist(&self.lock(), &self.path)
     }
 
     /// Records last-used times in one transaction.
@@ -252,6 +261,22 @@ fn backends(conn: &Connection, path: &Path) -> Result<Vec<Backend>, StoreError> 
         backends.push(RowDecoder::of(path, "backends", row)?.backend(row)?);
     }
     Ok(backends)
+}
+
+/// Every blocked prefix, read through `conn` (a connection or an open transaction), in prefix
+/// order. Rows go by rowid in messages: the table's key is the prefix.
+fn blocklist(conn: &Connection, path: &Path) -> Result<Vec<BlockRecord>, StoreError> {
+    let mut stmt =
+        conn.prepare("SELECT rowid AS id, prefix, until_ms, source, created_ms FROM blocklist")?;
+    let mut rows = stmt.query([])?;
+    let mut records = Vec::new();
+    while let Some(row) = rows.next()? {
+        records.push(RowDecoder::of(path, "blocklist", row)?.block(row)?);
+    }
+    // In prefix order as IpNet orders them (text order would put 10.0.0.0/8 after 1.0.0.0/8
+    // and 9.0.0.0/8 after both).
+    records.sort_by_key(|record| record.prefix);
+    Ok(records)
 }
 
 const API_KEY_COLUMNS: &str = "SELECT id, name, secret_sha256, rps, burst, created_ms, \

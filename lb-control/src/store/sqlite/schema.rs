@@ -73,6 +73,16 @@ pub(in crate::store) const MIGRATIONS: &[&str] = &[
     -- Backend tiers: every backend stored before them is a primary.
     ALTER TABLE backends ADD COLUMN tier INTEGER NOT NULL DEFAULT 0;
 ",
+    "
+    -- The source blocklist: prefix in canonical CIDR text without host bits; until_ms NULL:
+    -- blocked until removed; source: admin, auth-failure or adopted.
+    CREATE TABLE blocklist (
+        prefix TEXT PRIMARY KEY,
+        until_ms INTEGER,
+        source TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    ) STRICT;
+",
 ];
 
 /// The schema version this build writes.

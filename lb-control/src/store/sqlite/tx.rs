@@ -5,14 +5,16 @@ use std::{path::Path, time::SystemTime};
 use rusqlite::{OptionalExtension as _, Transaction, ffi, params};
 
 use super::codec::SerdeText;
+use ipnet::IpNet;
+
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, JoinTokenId, Origin, RateLimit, Service,
-        ServiceDef, ServiceId, ServiceKey,
+        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, Origin, RateLimit,
+        Service, ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
-        record::{EventEntry, KeyEntry, TokenEntry, unix_ms},
+        record::{BlocklistEntry, EventEntry, KeyEntry, TokenEntry, unix_ms},
     },
 };
 
@@ -286,6 +288,43 @@ impl<'a> SqliteTx<'a> {
         Ok(changed > 0)
     }
 
+    pub(in crate::store) fn blocklist(&mut self) -> Result<Vec<BlockRecord>, StoreError> {
+        super::blocklist(&self.tx, self.path)
+    }
+
+    /// Inserts or replaces the record of `record.prefix` (which has no host bits).
+    pub(in crate::store) fn put_block(&mut self, record: &BlockRecord) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT OR REPLACE INTO blocklist (prefix, until_ms, source, created_ms) \
+             VALUES (?1, ?2, ?3, ?4)",
+            params![
+                record.prefix.to_string(),
+                record.until.map(unix_ms),
+                SerdeText(&record.source),
+                unix_ms(record.created),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes the record of `prefix` (which has no host bits); returns it as it was.
+    pub(in crate::store) fn delete_block(
+        &mut self,
+        prefix: IpNet,
+    ) -> Result<Option<BlockRecord>, StoreError> {
+        let record = self
+            .blocklist()?
+            .into_iter()
+            .find(|record| record.prefix == prefix);
+        if record.is_some() {
+            self.tx.execute(
+                "DELETE FROM blocklist WHERE prefix = ?1",
+                [prefix.to_string()],
+            )?;
+        }
+        Ok(record)
+    }
+
     /// Appends an event stamped now and returns its id; the oldest events beyond the cap go.
     pub(in crate::store) fn record_event(
         &mut self,
@@ -385,6 +424,13 @@ impl SqliteTx<'_> {
             ],
         )?;
         Ok(())
+    }
+
+    pub(super) fn restore_block(&mut self, entry: &BlocklistEntry) -> Result<(), StoreError> {
+        let record = entry.to_record().map_err(|problem| StoreError::Corrupt {
+            what: format!("import: blocklist entry {}: {problem}", entry.prefix),
+        })?;
+        self.put_block(&record)
     }
 
     pub(super) fn restore_event(&mut self, event: &EventEntry) -> Result<(), StoreError> {
