@@ -4,7 +4,8 @@
 //! it ran against (straight or through the gateway).
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
@@ -106,6 +107,83 @@ pub fn spawn_in(
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("running node {script} (is Node.js 20 installed?)"))
+}
+
+/// polkadot.js clients (`tests/js/follow-restarts.mjs`) in a lab namespace, as apps use the
+/// endpoint: each follows new heads and calls every 500 ms, reconnecting by itself when its
+/// connection is lost. The script writes its ready file once every client has heard a head and
+/// appends `back` once each has heard one again after a reconnection; it prints its summary
+/// (errors, calls cut off, reconnection times) when its standard input closes.
+pub struct FollowingClients {
+    child: Child,
+    ready: PathBuf,
+}
+
+impl FollowingClients {
+    const SCRIPT: &str = "follow-restarts.mjs";
+
+    /// Starts `clients` clients on `url` (`wss://…/KEY`), trusting the lab CA in `ca`; the
+    /// script gives up after `max_seconds`. `ready` is the file it marks (it must not exist).
+    pub fn spawn(
+        netns: &str,
+        ca: &Path,
+        url: &str,
+        clients: usize,
+        max_seconds: u64,
+        ready: PathBuf,
+    ) -> anyhow::Result<FollowingClients> {
+        let ready_arg = ready.to_str().context("a UTF-8 ready file path")?;
+        let child = spawn_in(
+            netns,
+            ca,
+            &[],
+            Self::SCRIPT,
+            &[
+                url,
+                &clients.to_string(),
+                &max_seconds.to_string(),
+                ready_arg,
+            ],
+        )?;
+        Ok(FollowingClients { child, ready })
+    }
+
+    /// Whether every client has heard a head; an error, with what the script said, when it
+    /// exited before that.
+    pub fn following(&mut self) -> anyhow::Result<bool> {
+        if self.ready.exists() {
+            return Ok(true);
+        }
+        if let Some(status) = self.child.try_wait()? {
+            let mut said = String::new();
+            if let Some(mut stdout) = self.child.stdout.take() {
+                let _ = stdout.read_to_string(&mut said);
+            }
+            if let Some(mut stderr) = self.child.stderr.take() {
+                let _ = stderr.read_to_string(&mut said);
+            }
+            anyhow::bail!(
+                "the polkadot.js clients exited ({status}) before they all followed heads: {said}"
+            );
+        }
+        Ok(false)
+    }
+
+    /// Whether every client has heard a head again since it lost its connection.
+    pub fn back(&self) -> anyhow::Result<bool> {
+        Ok(std::fs::read_to_string(&self.ready)?.contains("back"))
+    }
+
+    /// Stops the clients; the script's summary, failing with the error it reports.
+    pub fn finish(mut self) -> anyhow::Result<Value> {
+        // The script stops when its standard input closes.
+        drop(self.child.stdin.take());
+        let output = self
+            .child
+            .wait_with_output()
+            .context("waiting for the polkadot.js clients")?;
+        summary(Self::SCRIPT, &[], &output)
+    }
 }
 
 /// The JSON summary `script` (run with `args`) printed as its last line, failing with the error

@@ -36,7 +36,7 @@ use common::{
 use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to, read_second_chance_packets};
 use lb_tests::{
     admin_writes::{self, WriteLoop, WriteTarget},
-    js_client::is_expected_polkadot_js_warning,
+    js_client::{FollowingClients, is_expected_polkadot_js_warning},
     lab::{
         EtcdSite, GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab,
         SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4, binary_path, command_in_netns, run_checked,
@@ -663,23 +663,18 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let wss_url = lab.gateway_url(&key).replacen("https", "wss", 1);
 
     // polkadot.js clients that follow heads and call every 500 ms, reconnecting by themselves.
-    let ready = lab.log_dir().join("js-clients.ready");
-    let mut js = common::spawn_js(
+    let mut js = FollowingClients::spawn(
         &client,
         lab.ca(),
-        &[],
-        "follow-restarts.mjs",
-        &[
-            &wss_url,
-            &HANDOVER_JS_CLIENTS.to_string(),
-            "120",
-            ready.to_str().context("utf-8 log directory")?,
-        ],
+        &wss_url,
+        HANDOVER_JS_CLIENTS,
+        120,
+        lab.log_dir().join("js-clients.ready"),
     )?;
     wait_until(
         "the polkadot.js clients following heads",
         Duration::from_secs(60),
-        || Ok(ready.exists()),
+        || js.following(),
     )?;
     // WebSocket clients that follow heads through the close and time their way back.
     let connector = Arc::new(WssConnector::new(lab.ca(), wss_url, &client, gateway)?);
@@ -756,8 +751,7 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let through_gateway = through_gateway.stop()?;
     let through_l4 = through_l4.stop()?;
     let through_l4_new = through_l4_new.stop()?;
-    drop(js.stdin.take());
-    let js = common::js_summary("follow-restarts.mjs", &[], &js.wait_with_output()?)?;
+    let js = js.finish()?;
     let broken = broken_connections(&mut held);
     let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
     let second_chance = read_second_chance_packets(&pin_dir_b)?;

@@ -23,6 +23,7 @@ use common::{
     spread_of_new_connections, up, wait_for,
 };
 use lb_tests::{
+    js_client::FollowingClients,
     lab::{Lab, SIM_NODE_RPC_PORT, binary_path},
     sim_node::Fault,
     wrk,
@@ -357,21 +358,16 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
 
     // polkadot.js clients on the gateway, all on one node (the gateway places a client by its
     // address), which the rollout drains in its turn.
-    let ready = lab.log_dir().join("clients.ready");
-    let mut clients = common::spawn_js(
+    let mut clients = FollowingClients::spawn(
         &lab.client().netns,
         &gateway.ca,
-        &[],
-        "follow-restarts.mjs",
-        &[
-            &gateway.url("wss"),
-            &JS_CLIENTS.to_string(),
-            "300",
-            ready.to_str().context("utf-8 log directory")?,
-        ],
+        &gateway.url("wss"),
+        JS_CLIENTS,
+        300,
+        lab.log_dir().join("clients.ready"),
     )?;
     wait_for("the polkadot.js clients to follow heads", || {
-        Ok(ready.exists())
+        clients.following()
     })?;
 
     // wrk through the kernel's L4 service (a connection per request, so a drained node empties)
@@ -432,8 +428,7 @@ fn rollout_restarts_every_node_under_load_without_a_failed_request() -> anyhow::
 
     let l4 = l4.finish()?;
     let through_gateway = through_gateway.finish()?;
-    drop(clients.stdin.take());
-    let js = common::js_summary("follow-restarts.mjs", &[], &clients.wait_with_output()?)?;
+    let js = clients.finish()?;
     eprintln!("{output}");
     eprintln!("rollout of 3 nodes: {took:?}");
     eprintln!("wrk through the L4 service: {l4}");

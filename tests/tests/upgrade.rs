@@ -25,7 +25,7 @@ use common::{
     GATEWAY_PORT, GatewayLab, KeepAlive, ServiceConf, VIP_V4, up, wait_for,
     wss::{Reconnect, WssConnector, spread},
 };
-use lb_tests::{lab::command_in_netns, wrk};
+use lb_tests::{js_client::FollowingClients, lab::command_in_netns, wrk};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The read wrk sends: answered by a node (never cached), so the load reaches the nodes
@@ -161,21 +161,16 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
     wait_for("the WebSocket clients to follow heads", || {
         Ok(subscribed.load(Ordering::SeqCst) == WEBSOCKET_CLIENTS)
     })?;
-    let js_ready = lab.log_dir().join("js-clients.ready");
-    let mut js_clients = common::spawn_js(
+    let mut js_clients = FollowingClients::spawn(
         &lab.client().netns,
         &gateway.ca,
-        &[],
-        "follow-restarts.mjs",
-        &[
-            &gateway.url("wss"),
-            &JS_CLIENTS.to_string(),
-            "120",
-            js_ready.to_str().context("utf-8 log directory")?,
-        ],
+        &gateway.url("wss"),
+        JS_CLIENTS,
+        120,
+        lab.log_dir().join("js-clients.ready"),
     )?;
     wait_for("the polkadot.js clients to follow heads", || {
-        Ok(js_ready.exists())
+        js_clients.following()
     })?;
 
     let old_pid = gateway.lb_control.pid();
@@ -203,10 +198,9 @@ fn upgrade_under_load_fails_no_request_and_moves_websockets_to_the_new_process()
 
     // Until each polkadot.js client is back and has heard a head on its new connection.
     wait_for("the polkadot.js clients to follow heads again", || {
-        Ok(std::fs::read_to_string(&js_ready)?.contains("back"))
+        js_clients.back()
     })?;
-    drop(js_clients.stdin.take());
-    let js = common::js_summary("follow-restarts.mjs", &[], &js_clients.wait_with_output()?)?;
+    let js = js_clients.finish()?;
 
     let output = wrk.wait_with_output()?;
     stop_http2.store(true, Ordering::SeqCst);

@@ -2,17 +2,13 @@
 //! read after it: wrk through the gateway and through the L4 NAT service, polkadot.js clients
 //! following new heads, the admin write loop, and long-lived L4 connections of known ages.
 
-use std::{
-    path::Path,
-    process::Child,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use lb_tests::{
     admin_writes::{WriteLog, WriteLoop, WriteTarget},
     bench::check_interrupted,
-    js_client,
+    js_client::FollowingClients,
     lab::PairLab,
     rpc_client::{KeepAlive, SYSTEM_HEALTH},
     wrk,
@@ -25,8 +21,7 @@ use crate::Settings;
 const GATEWAY_CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"}"#;
 /// How long wrk may run: it is stopped once a run has what it needs.
 const WRK_SECONDS: u64 = 600;
-/// The polkadot.js script and how long it may run: it is stopped the same way.
-const JS_SCRIPT: &str = "follow-restarts.mjs";
+/// How long the polkadot.js clients may run: they are stopped the same way.
 const JS_MAX_SECONDS: u64 = 600;
 /// How long the polkadot.js clients may take to start and hear a head.
 const JS_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -128,7 +123,7 @@ pub struct LoadResults {
 /// The loads of one run, running.
 pub struct Loads {
     wrks: Vec<wrk::Background>,
-    js: Child,
+    js: FollowingClients,
     pub writes: WriteLoop,
 }
 
@@ -154,21 +149,25 @@ impl Loads {
             .with_context(|| format!("starting wrk ({})", kind.name()))?;
             wrks.push(load);
         }
-        let ready = lab.log_dir().join("js-clients.ready");
         let url = lab.gateway_url(key).replacen("https://", "wss://", 1);
-        let js = js_client::spawn_in(
+        let mut js = FollowingClients::spawn(
             client,
             lab.ca(),
-            &[],
-            JS_SCRIPT,
-            &[
-                &url,
-                &settings.ws_clients.to_string(),
-                &JS_MAX_SECONDS.to_string(),
-                &ready.to_string_lossy(),
-            ],
+            &url,
+            settings.ws_clients,
+            JS_MAX_SECONDS,
+            lab.log_dir().join("js-clients.ready"),
         )?;
-        let js = wait_for_ready(js, &ready)?;
+        let deadline = Instant::now() + JS_READY_TIMEOUT;
+        while !js.following()? {
+            check_interrupted()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "the polkadot.js clients did not all follow heads within {JS_READY_TIMEOUT:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let writes = WriteLoop::start(WriteTarget::pair_floating_address(
             lab,
             WRITE_PACE,
@@ -180,11 +179,7 @@ impl Loads {
 
     /// Stops every load and reads what it saw.
     pub fn stop(self) -> anyhow::Result<LoadResults> {
-        let Loads {
-            wrks,
-            mut js,
-            writes,
-        } = self;
+        let Loads { wrks, js, writes } = self;
         let http = wrks
             .into_iter()
             .zip(HttpKind::ALL)
@@ -193,10 +188,7 @@ impl Loads {
                     .with_context(|| format!("wrk ({})", kind.name()))
             })
             .collect::<anyhow::Result<_>>()?;
-        // The script stops when its standard input closes.
-        drop(js.stdin.take());
-        let output = js.wait_with_output().context("waiting for polkadot.js")?;
-        let summary = js_client::summary(JS_SCRIPT, &[], &output)?;
+        let summary = js.finish()?;
         let js = serde_json::from_value(summary.clone())
             .with_context(|| format!("reading the polkadot.js summary {summary}"))?;
         let writes = writes.stop()?;
@@ -206,23 +198,6 @@ impl Loads {
 
 /// Waits until the polkadot.js clients wrote `ready` (each started and heard a head); returns
 /// them, still running.
-fn wait_for_ready(mut js: Child, ready: &Path) -> anyhow::Result<Child> {
-    let deadline = Instant::now() + JS_READY_TIMEOUT;
-    while !ready.exists() {
-        check_interrupted()?;
-        if js.try_wait()?.is_some() {
-            let why = js_client::summary(JS_SCRIPT, &[], &js.wait_with_output()?)
-                .map_or_else(|error| format!("{error:#}"), |summary| summary.to_string());
-            bail!("the polkadot.js clients exited before they all followed heads: {why}");
-        }
-        if Instant::now() >= deadline {
-            bail!("the polkadot.js clients did not all follow heads within {JS_READY_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(js)
-}
-
 /// The ages long-lived connections have at the event, in buckets.
 pub const AGE_BUCKETS: [AgeBucket; 4] = [
     AgeBucket {
