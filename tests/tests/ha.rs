@@ -31,7 +31,9 @@ use common::{
     KeepAlive, count_by_node,
     wss::{Reconnect, WssConnector, spread},
 };
-use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to, read_second_chance_packets};
+use lb_control::dataplane::{
+    self, DEFAULT_BPFFS, SecondChanceMode, open_flows_to, read_second_chance_packets,
+};
 use lb_tests::{
     admin_writes::{self, WriteLoop, WriteTarget},
     js_client::is_expected_polkadot_js_warning,
@@ -122,6 +124,95 @@ fn start_pair(nodes: usize) -> anyhow::Result<PairLab> {
     Ok(lab)
 }
 
+/// Gateway calls answered that show a load flowing.
+const CALLS_ANSWERED: f64 = 50.0;
+
+/// wrk from the client making a new HTTPS connection for each gateway call, as clients that
+/// retry or do not keep connections alive do: what a crash must not refuse.
+fn new_connection_per_call(lab: &PairLab, key: &str) -> anyhow::Result<wrk::Background> {
+    serving_load(
+        lab,
+        "gateway-new-connections",
+        &lab.gateway_url(key),
+        NODE_READ,
+        &[("Connection", "close")],
+    )
+}
+
+/// What [`new_connection_per_call`] counted across a crash: calls answered, no connection
+/// refused, and no failure but the calls in flight at the crash (one per connection at most).
+fn ensure_no_connection_refused(what: &str, reads: &wrk::CountedReads) -> anyhow::Result<()> {
+    eprintln!("{what}: {reads}");
+    ensure!(
+        reads.count("connect")? == 0,
+        "{what}: connections refused or not made: {reads}"
+    );
+    let failed = reads.count("failed")? + reads.socket_errors()?;
+    ensure!(
+        failed <= SERVING_CONNECTIONS as u64,
+        "{what}: more failed calls than were in flight at the crash: {reads}"
+    );
+    ensure!(
+        reads.count("answered")? as f64 > CALLS_ANSWERED,
+        "{what}: too few calls answered: {reads}"
+    );
+    Ok(())
+}
+
+/// The standing second chance's packets sent from `member` to the other LB, read from its
+/// pinned maps (which outlive its lb-control).
+fn standing_second_chance_packets(lab: &PairLab, member: Member) -> anyhow::Result<u64> {
+    let pin_dir = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(member));
+    Ok(read_second_chance_packets(
+        &pin_dir,
+        SecondChanceMode::Standing,
+    )?)
+}
+
+#[test]
+fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_control_is_dead()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(2)?;
+    let (a, b) = (Member::A, Member::B);
+    let key = create_key(&lab, a, "lb-control-crash")?;
+    let load = new_connection_per_call(&lab, &key)?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
+    )?;
+    let served_by_b = gateway_calls(&lab, b)?;
+
+    // lb-control alone dies (an OOM kill, a panic): keepalived keeps the addresses on LB a,
+    // whose kernel has no gateway listener any more.
+    lab.kill_lb_control(a)?;
+    let answer = call_gateway(&lab, &key).context("a new connection just after the crash")?;
+    ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
+    wait_until(
+        "LB b's gateway answering the calls that reach LB a",
+        Duration::from_secs(10),
+        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_ANSWERED),
+    )?;
+    let reads = load.stop()?;
+    let sent = standing_second_chance_packets(&lab, a)?;
+    eprintln!("standing second chance: {sent} packets from LB a to LB b");
+
+    ensure!(
+        lab.holders()? == [a] && lab.client_reaches()? == Some(a),
+        "the floating addresses stayed on LB a, and the client sends to it"
+    );
+    ensure!(
+        role(&lab, b)? == "backup",
+        "LB b's lb-control is still backup"
+    );
+    ensure_no_connection_refused("a new connection per call across the crash", &reads)?;
+    ensure!(
+        sent > 0,
+        "LB a's XDP program sent no segment to LB b: who answered?"
+    );
+    Ok(())
+}
+
 #[test]
 fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
 -> anyhow::Result<()> {
@@ -140,31 +231,50 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
         lab.client_reaches()? == Some(a),
         "the client reaches LB a first"
     );
+    let load = new_connection_per_call(&lab, &key)?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
+    )?;
 
-    // The crash: no notify, no goodbye advert.
+    // The crash: no notify, no goodbye advert. Until LB b's keepalived takes the addresses,
+    // LB a's kernel holds them and its XDP program sends the gateway's connections to LB b.
     let killed = Instant::now();
     lab.kill(a)?;
-    let mut vip_moved = None;
-    wait_until(
-        "the gateway answering at the floating address after the master's crash",
+    let mut answered = None;
+    let vip_moved = wait_until(
+        "the floating addresses on LB b after the master's crash",
         Duration::from_secs(10),
         || {
-            if vip_moved.is_none() && lab.holders()?.contains(&b) {
-                vip_moved = Some(killed.elapsed());
+            if answered.is_none() && call_gateway(&lab, &key).is_ok() {
+                answered = Some(killed.elapsed());
             }
-            Ok(call_gateway(&lab, &key).is_ok())
+            Ok(lab.holders()?.contains(&b))
         },
     )
     .with_context(|| lab.keepalived_log(b))?;
-    let answered = killed.elapsed();
+    wait_until(
+        "the gateway answering at the floating address after the master's crash",
+        Duration::from_secs(10),
+        || Ok(call_gateway(&lab, &key).is_ok()),
+    )?;
+    let answered = answered.unwrap_or_else(|| killed.elapsed());
+    let reads = load.stop()?;
     eprintln!(
-        "takeover: floating addresses on LB b {:?} after the kill, first answered request {:?}",
-        vip_moved, answered
+        "takeover: floating addresses on LB b {vip_moved:?} after the kill, first answered \
+         request {answered:?}; standing second chance: {} packets from LB a to LB b",
+        standing_second_chance_packets(&lab, a)?
+    );
+    ensure!(
+        vip_moved <= TAKEOVER_BOUND,
+        "the standby took the addresses {vip_moved:?} after the kill (bound {TAKEOVER_BOUND:?})"
     );
     ensure!(
         answered <= TAKEOVER_BOUND,
         "the standby answered {answered:?} after the kill (bound {TAKEOVER_BOUND:?})"
     );
+    ensure_no_connection_refused("a new connection per call across the crash", &reads)?;
     ensure!(lab.client_reaches()? == Some(b), "the client reaches LB b");
     ensure!(role(&lab, b)? == "master", "LB b's lb-control is master");
     // The key worked through LB b above; the weight is there too.
@@ -233,8 +343,9 @@ const WRITES_GOING_ON: usize = 5;
 /// connection's pause between requests, and how long wrk may run (it is stopped before).
 const SERVING_PACE: Duration = Duration::from_millis(20);
 const SERVING_SECONDS: u64 = 120;
+const SERVING_CONNECTIONS: usize = 2;
 
-/// wrk from the client at a steady, light load (two connections) on `url`, every
+/// wrk from the client at a steady, light load ([`SERVING_CONNECTIONS`]) on `url`, every
 /// answer counted.
 fn serving_load(
     lab: &PairLab,
@@ -251,7 +362,7 @@ fn serving_load(
     wrk::Background::start(&wrk::Load {
         netns: &lab.client().netns,
         threads: 1,
-        connections: 2,
+        connections: SERVING_CONNECTIONS,
         seconds: SERVING_SECONDS,
         script: &script,
         url,
@@ -662,7 +773,7 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let js = common::js_summary("follow-restarts.mjs", &[], &js.wait_with_output()?)?;
     let broken = broken_connections(&mut held);
     let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
-    let second_chance = read_second_chance_packets(&pin_dir_b)?;
+    let second_chance = read_second_chance_packets(&pin_dir_b, SecondChanceMode::Handover)?;
 
     eprintln!("{handed_over}");
     eprintln!("`lb-control ha handover` took {took:?}; its progress: {progress}");
