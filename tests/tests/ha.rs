@@ -128,29 +128,35 @@ fn start_pair(nodes: usize) -> anyhow::Result<PairLab> {
 const CALLS_ANSWERED: f64 = 50.0;
 
 /// wrk from the client making a new HTTPS connection for each gateway call, as clients that
-/// retry or do not keep connections alive do: what a crash must not refuse.
-fn new_connection_per_call(lab: &PairLab, key: &str) -> anyhow::Result<wrk::Background> {
+/// retry or do not keep connections alive do: what a crash must not refuse. `name` names its
+/// script.
+fn new_connection_per_call(
+    lab: &PairLab,
+    key: &str,
+    name: &str,
+) -> anyhow::Result<wrk::Background> {
     serving_load(
         lab,
-        "gateway-new-connections",
+        name,
         &lab.gateway_url(key),
         NODE_READ,
         &[("Connection", "close")],
     )
 }
 
-/// What [`new_connection_per_call`] counted across a crash: calls answered, no connection
-/// refused, and no failure but the calls in flight at the crash (one per connection at most).
-fn ensure_no_connection_refused(what: &str, reads: &wrk::CountedReads) -> anyhow::Result<()> {
+/// Calls of one [`new_connection_per_call`] connection that a crash can fail: the one in
+/// flight, and the next one's handshake if the dying listener answered its SYN (nothing else
+/// knows that connection).
+const FAILED_AT_THE_CRASH: u64 = 2;
+
+/// What [`new_connection_per_call`] counted across a crash: calls answered, and no more
+/// failures, refused connections included, than the crash itself can cause.
+fn ensure_failed_only_at_the_crash(what: &str, reads: &wrk::CountedReads) -> anyhow::Result<()> {
     eprintln!("{what}: {reads}");
-    ensure!(
-        reads.count("connect")? == 0,
-        "{what}: connections refused or not made: {reads}"
-    );
     let failed = reads.count("failed")? + reads.socket_errors()?;
     ensure!(
-        failed <= SERVING_CONNECTIONS as u64,
-        "{what}: more failed calls than were in flight at the crash: {reads}"
+        failed <= FAILED_AT_THE_CRASH * SERVING_CONNECTIONS as u64,
+        "{what}: more calls failed or were refused than the crash itself fails: {reads}"
     );
     ensure!(
         reads.count("answered")? as f64 > CALLS_ANSWERED,
@@ -175,7 +181,7 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
     let mut lab = start_pair(2)?;
     let (a, b) = (Member::A, Member::B);
     let key = create_key(&lab, a, "lb-control-crash")?;
-    let load = new_connection_per_call(&lab, &key)?;
+    let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
     wait_until(
         "the load reaching LB a's gateway",
         Duration::from_secs(20),
@@ -186,14 +192,15 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
     // lb-control alone dies (an OOM kill, a panic): keepalived keeps the addresses on LB a,
     // whose kernel has no gateway listener any more.
     lab.kill_lb_control(a)?;
+    let after = new_connection_per_call(&lab, &key, "after-the-crash")?;
     let answer = call_gateway(&lab, &key).context("a new connection just after the crash")?;
     ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
     wait_until(
         "LB b's gateway answering the calls that reach LB a",
-        Duration::from_secs(10),
-        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_ANSWERED),
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, b)? > served_by_b + 2.0 * CALLS_ANSWERED),
     )?;
-    let reads = load.stop()?;
+    let (after, across) = (after.stop()?, across.stop()?);
     let sent = standing_second_chance_packets(&lab, a)?;
     eprintln!("standing second chance: {sent} packets from LB a to LB b");
 
@@ -205,7 +212,8 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
         role(&lab, b)? == "backup",
         "LB b's lb-control is still backup"
     );
-    ensure_no_connection_refused("a new connection per call across the crash", &reads)?;
+    ensure_served_throughout("a new connection per call after the crash", after)?;
+    ensure_failed_only_at_the_crash("a new connection per call across the crash", &across)?;
     ensure!(
         sent > 0,
         "LB a's XDP program sent no segment to LB b: who answered?"
@@ -231,7 +239,7 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
         lab.client_reaches()? == Some(a),
         "the client reaches LB a first"
     );
-    let load = new_connection_per_call(&lab, &key)?;
+    let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
     wait_until(
         "the load reaching LB a's gateway",
         Duration::from_secs(20),
@@ -239,43 +247,42 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
     )?;
 
     // The crash: no notify, no goodbye advert. Until LB b's keepalived takes the addresses,
-    // LB a's kernel holds them and its XDP program sends the gateway's connections to LB b.
+    // LB a's kernel holds them and its XDP program sends the gateway's connections to LB b:
+    // every new connection from then on is answered.
     let killed = Instant::now();
     lab.kill(a)?;
-    let mut answered = None;
+    let mut answered = 0;
     let vip_moved = wait_until(
         "the floating addresses on LB b after the master's crash",
         Duration::from_secs(10),
         || {
-            if answered.is_none() && call_gateway(&lab, &key).is_ok() {
-                answered = Some(killed.elapsed());
-            }
+            call_gateway(&lab, &key).with_context(|| {
+                format!(
+                    "a new connection {:?} after the kill, {answered} answered before",
+                    killed.elapsed()
+                )
+            })?;
+            answered += 1;
             Ok(lab.holders()?.contains(&b))
         },
     )
     .with_context(|| lab.keepalived_log(b))?;
-    wait_until(
-        "the gateway answering at the floating address after the master's crash",
-        Duration::from_secs(10),
-        || Ok(call_gateway(&lab, &key).is_ok()),
-    )?;
-    let answered = answered.unwrap_or_else(|| killed.elapsed());
-    let reads = load.stop()?;
+    let across = across.stop()?;
     eprintln!(
-        "takeover: floating addresses on LB b {vip_moved:?} after the kill, first answered \
-         request {answered:?}; standing second chance: {} packets from LB a to LB b",
+        "takeover: floating addresses on LB b {vip_moved:?} after the kill; {answered} new \
+         connections meanwhile, each answered; standing second chance: {} packets from LB a \
+         to LB b",
         standing_second_chance_packets(&lab, a)?
     );
     ensure!(
         vip_moved <= TAKEOVER_BOUND,
         "the standby took the addresses {vip_moved:?} after the kill (bound {TAKEOVER_BOUND:?})"
     );
-    ensure!(
-        answered <= TAKEOVER_BOUND,
-        "the standby answered {answered:?} after the kill (bound {TAKEOVER_BOUND:?})"
-    );
-    ensure_no_connection_refused("a new connection per call across the crash", &reads)?;
-    ensure!(lab.client_reaches()? == Some(b), "the client reaches LB b");
+    ensure_failed_only_at_the_crash("a new connection per call across the crash", &across)?;
+    // LB b's gratuitous ARP follows its taking the addresses.
+    wait_until("the client reaching LB b", Duration::from_secs(3), || {
+        Ok(lab.client_reaches()? == Some(b))
+    })?;
     ensure!(role(&lab, b)? == "master", "LB b's lb-control is master");
     // The key worked through LB b above; the weight is there too.
     let backends = cli_json(&lab, b, &["backend", "list"])?;
@@ -374,7 +381,7 @@ fn ensure_served_throughout(what: &str, reads: wrk::CountedReads) -> anyhow::Res
     eprintln!("{what}: {reads}");
     ensure!(
         reads.count("answered")? > 0 && reads.count("failed")? == 0 && reads.socket_errors()? == 0,
-        "{what} did not answer every request while etcd lost and regained members: {reads}"
+        "{what} did not answer every request: {reads}"
     );
     Ok(())
 }
