@@ -36,8 +36,12 @@ pub mod map_names {
     pub const BLOCKLIST_VERSION: &str = "BLOCKLIST_VERSION";
     /// The second chance of a planned handover, one entry (see `maps::SecondChance`).
     pub const SECOND_CHANCE: &str = "SECOND_CHANCE";
-    /// Packets second chance sent to the previous owner, one per-CPU counter.
+    /// Packets the handover's second chance sent to the previous owner, one per-CPU counter.
     pub const SECOND_CHANCE_PACKETS: &str = "SECOND_CHANCE_PACKETS";
+    /// The standing second chance of a pair member, one entry (see `maps::SecondChance`).
+    pub const STANDING_SECOND_CHANCE: &str = "STANDING_SECOND_CHANCE";
+    /// Packets the standing second chance sent to the other host, one per-CPU counter.
+    pub const STANDING_SECOND_CHANCE_PACKETS: &str = "STANDING_SECOND_CHANCE_PACKETS";
 }
 
 /// Names of the XDP programs.

@@ -187,20 +187,26 @@ impl LbConfig {
     }
 }
 
-/// Second chance for the gateway's open connections during a planned handover (GitHub GLB's
-/// model): the one entry of `SECOND_CHANCE`. Until `until_ns`, a TCP segment to the gateway
-/// (`addr`, `port_be`) that opens no connection and that this host has no socket for goes to
-/// `peer`, the host that held the gateway's address before, over the private link; that host
-/// still answers it while it drains.
+/// Second chance (GitHub GLB's model): a TCP segment to the gateway (`addr`, `port_be`) that
+/// this host has no socket for goes to `peer`, the other host of the pair, over the private
+/// link; that host answers the client directly. One entry in each of two maps:
+/// - `SECOND_CHANCE`, a planned handover's: the host that took the gateway's address over
+///   sends the segments that open no connection (those of the connections the previous owner
+///   still drains) until `until_ns`.
+/// - `STANDING_SECOND_CHANCE`, armed by an lb-control in a pair for as long as it is in one:
+///   while this host's gateway has no listener (lb-control crashed or restarting), a SYN goes
+///   too, so the peer takes the new connections this host would refuse. `until_ns` is 0 (off)
+///   or `u64::MAX`: no deadline, since it must outlive the lb-control that armed it.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SecondChance {
     /// The gateway's address; all zero for any address of `family` (a gateway listening on
     /// `0.0.0.0` or `[::]`).
     pub addr: [u8; 16],
-    /// The previous owner's address on the private link.
+    /// The other host's address on the private link.
     pub peer: [u8; 16],
-    /// `bpf_ktime_get_ns()` until which packets go to `peer`; 0: off.
+    /// `bpf_ktime_get_ns()` until which packets go to `peer`; 0: off (see above for the
+    /// standing entry).
     pub until_ns: u64,
     pub port_be: u16,
     pub family: u8,

@@ -53,8 +53,8 @@ use std::{
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_control::{
     dataplane::{
-        BackendSpec, DataplaneError, LbSettings, ProgramHarness, ReferenceProgram, ServiceSpec,
-        TestVerdict, XdpAction,
+        BackendSpec, DEFAULT_BPFFS, DataplaneError, LbSettings, ProgramHarness, ReferenceProgram,
+        ServiceSpec, StandingSecondChanceMap, TestVerdict, XdpAction,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -376,6 +376,35 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         note: "parse, count, NAT-reply check, flow lookup, blocklist, service lookup, XDP_PASS"
             .into(),
     });
+    // A gateway segment (to a port of no service) on a member of an HA pair: the standing
+    // second chance looks its socket up, this host's own connection, and passes it.
+    let gateway = v4(LB_CLIENT_V4, 8443);
+    let gateway_listener = std::net::TcpListener::bind(gateway)
+        .map_err(|error| format!("the gateway's listener: {error}"))?;
+    let own = std::net::TcpStream::connect(gateway)
+        .map_err(|error| format!("a gateway connection: {error}"))?;
+    let own_client = own
+        .local_addr()
+        .map_err(|error| format!("its address: {error}"))?;
+    let gateway_segment = Packet::tcp(own_client, gateway).bytes();
+    rows.push(Row {
+        path: "gateway segment, no pair",
+        method: "repeat",
+        ns: lb_repeated(&gateway_segment, XdpAction::Pass)?,
+        note: "as a passed packet (the second chance entries read, none armed)".into(),
+    });
+    StandingSecondChanceMap::open(&std::path::Path::new(DEFAULT_BPFFS).join(instance(TAG)))
+        .and_then(|mut standing| standing.arm(gateway, backend_v4(3).into()))
+        .map_err(|error| format!("arming the standing second chance: {error}"))?;
+    rows.push(Row {
+        path: "gateway segment on an HA pair member",
+        method: "repeat",
+        ns: lb_repeated(&gateway_segment, XdpAction::Pass)?,
+        note: "the same, the standing second chance armed: plus its socket lookup \
+               (bpf_skc_lookup_tcp), which finds the connection"
+            .into(),
+    });
+    drop((own, gateway_listener));
     rows.push(Row {
         path: "blocked packet (source in a blocked /24)",
         method: "repeat",

@@ -45,6 +45,7 @@ use crate::{
     ha::{
         Ha, RoleState, flow_sync,
         handover::{DrainedGateway, Handover},
+        second_chance::StandingSecondChance,
     },
     health,
     keys::ApiKeys,
@@ -157,6 +158,8 @@ struct Daemon {
     /// Held from the moment a new process takes the kernel tables over until this one exits:
     /// no change of this process reaches them after the new one wrote them.
     handed_over: Option<Paused>,
+    /// In a pair: armed until a clean stop.
+    second_chance: Option<Arc<StandingSecondChance>>,
 }
 
 /// The admin API's server task and what stops it.
@@ -303,6 +306,13 @@ impl Daemon {
         .await
         .context("the source blocklist")?;
         blocklist.set_deletes_expired(ha.current().role.records_health());
+        let second_chance = StandingSecondChance::start(
+            config.ha.as_ref(),
+            gateway_bound.as_ref().map(Bound::local_addr),
+            &pin_dir,
+        )
+        .await?
+        .map(Arc::new);
         tokio::spawn(follow_role(
             ha.subscribe(),
             backends.clone(),
@@ -349,8 +359,8 @@ impl Daemon {
         };
 
         let drained_gateway = gateway.as_ref().map(|gateway| DrainedGateway {
-            listen: gateway.local_addr(),
             connections: Arc::new(gateway.connections()),
+            second_chance: second_chance.clone(),
         });
         let handover = Handover::new(ha.clone(), flow_sync, drained_gateway, &config.state_dir);
         let admin_context = AdminContext {
@@ -398,6 +408,7 @@ impl Daemon {
             admin_listener,
             admin_context,
             handed_over: None,
+            second_chance,
         })
     }
 
@@ -575,6 +586,10 @@ impl Daemon {
         }
         drop(self.checker);
         if ending == Ending::Stop {
+            // Left armed by a restart or an upgrade: the next process serves through them.
+            if let Some(second_chance) = &self.second_chance {
+                second_chance.stop().await;
+            }
             info!("shutting down: detaching the XDP program");
             self.backends.detach_kernel().await?;
             info!("detached");

@@ -1218,6 +1218,8 @@ fn metrics_show_control_plane_and_kernel_families() {
             "lb_xdp_packets_total{protocol=\"ipv4_tcp\"}",
             "lb_xdp_bytes_total{protocol=\"ipv4_tcp\"}",
             "lb_xdp_drops_total{reason=\"blocked\"} 0",
+            "lb_xdp_second_chance_packets_total{mode=\"handover\"} 0",
+            "lb_xdp_second_chance_packets_total{mode=\"standing\"} 0",
             "lb_service_packets_total{service=\"10.200.50.1:9944/tcp\"}",
             "lb_service_bytes_total{service=\"10.200.50.1:9944/tcp\"}",
             "lb_service_new_flows_total{service=\"10.200.50.1:9944/tcp\"}",

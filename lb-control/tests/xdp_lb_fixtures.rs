@@ -42,7 +42,8 @@ use lb_common::{
 use lb_control::{
     dataplane::{
         ApplyReport, BackendSpec, Blocklist, DEFAULT_BPFFS, LbSettings, ProgramHarness,
-        SecondChanceMap, ServiceSpec, TestVerdict, XdpAction, read_second_chance_packets,
+        SecondChanceMap, SecondChanceMode, ServiceSpec, StandingSecondChanceMap, TestVerdict,
+        XdpAction, read_second_chance_packets,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -2301,10 +2302,130 @@ fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chan
             segment.bytes(),
         );
         assert_eq!(
-            read_second_chance_packets(&pin_dir).expect("SECOND_CHANCE_PACKETS"),
+            read_second_chance_packets(&pin_dir, SecondChanceMode::Handover)
+                .expect("SECOND_CHANCE_PACKETS"),
             2,
             "the segments sent to the previous owner are counted"
         );
         drop((own, listener));
+    });
+}
+
+#[test]
+fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
+    lab("standing", settings(), |lab| {
+        lab.apply(&[nat_tcp(vip(), vec![up(b4(2))])]);
+        let gateway = v4(LB_CLIENT_V4, GATEWAY_PORT);
+        // The other host of the pair, reached over the backend link (backend 3's neighbour).
+        let other_host = b4(3).ip();
+        let pin_dir = pin_dir("standing");
+        let mut standing =
+            StandingSecondChanceMap::open(&pin_dir).expect("the STANDING_SECOND_CHANCE map");
+        let syn = Packet::syn(client(40000), gateway);
+        let segment = Packet::tcp(client(40001), gateway);
+        lab.passed(
+            "unarmed, a SYN to a gateway that does not listen goes to the stack (which resets it)",
+            CLIENT_LINK,
+            syn.bytes(),
+        );
+
+        standing
+            .arm(gateway, other_host)
+            .expect("arming the standing second chance");
+        let (action, lb_mac, peer_mac) = next_hop(other_host);
+        let to_other_host = |packet: &Packet| {
+            Expect::Forward(action, packet.clone().macs(lb_mac, peer_mac).bytes())
+        };
+        lab.row(Row {
+            description: "while nothing listens on the gateway's port (lb-control down), a SYN \
+                          goes to the other host, unchanged but for its MACs"
+                .into(),
+            link: CLIENT_LINK,
+            input: syn.bytes(),
+            expect: to_other_host(&syn),
+            counted: Counted::Nothing,
+        });
+        lab.row(Row {
+            description: "... and so do the segments of that connection, having no socket here"
+                .into(),
+            link: CLIENT_LINK,
+            input: segment.bytes(),
+            expect: to_other_host(&segment),
+            counted: Counted::Nothing,
+        });
+        lab.passed(
+            "a SYN to another port of the gateway's address goes to the stack",
+            CLIENT_LINK,
+            Packet::syn(client(40000), v4(LB_CLIENT_V4, 22)).bytes(),
+        );
+        lab.passed(
+            "a SYN that came from the other host's side is not sent back there",
+            BACKEND_LINK,
+            syn.clone().sent_by_backend(3).bytes(),
+        );
+
+        // lb-control is back: its gateway listens, and has a connection of its own.
+        let listener = std::net::TcpListener::bind(gateway).expect("the gateway's listener");
+        let own = std::net::TcpStream::connect(gateway).expect("a connection of this host's own");
+        let own_client = own.local_addr().expect("its client address");
+        lab.passed(
+            "once the gateway listens, a SYN opens the connection here",
+            CLIENT_LINK,
+            syn.bytes(),
+        );
+        lab.row(Row {
+            description: "a segment of a connection the other host opened meanwhile still goes \
+                          there (the listener would reset it)"
+                .into(),
+            link: CLIENT_LINK,
+            input: segment.bytes(),
+            expect: to_other_host(&segment),
+            counted: Counted::Nothing,
+        });
+        lab.passed(
+            "a segment of this host's own connection stays here",
+            CLIENT_LINK,
+            Packet::tcp(own_client, gateway).bytes(),
+        );
+        drop((own, listener));
+
+        let gateway6 = v6(Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 1), GATEWAY_PORT);
+        standing
+            .arm(gateway6, b6(3).ip())
+            .expect("arming the standing second chance for IPv6");
+        let syn6 = Packet::syn(client6(40000), gateway6);
+        let (action, lb_mac, peer_mac) = next_hop(b6(3).ip());
+        lab.row(Row {
+            description: "an IPv6 SYN to a gateway that does not listen goes to the other host"
+                .into(),
+            link: CLIENT_LINK,
+            input: syn6.bytes(),
+            expect: Expect::Forward(action, syn6.clone().macs(lb_mac, peer_mac).bytes()),
+            counted: Counted::Nothing,
+        });
+        lab.passed(
+            "an IPv4 SYN goes to the stack while the entry is for IPv6",
+            CLIENT_LINK,
+            syn.bytes(),
+        );
+
+        standing.disarm().expect("disarming");
+        lab.passed(
+            "disarmed (a clean stop), the SYN goes to the stack again",
+            CLIENT_LINK,
+            syn6.bytes(),
+        );
+        assert_eq!(
+            read_second_chance_packets(&pin_dir, SecondChanceMode::Standing)
+                .expect("STANDING_SECOND_CHANCE_PACKETS"),
+            4,
+            "the packets sent to the other host are counted"
+        );
+        assert_eq!(
+            read_second_chance_packets(&pin_dir, SecondChanceMode::Handover)
+                .expect("SECOND_CHANCE_PACKETS"),
+            0,
+            "under the standing second chance, not a handover's"
+        );
     });
 }

@@ -136,3 +136,13 @@ pub static SECOND_CHANCE: Array<SecondChance> = Array::pinned(1, 0);
 /// Packets second chance sent to the previous owner, one counter per CPU.
 #[map]
 pub static SECOND_CHANCE_PACKETS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// The standing second chance of a pair member (see `second_chance`), one entry: armed by
+/// lb-control while it is in a pair, with no deadline. Pinned, so it stays armed when
+/// lb-control dies: that is when it matters.
+#[map]
+pub static STANDING_SECOND_CHANCE: Array<SecondChance> = Array::pinned(1, 0);
+
+/// Packets the standing second chance sent to the other host, one counter per CPU.
+#[map]
+pub static STANDING_SECOND_CHANCE_PACKETS: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);

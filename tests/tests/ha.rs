@@ -33,7 +33,9 @@ use common::{
     KeepAlive, count_by_node,
     wss::{Reconnect, WssConnector, spread},
 };
-use lb_control::dataplane::{self, DEFAULT_BPFFS, open_flows_to, read_second_chance_packets};
+use lb_control::dataplane::{
+    self, DEFAULT_BPFFS, SecondChanceMode, open_flows_to, read_second_chance_packets,
+};
 use lb_tests::{
     admin_writes::{self, WriteLoop, WriteTarget},
     js_client::{FollowingClients, is_expected_polkadot_js_warning},
@@ -124,6 +126,103 @@ fn start_pair(nodes: usize) -> anyhow::Result<PairLab> {
     Ok(lab)
 }
 
+/// Gateway calls answered that show a load flowing.
+const CALLS_ANSWERED: f64 = 50.0;
+
+/// wrk from the client making a new HTTPS connection for each gateway call, as clients that
+/// retry or do not keep connections alive do: what a crash must not refuse. `name` names its
+/// script.
+fn new_connection_per_call(
+    lab: &PairLab,
+    key: &str,
+    name: &str,
+) -> anyhow::Result<wrk::Background> {
+    serving_load(
+        lab,
+        name,
+        &lab.gateway_url(key),
+        NODE_READ,
+        &[("Connection", "close")],
+    )
+}
+
+/// Calls of one [`new_connection_per_call`] connection that a crash can fail: the one in
+/// flight, and the next one's handshake if the dying listener answered its SYN (nothing else
+/// knows that connection).
+const FAILED_AT_THE_CRASH: u64 = 2;
+
+/// What [`new_connection_per_call`] counted across a crash: calls answered, and no more
+/// failures, refused connections included, than the crash itself can cause.
+fn ensure_failed_only_at_the_crash(what: &str, reads: &wrk::CountedReads) -> anyhow::Result<()> {
+    eprintln!("{what}: {reads}");
+    let failed = reads.count("failed")? + reads.socket_errors()?;
+    ensure!(
+        failed <= FAILED_AT_THE_CRASH * SERVING_CONNECTIONS as u64,
+        "{what}: more calls failed or were refused than the crash itself fails: {reads}"
+    );
+    ensure!(
+        reads.count("answered")? as f64 > CALLS_ANSWERED,
+        "{what}: too few calls answered: {reads}"
+    );
+    Ok(())
+}
+
+/// The standing second chance's packets sent from `member` to the other LB, read from its
+/// pinned maps (which outlive its lb-control).
+fn standing_second_chance_packets(lab: &PairLab, member: Member) -> anyhow::Result<u64> {
+    let pin_dir = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(member));
+    Ok(read_second_chance_packets(
+        &pin_dir,
+        SecondChanceMode::Standing,
+    )?)
+}
+
+#[test]
+fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_control_is_dead()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(2)?;
+    let (a, b) = (Member::A, Member::B);
+    let key = create_key(&lab, a, "lb-control-crash")?;
+    let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
+    )?;
+    let served_by_b = gateway_calls(&lab, b)?;
+
+    // lb-control alone dies (an OOM kill, a panic): keepalived keeps the addresses on LB a,
+    // whose kernel has no gateway listener any more.
+    lab.kill_lb_control(a)?;
+    let after = new_connection_per_call(&lab, &key, "after-the-crash")?;
+    let answer = call_gateway(&lab, &key).context("a new connection just after the crash")?;
+    ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
+    wait_until(
+        "LB b's gateway answering the calls that reach LB a",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, b)? > served_by_b + 2.0 * CALLS_ANSWERED),
+    )?;
+    let (after, across) = (after.stop()?, across.stop()?);
+    let sent = standing_second_chance_packets(&lab, a)?;
+    eprintln!("standing second chance: {sent} packets from LB a to LB b");
+
+    ensure!(
+        lab.holders()? == [a] && lab.client_reaches()? == Some(a),
+        "the floating addresses stayed on LB a, and the client sends to it"
+    );
+    ensure!(
+        role(&lab, b)? == "backup",
+        "LB b's lb-control is still backup"
+    );
+    ensure_served_throughout("a new connection per call after the crash", after)?;
+    ensure_failed_only_at_the_crash("a new connection per call across the crash", &across)?;
+    ensure!(
+        sent > 0,
+        "LB a's XDP program sent no segment to LB b: who answered?"
+    );
+    Ok(())
+}
+
 #[test]
 fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
 -> anyhow::Result<()> {
@@ -142,32 +241,50 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
         lab.client_reaches()? == Some(a),
         "the client reaches LB a first"
     );
+    let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
+    )?;
 
-    // The crash: no notify, no goodbye advert.
+    // The crash: no notify, no goodbye advert. Until LB b's keepalived takes the addresses,
+    // LB a's kernel holds them and its XDP program sends the gateway's connections to LB b:
+    // every new connection from then on is answered.
     let killed = Instant::now();
     lab.kill(a)?;
-    let mut vip_moved = None;
-    wait_until(
-        "the gateway answering at the floating address after the master's crash",
+    let mut answered = 0;
+    let vip_moved = wait_until(
+        "the floating addresses on LB b after the master's crash",
         Duration::from_secs(10),
         || {
-            if vip_moved.is_none() && lab.holders()?.contains(&b) {
-                vip_moved = Some(killed.elapsed());
-            }
-            Ok(call_gateway(&lab, &key).is_ok())
+            call_gateway(&lab, &key).with_context(|| {
+                format!(
+                    "a new connection {:?} after the kill, {answered} answered before",
+                    killed.elapsed()
+                )
+            })?;
+            answered += 1;
+            Ok(lab.holders()?.contains(&b))
         },
     )
     .with_context(|| lab.keepalived_log(b))?;
-    let answered = killed.elapsed();
+    let across = across.stop()?;
     eprintln!(
-        "takeover: floating addresses on LB b {:?} after the kill, first answered request {:?}",
-        vip_moved, answered
+        "takeover: floating addresses on LB b {vip_moved:?} after the kill; {answered} new \
+         connections meanwhile, each answered; standing second chance: {} packets from LB a \
+         to LB b",
+        standing_second_chance_packets(&lab, a)?
     );
     ensure!(
-        answered <= TAKEOVER_BOUND,
-        "the standby answered {answered:?} after the kill (bound {TAKEOVER_BOUND:?})"
+        vip_moved <= TAKEOVER_BOUND,
+        "the standby took the addresses {vip_moved:?} after the kill (bound {TAKEOVER_BOUND:?})"
     );
-    ensure!(lab.client_reaches()? == Some(b), "the client reaches LB b");
+    ensure_failed_only_at_the_crash("a new connection per call across the crash", &across)?;
+    // LB b's gratuitous ARP follows its taking the addresses.
+    wait_until("the client reaching LB b", Duration::from_secs(3), || {
+        Ok(lab.client_reaches()? == Some(b))
+    })?;
     ensure!(role(&lab, b)? == "master", "LB b's lb-control is master");
     // The key worked through LB b above; the weight is there too.
     let backends = cli_json(&lab, b, &["backend", "list"])?;
@@ -318,8 +435,9 @@ const WRITES_GOING_ON: usize = 5;
 /// connection's pause between requests, and how long wrk may run (it is stopped before).
 const SERVING_PACE: Duration = Duration::from_millis(20);
 const SERVING_SECONDS: u64 = 120;
+const SERVING_CONNECTIONS: usize = 2;
 
-/// wrk from the client at a steady, light load (two connections) on `url`, every
+/// wrk from the client at a steady, light load ([`SERVING_CONNECTIONS`]) on `url`, every
 /// answer counted.
 fn serving_load(
     lab: &PairLab,
@@ -336,7 +454,7 @@ fn serving_load(
     wrk::Background::start(&wrk::Load {
         netns: &lab.client().netns,
         threads: 1,
-        connections: 2,
+        connections: SERVING_CONNECTIONS,
         seconds: SERVING_SECONDS,
         script: &script,
         url,
@@ -348,7 +466,7 @@ fn ensure_served_throughout(what: &str, reads: wrk::CountedReads) -> anyhow::Res
     eprintln!("{what}: {reads}");
     ensure!(
         reads.count("answered")? > 0 && reads.count("failed")? == 0 && reads.socket_errors()? == 0,
-        "{what} did not answer every request while etcd lost and regained members: {reads}"
+        "{what} did not answer every request: {reads}"
     );
     Ok(())
 }
@@ -754,7 +872,7 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let js = js.finish()?;
     let broken = broken_connections(&mut held);
     let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
-    let second_chance = read_second_chance_packets(&pin_dir_b)?;
+    let second_chance = read_second_chance_packets(&pin_dir_b, SecondChanceMode::Handover)?;
 
     eprintln!("{handed_over}");
     eprintln!("`lb-control ha handover` took {took:?}; its progress: {progress}");

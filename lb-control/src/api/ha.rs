@@ -75,7 +75,7 @@ pub async fn set_role(
         (status = 400, description = "`drain` is not a duration from 1s to 10m", body = ErrorBody),
         (status = 401, description = "No or wrong bearer token", body = ErrorBody),
         (status = 409, description = "Not possible here now: no [ha] or flow_sync, not master, \
-            one under way, the private link's interface not found or filtering strictly", body = ErrorBody),
+            one under way, the private link filtering strictly", body = ErrorBody),
     )
 )]
 pub async fn hand_over(
@@ -89,7 +89,6 @@ pub async fn hand_over(
     };
     let state = context.handover.begin(drain).map_err(|error| match error {
         HandoverError::DrainOutOfRange(_) => ApiError::invalid_field("drain", error.to_string()),
-        HandoverError::Interfaces(_) => ApiError::internal(error.to_string()),
         _ => ApiError::new(ErrorCode::Conflict, error.to_string()),
     })?;
     Ok((StatusCode::ACCEPTED, Json(state.into())))

@@ -166,15 +166,17 @@ fn encode_stats(encoder: &mut DescriptorEncoder, stats: &Stats) -> Result<(), st
             .map(|(reason, count)| ([("reason", *reason)], *count)),
     )?;
 
-    encoder
-        .encode_descriptor(
-            "xdp_second_chance_packets",
-            "Gateway segments a planned handover's second chance sent to the host that held the \
-             gateway's address before",
-            None,
-            MetricType::Counter,
-        )?
-        .encode_counter::<NoLabelSet, _, u64>(&stats.second_chance_packets, None)?;
+    encode_counters(
+        encoder,
+        "xdp_second_chance_packets",
+        "Gateway segments second chance sent to the other host of the pair, by mode: handover \
+         (the new master, to the old one while it drains) or standing (a host whose gateway \
+         had no socket for them: lb-control down)",
+        stats
+            .second_chance_packets
+            .iter()
+            .map(|(mode, count)| ([("mode", mode.name())], *count)),
+    )?;
 
     let service = |name: &str| [("service", name.to_owned())];
     encode_counters(

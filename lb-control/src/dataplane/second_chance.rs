@@ -1,6 +1,7 @@
-//! Second chance of a planned handover: the `SECOND_CHANCE` map, which sends the segments of
-//! the gateway's connections this host has no socket for to the host that held the gateway's
-//! address before (see `lb-ebpf/src/second_chance.rs`), and its packet counter.
+//! Second chance: the `SECOND_CHANCE` map of a planned handover and the
+//! `STANDING_SECOND_CHANCE` map of a pair member, which send the gateway's segments that no
+//! socket here takes to the other host of the pair (see `lb-ebpf/src/second_chance.rs`), and
+//! their packet counters.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -18,7 +19,39 @@ use super::{
     services::{addr_bytes, family},
 };
 
-/// The pinned `SECOND_CHANCE` entry of this host's instance.
+/// Which second chance: a handover's or the standing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecondChanceMode {
+    Handover,
+    Standing,
+}
+
+impl SecondChanceMode {
+    pub const ALL: [SecondChanceMode; 2] = [SecondChanceMode::Handover, SecondChanceMode::Standing];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SecondChanceMode::Handover => "handover",
+            SecondChanceMode::Standing => "standing",
+        }
+    }
+
+    fn map_name(self) -> &'static str {
+        match self {
+            SecondChanceMode::Handover => map_names::SECOND_CHANCE,
+            SecondChanceMode::Standing => map_names::STANDING_SECOND_CHANCE,
+        }
+    }
+
+    fn packets_map_name(self) -> &'static str {
+        match self {
+            SecondChanceMode::Handover => map_names::SECOND_CHANCE_PACKETS,
+            SecondChanceMode::Standing => map_names::STANDING_SECOND_CHANCE_PACKETS,
+        }
+    }
+}
+
+/// The pinned `SECOND_CHANCE` entry of this host's instance: a handover's.
 pub struct SecondChanceMap {
     entry: Array<MapData, SecondChance>,
 }
@@ -26,7 +59,7 @@ pub struct SecondChanceMap {
 impl SecondChanceMap {
     pub fn open(pin_dir: &Path) -> Result<SecondChanceMap, DataplaneError> {
         Ok(SecondChanceMap {
-            entry: open_pinned(pin_dir, map_names::SECOND_CHANCE)?,
+            entry: open_pinned(pin_dir, SecondChanceMode::Handover.map_name())?,
         })
     }
 
@@ -38,33 +71,70 @@ impl SecondChanceMap {
         peer: IpAddr,
         window: Duration,
     ) -> Result<(), DataplaneError> {
-        let addr = if gateway.ip().is_unspecified() {
-            [0; 16]
-        } else {
-            addr_bytes(gateway.ip())
-        };
         let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-        let entry = SecondChance {
-            addr,
-            peer: addr_bytes(peer),
-            until_ns: monotonic_clock_ns().saturating_add(window_ns).max(1),
-            port_be: gateway.port().to_be(),
-            family: family(gateway.ip()),
-            peer_family: family(peer),
-            _pad: 0,
-        };
+        let until_ns = monotonic_clock_ns().saturating_add(window_ns).max(1);
         self.entry
-            .set(0, entry, 0)
+            .set(0, entry(gateway, peer, until_ns), 0)
             .map_err(map_error(map_names::SECOND_CHANCE))
     }
 }
 
-/// Packets second chance has sent to the previous owner since the instance's maps were made.
-pub fn read_second_chance_packets(pin_dir: &Path) -> Result<u64, DataplaneError> {
-    let counter: PerCpuArray<MapData, u64> =
-        open_pinned(pin_dir, map_names::SECOND_CHANCE_PACKETS)?;
-    let per_cpu = counter
-        .get(&0, 0)
-        .map_err(map_error(map_names::SECOND_CHANCE_PACKETS))?;
+/// The pinned `STANDING_SECOND_CHANCE` entry of this host's instance.
+pub struct StandingSecondChanceMap {
+    entry: Array<MapData, SecondChance>,
+}
+
+impl StandingSecondChanceMap {
+    pub fn open(pin_dir: &Path) -> Result<StandingSecondChanceMap, DataplaneError> {
+        Ok(StandingSecondChanceMap {
+            entry: open_pinned(pin_dir, SecondChanceMode::Standing.map_name())?,
+        })
+    }
+
+    /// Until [`disarm`](Self::disarm), whatever becomes of this process: segments to `gateway`
+    /// that no socket here takes go to `peer`, SYNs too while nothing listens here.
+    pub fn arm(&mut self, gateway: SocketAddr, peer: IpAddr) -> Result<(), DataplaneError> {
+        self.set(entry(gateway, peer, u64::MAX))
+    }
+
+    pub fn disarm(&mut self) -> Result<(), DataplaneError> {
+        self.set(SecondChance::default())
+    }
+
+    fn set(&mut self, entry: SecondChance) -> Result<(), DataplaneError> {
+        self.entry
+            .set(0, entry, 0)
+            .map_err(map_error(map_names::STANDING_SECOND_CHANCE))
+    }
+}
+
+/// An entry for `gateway` (its address unspecified: all zero, any address of its family) and
+/// `peer`, in force until `until_ns`.
+fn entry(gateway: SocketAddr, peer: IpAddr, until_ns: u64) -> SecondChance {
+    let addr = if gateway.ip().is_unspecified() {
+        [0; 16]
+    } else {
+        addr_bytes(gateway.ip())
+    };
+    SecondChance {
+        addr,
+        peer: addr_bytes(peer),
+        until_ns,
+        port_be: gateway.port().to_be(),
+        family: family(gateway.ip()),
+        peer_family: family(peer),
+        _pad: 0,
+    }
+}
+
+/// Packets the `mode` second chance has sent to the other host since the instance's maps were
+/// made.
+pub fn read_second_chance_packets(
+    pin_dir: &Path,
+    mode: SecondChanceMode,
+) -> Result<u64, DataplaneError> {
+    let name = mode.packets_map_name();
+    let counter: PerCpuArray<MapData, u64> = open_pinned(pin_dir, name)?;
+    let per_cpu = counter.get(&0, 0).map_err(map_error(name))?;
     Ok(per_cpu.iter().sum())
 }

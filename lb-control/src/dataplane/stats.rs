@@ -16,7 +16,7 @@ use lb_common::{
 use crate::model::Protocol;
 
 use super::{
-    DataplaneError, ProtoStats, map_error, open_pinned, read_pinned_proto_stats,
+    DataplaneError, ProtoStats, SecondChanceMode, map_error, open_pinned, read_pinned_proto_stats,
     read_second_chance_packets, services::addr_from_bytes,
 };
 
@@ -28,8 +28,8 @@ pub struct Stats {
     pub drops: BTreeMap<&'static str, u64>,
     pub services: Vec<ServiceCounters>,
     pub backends: Vec<BackendCounters>,
-    /// Gateway segments a handover's second chance sent to the previous owner.
-    pub second_chance_packets: u64,
+    /// Gateway segments second chance sent to the other host of the pair, by mode.
+    pub second_chance_packets: Vec<(SecondChanceMode, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,10 @@ pub fn read_pinned_stats(pin_dir: &Path) -> Result<Stats, DataplaneError> {
         drops,
         services: service_rows,
         backends: backend_rows,
-        second_chance_packets: read_second_chance_packets(pin_dir)?,
+        second_chance_packets: SecondChanceMode::ALL
+            .into_iter()
+            .map(|mode| Ok((mode, read_second_chance_packets(pin_dir, mode)?)))
+            .collect::<Result<_, DataplaneError>>()?,
     })
 }
 

@@ -21,13 +21,16 @@
 //!
 //! A master hands its addresses over on purpose with [`handover`] (`lb-control ha handover`):
 //! keepalived gives them up when lb-control writes its track file, and the gateway's
-//! connections finish here through the other host's second chance.
+//! connections finish here through the other host's second chance. A crashed lb-control's
+//! host sends its new gateway connections to the other host through the standing
+//! [`second_chance`] until keepalived moves the addresses.
 //!
 //! Without an `[ha]` section an lb-control is standalone and records everything, as before.
 
 mod addresses;
 pub mod flow_sync;
 pub mod handover;
+pub mod second_chance;
 pub mod settings;
 
 use std::{

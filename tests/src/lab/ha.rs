@@ -296,10 +296,21 @@ impl PairLab {
     /// are reaped, so a restarted keepalived does not take its old pid file for a live one.
     pub fn kill(&mut self, member: Member) -> Result<(), LabError> {
         let processes = &mut self.members[member as usize];
-        let pids: Vec<u32> = [processes.lb_control.take(), processes.keepalived.take()]
-            .into_iter()
-            .flatten()
-            .collect();
+        let pids = [processes.lb_control.take(), processes.keepalived.take()];
+        self.kill_processes(pids.into_iter().flatten().collect())
+    }
+
+    /// SIGKILL to `member`'s lb-control alone, as an OOM kill or a panic would: keepalived
+    /// runs on and keeps the floating addresses (it does not track lb-control in the lab).
+    /// To bring the LB back, end its keepalived with [`PairLab::kill`], then
+    /// [`PairLab::restart`].
+    pub fn kill_lb_control(&mut self, member: Member) -> Result<(), LabError> {
+        let pid = self.members[member as usize].lb_control.take();
+        self.kill_processes(pid.into_iter().collect())
+    }
+
+    /// SIGKILL to each of `pids` (with its children), then reaps them.
+    fn kill_processes(&mut self, pids: Vec<u32>) -> Result<(), LabError> {
         for &pid in &pids {
             // SAFETY: kill(2) of a process group the lab started (each child leads its own
             // group) and has not reaped, so the id cannot have been reused.

@@ -28,7 +28,7 @@ use super::{
     wire::{self, Batch, BatchKind, CHALLENGE_LEN, Direction, Message, Signer},
 };
 use crate::{
-    dataplane::{FlowTable, SecondChanceMap, read_second_chance_packets},
+    dataplane::{FlowTable, SecondChanceMap, SecondChanceMode, read_second_chance_packets},
     ha::{Role, RoleState},
     metrics::Metrics,
 };
@@ -146,7 +146,8 @@ fn arm_second_chance(
     };
     SecondChanceMap::open(&receiving.pin_dir)?.arm(gateway, peer, drain)?;
     let pin_dir = receiving.pin_dir.clone();
-    let before = read_second_chance_packets(&pin_dir).unwrap_or_default();
+    let before =
+        read_second_chance_packets(&pin_dir, SecondChanceMode::Handover).unwrap_or_default();
     info!(
         "ha: the master at {peer} hands over: for {drain:?}, segments to the gateway ({gateway}) of \
          connections this host has no socket for go to it (second chance)"
@@ -155,7 +156,7 @@ fn arm_second_chance(
     // does not live that long.
     tokio::spawn(async move {
         tokio::time::sleep(drain).await;
-        let sent = read_second_chance_packets(&pin_dir)
+        let sent = read_second_chance_packets(&pin_dir, SecondChanceMode::Handover)
             .unwrap_or_default()
             .saturating_sub(before);
         info!("ha: second chance to {peer} ended; {sent} packets went there");

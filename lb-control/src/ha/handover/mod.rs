@@ -6,7 +6,9 @@
 //!    sends the segments of gateway connections it has no socket for back here, over the
 //!    private link. It confirms both before anything moves.
 //! 2. **Releasing.** A routing rule makes the gateway's addresses local to what arrives on the
-//!    private link ([`route`]), then lb-control writes `1` into its keepalived track file
+//!    private link (the standing second chance's, [`super::second_chance`]: it is in place
+//!    already unless it could not be put there at start), then lb-control writes `1` into its
+//!    keepalived track file
 //!    (`<state_dir>/ha-handover`, `track_file` in keepalived.conf): keepalived goes to FAULT,
 //!    removes the addresses and sends a priority-0 advert, and the other host takes them at
 //!    once. The handover waits until they are gone here and the other host's flow sync
@@ -18,8 +20,8 @@
 //!    completes here, and finishes after its first answer. L4 flows carry on at the other host
 //!    with the flows of step 1.
 //! 4. **Handed over** once no connection is left (or the drain time ran out). The drain mode
-//!    and the routing rule stay until the other host's second chance ends, then the gateway
-//!    serves as a backup's does and the rule goes.
+//!    stays until the other host's second chance ends, then the gateway serves as a backup's
+//!    does. The routing rule stays: it is the pair's standing one.
 //!
 //! lb-control keeps running: the host is in FAULT (keepalived) with its program attached, its
 //! gateway bound and its flow table fed by the new master, so the pair stays a pair until the
@@ -27,13 +29,11 @@
 //! when keepalived starts again (after the reboot); `echo 0 > <state_dir>/ha-handover` makes
 //! the host a backup again without one.
 //!
-//! A failure before the addresses moved undoes what was done (the rule, the track file) and
-//! leaves this host master.
-
-mod route;
+//! A failure before the addresses moved undoes what was done (the track file) and leaves this
+//! host master.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -44,9 +44,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use utoipa::ToSchema;
 
-use self::route::LocalRoutes;
-pub use self::route::{RouteError, TABLE as ROUTE_TABLE};
-use super::{Ha, Role, addresses::interface_of, flow_sync::FlowSync, local_addresses};
+use super::{
+    Ha, Role,
+    flow_sync::FlowSync,
+    local_addresses,
+    second_chance::{RouteError, StandingSecondChance},
+};
 
 /// The drain time when the operator names none.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(10);
@@ -77,10 +80,11 @@ pub trait Connections: Send + Sync {
     fn open(&self) -> u32;
 }
 
-/// The gateway a handover drains: where it listens and its connections.
+/// The gateway a handover drains: its connections, and the second chance that brings their
+/// segments back here (None without a private link, `[ha] flow_sync`).
 pub struct DrainedGateway {
-    pub listen: SocketAddr,
     pub connections: Arc<dyn Connections>,
+    pub second_chance: Option<Arc<StandingSecondChance>>,
 }
 
 /// Where a handover is.
@@ -142,13 +146,6 @@ pub enum HandoverError {
     UnderWay(Phase),
     #[error("a drain time of {0:?} is out of range: give 1 s to 10 min")]
     DrainOutOfRange(Duration),
-    #[error(
-        "ha.flow_sync.listen: {0} is on no interface of this host; the private link's interface \
-         is found by it"
-    )]
-    NoPrivateInterface(IpAddr),
-    #[error("listing this host's interfaces: {0}")]
-    Interfaces(#[source] std::io::Error),
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error("the other host did not take the handover: {0}")]
@@ -208,32 +205,13 @@ impl Handover {
         if !(Duration::from_secs(1)..=MAX_DRAIN).contains(&drain) {
             return Err(HandoverError::DrainOutOfRange(drain));
         }
-        let flow_sync_section = section
-            .flow_sync
-            .as_ref()
-            .ok_or(HandoverError::NoFlowSync)?;
         let flow_sync = self.flow_sync.clone().ok_or(HandoverError::NoFlowSync)?;
-        let private = flow_sync_section.listen.ip();
-        let interface = interface_of(private)
-            .map_err(HandoverError::Interfaces)?
-            .ok_or(HandoverError::NoPrivateInterface(private))?;
-        let gateway_addresses = self.gateway.as_ref().map_or_else(Vec::new, |gateway| {
-            let listen = gateway.listen.ip();
-            if listen.is_unspecified() {
-                section
-                    .floating_addresses
-                    .iter()
-                    .copied()
-                    .filter(|address| address.is_ipv4() == listen.is_ipv4())
-                    .collect()
-            } else {
-                vec![listen]
-            }
-        });
-        if gateway_addresses.iter().any(IpAddr::is_ipv4)
-            && route::is_strict_reverse_path(&interface)
-        {
-            return Err(RouteError::StrictReversePath { interface }.into());
+        let second_chance = self
+            .gateway
+            .as_ref()
+            .and_then(|gateway| gateway.second_chance.clone());
+        if let Some(second_chance) = &second_chance {
+            second_chance.check_reverse_path()?;
         }
         let state = HandoverState {
             phase: Phase::Syncing,
@@ -264,7 +242,7 @@ impl Handover {
         let floating = section.floating_addresses.clone();
         tokio::spawn(async move {
             handover
-                .run(flow_sync, interface, gateway_addresses, floating, drain)
+                .run(flow_sync, second_chance, floating, drain)
                 .await;
         });
         Ok(state)
@@ -273,8 +251,7 @@ impl Handover {
     async fn run(
         &self,
         flow_sync: FlowSync,
-        interface: String,
-        gateway_addresses: Vec<IpAddr>,
+        second_chance: Option<Arc<StandingSecondChance>>,
         floating: Vec<IpAddr>,
         drain: Duration,
     ) {
@@ -282,14 +259,13 @@ impl Handover {
         let released = self
             .release(
                 &flow_sync,
-                &interface,
-                &gateway_addresses,
+                second_chance.as_deref(),
                 &floating,
                 drain,
                 started,
             )
             .await;
-        let (routes, second_chance_ends) = match released {
+        let second_chance_ends = match released {
             Ok(released) => released,
             Err(error) => {
                 error!("ha: the handover failed: {error}");
@@ -306,36 +282,27 @@ impl Handover {
         if let Some(gateway) = &self.gateway {
             gateway.connections.serve_again();
         }
-        if let Some(routes) = routes {
-            routes.remove().await;
-        }
         info!("ha: second chance is over: the gateway serves new connections as a backup's does");
     }
 
     /// Steps 1 and 2: the flows and second chance to the other host, the addresses away.
-    /// Returns the routing rule, and when the other host's second chance ends.
+    /// Returns when the other host's second chance ends.
     async fn release(
         &self,
         flow_sync: &FlowSync,
-        interface: &str,
-        gateway_addresses: &[IpAddr],
+        second_chance: Option<&StandingSecondChance>,
         floating: &[IpAddr],
         drain: Duration,
         started: Instant,
-    ) -> Result<(Option<LocalRoutes>, Instant), HandoverError> {
-        let routes = if gateway_addresses.is_empty() {
-            None
-        } else {
-            Some(LocalRoutes::install(interface, gateway_addresses).await?)
-        };
+    ) -> Result<Instant, HandoverError> {
+        if let Some(second_chance) = second_chance {
+            second_chance.ensure_routes().await?;
+        }
         // The other host's second chance covers the release's waits and the drain.
         let window = RELEASE_TIMEOUT + PEER_MASTER_TIMEOUT + drain;
         let synced = flow_sync.hand_over(window).await;
         let second_chance_ends = Instant::now() + window;
         if let Err(error) = synced {
-            if let Some(routes) = routes {
-                routes.remove().await;
-            }
             return Err(HandoverError::Sync(error));
         }
         self.update(|state| {
@@ -349,9 +316,6 @@ impl Handover {
             // keepalived does not follow the file: this host stays master, as it was.
             if let Err(error) = self.write_track_file("0") {
                 warn!("ha: undoing the handover: {error}");
-            }
-            if let Some(routes) = routes {
-                routes.remove().await;
             }
             return Err(HandoverError::NotReleased {
                 path: self.track_file.clone(),
@@ -368,7 +332,7 @@ impl Handover {
                  {PEER_MASTER_TIMEOUT:?}; draining anyway"
             ),
         }
-        Ok((routes, second_chance_ends))
+        Ok(second_chance_ends)
     }
 
     /// Step 3: the gateway's connections finish, until none is left or second chance ends.
