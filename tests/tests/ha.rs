@@ -2,8 +2,9 @@
 //! processes: the master crashes (lb-control and keepalived killed with SIGKILL) and the
 //! standby answers the gateway's clients at the floating address within a bounded time, with
 //! every admin write acknowledged before the crash; the old master returns as backup and takes
-//! the addresses back only after `preempt_delay`. L4 connections through the VIP that are a
-//! second old carry on through the standby with the flows the master synced to it. A planned
+//! the addresses back only after `preempt_delay`. L4 connections through the NAT and the DSR
+//! VIP that are a second old carry on through the standby with the flows the master synced to
+//! it. A planned
 //! handover (`lb-control ha handover`) under load fails no request: the old master's gateway
 //! connections finish through second chance, WebSocket clients come back within a second. etcd
 //! loses members under a loop of admin writes: with one of three gone writes go on, with two
@@ -18,8 +19,8 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -40,8 +41,8 @@ use lb_tests::{
     admin_writes::{self, WriteLoop, WriteTarget},
     js_client::{FollowingClients, is_expected_polkadot_js_warning},
     lab::{
-        EtcdSite, GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab,
-        SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4, binary_path, command_in_netns, run_checked,
+        DsrNode, EtcdSite, GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab,
+        SIM_NODE_RPC_PORT, binary_path, command_in_netns, run_checked,
     },
     poll::wait_until,
     rpc_client::SYSTEM_HEALTH,
@@ -666,78 +667,168 @@ fn broken_connections(connections: &mut [KeepAlive]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn l4_connections_a_second_old_carry_on_through_the_standby_after_the_master_is_killed()
--> anyhow::Result<()> {
-    let mut lab = start_pair(3)?;
-    let (a, b) = (Member::A, Member::B);
-    let client = lab.client().netns.clone();
-    let mut old: Vec<KeepAlive> = (0..OLD_CONNECTIONS)
-        .map(|_| KeepAlive::open(&client, lab.vip()))
-        .collect::<anyhow::Result<_>>()?;
-    let opened = Instant::now();
-    ensure!(
-        count_by_node(&old).len() == 3,
-        "old connections on {:?}",
-        count_by_node(&old)
-    );
-    // node0 drains on both hosts (through etcd): out of both Maglev tables, so its connections
-    // continue on the standby only if it has their flows; a re-hash would send them elsewhere.
-    let backends = cli_json(&lab, a, &["backend", "list"])?;
+/// Drains node0 of `service` through `member`'s admin API: the change goes through etcd, so
+/// both hosts take node0 out of the service's Maglev table.
+fn drain_node0(lab: &PairLab, member: Member, service: SocketAddr) -> anyhow::Result<()> {
+    let backends = cli_json(lab, member, &["backend", "list"])?;
     let node0 = SocketAddr::from((lab.nodes()[0].addr_v4, SIM_NODE_RPC_PORT)).to_string();
+    let service_name = format!("{service}/tcp");
     let id = backends
         .as_array()
         .context("a list")?
         .iter()
-        .find(|backend| backend["address"] == node0.as_str())
+        .find(|backend| {
+            backend["address"] == node0.as_str() && backend["service_name"] == service_name
+        })
         .map(|backend| backend["id"].to_string())
-        .with_context(|| format!("no backend {node0} in {backends:#}"))?;
-    lab.cli(a, &["backend", "drain", &id])?;
+        .with_context(|| format!("no backend {node0} of {service_name} in {backends:#}"))?;
+    lab.cli(member, &["backend", "drain", &id])?;
+    Ok(())
+}
+
+/// Keep-alive connections through an L4 service when the master was killed, and what the
+/// standby held before.
+struct KilledUnderConnections {
+    /// [`OLD_CONNECTIONS`], at least [`OLD_AGE`] old at the kill.
+    old: Vec<KeepAlive>,
+    old_min_age: Duration,
+    /// [`YOUNG_CONNECTIONS`] opened just before the kill (perhaps not synced yet).
+    young: Vec<KeepAlive>,
+    young_age: Duration,
+    /// The standby's flows to each node just before the kill.
+    on_standby: BTreeMap<String, u64>,
+    /// From the kill until the client sends to the standby.
+    moved: Duration,
+}
+
+/// Opens keep-alive connections through `service` (at the floating `vip`), spread over the
+/// three nodes; drains node0 on both hosts, so the old ones to node0 continue on the standby
+/// only if it has their flows (a re-hash would send them elsewhere); a second later opens a few
+/// young ones and kills the master (LB a's lb-control and keepalived), until the client sends
+/// to LB b. The connections are idle from their first answer until the caller asks again.
+fn kill_the_master_under_l4_connections(
+    lab: &mut PairLab,
+    service: SocketAddr,
+) -> anyhow::Result<KilledUnderConnections> {
+    let (a, b) = (Member::A, Member::B);
+    let client = lab.client().netns.clone();
+    let old: Vec<KeepAlive> = (0..OLD_CONNECTIONS)
+        .map(|_| KeepAlive::open(&client, service))
+        .collect::<anyhow::Result<_>>()?;
+    let opened = Instant::now();
+    ensure!(
+        count_by_node(&old).len() == 3,
+        "old connections to {service} on {:?}",
+        count_by_node(&old)
+    );
+    drain_node0(lab, a, service)?;
     std::thread::sleep(OLD_AGE.saturating_sub(opened.elapsed()));
-    let on_standby = flows_in_kernel(&lab, b)?;
+    let on_standby = flows_in_kernel(lab, b)?;
     let young_opened = Instant::now();
-    let mut young: Vec<KeepAlive> = (0..YOUNG_CONNECTIONS)
-        .map(|_| KeepAlive::open(&client, lab.vip()))
+    let young: Vec<KeepAlive> = (0..YOUNG_CONNECTIONS)
+        .map(|_| KeepAlive::open(&client, service))
         .collect::<anyhow::Result<_>>()?;
 
     let killed = Instant::now();
     let old_min_age = opened.elapsed();
     let young_age = killed - young_opened;
     lab.kill(a)?;
+    let vip = match service.ip() {
+        IpAddr::V4(vip) => vip,
+        IpAddr::V6(vip) => anyhow::bail!("the HA lab has no IPv6 VIP ({vip})"),
+    };
     wait_until("the client sending to LB b", Duration::from_secs(5), || {
-        Ok(lab.client_sends_to(PAIR_VIP_V4)? == Some(b))
+        Ok(lab.client_sends_to(vip)? == Some(b))
     })
     .with_context(|| lab.keepalived_log(b))?;
     let moved = killed.elapsed();
-    // The nodes' ARP entry for the NAT source moves with the same gratuitous ARP burst.
+    // The nodes' ARP entry for the NAT source (their route back) moves with the same
+    // gratuitous ARP burst.
     std::thread::sleep(Duration::from_millis(200));
+    Ok(KilledUnderConnections {
+        old,
+        old_min_age,
+        young,
+        young_age,
+        on_standby,
+        moved,
+    })
+}
 
-    let old_broken = broken_connections(&mut old);
-    let young_broken = broken_connections(&mut young);
+/// Asks every connection of `killed` for its next answer: the standby held a flow for each old
+/// one before the kill, and each old one is answered by its node again.
+fn ensure_old_connections_carried_on(
+    lab: &PairLab,
+    what: &str,
+    killed: &mut KilledUnderConnections,
+) -> anyhow::Result<()> {
+    let b = Member::B;
+    let old_broken = broken_connections(&mut killed.old);
+    let young_broken = broken_connections(&mut killed.young);
+    let on_standby = &killed.on_standby;
     eprintln!(
-        "flow sync: before the kill LB b held flows {on_standby:?} for {OLD_CONNECTIONS} old \
-         connections {:?} (at least {old_min_age:?} old at the kill, node0 draining); the VIP \
-         moved {moved:?} after the kill; old connections broken: {}/{OLD_CONNECTIONS}; young \
-         ones (at most {young_age:?} old) broken: {}/{YOUNG_CONNECTIONS}",
-        count_by_node(&old),
+        "flow sync ({what}): before the kill LB b held flows {on_standby:?} for \
+         {OLD_CONNECTIONS} old connections {:?} (at least {:?} old at the kill, node0 \
+         draining); the VIP moved {:?} after the kill; old connections broken: \
+         {}/{OLD_CONNECTIONS}; young ones (at most {:?} old) broken: {}/{YOUNG_CONNECTIONS}",
+        count_by_node(&killed.old),
+        killed.old_min_age,
+        killed.moved,
         old_broken.len(),
+        killed.young_age,
         young_broken.len(),
     );
     let synced: u64 = on_standby.values().sum();
     ensure!(
         synced >= OLD_CONNECTIONS as u64,
-        "LB b held {synced} flows before the kill, fewer than the {OLD_CONNECTIONS} old \
+        "{what}: LB b held {synced} flows before the kill, fewer than the {OLD_CONNECTIONS} old \
          connections: {on_standby:?}\n{}",
         log_tail(&lab.lb_control_log_path(b))
     );
     ensure!(
         old_broken.is_empty(),
-        "{} of {OLD_CONNECTIONS} connections a second old broke or moved after the takeover:\n{}\n{}\n{}\n{}",
+        "{what}: {} of {OLD_CONNECTIONS} connections a second old broke or moved after the \
+         takeover:\n{}\n{}\n{}\n{}",
         old_broken.len(),
         old_broken.join("\n"),
         log_tail(&lab.lb_control_log_path(b)),
-        kernel_stats(&lab, b),
-        kernel_stats(&lab, a),
+        kernel_stats(lab, b),
+        kernel_stats(lab, Member::A),
+    );
+    Ok(())
+}
+
+#[test]
+fn l4_connections_a_second_old_carry_on_through_the_standby_after_the_master_is_killed()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(3)?;
+    let service = lab.vip();
+    let mut killed = kill_the_master_under_l4_connections(&mut lab, service)?;
+    ensure_old_connections_carried_on(&lab, "NAT", &mut killed)
+}
+
+#[test]
+fn dsr_connections_a_second_old_carry_on_through_the_standby_after_the_master_is_killed()
+-> anyhow::Result<()> {
+    let mut lab = start_pair(3)?;
+    let service = lab.dsr_vip();
+    let mut killed = kill_the_master_under_l4_connections(&mut lab, service)?;
+    let outer_sources = |lab: &PairLab| -> Vec<BTreeSet<IpAddr>> {
+        lab.dsr_nodes().iter().map(DsrNode::outer_sources).collect()
+    };
+    // The connections are idle from their first answer to the check: what the nodes have
+    // seen now is what the master sent them.
+    let from_master = outer_sources(&lab);
+    ensure_old_connections_carried_on(&lab, "DSR", &mut killed)?;
+    // Each node's answers go straight to the client whichever LB wrapped the request; the
+    // standby wraps a synced flow's packets from the outer source the master gave them (the
+    // flow hash in its last byte, which the node's receive-side scaling spreads by), so no
+    // node sees a new one.
+    let from_both = outer_sources(&lab);
+    ensure!(
+        from_both == from_master,
+        "outer sources the nodes saw from the master {from_master:?}, and after the takeover \
+         {from_both:?}"
     );
     Ok(())
 }

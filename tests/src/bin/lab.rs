@@ -10,8 +10,8 @@ use std::{
 use clap::{Parser, Subcommand};
 use lb_control::ha::handover::track_file;
 use lb_tests::lab::{
-    self, GATEWAY_V4, Lab, LabConfig, LabError, Member, NAT_SOURCE_V4, PairConfig, PairLab,
-    SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4,
+    self, DSR_VIP_V4, GATEWAY_V4, Lab, LabConfig, LabError, Member, NAT_SOURCE_V4, PairConfig,
+    PairLab, SIM_NODE_RPC_PORT, VIP_V4 as PAIR_VIP_V4,
     certs::{LabCa, trust_hint, write_pem},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -236,7 +236,8 @@ fn print_pair_usage(lab: &PairLab) {
         fallback.netns, fallback.iface, fallback.addr_v4
     );
     println!(
-        "  floating (keepalived, VRRPv3 every 100 ms): gateway {GATEWAY_V4}, L4 VIP {PAIR_VIP_V4}, \
+        "  floating (keepalived, VRRPv3 every 100 ms): gateway {GATEWAY_V4}, L4 VIPs \
+         {PAIR_VIP_V4} (NAT) and {DSR_VIP_V4} (DSR: the nodes answer the client themselves), \
          NAT source {NAT_SOURCE_V4}; preempt_delay {:?}",
         lab.preempt_delay()
     );

@@ -84,15 +84,27 @@ impl Drop for DsrNode {
 }
 
 impl Lab {
-    /// Makes node `index` a DSR backend for `vips`: puts each VIP on its loopback (a /32 or
-    /// /128), turns rp_filter off (the unwrapped packets come from the client's address on a
-    /// device that is not the route back to it), and starts unwrapping IPv4-in-IPv4 and
-    /// IPv6-in-IPv6 packets into the TUN device [`DSR_TUN_IFACE`]. The node's answers leave
-    /// from the VIP by its default route (the LB namespace, which routes them to the client).
+    /// Makes node `index` a DSR backend for `vips` (see [`DsrNode::prepare`]); its answers
+    /// leave by its default route, the LB namespace, which routes them to the client.
+    pub fn prepare_dsr_node(&self, index: usize, vips: &[IpAddr]) -> Result<DsrNode, LabError> {
+        DsrNode::prepare(&self.node(index).netns, index, vips)
+    }
+}
+
+impl DsrNode {
+    /// Makes the node namespace `netns` (node `index` of its lab) a DSR backend for `vips`:
+    /// puts each VIP on its loopback (a /32 or /128), turns rp_filter off (the unwrapped
+    /// packets come from the client's address on a device that is not the route back to it),
+    /// and starts unwrapping IPv4-in-IPv4 and IPv6-in-IPv6 packets into the TUN device
+    /// [`DSR_TUN_IFACE`]. The node answers from the VIP by its own routes.
     ///
     /// Unwrapping stops when the returned [`DsrNode`] is dropped.
-    pub fn prepare_dsr_node(&self, index: usize, vips: &[IpAddr]) -> Result<DsrNode, LabError> {
-        let netns = self.node(index).netns.clone();
+    pub(crate) fn prepare(
+        netns: &str,
+        index: usize,
+        vips: &[IpAddr],
+    ) -> Result<DsrNode, LabError> {
+        let netns = netns.to_owned();
         let (tun, raw_v4, raw_v6) = netns::in_netns(&netns, || {
             Ok::<_, LabError>((
                 open_tun(DSR_TUN_IFACE)?,

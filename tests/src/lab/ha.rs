@@ -1,7 +1,9 @@
 //! The HA lab: a pair of LBs, each running lb-control and keepalived, in front of the same
 //! nodes, with their shared state on a three-member etcd cluster (both LBs and the fallback
 //! site). The layout is [`pair`](super::pair)'s; what runs where is decided here, for
-//! `cargo xtask run --ha` and the HA tests alike.
+//! `cargo xtask run --ha` and the HA tests alike. Two L4 services float with the pair: one in
+//! full NAT at [`VIP_V4`], one in DSR at [`DSR_VIP_V4`], whose nodes are prepared as DSR
+//! backends ([`DsrNode`]).
 //!
 //! LB a is preferred (VRRP priority 150 against 100): it takes the floating addresses at start,
 //! and back `preempt_delay` after it returns.
@@ -23,12 +25,13 @@ use super::{
     binaries::binary_path,
     certs::{LabCa, write_pem},
     command_in_netns,
+    dsr::DsrNode,
     etcd::{self, EtcdMember},
     in_netns,
     keepalived::{VrrpInstance, keepalived_args},
     pair::{
-        CLIENT_IFACE, GATEWAY_V4, Member, NAT_SOURCE_V4, NODE_IFACE, PairLb, PairTopology, Station,
-        VIP_V4,
+        CLIENT_IFACE, DSR_VIP_V4, GATEWAY_V4, Member, NAT_SOURCE_V4, NODE_IFACE, PairLb,
+        PairTopology, Station, VIP_V4,
     },
     run::{LB_CONTROL_RUNNING_LOG, Run},
     run_checked,
@@ -46,6 +49,11 @@ const ADMIN_TOKEN: &str = "ha-lab-admin-token-0123456789abcdef";
 const FLOW_SYNC_PORT: u16 = 7946;
 /// The flow sync's shared secret, in a file both config files name.
 const FLOW_SYNC_SECRET: &str = "ha-lab-flow-sync-secret-0123456789abcdef";
+/// The DSR service's outer source prefix (the flow hash goes in its last byte), inside the
+/// lab's range; the single-LB lab uses the same.
+const DSR_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 254, 0);
+/// Every address keepalived moves to the master, as lb-control's `[ha] floating_addresses`.
+const FLOATING_V4: [Ipv4Addr; 4] = [GATEWAY_V4, VIP_V4, DSR_VIP_V4, NAT_SOURCE_V4];
 const LB_CONTROL_RUNNING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the first election may take: the adverts' timeout, then `preempt_delay`.
 const ELECTION_SLACK: Duration = Duration::from_secs(10);
@@ -90,6 +98,8 @@ struct MemberProcesses {
 /// A running HA lab; dropping it removes everything it made.
 #[derive(Debug)]
 pub struct PairLab {
+    /// Before `run`: their decapsulators stop before the namespaces go.
+    dsr_nodes: Vec<DsrNode>,
     run: Run,
     topology: PairTopology,
     config: PairConfig,
@@ -110,7 +120,14 @@ impl PairLab {
             .map(|node| (node.netns.clone(), node.addr_v4))
             .collect();
         run.start_sim_nodes(&nodes, config.block_time)?;
+        let dsr_nodes = topology
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(index, node)| DsrNode::prepare(&node.netns, index, &[DSR_VIP_V4.into()]))
+            .collect::<Result<_, _>>()?;
         let mut lab = PairLab {
+            dsr_nodes,
             ca: run.log_dir.join("gateway-ca.crt"),
             run,
             topology,
@@ -157,6 +174,11 @@ impl PairLab {
         &self.topology.nodes
     }
 
+    /// The nodes as DSR backends, in node order: what their decapsulators have seen.
+    pub fn dsr_nodes(&self) -> &[DsrNode] {
+        &self.dsr_nodes
+    }
+
     pub fn fallback(&self) -> &Station {
         &self.topology.fallback
     }
@@ -194,9 +216,14 @@ impl PairLab {
         format!("https://{GATEWAY_V4}:{PAIR_GATEWAY_PORT}/{key}")
     }
 
-    /// The L4 service at the floating VIP.
+    /// The L4 service in full NAT at the floating VIP.
     pub fn vip(&self) -> SocketAddr {
         SocketAddr::from((VIP_V4, SIM_NODE_RPC_PORT))
+    }
+
+    /// The L4 service in DSR at its floating VIP.
+    pub fn dsr_vip(&self) -> SocketAddr {
+        SocketAddr::from((DSR_VIP_V4, SIM_NODE_RPC_PORT))
     }
 
     /// lb-control's config file on `member`.
@@ -225,8 +252,10 @@ impl PairLab {
         for member in [Member::A, Member::B] {
             let held = in_netns(&self.lb(member).netns, local_addresses)?
                 .map_err(LabError::io("listing the LB's addresses"))?;
-            let floating = [GATEWAY_V4, VIP_V4, NAT_SOURCE_V4].map(IpAddr::from);
-            if floating.iter().all(|address| held.contains(address)) {
+            if FLOATING_V4
+                .iter()
+                .all(|&address| held.contains(&IpAddr::from(address)))
+            {
                 holders.push(member);
             }
         }
@@ -433,13 +462,24 @@ impl PairLab {
         let secret_file = self.run.log_dir.join("flow-sync.secret");
         std::fs::write(&secret_file, FLOW_SYNC_SECRET)
             .map_err(LabError::io(format!("writing {}", secret_file.display())))?;
+        let floating = FLOATING_V4
+            .iter()
+            .map(|address| format!("\"{address}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let lb_control = format!(
             "# Written by the HA lab for LB {name}; LB {other} has the same but for [ha] name.\n\
              [dataplane]\n\
-             nat_source_v4 = \"{NAT_SOURCE_V4}\"\n\n\
+             nat_source_v4 = \"{NAT_SOURCE_V4}\"\n\
+             dsr_source_v4 = \"{DSR_SOURCE_V4}\"\n\n\
              [[services]]\n\
              vip = \"{VIP_V4}\"\n\
              port = {SIM_NODE_RPC_PORT}\n\
+             backends = [{backends}]\n\n\
+             [[services]]\n\
+             vip = \"{DSR_VIP_V4}\"\n\
+             port = {SIM_NODE_RPC_PORT}\n\
+             mode = \"dsr\"\n\
              backends = [{backends}]\n\n\
              [gateway]\n\
              listen = \"{GATEWAY_V4}:{PAIR_GATEWAY_PORT}\"\n\
@@ -453,7 +493,7 @@ impl PairLab {
              etcd = {{ endpoints = [{endpoints}], prefix = \"/lb-pair/\" }}\n\n\
              [ha]\n\
              name = \"lb-{name}\"\n\
-             floating_addresses = [\"{GATEWAY_V4}\", \"{VIP_V4}\", \"{NAT_SOURCE_V4}\"]\n\
+             floating_addresses = [{floating}]\n\
              flow_sync = {{ listen = \"{own}:{FLOW_SYNC_PORT}\", peer = \"{peer}:{FLOW_SYNC_PORT}\", \
              secret_file = \"{secret}\" }}\n",
             name = member.name(),

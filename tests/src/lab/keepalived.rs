@@ -4,7 +4,9 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use super::pair::{CLIENT_IFACE, GATEWAY_V4, Member, NAT_SOURCE_V4, NODE_IFACE, VIP_V4};
+use super::pair::{
+    CLIENT_IFACE, DSR_VIP_V4, GATEWAY_V4, Member, NAT_SOURCE_V4, NODE_IFACE, VIP_V4,
+};
 
 /// VRRPv3 adverts every 100 ms: the backup declares the master dead after 3 adverts and its
 /// skew, ~0.36 s (keepalived's default of 1 s takes ~3.6 s).
@@ -73,6 +75,7 @@ impl VrrpInstance {
              \x20   virtual_ipaddress {{\n\
              \x20       {GATEWAY_V4}/32 dev {CLIENT_IFACE}\n\
              \x20       {VIP_V4}/32 dev {CLIENT_IFACE}\n\
+             \x20       {DSR_VIP_V4}/32 dev {CLIENT_IFACE}\n\
              \x20       {NAT_SOURCE_V4}/32 dev {NODE_IFACE}\n\
              \x20   }}\n\
              \x20   notify_master {master}\n\

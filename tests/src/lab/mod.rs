@@ -47,7 +47,7 @@ pub use dsr::{DSR_TUN_IFACE, DsrNode};
 pub use error::LabError;
 pub use ha::{EtcdSite, PAIR_ADMIN_PORT, PAIR_GATEWAY_PORT, PairConfig, PairLab};
 pub use netns::{command_in_netns, in_netns, run_checked};
-pub use pair::{GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
+pub use pair::{DSR_VIP_V4, GATEWAY_V4, Member, NAT_SOURCE_V4, PairLb, Station, VIP_V4};
 pub use process::LabProcess;
 pub use site::RemoteSite;
 pub use sweep::{SweepReport, sweep_stale};
