@@ -44,8 +44,8 @@ struct Seen {
     outer_sources: Mutex<BTreeSet<IpAddr>>,
 }
 
-/// A node namespace prepared for DSR: the VIPs on its loopback, rp_filter off, and a
-/// decapsulator running until this is dropped.
+/// A node namespace prepared for DSR: the VIPs on its loopback, rp_filter off, the VIPs kept
+/// out of its ARP, and a decapsulator running until this is dropped.
 #[derive(Debug)]
 pub struct DsrNode {
     netns: String,
@@ -95,7 +95,7 @@ impl DsrNode {
     /// Makes the node namespace `netns` (node `index` of its lab) a DSR backend for `vips`:
     /// puts each VIP on its loopback (a /32 or /128), turns rp_filter off (the unwrapped
     /// packets come from the client's address on a device that is not the route back to it),
-    /// and starts unwrapping IPv4-in-IPv4 and IPv6-in-IPv6 packets into the TUN device
+    /// keeps the VIP out of its ARP (`arp_ignore` 1, `arp_announce` 2), and starts unwrapping IPv4-in-IPv4 and IPv6-in-IPv6 packets into the TUN device
     /// [`DSR_TUN_IFACE`]. The node answers from the VIP by its own routes.
     ///
     /// Unwrapping stops when the returned [`DsrNode`] is dropped.
@@ -124,16 +124,23 @@ impl DsrNode {
             }
             netns::run_ip(&args)?;
         }
-        netns::in_netns(&netns, || {
-            // /proc/sys/net shows the namespace of the thread that opens it. The effective
-            // value is the larger of `all` and the device's, so both must be 0.
-            for device in ["all", "default", DSR_TUN_IFACE] {
-                let sysctl = format!("/proc/sys/net/ipv4/conf/{device}/rp_filter");
-                std::fs::write(&sysctl, "0")
-                    .map_err(LabError::io(format!("setting {sysctl} = 0 in {netns}")))?;
-            }
-            Ok::<_, LabError>(())
-        })??;
+        let tun_rp_filter = format!("ipv4/conf/{DSR_TUN_IFACE}/rp_filter");
+        netns::write_sysctls(
+            &netns,
+            &[
+                // The effective value is the larger of `all` and the device's: both 0.
+                ("ipv4/conf/all/rp_filter", "0"),
+                ("ipv4/conf/default/rp_filter", "0"),
+                (&tun_rp_filter, "0"),
+                // LVS direct routing's real-server ARP settings (the larger of `all` and the
+                // device's counts): the node never answers ARP for a VIP, nor names one as
+                // its address in its own requests. A router that holds the VIP itself, as the
+                // HA lab's LBs do, ignores requests from one of its own addresses, and the
+                // node's answers from the VIP would find no next hop.
+                ("ipv4/conf/all/arp_ignore", "1"),
+                ("ipv4/conf/all/arp_announce", "2"),
+            ],
+        )?;
 
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Seen::default());

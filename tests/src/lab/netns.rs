@@ -122,6 +122,20 @@ fn enter_netns_at(path: &CString) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets each `(name, value)` of `settings` in `netns`, the name under `/proc/sys/net`
+/// (`ipv4/ip_forward`).
+pub(crate) fn write_sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<(), LabError> {
+    in_netns(netns, || {
+        // /proc/sys/net shows the namespace of the thread that opens it.
+        for (name, value) in settings {
+            let path = format!("/proc/sys/net/{name}");
+            std::fs::write(&path, value)
+                .map_err(LabError::io(format!("setting {path} = {value} in {netns}")))?;
+        }
+        Ok(())
+    })?
+}
+
 /// Runs `body` on a new thread inside network namespace `netns` and returns its result.
 ///
 /// Sockets made inside `body` stay in that namespace after it returns, so a test can create

@@ -221,6 +221,10 @@ impl PairTopology {
                 disable_tx_offload(&self.switch, &port, &["gro", "on"])?;
                 attached.push(PeerProgram::attach(&self.switch, &port)?);
             }
+            // The DSR nodes answer the client from the VIP, which the master holds too:
+            // without this it would take their answers for spoofed (martian) and drop them.
+            let accept_local = format!("ipv4/conf/{NODE_IFACE}/accept_local");
+            netns::write_sysctls(&lb.netns, &[(&accept_local, "1")])?;
         }
         for node in &self.nodes {
             self.join(&NODE_SEGMENT, &node.netns, &node.iface, node.addr_v4)?;

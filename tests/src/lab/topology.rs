@@ -331,17 +331,10 @@ pub(crate) fn disable_tx_offload(netns: &str, iface: &str, also: &[&str]) -> Res
 
 /// Makes the LB namespace a router for both address families.
 pub(crate) fn enable_forwarding(netns: &str) -> Result<(), LabError> {
-    netns::in_netns(netns, || {
-        // /proc/sys/net shows the namespace of the thread that opens it.
-        for sysctl in [
-            "/proc/sys/net/ipv4/ip_forward",
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-        ] {
-            std::fs::write(sysctl, "1")
-                .map_err(LabError::io(format!("setting {sysctl} = 1 in {netns}")))?;
-        }
-        Ok(())
-    })?
+    netns::write_sysctls(
+        netns,
+        &[("ipv4/ip_forward", "1"), ("ipv6/conf/all/forwarding", "1")],
+    )
 }
 
 #[cfg(test)]
