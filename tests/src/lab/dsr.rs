@@ -99,11 +99,7 @@ impl DsrNode {
     /// [`DSR_TUN_IFACE`]. The node answers from the VIP by its own routes.
     ///
     /// Unwrapping stops when the returned [`DsrNode`] is dropped.
-    pub(crate) fn prepare(
-        netns: &str,
-        index: usize,
-        vips: &[IpAddr],
-    ) -> Result<DsrNode, LabError> {
+    pub(crate) fn prepare(netns: &str, index: usize, vips: &[IpAddr]) -> Result<DsrNode, LabError> {
         let netns = netns.to_owned();
         let (tun, raw_v4, raw_v6) = netns::in_netns(&netns, || {
             Ok::<_, LabError>((
