@@ -7,7 +7,7 @@
 //!  segment (bridge in <prefix>-switch)  hosts
 //!  client   10.200.1.0/24    client eth0 .2, lb-a client0 .11, lb-b client0 .12
 //!                            floating: .1 (gateway, the client's router), .10 (L4 VIP, NAT),
-//!                            .20 (L4 VIP, DSR)
+//!                            .30 (L4 VIP, DSR)
 //!  nodes    10.200.10.0/24   lb-a nodes0 .11, lb-b nodes0 .12, node i eth0 .(20+i)
 //!                            floating: .1 (NAT source, the nodes' router: DSR answers
 //!                            reach the client through it)
@@ -37,7 +37,7 @@ const HOST_IFACE: &str = "eth0";
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
 pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 10);
 /// The DSR service's VIP: the nodes hold it too and answer the client from it.
-pub const DSR_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 20);
+pub const DSR_VIP_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 30);
 pub const NAT_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(10, 200, 10, 1);
 
 const CLIENT_SUBNET: u8 = 1;
