@@ -54,7 +54,7 @@ use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_control::{
     dataplane::{
         BackendSpec, DEFAULT_BPFFS, DataplaneError, LbSettings, ProgramHarness, ReferenceProgram,
-        ServiceSpec, StandingSecondChanceMap, TestVerdict, XdpAction,
+        SecondChanceMap, SecondChanceMode, ServiceSpec, TestVerdict, XdpAction,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -393,9 +393,12 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         ns: lb_repeated(&gateway_segment, XdpAction::Pass)?,
         note: "as a passed packet (the second chance entries read, none armed)".into(),
     });
-    StandingSecondChanceMap::open(&std::path::Path::new(DEFAULT_BPFFS).join(instance(TAG)))
-        .and_then(|mut standing| standing.arm(gateway, backend_v4(3).into()))
-        .map_err(|error| format!("arming the standing second chance: {error}"))?;
+    SecondChanceMap::open(
+        &std::path::Path::new(DEFAULT_BPFFS).join(instance(TAG)),
+        SecondChanceMode::Standing,
+    )
+    .and_then(|mut standing| standing.arm(gateway, backend_v4(3).into()))
+    .map_err(|error| format!("arming the standing second chance: {error}"))?;
     rows.push(Row {
         path: "gateway segment on an HA pair member",
         method: "repeat",

@@ -42,8 +42,8 @@ use lb_common::{
 use lb_control::{
     dataplane::{
         ApplyReport, BackendSpec, Blocklist, DEFAULT_BPFFS, LbSettings, ProgramHarness,
-        SecondChanceMap, SecondChanceMode, ServiceSpec, StandingSecondChanceMap, TestVerdict,
-        XdpAction, read_second_chance_packets,
+        SecondChanceMap, SecondChanceMode, ServiceSpec, TestVerdict, XdpAction,
+        read_second_chance_packets,
     },
     model::{BackendState, ForwardingMode, Protocol},
 };
@@ -2231,7 +2231,8 @@ fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chan
         // The previous owner, reached over the backend link (backend 3's neighbour entry).
         let previous_owner = b4(3).ip();
         let pin_dir = pin_dir("second");
-        let mut second_chance = SecondChanceMap::open(&pin_dir).expect("the SECOND_CHANCE map");
+        let mut second_chance = SecondChanceMap::open(&pin_dir, SecondChanceMode::Handover)
+            .expect("the SECOND_CHANCE map");
         let segment = Packet::tcp(client(40000), gateway);
         lab.passed(
             "before a handover, a gateway segment without a socket goes to the stack",
@@ -2240,7 +2241,7 @@ fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chan
         );
 
         second_chance
-            .arm(gateway, previous_owner, Duration::from_secs(60))
+            .arm_for(gateway, previous_owner, Duration::from_secs(60))
             .expect("arming second chance");
         let (action, lb_mac, owner_mac) = next_hop(previous_owner);
         lab.row(Row {
@@ -2275,7 +2276,7 @@ fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chan
 
         let gateway6 = v6(Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 1), GATEWAY_PORT);
         second_chance
-            .arm(gateway6, b6(3).ip(), Duration::from_secs(60))
+            .arm_for(gateway6, b6(3).ip(), Duration::from_secs(60))
             .expect("arming second chance for IPv6");
         let segment6 = Packet::tcp(client6(40000), gateway6);
         let (action, lb_mac, owner_mac) = next_hop(b6(3).ip());
@@ -2294,7 +2295,7 @@ fn gateway_segments_without_a_socket_go_to_the_previous_owner_during_second_chan
         );
 
         second_chance
-            .arm(gateway, previous_owner, Duration::ZERO)
+            .arm_for(gateway, previous_owner, Duration::ZERO)
             .expect("arming an expired second chance");
         lab.passed(
             "once second chance has ended, the segment goes to the stack (which resets it)",
@@ -2319,8 +2320,8 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
         // The other host of the pair, reached over the backend link (backend 3's neighbour).
         let other_host = b4(3).ip();
         let pin_dir = pin_dir("standing");
-        let mut standing =
-            StandingSecondChanceMap::open(&pin_dir).expect("the STANDING_SECOND_CHANCE map");
+        let mut standing = SecondChanceMap::open(&pin_dir, SecondChanceMode::Standing)
+            .expect("the STANDING_SECOND_CHANCE map");
         let syn = Packet::syn(client(40000), gateway);
         let segment = Packet::tcp(client(40001), gateway);
         lab.passed(

@@ -142,12 +142,16 @@ pub fn output_within(command: &mut Command, name: &str, limit: Duration) -> anyh
         .with_context(|| format!("reading {name}'s output"))
 }
 
-/// Writes the markdown report, creating its directory.
-pub fn write_report(path: &Path, markdown: &str) -> anyhow::Result<()> {
+/// Writes the markdown report to `path` (creating its directory) and to standard output, and
+/// tells on standard error where it went, as benchmark `tool` (e.g. `bench-ha`).
+pub fn publish_report(tool: &str, path: &Path, markdown: &str) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    std::fs::write(path, markdown).with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, markdown).with_context(|| format!("writing {}", path.display()))?;
+    println!("{markdown}");
+    eprintln!("{tool}: report written to {}", path.display());
+    Ok(())
 }
 
 /// The middle value (the mean of the two middle ones for an even count); NaN for none.

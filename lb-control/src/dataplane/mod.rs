@@ -46,9 +46,7 @@ pub use self::{
     bpffs::{BpffsError, BpffsState, ensure_mounted as ensure_bpffs_mounted},
     error::DataplaneError,
     flow_table::{FlowTable, InstallReport, PortableFlow},
-    second_chance::{
-        SecondChanceMap, SecondChanceMode, StandingSecondChanceMap, read_second_chance_packets,
-    },
+    second_chance::{SecondChanceMap, SecondChanceMode, read_second_chance_packets},
     services::{
         ApplyReport, BackendSpec, LbSettings, ProblemSubject, ServiceSpec, SpecProblem,
         validate as validate_services,

@@ -51,21 +51,24 @@ impl SecondChanceMode {
     }
 }
 
-/// The pinned `SECOND_CHANCE` entry of this host's instance: a handover's.
+/// The pinned entry of one second chance of this host's instance.
 pub struct SecondChanceMap {
+    mode: SecondChanceMode,
     entry: Array<MapData, SecondChance>,
 }
 
 impl SecondChanceMap {
-    pub fn open(pin_dir: &Path) -> Result<SecondChanceMap, DataplaneError> {
+    pub fn open(pin_dir: &Path, mode: SecondChanceMode) -> Result<SecondChanceMap, DataplaneError> {
         Ok(SecondChanceMap {
-            entry: open_pinned(pin_dir, SecondChanceMode::Handover.map_name())?,
+            mode,
+            entry: open_pinned(pin_dir, mode.map_name())?,
         })
     }
 
     /// For `window` from now, segments to `gateway` (its address unspecified: any address of
-    /// its family) that open no connection and that this host has no socket for go to `peer`.
-    pub fn arm(
+    /// its family) that this host has no socket for go to `peer`: a handover's, for the drain
+    /// (the entry's deadline ends it, whatever becomes of this process).
+    pub fn arm_for(
         &mut self,
         gateway: SocketAddr,
         peer: IpAddr,
@@ -73,26 +76,11 @@ impl SecondChanceMap {
     ) -> Result<(), DataplaneError> {
         let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let until_ns = monotonic_clock_ns().saturating_add(window_ns).max(1);
-        self.entry
-            .set(0, entry(gateway, peer, until_ns), 0)
-            .map_err(map_error(map_names::SECOND_CHANCE))
-    }
-}
-
-/// The pinned `STANDING_SECOND_CHANCE` entry of this host's instance.
-pub struct StandingSecondChanceMap {
-    entry: Array<MapData, SecondChance>,
-}
-
-impl StandingSecondChanceMap {
-    pub fn open(pin_dir: &Path) -> Result<StandingSecondChanceMap, DataplaneError> {
-        Ok(StandingSecondChanceMap {
-            entry: open_pinned(pin_dir, SecondChanceMode::Standing.map_name())?,
-        })
+        self.set(entry(gateway, peer, until_ns))
     }
 
-    /// Until [`disarm`](Self::disarm), whatever becomes of this process: segments to `gateway`
-    /// that no socket here takes go to `peer`, SYNs too while nothing listens here.
+    /// The same until [`disarm`](Self::disarm), whatever becomes of this process: the standing
+    /// one's (which also sends SYNs while nothing listens here).
     pub fn arm(&mut self, gateway: SocketAddr, peer: IpAddr) -> Result<(), DataplaneError> {
         self.set(entry(gateway, peer, u64::MAX))
     }
@@ -104,7 +92,7 @@ impl StandingSecondChanceMap {
     fn set(&mut self, entry: SecondChance) -> Result<(), DataplaneError> {
         self.entry
             .set(0, entry, 0)
-            .map_err(map_error(map_names::STANDING_SECOND_CHANCE))
+            .map_err(map_error(self.mode.map_name()))
     }
 }
 

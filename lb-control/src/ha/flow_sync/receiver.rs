@@ -144,7 +144,8 @@ fn arm_second_chance(
         );
         return Ok(());
     };
-    SecondChanceMap::open(&receiving.pin_dir)?.arm(gateway, peer, drain)?;
+    SecondChanceMap::open(&receiving.pin_dir, SecondChanceMode::Handover)?
+        .arm_for(gateway, peer, drain)?;
     let pin_dir = receiving.pin_dir.clone();
     let before =
         read_second_chance_packets(&pin_dir, SecondChanceMode::Handover).unwrap_or_default();

@@ -32,7 +32,7 @@ use self::route::{LocalRoutes, is_strict_reverse_path};
 pub use self::route::{RouteError, TABLE as ROUTE_TABLE};
 use super::{HaSection, addresses::interface_of};
 use crate::dataplane::{
-    DataplaneError, SecondChanceMode, StandingSecondChanceMap, read_second_chance_packets,
+    DataplaneError, SecondChanceMap, SecondChanceMode, read_second_chance_packets,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,7 @@ impl StandingSecondChance {
         gateway: Option<SocketAddr>,
         pin_dir: &Path,
     ) -> Result<Option<StandingSecondChance>, SecondChanceError> {
-        let mut entry = StandingSecondChanceMap::open(pin_dir)?;
+        let mut entry = SecondChanceMap::open(pin_dir, SecondChanceMode::Standing)?;
         let sent = read_second_chance_packets(pin_dir, SecondChanceMode::Standing)?;
         if sent > 0 {
             info!(
@@ -147,8 +147,8 @@ impl StandingSecondChance {
 
     /// A clean stop: disarmed, the rule removed.
     pub async fn stop(&self) {
-        let disarmed =
-            StandingSecondChanceMap::open(&self.pin_dir).and_then(|mut entry| entry.disarm());
+        let disarmed = SecondChanceMap::open(&self.pin_dir, SecondChanceMode::Standing)
+            .and_then(|mut entry| entry.disarm());
         match disarmed {
             Ok(()) => info!("ha: standing second chance disarmed"),
             Err(error) => warn!("ha: disarming the standing second chance: {error}"),

@@ -18,8 +18,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use lb_tests::{
     bench::{
-        check_interrupted, find_command, install_interrupt_handler, load_average,
-        raise_open_files_limit, write_report,
+        check_interrupted, find_command, install_interrupt_handler, load_average, publish_report,
+        raise_open_files_limit,
     },
     cpu,
     crowd::{CrowdPlan, CrowdProcess},
@@ -151,10 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         load_after: load_average(),
         elapsed: started.elapsed(),
     });
-    write_report(&cli.output, &markdown)?;
-    println!("{markdown}");
-    eprintln!("bench-crowd: report written to {}", cli.output.display());
-    Ok(())
+    publish_report("bench-crowd", &cli.output, &markdown)
 }
 
 fn settings(cli: &Cli) -> anyhow::Result<Settings> {

@@ -24,7 +24,7 @@ use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
 use lb_control::dataplane::read_pinned_stats;
 use lb_tests::{
-    bench::{check_interrupted, install_interrupt_handler, load_average, write_report},
+    bench::{check_interrupted, install_interrupt_handler, load_average, publish_report},
     lab::{Lab, LabConfig, SIM_NODE_RPC_PORT, binary_path, in_netns},
     load::{Load, LoadShape, Outcome},
     rpc_client::RpcConnection,
@@ -144,10 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         load_after: load_average(),
         elapsed: started.elapsed(),
     });
-    write_report(&cli.output, &markdown)?;
-    println!("{markdown}");
-    eprintln!("bench-failover: report written to {}", cli.output.display());
-    Ok(())
+    publish_report("bench-failover", &cli.output, &markdown)
 }
 
 /// One run in a lab of its own, which is removed when the run ends, however it ends.

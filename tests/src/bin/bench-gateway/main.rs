@@ -25,7 +25,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use lb_tests::{
     bench::{
-        check_interrupted, find_command, install_interrupt_handler, load_average, write_report,
+        check_interrupted, find_command, install_interrupt_handler, load_average, publish_report,
     },
     cpu,
     wrk::{self, Load, WrkResult},
@@ -277,10 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         load_after: load_average(),
         elapsed: started.elapsed(),
     });
-    write_report(&cli.output, &markdown)?;
-    println!("{markdown}");
-    eprintln!("bench-gateway: report written to {}", cli.output.display());
-    Ok(())
+    publish_report("bench-gateway", &cli.output, &markdown)
 }
 
 /// One measured wrk run after an unmeasured warm-up, with the machine's CPU time and the

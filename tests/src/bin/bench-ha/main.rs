@@ -27,7 +27,7 @@ use clap::Parser;
 use lb_control::ha::Role;
 use lb_tests::{
     admin_writes,
-    bench::{check_interrupted, install_interrupt_handler, load_average, write_report},
+    bench::{check_interrupted, install_interrupt_handler, load_average, publish_report},
     lab::{PairConfig, PairLab, binary_path},
     poll::wait_until,
     wrk,
@@ -137,10 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         load_after: load_average(),
         elapsed: started.elapsed(),
     });
-    write_report(&cli.output, &markdown)?;
-    println!("{markdown}");
-    eprintln!("bench-ha: report written to {}", cli.output.display());
-    Ok(())
+    publish_report("bench-ha", &cli.output, &markdown)
 }
 
 /// When the event happened, on each clock a load reports on.

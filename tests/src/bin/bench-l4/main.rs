@@ -26,7 +26,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use lb_tests::{
     bench::{
-        check_interrupted, find_command, install_interrupt_handler, load_average, write_report,
+        check_interrupted, find_command, install_interrupt_handler, load_average, publish_report,
     },
     cpu,
     lab::{Lab, LabConfig},
@@ -193,10 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         load_after: load_average(),
         elapsed: started.elapsed(),
     });
-    write_report(&cli.output, &markdown)?;
-    println!("{markdown}");
-    eprintln!("bench-l4: report written to {}", cli.output.display());
-    Ok(())
+    publish_report("bench-l4", &cli.output, &markdown)
 }
 
 /// Builds a fresh lab, sets the balancer up, checks it answers, measures one run and removes
