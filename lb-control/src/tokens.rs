@@ -14,38 +14,18 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use thiserror::Error;
-
 use crate::{
-    keys::{check_name, digest, has_secret_form, new_secret},
+    keys::{CredentialError, check_name, digest, has_secret_form, new_secret},
     model::{JoinTokenId, JoinTokenRecord, ServiceKey},
-    store::{Store, StoreError},
+    store::Store,
 };
 
 /// What every join token's secret starts with (`lbk_` is an API key's).
 pub const SECRET_PREFIX: &str = "lbj_";
 
-#[derive(Debug, Error)]
-pub enum TokenError {
-    #[error("join token {id} does not exist")]
-    NotFound { id: JoinTokenId },
-    #[error("join token {id} is revoked (for good)")]
-    Revoked { id: JoinTokenId },
-    #[error("{what} already exists")]
-    Conflict { what: String },
-    #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-    #[error("state store: {0}")]
-    Store(StoreError),
-}
-
-impl From<StoreError> for TokenError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Conflict { what } => TokenError::Conflict { what },
-            other => TokenError::Store(other),
-        }
-    }
+/// How errors name join token `id`.
+fn join_token(id: JoinTokenId) -> String {
+    format!("join token {id}")
 }
 
 /// A token just created: the only time its secret exists outside its holder's hands.
@@ -67,13 +47,17 @@ impl JoinTokens {
     }
 
     /// A token that may join `services` (at least one, each named once).
-    pub fn create(&self, name: &str, services: &[ServiceKey]) -> Result<CreatedToken, TokenError> {
-        check_name("join token", name).map_err(|reason| TokenError::Invalid {
+    pub fn create(
+        &self,
+        name: &str,
+        services: &[ServiceKey],
+    ) -> Result<CreatedToken, CredentialError> {
+        check_name("join token", name).map_err(|reason| CredentialError::Invalid {
             field: "name",
             reason,
         })?;
         if services.is_empty() {
-            return Err(TokenError::Invalid {
+            return Err(CredentialError::Invalid {
                 field: "services",
                 reason: "name at least one service the token may join".to_owned(),
             });
@@ -83,7 +67,7 @@ impl JoinTokens {
             .enumerate()
             .find_map(|(i, service)| services[..i].contains(service).then_some(service))
         {
-            return Err(TokenError::Invalid {
+            return Err(CredentialError::Invalid {
                 field: "services",
                 reason: format!("{twice} is named twice"),
             });
@@ -98,7 +82,7 @@ impl JoinTokens {
                 &describe(id, name),
                 &format!("join {}", list(services)),
             )?;
-            Ok::<_, TokenError>(id)
+            Ok::<_, CredentialError>(id)
         })?;
         Ok(CreatedToken {
             record: JoinTokenRecord {
@@ -114,22 +98,26 @@ impl JoinTokens {
     }
 
     /// Every token, revoked ones included, ordered by id.
-    pub fn list(&self) -> Result<Vec<JoinTokenRecord>, TokenError> {
+    pub fn list(&self) -> Result<Vec<JoinTokenRecord>, CredentialError> {
         Ok(self.store.join_tokens()?)
     }
 
     /// Revokes a token for good: its holder's next request is refused. Revoking a revoked
     /// token is a conflict, so an operator who typed the wrong id learns it.
-    pub fn revoke(&self, id: JoinTokenId) -> Result<JoinTokenRecord, TokenError> {
+    pub fn revoke(&self, id: JoinTokenId) -> Result<JoinTokenRecord, CredentialError> {
         let mut token = self
             .list()?
             .into_iter()
             .find(|token| token.id == id)
-            .ok_or(TokenError::NotFound { id })?;
+            .ok_or(CredentialError::NotFound {
+                what: join_token(id),
+            })?;
         let at = now_in_millis();
         self.store.write(|tx| {
             if !tx.revoke_join_token(id, at)? {
-                return Err(TokenError::Revoked { id });
+                return Err(CredentialError::Revoked {
+                    what: join_token(id),
+                });
             }
             tx.record_event("token.revoked", &describe(id, &token.name), "api")?;
             Ok(())
@@ -140,7 +128,7 @@ impl JoinTokens {
 
     /// The token `secret` belongs to, revoked or not (the caller says which it was); None for
     /// a string that is no token's.
-    pub fn find(&self, secret: &str) -> Result<Option<JoinTokenRecord>, TokenError> {
+    pub fn find(&self, secret: &str) -> Result<Option<JoinTokenRecord>, CredentialError> {
         if !has_secret_form(SECRET_PREFIX, secret) {
             return Ok(None);
         }
@@ -249,11 +237,11 @@ mod tests {
         assert_eq!(found.revoked, revoked.revoked);
         assert!(matches!(
             t.tokens.revoke(created.record.id),
-            Err(TokenError::Revoked { .. })
+            Err(CredentialError::Revoked { .. })
         ));
         assert!(matches!(
             t.tokens.revoke(created.record.id + 1),
-            Err(TokenError::NotFound { .. })
+            Err(CredentialError::NotFound { .. })
         ));
         let kinds: Vec<(String, String)> = t
             .store
@@ -287,14 +275,14 @@ mod tests {
         ] {
             let error = t.tokens.create(name, &services).expect_err("refused");
             assert!(
-                matches!(&error, TokenError::Invalid { field: f, .. } if *f == field),
+                matches!(&error, CredentialError::Invalid { field: f, .. } if *f == field),
                 "{error}"
             );
         }
         t.tokens.create("eu", &service).expect("created");
         assert!(matches!(
             t.tokens.create("eu", &service),
-            Err(TokenError::Conflict { .. })
+            Err(CredentialError::Conflict { .. })
         ));
         assert_eq!(t.tokens.list().expect("list").len(), 1);
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_control::cache::{
-    self, CachePolicy, FetchError, Head, Lookup, ResponseCache, RuntimeVersion, UpstreamAnswer,
+    self, CachePolicy, FetchError, Head, Lookup, Outcome, ResponseCache, RuntimeVersion,
 };
 use lb_tests::poll::{self, PATIENCE};
 use lb_tests::sim_node::{BlockNumber, Fault, SimNode, SimNodeConfig, SimNodeHandle};
@@ -140,7 +140,7 @@ async fn fetch_from(
     node: &SimNodeHandle,
     method: &str,
     params: &Value,
-) -> Result<UpstreamAnswer, FetchError> {
+) -> Result<Outcome, FetchError> {
     let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
     let response = reqwest::Client::new()
         .post(node.http_url())
@@ -154,8 +154,8 @@ async fn fetch_from(
         .map_err(|error| FetchError::Unreachable(error.to_string()))?;
     let raw = |value: &Value| RawValue::from_string(value.to_string()).expect("JSON");
     match (answer.get("result"), answer.get("error")) {
-        (Some(result), None) => Ok(UpstreamAnswer::Result(raw(result))),
-        (None, Some(error)) => Ok(UpstreamAnswer::Error(raw(error))),
+        (Some(result), None) => Ok(Outcome::Result(raw(result))),
+        (None, Some(error)) => Ok(Outcome::Error(raw(error))),
         _ => Err(FetchError::Unreachable(format!("not an answer: {answer}"))),
     }
 }

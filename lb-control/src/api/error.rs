@@ -9,7 +9,7 @@ use axum::{
 use tracing::error;
 
 use super::model::{ErrorBody, ErrorCode, ErrorDetail};
-use crate::{backends::ChangeError, keys::KeyError, store::StoreError, tokens::TokenError};
+use crate::{backends::ChangeError, keys::CredentialError, store::StoreError};
 
 #[derive(Debug)]
 pub struct ApiError(pub ErrorDetail);
@@ -95,28 +95,17 @@ impl From<ChangeError> for ApiError {
     }
 }
 
-impl From<KeyError> for ApiError {
-    fn from(error: KeyError) -> Self {
+impl From<CredentialError> for ApiError {
+    fn from(error: CredentialError) -> Self {
         match error {
-            KeyError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, error.to_string()),
-            KeyError::Revoked { .. } | KeyError::Conflict { .. } => {
+            CredentialError::NotFound { .. } => {
+                ApiError::new(ErrorCode::NotFound, error.to_string())
+            }
+            CredentialError::Revoked { .. } | CredentialError::Conflict { .. } => {
                 ApiError::new(ErrorCode::Conflict, error.to_string())
             }
-            KeyError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
-            KeyError::Store(store) => ApiError::store(&store),
-        }
-    }
-}
-
-impl From<TokenError> for ApiError {
-    fn from(error: TokenError) -> Self {
-        match error {
-            TokenError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, error.to_string()),
-            TokenError::Revoked { .. } | TokenError::Conflict { .. } => {
-                ApiError::new(ErrorCode::Conflict, error.to_string())
-            }
-            TokenError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
-            TokenError::Store(store) => ApiError::store(&store),
+            CredentialError::Invalid { field, reason } => ApiError::invalid_field(field, reason),
+            CredentialError::Store(store) => ApiError::store(&store),
         }
     }
 }
@@ -132,7 +121,7 @@ mod tests {
             endpoints: "http://10.0.0.1:2379,http://10.0.0.2:2379".to_owned(),
             detail: "etcdserver: no leader".to_owned(),
         });
-        let error = ApiError::from(KeyError::Store(unavailable));
+        let error = ApiError::from(CredentialError::Store(unavailable));
         assert_eq!(status_of(error.0.code), StatusCode::SERVICE_UNAVAILABLE);
         assert!(
             error.0.message.starts_with(

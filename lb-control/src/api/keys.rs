@@ -10,7 +10,7 @@ use super::{
     model::{ErrorBody, KeyCreated, KeyInfo, LimitChange, NewKey, Timestamp, requested_limit},
     run_blocking,
 };
-use crate::keys::{ApiKeys, KeyError};
+use crate::keys::{ApiKeys, CredentialError};
 
 /// Every key, revoked ones included.
 #[utoipa::path(
@@ -111,7 +111,7 @@ pub async fn set_limit(
 /// Runs a key registry call on a blocking thread: it waits for the store's fsync.
 async fn blocking<T: Send + 'static>(
     context: &Context,
-    call: impl FnOnce(&ApiKeys) -> Result<T, KeyError> + Send + 'static,
+    call: impl FnOnce(&ApiKeys) -> Result<T, CredentialError> + Send + 'static,
 ) -> ApiResult<T> {
     let keys = context.keys.clone();
     run_blocking(move || call(&keys).map_err(ApiError::from)).await

@@ -10,10 +10,7 @@ use super::{
     model::{ErrorBody, NewToken, TokenCreated, TokenInfo},
     run_blocking,
 };
-use crate::{
-    model::ServiceKey,
-    tokens::{JoinTokens, TokenError},
-};
+use crate::{keys::CredentialError, model::ServiceKey, tokens::JoinTokens};
 
 /// Every join token, revoked ones included.
 #[utoipa::path(
@@ -107,7 +104,7 @@ pub async fn revoke(State(context): State<Context>, Id(id): Id) -> ApiResult<Jso
 /// Runs a token registry call on a blocking thread: it waits for the store.
 async fn blocking<T: Send + 'static>(
     context: &Context,
-    call: impl FnOnce(&JoinTokens) -> Result<T, TokenError> + Send + 'static,
+    call: impl FnOnce(&JoinTokens) -> Result<T, CredentialError> + Send + 'static,
 ) -> ApiResult<T> {
     let tokens = context.tokens.clone();
     run_blocking(move || call(&tokens).map_err(ApiError::from)).await

@@ -26,6 +26,6 @@ pub mod store;
 pub use follower::{ChainFollower, Feed, FeedItem, NodeFeeds, follow};
 pub use policy::{CachePolicy, classify, classify_by_rule};
 pub use store::{
-    CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, ResponseCache,
-    RuntimeVersion, UpstreamAnswer,
+    CacheSettings, CacheStats, DEFAULT_MAX_BYTES, FetchError, Head, Lookup, Outcome, ResponseCache,
+    RuntimeVersion,
 };

@@ -47,13 +47,21 @@ impl Default for CacheSettings {
     }
 }
 
-/// What a node answered to one call.
+/// What a call came to, independent of the client's id: a node's result or error, or one of
+/// the gateway's errors (the gateway's framing, `gateway::jsonrpc`, makes those and the
+/// answer). A node's result is what the cache stores.
 #[derive(Debug, Clone)]
-pub enum UpstreamAnswer {
+pub enum Outcome {
     /// The `result` member.
     Result(Box<RawValue>),
     /// The JSON-RPC `error` object.
     Error(Box<RawValue>),
+}
+
+impl Outcome {
+    pub fn is_error(&self) -> bool {
+        matches!(self, Outcome::Error(_))
+    }
 }
 
 /// Why [`ResponseCache::get_or_fetch`] has no result for the client.
@@ -174,7 +182,7 @@ impl ResponseCache {
     ) -> Result<(Arc<RawValue>, Lookup), FetchError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<UpstreamAnswer, FetchError>>,
+        Fut: Future<Output = Result<Outcome, FetchError>>,
     {
         let epoch = match policy {
             CachePolicy::Never => {
@@ -346,10 +354,10 @@ impl From<FetchError> for NotKept {
     }
 }
 
-fn result_of(answer: UpstreamAnswer) -> Result<Arc<RawValue>, FetchError> {
+fn result_of(answer: Outcome) -> Result<Arc<RawValue>, FetchError> {
     match answer {
-        UpstreamAnswer::Result(result) => Ok(Arc::from(result)),
-        UpstreamAnswer::Error(error) => Err(FetchError::Rpc(Arc::from(error))),
+        Outcome::Result(result) => Ok(Arc::from(result)),
+        Outcome::Error(error) => Err(FetchError::Rpc(Arc::from(error))),
     }
 }
 
@@ -371,8 +379,8 @@ mod tests {
     /// A fetch that counts its calls and answers `answer`.
     fn counted(
         calls: &AtomicU64,
-        answer: UpstreamAnswer,
-    ) -> impl FnOnce() -> std::future::Ready<Result<UpstreamAnswer, FetchError>> + '_ {
+        answer: Outcome,
+    ) -> impl FnOnce() -> std::future::Ready<Result<Outcome, FetchError>> + '_ {
         move || {
             calls.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Ok(answer))
@@ -392,7 +400,7 @@ mod tests {
                 method,
                 params,
                 policy,
-                counted(calls, UpstreamAnswer::Result(raw(answer))),
+                counted(calls, Outcome::Result(raw(answer))),
             )
             .await
             .expect("an answer");
@@ -572,7 +580,7 @@ mod tests {
                     CachePolicy::Pinned,
                     counted(
                         &calls,
-                        UpstreamAnswer::Error(raw(r#"{"code":4003,"message":"unknown block"}"#)),
+                        Outcome::Error(raw(r#"{"code":4003,"message":"unknown block"}"#)),
                     ),
                 )
                 .await
@@ -637,7 +645,7 @@ mod tests {
         callers: usize,
         method: &'static str,
         policy: CachePolicy,
-        answer: fn() -> Result<UpstreamAnswer, FetchError>,
+        answer: fn() -> Result<Outcome, FetchError>,
     ) -> (u64, Vec<Result<(Arc<RawValue>, Lookup), FetchError>>) {
         let calls = Arc::new(AtomicU64::new(0));
         let callers: Vec<_> = (0..callers)
@@ -670,7 +678,7 @@ mod tests {
             100,
             "state_getMetadata",
             CachePolicy::UntilRuntimeUpgrade,
-            || Ok(UpstreamAnswer::Result(raw("\"0xmeta\""))),
+            || Ok(Outcome::Result(raw("\"0xmeta\""))),
         )
         .await;
         let mut lookups = Vec::new();
@@ -716,7 +724,7 @@ mod tests {
                 "chain_getHeader",
                 &json!([]),
                 CachePolicy::UntilNewHead,
-                || async { Ok(UpstreamAnswer::Result(raw("{}"))) },
+                || async { Ok(Outcome::Result(raw("{}"))) },
             )
             .await
             .unwrap();
@@ -734,7 +742,7 @@ mod tests {
                     "chain_getBlock",
                     &json!([format!("0x{n:064x}")]),
                     CachePolicy::Pinned,
-                    || async { Ok(UpstreamAnswer::Result(raw(&answer))) },
+                    || async { Ok(Outcome::Result(raw(&answer))) },
                 )
                 .await
                 .unwrap();

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub use crate::cache::Outcome;
 use crate::methods::Refusal;
 
 /// Codes of the JSON-RPC 2.0 specification and, for the gateway's own limits, the codes
@@ -188,23 +189,9 @@ impl Body {
     }
 }
 
-/// What a call came to, independent of the client's id: a node's result or error, or one of
-/// the gateway's errors. This is what a cache stores.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Result(Box<RawValue>),
-    Error(Box<RawValue>),
-}
-
 impl From<RpcError> for Outcome {
     fn from(error: RpcError) -> Self {
         Outcome::Error(error.to_raw())
-    }
-}
-
-impl Outcome {
-    pub fn is_error(&self) -> bool {
-        matches!(self, Outcome::Error(_))
     }
 }
 

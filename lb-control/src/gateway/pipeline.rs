@@ -35,9 +35,7 @@ use super::{
     websocket::WebSocketLimits,
 };
 use crate::{
-    cache::{
-        CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, UpstreamAnswer, classify_by_rule,
-    },
+    cache::{CachePolicy, FetchError, Lookup, NodeFeeds, ResponseCache, classify_by_rule},
     keys::LiveKey,
     methods::{self, Method},
     model::ApiKeyId,
@@ -281,18 +279,13 @@ impl Pipeline {
                         .is_some_and(|best| best >= head)
                 })
             };
-            match self
-                .upstream
+            self.upstream
                 .call(client, &call.method, call.params.as_deref(), at_head)
                 .await
-            {
-                Ok(Outcome::Result(result)) => Ok(UpstreamAnswer::Result(result)),
-                Ok(Outcome::Error(error)) => Ok(UpstreamAnswer::Error(error)),
-                Err(UpstreamError::Busy { node, in_flight }) => {
-                    Err(FetchError::Busy { node, in_flight })
-                }
-                Err(error) => Err(FetchError::Unreachable(error.to_string())),
-            }
+                .map_err(|error| match error {
+                    UpstreamError::Busy { node, in_flight } => FetchError::Busy { node, in_flight },
+                    error => FetchError::Unreachable(error.to_string()),
+                })
         };
         let answer = self
             .cache

@@ -42,12 +42,14 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Far above what one node cluster serves; a typo (an extra digit) still fails.
 pub const MAX_RPS: u32 = 1_000_000;
 
+/// Why a change to a registry of secrets (API keys here, join tokens in
+/// [`tokens`](crate::tokens)) was not made. `what` names the record: "API key 7".
 #[derive(Debug, Error)]
-pub enum KeyError {
-    #[error("API key {id} does not exist")]
-    NotFound { id: ApiKeyId },
-    #[error("API key {id} is revoked (for good)")]
-    Revoked { id: ApiKeyId },
+pub enum CredentialError {
+    #[error("{what} does not exist")]
+    NotFound { what: String },
+    #[error("{what} is revoked (for good)")]
+    Revoked { what: String },
     #[error("{what} already exists")]
     Conflict { what: String },
     #[error("{field}: {reason}")]
@@ -56,13 +58,18 @@ pub enum KeyError {
     Store(StoreError),
 }
 
-impl From<StoreError> for KeyError {
+impl From<StoreError> for CredentialError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Conflict { what } => KeyError::Conflict { what },
-            other => KeyError::Store(other),
+            StoreError::Conflict { what } => CredentialError::Conflict { what },
+            other => CredentialError::Store(other),
         }
     }
+}
+
+/// How errors name API key `id`.
+fn api_key(id: ApiKeyId) -> String {
+    format!("API key {id}")
 }
 
 /// A key just created: the only time its secret exists outside the client's hands.
@@ -85,7 +92,7 @@ pub struct ApiKeys {
 
 impl ApiKeys {
     /// The registry over `store`, with its live keys loaded.
-    pub fn open(store: Store) -> Result<Self, KeyError> {
+    pub fn open(store: Store) -> Result<Self, CredentialError> {
         let live = KeySet::new(store.api_keys()?);
         Ok(ApiKeys {
             store,
@@ -96,7 +103,7 @@ impl ApiKeys {
 
     /// Takes the keys as the store holds them now (another lb-control changed them): new keys
     /// are accepted, revoked ones refused and their connections closed, new limits applied.
-    pub fn reload(&self) -> Result<(), KeyError> {
+    pub fn reload(&self) -> Result<(), CredentialError> {
         let _changing = self.lock_changes();
         self.live.replace(self.store.api_keys()?);
         Ok(())
@@ -111,7 +118,7 @@ impl ApiKeys {
         &self,
         name: &str,
         rate_limit: Option<RateLimit>,
-    ) -> Result<CreatedKey, KeyError> {
+    ) -> Result<CreatedKey, CredentialError> {
         validate_name(name)?;
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
@@ -127,7 +134,7 @@ impl ApiKeys {
                 &describe(id, name),
                 &describe_limit(rate_limit),
             )?;
-            Ok::<_, KeyError>(id)
+            Ok::<_, CredentialError>(id)
         })?;
         let record = ApiKeyRecord {
             id,
@@ -143,20 +150,20 @@ impl ApiKeys {
     }
 
     /// Every key, revoked ones included (their names stay taken), ordered by id.
-    pub fn list(&self) -> Result<Vec<ApiKeyRecord>, KeyError> {
+    pub fn list(&self) -> Result<Vec<ApiKeyRecord>, CredentialError> {
         Ok(self.store.api_keys()?)
     }
 
     /// Revokes a key for good. A key revoked already is a conflict, not a silent success, so
     /// an operator who typed the wrong id learns it.
-    pub fn revoke(&self, id: ApiKeyId) -> Result<ApiKeyRecord, KeyError> {
+    pub fn revoke(&self, id: ApiKeyId) -> Result<ApiKeyRecord, CredentialError> {
         let _changing = self.lock_changes();
         let mut key = self.active(id)?;
         let at = SystemTime::now();
         self.store.write(|tx| {
             // False only if another request revoked it since `active` looked.
             if !tx.revoke_api_key(id, at)? {
-                return Err(KeyError::Revoked { id });
+                return Err(CredentialError::Revoked { what: api_key(id) });
             }
             tx.record_event("key.revoked", &describe(id, &key.name), "api")?;
             Ok(())
@@ -171,7 +178,7 @@ impl ApiKeys {
         &self,
         id: ApiKeyId,
         rate_limit: Option<RateLimit>,
-    ) -> Result<ApiKeyRecord, KeyError> {
+    ) -> Result<ApiKeyRecord, CredentialError> {
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
         }
@@ -179,7 +186,7 @@ impl ApiKeys {
         let mut key = self.active(id)?;
         self.store.write(|tx| {
             if !tx.set_api_key_limit(id, rate_limit)? {
-                return Err(KeyError::NotFound { id });
+                return Err(CredentialError::NotFound { what: api_key(id) });
             }
             tx.record_event(
                 "key.limit",
@@ -211,14 +218,14 @@ impl ApiKeys {
     }
 
     /// Key `id`, unless it does not exist or is revoked.
-    fn active(&self, id: ApiKeyId) -> Result<ApiKeyRecord, KeyError> {
+    fn active(&self, id: ApiKeyId) -> Result<ApiKeyRecord, CredentialError> {
         let key = self
             .list()?
             .into_iter()
             .find(|key| key.id == id)
-            .ok_or(KeyError::NotFound { id })?;
+            .ok_or(CredentialError::NotFound { what: api_key(id) })?;
         if key.revoked.is_some() {
-            return Err(KeyError::Revoked { id });
+            return Err(CredentialError::Revoked { what: api_key(id) });
         }
         Ok(key)
     }
@@ -274,8 +281,8 @@ fn describe_limit(limit: Option<RateLimit>) -> String {
 }
 
 /// Names show in logs, metrics labels and tables: a short, plain alphabet.
-pub fn validate_name(name: &str) -> Result<(), KeyError> {
-    check_name("key", name).map_err(|reason| KeyError::Invalid {
+pub fn validate_name(name: &str) -> Result<(), CredentialError> {
+    check_name("key", name).map_err(|reason| CredentialError::Invalid {
         field: "name",
         reason,
     })
@@ -298,9 +305,9 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     }
 }
 
-pub fn validate_limit(limit: RateLimit) -> Result<(), KeyError> {
+pub fn validate_limit(limit: RateLimit) -> Result<(), CredentialError> {
     if !(1..=MAX_RPS).contains(&limit.rps) {
-        return Err(KeyError::Invalid {
+        return Err(CredentialError::Invalid {
             field: "rps",
             reason: format!(
                 "{} is not a rate: use 1 to {MAX_RPS} requests per second, or no limit",
@@ -309,7 +316,7 @@ pub fn validate_limit(limit: RateLimit) -> Result<(), KeyError> {
         });
     }
     if limit.burst > MAX_RPS {
-        return Err(KeyError::Invalid {
+        return Err(CredentialError::Invalid {
             field: "burst",
             reason: format!("{} is too large: use 0 to {MAX_RPS}", limit.burst),
         });
@@ -440,19 +447,22 @@ mod tests {
         let id = t.keys.create("alice", None).expect("created").record.id;
         let revoked = t.keys.revoke(id).expect("revoked");
         assert!(revoked.revoked.is_some());
-        assert!(matches!(t.keys.revoke(id), Err(KeyError::Revoked { .. })));
+        assert!(matches!(
+            t.keys.revoke(id),
+            Err(CredentialError::Revoked { .. })
+        ));
         assert!(matches!(
             t.keys.revoke(id + 100),
-            Err(KeyError::NotFound { .. })
+            Err(CredentialError::NotFound { .. })
         ));
         assert!(matches!(
             t.keys.set_limit(id, None),
-            Err(KeyError::Revoked { .. })
+            Err(CredentialError::Revoked { .. })
         ));
         // A revoked key's name stays taken: names identify keys in logs and metrics.
         assert!(matches!(
             t.keys.create("alice", None),
-            Err(KeyError::Conflict { .. })
+            Err(CredentialError::Conflict { .. })
         ));
     }
 
@@ -481,14 +491,14 @@ mod tests {
             assert!(
                 matches!(
                     t.keys.create(name, None),
-                    Err(KeyError::Invalid { field: "name", .. })
+                    Err(CredentialError::Invalid { field: "name", .. })
                 ),
                 "{name:?}"
             );
         }
         assert!(matches!(
             t.keys.create("a", Some(RateLimit { rps: 0, burst: 1 })),
-            Err(KeyError::Invalid { field: "rps", .. })
+            Err(CredentialError::Invalid { field: "rps", .. })
         ));
         assert!(t.keys.list().expect("list").is_empty());
     }
