@@ -275,6 +275,48 @@ async fn without_quorum_writes_fail_naming_etcd_and_the_last_state_keeps_serving
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_through_the_other_members_while_this_hosts_own_member_is_down() {
+    // Every member listens on 127.0.0.1, so the first endpoint is this host's own member: the
+    // one requests go to first.
+    let mut cluster = EtcdCluster::start(3);
+    let lb = LbControl::start(&cluster, "/own/").await;
+    let keys = lb.keys.clone();
+    tokio::task::spawn_blocking(move || keys.create("before", None))
+        .await
+        .expect("task")
+        .expect("a write with every member up");
+
+    cluster.stop_member(0);
+    // The others may be electing a leader (when the stopped one led): a client tries again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let created = loop {
+        let keys = lb.keys.clone();
+        match tokio::task::spawn_blocking(move || keys.create("after", None))
+            .await
+            .expect("task")
+        {
+            Ok(created) => break created,
+            Err(error) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no write through the other two members: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let store = lb.store.clone();
+    let listed = tokio::task::spawn_blocking(move || store.api_keys())
+        .await
+        .expect("task")
+        .expect("a read through the other two members");
+    assert!(
+        listed.iter().any(|key| key.id == created.record.id),
+        "the key written without this host's member is listed: {listed:?}"
+    );
+}
+
 /// A health snapshot in which the TCP check of `address` finds nothing listening.
 fn unreachable(address: SocketAddr) -> Arc<HealthSnapshot> {
     let target = Target {
