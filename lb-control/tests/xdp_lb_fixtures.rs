@@ -2374,15 +2374,12 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
             CLIENT_LINK,
             syn.bytes(),
         );
-        lab.row(Row {
-            description: "a segment of a connection the other host opened meanwhile still goes \
-                          there (the listener would reset it)"
-                .into(),
-            link: CLIENT_LINK,
-            input: segment.bytes(),
-            expect: to_other_host(&segment),
-            counted: Counted::Nothing,
-        });
+        lab.passed(
+            "a segment of no connection here goes to the stack, which resets it (the other \
+             host may have died with it: sent there, its client would hang)",
+            CLIENT_LINK,
+            segment.bytes(),
+        );
         lab.passed(
             "a segment of this host's own connection stays here",
             CLIENT_LINK,
@@ -2419,7 +2416,7 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
         assert_eq!(
             read_second_chance_packets(&pin_dir, SecondChanceMode::Standing)
                 .expect("STANDING_SECOND_CHANCE_PACKETS"),
-            4,
+            3,
             "the packets sent to the other host are counted"
         );
         assert_eq!(

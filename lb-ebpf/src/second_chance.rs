@@ -6,13 +6,17 @@
 //!   address over to this one, a segment that opens no connection and that this host has no
 //!   socket for belongs to a connection the other host still drains. Userspace arms it for the
 //!   drain; the entry's own deadline ends it, so a restarted lb-control cannot leave it on.
-//! - **The standing one of a pair member** (`STANDING_SECOND_CHANCE`): the same, and also a SYN
-//!   that finds no socket at all here (no listener: lb-control crashed or restarts) goes to the
-//!   other host, whose gateway listens on the floating address ahead of time; the rest of that
-//!   connection follows, having no socket here. So while this host still holds the address
-//!   (keepalived has not moved it yet, or did not notice the crash), the other host serves the
-//!   new connections this host would refuse. It has no deadline: it must outlive the
-//!   lb-control that armed it, which disarms it when it stops cleanly or leaves the pair.
+//! - **The standing one of a pair member** (`STANDING_SECOND_CHANCE`): while no gateway
+//!   listens here (lb-control crashed or restarts), a TCP segment to the gateway that finds no
+//!   socket at all, a SYN included, goes to the other host, whose gateway listens on the
+//!   floating address ahead of time; the rest of that connection follows, having no socket
+//!   here. So while this host still holds the address (keepalived has not moved it yet, or did
+//!   not notice the crash), the other host serves the new connections this host would refuse.
+//!   It has no deadline: it must outlive the lb-control that armed it, which disarms it when it
+//!   stops cleanly or leaves the pair. Once a gateway listens here, a segment of no connection
+//!   is the stack's, which resets it: it may be a connection of the other host's that died
+//!   with it (this host took the address over from a crashed or cut-off master), and sent
+//!   there it would vanish, its client hanging instead of reconnecting here.
 //!
 //! A segment that came in from the other host's side is never sent back (no ping-pong). The
 //! socket lookup, the cost, is paid only on a host where an entry is armed.
@@ -68,7 +72,7 @@ fn covers(entry: &SecondChance, ip: &IpPacket) -> bool {
 }
 
 // A call of its own: only the gateway's packets on a host where second chance is armed get
-// here. `standing` names the entry, for its counter.
+// here. `standing` names the entry: what it takes, and its counter.
 #[inline(never)]
 fn to_peer(
     ctx: &XdpContext,
@@ -78,8 +82,12 @@ fn to_peer(
 ) -> Verdict {
     match socket_for(ctx, scratch) {
         Socket::Connection => return Verdict::pass(),
-        // A listener opens the connection here; it would only reset a segment of none.
-        Socket::Listener if scratch.ip.is_connection_attempt() => return Verdict::pass(),
+        // A listener opens the connection here; it would only reset a segment of none, which
+        // a handover's entry sends to the host that drains it, and the standing one leaves to
+        // the reset (see the module's comment).
+        Socket::Listener if standing || scratch.ip.is_connection_attempt() => {
+            return Verdict::pass();
+        }
         Socket::Listener | Socket::None => {}
     }
     let hop = &mut scratch.hop;

@@ -225,6 +225,53 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
 }
 
 #[test]
+fn keep_alive_gateway_clients_of_a_master_cut_off_are_reset_by_the_standby_and_served_there()
+-> anyhow::Result<()> {
+    let lab = start_pair(2)?;
+    let (a, b) = (Member::A, Member::B);
+    let key = create_key(&lab, a, "links-cut")?;
+    let script = lab.log_dir().join("keep-alive.lua");
+    std::fs::write(&script, wrk::counting_script(NODE_READ, &[]))?;
+    let keep_alive = wrk::Background::start(&wrk::Load {
+        netns: &lab.client().netns,
+        threads: 1,
+        connections: 4,
+        seconds: 60,
+        script: &script,
+        url: &lab.gateway_url(&key),
+    })?;
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
+    )?;
+    let served_by_b = gateway_calls(&lab, b)?;
+
+    // LB a's cables pulled (power lost would do the same): its connections die with it, and
+    // nothing of it answers any more. The clients' next segments reach LB b once it holds the
+    // addresses, which has no socket of theirs: it resets them (sent on to LB a, they would
+    // vanish, and the clients wait on them for good), and the clients reconnect, to LB b.
+    lab.cut_links(a)?;
+    wait_until(
+        "the floating addresses on LB b after LB a was cut off",
+        Duration::from_secs(10),
+        || Ok(lab.holders()?.contains(&b)),
+    )?;
+    wait_until(
+        "LB b's gateway answering the keep-alive clients",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_ANSWERED),
+    )?;
+    let reads = keep_alive.stop()?;
+    eprintln!("keep-alive through the gateway across the cut: {reads}");
+    ensure!(
+        reads.count("answered")? > 0,
+        "wrk counted no answer: {reads}"
+    );
+    Ok(())
+}
+
+#[test]
 fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flapping()
 -> anyhow::Result<()> {
     let mut lab = start_pair(2)?;

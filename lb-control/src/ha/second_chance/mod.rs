@@ -5,8 +5,10 @@
 //! keepalived moves it (~0.35 s after a crash of both; never, if keepalived does not notice
 //! lb-control's death), and its kernel answers every SYN to the gateway with a reset: nothing
 //! listens. So each member arms the pinned `STANDING_SECOND_CHANCE` entry of its XDP program
-//! at start (`lb-ebpf/src/second_chance.rs`): a SYN to the gateway that finds no listener here,
-//! and every segment that finds no socket here, goes to the other host over the private link.
+//! at start (`lb-ebpf/src/second_chance.rs`): while no gateway listens here, a segment to the
+//! gateway that finds no socket here (a SYN, and the rest of its connection) goes to the other
+//! host over the private link. Once the gateway listens here again, a segment of no connection
+//! is reset here, as without second chance: the other host may be the one that died.
 //! The entry has no deadline and needs no userspace: it works after this process's death,
 //! which is when it matters. Each member also keeps the routing rule ([`route`]) that takes
 //! the other host's segments in on its floating-bound gateway listener, which answers the
