@@ -178,6 +178,17 @@ fn standing_second_chance_packets(lab: &PairLab, member: Member) -> anyhow::Resu
     )?)
 }
 
+/// Waits until LB a's gateway, the master's, has answered [`CALLS_ANSWERED`] calls of the
+/// client's load; LB b's count of answered calls then, to tell its share afterwards.
+fn load_on_a_served_by_b(lab: &PairLab) -> anyhow::Result<f64> {
+    wait_until(
+        "the load reaching LB a's gateway",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(lab, Member::A)? > CALLS_ANSWERED),
+    )?;
+    gateway_calls(lab, Member::B)
+}
+
 #[test]
 fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_control_is_dead()
 -> anyhow::Result<()> {
@@ -185,12 +196,7 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
     let (a, b) = (Member::A, Member::B);
     let key = create_key(&lab, a, "lb-control-crash")?;
     let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
-    wait_until(
-        "the load reaching LB a's gateway",
-        Duration::from_secs(20),
-        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
-    )?;
-    let served_by_b = gateway_calls(&lab, b)?;
+    let served_by_b = load_on_a_served_by_b(&lab)?;
 
     // lb-control alone dies (an OOM kill, a panic): keepalived keeps the addresses on LB a,
     // whose kernel has no gateway listener any more.
@@ -240,12 +246,7 @@ fn keep_alive_gateway_clients_of_a_master_cut_off_are_reset_by_the_standby_and_s
         script: &script,
         url: &lab.gateway_url(&key),
     })?;
-    wait_until(
-        "the load reaching LB a's gateway",
-        Duration::from_secs(20),
-        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
-    )?;
-    let served_by_b = gateway_calls(&lab, b)?;
+    let served_by_b = load_on_a_served_by_b(&lab)?;
 
     // LB a's cables pulled (power lost would do the same): its connections die with it, and
     // nothing of it answers any more. The clients' next segments reach LB b once it holds the
@@ -290,11 +291,7 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
         "the client reaches LB a first"
     );
     let across = new_connection_per_call(&lab, &key, "across-the-crash")?;
-    wait_until(
-        "the load reaching LB a's gateway",
-        Duration::from_secs(20),
-        || Ok(gateway_calls(&lab, a)? > CALLS_ANSWERED),
-    )?;
+    load_on_a_served_by_b(&lab)?;
 
     // The crash: no notify, no goodbye advert. Until LB b's keepalived takes the addresses,
     // LB a's kernel holds them and its XDP program sends the gateway's connections to LB b:
