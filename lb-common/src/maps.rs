@@ -194,9 +194,10 @@ impl LbConfig {
 ///   sends the segments that open no connection (those of the connections the previous owner
 ///   still drains) until `until_ns`.
 /// - `STANDING_SECOND_CHANCE`, armed by an lb-control in a pair for as long as it is in one:
-///   while this host's gateway has no listener (lb-control crashed or restarting), a SYN goes
-///   too, so the peer takes the new connections this host would refuse. `until_ns` is 0 (off)
-///   or `u64::MAX`: no deadline, since it must outlive the lb-control that armed it.
+///   only while this host's gateway has no listener (lb-control crashed or restarting), every
+///   segment that finds no socket, SYNs included, so the peer takes the new connections this
+///   host would refuse. `until_ns` is 0 (off) or `u64::MAX`: no deadline, since it must
+///   outlive the lb-control that armed it.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SecondChance {

@@ -79,8 +79,8 @@ impl SecondChanceMap {
         self.set(entry(gateway, peer, until_ns))
     }
 
-    /// The same until [`disarm`](Self::disarm), whatever becomes of this process: the standing
-    /// one's (which also sends SYNs while nothing listens here).
+    /// Until [`disarm`](Self::disarm), whatever becomes of this process: the standing one's,
+    /// which sends segments (SYNs included) only while nothing listens here.
     pub fn arm(&mut self, gateway: SocketAddr, peer: IpAddr) -> Result<(), DataplaneError> {
         self.set(entry(gateway, peer, u64::MAX))
     }

@@ -682,16 +682,11 @@ fn wait_for<T: Send + 'static>(
 /// `http://localhost:2379`) listens on an address of this host: one a socket can bind. A name
 /// other than `localhost` is not looked up.
 fn is_on_this_host(url: &str) -> bool {
-    let authority = url
-        .split_once("://")
-        .map_or(url, |(_, rest)| rest)
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|byte| byte.is_ascii_digit()) => host,
-        _ => authority,
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
     };
+    // An IPv6 host comes in its brackets.
+    let host = uri.host().unwrap_or_default();
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let address = if host.eq_ignore_ascii_case("localhost") {
         std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
@@ -844,6 +839,7 @@ mod tests {
         assert!(is_on_this_host("http://127.0.0.1:2379"));
         assert!(is_on_this_host("https://localhost:2379"));
         assert!(is_on_this_host("http://127.0.0.1"));
+        assert!(is_on_this_host("http://[::1]:2379"));
         // TEST-NET-1: on no host.
         assert!(!is_on_this_host("http://192.0.2.1:2379"));
         assert!(!is_on_this_host("https://[2001:db8::1]:2379"));
