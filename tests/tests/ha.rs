@@ -1015,6 +1015,12 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let through_gateway = through_gateway.stop()?;
     let through_l4 = through_l4.stop()?;
     let through_l4_new = through_l4_new.stop()?;
+    // Each polkadot.js client hears its first head on the new connection with the next block.
+    wait_until(
+        "the polkadot.js clients following heads again",
+        Duration::from_secs(20),
+        || js.back(),
+    )?;
     let js = js.finish()?;
     let broken = broken_connections(&mut held);
     let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
