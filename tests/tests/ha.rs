@@ -32,6 +32,7 @@ use std::{
 use anyhow::{Context, ensure};
 use common::{
     KeepAlive, count_by_node,
+    pair::{PREEMPT_DELAY, create_key, role, start_pair},
     wss::{Reconnect, WssConnector, spread},
 };
 use lb_control::dataplane::{
@@ -41,8 +42,8 @@ use lb_tests::{
     admin_writes::{self, WriteLoop, WriteTarget},
     js_client::{FollowingClients, is_expected_polkadot_js_warning},
     lab::{
-        DsrNode, EtcdSite, GATEWAY_V4, LabError, Member, PAIR_GATEWAY_PORT, PairConfig, PairLab,
-        SIM_NODE_RPC_PORT, binary_path, command_in_netns, run_checked,
+        DsrNode, EtcdSite, GATEWAY_V4, Member, PAIR_GATEWAY_PORT, PairLab, SIM_NODE_RPC_PORT,
+        binary_path, command_in_netns, run_checked,
     },
     poll::wait_until,
     rpc_client::SYSTEM_HEALTH,
@@ -52,7 +53,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The goal is a second (the issue's); a test asserts a generous bound, the benchmark measures.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(3);
-const PREEMPT_DELAY: Duration = Duration::from_secs(5);
 const CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"}"#;
 
 /// One gateway call from the client namespace with tight timeouts (a new connection, as a
@@ -86,20 +86,6 @@ fn cli_json(lab: &PairLab, member: Member, args: &[&str]) -> anyhow::Result<serd
     Ok(serde_json::from_str(&output)?)
 }
 
-/// `lb-control key create --name NAME` on `member`: the key's secret.
-fn create_key(lab: &PairLab, member: Member, name: &str) -> anyhow::Result<String> {
-    let created = lab.cli(member, &["key", "create", "--name", name])?;
-    Ok(created
-        .lines()
-        .find_map(|line| line.strip_prefix("secret: "))
-        .context("`key create` printed no secret")?
-        .to_owned())
-}
-
-fn role(lab: &PairLab, member: Member) -> anyhow::Result<String> {
-    Ok(lab.role(member)?.name().to_owned())
-}
-
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let start = text.len().saturating_sub(2000);
@@ -108,23 +94,6 @@ fn log_tail(path: &Path) -> String {
         path.display(),
         &text[text.floor_char_boundary(start)..]
     )
-}
-
-/// The HA lab with `nodes` sim-nodes, once LB a is master and LB b backup, as keepalived told
-/// them.
-fn start_pair(nodes: usize) -> anyhow::Result<PairLab> {
-    let lab = PairLab::start(PairConfig {
-        nodes,
-        block_time: Duration::from_secs(2),
-        preempt_delay: PREEMPT_DELAY,
-    })
-    .map_err(|error: LabError| anyhow::anyhow!("starting the HA lab: {error}"))?;
-    wait_until(
-        "LB a master and LB b backup, as keepalived told them",
-        Duration::from_secs(5),
-        || Ok(role(&lab, Member::A)? == "master" && role(&lab, Member::B)? == "backup"),
-    )?;
-    Ok(lab)
 }
 
 /// Gateway calls answered that show a load flowing.

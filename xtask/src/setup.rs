@@ -36,6 +36,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
+    // The shipped alert rules and dashboard: promtool checks and unit-tests the rules, and a
+    // real Prometheus scrapes a lab pair with them (tests/tests/monitoring.rs).
+    ("prometheus", "promtool"),
 ];
 
 pub fn run() -> anyhow::Result<()> {

@@ -424,15 +424,23 @@ impl Links {
         lock(&self.pools)
             .entry(node)
             .or_insert_with(|| {
+                let labels = UpstreamLabels {
+                    node: node.to_string(),
+                };
+                // The node's links and subscriptions show from the start, at 0.
+                for family in [
+                    &self.metrics.upstream_links,
+                    &self.metrics.upstream_subscriptions,
+                ] {
+                    drop(family.get_or_create(&labels));
+                }
                 Arc::new(NodePool {
                     node,
                     limits: self.limits,
                     links: Mutex::default(),
                     unreachable_until: Mutex::default(),
                     metrics: self.metrics.clone(),
-                    labels: UpstreamLabels {
-                        node: node.to_string(),
-                    },
+                    labels,
                     runtime: self.runtime.clone(),
                 })
             })

@@ -240,8 +240,8 @@ struct Session {
     _key_slot: Slot<ApiKeyId>,
     /// The shared head subscriptions of this client, by the id it was given...
     shared: StreamMap<String, WatchStream<Option<FeedItem>>>,
-    /// ... and the notification method of each.
-    notifications: HashMap<String, &'static str>,
+    /// ... and what each notifies.
+    notifications: HashMap<String, SharedSubscription>,
     /// Where the node's answers and notifications for this client come in.
     queue: ClientQueue,
     /// The client's subscriptions on the node's connections, by id (raw JSON).
@@ -250,6 +250,13 @@ struct Session {
     answering: JoinSet<String>,
     /// Answers made at once, waiting to be sent.
     ready: VecDeque<String>,
+}
+
+/// A client's shared head subscription: the notification method, and since when (what the
+/// feed held before is the head current at the subscription).
+struct SharedSubscription {
+    method: &'static str,
+    since: std::time::Instant,
 }
 
 /// Why a session ended, for the client (close frame) and the metrics.
@@ -405,14 +412,19 @@ impl Session {
                     }
                 }
                 Some((subscription, item)) = self.shared.next(), if !self.shared.is_empty() => {
-                    let (Some(item), Some(method)) = (item, self.notifications.get(&subscription)) else {
+                    let (Some(item), Some(shared)) = (item, self.notifications.get(&subscription)) else {
                         continue;
                     };
-                    let notification = jsonrpc::notification(method, &subscription, &item.value);
+                    let notification = jsonrpc::notification(shared.method, &subscription, &item.value);
+                    let live = item.received >= shared.since;
                     if !deliver(&mut client, Message::text(notification), idle_timeout).await {
                         break Ending::by_client();
                     }
-                    metrics.feed_delivery_seconds.observe(item.received.elapsed().as_secs_f64());
+                    // The head current at the subscription is sent at once, as a node does; its
+                    // age is the chain's, not the gateway's delay.
+                    if live {
+                        metrics.feed_delivery_seconds.observe(item.received.elapsed().as_secs_f64());
+                    }
                 }
                 Ok(()) = self.key_changes.changed() => {
                     if let Err(ending) = self.follow_key() {
@@ -788,7 +800,13 @@ impl Session {
                 .collect();
             let feed: Feed = self.pipeline.feeds.watch(self.pool.node(), kind);
             self.shared.insert(id.clone(), WatchStream::new(feed));
-            self.notifications.insert(id.clone(), notification);
+            self.notifications.insert(
+                id.clone(),
+                SharedSubscription {
+                    method: notification,
+                    since: std::time::Instant::now(),
+                },
+            );
             self.pipeline.metrics.shared_subscriptions.inc();
             Outcome::Result(jsonrpc::string_value(&id))
         };

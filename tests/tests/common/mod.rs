@@ -5,6 +5,7 @@
     reason = "each test binary includes this module and uses a different subset of it"
 )]
 
+pub mod pair;
 pub mod wss;
 
 use std::{
