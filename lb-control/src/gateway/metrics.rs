@@ -1,5 +1,7 @@
 //! The gateway's metric families, registered beside the control plane's under `lb_gateway_`.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -80,6 +82,9 @@ pub struct GatewayMetrics {
     /// 1 for each remote gateway, labelled with its URL, tier and the relay address that logs
     /// and the `node` labels name it by.
     pub remote_info: Family<RemoteLabels, Gauge>,
+    /// When the TLS certificate in force ends, as Unix seconds (0 without TLS): its time
+    /// left is `lb_gateway_tls_certificate_expiry_timestamp_seconds - time()`.
+    pub tls_certificate_expiry: Gauge<f64, AtomicU64>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +137,7 @@ impl GatewayMetrics {
             queued_bytes: Gauge::default(),
             serving_tier: Gauge::default(),
             remote_info: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("lb_gateway");
         registry.register(
@@ -239,6 +245,11 @@ impl GatewayMetrics {
             "remote_info",
             "1 per remote gateway: its URL, tier, and the relay address that node labels name it by",
             metrics.remote_info.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the gateway's TLS certificate in force ends (notAfter, Unix seconds; 0 without TLS)",
+            metrics.tls_certificate_expiry.clone(),
         );
         metrics
     }

@@ -422,6 +422,9 @@ impl Gateway {
             service,
             remotes,
         } = bound;
+        if let Some(certificates) = &certificates {
+            certificates.report_expiry_to(context.metrics.tls_certificate_expiry.clone());
+        }
         let links = Arc::new(Links::new(
             LinkLimits {
                 max_links_per_node: section.max_upstream_connections_per_node,

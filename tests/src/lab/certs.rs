@@ -48,6 +48,8 @@ pub struct LabCa {
 pub struct LeafCert {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's end (notAfter), as Unix seconds.
+    pub not_after_unix: i64,
 }
 
 impl LabCa {
@@ -68,8 +70,18 @@ impl LabCa {
         self.issuer.pem()
     }
 
-    /// A server certificate for `localhost` and `addresses`, signed by this CA.
+    /// A server certificate for `localhost` and `addresses`, signed by this CA, valid until
+    /// rcgen's default end (4096), far beyond any test.
     pub fn issue(&self, addresses: &[IpAddr]) -> Result<LeafCert, CertError> {
+        self.issue_until(addresses, (4096, 1, 1))
+    }
+
+    /// [`LabCa::issue`], valid until the start of the day `(year, month, day)` (UTC).
+    pub fn issue_until(
+        &self,
+        addresses: &[IpAddr],
+        (year, month, day): (i32, u8, u8),
+    ) -> Result<LeafCert, CertError> {
         let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
         params
             .subject_alt_names
@@ -77,11 +89,13 @@ impl LabCa {
         params
             .distinguished_name
             .push(DnType::CommonName, "lb lab gateway");
+        params.not_after = rcgen::date_time_ymd(year, month, day);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(LeafCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            not_after_unix: params.not_after.unix_timestamp(),
         })
     }
 }

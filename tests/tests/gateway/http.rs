@@ -624,6 +624,35 @@ async fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
 }
 
 #[tokio::test]
+async fn the_certificate_s_end_is_a_metric_and_follows_a_reload() {
+    let setup = Setup::start(1).await;
+    let expiry = || {
+        lb_tests::prometheus::sum(
+            &setup.metrics_text(),
+            "lb_gateway_tls_certificate_expiry_timestamp_seconds",
+            |_| true,
+        )
+    };
+    // The certificate the gateway started with: LabCa::issue's, valid until 4096.
+    assert_eq!(
+        expiry(),
+        rcgen::date_time_ymd(4096, 1, 1).unix_timestamp() as f64
+    );
+    let first = setup.ca.issue_until(&[LOCALHOST], (2031, 6, 30)).unwrap();
+    let renewed = setup.ca.issue_until(&[LOCALHOST], (2031, 9, 28)).unwrap();
+    for leaf in [&first, &renewed] {
+        write_pem(&setup.dir.0.join("gateway.crt"), &leaf.cert_pem).unwrap();
+        write_pem(&setup.dir.0.join("gateway.key"), &leaf.key_pem).unwrap();
+        setup.gateway.reload_tls().expect("reload");
+        assert_eq!(expiry(), leaf.not_after_unix as f64);
+    }
+    // A reload that fails leaves the certificate in force, and its end.
+    write_pem(&setup.dir.0.join("gateway.key"), "not a key").unwrap();
+    setup.gateway.reload_tls().expect_err("bad key");
+    assert_eq!(expiry(), renewed.not_after_unix as f64);
+}
+
+#[tokio::test]
 async fn last_use_of_a_key_reaches_the_store() {
     let setup = Setup::start(1).await;
     setup.call("system_chain", json!([])).await;
