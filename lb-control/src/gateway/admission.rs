@@ -7,10 +7,13 @@
 //! session keeps it after the HTTP exchange that opened it).
 //!
 //! At start, [`raise_open_files_limit`] makes room for `max_connections` under the process's
-//! limit of open files.
+//! limit of open files, and [`descriptor_above_connections`] places the listening sockets at
+//! the top of that room.
 
 use std::{
+    io,
     net::IpAddr,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicU32, AtomicU64, Ordering},
@@ -33,25 +36,71 @@ const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// maps and links, the health checker's and the chain follower's connections.
 const OTHER_OPEN_FILES: u64 = 1024;
 
-/// Raises the soft limit of open files, within the hard limit, to what `max_connections` need
-/// (a descriptor per client connection, and one per node connection of WebSocket clients that
-/// have their own), as Go programs raise theirs at start: a shell's or systemd's default soft
-/// limit (1024) would otherwise stop the gateway at `accept` long before its cap. Warns, with
-/// the fix, when the hard limit is lower.
-pub fn raise_open_files_limit(max_connections: u32) {
-    let wanted = 2 * u64::from(max_connections) + OTHER_OPEN_FILES;
+/// Descriptors kept free at the top of the open files budget for the listening sockets.
+const LISTENER_DESCRIPTORS: u64 = 64;
+
+/// What `max_connections` may need in open files: a descriptor per client connection, one per
+/// node connection of WebSocket clients that have their own, and the daemon's others.
+fn open_files_budget(max_connections: u32) -> u64 {
+    2 * u64::from(max_connections) + OTHER_OPEN_FILES
+}
+
+fn open_files_limit() -> io::Result<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `limit` is a valid rlimit for getrlimit to fill.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        tracing::warn!(
-            "gateway: reading the open files limit: {}",
-            std::io::Error::last_os_error()
-        );
-        return;
+        return Err(io::Error::last_os_error());
     }
+    Ok(limit)
+}
+
+/// A new descriptor of `socket`, numbered above those the gateway's connections take: at the
+/// top of the open files budget of `max_connections` (within the process's limit).
+///
+/// A process that dies (SIGKILL, a panic, the OOM killer) has its sockets released from the
+/// highest descriptor down: the last `fput` of each is work the kernel defers and runs last
+/// in, first out. With every descriptor of the listening sockets above the connections', the
+/// listeners are gone before the connections are reset, so a client that reconnects at once
+/// finds no listener here, and the standing second chance sends its SYN to the other host of
+/// the pair; below them, the SYN landed in the dying accept queue, which reset it a
+/// millisecond later. (Kernels that ran deferred work first in, first out, before 5.x, release
+/// in the other order: there this placement changes nothing for the better.)
+pub fn descriptor_above_connections(
+    socket: &impl AsFd,
+    max_connections: u32,
+) -> io::Result<OwnedFd> {
+    let limit = open_files_limit()?;
+    let floor = open_files_budget(max_connections)
+        .min(limit.rlim_cur)
+        .saturating_sub(LISTENER_DESCRIPTORS);
+    let floor = libc::c_int::try_from(floor).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a descriptor `socket` holds open; a failure is an error, not undefined
+    // behaviour.
+    let fd = unsafe { libc::fcntl(socket.as_fd().as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl just made `fd`, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Raises the soft limit of open files, within the hard limit, to what `max_connections` need
+/// (a descriptor per client connection, and one per node connection of WebSocket clients that
+/// have their own), as Go programs raise theirs at start: a shell's or systemd's default soft
+/// limit (1024) would otherwise stop the gateway at `accept` long before its cap. Warns, with
+/// the fix, when the hard limit is lower.
+pub fn raise_open_files_limit(max_connections: u32) {
+    let wanted = open_files_budget(max_connections);
+    let limit = match open_files_limit() {
+        Ok(limit) => limit,
+        Err(error) => {
+            tracing::warn!("gateway: reading the open files limit: {error}");
+            return;
+        }
+    };
     if limit.rlim_cur >= wanted {
         return;
     }

@@ -521,11 +521,17 @@ impl Gateway {
             context.metrics,
         ));
         let (mode, serving_mode) = watch::channel(Mode::Serving);
-        let handover = listeners
-            .iter()
-            .map(std::net::TcpListener::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| GatewayError::Listen { address, source })?;
+        // Each listening socket twice (one to serve on, one kept for a handover to a new
+        // lb-control), every descriptor above the connections' (see
+        // `admission::descriptor_above_connections`: what a crash does to clients that
+        // reconnect at once); the descriptors they came with are closed.
+        let place = |listener: &std::net::TcpListener| {
+            admission::descriptor_above_connections(listener, section.max_connections)
+                .map(std::net::TcpListener::from)
+                .map_err(|source| GatewayError::Listen { address, source })
+        };
+        let handover = listeners.iter().map(place).collect::<Result<Vec<_>, _>>()?;
+        let listeners = listeners.iter().map(place).collect::<Result<Vec<_>, _>>()?;
         let helpers = [
             tokio::spawn(upstream.clone().follow(
                 context.view,
