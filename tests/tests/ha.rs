@@ -209,19 +209,7 @@ fn keep_alive_gateway_clients_reset_by_a_crashed_lb_control_reconnect_to_the_sta
     let mut lab = start_pair(2)?;
     let (a, b) = (Member::A, Member::B);
     let key = create_key(&lab, a, "keep-alive-crash")?;
-    let script = lab.log_dir().join("keep-alive.lua");
-    std::fs::write(
-        &script,
-        wrk::paced_timeline_script(NODE_READ, &[], SERVING_PACE),
-    )?;
-    let keep_alive = wrk::Background::start(&wrk::Load {
-        netns: &lab.client().netns,
-        threads: 1,
-        connections: KEEP_ALIVE_CONNECTIONS,
-        seconds: SERVING_SECONDS,
-        script: &script,
-        url: &lab.gateway_url(&key),
-    })?;
+    let keep_alive = keep_alive_clients(&lab, &key)?;
     let served_by_b = load_on_a_served_by_b(&lab)?;
 
     // The crash resets every connection of LB a's gateway, and wrk reconnects at once, while
@@ -253,16 +241,7 @@ fn keep_alive_gateway_clients_of_a_master_cut_off_are_reset_by_the_standby_and_s
     let lab = start_pair(2)?;
     let (a, b) = (Member::A, Member::B);
     let key = create_key(&lab, a, "links-cut")?;
-    let script = lab.log_dir().join("keep-alive.lua");
-    std::fs::write(&script, wrk::counting_script(NODE_READ, &[]))?;
-    let keep_alive = wrk::Background::start(&wrk::Load {
-        netns: &lab.client().netns,
-        threads: 1,
-        connections: 4,
-        seconds: 60,
-        script: &script,
-        url: &lab.gateway_url(&key),
-    })?;
+    let keep_alive = keep_alive_clients(&lab, &key)?;
     let served_by_b = load_on_a_served_by_b(&lab)?;
 
     // LB a's cables pulled (power lost would do the same): its connections die with it, and
@@ -508,6 +487,32 @@ fn serving_load(
     body: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<wrk::Background> {
+    paced_load(lab, name, url, body, headers, SERVING_CONNECTIONS)
+}
+
+/// [`KEEP_ALIVE_CONNECTIONS`] keep-alive clients of the gateway at the floating address,
+/// paced as [`serving_load`]'s.
+fn keep_alive_clients(lab: &PairLab, key: &str) -> anyhow::Result<wrk::Background> {
+    let url = lab.gateway_url(key);
+    paced_load(
+        lab,
+        "keep-alive",
+        &url,
+        NODE_READ,
+        &[],
+        KEEP_ALIVE_CONNECTIONS,
+    )
+}
+
+/// wrk from the client on `url`, `connections` each pausing [`SERVING_PACE`] between calls.
+fn paced_load(
+    lab: &PairLab,
+    name: &str,
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+    connections: usize,
+) -> anyhow::Result<wrk::Background> {
     let script = lab.log_dir().join(format!("{name}.lua"));
     std::fs::write(
         &script,
@@ -516,7 +521,7 @@ fn serving_load(
     wrk::Background::start(&wrk::Load {
         netns: &lab.client().netns,
         threads: 1,
-        connections: SERVING_CONNECTIONS,
+        connections,
         seconds: SERVING_SECONDS,
         script: &script,
         url,
