@@ -207,7 +207,7 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
 fn keep_alive_gateway_clients_reset_by_a_crashed_lb_control_reconnect_to_the_standby_unrefused()
 -> anyhow::Result<()> {
     let mut lab = start_pair(2)?;
-    let (a, b) = (Member::A, Member::B);
+    let a = Member::A;
     let key = create_key(&lab, a, "keep-alive-crash")?;
     let keep_alive = keep_alive_clients(&lab, &key)?;
     let served_by_b = load_on_a_served_by_b(&lab)?;
@@ -216,11 +216,7 @@ fn keep_alive_gateway_clients_reset_by_a_crashed_lb_control_reconnect_to_the_sta
     // the dying process's sockets are still being released: its listeners must go first, or
     // the SYNs land in their accept queue and are reset with it.
     lab.kill_lb_control(a)?;
-    wait_until(
-        "LB b's gateway answering the keep-alive clients",
-        Duration::from_secs(20),
-        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_ANSWERED),
-    )?;
+    b_answers_the_keep_alive_clients(&lab, served_by_b)?;
     let reads = keep_alive.stop()?;
     eprintln!("keep-alive clients across the crash: {reads}");
     ensure!(
@@ -254,11 +250,7 @@ fn keep_alive_gateway_clients_of_a_master_cut_off_are_reset_by_the_standby_and_s
         Duration::from_secs(10),
         || Ok(lab.holders()?.contains(&b)),
     )?;
-    wait_until(
-        "LB b's gateway answering the keep-alive clients",
-        Duration::from_secs(20),
-        || Ok(gateway_calls(&lab, b)? > served_by_b + CALLS_ANSWERED),
-    )?;
+    b_answers_the_keep_alive_clients(&lab, served_by_b)?;
     let reads = keep_alive.stop()?;
     eprintln!("keep-alive through the gateway across the cut: {reads}");
     ensure!(
@@ -502,6 +494,17 @@ fn keep_alive_clients(lab: &PairLab, key: &str) -> anyhow::Result<wrk::Backgroun
         &[],
         KEEP_ALIVE_CONNECTIONS,
     )
+}
+
+/// Waits until LB b's gateway has answered [`CALLS_ANSWERED`] calls more than `served_by_b`
+/// (what [`load_on_a_served_by_b`] returned): the keep-alive clients are back, on LB b.
+fn b_answers_the_keep_alive_clients(lab: &PairLab, served_by_b: f64) -> anyhow::Result<()> {
+    wait_until(
+        "LB b's gateway answering the keep-alive clients",
+        Duration::from_secs(20),
+        || Ok(gateway_calls(lab, Member::B)? > served_by_b + CALLS_ANSWERED),
+    )?;
+    Ok(())
 }
 
 /// wrk from the client on `url`, `connections` each pausing [`SERVING_PACE`] between calls.
