@@ -14,7 +14,7 @@ use lb_control::{
     daemon::follow_shared_store,
     dataplane::{ApplyReport, DataplaneError, DataplaneSection, LbSettings, ServiceSpec},
     health::{Badness, Condition, HealthSnapshot, NodeHealth, Target, Verdict},
-    keys::ApiKeys,
+    keys::{ApiKeys, CreatedKey, CredentialError},
     metrics::Metrics,
     model::{
         AdminState, BackendDef, BackendState, ForwardingMode, HealthCheck, Protocol, ServiceDef,
@@ -87,6 +87,15 @@ impl LbControl {
             kernel,
         }
     }
+
+    /// `key create NAME` through this lb-control's registry, off the async workers (the
+    /// store blocks).
+    async fn create_key(&self, name: &'static str) -> Result<CreatedKey, CredentialError> {
+        let keys = self.keys.clone();
+        tokio::task::spawn_blocking(move || keys.create(name, None))
+            .await
+            .expect("task")
+    }
 }
 
 fn service() -> ServiceDef {
@@ -126,11 +135,7 @@ async fn a_key_created_or_revoked_through_one_lb_control_holds_at_the_others_gat
     let first = LbControl::start(&cluster, "/pair/").await;
     let second = LbControl::start(&cluster, "/pair/").await;
 
-    let keys = first.keys.clone();
-    let created = tokio::task::spawn_blocking(move || keys.create("alice", None))
-        .await
-        .expect("task")
-        .expect("a key");
+    let created = first.create_key("alice").await.expect("a key");
     eventually(
         "the second lb-control's gateway accepts the new key",
         Duration::from_secs(1),
@@ -214,27 +219,20 @@ async fn without_quorum_writes_fail_naming_etcd_and_the_last_state_keeps_serving
             .await
             .expect("backend");
     }
-    let keys = lb.keys.clone();
-    let alice = tokio::task::spawn_blocking(move || keys.create("alice", None))
-        .await
-        .expect("task")
-        .expect("a key");
+    let alice = lb.create_key("alice").await.expect("a key");
 
     // One member down: a majority is left, writes go on.
     cluster.stop_member(2);
-    let keys = lb.keys.clone();
-    tokio::task::spawn_blocking(move || keys.create("bob", None))
+    lb.create_key("bob")
         .await
-        .expect("task")
         .expect("a write with two of three members");
 
     // Two down: no quorum.
     cluster.stop_member(1);
     let started = Instant::now();
-    let keys = lb.keys.clone();
-    let refused = tokio::task::spawn_blocking(move || keys.create("carol", None))
+    let refused = lb
+        .create_key("carol")
         .await
-        .expect("task")
         .expect_err("no write without quorum");
     let took = started.elapsed();
     let message = refused.to_string();
@@ -281,21 +279,15 @@ async fn writes_go_on_through_the_other_members_while_this_hosts_own_member_is_d
     // one requests go to first.
     let mut cluster = EtcdCluster::start(3);
     let lb = LbControl::start(&cluster, "/own/").await;
-    let keys = lb.keys.clone();
-    tokio::task::spawn_blocking(move || keys.create("before", None))
+    lb.create_key("before")
         .await
-        .expect("task")
         .expect("a write with every member up");
 
     cluster.stop_member(0);
     // The others may be electing a leader (when the stopped one led): a client tries again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let created = loop {
-        let keys = lb.keys.clone();
-        match tokio::task::spawn_blocking(move || keys.create("after", None))
-            .await
-            .expect("task")
-        {
+        match lb.create_key("after").await {
             Ok(created) => break created,
             Err(error) => {
                 assert!(

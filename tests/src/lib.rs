@@ -7,7 +7,8 @@
 //!   [`load`] keeps many such requests going and records each one's outcome;
 //!   [`ws_client`] is a JSON-RPC WebSocket client for tests; [`poll`] waits for a condition;
 //!   [`js_client`] runs the pinned JavaScript clients (polkadot.js, polkadot-api) from a test;
-//!   [`new_spec`] tells from a sim-node's counts whether a client took the new JSON-RPC spec.
+//!   [`new_spec`] tells from a sim-node's counts whether a client took the new JSON-RPC spec;
+//!   [`logs`] shows the end of a process's log.
 //! - [`admin_writes`] writes keys and backends through the admin API in a loop and checks
 //!   afterwards that every acknowledged write is there (the HA tests and `bench ha`).
 //! - [`crowd`] is many WebSocket clients over TLS to the gateway from several addresses (the
@@ -24,6 +25,7 @@ pub mod crowd;
 pub mod js_client;
 pub mod lab;
 pub mod load;
+pub mod logs;
 pub mod new_spec;
 pub mod nginx;
 pub mod poll;

@@ -45,6 +45,7 @@ use lb_tests::{
         DsrNode, EtcdSite, GATEWAY_V4, Member, PAIR_GATEWAY_PORT, PairLab, SIM_NODE_RPC_PORT,
         binary_path, command_in_netns, run_checked,
     },
+    logs,
     poll::wait_until,
     rpc_client::SYSTEM_HEALTH,
     wrk,
@@ -52,6 +53,8 @@ use lb_tests::{
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// The goal is a second (the issue's); a test asserts a generous bound, the benchmark measures.
+/// How much of an lb-control's log a failure shows.
+const LOG_TAIL: usize = 2000;
 const TAKEOVER_BOUND: Duration = Duration::from_secs(3);
 const CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"}"#;
 
@@ -84,16 +87,6 @@ fn cli_json(lab: &PairLab, member: Member, args: &[&str]) -> anyhow::Result<serd
         .cli(member, &args)
         .with_context(|| format!("`lb-control {}` on LB {}", args.join(" "), member.name()))?;
     Ok(serde_json::from_str(&output)?)
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(2000);
-    format!(
-        "{}:\n{}",
-        path.display(),
-        &text[text.floor_char_boundary(start)..]
-    )
 }
 
 /// Gateway calls answered that show a load flowing.
@@ -335,7 +328,7 @@ fn standby_takes_over_a_killed_master_and_the_old_master_returns_without_flappin
     // The old master returns: a backup until preempt_delay has passed, then master again.
     let returned = Instant::now();
     lab.restart(a)
-        .with_context(|| log_tail(&lab.lb_control_log_path(a)))?;
+        .with_context(|| logs::tail(&lab.lb_control_log_path(a), LOG_TAIL))?;
     wait_until(
         "LB a's lb-control back as backup",
         Duration::from_secs(3),
@@ -428,7 +421,7 @@ fn a_block_through_the_master_drops_the_client_at_the_backup_within_a_second_and
         BLOCKLIST_FOLLOW_BOUND,
         || Ok(kernel_blocklist(&lab, b)?.contains(&(client.clone(), "admin".to_owned()))),
     )
-    .with_context(|| log_tail(&lab.lb_control_log_path(b)))?;
+    .with_context(|| logs::tail(&lab.lb_control_log_path(b), LOG_TAIL))?;
     eprintln!(
         "block: acknowledged by LB a after {acknowledged:?}, in LB b's kernel {on_b:?} later"
     );
@@ -446,7 +439,7 @@ fn a_block_through_the_master_drops_the_client_at_the_backup_within_a_second_and
         BLOCKLIST_FOLLOW_BOUND,
         || Ok(kernel_blocklist(&lab, b)?.is_empty()),
     )
-    .with_context(|| log_tail(&lab.lb_control_log_path(b)))?;
+    .with_context(|| logs::tail(&lab.lb_control_log_path(b), LOG_TAIL))?;
     eprintln!("unblock: out of LB b's kernel {off_b:?} after LB a acknowledged it");
     for member in [b, a] {
         ensure!(
@@ -852,7 +845,7 @@ fn ensure_old_connections_carried_on(
         synced >= OLD_CONNECTIONS as u64,
         "{what}: LB b held {synced} flows before the kill, fewer than the {OLD_CONNECTIONS} old \
          connections: {on_standby:?}\n{}",
-        log_tail(&lab.lb_control_log_path(b))
+        logs::tail(&lab.lb_control_log_path(b), LOG_TAIL)
     );
     ensure!(
         old_broken.is_empty(),
@@ -860,7 +853,7 @@ fn ensure_old_connections_carried_on(
          takeover:\n{}\n{}\n{}\n{}",
         old_broken.len(),
         old_broken.join("\n"),
-        log_tail(&lab.lb_control_log_path(b)),
+        logs::tail(&lab.lb_control_log_path(b), LOG_TAIL),
         kernel_stats(lab, b),
         kernel_stats(lab, Member::A),
     );
@@ -1021,7 +1014,7 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let started = Instant::now();
     let handed_over = lab
         .cli(a, &["ha", "handover", "--drain", "10s"])
-        .with_context(|| log_tail(&lab.lb_control_log_path(a)))?;
+        .with_context(|| logs::tail(&lab.lb_control_log_path(a), LOG_TAIL))?;
     let took = started.elapsed();
     let progress = cli_json(&lab, a, &["ha", "status"])?["handover"].clone();
     let reconnects: Vec<Reconnect> = runtime.block_on(async {

@@ -121,13 +121,7 @@ impl Prometheus {
 
     /// The end of Prometheus's log.
     fn log(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(2000);
-        format!(
-            "{}:\n{}",
-            self.log.display(),
-            &text[text.floor_char_boundary(start)..]
-        )
+        lb_tests::logs::tail(&self.log, 2000)
     }
 
     /// `GET /api/v1/PATH` with `params`: the answer's `data`, failing on an error answer.

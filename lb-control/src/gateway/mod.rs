@@ -531,7 +531,10 @@ impl Gateway {
                 .map_err(|source| GatewayError::Listen { address, source })
         };
         let handover = listeners.iter().map(place).collect::<Result<Vec<_>, _>>()?;
-        let listeners = listeners.iter().map(place).collect::<Result<Vec<_>, _>>()?;
+        let listeners = listeners
+            .into_iter()
+            .map(|listener| place(&listener))
+            .collect::<Result<Vec<_>, _>>()?;
         let helpers = [
             tokio::spawn(upstream.clone().follow(
                 context.view,

@@ -127,9 +127,10 @@ impl CrowdProcess {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = log.floor_char_boundary(log.len().saturating_sub(LOG_TAIL_BYTES));
-        format!("crowd's log {}:\n{}", self.log.display(), &log[start..])
+        format!(
+            "crowd's log {}",
+            crate::logs::tail(&self.log, LOG_TAIL_BYTES)
+        )
     }
 }
 

@@ -378,14 +378,7 @@ impl PairLab {
 
     /// The end of `member`'s current keepalived log.
     pub fn keepalived_log(&self, member: Member) -> String {
-        let log = self.log_path("keepalived", member);
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let start = text.len().saturating_sub(3000);
-        format!(
-            "{}:\n{}",
-            log.display(),
-            &text[text.floor_char_boundary(start)..]
-        )
+        crate::logs::tail(&self.log_path("keepalived", member), 3000)
     }
 
     /// The log of `member`'s current lb-control.

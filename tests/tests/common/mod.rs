@@ -280,12 +280,9 @@ impl LbControl {
     }
 
     pub fn log_tail(&self) -> String {
-        let log = self.log();
-        let start = log.len().saturating_sub(3000);
         format!(
-            "lb-control log {}:\n{}",
-            self.log_path.display(),
-            &log[log.floor_char_boundary(start)..]
+            "lb-control log {}",
+            lb_tests::logs::tail(&self.log_path, 3000)
         )
     }
 
