@@ -15,7 +15,8 @@ use anyhow::{Context, bail};
 /// The toolchain aya-build compiles the XDP program with (`rustup run nightly cargo …`).
 const EBPF_TOOLCHAIN: &str = "nightly";
 
-/// Debian packages the lab and tests need, with the command each provides (checked first).
+/// Debian packages the lab and tests need, with the command each provides (checked first); a
+/// package that provides no command is named by an absolute path of a file it installs.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("ethtool", "ethtool"),
@@ -36,6 +37,12 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     ("etcd-client", "etcdctl"),
     ("protobuf-compiler", "protoc"),
+    // protoc's own imports (google/protobuf/*.proto), only recommended by protobuf-compiler,
+    // which is installed without its recommends.
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     // The shipped alert rules and dashboard: promtool checks and unit-tests the rules, and a
     // real Prometheus scrapes a lab pair with them (tests/tests/monitoring.rs).
     ("prometheus", "promtool"),
@@ -251,7 +258,7 @@ fn build_bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
 fn ensure_debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
-        .filter(|(_, command)| !has_command(command))
+        .filter(|(_, provided)| !is_installed(provided))
         .map(|(package, _)| *package)
         .collect();
     if missing.is_empty() {
@@ -276,8 +283,13 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
     )
 }
 
-fn has_command(name: &str) -> bool {
-    find_command(name).is_some()
+/// Whether `provided` (a command, or a file's absolute path) is on this machine.
+fn is_installed(provided: &str) -> bool {
+    if provided.starts_with('/') {
+        Path::new(provided).is_file()
+    } else {
+        find_command(provided).is_some()
+    }
 }
 
 fn find_command(name: &str) -> Option<PathBuf> {
