@@ -426,7 +426,8 @@ fn write_runs(out: &mut String, runs: &[Run]) {
     let _ = writeln!(
         out,
         "## Every run\n\n\
-         The longest pause in answers after the event (from–to, counted from the event), and \
+         The longest pause in answers after the event (its length, then from–to counted from \
+         the event), and \
          failed requests / refused connects / answered requests, for: {}. \
          WebSocket clients reconnected / heard heads again / all. L4 connections broken / \
          opened by age: {}.\n\n\
@@ -518,11 +519,19 @@ fn max_ms(durations: &[Duration]) -> f64 {
     durations.iter().max().map_or(f64::NAN, |max| ms(*max))
 }
 
-/// `from–to ms` after the event, or that answers did not come again.
+/// The pause's length first, then when it was (`10 ms, 1031–1041 ms after`): the bounds alone
+/// read as a length (a 10 ms gap at 2 s was once reported as a 2 s pause).
 fn pause_text(pause: Option<Pause>) -> String {
     pause.map_or_else(
         || "no answer again".to_owned(),
-        |pause| format!("{:.0}–{:.0} ms", ms(pause.began), ms(pause.ended)),
+        |pause| {
+            format!(
+                "{:.0} ms ({:.0}–{:.0} ms after)",
+                ms(pause.ended - pause.began),
+                ms(pause.began),
+                ms(pause.ended)
+            )
+        },
     )
 }
 
