@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use crate::lab::{command_in_netns, js_dir};
 use crate::new_spec::assert_took_the_new_spec;
+use crate::poll::wait_until;
 use crate::sim_node::{BlockNumber, SimNodeHandle};
 
 /// What polkadot.js 16.5.6 warns about for the `node` runtime on a real node too: its metadata
@@ -121,10 +122,14 @@ pub struct FollowingClients {
 
 impl FollowingClients {
     const SCRIPT: &str = "follow-restarts.mjs";
+    /// How long the clients may take to connect and hear their first head (Node's start
+    /// included, on a busy machine).
+    pub const FOLLOWING_WITHIN: Duration = Duration::from_secs(60);
 
-    /// Starts `clients` clients on `url` (`wss://…/KEY`), trusting the lab CA in `ca`; the
+    /// Starts `clients` clients on `url` (`wss://…/KEY`), trusting the lab CA in `ca`, and
+    /// returns once every one has heard a head (at most [`Self::FOLLOWING_WITHIN`]); the
     /// script gives up after `max_seconds`. `ready` is the file it marks (it must not exist).
-    pub fn spawn(
+    pub fn start(
         netns: &str,
         ca: &Path,
         url: &str,
@@ -145,12 +150,18 @@ impl FollowingClients {
                 ready_arg,
             ],
         )?;
-        Ok(FollowingClients { child, ready })
+        let mut clients = FollowingClients { child, ready };
+        wait_until(
+            "the polkadot.js clients following heads",
+            Self::FOLLOWING_WITHIN,
+            || clients.following(),
+        )?;
+        Ok(clients)
     }
 
     /// Whether every client has heard a head; an error, with what the script said, when it
     /// exited before that.
-    pub fn following(&mut self) -> anyhow::Result<bool> {
+    fn following(&mut self) -> anyhow::Result<bool> {
         if self.ready.exists() {
             return Ok(true);
         }

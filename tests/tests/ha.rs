@@ -6,7 +6,8 @@
 //! VIP that are a second old carry on through the standby with the flows the master synced to
 //! it. A planned
 //! handover (`lb-control ha handover`) under load fails no request: the old master's gateway
-//! connections finish through second chance, WebSocket clients come back within a second. etcd
+//! connections finish through second chance, WebSocket clients come back within a second, and
+//! connections opened on the new master with syncookies (a SYN flood's) stay there. etcd
 //! loses members under a loop of admin writes: with one of three gone writes go on, with two
 //! gone they are refused with an answer that says why while the gateway and the kernel path
 //! serve on, and once the members are back writes resume and every acknowledged one is there.
@@ -945,18 +946,13 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
     let wss_url = lab.gateway_url(&key).replacen("https", "wss", 1);
 
     // polkadot.js clients that follow heads and call every 500 ms, reconnecting by themselves.
-    let mut js = FollowingClients::spawn(
+    let js = FollowingClients::start(
         &client,
         lab.ca(),
         &wss_url,
         HANDOVER_JS_CLIENTS,
         120,
         lab.log_dir().join("js-clients.ready"),
-    )?;
-    wait_until(
-        "the polkadot.js clients following heads",
-        Duration::from_secs(60),
-        || js.following(),
     )?;
     // WebSocket clients that follow heads through the close and time their way back.
     let connector = Arc::new(WssConnector::new(lab.ca(), wss_url, &client, gateway)?);
@@ -1135,4 +1131,89 @@ fn planned_handover_under_load_fails_no_request_and_breaks_no_connection() -> an
         "{progress}"
     );
     Ok(())
+}
+
+/// A SYN flood fills a listener's SYN queue, and the kernel then answers SYNs with syncookies:
+/// it keeps no socket for those handshakes, so the client's ACK that ends one finds only the
+/// listener. During a handover's drain the new master sends a segment of no connection of its
+/// own to the old master (second chance); a cookie's ACK must stay, or every connection opened
+/// during the flood is reset by the old master. `tcp_syncookies = 2` on LB b makes every
+/// handshake a cookie's, as a flood does for the clients caught in it.
+#[test]
+fn connections_opened_with_syncookies_during_a_handover_stay_with_the_new_master()
+-> anyhow::Result<()> {
+    let lab = start_pair(2)?;
+    let (a, b) = (Member::A, Member::B);
+    let key = create_key(&lab, a, "syncookies")?;
+    run_checked(
+        command_in_netns(&lab.lb(b).netns, "sysctl")?.args(["-qw", "net.ipv4.tcp_syncookies=2"]),
+    )?;
+    let cookies_before = syncookies_received(&lab, b)?;
+    // A's keep-alive clients finish through second chance; the new connections open on LB b
+    // from the handover on, each with a cookie.
+    let keep_alive = keep_alive_clients(&lab, &key)?;
+    let new_each = paced_load(
+        &lab,
+        "syncookies-new-each",
+        &lab.gateway_url(&key),
+        NODE_READ,
+        &[("Connection", "close")],
+        KEEP_ALIVE_CONNECTIONS,
+    )?;
+    let served_by_b = load_on_a_served_by_b(&lab)?;
+
+    let handed_over = lab
+        .cli(a, &["ha", "handover", "--drain", "10s"])
+        .with_context(|| logs::tail(&lab.lb_control_log_path(a), LOG_TAIL))?;
+    // The command returns once LB a's connections finished; LB b's second chance stays armed
+    // for the rest of the drain's 10 s, through which the cookies below come.
+    b_answers_the_keep_alive_clients(&lab, served_by_b)?;
+    wait_until(
+        "LB b opening connections with syncookies",
+        SYNCOOKIES_WITHIN,
+        || Ok(syncookies_received(&lab, b)? - cookies_before >= SYNCOOKIES),
+    )?;
+    let (keep_alive, new_each) = (keep_alive.stop()?, new_each.stop()?);
+    let cookies = syncookies_received(&lab, b)? - cookies_before;
+    let pin_dir_b = dataplane::pin_dir(Path::new(DEFAULT_BPFFS), &lab.instance(b));
+    let second_chance = read_second_chance_packets(&pin_dir_b, SecondChanceMode::Handover)?;
+    eprintln!("{handed_over}");
+    eprintln!(
+        "LB b: {cookies} handshakes ended with a syncookie; {second_chance} segments sent to LB a"
+    );
+
+    ensure_served_throughout("keep-alive clients across the handover", keep_alive)?;
+    ensure_served_throughout("a new connection per call across the handover", new_each)?;
+    ensure!(
+        second_chance > 0,
+        "LB b sent no segment to LB a: second chance was not armed for the drain"
+    );
+    Ok(())
+}
+
+/// Connections LB b opens with a syncookie while its second chance is armed, and the time they
+/// may take (well inside the drain's 10 s, counted after the handover command returned).
+const SYNCOOKIES: u64 = 20;
+const SYNCOOKIES_WITHIN: Duration = Duration::from_secs(5);
+
+/// How many handshakes `member`'s kernel ended with a valid syncookie
+/// (`TcpExtSyncookiesRecv` in its namespace's `/proc/net/netstat`).
+fn syncookies_received(lab: &PairLab, member: Member) -> anyhow::Result<u64> {
+    let output =
+        run_checked(command_in_netns(&lab.lb(member).netns, "cat")?.arg("/proc/net/netstat"))?;
+    let text = String::from_utf8(output.stdout)?;
+    let mut tcp_ext = text.lines().filter(|line| line.starts_with("TcpExt:"));
+    let (names, values) = (
+        tcp_ext.next().context("no TcpExt names")?,
+        tcp_ext.next().context("no TcpExt values")?,
+    );
+    let at = names
+        .split_whitespace()
+        .position(|name| name == "SyncookiesRecv")
+        .context("no TcpExt SyncookiesRecv")?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .context("TcpExt values shorter than their names")?
+        .parse()?)
 }

@@ -271,18 +271,13 @@ fn prometheus_with_the_shipped_rules_stays_quiet_on_a_healthy_pair_and_alerts_on
     let key = create_key(&lab, Member::A, "monitoring")?;
     let client = lab.client().netns.clone();
     let wss_url = lab.gateway_url(&key).replacen("https", "wss", 1);
-    let mut app = FollowingClients::spawn(
+    let app = FollowingClients::start(
         &client,
         lab.ca(),
         &wss_url,
         1,
         60,
         lab.log_dir().join("js-client.ready"),
-    )?;
-    wait_until(
-        "the polkadot.js client following heads",
-        Duration::from_secs(60),
-        || app.following(),
     )?;
     app.finish()?;
     let ca = lab.ca().display().to_string();

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use lb_tests::{
     admin_writes::{WriteLog, WriteLoop, WriteTarget},
     bench::check_interrupted,
@@ -23,8 +23,6 @@ const GATEWAY_CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"
 const WRK_SECONDS: u64 = 600;
 /// How long the polkadot.js clients may run: they are stopped the same way.
 const JS_MAX_SECONDS: u64 = 600;
-/// How long the polkadot.js clients may take to start and hear a head.
-const JS_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long an admin write may wait for its answer: a tool that retries soon.
 const WRITE_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The pause between admin writes.
@@ -150,7 +148,7 @@ impl Loads {
             wrks.push(load);
         }
         let url = lab.gateway_url(key).replacen("https://", "wss://", 1);
-        let mut js = FollowingClients::spawn(
+        let js = FollowingClients::start(
             client,
             lab.ca(),
             &url,
@@ -158,16 +156,6 @@ impl Loads {
             JS_MAX_SECONDS,
             lab.log_dir().join("js-clients.ready"),
         )?;
-        let deadline = Instant::now() + JS_READY_TIMEOUT;
-        while !js.following()? {
-            check_interrupted()?;
-            if Instant::now() >= deadline {
-                bail!(
-                    "the polkadot.js clients did not all follow heads within {JS_READY_TIMEOUT:?}"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
         let writes = WriteLoop::start(WriteTarget::pair_floating_address(
             lab,
             WRITE_PACE,
