@@ -10,10 +10,11 @@ use thiserror::Error;
 
 use crate::{
     api::model::{
-        BackendConnections, BackendInfo, BlockInfo, ClosedClients, ClusterHealth, ErrorBody,
-        ErrorDetail, EventInfo, GatewayInfo, HaStatus, HandoverInfo, HandoverRequest, JoinRequest,
-        KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken,
-        RoleChange, ServiceInfo, StatsReport, TierChange, TokenCreated, TokenInfo, WeightChange,
+        BackendConnections, BackendInfo, BlockInfo, CapsChange, ClosedClients, ClusterHealth,
+        ErrorBody, ErrorDetail, EventInfo, GatewayInfo, HaStatus, HandoverInfo, HandoverRequest,
+        JoinRequest, KeyCreated, KeyInfo, LimitChange, NewBackend, NewBlock, NewKey, NewService,
+        NewToken, RoleChange, ServiceInfo, StatsReport, TierChange, TokenCreated, TokenInfo,
+        WeightChange,
     },
     ha::Role,
     model::{AdminState, ApiKeyId, Backend, BackendId, JoinTokenId, Service, ServiceId, Tier},
@@ -212,6 +213,15 @@ impl AdminClient {
         change: &LimitChange,
     ) -> Result<KeyInfo, ClientError> {
         self.call(Method::PUT, &format!("/v1/keys/{id}/limit"), Some(change))
+            .await
+    }
+
+    pub async fn set_key_caps(
+        &self,
+        id: ApiKeyId,
+        change: &CapsChange,
+    ) -> Result<KeyInfo, ClientError> {
+        self.call(Method::PUT, &format!("/v1/keys/{id}/caps"), Some(change))
             .await
     }
 

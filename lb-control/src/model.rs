@@ -248,6 +248,19 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// A key's own caps on what it holds open through the gateway's WebSocket: for a plan above
+/// the default, or another site's gateway failing over onto this one through one key. Each
+/// None takes the gateway's `[gateway.websocket]` default for every key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct KeyCaps {
+    /// WebSocket connections open at once (`max_connections_per_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Subscriptions held on the nodes at once (`max_subscriptions_per_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<u32>,
+}
+
 /// An API key as stored: the secret itself is never kept, only its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKeyRecord {
@@ -256,6 +269,7 @@ pub struct ApiKeyRecord {
     pub secret_sha256: [u8; 32],
     /// None: unlimited.
     pub rate_limit: Option<RateLimit>,
+    pub caps: KeyCaps,
     pub created: SystemTime,
     pub last_used: Option<SystemTime>,
     pub revoked: Option<SystemTime>,

@@ -30,8 +30,8 @@ use lb_common::{
 use lb_control::{
     admin_client::{AdminClient, ClientError},
     api::model::{
-        ErrorCode, JoinRequest, LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken,
-        TokenScope,
+        CapsChange, ErrorCode, JoinRequest, LimitChange, NewBackend, NewBlock, NewKey, NewService,
+        NewToken, TokenScope,
     },
     backends::State,
     blocklist::ADOPTED_MARKER,
@@ -287,6 +287,8 @@ fn new_key(name: &str, rps: Option<u32>) -> NewKey {
         name: name.to_owned(),
         rps,
         burst: None,
+        max_connections: None,
+        max_subscriptions: None,
     }
 }
 
@@ -792,6 +794,8 @@ fn key_secret_is_shown_once_and_never_listed() {
                 name: "alice".to_owned(),
                 rps: Some(50),
                 burst: Some(100),
+                max_connections: None,
+                max_subscriptions: None,
             })
             .await
             .expect("created");
@@ -856,6 +860,60 @@ fn key_secret_is_shown_once_and_never_listed() {
             400,
             "invalid",
             Some("rps"),
+        );
+
+        // The key's own WebSocket caps: null is the gateway's default, 0 is refused, and both
+        // must be given.
+        let capped = client
+            .set_key_caps(
+                created.id,
+                &CapsChange {
+                    max_connections: Some(5000),
+                    max_subscriptions: None,
+                },
+            )
+            .await
+            .expect("caps");
+        assert_eq!(
+            (capped.max_connections, capped.max_subscriptions),
+            (Some(5000), None)
+        );
+        let listed = raw(Method::GET, "/v1/keys", Some(TOKEN), None).await.1;
+        assert_eq!(listed[0]["max_connections"], 5000, "{listed}");
+        assert_eq!(listed[0]["max_subscriptions"], Value::Null, "{listed}");
+        for (body, field) in [
+            (
+                r#"{"max_connections": 0, "max_subscriptions": null}"#,
+                "max_connections",
+            ),
+            (r#"{"max_connections": null}"#, "max_subscriptions"),
+        ] {
+            assert_error(
+                &raw(
+                    Method::PUT,
+                    &format!("/v1/keys/{}/caps", created.id),
+                    Some(TOKEN),
+                    Some(body),
+                )
+                .await,
+                400,
+                "invalid",
+                Some(field),
+            );
+        }
+        assert_eq!(
+            api_error(
+                client
+                    .set_key_caps(
+                        999,
+                        &CapsChange {
+                            max_connections: None,
+                            max_subscriptions: None
+                        }
+                    )
+                    .await
+            ),
+            (StatusCode::NOT_FOUND, ErrorCode::NotFound)
         );
 
         let revoked = client.revoke_key(created.id).await.expect("revoke");
@@ -1517,6 +1575,20 @@ fn cli_drives_the_api_and_reports_its_errors() {
     assert!(
         cli.ok(&["key", "limit", "1", "--unlimited"])
             .contains("unlimited")
+    );
+    assert_eq!(
+        cli.ok(&["key", "caps", "1", "--max-connections", "5000"])
+            .trim(),
+        "key 1 (cli-key): 5000 connections, default subscriptions"
+    );
+    assert!(
+        cli.ok(&["key", "list"])
+            .contains("5000 connections, default subscriptions"),
+        "{keys}"
+    );
+    cli.fails(
+        &["key", "caps", "1", "--max-subscriptions", "0"],
+        "error: max_subscriptions: 0 would shut the key out",
     );
     assert!(cli.ok(&["events", "--limit", "50"]).contains("key.created"));
     assert!(cli.ok(&["health"]).contains("10.200.50.2:9944"));

@@ -17,7 +17,8 @@ use lb_control::{
     keys::{ApiKeys, CreatedKey, CredentialError},
     metrics::Metrics,
     model::{
-        AdminState, BackendDef, BackendState, ForwardingMode, HealthCheck, Protocol, ServiceDef,
+        AdminState, BackendDef, BackendState, ForwardingMode, HealthCheck, KeyCaps, Protocol,
+        ServiceDef,
     },
     store::{Store, test_etcd::EtcdCluster},
 };
@@ -92,7 +93,7 @@ impl LbControl {
     /// store blocks).
     async fn create_key(&self, name: &'static str) -> Result<CreatedKey, CredentialError> {
         let keys = self.keys.clone();
-        tokio::task::spawn_blocking(move || keys.create(name, None))
+        tokio::task::spawn_blocking(move || keys.create(name, None, KeyCaps::default()))
             .await
             .expect("task")
     }

@@ -296,6 +296,8 @@ async fn send(client: &AdminClient, write: &Write, service: ServiceId) -> Result
                 name: name.clone(),
                 rps: None,
                 burst: None,
+                max_connections: None,
+                max_subscriptions: None,
             })
             .await
             .map(drop),

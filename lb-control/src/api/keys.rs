@@ -7,7 +7,9 @@ use super::{
     Context,
     error::{ApiError, ApiResult},
     extract::{Body, Id},
-    model::{ErrorBody, KeyCreated, KeyInfo, LimitChange, NewKey, Timestamp, requested_limit},
+    model::{
+        CapsChange, ErrorBody, KeyCreated, KeyInfo, LimitChange, NewKey, Timestamp, requested_limit,
+    },
     run_blocking,
 };
 use crate::keys::{ApiKeys, CredentialError};
@@ -48,7 +50,10 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<KeyCreated>)> {
     let limit = requested_limit(new.rps, new.burst)
         .map_err(|reason| ApiError::invalid_field("burst", reason))?;
-    let created = blocking(&context, move |keys| keys.create(&new.name, limit)).await?;
+    let created = blocking(&context, move |keys| {
+        keys.create(&new.name, limit, new.caps())
+    })
+    .await?;
     let record = created.record;
     Ok((
         StatusCode::CREATED,
@@ -57,6 +62,8 @@ pub async fn create(
             name: record.name,
             secret: created.secret,
             rate_limit: record.rate_limit,
+            max_connections: record.caps.max_connections,
+            max_subscriptions: record.caps.max_subscriptions,
             created: Timestamp(record.created),
         }),
     ))
@@ -105,6 +112,32 @@ pub async fn set_limit(
     let limit = requested_limit(change.rps, change.burst)
         .map_err(|reason| ApiError::invalid_field("burst", reason))?;
     let key = blocking(&context, move |keys| keys.set_limit(id, limit)).await?;
+    Ok(Json(key.into()))
+}
+
+/// Sets a key's WebSocket caps; null takes the gateway's default. Connections and subscriptions
+/// a lowered cap finds open stay; new ones are held to it.
+#[utoipa::path(
+    put,
+    path = "/v1/keys/{id}/caps",
+    tag = "keys",
+    params(Id),
+    request_body = CapsChange,
+    responses(
+        (status = 200, description = "Caps set", body = KeyInfo),
+        (status = 400, description = "A field is invalid", body = ErrorBody),
+        (status = 401, description = "No or wrong bearer token", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 409, description = "The key is revoked", body = ErrorBody),
+        (status = 500, description = "The state store failed", body = ErrorBody),
+    )
+)]
+pub async fn set_caps(
+    State(context): State<Context>,
+    Id(id): Id,
+    Body(change): Body<CapsChange>,
+) -> ApiResult<Json<KeyInfo>> {
+    let key = blocking(&context, move |keys| keys.set_caps(id, change.into())).await?;
     Ok(Json(key.into()))
 }
 

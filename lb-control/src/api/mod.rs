@@ -184,6 +184,7 @@ fn documented_routes(credentials: auth::Credentials) -> OpenApiRouter<Context> {
         .routes(routes!(keys::list, keys::create))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::set_limit))
+        .routes(routes!(keys::set_caps))
         .routes(routes!(tokens::list, tokens::create))
         .routes(routes!(tokens::revoke))
         .routes(routes!(blocklist::list, blocklist::add))

@@ -30,8 +30,8 @@ use crate::{
     health::{NodeHealth, Verdict},
     model::{
         AdminState, ApiKeyId, ApiKeyRecord, Backend, BlockRecord, BlockSource, DEFAULT_RPC_PORT,
-        Event, ForwardingMode, HealthCheck, JoinTokenId, JoinTokenRecord, Protocol, RateLimit,
-        Service, ServiceDef, ServiceId, Tier,
+        Event, ForwardingMode, HealthCheck, JoinTokenId, JoinTokenRecord, KeyCaps, Protocol,
+        RateLimit, Service, ServiceDef, ServiceId, Tier,
     },
 };
 
@@ -365,6 +365,48 @@ pub struct NewKey {
     /// Requests allowed at once above the steady rate; defaults to `rps`.
     #[serde(default)]
     pub burst: Option<u32>,
+    /// WebSocket connections the key may hold open at once; without it the gateway's
+    /// `max_connections_per_key`.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Subscriptions the key may hold on the nodes at once; without it the gateway's
+    /// `max_subscriptions_per_key`.
+    #[serde(default)]
+    pub max_subscriptions: Option<u32>,
+}
+
+impl NewKey {
+    pub fn caps(&self) -> KeyCaps {
+        KeyCaps {
+            max_connections: self.max_connections,
+            max_subscriptions: self.max_subscriptions,
+        }
+    }
+}
+
+/// Body of `PUT /v1/keys/{id}/caps`: `{ "max_connections": 5000, "max_subscriptions": null }`,
+/// null for the gateway's default. Both must be present, so an empty body cannot reset a
+/// key's caps by accident.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CapsChange {
+    /// WebSocket connections open at once; null: `max_connections_per_key`.
+    #[serde(deserialize_with = "present_or_null")]
+    #[schema(required = true)]
+    pub max_connections: Option<u32>,
+    /// Subscriptions on the nodes at once; null: `max_subscriptions_per_key`.
+    #[serde(deserialize_with = "present_or_null")]
+    #[schema(required = true)]
+    pub max_subscriptions: Option<u32>,
+}
+
+impl From<CapsChange> for KeyCaps {
+    fn from(change: CapsChange) -> Self {
+        KeyCaps {
+            max_connections: change.max_connections,
+            max_subscriptions: change.max_subscriptions,
+        }
+    }
 }
 
 /// Body of `PUT /v1/keys/{id}/limit`: `{ "rps": 10, "burst": 20 }`, or `{ "rps": null }` for
@@ -408,6 +450,10 @@ pub struct KeyInfo {
     pub name: String,
     /// Null: unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// WebSocket connections open at once; null: the gateway's `max_connections_per_key`.
+    pub max_connections: Option<u32>,
+    /// Subscriptions on the nodes at once; null: the gateway's `max_subscriptions_per_key`.
+    pub max_subscriptions: Option<u32>,
     #[schema(value_type = String, format = DateTime)]
     pub created: Timestamp,
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -422,6 +468,8 @@ impl From<ApiKeyRecord> for KeyInfo {
             id: key.id,
             name: key.name,
             rate_limit: key.rate_limit,
+            max_connections: key.caps.max_connections,
+            max_subscriptions: key.caps.max_subscriptions,
             created: Timestamp(key.created),
             last_used: key.last_used.map(Timestamp),
             revoked: key.revoked.map(Timestamp),
@@ -437,6 +485,8 @@ pub struct KeyCreated {
     /// `lbk_` and 64 hex digits. Store it now: it cannot be shown again.
     pub secret: String,
     pub rate_limit: Option<RateLimit>,
+    pub max_connections: Option<u32>,
+    pub max_subscriptions: Option<u32>,
     #[schema(value_type = String, format = DateTime)]
     pub created: Timestamp,
 }

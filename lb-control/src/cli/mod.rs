@@ -17,9 +17,9 @@ use lb_control::{
     admin_client::{AdminClient, ClientError, admin_url},
     api::ADMIN_TOKEN_ENV,
     api::model::{
-        BackendInfo, BlockInfo, EventInfo, GatewayInfo, HaStatus, HealthInfo, KeyInfo, LimitChange,
-        NewBackend, NewBlock, NewKey, NewService, NewToken, ServiceInfo, TokenInfo, TokenScope,
-        parse_prefix,
+        BackendInfo, BlockInfo, CapsChange, EventInfo, GatewayInfo, HaStatus, HealthInfo, KeyInfo,
+        LimitChange, NewBackend, NewBlock, NewKey, NewService, NewToken, ServiceInfo, TokenInfo,
+        TokenScope, parse_prefix,
     },
     backends::State,
     config::Config,
@@ -214,6 +214,8 @@ pub enum KeyAction {
         /// Requests at once above the rate [default: rps].
         #[arg(long, requires = "rps")]
         burst: Option<u32>,
+        #[command(flatten)]
+        caps: CapsArgs,
     },
     List,
     /// Revoke a key for good.
@@ -234,6 +236,24 @@ pub enum KeyAction {
         #[arg(long)]
         unlimited: bool,
     },
+    /// Set a key's own WebSocket caps (a plan above the default, another site's gateway
+    /// failing over through one key); a cap not given goes back to the gateway's default.
+    Caps {
+        id: ApiKeyId,
+        #[command(flatten)]
+        caps: CapsArgs,
+    },
+}
+
+/// A key's WebSocket caps; without one, the gateway's `[gateway.websocket]` default.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct CapsArgs {
+    /// WebSocket connections open at once [default: the gateway's max_connections_per_key].
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Subscriptions on the nodes at once [default: the gateway's max_subscriptions_per_key].
+    #[arg(long)]
+    max_subscriptions: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -496,14 +516,28 @@ async fn backend(api: &ApiArgs, action: BackendAction) -> anyhow::Result<()> {
 async fn key(api: &ApiArgs, action: KeyAction) -> anyhow::Result<()> {
     let client = client(api)?;
     match action {
-        KeyAction::Create { name, rps, burst } => {
-            let created = client.create_key(&NewKey { name, rps, burst }).await?;
+        KeyAction::Create {
+            name,
+            rps,
+            burst,
+            caps,
+        } => {
+            let created = client
+                .create_key(&NewKey {
+                    name,
+                    rps,
+                    burst,
+                    max_connections: caps.max_connections,
+                    max_subscriptions: caps.max_subscriptions,
+                })
+                .await?;
             show(api, &created, |key| {
                 println!(
-                    "created key {} ({}), {}",
+                    "created key {} ({}), {}, {}",
                     key.id,
                     key.name,
-                    describe_limit(key.rate_limit)
+                    describe_limit(key.rate_limit),
+                    describe_caps(key.max_connections, key.max_subscriptions)
                 );
                 println!("secret: {}", key.secret);
             })?;
@@ -525,6 +559,20 @@ async fn key(api: &ApiArgs, action: KeyAction) -> anyhow::Result<()> {
                     "key {id} ({}): {}",
                     key.name,
                     describe_limit(key.rate_limit)
+                );
+            })?;
+        }
+        KeyAction::Caps { id, caps } => {
+            let change = CapsChange {
+                max_connections: caps.max_connections,
+                max_subscriptions: caps.max_subscriptions,
+            };
+            let key = client.set_key_caps(id, &change).await?;
+            show(api, &key, |key| {
+                println!(
+                    "key {id} ({}): {}",
+                    key.name,
+                    describe_caps(key.max_connections, key.max_subscriptions)
                 );
             })?;
         }
@@ -787,12 +835,21 @@ fn print_keys(keys: &[KeyInfo]) {
         println!("no API keys: create one with `lb-control key create --name NAME`");
         return;
     }
-    let mut table = Table::new(&["ID", "NAME", "LIMIT", "CREATED", "LAST USED", "STATUS"]);
+    let mut table = Table::new(&[
+        "ID",
+        "NAME",
+        "LIMIT",
+        "WEBSOCKET CAPS",
+        "CREATED",
+        "LAST USED",
+        "STATUS",
+    ]);
     for key in keys {
         table.row(vec![
             key.id.to_string(),
             key.name.clone(),
             describe_limit(key.rate_limit),
+            describe_caps(key.max_connections, key.max_subscriptions),
             key.created.to_string(),
             key.last_used
                 .map_or_else(|| "never".to_owned(), |at| at.to_string()),
@@ -895,6 +952,20 @@ fn describe_limit(limit: Option<RateLimit>) -> String {
     limit.map_or_else(
         || "unlimited".to_owned(),
         |limit| format!("{} rps, burst {}", limit.rps, limit.burst),
+    )
+}
+
+/// A key's WebSocket caps: `default`, or `5000 connections, 20000 subscriptions` with
+/// `default` for a cap it does not set.
+fn describe_caps(connections: Option<u32>, subscriptions: Option<u32>) -> String {
+    let cap = |cap: Option<u32>| cap.map_or_else(|| "default".to_owned(), |cap| cap.to_string());
+    if connections.is_none() && subscriptions.is_none() {
+        return "default".to_owned();
+    }
+    format!(
+        "{} connections, {} subscriptions",
+        cap(connections),
+        cap(subscriptions)
     )
 }
 

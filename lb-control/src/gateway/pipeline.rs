@@ -89,16 +89,18 @@ pub enum Rejection {
     Parse(RpcError),
     /// Rate limit: over the key's rate.
     RateLimited(RateLimited),
-    /// WebSocket: the key has `max_connections_per_key` open.
-    KeyConnectionLimit,
+    /// WebSocket: the key has as many connections open as it may (its own cap, else
+    /// `max_connections_per_key`).
+    KeyConnectionLimit(u32),
     /// WebSocket: no node took the client's connection.
     NoNode(UpstreamError),
     /// WebSocket: the upgrade handshake failed.
     Handshake(String),
     /// WebSocket: the connection has `max_subscriptions_per_connection` open.
     SubscriptionLimit,
-    /// WebSocket: the key holds `max_subscriptions_per_key` subscriptions on the nodes.
-    KeySubscriptionLimit,
+    /// WebSocket: the key holds as many subscriptions on the nodes as it may (its own cap,
+    /// else `max_subscriptions_per_key`).
+    KeySubscriptionLimit(u32),
     /// WebSocket: every upstream connection of the client's node holds as many subscriptions
     /// as it may, and the pool may not grow.
     NodeFull(SocketAddr),
@@ -166,9 +168,9 @@ impl Pipeline {
                 self.metrics.rate_limited.inc();
                 RpcError::rate_limited(limited.retry_after_secs())
             }
-            Rejection::KeyConnectionLimit => {
+            Rejection::KeyConnectionLimit(cap) => {
                 self.metrics.rejected("key_connection_limit");
-                RpcError::too_many_connections(self.websocket.max_connections_per_key)
+                RpcError::too_many_connections(*cap)
             }
             Rejection::NoNode(error) => {
                 warn!(%client, "WebSocket client refused: {error}");
@@ -182,9 +184,9 @@ impl Pipeline {
                 self.metrics.rejected("subscription_limit");
                 RpcError::too_many_subscriptions(self.websocket.max_subscriptions_per_connection)
             }
-            Rejection::KeySubscriptionLimit => {
+            Rejection::KeySubscriptionLimit(cap) => {
                 self.metrics.rejected("key_subscription_limit");
-                RpcError::too_many_key_subscriptions(self.websocket.max_subscriptions_per_key)
+                RpcError::too_many_key_subscriptions(*cap)
             }
             Rejection::NodeFull(node) => {
                 warn!(%client, %node, "a subscription refused: the node's connections are full");

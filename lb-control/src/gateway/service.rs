@@ -138,9 +138,9 @@ pub fn refused(
         // JSON-RPC's own error, as a node answers it.
         Rejection::Parse(_) => StatusCode::OK,
         Rejection::RateLimited(_)
-        | Rejection::KeyConnectionLimit
+        | Rejection::KeyConnectionLimit(_)
         | Rejection::SubscriptionLimit
-        | Rejection::KeySubscriptionLimit => StatusCode::TOO_MANY_REQUESTS,
+        | Rejection::KeySubscriptionLimit(_) => StatusCode::TOO_MANY_REQUESTS,
     };
     let mut response = rpc_response(status, jsonrpc::error_body(&error));
     match rejection {

@@ -114,6 +114,22 @@ pub struct WebSocketLimits {
     pub idle_timeout: Duration,
 }
 
+impl WebSocketLimits {
+    /// The WebSocket connections `key` may hold open: its own cap, else the default.
+    pub fn connections_for(&self, key: &LiveKey) -> u32 {
+        key.caps
+            .max_connections
+            .unwrap_or(self.max_connections_per_key)
+    }
+
+    /// The subscriptions on the nodes `key` may hold: its own cap, else the default.
+    pub fn subscriptions_for(&self, key: &LiveKey) -> u32 {
+        key.caps
+            .max_subscriptions
+            .unwrap_or(self.max_subscriptions_per_key)
+    }
+}
+
 /// Where one call of a client message goes.
 enum Route {
     /// A head subscription served from the node's shared feed of `kind`.
@@ -140,11 +156,9 @@ pub async fn accept(
     hold: ConnectionHold,
 ) -> Response<Full<Bytes>> {
     let limits = pipeline.websocket;
-    let Some(key_slot) = pipeline
-        .key_connections
-        .claim(key.id, limits.max_connections_per_key)
-    else {
-        return refused(&pipeline, &Rejection::KeyConnectionLimit, client);
+    let cap = limits.connections_for(&key);
+    let Some(key_slot) = pipeline.key_connections.claim(key.id, cap) else {
+        return refused(&pipeline, &Rejection::KeyConnectionLimit(cap), client);
     };
     let pool = match pool_for(&pipeline, client) {
         Ok(pool) => pool,
@@ -732,11 +746,12 @@ impl Session {
         if self.shared.len() + self.held.len() >= limits.max_subscriptions_per_connection as usize {
             return Err(Rejection::SubscriptionLimit);
         }
+        let cap = limits.subscriptions_for(&self.key);
         let permit = self
             .pipeline
             .key_subscriptions
-            .claim(self.key.id, limits.max_subscriptions_per_key)
-            .ok_or(Rejection::KeySubscriptionLimit)?;
+            .claim(self.key.id, cap)
+            .ok_or(Rejection::KeySubscriptionLimit(cap))?;
         let link = self
             .pool
             .for_subscription(follow)

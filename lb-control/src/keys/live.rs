@@ -20,7 +20,7 @@ use std::{
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
-use crate::model::{ApiKeyId, ApiKeyRecord, RateLimit};
+use crate::model::{ApiKeyId, ApiKeyRecord, KeyCaps, RateLimit};
 
 /// What the gateway knows of a live key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub struct LiveKey {
     pub name: String,
     /// None: unlimited.
     pub rate_limit: Option<RateLimit>,
+    /// Its own WebSocket caps; each None takes the gateway's default.
+    pub caps: KeyCaps,
 }
 
 /// One change of the key registry, as the store committed it.
@@ -138,6 +140,7 @@ fn live_key(record: ApiKeyRecord) -> LiveKey {
         id: record.id,
         name: record.name,
         rate_limit: record.rate_limit,
+        caps: record.caps,
     }
 }
 
@@ -153,6 +156,7 @@ mod tests {
             name: format!("key{id}"),
             secret_sha256: [digest; 32],
             rate_limit: rps.map(|rps| RateLimit { rps, burst: rps }),
+            caps: KeyCaps::default(),
             created: SystemTime::UNIX_EPOCH,
             last_used: None,
             revoked: None,

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::{
-    model::{ApiKeyId, ApiKeyRecord, RateLimit},
+    model::{ApiKeyId, ApiKeyRecord, KeyCaps, RateLimit},
     store::{Store, StoreError},
 };
 pub use live::{KeyChange, KeySet, LiveKey};
@@ -118,21 +118,26 @@ impl ApiKeys {
         &self,
         name: &str,
         rate_limit: Option<RateLimit>,
+        caps: KeyCaps,
     ) -> Result<CreatedKey, CredentialError> {
         validate_name(name)?;
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
         }
+        validate_caps(caps)?;
         let secret = new_secret(SECRET_PREFIX);
         let secret_sha256 = digest(&secret);
         let created = SystemTime::now();
         let _changing = self.lock_changes();
         let id = self.store.write(|tx| {
             let id = tx.insert_api_key(name, &secret_sha256, rate_limit, created)?;
+            if caps != KeyCaps::default() {
+                tx.set_api_key_caps(id, caps)?;
+            }
             tx.record_event(
                 "key.created",
                 &describe(id, name),
-                &describe_limit(rate_limit),
+                &format!("{}; {}", describe_limit(rate_limit), describe_caps(caps)),
             )?;
             Ok::<_, CredentialError>(id)
         })?;
@@ -141,6 +146,7 @@ impl ApiKeys {
             name: name.to_owned(),
             secret_sha256,
             rate_limit,
+            caps,
             created,
             last_used: None,
             revoked: None,
@@ -200,6 +206,28 @@ impl ApiKeys {
             Ok(())
         })?;
         key.rate_limit = rate_limit;
+        self.live.apply(KeyChange::Put(key.clone()));
+        Ok(key)
+    }
+
+    /// Sets a key's WebSocket caps, each None back to the gateway's default. Connections and
+    /// subscriptions a lowered cap finds open stay; new ones are held to it.
+    pub fn set_caps(&self, id: ApiKeyId, caps: KeyCaps) -> Result<ApiKeyRecord, CredentialError> {
+        validate_caps(caps)?;
+        let _changing = self.lock_changes();
+        let mut key = self.active(id)?;
+        self.store.write(|tx| {
+            if !tx.set_api_key_caps(id, caps)? {
+                return Err(CredentialError::NotFound { what: api_key(id) });
+            }
+            tx.record_event(
+                "key.caps",
+                &describe(id, &key.name),
+                &format!("{} -> {}", describe_caps(key.caps), describe_caps(caps)),
+            )?;
+            Ok(())
+        })?;
+        key.caps = caps;
         self.live.apply(KeyChange::Put(key.clone()));
         Ok(key)
     }
@@ -280,6 +308,34 @@ fn describe_limit(limit: Option<RateLimit>) -> String {
     )
 }
 
+fn describe_caps(caps: KeyCaps) -> String {
+    let cap =
+        |cap: Option<u32>| cap.map_or_else(|| "the default".to_owned(), |cap| cap.to_string());
+    format!(
+        "WebSocket connections {}, subscriptions {}",
+        cap(caps.max_connections),
+        cap(caps.max_subscriptions)
+    )
+}
+
+/// A cap of 0 would shut the key out of WebSockets altogether: revoking says that plainly.
+pub fn validate_caps(caps: KeyCaps) -> Result<(), CredentialError> {
+    for (field, cap) in [
+        ("max_connections", caps.max_connections),
+        ("max_subscriptions", caps.max_subscriptions),
+    ] {
+        if cap == Some(0) {
+            return Err(CredentialError::Invalid {
+                field,
+                reason: "0 would shut the key out: give 1 or more, or none for the gateway's \
+                         default"
+                    .to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Names show in logs, metrics labels and tables: a short, plain alphabet.
 pub fn validate_name(name: &str) -> Result<(), CredentialError> {
     check_name("key", name).map_err(|reason| CredentialError::Invalid {
@@ -357,7 +413,10 @@ mod tests {
     #[test]
     fn secret_is_shown_once_and_only_its_hash_is_stored() {
         let t = TempStore::new("secret");
-        let created = t.keys.create("alice", None).expect("created");
+        let created = t
+            .keys
+            .create("alice", None, KeyCaps::default())
+            .expect("created");
         let secret = &created.secret;
         assert!(secret.starts_with(SECRET_PREFIX), "{secret}");
         assert_eq!(secret.len(), SECRET_PREFIX.len() + 2 * SECRET_BYTES);
@@ -369,7 +428,10 @@ mod tests {
         let stored = t.keys.list().expect("list");
         assert_eq!(stored.len(), 1);
         assert!(digests_equal(&stored[0].secret_sha256, &digest(secret)));
-        let other = t.keys.create("bob", None).expect("created");
+        let other = t
+            .keys
+            .create("bob", None, KeyCaps::default())
+            .expect("created");
         assert_ne!(other.secret, created.secret);
     }
 
@@ -377,7 +439,10 @@ mod tests {
     fn verify_accepts_live_keys_only() {
         let t = TempStore::new("verify");
         let limit = RateLimit { rps: 5, burst: 10 };
-        let created = t.keys.create("alice", Some(limit)).expect("created");
+        let created = t
+            .keys
+            .create("alice", Some(limit), KeyCaps::default())
+            .expect("created");
         let found = t.keys.verify(&created.secret).expect("live");
         assert_eq!(found.id, created.record.id);
         assert_eq!(found.rate_limit, Some(limit));
@@ -410,7 +475,10 @@ mod tests {
     #[test]
     fn checks_never_touch_the_store_and_a_change_is_seen_at_once() {
         let t = TempStore::new("memory");
-        let created = t.keys.create("alice", None).expect("created");
+        let created = t
+            .keys
+            .create("alice", None, KeyCaps::default())
+            .expect("created");
         let reads = t.store.calls().reads;
         let made_up = format!("{SECRET_PREFIX}{}", "ab".repeat(SECRET_BYTES));
         for _ in 0..1000 {
@@ -444,7 +512,12 @@ mod tests {
     #[test]
     fn revoking_twice_or_an_unknown_key_is_refused() {
         let t = TempStore::new("revoke");
-        let id = t.keys.create("alice", None).expect("created").record.id;
+        let id = t
+            .keys
+            .create("alice", None, KeyCaps::default())
+            .expect("created")
+            .record
+            .id;
         let revoked = t.keys.revoke(id).expect("revoked");
         assert!(revoked.revoked.is_some());
         assert!(matches!(
@@ -461,7 +534,7 @@ mod tests {
         ));
         // A revoked key's name stays taken: names identify keys in logs and metrics.
         assert!(matches!(
-            t.keys.create("alice", None),
+            t.keys.create("alice", None, KeyCaps::default()),
             Err(CredentialError::Conflict { .. })
         ));
     }
@@ -469,7 +542,12 @@ mod tests {
     #[test]
     fn every_change_records_an_event() {
         let t = TempStore::new("events");
-        let id = t.keys.create("alice", None).expect("created").record.id;
+        let id = t
+            .keys
+            .create("alice", None, KeyCaps::default())
+            .expect("created")
+            .record
+            .id;
         t.keys
             .set_limit(id, Some(RateLimit { rps: 1, burst: 0 }))
             .expect("limited");
@@ -490,16 +568,92 @@ mod tests {
         for name in ["", "has space", "slash/", &"x".repeat(65)] {
             assert!(
                 matches!(
-                    t.keys.create(name, None),
+                    t.keys.create(name, None, KeyCaps::default()),
                     Err(CredentialError::Invalid { field: "name", .. })
                 ),
                 "{name:?}"
             );
         }
         assert!(matches!(
-            t.keys.create("a", Some(RateLimit { rps: 0, burst: 1 })),
+            t.keys.create(
+                "a",
+                Some(RateLimit { rps: 0, burst: 1 }),
+                KeyCaps::default()
+            ),
             Err(CredentialError::Invalid { field: "rps", .. })
         ));
+        let no_connections = KeyCaps {
+            max_connections: Some(0),
+            max_subscriptions: None,
+        };
+        assert!(matches!(
+            t.keys.create("a", None, no_connections),
+            Err(CredentialError::Invalid {
+                field: "max_connections",
+                ..
+            })
+        ));
         assert!(t.keys.list().expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_key_s_caps_are_stored_live_at_once_and_go_back_to_the_default() {
+        let t = TempStore::new("caps");
+        let plan = KeyCaps {
+            max_connections: Some(5000),
+            max_subscriptions: Some(20_000),
+        };
+        let created = t.keys.create("site-eu", None, plan).expect("created");
+        assert_eq!(t.keys.verify(&created.secret).expect("live").caps, plan);
+        assert_eq!(t.keys.list().expect("list")[0].caps, plan);
+
+        let fewer = KeyCaps {
+            max_connections: Some(10),
+            max_subscriptions: None,
+        };
+        let changed = t.keys.set_caps(created.record.id, fewer).expect("set");
+        assert_eq!(changed.caps, fewer);
+        assert_eq!(t.keys.verify(&created.secret).expect("live").caps, fewer);
+        let zero = KeyCaps {
+            max_subscriptions: Some(0),
+            ..fewer
+        };
+        assert!(matches!(
+            t.keys.set_caps(created.record.id, zero),
+            Err(CredentialError::Invalid {
+                field: "max_subscriptions",
+                ..
+            })
+        ));
+        t.keys
+            .set_caps(created.record.id, KeyCaps::default())
+            .expect("reset");
+        assert_eq!(t.keys.list().expect("list")[0].caps, KeyCaps::default());
+        let reopened = ApiKeys::open(t.store.clone()).expect("reopened");
+        assert_eq!(
+            reopened.verify(&created.secret).expect("live").caps,
+            KeyCaps::default()
+        );
+        let events: Vec<String> = t
+            .store
+            .events(None, 10)
+            .expect("events")
+            .into_iter()
+            .filter(|event| event.kind == "key.caps")
+            .map(|event| event.detail)
+            .collect();
+        assert_eq!(
+            events,
+            [
+                "WebSocket connections 5000, subscriptions 20000 -> WebSocket connections 10, \
+                 subscriptions the default",
+                "WebSocket connections 10, subscriptions the default -> WebSocket connections \
+                 the default, subscriptions the default",
+            ]
+        );
+        assert!(matches!(
+            t.keys.set_caps(99, plan),
+            Err(CredentialError::NotFound { .. })
+        ));
     }
 }

@@ -42,7 +42,7 @@ use ipnet::IpNet;
 
 use crate::model::{
     ApiKeyId, ApiKeyRecord, Backend, BackendDef, BackendId, BlockRecord, Event, JoinTokenId,
-    JoinTokenRecord, Origin, RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
+    JoinTokenRecord, KeyCaps, Origin, RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
 };
 pub use etcd::EtcdError;
 use etcd::{EtcdStore, EtcdTx};
@@ -455,6 +455,14 @@ impl Tx<'_> {
         match &mut self.0 {
             TxEngine::Sqlite(tx) => tx.set_api_key_limit(id, rate_limit),
             TxEngine::Etcd(tx) => tx.set_api_key_limit(id, rate_limit),
+        }
+    }
+
+    /// Sets key `id`'s WebSocket caps; false if there is no such key.
+    pub fn set_api_key_caps(&mut self, id: ApiKeyId, caps: KeyCaps) -> Result<bool, StoreError> {
+        match &mut self.0 {
+            TxEngine::Sqlite(tx) => tx.set_api_key_caps(id, caps),
+            TxEngine::Etcd(tx) => tx.set_api_key_caps(id, caps),
         }
     }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use ipnet::IpNet;
 
 use crate::model::{
-    ApiKeyId, ApiKeyRecord, BlockRecord, BlockSource, Event, JoinTokenId, JoinTokenRecord,
+    ApiKeyId, ApiKeyRecord, BlockRecord, BlockSource, Event, JoinTokenId, JoinTokenRecord, KeyCaps,
     RateLimit,
 };
 
@@ -45,6 +45,9 @@ pub struct KeyEntry {
     pub secret_sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Absent from entries written before keys had caps of their own.
+    #[serde(flatten)]
+    pub caps: KeyCaps,
     pub created_ms: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_ms: Option<i64>,
@@ -59,6 +62,7 @@ impl KeyEntry {
             name: record.name.clone(),
             secret_sha256: hex::encode(record.secret_sha256),
             rate_limit: record.rate_limit,
+            caps: record.caps,
             created_ms: unix_ms(record.created),
             last_used_ms: record.last_used.map(unix_ms),
             revoked_ms: record.revoked.map(unix_ms),
@@ -79,6 +83,7 @@ impl KeyEntry {
             name: self.name.clone(),
             secret_sha256,
             rate_limit: self.rate_limit,
+            caps: self.caps,
             created: time("created_ms", self.created_ms)?,
             last_used: self
                 .last_used_ms

@@ -12,7 +12,8 @@ use super::{
 };
 use crate::model::{
     AdminState, ApiKeyRecord, Backend, BackendDef, BlockRecord, BlockSource, ForwardingMode,
-    HealthCheck, JoinTokenRecord, Origin, Protocol, RateLimit, Service, ServiceDef, ServiceKey,
+    HealthCheck, JoinTokenRecord, KeyCaps, Origin, Protocol, RateLimit, Service, ServiceDef,
+    ServiceKey,
 };
 
 /// A fresh directory under the system temp dir, removed when dropped.
@@ -183,6 +184,10 @@ fn every_record_round_trips_and_survives_reopen(place: &Place) {
         rps: 50,
         burst: 100,
     };
+    let caps = KeyCaps {
+        max_connections: Some(5000),
+        max_subscriptions: None,
+    };
     let (s1, s2, s3, k1, k2) = store
         .write(|tx| -> Result<_, StoreError> {
             let s1 = tx.insert_service(&v4, Origin::Config)?;
@@ -198,6 +203,7 @@ fn every_record_round_trips_and_survives_reopen(place: &Place) {
             let b1_id = tx.insert_backend(s1, &b1, Origin::Config)?;
             let b2_id = tx.insert_backend(s2, &b2, Origin::Api)?;
             assert!(tx.revoke_api_key(k2, at(5))?);
+            assert!(tx.set_api_key_caps(k1, caps)?);
             tx.record_event("service.added", "service 1", "config")?;
             tx.record_event("key.revoked", "key 2 (bob)", "api")?;
             Ok((b1_id, b2_id))
@@ -244,6 +250,7 @@ fn every_record_round_trips_and_survives_reopen(place: &Place) {
             name: "alice".into(),
             secret_sha256: [1; 32],
             rate_limit: Some(limit),
+            caps,
             created: at(1),
             last_used: Some(at(3)),
             revoked: None,
@@ -253,6 +260,7 @@ fn every_record_round_trips_and_survives_reopen(place: &Place) {
             name: "bob".into(),
             secret_sha256: [2; 32],
             rate_limit: None,
+            caps: KeyCaps::default(),
             created: at(2),
             last_used: None,
             revoked: Some(at(5)),
@@ -570,6 +578,49 @@ fn a_file_from_before_the_blocklist_migrates_with_an_empty_one() {
     store.write(|tx| tx.put_block(&record)).expect("a block");
     drop(store);
     assert_eq!(open(&dir).blocklist().expect("blocklist"), [record]);
+}
+
+#[test]
+fn a_file_from_before_key_caps_migrates_with_its_keys_at_the_default() {
+    let dir = TempDir::new();
+    {
+        let mut conn = rusqlite::Connection::open(dir.db()).expect("creating a version 4 file");
+        let tx = conn.transaction().expect("a transaction");
+        for step in &MIGRATIONS[..4] {
+            tx.execute_batch(step).expect("a version 4 schema step");
+        }
+        tx.execute(
+            "INSERT INTO api_keys (name, secret_sha256, rps, burst, created_ms) \
+             VALUES ('alice', ?1, 5, 10, 1000)",
+            [&[1u8; 32][..]],
+        )
+        .expect("a key of version 4");
+        tx.pragma_update(None, "user_version", 4)
+            .and_then(|()| tx.commit())
+            .expect("the version 4 schema");
+    }
+    let store = open(&dir);
+    let keys = store.api_keys().expect("keys");
+    assert_eq!(keys.len(), 1);
+    assert_eq!(
+        (keys[0].name.as_str(), keys[0].rate_limit, keys[0].caps),
+        (
+            "alice",
+            Some(RateLimit { rps: 5, burst: 10 }),
+            KeyCaps::default()
+        )
+    );
+    let caps = KeyCaps {
+        max_connections: None,
+        max_subscriptions: Some(3),
+    };
+    assert!(
+        store
+            .write(|tx| tx.set_api_key_caps(keys[0].id, caps))
+            .expect("caps")
+    );
+    drop(store);
+    assert_eq!(open(&dir).api_keys().expect("keys")[0].caps, caps);
 }
 
 #[test]

@@ -5,7 +5,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_control::{gateway::AuthFailureBlock, model::RateLimit};
+use lb_control::{
+    gateway::AuthFailureBlock,
+    model::{KeyCaps, RateLimit},
+};
 use lb_tests::{lab::certs::write_pem, sim_node::faults::Fault};
 use reqwest::{StatusCode, Version};
 use serde_json::{Value, json};
@@ -50,7 +53,10 @@ async fn valid_key_works_in_every_position() {
 async fn missing_unknown_and_revoked_keys_get_401_and_nothing_reaches_a_node() {
     let setup = Setup::start(2).await;
     let body = request(1, "system_chain", json!([]));
-    let revoked = setup.keys.create("leaving", None).expect("key");
+    let revoked = setup
+        .keys
+        .create("leaving", None, KeyCaps::default())
+        .expect("key");
     assert_eq!(
         setup
             .post(&format!("/{}", revoked.secret), &body)
@@ -106,7 +112,11 @@ async fn over_rate_requests_get_429_with_retry_after() {
     let setup = Setup::start(1).await;
     let limited = setup
         .keys
-        .create("limited", Some(RateLimit { rps: 1, burst: 2 }))
+        .create(
+            "limited",
+            Some(RateLimit { rps: 1, burst: 2 }),
+            KeyCaps::default(),
+        )
         .expect("key");
     let path = format!("/{}", limited.secret);
     let body = request(1, "system_chain", json!([]));
@@ -898,7 +908,10 @@ async fn identical_concurrent_requests_share_one_node_call() {
 #[tokio::test]
 async fn revoked_key_gets_401_at_its_next_request_on_an_open_connection() {
     let setup = Setup::start(1).await;
-    let created = setup.keys.create("keep-alive", None).expect("key");
+    let created = setup
+        .keys
+        .create("keep-alive", None, KeyCaps::default())
+        .expect("key");
     // One client, one kept-alive connection for both requests.
     let client = setup.client();
     let url = setup.url(&format!("/{}", created.secret));

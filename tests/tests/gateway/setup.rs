@@ -21,8 +21,8 @@ use lb_control::{
     },
     keys::ApiKeys,
     model::{
-        AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, Origin, Protocol, Service,
-        ServiceDef,
+        AdminState, Backend, BackendDef, ForwardingMode, HealthCheck, KeyCaps, Origin, Protocol,
+        Service, ServiceDef,
     },
     store::Store,
 };
@@ -145,7 +145,10 @@ impl Setup {
 
         let store = Store::open(&dir.0.join("state.db")).expect("store opens");
         let keys = ApiKeys::open(store.clone()).expect("keys load");
-        let secret = keys.create("client", None).expect("key created").secret;
+        let secret = keys
+            .create("client", None, KeyCaps::default())
+            .expect("key created")
+            .secret;
         let (view_tx, view) = watch::channel(Arc::new(cluster_view(&nodes)));
         let mut registry = Registry::default();
         let metrics = Arc::new(GatewayMetrics::register(&mut registry));

@@ -5,7 +5,10 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use lb_control::{backends::State, model::RateLimit};
+use lb_control::{
+    backends::State,
+    model::{KeyCaps, RateLimit},
+};
 use lb_tests::{
     sim_node::{Fault, SimNodeHandle},
     ws_client::WsClient,
@@ -293,21 +296,13 @@ async fn websocket_limits_answer_with_their_errors() {
     .await;
     let mut first = setup.connect().await;
     let _second = setup.connect().await;
-    match setup.websocket(&format!("/{}", setup.secret)).await {
-        Err(WsError::Http(response)) => {
-            assert_eq!(response.status(), 429);
-            let body = response.body().as_deref().expect("a body");
-            let answer: Value = serde_json::from_slice(body).expect("a JSON-RPC error");
-            assert_eq!(
-                answer["error"],
-                json!({
-                    "code": -32005,
-                    "message": "Too many WebSocket connections for this API key: at most 2"
-                })
-            );
-        }
-        other => panic!("a third connection of the key: {:?}", other.err()),
-    }
+    assert_eq!(
+        refused_upgrade(&setup, &setup.secret).await,
+        json!({
+            "code": -32005,
+            "message": "Too many WebSocket connections for this API key: at most 2"
+        })
+    );
     assert!(
         setup
             .metrics_text()
@@ -331,12 +326,101 @@ async fn websocket_limits_answer_with_their_errors() {
     assert!(third.call(UNCACHED_READ, json!([])).await["result"].is_string());
 }
 
+/// The JSON-RPC error of a WebSocket upgrade with `secret` that the gateway refuses with 429.
+async fn refused_upgrade(setup: &Setup, secret: &str) -> Value {
+    match setup.websocket(&format!("/{secret}")).await {
+        Err(WsError::Http(response)) => {
+            assert_eq!(response.status(), 429);
+            let body = response.body().as_deref().expect("a body");
+            let answer: Value = serde_json::from_slice(body).expect("a JSON-RPC error");
+            answer["error"].clone()
+        }
+        other => panic!("an upgrade over the key's cap: {:?}", other.err()),
+    }
+}
+
+/// A key's own caps take the place of the gateway's defaults: a plan above them (or another
+/// site's gateway failing over through one key) opens more connections and subscriptions
+/// than `max_connections_per_key` and `max_subscriptions_per_key`; a change holds the next
+/// connection to the new cap and leaves the open ones be.
+#[tokio::test]
+async fn a_key_s_own_caps_take_the_place_of_the_gateway_s_defaults() {
+    let setup = Setup::start_with(1, |section| {
+        section.max_connections_per_key = 1;
+        section.max_subscriptions_per_key = 1;
+    })
+    .await;
+    let caps = KeyCaps {
+        max_connections: Some(3),
+        max_subscriptions: Some(2),
+    };
+    let plan = setup.keys.create("plan", None, caps).expect("key");
+    let path = format!("/{}", plan.secret);
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(
+            setup
+                .websocket(&path)
+                .await
+                .expect("a connection within the key's cap"),
+        );
+    }
+    assert_eq!(
+        refused_upgrade(&setup, &plan.secret).await,
+        json!({
+            "code": -32005,
+            "message": "Too many WebSocket connections for this API key: at most 3"
+        })
+    );
+    // Subscriptions on the node: two, the key's cap, across its connections.
+    let storage = json!([[SYSTEM_NUMBER]]);
+    for ws in &mut open[..2] {
+        let subscribed = ws.call("state_subscribeStorage", storage.clone()).await;
+        assert!(subscribed["result"].is_string(), "{subscribed}");
+    }
+    let over = open[2].call("state_subscribeStorage", storage).await;
+    assert_eq!(
+        over["error"],
+        json!({
+            "code": -32006,
+            "message": "Too many subscriptions for this API key: at most 2 on the nodes"
+        })
+    );
+    // The gateway's default still holds every other key.
+    let _default = setup.connect().await;
+    assert_eq!(
+        refused_upgrade(&setup, &setup.secret).await["message"],
+        "Too many WebSocket connections for this API key: at most 1"
+    );
+
+    // Lowered to 2: the three open connections stay and are served; a fourth is refused at 2.
+    let lowered = KeyCaps {
+        max_connections: Some(2),
+        ..caps
+    };
+    setup
+        .keys
+        .set_caps(plan.record.id, lowered)
+        .expect("caps set");
+    assert_eq!(
+        refused_upgrade(&setup, &plan.secret).await["message"],
+        "Too many WebSocket connections for this API key: at most 2"
+    );
+    for ws in &mut open {
+        assert!(ws.call(UNCACHED_READ, json!([])).await["result"].is_string());
+    }
+}
+
 #[tokio::test]
 async fn over_rate_websocket_calls_get_a_json_rpc_error_and_the_connection_stays() {
     let setup = Setup::start(1).await;
     let limited = setup
         .keys
-        .create("limited", Some(RateLimit { rps: 1, burst: 2 }))
+        .create(
+            "limited",
+            Some(RateLimit { rps: 1, burst: 2 }),
+            KeyCaps::default(),
+        )
         .expect("key")
         .secret;
     let mut ws = setup
@@ -430,7 +514,10 @@ async fn node_dying_closes_the_clients_with_subscriptions_there_and_moves_the_ot
 #[tokio::test]
 async fn revoked_key_closes_its_open_connections() {
     let setup = Setup::start(1).await;
-    let created = setup.keys.create("short-lived", None).expect("key");
+    let created = setup
+        .keys
+        .create("short-lived", None, KeyCaps::default())
+        .expect("key");
     let mut ws = setup
         .websocket(&format!("/{}", created.secret))
         .await
@@ -453,7 +540,10 @@ async fn subscription_only_connection_of_a_revoked_key_is_closed_with_1008_withi
     // is far beyond the test, so the gateway sends no ping the client would answer: after its
     // subscription the client sends nothing at all (tungstenite never pings on its own).
     let setup = Setup::start_with_blocks(1, Duration::from_millis(200), |_| {}).await;
-    let created = setup.keys.create("listener", None).expect("key");
+    let created = setup
+        .keys
+        .create("listener", None, KeyCaps::default())
+        .expect("key");
     let mut ws = setup
         .websocket(&format!("/{}", created.secret))
         .await
@@ -490,7 +580,10 @@ async fn subscription_only_connection_of_a_revoked_key_is_closed_with_1008_withi
 #[tokio::test]
 async fn limit_change_reaches_an_open_websocket_at_its_next_call() {
     let setup = Setup::start(1).await;
-    let created = setup.keys.create("changing", None).expect("key");
+    let created = setup
+        .keys
+        .create("changing", None, KeyCaps::default())
+        .expect("key");
     let mut ws = setup
         .websocket(&format!("/{}", created.secret))
         .await

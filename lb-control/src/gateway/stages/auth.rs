@@ -165,6 +165,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::KeyCaps;
 
     fn key(uri: &str, headers: &[(&str, &str)]) -> Option<String> {
         let uri: Uri = uri.parse().unwrap();
@@ -200,7 +201,7 @@ mod tests {
     async fn made_up_and_malformed_keys_are_refused_without_a_store_query() {
         let (_dir, store) = TempStore::new("made-up");
         let keys = ApiKeys::open(store.clone()).unwrap();
-        let created = keys.create("alice", None).unwrap();
+        let created = keys.create("alice", None, KeyCaps::default()).unwrap();
         let auth = Authenticator::new(&keys, store.clone());
         let before = store.calls();
         let made_up = format!("{}{}", keys::SECRET_PREFIX, "0f".repeat(32));
@@ -226,7 +227,7 @@ mod tests {
     fn revocation_and_a_new_limit_reach_a_watcher_at_once() {
         let (_dir, store) = TempStore::new("watch");
         let keys = ApiKeys::open(store.clone()).unwrap();
-        let created = keys.create("alice", None).unwrap();
+        let created = keys.create("alice", None, KeyCaps::default()).unwrap();
         let auth = Authenticator::new(&keys, store);
         let (_, digest) = auth.check(Some(&created.secret)).unwrap();
         let mut watch = auth.watch();

@@ -12,8 +12,8 @@ use ipnet::IpNet;
 use super::{Dir, EtcdStore, Ids, decode_blocklist, encode};
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, Origin, RateLimit,
-        Service, ServiceDef, ServiceId, ServiceKey,
+        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, KeyCaps, Origin,
+        RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
@@ -343,6 +343,7 @@ impl EtcdTx {
             name: name.to_owned(),
             secret_sha256: secret,
             rate_limit,
+            caps: KeyCaps::default(),
             created_ms: unix_ms(created),
             last_used_ms: None,
             revoked_ms: None,
@@ -388,6 +389,17 @@ impl EtcdTx {
     ) -> Result<bool, StoreError> {
         self.change_key(id, |entry| {
             entry.rate_limit = rate_limit;
+            true
+        })
+    }
+
+    pub(in crate::store) fn set_api_key_caps(
+        &mut self,
+        id: ApiKeyId,
+        caps: KeyCaps,
+    ) -> Result<bool, StoreError> {
+        self.change_key(id, |entry| {
+            entry.caps = caps;
             true
         })
     }

@@ -21,8 +21,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use ipnet::IpNet;
 
 use crate::model::{
-    ApiKeyRecord, Backend, BackendDef, BlockRecord, Event, JoinTokenRecord, RateLimit, Service,
-    ServiceDef,
+    ApiKeyRecord, Backend, BackendDef, BlockRecord, Event, JoinTokenRecord, KeyCaps, RateLimit,
+    Service, ServiceDef,
 };
 use crate::store::{
     StoreError,
@@ -115,6 +115,10 @@ impl<'a> RowDecoder<'a> {
             name: row.get("name")?,
             secret_sha256,
             rate_limit,
+            caps: KeyCaps {
+                max_connections: self.optional_int(row, "max_connections")?,
+                max_subscriptions: self.optional_int(row, "max_subscriptions")?,
+            },
             created: self.time(row, "created_ms")?,
             last_used: self.optional_time(row, "last_used_ms")?,
             revoked: self.optional_time(row, "revoked_ms")?,
@@ -192,6 +196,20 @@ impl<'a> RowDecoder<'a> {
         let value: i64 = row.get(column)?;
         T::try_from(value)
             .map_err(|_| self.corrupt(column, format_args!("{value} is out of range")))
+    }
+
+    fn optional_int<T: TryFrom<i64>>(
+        &self,
+        row: &Row<'_>,
+        column: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let value: Option<i64> = row.get(column)?;
+        value
+            .map(|value| {
+                T::try_from(value)
+                    .map_err(|_| self.corrupt(column, format_args!("{value} is out of range")))
+            })
+            .transpose()
     }
 
     fn time(&self, row: &Row<'_>, column: &str) -> Result<SystemTime, StoreError> {

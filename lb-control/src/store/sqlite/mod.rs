@@ -279,8 +279,9 @@ fn blocklist(conn: &Connection, path: &Path) -> Result<Vec<BlockRecord>, StoreEr
     Ok(records)
 }
 
-const API_KEY_COLUMNS: &str = "SELECT id, name, secret_sha256, rps, burst, created_ms, \
-                               last_used_ms, revoked_ms FROM api_keys";
+const API_KEY_COLUMNS: &str = "SELECT id, name, secret_sha256, rps, burst, max_connections, \
+                               max_subscriptions, created_ms, last_used_ms, revoked_ms \
+                               FROM api_keys";
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // Checked, not assumed: SQLite keeps the old journal mode when it cannot switch (e.g. on a

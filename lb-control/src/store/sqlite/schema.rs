@@ -83,6 +83,11 @@ pub(in crate::store) const MIGRATIONS: &[&str] = &[
         created_ms INTEGER NOT NULL
     ) STRICT;
 ",
+    "
+    -- A key's own WebSocket caps; NULL: the gateway's default.
+    ALTER TABLE api_keys ADD COLUMN max_connections INTEGER;
+    ALTER TABLE api_keys ADD COLUMN max_subscriptions INTEGER;
+",
 ];
 
 /// The schema version this build writes.

@@ -9,8 +9,8 @@ use ipnet::IpNet;
 
 use crate::{
     model::{
-        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, Origin, RateLimit,
-        Service, ServiceDef, ServiceId, ServiceKey,
+        ApiKeyId, Backend, BackendDef, BackendId, BlockRecord, JoinTokenId, KeyCaps, Origin,
+        RateLimit, Service, ServiceDef, ServiceId, ServiceKey,
     },
     store::{
         StoreError,
@@ -242,6 +242,19 @@ impl<'a> SqliteTx<'a> {
         Ok(changed > 0)
     }
 
+    /// Sets key `id`'s WebSocket caps; false if there is no such key.
+    pub(in crate::store) fn set_api_key_caps(
+        &mut self,
+        id: ApiKeyId,
+        caps: KeyCaps,
+    ) -> Result<bool, StoreError> {
+        let changed = self.tx.execute(
+            "UPDATE api_keys SET max_connections = ?2, max_subscriptions = ?3 WHERE id = ?1",
+            params![id, caps.max_connections, caps.max_subscriptions],
+        )?;
+        Ok(changed > 0)
+    }
+
     /// Adds a join token; its name and its secret must both be new.
     pub(in crate::store) fn insert_join_token(
         &mut self,
@@ -391,14 +404,17 @@ impl SqliteTx<'_> {
             what: format!("import: API key {}: {problem}", key.id),
         })?;
         self.tx.execute(
-            "INSERT INTO api_keys (id, name, secret_sha256, rps, burst, created_ms, \
-             last_used_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO api_keys (id, name, secret_sha256, rps, burst, max_connections, \
+             max_subscriptions, created_ms, last_used_ms, revoked_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 record.id,
                 record.name,
                 &record.secret_sha256[..],
                 record.rate_limit.map(|limit| limit.rps),
                 record.rate_limit.map(|limit| limit.burst),
+                record.caps.max_connections,
+                record.caps.max_subscriptions,
                 key.created_ms,
                 key.last_used_ms,
                 key.revoked_ms,
