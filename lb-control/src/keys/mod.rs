@@ -29,7 +29,7 @@ use thiserror::Error;
 
 use crate::{
     model::{ApiKeyId, ApiKeyRecord, KeyCaps, RateLimit},
-    store::{Store, StoreError},
+    store::{Store, StoreError, Tx},
 };
 pub use live::{KeyChange, KeySet, LiveKey};
 
@@ -188,46 +188,55 @@ impl ApiKeys {
         if let Some(limit) = rate_limit {
             validate_limit(limit)?;
         }
-        let _changing = self.lock_changes();
-        let mut key = self.active(id)?;
-        self.store.write(|tx| {
-            if !tx.set_api_key_limit(id, rate_limit)? {
-                return Err(CredentialError::NotFound { what: api_key(id) });
-            }
-            tx.record_event(
-                "key.limit",
-                &describe(id, &key.name),
-                &format!(
-                    "{} -> {}",
-                    describe_limit(key.rate_limit),
-                    describe_limit(rate_limit)
-                ),
-            )?;
-            Ok(())
-        })?;
-        key.rate_limit = rate_limit;
-        self.live.apply(KeyChange::Put(key.clone()));
-        Ok(key)
+        self.change_active(
+            id,
+            "key.limit",
+            |tx| tx.set_api_key_limit(id, rate_limit),
+            |key| {
+                let was = describe_limit(key.rate_limit);
+                key.rate_limit = rate_limit;
+                format!("{was} -> {}", describe_limit(rate_limit))
+            },
+        )
     }
 
     /// Sets a key's WebSocket caps, each None back to the gateway's default. Connections and
     /// subscriptions a lowered cap finds open stay; new ones are held to it.
     pub fn set_caps(&self, id: ApiKeyId, caps: KeyCaps) -> Result<ApiKeyRecord, CredentialError> {
         validate_caps(caps)?;
+        self.change_active(
+            id,
+            "key.caps",
+            |tx| tx.set_api_key_caps(id, caps),
+            |key| {
+                let was = describe_caps(key.caps);
+                key.caps = caps;
+                format!("{was} -> {}", describe_caps(caps))
+            },
+        )
+    }
+
+    /// One change of active key `id`: `write` in the store (false: the key is gone) with an
+    /// event of `kind`, then in the live keys. `change` makes it on the key as it was and says
+    /// what changed, for the event.
+    fn change_active(
+        &self,
+        id: ApiKeyId,
+        kind: &'static str,
+        write: impl Fn(&mut Tx<'_>) -> Result<bool, StoreError>,
+        change: impl FnOnce(&mut ApiKeyRecord) -> String,
+    ) -> Result<ApiKeyRecord, CredentialError> {
         let _changing = self.lock_changes();
         let mut key = self.active(id)?;
+        let subject = describe(id, &key.name);
+        let detail = change(&mut key);
         self.store.write(|tx| {
-            if !tx.set_api_key_caps(id, caps)? {
+            if !write(tx)? {
                 return Err(CredentialError::NotFound { what: api_key(id) });
             }
-            tx.record_event(
-                "key.caps",
-                &describe(id, &key.name),
-                &format!("{} -> {}", describe_caps(key.caps), describe_caps(caps)),
-            )?;
+            tx.record_event(kind, &subject, &detail)?;
             Ok(())
         })?;
-        key.caps = caps;
         self.live.apply(KeyChange::Put(key.clone()));
         Ok(key)
     }
