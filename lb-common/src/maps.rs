@@ -212,7 +212,12 @@ pub struct SecondChance {
     pub port_be: u16,
     pub family: u8,
     pub peer_family: u8,
-    pub _pad: u32,
+    /// The admin API's port at the same address(es), when it listens there too: the standing
+    /// entry's, so operators' tools at the floating address reach the other host while this
+    /// lb-control is down. 0: none (a handover's entry, an entry of an older lb-control, whose
+    /// padding this was).
+    pub admin_port_be: u16,
+    pub _pad: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<SecondChance>() == 48);

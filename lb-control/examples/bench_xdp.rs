@@ -397,7 +397,7 @@ fn run(net: &FixtureNet, options: &Options) -> Result<String, String> {
         &std::path::Path::new(DEFAULT_BPFFS).join(instance(TAG)),
         SecondChanceMode::Standing,
     )
-    .and_then(|mut standing| standing.arm(gateway, backend_v4(3).into()))
+    .and_then(|mut standing| standing.arm(gateway, None, backend_v4(3).into()))
     .map_err(|error| format!("arming the standing second chance: {error}"))?;
     rows.push(Row {
         path: "gateway segment on an HA pair member",

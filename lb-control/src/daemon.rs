@@ -309,6 +309,7 @@ impl Daemon {
         let second_chance = StandingSecondChance::start(
             config.ha.as_ref(),
             gateway_bound.as_ref().map(Bound::local_addr),
+            &admin_listener,
             &pin_dir,
         )
         .await?

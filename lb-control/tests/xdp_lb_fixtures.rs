@@ -2330,8 +2330,10 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
             syn.bytes(),
         );
 
+        // The admin API listens at the gateway's address too (on every address, say).
+        let admin = v4(LB_CLIENT_V4, 9900);
         standing
-            .arm(gateway, other_host)
+            .arm(gateway, Some(admin.port()), other_host)
             .expect("arming the standing second chance");
         let (action, lb_mac, peer_mac) = next_hop(other_host);
         let to_other_host = |packet: &Packet| {
@@ -2354,6 +2356,16 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
             expect: to_other_host(&segment),
             counted: Counted::Nothing,
         });
+        let admin_syn = Packet::syn(client(40002), admin);
+        lab.row(Row {
+            description: "... and so does a SYN to the admin API's port while it does not \
+                          listen either"
+                .into(),
+            link: CLIENT_LINK,
+            input: admin_syn.bytes(),
+            expect: to_other_host(&admin_syn),
+            counted: Counted::Nothing,
+        });
         lab.passed(
             "a SYN to another port of the gateway's address goes to the stack",
             CLIENT_LINK,
@@ -2367,12 +2379,18 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
 
         // lb-control is back: its gateway listens, and has a connection of its own.
         let listener = std::net::TcpListener::bind(gateway).expect("the gateway's listener");
+        let admin_listener = std::net::TcpListener::bind(admin).expect("the admin listener");
         let own = std::net::TcpStream::connect(gateway).expect("a connection of this host's own");
         let own_client = own.local_addr().expect("its client address");
         lab.passed(
             "once the gateway listens, a SYN opens the connection here",
             CLIENT_LINK,
             syn.bytes(),
+        );
+        lab.passed(
+            "once the admin API listens, its SYN opens the connection here",
+            CLIENT_LINK,
+            admin_syn.bytes(),
         );
         lab.passed(
             "a segment of no connection here goes to the stack, which resets it (the other \
@@ -2385,11 +2403,11 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
             CLIENT_LINK,
             Packet::tcp(own_client, gateway).bytes(),
         );
-        drop((own, listener));
+        drop((own, listener, admin_listener));
 
         let gateway6 = v6(Ipv6Addr::new(0xfd00, 0x200, 1, 0, 0, 0, 0, 1), GATEWAY_PORT);
         standing
-            .arm(gateway6, b6(3).ip())
+            .arm(gateway6, None, b6(3).ip())
             .expect("arming the standing second chance for IPv6");
         let syn6 = Packet::syn(client6(40000), gateway6);
         let (action, lb_mac, peer_mac) = next_hop(b6(3).ip());
@@ -2416,7 +2434,7 @@ fn gateway_connections_go_to_the_other_host_while_no_gateway_listens_here() {
         assert_eq!(
             read_second_chance_packets(&pin_dir, SecondChanceMode::Standing)
                 .expect("STANDING_SECOND_CHANCE_PACKETS"),
-            3,
+            4,
             "the packets sent to the other host are counted"
         );
         assert_eq!(

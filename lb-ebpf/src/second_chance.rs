@@ -16,7 +16,9 @@
 //!   stops cleanly or leaves the pair. Once a gateway listens here, a segment of no connection
 //!   is the stack's, which resets it: it may be a connection of the other host's that died
 //!   with it (this host took the address over from a crashed or cut-off master), and sent
-//!   there it would vanish, its client hanging instead of reconnecting here.
+//!   there it would vanish, its client hanging instead of reconnecting here. The entry can
+//!   name the admin API's port too (it listens at the same address): its segments go the
+//!   same way while no admin API listens here.
 //!
 //! A segment that came in from the other host's side is never sent back (no ping-pong). The
 //! socket lookup, the cost, is paid only on a host where an entry is armed.
@@ -62,11 +64,12 @@ pub fn verdict(ctx: &XdpContext, scratch: &mut Scratch) -> Verdict {
     Verdict::pass()
 }
 
-/// Whether the armed `entry` is for the packet's gateway address and port.
+/// Whether the armed `entry` is for the packet's gateway address and port (or admin port).
 #[inline(always)]
 fn covers(entry: &SecondChance, ip: &IpPacket) -> bool {
+    let port = ip.key.dst_port_be;
     entry.until_ns != 0
-        && entry.port_be == ip.key.dst_port_be
+        && (entry.port_be == port || (entry.admin_port_be != 0 && entry.admin_port_be == port))
         && entry.family == ip.key.family
         && (entry.addr == [0; 16] || entry.addr == ip.key.dst_addr)
 }

@@ -171,6 +171,10 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
     let after = new_connection_per_call(&lab, &key, "after-the-crash")?;
     let answer = call_gateway(&lab, &key).context("a new connection just after the crash")?;
     ensure!(answer.contains("\"result\":\"Development\""), "{answer}");
+    // An operator's tool at the floating admin address is served too (by LB b's admin API).
+    let created = create_key_at_floating_admin(&lab, "while-a-is-down")
+        .context("an admin write at the floating address after the crash")?;
+    ensure!(created["name"] == "while-a-is-down", "{created}");
     wait_until(
         "LB b's gateway answering the calls that reach LB a",
         Duration::from_secs(20),
@@ -194,7 +198,37 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
         sent > 0,
         "LB a's XDP program sent no segment to LB b: who answered?"
     );
+    let keys = cli_json(&lab, b, &["key", "list"])?;
+    ensure!(
+        keys.as_array()
+            .is_some_and(|keys| keys.iter().any(|key| key["name"] == "while-a-is-down")),
+        "LB b does not list the key written at the floating address: {keys}"
+    );
     Ok(())
+}
+
+/// `POST /v1/keys` from the client at the floating admin address (a new connection, tight
+/// timeouts): the key as created, or why not.
+fn create_key_at_floating_admin(lab: &PairLab, name: &str) -> anyhow::Result<serde_json::Value> {
+    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    command
+        .args([
+            "-sS",
+            "--fail",
+            "--connect-timeout",
+            "0.3",
+            "--max-time",
+            "2",
+        ])
+        .args(["-H", "content-type: application/json"])
+        .args([
+            "-H",
+            &format!("authorization: Bearer {}", lab.admin_token()),
+        ])
+        .args(["-d", &format!(r#"{{"name":"{name}"}}"#)])
+        .arg(format!("{}/v1/keys", lab.floating_admin_url()));
+    let output = run_checked(&mut command)?;
+    Ok(serde_json::from_slice(&output.stdout)?)
 }
 
 #[test]

@@ -76,13 +76,19 @@ impl SecondChanceMap {
     ) -> Result<(), DataplaneError> {
         let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         let until_ns = monotonic_clock_ns().saturating_add(window_ns).max(1);
-        self.set(entry(gateway, peer, until_ns))
+        self.set(entry(gateway, peer, until_ns, None))
     }
 
     /// Until [`disarm`](Self::disarm), whatever becomes of this process: the standing one's,
-    /// which sends segments (SYNs included) only while nothing listens here.
-    pub fn arm(&mut self, gateway: SocketAddr, peer: IpAddr) -> Result<(), DataplaneError> {
-        self.set(entry(gateway, peer, u64::MAX))
+    /// which sends segments (SYNs included) only while nothing listens here; those to
+    /// `admin_port` at the gateway's address(es) too, when the admin API listens there.
+    pub fn arm(
+        &mut self,
+        gateway: SocketAddr,
+        admin_port: Option<u16>,
+        peer: IpAddr,
+    ) -> Result<(), DataplaneError> {
+        self.set(entry(gateway, peer, u64::MAX, admin_port))
     }
 
     pub fn disarm(&mut self) -> Result<(), DataplaneError> {
@@ -96,9 +102,14 @@ impl SecondChanceMap {
     }
 }
 
-/// An entry for `gateway` (its address unspecified: all zero, any address of its family) and
-/// `peer`, in force until `until_ns`.
-fn entry(gateway: SocketAddr, peer: IpAddr, until_ns: u64) -> SecondChance {
+/// An entry for `gateway` (its address unspecified: all zero, any address of its family), and
+/// `admin_port` at the same address(es), and `peer`, in force until `until_ns`.
+fn entry(
+    gateway: SocketAddr,
+    peer: IpAddr,
+    until_ns: u64,
+    admin_port: Option<u16>,
+) -> SecondChance {
     let addr = if gateway.ip().is_unspecified() {
         [0; 16]
     } else {
@@ -111,6 +122,7 @@ fn entry(gateway: SocketAddr, peer: IpAddr, until_ns: u64) -> SecondChance {
         port_be: gateway.port().to_be(),
         family: family(gateway.ip()),
         peer_family: family(peer),
+        admin_port_be: admin_port.unwrap_or(0).to_be(),
         _pad: 0,
     }
 }

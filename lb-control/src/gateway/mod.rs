@@ -76,7 +76,7 @@ use self::{
 use crate::{
     backends::ClusterView,
     cache::{self, ChainFollower, ResponseCache},
-    ha::handover::Connections,
+    ha::{handover::Connections, set_ip_option},
     health::{HealthSnapshot, Target},
     keys::ApiKeys,
     model::{ServiceKey, Tier},
@@ -248,27 +248,6 @@ fn reuseport_listener(address: SocketAddr, bind: Bind) -> std::io::Result<std::n
     }
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)?.into_std()
-}
-
-/// Turns on the `SOL_IP` option `option` (`IP_FREEBIND`, `IP_TRANSPARENT`); at `SOL_IP` they
-/// cover IPv6 sockets too. The connections a listener accepts inherit them.
-fn set_ip_option(socket: &impl std::os::fd::AsRawFd, option: libc::c_int) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and an int option of the size given.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_IP,
-            option,
-            (&raw const on).cast(),
-            std::mem::size_of_val(&on) as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// The gateway's connections as a planned handover drains them: this host gave its address

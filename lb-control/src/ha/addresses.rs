@@ -1,5 +1,6 @@
 //! The addresses this host (its network namespace) holds now: which floating addresses
-//! keepalived has put here, and which interface is the private link.
+//! keepalived has put here, and which interface is the private link; and the socket options
+//! that let a socket use a floating address this host does not hold (yet, or any more).
 
 use std::{
     collections::BTreeSet,
@@ -66,6 +67,30 @@ unsafe fn ip_of(address: *const libc::sockaddr) -> Option<IpAddr> {
             }
             _ => None,
         }
+    }
+}
+
+/// Turns on the `SOL_IP` option `option` (`IP_FREEBIND`, `IP_TRANSPARENT`); at `SOL_IP` they
+/// cover IPv6 sockets too. The connections a listener accepts inherit them.
+pub fn set_ip_option(
+    socket: &impl std::os::fd::AsRawFd,
+    option: libc::c_int,
+) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the size given.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IP,
+            option,
+            (&raw const on).cast(),
+            std::mem::size_of_val(&on) as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -44,7 +44,10 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 use utoipa::ToSchema;
 
-pub use self::{addresses::local_addresses, settings::HaSection};
+pub use self::{
+    addresses::{local_addresses, set_ip_option},
+    settings::HaSection,
+};
 use crate::{
     metrics::{Metrics, RoleLabels},
     store::{Store, StoreError},

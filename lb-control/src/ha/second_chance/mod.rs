@@ -32,7 +32,7 @@ use tracing::{error, info, warn};
 
 use self::route::{LocalRoutes, is_strict_reverse_path};
 pub use self::route::{RouteError, TABLE as ROUTE_TABLE};
-use super::{HaSection, addresses::interface_of};
+use super::{HaSection, addresses::interface_of, set_ip_option};
 use crate::dataplane::{
     DataplaneError, SecondChanceMap, SecondChanceMode, read_second_chance_packets,
 };
@@ -48,6 +48,11 @@ pub enum SecondChanceError {
     Interfaces(#[source] std::io::Error),
     #[error("the standing second chance: {0}")]
     Dataplane(#[from] DataplaneError),
+    #[error(
+        "the admin API's listener: {0} (IP_TRANSPARENT, so it may answer at a floating address \
+         this host does not hold, needs CAP_NET_ADMIN)"
+    )]
+    AdminListener(#[source] std::io::Error),
 }
 
 /// This member's standing second chance: its XDP entry towards the other host, and the rule
@@ -65,10 +70,14 @@ pub struct StandingSecondChance {
 impl StandingSecondChance {
     /// Arms it when this lb-control is in a pair with a private link (`section`'s flow sync)
     /// and a gateway listening at `gateway`; otherwise disarms what an earlier lb-control of
-    /// this instance may have left armed, and returns None.
+    /// this instance may have left armed, and returns None. The admin API's port is armed too
+    /// when its listener (`admin`) answers at the gateway's address (the same address or every
+    /// one); the listener then may answer from the address when this host does not hold it
+    /// (`IP_TRANSPARENT`), as the gateway's may: the other host's operators' calls come here.
     pub async fn start(
         section: Option<&HaSection>,
         gateway: Option<SocketAddr>,
+        admin: &std::net::TcpListener,
         pin_dir: &Path,
     ) -> Result<Option<StandingSecondChance>, SecondChanceError> {
         let mut entry = SecondChanceMap::open(pin_dir, SecondChanceMode::Standing)?;
@@ -102,7 +111,14 @@ impl StandingSecondChance {
             .map_err(SecondChanceError::Interfaces)?
             .ok_or(SecondChanceError::NoPrivateInterface(private))?;
         let peer = flow_sync.peer.ip();
-        entry.arm(gateway, peer)?;
+        let admin_address = admin
+            .local_addr()
+            .map_err(SecondChanceError::AdminListener)?;
+        let admin_port = reaches_admin_at(admin_address, gateway).then_some(admin_address.port());
+        if admin_port.is_some() {
+            set_ip_option(admin, libc::IP_TRANSPARENT).map_err(SecondChanceError::AdminListener)?;
+        }
+        entry.arm(gateway, admin_port, peer)?;
         let standing = StandingSecondChance {
             pin_dir: pin_dir.to_owned(),
             interface,
@@ -111,9 +127,10 @@ impl StandingSecondChance {
         };
         match standing.ensure_routes().await {
             Ok(()) => info!(
-                %gateway, %peer, interface = %standing.interface,
-                "ha: standing second chance armed: while no gateway listens here, new gateway \
-                 connections go to the other host; the other host's come in on the private link"
+                %gateway, ?admin_port, %peer, interface = %standing.interface,
+                "ha: standing second chance armed: while no gateway (or admin API) listens \
+                 here, new connections to it go to the other host; the other host's come in on \
+                 the private link"
             ),
             Err(error) => error!(
                 "ha: the other host's gateway segments cannot come in here (second chance): \
@@ -161,6 +178,14 @@ impl StandingSecondChance {
     }
 }
 
+/// Whether the admin API listening at `admin` answers at the gateway's address too (every
+/// address of its family, or the same one), so the other host's serves it there as well.
+fn reaches_admin_at(admin: SocketAddr, gateway: SocketAddr) -> bool {
+    admin.port() != gateway.port()
+        && admin.is_ipv4() == gateway.is_ipv4()
+        && (admin.ip().is_unspecified() || admin.ip() == gateway.ip())
+}
+
 /// The gateway's addresses the other host's segments come to: its listening address, or when
 /// it listens on every address, the floating ones of its family.
 fn gateway_addresses(section: &HaSection, gateway: SocketAddr) -> Vec<IpAddr> {
@@ -174,5 +199,28 @@ fn gateway_addresses(section: &HaSection, gateway: SocketAddr) -> Vec<IpAddr> {
             .collect()
     } else {
         vec![listen]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_port_is_armed_only_where_the_admin_api_answers_at_the_gateway_s_address() {
+        let gateway: SocketAddr = "10.200.1.1:8443".parse().unwrap();
+        let every_v4: SocketAddr = "0.0.0.0:9900".parse().unwrap();
+        let same: SocketAddr = "10.200.1.1:9900".parse().unwrap();
+        let private: SocketAddr = "10.200.2.1:9900".parse().unwrap();
+        let every_v6: SocketAddr = "[::]:9900".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:9900".parse().unwrap();
+        assert!(reaches_admin_at(every_v4, gateway));
+        assert!(reaches_admin_at(same, gateway));
+        assert!(!reaches_admin_at(private, gateway));
+        assert!(!reaches_admin_at(every_v6, gateway));
+        assert!(!reaches_admin_at(loopback, gateway));
+        let any_gateway: SocketAddr = "0.0.0.0:8443".parse().unwrap();
+        assert!(reaches_admin_at(every_v4, any_gateway));
+        assert!(!reaches_admin_at(private, any_gateway));
     }
 }
