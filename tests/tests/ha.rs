@@ -62,22 +62,29 @@ const CALL: &str = r#"{"jsonrpc":"2.0","id":"ha","method":"system_chain"}"#;
 /// One gateway call from the client namespace with tight timeouts (a new connection, as a
 /// client retrying would): the JSON-RPC answer, or why there was none.
 fn call_gateway(lab: &PairLab, key: &str) -> anyhow::Result<String> {
-    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    let mut command = post_from_client(lab, "0.2", "0.5", CALL)?;
     command
-        .args([
-            "-sS",
-            "--fail",
-            "--connect-timeout",
-            "0.2",
-            "--max-time",
-            "0.5",
-        ])
         .arg("--cacert")
         .arg(lab.ca())
-        .args(["-H", "content-type: application/json", "-d", CALL])
         .arg(lab.gateway_url(key));
     let output = run_checked(&mut command)?;
     Ok(String::from_utf8(output.stdout)?)
+}
+
+/// curl in the client namespace posting the JSON `body` on a new connection, failing on an
+/// HTTP error and after the timeouts given (seconds); the URL and the rest are the caller's.
+fn post_from_client(
+    lab: &PairLab,
+    connect_timeout: &str,
+    max_time: &str,
+    body: &str,
+) -> anyhow::Result<std::process::Command> {
+    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    command
+        .args(["-sS", "--fail", "--connect-timeout", connect_timeout])
+        .args(["--max-time", max_time])
+        .args(["-H", "content-type: application/json", "-d", body]);
+    Ok(command)
 }
 
 /// `lb-control … --json` on `member`, parsed.
@@ -210,22 +217,12 @@ fn new_gateway_connections_are_served_by_the_standby_while_the_masters_lb_contro
 /// `POST /v1/keys` from the client at the floating admin address (a new connection, tight
 /// timeouts): the key as created, or why not.
 fn create_key_at_floating_admin(lab: &PairLab, name: &str) -> anyhow::Result<serde_json::Value> {
-    let mut command = command_in_netns(&lab.client().netns, "curl")?;
+    let mut command = post_from_client(lab, "0.3", "2", &format!(r#"{{"name":"{name}"}}"#))?;
     command
-        .args([
-            "-sS",
-            "--fail",
-            "--connect-timeout",
-            "0.3",
-            "--max-time",
-            "2",
-        ])
-        .args(["-H", "content-type: application/json"])
         .args([
             "-H",
             &format!("authorization: Bearer {}", lab.admin_token()),
         ])
-        .args(["-d", &format!(r#"{{"name":"{name}"}}"#)])
         .arg(format!("{}/v1/keys", lab.floating_admin_url()));
     let output = run_checked(&mut command)?;
     Ok(serde_json::from_slice(&output.stdout)?)
