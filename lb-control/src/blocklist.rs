@@ -411,13 +411,18 @@ impl StoredBlocklist {
                     .into_iter()
                     .map(|record| (record.prefix, record.until))
                     .collect();
+                let mut put = Vec::new();
                 for record in &records {
                     let longer = stored
                         .get(&record.prefix)
                         .is_some_and(|&until| later(until, record.until) == until);
                     if !longer {
                         tx.put_block(record)?;
+                        put.push(record);
                     }
+                }
+                if let Some((subject, detail)) = auth_failure_event(&put) {
+                    tx.record_event("blocklist.added", &subject, &detail)?;
                 }
                 Ok(())
             })
@@ -500,4 +505,76 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
 /// The subject of a blocklist event: `prefix 203.0.113.0/24`.
 fn subject(prefix: IpNet) -> String {
     format!("prefix {prefix}")
+}
+
+/// Automatic blocks named in one event.
+const EVENT_PREFIXES: usize = 10;
+
+/// The one event of a batch of automatic blocks written together (subject, detail): one per
+/// batch, not per prefix, so a flood of guessers cannot flush the event log. None for none.
+fn auth_failure_event(records: &[&BlockRecord]) -> Option<(String, String)> {
+    let subject = match records {
+        [] => return None,
+        [record] => subject(record.prefix),
+        _ => format!("{} prefixes", records.len()),
+    };
+    let mut named: Vec<String> = records
+        .iter()
+        .take(EVENT_PREFIXES)
+        .map(|record| match record.until {
+            Some(until) => format!(
+                "{} until {}",
+                record.prefix,
+                humantime::format_rfc3339_seconds(until)
+            ),
+            None => record.prefix.to_string(),
+        })
+        .collect();
+    if records.len() > EVENT_PREFIXES {
+        named.push(format!("and {} more", records.len() - EVENT_PREFIXES));
+    }
+    Some((
+        subject,
+        format!("auth failures (gateway): {}", named.join(", ")),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auto(prefix: &str) -> BlockRecord {
+        BlockRecord {
+            prefix: prefix.parse().unwrap(),
+            until: Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)),
+            source: BlockSource::AuthFailure,
+            created: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn a_batch_of_automatic_blocks_is_one_event_naming_at_most_ten() {
+        assert_eq!(auth_failure_event(&[]), None);
+        let one = auto("203.0.113.7/32");
+        assert_eq!(
+            auth_failure_event(&[&one]),
+            Some((
+                "prefix 203.0.113.7/32".to_owned(),
+                "auth failures (gateway): 203.0.113.7/32 until 2027-01-15T08:00:00Z".to_owned()
+            ))
+        );
+        let many: Vec<BlockRecord> = (1..=12)
+            .map(|n| auto(&format!("198.51.100.{n}/32")))
+            .collect();
+        let many: Vec<&BlockRecord> = many.iter().collect();
+        let (subject, detail) = auth_failure_event(&many).expect("an event");
+        assert_eq!(subject, "12 prefixes");
+        assert!(
+            detail.starts_with("auth failures (gateway): 198.51.100.1/32 until "),
+            "{detail}"
+        );
+        assert!(detail.contains("198.51.100.10/32"), "{detail}");
+        assert!(!detail.contains("198.51.100.11/32"), "{detail}");
+        assert!(detail.ends_with(", and 2 more"), "{detail}");
+    }
 }

@@ -107,6 +107,21 @@ async fn a_guessers_block_the_store_refuses_is_enforced_at_once_and_recorded_lat
         [(guesser, BlockSource::AuthFailure)]
     );
     assert!(stored[0].until.is_some_and(|at| at >= until), "{stored:?}");
+    // With one event for the batch, which says why.
+    let events: Vec<(String, String, String)> = store
+        .events(None, 10)
+        .expect("events")
+        .into_iter()
+        .map(|event| (event.kind, event.subject, event.detail))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|(kind, subject, detail)| kind == "blocklist.added"
+                && subject == "prefix 203.0.113.7/32"
+                && detail.starts_with("auth failures (gateway): 203.0.113.7/32 until ")),
+        "{events:?}"
+    );
     // From now on the store has it: another pass leaves it in the kernel.
     blocklist.follow_store().await.expect("a pass");
     assert_eq!(in_kernel(&pin_dir), [guesser]);
