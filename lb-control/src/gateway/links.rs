@@ -6,8 +6,14 @@
 //! - A link puts its own id (a counter) on each call and the client's id back on the answer.
 //!   Subscription ids are the node's own, unique on the link: notifications go unchanged to
 //!   the client that holds the subscription.
-//! - A pool grows on demand: a new link when every link has `calls_per_link` calls in flight
-//!   (or none has room for a subscription), up to `max_links_per_node`. A link takes at most
+//! - A link's task runs on the serving thread that opened it ([`Home`]), and a call or a
+//!   subscription goes first on a link of its client's own thread: the call, its answer and
+//!   the notifications then stay on one thread, with no wake-up of another (a cache miss is
+//!   one hop to an open connection). The pool is still one per node, so its cap holds for the
+//!   node whatever thread the clients came in on; a thread whose own links are busy or full
+//!   opens one of its own while the pool may grow, else uses another thread's.
+//! - A pool grows on demand: a new link when every link of the thread has `calls_per_link`
+//!   calls in flight (or none has room for a subscription), up to `max_links_per_node`. A link takes at most
 //!   `max_subscriptions_per_link` subscriptions, of which at most `max_follows_per_link`
 //!   `chainHead_v1_follow`s (a node's limit per connection). Calls on a subscription
 //!   (`chainHead_v1` operations, unsubscribes, `transaction_v1_stop`) go on the link that holds
@@ -40,7 +46,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::{
     net::TcpStream,
-    runtime::Handle,
+    runtime::{Handle, RuntimeFlavor},
     sync::{mpsc, oneshot, watch},
 };
 use tokio_tungstenite::{
@@ -321,8 +327,27 @@ struct Load {
 /// One upstream WebSocket connection, shared by many clients.
 pub struct Link {
     node: SocketAddr,
+    home: Home,
     commands: mpsc::UnboundedSender<Command>,
     load: Arc<Load>,
+}
+
+/// Where a link's task runs: the single-threaded runtime of the serving thread that opened it,
+/// or the daemon's runtime when it was opened from there (a multi-threaded runtime has no one
+/// thread to keep its clients on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Home(Option<std::thread::ThreadId>);
+
+impl Home {
+    /// The caller's home, and the runtime a link opened here runs on.
+    fn here(daemon: &Handle) -> (Home, Handle) {
+        match Handle::try_current() {
+            Ok(current) if current.runtime_flavor() == RuntimeFlavor::CurrentThread => {
+                (Home(Some(std::thread::current().id())), current)
+            }
+            _ => (Home(None), daemon.clone()),
+        }
+    }
 }
 
 impl Link {
@@ -365,8 +390,9 @@ impl Link {
         self.node
     }
 
+    /// Not closed, and its task still there (a task ends with its runtime, without closing).
     fn is_open(&self) -> bool {
-        !self.load.closed.load(Ordering::Relaxed)
+        !self.load.closed.load(Ordering::Relaxed) && !self.commands.is_closed()
     }
 }
 
@@ -403,13 +429,12 @@ pub struct Links {
     pools: Mutex<HashMap<SocketAddr, Arc<NodePool>>>,
     limits: LinkLimits,
     metrics: Arc<GatewayMetrics>,
-    /// Where the links' tasks run: the daemon's runtime, not a serving thread's (a link
-    /// outlives the session that opened it).
+    /// Where the links opened from outside a serving thread run.
     runtime: Handle,
 }
 
 impl Links {
-    /// Pools on the current runtime.
+    /// Pools whose links opened from outside a serving thread run on the current runtime.
     pub fn new(limits: LinkLimits, metrics: Arc<GatewayMetrics>) -> Links {
         Links {
             pools: Mutex::default(),
@@ -484,26 +509,29 @@ impl NodePool {
         self.node
     }
 
-    /// The link for a call of no lasting state: the least busy, or a new one when every link
-    /// is busy and the pool may grow. None when the node has no link and cannot be reached
-    /// now.
+    /// The link for a call of no lasting state: the least busy of the caller's thread while
+    /// it is not busy, else a new one while the pool may grow, else the least busy of all.
+    /// None when the node has no link and cannot be reached now.
     pub fn for_call(self: &Arc<Self>) -> Option<Arc<Link>> {
+        let (home, runtime) = Home::here(&self.runtime);
         let mut links = self.open_links();
-        let least_busy = links
+        let calls = |link: &&Arc<Link>| link.load.calls.load(Ordering::Relaxed);
+        if let Some(own) = links
             .iter()
-            .min_by_key(|link| link.load.calls.load(Ordering::Relaxed))
-            .cloned();
-        match least_busy {
-            Some(link)
-                if link.load.calls.load(Ordering::Relaxed) < self.limits.calls_per_link
-                    || links.len() >= self.limits.max_links_per_node as usize
-                    || self.is_unreachable() =>
-            {
-                Some(link)
-            }
-            _ if self.is_unreachable() => None,
-            _ => Some(self.open(&mut links)),
+            .filter(|link| link.home == home)
+            .min_by_key(calls)
+            && calls(&own) < self.limits.calls_per_link
+        {
+            return Some(own.clone());
         }
+        if self.may_grow(&links) {
+            return Some(self.open(&mut links, home, runtime));
+        }
+        links.iter().min_by_key(calls).cloned()
+    }
+
+    fn may_grow(&self, links: &[Arc<Link>]) -> bool {
+        links.len() < self.limits.max_links_per_node as usize && !self.is_unreachable()
     }
 
     fn is_unreachable(&self) -> bool {
@@ -517,15 +545,18 @@ impl NodePool {
     /// A link with a place reserved for one more subscription (a `chainHead_v1_follow` when
     /// `follow`); None when every link is full and the pool may not grow.
     pub fn for_subscription(self: &Arc<Self>, follow: bool) -> Option<Arc<Link>> {
+        let (home, runtime) = Home::here(&self.runtime);
         let mut links = self.open_links();
-        let link = match links.iter().find(|link| self.has_room(link, follow)) {
-            Some(link) => link.clone(),
-            None if links.len() < self.limits.max_links_per_node as usize
-                && !self.is_unreachable() =>
-            {
-                self.open(&mut links)
-            }
-            None => return None,
+        let with_room = |own: bool| {
+            links
+                .iter()
+                .find(|link| (link.home == home) == own && self.has_room(link, follow))
+                .cloned()
+        };
+        let link = match with_room(true) {
+            Some(link) => link,
+            None if self.may_grow(&links) => self.open(&mut links, home, runtime),
+            None => with_room(false)?,
         };
         link.load.subscriptions.fetch_add(1, Ordering::Relaxed);
         if follow {
@@ -555,10 +586,16 @@ impl NodePool {
         links
     }
 
-    fn open(self: &Arc<Self>, links: &mut Vec<Arc<Link>>) -> Arc<Link> {
+    fn open(
+        self: &Arc<Self>,
+        links: &mut Vec<Arc<Link>>,
+        home: Home,
+        runtime: Handle,
+    ) -> Arc<Link> {
         let (commands, receiver) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             node: self.node,
+            home,
             commands,
             load: Arc::default(),
         });
@@ -578,7 +615,7 @@ impl NodePool {
             pending: HashMap::new(),
             routes: HashMap::new(),
         };
-        self.runtime.spawn(task.run(receiver, self.limits));
+        runtime.spawn(task.run(receiver, self.limits));
         link
     }
 }
@@ -1075,7 +1112,76 @@ async fn connect(
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::registry::Registry;
+
     use super::*;
+
+    /// A serving thread of its own (a single-threaded runtime on a thread of its own) that
+    /// asks `pool` for a call's link, then keeps its runtime (and the tasks of links it opened)
+    /// until `hold`'s sender goes.
+    fn call_from_another_thread(
+        pool: &Arc<NodePool>,
+        hold: std::sync::mpsc::Receiver<()>,
+    ) -> (Arc<Link>, std::thread::JoinHandle<()>) {
+        let pool = pool.clone();
+        let (picked, link) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async { picked.send(pool.for_call()).unwrap() });
+            let _ = hold.recv();
+        });
+        (link.recv().unwrap().expect("a link"), thread)
+    }
+
+    #[tokio::test]
+    async fn calls_stay_on_a_link_of_their_thread_until_the_pool_is_full() {
+        // A node that takes the connection and never answers the upgrade: the links stay open
+        // (connecting) for the whole test.
+        let node = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let limits = LinkLimits {
+            max_links_per_node: 2,
+            max_subscriptions_per_link: 10,
+            max_follows_per_link: 4,
+            calls_per_link: 16,
+            timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_message_bytes: 1024,
+        };
+        let metrics = Arc::new(GatewayMetrics::register(&mut Registry::default()));
+        let pool = Links::new(limits, metrics).pool(node.local_addr().unwrap());
+
+        let here = pool.for_call().expect("a link");
+        assert!(
+            Arc::ptr_eq(&here, &pool.for_call().unwrap()),
+            "the thread's link, not busy, takes its next call"
+        );
+        let (hold_second, second) = std::sync::mpsc::channel();
+        let (there, second) = call_from_another_thread(&pool, second);
+        assert!(
+            !Arc::ptr_eq(&here, &there),
+            "another thread opens its own while the pool may grow"
+        );
+        let (_hold_third, third) = std::sync::mpsc::channel();
+        let (lent, _) = call_from_another_thread(&pool, third);
+        assert!(
+            Arc::ptr_eq(&lent, &here) || Arc::ptr_eq(&lent, &there),
+            "a full pool lends another thread's link"
+        );
+        assert_eq!(pool.open_links().len(), 2, "the node's cap holds");
+
+        // The second thread ends, and the link whose task ran there with it.
+        drop(hold_second);
+        second.join().unwrap();
+        let (_hold_fourth, fourth) = std::sync::mpsc::channel();
+        let (new, _) = call_from_another_thread(&pool, fourth);
+        assert!(
+            !Arc::ptr_eq(&new, &here) && !Arc::ptr_eq(&new, &there),
+            "a link whose runtime ended is not lent: the pool opens another in its place"
+        );
+    }
 
     fn message(bytes: usize) -> Inbound {
         Inbound::Message("x".repeat(bytes))

@@ -63,7 +63,7 @@ pub use self::{
     block::BlockRequest,
     clients::NodeClients,
     metrics::GatewayMetrics,
-    server::{Mode, StopReason},
+    server::{Mode, ServingSeat, StopReason},
     settings::{AuthFailureBlock, GatewaySection},
     stages::policy::{MethodPolicy, validate_pattern},
     tls::{Certificates, TlsError},
@@ -531,7 +531,8 @@ impl Gateway {
             }),
         ];
         let mut serving = Vec::with_capacity(listeners.len());
-        for (index, listener) in listeners.into_iter().enumerate() {
+        let seats = ServingSeat::all(listeners.len());
+        for (index, (listener, seat)) in listeners.into_iter().zip(seats).enumerate() {
             let serve = server::serve_on(
                 listener,
                 certificates.clone(),
@@ -539,6 +540,7 @@ impl Gateway {
                 limits,
                 admission.clone(),
                 serving_mode.clone(),
+                seat,
             );
             let thread = std::thread::Builder::new()
                 .name(format!("gateway-{index}"))

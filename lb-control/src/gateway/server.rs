@@ -106,6 +106,7 @@ pub fn serve_on(
     limits: ConnectionLimits,
     admission: Arc<Admission>,
     mode: watch::Receiver<Mode>,
+    seat: ServingSeat,
 ) -> impl FnOnce() + Send + 'static {
     move || {
         let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -119,15 +120,39 @@ pub fn serve_on(
             }
         };
         runtime.block_on(async move {
-            let listener = match TcpListener::from_std(listener) {
-                Ok(listener) => listener,
-                Err(error) => {
-                    error!("gateway: a listening socket: {error}");
-                    return;
-                }
-            };
-            serve(listener, tls, pipeline, limits, admission, mode).await;
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, tls, pipeline, limits, admission, mode).await,
+                Err(error) => error!("gateway: a listening socket: {error}"),
+            }
+            seat.leave().await;
         });
+    }
+}
+
+/// A serving thread's place among all of them. A serving thread's runtime ends only once
+/// every one has finished: the upstream links it runs may carry other threads' clients to the
+/// end of their requests. A seat whose thread never ran leaves when it is dropped.
+pub struct ServingSeat(Arc<watch::Sender<usize>>);
+
+impl ServingSeat {
+    /// One seat for each of `count` serving threads.
+    pub fn all(count: usize) -> Vec<ServingSeat> {
+        let serving = Arc::new(watch::Sender::new(count));
+        (0..count).map(|_| ServingSeat(serving.clone())).collect()
+    }
+
+    /// Leaves, then waits until every other seat has left.
+    async fn leave(self) {
+        let mut others = self.0.subscribe();
+        drop(self);
+        let _ = others.wait_for(|serving| *serving == 0).await;
+    }
+}
+
+impl Drop for ServingSeat {
+    fn drop(&mut self) {
+        self.0
+            .send_modify(|serving| *serving = serving.saturating_sub(1));
     }
 }
 
