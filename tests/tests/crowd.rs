@@ -14,7 +14,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::ensure;
 use common::{GATEWAY_PORT, GatewayLab, ServiceConf, VIP_V4, up};
 use lb_tests::{
-    crowd::{CrowdPlan, CrowdProcess, CrowdSummary},
+    crowd::{CpuShare, CrowdPlan, CrowdProcess, CrowdSummary},
     lab::Lab,
     prometheus,
 };
@@ -133,8 +133,12 @@ fn crowd_from_several_addresses_keeps_every_node_and_client_within_the_upstream_
         .collect::<anyhow::Result<_>>()?;
     let departed_before = departures(&lab)?;
 
-    let mut crowd =
-        CrowdProcess::start(&lab.client().netns, &plan, &lab.log_dir().join("crowd.log"))?;
+    let mut crowd = CrowdProcess::start(
+        &lab.client().netns,
+        &plan,
+        &lab.log_dir().join("crowd.log"),
+        CpuShare::Batch,
+    )?;
     let steady = crowd.steady()?;
     eprintln!(
         "{} clients in place after {:.1} s",
@@ -191,6 +195,7 @@ fn one_key_past_its_connection_cap_gets_429_naming_the_limit_while_another_key_i
         &lab.client().netns,
         &other_plan,
         &lab.log_dir().join("other.log"),
+        CpuShare::Batch,
     )?;
     other.steady()?;
 
@@ -206,6 +211,7 @@ fn one_key_past_its_connection_cap_gets_429_naming_the_limit_while_another_key_i
         &lab.client().netns,
         &one_key,
         &lab.log_dir().join("crowd.log"),
+        CpuShare::Batch,
     )?;
     crowd.steady()?;
     crowd.closing()?;

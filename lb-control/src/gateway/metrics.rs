@@ -128,8 +128,9 @@ impl GatewayMetrics {
             websocket_sessions: Gauge::default(),
             websocket_closed: Family::default(),
             shared_subscriptions: Gauge::default(),
+            // Finer around 100 ms, the delivery a crowd's clients are promised.
             feed_delivery_seconds: Histogram::new([
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5,
             ]),
             upstream_links: Family::default(),
             upstream_link_failures: Family::default(),

@@ -21,7 +21,10 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, protocol::WebSocketConfig},
 };
 
-use super::{Phase, Shared};
+use super::{
+    Phase, Shared,
+    arrival::{Arrival, StampedStream},
+};
 
 /// Time to connect, to finish the TLS handshake and to finish the upgrade, each.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,14 +88,18 @@ pub struct ClientTally {
     pub heads: u64,
     pub heads_in_steady: u64,
     pub storage_notifications: u64,
-    /// Node-to-client delay of each head received in the steady phase, in µs.
+    /// Node-to-client delay of each head received in the steady phase, in µs: until its
+    /// bytes arrived at the client's socket ([`Arrival`]).
     pub head_delays_us: Vec<u32>,
+    /// The same heads' delay until the client read them (the crowd's own wait for a CPU
+    /// included).
+    pub head_read_delays_us: Vec<u32>,
     pub cached: CallTally,
     pub uncached: CallTally,
     pub first_call_error: Option<String>,
 }
 
-type Socket = WebSocketStream<TlsStream<tokio::net::TcpStream>>;
+type Socket = WebSocketStream<TlsStream<StampedStream>>;
 
 /// A message from the gateway: an answer (`id`, `result` or `error`) or a notification
 /// (`method`, `params.result`); everything else is skipped unread.
@@ -140,7 +147,7 @@ pub async fn run(shared: Arc<Shared>, index: usize) -> ClientTally {
         () = shared.stop.cancelled() => None,
         connected = connect(&shared, source) => Some(connected),
     };
-    let socket = match connected {
+    let (socket, arrival) = match connected {
         None => {
             shared.settle();
             return tally;
@@ -150,7 +157,7 @@ pub async fn run(shared: Arc<Shared>, index: usize) -> ClientTally {
             shared.settle();
             return tally;
         }
-        Some(Ok(socket)) => socket,
+        Some(Ok(connected)) => connected,
     };
     tally.admission = Admission::Connected;
     shared.connected.fetch_add(1, Ordering::Relaxed);
@@ -160,6 +167,7 @@ pub async fn run(shared: Arc<Shared>, index: usize) -> ClientTally {
         pending: HashMap::new(),
         next_id: 0,
         settled: false,
+        arrival,
     }
     .run(socket)
     .await;
@@ -167,7 +175,7 @@ pub async fn run(shared: Arc<Shared>, index: usize) -> ClientTally {
 }
 
 /// TCP from `source`, TLS trusting the lab CA, then the upgrade to `wss://gateway/<key>`.
-async fn connect(shared: &Shared, source: IpAddr) -> Result<Socket, Admission> {
+async fn connect(shared: &Shared, source: IpAddr) -> Result<(Socket, Arrival), Admission> {
     let plan = &shared.plan;
     let failed = |stage: &'static str| move |error: String| Admission::Failed { stage, error };
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect_from(source, plan.gateway))
@@ -175,6 +183,8 @@ async fn connect(shared: &Shared, source: IpAddr) -> Result<Socket, Admission> {
         .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))
         .and_then(|connected| connected.map_err(|error| error.to_string()))
         .map_err(failed("tcp"))?;
+    let (tcp, arrival) =
+        StampedStream::new(tcp).map_err(|error| failed("tcp")(error.to_string()))?;
     let tls = tokio::time::timeout(
         CONNECT_TIMEOUT,
         shared
@@ -194,7 +204,7 @@ async fn connect(shared: &Shared, source: IpAddr) -> Result<Socket, Admission> {
         .await
         .map_err(|_| failed("websocket")(format!("no upgrade within {CONNECT_TIMEOUT:?}")))?;
     match upgraded {
-        Ok((socket, _)) => Ok(socket),
+        Ok((socket, _)) => Ok((socket, arrival)),
         Err(tungstenite::Error::Http(response)) => {
             let body = response
                 .body()
@@ -247,6 +257,7 @@ struct Session<'a> {
     next_id: u64,
     /// Whether it has told the crowd it is in place (subscribed, or refused a subscription).
     settled: bool,
+    arrival: Arrival,
 }
 
 impl Session<'_> {
@@ -403,11 +414,16 @@ impl Session<'_> {
         let plan = &self.shared.plan;
         // Block `number` is made (and announced) when the wall clock reaches its slot.
         let made_us = (plan.genesis_unix_ms + number * plan.block_time_ms) * 1000;
-        let now_us = received
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |now| now.as_micros() as u64);
-        let delay = now_us.saturating_sub(made_us).min(u64::from(u32::MAX));
-        self.tally.head_delays_us.push(delay as u32);
+        let since_made = |at: SystemTime| {
+            let at_us = at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |at| at.as_micros() as u64);
+            at_us.saturating_sub(made_us).min(u64::from(u32::MAX)) as u32
+        };
+        // The notification's bytes came in the latest read, or in one before it.
+        let arrived = self.arrival.latest().unwrap_or(received);
+        self.tally.head_delays_us.push(since_made(arrived));
+        self.tally.head_read_delays_us.push(since_made(received));
     }
 
     fn calls(&mut self, pending: Pending) -> &mut CallTally {

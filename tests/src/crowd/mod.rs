@@ -17,6 +17,7 @@
 //! them. Modules: `client` (one client's life), [`summary`] (what every client saw, added up),
 //! `process` (the binary as a child process).
 
+mod arrival;
 mod client;
 mod process;
 pub mod summary;
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::Notify, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-pub use process::{CrowdProcess, Steady};
+pub use process::{CpuShare, CrowdProcess, Steady};
 pub use summary::CrowdSummary;
 
 use client::ClientTally;

@@ -34,24 +34,44 @@ pub struct Steady {
     pub ramp_seconds: f64,
 }
 
+/// How the crowd's threads share the CPUs with the gateway they load. On separate machines
+/// the clients would not share the gateway's CPUs at all; here they must.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuShare {
+    /// `SCHED_BATCH`: the crowd has its share of the CPUs, but its threads do not preempt the
+    /// gateway when a notification wakes them (preempted at each of the fan-out's writes, the
+    /// gateway paid a context switch per notification: a fifth of its samples in
+    /// `finish_task_switch`). For tests, where the crowd must keep up whatever else runs.
+    Batch,
+    /// `SCHED_IDLE`: the crowd runs only on CPU time nothing else wants, so the gateway's
+    /// fan-out never waits for the clients' own work; the head delay is then read from the
+    /// kernel's receive stamps, not from when the crowd got around to reading. For the
+    /// benchmark.
+    Idle,
+}
+
 impl CrowdProcess {
-    /// Starts `crowd` with `plan` inside `netns`, its stderr to `log`.
-    ///
-    /// The crowd runs as `SCHED_BATCH`: it has its share of the CPUs, but its threads do not
-    /// preempt the gateway when a notification wakes them. On separate machines the clients
-    /// would not share the gateway's CPUs at all; here, preempted at each of the fan-out's
-    /// writes, the gateway paid a context switch per notification (a fifth of its samples in
-    /// `finish_task_switch`).
-    pub fn start(netns: &str, plan: &CrowdPlan, log: &Path) -> anyhow::Result<CrowdProcess> {
+    /// Starts `crowd` with `plan` inside `netns`, its stderr to `log`, its threads scheduled
+    /// as `share` says.
+    pub fn start(
+        netns: &str,
+        plan: &CrowdPlan,
+        log: &Path,
+        share: CpuShare,
+    ) -> anyhow::Result<CrowdProcess> {
         let errors =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = command_in_netns(netns, binary_path("crowd")?)?;
+        let policy = match share {
+            CpuShare::Batch => libc::SCHED_BATCH,
+            CpuShare::Idle => libc::SCHED_IDLE,
+        };
         // SAFETY: runs in the forked child before exec and calls only sched_setscheduler,
         // which is async-signal-safe.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 let param = libc::sched_param { sched_priority: 0 };
-                if libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) != 0 {
+                if libc::sched_setscheduler(0, policy, &param) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

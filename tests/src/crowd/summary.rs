@@ -34,9 +34,12 @@ pub struct CrowdSummary {
     pub heads_in_steady: u64,
     pub clients_without_heads: usize,
     pub storage_notifications: u64,
-    /// From when the node made a block to when its head reached a client, heads received in
-    /// the steady phase.
+    /// From when the node made a block to when its head arrived at a client's socket, heads
+    /// received in the steady phase...
     pub head_delay: Percentiles,
+    /// ... and to when the client read it.
+    #[serde(default)]
+    pub head_read_delay: Percentiles,
     /// `system_chain` (cached by the gateway) and `system_localPeerId` (never cached).
     pub cached_calls: CallSummary,
     pub uncached_calls: CallSummary,
@@ -117,7 +120,7 @@ pub(super) fn add_up(tallies: &[ClientTally], ramp: Duration, hold: Duration) ->
         steady_seconds: hold.as_secs_f64(),
         ..CrowdSummary::default()
     };
-    let mut delays = Vec::new();
+    let (mut delays, mut read_delays) = (Vec::new(), Vec::new());
     let (mut cached, mut uncached) = (Vec::new(), Vec::new());
     for tally in tallies {
         match &tally.admission {
@@ -156,6 +159,7 @@ pub(super) fn add_up(tallies: &[ClientTally], ramp: Duration, hold: Duration) ->
         summary.clients_without_heads += usize::from(tally.heads == 0);
         summary.storage_notifications += tally.storage_notifications;
         delays.extend_from_slice(&tally.head_delays_us);
+        read_delays.extend_from_slice(&tally.head_read_delays_us);
         add_calls(&mut summary.cached_calls, &mut cached, &tally.cached);
         add_calls(&mut summary.uncached_calls, &mut uncached, &tally.uncached);
         if summary.first_call_error.is_none() {
@@ -165,6 +169,7 @@ pub(super) fn add_up(tallies: &[ClientTally], ramp: Duration, hold: Duration) ->
             usize::from(tally.cached.ok == 0 || tally.uncached.ok == 0);
     }
     summary.head_delay = Percentiles::of(delays);
+    summary.head_read_delay = Percentiles::of(read_delays);
     summary.cached_calls.latency = Percentiles::of(cached);
     summary.uncached_calls.latency = Percentiles::of(uncached);
     summary

@@ -130,6 +130,29 @@ impl Lab {
         })
     }
 
+    /// Gives the client's link what a client on a machine of its own meets: no XDP program on
+    /// the client's end, and the LB's end checksumming and segmenting as a NIC does. For the
+    /// gateway's benchmarks: with the program there, the kernel copies every segment the
+    /// gateway sends into a page of the client end's pool, and (offloads off for it)
+    /// checksums and segments it in software, all in the gateway's write and billed to it,
+    /// work a real client's machine does. Afterwards the LB's XDP_TX and redirects into the
+    /// client's link no longer deliver: not for the L4 paths.
+    pub fn plain_client_link(&mut self) -> Result<(), LabError> {
+        let client = &self.topology.client;
+        if let Some(at) = self
+            .run
+            .peer_programs
+            .iter()
+            .position(|program| program.is_on(&client.netns, &client.iface))
+        {
+            self.run.peer_programs.remove(at).detach()?;
+        }
+        let lb = &self.topology.lb.netns;
+        let mut ethtool = netns::command_in_netns(lb, "ethtool")?;
+        ethtool.args(["-K", &client.gateway_iface_in_lb, "tx", "on", "tso", "on"]);
+        netns::run_checked(&mut ethtool).map(drop)
+    }
+
     /// The run prefix `lbt-<pid>-<seq>`: every namespace name starts with it, and it is
     /// lb-control's instance name.
     pub fn prefix(&self) -> &str {

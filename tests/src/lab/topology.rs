@@ -253,6 +253,10 @@ impl PeerProgram {
         })
     }
 
+    pub fn is_on(&self, netns: &str, iface: &str) -> bool {
+        self.netns == netns && self.iface == iface
+    }
+
     /// Detaches it from inside its namespace, where its interface index means its interface.
     pub fn detach(self) -> Result<(), LabError> {
         let PeerProgram { netns, program, .. } = self;

@@ -22,7 +22,7 @@ use lb_tests::{
         raise_open_files_limit,
     },
     cpu,
-    crowd::{CrowdPlan, CrowdProcess},
+    crowd::{CpuShare, CrowdPlan, CrowdProcess},
     lab::MAX_EXTRA_CLIENT_ADDRESSES,
     proc_usage,
 };
@@ -118,7 +118,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let before = setup.snapshot()?;
     eprintln!("bench-crowd: lab ready, every node in rotation; the crowd gathers");
-    let mut crowd = CrowdProcess::start(&setup.lab.client().netns, &plan, &setup.crowd_log())?;
+    let mut crowd = CrowdProcess::start(
+        &setup.lab.client().netns,
+        &plan,
+        &setup.crowd_log(),
+        CpuShare::Idle,
+    )?;
     let steady = crowd.steady()?;
     let at_steady = setup.snapshot()?;
     let (crowd_cpu_at_steady, machine_at_steady) =

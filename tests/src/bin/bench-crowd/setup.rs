@@ -49,6 +49,7 @@ impl Setup {
             block_time: Duration::from_millis(settings.block_time_ms),
             start_sim_nodes: true,
         })?;
+        lab.plain_client_link()?;
         let lb = lab.lb().addr_v4;
         let certs = GatewayCerts::write(lab.log_dir(), "gateway", &[lb.into()])?;
         let config = lab.log_dir().join("lb-control.toml");
