@@ -8,7 +8,9 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
+use futures_util::StreamExt;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
 
 /// Open sessions per node (its RPC endpoint), and the node whose clients are told to go.
 pub struct NodeClients {
@@ -46,7 +48,7 @@ impl NodeClients {
         Seat {
             clients: self.clone(),
             node,
-            closing: self.closing.subscribe(),
+            closing: BroadcastStream::new(self.closing.subscribe()),
         }
     }
 
@@ -61,19 +63,20 @@ impl NodeClients {
 pub struct Seat {
     clients: Arc<NodeClients>,
     node: SocketAddr,
-    closing: broadcast::Receiver<SocketAddr>,
+    /// A stream, which stays registered with the channel between the session's calls of
+    /// [`Seat::told_to_close`] (a receiver's `recv()` registers anew at each).
+    closing: BroadcastStream<SocketAddr>,
 }
 
 impl Seat {
     /// Resolves when the session's node's clients are told to close.
     pub async fn told_to_close(&mut self) {
-        loop {
-            match self.closing.recv().await {
-                Ok(node) if node == self.node => return,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        while let Some(told) = self.closing.next().await {
+            if told.is_ok_and(|node| node == self.node) {
+                return;
             }
         }
+        std::future::pending().await
     }
 }
 

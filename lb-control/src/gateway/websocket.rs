@@ -352,13 +352,17 @@ impl Session {
     async fn run(mut self, mut client: HyperWebsocketStream, mut inbox: ClientInbox) {
         let metrics = self.pipeline.metrics.clone();
         metrics.websocket_sessions.inc();
-        let mut serving = self.pipeline.upstream.watch_serving();
+        // The session's watches as streams: each stays registered with its channel between
+        // turns of the loop below, where a `changed()` future would register and deregister
+        // (a lock shared by every session) at each turn, that is at every notification.
+        let mut serving = WatchStream::from_changes(self.pipeline.upstream.watch_serving());
         let mut stop = self.hold.stop.clone();
+        // The first item is the key as it is now: a change between the upgrade's key check
+        // and this session's start is looked at first.
+        let mut key_changes = WatchStream::new(self.key_changes.clone());
         let idle_timeout = self.pipeline.websocket.idle_timeout;
         let mut ping = tokio::time::interval(idle_timeout / 2);
         let mut heard = Instant::now();
-        // A change between the upgrade's key check and this session's start is looked at first.
-        self.key_changes.mark_changed();
         // Set when the session is told to leave: it closes at the first moment nothing of the
         // client's is on its way (no call in flight, no answer unsent, nothing unread) and the
         // client is calm, or at this time. A session that starts while the gateway drains
@@ -366,6 +370,7 @@ impl Session {
         let mut leaving: Option<(Instant, Leave)> = stop
             .borrow_and_update()
             .map(|reason| (Instant::now() + ANSWER_GRACE, Leave::Gateway(reason)));
+        let mut stop = WatchStream::from_changes(stop);
         // Whether a call of the client's was on its way since it was told to leave. Once that
         // is answered the client is calm: it reads the answer before it sends its next call,
         // so the close crosses none. (Closed the moment nothing was in flight, a client calling
@@ -440,13 +445,14 @@ impl Session {
                         metrics.feed_delivery_seconds.observe(item.received.elapsed().as_secs_f64());
                     }
                 }
-                Ok(()) = self.key_changes.changed() => {
+                Some(_) = key_changes.next() => {
+                    self.key_changes.mark_unchanged();
                     if let Err(ending) = self.follow_key() {
                         break ending;
                     }
                 }
-                changed = serving.changed() => {
-                    if changed.is_err() || !serving.borrow_and_update().contains(&self.pool.node()) {
+                changed = serving.next() => {
+                    if !changed.is_some_and(|serving| serving.contains(&self.pool.node())) {
                         break Ending::with(
                             "node_left",
                             CloseCode::Restart,
@@ -458,10 +464,10 @@ impl Session {
                     leaving = Some((Instant::now() + ANSWER_GRACE, Leave::Node));
                 }
                 () = tokio::time::sleep_until(leave_check(leaving, heard)), if leaving.is_some() => {}
-                Ok(()) = stop.changed() => {
+                Some(reason) = stop.next() => {
                     // The gateway's reason comes first (the client is told the gateway's
                     // news); the time to close stays the earlier one.
-                    if let Some(reason) = *stop.borrow_and_update() {
+                    if let Some(reason) = reason {
                         let by = leaving.map_or(Instant::now() + ANSWER_GRACE, |(by, _)| by);
                         leaving = Some((by, Leave::Gateway(reason)));
                     }
