@@ -47,20 +47,7 @@ pub struct StampedStream {
 impl StampedStream {
     /// Turns on the kernel's receive timestamps for `tcp`.
     pub fn new(tcp: TcpStream) -> io::Result<(StampedStream, Arrival)> {
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt on an open socket with a pointer to a c_int and its size.
-        let set = unsafe {
-            libc::setsockopt(
-                tcp.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_TIMESTAMPNS,
-                (&raw const on).cast(),
-                size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if set != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        super::set_socket_option(tcp.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)?;
         let arrival = Arrival::default();
         Ok((
             StampedStream {

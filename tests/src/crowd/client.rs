@@ -231,20 +231,12 @@ async fn connect_from(
     };
     // Let connect() pick the port for the whole 4-tuple: a bind to port 0 would have to find a
     // port free for every destination, and thousands of clients on one address run out.
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt on an open socket with a pointer to a c_int and its size.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if set != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    super::set_socket_option(
+        socket.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_BIND_ADDRESS_NO_PORT,
+        1,
+    )?;
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(target).await
 }

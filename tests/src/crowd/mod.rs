@@ -42,6 +42,29 @@ pub use summary::CrowdSummary;
 
 use client::ClientTally;
 
+/// Sets a socket option that takes an int, as the crowd's clients set theirs.
+fn set_socket_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a c_int and its size.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// How long the crowd waits, after the last client started, for every client to be connected
 /// and subscribed (or to have failed) before it reports the clients still on their way as
 /// unsettled and goes on.
