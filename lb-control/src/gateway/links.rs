@@ -13,11 +13,11 @@
 //!   node whatever thread the clients came in on; a thread whose own links are busy or full
 //!   opens one of its own while the pool may grow, else uses another thread's.
 //! - A pool grows on demand: a new link when every link of the thread has `calls_per_link`
-//!   calls in flight (or none has room for a subscription), up to `max_links_per_node`. A link takes at most
-//!   `max_subscriptions_per_link` subscriptions, of which at most `max_follows_per_link`
-//!   `chainHead_v1_follow`s (a node's limit per connection). Calls on a subscription
-//!   (`chainHead_v1` operations, unsubscribes, `transaction_v1_stop`) go on the link that holds
-//!   it: the session keeps which one.
+//!   calls in flight (or none has room for a subscription), up to `max_links_per_node`. A
+//!   link takes at most `max_subscriptions_per_link` subscriptions, of which at most
+//!   `max_follows_per_link` `chainHead_v1_follow`s (a node's limit per connection). Calls on
+//!   a subscription (`chainHead_v1` operations, unsubscribes, `transaction_v1_stop`) go on
+//!   the link that holds it: the session keeps which one.
 //! - A slow client cannot stall a link: its answers and notifications wait in its own queue,
 //!   bounded in bytes, as the queues of all clients together are; what does not fit is dropped
 //!   and the client told ([`Inbound::Overflow`]).

@@ -357,9 +357,11 @@ impl Session {
         // (a lock shared by every session) at each turn, that is at every notification.
         let mut serving = WatchStream::from_changes(self.pipeline.upstream.watch_serving());
         let mut stop = self.hold.stop.clone();
-        // The first item is the key as it is now: a change between the upgrade's key check
-        // and this session's start is looked at first.
+        // A change between the upgrade's key check and this session's start is looked at
+        // first: by the stream's first item (the key as it is now), and by the first message
+        // should it come before.
         let mut key_changes = WatchStream::new(self.key_changes.clone());
+        self.key_changes.mark_changed();
         let idle_timeout = self.pipeline.websocket.idle_timeout;
         let mut ping = tokio::time::interval(idle_timeout / 2);
         let mut heard = Instant::now();
